@@ -1,0 +1,10 @@
+//! thinlayer: a block-level, thin-provisioned copy-on-write layer store.
+//!
+//! Layers of the crate depend downward only:
+//! `format` (bytes <-> structs) → `pool` (the pool file, allocation, commits) → `layer` (catalogue
+//! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `image`, `cli`).
+pub mod error;
+pub mod nbd;
+pub mod volume;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! The NBD server (fixed newstyle handshake, simple and structured replies).
