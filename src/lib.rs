@@ -4,7 +4,12 @@
 //! `format` (bytes <-> structs) → `pool` (the pool file, allocation, commits) → `layer` (catalogue
 //! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `image`, `cli`).
 pub mod error;
+pub mod format;
+pub mod layer;
 pub mod nbd;
+pub mod pool;
+pub mod units;
 pub mod volume;
 
 pub use error::{Error, Result};
+pub use volume::{BlockDevice, CreateOptions, LayerInfo, PoolUsage, Store, Volume};

@@ -1,3 +1,11 @@
-//! A layer chain as a block device.
+//! A layer chain as a block device, and the store that owns the open pool.
 pub mod device;
+pub mod handle;
+pub mod io;
+pub mod layers;
+pub mod store;
+
 pub use device::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
+pub use handle::{StoreExports, Volume};
+pub use layers::{LayerInfo, PoolUsage};
+pub use store::{CreateOptions, Store};

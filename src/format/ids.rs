@@ -1,0 +1,31 @@
+//! Newtypes for the numbers that must never be mixed up.
+
+use std::fmt;
+
+/// A block of the pool file: byte offset = number × block size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PBlock(pub u64);
+
+/// A block of a layer's virtual disk: byte offset = number × block size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VBlock(pub u64);
+
+/// A layer's permanent number. Names can be reused after `rm`; ids of live layers are unique.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LayerId(pub u32);
+
+impl fmt::Display for PBlock {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "pool block {}", self.0)
+    }
+}
+impl fmt::Display for VBlock {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "block {}", self.0)
+    }
+}
+impl fmt::Display for LayerId {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "id {}", self.0)
+    }
+}

@@ -1,0 +1,260 @@
+//! A layer's sparse block map: virtual block → pool block (with the data's crc) or zero.
+//!
+//! Memory is the constraint (under 32 bytes per mapped block even for random writes), so the map
+//! is a hash of 1024-block chunks, each a sorted vector of 12-byte slots. Unmapped blocks cost
+//! nothing; a chunk costs one hash entry.
+
+use crate::format::{PBlock, VBlock};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+pub const CHUNK_BITS: u32 = 10;
+pub const CHUNK_LEN: u64 = 1 << CHUNK_BITS;
+/// Pool block numbers are stored in 48 bits; this value marks a zero (whiteout) entry.
+const ZERO_MARK: u64 = (1 << 48) - 1;
+pub const MAX_PBLOCK: u64 = ZERO_MARK - 1;
+
+/// What a layer's own map holds for a block it maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    Data { pblock: PBlock, crc: u32 },
+    Zero,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    key: u16,
+    hi: u16,
+    lo: u32,
+    crc: u32,
+}
+
+impl Slot {
+    fn new(key: u16, m: Mapping) -> Slot {
+        let (p, crc) = match m {
+            Mapping::Data { pblock, crc } => (pblock.0, crc),
+            Mapping::Zero => (ZERO_MARK, 0),
+        };
+        debug_assert!(p <= ZERO_MARK);
+        Slot {
+            key,
+            hi: (p >> 32) as u16,
+            lo: p as u32,
+            crc,
+        }
+    }
+    fn mapping(&self) -> Mapping {
+        let p = ((self.hi as u64) << 32) | self.lo as u64;
+        if p == ZERO_MARK {
+            Mapping::Zero
+        } else {
+            Mapping::Data {
+                pblock: PBlock(p),
+                crc: self.crc,
+            }
+        }
+    }
+}
+
+/// Chunk numbers are small integers: a multiplicative hash is enough and much cheaper than SipHash.
+#[derive(Default)]
+pub struct ChunkHasher(u64);
+impl Hasher for ChunkHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+type ChunkTable = HashMap<u64, Vec<Slot>, BuildHasherDefault<ChunkHasher>>;
+
+#[derive(Default)]
+pub struct BlockMap {
+    chunks: ChunkTable,
+    data_blocks: u64,
+    zero_blocks: u64,
+}
+
+fn split(vb: VBlock) -> (u64, u16) {
+    (vb.0 >> CHUNK_BITS, (vb.0 & (CHUNK_LEN - 1)) as u16)
+}
+
+impl BlockMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Blocks mapped to pool data (the layer's own size in blocks).
+    pub fn data_blocks(&self) -> u64 {
+        self.data_blocks
+    }
+
+    /// Blocks mapped as zero (whiteouts).
+    pub fn zero_blocks(&self) -> u64 {
+        self.zero_blocks
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn get(&self, vb: VBlock) -> Option<Mapping> {
+        let (c, k) = split(vb);
+        let slots = self.chunks.get(&c)?;
+        slots
+            .binary_search_by_key(&k, |s| s.key)
+            .ok()
+            .map(|i| slots[i].mapping())
+    }
+
+    fn count(&mut self, m: Option<Mapping>, delta: i64) {
+        match m {
+            Some(Mapping::Data { .. }) => {
+                self.data_blocks = self.data_blocks.wrapping_add_signed(delta)
+            }
+            Some(Mapping::Zero) => self.zero_blocks = self.zero_blocks.wrapping_add_signed(delta),
+            None => {}
+        }
+    }
+
+    /// Map `vb`; returns what it was mapped to before.
+    pub fn set(&mut self, vb: VBlock, m: Mapping) -> Option<Mapping> {
+        let (c, k) = split(vb);
+        let slots = self.chunks.entry(c).or_default();
+        let old = match slots.binary_search_by_key(&k, |s| s.key) {
+            Ok(i) => {
+                let old = slots[i].mapping();
+                slots[i] = Slot::new(k, m);
+                Some(old)
+            }
+            Err(i) => {
+                slots.insert(i, Slot::new(k, m));
+                None
+            }
+        };
+        self.count(old, -1);
+        self.count(Some(m), 1);
+        old
+    }
+
+    /// Unmap `vb`; returns what it was mapped to.
+    pub fn remove(&mut self, vb: VBlock) -> Option<Mapping> {
+        let (c, k) = split(vb);
+        let slots = self.chunks.get_mut(&c)?;
+        let i = slots.binary_search_by_key(&k, |s| s.key).ok()?;
+        let old = slots.remove(i).mapping();
+        if slots.is_empty() {
+            self.chunks.remove(&c);
+        } else if slots.capacity() > 4 * slots.len() {
+            slots.shrink_to(2 * slots.len());
+        }
+        self.count(Some(old), -1);
+        Some(old)
+    }
+
+    /// Whether any block of chunk `c` is mapped.
+    pub fn has_chunk(&self, c: u64) -> bool {
+        self.chunks.contains_key(&c)
+    }
+
+    /// Entries of chunk `c` in block order.
+    pub fn chunk_entries(&self, c: u64) -> impl Iterator<Item = (VBlock, Mapping)> + '_ {
+        self.chunks.get(&c).into_iter().flat_map(move |slots| {
+            slots
+                .iter()
+                .map(move |s| (VBlock((c << CHUNK_BITS) | s.key as u64), s.mapping()))
+        })
+    }
+
+    /// Every entry, chunk by chunk in no particular chunk order, blocks in order within a chunk.
+    pub fn iter(&self) -> impl Iterator<Item = (VBlock, Mapping)> + '_ {
+        self.chunks.iter().flat_map(|(&c, slots)| {
+            slots
+                .iter()
+                .map(move |s| (VBlock((c << CHUNK_BITS) | s.key as u64), s.mapping()))
+        })
+    }
+
+    /// Entries with `start <= vb < end`, in block order.
+    pub fn range(&self, start: u64, end: u64) -> Vec<(VBlock, Mapping)> {
+        let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
+        let (c0, c1) = (start >> CHUNK_BITS, (end - 1) >> CHUNK_BITS);
+        let visit = |c: u64, out: &mut Vec<(VBlock, Mapping)>| {
+            for (vb, m) in self.chunk_entries(c) {
+                if vb.0 >= start && vb.0 < end {
+                    out.push((vb, m));
+                }
+            }
+        };
+        if c1 - c0 < self.chunks.len() as u64 * 2 {
+            for c in c0..=c1 {
+                visit(c, &mut out);
+            }
+        } else {
+            // Few chunks over a huge range: visit the chunks we have instead of every index.
+            let mut cs: Vec<u64> = self
+                .chunks
+                .keys()
+                .copied()
+                .filter(|c| (c0..=c1).contains(c))
+                .collect();
+            cs.sort_unstable();
+            for c in cs {
+                visit(c, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Approximate heap bytes held (for the memory benchmark).
+    pub fn heap_bytes(&self) -> usize {
+        let slots: usize = self
+            .chunks
+            .values()
+            .map(|v| v.capacity() * std::mem::size_of::<Slot>())
+            .sum();
+        slots + self.chunks.capacity() * (std::mem::size_of::<(u64, Vec<Slot>)>() + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_remove_and_counters() {
+        let mut m = BlockMap::new();
+        let d = |p| Mapping::Data {
+            pblock: PBlock(p),
+            crc: (p as u32).wrapping_mul(3),
+        };
+        assert_eq!(m.set(VBlock(5), d(100)), None);
+        assert_eq!(m.set(VBlock(5000), Mapping::Zero), None);
+        assert_eq!(m.set(VBlock(5), d(MAX_PBLOCK)), Some(d(100)));
+        assert_eq!(m.get(VBlock(5)), Some(d(MAX_PBLOCK)));
+        assert_eq!(m.get(VBlock(6)), None);
+        assert_eq!((m.data_blocks(), m.zero_blocks()), (1, 1));
+        assert_eq!(
+            m.range(0, 10_000),
+            vec![(VBlock(5), d(MAX_PBLOCK)), (VBlock(5000), Mapping::Zero)]
+        );
+        assert_eq!(m.range(6, 1u64 << 40), vec![(VBlock(5000), Mapping::Zero)]);
+        assert_eq!(m.remove(VBlock(5000)), Some(Mapping::Zero));
+        assert_eq!(m.remove(VBlock(5000)), None);
+        assert_eq!((m.data_blocks(), m.zero_blocks()), (1, 0));
+    }
+
+    #[test]
+    fn slot_is_twelve_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 12);
+    }
+}

@@ -1,0 +1,322 @@
+//! Listening, accepting, one thread per connection, and orderly shutdown: stop accepting, let
+//! in-flight requests finish, commit the pool.
+
+use super::handshake::{self, Outcome};
+use super::stream::Stream;
+use super::transmission::{self, End, Limits, Stats};
+use crate::volume::ExportCatalog;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How often the accept loop looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Further connections are closed at once.
+    pub max_connections: usize,
+    /// Worker threads per connection; requests on a connection run this many at a time.
+    pub workers_per_connection: usize,
+    /// Requests per connection accepted but not yet answered.
+    pub max_in_flight: usize,
+    /// READ/WRITE payload bytes per connection accepted but not yet answered.
+    pub max_in_flight_bytes: u64,
+    /// Each read during the handshake must arrive within this time.
+    pub handshake_timeout: Option<Duration>,
+    /// The export a client gets by asking for "". Unset: the only export, if there is one.
+    pub default_export: Option<String>,
+    /// One line per connection on stderr.
+    pub log_connections: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 4096,
+            workers_per_connection: 8,
+            max_in_flight: 64,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            handshake_timeout: Some(Duration::from_secs(30)),
+            default_export: None,
+            log_connections: true,
+        }
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listener {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listener::Unix(p) => write!(f, "unix socket {}", p.display()),
+            Listener::Tcp(a) => write!(f, "tcp {a}"),
+        }
+    }
+}
+
+/// Binds `listener` and serves `catalog` until `stop` becomes true; then stops accepting, lets
+/// in-flight requests finish, commits with `flush_all` and returns. A Unix socket file is
+/// removed on the way out (and a stale one, left by a dead server, on the way in).
+pub fn serve(
+    catalog: &dyn ExportCatalog,
+    listener: &Listener,
+    config: &ServerConfig,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let ctx = || format!("nbd: listen on {listener}");
+    match listener {
+        Listener::Tcp(addr) => {
+            let l = TcpListener::bind(addr).map_err(|e| Error::io(ctx(), e))?;
+            serve_tcp(catalog, l, config, stop)
+        }
+        Listener::Unix(path) => {
+            remove_stale_socket(path).map_err(|e| Error::io(ctx(), e))?;
+            let l = UnixListener::bind(path).map_err(|e| Error::io(ctx(), e))?;
+            let result = serve_unix(catalog, l, config, stop);
+            let _ = std::fs::remove_file(path);
+            result
+        }
+    }
+}
+
+fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another server is listening there",
+            )),
+            Err(_) => std::fs::remove_file(path),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Serves on an already-bound Unix listener (tests bind one in a temporary directory).
+pub fn serve_unix(
+    catalog: &dyn ExportCatalog,
+    listener: UnixListener,
+    config: &ServerConfig,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let fd = listener.as_raw_fd();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("nbd: unix listener", e))?;
+    let accept = || {
+        let (s, _) = listener.accept()?;
+        s.set_nonblocking(false)?;
+        Ok((Stream::Unix(s), None))
+    };
+    Server::new(catalog, config, stop).run(fd, "unix", accept)
+}
+
+/// Serves on an already-bound TCP listener.
+pub fn serve_tcp(
+    catalog: &dyn ExportCatalog,
+    listener: TcpListener,
+    config: &ServerConfig,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let fd = listener.as_raw_fd();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("nbd: tcp listener", e))?;
+    let accept = || {
+        let (s, peer) = listener.accept()?;
+        s.set_nonblocking(false)?;
+        // Replies are written whole; waiting to coalesce them only adds latency.
+        s.set_nodelay(true)?;
+        Ok((Stream::Tcp(s), Some(peer)))
+    };
+    Server::new(catalog, config, stop).run(fd, "tcp", accept)
+}
+
+struct Server<'a> {
+    catalog: &'a dyn ExportCatalog,
+    config: &'a ServerConfig,
+    stop: &'a AtomicBool,
+    limits: Limits,
+    /// A second handle on every open connection, to wake its reader at shutdown.
+    open: Mutex<HashMap<u64, Stream>>,
+}
+
+/// Who a log line is about.
+struct Client {
+    kind: &'static str,
+    id: u64,
+    peer: Option<SocketAddr>,
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} client #{}", self.kind, self.id)?;
+        match self.peer {
+            Some(p) => write!(f, " ({p})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<'a> Server<'a> {
+    fn new(catalog: &'a dyn ExportCatalog, config: &'a ServerConfig, stop: &'a AtomicBool) -> Self {
+        Server {
+            catalog,
+            config,
+            stop,
+            limits: Limits {
+                workers: config.workers_per_connection,
+                max_in_flight: config.max_in_flight,
+                max_in_flight_bytes: config.max_in_flight_bytes,
+            },
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn run(
+        &self,
+        listen_fd: RawFd,
+        kind: &'static str,
+        mut accept: impl FnMut() -> io::Result<(Stream, Option<SocketAddr>)>,
+    ) -> Result<()> {
+        std::thread::scope(|scope| {
+            let mut next_id = 0u64;
+            let mut threads = Vec::new();
+            while !self.stop.load(Relaxed) {
+                if !readable(listen_fd, STOP_POLL) {
+                    continue;
+                }
+                let (stream, peer) = match accept() {
+                    Ok(s) => s,
+                    Err(e) if is_transient(&e) => continue,
+                    Err(e) => {
+                        // Out of descriptors or similar: say so, back off, keep serving.
+                        eprintln!("nbd: accept on {kind} listener: {e}");
+                        std::thread::sleep(STOP_POLL);
+                        continue;
+                    }
+                };
+                next_id += 1;
+                let client = Client {
+                    kind,
+                    id: next_id,
+                    peer,
+                };
+                threads.retain(|t: &std::thread::ScopedJoinHandle<()>| !t.is_finished());
+                if threads.len() >= self.config.max_connections {
+                    self.log(format_args!("{client}: refused, too many connections"));
+                    continue;
+                }
+                match stream.try_clone() {
+                    Ok(handle) => self.open.lock().unwrap().insert(client.id, handle),
+                    Err(e) => {
+                        self.log(format_args!("{client}: {e}"));
+                        continue;
+                    }
+                };
+                let spawned = std::thread::Builder::new()
+                    .name(format!("nbd-conn-{}", client.id))
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(scope, move || self.connection(client, stream));
+                match spawned {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        eprintln!("nbd: cannot start a connection thread: {e}");
+                        self.open.lock().unwrap().remove(&next_id);
+                    }
+                }
+            }
+            for s in self.open.lock().unwrap().values() {
+                s.shutdown_read();
+            }
+        });
+        self.catalog.flush_all().map_err(|e| e.context("nbd: commit at shutdown"))
+    }
+
+    fn connection(&self, client: Client, mut stream: Stream) {
+        let _ = stream.set_read_timeout(self.config.handshake_timeout);
+        let default = self.config.default_export.as_deref();
+        match handshake::negotiate(&mut stream, self.catalog, default) {
+            Ok(Outcome::Transmission(session)) => {
+                let _ = stream.set_read_timeout(None);
+                let (stats, end) = transmission::run(&session, stream, &self.limits, self.stop);
+                let export = &session.export;
+                self.log(format_args!(
+                    "{client} export \"{export}\": {} {}",
+                    describe(&end),
+                    summary(&stats)
+                ));
+            }
+            Ok(Outcome::Aborted) => self.log(format_args!("{client}: left during handshake")),
+            Err(e) if self.stop.load(Relaxed) => {
+                self.log(format_args!("{client}: closed by shutdown during handshake ({e})"))
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                self.log(format_args!("{client}: vanished during handshake"))
+            }
+            Err(e) => self.log(format_args!("{client}: handshake failed: {e}")),
+        }
+        self.open.lock().unwrap().remove(&client.id);
+    }
+
+    fn log(&self, line: fmt::Arguments) {
+        if self.config.log_connections {
+            eprintln!("nbd: {line}");
+        }
+    }
+}
+
+fn describe(end: &End) -> String {
+    match end {
+        End::Disconnected => "disconnected".into(),
+        End::Vanished => "vanished".into(),
+        End::Shutdown => "closed by shutdown".into(),
+        End::Violation(what) => format!("dropped for protocol violation ({what})"),
+        End::Io(e) => format!("lost ({e})"),
+    }
+}
+
+fn summary(s: &Stats) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    format!(
+        "after {} requests, {:.1} MiB read, {:.1} MiB written, {} errors",
+        s.requests,
+        mib(s.bytes_read),
+        mib(s.bytes_written),
+        s.errors
+    )
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Waits up to `timeout` for `fd` to have a connection to accept.
+fn readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
+    n > 0
+}

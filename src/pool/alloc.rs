@@ -1,0 +1,230 @@
+//! Block allocation. The map of used blocks is not stored: it is rebuilt at open from the block
+//! maps and the metadata streams, so it can never disagree with them.
+//!
+//! The rule that makes commits crash-safe lives here: a block freed in the open transaction is
+//! still referenced by the last committed metadata, so it is not handed out again until that
+//! transaction commits. Blocks allocated *in* the open transaction are referenced by nothing
+//! durable and may be freed, overwritten and reused at once.
+
+use crate::error::{Error, Result};
+use crate::format::PBlock;
+use bitvec::prelude::*;
+
+pub struct Allocator {
+    used: BitVec<u64, Lsb0>,
+    fresh: BitVec<u64, Lsb0>,
+    fresh_list: Vec<u64>,
+    pending_free: Vec<u64>,
+    /// Freed fresh blocks whose stale content should be punched out at the next commit.
+    to_punch: Vec<u64>,
+    first: u64,
+    /// Allocation never reaches this block (0 = unlimited).
+    limit: u64,
+    cursor: u64,
+    used_count: u64,
+}
+
+impl Allocator {
+    /// `first`: first allocatable block; `max_blocks`: cap on the pool size in blocks (0 = none).
+    pub fn new(first: u64, max_blocks: u64) -> Self {
+        Allocator {
+            used: BitVec::repeat(false, first as usize),
+            fresh: BitVec::repeat(false, first as usize),
+            fresh_list: Vec::new(),
+            pending_free: Vec::new(),
+            to_punch: Vec::new(),
+            first,
+            limit: max_blocks,
+            cursor: first,
+            used_count: 0,
+        }
+    }
+
+    /// Blocks in use (data and metadata), including those freed but not yet committed.
+    pub fn used_count(&self) -> u64 {
+        self.used_count
+    }
+
+    /// The number of blocks the pool file spans (its high-water mark).
+    pub fn extent(&self) -> u64 {
+        self.used.len() as u64
+    }
+
+    /// Blocks still allocatable under the cap, or None without a cap.
+    pub fn free_under_cap(&self) -> Option<u64> {
+        (self.limit > 0).then(|| self.limit.saturating_sub(self.first + self.used_count))
+    }
+
+    pub fn is_used(&self, p: PBlock) -> bool {
+        self.used.get(p.0 as usize).is_some_and(|b| *b)
+    }
+
+    pub fn is_fresh(&self, p: PBlock) -> bool {
+        self.fresh.get(p.0 as usize).is_some_and(|b| *b)
+    }
+
+    fn grow_to(&mut self, len: u64) {
+        if (self.used.len() as u64) < len {
+            self.used.resize(len as usize, false);
+            self.fresh.resize(len as usize, false);
+        }
+    }
+
+    /// Mark a block used while loading a pool. Returns false when it already was (a block
+    /// referenced twice: corruption that the caller reports).
+    pub fn mark_loaded(&mut self, p: PBlock) -> bool {
+        self.grow_to(p.0 + 1);
+        if self.used[p.0 as usize] {
+            return false;
+        }
+        self.used.set(p.0 as usize, true);
+        self.used_count += 1;
+        true
+    }
+
+    /// Allocate up to `want` contiguous blocks (at least one), keeping `reserve` blocks of the
+    /// cap back for metadata. Returns the first block and how many were given.
+    pub fn alloc_run(&mut self, want: u64, reserve: u64) -> Result<(PBlock, u64)> {
+        debug_assert!(want > 0);
+        if self.limit > 0 && self.first + self.used_count + reserve >= self.limit {
+            return Err(Error::NoSpace(format!(
+                "pool full: {} of {} blocks in use",
+                self.first + self.used_count,
+                self.limit
+            )));
+        }
+        let start = self.find_free();
+        let mut n = 1;
+        while n < want {
+            let i = start + n;
+            if (i as usize) < self.used.len() && self.used[i as usize] {
+                break;
+            }
+            if self.limit > 0 && (i >= self.limit || self.first + self.used_count + n + reserve >= self.limit) {
+                break;
+            }
+            n += 1;
+        }
+        self.grow_to(start + n);
+        for i in start..start + n {
+            self.used.set(i as usize, true);
+            self.fresh.set(i as usize, true);
+            self.fresh_list.push(i);
+        }
+        self.used_count += n;
+        self.cursor = start + n;
+        Ok((PBlock(start), n))
+    }
+
+    /// Next-fit: from the cursor to the end, then from the start, else past the end.
+    fn find_free(&self) -> u64 {
+        let len = self.used.len() as u64;
+        let cur = self.cursor.clamp(self.first, len);
+        if let Some(i) = self.used[cur as usize..].first_zero() {
+            return cur + i as u64;
+        }
+        if let Some(i) = self.used[self.first as usize..cur as usize].first_zero() {
+            return self.first + i as u64;
+        }
+        len
+    }
+
+    /// Free a block. Fresh blocks are free at once; committed ones at the next commit.
+    pub fn free(&mut self, p: PBlock) {
+        let i = p.0 as usize;
+        debug_assert!(self.used[i], "freeing free {p}");
+        if self.fresh[i] {
+            self.fresh.set(i, false);
+            self.used.set(i, false);
+            self.used_count -= 1;
+            self.to_punch.push(p.0);
+            if p.0 < self.cursor {
+                self.cursor = p.0;
+            }
+        } else {
+            self.pending_free.push(p.0);
+        }
+    }
+
+    /// The open transaction committed: its frees take effect. Returns the blocks whose space
+    /// can be punched out of the file, sorted.
+    pub fn committed(&mut self) -> Vec<u64> {
+        for &i in &self.fresh_list {
+            self.fresh.set(i as usize, false);
+        }
+        self.fresh_list.clear();
+        let mut freed = std::mem::take(&mut self.pending_free);
+        for &i in &freed {
+            debug_assert!(self.used[i as usize]);
+            self.used.set(i as usize, false);
+            self.used_count -= 1;
+        }
+        freed.append(&mut self.to_punch);
+        // A punched fresh block may have been reused since; never punch a used one.
+        freed.retain(|&i| !self.used[i as usize]);
+        freed.sort_unstable();
+        freed.dedup();
+        if let Some(&lowest) = freed.first() {
+            self.cursor = self.cursor.min(lowest);
+        }
+        freed
+    }
+
+    /// Free runs of blocks below the extent (for punching after a crash left stale data there).
+    pub fn free_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut i = self.first as usize;
+        let len = self.used.len();
+        while i < len {
+            match self.used[i..].first_zero() {
+                None => break,
+                Some(z) => {
+                    let s = i + z;
+                    let e = self.used[s..].first_one().map_or(len, |o| s + o);
+                    runs.push((s as u64, (e - s) as u64));
+                    i = e;
+                }
+            }
+        }
+        runs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_frees_are_not_reused_before_commit() {
+        let mut a = Allocator::new(2, 0);
+        let (p, n) = a.alloc_run(4, 0).unwrap();
+        assert_eq!((p, n), (PBlock(2), 4));
+        a.committed();
+        a.free(PBlock(3));
+        let (q, _) = a.alloc_run(1, 0).unwrap();
+        assert_ne!(q, PBlock(3), "reused a block freed in the open transaction");
+        let punched = a.committed();
+        assert_eq!(punched, vec![3]);
+        let (r, _) = a.alloc_run(1, 0).unwrap();
+        assert_eq!(r, PBlock(3), "freed block reused after commit");
+    }
+
+    #[test]
+    fn fresh_blocks_are_reusable_at_once_and_cap_is_enforced() {
+        let mut a = Allocator::new(1, 5);
+        let (p, n) = a.alloc_run(10, 0).unwrap();
+        assert_eq!((p.0, n), (1, 4));
+        assert!(matches!(a.alloc_run(1, 0), Err(Error::NoSpace(_))));
+        a.free(PBlock(2));
+        assert_eq!(a.alloc_run(1, 0).unwrap().0, PBlock(2));
+        assert_eq!(a.free_under_cap(), Some(0));
+    }
+
+    #[test]
+    fn double_load_is_reported() {
+        let mut a = Allocator::new(2, 0);
+        assert!(a.mark_loaded(PBlock(9)));
+        assert!(!a.mark_loaded(PBlock(9)));
+        assert_eq!(a.free_runs(), vec![(2, 7)]);
+    }
+}

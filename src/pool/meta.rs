@@ -1,0 +1,380 @@
+//! Metadata streams and the commit protocol.
+//!
+//! The durable state is: the newest valid superblock slot → a checkpoint stream (the whole
+//! catalogue) plus a log stream (the transactions since). A commit appends the transaction's
+//! records to the log (or writes a fresh checkpoint instead), syncs, then writes the *other*
+//! superblock slot with generation + 1 and syncs again. See docs/DESIGN.md for the crash analysis.
+
+use super::alloc::Allocator;
+use super::storage::Storage;
+use crate::error::{Error, Result};
+use crate::format::checksum::Kind;
+use crate::format::page::{self, PageHeader, PAYLOAD_MAX};
+use crate::format::superblock::{StreamRef, Superblock};
+use crate::format::{first_data_block, PBlock, PAGE_SIZE, SUPERBLOCK_OFFSETS};
+
+/// The committed metadata streams and the blocks they occupy.
+pub struct MetaStreams {
+    pub sb: Superblock,
+    pub ckpt_blocks: Vec<u64>,
+    /// Blocks of the log, including the one holding the reserved next page.
+    pub log_blocks: Vec<u64>,
+    pages_per_block: u64,
+}
+
+/// What a superblock's streams hold, read and verified.
+pub struct Recovered {
+    pub sb: Superblock,
+    pub checkpoint: Vec<u8>,
+    pub log: Vec<u8>,
+    pub ckpt_blocks: Vec<u64>,
+    pub log_blocks: Vec<u64>,
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(what, e)
+}
+
+/// Both superblock slots, valid ones newest first, plus the faults of invalid ones.
+pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<Error>)> {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (slot, &off) in SUPERBLOCK_OFFSETS.iter().enumerate() {
+        let mut b = [0u8; PAGE_SIZE];
+        storage
+            .read_at(&mut b, off)
+            .map_err(io_err("reading superblock"))?;
+        match Superblock::decode(&b, slot) {
+            Ok(sb) => good.push(sb),
+            Err(e) => bad.push(e),
+        }
+    }
+    good.sort_by(|a, b| b.generation.cmp(&a.generation));
+    Ok((good, bad))
+}
+
+/// Read and verify one stream; returns its bytes, its blocks, and the last page's `next`.
+fn read_stream(
+    storage: &dyn Storage,
+    kind: Kind,
+    r: &StreamRef,
+    pages_per_block: u64,
+) -> Result<(Vec<u8>, Vec<u64>, u64)> {
+    let mut bytes = Vec::new();
+    let mut blocks: Vec<u64> = Vec::new();
+    let mut page_no = r.head;
+    let mut next = 0;
+    let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
+    let mut buf = [0u8; PAGE_SIZE];
+    for seq in 0..r.pages {
+        if page_no < first_page || page_no >= (1u64 << 52) {
+            return Err(Error::Corrupt(format!(
+                "{} stream {}: page {seq} points at impossible page number {page_no}",
+                kind_name(kind),
+                r.id
+            )));
+        }
+        storage
+            .read_at(&mut buf, page_no * PAGE_SIZE as u64)
+            .map_err(io_err("reading metadata page"))?;
+        let h = page::decode(&buf, page_no, kind, r.id, seq as u32)?;
+        bytes.extend_from_slice(page::payload(&buf, &h));
+        let block = page_no / pages_per_block;
+        if blocks.last() != Some(&block) {
+            blocks.push(block);
+        }
+        next = h.next;
+        page_no = h.next;
+    }
+    Ok((bytes, blocks, next))
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::CheckpointPage => "checkpoint",
+        Kind::LogPage => "log",
+        Kind::Superblock => "superblock",
+    }
+}
+
+/// Read the streams a superblock points to.
+pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
+    let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
+    let (checkpoint, ckpt_blocks, _) = if sb.checkpoint.pages > 0 {
+        read_stream(storage, Kind::CheckpointPage, &sb.checkpoint, ppb)?
+    } else {
+        (Vec::new(), Vec::new(), 0)
+    };
+    let (log, mut log_blocks, last_next) = read_stream(storage, Kind::LogPage, &sb.log, ppb)?;
+    let expect_next = if sb.log.pages > 0 {
+        last_next
+    } else {
+        sb.log.head
+    };
+    if expect_next != sb.log_next {
+        return Err(Error::Corrupt(format!(
+            "superblock generation {}: log ends at page {expect_next} but the superblock reserves page {}",
+            sb.generation, sb.log_next
+        )));
+    }
+    let next_block = sb.log_next / ppb;
+    if !log_blocks.contains(&next_block) {
+        log_blocks.push(next_block);
+    }
+    Ok(Recovered {
+        sb: sb.clone(),
+        checkpoint,
+        log,
+        ckpt_blocks,
+        log_blocks,
+    })
+}
+
+impl MetaStreams {
+    /// Write the superblocks of a new, empty pool.
+    pub fn init(
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        block_size: u32,
+        max_blocks: u64,
+        pool_id: u64,
+        created_secs: u64,
+    ) -> Result<MetaStreams> {
+        let ppb = block_size as u64 / PAGE_SIZE as u64;
+        let (log_block, _) = alloc.alloc_run(1, 0)?;
+        debug_assert_eq!(log_block.0, first_data_block(block_size));
+        let head = log_block.0 * ppb;
+        let sb = Superblock {
+            generation: 1,
+            block_size,
+            max_blocks,
+            checkpoint: StreamRef::default(),
+            log: StreamRef {
+                head,
+                pages: 0,
+                id: 1,
+            },
+            log_next: head,
+            pool_id,
+            created_secs,
+        };
+        let mut old = sb.clone();
+        old.generation = 0;
+        write_superblock(storage, &old)?;
+        write_superblock(storage, &sb)?;
+        storage.sync().map_err(io_err("syncing new pool"))?;
+        alloc.committed();
+        Ok(MetaStreams {
+            sb,
+            ckpt_blocks: Vec::new(),
+            log_blocks: vec![log_block.0],
+            pages_per_block: ppb,
+        })
+    }
+
+    pub fn from_recovered(r: &Recovered) -> MetaStreams {
+        MetaStreams {
+            sb: r.sb.clone(),
+            ckpt_blocks: r.ckpt_blocks.clone(),
+            log_blocks: r.log_blocks.clone(),
+            pages_per_block: r.sb.block_size as u64 / PAGE_SIZE as u64,
+        }
+    }
+
+    pub fn metadata_blocks(&self) -> u64 {
+        (self.ckpt_blocks.len() + self.log_blocks.len()) as u64
+    }
+
+    pub fn log_pages(&self) -> u64 {
+        self.sb.log.pages
+    }
+
+    pub fn checkpoint_pages(&self) -> u64 {
+        self.sb.checkpoint.pages
+    }
+
+    /// Append `records` to the log and commit. On error nothing durable changed unless the
+    /// error says the superblock write failed.
+    pub fn commit_log(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        records: &[u8],
+    ) -> Result<()> {
+        debug_assert!(!records.is_empty());
+        let chunks: Vec<&[u8]> = records.chunks(PAYLOAD_MAX).collect();
+        let mut new_blocks = Vec::new();
+        // Each page's successor is reserved before the page is written, so the chain is known.
+        let mut pages = Vec::with_capacity(chunks.len() + 1);
+        pages.push(self.sb.log_next);
+        for _ in 0..chunks.len() {
+            let last = *pages.last().unwrap();
+            match self.page_after(last, alloc) {
+                Ok((p, Some(b))) => {
+                    new_blocks.push(b);
+                    pages.push(p);
+                }
+                Ok((p, None)) => pages.push(p),
+                Err(e) => {
+                    for b in new_blocks {
+                        alloc.free(PBlock(b));
+                    }
+                    return Err(e.context("committing metadata"));
+                }
+            }
+        }
+        let mut buf = [0u8; PAGE_SIZE];
+        let result = (|| {
+            for (i, chunk) in chunks.iter().enumerate() {
+                let h = PageHeader {
+                    kind: Kind::LogPage,
+                    stream_id: self.sb.log.id,
+                    seq: (self.sb.log.pages + i as u64) as u32,
+                    payload_len: chunk.len() as u32,
+                    next: pages[i + 1],
+                };
+                page::encode(&h, chunk, &mut buf);
+                storage
+                    .write_at(&buf, pages[i] * PAGE_SIZE as u64)
+                    .map_err(io_err("writing log page"))?;
+            }
+            let mut sb = self.sb.clone();
+            sb.generation += 1;
+            sb.log.pages += chunks.len() as u64;
+            sb.log_next = *pages.last().unwrap();
+            self.flip(storage, sb)
+        })();
+        match result {
+            Ok(()) => {
+                self.log_blocks.extend(new_blocks);
+                Ok(())
+            }
+            Err(e) => {
+                for b in new_blocks {
+                    alloc.free(PBlock(b));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Write `checkpoint` as a new checkpoint with an empty log after it, and commit. The old
+    /// streams' blocks are freed (released by the allocator's next `committed`).
+    pub fn commit_checkpoint(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        checkpoint: &[u8],
+    ) -> Result<()> {
+        let ppb = self.pages_per_block;
+        let chunks: Vec<&[u8]> = if checkpoint.is_empty() {
+            vec![&[][..]]
+        } else {
+            checkpoint.chunks(PAYLOAD_MAX).collect()
+        };
+        let want_blocks = (chunks.len() as u64).div_ceil(ppb) + 1;
+        let mut blocks = Vec::new();
+        while (blocks.len() as u64) < want_blocks {
+            match alloc.alloc_run(want_blocks - blocks.len() as u64, 0) {
+                Ok((p, n)) => blocks.extend(p.0..p.0 + n),
+                Err(e) => {
+                    for &b in &blocks {
+                        alloc.free(PBlock(b));
+                    }
+                    return Err(e.context("writing checkpoint"));
+                }
+            }
+        }
+        let log_block = blocks.pop().unwrap();
+        let pages: Vec<u64> = blocks
+            .iter()
+            .flat_map(|&b| b * ppb..(b + 1) * ppb)
+            .take(chunks.len())
+            .collect();
+        let id = self.sb.generation + 1;
+        let result = (|| {
+            // Contiguous pages go out in one write.
+            let mut run: Vec<u8> = Vec::new();
+            let mut run_start = pages[0];
+            let mut buf = [0u8; PAGE_SIZE];
+            for (i, chunk) in chunks.iter().enumerate() {
+                let h = PageHeader {
+                    kind: Kind::CheckpointPage,
+                    stream_id: id,
+                    seq: i as u32,
+                    payload_len: chunk.len() as u32,
+                    next: pages.get(i + 1).copied().unwrap_or(0),
+                };
+                page::encode(&h, chunk, &mut buf);
+                if pages[i] != run_start + (run.len() / PAGE_SIZE) as u64 || run.len() >= 8 << 20 {
+                    storage
+                        .write_at(&run, run_start * PAGE_SIZE as u64)
+                        .map_err(io_err("writing checkpoint"))?;
+                    run.clear();
+                    run_start = pages[i];
+                }
+                run.extend_from_slice(&buf);
+            }
+            storage
+                .write_at(&run, run_start * PAGE_SIZE as u64)
+                .map_err(io_err("writing checkpoint"))?;
+            let mut sb = self.sb.clone();
+            sb.generation += 1;
+            sb.checkpoint = StreamRef {
+                head: pages[0],
+                pages: chunks.len() as u64,
+                id,
+            };
+            sb.log = StreamRef {
+                head: log_block * ppb,
+                pages: 0,
+                id,
+            };
+            sb.log_next = log_block * ppb;
+            self.flip(storage, sb)
+        })();
+        if let Err(e) = result {
+            for &b in blocks.iter().chain(std::iter::once(&log_block)) {
+                alloc.free(PBlock(b));
+            }
+            return Err(e);
+        }
+        for b in self.ckpt_blocks.drain(..).chain(self.log_blocks.drain(..)) {
+            alloc.free(PBlock(b));
+        }
+        self.ckpt_blocks = blocks;
+        self.log_blocks = vec![log_block];
+        Ok(())
+    }
+
+    /// The page after `p` in the log: the next page of the same block, or a new block.
+    fn page_after(&self, p: u64, alloc: &mut Allocator) -> Result<(u64, Option<u64>)> {
+        if (p + 1) % self.pages_per_block != 0 {
+            return Ok((p + 1, None));
+        }
+        let (b, _) = alloc.alloc_run(1, 0)?;
+        Ok((b.0 * self.pages_per_block, Some(b.0)))
+    }
+
+    /// Sync what was written, then seal it with the next superblock, then sync that.
+    fn flip(&mut self, storage: &dyn Storage, sb: Superblock) -> Result<()> {
+        // Power loss before this sync: the old superblock still names the old streams, whose
+        // pages this commit never touched.
+        storage.sync().map_err(io_err("syncing metadata"))?;
+        write_superblock(storage, &sb)?;
+        // Power loss before this sync: either slot may win on reopen; both describe complete
+        // states, because everything the new one names is already durable.
+        storage.sync().map_err(io_err("syncing superblock"))?;
+        self.sb = sb;
+        Ok(())
+    }
+}
+
+fn write_superblock(storage: &dyn Storage, sb: &Superblock) -> Result<()> {
+    let mut b = [0u8; PAGE_SIZE];
+    b[..crate::format::superblock::ENCODED_LEN].copy_from_slice(&sb.encode());
+    let off = SUPERBLOCK_OFFSETS[(sb.generation % 2) as usize];
+    storage
+        .write_at(&b, off)
+        .map_err(io_err("writing superblock"))
+}

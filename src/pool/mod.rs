@@ -1,0 +1,11 @@
+//! The pool file: the storage seam, block allocation, metadata streams and the commit protocol.
+//! This layer moves bytes and blocks; what the metadata records mean is the `layer` module's.
+
+pub mod alloc;
+pub mod lock;
+pub mod meta;
+pub mod storage;
+
+pub use alloc::Allocator;
+pub use meta::{MetaStreams, Recovered};
+pub use storage::{FileStorage, MemStorage, Storage};

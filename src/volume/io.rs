@@ -1,0 +1,364 @@
+//! Byte-range I/O on a layer chain: read through the chain, copy-on-write, zero and trim.
+//! Requests are cut into an unaligned head, whole blocks, and an unaligned tail; partial blocks
+//! are read-modify-written, whole blocks go straight to newly allocated pool blocks.
+
+use super::device::{Extent, ExtentState};
+use super::store::{Inner, Store};
+use crate::error::{Error, Result};
+use crate::format::checksum;
+use crate::format::record::{MapEntry, MapTarget};
+use crate::format::{LayerId, PBlock, VBlock};
+use crate::layer::catalog::Resolved;
+use crate::layer::map::{CHUNK_BITS, CHUNK_LEN};
+use crate::layer::{Catalog, Layer, Mapping};
+use crate::pool::Storage;
+
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, mid, tail) = unsafe { b.align_to::<u128>() };
+    head.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0)
+}
+
+fn target(m: Option<Mapping>) -> MapTarget {
+    match m {
+        None => MapTarget::Unmapped,
+        Some(Mapping::Zero) => MapTarget::Zero,
+        Some(Mapping::Data { pblock, crc }) => MapTarget::Data { pblock, crc },
+    }
+}
+
+impl Inner {
+    fn layer(&self, id: LayerId) -> Result<&Layer> {
+        self.catalog
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("layer {id} no longer exists")))
+    }
+
+    fn check_range(&self, id: LayerId, offset: u64, len: u64, write: bool) -> Result<&Layer> {
+        let l = self.layer(id)?;
+        if write && !l.writable {
+            return Err(Error::ReadOnly(format!(
+                "{} is read-only (committed); create a child layer to change it",
+                l.describe()
+            )));
+        }
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > l.disk_size) {
+            let m = format!(
+                "{}: range at byte {offset} of {len} bytes goes past its end ({} bytes)",
+                l.describe(),
+                l.disk_size
+            );
+            return Err(if write {
+                Error::NoSpace(m)
+            } else {
+                Error::Invalid(m)
+            });
+        }
+        Ok(l)
+    }
+
+    /// Read whole blocks `vb0..vb0+n` of the chain into `out`, verifying data checksums.
+    fn read_blocks(
+        &self,
+        storage: &dyn Storage,
+        chain: &[&Layer],
+        vb0: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let bs = self.block_size as usize;
+        let n = out.len() / bs;
+        let mut resolved = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            resolved.push(Catalog::resolve_in(chain, VBlock(vb0 + i)));
+        }
+        let mut i = 0;
+        while i < n {
+            match resolved[i] {
+                Resolved::Hole | Resolved::Zero => {
+                    out[i * bs..(i + 1) * bs].fill(0);
+                    i += 1;
+                }
+                Resolved::Data { pblock, .. } => {
+                    // Blocks laid out contiguously in the pool are read in one call.
+                    let mut j = i + 1;
+                    while j < n
+                        && matches!(resolved[j], Resolved::Data { pblock: p, .. } if p.0 == pblock.0 + (j - i) as u64)
+                    {
+                        j += 1;
+                    }
+                    let buf = &mut out[i * bs..j * bs];
+                    storage
+                        .read_at(buf, pblock.0 * bs as u64)
+                        .map_err(|e| Error::io(format!("reading {pblock}"), e))?;
+                    for (k, blk) in buf.chunks_exact(bs).enumerate() {
+                        if let Resolved::Data { pblock, crc, owner } = resolved[i + k] {
+                            let actual = checksum::data(blk);
+                            if actual != crc {
+                                return Err(self.checksum_error(owner, vb0 + (i + k) as u64, pblock, crc, actual));
+                            }
+                        }
+                    }
+                    i = j;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn checksum_error(&self, owner: LayerId, vb: u64, p: PBlock, stored: u32, actual: u32) -> Error {
+        let who = self
+            .catalog
+            .get(owner)
+            .map_or(format!("layer {owner}"), |l| l.describe());
+        Error::Corrupt(format!(
+            "{who}: data block {vb} (byte offset {}) at {p} fails its checksum (stored {stored:#010x}, computed {actual:#010x})",
+            vb * self.block_size as u64
+        ))
+    }
+
+    pub(crate) fn read(&self, storage: &dyn Storage, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        self.check_range(id, offset, len, false)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let chain = self.catalog.chain(id);
+        let bs = self.block_size as u64;
+        let vb0 = offset / bs;
+        let vb1 = (offset + len - 1) / bs + 1;
+        if offset % bs == 0 && len % bs == 0 {
+            return self.read_blocks(storage, &chain, vb0, buf);
+        }
+        let mut tmp = vec![0u8; ((vb1 - vb0) * bs) as usize];
+        self.read_blocks(storage, &chain, vb0, &mut tmp)?;
+        let skip = (offset - vb0 * bs) as usize;
+        buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    pub(crate) fn write(&mut self, storage: &dyn Storage, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_range(id, offset, data.len() as u64, true)?;
+        let bs = self.block_size as u64;
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let vb = pos / bs;
+            let within = pos % bs;
+            let src = &data[(pos - offset) as usize..];
+            if within != 0 || end - pos < bs {
+                let n = (bs - within).min(end - pos);
+                let mut blk = vec![0u8; bs as usize];
+                {
+                    let chain = self.catalog.chain(id);
+                    self.read_blocks(storage, &chain, vb, &mut blk)?;
+                }
+                blk[within as usize..(within + n) as usize].copy_from_slice(&src[..n as usize]);
+                self.put_blocks(storage, id, vb, &blk)?;
+                pos += n;
+            } else {
+                let n = (end - pos) / bs;
+                self.put_blocks(storage, id, vb, &src[..(n * bs) as usize])?;
+                pos += n * bs;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store whole blocks into layer `id` from `vb0`. Blocks the layer already holds in this
+    /// transaction are overwritten in place; all others get new pool blocks (copy-on-write, and
+    /// redirect-on-write for committed blocks, so committed data never changes under a crash).
+    fn put_blocks(&mut self, storage: &dyn Storage, id: LayerId, vb0: u64, data: &[u8]) -> Result<()> {
+        let bs = self.block_size as usize;
+        let n = data.len() / bs;
+        let mut i = 0;
+        while i < n {
+            let blk = &data[i * bs..(i + 1) * bs];
+            let vb = VBlock(vb0 + i as u64);
+            if is_zero(blk) {
+                self.zero_block(id, vb, true)?;
+                i += 1;
+                continue;
+            }
+            let own = self.layer(id)?.map.get(vb);
+            if let Some(Mapping::Data { pblock, .. }) = own {
+                if self.alloc.is_fresh(pblock) {
+                    storage
+                        .write_at(blk, pblock.0 * bs as u64)
+                        .map_err(|e| Error::io(format!("writing {pblock}"), e))?;
+                    self.set_mapping(id, vb, Mapping::Data { pblock, crc: checksum::data(blk) });
+                    i += 1;
+                    continue;
+                }
+            }
+            // A run of blocks that all need new pool blocks goes out in one write.
+            let mut j = i + 1;
+            while j < n && j - i < 256 {
+                let b = &data[j * bs..(j + 1) * bs];
+                let fresh = matches!(self.layer(id)?.map.get(VBlock(vb0 + j as u64)),
+                    Some(Mapping::Data { pblock, .. }) if self.alloc.is_fresh(pblock));
+                if fresh || is_zero(b) {
+                    break;
+                }
+                j += 1;
+            }
+            let reserve = self.metadata_reserve();
+            let (p, got) = self.alloc.alloc_run((j - i) as u64, reserve).map_err(|e| {
+                e.context(format!(
+                    "{}: writing at byte {}",
+                    self.catalog.get(id).map_or(String::new(), |l| l.describe()),
+                    vb.0 * bs as u64
+                ))
+            })?;
+            let got = got as usize;
+            if let Err(e) = storage.write_at(&data[i * bs..(i + got) * bs], p.0 * bs as u64) {
+                for k in 0..got as u64 {
+                    self.alloc.free(PBlock(p.0 + k));
+                }
+                return Err(Error::io(format!("writing {p}"), e));
+            }
+            for k in 0..got {
+                let blk = &data[(i + k) * bs..(i + k + 1) * bs];
+                let m = Mapping::Data {
+                    pblock: PBlock(p.0 + k as u64),
+                    crc: checksum::data(blk),
+                };
+                self.set_mapping(id, VBlock(vb0 + (i + k) as u64), m);
+            }
+            i += got;
+        }
+        Ok(())
+    }
+
+    /// Change one entry of a layer's own map, record it, and free the block it replaces.
+    fn set_mapping(&mut self, id: LayerId, vb: VBlock, m: Mapping) {
+        let l = self.catalog.get_mut(id).expect("layer checked by caller");
+        let old = l.map.set(vb, m);
+        self.release(old, Some(m));
+        self.pending.map(id, MapEntry { vblock: vb, target: target(Some(m)) });
+    }
+
+    fn release(&mut self, old: Option<Mapping>, new: Option<Mapping>) {
+        if let Some(Mapping::Data { pblock, .. }) = old {
+            if !matches!(new, Some(Mapping::Data { pblock: p, .. }) if p == pblock) {
+                self.alloc.free(pblock);
+            }
+        }
+    }
+
+    /// Make one block of layer `id` read as zeros. Only a block the parents hold data for needs
+    /// a whiteout; elsewhere the layer's own entry is simply dropped (unless a hole is refused).
+    fn zero_block(&mut self, id: LayerId, vb: VBlock, may_unmap: bool) -> Result<()> {
+        let l = self.layer(id)?;
+        let below = match l.parent {
+            None => Resolved::Hole,
+            Some(p) => Catalog::resolve_in(&self.catalog.chain(p), vb),
+        };
+        let want = if !may_unmap || matches!(below, Resolved::Data { .. }) {
+            Some(Mapping::Zero)
+        } else {
+            None
+        };
+        let own = l.map.get(vb);
+        if own == want {
+            return Ok(());
+        }
+        let l = self.catalog.get_mut(id).unwrap();
+        let old = match want {
+            Some(m) => l.map.set(vb, m),
+            None => l.map.remove(vb),
+        };
+        self.release(old, want);
+        self.pending.map(id, MapEntry { vblock: vb, target: target(want) });
+        Ok(())
+    }
+
+    pub(crate) fn zero(&mut self, storage: &dyn Storage, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_range(id, offset, len, true)?;
+        let bs = self.block_size as u64;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let vb = pos / bs;
+            let within = pos % bs;
+            let n = (bs - within).min(end - pos);
+            if n == bs {
+                self.zero_block(id, VBlock(vb), may_unmap)?;
+            } else {
+                // A partial block keeps its other bytes: write zeros into it.
+                let zeros = vec![0u8; n as usize];
+                self.write(storage, id, pos, &zeros)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Describe a byte range of the chain as extents, from the maps alone.
+    pub(crate) fn extents(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(id, offset, len, false)?;
+        let mut out: Vec<Extent> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let bs = self.block_size as u64;
+        let end = offset + len;
+        let mut push = |start: u64, stop: u64, state: ExtentState| {
+            let (s, e) = (start.max(offset), stop.min(end));
+            if s >= e {
+                return;
+            }
+            match out.last_mut() {
+                Some(x) if x.state == state && x.offset + x.len == s => x.len += e - s,
+                _ => out.push(Extent { offset: s, len: e - s, state }),
+            }
+        };
+        let chain = self.catalog.chain(id);
+        for_each_resolved(&chain, offset / bs, (end - 1) / bs + 1, |vb, n, r| {
+            let state = match r {
+                Resolved::Data { .. } => ExtentState::Data,
+                Resolved::Zero => ExtentState::Zero,
+                Resolved::Hole => ExtentState::Hole,
+            };
+            push(vb * bs, (vb + n) * bs, state);
+        });
+        Ok(out)
+    }
+}
+
+/// Walk blocks `start..end` of a chain, calling `f(first_block, count, what)` for runs; chunks
+/// that no layer of the chain maps are passed as one hole without looking at each block.
+pub(crate) fn for_each_resolved(chain: &[&Layer], start: u64, end: u64, mut f: impl FnMut(u64, u64, Resolved)) {
+    let mut vb = start;
+    while vb < end {
+        let c = vb >> CHUNK_BITS;
+        let chunk_end = ((c + 1) << CHUNK_BITS).min(end);
+        if !chain.iter().any(|l| l.map.has_chunk(c)) {
+            f(vb, chunk_end - vb, Resolved::Hole);
+        } else {
+            for b in vb..chunk_end {
+                f(b, 1, Catalog::resolve_in(chain, VBlock(b)));
+            }
+        }
+        vb = chunk_end;
+        debug_assert!(vb % CHUNK_LEN == 0 || vb == end);
+    }
+}
+
+impl Store {
+    pub fn read_layer(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read().read(&*self.storage, id, offset, buf)
+    }
+
+    pub fn write_layer(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.write()?.write(&*self.storage, id, offset, data)
+    }
+
+    pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.write()?.zero(&*self.storage, id, offset, len, may_unmap)
+    }
+
+    pub fn extents_layer(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.read().extents(id, offset, len)
+    }
+}

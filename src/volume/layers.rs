@@ -1,0 +1,278 @@
+//! Catalogue changes (create, commit, remove) and the Docker-style accounting views.
+
+use super::store::{Inner, Store};
+use crate::error::{Error, Result};
+use crate::format::record::LayerCreate;
+use crate::format::LayerId;
+use crate::layer::{name, Layer, Mapping};
+use serde::Serialize;
+
+/// One layer as `ls` and `history` show it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub name: String,
+    pub parent: Option<String>,
+    pub writable: bool,
+    /// Pool bytes this layer alone holds.
+    pub size: u64,
+    /// `size` summed over the layer and its ancestors (Docker's virtual size).
+    pub virtual_size: u64,
+    /// The volume's logical size in bytes.
+    pub disk_size: u64,
+    /// RFC 3339.
+    pub created: String,
+    #[serde(skip)]
+    pub id: LayerId,
+    #[serde(skip)]
+    pub children: Vec<String>,
+}
+
+/// The pool as `df` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub path: Option<String>,
+    pub block_size: u32,
+    pub layers: usize,
+    /// The pool file's logical length.
+    pub file_size: u64,
+    /// Bytes the pool file occupies on disk (`du`).
+    pub file_allocated: u64,
+    /// Blocks in use (data and metadata), in bytes.
+    pub allocated: u64,
+    pub data_bytes: u64,
+    pub metadata_bytes: u64,
+    /// Bytes still allocatable under `--max-size` (null without a cap).
+    pub free_under_cap: Option<u64>,
+    pub max_size: Option<u64>,
+    /// Sum of every layer's virtual size: what the layers would take without sharing.
+    pub virtual_total: u64,
+    /// `virtual_total - data_bytes`.
+    pub sharing_saves: u64,
+}
+
+fn rfc3339(secs: u64, nanos: u32) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Inner {
+    pub(crate) fn layer_by_name(&self, name: &str) -> Result<&Layer> {
+        self.catalog.by_name(name)
+    }
+
+    fn info(&self, l: &Layer) -> LayerInfo {
+        let bs = self.block_size as u64;
+        let virtual_size = self
+            .catalog
+            .chain(l.id)
+            .iter()
+            .map(|a| a.map.data_blocks() * bs)
+            .sum();
+        LayerInfo {
+            name: l.name.clone(),
+            parent: l
+                .parent
+                .and_then(|p| self.catalog.get(p))
+                .map(|p| p.name.clone()),
+            writable: l.writable,
+            size: l.map.data_blocks() * bs,
+            virtual_size,
+            disk_size: l.disk_size,
+            created: rfc3339(l.created_secs, l.created_nanos),
+            id: l.id,
+            children: l
+                .children
+                .iter()
+                .filter_map(|c| self.catalog.get(*c))
+                .map(|c| c.name.clone())
+                .collect(),
+        }
+    }
+}
+
+impl Store {
+    /// Make a layer: a base (`parent` None, `size` required) or a child of a read-only layer
+    /// (size defaults to the parent's and may be larger). Costs O(1) whatever the parent holds.
+    pub fn create_layer(
+        &self,
+        layer_name: &str,
+        parent: Option<&str>,
+        size: Option<u64>,
+    ) -> Result<LayerInfo> {
+        name::validate(layer_name)?;
+        let mut g = self.write()?;
+        if g.catalog.by_name(layer_name).is_ok() {
+            return Err(Error::Conflict(format!(
+                "a layer named {layer_name:?} already exists"
+            )));
+        }
+        let (parent_id, disk_size) = match parent {
+            None => {
+                let size = size.ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "layer {layer_name:?}: a base layer needs --size (or give --parent)"
+                    ))
+                })?;
+                (None, size)
+            }
+            Some(p) => {
+                let pl = g.catalog.by_name(p)?;
+                if pl.writable {
+                    return Err(Error::Conflict(format!(
+                        "parent {p:?} is writable; commit it first (`thinlayer commit {p}`) so it can no longer change under its children"
+                    )));
+                }
+                let size = size.unwrap_or(pl.disk_size);
+                if size < pl.disk_size {
+                    return Err(Error::Invalid(format!(
+                        "layer {layer_name:?}: size {size} is smaller than its parent {p:?} ({} bytes)",
+                        pl.disk_size
+                    )));
+                }
+                (Some(pl.id), size)
+            }
+        };
+        if disk_size == 0 {
+            return Err(Error::Invalid(format!(
+                "layer {layer_name:?}: size must be more than 0 bytes"
+            )));
+        }
+        let max_disk = crate::layer::map::MAX_PBLOCK.saturating_mul(g.block_size as u64) / 2;
+        if disk_size > max_disk {
+            return Err(Error::Invalid(format!(
+                "layer {layer_name:?}: size {disk_size} is larger than the supported {max_disk} bytes"
+            )));
+        }
+        let (secs, nanos) = {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (d.as_secs(), d.subsec_nanos())
+        };
+        let c = LayerCreate {
+            id: g.catalog.next_id(),
+            parent: parent_id,
+            disk_size,
+            created_secs: secs,
+            created_nanos: nanos,
+            writable: true,
+            name: layer_name.to_string(),
+        };
+        g.pending.layer_create(&c);
+        g.catalog
+            .apply(crate::format::record::Record::LayerCreate(c.clone()))?;
+        let l = g.catalog.get(c.id).unwrap();
+        Ok(g.info(l))
+    }
+
+    /// Make a writable layer read-only for good, so it can be a parent.
+    pub fn commit_layer(&self, layer_name: &str) -> Result<()> {
+        let mut g = self.write()?;
+        let l = g.catalog.by_name(layer_name)?;
+        if !l.writable {
+            return Err(Error::Conflict(format!(
+                "layer {layer_name:?} is already committed (read-only)"
+            )));
+        }
+        let id = l.id;
+        g.pending.layer_commit(id);
+        g.catalog
+            .apply(crate::format::record::Record::LayerCommit(id))
+    }
+
+    /// Remove a layer without children and free its blocks.
+    pub fn remove_layer(&self, layer_name: &str) -> Result<()> {
+        let mut g = self.write()?;
+        let inner = &mut *g;
+        let l = inner.catalog.by_name(layer_name)?;
+        if !l.children.is_empty() {
+            let names: Vec<String> = l
+                .children
+                .iter()
+                .filter_map(|c| inner.catalog.get(*c))
+                .map(|c| format!("{:?}", c.name))
+                .collect();
+            return Err(Error::Conflict(format!(
+                "layer {layer_name:?} has children ({}); remove them first",
+                names.join(", ")
+            )));
+        }
+        let id = l.id;
+        let blocks: Vec<_> = l
+            .map
+            .iter()
+            .filter_map(|(_, m)| match m {
+                Mapping::Data { pblock, .. } => Some(pblock),
+                Mapping::Zero => None,
+            })
+            .collect();
+        for p in blocks {
+            inner.alloc.free(p);
+        }
+        inner.pending.layer_remove(id);
+        inner
+            .catalog
+            .apply(crate::format::record::Record::LayerRemove(id))
+    }
+
+    pub fn layer(&self, layer_name: &str) -> Result<LayerInfo> {
+        let g = self.read();
+        let l = g.layer_by_name(layer_name)?;
+        Ok(g.info(l))
+    }
+
+    /// Every layer, parents before children.
+    pub fn layers(&self) -> Vec<LayerInfo> {
+        let g = self.read();
+        g.catalog.layers().map(|l| g.info(l)).collect()
+    }
+
+    /// The chain from `layer_name` down to its base, like `docker history`.
+    pub fn history(&self, layer_name: &str) -> Result<Vec<LayerInfo>> {
+        let g = self.read();
+        let l = g.layer_by_name(layer_name)?;
+        Ok(g.catalog.chain(l.id).iter().map(|l| g.info(l)).collect())
+    }
+
+    pub fn usage(&self) -> Result<PoolUsage> {
+        let g = self.read();
+        let bs = g.block_size as u64;
+        let data_blocks: u64 = g.catalog.layers().map(|l| l.map.data_blocks()).sum();
+        let virtual_total = g
+            .catalog
+            .layers()
+            .map(|l| g.info(l).virtual_size)
+            .sum::<u64>();
+        let meta_blocks = g.meta.metadata_blocks();
+        let first = crate::format::first_data_block(g.block_size);
+        Ok(PoolUsage {
+            path: self.path().map(|p| p.display().to_string()),
+            block_size: g.block_size,
+            layers: g.catalog.len(),
+            file_size: self
+                .storage
+                .len()
+                .map_err(|e| Error::io("reading pool size", e))?,
+            file_allocated: self
+                .storage
+                .allocated()
+                .map_err(|e| Error::io("reading pool size", e))?,
+            allocated: (g.alloc.used_count() + first) * bs,
+            data_bytes: data_blocks * bs,
+            metadata_bytes: meta_blocks * bs,
+            free_under_cap: g.alloc.free_under_cap().map(|b| b * bs),
+            max_size: (g.meta.sb.max_blocks > 0).then(|| g.meta.sb.max_blocks * bs),
+            virtual_total,
+            sharing_saves: virtual_total.saturating_sub(data_blocks * bs),
+        })
+    }
+
+    /// Heap bytes held by all block maps (for the memory benchmark).
+    pub fn map_heap_bytes(&self) -> usize {
+        self.read()
+            .catalog
+            .layers()
+            .map(|l| l.map.heap_bytes())
+            .sum()
+    }
+}

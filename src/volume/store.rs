@@ -1,0 +1,430 @@
+//! The store: one open pool. It ties the pool file (allocation, commits) to the catalogue and
+//! serialises access: reads share a lock, changes take it exclusively. Each change to the
+//! catalogue or a map is applied in memory and appended as a record to the open transaction;
+//! `flush` commits that transaction.
+
+use crate::error::{Error, Result};
+use crate::format::page::PAYLOAD_MAX;
+use crate::format::record::{RecordReader, RecordWriter};
+use crate::format::{first_data_block, valid_block_size, PAGE_SIZE};
+use crate::layer::{Catalog, Mapping};
+use crate::pool::lock::PoolLock;
+use crate::pool::meta::{self, MetaStreams};
+use crate::pool::{Allocator, FileStorage, Storage};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
+const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
+
+pub struct Store {
+    pub(crate) storage: Arc<dyn Storage>,
+    path: Option<PathBuf>,
+    pub(crate) inner: RwLock<Inner>,
+    writable: bool,
+    _lock: Option<PoolLock>,
+}
+
+pub(crate) struct Inner {
+    pub meta: MetaStreams,
+    pub alloc: Allocator,
+    pub catalog: Catalog,
+    pub pending: RecordWriter,
+    pub block_size: u32,
+    /// Set when a commit failed after writing: the durable state is unknown until reopen.
+    pub poisoned: Option<String>,
+    /// Faults found while loading (blocks referenced twice...), reported by `check`.
+    pub load_faults: Vec<String>,
+    /// Which superblock generation was loaded, and why a newer one was skipped.
+    pub load_notes: Vec<String>,
+}
+
+/// How to create a pool.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub block_size: u32,
+    /// Cap on the pool file's size in bytes (None = unlimited).
+    pub max_size: Option<u64>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            block_size: crate::format::DEFAULT_BLOCK_SIZE,
+            max_size: None,
+        }
+    }
+}
+
+fn now() -> (u64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now().0 ^ ((std::process::id() as u64) << 32) ^ now().1 as u64);
+    h.finish()
+}
+
+impl Store {
+    /// Create a new pool file at `path` (refusing to overwrite anything) and open it.
+    pub fn create(path: &Path, opts: &CreateOptions, purpose: &str) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating directory {}", dir.display()), e))?;
+        }
+        let lock = PoolLock::acquire(path, purpose)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::Conflict(format!(
+                        "{} already exists; remove it first or choose another --pool",
+                        path.display()
+                    ))
+                } else {
+                    Error::io(format!("creating pool {}", path.display()), e)
+                }
+            })?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let mut store = match Self::create_in(storage, opts) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e.context(format!("creating pool {}", path.display())));
+            }
+        };
+        store.path = Some(path.to_path_buf());
+        store._lock = Some(lock);
+        Ok(store)
+    }
+
+    /// Create a pool on any storage (tests use memory).
+    pub fn create_in(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Store> {
+        let bs = opts.block_size;
+        if !valid_block_size(bs as u64) {
+            return Err(Error::Invalid(format!(
+                "block size {bs} is not a power of two from 4 KiB to 1 MiB"
+            )));
+        }
+        let first = first_data_block(bs);
+        let max_blocks = match opts.max_size {
+            None => 0,
+            Some(m) => {
+                let b = m / bs as u64;
+                if b < first + 16 {
+                    return Err(Error::Invalid(format!(
+                        "--max-size {m} is too small: a pool needs at least {} bytes with {bs}-byte blocks",
+                        (first + 16) * bs as u64
+                    )));
+                }
+                b
+            }
+        };
+        let mut alloc = Allocator::new(first, max_blocks);
+        let meta = MetaStreams::init(&*storage, &mut alloc, bs, max_blocks, random_id(), now().0)?;
+        Ok(Store {
+            storage,
+            path: None,
+            inner: RwLock::new(Inner {
+                meta,
+                alloc,
+                catalog: Catalog::new(),
+                pending: RecordWriter::new(),
+                block_size: bs,
+                poisoned: None,
+                load_faults: Vec::new(),
+                load_notes: Vec::new(),
+            }),
+            writable: true,
+            _lock: None,
+        })
+    }
+
+    /// Open an existing pool for changes, taking its lock.
+    pub fn open(path: &Path, purpose: &str) -> Result<Store> {
+        let lock = PoolLock::acquire(path, purpose)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let mut s = Self::open_in(Arc::new(FileStorage::new(file)), true)
+            .map_err(|e| e.context(format!("pool {}", path.display())))?;
+        s.path = Some(path.to_path_buf());
+        s._lock = Some(lock);
+        Ok(s)
+    }
+
+    /// Open a pool to look at it, without the lock: works while another process serves it.
+    /// What it sees is the last state that process committed.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        // A writer may checkpoint (and reuse the old pages) while we read: retry on a mismatch.
+        let mut last = None;
+        for _ in 0..5 {
+            match Self::open_in(storage.clone(), false) {
+                Ok(mut s) => {
+                    s.path = Some(path.to_path_buf());
+                    return Ok(s);
+                }
+                Err(e @ Error::Corrupt(_)) => {
+                    last = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.context(format!("pool {}", path.display()))),
+            }
+        }
+        Err(last.unwrap().context(format!("pool {}", path.display())))
+    }
+
+    /// Open a pool held by any storage.
+    pub fn open_in(storage: Arc<dyn Storage>, writable: bool) -> Result<Store> {
+        let inner = load(&*storage)?;
+        if writable && !inner.load_faults.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
+                inner.load_faults.len(),
+                inner.load_faults[0]
+            )));
+        }
+        let store = Store {
+            storage,
+            path: None,
+            inner: RwLock::new(inner),
+            writable,
+            _lock: None,
+        };
+        if writable {
+            store.punch_stale_space();
+        }
+        Ok(store)
+    }
+
+    /// After a crash, blocks written by the lost transaction still hold data nothing refers to.
+    fn punch_stale_space(&self) {
+        let inner = self.inner.read().unwrap();
+        let bs = inner.block_size as u64;
+        let in_use = (inner.alloc.used_count() + first_data_block(inner.block_size)) * bs;
+        if self.storage.allocated().unwrap_or(0) <= in_use {
+            return;
+        }
+        for (start, n) in inner.alloc.free_runs() {
+            let _ = self.storage.punch_hole(start * bs, n * bs);
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.read().block_size
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The write lock, for a change: refused on a read-only or poisoned store.
+    pub(crate) fn write(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
+        if !self.writable {
+            return Err(Error::ReadOnly(
+                "the pool is opened read-only (another process may hold it)".into(),
+            ));
+        }
+        let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &g.poisoned {
+            return Err(Error::io(
+                format!("pool unusable until reopened after an earlier failure: {why}"),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(g)
+    }
+
+    /// Commit the open transaction: every change made before this call survives a crash.
+    pub fn flush(&self) -> Result<()> {
+        let mut g = self.write()?;
+        g.commit(&*self.storage)
+    }
+
+    /// Whether there are changes not yet committed.
+    pub fn has_pending(&self) -> bool {
+        !self.read().pending.is_empty()
+    }
+
+    /// Bytes of records waiting in the open transaction (servers commit when it grows large).
+    pub fn pending_bytes(&self) -> usize {
+        self.read().pending.buf.len()
+    }
+}
+
+fn open_error(path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::NotFound(format!(
+            "pool {} does not exist; create it with `thinlayer --pool {} init`",
+            path.display(),
+            path.display()
+        ))
+    } else {
+        Error::io(format!("opening pool {}", path.display()), e)
+    }
+}
+
+/// Rebuild the in-memory state from the newest superblock whose streams verify.
+fn load(storage: &dyn Storage) -> Result<Inner> {
+    let (sbs, bad) = meta::read_superblocks(storage)?;
+    if sbs.is_empty() {
+        let why: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
+        return Err(Error::Corrupt(format!(
+            "not a usable thinlayer pool: {}",
+            why.join("; ")
+        )));
+    }
+    let mut notes: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
+    let mut errors = Vec::new();
+    for sb in &sbs {
+        match load_generation(storage, sb) {
+            Ok(mut inner) => {
+                if !errors.is_empty() {
+                    notes.push(format!(
+                        "using superblock generation {} because newer state failed to load: {}",
+                        sb.generation,
+                        errors.join("; ")
+                    ));
+                }
+                inner.load_notes = notes;
+                return Ok(inner);
+            }
+            Err(e) => errors.push(format!("generation {}: {e}", sb.generation)),
+        }
+    }
+    Err(Error::Corrupt(format!(
+        "no superblock leads to readable metadata: {}",
+        errors.join("; ")
+    )))
+}
+
+fn load_generation(storage: &dyn Storage, sb: &crate::format::superblock::Superblock) -> Result<Inner> {
+    let rec = meta::load(storage, sb)?;
+    let mut catalog = Catalog::new();
+    for (bytes, name) in [(&rec.checkpoint, "checkpoint"), (&rec.log, "log")] {
+        let mut r = RecordReader::new(bytes, name);
+        while let Some(record) = r.next_record()? {
+            catalog.apply(record)?;
+        }
+    }
+    let bs = sb.block_size;
+    let first = first_data_block(bs);
+    let mut alloc = Allocator::new(first, sb.max_blocks);
+    let mut faults = Vec::new();
+    for &b in rec.ckpt_blocks.iter().chain(&rec.log_blocks) {
+        if !alloc.mark_loaded(crate::format::PBlock(b)) {
+            faults.push(format!("metadata pool block {b} is used twice"));
+        }
+    }
+    for l in catalog.layers() {
+        for (vb, m) in l.map.iter() {
+            if let Mapping::Data { pblock, .. } = m {
+                if pblock.0 < first {
+                    faults.push(format!(
+                        "{}: {vb} maps into the superblock area ({pblock})",
+                        l.describe()
+                    ));
+                } else if !alloc.mark_loaded(pblock) {
+                    faults.push(format!(
+                        "{}: {vb} maps {pblock}, which is also used elsewhere",
+                        l.describe()
+                    ));
+                }
+            }
+        }
+    }
+    alloc.committed();
+    Ok(Inner {
+        meta: MetaStreams::from_recovered(&rec),
+        alloc,
+        catalog,
+        pending: RecordWriter::new(),
+        block_size: bs,
+        poisoned: None,
+        load_faults: faults,
+        load_notes: Vec::new(),
+    })
+}
+
+impl Inner {
+    /// Blocks held back from data so a commit can always find room for its metadata.
+    pub fn metadata_reserve(&self) -> u64 {
+        let ppb = (self.block_size as usize / PAGE_SIZE) as u64;
+        let pages = (self.pending.buf.len() / PAYLOAD_MAX) as u64 + 2;
+        8 + pages.div_ceil(ppb) * 2
+    }
+
+    pub fn commit(&mut self, storage: &dyn Storage) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let want_checkpoint = self.meta.log_pages()
+            + (self.pending.buf.len() / PAYLOAD_MAX) as u64
+            > CHECKPOINT_MIN_LOG_PAGES.max(self.meta.checkpoint_pages());
+        let mut result = Err(Error::Invalid(String::new()));
+        if want_checkpoint {
+            let mut w = RecordWriter::new();
+            self.catalog.encode_checkpoint(&mut w);
+            result = self
+                .meta
+                .commit_checkpoint(storage, &mut self.alloc, &w.buf);
+        }
+        // Without room for a whole checkpoint, appending to the log still works.
+        if !want_checkpoint || matches!(result, Err(Error::NoSpace(_))) {
+            result = self
+                .meta
+                .commit_log(storage, &mut self.alloc, &self.pending.buf);
+        }
+        match result {
+            Ok(()) => {
+                self.pending.clear();
+                let freed = self.alloc.committed();
+                punch_runs(storage, &freed, self.block_size as u64);
+                Ok(())
+            }
+            Err(e @ Error::NoSpace(_)) => Err(e),
+            Err(e) => {
+                self.poisoned = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Give freed blocks' space back to the filesystem, one call per contiguous run.
+fn punch_runs(storage: &dyn Storage, sorted: &[u64], bs: u64) {
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i + 1;
+        while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+            j += 1;
+        }
+        // Failure only costs space: nothing references these blocks any more.
+        let _ = storage.punch_hole(sorted[i] * bs, (j - i) as u64 * bs);
+        i = j;
+    }
+}

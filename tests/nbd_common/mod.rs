@@ -1,0 +1,477 @@
+//! Shared by the NBD tests: an in-memory block device with a per-block allocation map, a
+//! catalog of a few of them, an in-process server on a Unix socket in a temporary directory,
+//! and a raw protocol client for poking at the server byte by byte.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use thinlayer::nbd::proto::*;
+use thinlayer::nbd::{serve_unix, ServerConfig};
+use thinlayer::volume::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
+use thinlayer::{Error, Result};
+
+pub const BLOCK: u64 = 4096;
+
+struct Inner {
+    data: Vec<u8>,
+    states: Vec<ExtentState>,
+}
+
+/// A `Vec<u8>` with one allocation state per 4 KiB block: the model the NBD tests check
+/// replies against.
+pub struct MemDevice {
+    name: String,
+    size: u64,
+    read_only: bool,
+    inner: RwLock<Inner>,
+    pub flushes: AtomicU64,
+    /// Reads touching bytes at or past this offset fail with EIO.
+    pub fail_reads_from: AtomicU64,
+}
+
+impl MemDevice {
+    pub fn new(name: &str, size: u64, read_only: bool) -> MemDevice {
+        let blocks = size.div_ceil(BLOCK) as usize;
+        MemDevice {
+            name: name.into(),
+            size,
+            read_only,
+            inner: RwLock::new(Inner {
+                data: vec![0; size as usize],
+                states: vec![ExtentState::Hole; blocks],
+            }),
+            flushes: AtomicU64::new(0),
+            fail_reads_from: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Writes bypassing the read-only check, to prepare fixtures.
+    pub fn fill(&self, offset: u64, data: &[u8]) {
+        let mut inner = self.inner.write().unwrap();
+        inner.data[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        for b in blocks_touched(offset, data.len() as u64) {
+            inner.states[b] = ExtentState::Data;
+        }
+    }
+
+    pub fn contents(&self, offset: u64, len: usize) -> Vec<u8> {
+        self.inner.read().unwrap().data[offset as usize..offset as usize + len].to_vec()
+    }
+
+    pub fn state_of_block(&self, block: usize) -> ExtentState {
+        self.inner.read().unwrap().states[block]
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly(format!("device \"{}\" is read-only", self.name)));
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64, whole_blocks: ExtentState) {
+        let mut inner = self.inner.write().unwrap();
+        inner.data[offset as usize..(offset + len) as usize].fill(0);
+        let first = offset.div_ceil(BLOCK);
+        let end = (offset + len) / BLOCK;
+        for b in first..end {
+            inner.states[b as usize] = whole_blocks;
+        }
+        // A block cut short by the end of the device counts as whole.
+        if offset + len == self.size && self.size % BLOCK != 0 && offset <= self.size / BLOCK * BLOCK {
+            inner.states[(self.size / BLOCK) as usize] = whole_blocks;
+        }
+    }
+}
+
+fn blocks_touched(offset: u64, len: u64) -> std::ops::Range<usize> {
+    if len == 0 {
+        return 0..0;
+    }
+    (offset / BLOCK) as usize..(offset + len).div_ceil(BLOCK) as usize
+}
+
+impl BlockDevice for MemDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    fn block_size(&self) -> u32 {
+        BLOCK as u32
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        assert!(offset + buf.len() as u64 <= self.size, "edge let a bad read through");
+        if offset + buf.len() as u64 > self.fail_reads_from.load(SeqCst) {
+            let e = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(Error::io(format!("device \"{}\": read at {offset}", self.name), e));
+        }
+        let inner = self.inner.read().unwrap();
+        buf.copy_from_slice(&inner.data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        assert!(offset + data.len() as u64 <= self.size, "edge let a bad write through");
+        self.check_writable()?;
+        self.fill(offset, data);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        assert!(offset + len <= self.size);
+        self.check_writable()?;
+        let state = if may_unmap { ExtentState::Hole } else { ExtentState::Zero };
+        self.zero(offset, len, state);
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        assert!(offset + len <= self.size);
+        self.check_writable()?;
+        self.zero(offset, len, ExtentState::Hole);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.flushes.fetch_add(1, SeqCst);
+        Ok(())
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        assert!(offset + len <= self.size);
+        let inner = self.inner.read().unwrap();
+        let mut out: Vec<Extent> = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let b = at / BLOCK;
+            let stop = ((b + 1) * BLOCK).min(end);
+            let state = inner.states[b as usize];
+            match out.last_mut() {
+                Some(e) if e.state == state => e.len += stop - at,
+                _ => out.push(Extent { offset: at, len: stop - at, state }),
+            }
+            at = stop;
+        }
+        Ok(out)
+    }
+}
+
+pub struct MemCatalog {
+    pub devices: Vec<Arc<MemDevice>>,
+    pub flush_alls: AtomicU64,
+}
+
+impl MemCatalog {
+    /// "disk": 64 MiB writable and empty. "ro": 4 MiB read-only, first half a pattern, second
+    /// half holes. "odd": writable, size not a multiple of anything.
+    pub fn standard() -> MemCatalog {
+        let ro = MemDevice::new("ro", 4 << 20, true);
+        ro.fill(0, &pattern(0, 2 << 20));
+        MemCatalog::of(vec![
+            MemDevice::new("disk", 64 << 20, false),
+            ro,
+            MemDevice::new("odd", (1 << 20) + 123, false),
+        ])
+    }
+
+    pub fn of(devices: Vec<MemDevice>) -> MemCatalog {
+        MemCatalog {
+            devices: devices.into_iter().map(Arc::new).collect(),
+            flush_alls: AtomicU64::new(0),
+        }
+    }
+
+    pub fn device(&self, name: &str) -> &Arc<MemDevice> {
+        self.devices.iter().find(|d| d.name == name).unwrap()
+    }
+}
+
+impl ExportCatalog for MemCatalog {
+    fn exports(&self) -> Result<Vec<ExportInfo>> {
+        Ok(self
+            .devices
+            .iter()
+            .map(|d| ExportInfo {
+                name: d.name.clone(),
+                size: d.size,
+                read_only: d.read_only,
+                description: format!("test device {}", d.name),
+            })
+            .collect())
+    }
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>> {
+        match self.devices.iter().find(|d| d.name == name) {
+            Some(d) => Ok(d.clone()),
+            None => Err(Error::NotFound(format!("no export \"{name}\""))),
+        }
+    }
+    fn flush_all(&self) -> Result<()> {
+        self.flush_alls.fetch_add(1, SeqCst);
+        Ok(())
+    }
+}
+
+/// Deterministic bytes that differ with position, so misplaced data shows.
+pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+/// A server running in this process on a socket in its own temporary directory.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub catalog: Arc<MemCatalog>,
+    pub stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        TestServer::start_with(MemCatalog::standard(), ServerConfig::default())
+    }
+
+    pub fn start_with(catalog: MemCatalog, config: ServerConfig) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let catalog = Arc::new(catalog);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (catalog.clone(), stop.clone());
+        let thread = std::thread::spawn(move || serve_unix(&*c, listener, &config, &s));
+        TestServer {
+            dir,
+            socket,
+            catalog,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn connect(&self) -> UnixStream {
+        UnixStream::connect(&self.socket).unwrap()
+    }
+
+    /// Stops the server and returns what `serve` returned.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop.store(true, SeqCst);
+        self.thread.take().unwrap().join().expect("server thread panicked")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A reply as the raw client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Simple { error: u32, handle: u64 },
+    Chunk { flags: u16, kind: u16, handle: u64, payload: Vec<u8> },
+}
+
+/// A protocol client that does exactly what it is told, for tests that misbehave on purpose.
+pub struct RawClient {
+    pub s: UnixStream,
+    pub structured: bool,
+    pub size: u64,
+    pub flags: u16,
+}
+
+impl RawClient {
+    /// Reads the greeting and answers with fixed-newstyle + no-zeroes.
+    pub fn greet(s: UnixStream) -> UnixStream {
+        let mut s = s;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(u64::from_be_bytes(g[0..8].try_into().unwrap()), NBDMAGIC);
+        assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
+        s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes()).unwrap();
+        s
+    }
+
+    pub fn send_option(s: &mut UnixStream, opt: u32, data: &[u8]) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).unwrap();
+    }
+
+    /// One option reply: (option, reply type, data).
+    pub fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut data = vec![0; len as usize];
+        s.read_exact(&mut data).unwrap();
+        (opt, kind, data)
+    }
+
+    /// Handshakes with NBD_OPT_GO, optionally negotiating structured replies and base:allocation.
+    pub fn go(s: UnixStream, export: &str, structured: bool) -> RawClient {
+        let mut s = RawClient::greet(s);
+        if structured {
+            RawClient::send_option(&mut s, OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(RawClient::option_reply(&mut s).1, REP_ACK);
+            let mut d = Vec::new();
+            d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+            d.extend_from_slice(export.as_bytes());
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            RawClient::send_option(&mut s, OPT_SET_META_CONTEXT, &d);
+            assert_eq!(RawClient::option_reply(&mut s).1, REP_META_CONTEXT);
+            assert_eq!(RawClient::option_reply(&mut s).1, REP_ACK);
+        }
+        let mut d = Vec::new();
+        d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        RawClient::send_option(&mut s, OPT_GO, &d);
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let (opt, kind, data) = RawClient::option_reply(&mut s);
+            assert_eq!(opt, OPT_GO);
+            match kind {
+                REP_INFO if data[0..2] == INFO_EXPORT.to_be_bytes() => {
+                    size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                    flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+                }
+                REP_INFO => {}
+                REP_ACK => break,
+                other => panic!("GO {export:?} failed: {other:#x} {}", String::from_utf8_lossy(&data)),
+            }
+        }
+        RawClient { s, structured, size, flags }
+    }
+
+    pub fn send(&mut self, command: u16, flags: u16, handle: u64, offset: u64, len: u32) {
+        let r = Request { flags, command, handle, offset, len };
+        self.s.write_all(&r.pack()).unwrap();
+    }
+
+    pub fn reply(&mut self) -> Reply {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).unwrap();
+        match u32::from_be_bytes(m) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut r = [0u8; 12];
+                self.s.read_exact(&mut r).unwrap();
+                Reply::Simple {
+                    error: u32::from_be_bytes(r[0..4].try_into().unwrap()),
+                    handle: u64::from_be_bytes(r[4..12].try_into().unwrap()),
+                }
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut r = [0u8; 16];
+                self.s.read_exact(&mut r).unwrap();
+                let len = u32::from_be_bytes(r[12..16].try_into().unwrap());
+                let mut payload = vec![0; len as usize];
+                self.s.read_exact(&mut payload).unwrap();
+                Reply::Chunk {
+                    flags: u16::from_be_bytes(r[0..2].try_into().unwrap()),
+                    kind: u16::from_be_bytes(r[2..4].try_into().unwrap()),
+                    handle: u64::from_be_bytes(r[4..12].try_into().unwrap()),
+                    payload,
+                }
+            }
+            other => panic!("bad reply magic {other:#x}"),
+        }
+    }
+
+    /// A simple-reply READ: the data, or the error number.
+    pub fn read(&mut self, offset: u64, len: u32) -> std::result::Result<Vec<u8>, u32> {
+        assert!(!self.structured);
+        self.send(CMD_READ, 0, 7, offset, len);
+        match self.reply() {
+            Reply::Simple { error: 0, handle: 7 } => {
+                let mut data = vec![0; len as usize];
+                self.s.read_exact(&mut data).unwrap();
+                Ok(data)
+            }
+            Reply::Simple { error, handle: 7 } => Err(error),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A WRITE (or any command carrying `data`) answered by a simple reply: its error number.
+    pub fn command(&mut self, command: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u32 {
+        self.send(command, flags, 9, offset, len);
+        self.s.write_all(data).unwrap();
+        match self.reply() {
+            Reply::Simple { error, handle: 9 } => error,
+            Reply::Chunk { kind, handle: 9, payload, .. } if kind == REPLY_TYPE_ERROR => {
+                u32::from_be_bytes(payload[0..4].try_into().unwrap())
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> u32 {
+        self.command(CMD_WRITE, 0, offset, data.len() as u32, data)
+    }
+
+    /// True once the server has closed the connection.
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A well-behaved client on its own connection that writes and reads back the last MiB of
+/// "disk" until told to stop: hostile tests run it alongside to show others are unaffected.
+pub struct Bystander {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Bystander {
+    pub fn start(server: &TestServer) -> Bystander {
+        let mut c = RawClient::go(server.connect(), "disk", false);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let base = c.size - (1 << 20);
+            let mut rounds = 0u64;
+            while !s.load(SeqCst) || rounds == 0 {
+                let off = base + (rounds * 4096 * 7) % ((1 << 20) - 65536);
+                let data = pattern(off ^ rounds, 65536);
+                assert_eq!(c.write(off, &data), 0, "bystander write failed");
+                assert_eq!(c.read(off, 65536).expect("bystander read"), data, "bystander data");
+                rounds += 1;
+            }
+            rounds
+        });
+        Bystander { stop, thread: Some(thread) }
+    }
+
+    /// Stops the client and returns how many verified round trips it made.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, SeqCst);
+        self.thread.take().unwrap().join().expect("bystander saw wrong data or an error")
+    }
+}

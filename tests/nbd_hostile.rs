@@ -1,0 +1,323 @@
+//! Clients that lie, stall, vanish or break the protocol: each may lose its own connection,
+//! nothing else. A bystander client keeps verifying data on another connection throughout.
+
+mod nbd_common;
+
+use nbd_common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+use thinlayer::nbd::proto::*;
+
+fn string_option(name: &str, extra: &[u8]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(extra);
+    d
+}
+
+#[test]
+fn bad_magic_and_bad_client_flags_close_only_that_connection() {
+    let server = TestServer::start();
+    let bystander = Bystander::start(&server);
+
+    let mut s = RawClient::greet(server.connect());
+    s.write_all(b"NOTMAGIC\0\0\0\x07\0\0\0\0").unwrap();
+    assert!(RawClient { s, structured: false, size: 0, flags: 0 }.is_closed());
+
+    let mut s = server.connect();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&0x8000_0000u32.to_be_bytes()).unwrap();
+    assert!(RawClient { s, structured: false, size: 0, flags: 0 }.is_closed());
+
+    let mut c = RawClient::go(server.connect(), "disk", false);
+    c.send(CMD_READ, 0, 1, 0, 512);
+    c.s.write_all(&[0xde, 0xad, 0xbe, 0xef]).unwrap();
+    c.s.write_all(&[0; 24]).unwrap();
+    assert!(matches!(c.reply(), Reply::Simple { error: 0, handle: 1 }));
+    let mut data = [0u8; 512];
+    c.s.read_exact(&mut data).unwrap();
+    assert!(c.is_closed(), "a request with bad magic must end the connection");
+
+    assert!(bystander.finish() > 0);
+}
+
+#[test]
+fn unknown_options_are_refused_and_the_handshake_continues() {
+    let server = TestServer::start();
+    let mut s = RawClient::greet(server.connect());
+    for opt in [0u32, 4, 5, 99, 0xffff_ffff] {
+        RawClient::send_option(&mut s, opt, b"junk");
+        let (echo, kind, _) = RawClient::option_reply(&mut s);
+        assert_eq!((echo, kind), (opt, REP_ERR_UNSUP));
+    }
+    // Options that take no data refuse some.
+    RawClient::send_option(&mut s, OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
+    RawClient::send_option(&mut s, OPT_LIST, b"x");
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
+    // Malformed GO: name length past the data.
+    RawClient::send_option(&mut s, OPT_GO, &[0, 0, 1, 0, b'a']);
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
+    // Meta contexts need structured replies first.
+    RawClient::send_option(&mut s, OPT_SET_META_CONTEXT, &string_option("disk", &[0; 4]));
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
+    // Unknown export; then the default "" is ambiguous with three exports.
+    RawClient::send_option(&mut s, OPT_GO, &string_option("nope", &[0, 0]));
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_UNKNOWN);
+    RawClient::send_option(&mut s, OPT_INFO, &string_option("", &[0, 0]));
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_UNKNOWN);
+    // Still alive: GO works on the same connection.
+    RawClient::send_option(&mut s, OPT_GO, &string_option("ro", &[0, 0]));
+    let (_, kind, data) = RawClient::option_reply(&mut s);
+    assert_eq!((kind, &data[0..2]), (REP_INFO, &INFO_EXPORT.to_be_bytes()[..]));
+    let flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+    assert_ne!(flags & TF_READ_ONLY, 0);
+    assert_ne!(flags & TF_CAN_MULTI_CONN, 0);
+}
+
+#[test]
+fn oversized_options_are_refused_without_allocating_them() {
+    let server = TestServer::start();
+    let bystander = Bystander::start(&server);
+
+    // Modestly too big: skipped, refused, and the handshake goes on.
+    let mut s = RawClient::greet(server.connect());
+    RawClient::send_option(&mut s, 99, &vec![7u8; 100 * 1024]);
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_TOO_BIG);
+    RawClient::send_option(&mut s, OPT_ABORT, &[]);
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ACK);
+
+    // Claims 4 GiB and sends a little: refused and cut off at once.
+    let mut s = RawClient::greet(server.connect());
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&u32::MAX.to_be_bytes());
+    m.extend_from_slice(&[1; 1000]);
+    s.write_all(&m).unwrap();
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_TOO_BIG);
+    assert!(RawClient { s, structured: false, size: 0, flags: 0 }.is_closed());
+
+    // EXPORT_NAME has no error reply: a huge one just ends the connection.
+    let mut s = RawClient::greet(server.connect());
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    m.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    s.write_all(&m).unwrap();
+    let _ = RawClient::option_reply(&mut s);
+    assert!(RawClient { s, structured: false, size: 0, flags: 0 }.is_closed());
+
+    assert!(bystander.finish() > 0);
+}
+
+#[test]
+fn unknown_commands_and_flags_get_einval_and_the_connection_stays_usable() {
+    let server = TestServer::start();
+    for structured in [false, true] {
+        let mut c = RawClient::go(server.connect(), "disk", structured);
+        assert_eq!(c.command(99, 0, 0, 512, &[]), EINVAL);
+        assert_eq!(c.command(CMD_RESIZE_FOR_TEST, 0, 0, 0, &[]), EINVAL);
+        assert_eq!(c.command(CMD_FLUSH, CMD_FLAG_FUA, 0, 0, &[]), EINVAL);
+        assert_eq!(c.command(CMD_FLUSH, 0, 1, 0, &[]), EINVAL);
+        assert_eq!(c.command(CMD_TRIM, CMD_FLAG_NO_HOLE, 0, 4096, &[]), EINVAL);
+        assert_eq!(c.command(CMD_WRITE, 0x8000, 0, 4, b"abcd"), EINVAL);
+        // Without structured replies there is no DF and no block status.
+        let df = if structured { 0 } else { EINVAL };
+        assert_eq!(c.command(CMD_BLOCK_STATUS, 0, 0, 4096, &[]) != 0, !structured);
+        if !structured {
+            assert_eq!(c.command(CMD_READ, CMD_FLAG_DF, 0, 512, &[]), df);
+        }
+        // The bad write's payload was drained: this write and read line up.
+        assert_eq!(c.write(8192, b"good"), 0);
+        c.send(CMD_READ, 0, 5, 8192, 4);
+        let data = read_data(&mut c, 5, 8192, 4);
+        assert_eq!(data, b"good");
+    }
+}
+
+/// NBD_CMD_RESIZE (8) is an extension we do not offer.
+const CMD_RESIZE_FOR_TEST: u16 = 8;
+
+/// Reads the reply to READ `handle` in whichever reply style is in use.
+fn read_data(c: &mut RawClient, handle: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0xaa; len];
+    loop {
+        match c.reply() {
+            Reply::Simple { error: 0, handle: h } if h == handle => {
+                c.s.read_exact(&mut out).unwrap();
+                return out;
+            }
+            Reply::Chunk { flags, kind, handle: h, payload } if h == handle => {
+                let at = u64::from_be_bytes(payload[0..8].try_into().unwrap()) - offset;
+                match kind {
+                    REPLY_TYPE_OFFSET_DATA => {
+                        out[at as usize..at as usize + payload.len() - 8].copy_from_slice(&payload[8..])
+                    }
+                    REPLY_TYPE_OFFSET_HOLE => {
+                        let n = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
+                        out[at as usize..at as usize + n].fill(0);
+                    }
+                    REPLY_TYPE_NONE => {}
+                    k => panic!("unexpected chunk type {k}"),
+                }
+                if flags & REPLY_FLAG_DONE != 0 {
+                    return out;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn four_gib_lengths_are_refused_without_allocating() {
+    let server = TestServer::start();
+    let bystander = Bystander::start(&server);
+
+    let mut c = RawClient::go(server.connect(), "disk", false);
+    // A read far over the cap: refused, no payload follows, the connection goes on.
+    assert_eq!(c.read(0, u32::MAX), Err(EOVERFLOW));
+    assert_eq!(c.read(0, MAX_PAYLOAD_FOR_TEST + 1), Err(EOVERFLOW));
+    // Trim and zero carry no payload; 4 GiB is only a range problem (past the 64 MiB end).
+    assert_eq!(c.command(CMD_TRIM, 0, 0, u32::MAX, &[]), EINVAL);
+    assert_eq!(c.command(CMD_WRITE_ZEROES, 0, 0, u32::MAX, &[]), ENOSPC);
+    // A write just over the cap is drained and refused; the stream stays in step.
+    let big = vec![1u8; MAX_PAYLOAD_FOR_TEST as usize + 4096];
+    assert_eq!(c.write(0, &big), EOVERFLOW);
+    assert_eq!(c.read(0, 4), Ok(vec![0; 4]));
+    // A write claiming 4 GiB: refused and the connection closed, not 4 GiB read or held.
+    c.send(CMD_WRITE, 0, 3, 0, u32::MAX);
+    c.s.write_all(&[2u8; 65536]).unwrap();
+    assert!(matches!(c.reply(), Reply::Simple { error: EOVERFLOW, handle: 3 }));
+    assert!(c.is_closed());
+
+    assert!(bystander.finish() > 0);
+}
+
+const MAX_PAYLOAD_FOR_TEST: u32 = thinlayer::nbd::MAX_PAYLOAD;
+
+#[test]
+fn out_of_range_requests_get_the_right_errors() {
+    let server = TestServer::start();
+    let mut c = RawClient::go(server.connect(), "odd", false);
+    let size = c.size;
+    assert_eq!(size, (1 << 20) + 123);
+    assert_eq!(c.read(size - 10, 10), Ok(vec![0; 10]));
+    assert_eq!(c.read(size - 10, 11), Err(EINVAL));
+    assert_eq!(c.read(size, 1), Err(EINVAL));
+    assert_eq!(c.read(u64::MAX - 1, 4), Err(EINVAL));
+    assert_eq!(c.write(size - 2, b"abc"), ENOSPC);
+    assert_eq!(c.write(u64::MAX, b"abc"), ENOSPC);
+    assert_eq!(c.command(CMD_WRITE_ZEROES, 0, size, 1, &[]), ENOSPC);
+    assert_eq!(c.command(CMD_TRIM, 0, size - 1, 2, &[]), EINVAL);
+    assert_eq!(c.command(CMD_CACHE, 0, size - 1, 2, &[]), EINVAL);
+    assert_eq!(c.command(CMD_CACHE, 0, 0, 4096, &[]), 0);
+    // The last partial block works.
+    assert_eq!(c.write(size - 3, b"end"), 0);
+    assert_eq!(c.read(size - 3, 3), Ok(b"end".to_vec()));
+
+    let mut ro = RawClient::go(server.connect(), "ro", false);
+    assert_eq!(ro.write(0, b"x"), EPERM);
+    assert_eq!(ro.command(CMD_TRIM, 0, 0, 4096, &[]), EPERM);
+    assert_eq!(ro.command(CMD_WRITE_ZEROES, 0, 0, 4096, &[]), EPERM);
+    assert_eq!(ro.read(0, 16), Ok(pattern(0, 16)));
+    assert_eq!(ro.command(CMD_FLUSH, 0, 0, 0, &[]), 0);
+}
+
+#[test]
+fn half_written_requests_and_vanishing_clients_hurt_no_one() {
+    let server = TestServer::start();
+    let bystander = Bystander::start(&server);
+    for cut in [1usize, 10, 27, 28 + 100] {
+        let mut c = RawClient::go(server.connect(), "disk", false);
+        let mut req = Request { flags: 0, command: CMD_WRITE, handle: 1, offset: 0, len: 4096 }
+            .pack()
+            .to_vec();
+        req.extend_from_slice(&[9u8; 4096]);
+        c.s.write_all(&req[..cut]).unwrap();
+        drop(c);
+    }
+    // Many reads in flight, then gone without reading a single reply.
+    for _ in 0..5 {
+        let mut c = RawClient::go(server.connect(), "disk", true);
+        for h in 0..40 {
+            c.send(CMD_READ, 0, h, h * (1 << 20), 1 << 20);
+        }
+        drop(c);
+    }
+    // Writes in flight, then gone.
+    let mut c = RawClient::go(server.connect(), "disk", false);
+    for h in 0..20u64 {
+        c.send(CMD_WRITE, 0, h, h * 65536, 65536);
+        c.s.write_all(&pattern(h, 65536)).unwrap();
+    }
+    drop(c);
+    // Mid-handshake, mid-option.
+    let mut s = RawClient::greet(server.connect());
+    s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    drop(s);
+    drop(server.connect());
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(bystander.finish() > 0);
+    // The server still accepts and serves.
+    let mut c = RawClient::go(server.connect(), "ro", false);
+    assert_eq!(c.read(4096, 8), Ok(pattern(4096, 8)));
+    server.shutdown().expect("clean shutdown");
+}
+
+#[test]
+fn a_thousand_idle_connections_do_not_starve_a_busy_one() {
+    let server = TestServer::start_with(
+        MemCatalog::standard(),
+        thinlayer::nbd::ServerConfig { log_connections: false, ..Default::default() },
+    );
+    let bystander = Bystander::start(&server);
+    let mut idle = Vec::new();
+    for i in 0..1000 {
+        let s = server.connect();
+        // A third never speak, a third stop after the greeting, a third sit in transmission.
+        match i % 3 {
+            0 => idle.push(s),
+            1 => idle.push(RawClient::greet(s)),
+            _ => idle.push(RawClient::go(s, "ro", false).s),
+        }
+    }
+    let mut c = RawClient::go(server.connect(), "ro", false);
+    assert_eq!(c.read(12345, 100), Ok(pattern(12345, 100)));
+    assert!(bystander.finish() > 0);
+    // Shutdown wakes every idle connection and still returns cleanly, with a commit.
+    let flushes = &server.catalog.flush_alls as *const _;
+    let catalog = server.catalog.clone();
+    server.shutdown().expect("clean shutdown");
+    let _ = flushes;
+    assert_eq!(catalog.flush_alls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(idle);
+}
+
+#[test]
+fn shutdown_finishes_in_flight_requests_and_commits() {
+    let server = TestServer::start();
+    let mut c = RawClient::go(server.connect(), "disk", false);
+    for h in 0..16u64 {
+        c.send(CMD_WRITE, CMD_FLAG_FUA, h, h * 65536, 65536);
+        c.s.write_all(&pattern(h, 65536)).unwrap();
+    }
+    let catalog = server.catalog.clone();
+    let stopper = std::thread::spawn(move || server.shutdown());
+    let mut seen = Vec::new();
+    for _ in 0..16 {
+        match c.reply() {
+            Reply::Simple { error: 0, handle } => seen.push(handle),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..16).collect::<Vec<_>>());
+    stopper.join().unwrap().expect("clean shutdown");
+    assert_eq!(catalog.flush_alls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    for h in 0..16u64 {
+        assert_eq!(catalog.device("disk").contents(h * 65536, 65536), pattern(h, 65536));
+    }
+    assert!(c.is_closed());
+}
