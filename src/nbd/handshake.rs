@@ -285,7 +285,10 @@ impl State<'_> {
         };
         let listing = opt == OPT_LIST_META_CONTEXT;
         let selected = if listing {
-            queries.is_empty() || queries.iter().any(|q| *q == "base:" || *q == BASE_ALLOCATION)
+            queries.is_empty()
+                || queries
+                    .iter()
+                    .any(|q| *q == "base:" || *q == BASE_ALLOCATION)
         } else {
             queries.contains(&BASE_ALLOCATION)
         };

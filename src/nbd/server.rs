@@ -245,7 +245,9 @@ impl<'a> Server<'a> {
                 s.shutdown_read();
             }
         });
-        self.catalog.flush_all().map_err(|e| e.context("nbd: commit at shutdown"))
+        self.catalog
+            .flush_all()
+            .map_err(|e| e.context("nbd: commit at shutdown"))
     }
 
     fn connection(&self, client: Client, mut stream: Stream) {
@@ -263,9 +265,9 @@ impl<'a> Server<'a> {
                 ));
             }
             Ok(Outcome::Aborted) => self.log(format_args!("{client}: left during handshake")),
-            Err(e) if self.stop.load(Relaxed) => {
-                self.log(format_args!("{client}: closed by shutdown during handshake ({e})"))
-            }
+            Err(e) if self.stop.load(Relaxed) => self.log(format_args!(
+                "{client}: closed by shutdown during handshake ({e})"
+            )),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 self.log(format_args!("{client}: vanished during handshake"))
             }

@@ -401,7 +401,11 @@ impl<'a> Shared<'a> {
     ) -> crate::Result<()> {
         let runs = runs(extents);
         for (i, &(offset, len, data)) in runs.iter().enumerate() {
-            let flags = if i + 1 == runs.len() { REPLY_FLAG_DONE } else { 0 };
+            let flags = if i + 1 == runs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
             let last_header = buf.len();
             buf.resize(last_header + CHUNK_HEADER_LEN, 0);
             if data {
@@ -558,7 +562,10 @@ mod tests {
             ext(15, 5, ExtentState::Hole),
             ext(20, 1, ExtentState::Data),
         ];
-        assert_eq!(runs(&e), vec![(0, 10, true), (10, 10, false), (20, 1, true)]);
+        assert_eq!(
+            runs(&e),
+            vec![(0, 10, true), (10, 10, false), (20, 1, true)]
+        );
     }
 
     #[test]

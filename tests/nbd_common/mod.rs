@@ -68,7 +68,10 @@ impl MemDevice {
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly(format!("device \"{}\" is read-only", self.name)));
+            return Err(Error::ReadOnly(format!(
+                "device \"{}\" is read-only",
+                self.name
+            )));
         }
         Ok(())
     }
@@ -82,7 +85,10 @@ impl MemDevice {
             inner.states[b as usize] = whole_blocks;
         }
         // A block cut short by the end of the device counts as whole.
-        if offset + len == self.size && self.size % BLOCK != 0 && offset <= self.size / BLOCK * BLOCK {
+        if offset + len == self.size
+            && !self.size.is_multiple_of(BLOCK)
+            && offset <= self.size / BLOCK * BLOCK
+        {
             inner.states[(self.size / BLOCK) as usize] = whole_blocks;
         }
     }
@@ -109,17 +115,26 @@ impl BlockDevice for MemDevice {
         BLOCK as u32
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        assert!(offset + buf.len() as u64 <= self.size, "edge let a bad read through");
+        assert!(
+            offset + buf.len() as u64 <= self.size,
+            "edge let a bad read through"
+        );
         if offset + buf.len() as u64 > self.fail_reads_from.load(SeqCst) {
             let e = std::io::Error::from_raw_os_error(libc::EIO);
-            return Err(Error::io(format!("device \"{}\": read at {offset}", self.name), e));
+            return Err(Error::io(
+                format!("device \"{}\": read at {offset}", self.name),
+                e,
+            ));
         }
         let inner = self.inner.read().unwrap();
         buf.copy_from_slice(&inner.data[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        assert!(offset + data.len() as u64 <= self.size, "edge let a bad write through");
+        assert!(
+            offset + data.len() as u64 <= self.size,
+            "edge let a bad write through"
+        );
         self.check_writable()?;
         self.fill(offset, data);
         Ok(())
@@ -127,7 +142,11 @@ impl BlockDevice for MemDevice {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         assert!(offset + len <= self.size);
         self.check_writable()?;
-        let state = if may_unmap { ExtentState::Hole } else { ExtentState::Zero };
+        let state = if may_unmap {
+            ExtentState::Hole
+        } else {
+            ExtentState::Zero
+        };
         self.zero(offset, len, state);
         Ok(())
     }
@@ -153,7 +172,11 @@ impl BlockDevice for MemDevice {
             let state = inner.states[b as usize];
             match out.last_mut() {
                 Some(e) if e.state == state => e.len += stop - at,
-                _ => out.push(Extent { offset: at, len: stop - at, state }),
+                _ => out.push(Extent {
+                    offset: at,
+                    len: stop - at,
+                    state,
+                }),
             }
             at = stop;
         }
@@ -268,7 +291,11 @@ impl TestServer {
     /// Stops the server and returns what `serve` returned.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop.store(true, SeqCst);
-        self.thread.take().unwrap().join().expect("server thread panicked")
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("server thread panicked")
     }
 }
 
@@ -284,8 +311,16 @@ impl Drop for TestServer {
 /// A reply as the raw client saw it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
-    Simple { error: u32, handle: u64 },
-    Chunk { flags: u16, kind: u16, handle: u64, payload: Vec<u8> },
+    Simple {
+        error: u32,
+        handle: u64,
+    },
+    Chunk {
+        flags: u16,
+        kind: u16,
+        handle: u64,
+        payload: Vec<u8>,
+    },
 }
 
 /// A protocol client that does exactly what it is told, for tests that misbehave on purpose.
@@ -300,12 +335,14 @@ impl RawClient {
     /// Reads the greeting and answers with fixed-newstyle + no-zeroes.
     pub fn greet(s: UnixStream) -> UnixStream {
         let mut s = s;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
         let mut g = [0u8; 18];
         s.read_exact(&mut g).unwrap();
         assert_eq!(u64::from_be_bytes(g[0..8].try_into().unwrap()), NBDMAGIC);
         assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
-        s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes()).unwrap();
+        s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+            .unwrap();
         s
     }
 
@@ -322,7 +359,10 @@ impl RawClient {
     pub fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
         let mut h = [0u8; 20];
         s.read_exact(&mut h).unwrap();
-        assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(h[0..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
         let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
@@ -363,14 +403,28 @@ impl RawClient {
                 }
                 REP_INFO => {}
                 REP_ACK => break,
-                other => panic!("GO {export:?} failed: {other:#x} {}", String::from_utf8_lossy(&data)),
+                other => panic!(
+                    "GO {export:?} failed: {other:#x} {}",
+                    String::from_utf8_lossy(&data)
+                ),
             }
         }
-        RawClient { s, structured, size, flags }
+        RawClient {
+            s,
+            structured,
+            size,
+            flags,
+        }
     }
 
     pub fn send(&mut self, command: u16, flags: u16, handle: u64, offset: u64, len: u32) {
-        let r = Request { flags, command, handle, offset, len };
+        let r = Request {
+            flags,
+            command,
+            handle,
+            offset,
+            len,
+        };
         self.s.write_all(&r.pack()).unwrap();
     }
 
@@ -408,7 +462,10 @@ impl RawClient {
         assert!(!self.structured);
         self.send(CMD_READ, 0, 7, offset, len);
         match self.reply() {
-            Reply::Simple { error: 0, handle: 7 } => {
+            Reply::Simple {
+                error: 0,
+                handle: 7,
+            } => {
                 let mut data = vec![0; len as usize];
                 self.s.read_exact(&mut data).unwrap();
                 Ok(data)
@@ -424,9 +481,12 @@ impl RawClient {
         self.s.write_all(data).unwrap();
         match self.reply() {
             Reply::Simple { error, handle: 9 } => error,
-            Reply::Chunk { kind, handle: 9, payload, .. } if kind == REPLY_TYPE_ERROR => {
-                u32::from_be_bytes(payload[0..4].try_into().unwrap())
-            }
+            Reply::Chunk {
+                kind,
+                handle: 9,
+                payload,
+                ..
+            } if kind == REPLY_TYPE_ERROR => u32::from_be_bytes(payload[0..4].try_into().unwrap()),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -461,17 +521,28 @@ impl Bystander {
                 let off = base + (rounds * 4096 * 7) % ((1 << 20) - 65536);
                 let data = pattern(off ^ rounds, 65536);
                 assert_eq!(c.write(off, &data), 0, "bystander write failed");
-                assert_eq!(c.read(off, 65536).expect("bystander read"), data, "bystander data");
+                assert_eq!(
+                    c.read(off, 65536).expect("bystander read"),
+                    data,
+                    "bystander data"
+                );
                 rounds += 1;
             }
             rounds
         });
-        Bystander { stop, thread: Some(thread) }
+        Bystander {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Stops the client and returns how many verified round trips it made.
     pub fn finish(mut self) -> u64 {
         self.stop.store(true, SeqCst);
-        self.thread.take().unwrap().join().expect("bystander saw wrong data or an error")
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("bystander saw wrong data or an error")
     }
 }
