@@ -3,8 +3,11 @@
 //! Layers of the crate depend downward only:
 //! `format` (bytes <-> structs) → `pool` (the pool file, allocation, commits) → `layer` (catalogue
 //! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `image`, `cli`).
+pub mod check;
+pub mod cli;
 pub mod error;
 pub mod format;
+pub mod image;
 pub mod layer;
 pub mod nbd;
 pub mod pool;

@@ -17,8 +17,6 @@ pub struct Layer {
     pub writable: bool,
     pub map: BlockMap,
     pub children: Vec<LayerId>,
-    /// Counters as the checkpoint stored them, kept for `check` to compare with the map.
-    pub stored_counters: Option<(u64, u64)>,
 }
 
 impl Layer {
@@ -46,6 +44,9 @@ pub struct Catalog {
     layers: BTreeMap<LayerId, Layer>,
     by_name: HashMap<String, LayerId>,
     next_id: u32,
+    /// Damage found while replaying that does not stop the load (counters that disagree with
+    /// the map they count); `check` reports it and a writable open refuses it.
+    pub faults: Vec<String>,
 }
 
 impl Catalog {
@@ -150,7 +151,6 @@ impl Catalog {
                         writable: c.writable,
                         map: BlockMap::new(),
                         children: Vec::new(),
-                        stored_counters: None,
                     },
                 );
             }
@@ -194,7 +194,19 @@ impl Catalog {
                 layer,
                 data_blocks,
                 zero_blocks,
-            } => self.must(layer)?.stored_counters = Some((data_blocks, zero_blocks)),
+            } => {
+                let l = self.must(layer)?;
+                let actual = (l.map.data_blocks(), l.map.zero_blocks());
+                if actual != (data_blocks, zero_blocks) {
+                    let m = format!(
+                        "{}: stored counters say {data_blocks} data and {zero_blocks} zero blocks, its map holds {} and {}",
+                        l.describe(),
+                        actual.0,
+                        actual.1
+                    );
+                    self.faults.push(m);
+                }
+            }
         }
         Ok(())
     }
@@ -218,7 +230,6 @@ impl Catalog {
                 writable: l.writable,
                 name: l.name.clone(),
             });
-            w.layer_counters(l.id, l.map.data_blocks(), l.map.zero_blocks());
             for (vblock, m) in l.map.iter() {
                 let target = match m {
                     Mapping::Data { pblock, crc } => MapTarget::Data { pblock, crc },
@@ -226,6 +237,8 @@ impl Catalog {
                 };
                 w.map(l.id, MapEntry { vblock, target });
             }
+            // After the entries, so replay can compare them with the map it just rebuilt.
+            w.layer_counters(l.id, l.map.data_blocks(), l.map.zero_blocks());
         }
     }
 }

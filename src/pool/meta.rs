@@ -347,6 +347,19 @@ impl MetaStreams {
         Ok(())
     }
 
+    /// Rewrite the superblock slot that is damaged, stale-and-ahead, or torn, with the loaded
+    /// state under a generation newer than any seen, so both slots are valid again and the
+    /// generation keeps going up. The slot holding the loaded state is not touched.
+    pub fn heal(&mut self, storage: &dyn Storage, newest_seen: u64) -> Result<()> {
+        let mut gen = newest_seen.max(self.sb.generation) + 1;
+        if gen % 2 == self.sb.generation % 2 {
+            gen += 1;
+        }
+        let mut sb = self.sb.clone();
+        sb.generation = gen;
+        self.flip(storage, sb)
+    }
+
     /// The page after `p` in the log: the next page of the same block, or a new block.
     fn page_after(&self, p: u64, alloc: &mut Allocator) -> Result<(u64, Option<u64>)> {
         if (p + 1) % self.pages_per_block != 0 {

@@ -89,7 +89,9 @@ impl ExportCatalog for StoreExports {
                 description: format!(
                     "thinlayer {} layer{}",
                     if l.writable { "writable" } else { "read-only" },
-                    l.parent.as_ref().map_or(String::new(), |p| format!(" on {p}"))
+                    l.parent
+                        .as_ref()
+                        .map_or(String::new(), |p| format!(" on {p}"))
                 ),
                 read_only: !l.writable || !self.store.is_writable(),
                 size: l.disk_size,

@@ -95,7 +95,13 @@ impl Inner {
                         if let Resolved::Data { pblock, crc, owner } = resolved[i + k] {
                             let actual = checksum::data(blk);
                             if actual != crc {
-                                return Err(self.checksum_error(owner, vb0 + (i + k) as u64, pblock, crc, actual));
+                                return Err(self.checksum_error(
+                                    owner,
+                                    vb0 + (i + k) as u64,
+                                    pblock,
+                                    crc,
+                                    actual,
+                                ));
                             }
                         }
                     }
@@ -106,7 +112,14 @@ impl Inner {
         Ok(())
     }
 
-    fn checksum_error(&self, owner: LayerId, vb: u64, p: PBlock, stored: u32, actual: u32) -> Error {
+    fn checksum_error(
+        &self,
+        owner: LayerId,
+        vb: u64,
+        p: PBlock,
+        stored: u32,
+        actual: u32,
+    ) -> Error {
         let who = self
             .catalog
             .get(owner)
@@ -117,7 +130,13 @@ impl Inner {
         ))
     }
 
-    pub(crate) fn read(&self, storage: &dyn Storage, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read(
+        &self,
+        storage: &dyn Storage,
+        id: LayerId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(id, offset, len, false)?;
         if len == 0 {
@@ -137,7 +156,13 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) fn write(&mut self, storage: &dyn Storage, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) fn write(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
         self.check_range(id, offset, data.len() as u64, true)?;
         let bs = self.block_size as u64;
         let end = offset + data.len() as u64;
@@ -168,7 +193,13 @@ impl Inner {
     /// Store whole blocks into layer `id` from `vb0`. Blocks the layer already holds in this
     /// transaction are overwritten in place; all others get new pool blocks (copy-on-write, and
     /// redirect-on-write for committed blocks, so committed data never changes under a crash).
-    fn put_blocks(&mut self, storage: &dyn Storage, id: LayerId, vb0: u64, data: &[u8]) -> Result<()> {
+    fn put_blocks(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        vb0: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let bs = self.block_size as usize;
         let n = data.len() / bs;
         let mut i = 0;
@@ -186,7 +217,14 @@ impl Inner {
                     storage
                         .write_at(blk, pblock.0 * bs as u64)
                         .map_err(|e| Error::io(format!("writing {pblock}"), e))?;
-                    self.set_mapping(id, vb, Mapping::Data { pblock, crc: checksum::data(blk) });
+                    self.set_mapping(
+                        id,
+                        vb,
+                        Mapping::Data {
+                            pblock,
+                            crc: checksum::data(blk),
+                        },
+                    );
                     i += 1;
                     continue;
                 }
@@ -235,7 +273,13 @@ impl Inner {
         let l = self.catalog.get_mut(id).expect("layer checked by caller");
         let old = l.map.set(vb, m);
         self.release(old, Some(m));
-        self.pending.map(id, MapEntry { vblock: vb, target: target(Some(m)) });
+        self.pending.map(
+            id,
+            MapEntry {
+                vblock: vb,
+                target: target(Some(m)),
+            },
+        );
     }
 
     fn release(&mut self, old: Option<Mapping>, new: Option<Mapping>) {
@@ -269,11 +313,24 @@ impl Inner {
             None => l.map.remove(vb),
         };
         self.release(old, want);
-        self.pending.map(id, MapEntry { vblock: vb, target: target(want) });
+        self.pending.map(
+            id,
+            MapEntry {
+                vblock: vb,
+                target: target(want),
+            },
+        );
         Ok(())
     }
 
-    pub(crate) fn zero(&mut self, storage: &dyn Storage, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+    pub(crate) fn zero(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<()> {
         self.check_range(id, offset, len, true)?;
         let bs = self.block_size as u64;
         let end = offset + len;
@@ -310,7 +367,11 @@ impl Inner {
             }
             match out.last_mut() {
                 Some(x) if x.state == state && x.offset + x.len == s => x.len += e - s,
-                _ => out.push(Extent { offset: s, len: e - s, state }),
+                _ => out.push(Extent {
+                    offset: s,
+                    len: e - s,
+                    state,
+                }),
             }
         };
         let chain = self.catalog.chain(id);
@@ -328,7 +389,12 @@ impl Inner {
 
 /// Walk blocks `start..end` of a chain, calling `f(first_block, count, what)` for runs; chunks
 /// that no layer of the chain maps are passed as one hole without looking at each block.
-pub(crate) fn for_each_resolved(chain: &[&Layer], start: u64, end: u64, mut f: impl FnMut(u64, u64, Resolved)) {
+pub(crate) fn for_each_resolved(
+    chain: &[&Layer],
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(u64, u64, Resolved),
+) {
     let mut vb = start;
     while vb < end {
         let c = vb >> CHUNK_BITS;
@@ -355,7 +421,8 @@ impl Store {
     }
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.write()?.zero(&*self.storage, id, offset, len, may_unmap)
+        self.write()?
+            .zero(&*self.storage, id, offset, len, may_unmap)
     }
 
     pub fn extents_layer(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {

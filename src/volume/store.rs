@@ -38,6 +38,9 @@ pub(crate) struct Inner {
     pub load_faults: Vec<String>,
     /// Which superblock generation was loaded, and why a newer one was skipped.
     pub load_notes: Vec<String>,
+    /// The highest generation of any valid slot, and whether a slot was invalid or skipped.
+    pub newest_seen: u64,
+    pub slot_damaged: bool,
 }
 
 /// How to create a pool.
@@ -143,6 +146,8 @@ impl Store {
                 poisoned: None,
                 load_faults: Vec::new(),
                 load_notes: Vec::new(),
+                newest_seen: 1,
+                slot_damaged: false,
             }),
             writable: true,
             _lock: None,
@@ -208,6 +213,15 @@ impl Store {
             _lock: None,
         };
         if writable {
+            let mut g = store.inner.write().unwrap();
+            if g.slot_damaged {
+                // A torn superblock write (power lost mid-commit) or a damaged slot: write a
+                // good copy there, so one more failure cannot leave no valid slot.
+                let newest = g.newest_seen;
+                g.meta.heal(&*store.storage, newest)?;
+                g.slot_damaged = false;
+            }
+            drop(g);
             store.punch_stale_space();
         }
         Ok(store)
@@ -265,6 +279,19 @@ impl Store {
         g.commit(&*self.storage)
     }
 
+    /// Throw away the open transaction: the store goes back to its last committed state.
+    /// Blocks written since are unreferenced again and reused. (Everything uncommitted goes,
+    /// whoever wrote it: callers that share the store must agree on this.)
+    pub fn rollback(&self) -> Result<()> {
+        let mut g = self.write()?;
+        if g.pending.is_empty() {
+            return Ok(());
+        }
+        let fresh = load(&*self.storage)?;
+        *g = fresh;
+        Ok(())
+    }
+
     /// Whether there are changes not yet committed.
     pub fn has_pending(&self) -> bool {
         !self.read().pending.is_empty()
@@ -310,6 +337,8 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
                         errors.join("; ")
                     ));
                 }
+                inner.slot_damaged = !notes.is_empty();
+                inner.newest_seen = sbs[0].generation;
                 inner.load_notes = notes;
                 return Ok(inner);
             }
@@ -322,7 +351,10 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
     )))
 }
 
-fn load_generation(storage: &dyn Storage, sb: &crate::format::superblock::Superblock) -> Result<Inner> {
+fn load_generation(
+    storage: &dyn Storage,
+    sb: &crate::format::superblock::Superblock,
+) -> Result<Inner> {
     let rec = meta::load(storage, sb)?;
     let mut catalog = Catalog::new();
     for (bytes, name) in [(&rec.checkpoint, "checkpoint"), (&rec.log, "log")] {
@@ -334,7 +366,7 @@ fn load_generation(storage: &dyn Storage, sb: &crate::format::superblock::Superb
     let bs = sb.block_size;
     let first = first_data_block(bs);
     let mut alloc = Allocator::new(first, sb.max_blocks);
-    let mut faults = Vec::new();
+    let mut faults = std::mem::take(&mut catalog.faults);
     for &b in rec.ckpt_blocks.iter().chain(&rec.log_blocks) {
         if !alloc.mark_loaded(crate::format::PBlock(b)) {
             faults.push(format!("metadata pool block {b} is used twice"));
@@ -367,6 +399,8 @@ fn load_generation(storage: &dyn Storage, sb: &crate::format::superblock::Superb
         poisoned: None,
         load_faults: faults,
         load_notes: Vec::new(),
+        newest_seen: sb.generation,
+        slot_damaged: false,
     })
 }
 
@@ -382,8 +416,7 @@ impl Inner {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let want_checkpoint = self.meta.log_pages()
-            + (self.pending.buf.len() / PAYLOAD_MAX) as u64
+        let want_checkpoint = self.meta.log_pages() + (self.pending.buf.len() / PAYLOAD_MAX) as u64
             > CHECKPOINT_MIN_LOG_PAGES.max(self.meta.checkpoint_pages());
         let mut result = Err(Error::Invalid(String::new()));
         if want_checkpoint {

@@ -1,0 +1,43 @@
+use super::open_ro;
+use crate::error::Result;
+use crate::units::human;
+use std::path::Path;
+
+/// Show pool usage: file size, allocated, free under the cap, metadata, sharing savings.
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(pool: &Path, a: Args) -> Result<()> {
+    let u = open_ro(pool)?.usage()?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&u).unwrap());
+        return Ok(());
+    }
+    println!("pool            {}", pool.display());
+    println!("block size      {}", human(u.block_size as u64));
+    println!("layers          {}", u.layers);
+    println!(
+        "file size       {} (occupies {} on disk)",
+        human(u.file_size),
+        human(u.file_allocated)
+    );
+    println!(
+        "allocated       {} ({} data, {} metadata)",
+        human(u.allocated),
+        human(u.data_bytes),
+        human(u.metadata_bytes)
+    );
+    match (u.free_under_cap, u.max_size) {
+        (Some(f), Some(m)) => println!("free            {} of max {}", human(f), human(m)),
+        _ => println!("free            unlimited (no --max-size)"),
+    }
+    println!(
+        "sharing saves   {} (layers' virtual sizes add up to {})",
+        human(u.sharing_saves),
+        human(u.virtual_total)
+    );
+    Ok(())
+}

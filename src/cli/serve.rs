@@ -1,0 +1,92 @@
+use crate::error::Result;
+use crate::nbd::{self, Listener, ServerConfig};
+use crate::volume::{Store, StoreExports};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Serve layers over NBD: read-only layers as read-only exports, writable ones writable.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  thinlayer serve --socket /run/thinlayer.sock\n  nbdinfo --list 'nbd+unix:///?socket=/run/thinlayer.sock'\n  nbdfuse /mnt/web/disk 'nbd+unix:///web?socket=/run/thinlayer.sock' &  # a file backed by layer web\n  nbd-client -unix /run/thinlayer.sock -N web /dev/nbd0   # with the kernel module\n\n\
+SIGINT/SIGTERM: stop accepting, finish requests in flight, commit, exit 0.\n\
+Unflushed writes are committed every --commit-interval seconds anyway."
+)]
+pub struct Args {
+    /// Unix socket to listen on (default: POOL.sock beside the pool).
+    #[arg(long, conflicts_with = "listen")]
+    socket: Option<PathBuf>,
+    /// TCP address instead, e.g. 127.0.0.1:10809. Addresses other than loopback only when given.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Export only these layers (repeatable); default: all.
+    #[arg(long = "export", value_name = "NAME")]
+    exports: Vec<String>,
+    /// Seconds between background commits of unflushed writes (0 = only on FLUSH/exit).
+    #[arg(long, default_value_t = 5)]
+    commit_interval: u64,
+}
+
+pub fn run(pool: &Path, a: Args) -> Result<()> {
+    let store = Arc::new(Store::open(pool, &super::command_line())?);
+    for name in &a.exports {
+        store.layer(name)?;
+    }
+    let listener = match (a.listen, a.socket) {
+        (Some(addr), _) => Listener::Tcp(addr),
+        (None, Some(p)) => Listener::Unix(p),
+        (None, None) => {
+            let mut p = pool.as_os_str().to_owned();
+            p.push(".sock");
+            Listener::Unix(PathBuf::from(p))
+        }
+    };
+    let stop = nbd::install_signal_handlers()?;
+    let catalog = StoreExports {
+        store: store.clone(),
+        only: a.exports.clone(),
+    };
+    eprintln!(
+        "thinlayer: serving {} layer(s) of {} on {listener}",
+        catalog_count(&store, &a.exports),
+        pool.display()
+    );
+    // Bound what a crash can lose, and the open transaction's memory, without client flushes.
+    let committer = (a.commit_interval > 0).then(|| {
+        let (store, stop) = (store.clone(), stop.clone());
+        let every = Duration::from_secs(a.commit_interval);
+        std::thread::spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                waited += Duration::from_millis(100);
+                let big = store.pending_bytes() > 16 << 20;
+                if (waited >= every || big) && store.has_pending() {
+                    if let Err(e) = store.flush() {
+                        eprintln!("thinlayer: background commit failed: {e}");
+                    }
+                    waited = Duration::ZERO;
+                }
+            }
+        })
+    });
+    let result = nbd::serve(&catalog, &listener, &ServerConfig::default(), &stop);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = committer {
+        let _ = t.join();
+    }
+    result?;
+    store.flush().map_err(|e| e.context("final commit"))?;
+    eprintln!("thinlayer: stopped; all writes committed");
+    Ok(())
+}
+
+fn catalog_count(store: &Store, only: &[String]) -> usize {
+    if only.is_empty() {
+        store.layers().len()
+    } else {
+        only.len()
+    }
+}

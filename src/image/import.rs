@@ -1,0 +1,183 @@
+//! `import NAME FILE [--parent P]`: a raw image becomes a read-only layer. Blocks that read the
+//! same as the parent chain are not stored, so a modified copy of an image costs only the
+//! changed blocks, and zeros over a hole cost nothing.
+
+use super::CHUNK;
+use crate::error::{Error, Result};
+use crate::volume::{LayerInfo, Store};
+use serde::Serialize;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+#[derive(Debug, Default, Serialize)]
+pub struct ImportStats {
+    pub bytes_read: u64,
+    /// Bytes of blocks that differed from the parent chain and were stored (or whited out).
+    pub bytes_changed: u64,
+    /// Bytes skipped without reading because the source file has a hole there.
+    pub bytes_skipped_holes: u64,
+}
+
+/// Next data offset at or after `off` in `f` (SEEK_DATA), or None past the last data.
+fn next_data(f: &File, off: u64) -> Option<u64> {
+    // SAFETY: lseek on a descriptor owned by `f`; it does not touch memory.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data after `off`. Anything else (no SEEK_DATA support): treat as data.
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            None
+        } else {
+            Some(off)
+        };
+    }
+    Some(r as u64)
+}
+
+/// Import `file` as a new read-only layer `name`. On any error nothing is committed: the store
+/// is rolled back and the layer does not exist.
+pub fn import(
+    store: &Store,
+    name: &str,
+    file: &Path,
+    parent: Option<&str>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(LayerInfo, ImportStats)> {
+    let f =
+        File::open(file).map_err(|e| Error::io(format!("opening image {}", file.display()), e))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+    if !meta.is_file() {
+        return Err(Error::Invalid(format!(
+            "{} is not a regular file",
+            file.display()
+        )));
+    }
+    let size = meta.len();
+    if size == 0 {
+        return Err(Error::Invalid(format!("image {} is empty", file.display())));
+    }
+    let result = import_inner(store, name, &f, file, size, parent, progress);
+    if result.is_err() {
+        store.rollback()?;
+    }
+    result
+}
+
+fn import_inner(
+    store: &Store,
+    name: &str,
+    f: &File,
+    file: &Path,
+    size: u64,
+    parent: Option<&str>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(LayerInfo, ImportStats)> {
+    if let Some(p) = parent {
+        let pl = store.layer(p)?;
+        if size < pl.disk_size {
+            return Err(Error::Invalid(format!(
+                "image {} is {size} bytes, smaller than its parent {p:?} ({} bytes)",
+                file.display(),
+                pl.disk_size
+            )));
+        }
+    }
+    let layer = store.create_layer(name, parent, Some(size))?;
+    let parent_id = match parent {
+        Some(p) => Some(store.layer(p)?),
+        None => None,
+    };
+    let bs = store.block_size() as u64;
+    let mut stats = ImportStats::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut pbuf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    while off < size {
+        // Holes in the source read as zeros; over no parent they cost nothing, so skip them.
+        if parent_id.is_none() {
+            match next_data(f, off) {
+                None => {
+                    stats.bytes_skipped_holes += size - off;
+                    break;
+                }
+                Some(d) if d > off => {
+                    let d = (d / bs * bs).max(off).min(size);
+                    stats.bytes_skipped_holes += d - off;
+                    off = d;
+                    if off >= size {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let n = (CHUNK as u64).min(size - off) as usize;
+        let data = &mut buf[..n];
+        read_full(f, data, off)
+            .map_err(|e| Error::io(format!("reading {} at byte {off}", file.display()), e))?;
+        stats.bytes_read += n as u64;
+        let base = match &parent_id {
+            Some(p) => {
+                let plen = p.disk_size.saturating_sub(off).min(n as u64) as usize;
+                store.read_layer(p.id, off, &mut pbuf[..plen])?;
+                pbuf[plen..n].fill(0);
+                Some(&pbuf[..n])
+            }
+            None => None,
+        };
+        // Store runs of blocks that differ from what the parent chain reads.
+        let blocks = n.div_ceil(bs as usize);
+        let mut i = 0;
+        while i < blocks {
+            let differs = |k: usize| {
+                let (s, e) = (k * bs as usize, ((k + 1) * bs as usize).min(n));
+                match base {
+                    Some(b) => data[s..e] != b[s..e],
+                    None => data[s..e].iter().any(|&x| x != 0),
+                }
+            };
+            if !differs(i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < blocks && differs(j) {
+                j += 1;
+            }
+            let (s, e) = (i * bs as usize, (j * bs as usize).min(n));
+            store.write_layer(layer.id, off + s as u64, &data[s..e])?;
+            stats.bytes_changed += (e - s) as u64;
+            i = j;
+        }
+        off += n as u64;
+        progress(off, size);
+    }
+    progress(size, size);
+    store.commit_layer(name)?;
+    store.flush()?;
+    Ok((store.layer(name)?, stats))
+}
+
+fn read_full(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match f.read_at(buf, off) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while importing",
+                ))
+            }
+            Ok(k) => {
+                buf = &mut buf[k..];
+                off += k as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Raw (loop) images: import one as a layer storing only what differs from its parent, and
+//! export a chain as a sparse raw file.
+pub mod export;
+pub mod import;
+
+pub use export::{export, ExportStats};
+pub use import::{import, ImportStats};
+
+/// Bytes moved per I/O call: large enough to stream, small enough to keep memory flat.
+pub(crate) const CHUNK: usize = 4 << 20;
