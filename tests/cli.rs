@@ -1,0 +1,349 @@
+//! The `thinlayer` binary as users run it: images made by mkfs.ext4, containers, accounting,
+//! and every error path (a clear message, and a pool that `check` still calls clean).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Pool {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.pool");
+        Pool { dir, path }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_thinlayer"))
+            .arg("--pool")
+            .arg(&self.path)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Run, expect success, return stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "thinlayer {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Run, expect failure, return stderr (which must name what went wrong).
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            !o.status.success(),
+            "thinlayer {args:?} succeeded but should fail"
+        );
+        let err = String::from_utf8(o.stderr).unwrap();
+        // Our errors and clap's argument errors both lead with "error:".
+        assert!(err.contains("error: "), "unclear error: {err}");
+        err
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn assert_clean(&self) {
+        let out = self.ok(&["check", "--data"]);
+        assert!(out.contains("clean"), "check not clean: {out}");
+    }
+
+    fn layers(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&self.ok(&["ls", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn layer(&self, name: &str) -> serde_json::Value {
+        self.layers()
+            .into_iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("no layer {name}"))
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// An ext4 image of `size` populated from a directory with a few files.
+fn make_ext4(dir: &Path, img: &Path, size: &str) {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "thinlayer-test\n").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.join("usr/bin/app"), &big).unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&root)
+        .arg(img)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfs.ext4 failed");
+}
+
+fn blocks_differing(a: &[u8], b: &[u8], bs: usize) -> usize {
+    a.chunks(bs).zip(b.chunks(bs)).filter(|(x, y)| x != y).count()
+}
+
+#[test]
+fn ext4_image_round_trips_byte_identical_and_fsck_clean() {
+    if !have("mkfs.ext4") || !have("e2fsck") {
+        eprintln!("SKIP: mkfs.ext4/e2fsck not installed (CI installs e2fsprogs)");
+        return;
+    }
+    let p = Pool::new();
+    let img = p.file("base.img");
+    make_ext4(p.dir.path(), &img, "64M");
+    p.ok(&["init"]);
+    let out = p.ok(&["import", "acme/my-base-image:1.0", img.to_str().unwrap()]);
+    assert!(out.contains("imported"), "{out}");
+    let exported = p.file("out.img");
+    p.ok(&["export", "acme/my-base-image:1.0", exported.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&exported).unwrap());
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&exported).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    // Sparse out: the exported file occupies about what the layer stores, not 64 MiB.
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = std::fs::metadata(&exported).unwrap().blocks() * 512;
+    let stored = p.layer("acme/my-base-image:1.0")["size"].as_u64().unwrap();
+    assert!(on_disk <= stored + (1 << 20), "export not sparse: {on_disk} vs {stored}");
+    assert!(stored < 32 << 20, "import stored zeros: {stored}");
+    p.assert_clean();
+}
+
+#[test]
+fn five_containers_cost_nothing_and_show_the_image_virtual_size() {
+    if !have("mkfs.ext4") {
+        eprintln!("SKIP: mkfs.ext4 not installed (CI installs e2fsprogs)");
+        return;
+    }
+    let p = Pool::new();
+    let img = p.file("base.img");
+    make_ext4(p.dir.path(), &img, "32M");
+    p.ok(&["init"]);
+    p.ok(&["import", "img", img.to_str().unwrap()]);
+    let image_size = p.layer("img")["size"].as_u64().unwrap();
+    assert!(image_size > 0);
+    let before: u64 = serde_json::from_str::<serde_json::Value>(&p.ok(&["df", "--json"])).unwrap()
+        ["file_allocated"]
+        .as_u64()
+        .unwrap();
+    for i in 0..5 {
+        p.ok(&["create", &format!("c{i}"), "--parent", "img"]);
+    }
+    for i in 0..5 {
+        let l = p.layer(&format!("c{i}"));
+        assert_eq!(l["size"], 0);
+        assert_eq!(l["virtual_size"].as_u64().unwrap(), image_size);
+        assert_eq!(l["parent"], "img");
+        assert_eq!(l["writable"], true);
+        assert_eq!(l["disk_size"].as_u64().unwrap(), 32 << 20);
+        assert!(l["created"].as_str().unwrap().ends_with('Z'));
+    }
+    let df: serde_json::Value = serde_json::from_str(&p.ok(&["df", "--json"])).unwrap();
+    let grown = df["file_allocated"].as_u64().unwrap() - before;
+    assert!(grown <= 5 * 4096, "five containers grew the pool by {grown} bytes");
+    assert_eq!(df["sharing_saves"].as_u64().unwrap(), 5 * image_size);
+    let hist: serde_json::Value = serde_json::from_str(&p.ok(&["history", "c3", "--json"])).unwrap();
+    let names: Vec<&str> = hist.as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["c3", "img"]);
+    let table = p.ok(&["ls"]);
+    assert!(table.starts_with("NAME") && table.contains("VIRTUAL SIZE"), "{table}");
+    p.assert_clean();
+}
+
+#[test]
+fn child_import_stores_only_changed_blocks() {
+    let p = Pool::new();
+    let base: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let mut modified = base.clone();
+    // Three separate 4 KiB blocks change, one of them only by a byte; one block becomes zeros.
+    modified[10] ^= 0xff;
+    modified[5 * 4096 + 100..5 * 4096 + 200].fill(7);
+    modified[(1 << 20) + 4095] = 0;
+    modified[2 << 20..(2 << 20) + 4096].fill(0);
+    let (a, b) = (p.file("a.img"), p.file("b.img"));
+    std::fs::write(&a, &base).unwrap();
+    std::fs::write(&b, &modified).unwrap();
+    p.ok(&["init"]);
+    p.ok(&["import", "base", a.to_str().unwrap()]);
+    p.ok(&["import", "child", b.to_str().unwrap(), "--parent", "base"]);
+    let changed = blocks_differing(&base, &modified, 4096);
+    assert_eq!(changed, 4);
+    // The zeroed block is a whiteout: no data stored for it.
+    assert_eq!(p.layer("child")["size"].as_u64().unwrap(), 3 * 4096);
+    let out = p.file("child.out");
+    p.ok(&["export", "child", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), modified);
+    p.assert_clean();
+}
+
+#[test]
+fn layer_errors_are_clear_and_leave_the_pool_clean() {
+    let p = Pool::new();
+    let err = p.fails(&["ls"]);
+    assert!(err.contains("does not exist") && err.contains("init"), "{err}");
+    let err = p.fails(&["init", "--block-size", "3K"]);
+    assert!(err.contains("3072") && err.contains("power of two"), "{err}");
+    p.ok(&["init"]);
+    let err = p.fails(&["init"]);
+    assert!(err.contains("already exists"), "{err}");
+    p.ok(&["create", "base", "--size", "1M"]);
+    let err = p.fails(&["create", "base", "--size", "1M"]);
+    assert!(err.contains("\"base\" already exists"), "{err}");
+    let err = p.fails(&["create", "kid", "--parent", "base"]);
+    assert!(err.contains("commit it first"), "{err}");
+    let err = p.fails(&["create", "x", "--size", "12Q"]);
+    assert!(err.contains("12Q"), "{err}");
+    let err = p.fails(&["create", "nosize"]);
+    assert!(err.contains("--size"), "{err}");
+    let err = p.fails(&["create", "", "--size", "1M"]);
+    assert!(err.contains("empty"), "{err}");
+    let err = p.fails(&["create", "a\tb", "--size", "1M"]);
+    assert!(err.contains("control character"), "{err}");
+    let long = "n".repeat(300);
+    let err = p.fails(&["create", &long, "--size", "1M"]);
+    assert!(err.contains("300 bytes"), "{err}");
+    let err = p.fails(&["create", "kid", "--parent", "ghost"]);
+    assert!(err.contains("ghost"), "{err}");
+    p.ok(&["commit", "base"]);
+    let err = p.fails(&["commit", "base"]);
+    assert!(err.contains("already committed"), "{err}");
+    p.ok(&["create", "kid", "--parent", "base"]);
+    let err = p.fails(&["create", "small", "--parent", "base", "--size", "4K"]);
+    assert!(err.contains("smaller than its parent"), "{err}");
+    let err = p.fails(&["rm", "base"]);
+    assert!(err.contains("children") && err.contains("\"kid\""), "{err}");
+    let err = p.fails(&["rm", "ghost"]);
+    assert!(err.contains("ghost"), "{err}");
+    let missing = p.file("missing.img");
+    let err = p.fails(&["import", "i", missing.to_str().unwrap()]);
+    assert!(err.contains("missing.img"), "{err}");
+    let tiny = p.file("tiny.img");
+    std::fs::write(&tiny, [1u8; 4096]).unwrap();
+    let err = p.fails(&["import", "i", tiny.to_str().unwrap(), "--parent", "base"]);
+    assert!(err.contains("smaller than its parent"), "{err}");
+    // The failed import left no layer behind.
+    assert!(p.layers().iter().all(|l| l["name"] != "i"));
+    let err = p.fails(&["export", "ghost", p.file("o").to_str().unwrap()]);
+    assert!(err.contains("ghost"), "{err}");
+    let err = p.fails(&["history", "ghost"]);
+    assert!(err.contains("ghost"), "{err}");
+    p.ok(&["rm", "kid"]);
+    p.ok(&["rm", "base"]);
+    assert!(p.layers().is_empty());
+    p.assert_clean();
+}
+
+#[test]
+fn pool_full_fails_cleanly_and_keeps_earlier_data() {
+    let p = Pool::new();
+    p.ok(&["init", "--max-size", "2M"]);
+    let small: Vec<u8> = (0..(256u32 << 10)).map(|i| (i % 249 + 1) as u8).collect();
+    let big: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 241 + 1) as u8).collect();
+    let (s, b) = (p.file("small.img"), p.file("big.img"));
+    std::fs::write(&s, &small).unwrap();
+    std::fs::write(&b, &big).unwrap();
+    p.ok(&["import", "small", s.to_str().unwrap()]);
+    let err = p.fails(&["import", "big", b.to_str().unwrap()]);
+    assert!(err.contains("pool full"), "{err}");
+    assert!(p.layers().iter().all(|l| l["name"] != "big"));
+    let out = p.file("small.out");
+    p.ok(&["export", "small", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), small);
+    p.assert_clean();
+    // Space freed by removing a layer is usable again.
+    p.ok(&["rm", "small"]);
+    let mid: Vec<u8> = big[..1 << 20].to_vec();
+    let m = p.file("mid.img");
+    std::fs::write(&m, &mid).unwrap();
+    p.ok(&["import", "mid", m.to_str().unwrap()]);
+    p.assert_clean();
+}
+
+#[test]
+fn removing_layers_gives_space_back_to_the_filesystem() {
+    let p = Pool::new();
+    p.ok(&["init"]);
+    let data: Vec<u8> = (0..(16u32 << 20)).map(|i| (i % 239 + 1) as u8).collect();
+    let f = p.file("d.img");
+    std::fs::write(&f, &data).unwrap();
+    p.ok(&["import", "d", f.to_str().unwrap()]);
+    use std::os::unix::fs::MetadataExt;
+    let du = || std::fs::metadata(&p.path).unwrap().blocks() * 512;
+    let full = du();
+    assert!(full >= 16 << 20);
+    p.ok(&["rm", "d"]);
+    assert!(du() < 1 << 20, "pool still occupies {} bytes after rm", du());
+    // Freed blocks are reused rather than growing the file.
+    let len_before = std::fs::metadata(&p.path).unwrap().len();
+    p.ok(&["import", "d2", f.to_str().unwrap()]);
+    assert!(std::fs::metadata(&p.path).unwrap().len() <= len_before + (1 << 20));
+    p.assert_clean();
+}
+
+#[test]
+fn a_second_writer_is_told_who_holds_the_pool() {
+    let p = Pool::new();
+    p.ok(&["init"]);
+    p.ok(&["create", "w", "--size", "1M"]);
+    let sock = p.file("s.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
+        .arg("--pool")
+        .arg(&p.path)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let err = p.fails(&["create", "other", "--size", "1M"]);
+    assert!(err.contains(&format!("pid {}", server.id())), "{err}");
+    assert!(err.contains("serve"), "{err}");
+    // Read-only commands still work while served.
+    assert_eq!(p.layers().len(), 1);
+    p.ok(&["df"]);
+    p.ok(&["history", "w"]);
+    // SAFETY: signalling the child we spawned, by its PID.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let st = server.wait().unwrap();
+    assert!(st.success(), "serve exited with {st}");
+    p.ok(&["create", "other", "--size", "1M"]);
+    p.assert_clean();
+}
+
+#[test]
+fn help_teaches_the_commands() {
+    let p = Pool::new();
+    let out = p.ok(&["--help"]);
+    for word in ["init", "create", "import", "export", "serve", "check", "THINLAYER_POOL"] {
+        assert!(out.contains(word), "--help lacks {word}: {out}");
+    }
+    let out = p.ok(&["import", "--help"]);
+    assert!(out.contains("--parent") && out.contains("Example"), "{out}");
+}
