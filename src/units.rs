@@ -12,7 +12,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         ))
     };
     let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -21,9 +26,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "P" => 50,
         _ => return Err(bad()),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| {
-        Error::Invalid(format!("size {s:?} is too large"))
-    })
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| Error::Invalid(format!("size {s:?} is too large")))
 }
 
 /// `1536` → `1.5 KiB`; exact byte counts below 1 KiB.

@@ -77,7 +77,9 @@ impl Pool {
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
-        .arg(format!("command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"))
+        .arg(format!(
+            "command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"
+        ))
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
@@ -102,7 +104,10 @@ fn make_ext4(dir: &Path, img: &Path, size: &str) {
 }
 
 fn blocks_differing(a: &[u8], b: &[u8], bs: usize) -> usize {
-    a.chunks(bs).zip(b.chunks(bs)).filter(|(x, y)| x != y).count()
+    a.chunks(bs)
+        .zip(b.chunks(bs))
+        .filter(|(x, y)| x != y)
+        .count()
 }
 
 #[test]
@@ -118,15 +123,33 @@ fn ext4_image_round_trips_byte_identical_and_fsck_clean() {
     let out = p.ok(&["import", "acme/my-base-image:1.0", img.to_str().unwrap()]);
     assert!(out.contains("imported"), "{out}");
     let exported = p.file("out.img");
-    p.ok(&["export", "acme/my-base-image:1.0", exported.to_str().unwrap()]);
-    assert_eq!(std::fs::read(&img).unwrap(), std::fs::read(&exported).unwrap());
-    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&exported).output().unwrap();
-    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    p.ok(&[
+        "export",
+        "acme/my-base-image:1.0",
+        exported.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(&exported).unwrap()
+    );
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     // Sparse out: the exported file occupies about what the layer stores, not 64 MiB.
     use std::os::unix::fs::MetadataExt;
     let on_disk = std::fs::metadata(&exported).unwrap().blocks() * 512;
     let stored = p.layer("acme/my-base-image:1.0")["size"].as_u64().unwrap();
-    assert!(on_disk <= stored + (1 << 20), "export not sparse: {on_disk} vs {stored}");
+    assert!(
+        on_disk <= stored + (1 << 20),
+        "export not sparse: {on_disk} vs {stored}"
+    );
     assert!(stored < 32 << 20, "import stored zeros: {stored}");
     p.assert_clean();
 }
@@ -162,13 +185,25 @@ fn five_containers_cost_nothing_and_show_the_image_virtual_size() {
     }
     let df: serde_json::Value = serde_json::from_str(&p.ok(&["df", "--json"])).unwrap();
     let grown = df["file_allocated"].as_u64().unwrap() - before;
-    assert!(grown <= 5 * 4096, "five containers grew the pool by {grown} bytes");
+    assert!(
+        grown <= 5 * 4096,
+        "five containers grew the pool by {grown} bytes"
+    );
     assert_eq!(df["sharing_saves"].as_u64().unwrap(), 5 * image_size);
-    let hist: serde_json::Value = serde_json::from_str(&p.ok(&["history", "c3", "--json"])).unwrap();
-    let names: Vec<&str> = hist.as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    let hist: serde_json::Value =
+        serde_json::from_str(&p.ok(&["history", "c3", "--json"])).unwrap();
+    let names: Vec<&str> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["c3", "img"]);
     let table = p.ok(&["ls"]);
-    assert!(table.starts_with("NAME") && table.contains("VIRTUAL SIZE"), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains("VIRTUAL SIZE"),
+        "{table}"
+    );
     p.assert_clean();
 }
 
@@ -202,9 +237,15 @@ fn child_import_stores_only_changed_blocks() {
 fn layer_errors_are_clear_and_leave_the_pool_clean() {
     let p = Pool::new();
     let err = p.fails(&["ls"]);
-    assert!(err.contains("does not exist") && err.contains("init"), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("init"),
+        "{err}"
+    );
     let err = p.fails(&["init", "--block-size", "3K"]);
-    assert!(err.contains("3072") && err.contains("power of two"), "{err}");
+    assert!(
+        err.contains("3072") && err.contains("power of two"),
+        "{err}"
+    );
     p.ok(&["init"]);
     let err = p.fails(&["init"]);
     assert!(err.contains("already exists"), "{err}");
@@ -294,7 +335,11 @@ fn removing_layers_gives_space_back_to_the_filesystem() {
     let full = du();
     assert!(full >= 16 << 20);
     p.ok(&["rm", "d"]);
-    assert!(du() < 1 << 20, "pool still occupies {} bytes after rm", du());
+    assert!(
+        du() < 1 << 20,
+        "pool still occupies {} bytes after rm",
+        du()
+    );
     // Freed blocks are reused rather than growing the file.
     let len_before = std::fs::metadata(&p.path).unwrap().len();
     p.ok(&["import", "d2", f.to_str().unwrap()]);
@@ -341,7 +386,15 @@ fn a_second_writer_is_told_who_holds_the_pool() {
 fn help_teaches_the_commands() {
     let p = Pool::new();
     let out = p.ok(&["--help"]);
-    for word in ["init", "create", "import", "export", "serve", "check", "THINLAYER_POOL"] {
+    for word in [
+        "init",
+        "create",
+        "import",
+        "export",
+        "serve",
+        "check",
+        "THINLAYER_POOL",
+    ] {
         assert!(out.contains(word), "--help lacks {word}: {out}");
     }
     let out = p.ok(&["import", "--help"]);

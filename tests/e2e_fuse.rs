@@ -110,7 +110,11 @@ impl Mounted {
         if mkfs {
             sh(&format!("mkfs.ext4 -q -F {}", disk.display()));
         }
-        sh(&format!("mount -o loop {} {}", disk.display(), mnt.display()));
+        sh(&format!(
+            "mount -o loop {} {}",
+            disk.display(),
+            mnt.display()
+        ));
         Mounted {
             fuse_dir,
             mnt,
@@ -125,7 +129,10 @@ impl Mounted {
 
     fn teardown(&mut self) {
         let _ = Command::new("umount").arg(&self.mnt).status();
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse_dir).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .status();
         // nbdfuse exits once unmounted; make sure of it, by PID.
         for _ in 0..100 {
             if let Ok(Some(_)) = self.nbdfuse.try_wait() {
@@ -145,7 +152,12 @@ impl Drop for Mounted {
 }
 
 fn tl(pool: &Path, args: &[&str]) -> String {
-    let o = Command::new(bin()).arg("--pool").arg(pool).args(args).output().unwrap();
+    let o = Command::new(bin())
+        .arg("--pool")
+        .arg(pool)
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "thinlayer {args:?}: {}",
@@ -170,7 +182,9 @@ fn mkfs_mount_write_trim_commit_and_run_a_container() {
     let server = Server::start(&pool, &sock);
     let m = Mounted::new(d, "image", &sock, "image", true);
     std::fs::write(m.mnt.join("hello.txt"), "hello from the image\n").unwrap();
-    let big: Vec<u8> = (0..(8u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(m.mnt.join("big.bin"), &big).unwrap();
     std::fs::write(m.mnt.join("scratch"), vec![9u8; 4 << 20]).unwrap();
     sh("sync");
@@ -202,17 +216,34 @@ fn mkfs_mount_write_trim_commit_and_run_a_container() {
     // The image is untouched; the container holds only its own changes.
     let again = d.join("image2.raw");
     tl(&pool, &["export", "image", again.to_str().unwrap()]);
-    assert!(std::fs::read(&again).unwrap() == image_bytes, "the image changed under its container");
+    assert!(
+        std::fs::read(&again).unwrap() == image_bytes,
+        "the image changed under its container"
+    );
     let boxed = d.join("box.raw");
     tl(&pool, &["export", "box", boxed.to_str().unwrap()]);
     sh(&format!("e2fsck -fn {}", boxed.display()));
     let ls: serde_json::Value = serde_json::from_str(&tl(&pool, &["ls", "--json"])).unwrap();
     let size_of = |n: &str| {
-        ls.as_array().unwrap().iter().find(|l| l["name"] == n).unwrap()["size"].as_u64().unwrap()
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == n)
+            .unwrap()["size"]
+            .as_u64()
+            .unwrap()
     };
-    assert!(size_of("box") > 0 && size_of("box") < 2 << 20, "container holds {}", size_of("box"));
+    assert!(
+        size_of("box") > 0 && size_of("box") < 2 << 20,
+        "container holds {}",
+        size_of("box")
+    );
     // The trimmed 4 MiB scratch file is not held by the image.
-    assert!(size_of("image") < 32 << 20, "image holds {}", size_of("image"));
+    assert!(
+        size_of("image") < 32 << 20,
+        "image holds {}",
+        size_of("image")
+    );
     let check = tl(&pool, &["check", "--data"]);
     assert!(check.contains("clean"), "{check}");
 }
