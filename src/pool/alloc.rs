@@ -100,7 +100,9 @@ impl Allocator {
             if (i as usize) < self.used.len() && self.used[i as usize] {
                 break;
             }
-            if self.limit > 0 && (i >= self.limit || self.first + self.used_count + n + reserve >= self.limit) {
+            if self.limit > 0
+                && (i >= self.limit || self.first + self.used_count + n + reserve >= self.limit)
+            {
                 break;
             }
             n += 1;
@@ -168,6 +170,21 @@ impl Allocator {
             self.cursor = self.cursor.min(lowest);
         }
         freed
+    }
+
+    /// Blocks freed in the open transaction that stay used until it commits.
+    pub fn pending_frees(&self) -> &[u64] {
+        &self.pending_free
+    }
+
+    /// Every block marked used, in order (for consistency checks).
+    pub fn used_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.used.iter_ones().map(|i| i as u64)
+    }
+
+    /// Every block allocated in the open transaction, in order.
+    pub fn fresh_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.fresh.iter_ones().map(|i| i as u64)
     }
 
     /// Free runs of blocks below the extent (for punching after a crash left stale data there).

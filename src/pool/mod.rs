@@ -4,8 +4,10 @@
 pub mod alloc;
 pub mod lock;
 pub mod meta;
+pub mod sim;
 pub mod storage;
 
 pub use alloc::Allocator;
 pub use meta::{MetaStreams, Recovered};
+pub use sim::SimStorage;
 pub use storage::{FileStorage, MemStorage, Storage};

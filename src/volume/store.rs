@@ -17,6 +17,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
 const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
+/// Freed space is given back to the filesystem once this much has gathered. Punching every
+/// freed block at once would make each small commit change the file's extent map (costly
+/// journal commits) and then reallocate the same blocks moments later.
+const PUNCH_BATCH_BYTES: u64 = 4 << 20;
 
 pub struct Store {
     pub(crate) storage: Arc<dyn Storage>,
@@ -41,6 +45,8 @@ pub(crate) struct Inner {
     /// The highest generation of any valid slot, and whether a slot was invalid or skipped.
     pub newest_seen: u64,
     pub slot_damaged: bool,
+    /// Log pages past which a commit writes a checkpoint (tests lower it to exercise that path).
+    pub checkpoint_min_log_pages: u64,
 }
 
 /// How to create a pool.
@@ -148,6 +154,7 @@ impl Store {
                 load_notes: Vec::new(),
                 newest_seen: 1,
                 slot_damaged: false,
+                checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
             }),
             writable: true,
             _lock: None,
@@ -292,6 +299,16 @@ impl Store {
         Ok(())
     }
 
+    /// Write a checkpoint at the next commit once the log holds more than `pages` pages
+    /// (normally 1024). Tests set it low so small workloads go through checkpoints too.
+    #[doc(hidden)]
+    pub fn set_checkpoint_threshold(&self, pages: u64) {
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .checkpoint_min_log_pages = pages;
+    }
+
     /// Whether there are changes not yet committed.
     pub fn has_pending(&self) -> bool {
         !self.read().pending.is_empty()
@@ -300,6 +317,18 @@ impl Store {
     /// Bytes of records waiting in the open transaction (servers commit when it grows large).
     pub fn pending_bytes(&self) -> usize {
         self.read().pending.buf.len()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Whatever free space is still held goes back to the filesystem on the way out.
+        if self.writable {
+            let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+            if g.poisoned.is_none() {
+                g.punch_free_space(&*self.storage);
+            }
+        }
     }
 }
 
@@ -401,6 +430,7 @@ fn load_generation(
         load_notes: Vec::new(),
         newest_seen: sb.generation,
         slot_damaged: false,
+        checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
     })
 }
 
@@ -417,7 +447,9 @@ impl Inner {
             return Ok(());
         }
         let want_checkpoint = self.meta.log_pages() + (self.pending.buf.len() / PAYLOAD_MAX) as u64
-            > CHECKPOINT_MIN_LOG_PAGES.max(self.meta.checkpoint_pages());
+            > self
+                .checkpoint_min_log_pages
+                .max(self.meta.checkpoint_pages());
         let mut result = Err(Error::Invalid(String::new()));
         if want_checkpoint {
             let mut w = RecordWriter::new();
@@ -436,7 +468,11 @@ impl Inner {
             Ok(()) => {
                 self.pending.clear();
                 let freed = self.alloc.committed();
-                punch_runs(storage, &freed, self.block_size as u64);
+                self.unpunched.extend(freed);
+                let bs = self.block_size as u64;
+                if self.unpunched.len() as u64 * bs >= PUNCH_BATCH_BYTES {
+                    self.punch_free_space(storage);
+                }
                 Ok(())
             }
             Err(e @ Error::NoSpace(_)) => Err(e),
@@ -445,6 +481,17 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+}
+
+impl Inner {
+    /// Punch out the gathered free blocks that have not been reused since.
+    pub fn punch_free_space(&mut self, storage: &dyn Storage) {
+        let mut blocks = std::mem::take(&mut self.unpunched);
+        blocks.retain(|&b| !self.alloc.is_used(crate::format::PBlock(b)));
+        blocks.sort_unstable();
+        blocks.dedup();
+        punch_runs(storage, &blocks, self.block_size as u64);
     }
 }
 

@@ -1,0 +1,115 @@
+//! Model test: random sequences of layer operations (create, commit, rm, write, zero, trim,
+//! read, flush, reopen) on an in-memory pool, compared after every step with a `Vec<u8>` per
+//! layer. Error cases must return the right `Error` kind and change nothing; accounting
+//! (`size`, `virtual_size`, `usage`) must match the blocks the model says each layer holds;
+//! after every reopen no block may be leaked.
+
+mod model_common;
+
+use model_common::*;
+use proptest::prelude::*;
+use std::sync::Arc;
+use thinlayer::pool::{MemStorage, Storage};
+use thinlayer::{CreateOptions, Store};
+
+fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) {
+    let storage = Arc::new(MemStorage::new());
+    let dynstorage: Arc<dyn Storage> = storage.clone();
+    let opts = CreateOptions {
+        block_size: bs,
+        max_size: None,
+    };
+    let open = |s: Store| {
+        if let Some(t) = threshold {
+            s.set_checkpoint_threshold(t);
+        }
+        Arc::new(s)
+    };
+    let mut store = open(Store::create_in(dynstorage.clone(), &opts).unwrap());
+    let mut model = Model::new(bs);
+    let mut flushed = model.clone();
+    for (step, op) in ops.iter().enumerate() {
+        match op {
+            Op::Reopen { flush_first } => {
+                if *flush_first {
+                    store.flush().unwrap();
+                    flushed = model.clone();
+                }
+                drop(store);
+                store = open(Store::open_in(dynstorage.clone(), true).unwrap());
+                // Whatever was not flushed is gone.
+                model = flushed.clone();
+                check_after_open(&store, dynstorage.clone());
+            }
+            Op::Flush => {
+                store.flush().unwrap();
+                flushed = model.clone();
+            }
+            op => {
+                if let Err(e) = apply(&store, &mut model, op) {
+                    // Refused operations must not have changed anything; check_all proves it.
+                    let _ = (step, e);
+                }
+            }
+        }
+        check_all(&store, &model);
+    }
+    // Finally, everything flushed survives a reopen.
+    store.flush().unwrap();
+    drop(store);
+    let store = open(Store::open_in(dynstorage.clone(), true).unwrap());
+    check_after_open(&store, dynstorage);
+    check_all(&store, &model);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(600),
+        max_shrink_iters: 4000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn store_matches_model(
+        bs in block_size(),
+        threshold in prop_oneof![2 => Just(None), 1 => (0u64..4).prop_map(Some)],
+        ops in prop::collection::vec(op(true), 1..60),
+    ) {
+        run(bs, threshold, &ops);
+    }
+}
+
+/// How often each kind of op succeeds, to see that the workload reaches the interesting paths.
+#[test]
+#[ignore]
+fn workload_statistics() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let mut counts = std::collections::BTreeMap::<String, (u32, u32)>::new();
+    for _ in 0..300 {
+        let ops = prop::collection::vec(op(true), 1..60)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let store = Arc::new(Store::create_in(storage, &CreateOptions::default()).unwrap());
+        let mut model = Model::new(4096);
+        for op in &ops {
+            if matches!(op, Op::Reopen { .. } | Op::Flush) {
+                continue;
+            }
+            let k = format!("{op:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_string();
+            let r = apply(&store, &mut model, op);
+            let e = counts.entry(k).or_default();
+            e.0 += 1;
+            e.1 += r.is_ok() as u32;
+        }
+    }
+    eprintln!("{counts:#?}");
+}
