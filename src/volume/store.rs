@@ -47,6 +47,8 @@ pub(crate) struct Inner {
     pub slot_damaged: bool,
     /// Log pages past which a commit writes a checkpoint (tests lower it to exercise that path).
     pub checkpoint_min_log_pages: u64,
+    /// Free blocks whose space the file still holds (see PUNCH_BATCH_BYTES).
+    pub unpunched: Vec<u64>,
 }
 
 /// How to create a pool.
@@ -155,6 +157,7 @@ impl Store {
                 newest_seen: 1,
                 slot_damaged: false,
                 checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
+                unpunched: Vec::new(),
             }),
             writable: true,
             _lock: None,
@@ -431,6 +434,7 @@ fn load_generation(
         newest_seen: sb.generation,
         slot_damaged: false,
         checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
+        unpunched: Vec::new(),
     })
 }
 
