@@ -298,3 +298,91 @@ fn fio_randwrite_verifies_with_four_jobs() {
     assert_eq!(job["write"]["io_bytes"], 32 << 20, "{log}");
     assert_eq!(job["read"]["io_bytes"], 32 << 20, "{log}");
 }
+
+/// 4 KiB random reads at queue depth 16, through fio's libnbd engine; returns IOPS.
+fn fio_randread_iops(fio: &std::path::Path, uri: &str) -> f64 {
+    let out = run(
+        Command::new(fio)
+            .args(["--name=bench", "--ioengine=nbd", "--rw=randread", "--bs=4k"])
+            .args(["--iodepth=16", "--numjobs=1", "--size=64m", "--runtime=3"])
+            .args(["--time_based", "--output-format=json"])
+            .arg(format!("--uri={uri}")),
+        LIMIT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = &stdout[stdout.find('{').expect("fio printed no JSON")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio JSON");
+    v["jobs"][0]["read"]["iops"].as_f64().expect("iops")
+}
+
+/// Starts another server by command, waits for its socket, returns its pid for the kill.
+fn start_other(cmd: &mut Command, socket: &std::path::Path) -> std::process::Child {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !socket.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn stop_other(mut child: std::process::Child) {
+    // Ends the server we started, by its pid.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Not a pass/fail test: `cargo test --release --test nbd_clients -- --ignored --nocapture`
+/// prints our IOPS beside nbdkit's memory plugin and qemu-nbd serving a file in /dev/shm.
+/// The servers take turns, three rounds, so load from elsewhere on the machine falls on all.
+#[test]
+#[ignore]
+fn bench_randread_4k_qd16() {
+    let Some(fio) = tool("fio") else { return };
+    let workers = std::env::var("NBD_BENCH_WORKERS").map_or(8, |w| w.parse().unwrap());
+    let server = TestServer::start_with(
+        MemCatalog::of(vec![MemDevice::new("disk", 64 << 20, false)]),
+        thinlayer::nbd::ServerConfig {
+            log_connections: false,
+            workers_per_connection: workers,
+            ..Default::default()
+        },
+    );
+    server.catalog.device("disk").fill(0, &pattern(0, 64 << 20));
+    let mut uris = vec![("thinlayer (in-memory device)", server.uri("disk"))];
+    let mut others = Vec::new();
+
+    if let Some(nbdkit) = tool("nbdkit") {
+        let sock = server.dir.path().join("nbdkit.sock");
+        let mut cmd = Command::new(nbdkit);
+        cmd.args(["-f", "-U"]).arg(&sock).args(["memory", "64M"]);
+        others.push(start_other(&mut cmd, &sock));
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        uris.push(("nbdkit memory", uri));
+    }
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    if let Some(qemu_nbd) = tool("qemu-nbd") {
+        let image = shm.path().join("disk.img");
+        std::fs::write(&image, pattern(0, 64 << 20)).unwrap();
+        let sock = server.dir.path().join("qemu.sock");
+        let mut cmd = Command::new(qemu_nbd);
+        cmd.args(["-t", "-f", "raw", "-k"]).arg(&sock);
+        cmd.args(["-e", "8", "--cache=writeback"]).arg(&image);
+        others.push(start_other(&mut cmd, &sock));
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        uris.push(("qemu-nbd (file in /dev/shm)", uri));
+    }
+    let mut best = vec![0f64; uris.len()];
+    for _round in 0..3 {
+        for (i, (_, uri)) in uris.iter().enumerate() {
+            best[i] = best[i].max(fio_randread_iops(&fio, uri));
+        }
+    }
+    for ((name, _), iops) in uris.iter().zip(best) {
+        println!("{name}: {iops:.0} IOPS (best of 3)");
+    }
+    others.into_iter().for_each(stop_other);
+}

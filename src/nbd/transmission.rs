@@ -7,24 +7,20 @@
 //! the writer lock. The number and payload bytes of requests in flight are bounded, so a client
 //! cannot make the server allocate without limit.
 
-use super::handshake::{Session, ALLOCATION_CONTEXT_ID, MAX_PAYLOAD};
+use super::handshake::{Session, MAX_PAYLOAD};
 use super::proto::*;
+use super::queue::{Dispatch, JobQueue};
+use super::reply;
 use super::stream::{drain, Stream};
-use crate::volume::{BlockDevice, Extent, ExtentState};
-use std::collections::VecDeque;
+use crate::volume::BlockDevice;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
+use std::time::Instant;
 
 /// A rejected WRITE up to this size is read and discarded to keep the stream in step; a larger
 /// one means the client is lying or hostile, and the connection is closed instead.
 const MAX_DRAIN: u64 = 2 * MAX_PAYLOAD as u64;
-/// Reads at least this long are split around holes; shorter ones are cheaper sent whole.
-const SPLIT_READ_MIN: usize = 64 * 1024;
-/// One BLOCK_STATUS reply describes at most this much and this many extents; the client asks
-/// again for the rest, and the server never builds a reply proportional to a hostile length.
-const BLOCK_STATUS_MAX_LEN: u64 = 1 << 30;
-const BLOCK_STATUS_MAX_EXTENTS: usize = 16 * 1024;
 /// Buffers larger than this are freed after use rather than kept for reuse.
 const POOLED_BUFFER_MAX: usize = 1024 * 1024;
 /// Device errors logged per connection; the rest are only counted.
@@ -67,18 +63,6 @@ struct Job {
     payload: Vec<u8>,
 }
 
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
-    in_flight: usize,
-    in_flight_bytes: u64,
-    workers: usize,
-    idle: usize,
-    /// Wake-ups sent to idle workers not yet taken up, so one idle worker is not counted twice.
-    wakeups: usize,
-    closing: bool,
-}
-
 struct Shared<'a> {
     session: &'a Session,
     device: &'a dyn BlockDevice,
@@ -86,9 +70,7 @@ struct Shared<'a> {
     writer: Mutex<Stream>,
     /// Set when a reply could not be written: nothing more can reach the client.
     dead: AtomicBool,
-    queue: Mutex<Queue>,
-    work: Condvar,
-    space: Condvar,
+    queue: JobQueue<Job>,
     buffers: Mutex<Vec<Vec<u8>>>,
     requests: AtomicU64,
     bytes_read: AtomicU64,
@@ -109,9 +91,11 @@ pub fn run(session: &Session, stream: Stream, limits: &Limits, stop: &AtomicBool
         limits,
         writer: Mutex::new(stream),
         dead: AtomicBool::new(false),
-        queue: Mutex::new(Queue::default()),
-        work: Condvar::new(),
-        space: Condvar::new(),
+        queue: JobQueue::new(
+            limits.max_in_flight,
+            limits.max_in_flight_bytes,
+            limits.workers,
+        ),
         buffers: Mutex::new(Vec::new()),
         requests: AtomicU64::new(0),
         bytes_read: AtomicU64::new(0),
@@ -120,8 +104,7 @@ pub fn run(session: &Session, stream: Stream, limits: &Limits, stop: &AtomicBool
     };
     let end = std::thread::scope(|scope| {
         let end = shared.read_requests(BufReader::with_capacity(64 * 1024, reader), scope);
-        shared.queue.lock().unwrap().closing = true;
-        shared.work.notify_all();
+        shared.queue.close();
         end
     });
     let end = match end {
@@ -191,12 +174,12 @@ impl<'a> Shared<'a> {
                 continue;
             }
 
-            self.reserve(payload_cost(&req));
+            self.queue.reserve(payload_cost(&req));
             let mut payload = Vec::new();
             if req.command == CMD_WRITE {
                 payload = self.take_buffer(req.len as usize);
                 if let Err(e) = r.read_exact(&mut payload) {
-                    self.release(payload_cost(&req));
+                    self.queue.release(payload_cost(&req), None);
                     return End::Io(e);
                 }
             }
@@ -245,85 +228,37 @@ impl<'a> Shared<'a> {
         Ok(())
     }
 
-    /// Waits for room to accept a request costing `bytes`. A request is always admitted when
-    /// nothing is in flight, so a single maximum-size request cannot wait forever.
-    fn reserve(&self, bytes: u64) {
-        let mut q = self.queue.lock().unwrap();
-        while q.in_flight >= self.limits.max_in_flight.max(1)
-            || (q.in_flight > 0 && q.in_flight_bytes + bytes > self.limits.max_in_flight_bytes)
-        {
-            q = self.space.wait(q).unwrap();
-        }
-        q.in_flight += 1;
-        q.in_flight_bytes += bytes;
-    }
-
-    fn release(&self, bytes: u64) {
-        let mut q = self.queue.lock().unwrap();
-        q.in_flight -= 1;
-        q.in_flight_bytes -= bytes;
-        drop(q);
-        self.space.notify_one();
-    }
-
     fn submit<'s>(&'s self, job: Job, scope: &'s std::thread::Scope<'s, '_>) {
-        let mut q = self.queue.lock().unwrap();
-        q.jobs.push_back(job);
-        if q.idle > q.wakeups {
-            q.wakeups += 1;
-            drop(q);
-            self.work.notify_one();
+        if self.queue.push(job) == Dispatch::Queued {
             return;
         }
-        if q.workers < self.limits.workers.max(1) {
-            let spawned = std::thread::Builder::new()
-                .name("nbd-worker".into())
-                .stack_size(256 * 1024)
-                .spawn_scoped(scope, || self.work_loop());
-            if spawned.is_ok() {
-                q.workers += 1;
-                return;
-            }
-        }
-        if q.workers == 0 {
-            // No worker could be started: serve the request on the reader thread.
-            let job = q.jobs.pop_back().expect("just queued");
-            drop(q);
-            self.execute(job);
-        }
-    }
-
-    fn work_loop(&self) {
-        loop {
-            let job = {
-                let mut q = self.queue.lock().unwrap();
-                loop {
-                    if let Some(job) = q.jobs.pop_front() {
-                        break job;
-                    }
-                    if q.closing {
-                        q.workers -= 1;
-                        return;
-                    }
-                    q.idle += 1;
-                    q = self.work.wait(q).unwrap();
-                    q.idle -= 1;
-                    q.wakeups = q.wakeups.saturating_sub(1);
+        let spawned = std::thread::Builder::new()
+            .name("nbd-worker".into())
+            .stack_size(256 * 1024)
+            .spawn_scoped(scope, || {
+                while let Some(job) = self.queue.pop() {
+                    self.execute(job);
                 }
-            };
-            self.execute(job);
+            });
+        if spawned.is_err() {
+            // No thread to be had: serve on the reader rather than leave requests unanswered.
+            for job in self.queue.worker_not_started() {
+                self.execute(job);
+            }
         }
     }
 
     fn execute(&self, job: Job) {
         let Job { req, payload } = job;
         let dev = self.device;
-        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let started = Instant::now();
+        let mut out = None;
         let result = match req.command {
-            CMD_READ => self.read(&req),
-            CMD_WRITE => dev.write_at(req.offset, &payload).map(|()| {
-                self.bytes_written.fetch_add(req.len as u64, Relaxed);
-            }),
+            CMD_READ => {
+                let buf = out.insert(self.take_buffer(0));
+                reply::read(dev, self.session.structured, &req, buf)
+            }
+            CMD_WRITE => dev.write_at(req.offset, &payload),
             CMD_FLUSH => dev.flush(),
             CMD_TRIM => dev.trim(req.offset, req.len as u64),
             CMD_WRITE_ZEROES => {
@@ -331,17 +266,32 @@ impl<'a> Shared<'a> {
                 dev.write_zeroes(req.offset, req.len as u64, may_unmap)
             }
             CMD_CACHE => Ok(()),
-            CMD_BLOCK_STATUS => self.block_status(&req),
+            CMD_BLOCK_STATUS => {
+                let buf = out.insert(self.take_buffer(0));
+                reply::block_status(dev, &req, buf)
+            }
             _ => unreachable!("validated"),
         };
+        let fua = req.flags & CMD_FLAG_FUA != 0;
         let result = result.and_then(|()| if fua { dev.flush() } else { Ok(()) });
+        // Device time only: sending is not work another worker could share.
+        let took = started.elapsed();
         self.give_buffer(payload);
         match result {
-            Ok(()) if matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) => {}
             Ok(()) => {
-                let mut reply = [0u8; SIMPLE_REPLY_LEN];
-                pack_simple_reply(&mut reply, 0, req.handle);
-                self.send(&reply);
+                match req.command {
+                    CMD_READ => self.bytes_read.fetch_add(req.len as u64, Relaxed),
+                    CMD_WRITE => self.bytes_written.fetch_add(req.len as u64, Relaxed),
+                    _ => 0,
+                };
+                match &out {
+                    Some(buf) => self.send(buf),
+                    None => {
+                        let mut simple = [0u8; SIMPLE_REPLY_LEN];
+                        pack_simple_reply(&mut simple, 0, req.handle);
+                        self.send(&simple);
+                    }
+                }
             }
             Err(e) => {
                 let n = self.errors.fetch_add(1, Relaxed);
@@ -351,121 +301,10 @@ impl<'a> Shared<'a> {
                 self.reply_error(&req, nbd_errno(e.errno()), &e.to_string());
             }
         }
-        self.release(payload_cost(&req));
-    }
-
-    /// Answers a READ; only the error path is left to the caller.
-    fn read(&self, req: &Request) -> crate::Result<()> {
-        let len = req.len as usize;
-        let mut buf = self.take_buffer(0);
-        let result = if !self.session.structured {
-            buf.resize(SIMPLE_REPLY_LEN + len, 0);
-            self.device
-                .read_at(req.offset, &mut buf[SIMPLE_REPLY_LEN..])
-                .map(|()| pack_simple_reply(&mut buf, 0, req.handle))
-        } else {
-            let extents = if req.flags & CMD_FLAG_DF == 0 && len >= SPLIT_READ_MIN {
-                self.device.extents(req.offset, len as u64)?
-            } else {
-                Vec::new()
-            };
-            if covers(&extents, req.offset, len as u64) && has_holes(&extents) {
-                self.build_split_read(req, &extents, &mut buf)
-            } else {
-                self.build_data_chunk(req, &mut buf)
-            }
-        };
-        if result.is_ok() {
-            self.send(&buf);
-            self.bytes_read.fetch_add(req.len as u64, Relaxed);
+        if let Some(buf) = out {
+            self.give_buffer(buf);
         }
-        self.give_buffer(buf);
-        result
-    }
-
-    fn build_data_chunk(&self, req: &Request, buf: &mut Vec<u8>) -> crate::Result<()> {
-        let head = CHUNK_HEADER_LEN + 8;
-        buf.resize(head + req.len as usize, 0);
-        let kind = REPLY_TYPE_OFFSET_DATA;
-        pack_chunk_header(buf, REPLY_FLAG_DONE, kind, req.handle, 8 + req.len);
-        buf[CHUNK_HEADER_LEN..head].copy_from_slice(&req.offset.to_be_bytes());
-        self.device.read_at(req.offset, &mut buf[head..])
-    }
-
-    /// One chunk per run of data or of zeros, all in one buffer; the last one carries DONE.
-    fn build_split_read(
-        &self,
-        req: &Request,
-        extents: &[Extent],
-        buf: &mut Vec<u8>,
-    ) -> crate::Result<()> {
-        let runs = runs(extents);
-        for (i, &(offset, len, data)) in runs.iter().enumerate() {
-            let flags = if i + 1 == runs.len() {
-                REPLY_FLAG_DONE
-            } else {
-                0
-            };
-            let last_header = buf.len();
-            buf.resize(last_header + CHUNK_HEADER_LEN, 0);
-            if data {
-                let h = &mut buf[last_header..];
-                pack_chunk_header(h, flags, REPLY_TYPE_OFFSET_DATA, req.handle, 8 + len as u32);
-                buf.put_u64(offset);
-                let start = buf.len();
-                buf.resize(start + len as usize, 0);
-                self.device.read_at(offset, &mut buf[start..])?;
-            } else {
-                let h = &mut buf[last_header..];
-                pack_chunk_header(h, flags, REPLY_TYPE_OFFSET_HOLE, req.handle, 12);
-                buf.put_u64(offset);
-                buf.put_u32(len as u32);
-            }
-        }
-        Ok(())
-    }
-
-    fn block_status(&self, req: &Request) -> crate::Result<()> {
-        let len = (req.len as u64).min(BLOCK_STATUS_MAX_LEN);
-        let extents = self.device.extents(req.offset, len)?;
-        if extents.first().map(|e| e.offset) != Some(req.offset) {
-            return Err(crate::Error::Corrupt(format!(
-                "device \"{}\" described no extent at byte {}",
-                self.device.name(),
-                req.offset
-            )));
-        }
-        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-            1
-        } else {
-            BLOCK_STATUS_MAX_EXTENTS
-        };
-        let mut descriptors: Vec<(u64, u32)> = Vec::new();
-        for e in &extents {
-            let flags = match e.state {
-                ExtentState::Data => 0,
-                ExtentState::Zero => STATE_ZERO,
-                ExtentState::Hole => STATE_HOLE | STATE_ZERO,
-            };
-            let full = descriptors.len() == max;
-            match descriptors.last_mut() {
-                Some((l, f)) if *f == flags => *l += e.len,
-                _ if full => break,
-                _ => descriptors.push((e.len, flags)),
-            }
-        }
-        let mut buf = self.take_buffer(CHUNK_HEADER_LEN);
-        buf.put_u32(ALLOCATION_CONTEXT_ID);
-        for &(l, f) in &descriptors {
-            buf.put_u32(l.min(len) as u32);
-            buf.put_u32(f);
-        }
-        let payload = (buf.len() - CHUNK_HEADER_LEN) as u32;
-        let kind = REPLY_TYPE_BLOCK_STATUS;
-        pack_chunk_header(&mut buf, REPLY_FLAG_DONE, kind, req.handle, payload);
-        self.send(&buf);
-        self.give_buffer(buf);
-        Ok(())
+        self.queue.release(payload_cost(&req), Some(took));
     }
 
     fn reply_error(&self, req: &Request, errno: u32, message: &str) {
@@ -513,67 +352,5 @@ impl<'a> Shared<'a> {
         if pool.len() < 2 * self.limits.workers + 2 {
             pool.push(buf);
         }
-    }
-}
-
-/// Whether `extents` tile `[offset, offset+len)` exactly; anything else is not trusted to
-/// shape a reply.
-fn covers(extents: &[Extent], offset: u64, len: u64) -> bool {
-    let mut at = offset;
-    for e in extents {
-        if e.offset != at || e.len == 0 {
-            return false;
-        }
-        at += e.len;
-    }
-    !extents.is_empty() && at == offset + len
-}
-
-fn has_holes(extents: &[Extent]) -> bool {
-    extents.iter().any(|e| e.state != ExtentState::Data)
-}
-
-/// Merges extents into runs of (offset, len, is_data); Zero and Hole both read as zeros.
-fn runs(extents: &[Extent]) -> Vec<(u64, u64, bool)> {
-    let mut out: Vec<(u64, u64, bool)> = Vec::new();
-    for e in extents {
-        let data = e.state == ExtentState::Data;
-        match out.last_mut() {
-            Some((_, len, d)) if *d == data => *len += e.len,
-            _ => out.push((e.offset, e.len, data)),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ext(offset: u64, len: u64, state: ExtentState) -> Extent {
-        Extent { offset, len, state }
-    }
-
-    #[test]
-    fn runs_merge_zero_and_hole() {
-        let e = [
-            ext(0, 10, ExtentState::Data),
-            ext(10, 5, ExtentState::Zero),
-            ext(15, 5, ExtentState::Hole),
-            ext(20, 1, ExtentState::Data),
-        ];
-        assert_eq!(
-            runs(&e),
-            vec![(0, 10, true), (10, 10, false), (20, 1, true)]
-        );
-    }
-
-    #[test]
-    fn covers_rejects_gaps_and_short_lists() {
-        let e = [ext(0, 10, ExtentState::Data), ext(11, 5, ExtentState::Zero)];
-        assert!(!covers(&e, 0, 16));
-        assert!(!covers(&e[..1], 0, 16));
-        assert!(covers(&e[..1], 0, 10));
-        assert!(!covers(&[], 0, 0));
     }
 }
