@@ -386,3 +386,39 @@ fn bench_randread_4k_qd16() {
     }
     others.into_iter().for_each(stop_other);
 }
+
+#[test]
+fn qemu_io_over_tcp_on_loopback() {
+    let Some(qemu_io) = tool("qemu-io") else {
+        return;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let catalog = std::sync::Arc::new(MemCatalog::standard());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c, s) = (catalog.clone(), stop.clone());
+    let server = std::thread::spawn(move || {
+        thinlayer::nbd::serve_tcp(&*c, listener, &Default::default(), &s)
+    });
+    let out = run(
+        Command::new(&qemu_io)
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 4096 8192",
+                "-c",
+                "read -P 0x5a 4096 8192",
+            ])
+            .arg(format!("nbd://127.0.0.1:{port}/disk")),
+        LIMIT,
+    );
+    let log = text(&out);
+    assert!(out.status.success() && !log.contains("fail"), "{log}");
+    assert_eq!(
+        catalog.device("disk").contents(4096, 8192),
+        vec![0x5a; 8192]
+    );
+    stop.store(true, SeqCst);
+    server.join().unwrap().expect("clean shutdown");
+}

@@ -396,3 +396,37 @@ fn shutdown_finishes_in_flight_requests_and_commits() {
     }
     assert!(c.is_closed());
 }
+
+#[test]
+fn a_client_that_never_reads_replies_cannot_hold_shutdown() {
+    let config = thinlayer::nbd::ServerConfig {
+        shutdown_grace: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(MemCatalog::standard(), config);
+    let mut c = RawClient::go(server.connect(), "disk", false);
+    // 32 MiB reads until the socket buffers and the in-flight bound are full.
+    c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    for h in 0..200u64 {
+        let r = Request {
+            flags: 0,
+            command: CMD_READ,
+            handle: h,
+            offset: 0,
+            len: 32 << 20,
+        };
+        if c.s.write_all(&r.pack()).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    server.shutdown().expect("clean shutdown");
+    // It did have to wait out the grace period (the client really was stuck)...
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // ...and no longer.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited on a stalled client"
+    );
+}

@@ -15,7 +15,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the accept loop looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Option<Duration>,
     /// The export a client gets by asking for "". Unset: the only export, if there is one.
     pub default_export: Option<String>,
+    /// At shutdown, how long connections get to finish in-flight requests before they are
+    /// cut off (a client that stops reading replies would otherwise hold shutdown forever).
+    pub shutdown_grace: Duration,
     /// One line per connection on stderr.
     pub log_connections: bool,
 }
@@ -47,6 +50,7 @@ impl Default for ServerConfig {
             max_in_flight_bytes: 64 * 1024 * 1024,
             handshake_timeout: Some(Duration::from_secs(30)),
             default_export: None,
+            shutdown_grace: Duration::from_secs(10),
             log_connections: true,
         }
     }
@@ -241,13 +245,26 @@ impl<'a> Server<'a> {
                     }
                 }
             }
-            for s in self.open.lock().unwrap().values() {
-                s.shutdown_read();
-            }
+            self.close_connections();
         });
         self.catalog
             .flush_all()
             .map_err(|e| e.context("nbd: commit at shutdown"))
+    }
+
+    /// Stops every connection reading requests, waits for them to answer what they have, and
+    /// cuts off those still busy after the grace period.
+    fn close_connections(&self) {
+        for s in self.open.lock().unwrap().values() {
+            s.shutdown_read();
+        }
+        let deadline = Instant::now() + self.config.shutdown_grace;
+        while Instant::now() < deadline && !self.open.lock().unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for s in self.open.lock().unwrap().values() {
+            s.shutdown_both();
+        }
     }
 
     fn connection(&self, client: Client, mut stream: Stream) {
