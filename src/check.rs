@@ -35,8 +35,18 @@ pub fn check(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckReport> {
     let mut r = CheckReport::default();
-    let (_, bad_slots) = meta::read_superblocks(&*storage)?;
-    r.faults.extend(bad_slots.iter().map(|e| e.to_string()));
+    let (good_slots, bad_slots) = meta::read_superblocks(&*storage)?;
+    // One bad slot beside a good one is what power loss during a superblock write leaves; the
+    // good slot is used and the next writable open rewrites the bad one. Damage and a torn
+    // write look alike here, so it is a warning; a state that fails to load is a fault below.
+    for e in &bad_slots {
+        let m = format!("{e} (torn by a crash during a commit, or damaged); the other slot is in use and the next writable open rewrites this one");
+        if good_slots.is_empty() {
+            r.faults.push(m);
+        } else {
+            r.notes.push(m);
+        }
+    }
     let store = match Store::open_in(storage.clone(), false) {
         Ok(s) => s,
         Err(e @ (Error::Corrupt(_) | Error::Invalid(_))) => {

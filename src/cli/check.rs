@@ -16,6 +16,8 @@ pub struct Args {
 }
 
 pub fn run(pool: &Path, a: Args) -> Result<i32> {
+    // No writer may run meanwhile: blocks it frees and reuses would look like damage.
+    let _lock = crate::pool::lock::PoolLock::acquire(pool, "thinlayer check")?;
     let file = std::fs::File::open(pool)
         .map_err(|e| Error::io(format!("opening pool {}", pool.display()), e))?;
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
@@ -30,7 +32,7 @@ pub fn run(pool: &Path, a: Args) -> Result<i32> {
             println!("FAULT: {f}");
         }
         for n in &r.notes {
-            println!("note: {n}");
+            println!("WARNING: {n}");
         }
         let data = if a.data {
             format!(", {} data blocks verified", r.verified_blocks)

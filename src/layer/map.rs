@@ -1,8 +1,10 @@
 //! A layer's sparse block map: virtual block → pool block (with the data's crc) or zero.
 //!
-//! Memory is the constraint (under 32 bytes per mapped block even for random writes), so the map
-//! is a hash of 1024-block chunks, each a sorted vector of 12-byte slots. Unmapped blocks cost
-//! nothing; a chunk costs one hash entry.
+//! Memory is the constraint, so the map is a hash of 1024-block chunks, each a sorted vector of
+//! 12-byte slots. Unmapped blocks cost nothing; a chunk costs one hash entry (~40 bytes). That
+//! is 12-16 bytes per mapped block while chunks hold a few dozen entries or more (random writes
+//! over disks up to ~50x the mapped data), rising towards ~100 bytes only where a chunk holds a
+//! single block.
 
 use crate::format::{PBlock, VBlock};
 use std::collections::HashMap;

@@ -43,7 +43,7 @@ impl PoolLock {
                     holder.to_string()
                 };
                 return Err(Error::Busy(format!(
-                    "pool {} is in use by {holder}; stop it first, or use a read-only command (ls, history, df, check, export)",
+                    "pool {} is in use by {holder}; stop it first (ls, history, df and export still work while it runs)",
                     pool.display()
                 )));
             }

@@ -113,6 +113,17 @@ impl Store {
                 return Err(e.context(format!("creating pool {}", path.display())));
             }
         };
+        // The new file's name must survive power loss too.
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
         store.path = Some(path.to_path_buf());
         store._lock = Some(lock);
         Ok(store)
@@ -224,30 +235,9 @@ impl Store {
         };
         if writable {
             let mut g = store.inner.write().unwrap();
-            if g.slot_damaged {
-                // A torn superblock write (power lost mid-commit) or a damaged slot: write a
-                // good copy there, so one more failure cannot leave no valid slot.
-                let newest = g.newest_seen;
-                g.meta.heal(&*store.storage, newest)?;
-                g.slot_damaged = false;
-            }
-            drop(g);
-            store.punch_stale_space();
+            recover(&mut g, &*store.storage)?;
         }
         Ok(store)
-    }
-
-    /// After a crash, blocks written by the lost transaction still hold data nothing refers to.
-    fn punch_stale_space(&self) {
-        let inner = self.inner.read().unwrap();
-        let bs = inner.block_size as u64;
-        let in_use = (inner.alloc.used_count() + first_data_block(inner.block_size)) * bs;
-        if self.storage.allocated().unwrap_or(0) <= in_use {
-            return;
-        }
-        for (start, n) in inner.alloc.free_runs() {
-            let _ = self.storage.punch_hole(start * bs, n * bs);
-        }
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -297,9 +287,8 @@ impl Store {
         if g.pending.is_empty() {
             return Ok(());
         }
-        let fresh = load(&*self.storage)?;
-        *g = fresh;
-        Ok(())
+        *g = load(&*self.storage)?;
+        recover(&mut g, &*self.storage)
     }
 
     /// Write a checkpoint at the next commit once the log holds more than `pages` pages
@@ -347,6 +336,31 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// Writable-open housekeeping after a load: repair a torn or damaged superblock slot, and give
+/// back the space of blocks that the lost (or rolled back) transaction wrote.
+fn recover(g: &mut Inner, storage: &dyn Storage) -> Result<()> {
+    if g.slot_damaged {
+        // Write a good copy over the bad slot, so one more failure cannot leave no valid slot.
+        let newest = g.newest_seen;
+        g.meta.heal(storage, newest)?;
+        g.slot_damaged = false;
+    }
+    let bs = g.block_size as u64;
+    let in_use = (g.alloc.used_count() + first_data_block(g.block_size)) * bs;
+    if storage.allocated().unwrap_or(0) > in_use {
+        for (start, n) in g.alloc.free_runs() {
+            let _ = storage.punch_hole(start * bs, n * bs);
+        }
+        // Blocks past the last used one, written by a transaction that never committed.
+        let end = g.alloc.extent() * bs;
+        let len = storage.len().unwrap_or(0);
+        if len > end {
+            let _ = storage.punch_hole(end, len - end);
+        }
+    }
+    Ok(())
+}
+
 /// Rebuild the in-memory state from the newest superblock whose streams verify.
 fn load(storage: &dyn Storage) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
@@ -374,7 +388,10 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
                 inner.load_notes = notes;
                 return Ok(inner);
             }
-            Err(e) => errors.push(format!("generation {}: {e}", sb.generation)),
+            // Only damage justifies falling back (and later healing over the newer slot): an
+            // I/O error says nothing about the newer state, so it must not cost its commits.
+            Err(e @ Error::Corrupt(_)) => errors.push(format!("generation {}: {e}", sb.generation)),
+            Err(e) => return Err(e),
         }
     }
     Err(Error::Corrupt(format!(
@@ -400,6 +417,12 @@ fn load_generation(
     let mut alloc = Allocator::new(first, sb.max_blocks);
     let mut faults = std::mem::take(&mut catalog.faults);
     for &b in rec.ckpt_blocks.iter().chain(&rec.log_blocks) {
+        if b < first {
+            return Err(Error::Corrupt(format!(
+                "generation {}: metadata stream in the superblock area (pool block {b})",
+                sb.generation
+            )));
+        }
         if !alloc.mark_loaded(crate::format::PBlock(b)) {
             faults.push(format!("metadata pool block {b} is used twice"));
         }
