@@ -24,10 +24,9 @@ pub fn run(pool: &Path, a: Args) -> Result<()> {
         match r {
             // A serving process may free and reuse blocks of the state we opened while we read
             // it; that reads as a checksum mismatch. Start again from its newer state.
-            Err(Error::Corrupt(m)) if attempt < 3 && is_served(pool) => {
+            Err(Error::Corrupt(_)) if attempt < 3 && is_served(pool) => {
                 eprintln!("thinlayer: {:?} changed while being exported; starting again", a.name);
                 attempt += 1;
-                let _ = m;
             }
             r => break r?,
         }
