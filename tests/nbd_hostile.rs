@@ -271,6 +271,9 @@ fn out_of_range_requests_get_the_right_errors() {
     assert_eq!(c.command(CMD_TRIM, 0, size - 1, 2, &[]), EINVAL);
     assert_eq!(c.command(CMD_CACHE, 0, size - 1, 2, &[]), EINVAL);
     assert_eq!(c.command(CMD_CACHE, 0, 0, 4096, &[]), 0);
+    assert_eq!(c.read(0, 0), Err(EINVAL));
+    assert_eq!(c.write(0, b""), EINVAL);
+    assert_eq!(c.command(CMD_TRIM, 0, 0, 0, &[]), EINVAL);
     // The last partial block works.
     assert_eq!(c.write(size - 3, b"end"), 0);
     assert_eq!(c.read(size - 3, 3), Ok(b"end".to_vec()));

@@ -208,7 +208,8 @@ impl<'a> RecordReader<'a> {
                 let name = self.take(name_len, start, "layer")?;
                 let name = std::str::from_utf8(name)
                     .map_err(|_| self.bad(start, "layer name is not UTF-8"))?;
-                if id == 0 || writable > 1 || created_nanos >= 1_000_000_000 {
+                // Id 0 means "no parent"; u32::MAX leaves no id after it for the next layer.
+                if id == 0 || id == u32::MAX || writable > 1 || created_nanos >= 1_000_000_000 {
                     return Err(self.bad(start, "impossible layer record"));
                 }
                 Record::LayerCreate(LayerCreate {
@@ -326,6 +327,27 @@ mod tests {
                 },
                 Record::LayerRemove(LayerId(4)),
             ]
+        );
+    }
+
+    #[test]
+    fn layer_id_without_a_successor_is_rejected() {
+        // Found by fuzzing: replaying id u32::MAX overflowed the catalogue's next id.
+        let mut w = RecordWriter::new();
+        w.layer_create(&LayerCreate {
+            id: LayerId(u32::MAX),
+            parent: None,
+            disk_size: 4096,
+            created_secs: 0,
+            created_nanos: 0,
+            writable: true,
+            name: "x".into(),
+        });
+        let e = RecordReader::new(&w.buf, "log").next_record().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("log stream, byte 0: impossible layer record"),
+            "{e}"
         );
     }
 

@@ -210,9 +210,9 @@ impl<'a> Shared<'a> {
         match req.command {
             CMD_FLUSH if req.offset != 0 || req.len != 0 => return Err(EINVAL),
             CMD_FLUSH => return Ok(()),
-            CMD_BLOCK_STATUS if self.session.allocation_context.is_none() || req.len == 0 => {
-                return Err(EINVAL)
-            }
+            CMD_BLOCK_STATUS if self.session.allocation_context.is_none() => return Err(EINVAL),
+            // An empty range is meaningless, and an empty OFFSET_DATA chunk is not allowed.
+            _ if req.len == 0 => return Err(EINVAL),
             _ => {}
         }
         let in_range = req

@@ -1,0 +1,134 @@
+//! Writes the seed corpora under fuzz/corpus/<target>/: valid structures taken from pools built
+//! in-process, so each fuzzer starts from inputs that get past the first checks.
+//! Run from fuzz/: `cargo run --bin seed-corpus`.
+
+use fuzz_common::{checkpointed_pool, classify, handshake_bytes, small_pool, PageKind};
+use std::path::Path;
+use thinlayer::format::checksum::Kind;
+use thinlayer::format::record::RecordWriter;
+use thinlayer::format::PAGE_SIZE;
+use thinlayer::nbd::proto::*;
+use thinlayer::pool::{meta, MemStorage};
+
+fn put(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new("corpus").join(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+fn trim_zeros(b: &[u8]) -> &[u8] {
+    let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
+    &b[..end]
+}
+
+/// Deterministic filler for the targets whose input is decoded by `arbitrary`.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn main() {
+    let small = small_pool(4096);
+    let big = small_pool(16384);
+    let ckpt = checkpointed_pool();
+
+    for (name, img) in [
+        ("small", &small),
+        ("big-blocks", &big),
+        ("checkpointed", &ckpt),
+    ] {
+        for slot in 0..2 {
+            let at = slot * PAGE_SIZE;
+            put(
+                "superblock_decode",
+                &format!("{name}-slot{slot}"),
+                &img[at..at + 128],
+            );
+        }
+        let mut seen_log = false;
+        let mut seen_ckpt = false;
+        for (page, kind) in classify(img) {
+            let at = page as usize * PAGE_SIZE;
+            let p = trim_zeros(&img[at..at + PAGE_SIZE]);
+            let (ctl, seen, what) = match kind {
+                PageKind::Meta(Kind::LogPage) => (0x08u8, &mut seen_log, "log"),
+                PageKind::Meta(Kind::CheckpointPage) => (0x09u8, &mut seen_ckpt, "checkpoint"),
+                _ => continue,
+            };
+            if !*seen {
+                *seen = true;
+                let mut b = vec![ctl];
+                b.extend_from_slice(p);
+                put("page_decode", &format!("{name}-{what}"), &b);
+            }
+        }
+
+        let storage = MemStorage::from_bytes(img.clone());
+        let (sbs, _) = meta::read_superblocks(&storage).unwrap();
+        let rec = meta::load(&storage, &sbs[0]).unwrap();
+        let mut stream = rec.checkpoint.clone();
+        stream.extend_from_slice(&rec.log);
+        put("record_stream", &format!("{name}-streams"), &stream);
+    }
+    let mut w = RecordWriter::new();
+    w.layer_remove(thinlayer::format::LayerId(1));
+    put("record_stream", "remove-unknown", &w.buf);
+
+    put("pool_open", "small", &[0]);
+    put("pool_open", "big-blocks", &[1]);
+    put("pool_open", "checkpointed", &[2]);
+    put("pool_open", "small-writable", &[4]);
+    // Page selector 0 (superblock slot 0), generation byte 16 xor 1, checksum resealed.
+    put("pool_open", "small-sb0-generation", &[8, 0, 0, 16, 0, 1]);
+    // Page selector 2 (the first page after the superblocks), one byte of its payload.
+    put("pool_open", "small-page2", &[8, 2, 0, 40, 0, 0x80]);
+    // Page selector 5, likely a data block: one byte damaged, checksum not resealed.
+    put("pool_open", "small-data", &[0, 5, 0, 7, 0, 0x01]);
+
+    for i in 0..4 {
+        put("store_ops", &format!("noise-{i}"), &noise(i + 1, 64 << i));
+        put(
+            "nbd_requests",
+            &format!("noise-{i}"),
+            &noise(i + 100, 64 << i),
+        );
+    }
+
+    put(
+        "nbd_handshake",
+        "go-app",
+        &handshake_bytes("app", true, true),
+    );
+    put(
+        "nbd_handshake",
+        "go-base",
+        &handshake_bytes("base", false, false),
+    );
+    let mut b = Vec::new();
+    b.put_u32(CLIENT_FIXED_NEWSTYLE);
+    for (opt, data) in [
+        (OPT_LIST, &b""[..]),
+        (OPT_INFO, &[0, 0, 0, 0, 0, 0][..]),
+        (OPT_ABORT, &b""[..]),
+    ] {
+        b.put_u64(IHAVEOPT);
+        b.put_u32(opt);
+        b.put_u32(data.len() as u32);
+        b.extend_from_slice(data);
+    }
+    put("nbd_handshake", "list-info-abort", &b);
+    let mut b = Vec::new();
+    b.put_u32(CLIENT_FIXED_NEWSTYLE);
+    b.put_u64(IHAVEOPT);
+    b.put_u32(OPT_EXPORT_NAME);
+    b.put_u32(3);
+    b.extend_from_slice(b"app");
+    put("nbd_handshake", "export-name", &b);
+}

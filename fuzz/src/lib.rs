@@ -1,0 +1,234 @@
+//! Shared by the fuzz targets and the seed-corpus generator: valid pool images built in-process
+//! (the starting points `pool_open` mutates), a page classifier so mutations land on structures
+//! rather than zeros, and an in-process NBD server on a Unix socket for the protocol targets.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use thinlayer::format::checksum::{self, Kind};
+use thinlayer::format::PAGE_SIZE;
+use thinlayer::nbd::proto::*;
+use thinlayer::nbd::{serve_unix, ServerConfig};
+use thinlayer::pool::{MemStorage, Storage};
+use thinlayer::volume::StoreExports;
+use thinlayer::{CreateOptions, Store};
+
+pub const LAYER_SIZE: u64 = 256 * 1024;
+
+/// A recognisable, non-zero pattern for byte `i` of layer `tag`.
+pub fn pattern(tag: u8, i: u64) -> u8 {
+    (i as u8).wrapping_mul(31) ^ tag ^ ((i >> 8) as u8) | 1
+}
+
+fn write_pattern(s: &Store, layer: &str, tag: u8, offset: u64, len: u64) {
+    let id = s.layer(layer).unwrap().id;
+    let data: Vec<u8> = (offset..offset + len).map(|i| pattern(tag, i)).collect();
+    s.write_layer(id, offset, &data).unwrap();
+}
+
+/// A small pool: a committed base, a child with copy-on-write data and a whiteout, a removed
+/// layer, several commits (log pages only, no checkpoint).
+pub fn small_pool(block_size: u32) -> Vec<u8> {
+    let storage = Arc::new(MemStorage::new());
+    let s = Store::create_in(
+        storage.clone(),
+        &CreateOptions {
+            block_size,
+            max_size: None,
+        },
+    )
+    .unwrap();
+    populate(&s);
+    drop(s);
+    storage.snapshot()
+}
+
+fn populate(s: &Store) {
+    s.create_layer("base", None, Some(LAYER_SIZE)).unwrap();
+    write_pattern(s, "base", 1, 0, 64 * 1024);
+    write_pattern(s, "base", 2, 128 * 1024, 8192 + 100);
+    s.flush().unwrap();
+    s.commit_layer("base").unwrap();
+    s.create_layer("app", Some("base"), None).unwrap();
+    write_pattern(s, "app", 3, 4096, 4096);
+    s.flush().unwrap();
+    let app = s.layer("app").unwrap().id;
+    s.zero_layer(app, 16384, 8192, false).unwrap();
+    s.create_layer("scratch", None, Some(LAYER_SIZE)).unwrap();
+    write_pattern(s, "scratch", 4, 0, 4096);
+    s.flush().unwrap();
+    s.remove_layer("scratch").unwrap();
+    write_pattern(s, "app", 5, 200 * 1024, 3000);
+    s.flush().unwrap();
+}
+
+/// A pool whose log grew past the checkpoint threshold: a checkpoint, then a short log.
+pub fn checkpointed_pool() -> Vec<u8> {
+    let storage = Arc::new(MemStorage::new());
+    let s = Store::create_in(storage.clone(), &CreateOptions::default()).unwrap();
+    populate(&s);
+    let app = s.layer("app").unwrap().id;
+    // Every flush appends at least one log page; past 1024 pages the commit checkpoints.
+    for i in 0..1030u64 {
+        s.write_layer(app, (i % 8) * 4096 + 40 * 1024, &[i as u8 | 1; 512])
+            .unwrap();
+        s.flush().unwrap();
+    }
+    write_pattern(&s, "app", 6, 100 * 1024, 4096);
+    s.flush().unwrap();
+    drop(s);
+    storage.snapshot()
+}
+
+/// What a 4 KiB page of a pool image holds, judged from its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageKind {
+    Superblock,
+    Meta(Kind),
+    Data,
+}
+
+/// The non-zero pages of an image and what each is.
+pub fn classify(image: &[u8]) -> Vec<(u64, PageKind)> {
+    let mut out = Vec::new();
+    for (n, p) in image.chunks(PAGE_SIZE).enumerate() {
+        if p.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let kind = if n < 2 {
+            PageKind::Superblock
+        } else {
+            meta_kind(p).map_or(PageKind::Data, PageKind::Meta)
+        };
+        out.push((n as u64, kind));
+    }
+    out
+}
+
+fn meta_kind(p: &[u8]) -> Option<Kind> {
+    if p.len() < PAGE_SIZE {
+        return None;
+    }
+    let stored = u32::from_le_bytes(p[0..4].try_into().unwrap());
+    [Kind::CheckpointPage, Kind::LogPage]
+        .into_iter()
+        .find(|&k| checksum::metadata(k, &p[4..]) == stored)
+}
+
+/// Reseal the checksum of a structure after a mutation, so decoding gets past the crc and the
+/// fields themselves are what is tested.
+pub fn reseal(image: &mut [u8], page: u64, kind: PageKind) {
+    let at = page as usize * PAGE_SIZE;
+    match kind {
+        PageKind::Superblock => {
+            let end = at + thinlayer::format::superblock::ENCODED_LEN;
+            let crc = checksum::metadata(Kind::Superblock, &image[at + 4..end]);
+            image[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        PageKind::Meta(k) => {
+            let crc = checksum::metadata(k, &image[at + 4..at + PAGE_SIZE]);
+            image[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        PageKind::Data => {}
+    }
+}
+
+/// An NBD server over a store in memory with a read-only "base" and a writable child "app".
+pub struct NbdServer {
+    pub socket: PathBuf,
+    pub store: Arc<Store>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+pub fn nbd_server() -> &'static NbdServer {
+    static SERVER: OnceLock<NbdServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        // libFuzzer's main does not ignore SIGPIPE as Rust's does; a closed socket must be an
+        // error, not the end of the process.
+        // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        let storage = Arc::new(MemStorage::from_bytes(small_pool(4096)));
+        let store = Arc::new(Store::open_in(storage as Arc<dyn Storage>, true).unwrap());
+        let dir = std::env::temp_dir().join(format!("thinlayer-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).unwrap();
+        let exports = StoreExports {
+            store: store.clone(),
+            only: Vec::new(),
+        };
+        let config = ServerConfig {
+            handshake_timeout: Some(Duration::from_secs(5)),
+            log_connections: false,
+            workers_per_connection: 2,
+            ..ServerConfig::default()
+        };
+        std::thread::spawn(move || serve_unix(&exports, listener, &config, &STOP));
+        NbdServer { socket, store }
+    })
+}
+
+/// Connect, send `input` (then end the write side), and read until the server closes the
+/// connection. A server that keeps the connection open after the client is done is a hang.
+pub fn exchange(server: &NbdServer, input: Vec<u8>) -> Vec<u8> {
+    let mut s = UnixStream::connect(&server.socket).expect("connect to the fuzz server");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    // Written from another thread: the server may answer while we still send.
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&input);
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if out.len() < 1 << 20 {
+                    out.extend_from_slice(&buf[..n]);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("server neither answered nor closed the connection: {e}"),
+        }
+    }
+    writer.join().unwrap();
+    out
+}
+
+/// The client half of a fixed-newstyle handshake that ends in NBD_OPT_GO for `export`.
+pub fn handshake_bytes(export: &str, structured: bool, allocation: bool) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.put_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
+    let opt = |b: &mut Vec<u8>, o: u32, data: &[u8]| {
+        b.put_u64(IHAVEOPT);
+        b.put_u32(o);
+        b.put_u32(data.len() as u32);
+        b.extend_from_slice(data);
+    };
+    if structured {
+        opt(&mut b, OPT_STRUCTURED_REPLY, &[]);
+    }
+    if allocation {
+        let mut d = Vec::new();
+        d.put_u32(export.len() as u32);
+        d.extend_from_slice(export.as_bytes());
+        d.put_u32(1);
+        d.put_u32(15);
+        d.extend_from_slice(b"base:allocation");
+        opt(&mut b, OPT_SET_META_CONTEXT, &d);
+    }
+    let mut d = Vec::new();
+    d.put_u32(export.len() as u32);
+    d.extend_from_slice(export.as_bytes());
+    d.put_u16(0);
+    opt(&mut b, OPT_GO, &d);
+    b
+}

@@ -1,0 +1,464 @@
+//! Damage on disk, structure by structure. A real pool file (several layers in a parent chain,
+//! data, a checkpoint and log pages after it) is built once; each test copies it, flips bytes in
+//! one kind of structure — a superblock slot, a checkpoint page, a log page, a data block — and
+//! checks what the store and `check` make of it: never a panic; a damaged newer superblock slot
+//! falls back to the older one and says so; a damaged metadata page is `Error::Corrupt` naming
+//! its byte offset and page; a damaged data block is `Error::Corrupt` (EIO) naming the layer,
+//! block and byte offset, and its bytes are never returned as data.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use thinlayer::format::superblock::Superblock;
+use thinlayer::format::{LayerId, PAGE_SIZE};
+use thinlayer::pool::{FileStorage, MemStorage, Storage};
+use thinlayer::{CreateOptions, Error, Store};
+
+const BS: u64 = 4096;
+const LAYER_SIZE: u64 = 64 * BS;
+
+/// The content written to block `vb` of layer `tag`: unique across the pool, so a data block
+/// can be found in the file by its bytes.
+fn block(tag: u8, vb: u64) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..BS)
+        .map(|i| (i as u8).wrapping_mul(13) ^ tag.wrapping_mul(101) ^ vb as u8)
+        .collect();
+    b[..8].copy_from_slice(b"THINDATA");
+    b[8] = tag;
+    b[9..17].copy_from_slice(&vb.to_le_bytes());
+    b
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    /// Each layer's whole content after the last commit.
+    layers: Vec<(String, Vec<u8>)>,
+}
+
+fn write_block(s: &Store, content: &mut [u8], layer: &str, tag: u8, vb: u64) {
+    let id = s.layer(layer).unwrap().id;
+    let b = block(tag, vb);
+    s.write_layer(id, vb * BS, &b).unwrap();
+    content[(vb * BS) as usize..((vb + 1) * BS) as usize].copy_from_slice(&b);
+}
+
+/// base (committed) <- mid (committed) <- top (writable), plus "scratch" that takes the many
+/// small commits that push the log past the checkpoint threshold; then more commits, so the
+/// newest state is a checkpoint followed by log pages.
+fn build() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("damaged.pool");
+    let s = Store::create(&path, &CreateOptions::default(), "corruption test").unwrap();
+    let mut base = vec![0u8; LAYER_SIZE as usize];
+    s.create_layer("base", None, Some(LAYER_SIZE)).unwrap();
+    for vb in 0..12 {
+        write_block(&s, &mut base, "base", 1, vb);
+    }
+    s.flush().unwrap();
+    s.commit_layer("base").unwrap();
+    let mut mid = base.clone();
+    s.create_layer("mid", Some("base"), None).unwrap();
+    write_block(&s, &mut mid, "mid", 2, 4);
+    write_block(&s, &mut mid, "mid", 2, 20);
+    let mid_id = s.layer("mid").unwrap().id;
+    s.zero_layer(mid_id, 6 * BS, BS, false).unwrap();
+    mid[(6 * BS) as usize..(7 * BS) as usize].fill(0);
+    s.flush().unwrap();
+    s.commit_layer("mid").unwrap();
+    let mut top = mid.clone();
+    s.create_layer("top", Some("mid"), None).unwrap();
+    write_block(&s, &mut top, "top", 3, 5);
+    s.flush().unwrap();
+
+    let mut scratch = vec![0u8; LAYER_SIZE as usize];
+    s.create_layer("scratch", None, Some(LAYER_SIZE)).unwrap();
+    // Each commit appends at least one log page; past 1024 of them the commit checkpoints.
+    for i in 0..1030u64 {
+        write_block(&s, &mut scratch, "scratch", 4 + (i % 2) as u8, i % 3);
+        s.flush().unwrap();
+    }
+    write_block(&s, &mut top, "top", 3, 8);
+    s.flush().unwrap();
+    write_block(&s, &mut top, "top", 3, 9);
+    s.flush().unwrap();
+    // The last commit: the state a fallback to the older slot loses.
+    write_block(&s, &mut top, "top", 6, 9);
+    s.flush().unwrap();
+    drop(s);
+    Fixture {
+        _dir: dir,
+        path,
+        layers: vec![
+            ("base".into(), base),
+            ("mid".into(), mid),
+            ("top".into(), top),
+            ("scratch".into(), scratch),
+        ],
+    }
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(build)
+}
+
+/// A private copy of the pool file to damage.
+fn copy_pool() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("copy.pool");
+    std::fs::copy(&fixture().path, &path).unwrap();
+    (dir, path)
+}
+
+fn flip(path: &Path, offset: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    b[offset as usize] ^= 0x5a;
+    std::fs::write(path, b).unwrap();
+}
+
+/// Both slots decoded (None where invalid).
+fn slots(path: &Path) -> [Option<Superblock>; 2] {
+    let b = std::fs::read(path).unwrap();
+    [0, 1].map(|s| Superblock::decode(&b[s * PAGE_SIZE..(s + 1) * PAGE_SIZE], s).ok())
+}
+
+/// The slot holding the newest generation, and that superblock.
+fn newest(path: &Path) -> (usize, Superblock) {
+    let [a, b] = slots(path);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    if a.generation > b.generation {
+        (0, a)
+    } else {
+        (1, b)
+    }
+}
+
+/// Page numbers of a stream, following each page's `next` (header bytes 24..32).
+fn stream_pages(path: &Path, head: u64, pages: u64) -> Vec<u64> {
+    let b = std::fs::read(path).unwrap();
+    let mut out = vec![];
+    let mut p = head;
+    for _ in 0..pages {
+        out.push(p);
+        let at = p as usize * PAGE_SIZE;
+        p = u64::from_le_bytes(b[at + 24..at + 32].try_into().unwrap());
+    }
+    out
+}
+
+/// The byte offset in the pool file of the only block holding `content`.
+fn find_block(path: &Path, content: &[u8]) -> u64 {
+    let b = std::fs::read(path).unwrap();
+    let hits: Vec<usize> = (0..b.len() / BS as usize)
+        .filter(|&i| b[i * BS as usize..(i + 1) * BS as usize] == *content)
+        .collect();
+    assert_eq!(hits.len(), 1, "data block expected once in the pool file");
+    hits[0] as u64 * BS
+}
+
+fn id(s: &Store, name: &str) -> LayerId {
+    s.layer(name).unwrap().id
+}
+
+fn read_all(s: &Store, name: &str) -> thinlayer::Result<Vec<u8>> {
+    let mut buf = vec![0u8; LAYER_SIZE as usize];
+    s.read_layer(id(s, name), 0, &mut buf)?;
+    Ok(buf)
+}
+
+fn assert_layers(s: &Store, layers: &[(String, Vec<u8>)]) {
+    for (name, want) in layers {
+        assert!(read_all(s, name).unwrap() == *want, "layer {name} differs");
+    }
+}
+
+/// After a fallback to the slot before the last commit. That commit rewrote "top" block 9 into
+/// a new pool block and, once committed, freed (and punched) the block the older state names:
+/// the older state reads everything else as it was, and that block as a checksum failure —
+/// an error, never the zeros or newer bytes now stored there.
+fn assert_state_before_last_commit(s: &Store) {
+    let f = fixture();
+    for (name, want) in &f.layers {
+        let id = id(s, name);
+        let mut buf = vec![0u8; LAYER_SIZE as usize];
+        if name != "top" {
+            s.read_layer(id, 0, &mut buf).unwrap();
+            assert!(buf == *want, "layer {name} differs");
+            continue;
+        }
+        let (head, tail) = buf.split_at_mut((9 * BS) as usize);
+        s.read_layer(id, 0, head).unwrap();
+        assert!(head[..] == want[..head.len()]);
+        s.read_layer(id, 10 * BS, &mut tail[BS as usize..]).unwrap();
+        assert!(tail[BS as usize..] == want[(10 * BS) as usize..]);
+        let e = s
+            .read_layer(id, 9 * BS, &mut tail[..BS as usize])
+            .unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)), "{e:?}");
+        assert!(
+            e.to_string().contains("layer \"top\" (id 3): data block 9"),
+            "{e}"
+        );
+    }
+}
+
+fn check(path: &Path, data: bool) -> thinlayer::check::CheckReport {
+    let file = std::fs::File::open(path).unwrap();
+    thinlayer::check::check(Arc::new(FileStorage::new(file)), data, &mut |_, _| {}).unwrap()
+}
+
+/// `check` lists a fault containing every one of `needles`.
+fn assert_fault(r: &thinlayer::check::CheckReport, needles: &[&str]) {
+    assert!(
+        r.faults
+            .iter()
+            .any(|f| needles.iter().all(|n| f.contains(n))),
+        "no fault with {needles:?} in {:?}",
+        r.faults
+    );
+}
+
+fn corrupt_message(r: thinlayer::Result<Store>) -> String {
+    match r {
+        Err(e @ Error::Corrupt(_)) => {
+            assert_eq!(e.errno(), libc::EIO);
+            e.to_string()
+        }
+        Err(e) => panic!("expected Error::Corrupt, got {e:?}"),
+        Ok(_) => panic!("a pool with damaged metadata opened"),
+    }
+}
+
+#[test]
+fn fixture_has_checkpoint_and_log_and_checks_clean() {
+    let f = fixture();
+    let (_, sb) = newest(&f.path);
+    assert!(sb.checkpoint.pages > 0, "no checkpoint was written");
+    assert!(sb.log.pages >= 3, "no log after the checkpoint");
+    let s = Store::open_read_only(&f.path).unwrap();
+    assert_layers(&s, &f.layers);
+    let r = check(&f.path, true);
+    assert!(r.is_clean(), "{:?}", r.faults);
+    assert!(r.verified_blocks > 0);
+}
+
+#[test]
+fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
+    let (_d, path) = copy_pool();
+    let (slot, sb) = newest(&path);
+    flip(&path, slot as u64 * PAGE_SIZE as u64 + 20); // inside the generation field
+    let s = Store::open_read_only(&path).unwrap();
+    assert_state_before_last_commit(&s);
+    drop(s);
+    let r = check(&path, true);
+    assert_eq!(r.generation, sb.generation - 1);
+    assert!(
+        r.faults
+            .iter()
+            .any(|m| m.contains("layer \"top\" (id 3): data block 9")),
+        "{:?}",
+        r.faults
+    );
+    assert!(
+        r.faults
+            .iter()
+            .any(|m| m.contains(&format!("superblock slot {slot}")) && m.contains("checksum")),
+        "{:?}",
+        r.faults
+    );
+    // Opening for changes rewrites the damaged slot; the pool is then clean again.
+    drop(Store::open(&path, "heal").unwrap());
+    assert!(slots(&path).iter().all(Option::is_some));
+    let r = check(&path, false);
+    assert!(r.is_clean(), "{:?}", r.faults);
+}
+
+#[test]
+fn damaged_older_superblock_keeps_the_newest_state_and_is_reported() {
+    let f = fixture();
+    let (_d, path) = copy_pool();
+    let (slot, sb) = newest(&path);
+    flip(&path, (1 - slot) as u64 * PAGE_SIZE as u64 + 5); // inside the magic
+    let s = Store::open_read_only(&path).unwrap();
+    assert_layers(&s, &f.layers);
+    drop(s);
+    let r = check(&path, false);
+    assert_eq!(r.generation, sb.generation);
+    let slot_fault = format!("superblock slot {}", 1 - slot);
+    assert!(
+        r.faults.iter().any(|m| m.contains(&slot_fault)),
+        "{:?}",
+        r.faults
+    );
+}
+
+#[test]
+fn both_superblocks_damaged_is_corrupt_naming_both_slots() {
+    let (_d, path) = copy_pool();
+    flip(&path, 40);
+    flip(&path, PAGE_SIZE as u64 + 40);
+    let m = corrupt_message(Store::open_read_only(&path));
+    assert!(m.contains("slot 0") && m.contains("slot 1"), "{m}");
+    let m = corrupt_message(Store::open(&path, "test"));
+    assert!(m.contains("slot 0") && m.contains("slot 1"), "{m}");
+    let r = check(&path, false);
+    assert!(
+        r.faults.iter().any(|m| m.contains("slot 0")),
+        "{:?}",
+        r.faults
+    );
+}
+
+#[test]
+fn damaged_checkpoint_page_is_corrupt_naming_its_offset() {
+    let (_d, path) = copy_pool();
+    let (_, sb) = newest(&path);
+    let page = sb.checkpoint.head;
+    let offset = page * PAGE_SIZE as u64;
+    flip(&path, offset + 100);
+    // Both slots name this checkpoint: there is nothing to fall back to.
+    let m = corrupt_message(Store::open_read_only(&path));
+    assert!(m.contains("checkpoint page 0"), "{m}");
+    assert!(
+        m.contains(&format!("byte offset {offset} (page {page})")),
+        "{m}"
+    );
+    let m = corrupt_message(Store::open(&path, "test"));
+    assert!(m.contains(&format!("byte offset {offset}")), "{m}");
+    assert_fault(&check(&path, false), &[&format!("byte offset {offset}")]);
+}
+
+#[test]
+fn damaged_early_log_page_is_corrupt_naming_its_offset() {
+    let (_d, path) = copy_pool();
+    let (_, sb) = newest(&path);
+    let page = stream_pages(&path, sb.log.head, sb.log.pages)[0];
+    let offset = page * PAGE_SIZE as u64;
+    flip(&path, offset + 40);
+    // Both slots' logs start with this page.
+    let m = corrupt_message(Store::open_read_only(&path));
+    assert!(m.contains("log page 0"), "{m}");
+    assert!(
+        m.contains(&format!("byte offset {offset} (page {page})")),
+        "{m}"
+    );
+    assert_fault(&check(&path, false), &[&format!("byte offset {offset}")]);
+}
+
+#[test]
+fn damaged_newest_log_page_falls_back_to_the_state_before_it() {
+    let (_d, path) = copy_pool();
+    let (_, sb) = newest(&path);
+    let pages = stream_pages(&path, sb.log.head, sb.log.pages);
+    let page = *pages.last().unwrap();
+    let offset = page * PAGE_SIZE as u64;
+    flip(&path, offset + 2000);
+    let s = Store::open_read_only(&path).unwrap();
+    assert_state_before_last_commit(&s);
+    drop(s);
+    let r = check(&path, false);
+    assert_eq!(r.generation, sb.generation - 1);
+    let seq = sb.log.pages - 1;
+    assert!(
+        r.faults
+            .iter()
+            .any(|m| m.contains("using superblock generation")
+                && m.contains(&format!(
+                    "log page {seq} at byte offset {offset} (page {page})"
+                ))),
+        "{:?}",
+        r.faults
+    );
+}
+
+#[test]
+fn damaged_data_block_is_eio_naming_layer_block_and_offset() {
+    let f = fixture();
+    let (_d, path) = copy_pool();
+    // Block 3 of "base", read by "top" through the chain.
+    let at = find_block(&path, &block(1, 3));
+    flip(&path, at + 777);
+    let s = Store::open_read_only(&path).unwrap();
+    for reader in ["base", "mid", "top"] {
+        let layer = id(&s, reader);
+        for (offset, len) in [
+            (3 * BS, BS),
+            (0, LAYER_SIZE),
+            (3 * BS + 10, 100),
+            (2 * BS + 5, BS),
+        ] {
+            let mut buf = vec![0u8; len as usize];
+            let e = s.read_layer(layer, offset, &mut buf).unwrap_err();
+            assert!(matches!(e, Error::Corrupt(_)), "{e:?}");
+            assert_eq!(e.errno(), libc::EIO);
+            let m = e.to_string();
+            assert!(m.contains("layer \"base\""), "{m}");
+            assert!(m.contains("data block 3 (byte offset 12288)"), "{m}");
+            assert!(m.contains(&format!("pool block {}", at / BS)), "{m}");
+        }
+        // Blocks around it still read.
+        let want = &f.layers.iter().find(|l| l.0 == reader).unwrap().1;
+        let mut buf = vec![0u8; (3 * BS) as usize];
+        s.read_layer(layer, 0, &mut buf).unwrap();
+        assert!(buf[..] == want[..buf.len()]);
+        s.read_layer(layer, 4 * BS, &mut buf).unwrap();
+        assert!(buf[..] == want[(4 * BS) as usize..(7 * BS) as usize]);
+    }
+    // The writer fails the same way when copy-on-write needs the damaged block.
+    drop(s);
+    let s = Store::open(&path, "test").unwrap();
+    let e = s.write_layer(id(&s, "top"), 3 * BS + 1, b"x").unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupt(_)) && e.to_string().contains("data block 3"),
+        "{e}"
+    );
+    drop(s);
+    assert!(
+        check(&path, false).is_clean(),
+        "metadata-only check reads no data"
+    );
+    let r = check(&path, true);
+    assert!(
+        r.faults.iter().any(|m| m.contains("layer \"base\"")
+            && m.contains("data block 3 (byte offset 12288)")),
+        "{:?}",
+        r.faults
+    );
+}
+
+/// Every structure, many positions: open returns a store or an error, and a store that opened
+/// reads each layer as its bytes or an error.
+#[test]
+fn flipped_bytes_anywhere_in_metadata_never_panic() {
+    let image = std::fs::read(&fixture().path).unwrap();
+    let sb = {
+        let (_, sb) = newest(&fixture().path);
+        sb
+    };
+    let mut targets: Vec<u64> = vec![];
+    for slot in 0..2u64 {
+        targets.extend((0..128).map(|i| slot * PAGE_SIZE as u64 + i));
+    }
+    let mut pages = stream_pages(&fixture().path, sb.checkpoint.head, sb.checkpoint.pages);
+    pages.extend(stream_pages(&fixture().path, sb.log.head, sb.log.pages));
+    for p in pages {
+        targets.extend(
+            (0..PAGE_SIZE as u64)
+                .step_by(61)
+                .map(|i| p * PAGE_SIZE as u64 + i),
+        );
+    }
+    for at in targets {
+        for x in [0x01u8, 0x80, 0xff] {
+            let mut b = image.clone();
+            b[at as usize] ^= x;
+            let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(b));
+            if let Ok(s) = Store::open_in(storage, false) {
+                for l in s.layers() {
+                    let mut buf = vec![0u8; l.disk_size.min(1 << 20) as usize];
+                    let _ = s.read_layer(l.id, 0, &mut buf);
+                }
+            }
+        }
+    }
+}
