@@ -64,7 +64,7 @@ fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(600),
+        cases: cases(3000),
         max_shrink_iters: 4000,
         failure_persistence: None,
         ..ProptestConfig::default()

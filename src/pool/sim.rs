@@ -132,12 +132,16 @@ struct State {
     space_limit: Option<u64>,
     /// Failures injected so far.
     failures: u64,
+    /// While set, operations are neither counted nor failed (a test looking at the state).
+    suspended: bool,
 }
 
 impl State {
     /// Count one operation and decide whether it fails.
     fn tick(&mut self, is_write: bool) -> io::Result<()> {
-        let Some(f) = self.fault else { return Ok(()) };
+        let Some(f) = self.fault.filter(|_| !self.suspended) else {
+            return Ok(());
+        };
         if f.writes_only && !is_write {
             return Ok(());
         }
@@ -198,6 +202,12 @@ impl SimStorage {
     /// Make the file unable to grow past `bytes` (None: no limit), like a full filesystem.
     pub fn set_space_limit(&self, bytes: Option<u64>) {
         self.lock().space_limit = bytes;
+    }
+
+    /// Suspend (or resume) the fault: while suspended, operations neither count nor fail, so
+    /// a test can inspect the store between injected failures.
+    pub fn set_suspended(&self, on: bool) {
+        self.lock().suspended = on;
     }
 
     /// Failures injected so far.
@@ -477,6 +487,19 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         s.write_at(&[3], 0).unwrap();
         assert_eq!(read(&s, 0, 1), [3]);
+    }
+
+    #[test]
+    fn suspended_fault_neither_counts_nor_fails() {
+        let s = SimStorage::new();
+        s.fail_after(1, libc::EIO);
+        s.set_suspended(true);
+        for _ in 0..5 {
+            s.write_at(&[1], 0).unwrap();
+        }
+        s.set_suspended(false);
+        s.write_at(&[2], 0).unwrap();
+        assert!(s.write_at(&[3], 0).is_err());
     }
 
     #[test]

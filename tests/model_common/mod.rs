@@ -406,6 +406,17 @@ pub fn result_kind<T>(r: &thinlayer::Result<T>) -> Expect {
 /// Run one op on both; panics (with the op) when the store's answer differs from the model's.
 /// Returns the store's error, if any, for callers that inject faults.
 pub fn apply(store: &Arc<Store>, m: &mut Model, op: &Op) -> thinlayer::Result<()> {
+    apply_faulty(store, m, op, false)
+}
+
+/// `apply`, where with `faults` a store error the model did not expect (the pool filled up,
+/// injected I/O errors) is returned instead of failing the test; `m` is then not to be trusted.
+pub fn apply_faulty(
+    store: &Arc<Store>,
+    m: &mut Model,
+    op: &Op,
+    faults: bool,
+) -> thinlayer::Result<()> {
     let bs = m.bs;
     let r: thinlayer::Result<()>;
     let want: Expect;
@@ -483,6 +494,9 @@ pub fn apply(store: &Arc<Store>, m: &mut Model, op: &Op) -> thinlayer::Result<()
             let (off, len) = range.resolve(m.layers[&name].data.len() as u64, bs);
             let mut buf = vec![0xEE; len as usize];
             let got = store.read_layer(id_of(store, &name), off, &mut buf);
+            if faults && matches!(got, Err(Error::Io { .. })) {
+                return got;
+            }
             match m.read(&name, off, len) {
                 Ok(exp) => {
                     got.as_ref()
@@ -498,7 +512,7 @@ pub fn apply(store: &Arc<Store>, m: &mut Model, op: &Op) -> thinlayer::Result<()
         }
         Op::Reopen { .. } => unreachable!("the caller reopens"),
     }
-    if let Err(Error::Io { .. } | Error::Corrupt(_) | Error::Busy(_)) = &r {
+    if faults && want == Expect::Ok && matches!(r, Err(Error::Io { .. } | Error::NoSpace(_))) {
         return r;
     }
     assert_eq!(result_kind(&r), want, "{op:?}: store said {r:?}");
@@ -508,33 +522,15 @@ pub fn apply(store: &Arc<Store>, m: &mut Model, op: &Op) -> thinlayer::Result<()
 /// Compare everything the store shows with the model: catalogue, accounting, every byte of
 /// every layer, extents, and the live consistency of maps and allocator.
 pub fn check_all(store: &Store, m: &Model) {
-    let bs = m.bs;
+    if let Some(why) = mismatch(store, m) {
+        panic!("store differs from the model: {why}");
+    }
     let infos = store.layers();
     let names: Vec<&str> = infos.iter().map(|l| l.name.as_str()).collect();
-    let want: Vec<&str> = m.layers.keys().map(|s| s.as_str()).collect();
-    let mut sorted = names.clone();
-    sorted.sort();
-    assert_eq!(sorted, want, "layer names");
     let mut data_total = 0;
     let mut virtual_total = 0;
     for info in &infos {
         let l = &m.layers[&info.name];
-        assert_eq!(info.parent, l.parent, "parent of {}", info.name);
-        assert_eq!(info.writable, l.writable, "mode of {}", info.name);
-        assert_eq!(info.disk_size, l.data.len() as u64, "size of {}", info.name);
-        assert_eq!(
-            info.size,
-            l.own.len() as u64 * bs,
-            "blocks {} holds (model: {:?})",
-            info.name,
-            l.own
-        );
-        assert_eq!(
-            info.virtual_size,
-            m.chain_size(&info.name),
-            "virtual size of {}",
-            info.name
-        );
         // Parents come before children in `layers()`.
         if let Some(p) = &info.parent {
             let pi = names.iter().position(|n| n == p).unwrap();
@@ -543,21 +539,6 @@ pub fn check_all(store: &Store, m: &Model) {
         }
         data_total += info.size;
         virtual_total += info.virtual_size;
-
-        let mut buf = vec![0xEE; l.data.len()];
-        store
-            .read_layer(info.id, 0, &mut buf)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", info.name));
-        if buf != l.data {
-            let at = buf.iter().zip(&l.data).position(|(a, b)| a != b).unwrap();
-            panic!(
-                "layer {} differs at byte {at} (block {}): store {} model {}",
-                info.name,
-                at as u64 / bs,
-                buf[at],
-                l.data[at]
-            );
-        }
         // Extents tile the layer; only data extents may hold non-zero bytes.
         let ext = store
             .extents_layer(info.id, 0, l.data.len() as u64)
@@ -586,6 +567,57 @@ pub fn check_all(store: &Store, m: &Model) {
     store
         .verify_consistency()
         .unwrap_or_else(|e| panic!("inconsistent store: {e}"));
+}
+
+/// The first difference between what the store shows (catalogue, accounting, bytes) and the
+/// model, or None.
+pub fn mismatch(store: &Store, m: &Model) -> Option<String> {
+    let bs = m.bs;
+    let infos = store.layers();
+    let mut names: Vec<&str> = infos.iter().map(|l| l.name.as_str()).collect();
+    names.sort();
+    let want: Vec<&str> = m.layers.keys().map(|s| s.as_str()).collect();
+    if names != want {
+        return Some(format!("layers {names:?}, model {want:?}"));
+    }
+    for info in &infos {
+        let l = &m.layers[&info.name];
+        let got = (
+            &info.parent,
+            info.writable,
+            info.disk_size,
+            info.size,
+            info.virtual_size,
+        );
+        let exp = (
+            &l.parent,
+            l.writable,
+            l.data.len() as u64,
+            l.own.len() as u64 * bs,
+            m.chain_size(&info.name),
+        );
+        if got != exp {
+            return Some(format!(
+                "layer {}: (parent, writable, disk size, size, virtual size) {got:?}, model {exp:?}",
+                info.name
+            ));
+        }
+        let mut buf = vec![0xEE; l.data.len()];
+        if let Err(e) = store.read_layer(info.id, 0, &mut buf) {
+            return Some(format!("reading {}: {e}", info.name));
+        }
+        if buf != l.data {
+            let at = buf.iter().zip(&l.data).position(|(a, b)| a != b).unwrap();
+            return Some(format!(
+                "layer {} differs at byte {at} (block {}): store {:#04x} model {:#04x}",
+                info.name,
+                at as u64 / bs,
+                buf[at],
+                l.data[at]
+            ));
+        }
+    }
+    None
 }
 
 /// Right after opening: nothing is pending, so the allocator's used blocks are exactly the
