@@ -86,7 +86,7 @@ fuzz_target!(|input: Input| {
         }
     }
     // Sometimes end politely with NBD_CMD_DISC.
-    if input.pieces.len() % 2 == 0 {
+    if input.pieces.len().is_multiple_of(2) {
         let mut disc = Vec::new();
         disc.put_u32(thinlayer::nbd::proto::REQUEST_MAGIC);
         disc.put_u16(0);

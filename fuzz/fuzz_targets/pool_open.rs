@@ -26,7 +26,10 @@ struct Seed {
 const READ_CAP: u64 = 1 << 20;
 const CHUNK: usize = 16 * 1024;
 
-fn read_all(s: &Store) -> Vec<(String, Vec<Result<Vec<u8>, Error>>)> {
+/// Each layer's name and its first READ_CAP bytes, chunk by chunk, as read.
+type Reads = Vec<(String, Vec<Result<Vec<u8>, Error>>)>;
+
+fn read_all(s: &Store) -> Reads {
     s.layers()
         .into_iter()
         .map(|l| {
