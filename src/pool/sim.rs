@@ -117,6 +117,9 @@ pub struct Fault {
     /// Count and fail only writes, punches and syncs; reads keep working.
     pub writes_only: bool,
     pub sticky: bool,
+    /// A failing write first puts a prefix of its 512-byte sectors (maybe none) in place, as
+    /// a device that fails halfway may.
+    pub torn: bool,
 }
 
 #[derive(Default)]
@@ -196,6 +199,7 @@ impl SimStorage {
             errno,
             writes_only: false,
             sticky: true,
+            torn: false,
         }));
     }
 
@@ -303,7 +307,19 @@ impl Storage for SimStorage {
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut s = self.lock();
-        s.tick(true)?;
+        let torn = s.fault.is_some_and(|f| f.torn);
+        if let Err(e) = s.tick(true) {
+            if torn {
+                let cut = SplitMix::new(s.ops ^ offset).below(data.len() as u64 / 512 + 1) * 512;
+                let op = Op::Write {
+                    offset,
+                    data: data[..cut as usize].to_vec(),
+                };
+                op.apply(&mut s.current);
+                s.unsynced.push(op);
+            }
+            return Err(e);
+        }
         let end = offset + data.len() as u64;
         if let Some(limit) = s.space_limit {
             if end > limit && end > s.current.len() as u64 {
@@ -480,6 +496,7 @@ mod tests {
             errno: libc::ENOSPC,
             writes_only: true,
             sticky: false,
+            torn: false,
         }));
         s.write_at(&[1], 0).unwrap();
         read(&s, 0, 1);

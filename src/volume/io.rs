@@ -214,9 +214,21 @@ impl Inner {
             let own = self.layer(id)?.map.get(vb);
             if let Some(Mapping::Data { pblock, .. }) = own {
                 if self.alloc.is_fresh(pblock) {
-                    storage
-                        .write_at(blk, pblock.0 * bs as u64)
-                        .map_err(|e| Error::io(format!("writing {pblock}"), e))?;
+                    let at = pblock.0 * bs as u64;
+                    if let Err(e) = storage.write_at(blk, at) {
+                        // The failed write may have reached part of the block, so the recorded
+                        // checksum may no longer match it: the layer would read as corrupt here
+                        // from now on, and `check` would call the pool damaged after the next
+                        // flush. After a failed write the block's content is the device's (each
+                        // sector old or new): record the checksum of what is there now. If even
+                        // that read fails, reads of it keep failing with I/O errors, as they should.
+                        let mut now = vec![0u8; bs];
+                        if storage.read_at(&mut now, at).is_ok() {
+                            let crc = checksum::data(&now);
+                            self.set_mapping(id, vb, Mapping::Data { pblock, crc });
+                        }
+                        return Err(Error::io(format!("writing {pblock}"), e));
+                    }
                     self.set_mapping(
                         id,
                         vb,
