@@ -132,3 +132,47 @@ fn space_written_by_a_lost_transaction_is_given_back_on_reopen() {
     assert_eq!(s.layer("a").unwrap().size, 0);
     assert!(du() < 1 << 20, "{} bytes still occupied", du());
 }
+
+#[test]
+fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
+    use thinlayer::format::record::{MapEntry, MapTarget, RecordWriter};
+    use thinlayer::format::{PBlock, VBlock};
+    use thinlayer::pool::{meta, Allocator, MetaStreams};
+    let mem = Arc::new(MemStorage::new());
+    let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+    let id = s.create_layer("a", None, Some(1 << 30)).unwrap().id;
+    s.flush().unwrap();
+    drop(s);
+    // Append a commit whose map entry points 2^40 blocks into a pool of a few blocks.
+    let (sbs, _) = meta::read_superblocks(&*mem).unwrap();
+    let rec = meta::load(&*mem, &sbs[0]).unwrap();
+    let mut streams = MetaStreams::from_recovered(&rec);
+    let mut alloc = Allocator::new(2, 0);
+    for &b in rec.log_blocks.iter().chain(&rec.ckpt_blocks) {
+        alloc.mark_loaded(PBlock(b));
+    }
+    let mut w = RecordWriter::new();
+    let target = MapTarget::Data {
+        pblock: PBlock(1 << 40),
+        crc: 0,
+    };
+    w.map(
+        id,
+        MapEntry {
+            vblock: VBlock(3),
+            target,
+        },
+    );
+    streams.commit_log(&*mem, &mut alloc, &w.buf).unwrap();
+
+    let r = thinlayer::check::check(mem.clone(), false, &mut |_, _| {}).unwrap();
+    assert!(
+        r.faults.iter().any(|f| f.contains("outside the pool")),
+        "{:?}",
+        r.faults
+    );
+    let err = Store::open_in(mem, true)
+        .err()
+        .expect("writable open must refuse");
+    assert!(err.to_string().contains("outside the pool"), "{err}");
+}

@@ -416,10 +416,17 @@ fn load_generation(
     let first = first_data_block(bs);
     let mut alloc = Allocator::new(first, sb.max_blocks);
     let mut faults = std::mem::take(&mut catalog.faults);
+    // Block numbers come from disk: bound them by the file before the allocation bitmap grows
+    // to cover them, so damaged metadata cannot make the load allocate without limit. The
+    // log's reserved next page may lie just past the end (reserved, never written).
+    let file_blocks = storage
+        .len()
+        .map_err(|e| Error::io("reading the pool size", e))?
+        .div_ceil(bs as u64);
     for &b in rec.ckpt_blocks.iter().chain(&rec.log_blocks) {
-        if b < first {
+        if b < first || b > file_blocks + 1 {
             return Err(Error::Corrupt(format!(
-                "generation {}: metadata stream in the superblock area (pool block {b})",
+                "generation {}: metadata stream at pool block {b}, outside the pool file ({file_blocks} blocks)",
                 sb.generation
             )));
         }
@@ -430,10 +437,11 @@ fn load_generation(
     for l in catalog.layers() {
         for (vb, m) in l.map.iter() {
             if let Mapping::Data { pblock, .. } = m {
-                if pblock.0 < first {
+                if pblock.0 < first || pblock.0 >= file_blocks {
                     faults.push(format!(
-                        "{}: {vb} maps into the superblock area ({pblock})",
-                        l.describe()
+                        "{}: {vb} (byte offset {}) maps {pblock}, outside the pool's data area ({first}..{file_blocks})",
+                        l.describe(),
+                        vb.0 * bs as u64
                     ));
                 } else if !alloc.mark_loaded(pblock) {
                     faults.push(format!(
