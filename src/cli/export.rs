@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 
 /// Write a layer chain as a sparse raw image (for losetup / mount -o loop).
 #[derive(clap::Args)]
-#[command(after_help = "Example: thinlayer export web-1 web-1.img && mount -o loop,ro web-1.img /mnt\n\
-Works while the pool is served: it exports the last committed state.")]
+#[command(
+    after_help = "Example: thinlayer export web-1 web-1.img && mount -o loop,ro web-1.img /mnt\n\
+Works while the pool is served: it exports the last committed state."
+)]
 pub struct Args {
     name: String,
     file: PathBuf,
@@ -25,7 +27,10 @@ pub fn run(pool: &Path, a: Args) -> Result<()> {
             // A serving process may free and reuse blocks of the state we opened while we read
             // it; that reads as a checksum mismatch. Start again from its newer state.
             Err(Error::Corrupt(_)) if attempt < 3 && is_served(pool) => {
-                eprintln!("thinlayer: {:?} changed while being exported; starting again", a.name);
+                eprintln!(
+                    "thinlayer: {:?} changed while being exported; starting again",
+                    a.name
+                );
                 attempt += 1;
             }
             r => break r?,
@@ -42,5 +47,8 @@ pub fn run(pool: &Path, a: Args) -> Result<()> {
 }
 
 fn is_served(pool: &Path) -> bool {
-    matches!(PoolLock::acquire(pool, "thinlayer export"), Err(Error::Busy(_)))
+    matches!(
+        PoolLock::acquire(pool, "thinlayer export"),
+        Err(Error::Busy(_))
+    )
 }
