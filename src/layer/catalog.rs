@@ -2,10 +2,12 @@
 //! replaying records (checkpoint, then log) and serialises itself back into a checkpoint.
 
 use super::map::{BlockMap, Mapping};
+use super::resolve::{split, ChainCache, MergedChunk};
 use crate::error::{Error, Result};
 use crate::format::record::{LayerCreate, MapEntry, MapTarget, Record, RecordWriter};
 use crate::format::{LayerId, PBlock, VBlock};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 pub struct Layer {
     pub id: LayerId,
@@ -47,6 +49,8 @@ pub struct Catalog {
     /// Damage found while replaying that does not stop the load (counters that disagree with
     /// the map they count); `check` reports it and a writable open refuses it.
     pub faults: Vec<String>,
+    /// Merged chunks of read-only chains, so reads do not walk the chain (see `resolve.rs`).
+    cache: ChainCache,
 }
 
 impl Catalog {
@@ -99,7 +103,56 @@ impl Catalog {
         out
     }
 
-    /// What the chain starting at `chain[0]` reads for `vb`.
+    /// What the chain topped by `top` reads for blocks `vb0..vb0 + n`, appended to `out`.
+    /// Only the top layer can be writable (a writable layer has no children), so it is looked
+    /// at directly; everything below comes from the merged-chunk cache, one lookup per block
+    /// whatever the depth.
+    pub fn resolve_range(&self, top: LayerId, vb0: u64, n: u64, out: &mut Vec<Resolved>) {
+        let Some(t) = self.layers.get(&top) else {
+            out.extend(std::iter::repeat_n(Resolved::Hole, n as usize));
+            return;
+        };
+        let (own, base) = if t.writable {
+            (Some(t), t.parent)
+        } else {
+            (None, Some(top))
+        };
+        let mut cur: Option<(u64, Arc<MergedChunk>)> = None;
+        for vb in vb0..vb0 + n {
+            let r = match (own.and_then(|l| l.map.get(VBlock(vb))), base) {
+                (Some(Mapping::Data { pblock, crc }), _) => Resolved::Data {
+                    pblock,
+                    crc,
+                    owner: top,
+                },
+                (Some(Mapping::Zero), _) => Resolved::Zero,
+                (None, None) => Resolved::Hole,
+                (None, Some(b)) => {
+                    let (c, key) = split(vb);
+                    if cur.as_ref().is_none_or(|(cc, _)| *cc != c) {
+                        cur = Some((c, self.cache.chunk(b, c, || self.chain(b))));
+                    }
+                    cur.as_ref().unwrap().1.get(key)
+                }
+            };
+            debug_assert_eq!(r, Self::resolve_in(&self.chain(top), VBlock(vb)));
+            out.push(r);
+        }
+    }
+
+    /// What the chain topped by `top` reads for `vb` (through the cache).
+    pub fn resolve(&self, top: LayerId, vb: VBlock) -> Resolved {
+        let mut out = Vec::with_capacity(1);
+        self.resolve_range(top, vb.0, 1, &mut out);
+        out[0]
+    }
+
+    /// Entries held by the merged-chunk cache.
+    pub fn cached_entries(&self) -> usize {
+        self.cache.entries()
+    }
+
+    /// What the chain starting at `chain[0]` reads for `vb`, walking it (no cache).
     pub fn resolve_in(chain: &[&Layer], vb: VBlock) -> Resolved {
         for l in chain {
             match l.map.get(vb) {
@@ -163,12 +216,17 @@ impl Catalog {
                     )));
                 }
                 let l = self.layers.remove(&id).unwrap();
+                self.cache.forget(id);
                 self.by_name.remove(&l.name);
                 if let Some(p) = l.parent.and_then(|p| self.layers.get_mut(&p)) {
                     p.children.retain(|&c| c != id);
                 }
             }
             Record::Map { layer, entries } => {
+                if !self.must(layer)?.writable {
+                    // Only replay changes a committed layer; no merged chunk may outlive it.
+                    self.cache.clear();
+                }
                 let l = self.must(layer)?;
                 for e in entries {
                     match e.target {

@@ -23,16 +23,18 @@ pub enum Mapping {
     Zero,
 }
 
+/// One mapped block in 12 bytes: its key within the chunk and a 48-bit pool block (or the zero
+/// mark) with the data's crc. Also the body of the merged-chunk cache's entries.
 #[derive(Clone, Copy, Debug)]
-struct Slot {
-    key: u16,
+pub(crate) struct Slot {
+    pub(crate) key: u16,
     hi: u16,
     lo: u32,
     crc: u32,
 }
 
 impl Slot {
-    fn new(key: u16, m: Mapping) -> Slot {
+    pub(crate) fn new(key: u16, m: Mapping) -> Slot {
         let (p, crc) = match m {
             Mapping::Data { pblock, crc } => (pblock.0, crc),
             Mapping::Zero => (ZERO_MARK, 0),
@@ -45,7 +47,7 @@ impl Slot {
             crc,
         }
     }
-    fn mapping(&self) -> Mapping {
+    pub(crate) fn mapping(&self) -> Mapping {
         let p = ((self.hi as u64) << 32) | self.lo as u64;
         if p == ZERO_MARK {
             Mapping::Zero
@@ -58,7 +60,8 @@ impl Slot {
     }
 }
 
-/// Chunk numbers are small integers: a multiplicative hash is enough and much cheaper than SipHash.
+/// Chunk numbers (and layer ids) are small integers: a multiplicative hash is enough and much
+/// cheaper than SipHash.
 #[derive(Default)]
 pub struct ChunkHasher(u64);
 impl Hasher for ChunkHasher {
@@ -70,8 +73,13 @@ impl Hasher for ChunkHasher {
             self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         }
     }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64);
+    }
+    /// Mixes into what was hashed before, so tuple keys (the chain cache's) work; a lone u64
+    /// hashes as it always did.
     fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (self.0.rotate_left(23) ^ n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 type ChunkTable = HashMap<u64, Vec<Slot>, BuildHasherDefault<ChunkHasher>>;

@@ -2,6 +2,7 @@
 pub mod catalog;
 pub mod map;
 pub mod name;
+pub mod resolve;
 
 pub use catalog::{Catalog, Layer};
 pub use map::{BlockMap, Mapping};

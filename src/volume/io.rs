@@ -58,20 +58,20 @@ impl Inner {
         Ok(l)
     }
 
-    /// Read whole blocks `vb0..vb0+n` of the chain into `out`, verifying data checksums.
+    /// Read whole blocks `vb0..vb0+n` of the chain topped by `top` into `out`, verifying data
+    /// checksums.
     fn read_blocks(
         &self,
         storage: &dyn Storage,
-        chain: &[&Layer],
+        top: LayerId,
         vb0: u64,
         out: &mut [u8],
     ) -> Result<()> {
         let bs = self.block_size as usize;
         let n = out.len() / bs;
         let mut resolved = Vec::with_capacity(n);
-        for i in 0..n as u64 {
-            resolved.push(Catalog::resolve_in(chain, VBlock(vb0 + i)));
-        }
+        self.catalog
+            .resolve_range(top, vb0, n as u64, &mut resolved);
         let mut i = 0;
         while i < n {
             match resolved[i] {
@@ -142,15 +142,14 @@ impl Inner {
         if len == 0 {
             return Ok(());
         }
-        let chain = self.catalog.chain(id);
         let bs = self.block_size as u64;
         let vb0 = offset / bs;
         let vb1 = (offset + len - 1) / bs + 1;
         if offset % bs == 0 && len % bs == 0 {
-            return self.read_blocks(storage, &chain, vb0, buf);
+            return self.read_blocks(storage, id, vb0, buf);
         }
         let mut tmp = vec![0u8; ((vb1 - vb0) * bs) as usize];
-        self.read_blocks(storage, &chain, vb0, &mut tmp)?;
+        self.read_blocks(storage, id, vb0, &mut tmp)?;
         let skip = (offset - vb0 * bs) as usize;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
@@ -174,10 +173,7 @@ impl Inner {
             if within != 0 || end - pos < bs {
                 let n = (bs - within).min(end - pos);
                 let mut blk = vec![0u8; bs as usize];
-                {
-                    let chain = self.catalog.chain(id);
-                    self.read_blocks(storage, &chain, vb, &mut blk)?;
-                }
+                self.read_blocks(storage, id, vb, &mut blk)?;
                 blk[within as usize..(within + n) as usize].copy_from_slice(&src[..n as usize]);
                 self.put_blocks(storage, id, vb, &blk)?;
                 pos += n;
@@ -308,7 +304,7 @@ impl Inner {
         let l = self.layer(id)?;
         let below = match l.parent {
             None => Resolved::Hole,
-            Some(p) => Catalog::resolve_in(&self.catalog.chain(p), vb),
+            Some(p) => self.catalog.resolve(p, vb),
         };
         let want = if !may_unmap || matches!(below, Resolved::Data { .. }) {
             Some(Mapping::Zero)
