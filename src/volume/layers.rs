@@ -51,8 +51,22 @@ pub struct PoolUsage {
 }
 
 fn rfc3339(secs: u64, nanos: u32) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+    // RFC 3339 ends at year 9999; a later time can only come from a damaged record.
+    const MAX_RFC3339_SECS: u64 = 253_402_300_799;
+    if secs > MAX_RFC3339_SECS {
+        return format!("@{secs} (not a valid date)");
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos.min(999_999_999));
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn creation_times_past_year_9999_print_without_panicking() {
+        assert_eq!(super::rfc3339(0, 0), "1970-01-01T00:00:00Z");
+        assert!(super::rfc3339(u64::MAX, u32::MAX).contains("not a valid date"));
+    }
 }
 
 impl Inner {
