@@ -283,6 +283,8 @@ fn fio_randwrite_verifies_with_four_jobs() {
                 "--offset_increment=8m",
             ])
             .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1"])
+            // fio would otherwise leave verify state files in the working directory.
+            .arg("--verify_state_save=0")
             .args(["--group_reporting", "--output-format=json"])
             .arg(format!("--uri={}", server.uri("disk"))),
         LIMIT,
