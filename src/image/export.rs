@@ -1,19 +1,25 @@
 //! `export NAME FILE`: write a chain as a sparse raw image. Only data extents are written;
 //! everything that reads as zeros stays a hole, as `cp --sparse=always` would leave it.
+//! Reading (and checksumming) the pool and writing the file overlap: a writer thread takes
+//! filled buffers while the next ones are read.
 
 use super::CHUNK;
 use crate::error::{Error, Result};
 use crate::volume::{ExtentState, Store};
 use serde::Serialize;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 #[derive(Debug, Default, Serialize)]
 pub struct ExportStats {
     pub size: u64,
     pub bytes_written: u64,
 }
+
+/// Buffers in flight between the reader and the writer.
+const DEPTH: usize = 3;
 
 pub fn export(
     store: &Store,
@@ -31,28 +37,58 @@ pub fn export(
         .map_err(|e| Error::io(format!("creating {}", file.display()), e))?;
     let werr = |e| Error::io(format!("writing {}", file.display()), e);
     out.set_len(size).map_err(werr)?;
-    let mut stats = ExportStats {
+    let (full_tx, full_rx) = sync_channel::<(u64, Vec<u8>)>(DEPTH);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 1);
+    for _ in 0..DEPTH + 1 {
+        empty_tx.send(vec![0u8; CHUNK]).unwrap();
+    }
+    let (read_result, write_result) = std::thread::scope(|s| {
+        let writer = s.spawn(|| write_chunks(&out, full_rx, empty_tx));
+        let r = read_chunks(store, layer.id, size, name, full_tx, &empty_rx, progress);
+        (r, writer.join().expect("export writer panicked"))
+    });
+    // A failed write ends the reader early; its own error is then only a consequence.
+    let written = write_result.map_err(werr)?;
+    read_result?;
+    out.sync_all().map_err(werr)?;
+    Ok(ExportStats {
         size,
-        ..Default::default()
-    };
-    let mut buf = vec![0u8; CHUNK];
+        bytes_written: written,
+    })
+}
+
+fn read_chunks(
+    store: &Store,
+    id: crate::format::LayerId,
+    size: u64,
+    name: &str,
+    full: SyncSender<(u64, Vec<u8>)>,
+    empty: &Receiver<Vec<u8>>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     // Walk the map in windows so a huge sparse layer never builds a huge extent list.
     let window = 1u64 << 30;
     let mut pos = 0;
     while pos < size {
         let wlen = window.min(size - pos);
-        for x in store.extents_layer(layer.id, pos, wlen)? {
+        for x in store.extents_layer(id, pos, wlen)? {
             if x.state != ExtentState::Data {
                 continue;
             }
             let mut off = x.offset;
             while off < x.offset + x.len {
                 let n = (CHUNK as u64).min(x.offset + x.len - off) as usize;
+                // The writer stopped (it failed): its error is reported by the caller.
+                let Ok(mut buf) = empty.recv() else {
+                    return Ok(());
+                };
+                buf.resize(n, 0);
                 store
-                    .read_layer(layer.id, off, &mut buf[..n])
+                    .read_layer(id, off, &mut buf)
                     .map_err(|e| e.context(format!("exporting {name:?}")))?;
-                out.write_all_at(&buf[..n], off).map_err(werr)?;
-                stats.bytes_written += n as u64;
+                if full.send((off, buf)).is_err() {
+                    return Ok(());
+                }
                 off += n as u64;
                 progress(off, size);
             }
@@ -60,6 +96,19 @@ pub fn export(
         pos += wlen;
         progress(pos, size);
     }
-    out.sync_all().map_err(werr)?;
-    Ok(stats)
+    Ok(())
+}
+
+fn write_chunks(
+    out: &File,
+    full: Receiver<(u64, Vec<u8>)>,
+    empty: SyncSender<Vec<u8>>,
+) -> std::io::Result<u64> {
+    let mut written = 0;
+    for (off, buf) in full {
+        out.write_all_at(&buf, off)?;
+        written += buf.len() as u64;
+        let _ = empty.send(buf);
+    }
+    Ok(written)
 }
