@@ -103,6 +103,11 @@ fn owner(b: u64, depth: u64) -> u64 {
 pub fn chain_fixture(dir: &Path, depth: u64, vol: u64) -> (Store, LayerId) {
     let path = dir.join(format!("chain{depth}.pool"));
     let store = Store::create(&path, &opts(BS as u32), "bench").unwrap();
+    let top = fill_chain(&store, depth, vol);
+    (store, top)
+}
+
+fn fill_chain(store: &Store, depth: u64, vol: u64) -> LayerId {
     let blocks = vol / BS;
     let mut blk = vec![0u8; BS as usize];
     let mut parent: Option<String> = None;
@@ -127,8 +132,7 @@ pub fn chain_fixture(dir: &Path, depth: u64, vol: u64) -> (Store, LayerId) {
     }
     store.create_layer("top", parent.as_deref(), None).unwrap();
     store.flush().unwrap();
-    let id = store.layer("top").unwrap().id;
-    (store, id)
+    store.layer("top").unwrap().id
 }
 
 /// Random block-aligned offsets within `vol`.
