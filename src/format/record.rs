@@ -54,7 +54,10 @@ pub enum Record {
     LayerCreate(LayerCreate),
     LayerCommit(LayerId),
     LayerRemove(LayerId),
-    Map { layer: LayerId, entries: Vec<MapEntry> },
+    Map {
+        layer: LayerId,
+        entries: Vec<MapEntry>,
+    },
     /// Checkpoint only: the counters the layer had, checked against its map on load.
     LayerCounters {
         layer: LayerId,

@@ -154,7 +154,10 @@ mod tests {
         for i in 0..ENCODED_LEN {
             let mut b = enc;
             b[i] ^= 0x10;
-            assert!(Superblock::decode(&b, 1).is_err(), "flip at byte {i} accepted");
+            assert!(
+                Superblock::decode(&b, 1).is_err(),
+                "flip at byte {i} accepted"
+            );
         }
     }
 }
