@@ -36,7 +36,7 @@ impl Progress {
         }
         self.last = Some(now);
         let secs = (now - self.start).as_secs_f64().max(1e-3);
-        let pct = if total > 0 { done * 100 / total } else { 100 };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         eprint!(
             "\r{}: {} / {} ({pct}%), {}/s   ",
             self.what,

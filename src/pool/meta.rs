@@ -49,7 +49,7 @@ pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<E
             Err(e) => bad.push(e),
         }
     }
-    good.sort_by(|a, b| b.generation.cmp(&a.generation));
+    good.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
     Ok((good, bad))
 }
 
@@ -362,7 +362,7 @@ impl MetaStreams {
 
     /// The page after `p` in the log: the next page of the same block, or a new block.
     fn page_after(&self, p: u64, alloc: &mut Allocator) -> Result<(u64, Option<u64>)> {
-        if (p + 1) % self.pages_per_block != 0 {
+        if !(p + 1).is_multiple_of(self.pages_per_block) {
             return Ok((p + 1, None));
         }
         let (b, _) = alloc.alloc_run(1, 0)?;

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::Mutex;
 
+#[allow(clippy::len_without_is_empty)] // a pool file is never empty
 pub trait Storage: Send + Sync {
     /// Fill `buf` from `offset`; bytes past the end of the storage read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

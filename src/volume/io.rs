@@ -145,7 +145,7 @@ impl Inner {
         let bs = self.block_size as u64;
         let vb0 = offset / bs;
         let vb1 = (offset + len - 1) / bs + 1;
-        if offset % bs == 0 && len % bs == 0 {
+        if offset.is_multiple_of(bs) && len.is_multiple_of(bs) {
             return self.read_blocks(storage, id, vb0, buf);
         }
         let mut tmp = vec![0u8; ((vb1 - vb0) * bs) as usize];
@@ -415,7 +415,7 @@ pub(crate) fn for_each_resolved(
             }
         }
         vb = chunk_end;
-        debug_assert!(vb % CHUNK_LEN == 0 || vb == end);
+        debug_assert!(vb.is_multiple_of(CHUNK_LEN) || vb == end);
     }
 }
 

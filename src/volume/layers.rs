@@ -60,15 +60,6 @@ fn rfc3339(secs: u64, nanos: u32) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn creation_times_past_year_9999_print_without_panicking() {
-        assert_eq!(super::rfc3339(0, 0), "1970-01-01T00:00:00Z");
-        assert!(super::rfc3339(u64::MAX, u32::MAX).contains("not a valid date"));
-    }
-}
-
 impl Inner {
     pub(crate) fn layer_by_name(&self, name: &str) -> Result<&Layer> {
         self.catalog.by_name(name)
@@ -288,5 +279,14 @@ impl Store {
             .layers()
             .map(|l| l.map.heap_bytes())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn creation_times_past_year_9999_print_without_panicking() {
+        assert_eq!(super::rfc3339(0, 0), "1970-01-01T00:00:00Z");
+        assert!(super::rfc3339(u64::MAX, u32::MAX).contains("not a valid date"));
     }
 }
