@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod support;
+use support::{have, Server};
+
 struct Pool {
     dir: tempfile::TempDir,
     path: PathBuf,
@@ -72,17 +75,6 @@ impl Pool {
             .find(|l| l["name"] == name)
             .unwrap_or_else(|| panic!("no layer {name}"))
     }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"
-        ))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// An ext4 image of `size` populated from a directory with a few files.
@@ -353,31 +345,15 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.ok(&["init"]);
     p.ok(&["create", "w", "--size", "1M"]);
     let sock = p.file("s.sock");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
-        .arg("--pool")
-        .arg(&p.path)
-        .args(["serve", "--socket"])
-        .arg(&sock)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let server = Server::start(&p.path, &sock);
     let err = p.fails(&["create", "other", "--size", "1M"]);
-    assert!(err.contains(&format!("pid {}", server.id())), "{err}");
+    assert!(err.contains(&format!("pid {}", server.child.id())), "{err}");
     assert!(err.contains("serve"), "{err}");
     // Read-only commands still work while served.
     assert_eq!(p.layers().len(), 1);
     p.ok(&["df"]);
     p.ok(&["history", "w"]);
-    // SAFETY: signalling the child we spawned, by its PID.
-    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
-    let st = server.wait().unwrap();
-    assert!(st.success(), "serve exited with {st}");
+    server.stop();
     p.ok(&["create", "other", "--size", "1M"]);
     p.assert_clean();
 }

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_thinlayer")
-}
+mod support;
+use support::{have, tl, wait_for, Server};
 
 fn sh(cmd: &str) -> String {
     let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -31,59 +30,11 @@ fn missing_prerequisite() -> Option<String> {
         return Some("/dev/fuse absent".into());
     }
     for tool in ["nbdfuse", "mkfs.ext4", "e2fsck", "fstrim", "fusermount3"] {
-        if !Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
+        if !have(tool) {
             return Some(format!("{tool} not installed (CI installs it)"));
         }
     }
     None
-}
-
-fn wait_for(p: &Path) {
-    for _ in 0..200 {
-        if p.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{} never appeared", p.display());
-}
-
-/// A running `thinlayer serve`, stopped with SIGTERM (commit, exit 0) when dropped.
-struct Server(Child);
-
-impl Server {
-    fn start(pool: &Path, sock: &Path) -> Server {
-        let c = Command::new(bin())
-            .arg("--pool")
-            .arg(pool)
-            .args(["serve", "--socket"])
-            .arg(sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for(sock);
-        Server(c)
-    }
-
-    fn stop(mut self) {
-        // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let st = self.0.wait().unwrap();
-        assert!(st.success(), "serve exited with {st}");
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// An export mounted as a filesystem: nbdfuse file + loop mount. Undone on drop.
@@ -149,21 +100,6 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         self.teardown();
     }
-}
-
-fn tl(pool: &Path, args: &[&str]) -> String {
-    let o = Command::new(bin())
-        .arg("--pool")
-        .arg(pool)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "thinlayer {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 #[test]

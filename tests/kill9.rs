@@ -5,10 +5,12 @@
 //! (3) a pool that opens and that `check --data` calls clean.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use thinlayer::Store;
+
+mod support;
+use support::{tl, Server};
 
 const BLOCKS: u64 = 4096; // a 16 MiB disk keeps each verification read short
 const SECTOR: usize = 4096;
@@ -22,21 +24,6 @@ fn python_with_libnbd() -> Option<&'static str> {
             .status()
             .is_ok_and(|s| s.success())
     })
-}
-
-fn tl(pool: &Path, args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
-        .arg("--pool")
-        .arg(pool)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "thinlayer {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 struct Write {
@@ -114,20 +101,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let (mut total_writes, mut total_flushes) = (0usize, 0u64);
     for round in 0..ROUNDS {
-        let mut server = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
-            .arg("--pool")
-            .arg(&pool)
-            .args(["serve", "--socket"])
-            .arg(&sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let server = Server::start(&pool, &sock);
         let mut client = Command::new(py)
             .arg(driver)
             .arg(format!("nbd+unix:///disk?socket={}", sock.display()))
@@ -140,12 +114,10 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(150 + rng % 500));
-        // SAFETY: SIGKILL to the server we spawned, by PID.
-        unsafe { libc::kill(server.id() as i32, libc::SIGKILL) };
-        server.wait().unwrap();
+        server.signal(libc::SIGKILL);
+        drop(server);
         let st = client.wait().unwrap();
         assert!(st.success(), "driver failed in round {round}");
-        let _ = std::fs::remove_file(&sock);
 
         let (writes, flushed) = parse_log(&std::fs::read_to_string(&log).unwrap(), round);
         assert!(

@@ -1,0 +1,97 @@
+//! Helpers shared by the tests that run the `thinlayer` binary and its server.
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_thinlayer")
+}
+
+/// Whether `tool` is on PATH (or in /usr/sbin, /sbin, where mkfs and friends live).
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "command -v {tool} || test -x /usr/sbin/{tool} || test -x /sbin/{tool}"
+        ))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Run `thinlayer --pool POOL ARGS`, expect success, return stdout.
+pub fn tl(pool: &Path, args: &[&str]) -> String {
+    let o = Command::new(bin())
+        .arg("--pool")
+        .arg(pool)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "thinlayer {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+pub fn wait_for(p: &Path) {
+    for _ in 0..400 {
+        if p.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} never appeared", p.display());
+}
+
+/// A running `thinlayer serve` on a Unix socket. `stop` ends it as an operator would (SIGTERM:
+/// commit, exit 0); dropping it kills it.
+pub struct Server {
+    pub child: Child,
+    pub sock: PathBuf,
+}
+
+impl Server {
+    pub fn start(pool: &Path, sock: &Path) -> Server {
+        let child = Command::new(bin())
+            .arg("--pool")
+            .arg(pool)
+            .args(["serve", "--socket"])
+            .arg(sock)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(sock);
+        Server {
+            child,
+            sock: sock.to_path_buf(),
+        }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child, by its PID.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "serve exited with {st}");
+        let _ = std::fs::remove_file(&self.sock);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
