@@ -73,6 +73,23 @@ impl Inner {
             .iter()
             .map(|a| a.map.data_blocks() * bs)
             .sum();
+        self.info_with(l, virtual_size)
+    }
+
+    /// Every layer's virtual size in one pass: parents have smaller ids than their children,
+    /// so in id order a parent's sum is ready before its children need it. O(layers).
+    fn virtual_sizes(&self) -> std::collections::HashMap<crate::format::LayerId, u64> {
+        let bs = self.block_size as u64;
+        let mut v = std::collections::HashMap::with_capacity(self.catalog.len());
+        for l in self.catalog.layers() {
+            let below = l.parent.and_then(|p| v.get(&p).copied()).unwrap_or(0);
+            v.insert(l.id, below + l.map.data_blocks() * bs);
+        }
+        v
+    }
+
+    fn info_with(&self, l: &Layer, virtual_size: u64) -> LayerInfo {
+        let bs = self.block_size as u64;
         LayerInfo {
             name: l.name.clone(),
             parent: l
@@ -229,7 +246,8 @@ impl Store {
     /// Every layer, parents before children.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let g = self.read();
-        g.catalog.layers().map(|l| g.info(l)).collect()
+        let v = g.virtual_sizes();
+        g.catalog.layers().map(|l| g.info_with(l, v[&l.id])).collect()
     }
 
     /// The chain from `layer_name` down to its base, like `docker history`.
@@ -243,11 +261,7 @@ impl Store {
         let g = self.read();
         let bs = g.block_size as u64;
         let data_blocks: u64 = g.catalog.layers().map(|l| l.map.data_blocks()).sum();
-        let virtual_total = g
-            .catalog
-            .layers()
-            .map(|l| g.info(l).virtual_size)
-            .sum::<u64>();
+        let virtual_total = g.virtual_sizes().values().sum::<u64>();
         let meta_blocks = g.meta.metadata_blocks();
         let first = crate::format::first_data_block(g.block_size);
         Ok(PoolUsage {
