@@ -247,7 +247,10 @@ impl Store {
     pub fn layers(&self) -> Vec<LayerInfo> {
         let g = self.read();
         let v = g.virtual_sizes();
-        g.catalog.layers().map(|l| g.info_with(l, v[&l.id])).collect()
+        g.catalog
+            .layers()
+            .map(|l| g.info_with(l, v[&l.id]))
+            .collect()
     }
 
     /// The chain from `layer_name` down to its base, like `docker history`.
