@@ -2,32 +2,12 @@
 //! against the layer maps, qemu-img compare against `thinlayer export`, and multi-conn flush
 //! semantics through libnbd. Each test skips with a message if its client is not installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn tl(pool: &Path, args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
-        .arg("--pool")
-        .arg(pool)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "thinlayer {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
+mod support;
+use support::{have, tl, Server};
 
 fn run(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
@@ -57,47 +37,6 @@ fn fixture() -> (tempfile::TempDir, PathBuf) {
     (dir, pool)
 }
 
-struct Server(Child, PathBuf);
-
-impl Server {
-    fn unix(pool: &Path) -> Server {
-        let sock = pool.with_extension("sock");
-        let c = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
-            .arg("--pool")
-            .arg(pool)
-            .args(["serve", "--socket"])
-            .arg(&sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server(c, sock)
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.1.display())
-    }
-
-    fn stop(mut self) {
-        // SAFETY: SIGTERM to our own child, by PID.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        assert!(self.0.wait().unwrap().success());
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn nbd_client_lists_the_exports_over_tcp() {
     if !have("nbd-client") {
@@ -108,7 +47,7 @@ fn nbd_client_lists_the_exports_over_tcp() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(listener);
-    let mut c = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
+    let mut c = Command::new(support::bin())
         .arg("--pool")
         .arg(&pool)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -140,7 +79,7 @@ fn nbdinfo_map_and_qemu_img_compare_agree_with_the_store() {
         return;
     }
     let (d, pool) = fixture();
-    let s = Server::unix(&pool);
+    let s = Server::start(&pool, &pool.with_extension("sock"));
     // In the container: new data in a hole, a zeroed range over the image's data (a whiteout),
     // and an unaligned write.
     run(Command::new("qemu-io").args([
@@ -201,7 +140,7 @@ fn nbdinfo_map_and_qemu_img_compare_agree_with_the_store() {
 
     let out = d.path().join("box.raw");
     tl(&pool, &["export", "box", out.to_str().unwrap()]);
-    let s = Server::unix(&pool);
+    let s = Server::start(&pool, &pool.with_extension("sock"));
     let cmp = run(Command::new("qemu-img").args([
         "compare",
         "-f",
@@ -227,7 +166,7 @@ fn a_flush_on_one_connection_makes_writes_from_another_durable_and_visible() {
         return;
     }
     let (_d, pool) = fixture();
-    let s = Server::unix(&pool);
+    let s = Server::start(&pool, &pool.with_extension("sock"));
     let script = r#"
 import nbd, sys
 uri = sys.argv[1]
@@ -251,8 +190,7 @@ print("ok")
     let out = run(Command::new(py).args(["-c", script, &s.uri("box")]));
     assert!(out.contains("ok"));
     // SIGKILL: nothing but the client's flush made the write durable.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(s.0.id() as i32, libc::SIGKILL) };
+    s.signal(libc::SIGKILL);
     drop(s);
     let store = thinlayer::Store::open_read_only(&pool).unwrap();
     let id = store.layer("box").unwrap().id;
