@@ -198,3 +198,55 @@ print("ok")
     store.read_layer(id, 12288, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0x5a), "a flushed write was lost");
 }
+
+#[test]
+fn a_full_pool_answers_enospc_keeps_its_data_and_takes_writes_again_after_a_trim() {
+    if !have("qemu-io") {
+        eprintln!("SKIP: qemu-io not installed (CI installs qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    tl(&pool, &["init", "--max-size", "4M"]);
+    tl(&pool, &["create", "disk", "--size", "64M"]);
+    let s = Server::start(&pool, &pool.with_extension("sock"));
+    let io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        c.arg(s.uri("disk")).output().unwrap()
+    };
+    let o = io(&["write -P 0x61 0 1M", "flush"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Far more than the cap: the write fails with ENOSPC, the connection and data survive.
+    let o = io(&["write -P 0x62 8M 8M"]);
+    let err = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    let o = io(&["read -P 0x61 0 1M"]);
+    assert!(
+        o.status.success(),
+        "earlier data damaged: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Give space back (discard, committed by flush); writes fit again.
+    let o = io(&[
+        "discard 8M 8M",
+        "flush",
+        "write -P 0x63 16M 1M",
+        "flush",
+        "read -P 0x63 16M 1M",
+        "read -P 0x61 0 1M",
+    ]);
+    assert!(
+        o.status.success()
+            && !String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s.stop();
+    let check = tl(&pool, &["check", "--data"]);
+    assert!(check.contains("clean"), "{check}");
+}
