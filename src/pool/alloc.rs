@@ -10,6 +10,20 @@ use crate::error::{Error, Result};
 use crate::format::PBlock;
 use bitvec::prelude::*;
 
+/// A transaction's frees, held back while its commit is being made durable.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    frees: Vec<u64>,
+    punch: Vec<u64>,
+}
+
+impl Sealed {
+    /// Blocks that the durable commit no longer references (old metadata streams).
+    pub fn add_frees(&mut self, blocks: impl IntoIterator<Item = u64>) {
+        self.frees.extend(blocks);
+    }
+}
+
 pub struct Allocator {
     used: BitVec<u64, Lsb0>,
     fresh: BitVec<u64, Lsb0>,
@@ -156,25 +170,45 @@ impl Allocator {
     /// The open transaction committed: its frees take effect. Returns the blocks whose space
     /// can be punched out of the file, sorted.
     pub fn committed(&mut self) -> Vec<u64> {
+        let sealed = self.seal();
+        self.release(sealed)
+    }
+
+    /// Close the open transaction while its commit is made durable. Its blocks stop being
+    /// fresh at once, so later writes redirect instead of overwriting what the commit names;
+    /// its frees stay in use until `release`, after the commit is durable.
+    pub fn seal(&mut self) -> Sealed {
         for &i in &self.fresh_list {
             self.fresh.set(i as usize, false);
         }
         self.fresh_list.clear();
-        let mut freed = std::mem::take(&mut self.pending_free);
-        for &i in &freed {
+        Sealed {
+            frees: std::mem::take(&mut self.pending_free),
+            punch: std::mem::take(&mut self.to_punch),
+        }
+    }
+
+    /// The sealed transaction is durable: its frees take effect. Returns the blocks whose
+    /// space can be punched out of the file, sorted.
+    pub fn release(&mut self, sealed: Sealed) -> Vec<u64> {
+        let Sealed {
+            mut frees,
+            mut punch,
+        } = sealed;
+        for &i in &frees {
             debug_assert!(self.used[i as usize]);
             self.used.set(i as usize, false);
             self.used_count -= 1;
         }
-        freed.append(&mut self.to_punch);
+        frees.append(&mut punch);
         // A punched fresh block may have been reused since; never punch a used one.
-        freed.retain(|&i| !self.used[i as usize]);
-        freed.sort_unstable();
-        freed.dedup();
-        if let Some(&lowest) = freed.first() {
+        frees.retain(|&i| !self.used[i as usize]);
+        frees.sort_unstable();
+        frees.dedup();
+        if let Some(&lowest) = frees.first() {
             self.cursor = self.cursor.min(lowest);
         }
-        freed
+        frees
     }
 
     /// Blocks freed in the open transaction that stay used until it commits.

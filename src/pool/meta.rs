@@ -20,6 +20,8 @@ pub struct MetaStreams {
     /// Blocks of the log, including the one holding the reserved next page.
     pub log_blocks: Vec<u64>,
     pages_per_block: u64,
+    /// Blocks of streams replaced by a checkpoint, free now, waiting to be punched.
+    retired: Vec<u64>,
 }
 
 /// What a superblock's streams hold, read and verified.
@@ -169,6 +171,7 @@ impl MetaStreams {
             ckpt_blocks: Vec::new(),
             log_blocks: vec![log_block.0],
             pages_per_block: ppb,
+            retired: Vec::new(),
         })
     }
 
@@ -178,6 +181,7 @@ impl MetaStreams {
             ckpt_blocks: r.ckpt_blocks.clone(),
             log_blocks: r.log_blocks.clone(),
             pages_per_block: r.sb.block_size as u64 / PAGE_SIZE as u64,
+            retired: Vec::new(),
         }
     }
 
@@ -193,14 +197,41 @@ impl MetaStreams {
         self.sb.checkpoint.pages
     }
 
-    /// Append `records` to the log and commit. On error nothing durable changed unless the
-    /// error says the superblock write failed.
+    /// Append `records` to the log and commit, all at once (see `stage_log` for the steps).
     pub fn commit_log(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         records: &[u8],
     ) -> Result<()> {
+        let staged = self.stage_log(storage, alloc, records)?;
+        make_durable(storage, &staged.sb)?;
+        self.install(staged, alloc);
+        Ok(())
+    }
+
+    /// Write `checkpoint` as a new checkpoint with an empty log after it, and commit.
+    pub fn commit_checkpoint(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        checkpoint: &[u8],
+    ) -> Result<()> {
+        let staged = self.stage_checkpoint(storage, alloc, checkpoint)?;
+        make_durable(storage, &staged.sb)?;
+        self.install(staged, alloc);
+        Ok(())
+    }
+
+    /// Step 1 of a log commit: write `records` as log pages after the committed ones and
+    /// return the superblock that will name them. Nothing durable changes: the pages lie past
+    /// the committed end of the log. On error the blocks taken for pages are given back.
+    pub fn stage_log(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        records: &[u8],
+    ) -> Result<Staged> {
         debug_assert!(!records.is_empty());
         let chunks: Vec<&[u8]> = records.chunks(PAYLOAD_MAX).collect();
         let mut new_blocks = Vec::new();
@@ -224,7 +255,7 @@ impl MetaStreams {
             }
         }
         let mut buf = [0u8; PAGE_SIZE];
-        let result = (|| {
+        let written = (|| {
             for (i, chunk) in chunks.iter().enumerate() {
                 let h = PageHeader {
                     kind: Kind::LogPage,
@@ -238,34 +269,33 @@ impl MetaStreams {
                     .write_at(&buf, pages[i] * PAGE_SIZE as u64)
                     .map_err(io_err("writing log page"))?;
             }
-            let mut sb = self.sb.clone();
-            sb.generation += 1;
-            sb.log.pages += chunks.len() as u64;
-            sb.log_next = *pages.last().unwrap();
-            self.flip(storage, sb)
+            Ok(())
         })();
-        match result {
-            Ok(()) => {
-                self.log_blocks.extend(new_blocks);
-                Ok(())
+        if let Err(e) = written {
+            for b in new_blocks {
+                alloc.free(PBlock(b));
             }
-            Err(e) => {
-                for b in new_blocks {
-                    alloc.free(PBlock(b));
-                }
-                Err(e)
-            }
+            return Err(e);
         }
+        let mut sb = self.sb.clone();
+        sb.generation += 1;
+        sb.log.pages += chunks.len() as u64;
+        sb.log_next = *pages.last().unwrap();
+        Ok(Staged {
+            sb,
+            new_log_blocks: new_blocks,
+            new_checkpoint: None,
+        })
     }
 
-    /// Write `checkpoint` as a new checkpoint with an empty log after it, and commit. The old
-    /// streams' blocks are freed (released by the allocator's next `committed`).
-    pub fn commit_checkpoint(
+    /// Step 1 of a checkpoint commit: write `checkpoint` into new blocks, with a new empty
+    /// log after it, and return the superblock that will name them.
+    pub fn stage_checkpoint(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         checkpoint: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Staged> {
         let ppb = self.pages_per_block;
         let chunks: Vec<&[u8]> = if checkpoint.is_empty() {
             vec![&[][..]]
@@ -292,7 +322,7 @@ impl MetaStreams {
             .take(chunks.len())
             .collect();
         let id = self.sb.generation + 1;
-        let result = (|| {
+        let written = (|| {
             // Contiguous pages go out in one write.
             let mut run: Vec<u8> = Vec::new();
             let mut run_start = pages[0];
@@ -317,34 +347,55 @@ impl MetaStreams {
             }
             storage
                 .write_at(&run, run_start * PAGE_SIZE as u64)
-                .map_err(io_err("writing checkpoint"))?;
-            let mut sb = self.sb.clone();
-            sb.generation += 1;
-            sb.checkpoint = StreamRef {
-                head: pages[0],
-                pages: chunks.len() as u64,
-                id,
-            };
-            sb.log = StreamRef {
-                head: log_block * ppb,
-                pages: 0,
-                id,
-            };
-            sb.log_next = log_block * ppb;
-            self.flip(storage, sb)
+                .map_err(io_err("writing checkpoint"))
         })();
-        if let Err(e) = result {
+        if let Err(e) = written {
             for &b in blocks.iter().chain(std::iter::once(&log_block)) {
                 alloc.free(PBlock(b));
             }
             return Err(e);
         }
-        for b in self.ckpt_blocks.drain(..).chain(self.log_blocks.drain(..)) {
-            alloc.free(PBlock(b));
+        let mut sb = self.sb.clone();
+        sb.generation += 1;
+        sb.checkpoint = StreamRef {
+            head: pages[0],
+            pages: chunks.len() as u64,
+            id,
+        };
+        sb.log = StreamRef {
+            head: log_block * ppb,
+            pages: 0,
+            id,
+        };
+        sb.log_next = log_block * ppb;
+        Ok(Staged {
+            sb,
+            new_log_blocks: vec![log_block],
+            new_checkpoint: Some(blocks),
+        })
+    }
+
+    /// Step 3, once `make_durable` succeeded: the staged state is the committed one. A new
+    /// checkpoint's predecessors are freed for good at once (nothing durable names them).
+    pub fn install(&mut self, staged: Staged, alloc: &mut Allocator) {
+        self.sb = staged.sb;
+        match staged.new_checkpoint {
+            None => self.log_blocks.extend(staged.new_log_blocks),
+            Some(ckpt) => {
+                let old = self.ckpt_blocks.drain(..).chain(self.log_blocks.drain(..));
+                // Allocated by earlier transactions, so never fresh: release them directly.
+                let mut sealed = crate::pool::Sealed::default();
+                sealed.add_frees(old);
+                self.retired.extend(alloc.release(sealed));
+                self.ckpt_blocks = ckpt;
+                self.log_blocks = staged.new_log_blocks;
+            }
         }
-        self.ckpt_blocks = blocks;
-        self.log_blocks = vec![log_block];
-        Ok(())
+    }
+
+    /// Blocks of retired metadata streams whose space can be punched; drained by the caller.
+    pub fn take_retired(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.retired)
     }
 
     /// Rewrite the superblock slot that is damaged, stale-and-ahead, or torn, with the loaded
@@ -369,18 +420,31 @@ impl MetaStreams {
         Ok((b.0 * self.pages_per_block, Some(b.0)))
     }
 
-    /// Sync what was written, then seal it with the next superblock, then sync that.
     fn flip(&mut self, storage: &dyn Storage, sb: Superblock) -> Result<()> {
-        // Power loss before this sync: the old superblock still names the old streams, whose
-        // pages this commit never touched.
-        storage.sync().map_err(io_err("syncing metadata"))?;
-        write_superblock(storage, &sb)?;
-        // Power loss before this sync: either slot may win on reopen; both describe complete
-        // states, because everything the new one names is already durable.
-        storage.sync().map_err(io_err("syncing superblock"))?;
+        make_durable(storage, &sb)?;
         self.sb = sb;
         Ok(())
     }
+}
+
+/// A commit written but not yet sealed: the superblock that will name it and its new blocks.
+pub struct Staged {
+    pub sb: Superblock,
+    new_log_blocks: Vec<u64>,
+    /// For a checkpoint commit, the checkpoint's blocks.
+    new_checkpoint: Option<Vec<u64>>,
+}
+
+/// Step 2 of a commit: sync what was written, then seal it with the next superblock, then
+/// sync that. Needs only the storage, so callers can run it without holding their locks.
+pub fn make_durable(storage: &dyn Storage, sb: &Superblock) -> Result<()> {
+    // Power loss before this sync: the old superblock still names the old streams, whose
+    // pages this commit never touched.
+    storage.sync().map_err(io_err("syncing metadata"))?;
+    write_superblock(storage, sb)?;
+    // Power loss before this sync: either slot may win on reopen; both describe complete
+    // states, because everything the new one names is already durable.
+    storage.sync().map_err(io_err("syncing superblock"))
 }
 
 fn write_superblock(storage: &dyn Storage, sb: &Superblock) -> Result<()> {

@@ -7,7 +7,7 @@ pub mod meta;
 pub mod sim;
 pub mod storage;
 
-pub use alloc::Allocator;
+pub use alloc::{Allocator, Sealed};
 pub use meta::{MetaStreams, Recovered};
 pub use sim::SimStorage;
 pub use storage::{FileStorage, MemStorage, Storage};

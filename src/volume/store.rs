@@ -26,6 +26,8 @@ pub struct Store {
     pub(crate) storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
     pub(crate) inner: RwLock<Inner>,
+    /// Serialises commits, whose slow part runs outside `inner`'s lock.
+    commit_lock: std::sync::Mutex<()>,
     writable: bool,
     _lock: Option<PoolLock>,
 }
@@ -156,6 +158,7 @@ impl Store {
         Ok(Store {
             storage,
             path: None,
+            commit_lock: std::sync::Mutex::new(()),
             inner: RwLock::new(Inner {
                 meta,
                 alloc,
@@ -230,6 +233,7 @@ impl Store {
             storage,
             path: None,
             inner: RwLock::new(inner),
+            commit_lock: std::sync::Mutex::new(()),
             writable,
             _lock: None,
         };
@@ -275,14 +279,24 @@ impl Store {
 
     /// Commit the open transaction: every change made before this call survives a crash.
     pub fn flush(&self) -> Result<()> {
-        let mut g = self.write()?;
-        g.commit(&*self.storage)
+        // One commit at a time; reads and writes go on while it syncs.
+        let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let prepared = match self.write()?.prepare_commit(&*self.storage)? {
+            None => return Ok(()),
+            Some(p) => p,
+        };
+        // The syncs, the slow part, run without the store lock. What the commit names was
+        // written before step 1 and is never overwritten until the commit is installed.
+        let durable = meta::make_durable(&*self.storage, &prepared.staged.sb);
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.finish_commit(&*self.storage, prepared, durable)
     }
 
     /// Throw away the open transaction: the store goes back to its last committed state.
     /// Blocks written since are unreferenced again and reused. (Everything uncommitted goes,
     /// whoever wrote it: callers that share the store must agree on this.)
     pub fn rollback(&self) -> Result<()> {
+        let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut g = self.write()?;
         if g.pending.is_empty() {
             return Ok(());
@@ -477,38 +491,34 @@ impl Inner {
         8 + pages.div_ceil(ppb) * 2
     }
 
-    pub fn commit(&mut self, storage: &dyn Storage) -> Result<()> {
+    /// Commit step 1, under the store's write lock: write the transaction's metadata pages
+    /// and close the transaction. Its blocks stop being fresh, so writes that come while the
+    /// commit is made durable go to new blocks and never change what the commit names.
+    fn prepare_commit(&mut self, storage: &dyn Storage) -> Result<Option<Prepared>> {
         if self.pending.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let want_checkpoint = self.meta.log_pages() + (self.pending.buf.len() / PAYLOAD_MAX) as u64
             > self
                 .checkpoint_min_log_pages
                 .max(self.meta.checkpoint_pages());
-        let mut result = Err(Error::Invalid(String::new()));
+        let mut staged = Err(Error::Invalid(String::new()));
         if want_checkpoint {
             let mut w = RecordWriter::new();
             self.catalog.encode_checkpoint(&mut w);
-            result = self
-                .meta
-                .commit_checkpoint(storage, &mut self.alloc, &w.buf);
+            staged = self.meta.stage_checkpoint(storage, &mut self.alloc, &w.buf);
         }
         // Without room for a whole checkpoint, appending to the log still works.
-        if !want_checkpoint || matches!(result, Err(Error::NoSpace(_))) {
-            result = self
+        if !want_checkpoint || matches!(staged, Err(Error::NoSpace(_))) {
+            staged = self
                 .meta
-                .commit_log(storage, &mut self.alloc, &self.pending.buf);
+                .stage_log(storage, &mut self.alloc, &self.pending.buf);
         }
-        match result {
-            Ok(()) => {
+        match staged {
+            Ok(staged) => {
                 self.pending.clear();
-                let freed = self.alloc.committed();
-                self.unpunched.extend(freed);
-                let bs = self.block_size as u64;
-                if self.unpunched.len() as u64 * bs >= PUNCH_BATCH_BYTES {
-                    self.punch_free_space(storage);
-                }
-                Ok(())
+                let sealed = self.alloc.seal();
+                Ok(Some(Prepared { staged, sealed }))
             }
             Err(e @ Error::NoSpace(_)) => Err(e),
             Err(e) => {
@@ -517,6 +527,35 @@ impl Inner {
             }
         }
     }
+
+    /// Commit step 3, under the write lock again, with the outcome of step 2 (`make_durable`).
+    fn finish_commit(
+        &mut self,
+        storage: &dyn Storage,
+        p: Prepared,
+        durable: Result<()>,
+    ) -> Result<()> {
+        if let Err(e) = durable {
+            // The superblock may or may not have reached the disk: only a reopen can tell.
+            self.poisoned = Some(e.to_string());
+            return Err(e);
+        }
+        self.meta.install(p.staged, &mut self.alloc);
+        let freed = self.alloc.release(p.sealed);
+        self.unpunched.extend(freed);
+        self.unpunched.extend(self.meta.take_retired());
+        let bs = self.block_size as u64;
+        if self.unpunched.len() as u64 * bs >= PUNCH_BATCH_BYTES {
+            self.punch_free_space(storage);
+        }
+        Ok(())
+    }
+}
+
+/// A commit between its steps: pages written, superblock not yet.
+struct Prepared {
+    staged: meta::Staged,
+    sealed: crate::pool::Sealed,
 }
 
 impl Inner {
@@ -541,5 +580,40 @@ fn punch_runs(storage: &dyn Storage, sorted: &[u64], bs: u64) {
         // Failure only costs space: nothing references these blocks any more.
         let _ = storage.punch_hole(sorted[i] * bs, (j - i) as u64 * bs);
         i = j;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::MemStorage;
+
+    /// A write that lands while a commit is being made durable must not overwrite a block that
+    /// commit names: if it did, a crash right after would leave that block's bytes newer than
+    /// the checksum the commit recorded, and a read would fail (or return the wrong data).
+    #[test]
+    fn writes_during_a_commit_do_not_touch_the_blocks_it_names() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let id = s.create_layer("a", None, Some(1 << 20)).unwrap().id;
+        s.write_layer(id, 0, &[0xaa; 4096]).unwrap();
+        s.flush().unwrap();
+        // B lands in a fresh block of the open transaction ...
+        s.write_layer(id, 0, &[0xbb; 4096]).unwrap();
+        let prepared = s.write().unwrap().prepare_commit(&*mem).unwrap().unwrap();
+        // ... C comes while that transaction's commit is being made durable ...
+        s.write_layer(id, 0, &[0xcc; 4096]).unwrap();
+        let durable = meta::make_durable(&*mem, &prepared.staged.sb);
+        s.write()
+            .unwrap()
+            .finish_commit(&*mem, prepared, durable)
+            .unwrap();
+        // ... and power fails before C is committed: B must read back, checksum intact.
+        let image = Arc::new(MemStorage::from_bytes(mem.snapshot()));
+        drop(s);
+        let s = Store::open_in(image, false).unwrap();
+        let mut buf = vec![0u8; 4096];
+        s.read_layer(id, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0xbb));
     }
 }
