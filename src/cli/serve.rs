@@ -18,8 +18,9 @@ pub struct Args {
     /// Unix socket to listen on (default: POOL.sock beside the pool).
     #[arg(long, conflicts_with = "listen")]
     socket: Option<PathBuf>,
-    /// TCP address instead, e.g. 127.0.0.1:10809. Addresses other than loopback only when given.
-    #[arg(long)]
+    /// Listen on TCP instead: `--listen` alone is 127.0.0.1:10809 (the NBD port on loopback);
+    /// an address other than loopback only when given explicitly.
+    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:10809")]
     listen: Option<SocketAddr>,
     /// Export only these layers (repeatable); default: all.
     #[arg(long = "export", value_name = "NAME")]
