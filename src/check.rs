@@ -105,7 +105,7 @@ pub fn check(
                     r.faults.push(format!(
                         "{}: {vb} (byte offset {}) maps {pblock}, outside the pool file",
                         l.describe(),
-                        vb.0 * bs
+                        vb.0.saturating_mul(bs)
                     ));
                 } else if data {
                     data_refs.push((pblock, crc, l.id, vb.0));
@@ -127,7 +127,7 @@ pub fn check(
                 let who = g.catalog.get(*id).map_or(String::new(), |l| l.describe());
                 r.faults.push(format!(
                     "{who}: data block {vb} (byte offset {}) at {p} fails its checksum (stored {crc:#010x}, computed {actual:#010x})",
-                    vb * bs
+                    vb.saturating_mul(bs)
                 ));
             }
             r.verified_blocks += 1;

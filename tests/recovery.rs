@@ -163,6 +163,14 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
             target,
         },
     );
+    // A virtual block whose byte offset does not fit in 64 bits (fuzz pool_open).
+    w.map(
+        id,
+        MapEntry {
+            vblock: VBlock(u64::MAX / 2),
+            target,
+        },
+    );
     streams.commit_log(&*mem, &mut alloc, &w.buf).unwrap();
 
     let r = thinlayer::check::check(mem.clone(), false, &mut |_, _| {}).unwrap();

@@ -36,7 +36,7 @@ impl Store {
         for l in g.catalog.layers() {
             let (mut data, mut zero) = (0, 0);
             for (vb, m) in l.map.iter() {
-                if vb.0 * bs >= l.disk_size {
+                if vb.0.saturating_mul(bs) >= l.disk_size {
                     faults.push(format!("{}: {vb} mapped past its end", l.describe()));
                 }
                 match m {

@@ -455,7 +455,7 @@ fn load_generation(
                     faults.push(format!(
                         "{}: {vb} (byte offset {}) maps {pblock}, outside the pool's data area ({first}..{file_blocks})",
                         l.describe(),
-                        vb.0 * bs as u64
+                        vb.0.saturating_mul(bs as u64)
                     ));
                 } else if !alloc.mark_loaded(pblock) {
                     faults.push(format!(
