@@ -197,7 +197,8 @@ impl MetaStreams {
         self.sb.checkpoint.pages
     }
 
-    /// Append `records` to the log and commit, all at once (see `stage_log` for the steps).
+    /// Append `records` to the log and commit, all at once: `stage_log`, `make_durable`,
+    /// `install`. (The store runs the steps itself, so its I/O goes on during the syncs.)
     pub fn commit_log(
         &mut self,
         storage: &dyn Storage,
@@ -205,19 +206,6 @@ impl MetaStreams {
         records: &[u8],
     ) -> Result<()> {
         let staged = self.stage_log(storage, alloc, records)?;
-        make_durable(storage, &staged.sb)?;
-        self.install(staged, alloc);
-        Ok(())
-    }
-
-    /// Write `checkpoint` as a new checkpoint with an empty log after it, and commit.
-    pub fn commit_checkpoint(
-        &mut self,
-        storage: &dyn Storage,
-        alloc: &mut Allocator,
-        checkpoint: &[u8],
-    ) -> Result<()> {
-        let staged = self.stage_checkpoint(storage, alloc, checkpoint)?;
         make_durable(storage, &staged.sb)?;
         self.install(staged, alloc);
         Ok(())
