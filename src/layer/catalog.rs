@@ -1,44 +1,26 @@
 //! The catalogue: every layer with its name, parent, mode and block map. It is rebuilt by
 //! replaying records (checkpoint, then log) and serialises itself back into a checkpoint.
 
+use super::chain::{self, ChainCache, Resolver};
 use super::map::{BlockMap, Mapping};
-use super::resolve::{split, ChainCache, MergedChunk};
+use super::node::Layer;
 use crate::error::{Error, Result};
 use crate::format::record::{LayerCreate, MapEntry, MapTarget, Record, RecordWriter};
 use crate::format::{LayerId, PBlock, VBlock};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
-pub struct Layer {
-    pub id: LayerId,
-    pub name: String,
-    pub parent: Option<LayerId>,
-    pub disk_size: u64,
-    pub created_secs: u64,
-    pub created_nanos: u32,
-    pub writable: bool,
-    pub map: BlockMap,
-    pub children: Vec<LayerId>,
-}
-
-impl Layer {
-    pub fn describe(&self) -> String {
-        format!("layer {:?} ({})", self.name, self.id)
-    }
-}
-
-/// What a chain reads for one block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Resolved {
-    Data {
-        pblock: PBlock,
-        crc: u32,
-        owner: LayerId,
+/// A change made now, as opposed to a record replayed from disk.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    Create(&'a LayerCreate),
+    Commit(LayerId),
+    Remove(LayerId),
+    /// Set (`Some`) or drop (`None`) one entry of a writable layer's own map.
+    Map {
+        layer: LayerId,
+        vblock: VBlock,
+        to: Option<Mapping>,
     },
-    /// A whiteout in some layer of the chain.
-    Zero,
-    /// Mapped nowhere.
-    Hole,
 }
 
 #[derive(Default)]
@@ -49,7 +31,7 @@ pub struct Catalog {
     /// Damage found while replaying that does not stop the load (counters that disagree with
     /// the map they count); `check` reports it and a writable open refuses it.
     pub faults: Vec<String>,
-    /// Merged chunks of read-only chains, so reads do not walk the chain (see `resolve.rs`).
+    /// Merged chunks of read-only chains, so reads do not walk the chain (see `chain.rs`).
     cache: ChainCache,
 }
 
@@ -77,10 +59,6 @@ impl Catalog {
         self.layers.get(&id)
     }
 
-    pub fn get_mut(&mut self, id: LayerId) -> Option<&mut Layer> {
-        self.layers.get_mut(&id)
-    }
-
     pub fn by_name(&self, name: &str) -> Result<&Layer> {
         self.by_name
             .get(name)
@@ -94,57 +72,12 @@ impl Catalog {
 
     /// The chain from `top` down to its base.
     pub fn chain(&self, top: LayerId) -> Vec<&Layer> {
-        let mut out = Vec::new();
-        let mut cur = self.layers.get(&top);
-        while let Some(l) = cur {
-            out.push(l);
-            cur = l.parent.and_then(|p| self.layers.get(&p));
-        }
-        out
+        chain::chain(&self.layers, top)
     }
 
-    /// What the chain topped by `top` reads for blocks `vb0..vb0 + n`, appended to `out`.
-    /// Only the top layer can be writable (a writable layer has no children), so it is looked
-    /// at directly; everything below comes from the merged-chunk cache, one lookup per block
-    /// whatever the depth.
-    pub fn resolve_range(&self, top: LayerId, vb0: u64, n: u64, out: &mut Vec<Resolved>) {
-        let Some(t) = self.layers.get(&top) else {
-            out.extend(std::iter::repeat_n(Resolved::Hole, n as usize));
-            return;
-        };
-        let (own, base) = if t.writable {
-            (Some(t), t.parent)
-        } else {
-            (None, Some(top))
-        };
-        let mut cur: Option<(u64, Arc<MergedChunk>)> = None;
-        for vb in vb0..vb0 + n {
-            let r = match (own.and_then(|l| l.map.get(VBlock(vb))), base) {
-                (Some(Mapping::Data { pblock, crc }), _) => Resolved::Data {
-                    pblock,
-                    crc,
-                    owner: top,
-                },
-                (Some(Mapping::Zero), _) => Resolved::Zero,
-                (None, None) => Resolved::Hole,
-                (None, Some(b)) => {
-                    let (c, key) = split(vb);
-                    if cur.as_ref().is_none_or(|(cc, _)| *cc != c) {
-                        cur = Some((c, self.cache.chunk(b, c, || self.chain(b))));
-                    }
-                    cur.as_ref().unwrap().1.get(key)
-                }
-            };
-            debug_assert_eq!(r, Self::resolve_in(&self.chain(top), VBlock(vb)));
-            out.push(r);
-        }
-    }
-
-    /// What the chain topped by `top` reads for `vb` (through the cache).
-    pub fn resolve(&self, top: LayerId, vb: VBlock) -> Resolved {
-        let mut out = Vec::with_capacity(1);
-        self.resolve_range(top, vb.0, 1, &mut out);
-        out[0]
+    /// What the chain topped by `top` reads, through the merged-chunk cache.
+    pub fn resolver(&self, top: LayerId) -> Resolver<'_> {
+        Resolver::new(&self.layers, &self.cache, top)
     }
 
     /// Entries held by the merged-chunk cache.
@@ -152,25 +85,59 @@ impl Catalog {
         self.cache.entries()
     }
 
-    /// What the chain starting at `chain[0]` reads for `vb`, walking it (no cache).
-    pub fn resolve_in(chain: &[&Layer], vb: VBlock) -> Resolved {
-        for l in chain {
-            match l.map.get(vb) {
-                Some(Mapping::Data { pblock, crc }) => {
-                    return Resolved::Data {
-                        pblock,
-                        crc,
-                        owner: l.id,
-                    }
+    /// Make a change: apply it and append its record to `log` (the open transaction) in one
+    /// step, so the catalogue in memory and the records that will rebuild it cannot drift apart.
+    /// Pool blocks the change stops referencing are passed to `freed`. Nothing is logged if the
+    /// change is refused.
+    pub fn change(
+        &mut self,
+        log: &mut RecordWriter,
+        c: Change<'_>,
+        mut freed: impl FnMut(PBlock),
+    ) -> Result<()> {
+        match c {
+            Change::Create(lc) => {
+                self.apply(Record::LayerCreate(lc.clone()))?;
+                log.layer_create(lc);
+            }
+            Change::Commit(id) => {
+                self.apply(Record::LayerCommit(id))?;
+                log.layer_commit(id);
+            }
+            Change::Remove(id) => {
+                let blocks: Vec<PBlock> = match self.layers.get(&id) {
+                    Some(l) => l.map.iter().filter_map(|(_, m)| m.pblock()).collect(),
+                    None => Vec::new(),
+                };
+                self.apply(Record::LayerRemove(id))?;
+                log.layer_remove(id);
+                blocks.into_iter().for_each(freed);
+            }
+            Change::Map { layer, vblock, to } => {
+                // The hot path of every write: one map update, no record built and replayed.
+                let l = self.must(layer)?;
+                debug_assert!(l.writable, "only writable layers change their maps");
+                let old = match to {
+                    Some(m) => l.map.set(vblock, m),
+                    None => l.map.remove(vblock),
+                };
+                log.map(
+                    layer,
+                    MapEntry {
+                        vblock,
+                        target: MapTarget::from(to),
+                    },
+                );
+                let kept = to.and_then(|m| m.pblock());
+                if let Some(p) = old.and_then(|m| m.pblock()).filter(|&p| Some(p) != kept) {
+                    freed(p);
                 }
-                Some(Mapping::Zero) => return Resolved::Zero,
-                None => {}
             }
         }
-        Resolved::Hole
+        Ok(())
     }
 
-    /// Apply one record (replay, or a change made now). Validates references, so damaged
+    /// Apply one record (replay, or through `change`). Validates references, so damaged
     /// metadata is reported rather than half-applied into an impossible catalogue.
     pub fn apply(&mut self, rec: Record) -> Result<()> {
         match rec {
@@ -289,10 +256,7 @@ impl Catalog {
                 name: l.name.clone(),
             });
             for (vblock, m) in l.map.iter() {
-                let target = match m {
-                    Mapping::Data { pblock, crc } => MapTarget::Data { pblock, crc },
-                    Mapping::Zero => MapTarget::Zero,
-                };
+                let target = MapTarget::from(Some(m));
                 w.map(l.id, MapEntry { vblock, target });
             }
             // After the entries, so replay can compare them with the map it just rebuilt.

@@ -6,6 +6,7 @@
 //! over disks up to ~50x the mapped data), rising towards ~100 bytes only where a chunk holds a
 //! single block.
 
+use crate::format::record::MapTarget;
 use crate::format::{PBlock, VBlock};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -21,6 +22,26 @@ pub const MAX_PBLOCK: u64 = ZERO_MARK - 1;
 pub enum Mapping {
     Data { pblock: PBlock, crc: u32 },
     Zero,
+}
+
+impl Mapping {
+    /// The pool block it stores data in, if any.
+    pub fn pblock(self) -> Option<PBlock> {
+        match self {
+            Mapping::Data { pblock, .. } => Some(pblock),
+            Mapping::Zero => None,
+        }
+    }
+}
+
+impl From<Option<Mapping>> for MapTarget {
+    fn from(m: Option<Mapping>) -> MapTarget {
+        match m {
+            None => MapTarget::Unmapped,
+            Some(Mapping::Zero) => MapTarget::Zero,
+            Some(Mapping::Data { pblock, crc }) => MapTarget::Data { pblock, crc },
+        }
+    }
 }
 
 /// One mapped block in 12 bytes: its key within the chunk and a 48-bit pool block (or the zero
@@ -91,7 +112,8 @@ pub struct BlockMap {
     zero_blocks: u64,
 }
 
-fn split(vb: VBlock) -> (u64, u16) {
+/// Split a virtual block number into (chunk, key within the chunk).
+pub fn split(vb: VBlock) -> (u64, u16) {
     (vb.0 >> CHUNK_BITS, (vb.0 & (CHUNK_LEN - 1)) as u16)
 }
 

@@ -1,8 +1,11 @@
-//! The layer catalogue and each layer's sparse block map.
+//! The layer catalogue, each layer's sparse block map, and reading through a chain.
 pub mod catalog;
+pub mod chain;
 pub mod map;
 pub mod name;
-pub mod resolve;
+pub mod node;
 
-pub use catalog::{Catalog, Layer};
+pub use catalog::{Catalog, Change};
+pub use chain::{Resolved, Resolver};
 pub use map::{BlockMap, Mapping};
+pub use node::Layer;

@@ -6,25 +6,14 @@ use super::device::{Extent, ExtentState};
 use super::store::{Inner, Store};
 use crate::error::{Error, Result};
 use crate::format::checksum;
-use crate::format::record::{MapEntry, MapTarget};
 use crate::format::{LayerId, PBlock, VBlock};
-use crate::layer::catalog::Resolved;
-use crate::layer::map::{CHUNK_BITS, CHUNK_LEN};
-use crate::layer::{Catalog, Layer, Mapping};
+use crate::layer::{Change, Layer, Mapping, Resolved};
 use crate::pool::Storage;
 
 fn is_zero(b: &[u8]) -> bool {
     // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
     let (head, mid, tail) = unsafe { b.align_to::<u128>() };
     head.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0)
-}
-
-fn target(m: Option<Mapping>) -> MapTarget {
-    match m {
-        None => MapTarget::Unmapped,
-        Some(Mapping::Zero) => MapTarget::Zero,
-        Some(Mapping::Data { pblock, crc }) => MapTarget::Data { pblock, crc },
-    }
 }
 
 impl Inner {
@@ -71,7 +60,8 @@ impl Inner {
         let n = out.len() / bs;
         let mut resolved = Vec::with_capacity(n);
         self.catalog
-            .resolve_range(top, vb0, n as u64, &mut resolved);
+            .resolver(top)
+            .range(vb0, n as u64, &mut resolved);
         let mut i = 0;
         while i < n {
             match resolved[i] {
@@ -221,18 +211,12 @@ impl Inner {
                         let mut now = vec![0u8; bs];
                         if storage.read_at(&mut now, at).is_ok() {
                             let crc = checksum::data(&now);
-                            self.set_mapping(id, vb, Mapping::Data { pblock, crc });
+                            self.set_mapping(id, vb, Some(Mapping::Data { pblock, crc }))?;
                         }
                         return Err(Error::io(format!("writing {pblock}"), e));
                     }
-                    self.set_mapping(
-                        id,
-                        vb,
-                        Mapping::Data {
-                            pblock,
-                            crc: checksum::data(blk),
-                        },
-                    );
+                    let crc = checksum::data(blk);
+                    self.set_mapping(id, vb, Some(Mapping::Data { pblock, crc }))?;
                     i += 1;
                     continue;
                 }
@@ -269,33 +253,22 @@ impl Inner {
                     pblock: PBlock(p.0 + k as u64),
                     crc: checksum::data(blk),
                 };
-                self.set_mapping(id, VBlock(vb0 + (i + k) as u64), m);
+                self.set_mapping(id, VBlock(vb0 + (i + k) as u64), Some(m))?;
             }
             i += got;
         }
         Ok(())
     }
 
-    /// Change one entry of a layer's own map, record it, and free the block it replaces.
-    fn set_mapping(&mut self, id: LayerId, vb: VBlock, m: Mapping) {
-        let l = self.catalog.get_mut(id).expect("layer checked by caller");
-        let old = l.map.set(vb, m);
-        self.release(old, Some(m));
-        self.pending.map(
-            id,
-            MapEntry {
-                vblock: vb,
-                target: target(Some(m)),
-            },
-        );
-    }
-
-    fn release(&mut self, old: Option<Mapping>, new: Option<Mapping>) {
-        if let Some(Mapping::Data { pblock, .. }) = old {
-            if !matches!(new, Some(Mapping::Data { pblock: p, .. }) if p == pblock) {
-                self.alloc.free(pblock);
-            }
-        }
+    /// Change one entry of a layer's own map (logged), freeing the block it replaces.
+    fn set_mapping(&mut self, id: LayerId, vb: VBlock, m: Option<Mapping>) -> Result<()> {
+        let alloc = &mut self.alloc;
+        let c = Change::Map {
+            layer: id,
+            vblock: vb,
+            to: m,
+        };
+        self.catalog.change(&mut self.pending, c, |p| alloc.free(p))
     }
 
     /// Make one block of layer `id` read as zeros. Only a block the parents hold data for needs
@@ -304,31 +277,17 @@ impl Inner {
         let l = self.layer(id)?;
         let below = match l.parent {
             None => Resolved::Hole,
-            Some(p) => self.catalog.resolve(p, vb),
+            Some(p) => self.catalog.resolver(p).block(vb),
         };
         let want = if !may_unmap || matches!(below, Resolved::Data { .. }) {
             Some(Mapping::Zero)
         } else {
             None
         };
-        let own = l.map.get(vb);
-        if own == want {
+        if l.map.get(vb) == want {
             return Ok(());
         }
-        let l = self.catalog.get_mut(id).unwrap();
-        let old = match want {
-            Some(m) => l.map.set(vb, m),
-            None => l.map.remove(vb),
-        };
-        self.release(old, want);
-        self.pending.map(
-            id,
-            MapEntry {
-                vblock: vb,
-                target: target(want),
-            },
-        );
-        Ok(())
+        self.set_mapping(id, vb, want)
     }
 
     pub(crate) fn zero(
@@ -382,8 +341,8 @@ impl Inner {
                 }),
             }
         };
-        let chain = self.catalog.chain(id);
-        for_each_resolved(&chain, offset / bs, (end - 1) / bs + 1, |vb, n, r| {
+        let r = self.catalog.resolver(id);
+        r.runs(offset / bs, (end - 1) / bs + 1, |vb, n, r| {
             let state = match r {
                 Resolved::Data { .. } => ExtentState::Data,
                 Resolved::Zero => ExtentState::Zero,
@@ -392,30 +351,6 @@ impl Inner {
             push(vb * bs, (vb + n) * bs, state);
         });
         Ok(out)
-    }
-}
-
-/// Walk blocks `start..end` of a chain, calling `f(first_block, count, what)` for runs; chunks
-/// that no layer of the chain maps are passed as one hole without looking at each block.
-pub(crate) fn for_each_resolved(
-    chain: &[&Layer],
-    start: u64,
-    end: u64,
-    mut f: impl FnMut(u64, u64, Resolved),
-) {
-    let mut vb = start;
-    while vb < end {
-        let c = vb >> CHUNK_BITS;
-        let chunk_end = ((c + 1) << CHUNK_BITS).min(end);
-        if !chain.iter().any(|l| l.map.has_chunk(c)) {
-            f(vb, chunk_end - vb, Resolved::Hole);
-        } else {
-            for b in vb..chunk_end {
-                f(b, 1, Catalog::resolve_in(chain, VBlock(b)));
-            }
-        }
-        vb = chunk_end;
-        debug_assert!(vb.is_multiple_of(CHUNK_LEN) || vb == end);
     }
 }
 

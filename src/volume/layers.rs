@@ -4,7 +4,7 @@ use super::store::{Inner, Store};
 use crate::error::{Error, Result};
 use crate::format::record::LayerCreate;
 use crate::format::LayerId;
-use crate::layer::{name, Layer, Mapping};
+use crate::layer::{name, Change, Layer};
 use serde::Serialize;
 
 /// One layer as `ls` and `history` show it.
@@ -180,9 +180,10 @@ impl Store {
             writable: true,
             name: layer_name.to_string(),
         };
-        g.pending.layer_create(&c);
-        g.catalog
-            .apply(crate::format::record::Record::LayerCreate(c.clone()))?;
+        let inner = &mut *g;
+        inner
+            .catalog
+            .change(&mut inner.pending, Change::Create(&c), |_| {})?;
         let l = g.catalog.get(c.id).unwrap();
         Ok(g.info(l))
     }
@@ -197,9 +198,10 @@ impl Store {
             )));
         }
         let id = l.id;
-        g.pending.layer_commit(id);
-        g.catalog
-            .apply(crate::format::record::Record::LayerCommit(id))
+        let inner = &mut *g;
+        inner
+            .catalog
+            .change(&mut inner.pending, Change::Commit(id), |_| {})
     }
 
     /// Remove a layer without children and free its blocks.
@@ -220,21 +222,10 @@ impl Store {
             )));
         }
         let id = l.id;
-        let blocks: Vec<_> = l
-            .map
-            .iter()
-            .filter_map(|(_, m)| match m {
-                Mapping::Data { pblock, .. } => Some(pblock),
-                Mapping::Zero => None,
-            })
-            .collect();
-        for p in blocks {
-            inner.alloc.free(p);
-        }
-        inner.pending.layer_remove(id);
+        let alloc = &mut inner.alloc;
         inner
             .catalog
-            .apply(crate::format::record::Record::LayerRemove(id))
+            .change(&mut inner.pending, Change::Remove(id), |p| alloc.free(p))
     }
 
     pub fn layer(&self, layer_name: &str) -> Result<LayerInfo> {

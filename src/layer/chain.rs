@@ -1,4 +1,5 @@
-//! Reading through a chain without walking it: a cache of merged chunks of read-only chains.
+//! Reading through a chain: the one home of chain resolution. Every read, copy-on-write check,
+//! block-status query and export asks a `Resolver` what the chain reads for a block range.
 //!
 //! A read looks for each block in the top layer, then its parent, and so on: with 64 layers
 //! that is up to 64 map lookups per block. But a committed layer never changes, and neither does
@@ -14,13 +15,26 @@
 //! that layer's own key can name it, since it has no children), and any change to a committed
 //! layer's map — which only replay does, before anything is read — clears everything.
 
-use super::catalog::Resolved;
-use super::map::{ChunkHasher, Mapping, Slot, CHUNK_BITS, CHUNK_LEN};
-use super::Layer;
-use crate::format::LayerId;
-use std::collections::HashMap;
+use super::map::{split, ChunkHasher, Mapping, Slot, CHUNK_BITS, CHUNK_LEN};
+use super::node::Layer;
+use crate::format::{LayerId, PBlock, VBlock};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
 use std::sync::{Arc, RwLock};
+
+/// What a chain reads for one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Data {
+        pblock: PBlock,
+        crc: u32,
+        owner: LayerId,
+    },
+    /// A whiteout in some layer of the chain.
+    Zero,
+    /// Mapped nowhere.
+    Hole,
+}
 
 /// Cap on cached entries over all chunks.
 const MAX_ENTRIES: usize = 1 << 21;
@@ -159,9 +173,125 @@ impl ChainCache {
     }
 }
 
-/// Split a virtual block number into (chunk, key within the chunk).
-pub fn split(vb: u64) -> (u64, u16) {
-    (vb >> CHUNK_BITS, (vb & (CHUNK_LEN - 1)) as u16)
+/// A chain seen from its top layer, ready to answer what it reads. Only the top layer can be
+/// writable (a writable layer has no children), so it is looked at directly; everything below
+/// comes from the merged-chunk cache: one lookup per block whatever the depth.
+pub struct Resolver<'a> {
+    layers: &'a BTreeMap<LayerId, Layer>,
+    cache: &'a ChainCache,
+    top: LayerId,
+    /// The top layer when it is writable (looked at block by block).
+    own: Option<&'a Layer>,
+    /// The first read-only layer of the chain, whose merged chunks answer the rest.
+    base: Option<LayerId>,
+}
+
+impl<'a> Resolver<'a> {
+    pub fn new(layers: &'a BTreeMap<LayerId, Layer>, cache: &'a ChainCache, top: LayerId) -> Self {
+        let (own, base) = match layers.get(&top) {
+            None => (None, None),
+            Some(t) if t.writable => (Some(t), t.parent),
+            Some(_) => (None, Some(top)),
+        };
+        Resolver {
+            layers,
+            cache,
+            top,
+            own,
+            base,
+        }
+    }
+
+    /// The chain from the top down to its base.
+    pub fn layers(&self) -> Vec<&'a Layer> {
+        chain(self.layers, self.top)
+    }
+
+    /// What blocks `vb0..vb0 + n` read, appended to `out`.
+    pub fn range(&self, vb0: u64, n: u64, out: &mut Vec<Resolved>) {
+        let mut cur: Option<(u64, Arc<MergedChunk>)> = None;
+        for vb in vb0..vb0 + n {
+            let r = match (self.own.and_then(|l| l.map.get(VBlock(vb))), self.base) {
+                (Some(Mapping::Data { pblock, crc }), _) => Resolved::Data {
+                    pblock,
+                    crc,
+                    owner: self.top,
+                },
+                (Some(Mapping::Zero), _) => Resolved::Zero,
+                (None, None) => Resolved::Hole,
+                (None, Some(b)) => {
+                    let (c, key) = split(VBlock(vb));
+                    if cur.as_ref().is_none_or(|(cc, _)| *cc != c) {
+                        let chunk = self.cache.chunk(b, c, || chain(self.layers, b));
+                        cur = Some((c, chunk));
+                    }
+                    cur.as_ref().unwrap().1.get(key)
+                }
+            };
+            debug_assert_eq!(r, walk(&self.layers(), VBlock(vb)));
+            out.push(r);
+        }
+    }
+
+    /// What one block reads.
+    pub fn block(&self, vb: VBlock) -> Resolved {
+        let mut out = Vec::with_capacity(1);
+        self.range(vb.0, 1, &mut out);
+        out[0]
+    }
+
+    /// Walk blocks `start..end`, calling `f(first_block, count, what)` for each run. A chunk that
+    /// no layer of the chain maps is passed as one hole without looking at its blocks, so block
+    /// status over a mostly empty terabyte stays cheap; other chunks go through `range`.
+    pub fn runs(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, Resolved)) {
+        let chain = self.layers();
+        let mut buf = Vec::with_capacity(CHUNK_LEN as usize);
+        let mut vb = start;
+        while vb < end {
+            let c = vb >> CHUNK_BITS;
+            let chunk_end = ((c + 1) << CHUNK_BITS).min(end);
+            if !chain.iter().any(|l| l.map.has_chunk(c)) {
+                f(vb, chunk_end - vb, Resolved::Hole);
+            } else {
+                buf.clear();
+                self.range(vb, chunk_end - vb, &mut buf);
+                for (i, r) in buf.iter().enumerate() {
+                    f(vb + i as u64, 1, *r);
+                }
+            }
+            vb = chunk_end;
+        }
+    }
+}
+
+/// The chain from `top` down to its base.
+pub fn chain(layers: &BTreeMap<LayerId, Layer>, top: LayerId) -> Vec<&Layer> {
+    let mut out = Vec::new();
+    let mut cur = layers.get(&top);
+    while let Some(l) = cur {
+        out.push(l);
+        cur = l.parent.and_then(|p| layers.get(&p));
+    }
+    out
+}
+
+/// What `chain` (top-most first) reads for `vb`, found by walking it: the definition the cache
+/// must agree with (checked under debug assertions and by the tests).
+pub fn walk(chain: &[&Layer], vb: VBlock) -> Resolved {
+    for l in chain {
+        match l.map.get(vb) {
+            Some(Mapping::Data { pblock, crc }) => {
+                return Resolved::Data {
+                    pblock,
+                    crc,
+                    owner: l.id,
+                }
+            }
+            Some(Mapping::Zero) => return Resolved::Zero,
+            None => {}
+        }
+    }
+    Resolved::Hole
 }
 
 #[cfg(test)]
@@ -229,15 +359,21 @@ mod tests {
         for top in [depth, depth - 1, 1] {
             for _pass in 0..2 {
                 let mut got = Vec::new();
-                c.resolve_range(LayerId(top), 0, blocks, &mut got);
+                c.resolver(LayerId(top)).range(0, blocks, &mut got);
                 let chain = c.chain(LayerId(top));
                 for (b, r) in got.iter().enumerate() {
-                    assert_eq!(
-                        *r,
-                        Catalog::resolve_in(&chain, VBlock(b as u64)),
-                        "block {b}"
-                    );
+                    assert_eq!(*r, super::walk(&chain, VBlock(b as u64)), "block {b}");
                 }
+                // Runs cover the range exactly and agree block by block.
+                let mut next = 0;
+                c.resolver(LayerId(top)).runs(0, blocks, |vb, n, r| {
+                    assert_eq!(vb, next);
+                    for b in vb..vb + n {
+                        assert_eq!(r, super::walk(&chain, VBlock(b)), "run block {b}");
+                    }
+                    next = vb + n;
+                });
+                assert_eq!(next, blocks);
             }
         }
         assert!(c.cached_entries() > 0);
@@ -261,16 +397,16 @@ mod tests {
         map(&mut c, 1, vec![(3, d)]);
         c.apply(Record::LayerCommit(LayerId(1))).unwrap();
         assert!(matches!(
-            c.resolve(LayerId(1), VBlock(3)),
-            crate::layer::catalog::Resolved::Data { .. }
+            c.resolver(LayerId(1)).block(VBlock(3)),
+            super::Resolved::Data { .. }
         ));
         c.apply(Record::LayerRemove(LayerId(1))).unwrap();
         assert_eq!(c.cached_entries(), 0);
         create(&mut c, 1, None);
         c.apply(Record::LayerCommit(LayerId(1))).unwrap();
         assert_eq!(
-            c.resolve(LayerId(1), VBlock(3)),
-            crate::layer::catalog::Resolved::Hole
+            c.resolver(LayerId(1)).block(VBlock(3)),
+            super::Resolved::Hole
         );
     }
 }
