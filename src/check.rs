@@ -56,7 +56,7 @@ pub fn check(
         Err(e) => return Err(e),
     };
     let g = store.read();
-    r.generation = g.meta.sb.generation;
+    r.generation = g.pool.meta.sb.generation;
     r.layers = g.catalog.len();
     // A fallback to an older slot means the newer state is damaged.
     r.faults.extend(

@@ -6,7 +6,6 @@
 //! transaction commits. Blocks allocated *in* the open transaction are referenced by nothing
 //! durable and may be freed, overwritten and reused at once.
 
-use crate::error::{Error, Result};
 use crate::format::PBlock;
 use bitvec::prelude::*;
 
@@ -19,8 +18,8 @@ pub struct Sealed {
 
 impl Sealed {
     /// Blocks that the durable commit no longer references (old metadata streams).
-    pub fn add_frees(&mut self, blocks: impl IntoIterator<Item = u64>) {
-        self.frees.extend(blocks);
+    pub fn add_frees(&mut self, blocks: impl IntoIterator<Item = PBlock>) {
+        self.frees.extend(blocks.into_iter().map(|p| p.0));
     }
 }
 
@@ -97,15 +96,12 @@ impl Allocator {
     }
 
     /// Allocate up to `want` contiguous blocks (at least one), keeping `reserve` blocks of the
-    /// cap back for metadata. Returns the first block and how many were given.
-    pub fn alloc_run(&mut self, want: u64, reserve: u64) -> Result<(PBlock, u64)> {
+    /// cap back for metadata. Returns the first block and how many were given, or `None` when
+    /// the pool is full (the caller says what it was doing; `full_message` says how full).
+    pub fn alloc_run(&mut self, want: u64, reserve: u64) -> Option<(PBlock, u64)> {
         debug_assert!(want > 0);
         if self.limit > 0 && self.first + self.used_count + reserve >= self.limit {
-            return Err(Error::NoSpace(format!(
-                "pool full: {} of {} blocks in use",
-                self.first + self.used_count,
-                self.limit
-            )));
+            return None;
         }
         let start = self.find_free();
         let mut n = 1;
@@ -129,7 +125,16 @@ impl Allocator {
         }
         self.used_count += n;
         self.cursor = start + n;
-        Ok((PBlock(start), n))
+        Some((PBlock(start), n))
+    }
+
+    /// Why `alloc_run` found no room, for the caller's error.
+    pub fn full_message(&self) -> String {
+        format!(
+            "pool full: {} of {} blocks in use",
+            self.first + self.used_count,
+            self.limit
+        )
     }
 
     /// Next-fit: from the cursor to the end, then from the start, else past the end.
@@ -169,7 +174,7 @@ impl Allocator {
 
     /// The open transaction committed: its frees take effect. Returns the blocks whose space
     /// can be punched out of the file, sorted.
-    pub fn committed(&mut self) -> Vec<u64> {
+    pub fn committed(&mut self) -> Vec<PBlock> {
         let sealed = self.seal();
         self.release(sealed)
     }
@@ -190,7 +195,7 @@ impl Allocator {
 
     /// The sealed transaction is durable: its frees take effect. Returns the blocks whose
     /// space can be punched out of the file, sorted.
-    pub fn release(&mut self, sealed: Sealed) -> Vec<u64> {
+    pub fn release(&mut self, sealed: Sealed) -> Vec<PBlock> {
         let Sealed {
             mut frees,
             mut punch,
@@ -208,26 +213,26 @@ impl Allocator {
         if let Some(&lowest) = frees.first() {
             self.cursor = self.cursor.min(lowest);
         }
-        frees
+        frees.into_iter().map(PBlock).collect()
     }
 
     /// Blocks freed in the open transaction that stay used until it commits.
-    pub fn pending_frees(&self) -> &[u64] {
-        &self.pending_free
+    pub fn pending_frees(&self) -> impl Iterator<Item = PBlock> + '_ {
+        self.pending_free.iter().map(|&b| PBlock(b))
     }
 
     /// Every block marked used, in order (for consistency checks).
-    pub fn used_blocks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.used.iter_ones().map(|i| i as u64)
+    pub fn used_blocks(&self) -> impl Iterator<Item = PBlock> + '_ {
+        self.used.iter_ones().map(|i| PBlock(i as u64))
     }
 
     /// Every block allocated in the open transaction, in order.
-    pub fn fresh_blocks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.fresh.iter_ones().map(|i| i as u64)
+    pub fn fresh_blocks(&self) -> impl Iterator<Item = PBlock> + '_ {
+        self.fresh.iter_ones().map(|i| PBlock(i as u64))
     }
 
     /// Free runs of blocks below the extent (for punching after a crash left stale data there).
-    pub fn free_runs(&self) -> Vec<(u64, u64)> {
+    pub fn free_runs(&self) -> Vec<(PBlock, u64)> {
         let mut runs = Vec::new();
         let mut i = self.first as usize;
         let len = self.used.len();
@@ -237,7 +242,7 @@ impl Allocator {
                 Some(z) => {
                     let s = i + z;
                     let e = self.used[s..].first_one().map_or(len, |o| s + o);
-                    runs.push((s as u64, (e - s) as u64));
+                    runs.push((PBlock(s as u64), (e - s) as u64));
                     i = e;
                 }
             }
@@ -260,7 +265,7 @@ mod tests {
         let (q, _) = a.alloc_run(1, 0).unwrap();
         assert_ne!(q, PBlock(3), "reused a block freed in the open transaction");
         let punched = a.committed();
-        assert_eq!(punched, vec![3]);
+        assert_eq!(punched, vec![PBlock(3)]);
         let (r, _) = a.alloc_run(1, 0).unwrap();
         assert_eq!(r, PBlock(3), "freed block reused after commit");
     }
@@ -270,7 +275,7 @@ mod tests {
         let mut a = Allocator::new(1, 5);
         let (p, n) = a.alloc_run(10, 0).unwrap();
         assert_eq!((p.0, n), (1, 4));
-        assert!(matches!(a.alloc_run(1, 0), Err(Error::NoSpace(_))));
+        assert_eq!(a.alloc_run(1, 0), None, "full pool");
         a.free(PBlock(2));
         assert_eq!(a.alloc_run(1, 0).unwrap().0, PBlock(2));
         assert_eq!(a.free_under_cap(), Some(0));
@@ -281,6 +286,6 @@ mod tests {
         let mut a = Allocator::new(2, 0);
         assert!(a.mark_loaded(PBlock(9)));
         assert!(!a.mark_loaded(PBlock(9)));
-        assert_eq!(a.free_runs(), vec![(2, 7)]);
+        assert_eq!(a.free_runs(), vec![(PBlock(2), 7)]);
     }
 }

@@ -1,9 +1,8 @@
-//! Metadata streams and the commit protocol.
+//! Metadata streams: reading and writing the superblocks, the checkpoint and the log.
 //!
 //! The durable state is: the newest valid superblock slot → a checkpoint stream (the whole
-//! catalogue) plus a log stream (the transactions since). A commit appends the transaction's
-//! records to the log (or writes a fresh checkpoint instead), syncs, then writes the *other*
-//! superblock slot with generation + 1 and syncs again. See docs/DESIGN.md for the crash analysis.
+//! catalogue) plus a log stream (the transactions since). The steps that move it from one
+//! generation to the next are `commit.rs`'s; this file writes and reads what they name.
 
 use super::alloc::Allocator;
 use super::storage::Storage;
@@ -16,12 +15,10 @@ use crate::format::{first_data_block, PBlock, PAGE_SIZE, SUPERBLOCK_OFFSETS};
 /// The committed metadata streams and the blocks they occupy.
 pub struct MetaStreams {
     pub sb: Superblock,
-    pub ckpt_blocks: Vec<u64>,
+    pub ckpt_blocks: Vec<PBlock>,
     /// Blocks of the log, including the one holding the reserved next page.
-    pub log_blocks: Vec<u64>,
+    pub log_blocks: Vec<PBlock>,
     pages_per_block: u64,
-    /// Blocks of streams replaced by a checkpoint, free now, waiting to be punched.
-    retired: Vec<u64>,
 }
 
 /// What a superblock's streams hold, read and verified.
@@ -29,8 +26,8 @@ pub struct Recovered {
     pub sb: Superblock,
     pub checkpoint: Vec<u8>,
     pub log: Vec<u8>,
-    pub ckpt_blocks: Vec<u64>,
-    pub log_blocks: Vec<u64>,
+    pub ckpt_blocks: Vec<PBlock>,
+    pub log_blocks: Vec<PBlock>,
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -61,9 +58,9 @@ fn read_stream(
     kind: Kind,
     r: &StreamRef,
     pages_per_block: u64,
-) -> Result<(Vec<u8>, Vec<u64>, u64)> {
+) -> Result<(Vec<u8>, Vec<PBlock>, u64)> {
     let mut bytes = Vec::new();
-    let mut blocks: Vec<u64> = Vec::new();
+    let mut blocks: Vec<PBlock> = Vec::new();
     let mut page_no = r.head;
     let mut next = 0;
     let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
@@ -81,7 +78,7 @@ fn read_stream(
             .map_err(io_err("reading metadata page"))?;
         let h = page::decode(&buf, page_no, kind, r.id, seq as u32)?;
         bytes.extend_from_slice(page::payload(&buf, &h));
-        let block = page_no / pages_per_block;
+        let block = PBlock(page_no / pages_per_block);
         if blocks.last() != Some(&block) {
             blocks.push(block);
         }
@@ -119,7 +116,7 @@ pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
             sb.generation, sb.log_next
         )));
     }
-    let next_block = sb.log_next / ppb;
+    let next_block = PBlock(sb.log_next / ppb);
     if !log_blocks.contains(&next_block) {
         log_blocks.push(next_block);
     }
@@ -143,7 +140,9 @@ impl MetaStreams {
         created_secs: u64,
     ) -> Result<MetaStreams> {
         let ppb = block_size as u64 / PAGE_SIZE as u64;
-        let (log_block, _) = alloc.alloc_run(1, 0)?;
+        let (log_block, _) = alloc
+            .alloc_run(1, 0)
+            .ok_or_else(|| Error::NoSpace(alloc.full_message()))?;
         debug_assert_eq!(log_block.0, first_data_block(block_size));
         let head = log_block.0 * ppb;
         let sb = Superblock {
@@ -169,9 +168,8 @@ impl MetaStreams {
         Ok(MetaStreams {
             sb,
             ckpt_blocks: Vec::new(),
-            log_blocks: vec![log_block.0],
+            log_blocks: vec![log_block],
             pages_per_block: ppb,
-            retired: Vec::new(),
         })
     }
 
@@ -181,7 +179,6 @@ impl MetaStreams {
             ckpt_blocks: r.ckpt_blocks.clone(),
             log_blocks: r.log_blocks.clone(),
             pages_per_block: r.sb.block_size as u64 / PAGE_SIZE as u64,
-            retired: Vec::new(),
         }
     }
 
@@ -197,29 +194,16 @@ impl MetaStreams {
         self.sb.checkpoint.pages
     }
 
-    /// Append `records` to the log and commit, all at once: `stage_log`, `make_durable`,
-    /// `install`. (The store runs the steps itself, so its I/O goes on during the syncs.)
-    pub fn commit_log(
-        &mut self,
-        storage: &dyn Storage,
-        alloc: &mut Allocator,
-        records: &[u8],
-    ) -> Result<()> {
-        let staged = self.stage_log(storage, alloc, records)?;
-        make_durable(storage, &staged.sb)?;
-        self.install(staged, alloc);
-        Ok(())
-    }
-
     /// Step 1 of a log commit: write `records` as log pages after the committed ones and
     /// return the superblock that will name them. Nothing durable changes: the pages lie past
-    /// the committed end of the log. On error the blocks taken for pages are given back.
+    /// the committed end of the log. `None`: no room for the pages. On error or `None` the
+    /// blocks taken for pages are given back.
     pub fn stage_log(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         records: &[u8],
-    ) -> Result<Staged> {
+    ) -> Result<Option<Staged>> {
         debug_assert!(!records.is_empty());
         let chunks: Vec<&[u8]> = records.chunks(PAYLOAD_MAX).collect();
         let mut new_blocks = Vec::new();
@@ -229,16 +213,16 @@ impl MetaStreams {
         for _ in 0..chunks.len() {
             let last = *pages.last().unwrap();
             match self.page_after(last, alloc) {
-                Ok((p, Some(b))) => {
+                Some((p, Some(b))) => {
                     new_blocks.push(b);
                     pages.push(p);
                 }
-                Ok((p, None)) => pages.push(p),
-                Err(e) => {
+                Some((p, None)) => pages.push(p),
+                None => {
                     for b in new_blocks {
-                        alloc.free(PBlock(b));
+                        alloc.free(b);
                     }
-                    return Err(e.context("committing metadata"));
+                    return Ok(None);
                 }
             }
         }
@@ -261,7 +245,7 @@ impl MetaStreams {
         })();
         if let Err(e) = written {
             for b in new_blocks {
-                alloc.free(PBlock(b));
+                alloc.free(b);
             }
             return Err(e);
         }
@@ -269,21 +253,21 @@ impl MetaStreams {
         sb.generation += 1;
         sb.log.pages += chunks.len() as u64;
         sb.log_next = *pages.last().unwrap();
-        Ok(Staged {
+        Ok(Some(Staged {
             sb,
             new_log_blocks: new_blocks,
             new_checkpoint: None,
-        })
+        }))
     }
 
     /// Step 1 of a checkpoint commit: write `checkpoint` into new blocks, with a new empty
-    /// log after it, and return the superblock that will name them.
+    /// log after it, and return the superblock that will name them. `None`: no room.
     pub fn stage_checkpoint(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         checkpoint: &[u8],
-    ) -> Result<Staged> {
+    ) -> Result<Option<Staged>> {
         let ppb = self.pages_per_block;
         let chunks: Vec<&[u8]> = if checkpoint.is_empty() {
             vec![&[][..]]
@@ -291,22 +275,22 @@ impl MetaStreams {
             checkpoint.chunks(PAYLOAD_MAX).collect()
         };
         let want_blocks = (chunks.len() as u64).div_ceil(ppb) + 1;
-        let mut blocks = Vec::new();
+        let mut blocks: Vec<PBlock> = Vec::new();
         while (blocks.len() as u64) < want_blocks {
             match alloc.alloc_run(want_blocks - blocks.len() as u64, 0) {
-                Ok((p, n)) => blocks.extend(p.0..p.0 + n),
-                Err(e) => {
+                Some((p, n)) => blocks.extend((p.0..p.0 + n).map(PBlock)),
+                None => {
                     for &b in &blocks {
-                        alloc.free(PBlock(b));
+                        alloc.free(b);
                     }
-                    return Err(e.context("writing checkpoint"));
+                    return Ok(None);
                 }
             }
         }
         let log_block = blocks.pop().unwrap();
         let pages: Vec<u64> = blocks
             .iter()
-            .flat_map(|&b| b * ppb..(b + 1) * ppb)
+            .flat_map(|&b| b.0 * ppb..(b.0 + 1) * ppb)
             .take(chunks.len())
             .collect();
         let id = self.sb.generation + 1;
@@ -339,7 +323,7 @@ impl MetaStreams {
         })();
         if let Err(e) = written {
             for &b in blocks.iter().chain(std::iter::once(&log_block)) {
-                alloc.free(PBlock(b));
+                alloc.free(b);
             }
             return Err(e);
         }
@@ -351,39 +335,35 @@ impl MetaStreams {
             id,
         };
         sb.log = StreamRef {
-            head: log_block * ppb,
+            head: log_block.0 * ppb,
             pages: 0,
             id,
         };
-        sb.log_next = log_block * ppb;
-        Ok(Staged {
+        sb.log_next = log_block.0 * ppb;
+        Ok(Some(Staged {
             sb,
             new_log_blocks: vec![log_block],
             new_checkpoint: Some(blocks),
-        })
+        }))
     }
 
-    /// Step 3, once `make_durable` succeeded: the staged state is the committed one. A new
-    /// checkpoint's predecessors are freed for good at once (nothing durable names them).
-    pub fn install(&mut self, staged: Staged, alloc: &mut Allocator) {
+    /// Adopt a durable staged state (commit step 5). Returns the blocks of the streams it
+    /// replaced (a checkpoint replaces both old streams; a log commit nothing), which nothing
+    /// durable names any more.
+    pub fn install(&mut self, staged: Staged) -> Vec<PBlock> {
         self.sb = staged.sb;
         match staged.new_checkpoint {
-            None => self.log_blocks.extend(staged.new_log_blocks),
+            None => {
+                self.log_blocks.extend(staged.new_log_blocks);
+                Vec::new()
+            }
             Some(ckpt) => {
-                let old = self.ckpt_blocks.drain(..).chain(self.log_blocks.drain(..));
-                // Allocated by earlier transactions, so never fresh: release them directly.
-                let mut sealed = crate::pool::Sealed::default();
-                sealed.add_frees(old);
-                self.retired.extend(alloc.release(sealed));
-                self.ckpt_blocks = ckpt;
+                let mut old = std::mem::replace(&mut self.ckpt_blocks, ckpt);
+                old.append(&mut self.log_blocks);
                 self.log_blocks = staged.new_log_blocks;
+                old
             }
         }
-    }
-
-    /// Blocks of retired metadata streams whose space can be punched; drained by the caller.
-    pub fn take_retired(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.retired)
     }
 
     /// Rewrite the superblock slot that is damaged, stale-and-ahead, or torn, with the loaded
@@ -400,12 +380,12 @@ impl MetaStreams {
     }
 
     /// The page after `p` in the log: the next page of the same block, or a new block.
-    fn page_after(&self, p: u64, alloc: &mut Allocator) -> Result<(u64, Option<u64>)> {
+    fn page_after(&self, p: u64, alloc: &mut Allocator) -> Option<(u64, Option<PBlock>)> {
         if !(p + 1).is_multiple_of(self.pages_per_block) {
-            return Ok((p + 1, None));
+            return Some((p + 1, None));
         }
         let (b, _) = alloc.alloc_run(1, 0)?;
-        Ok((b.0 * self.pages_per_block, Some(b.0)))
+        Some((b.0 * self.pages_per_block, Some(b)))
     }
 
     fn flip(&mut self, storage: &dyn Storage, sb: Superblock) -> Result<()> {
@@ -418,13 +398,13 @@ impl MetaStreams {
 /// A commit written but not yet sealed: the superblock that will name it and its new blocks.
 pub struct Staged {
     pub sb: Superblock,
-    new_log_blocks: Vec<u64>,
+    new_log_blocks: Vec<PBlock>,
     /// For a checkpoint commit, the checkpoint's blocks.
-    new_checkpoint: Option<Vec<u64>>,
+    new_checkpoint: Option<Vec<PBlock>>,
 }
 
-/// Step 2 of a commit: sync what was written, then seal it with the next superblock, then
-/// sync that. Needs only the storage, so callers can run it without holding their locks.
+/// Steps 2 to 4 of a commit: sync what was written, then seal it with the next superblock,
+/// then sync that. Needs only the storage, so callers can run it without holding their locks.
 pub fn make_durable(storage: &dyn Storage, sb: &Superblock) -> Result<()> {
     // Power loss before this sync: the old superblock still names the old streams, whose
     // pages this commit never touched.

@@ -2,12 +2,14 @@
 //! This layer moves bytes and blocks; what the metadata records mean is the `layer` module's.
 
 pub mod alloc;
+pub mod commit;
 pub mod lock;
 pub mod meta;
 pub mod sim;
 pub mod storage;
 
 pub use alloc::{Allocator, Sealed};
+pub use commit::{Commit, Pool};
 pub use meta::{MetaStreams, Recovered};
 pub use sim::SimStorage;
 pub use storage::{FileStorage, MemStorage, Storage};

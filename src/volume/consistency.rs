@@ -6,7 +6,7 @@
 
 use super::store::Store;
 use crate::error::{Error, Result};
-use crate::format::first_data_block;
+use crate::format::{first_data_block, PBlock};
 use crate::layer::Mapping;
 use std::collections::HashMap;
 
@@ -18,19 +18,19 @@ impl Store {
         let bs = g.block_size as u64;
         let first = first_data_block(g.block_size);
         // Who references each pool block.
-        let mut refs: HashMap<u64, String> = HashMap::new();
-        let mut claim = |b: u64, who: String, faults: &mut Vec<String>| {
-            if b < first {
-                faults.push(format!("{who}: pool block {b} is in the superblock area"));
+        let mut refs: HashMap<PBlock, String> = HashMap::new();
+        let mut claim = |b: PBlock, who: String, faults: &mut Vec<String>| {
+            if b.0 < first {
+                faults.push(format!("{who}: pool block {} is in the superblock area", b.0));
             }
             if let Some(prev) = refs.insert(b, who.clone()) {
-                faults.push(format!("pool block {b} is used by {prev} and by {who}"));
+                faults.push(format!("pool block {} is used by {prev} and by {who}", b.0));
             }
         };
-        for &b in &g.meta.ckpt_blocks {
+        for &b in &g.pool.meta.ckpt_blocks {
             claim(b, "the checkpoint".into(), &mut faults);
         }
-        for &b in &g.meta.log_blocks {
+        for &b in &g.pool.meta.log_blocks {
             claim(b, "the log".into(), &mut faults);
         }
         for l in g.catalog.layers() {
@@ -42,7 +42,7 @@ impl Store {
                 match m {
                     Mapping::Data { pblock, .. } => {
                         data += 1;
-                        claim(pblock.0, format!("{} {vb}", l.describe()), &mut faults);
+                        claim(pblock, format!("{} {vb}", l.describe()), &mut faults);
                     }
                     Mapping::Zero => zero += 1,
                 }
@@ -91,34 +91,36 @@ impl Store {
                 ));
             }
         }
-        for &b in g.alloc.pending_frees() {
+        for b in g.pool.alloc.pending_frees() {
             claim(b, "a free waiting for commit".into(), &mut faults);
         }
         let mut used = 0u64;
-        for b in g.alloc.used_blocks() {
+        for b in g.pool.alloc.used_blocks() {
             used += 1;
             if !refs.contains_key(&b) {
                 faults.push(format!(
-                    "pool block {b} is allocated but nothing references it (leaked)"
+                    "pool block {} is allocated but nothing references it (leaked)",
+                    b.0
                 ));
             }
         }
         for (&b, who) in &refs {
-            if !g.alloc.is_used(crate::format::PBlock(b)) {
+            if !g.pool.alloc.is_used(b) {
                 faults.push(format!(
-                    "pool block {b}, used by {who}, is free in the allocator"
+                    "pool block {}, used by {who}, is free in the allocator",
+                    b.0
                 ));
             }
         }
-        for b in g.alloc.fresh_blocks() {
-            if !g.alloc.is_used(crate::format::PBlock(b)) {
-                faults.push(format!("pool block {b} is fresh but free"));
+        for b in g.pool.alloc.fresh_blocks() {
+            if !g.pool.alloc.is_used(b) {
+                faults.push(format!("pool block {} is fresh but free", b.0));
             }
         }
-        if used != g.alloc.used_count() {
+        if used != g.pool.alloc.used_count() {
             faults.push(format!(
                 "allocator counts {} used blocks, its bitmap has {used}",
-                g.alloc.used_count()
+                g.pool.alloc.used_count()
             ));
         }
         if faults.is_empty() {
@@ -134,6 +136,6 @@ impl Store {
 
     /// Blocks the allocator counts as used (data, metadata, and frees awaiting commit).
     pub fn used_blocks(&self) -> u64 {
-        self.read().alloc.used_count()
+        self.read().pool.alloc.used_count()
     }
 }

@@ -199,7 +199,7 @@ impl Inner {
             }
             let own = self.layer(id)?.map.get(vb);
             if let Some(Mapping::Data { pblock, .. }) = own {
-                if self.alloc.is_fresh(pblock) {
+                if self.pool.alloc.is_fresh(pblock) {
                     let at = pblock.0 * bs as u64;
                     if let Err(e) = storage.write_at(blk, at) {
                         // The failed write may have reached part of the block, so the recorded
@@ -226,24 +226,25 @@ impl Inner {
             while j < n && j - i < 256 {
                 let b = &data[j * bs..(j + 1) * bs];
                 let fresh = matches!(self.layer(id)?.map.get(VBlock(vb0 + j as u64)),
-                    Some(Mapping::Data { pblock, .. }) if self.alloc.is_fresh(pblock));
+                    Some(Mapping::Data { pblock, .. }) if self.pool.alloc.is_fresh(pblock));
                 if fresh || is_zero(b) {
                     break;
                 }
                 j += 1;
             }
-            let reserve = self.metadata_reserve();
-            let (p, got) = self.alloc.alloc_run((j - i) as u64, reserve).map_err(|e| {
-                e.context(format!(
-                    "{}: writing at byte {}",
+            let reserve = self.pool.metadata_reserve(&self.pending);
+            let Some((p, got)) = self.pool.alloc.alloc_run((j - i) as u64, reserve) else {
+                return Err(Error::NoSpace(format!(
+                    "{}: writing at byte {}: {}",
                     self.catalog.get(id).map_or(String::new(), |l| l.describe()),
-                    vb.0 * bs as u64
-                ))
-            })?;
+                    vb.0 * bs as u64,
+                    self.pool.alloc.full_message()
+                )));
+            };
             let got = got as usize;
             if let Err(e) = storage.write_at(&data[i * bs..(i + got) * bs], p.0 * bs as u64) {
                 for k in 0..got as u64 {
-                    self.alloc.free(PBlock(p.0 + k));
+                    self.pool.alloc.free(PBlock(p.0 + k));
                 }
                 return Err(Error::io(format!("writing {p}"), e));
             }
@@ -262,7 +263,7 @@ impl Inner {
 
     /// Change one entry of a layer's own map (logged), freeing the block it replaces.
     fn set_mapping(&mut self, id: LayerId, vb: VBlock, m: Option<Mapping>) -> Result<()> {
-        let alloc = &mut self.alloc;
+        let alloc = &mut self.pool.alloc;
         let c = Change::Map {
             layer: id,
             vblock: vb,

@@ -222,7 +222,7 @@ impl Store {
             )));
         }
         let id = l.id;
-        let alloc = &mut inner.alloc;
+        let alloc = &mut inner.pool.alloc;
         inner
             .catalog
             .change(&mut inner.pending, Change::Remove(id), |p| alloc.free(p))
@@ -256,7 +256,7 @@ impl Store {
         let bs = g.block_size as u64;
         let data_blocks: u64 = g.catalog.layers().map(|l| l.map.data_blocks()).sum();
         let virtual_total = g.virtual_sizes().values().sum::<u64>();
-        let meta_blocks = g.meta.metadata_blocks();
+        let meta_blocks = g.pool.meta.metadata_blocks();
         let first = crate::format::first_data_block(g.block_size);
         Ok(PoolUsage {
             path: self.path().map(|p| p.display().to_string()),
@@ -270,11 +270,11 @@ impl Store {
                 .storage
                 .allocated()
                 .map_err(|e| Error::io("reading pool size", e))?,
-            allocated: (g.alloc.used_count() + first) * bs,
+            allocated: (g.pool.alloc.used_count() + first) * bs,
             data_bytes: data_blocks * bs,
             metadata_bytes: meta_blocks * bs,
-            free_under_cap: g.alloc.free_under_cap().map(|b| b * bs),
-            max_size: (g.meta.sb.max_blocks > 0).then(|| g.meta.sb.max_blocks * bs),
+            free_under_cap: g.pool.alloc.free_under_cap().map(|b| b * bs),
+            max_size: (g.pool.meta.sb.max_blocks > 0).then(|| g.pool.meta.sb.max_blocks * bs),
             virtual_total,
             sharing_saves: virtual_total.saturating_sub(data_blocks * bs),
         })

@@ -4,23 +4,15 @@
 //! `flush` commits that transaction.
 
 use crate::error::{Error, Result};
-use crate::format::page::PAYLOAD_MAX;
 use crate::format::record::{RecordReader, RecordWriter};
-use crate::format::{first_data_block, valid_block_size, PAGE_SIZE};
+use crate::format::{first_data_block, valid_block_size};
 use crate::layer::{Catalog, Mapping};
 use crate::pool::lock::PoolLock;
 use crate::pool::meta::{self, MetaStreams};
-use crate::pool::{Allocator, FileStorage, Storage};
+use crate::pool::{Allocator, FileStorage, Pool, Storage};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-
-/// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
-const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
-/// Freed space is given back to the filesystem once this much has gathered. Punching every
-/// freed block at once would make each small commit change the file's extent map (costly
-/// journal commits) and then reallocate the same blocks moments later.
-const PUNCH_BATCH_BYTES: u64 = 4 << 20;
 
 pub struct Store {
     pub(crate) storage: Arc<dyn Storage>,
@@ -33,13 +25,12 @@ pub struct Store {
 }
 
 pub(crate) struct Inner {
-    pub meta: MetaStreams,
-    pub alloc: Allocator,
+    /// The pool file's streams and allocator, and the commit protocol that moves them.
+    pub pool: Pool,
     pub catalog: Catalog,
+    /// The open transaction: every change since the last commit, as records.
     pub pending: RecordWriter,
     pub block_size: u32,
-    /// Set when a commit failed after writing: the durable state is unknown until reopen.
-    pub poisoned: Option<String>,
     /// Faults found while loading (blocks referenced twice...), reported by `check`.
     pub load_faults: Vec<String>,
     /// Which superblock generation was loaded, and why a newer one was skipped.
@@ -47,10 +38,6 @@ pub(crate) struct Inner {
     /// The highest generation of any valid slot, and whether a slot was invalid or skipped.
     pub newest_seen: u64,
     pub slot_damaged: bool,
-    /// Log pages past which a commit writes a checkpoint (tests lower it to exercise that path).
-    pub checkpoint_min_log_pages: u64,
-    /// Free blocks whose space the file still holds (see PUNCH_BATCH_BYTES).
-    pub unpunched: Vec<u64>,
 }
 
 /// How to create a pool.
@@ -160,18 +147,14 @@ impl Store {
             path: None,
             commit_lock: std::sync::Mutex::new(()),
             inner: RwLock::new(Inner {
-                meta,
-                alloc,
+                pool: Pool::new(meta, alloc, bs),
                 catalog: Catalog::new(),
                 pending: RecordWriter::new(),
                 block_size: bs,
-                poisoned: None,
                 load_faults: Vec::new(),
                 load_notes: Vec::new(),
                 newest_seen: 1,
                 slot_damaged: false,
-                checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
-                unpunched: Vec::new(),
             }),
             writable: true,
             _lock: None,
@@ -239,7 +222,7 @@ impl Store {
         };
         if writable {
             let mut g = store.inner.write().unwrap();
-            recover(&mut g, &*store.storage)?;
+            g.recover(&*store.storage)?;
         }
         Ok(store)
     }
@@ -268,28 +251,25 @@ impl Store {
             ));
         }
         let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = &g.poisoned {
-            return Err(Error::io(
-                format!("pool unusable until reopened after an earlier failure: {why}"),
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
+        g.pool.usable()?;
         Ok(g)
     }
 
     /// Commit the open transaction: every change made before this call survives a crash.
+    /// The protocol is `Pool`'s (pool/commit.rs); the store only holds its lock around the
+    /// steps that change memory, and lets go of it for the syncs.
     pub fn flush(&self) -> Result<()> {
         // One commit at a time; reads and writes go on while it syncs.
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let prepared = match self.write()?.prepare_commit(&*self.storage)? {
+        let commit = match self.write()?.stage(&*self.storage)? {
             None => return Ok(()),
-            Some(p) => p,
+            Some(c) => c,
         };
-        // The syncs, the slow part, run without the store lock. What the commit names was
-        // written before step 1 and is never overwritten until the commit is installed.
-        let durable = meta::make_durable(&*self.storage, &prepared.staged.sb);
+        // What the commit names was written before step 1 and is never overwritten until the
+        // commit is installed, so writes may go on meanwhile.
+        let durable = commit.make_durable(&*self.storage);
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.finish_commit(&*self.storage, prepared, durable)
+        g.pool.finish(&*self.storage, commit, durable)
     }
 
     /// Throw away the open transaction: the store goes back to its last committed state.
@@ -302,7 +282,7 @@ impl Store {
             return Ok(());
         }
         *g = load(&*self.storage)?;
-        recover(&mut g, &*self.storage)
+        g.recover(&*self.storage)
     }
 
     /// Write a checkpoint at the next commit once the log holds more than `pages` pages
@@ -312,7 +292,8 @@ impl Store {
         self.inner
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .checkpoint_min_log_pages = pages;
+            .pool
+            .set_checkpoint_threshold(pages);
     }
 
     /// Whether there are changes not yet committed.
@@ -331,9 +312,7 @@ impl Drop for Store {
         // Whatever free space is still held goes back to the filesystem on the way out.
         if self.writable {
             let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-            if g.poisoned.is_none() {
-                g.punch_free_space(&*self.storage);
-            }
+            g.pool.punch_free_space(&*self.storage);
         }
     }
 }
@@ -348,31 +327,6 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
     } else {
         Error::io(format!("opening pool {}", path.display()), e)
     }
-}
-
-/// Writable-open housekeeping after a load: repair a torn or damaged superblock slot, and give
-/// back the space of blocks that the lost (or rolled back) transaction wrote.
-fn recover(g: &mut Inner, storage: &dyn Storage) -> Result<()> {
-    if g.slot_damaged {
-        // Write a good copy over the bad slot, so one more failure cannot leave no valid slot.
-        let newest = g.newest_seen;
-        g.meta.heal(storage, newest)?;
-        g.slot_damaged = false;
-    }
-    let bs = g.block_size as u64;
-    let in_use = (g.alloc.used_count() + first_data_block(g.block_size)) * bs;
-    if storage.allocated().unwrap_or(0) > in_use {
-        for (start, n) in g.alloc.free_runs() {
-            let _ = storage.punch_hole(start * bs, n * bs);
-        }
-        // Blocks past the last used one, written by a transaction that never committed.
-        let end = g.alloc.extent() * bs;
-        let len = storage.len().unwrap_or(0);
-        if len > end {
-            let _ = storage.punch_hole(end, len - end);
-        }
-    }
-    Ok(())
 }
 
 /// Rebuild the in-memory state from the newest superblock whose streams verify.
@@ -438,14 +392,14 @@ fn load_generation(
         .map_err(|e| Error::io("reading the pool size", e))?
         .div_ceil(bs as u64);
     for &b in rec.ckpt_blocks.iter().chain(&rec.log_blocks) {
-        if b < first || b > file_blocks + 1 {
+        if b.0 < first || b.0 > file_blocks + 1 {
             return Err(Error::Corrupt(format!(
-                "generation {}: metadata stream at pool block {b}, outside the pool file ({file_blocks} blocks)",
-                sb.generation
+                "generation {}: metadata stream at pool block {}, outside the pool file ({file_blocks} blocks)",
+                sb.generation, b.0
             )));
         }
-        if !alloc.mark_loaded(crate::format::PBlock(b)) {
-            faults.push(format!("metadata pool block {b} is used twice"));
+        if !alloc.mark_loaded(b) {
+            faults.push(format!("metadata pool block {} is used twice", b.0));
         }
     }
     for l in catalog.layers() {
@@ -468,118 +422,32 @@ fn load_generation(
     }
     alloc.committed();
     Ok(Inner {
-        meta: MetaStreams::from_recovered(&rec),
-        alloc,
+        pool: Pool::new(MetaStreams::from_recovered(&rec), alloc, bs),
         catalog,
         pending: RecordWriter::new(),
         block_size: bs,
-        poisoned: None,
         load_faults: faults,
         load_notes: Vec::new(),
         newest_seen: sb.generation,
         slot_damaged: false,
-        checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
-        unpunched: Vec::new(),
     })
 }
 
 impl Inner {
-    /// Blocks held back from data so a commit can always find room for its metadata.
-    pub fn metadata_reserve(&self) -> u64 {
-        let ppb = (self.block_size as usize / PAGE_SIZE) as u64;
-        let pages = (self.pending.buf.len() / PAYLOAD_MAX) as u64 + 2;
-        8 + pages.div_ceil(ppb) * 2
+    /// Commit steps 1 and 1a (see `Pool::stage`): the store says what — its open transaction,
+    /// and how to encode the catalogue if a checkpoint is due.
+    fn stage(&mut self, storage: &dyn Storage) -> Result<Option<crate::pool::Commit>> {
+        let catalog = &self.catalog;
+        self.pool
+            .stage(storage, &mut self.pending, |w| catalog.encode_checkpoint(w))
     }
 
-    /// Commit step 1, under the store's write lock: write the transaction's metadata pages
-    /// and close the transaction. Its blocks stop being fresh, so writes that come while the
-    /// commit is made durable go to new blocks and never change what the commit names.
-    fn prepare_commit(&mut self, storage: &dyn Storage) -> Result<Option<Prepared>> {
-        if self.pending.is_empty() {
-            return Ok(None);
-        }
-        let want_checkpoint = self.meta.log_pages() + (self.pending.buf.len() / PAYLOAD_MAX) as u64
-            > self
-                .checkpoint_min_log_pages
-                .max(self.meta.checkpoint_pages());
-        let mut staged = Err(Error::Invalid(String::new()));
-        if want_checkpoint {
-            let mut w = RecordWriter::new();
-            self.catalog.encode_checkpoint(&mut w);
-            staged = self.meta.stage_checkpoint(storage, &mut self.alloc, &w.buf);
-        }
-        // Without room for a whole checkpoint, appending to the log still works.
-        if !want_checkpoint || matches!(staged, Err(Error::NoSpace(_))) {
-            staged = self
-                .meta
-                .stage_log(storage, &mut self.alloc, &self.pending.buf);
-        }
-        match staged {
-            Ok(staged) => {
-                self.pending.clear();
-                let sealed = self.alloc.seal();
-                Ok(Some(Prepared { staged, sealed }))
-            }
-            Err(e @ Error::NoSpace(_)) => Err(e),
-            Err(e) => {
-                self.poisoned = Some(e.to_string());
-                Err(e)
-            }
-        }
-    }
-
-    /// Commit step 3, under the write lock again, with the outcome of step 2 (`make_durable`).
-    fn finish_commit(
-        &mut self,
-        storage: &dyn Storage,
-        p: Prepared,
-        durable: Result<()>,
-    ) -> Result<()> {
-        if let Err(e) = durable {
-            // The superblock may or may not have reached the disk: only a reopen can tell.
-            self.poisoned = Some(e.to_string());
-            return Err(e);
-        }
-        self.meta.install(p.staged, &mut self.alloc);
-        let freed = self.alloc.release(p.sealed);
-        self.unpunched.extend(freed);
-        self.unpunched.extend(self.meta.take_retired());
-        let bs = self.block_size as u64;
-        if self.unpunched.len() as u64 * bs >= PUNCH_BATCH_BYTES {
-            self.punch_free_space(storage);
-        }
+    /// Writable-open housekeeping (see `Pool::recover`).
+    fn recover(&mut self, storage: &dyn Storage) -> Result<()> {
+        self.pool
+            .recover(storage, self.slot_damaged, self.newest_seen)?;
+        self.slot_damaged = false;
         Ok(())
-    }
-}
-
-/// A commit between its steps: pages written, superblock not yet.
-struct Prepared {
-    staged: meta::Staged,
-    sealed: crate::pool::Sealed,
-}
-
-impl Inner {
-    /// Punch out the gathered free blocks that have not been reused since.
-    pub fn punch_free_space(&mut self, storage: &dyn Storage) {
-        let mut blocks = std::mem::take(&mut self.unpunched);
-        blocks.retain(|&b| !self.alloc.is_used(crate::format::PBlock(b)));
-        blocks.sort_unstable();
-        blocks.dedup();
-        punch_runs(storage, &blocks, self.block_size as u64);
-    }
-}
-
-/// Give freed blocks' space back to the filesystem, one call per contiguous run.
-fn punch_runs(storage: &dyn Storage, sorted: &[u64], bs: u64) {
-    let mut i = 0;
-    while i < sorted.len() {
-        let mut j = i + 1;
-        while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
-            j += 1;
-        }
-        // Failure only costs space: nothing references these blocks any more.
-        let _ = storage.punch_hole(sorted[i] * bs, (j - i) as u64 * bs);
-        i = j;
     }
 }
 
@@ -600,13 +468,14 @@ mod tests {
         s.flush().unwrap();
         // B lands in a fresh block of the open transaction ...
         s.write_layer(id, 0, &[0xbb; 4096]).unwrap();
-        let prepared = s.write().unwrap().prepare_commit(&*mem).unwrap().unwrap();
+        let commit = s.write().unwrap().stage(&*mem).unwrap().unwrap();
         // ... C comes while that transaction's commit is being made durable ...
         s.write_layer(id, 0, &[0xcc; 4096]).unwrap();
-        let durable = meta::make_durable(&*mem, &prepared.staged.sb);
+        let durable = commit.make_durable(&*mem);
         s.write()
             .unwrap()
-            .finish_commit(&*mem, prepared, durable)
+            .pool
+            .finish(&*mem, commit, durable)
             .unwrap();
         // ... and power fails before C is committed: B must read back, checksum intact.
         let image = Arc::new(MemStorage::from_bytes(mem.snapshot()));

@@ -1,0 +1,227 @@
+//! The commit protocol, whole and in one place (docs/DESIGN.md §4): stage → seal → make
+//! durable → install → release, and what a failure on the way means (poisoning).
+//!
+//! The store decides only *when* to commit and *what*: the open transaction's records, and how
+//! to encode the whole catalogue should a checkpoint be due. Whether it is one, where its pages
+//! go, which blocks become free and when, and when their space goes back to the filesystem are
+//! decided here. The steps are split where the store must let go of its lock: steps 2-4 (the
+//! syncs) need only the storage, so reads and writes go on while they run.
+
+use super::alloc::{Allocator, Sealed};
+use super::meta::{self, MetaStreams, Staged};
+use super::storage::Storage;
+use crate::error::{Error, Result};
+use crate::format::page::PAYLOAD_MAX;
+use crate::format::record::RecordWriter;
+use crate::format::{first_data_block, PBlock, PAGE_SIZE};
+
+/// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
+pub const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
+/// Freed space is given back to the filesystem once this much has gathered. Punching every
+/// freed block at once would make each small commit change the file's extent map (costly
+/// journal commits) and then reallocate the same blocks moments later.
+const PUNCH_BATCH_BYTES: u64 = 4 << 20;
+
+/// The pool file's state in memory: its committed metadata streams and its allocator, which
+/// only the commit protocol moves from one generation to the next.
+pub struct Pool {
+    pub meta: MetaStreams,
+    pub alloc: Allocator,
+    block_size: u32,
+    /// Set when a commit failed after writing: the durable state is unknown until reopen.
+    poisoned: Option<String>,
+    /// Log pages past which a commit writes a checkpoint (tests lower it to exercise that path).
+    checkpoint_min_log_pages: u64,
+    /// Free blocks whose space the file still holds (see PUNCH_BATCH_BYTES).
+    unpunched: Vec<PBlock>,
+}
+
+/// A commit between steps 1a and 5: its pages written, the transaction sealed, the superblock
+/// that will name it not yet durable.
+pub struct Commit {
+    staged: Staged,
+    sealed: Sealed,
+}
+
+impl Commit {
+    /// Steps 2-4: sync the pages and data, write the next superblock, sync it (see
+    /// `meta::make_durable` for the crash story of each). Needs only the storage, so the caller
+    /// runs it without its locks.
+    pub fn make_durable(&self, storage: &dyn Storage) -> Result<()> {
+        meta::make_durable(storage, &self.staged.sb)
+    }
+
+    /// The generation this commit makes durable.
+    pub fn generation(&self) -> u64 {
+        self.staged.sb.generation
+    }
+}
+
+impl Pool {
+    pub fn new(meta: MetaStreams, alloc: Allocator, block_size: u32) -> Pool {
+        Pool {
+            meta,
+            alloc,
+            block_size,
+            poisoned: None,
+            checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
+            unpunched: Vec::new(),
+        }
+    }
+
+    /// Refuse further changes once a commit failed midway: the durable state may be either
+    /// generation, and only a reopen can tell which.
+    pub fn usable(&self) -> Result<()> {
+        match &self.poisoned {
+            None => Ok(()),
+            Some(why) => Err(Error::io(
+                format!("pool unusable until reopened after an earlier failure: {why}"),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )),
+        }
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    pub fn set_checkpoint_threshold(&mut self, pages: u64) {
+        self.checkpoint_min_log_pages = pages;
+    }
+
+    /// Blocks held back from data so a commit of `pending` can always find room for its
+    /// metadata.
+    pub fn metadata_reserve(&self, pending: &RecordWriter) -> u64 {
+        let ppb = (self.block_size as usize / PAGE_SIZE) as u64;
+        let pages = (pending.buf.len() / PAYLOAD_MAX) as u64 + 2;
+        8 + pages.div_ceil(ppb) * 2
+    }
+
+    /// Steps 1 and 1a, under the store's write lock. Step 1: write the transaction's records as
+    /// log pages past the committed end of the log, or, when the log has grown long, the whole
+    /// catalogue (`checkpoint` encodes it) as a checkpoint in fresh blocks. Step 1a: seal the
+    /// transaction: `pending` is cleared and its blocks stop being fresh, so writes that come
+    /// while the commit is made durable go to new blocks and never change what it names.
+    ///
+    /// `None`: nothing to commit. A full pool fails with `NoSpace` and keeps the transaction
+    /// open (nothing was written). Any other failure poisons the pool.
+    pub fn stage(
+        &mut self,
+        storage: &dyn Storage,
+        pending: &mut RecordWriter,
+        checkpoint: impl FnOnce(&mut RecordWriter),
+    ) -> Result<Option<Commit>> {
+        self.usable()?;
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        let log_pages = self.meta.log_pages() + (pending.buf.len() / PAYLOAD_MAX) as u64;
+        let want_checkpoint =
+            log_pages > self.checkpoint_min_log_pages.max(self.meta.checkpoint_pages());
+        let mut staged = Ok(None);
+        if want_checkpoint {
+            let mut w = RecordWriter::new();
+            checkpoint(&mut w);
+            staged = self.meta.stage_checkpoint(storage, &mut self.alloc, &w.buf);
+        }
+        // Without room for a whole checkpoint, appending to the log still works.
+        if matches!(staged, Ok(None)) {
+            staged = self.meta.stage_log(storage, &mut self.alloc, &pending.buf);
+        }
+        match staged {
+            Ok(Some(staged)) => {
+                pending.clear();
+                let sealed = self.alloc.seal();
+                Ok(Some(Commit { staged, sealed }))
+            }
+            Ok(None) => Err(Error::NoSpace(format!(
+                "committing metadata: {}",
+                self.alloc.full_message()
+            ))),
+            Err(e) => {
+                // Pages may be half-written past the log's end: harmless on disk (nothing
+                // names them), but this process's view of the streams is no longer certain.
+                self.poisoned = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Steps 5 and 6, under the store's write lock again, with the outcome of steps 2-4.
+    /// Step 5: adopt the new generation and release the sealed transaction's frees (after a
+    /// checkpoint, also every block of the streams it replaced). Step 6: once enough free space
+    /// has gathered, punch it out of the file.
+    pub fn finish(&mut self, storage: &dyn Storage, c: Commit, durable: Result<()>) -> Result<()> {
+        if let Err(e) = durable {
+            // The superblock may or may not have reached the disk: only a reopen can tell.
+            self.poisoned = Some(e.to_string());
+            return Err(e);
+        }
+        let replaced = self.meta.install(c.staged);
+        let mut sealed = c.sealed;
+        // Allocated by earlier transactions, so never fresh: they join the sealed frees.
+        sealed.add_frees(replaced);
+        let freed = self.alloc.release(sealed);
+        self.unpunched.extend(freed);
+        let bs = self.block_size as u64;
+        if self.unpunched.len() as u64 * bs >= PUNCH_BATCH_BYTES {
+            self.punch_free_space(storage);
+        }
+        Ok(())
+    }
+
+    /// Punch out the gathered free blocks that have not been reused since (also on close).
+    pub fn punch_free_space(&mut self, storage: &dyn Storage) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let mut blocks = std::mem::take(&mut self.unpunched);
+        blocks.retain(|&b| !self.alloc.is_used(b));
+        blocks.sort_unstable();
+        blocks.dedup();
+        punch_runs(storage, &blocks, self.block_size as u64);
+    }
+
+    /// Writable-open housekeeping after a load (DESIGN §5.2, §5.4): rewrite a torn or damaged
+    /// superblock slot, and give back the space of blocks that a lost (or rolled back)
+    /// transaction wrote.
+    pub fn recover(
+        &mut self,
+        storage: &dyn Storage,
+        slot_damaged: bool,
+        newest_seen: u64,
+    ) -> Result<()> {
+        if slot_damaged {
+            // Write a good copy over the bad slot, so one more failure cannot leave no valid slot.
+            self.meta.heal(storage, newest_seen)?;
+        }
+        let bs = self.block_size as u64;
+        let in_use = (self.alloc.used_count() + first_data_block(self.block_size)) * bs;
+        if storage.allocated().unwrap_or(0) > in_use {
+            for (start, n) in self.alloc.free_runs() {
+                let _ = storage.punch_hole(start.0 * bs, n * bs);
+            }
+            // Blocks past the last used one, written by a transaction that never committed.
+            let end = self.alloc.extent() * bs;
+            let len = storage.len().unwrap_or(0);
+            if len > end {
+                let _ = storage.punch_hole(end, len - end);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Give freed blocks' space back to the filesystem, one call per contiguous run.
+fn punch_runs(storage: &dyn Storage, sorted: &[PBlock], bs: u64) {
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i + 1;
+        while j < sorted.len() && sorted[j].0 == sorted[j - 1].0 + 1 {
+            j += 1;
+        }
+        // Failure only costs space: nothing references these blocks any more.
+        let _ = storage.punch_hole(sorted[i].0 * bs, (j - i) as u64 * bs);
+        i = j;
+    }
+}
