@@ -1,20 +1,25 @@
-//! `check`: the fsck. Verifies the superblocks, every metadata page checksum (by loading the
-//! streams), that no pool block is referenced twice, that counters match the maps, that the
-//! catalogue's structure is sound, and with `data` every data block's checksum.
+//! `check`: the fsck. Loading the pool verifies the superblocks, every metadata page checksum
+//! and the rules every pool obeys (volume/invariants.rs: no pool block referenced twice,
+//! counters match the maps, the catalogue's structure is sound); `check` reports what the load
+//! found and, with `data`, verifies every data block's checksum.
 
 use crate::error::{Error, Result};
-use crate::format::{first_data_block, PBlock};
+use crate::fault::{Fault, What, Where};
+use crate::format::first_data_block;
 use crate::layer::Mapping;
-use crate::pool::{meta, Storage};
+use crate::pool::lock::PoolLock;
+use crate::pool::{FileStorage, Storage};
 use crate::volume::Store;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
 use std::sync::Arc;
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CheckReport {
     /// Each fault names its location: slot, page, layer, block, byte offset.
-    pub faults: Vec<String>,
-    pub notes: Vec<String>,
+    pub faults: Vec<Fault>,
+    /// Warnings: damage the state in use does not depend on (a torn superblock slot).
+    pub notes: Vec<Fault>,
     pub generation: u64,
     pub layers: usize,
     pub data_blocks: u64,
@@ -28,6 +33,20 @@ impl CheckReport {
     }
 }
 
+/// Check the pool file at `path`, holding its lock: no writer may run meanwhile, since blocks
+/// it frees and reuses would look like damage. (A live server checks its own pool with
+/// `check` under its commit lock instead.)
+pub fn check_pool(
+    path: &Path,
+    data: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CheckReport> {
+    let _lock = PoolLock::acquire(path, "thinlayer check")?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("opening pool {}", path.display()), e))?;
+    check(Arc::new(FileStorage::new(file)), data, progress)
+}
+
 /// Check the pool held by `storage`. `progress(done, total)` is called while verifying data.
 pub fn check(
     storage: Arc<dyn Storage>,
@@ -35,22 +54,13 @@ pub fn check(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckReport> {
     let mut r = CheckReport::default();
-    let (good_slots, bad_slots) = meta::read_superblocks(&*storage)?;
-    // One bad slot beside a good one is what power loss during a superblock write leaves; the
-    // good slot is used and the next writable open rewrites the bad one. Damage and a torn
-    // write look alike here, so it is a warning; a state that fails to load is a fault below.
-    for e in &bad_slots {
-        let m = format!("{e} (torn by a crash during a commit, or damaged); the other slot is in use and the next writable open rewrites this one");
-        if good_slots.is_empty() {
-            r.faults.push(m);
-        } else {
-            r.notes.push(m);
-        }
-    }
     let store = match Store::open_in(storage.clone(), false) {
         Ok(s) => s,
         Err(e @ (Error::Corrupt(_) | Error::Invalid(_))) => {
-            r.faults.push(e.to_string());
+            let what = What::Unloadable {
+                reason: e.to_string(),
+            };
+            r.faults.push(Fault::new(what, Where::default()));
             return Ok(r);
         }
         Err(e) => return Err(e),
@@ -58,84 +68,59 @@ pub fn check(
     let g = store.read();
     r.generation = g.pool.meta.sb.generation;
     r.layers = g.catalog.len();
-    // A fallback to an older slot means the newer state is damaged.
-    r.faults.extend(
-        g.load_notes
-            .iter()
-            .filter(|n| n.starts_with("using superblock"))
-            .cloned(),
-    );
+    // One bad slot beside a good one is what power loss during a superblock write leaves: a
+    // warning. A fallback to an older generation means the newer state is damaged: a fault.
+    for n in &g.load_notes {
+        if n.is_warning() {
+            r.notes.push(n.clone());
+        } else {
+            r.faults.push(n.clone());
+        }
+    }
     r.faults.extend(g.load_faults.iter().cloned());
+    r.data_blocks = g.catalog.layers().map(|l| l.map.data_blocks()).sum();
+    if !data {
+        return Ok(r);
+    }
     let bs = g.block_size as u64;
     let file_blocks = storage
         .len()
         .map_err(|e| Error::io("reading pool size", e))?
         .div_ceil(bs);
     let first = first_data_block(g.block_size);
-    let mut data_refs: Vec<(PBlock, u32, crate::format::LayerId, u64)> = Vec::new();
+    // Blocks outside the file are faults already; the rest are read in pool order, so the file
+    // is read front to back.
+    let mut refs = Vec::new();
     for l in g.catalog.layers() {
-        if let Some(p) = l.parent.and_then(|p| g.catalog.get(p)) {
-            if p.writable {
-                r.faults.push(format!(
-                    "{} has a writable parent {}",
-                    l.describe(),
-                    p.describe()
-                ));
-            }
-            if l.disk_size < p.disk_size {
-                r.faults.push(format!(
-                    "{} is smaller than its parent {}",
-                    l.describe(),
-                    p.describe()
-                ));
-            }
-        }
-        let blocks = l.disk_size.div_ceil(bs);
         for (vb, m) in l.map.iter() {
-            if vb.0 >= blocks {
-                r.faults.push(format!(
-                    "{}: {vb} is mapped past the layer's end ({} bytes)",
-                    l.describe(),
-                    l.disk_size
-                ));
-            }
             if let Mapping::Data { pblock, crc } = m {
-                r.data_blocks += 1;
-                if pblock.0 >= file_blocks || pblock.0 < first {
-                    r.faults.push(format!(
-                        "{}: {vb} (byte offset {}) maps {pblock}, outside the pool file",
-                        l.describe(),
-                        vb.0.saturating_mul(bs)
-                    ));
-                } else if data {
-                    data_refs.push((pblock, crc, l.id, vb.0));
+                if pblock.0 >= first && pblock.0 < file_blocks {
+                    refs.push((pblock, crc, l, vb));
                 }
             }
         }
     }
-    if data {
-        // In pool order, so the file is read front to back.
-        data_refs.sort_by_key(|d| d.0);
-        let total = data_refs.len() as u64;
-        let mut buf = vec![0u8; bs as usize];
-        for (i, (p, crc, id, vb)) in data_refs.iter().enumerate() {
-            storage
-                .read_at(&mut buf, p.0 * bs)
-                .map_err(|e| Error::io(format!("reading {p}"), e))?;
-            let actual = crate::format::checksum::data(&buf);
-            if actual != *crc {
-                let who = g.catalog.get(*id).map_or(String::new(), |l| l.describe());
-                r.faults.push(format!(
-                    "{who}: data block {vb} (byte offset {}) at {p} fails its checksum (stored {crc:#010x}, computed {actual:#010x})",
-                    vb.saturating_mul(bs)
-                ));
-            }
-            r.verified_blocks += 1;
-            if i % 4096 == 0 {
-                progress(i as u64, total);
-            }
+    refs.sort_by_key(|d| d.0);
+    let total = refs.len() as u64;
+    let mut buf = vec![0u8; bs as usize];
+    for (i, (p, crc, l, vb)) in refs.iter().enumerate() {
+        storage
+            .read_at(&mut buf, p.0 * bs)
+            .map_err(|e| Error::io(format!("reading {p}"), e))?;
+        let computed = crate::format::checksum::data(&buf);
+        if computed != *crc {
+            let what = What::Checksum {
+                stored: *crc,
+                computed,
+            };
+            let at = Where::layer(l.id, &l.name).block(*vb, g.block_size).pblock(*p);
+            r.faults.push(Fault::new(what, at));
         }
-        progress(total, total);
+        r.verified_blocks += 1;
+        if i % 4096 == 0 {
+            progress(i as u64, total);
+        }
     }
+    progress(total, total);
     Ok(r)
 }

@@ -212,7 +212,7 @@ fn assert_fault(r: &thinlayer::check::CheckReport, needles: &[&str]) {
     assert!(
         r.faults
             .iter()
-            .any(|f| needles.iter().all(|n| f.contains(n))),
+            .any(|f| needles.iter().all(|n| f.message.contains(n))),
         "no fault with {needles:?} in {:?}",
         r.faults
     );
@@ -255,7 +255,7 @@ fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
     assert!(
         r.faults
             .iter()
-            .any(|m| m.contains("layer \"top\" (id 3): data block 9")),
+            .any(|m| m.message.contains("layer \"top\" (id 3): data block 9")),
         "{:?}",
         r.faults
     );
@@ -263,7 +263,7 @@ fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
     assert!(
         r.notes
             .iter()
-            .any(|m| m.contains(&format!("superblock slot {slot}")) && m.contains("checksum")),
+            .any(|m| m.message.contains(&format!("superblock slot {slot}")) && m.message.contains("checksum")),
         "{:?}",
         r.notes
     );
@@ -288,7 +288,7 @@ fn damaged_older_superblock_keeps_the_newest_state_and_is_noted() {
     let slot_fault = format!("superblock slot {}", 1 - slot);
     assert!(r.is_clean(), "{:?}", r.faults);
     assert!(
-        r.notes.iter().any(|m| m.contains(&slot_fault)),
+        r.notes.iter().any(|m| m.message.contains(&slot_fault)),
         "{:?}",
         r.notes
     );
@@ -305,7 +305,7 @@ fn both_superblocks_damaged_is_corrupt_naming_both_slots() {
     assert!(m.contains("slot 0") && m.contains("slot 1"), "{m}");
     let r = check(&path, false);
     assert!(
-        r.faults.iter().any(|m| m.contains("slot 0")),
+        r.faults.iter().any(|m| m.message.contains("slot 0")),
         "{:?}",
         r.faults
     );
@@ -364,8 +364,8 @@ fn damaged_newest_log_page_falls_back_to_the_state_before_it() {
     assert!(
         r.faults
             .iter()
-            .any(|m| m.contains("using superblock generation")
-                && m.contains(&format!(
+            .any(|m| m.message.contains("using superblock generation")
+                && m.message.contains(&format!(
                     "log page {seq} at byte offset {offset} (page {page})"
                 ))),
         "{:?}",
@@ -421,8 +421,8 @@ fn damaged_data_block_is_eio_naming_layer_block_and_offset() {
     );
     let r = check(&path, true);
     assert!(
-        r.faults.iter().any(|m| m.contains("layer \"base\"")
-            && m.contains("data block 3 (byte offset 12288)")),
+        r.faults.iter().any(|m| m.message.contains("layer \"base\"")
+            && m.message.contains("data block 3 (byte offset 12288)")),
         "{:?}",
         r.faults
     );

@@ -84,7 +84,7 @@ fn a_torn_superblock_slot_is_a_warning_and_the_next_writable_open_rewrites_it() 
     let r = thinlayer::check::check(mem.clone(), true, &mut |_, _| {}).unwrap();
     assert!(r.is_clean(), "{:?}", r.faults);
     assert!(
-        r.notes.iter().any(|n| n.contains("slot 1")),
+        r.notes.iter().any(|n| n.message.contains("slot 1")),
         "{:?}",
         r.notes
     );
@@ -178,7 +178,7 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
 
     let r = thinlayer::check::check(mem.clone(), false, &mut |_, _| {}).unwrap();
     assert!(
-        r.faults.iter().any(|f| f.contains("outside the pool")),
+        r.faults.iter().any(|f| f.message.contains("outside the pool")),
         "{:?}",
         r.faults
     );

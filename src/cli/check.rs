@@ -1,8 +1,6 @@
 use super::progress::Progress;
-use crate::error::{Error, Result};
-use crate::pool::{FileStorage, Storage};
+use crate::error::Result;
 use std::path::Path;
-use std::sync::Arc;
 
 /// Verify the pool: superblocks, metadata checksums, block ownership, counters;
 /// with --data also every data block's checksum. Exits 1 if anything is wrong.
@@ -16,13 +14,8 @@ pub struct Args {
 }
 
 pub fn run(pool: &Path, a: Args) -> Result<i32> {
-    // No writer may run meanwhile: blocks it frees and reuses would look like damage.
-    let _lock = crate::pool::lock::PoolLock::acquire(pool, "thinlayer check")?;
-    let file = std::fs::File::open(pool)
-        .map_err(|e| Error::io(format!("opening pool {}", pool.display()), e))?;
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
     let mut p = Progress::new("check data");
-    let r = crate::check::check(storage, a.data, &mut |d, t| p.update(d, t));
+    let r = crate::check::check_pool(pool, a.data, &mut |d, t| p.update(d, t));
     p.finish();
     let r = r?;
     if a.json {

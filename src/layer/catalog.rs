@@ -5,6 +5,7 @@ use super::chain::{self, ChainCache, Resolver};
 use super::map::{BlockMap, Mapping};
 use super::node::Layer;
 use crate::error::{Error, Result};
+use crate::fault::{Fault, What, Where};
 use crate::format::record::{LayerCreate, MapEntry, MapTarget, Record, RecordWriter};
 use crate::format::{LayerId, PBlock, VBlock};
 use std::collections::{BTreeMap, HashMap};
@@ -30,7 +31,7 @@ pub struct Catalog {
     next_id: u32,
     /// Damage found while replaying that does not stop the load (counters that disagree with
     /// the map they count); `check` reports it and a writable open refuses it.
-    pub faults: Vec<String>,
+    pub faults: Vec<Fault>,
     /// Merged chunks of read-only chains, so reads do not walk the chain (see `chain.rs`).
     cache: ChainCache,
 }
@@ -223,13 +224,14 @@ impl Catalog {
                 let l = self.must(layer)?;
                 let actual = (l.map.data_blocks(), l.map.zero_blocks());
                 if actual != (data_blocks, zero_blocks) {
-                    let m = format!(
-                        "{}: stored counters say {data_blocks} data and {zero_blocks} zero blocks, its map holds {} and {}",
-                        l.describe(),
-                        actual.0,
-                        actual.1
-                    );
-                    self.faults.push(m);
+                    let what = What::Counters {
+                        stored_data: data_blocks,
+                        stored_zero: zero_blocks,
+                        data: actual.0,
+                        zero: actual.1,
+                    };
+                    let at = Where::layer(l.id, &l.name);
+                    self.faults.push(Fault::new(what, at));
                 }
             }
         }

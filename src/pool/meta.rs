@@ -34,8 +34,9 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(what, e)
 }
 
-/// Both superblock slots, valid ones newest first, plus the faults of invalid ones.
-pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<Error>)> {
+/// Both superblock slots, valid ones newest first, plus the slot number and decoding error of
+/// invalid ones.
+pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<(usize, Error)>)> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (slot, &off) in SUPERBLOCK_OFFSETS.iter().enumerate() {
@@ -45,7 +46,7 @@ pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<E
             .map_err(io_err("reading superblock"))?;
         match Superblock::decode(&b, slot) {
             Ok(sb) => good.push(sb),
-            Err(e) => bad.push(e),
+            Err(e) => bad.push((slot, e)),
         }
     }
     good.sort_by_key(|sb| std::cmp::Reverse(sb.generation));

@@ -5,6 +5,7 @@
 use super::device::{Extent, ExtentState};
 use super::store::{Inner, Store};
 use crate::error::{Error, Result};
+use crate::fault::{Fault, What, Where};
 use crate::format::checksum;
 use crate::format::{LayerId, PBlock, VBlock};
 use crate::layer::{Change, Layer, Mapping, Resolved};
@@ -108,16 +109,14 @@ impl Inner {
         vb: u64,
         p: PBlock,
         stored: u32,
-        actual: u32,
+        computed: u32,
     ) -> Error {
-        let who = self
-            .catalog
-            .get(owner)
-            .map_or(format!("layer {owner}"), |l| l.describe());
-        Error::Corrupt(format!(
-            "{who}: data block {vb} (byte offset {}) at {p} fails its checksum (stored {stored:#010x}, computed {actual:#010x})",
-            vb * self.block_size as u64
-        ))
+        let at = match self.catalog.get(owner) {
+            Some(l) => Where::layer(l.id, &l.name),
+            None => Where::layer(owner, "?"),
+        };
+        let at = at.block(VBlock(vb), self.block_size).pblock(p);
+        Error::Corrupt(Fault::new(What::Checksum { stored, computed }, at).to_string())
     }
 
     pub(crate) fn read(

@@ -1,5 +1,5 @@
 //! A layer chain as a block device, and the store that owns the open pool.
-pub mod consistency;
+pub mod invariants;
 pub mod device;
 pub mod handle;
 pub mod io;

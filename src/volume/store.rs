@@ -6,7 +6,9 @@
 use crate::error::{Error, Result};
 use crate::format::record::{RecordReader, RecordWriter};
 use crate::format::{first_data_block, valid_block_size};
-use crate::layer::{Catalog, Mapping};
+use super::invariants;
+use crate::fault::{Fault, What, Where};
+use crate::layer::Catalog;
 use crate::pool::lock::PoolLock;
 use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, FileStorage, Pool, Storage};
@@ -31,10 +33,11 @@ pub(crate) struct Inner {
     /// The open transaction: every change since the last commit, as records.
     pub pending: RecordWriter,
     pub block_size: u32,
-    /// Faults found while loading (blocks referenced twice...), reported by `check`.
-    pub load_faults: Vec<String>,
-    /// Which superblock generation was loaded, and why a newer one was skipped.
-    pub load_notes: Vec<String>,
+    /// Rules the loaded state breaks (blocks referenced twice...): `check` reports them and a
+    /// writable open refuses them.
+    pub load_faults: Vec<Fault>,
+    /// Superblock slots that did not verify, and a fallback to an older generation.
+    pub load_notes: Vec<Fault>,
     /// The highest generation of any valid slot, and whether a slot was invalid or skipped.
     pub newest_seen: u64,
     pub slot_damaged: bool,
@@ -333,23 +336,40 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
 fn load(storage: &dyn Storage) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
     if sbs.is_empty() {
-        let why: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
+        let why: Vec<String> = bad.iter().map(|(_, e)| e.to_string()).collect();
         return Err(Error::Corrupt(format!(
             "not a usable thinlayer pool: {}",
             why.join("; ")
         )));
     }
-    let mut notes: Vec<String> = bad.iter().map(|e| e.to_string()).collect();
+    let mut notes: Vec<Fault> = bad
+        .iter()
+        .map(|(slot, e)| {
+            let what = What::BadSlot {
+                reason: e.to_string(),
+                other_slot_good: true,
+            };
+            let at = Where {
+                slot: Some(*slot),
+                ..Default::default()
+            };
+            Fault::new(what, at)
+        })
+        .collect();
     let mut errors = Vec::new();
     for sb in &sbs {
         match load_generation(storage, sb) {
             Ok(mut inner) => {
                 if !errors.is_empty() {
-                    notes.push(format!(
-                        "using superblock generation {} because newer state failed to load: {}",
-                        sb.generation,
-                        errors.join("; ")
-                    ));
+                    let what = What::Fallback {
+                        generation: sb.generation,
+                        why: errors.join("; "),
+                    };
+                    let at = Where {
+                        slot: Some((sb.generation % 2) as usize),
+                        ..Default::default()
+                    };
+                    notes.push(Fault::new(what, at));
                 }
                 inner.slot_damaged = !notes.is_empty();
                 inner.newest_seen = sbs[0].generation;
@@ -384,13 +404,15 @@ fn load_generation(
     let first = first_data_block(bs);
     let mut alloc = Allocator::new(first, sb.max_blocks);
     let mut faults = std::mem::take(&mut catalog.faults);
-    // Block numbers come from disk: bound them by the file before the allocation bitmap grows
-    // to cover them, so damaged metadata cannot make the load allocate without limit. The
-    // log's reserved next page may lie just past the end (reserved, never written).
+    // Block numbers come from disk: they are bounded by the file before the allocation bitmap
+    // grows to cover them, so damaged metadata cannot make the load allocate without limit.
     let file_blocks = storage
         .len()
         .map_err(|e| Error::io("reading the pool size", e))?
         .div_ceil(bs as u64);
+    // A stream outside the file means this generation cannot be trusted at all: an error, so
+    // the load falls back to the older one. The log's reserved next page may lie just past the
+    // end (reserved, never written).
     for &b in rec.ckpt_blocks.iter().chain(&rec.log_blocks) {
         if b.0 < first || b.0 > file_blocks + 1 {
             return Err(Error::Corrupt(format!(
@@ -398,31 +420,18 @@ fn load_generation(
                 sb.generation, b.0
             )));
         }
-        if !alloc.mark_loaded(b) {
-            faults.push(format!("metadata pool block {} is used twice", b.0));
-        }
     }
-    for l in catalog.layers() {
-        for (vb, m) in l.map.iter() {
-            if let Mapping::Data { pblock, .. } = m {
-                if pblock.0 < first || pblock.0 >= file_blocks {
-                    faults.push(format!(
-                        "{}: {vb} (byte offset {}) maps {pblock}, outside the pool's data area ({first}..{file_blocks})",
-                        l.describe(),
-                        vb.0.saturating_mul(bs as u64)
-                    ));
-                } else if !alloc.mark_loaded(pblock) {
-                    faults.push(format!(
-                        "{}: {vb} maps {pblock}, which is also used elsewhere",
-                        l.describe()
-                    ));
-                }
-            }
-        }
-    }
+    let meta = MetaStreams::from_recovered(&rec);
+    faults.extend(invariants::audit(
+        &catalog,
+        &meta,
+        bs,
+        file_blocks,
+        &mut alloc,
+    ));
     alloc.committed();
     Ok(Inner {
-        pool: Pool::new(MetaStreams::from_recovered(&rec), alloc, bs),
+        pool: Pool::new(meta, alloc, bs),
         catalog,
         pending: RecordWriter::new(),
         block_size: bs,

@@ -1,0 +1,216 @@
+//! The rules every pool obeys, checked in one place. Loading runs them over what it replayed
+//! (a writable open refuses a pool that breaks any; `check` reports them), and the live
+//! self-check runs them over the in-memory state and then holds the allocator against them.
+//!
+//! The rules: every pool block that the metadata streams or a layer's map names lies in the
+//! data area and is named once; a layer maps nothing past its end; its counters match its map;
+//! its parent exists, is read-only, is no larger than it, and lists it as a child; every child
+//! it lists names it as parent; its id is below the catalogue's next id.
+
+use super::store::{Inner, Store};
+use crate::error::{Error, Result};
+use crate::fault::{Fault, What, Where};
+use crate::format::{first_data_block, PBlock};
+use crate::layer::{Catalog, Layer, Mapping};
+use crate::pool::MetaStreams;
+use std::collections::HashMap;
+
+/// Marks pool blocks as referenced while the rules are checked.
+pub(crate) trait Claims {
+    /// Note that `at` references `b`. If something already did, return who, if known.
+    fn claim(&mut self, b: PBlock, at: &Where) -> Option<String>;
+}
+
+/// Check every rule over `catalog` and `meta`; blocks at or past `file_blocks` lie outside the
+/// pool file. Blocks within bounds are passed to `claims` (which loading uses to rebuild its
+/// allocator), never blocks outside them, so damaged numbers cannot make anyone allocate for them.
+pub(crate) fn audit(
+    catalog: &Catalog,
+    meta: &MetaStreams,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    let first = first_data_block(block_size);
+    let holders = [("the checkpoint", &meta.ckpt_blocks), ("the log", &meta.log_blocks)];
+    for (holder, blocks) in holders {
+        for &b in blocks.iter() {
+            let at = Where::holder(b, holder);
+            // The log's reserved next page may lie just past the end: reserved, never written.
+            if b.0 < first || b.0 > file_blocks + 1 {
+                let what = What::OutsideDataArea { first, file_blocks };
+                faults.push(Fault::new(what, at));
+            } else if let Some(other) = claims.claim(b, &at) {
+                faults.push(Fault::new(What::UsedTwice { other }, at));
+            }
+        }
+    }
+    for l in catalog.layers() {
+        layer_rules(catalog, l, &mut faults);
+        let (mut data, mut zero) = (0, 0);
+        let blocks = l.disk_size.div_ceil(block_size as u64);
+        for (vb, m) in l.map.iter() {
+            let at = Where::layer(l.id, &l.name).block(vb, block_size);
+            if vb.0 >= blocks {
+                let what = What::MappedPastEnd {
+                    disk_size: l.disk_size,
+                };
+                faults.push(Fault::new(what, at.clone()));
+            }
+            let Mapping::Data { pblock, .. } = m else {
+                zero += 1;
+                continue;
+            };
+            data += 1;
+            let at = at.pblock(pblock);
+            if pblock.0 < first || pblock.0 >= file_blocks {
+                let what = What::OutsideDataArea { first, file_blocks };
+                faults.push(Fault::new(what, at));
+            } else if let Some(other) = claims.claim(pblock, &at) {
+                faults.push(Fault::new(What::UsedTwice { other }, at));
+            }
+        }
+        if (data, zero) != (l.map.data_blocks(), l.map.zero_blocks()) {
+            let what = What::Counters {
+                stored_data: l.map.data_blocks(),
+                stored_zero: l.map.zero_blocks(),
+                data,
+                zero,
+            };
+            faults.push(Fault::new(what, Where::layer(l.id, &l.name)));
+        }
+    }
+    faults
+}
+
+/// The rules about a layer's place in the tree.
+fn layer_rules(catalog: &Catalog, l: &Layer, faults: &mut Vec<Fault>) {
+    let here = || Where::layer(l.id, &l.name);
+    if let Some(p) = l.parent {
+        match catalog.get(p) {
+            None => faults.push(Fault::new(What::MissingParent { parent: p }, here())),
+            Some(p) => {
+                let parent = p.describe();
+                if !p.children.contains(&l.id) {
+                    let what = What::ChildNotListed {
+                        parent: parent.clone(),
+                    };
+                    faults.push(Fault::new(what, here()));
+                }
+                if p.writable {
+                    let what = What::WritableParent {
+                        parent: parent.clone(),
+                    };
+                    faults.push(Fault::new(what, here()));
+                }
+                if p.disk_size > l.disk_size {
+                    faults.push(Fault::new(What::SmallerThanParent { parent }, here()));
+                }
+            }
+        }
+    }
+    for &c in &l.children {
+        if catalog.get(c).and_then(|c| c.parent) != Some(l.id) {
+            faults.push(Fault::new(What::NotAChild { child: c }, here()));
+        }
+    }
+    if l.id >= catalog.next_id() {
+        let what = What::IdNotBelowNext {
+            next: catalog.next_id(),
+        };
+        faults.push(Fault::new(what, here()));
+    }
+}
+
+/// Loading rebuilds its allocator from the claims: a block marked twice is named twice.
+impl Claims for crate::pool::Allocator {
+    fn claim(&mut self, b: PBlock, _: &Where) -> Option<String> {
+        (!self.mark_loaded(b)).then(|| "another reference".to_string())
+    }
+}
+
+/// Claims that remember who holds each block (the self-check).
+#[derive(Default)]
+struct Owners(HashMap<PBlock, String>);
+
+impl Claims for Owners {
+    fn claim(&mut self, b: PBlock, at: &Where) -> Option<String> {
+        self.0.insert(b, at.who())
+    }
+}
+
+impl Inner {
+    /// The rules over the live state, and the allocator held against them: it must count as
+    /// used exactly what the streams and maps reference, plus the frees waiting for the open
+    /// transaction to commit.
+    fn live_faults(&self) -> Vec<Fault> {
+        let alloc = &self.pool.alloc;
+        let mut owners = Owners::default();
+        let file_blocks = alloc.extent() + 1;
+        let mut faults = audit(
+            &self.catalog,
+            &self.pool.meta,
+            self.block_size,
+            file_blocks,
+            &mut owners,
+        );
+        for b in alloc.pending_frees() {
+            let at = Where::holder(b, "a free waiting for commit");
+            if let Some(other) = owners.claim(b, &at) {
+                faults.push(Fault::new(What::UsedTwice { other }, at));
+            }
+        }
+        let mut used = 0u64;
+        for b in alloc.used_blocks() {
+            used += 1;
+            if !owners.0.contains_key(&b) {
+                faults.push(Fault::new(What::Leaked, Where::default().pblock(b)));
+            }
+        }
+        for (&b, by) in &owners.0 {
+            if !alloc.is_used(b) {
+                let what = What::FreeButReferenced { by: by.clone() };
+                faults.push(Fault::new(what, Where::default().pblock(b)));
+            }
+        }
+        for b in alloc.fresh_blocks() {
+            if !alloc.is_used(b) {
+                faults.push(Fault::new(What::FreshButFree, Where::default().pblock(b)));
+            }
+        }
+        if used != alloc.used_count() {
+            let what = What::UsedCount {
+                counted: alloc.used_count(),
+                bitmap: used,
+            };
+            faults.push(Fault::new(what, Where::default()));
+        }
+        faults
+    }
+}
+
+impl Store {
+    /// The self-check, for tests: verify the live state; `Error::Corrupt` lists every fault.
+    /// `check` (the fsck) looks at what is durable; this also catches blocks leaked or mapped
+    /// twice by the open transaction.
+    pub fn verify_consistency(&self) -> Result<()> {
+        let g = self.read();
+        let mut faults: Vec<Fault> = g.load_faults.clone();
+        faults.extend(g.live_faults());
+        if faults.is_empty() {
+            return Ok(());
+        }
+        let all: Vec<String> = faults.iter().map(|f| f.to_string()).collect();
+        Err(Error::Corrupt(format!(
+            "{} consistency fault(s): {}",
+            faults.len(),
+            all.join("; ")
+        )))
+    }
+
+    /// Blocks the allocator counts as used (data, metadata, and frees awaiting commit).
+    pub fn used_blocks(&self) -> u64 {
+        self.read().pool.alloc.used_count()
+    }
+}
