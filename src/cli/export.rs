@@ -1,7 +1,5 @@
-use super::open_ro;
 use super::progress::Progress;
-use crate::error::{Error, Result};
-use crate::pool::lock::PoolLock;
+use crate::error::Result;
 use crate::units::human;
 use std::path::{Path, PathBuf};
 
@@ -17,25 +15,16 @@ pub struct Args {
 }
 
 pub fn run(pool: &Path, a: Args) -> Result<()> {
-    let mut attempt = 0;
-    let stats = loop {
-        let store = open_ro(pool)?;
-        let mut p = Progress::new(format!("export {}", a.name));
-        let r = crate::image::export(&store, &a.name, &a.file, &mut |d, t| p.update(d, t));
-        p.finish();
-        match r {
-            // A serving process may free and reuse blocks of the state we opened while we read
-            // it; that reads as a checksum mismatch. Start again from its newer state.
-            Err(Error::Corrupt(_)) if attempt < 3 && is_served(pool) => {
-                eprintln!(
-                    "thinlayer: {:?} changed while being exported; starting again",
-                    a.name
-                );
-                attempt += 1;
-            }
-            r => break r?,
-        }
-    };
+    let mut p = Progress::new(format!("export {}", a.name));
+    let stats = crate::image::export_pool(
+        pool,
+        &a.name,
+        &a.file,
+        &mut |d, t| p.update(d, t),
+        &mut || eprintln!("thinlayer: {:?} changed while being exported; starting again", a.name),
+    );
+    p.finish();
+    let stats = stats?;
     println!(
         "exported {:?} to {}: {} image, {} of data written",
         a.name,
@@ -44,11 +33,4 @@ pub fn run(pool: &Path, a: Args) -> Result<()> {
         human(stats.bytes_written)
     );
     Ok(())
-}
-
-fn is_served(pool: &Path) -> bool {
-    matches!(
-        PoolLock::acquire(pool, "thinlayer export"),
-        Err(Error::Busy(_))
-    )
 }

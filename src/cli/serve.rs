@@ -1,6 +1,6 @@
 use crate::error::Result;
 use crate::nbd::{self, Listener, ServerConfig};
-use crate::volume::{Store, StoreExports};
+use crate::volume::{Committer, Store, StoreExports};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -54,29 +54,12 @@ pub fn run(pool: &Path, a: Args) -> Result<()> {
         catalog_count(&store, &a.exports),
         pool.display()
     );
-    // Bound what a crash can lose, and the open transaction's memory, without client flushes.
-    let committer = (a.commit_interval > 0).then(|| {
-        let (store, stop) = (store.clone(), stop.clone());
-        let every = Duration::from_secs(a.commit_interval);
-        std::thread::spawn(move || {
-            let mut waited = Duration::ZERO;
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                waited += Duration::from_millis(100);
-                let big = store.pending_bytes() > 16 << 20;
-                if (waited >= every || big) && store.has_pending() {
-                    if let Err(e) = store.flush() {
-                        eprintln!("thinlayer: background commit failed: {e}");
-                    }
-                    waited = Duration::ZERO;
-                }
-            }
-        })
-    });
+    let committer = (a.commit_interval > 0)
+        .then(|| Committer::start(store.clone(), Duration::from_secs(a.commit_interval)));
     let result = nbd::serve(&catalog, &listener, &ServerConfig::default(), &stop);
     stop.store(true, Ordering::Relaxed);
-    if let Some(t) = committer {
-        let _ = t.join();
+    if let Some(c) = committer {
+        c.stop();
     }
     result?;
     store.flush().map_err(|e| e.context("final commit"))?;

@@ -21,21 +21,35 @@ pub struct ExportStats {
 /// Buffers in flight between the reader and the writer.
 const DEPTH: usize = 3;
 
+/// Export layer `name` of `store` to the image file at `file` (created or truncated).
 pub fn export(
     store: &Store,
     name: &str,
     file: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ExportStats> {
-    let layer = store.layer(name)?;
-    let size = layer.disk_size;
+    store.layer(name)?;
     let out = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(file)
         .map_err(|e| Error::io(format!("creating {}", file.display()), e))?;
-    let werr = |e| Error::io(format!("writing {}", file.display()), e);
+    export_to(store, name, &out, &file.display().to_string(), progress)
+}
+
+/// Export layer `name` into `out`, an empty file opened for writing by whoever may write it
+/// (the control API gets it from its client as a descriptor). `label` names it in errors.
+pub fn export_to(
+    store: &Store,
+    name: &str,
+    out: &File,
+    label: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ExportStats> {
+    let layer = store.layer(name)?;
+    let size = layer.disk_size;
+    let werr = |e| Error::io(format!("writing {label}"), e);
     out.set_len(size).map_err(werr)?;
     let (full_tx, full_rx) = sync_channel::<(u64, Vec<u8>)>(DEPTH);
     let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 1);
@@ -43,7 +57,7 @@ pub fn export(
         empty_tx.send(vec![0u8; CHUNK]).unwrap();
     }
     let (read_result, write_result) = std::thread::scope(|s| {
-        let writer = s.spawn(|| write_chunks(&out, full_rx, empty_tx));
+        let writer = s.spawn(|| write_chunks(out, full_rx, empty_tx));
         let r = read_chunks(store, layer.id, size, name, full_tx, &empty_rx, progress);
         (r, writer.join().expect("export writer panicked"))
     });
@@ -55,6 +69,36 @@ pub fn export(
         size,
         bytes_written: written,
     })
+}
+
+/// Export from the pool file at `pool` without taking its lock. A process serving the pool may
+/// free and reuse blocks of the committed state being read; that reads as a checksum mismatch,
+/// so the export starts again from the newer state (up to three times; `restarted` is told).
+pub fn export_pool(
+    pool: &Path,
+    name: &str,
+    file: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    restarted: &mut dyn FnMut(),
+) -> Result<ExportStats> {
+    let mut attempt = 0;
+    loop {
+        let store = Store::open_read_only(pool)?;
+        match export(&store, name, file, progress) {
+            Err(Error::Corrupt(_)) if attempt < 3 && is_held(pool) => {
+                restarted();
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+fn is_held(pool: &Path) -> bool {
+    matches!(
+        crate::pool::lock::PoolLock::acquire(pool, "thinlayer export"),
+        Err(Error::Busy(_))
+    )
 }
 
 fn read_chunks(

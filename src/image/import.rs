@@ -36,8 +36,8 @@ fn next_data(f: &File, off: u64) -> Option<u64> {
     Some(r as u64)
 }
 
-/// Import `file` as a new read-only layer `name`. On any error nothing is committed: the store
-/// is rolled back and the layer does not exist.
+/// Import the image file at `file` as a new read-only layer `name`, committed when it returns.
+/// On any error the layer does not exist.
 pub fn import(
     store: &Store,
     name: &str,
@@ -47,46 +47,63 @@ pub fn import(
 ) -> Result<(LayerInfo, ImportStats)> {
     let f =
         File::open(file).map_err(|e| Error::io(format!("opening image {}", file.display()), e))?;
+    import_from(store, name, &f, &file.display().to_string(), parent, progress)
+}
+
+/// Import from `f`, an image opened for reading by whoever may read it (the control API gets
+/// it from its client as a descriptor). `label` names it in errors. On failure the half-made
+/// layer is removed again in the same open transaction, which may be shared with other
+/// writers (a live server), so nothing of theirs is thrown away with it.
+pub fn import_from(
+    store: &Store,
+    name: &str,
+    f: &File,
+    label: &str,
+    parent: Option<&str>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(LayerInfo, ImportStats)> {
     let meta = f
         .metadata()
-        .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+        .map_err(|e| Error::io(format!("reading {label}"), e))?;
     if !meta.is_file() {
-        return Err(Error::Invalid(format!(
-            "{} is not a regular file",
-            file.display()
-        )));
+        return Err(Error::Invalid(format!("{label} is not a regular file")));
     }
     let size = meta.len();
     if size == 0 {
-        return Err(Error::Invalid(format!("image {} is empty", file.display())));
+        return Err(Error::Invalid(format!("image {label} is empty")));
     }
-    let result = import_inner(store, name, &f, file, size, parent, progress);
-    if result.is_err() {
-        store.rollback()?;
+    let mut created = false;
+    let result = import_inner(store, name, f, label, size, parent, &mut created, progress);
+    if result.is_err() && created {
+        // Best effort: if even this fails the store is unusable (poisoned) and a reopen
+        // forgets the uncommitted layer anyway.
+        let _ = store.remove_layer(name);
     }
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn import_inner(
     store: &Store,
     name: &str,
     f: &File,
-    file: &Path,
+    label: &str,
     size: u64,
     parent: Option<&str>,
+    created: &mut bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(LayerInfo, ImportStats)> {
     if let Some(p) = parent {
         let pl = store.layer(p)?;
         if size < pl.disk_size {
             return Err(Error::Invalid(format!(
-                "image {} is {size} bytes, smaller than its parent {p:?} ({} bytes)",
-                file.display(),
+                "image {label} is {size} bytes, smaller than its parent {p:?} ({} bytes)",
                 pl.disk_size
             )));
         }
     }
     let layer = store.create_layer(name, parent, Some(size))?;
+    *created = true;
     let parent_id = match parent {
         Some(p) => Some(store.layer(p)?),
         None => None,
@@ -118,7 +135,7 @@ fn import_inner(
         let n = (CHUNK as u64).min(size - off) as usize;
         let data = &mut buf[..n];
         read_full(f, data, off)
-            .map_err(|e| Error::io(format!("reading {} at byte {off}", file.display()), e))?;
+            .map_err(|e| Error::io(format!("reading {label} at byte {off}"), e))?;
         stats.bytes_read += n as u64;
         let base = match &parent_id {
             Some(p) => {

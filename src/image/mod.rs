@@ -3,8 +3,8 @@
 pub mod export;
 pub mod import;
 
-pub use export::{export, ExportStats};
-pub use import::{import, ImportStats};
+pub use export::{export, export_pool, export_to, ExportStats};
+pub use import::{import, import_from, ImportStats};
 
 /// Bytes moved per I/O call: large enough to stream, small enough to keep memory flat.
 pub(crate) const CHUNK: usize = 4 << 20;

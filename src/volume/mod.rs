@@ -1,11 +1,13 @@
 //! A layer chain as a block device, and the store that owns the open pool.
-pub mod invariants;
+pub mod committer;
 pub mod device;
 pub mod handle;
+pub mod invariants;
 pub mod io;
 pub mod layers;
 pub mod store;
 
+pub use committer::Committer;
 pub use device::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
 pub use handle::{StoreExports, Volume};
 pub use layers::{LayerInfo, PoolUsage};
