@@ -10,7 +10,7 @@ use crate::volume::Store;
 use serde::Serialize;
 use std::sync::Arc;
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct CheckReport {
     /// Each fault names its location: slot, page, layer, block, byte offset.
     pub faults: Vec<String>,
