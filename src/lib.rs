@@ -2,9 +2,10 @@
 //!
 //! Layers of the crate depend downward only:
 //! `format` (bytes <-> structs) → `pool` (the pool file, allocation, commits) → `layer` (catalogue
-//! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `image`, `cli`).
+//! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `image`, `control`, `cli`).
 pub mod check;
 pub mod cli;
+pub mod control;
 pub mod error;
 pub mod fault;
 pub mod format;

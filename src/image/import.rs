@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct ImportStats {
     pub bytes_read: u64,
     /// Bytes of blocks that differed from the parent chain and were stored (or whited out).

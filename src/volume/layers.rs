@@ -8,7 +8,7 @@ use crate::layer::{name, Change, Layer};
 use serde::Serialize;
 
 /// One layer as `ls` and `history` show it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LayerInfo {
     pub name: String,
     pub parent: Option<String>,
@@ -28,7 +28,7 @@ pub struct LayerInfo {
 }
 
 /// The pool as `df` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct PoolUsage {
     pub path: Option<String>,
     pub block_size: u32,

@@ -1,0 +1,23 @@
+//! The control socket: how CLI commands reach the process that owns a pool while it serves.
+//!
+//! `wire` frames messages (a length, a JSON body, descriptors beside them); `hello` is the
+//! version handshake every connection starts with; `proto` is the messages and how a
+//! `crate::Error` crosses the socket unchanged; `socket` binds the owner-only socket and reads
+//! the peer's credentials; `server` accepts connections and hands requests to a handler;
+//! `client` is the CLI's side. The protocol is written down in docs/CONTROL.md.
+//!
+//! This is a frontend: it translates requests and replies and validates them at the edge
+//! (frame size, descriptor count, peer uid). What a request does is the handler's business.
+mod client;
+mod hello;
+mod proto;
+mod server;
+mod socket;
+mod wire;
+
+pub use client::Client;
+pub use hello::{Hello, VERSION};
+pub use proto::{ConnectionInfo, Reply, Request, Status, WireError, KINDS};
+pub use server::serve_control;
+pub use socket::{default_path, ControlSocket, Peer};
+pub use wire::{MAX_REPLY, MAX_REQUEST};

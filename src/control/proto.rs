@@ -1,0 +1,565 @@
+//! The messages after the hello. A client sends one `Request` at a time; the server answers
+//! with zero or more `Progress` frames and then exactly one `Reply` or `Error`. Enums are
+//! externally tagged in snake_case: `{"create": {"name": "web", ...}}`, `"ls"`.
+
+use crate::check::CheckReport;
+use crate::format::ids::LayerId;
+use crate::image::{ExportStats, ImportStats};
+use crate::volume::{LayerInfo, PoolUsage};
+use crate::Error;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    Create {
+        name: String,
+        #[serde(default)]
+        parent: Option<String>,
+        #[serde(default)]
+        size: Option<u64>,
+    },
+    Commit {
+        name: String,
+    },
+    Remove {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Carries one descriptor: the source image, opened read-only by the client.
+    Import {
+        name: String,
+        #[serde(default)]
+        parent: Option<String>,
+    },
+    /// Carries one descriptor: the destination, opened write-only (created, truncated).
+    Export {
+        name: String,
+    },
+    Ls,
+    History {
+        name: String,
+    },
+    Df,
+    Check {
+        #[serde(default)]
+        data: bool,
+    },
+    Status,
+}
+
+impl Request {
+    /// Descriptors the request must carry, and what each is for (for the refusal message).
+    pub fn fds_expected(&self) -> Option<&'static str> {
+        match self {
+            Request::Import { .. } => Some("the source image, open for reading"),
+            Request::Export { .. } => Some("the destination file, open for writing"),
+            _ => None,
+        }
+    }
+}
+
+/// A request as the server's log shows it: the command line it stands for.
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Create { name, parent, size } => {
+                write!(f, "create {name:?}")?;
+                if let Some(p) = parent {
+                    write!(f, " --parent {p:?}")?;
+                }
+                if let Some(s) = size {
+                    write!(f, " --size {s}")?;
+                }
+                Ok(())
+            }
+            Request::Commit { name } => write!(f, "commit {name:?}"),
+            Request::Remove { name, force } => {
+                write!(f, "rm {name:?}{}", if *force { " --force" } else { "" })
+            }
+            Request::Import { name, parent } => {
+                write!(f, "import {name:?} from a passed file")?;
+                match parent {
+                    Some(p) => write!(f, " --parent {p:?}"),
+                    None => Ok(()),
+                }
+            }
+            Request::Export { name } => write!(f, "export {name:?} to a passed file"),
+            Request::Ls => f.write_str("ls"),
+            Request::History { name } => write!(f, "history {name:?}"),
+            Request::Df => f.write_str("df"),
+            Request::Check { data } => f.write_str(if *data { "check --data" } else { "check" }),
+            Request::Status => f.write_str("status"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// create
+    Layer(#[serde(with = "wire_layer")] LayerInfo),
+    /// ls, history
+    Layers(#[serde(with = "wire_layers")] Vec<LayerInfo>),
+    /// df
+    Usage(PoolUsage),
+    Check(CheckReport),
+    Imported {
+        #[serde(with = "wire_layer")]
+        layer: LayerInfo,
+        stats: ImportStats,
+    },
+    Exported {
+        stats: ExportStats,
+    },
+    /// `freed`: the pool bytes the layer alone held, which `rm` prints.
+    Removed {
+        name: String,
+        freed: u64,
+    },
+    Committed {
+        name: String,
+    },
+    Status(Status),
+}
+
+/// What `status` shows about a running server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub pool: String,
+    /// "thinlayer X.Y.Z"
+    pub server: String,
+    /// RFC 3339.
+    pub started: String,
+    /// The layers exported over NBD.
+    pub exports: Vec<String>,
+    /// Where NBD clients connect, e.g. "unix socket /var/lib/thinlayer/pool.sock".
+    pub listen: Vec<String>,
+    /// Open NBD connections.
+    pub connections: Vec<ConnectionInfo>,
+    /// Writes not yet committed, in bytes.
+    pub pending_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub client: String,
+    pub export: String,
+    pub writable: bool,
+    /// RFC 3339.
+    pub since: String,
+}
+
+/// Everything the server sends after the hello.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerFrame {
+    Progress { done: u64, total: u64 },
+    Reply(Reply),
+    Error(WireError),
+}
+
+/// A `crate::Error` on the wire. `message` is always the whole text the CLI prints, so a
+/// client in any language can show it; an Io error also carries its context and raw errno,
+/// from which the same `Error::Io` is rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub kind: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+}
+
+/// Every kind the wire knows, in the order of `crate::Error`'s variants.
+pub const KINDS: [&str; 8] = [
+    "io",
+    "invalid",
+    "no_space",
+    "read_only",
+    "corrupt",
+    "not_found",
+    "conflict",
+    "busy",
+];
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> WireError {
+        let (kind, context, errno) = match e {
+            Error::Io { context, source } => ("io", Some(context.clone()), source.raw_os_error()),
+            Error::Invalid(_) => ("invalid", None, None),
+            Error::NoSpace(_) => ("no_space", None, None),
+            Error::ReadOnly(_) => ("read_only", None, None),
+            Error::Corrupt(_) => ("corrupt", None, None),
+            Error::NotFound(_) => ("not_found", None, None),
+            Error::Conflict(_) => ("conflict", None, None),
+            Error::Busy(_) => ("busy", None, None),
+        };
+        WireError {
+            kind: kind.into(),
+            message: e.to_string(),
+            context,
+            errno,
+        }
+    }
+}
+
+impl WireError {
+    /// The same variant with the same text. An io error that was not an OS error (an
+    /// unexpected end of file, say) keeps its text, rebuilt as `io::Error::other`.
+    pub fn into_error(self) -> Error {
+        let m = self.message;
+        match self.kind.as_str() {
+            "io" => {
+                let context = self.context.unwrap_or_default();
+                let source = match self.errno {
+                    Some(n) => io::Error::from_raw_os_error(n),
+                    None => {
+                        let rest = m.strip_prefix(&format!("{context}: ")).unwrap_or(&m);
+                        io::Error::other(rest.to_string())
+                    }
+                };
+                Error::Io { context, source }
+            }
+            "no_space" => Error::NoSpace(m),
+            "read_only" => Error::ReadOnly(m),
+            "corrupt" => Error::Corrupt(m),
+            "not_found" => Error::NotFound(m),
+            "conflict" => Error::Conflict(m),
+            "busy" => Error::Busy(m),
+            // "invalid", and a kind from a newer server: the text still says what happened.
+            _ => Error::Invalid(m),
+        }
+    }
+}
+
+/// `LayerInfo` as JSON output shows it, plus the fields that output skips (`id`,
+/// `children`), so a reply through the server is the same value as a direct open.
+mod wire_layer {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize)]
+    pub(super) struct Out<'a> {
+        #[serde(flatten)]
+        info: &'a LayerInfo,
+        id: u32,
+        children: &'a [String],
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct In {
+        #[serde(flatten)]
+        info: LayerInfo,
+        id: u32,
+        #[serde(default)]
+        children: Vec<String>,
+    }
+
+    impl<'a> From<&'a LayerInfo> for Out<'a> {
+        fn from(info: &'a LayerInfo) -> Self {
+            Out {
+                info,
+                id: info.id.0,
+                children: &info.children,
+            }
+        }
+    }
+
+    impl From<In> for LayerInfo {
+        fn from(w: In) -> LayerInfo {
+            LayerInfo {
+                id: LayerId(w.id),
+                children: w.children,
+                ..w.info
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(info: &LayerInfo, s: S) -> Result<S::Ok, S::Error> {
+        Out::from(info).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LayerInfo, D::Error> {
+        In::deserialize(d).map(LayerInfo::from)
+    }
+}
+
+mod wire_layers {
+    use super::wire_layer::{In, Out};
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[LayerInfo], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(Out::from))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LayerInfo>, D::Error> {
+        let v = Vec::<In>::deserialize(d)?;
+        Ok(v.into_iter().map(LayerInfo::from).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(name: &str, id: u32) -> LayerInfo {
+        LayerInfo {
+            name: name.into(),
+            parent: Some("acme/base:1.0".into()),
+            writable: true,
+            size: 4096,
+            virtual_size: 1 << 20,
+            disk_size: 1 << 30,
+            created: "2026-01-02T03:04:05Z".into(),
+            id: LayerId(id),
+            children: vec!["child-a".into(), "child-b".into()],
+        }
+    }
+
+    fn roundtrip<T: Serialize + serde::de::DeserializeOwned>(x: &T) -> T {
+        let frame = super::super::wire::encode(x).unwrap();
+        super::super::wire::decode(&frame[4..]).unwrap()
+    }
+
+    #[test]
+    fn every_request_survives_the_wire() {
+        let all = [
+            Request::Create {
+                name: "web".into(),
+                parent: Some("base".into()),
+                size: Some(10 << 30),
+            },
+            Request::Create {
+                name: "scratch".into(),
+                parent: None,
+                size: None,
+            },
+            Request::Commit { name: "web".into() },
+            Request::Remove {
+                name: "web".into(),
+                force: true,
+            },
+            Request::Import {
+                name: "acme/app:2".into(),
+                parent: Some("acme/base:1.0".into()),
+            },
+            Request::Export { name: "web".into() },
+            Request::Ls,
+            Request::History { name: "web".into() },
+            Request::Df,
+            Request::Check { data: true },
+            Request::Status,
+        ];
+        for r in all {
+            assert_eq!(roundtrip(&r), r);
+        }
+    }
+
+    #[test]
+    fn requests_have_the_documented_shape() {
+        let v = serde_json::to_value(Request::Create {
+            name: "web".into(),
+            parent: None,
+            size: Some(4096),
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"create": {"name": "web", "parent": null, "size": 4096}})
+        );
+        assert_eq!(serde_json::to_value(Request::Ls).unwrap(), "ls");
+        // Optional fields may be left out.
+        let r: Request = serde_json::from_str(r#"{"remove":{"name":"x"}}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Remove {
+                name: "x".into(),
+                force: false
+            }
+        );
+    }
+
+    #[test]
+    fn layer_replies_keep_the_fields_json_output_skips() {
+        let l = layer("web", 7);
+        match roundtrip(&Reply::Layer(l.clone())) {
+            Reply::Layer(got) => assert_eq!(got, l),
+            other => panic!("{other:?}"),
+        }
+        let ls = vec![layer("a", 1), layer("b", 2)];
+        match roundtrip(&Reply::Layers(ls.clone())) {
+            Reply::Layers(got) => assert_eq!(got, ls),
+            other => panic!("{other:?}"),
+        }
+        // What `ls --json` prints from the received value is what a direct open prints.
+        let Reply::Layers(got) = roundtrip(&Reply::Layers(ls.clone())) else {
+            unreachable!()
+        };
+        assert_eq!(
+            serde_json::to_string(&got).unwrap(),
+            serde_json::to_string(&ls).unwrap()
+        );
+    }
+
+    #[test]
+    fn every_reply_and_frame_survives_the_wire() {
+        let usage = PoolUsage {
+            path: Some("/pool".into()),
+            block_size: 4096,
+            layers: 3,
+            file_size: 1 << 30,
+            file_allocated: 1 << 20,
+            allocated: 1 << 20,
+            data_bytes: 900_000,
+            metadata_bytes: 100_000,
+            free_under_cap: None,
+            max_size: Some(1 << 40),
+            virtual_total: 3 << 20,
+            sharing_saves: 2 << 20,
+        };
+        let status = Status {
+            pid: 42,
+            pool: "/pool".into(),
+            server: "thinlayer 0.1.0".into(),
+            started: "2026-01-02T03:04:05Z".into(),
+            exports: vec!["web".into()],
+            listen: vec!["unix socket /pool.sock".into()],
+            connections: vec![ConnectionInfo {
+                client: "unix client #1".into(),
+                export: "web".into(),
+                writable: true,
+                since: "2026-01-02T03:04:06Z".into(),
+            }],
+            pending_bytes: 8192,
+        };
+        let all = vec![
+            ServerFrame::Progress { done: 5, total: 10 },
+            ServerFrame::Reply(Reply::Layer(layer("web", 3))),
+            ServerFrame::Reply(Reply::Layers(vec![layer("a", 1)])),
+            ServerFrame::Reply(Reply::Usage(usage)),
+            ServerFrame::Reply(Reply::Check(CheckReport {
+                faults: vec!["page 3: bad checksum".into()],
+                notes: vec!["slot 1 torn".into()],
+                generation: 9,
+                layers: 2,
+                data_blocks: 100,
+                verified_blocks: 100,
+            })),
+            ServerFrame::Reply(Reply::Imported {
+                layer: layer("app", 4),
+                stats: ImportStats {
+                    bytes_read: 1,
+                    bytes_changed: 2,
+                    bytes_skipped_holes: 3,
+                },
+            }),
+            ServerFrame::Reply(Reply::Exported {
+                stats: ExportStats {
+                    size: 10,
+                    bytes_written: 4,
+                },
+            }),
+            ServerFrame::Reply(Reply::Removed {
+                name: "web".into(),
+                freed: 4096,
+            }),
+            ServerFrame::Reply(Reply::Committed { name: "web".into() }),
+            ServerFrame::Reply(Reply::Status(status)),
+            ServerFrame::Error(WireError::from(&Error::NotFound("no layer".into()))),
+        ];
+        for f in &all {
+            // Encoding what was decoded gives the same bytes: nothing lost either way.
+            let json = serde_json::to_value(f).unwrap();
+            assert_eq!(serde_json::to_value(roundtrip(f)).unwrap(), json, "{f:?}");
+        }
+    }
+
+    fn one_of_each() -> Vec<Error> {
+        vec![
+            Error::io(
+                "opening pool /p",
+                io::Error::from_raw_os_error(libc::ENOENT),
+            ),
+            Error::Invalid("invalid size \"x\"".into()),
+            Error::NoSpace("pool /p is full".into()),
+            Error::ReadOnly("layer \"base\" (id 1) is read-only".into()),
+            Error::Corrupt("page 7: bad checksum".into()),
+            Error::NotFound("no layer \"web\"".into()),
+            Error::Conflict("layer \"web\" exists".into()),
+            Error::Busy("pool /p is in use by pid 9".into()),
+        ]
+    }
+
+    #[test]
+    fn every_error_comes_back_as_the_same_variant_with_the_same_text() {
+        let samples = one_of_each();
+        let kinds: Vec<String> = samples.iter().map(|e| WireError::from(e).kind).collect();
+        assert_eq!(kinds, KINDS, "one sample per kind, in order");
+        for e in samples {
+            let back = roundtrip(&WireError::from(&e)).into_error();
+            assert_eq!(
+                std::mem::discriminant(&back),
+                std::mem::discriminant(&e),
+                "{e}"
+            );
+            assert_eq!(back.to_string(), e.to_string());
+            assert_eq!(back.errno(), e.errno(), "{e}");
+        }
+    }
+
+    #[test]
+    fn io_errors_keep_their_errno_and_their_text_without_one() {
+        let full = Error::io("pool /p", io::Error::from_raw_os_error(libc::ENOSPC));
+        let w = WireError::from(&full);
+        assert_eq!(w.errno, Some(libc::ENOSPC));
+        assert_eq!(w.context.as_deref(), Some("pool /p"));
+        let back = w.into_error();
+        assert_eq!(back.errno(), libc::ENOSPC);
+        let Error::Io { source, .. } = &back else {
+            panic!("{back:?}")
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+
+        let eof = Error::io(
+            "reading image a.img at byte 4096",
+            io::Error::from(io::ErrorKind::UnexpectedEof),
+        );
+        let back = roundtrip(&WireError::from(&eof)).into_error();
+        assert!(matches!(back, Error::Io { .. }));
+        assert_eq!(back.to_string(), eof.to_string());
+    }
+
+    #[test]
+    fn an_unknown_kind_from_a_newer_server_still_shows_its_text() {
+        let w = WireError {
+            kind: "quota".into(),
+            message: "over quota".into(),
+            context: None,
+            errno: None,
+        };
+        let e = w.into_error();
+        assert!(matches!(&e, Error::Invalid(m) if m == "over quota"));
+    }
+
+    #[test]
+    fn the_log_shows_a_request_as_its_command_line() {
+        let r = Request::Create {
+            name: "web".into(),
+            parent: Some("base".into()),
+            size: None,
+        };
+        assert_eq!(r.to_string(), r#"create "web" --parent "base""#);
+        let r = Request::Import {
+            name: "a".into(),
+            parent: None,
+        };
+        assert_eq!(r.to_string(), r#"import "a" from a passed file"#);
+    }
+}

@@ -1,0 +1,209 @@
+//! The exports of a live pool, and who has them open. Every layer is an export the moment it
+//! exists (unless `serve --export` fixed the set) and stops being one when it is removed;
+//! each NBD connection's device is registered here while open, so `rm` and `commit` can refuse
+//! a layer in use, naming the connections, and `rm --force` can cut them off first.
+
+use crate::error::{Error, Result};
+use crate::format::LayerId;
+use crate::volume::{BlockDevice, ExportCatalog, ExportInfo, Extent, Store, StoreExports, Volume};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// One open connection's hold on a layer.
+#[derive(Debug)]
+pub struct Attachment {
+    pub layer: LayerId,
+    pub export: String,
+    /// Who: the NBD server's name for the connection.
+    pub client: String,
+    pub since: SystemTime,
+    pub writable: bool,
+    /// Set by `rm --force`: every further request fails with EIO, so the client can never
+    /// read or write through a layer that is gone (let alone another layer's blocks).
+    revoked: AtomicBool,
+}
+
+impl Attachment {
+    pub fn describe(&self) -> String {
+        let since = humantime::format_rfc3339_seconds(self.since);
+        format!(
+            "{} on export {:?} ({}) since {since}",
+            self.client,
+            self.export,
+            if self.writable { "writable" } else { "read-only" }
+        )
+    }
+}
+
+type Registry = Mutex<HashMap<u64, Arc<Attachment>>>;
+
+pub struct LiveExports {
+    inner: StoreExports,
+    attached: Arc<Registry>,
+    next: AtomicU64,
+}
+
+impl LiveExports {
+    pub fn new(store: Arc<Store>, only: Vec<String>) -> LiveExports {
+        LiveExports {
+            inner: StoreExports { store, only },
+            attached: Arc::default(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// The connections holding layer `id`.
+    pub fn attached_to(&self, id: LayerId) -> Vec<Arc<Attachment>> {
+        let g = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = g.values().filter(|a| a.layer == id).cloned().collect();
+        v.sort_by_key(|a| a.since);
+        v
+    }
+
+    /// Every open connection.
+    pub fn all(&self) -> Vec<Arc<Attachment>> {
+        let g = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        g.values().cloned().collect()
+    }
+
+    /// Refuse `what` on `layer` while connections (all, or only writable ones) hold it.
+    pub fn refuse_if_attached(
+        &self,
+        layer: &str,
+        id: LayerId,
+        only_writable: bool,
+        what: &str,
+    ) -> Result<()> {
+        let held: Vec<_> = self
+            .attached_to(id)
+            .into_iter()
+            .filter(|a| !only_writable || a.writable)
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = held.iter().map(|a| a.describe()).collect();
+        Err(Error::Conflict(format!(
+            "layer {layer:?} is in use by {} NBD connection(s): {}; disconnect them first{what}",
+            held.len(),
+            names.join("; ")
+        )))
+    }
+
+    /// Cut off every connection holding `id`: their requests fail with EIO from now on.
+    pub fn revoke(&self, id: LayerId) -> usize {
+        let held = self.attached_to(id);
+        for a in &held {
+            a.revoked.store(true, Ordering::SeqCst);
+        }
+        held.len()
+    }
+
+    /// Open an export for a connection, registering it until the device is dropped.
+    pub fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>> {
+        self.inner.open(name)?;
+        let vol = Volume::open(&self.inner.store, name)?;
+        let at = Arc::new(Attachment {
+            layer: vol.id(),
+            export: name.to_string(),
+            client: client.to_string(),
+            since: SystemTime::now(),
+            writable: !vol.is_read_only(),
+            revoked: AtomicBool::new(false),
+        });
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        self.attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, at.clone());
+        Ok(Arc::new(Attached {
+            vol,
+            at,
+            key,
+            registry: self.attached.clone(),
+        }))
+    }
+}
+
+impl ExportCatalog for LiveExports {
+    fn exports(&self) -> Result<Vec<ExportInfo>> {
+        self.inner.exports()
+    }
+    fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>> {
+        self.open_for(name, "an NBD client")
+    }
+    fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>> {
+        LiveExports::open_for(self, name, client)
+    }
+    fn flush_all(&self) -> Result<()> {
+        self.inner.flush_all()
+    }
+}
+
+/// A connection's device: the layer's volume, refusing I/O once revoked.
+struct Attached {
+    vol: Volume,
+    at: Arc<Attachment>,
+    key: u64,
+    registry: Arc<Registry>,
+}
+
+impl Attached {
+    fn live(&self) -> Result<&Volume> {
+        if self.at.revoked.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                format!("layer {:?} was removed while attached", self.at.export),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(&self.vol)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl BlockDevice for Attached {
+    fn name(&self) -> &str {
+        self.vol.name()
+    }
+    fn size(&self) -> u64 {
+        self.vol.size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.vol.is_read_only()
+    }
+    fn block_size(&self) -> u32 {
+        self.vol.block_size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.live()?.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.live()?.write_at(offset, data)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.live()?.write_zeroes(offset, len, may_unmap)
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.live()?.trim(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.live()?.flush()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.live()?.extents(offset, len)
+    }
+}
