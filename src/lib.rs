@@ -13,6 +13,7 @@ pub mod image;
 pub mod layer;
 pub mod nbd;
 pub mod pool;
+pub mod server;
 pub mod units;
 pub mod volume;
 

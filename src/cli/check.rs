@@ -1,6 +1,7 @@
 use super::progress::Progress;
+use super::{unexpected, Target};
+use crate::control::{Reply, Request};
 use crate::error::Result;
-use std::path::Path;
 
 /// Verify the pool: superblocks, metadata checksums, block ownership, counters;
 /// with --data also every data block's checksum. Exits 1 if anything is wrong.
@@ -13,11 +14,16 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(pool: &Path, a: Args) -> Result<i32> {
+pub fn run(t: &Target, a: Args) -> Result<i32> {
     let mut p = Progress::new("check data");
-    let r = crate::check::check_pool(pool, a.data, &mut |d, t| p.update(d, t));
+    let req = Request::Check { data: a.data };
+    let r = t.call(req, Vec::new(), &mut |d, total| p.update(d, total));
     p.finish();
-    let r = r?;
+    let r = match r? {
+        Reply::Check(r) => r,
+        r => return Err(unexpected(r)),
+    };
+    let pool = &t.pool;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap());
     } else {

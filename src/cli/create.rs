@@ -1,13 +1,14 @@
-use super::transaction;
+use super::{unexpected, Target};
+use crate::control::{Reply, Request};
 use crate::error::Result;
 use crate::units::{human, parse_size};
-use std::path::Path;
 
 /// Create a layer: a base with --size, or a child of a committed layer with --parent.
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  thinlayer create scratch --size 10G            # an empty base layer\n  thinlayer create web-1 --parent acme/base:1.0  # a container on an image, costs no data\n\n\
-A child's size defaults to its parent's; it may be larger (the extra reads as zeros)."
+A child's size defaults to its parent's; it may be larger (the extra reads as zeros).\n\
+While the pool is served the new layer is an NBD export at once."
 )]
 pub struct CreateArgs {
     /// Layer name, e.g. web-1 or acme/base:1.0 (at most 255 bytes, no control characters).
@@ -20,10 +21,16 @@ pub struct CreateArgs {
     size: Option<u64>,
 }
 
-pub fn run_create(pool: &Path, a: CreateArgs) -> Result<()> {
-    let info = transaction(pool, |s| {
-        s.create_layer(&a.name, a.parent.as_deref(), a.size)
-    })?;
+pub fn run_create(t: &Target, a: CreateArgs) -> Result<()> {
+    let req = Request::Create {
+        name: a.name,
+        parent: a.parent,
+        size: a.size,
+    };
+    let info = match t.call(req, Vec::new(), &mut |_, _| {})? {
+        Reply::Layer(info) => info,
+        r => return Err(unexpected(r)),
+    };
     println!(
         "created writable layer {:?} ({}{})",
         info.name,
@@ -35,12 +42,18 @@ pub fn run_create(pool: &Path, a: CreateArgs) -> Result<()> {
 
 /// Make a writable layer read-only for good, so layers can be built on it.
 #[derive(clap::Args)]
+#[command(
+    after_help = "While the pool is served, a layer with writable NBD connections is refused\n\
+(naming them): disconnect them first, so no write can land after the layer is sealed."
+)]
 pub struct CommitArgs {
     name: String,
 }
 
-pub fn run_commit(pool: &Path, a: CommitArgs) -> Result<()> {
-    transaction(pool, |s| s.commit_layer(&a.name))?;
-    println!("committed {:?}: now read-only", a.name);
+pub fn run_commit(t: &Target, a: CommitArgs) -> Result<()> {
+    match t.call(Request::Commit { name: a.name }, Vec::new(), &mut |_, _| {})? {
+        Reply::Committed { name } => println!("committed {name:?}: now read-only"),
+        r => return Err(unexpected(r)),
+    }
     Ok(())
 }

@@ -1,7 +1,7 @@
-use super::open_ro;
+use super::{unexpected, Target};
+use crate::control::{Reply, Request};
 use crate::error::Result;
 use crate::units::human;
-use std::path::Path;
 
 /// Show pool usage: file size, allocated, free under the cap, metadata, sharing savings.
 #[derive(clap::Args)]
@@ -10,8 +10,12 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(pool: &Path, a: Args) -> Result<()> {
-    let u = open_ro(pool)?.usage()?;
+pub fn run(t: &Target, a: Args) -> Result<()> {
+    let u = match t.call(Request::Df, Vec::new(), &mut |_, _| {})? {
+        Reply::Usage(u) => u,
+        r => return Err(unexpected(r)),
+    };
+    let pool = &t.pool;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&u).unwrap());
         return Ok(());

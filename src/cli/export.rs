@@ -1,30 +1,48 @@
 use super::progress::Progress;
-use crate::error::Result;
+use super::{unexpected, Target};
+use crate::control::{Reply, Request};
+use crate::error::{Error, Result};
 use crate::units::human;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 
 /// Write a layer chain as a sparse raw image (for losetup / mount -o loop).
 #[derive(clap::Args)]
 #[command(
     after_help = "Example: thinlayer export web-1 web-1.img && mount -o loop,ro web-1.img /mnt\n\
-Works while the pool is served: it exports the last committed state."
+The file is created by this command, as the user running it; a server owning the pool gets\n\
+only the open descriptor. Through a server a writable layer is exported as it is now,\n\
+including writes not yet committed."
 )]
 pub struct Args {
     name: String,
     file: PathBuf,
 }
 
-pub fn run(pool: &Path, a: Args) -> Result<()> {
+pub fn run(t: &Target, a: Args) -> Result<()> {
+    // Not truncated here: the export empties it only once the layer is known to exist, so a
+    // mistyped name costs nothing (and a file made for nothing is removed again).
+    let existed = a.file.exists();
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&a.file)
+        .map_err(|e| Error::io(format!("creating {}", a.file.display()), e))?;
+    let req = Request::Export {
+        name: a.name.clone(),
+        label: Some(a.file.display().to_string()),
+    };
     let mut p = Progress::new(format!("export {}", a.name));
-    let stats = crate::image::export_pool(
-        pool,
-        &a.name,
-        &a.file,
-        &mut |d, t| p.update(d, t),
-        &mut || eprintln!("thinlayer: {:?} changed while being exported; starting again", a.name),
-    );
+    let r = t.call(req, vec![OwnedFd::from(out)], &mut |d, total| p.update(d, total));
     p.finish();
-    let stats = stats?;
+    if r.is_err() && !existed {
+        let _ = std::fs::remove_file(&a.file);
+    }
+    let stats = match r? {
+        Reply::Exported { stats } => stats,
+        r => return Err(unexpected(r)),
+    };
     println!(
         "exported {:?} to {}: {} image, {} of data written",
         a.name,

@@ -1,13 +1,17 @@
-use super::open_rw;
 use super::progress::Progress;
-use crate::error::Result;
+use super::{unexpected, Target};
+use crate::control::{Reply, Request};
+use crate::error::{Error, Result};
 use crate::units::human;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 
 /// Import a raw image file as a read-only layer, storing only blocks that differ from --parent.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  mkfs.ext4 -d rootfs/ base.img 1G && thinlayer import acme/base:1.0 base.img\n  thinlayer import acme/app:2 app.img --parent acme/base:1.0   # stores only the changed blocks"
+    after_help = "Examples:\n  mkfs.ext4 -d rootfs/ base.img 1G && thinlayer import acme/base:1.0 base.img\n  thinlayer import acme/app:2 app.img --parent acme/base:1.0   # stores only the changed blocks\n\n\
+The file is opened by this command, as the user running it; a server owning the pool gets\n\
+only the open descriptor."
 )]
 pub struct Args {
     name: String,
@@ -17,18 +21,21 @@ pub struct Args {
     parent: Option<String>,
 }
 
-pub fn run(pool: &Path, a: Args) -> Result<()> {
-    let store = open_rw(pool)?;
+pub fn run(t: &Target, a: Args) -> Result<()> {
+    let f = std::fs::File::open(&a.file)
+        .map_err(|e| Error::io(format!("opening image {}", a.file.display()), e))?;
+    let req = Request::Import {
+        name: a.name.clone(),
+        parent: a.parent,
+        label: Some(a.file.display().to_string()),
+    };
     let mut p = Progress::new(format!("import {}", a.name));
-    let r = crate::image::import(
-        &store,
-        &a.name,
-        &a.file,
-        a.parent.as_deref(),
-        &mut |d, t| p.update(d, t),
-    );
+    let r = t.call(req, vec![OwnedFd::from(f)], &mut |d, total| p.update(d, total));
     p.finish();
-    let (info, stats) = r?;
+    let (info, stats) = match r? {
+        Reply::Imported { layer, stats } => (layer, stats),
+        r => return Err(unexpected(r)),
+    };
     println!(
         "imported {:?} from {}: {} disk, stored {} ({} read, {} of holes skipped)",
         info.name,

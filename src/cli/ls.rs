@@ -1,11 +1,15 @@
-use super::{open_ro, table};
+use super::{table, unexpected, Target};
+use crate::control::{Reply, Request};
 use crate::error::Result;
 use crate::units::human;
 use crate::volume::LayerInfo;
-use std::path::Path;
 
 /// List layers: SIZE is what a layer alone holds, VIRTUAL SIZE adds its ancestors.
 #[derive(clap::Args)]
+#[command(
+    after_help = "Through a running server the figures are live: they include writes not yet\n\
+committed. Without one they are the pool's last committed state."
+)]
 pub struct LsArgs {
     /// Machine-readable output.
     #[arg(long)]
@@ -24,8 +28,15 @@ fn mode(l: &LayerInfo) -> String {
     if l.writable { "writable" } else { "read-only" }.into()
 }
 
-pub fn run_ls(pool: &Path, a: LsArgs) -> Result<()> {
-    let layers = open_ro(pool)?.layers();
+fn layers(t: &Target, req: Request) -> Result<Vec<LayerInfo>> {
+    match t.call(req, Vec::new(), &mut |_, _| {})? {
+        Reply::Layers(v) => Ok(v),
+        r => Err(unexpected(r)),
+    }
+}
+
+pub fn run_ls(t: &Target, a: LsArgs) -> Result<()> {
+    let layers = layers(t, Request::Ls)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&layers).unwrap());
         return Ok(());
@@ -59,8 +70,8 @@ pub fn run_ls(pool: &Path, a: LsArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_history(pool: &Path, a: HistoryArgs) -> Result<()> {
-    let chain = open_ro(pool)?.history(&a.name)?;
+pub fn run_history(t: &Target, a: HistoryArgs) -> Result<()> {
+    let chain = layers(t, Request::History { name: a.name })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&chain).unwrap());
         return Ok(());

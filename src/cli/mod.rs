@@ -13,10 +13,11 @@ mod remove;
 mod serve;
 mod table;
 
+use crate::control::{Client, Reply, Request};
 use crate::error::{Error, Result};
-use crate::volume::Store;
 use clap::{Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
 A pool file holds every layer. A layer is a sparse block map over its parent: reads fall through
@@ -28,7 +29,11 @@ Typical session:
   thinlayer import acme/base:1.0 rootfs.ext4      # a raw ext4 image becomes a read-only layer
   thinlayer create web --parent acme/base:1.0     # a writable container layer, O(1)
   thinlayer serve --socket /run/thinlayer.sock &  # NBD: nbd-client, qemu, nbdfuse...
+  thinlayer create web-2 --parent acme/base:1.0   # works while serving: asks the server
   thinlayer ls; thinlayer history web; thinlayer df
+
+While `serve` owns a pool, every command goes through its control socket (POOL.ctl beside
+the pool, or --control) with the same output and exit codes as when it opens the pool itself.
 
 Sizes accept 4096, 64K, 10G, 1T (binary units).";
 
@@ -39,6 +44,11 @@ pub struct Cli {
     /// else ~/.local/share/thinlayer/pool.
     #[arg(long, global = true, env = "THINLAYER_POOL", value_name = "PATH")]
     pool: Option<PathBuf>,
+
+    /// The control socket of a server owning the pool (default: POOL.ctl). When a server
+    /// answers there, every command goes through it; otherwise the pool is opened here.
+    #[arg(long, global = true, env = "THINLAYER_CONTROL", value_name = "PATH")]
+    control: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -77,39 +87,57 @@ fn command_line() -> String {
     args.join(" ")
 }
 
-/// Open the pool to change it (takes the lock).
-fn open_rw(pool: &Path) -> Result<Store> {
-    Store::open(pool, &command_line())
+/// Where a command finds its pool, and the server that may own it.
+pub struct Target {
+    pub pool: PathBuf,
+    pub control: PathBuf,
 }
 
-/// Open the pool to look at it (no lock: works while `serve` holds it).
-fn open_ro(pool: &Path) -> Result<Store> {
-    Store::open_read_only(pool)
+impl Target {
+    /// Run `req`: through the pool's server if one answers on the control socket, else by
+    /// opening the pool here. The replies, errors and exit codes are the same either way;
+    /// `files` cross to a server as descriptors (it never opens a path for a client).
+    fn call(
+        &self,
+        req: Request,
+        files: Vec<OwnedFd>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Reply> {
+        match Client::connect(&self.control)? {
+            Some(mut c) => {
+                let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
+                c.call(&req, &fds, progress)
+            }
+            None => crate::server::ops::direct(&self.pool, &command_line(), req, files, progress),
+        }
+    }
 }
 
-/// Run one change as one transaction: commit if `f` succeeds, nothing if it fails.
-fn transaction<T>(pool: &Path, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
-    let store = open_rw(pool)?;
-    let out = f(&store)?;
-    store.flush()?;
-    Ok(out)
+/// A reply of another kind than the request asks for: only a confused server sends one.
+fn unexpected(r: Reply) -> Error {
+    Error::Invalid(format!("the server answered with an unexpected reply: {r:?}"))
 }
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let pool = cli.pool.clone().unwrap_or_else(default_pool_path);
+    let control = cli
+        .control
+        .clone()
+        .unwrap_or_else(|| crate::control::default_path(&pool));
+    let t = Target { pool, control };
     let result: Result<i32> = match cli.command {
-        Command::Init(a) => init::run(&pool, a).map(|_| 0),
-        Command::Create(a) => create::run_create(&pool, a).map(|_| 0),
-        Command::Commit(a) => create::run_commit(&pool, a).map(|_| 0),
-        Command::Rm(a) => remove::run(&pool, a).map(|_| 0),
-        Command::Ls(a) => ls::run_ls(&pool, a).map(|_| 0),
-        Command::History(a) => ls::run_history(&pool, a).map(|_| 0),
-        Command::Df(a) => df::run(&pool, a).map(|_| 0),
-        Command::Import(a) => import::run(&pool, a).map(|_| 0),
-        Command::Export(a) => export::run(&pool, a).map(|_| 0),
-        Command::Check(a) => check::run(&pool, a),
-        Command::Serve(a) => serve::run(&pool, a).map(|_| 0),
+        Command::Init(a) => init::run(&t.pool, a).map(|_| 0),
+        Command::Create(a) => create::run_create(&t, a).map(|_| 0),
+        Command::Commit(a) => create::run_commit(&t, a).map(|_| 0),
+        Command::Rm(a) => remove::run(&t, a).map(|_| 0),
+        Command::Ls(a) => ls::run_ls(&t, a).map(|_| 0),
+        Command::History(a) => ls::run_history(&t, a).map(|_| 0),
+        Command::Df(a) => df::run(&t, a).map(|_| 0),
+        Command::Import(a) => import::run(&t, a).map(|_| 0),
+        Command::Export(a) => export::run(&t, a).map(|_| 0),
+        Command::Check(a) => check::run(&t, a),
+        Command::Serve(a) => serve::run(&t, a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

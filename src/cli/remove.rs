@@ -1,20 +1,29 @@
-use super::transaction;
+use super::{unexpected, Target};
+use crate::control::{Reply, Request};
 use crate::error::Result;
 use crate::units::human;
-use std::path::Path;
 
 /// Remove a layer and free its blocks (refused while it has children).
 #[derive(clap::Args)]
+#[command(
+    after_help = "While the pool is served, a layer that NBD clients have open is refused,\n\
+naming the connections; --force cuts them off first (their requests fail with EIO)."
+)]
 pub struct Args {
     name: String,
+    /// Disconnect NBD clients that have the layer open, then remove it.
+    #[arg(long)]
+    force: bool,
 }
 
-pub fn run(pool: &Path, a: Args) -> Result<()> {
-    let freed = transaction(pool, |s| {
-        let size = s.layer(&a.name)?.size;
-        s.remove_layer(&a.name)?;
-        Ok(size)
-    })?;
-    println!("removed {:?}, freed {}", a.name, human(freed));
+pub fn run(t: &Target, a: Args) -> Result<()> {
+    let req = Request::Remove {
+        name: a.name,
+        force: a.force,
+    };
+    match t.call(req, Vec::new(), &mut |_, _| {})? {
+        Reply::Removed { name, freed } => println!("removed {name:?}, freed {}", human(freed)),
+        r => return Err(unexpected(r)),
+    }
     Ok(())
 }

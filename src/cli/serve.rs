@@ -1,16 +1,19 @@
+use super::Target;
 use crate::error::Result;
-use crate::nbd::{self, Listener, ServerConfig};
-use crate::volume::{Committer, Store, StoreExports};
+use crate::nbd::{Listener, ServerConfig};
+use crate::server;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Serve layers over NBD: read-only layers as read-only exports, writable ones writable.
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  thinlayer serve --socket /run/thinlayer.sock\n  nbdinfo --list 'nbd+unix:///?socket=/run/thinlayer.sock'\n  nbdfuse /mnt/web/disk 'nbd+unix:///web?socket=/run/thinlayer.sock' &  # a file backed by layer web\n  nbd-client -unix /run/thinlayer.sock -N web /dev/nbd0   # with the kernel module\n\n\
+While serving, every other thinlayer command on this pool (create, commit, rm, import,\n\
+export, ls, history, df, check) asks this process over the control socket (POOL.ctl, or\n\
+--control; owner-only, see docs/CONTROL.md). New layers are exports at once, removed ones\n\
+vanish, and layers NBD clients hold are protected. The sockets appear once it is ready.\n\n\
 SIGINT/SIGTERM: stop accepting, finish requests in flight, commit, exit 0.\n\
 Unflushed writes are committed every --commit-interval seconds anyway."
 )]
@@ -30,47 +33,23 @@ pub struct Args {
     commit_interval: u64,
 }
 
-pub fn run(pool: &Path, a: Args) -> Result<()> {
-    let store = Arc::new(Store::open(pool, &super::command_line())?);
-    for name in &a.exports {
-        store.layer(name)?;
-    }
-    let listener = match (a.listen, a.socket) {
+pub fn run(t: &Target, a: Args) -> Result<()> {
+    let nbd = match (a.listen, a.socket) {
         (Some(addr), _) => Listener::Tcp(addr),
         (None, Some(p)) => Listener::Unix(p),
         (None, None) => {
-            let mut p = pool.as_os_str().to_owned();
+            let mut p = t.pool.as_os_str().to_owned();
             p.push(".sock");
             Listener::Unix(PathBuf::from(p))
         }
     };
-    let stop = nbd::install_signal_handlers()?;
-    let catalog = StoreExports {
-        store: store.clone(),
-        only: a.exports.clone(),
+    let cfg = server::Config {
+        pool: t.pool.clone(),
+        nbd,
+        control: t.control.clone(),
+        only: a.exports,
+        commit_interval: (a.commit_interval > 0).then(|| Duration::from_secs(a.commit_interval)),
+        nbd_config: ServerConfig::default(),
     };
-    eprintln!(
-        "thinlayer: serving {} layer(s) of {} on {listener}",
-        catalog_count(&store, &a.exports),
-        pool.display()
-    );
-    let committer = (a.commit_interval > 0)
-        .then(|| Committer::start(store.clone(), Duration::from_secs(a.commit_interval)));
-    let result = nbd::serve(&catalog, &listener, &ServerConfig::default(), &stop);
-    stop.store(true, Ordering::Relaxed);
-    if let Some(c) = committer {
-        c.stop();
-    }
-    result?;
-    store.flush().map_err(|e| e.context("final commit"))?;
-    eprintln!("thinlayer: stopped; all writes committed");
-    Ok(())
-}
-
-fn catalog_count(store: &Store, only: &[String]) -> usize {
-    if only.is_empty() {
-        store.layers().len()
-    } else {
-        only.len()
-    }
+    server::run(cfg, &super::command_line())
 }

@@ -34,10 +34,16 @@ pub enum Request {
         name: String,
         #[serde(default)]
         parent: Option<String>,
+        /// How the client names the file (its path), for messages only: never opened.
+        #[serde(default)]
+        label: Option<String>,
     },
     /// Carries one descriptor: the destination, opened write-only (created, truncated).
     Export {
         name: String,
+        /// How the client names the file (its path), for messages only: never opened.
+        #[serde(default)]
+        label: Option<String>,
     },
     Ls,
     History {
@@ -80,14 +86,14 @@ impl fmt::Display for Request {
             Request::Remove { name, force } => {
                 write!(f, "rm {name:?}{}", if *force { " --force" } else { "" })
             }
-            Request::Import { name, parent } => {
+            Request::Import { name, parent, .. } => {
                 write!(f, "import {name:?} from a passed file")?;
                 match parent {
                     Some(p) => write!(f, " --parent {p:?}"),
                     None => Ok(()),
                 }
             }
-            Request::Export { name } => write!(f, "export {name:?} to a passed file"),
+            Request::Export { name, .. } => write!(f, "export {name:?} to a passed file"),
             Request::Ls => f.write_str("ls"),
             Request::History { name } => write!(f, "history {name:?}"),
             Request::Df => f.write_str("df"),

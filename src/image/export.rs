@@ -50,6 +50,9 @@ pub fn export_to(
     let layer = store.layer(name)?;
     let size = layer.disk_size;
     let werr = |e| Error::io(format!("writing {label}"), e);
+    // Empty first: only data extents are written, so nothing of an earlier attempt (or of the
+    // file's old content) may survive where this layer reads zeros.
+    out.set_len(0).map_err(werr)?;
     out.set_len(size).map_err(werr)?;
     let (full_tx, full_rx) = sync_channel::<(u64, Vec<u8>)>(DEPTH);
     let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 1);
@@ -71,20 +74,22 @@ pub fn export_to(
     })
 }
 
-/// Export from the pool file at `pool` without taking its lock. A process serving the pool may
-/// free and reuse blocks of the committed state being read; that reads as a checksum mismatch,
-/// so the export starts again from the newer state (up to three times; `restarted` is told).
+/// Export from the pool file at `pool` into `out` without taking the pool's lock. Another
+/// process holding the pool may free and reuse blocks of the committed state being read; that
+/// reads as a checksum mismatch, so the export starts again from the newer state (up to three
+/// times; `restarted` is told).
 pub fn export_pool(
     pool: &Path,
     name: &str,
-    file: &Path,
+    out: &File,
+    label: &str,
     progress: &mut dyn FnMut(u64, u64),
     restarted: &mut dyn FnMut(),
 ) -> Result<ExportStats> {
     let mut attempt = 0;
     loop {
         let store = Store::open_read_only(pool)?;
-        match export(&store, name, file, progress) {
+        match export_to(&store, name, out, label, progress) {
             Err(Error::Corrupt(_)) if attempt < 3 && is_held(pool) => {
                 restarted();
                 attempt += 1;

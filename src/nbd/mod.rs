@@ -13,5 +13,5 @@ mod stream;
 mod transmission;
 
 pub use handshake::MAX_PAYLOAD;
-pub use server::{serve, serve_tcp, serve_unix, Listener, ServerConfig};
+pub use server::{bind, serve, serve_bound, serve_tcp, serve_unix, Bound, Listener, ServerConfig};
 pub use signals::install_signal_handlers;

@@ -81,15 +81,41 @@ pub fn serve(
     config: &ServerConfig,
     stop: &AtomicBool,
 ) -> Result<()> {
+    serve_bound(catalog, bind(listener)?, config, stop)
+}
+
+/// A listener bound but not yet served, so a process serving several sockets can bind them
+/// all before any client is told it is ready.
+pub enum Bound {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// Bind `listener` (replacing a stale Unix socket left by a dead server; refusing a live one).
+pub fn bind(listener: &Listener) -> Result<Bound> {
     let ctx = || format!("nbd: listen on {listener}");
     match listener {
-        Listener::Tcp(addr) => {
-            let l = TcpListener::bind(addr).map_err(|e| Error::io(ctx(), e))?;
-            serve_tcp(catalog, l, config, stop)
-        }
+        Listener::Tcp(addr) => Ok(Bound::Tcp(
+            TcpListener::bind(addr).map_err(|e| Error::io(ctx(), e))?,
+        )),
         Listener::Unix(path) => {
             remove_stale_socket(path).map_err(|e| Error::io(ctx(), e))?;
             let l = UnixListener::bind(path).map_err(|e| Error::io(ctx(), e))?;
+            Ok(Bound::Unix(l, path.clone()))
+        }
+    }
+}
+
+/// Serve a bound listener (see `serve`).
+pub fn serve_bound(
+    catalog: &dyn ExportCatalog,
+    bound: Bound,
+    config: &ServerConfig,
+    stop: &AtomicBool,
+) -> Result<()> {
+    match bound {
+        Bound::Tcp(l) => serve_tcp(catalog, l, config, stop),
+        Bound::Unix(l, path) => {
             let result = serve_unix(catalog, l, config, stop);
             let _ = std::fs::remove_file(path);
             result

@@ -66,6 +66,14 @@ impl LiveExports {
         v
     }
 
+    /// The layers exported now.
+    pub fn names(&self) -> Vec<String> {
+        self.inner
+            .exports()
+            .map(|v| v.into_iter().map(|e| e.name).collect())
+            .unwrap_or_default()
+    }
+
     /// Every open connection.
     pub fn all(&self) -> Vec<Arc<Attachment>> {
         let g = self.attached.lock().unwrap_or_else(|p| p.into_inner());

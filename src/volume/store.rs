@@ -275,6 +275,14 @@ impl Store {
         g.pool.finish(&*self.storage, commit, durable)
     }
 
+    /// Run `f` on the pool's storage with commits held off: nothing the durable state names
+    /// is freed or reused meanwhile (writes go on, into fresh blocks), so `f` may read the
+    /// durable state through a second, read-only load (a live `check`).
+    pub fn with_commits_paused<T>(&self, f: impl FnOnce(&Arc<dyn Storage>) -> T) -> T {
+        let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        f(&self.storage)
+    }
+
     /// Throw away the open transaction: the store goes back to its last committed state.
     /// Blocks written since are unreferenced again and reused. (Everything uncommitted goes,
     /// whoever wrote it: callers that share the store must agree on this.)

@@ -1,0 +1,85 @@
+//! The live pool: one process owns the pool and, at once, serves its layers over NBD, answers
+//! management requests on the control socket, and commits in the background. A layer created
+//! or imported is an export at once; a removed one is gone; layers held by NBD connections are
+//! protected (`exports.rs`). What each request does is `ops.rs`, shared with the CLI's direct
+//! path, so a user never needs to know whether a server runs.
+
+pub mod exports;
+pub mod ops;
+
+use crate::control::{serve_control, ControlSocket, Peer, Reply, Request};
+use crate::error::Result;
+use crate::nbd::{self, Listener, ServerConfig};
+use crate::volume::{Committer, Store};
+use exports::LiveExports;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to serve a pool.
+pub struct Config {
+    pub pool: PathBuf,
+    /// Where NBD clients connect.
+    pub nbd: Listener,
+    /// The control socket (docs/CONTROL.md), `POOL.ctl` by default.
+    pub control: PathBuf,
+    /// Export only these layers; empty = every layer, as it comes and goes.
+    pub only: Vec<String>,
+    /// Background commits of unflushed writes (None = only on FLUSH and at exit).
+    pub commit_interval: Option<Duration>,
+    pub nbd_config: ServerConfig,
+}
+
+/// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
+pub fn run(cfg: Config, command_line: &str) -> Result<()> {
+    let store = Arc::new(Store::open(&cfg.pool, command_line)?);
+    for name in &cfg.only {
+        store.layer(name)?;
+    }
+    let exports = LiveExports::new(store.clone(), cfg.only.clone());
+    let stop = nbd::install_signal_handlers()?;
+    // Both sockets are bound before either is served, the control socket last: when it
+    // appears, the server is ready for every kind of client.
+    let nbd_socket = nbd::bind(&cfg.nbd)?;
+    let control = ControlSocket::bind(&cfg.control, &cfg.pool)?;
+    let committer = cfg
+        .commit_interval
+        .map(|every| Committer::start(store.clone(), every));
+    eprintln!(
+        "thinlayer: serving {} on {} (NBD) and {} (control): {} layer(s){}",
+        cfg.pool.display(),
+        cfg.nbd,
+        cfg.control.display(),
+        store.layers().len(),
+        if cfg.only.is_empty() {
+            ", exports follow the layers".to_string()
+        } else {
+            format!(", exports fixed to {}", cfg.only.join(", "))
+        }
+    );
+    let handler = |peer: &Peer,
+                   req: Request,
+                   fds: Vec<OwnedFd>,
+                   progress: &mut dyn FnMut(u64, u64)|
+     -> Result<Reply> {
+        let _ = peer;
+        ops::execute(&store, Some(&exports), req, fds, progress)
+    };
+    let (nbd_result, control_result) = std::thread::scope(|s| {
+        let c = s.spawn(|| serve_control(control, &handler, &stop));
+        let n = nbd::serve_bound(&exports, nbd_socket, &cfg.nbd_config, &stop);
+        // Whatever ended the NBD side ends the control side too.
+        stop.store(true, Ordering::Relaxed);
+        (n, c.join().expect("control thread panicked"))
+    });
+    if let Some(c) = committer {
+        c.stop();
+    }
+    nbd_result?;
+    control_result?;
+    store.flush().map_err(|e| e.context("final commit"))?;
+    eprintln!("thinlayer: stopped; all writes committed");
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! What each management request does: one function for the live server and for a CLI that
+//! opens the pool itself, so both give the same replies, the same errors and the same
+//! transactions. Every changing request is one transaction: applied under the store's lock,
+//! committed before the reply.
+
+use super::exports::LiveExports;
+use crate::control::{ConnectionInfo, Reply, Request, Status};
+use crate::error::{Error, Result};
+use crate::volume::Store;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+/// Run `req` on an open store. `exports`: the live server's exports, whose connections protect
+/// the layers they hold; `files`: the descriptors the request carried (already checked: as
+/// many as it needs).
+pub fn execute(
+    store: &Store,
+    exports: Option<&LiveExports>,
+    req: Request,
+    files: Vec<OwnedFd>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Reply> {
+    let mut files = files.into_iter().map(File::from);
+    match req {
+        Request::Create { name, parent, size } => {
+            let info = store.create_layer(&name, parent.as_deref(), size)?;
+            store.flush()?;
+            Ok(Reply::Layer(store.layer(&info.name)?))
+        }
+        Request::Commit { name } => {
+            if let Some(x) = exports {
+                let id = store.layer(&name)?.id;
+                let why = " (writes must not change a layer while it becomes read-only)";
+                x.refuse_if_attached(&name, id, true, why)?;
+            }
+            store.commit_layer(&name)?;
+            store.flush()?;
+            Ok(Reply::Committed { name })
+        }
+        Request::Remove { name, force } => {
+            let info = store.layer(&name)?;
+            if let Some(x) = exports {
+                if force {
+                    if !info.children.is_empty() {
+                        // Refused below anyway: don't cut anyone off for nothing.
+                        store.remove_layer(&name)?;
+                    }
+                    let n = x.revoke(info.id);
+                    if n > 0 {
+                        eprintln!("thinlayer: rm --force {name:?}: cut off {n} connection(s)");
+                    }
+                } else {
+                    x.refuse_if_attached(&name, info.id, false, ", or use rm --force")?;
+                }
+            }
+            store.remove_layer(&name)?;
+            store.flush()?;
+            Ok(Reply::Removed {
+                name,
+                freed: info.size,
+            })
+        }
+        Request::Import {
+            name,
+            parent,
+            label,
+        } => {
+            let f = files.next().ok_or_else(|| missing("import"))?;
+            let label = label.unwrap_or_else(|| format!("the image passed for {name:?}"));
+            let (layer, stats) =
+                crate::image::import_from(store, &name, &f, &label, parent.as_deref(), progress)?;
+            Ok(Reply::Imported { layer, stats })
+        }
+        Request::Export { name, label } => {
+            let f = files.next().ok_or_else(|| missing("export"))?;
+            let label = label.unwrap_or_else(|| format!("the file passed for {name:?}"));
+            let stats = crate::image::export_to(store, &name, &f, &label, progress)?;
+            Ok(Reply::Exported { stats })
+        }
+        Request::Ls => Ok(Reply::Layers(store.layers())),
+        Request::History { name } => Ok(Reply::Layers(store.history(&name)?)),
+        Request::Df => Ok(Reply::Usage(store.usage()?)),
+        Request::Check { data } => {
+            // What is durable is checked: commit first, then hold commits off while reading,
+            // so no block the durable state names is freed and reused under the check.
+            if store.is_writable() {
+                store.flush()?;
+            }
+            let r = store.with_commits_paused(|storage| {
+                crate::check::check(storage.clone(), data, progress)
+            })?;
+            Ok(Reply::Check(r))
+        }
+        Request::Status => match exports {
+            None => Err(Error::NotFound("no server is running for this pool".into())),
+            Some(x) => Ok(Reply::Status(status(store, x))),
+        },
+    }
+}
+
+fn missing(what: &str) -> Error {
+    Error::Invalid(format!("{what} needs a file descriptor and none came"))
+}
+
+fn status(store: &Store, x: &LiveExports) -> Status {
+    let connections = x
+        .all()
+        .into_iter()
+        .map(|a| ConnectionInfo {
+            client: a.client.clone(),
+            export: a.export.clone(),
+            writable: a.writable,
+            since: humantime::format_rfc3339_seconds(a.since).to_string(),
+        })
+        .collect();
+    Status {
+        pid: std::process::id(),
+        pool: store
+            .path()
+            .map_or_else(String::new, |p| p.display().to_string()),
+        server: format!("thinlayer {}", env!("CARGO_PKG_VERSION")),
+        exports: x.names(),
+        connections,
+        pending_bytes: store.pending_bytes() as u64,
+        ..Default::default()
+    }
+}
+
+/// Run `req` by opening the pool at `pool` here (no server runs): changing requests take the
+/// pool's lock and commit; `ls`, `history`, `df` read the last committed state without it, so
+/// they work while another command holds the pool.
+pub fn direct(
+    pool: &Path,
+    command_line: &str,
+    req: Request,
+    files: Vec<OwnedFd>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Reply> {
+    match req {
+        Request::Ls | Request::History { .. } | Request::Df => {
+            let store = Store::open_read_only(pool)?;
+            execute(&store, None, req, files, progress)
+        }
+        Request::Export { name, label } => {
+            let out = File::from(files.into_iter().next().ok_or_else(|| missing("export"))?);
+            let label = label.unwrap_or_else(|| format!("the file passed for {name:?}"));
+            let stats = crate::image::export_pool(pool, &name, &out, &label, progress, &mut || {
+                eprintln!("thinlayer: {name:?} changed while being exported; starting again")
+            })?;
+            Ok(Reply::Exported { stats })
+        }
+        Request::Check { data } => Ok(Reply::Check(crate::check::check_pool(
+            pool, data, progress,
+        )?)),
+        Request::Status => Err(Error::NotFound(format!(
+            "no server is running for pool {}",
+            pool.display()
+        ))),
+        _ => {
+            let store = Store::open(pool, command_line)?;
+            execute(&store, None, req, files, progress)
+        }
+    }
+}
