@@ -355,8 +355,12 @@ mod tests {
             Request::Import {
                 name: "acme/app:2".into(),
                 parent: Some("acme/base:1.0".into()),
+                label: Some("app.img".into()),
             },
-            Request::Export { name: "web".into() },
+            Request::Export {
+                name: "web".into(),
+                label: None,
+            },
             Request::Ls,
             Request::History { name: "web".into() },
             Request::Df,
@@ -451,8 +455,20 @@ mod tests {
             ServerFrame::Reply(Reply::Layers(vec![layer("a", 1)])),
             ServerFrame::Reply(Reply::Usage(usage)),
             ServerFrame::Reply(Reply::Check(CheckReport {
-                faults: vec!["page 3: bad checksum".into()],
-                notes: vec!["slot 1 torn".into()],
+                faults: vec![crate::fault::Fault::new(
+                    crate::fault::What::Checksum {
+                        stored: 1,
+                        computed: 2,
+                    },
+                    crate::fault::Where::layer(LayerId(3), "web"),
+                )],
+                notes: vec![crate::fault::Fault::new(
+                    crate::fault::What::BadSlot {
+                        reason: "superblock slot 1: bad checksum".into(),
+                        other_slot_good: true,
+                    },
+                    crate::fault::Where::default(),
+                )],
                 generation: 9,
                 layers: 2,
                 data_blocks: 100,
@@ -565,6 +581,7 @@ mod tests {
         let r = Request::Import {
             name: "a".into(),
             parent: None,
+            label: Some("/home/me/a.img".into()),
         };
         assert_eq!(r.to_string(), r#"import "a" from a passed file"#);
     }

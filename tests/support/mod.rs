@@ -46,6 +46,13 @@ pub fn wait_for(p: &Path) {
     panic!("{} never appeared", p.display());
 }
 
+/// Where `serve` puts a pool's control socket by default.
+pub fn control_path(pool: &Path) -> PathBuf {
+    let mut p = pool.as_os_str().to_owned();
+    p.push(".ctl");
+    PathBuf::from(p)
+}
+
 /// A running `thinlayer serve` on a Unix socket. `stop` ends it as an operator would (SIGTERM:
 /// commit, exit 0); dropping it kills it.
 pub struct Server {
@@ -63,7 +70,9 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The control socket is bound last: once it is there, the server is ready.
         wait_for(sock);
+        wait_for(&control_path(pool));
         Server {
             child,
             sock: sock.to_path_buf(),
