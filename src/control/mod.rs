@@ -13,7 +13,8 @@ mod hello;
 mod proto;
 mod server;
 mod socket;
-mod wire;
+/// Public so that tests' raw clients use the one codec the server and client use.
+pub mod wire;
 
 pub use client::Client;
 pub use hello::{Hello, VERSION};
