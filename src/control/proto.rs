@@ -397,6 +397,30 @@ mod tests {
     }
 
     #[test]
+    fn the_requests_in_docs_control_md_are_requests() {
+        // The request table: second column of each row, inside backticks.
+        let doc = include_str!("../../docs/CONTROL.md");
+        let mut n = 0;
+        for row in doc.lines().filter(|l| l.starts_with("| ")) {
+            let Some(cell) = row.split(" | ").nth(1) else {
+                continue;
+            };
+            let Some(json) = cell.strip_prefix('`').and_then(|c| c.strip_suffix('`')) else {
+                continue;
+            };
+            if json.starts_with('{') || json.starts_with('"') {
+                let r: Request =
+                    serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+                // Written in full: decoding drops nothing, encoding adds nothing.
+                let v: serde_json::Value = serde_json::from_str(json).unwrap();
+                assert_eq!(serde_json::to_value(&r).unwrap(), v, "{json}");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 11, "one row per request, and a base create");
+    }
+
+    #[test]
     fn layer_replies_keep_the_fields_json_output_skips() {
         let l = layer("web", 7);
         match roundtrip(&Reply::Layer(l.clone())) {

@@ -210,7 +210,7 @@ where
         Ok(()) => String::new(),
         Err(e) => format!("; the reply was lost ({e})"),
     };
-    eprintln!("control: {peer}: {what}: {outcome} ({ms:.1} ms){lost}");
+    eprintln!("control: {peer}: {what}: {outcome} ({ms:.2} ms){lost}");
 }
 
 /// Validate at the edge: exactly the descriptors the request needs, open the right way.
