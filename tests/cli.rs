@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod support;
-use support::{have, Server};
+use support::have;
 
 struct Pool {
     dir: tempfile::TempDir,
@@ -339,22 +339,41 @@ fn removing_layers_gives_space_back_to_the_filesystem() {
     p.assert_clean();
 }
 
+/// A process holding the pool whose control socket a command cannot reach (here: a server
+/// whose socket is elsewhere) is named in the error; read-only commands still work, and
+/// through the right socket every command does.
 #[test]
 fn a_second_writer_is_told_who_holds_the_pool() {
     let p = Pool::new();
     p.ok(&["init"]);
     p.ok(&["create", "w", "--size", "1M"]);
     let sock = p.file("s.sock");
-    let server = Server::start(&p.path, &sock);
+    let ctl = p.file("elsewhere.ctl");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
+        .arg("--pool")
+        .arg(&p.path)
+        .arg("--control")
+        .arg(&ctl)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_for(&ctl);
     let err = p.fails(&["create", "other", "--size", "1M"]);
-    assert!(err.contains(&format!("pid {}", server.child.id())), "{err}");
+    assert!(err.contains(&format!("pid {}", server.id())), "{err}");
     assert!(err.contains("serve"), "{err}");
     // Read-only commands still work while served.
     assert_eq!(p.layers().len(), 1);
     p.ok(&["df"]);
     p.ok(&["history", "w"]);
-    server.stop();
-    p.ok(&["create", "other", "--size", "1M"]);
+    // Through its control socket the server takes the change.
+    p.ok(&["--control", ctl.to_str().unwrap(), "create", "other", "--size", "1M"]);
+    // SAFETY: signalling our own child by its PID.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+    assert_eq!(p.layers().len(), 2);
+    p.ok(&["create", "third", "--size", "1M"]);
     p.assert_clean();
 }
 

@@ -82,7 +82,7 @@ fn toy(
                 stats,
             })
         }
-        Request::Export { name } => {
+        Request::Export { name, .. } => {
             let mut f = fs::File::from(fds.into_iter().next().unwrap());
             f.write_all(format!("bytes of {name}").as_bytes()).unwrap();
             Ok(Reply::Exported {
@@ -230,6 +230,7 @@ fn files_cross_by_descriptor_with_progress() {
     let import = Request::Import {
         name: "app".into(),
         parent: None,
+        label: None,
     };
     let mut seen = Vec::new();
     let r = c
@@ -257,7 +258,10 @@ fn files_cross_by_descriptor_with_progress() {
         .truncate(true)
         .open(&out)
         .unwrap();
-    let export = Request::Export { name: "web".into() };
+    let export = Request::Export {
+        name: "web".into(),
+        label: None,
+    };
     let r = c.call(&export, &[dst.as_fd()], &mut |_, _| {}).unwrap();
     assert!(matches!(r, Reply::Exported { .. }));
     assert_eq!(fs::read(&out).unwrap(), b"bytes of web");
@@ -271,6 +275,7 @@ fn descriptors_are_checked_at_the_edge() {
     let import = Request::Import {
         name: "app".into(),
         parent: None,
+        label: None,
     };
     let e = c.call(&import, &[], &mut no_progress()).unwrap_err();
     assert_eq!(

@@ -1,11 +1,17 @@
-//! kill -9 for real: `thinlayer serve` takes writes and flushes from libnbd, gets SIGKILLed at
-//! random moments, and every restart must show (1) everything acknowledged before the last
+//! kill -9 for real: `thinlayer serve` takes writes and flushes from libnbd and management
+//! commands (create, commit, rm, import) through its control socket, gets SIGKILLed at random
+//! moments, and every restart must show (1) everything acknowledged before the last
 //! acknowledged FLUSH/FUA, byte for byte, (2) for later writes, each 4 KiB sector holding its
-//! content as of that flush or the content of one of those later writes — nothing else — and
-//! (3) a pool that opens and that `check --data` calls clean.
+//! content as of that flush or the content of one of those later writes — nothing else —
+//! (3) every management command acknowledged before the kill in effect, and every one of them
+//! whole or not at all (an import is there complete, read-only and byte-equal to its image, or
+//! not there), and (4) a pool that opens and that `check --data` calls clean.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use thinlayer::Store;
 
@@ -76,6 +82,110 @@ fn parse_log(text: &str, round: u64) -> (Vec<Write>, u64) {
     (writes, flushed)
 }
 
+/// What management commands the pool must reflect after a kill.
+#[derive(Default)]
+struct Managed {
+    /// Layers whose create/import was acknowledged and no rm of them since.
+    present: BTreeSet<String>,
+    /// Acknowledged as committed (read-only).
+    committed: BTreeSet<String>,
+    /// Acknowledged as removed.
+    removed: BTreeSet<String>,
+    /// Every name any command may have made.
+    maybe: BTreeSet<String>,
+    /// Imports begun (acknowledged or not): each must be whole or absent.
+    imports: BTreeSet<String>,
+    acked: usize,
+}
+
+/// Run management commands against the served pool until `stop`, in a fixed pattern, noting
+/// what was acknowledged (exit 0). A command cut off by the kill fails; it claims nothing.
+fn manage(pool: PathBuf, image: PathBuf, round: u64, stop: Arc<AtomicBool>) -> Managed {
+    let mut m = Managed::default();
+    let ok = |args: &[&str]| {
+        Command::new(support::bin())
+            .arg("--pool")
+            .arg(&pool)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    let mut k = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let name = format!("m{round}-{k}");
+        m.maybe.insert(name.clone());
+        let acked = if k % 4 == 3 {
+            m.imports.insert(name.clone());
+            ok(&["import", &name, image.to_str().unwrap()])
+        } else {
+            ok(&["create", &name, "--size", "256K"])
+        };
+        if acked {
+            m.present.insert(name.clone());
+            m.acked += 1;
+        }
+        if k % 3 == 1 {
+            let prev = format!("m{round}-{}", k - 1);
+            if m.present.contains(&prev) && ok(&["commit", &prev]) {
+                m.committed.insert(prev);
+                m.acked += 1;
+            }
+        }
+        if k % 5 == 4 {
+            let old = format!("m{round}-{}", k - 2);
+            if m.present.contains(&old) && ok(&["rm", &old]) {
+                m.present.remove(&old);
+                m.removed.insert(old);
+                m.acked += 1;
+            }
+        }
+        k += 1;
+    }
+    m
+}
+
+/// Hold the restarted pool against what the management commands were told.
+fn verify_managed(store: &Store, m: &Managed, image: &[u8], round: u64) {
+    let layers: BTreeSet<String> = store.layers().into_iter().map(|l| l.name).collect();
+    for name in &m.present {
+        assert!(layers.contains(name), "round {round}: acknowledged {name} is gone");
+    }
+    for name in &m.removed {
+        assert!(!layers.contains(name), "round {round}: removed {name} is back");
+    }
+    for name in &m.committed {
+        if layers.contains(name) {
+            assert!(
+                !store.layer(name).unwrap().writable,
+                "round {round}: committed {name} is writable again"
+            );
+        }
+    }
+    for name in &m.imports {
+        if let Ok(l) = store.layer(name) {
+            assert!(!l.writable, "round {round}: import {name} left half-made (writable)");
+            let mut got = vec![0u8; image.len()];
+            store.read_layer(l.id, 0, &mut got).unwrap();
+            assert!(got == image, "round {round}: import {name} is not the whole image");
+        }
+    }
+    for name in &layers {
+        let known = name == "disk" || name.starts_with('m') && !name.starts_with(&format!("m{round}-"))
+            || m.maybe.contains(name);
+        assert!(known, "round {round}: layer {name} appeared from nowhere");
+    }
+}
+
+fn write_image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let image: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 253) as u8 + 1).collect();
+    let path = dir.join("small.img");
+    std::fs::write(&path, &image).unwrap();
+    (path, image)
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_nothing_flushed() {
     let Some(py) = python_with_libnbd() else {
@@ -98,10 +208,16 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         ],
     );
     let mut disk = vec![0u8; BLOCKS as usize * SECTOR];
+    let (image_path, image) = write_image(dir.path());
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let (mut total_writes, mut total_flushes) = (0usize, 0u64);
+    let (mut total_writes, mut total_flushes, mut total_managed) = (0usize, 0u64, 0usize);
     for round in 0..ROUNDS {
         let server = Server::start(&pool, &sock);
+        let stop = Arc::new(AtomicBool::new(false));
+        let manager = {
+            let (pool, image, stop) = (pool.clone(), image_path.clone(), stop.clone());
+            std::thread::spawn(move || manage(pool, image, round, stop))
+        };
         let mut client = Command::new(py)
             .arg(driver)
             .arg(format!("nbd+unix:///disk?socket={}", sock.display()))
@@ -114,8 +230,12 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(150 + rng % 500));
+        // Commands already started run into the kill; none starts after it.
+        stop.store(true, Ordering::SeqCst);
         server.signal(libc::SIGKILL);
         drop(server);
+        let managed = manager.join().unwrap();
+        total_managed += managed.acked;
         let st = client.wait().unwrap();
         assert!(st.success(), "driver failed in round {round}");
 
@@ -139,6 +259,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         let id = store.layer("disk").unwrap().id;
         let mut now = vec![0u8; disk.len()];
         store.read_layer(id, 0, &mut now).unwrap();
+        verify_managed(&store, &managed, &image, round);
         drop(store);
         for (s, ws) in &by_sector {
             let r = *s as usize * SECTOR..(*s as usize + 1) * SECTOR;
@@ -167,6 +288,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         assert!(check.contains("clean"), "round {round}: {check}");
     }
     eprintln!(
-        "kill -9: {ROUNDS} rounds, {total_writes} writes, flush points total {total_flushes}"
+        "kill -9: {ROUNDS} rounds, {total_writes} writes, flush points total {total_flushes}, {total_managed} management commands acknowledged"
     );
+    assert!(total_managed > 0, "no management command ever completed");
 }

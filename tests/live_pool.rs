@@ -63,7 +63,7 @@ try:\n\
         time.sleep(0.02)\n\
 except nbd.Error as e:\n\
     print('FAILED', e, flush=True)\n";
-    let mut c = Command::new("python3")
+    let mut c = Command::new("/usr/bin/python3")
         .args(["-c", script, &server.uri(export)])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -101,7 +101,15 @@ fn make_ext4(dir: &Path) -> PathBuf {
 }
 
 fn tools_missing() -> Option<&'static str> {
-    ["nbdinfo", "qemu-io", "mkfs.ext4", "e2fsck", "debugfs", "setpriv", "python3"]
+    let libnbd = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !libnbd {
+        return Some("python3-libnbd");
+    }
+    ["nbdinfo", "qemu-io", "mkfs.ext4", "e2fsck", "debugfs", "setpriv"]
         .into_iter()
         .find(|t| !have(t))
 }
