@@ -90,15 +90,20 @@ pub fn payload<'a>(b: &'a [u8; PAGE_SIZE], h: &PageHeader) -> &'a [u8] {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_and_mismatches() {
-        let h = PageHeader {
+    /// A log page header with a five-byte payload ("hello").
+    fn hello_header() -> PageHeader {
+        PageHeader {
             kind: Kind::LogPage,
             stream_id: 9,
             seq: 3,
             payload_len: 5,
             next: 77,
-        };
+        }
+    }
+
+    #[test]
+    fn round_trip_and_mismatches() {
+        let h = hello_header();
         let mut p = [0u8; PAGE_SIZE];
         encode(&h, b"hello", &mut p);
         let got = decode(&p, 12, Kind::LogPage, 9, 3).unwrap();
@@ -111,5 +116,41 @@ mod tests {
         q[100] ^= 1;
         let e = decode(&q, 12, Kind::LogPage, 9, 3).unwrap_err().to_string();
         assert!(e.contains("byte offset 49152"), "{e}");
+    }
+
+    /// Headers as the encoder with literal offsets wrote them (crc kind stream_id seq
+    /// payload_len next), captured before the field table existed.
+    #[test]
+    fn encodes_to_the_golden_bytes() {
+        let h = hello_header();
+        let mut p = [0u8; PAGE_SIZE];
+        encode(&h, b"hello", &mut p);
+        let golden = crate::format::unhex(
+            "9c4d372a 50474f4c 0900000000000000 03000000 05000000 4d00000000000000 68656c6c6f",
+        );
+        assert_eq!(p[..golden.len()], golden[..]);
+        assert!(
+            p[golden.len()..].iter().all(|&b| b == 0),
+            "padding not zero"
+        );
+
+        let full: Vec<u8> = (0..PAYLOAD_MAX).map(|i| (i * 7 + 3) as u8).collect();
+        let h = PageHeader {
+            kind: Kind::CheckpointPage,
+            stream_id: 0x1122_3344_5566_7788,
+            seq: 0xfeed_beef,
+            payload_len: PAYLOAD_MAX as u32,
+            next: 0,
+        };
+        encode(&h, &full, &mut p);
+        let golden = crate::format::unhex(
+            "2c142d23 54504b43 8877665544332211 efbeedfe e00f0000 0000000000000000",
+        );
+        assert_eq!(p[..HEADER_LEN], golden[..]);
+        assert_eq!(p[HEADER_LEN..], full[..]);
+        assert_eq!(
+            decode(&p, 5, Kind::CheckpointPage, h.stream_id, h.seq).unwrap(),
+            h
+        );
     }
 }

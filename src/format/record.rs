@@ -278,9 +278,9 @@ impl<'a> RecordReader<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_all_records() {
-        let create = LayerCreate {
+    /// A writable child layer with a typical image name.
+    fn sample_create() -> LayerCreate {
+        LayerCreate {
             id: LayerId(3),
             parent: Some(LayerId(1)),
             disk_size: 1 << 30,
@@ -288,7 +288,12 @@ mod tests {
             created_nanos: 5,
             writable: true,
             name: "acme/my-base-image:1.0".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn round_trip_all_records() {
+        let create = sample_create();
         let mut w = RecordWriter::new();
         w.layer_create(&create);
         let e = |v, t| MapEntry {
@@ -371,5 +376,87 @@ mod tests {
         let mut b = w.buf.clone();
         LE::write_u32(&mut b[5..9], u32::MAX);
         assert!(RecordReader::new(&b, "log").next_record().is_err());
+    }
+
+    /// One of each record, as the writer with literal offsets wrote them before the field
+    /// tables existed; one row per record, one group of digits per field.
+    #[test]
+    fn writes_the_golden_bytes() {
+        let mut w = RecordWriter::new();
+        let creates = [
+            sample_create(),
+            LayerCreate {
+                id: LayerId(u32::MAX - 1),
+                parent: None,
+                disk_size: 4096,
+                created_secs: 0,
+                created_nanos: 999_999_999,
+                writable: false,
+                name: "\u{e9}".into(),
+            },
+        ];
+        creates.iter().for_each(|c| w.layer_create(c));
+        let e = |v, t| MapEntry {
+            vblock: VBlock(v),
+            target: t,
+        };
+        let data = |p, crc| MapTarget::Data {
+            pblock: PBlock(p),
+            crc,
+        };
+        let maps = [
+            (
+                LayerId(3),
+                vec![e(1, data(9, 0xabcd)), e(2, MapTarget::Zero)],
+            ),
+            (
+                LayerId(4),
+                vec![
+                    e(2, MapTarget::Unmapped),
+                    e(u64::MAX >> 16, data((1 << 48) - 2, 0xdead_beef)),
+                ],
+            ),
+        ];
+        for (layer, entries) in &maps {
+            entries.iter().for_each(|&en| w.map(*layer, en));
+        }
+        w.layer_commit(LayerId(3));
+        w.layer_counters(LayerId(3), 1, 1);
+        w.layer_remove(LayerId(4));
+        let golden = crate::format::unhex(concat!(
+            "01 03000000 01000000 0000004000000000 00d2496b00000000 05000000 01 1600 ",
+            "61636d652f6d792d626173652d696d6167653a312e30 ",
+            "01 feffffff 00000000 0010000000000000 0000000000000000 ffc99a3b 00 0200 c3a9 ",
+            "04 03000000 02000000 ",
+            "0100000000000000 0900000000000000 cdab0000 ",
+            "0200000000000000 ffffffffffffffff 00000000 ",
+            "04 04000000 02000000 ",
+            "0200000000000000 0000000000000000 00000000 ",
+            "ffffffffffff0000 feffffffffff0000 efbeadde ",
+            "02 03000000 ",
+            "05 03000000 0100000000000000 0100000000000000 ",
+            "03 04000000",
+        ));
+        assert_eq!(w.buf, golden);
+
+        let mut r = RecordReader::new(&golden, "golden");
+        let mut want: Vec<Record> = creates.into_iter().map(Record::LayerCreate).collect();
+        want.extend(
+            maps.into_iter()
+                .map(|(layer, entries)| Record::Map { layer, entries }),
+        );
+        want.extend([
+            Record::LayerCommit(LayerId(3)),
+            Record::LayerCounters {
+                layer: LayerId(3),
+                data_blocks: 1,
+                zero_blocks: 1,
+            },
+            Record::LayerRemove(LayerId(4)),
+        ]);
+        for rec in want {
+            assert_eq!(r.next_record().unwrap(), Some(rec));
+        }
+        assert_eq!(r.next_record().unwrap(), None);
     }
 }

@@ -160,4 +160,47 @@ mod tests {
             );
         }
     }
+
+    /// The bytes this superblock encoded to before the field table existed (captured from the
+    /// encoder with literal offsets): the table must not move a byte.
+    #[test]
+    fn encodes_to_the_golden_bytes() {
+        // Rows: crc magic version, generation block_size flags, max_blocks, checkpoint, log,
+        // log_next pool_id created_secs, reserved.
+        let golden = crate::format::unhex(concat!(
+            "07e13eb2 5448494e4c415952 01000000 ",
+            "2a00000000000000 00000100 00000000 ",
+            "e803000000000000 ",
+            "0300000000000000 0900000000000000 2800000000000000 ",
+            "1100000000000000 0200000000000000 2900000000000000 ",
+            "1300000000000000 efbeadde00000000 00f1536500000000 ",
+            "00000000000000000000000000000000"
+        ));
+        assert_eq!(sample().encode()[..], golden[..]);
+        let edge = Superblock {
+            generation: u64::MAX - 1,
+            block_size: 4096,
+            max_blocks: 0,
+            checkpoint: StreamRef::default(),
+            log: StreamRef {
+                head: 2,
+                pages: 0,
+                id: 1,
+            },
+            log_next: 2,
+            pool_id: 0x0123_4567_89ab_cdef,
+            created_secs: 0,
+        };
+        let golden = crate::format::unhex(concat!(
+            "fd11c97c 5448494e4c415952 01000000 ",
+            "feffffffffffffff 00100000 00000000 ",
+            "0000000000000000 ",
+            "0000000000000000 0000000000000000 0000000000000000 ",
+            "0200000000000000 0000000000000000 0100000000000000 ",
+            "0200000000000000 efcdab8967452301 0000000000000000 ",
+            "00000000000000000000000000000000"
+        ));
+        assert_eq!(edge.encode()[..], golden[..]);
+        assert_eq!(Superblock::decode(&golden, 0).unwrap(), edge);
+    }
 }
