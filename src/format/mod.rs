@@ -3,10 +3,14 @@
 //! with its encode/decode and a round-trip test.
 
 pub mod checksum;
+pub mod field;
 pub mod ids;
 pub mod page;
 pub mod record;
 pub mod superblock;
+
+#[cfg(test)]
+mod spec;
 
 pub use ids::{LayerId, PBlock, VBlock};
 
