@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use thinlayer::format::superblock::Superblock;
+use thinlayer::format::checksum::{self, Kind};
+use thinlayer::format::page::header;
+use thinlayer::format::superblock::{self, fields, Superblock};
 use thinlayer::format::{LayerId, PAGE_SIZE};
 use thinlayer::pool::{FileStorage, MemStorage, Storage};
 use thinlayer::{CreateOptions, Error, Store};
@@ -133,7 +135,7 @@ fn newest(path: &Path) -> (usize, Superblock) {
     }
 }
 
-/// Page numbers of a stream, following each page's `next` (header bytes 24..32).
+/// Page numbers of a stream, following each page's `next`.
 fn stream_pages(path: &Path, head: u64, pages: u64) -> Vec<u64> {
     let b = std::fs::read(path).unwrap();
     let mut out = vec![];
@@ -141,7 +143,7 @@ fn stream_pages(path: &Path, head: u64, pages: u64) -> Vec<u64> {
     for _ in 0..pages {
         out.push(p);
         let at = p as usize * PAGE_SIZE;
-        p = u64::from_le_bytes(b[at + 24..at + 32].try_into().unwrap());
+        p = header::NEXT.get(&b[at..]);
     }
     out
 }
@@ -202,6 +204,17 @@ fn assert_state_before_last_commit(s: &Store) {
     }
 }
 
+/// The pool opens on the slot before `newest`, in the state before the last commit, and
+/// `check` reports that generation.
+fn assert_fell_back(path: &Path, newest: &Superblock, data: bool) -> thinlayer::check::CheckReport {
+    let s = Store::open_read_only(path).unwrap();
+    assert_state_before_last_commit(&s);
+    drop(s);
+    let r = check(path, data);
+    assert_eq!(r.generation, newest.generation - 1);
+    r
+}
+
 fn check(path: &Path, data: bool) -> thinlayer::check::CheckReport {
     let file = std::fs::File::open(path).unwrap();
     thinlayer::check::check(Arc::new(FileStorage::new(file)), data, &mut |_, _| {}).unwrap()
@@ -246,12 +259,9 @@ fn fixture_has_checkpoint_and_log_and_checks_clean() {
 fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
     let (_d, path) = copy_pool();
     let (slot, sb) = newest(&path);
-    flip(&path, slot as u64 * PAGE_SIZE as u64 + 20); // inside the generation field
-    let s = Store::open_read_only(&path).unwrap();
-    assert_state_before_last_commit(&s);
-    drop(s);
-    let r = check(&path, true);
-    assert_eq!(r.generation, sb.generation - 1);
+    let generation = fields::GENERATION.at as u64 + 4;
+    flip(&path, slot as u64 * PAGE_SIZE as u64 + generation);
+    let r = assert_fell_back(&path, &sb, true);
     assert!(
         r.faults
             .iter()
@@ -279,7 +289,8 @@ fn damaged_older_superblock_keeps_the_newest_state_and_is_noted() {
     let f = fixture();
     let (_d, path) = copy_pool();
     let (slot, sb) = newest(&path);
-    flip(&path, (1 - slot) as u64 * PAGE_SIZE as u64 + 5); // inside the magic
+    let magic = fields::MAGIC.at as u64 + 1;
+    flip(&path, (1 - slot) as u64 * PAGE_SIZE as u64 + magic);
     let s = Store::open_read_only(&path).unwrap();
     assert_layers(&s, &f.layers);
     drop(s);
@@ -294,11 +305,35 @@ fn damaged_older_superblock_keeps_the_newest_state_and_is_noted() {
     );
 }
 
+/// Damage behind a valid checksum: the newest slot names an impossible block size and is
+/// re-sealed, so only the field check can refuse it.
+#[test]
+fn resealed_superblock_with_an_impossible_field_falls_back_and_is_noted() {
+    let (_d, path) = copy_pool();
+    let (slot, sb) = newest(&path);
+    let mut b = std::fs::read(&path).unwrap();
+    let at = slot * PAGE_SIZE;
+    fields::BLOCK_SIZE.put(&mut b[at..], 4096 + 512);
+    checksum::seal(Kind::Superblock, &mut b[at..]);
+    assert!(checksum::verify(Kind::Superblock, &b[at..]).is_ok());
+    std::fs::write(&path, b).unwrap();
+    let r = assert_fell_back(&path, &sb, false);
+    assert!(
+        r.notes
+            .iter()
+            .any(|m| m.contains(&format!("superblock slot {slot}"))
+                && m.contains("invalid block size 4608")),
+        "{:?}",
+        r.notes
+    );
+}
+
 #[test]
 fn both_superblocks_damaged_is_corrupt_naming_both_slots() {
     let (_d, path) = copy_pool();
-    flip(&path, 40);
-    flip(&path, PAGE_SIZE as u64 + 40);
+    let head = fields::CHECKPOINT_HEAD.at as u64;
+    flip(&path, head);
+    flip(&path, PAGE_SIZE as u64 + head);
     let m = corrupt_message(Store::open_read_only(&path));
     assert!(m.contains("slot 0") && m.contains("slot 1"), "{m}");
     let m = corrupt_message(Store::open(&path, "test"));
@@ -355,11 +390,7 @@ fn damaged_newest_log_page_falls_back_to_the_state_before_it() {
     let page = *pages.last().unwrap();
     let offset = page * PAGE_SIZE as u64;
     flip(&path, offset + 2000);
-    let s = Store::open_read_only(&path).unwrap();
-    assert_state_before_last_commit(&s);
-    drop(s);
-    let r = check(&path, false);
-    assert_eq!(r.generation, sb.generation - 1);
+    let r = assert_fell_back(&path, &sb, false);
     let seq = sb.log.pages - 1;
     assert!(
         r.faults
@@ -439,7 +470,7 @@ fn flipped_bytes_anywhere_in_metadata_never_panic() {
     };
     let mut targets: Vec<u64> = vec![];
     for slot in 0..2u64 {
-        targets.extend((0..128).map(|i| slot * PAGE_SIZE as u64 + i));
+        targets.extend((0..superblock::ENCODED_LEN as u64).map(|i| slot * PAGE_SIZE as u64 + i));
     }
     let mut pages = stream_pages(&fixture().path, sb.checkpoint.head, sb.checkpoint.pages);
     pages.extend(stream_pages(&fixture().path, sb.log.head, sb.log.pages));

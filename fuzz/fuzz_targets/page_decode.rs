@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use thinlayer::format::checksum::{self, Kind};
-use thinlayer::format::page;
+use thinlayer::format::page::{self, header};
 use thinlayer::format::PAGE_SIZE;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,14 +20,10 @@ fuzz_target!(|data: &[u8]| {
     let n = rest.len().min(PAGE_SIZE);
     p[..n].copy_from_slice(&rest[..n]);
     if ctl & 4 != 0 {
-        let crc = checksum::metadata(kind, &p[4..]);
-        p[0..4].copy_from_slice(&crc.to_le_bytes());
+        checksum::seal(kind, &mut p);
     }
     let (stream_id, seq) = if ctl & 8 != 0 {
-        (
-            u64::from_le_bytes(p[8..16].try_into().unwrap()),
-            u32::from_le_bytes(p[16..20].try_into().unwrap()),
-        )
+        (header::STREAM_ID.get(&p), header::SEQ.get(&p))
     } else {
         (1, 0)
     };

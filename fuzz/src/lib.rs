@@ -112,26 +112,18 @@ fn meta_kind(p: &[u8]) -> Option<Kind> {
     if p.len() < PAGE_SIZE {
         return None;
     }
-    let stored = u32::from_le_bytes(p[0..4].try_into().unwrap());
     [Kind::CheckpointPage, Kind::LogPage]
         .into_iter()
-        .find(|&k| checksum::metadata(k, &p[4..]) == stored)
+        .find(|&k| checksum::verify(k, p).is_ok())
 }
 
 /// Reseal the checksum of a structure after a mutation, so decoding gets past the crc and the
 /// fields themselves are what is tested.
 pub fn reseal(image: &mut [u8], page: u64, kind: PageKind) {
-    let at = page as usize * PAGE_SIZE;
+    let structure = &mut image[page as usize * PAGE_SIZE..];
     match kind {
-        PageKind::Superblock => {
-            let end = at + thinlayer::format::superblock::ENCODED_LEN;
-            let crc = checksum::metadata(Kind::Superblock, &image[at + 4..end]);
-            image[at..at + 4].copy_from_slice(&crc.to_le_bytes());
-        }
-        PageKind::Meta(k) => {
-            let crc = checksum::metadata(k, &image[at + 4..at + PAGE_SIZE]);
-            image[at..at + 4].copy_from_slice(&crc.to_le_bytes());
-        }
+        PageKind::Superblock => checksum::seal(Kind::Superblock, structure),
+        PageKind::Meta(k) => checksum::seal(k, structure),
         PageKind::Data => {}
     }
 }

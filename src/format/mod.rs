@@ -3,10 +3,14 @@
 //! with its encode/decode and a round-trip test.
 
 pub mod checksum;
+pub mod field;
 pub mod ids;
 pub mod page;
 pub mod record;
 pub mod superblock;
+
+#[cfg(test)]
+mod spec;
 
 pub use ids::{LayerId, PBlock, VBlock};
 
@@ -28,4 +32,14 @@ pub fn first_data_block(block_size: u32) -> u64 {
 
 pub fn valid_block_size(bs: u64) -> bool {
     bs.is_power_of_two() && (MIN_BLOCK_SIZE as u64..=MAX_BLOCK_SIZE as u64).contains(&bs)
+}
+
+/// Bytes from hex digits, white space ignored: golden test vectors written field by field.
+#[cfg(test)]
+pub(crate) fn unhex(s: &str) -> Vec<u8> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    digits
+        .chunks(2)
+        .map(|d| u8::from_str_radix(std::str::from_utf8(d).unwrap(), 16).unwrap())
+        .collect()
 }

@@ -3,12 +3,28 @@
 //! left over from an older stream, or one never written, fails verification.
 
 use super::checksum::{self, Kind};
+use super::field::layout;
 use super::PAGE_SIZE;
 use crate::error::{Error, Result};
-use byteorder::{ByteOrder, LittleEndian as LE};
 
-pub const HEADER_LEN: usize = 32;
+layout! {
+    /// The page header's fields, in the order and with the names of docs/FORMAT.md §4.
+    pub mod header {
+        CRC: u32 = "crc",
+        KIND: u32 = "kind",
+        STREAM_ID: u64 = "stream_id",
+        SEQ: u32 = "seq",
+        PAYLOAD_LEN: u32 = "payload_len",
+        NEXT: u64 = "next",
+    }
+}
+use header as f;
+
+pub const HEADER_LEN: usize = f::LEN;
 pub const PAYLOAD_MAX: usize = PAGE_SIZE - HEADER_LEN;
+const _: () = assert!(f::CRC.same_bytes(&checksum::CRC));
+const _: () = assert!(Kind::CheckpointPage.sealed_len() == PAGE_SIZE);
+const _: () = assert!(Kind::LogPage.sealed_len() == PAGE_SIZE);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageHeader {
@@ -23,15 +39,15 @@ pub struct PageHeader {
 /// Build a page: header, payload, zero padding, checksum written last.
 pub fn encode(h: &PageHeader, payload: &[u8], out: &mut [u8; PAGE_SIZE]) {
     debug_assert!(payload.len() <= PAYLOAD_MAX && payload.len() == h.payload_len as usize);
+    debug_assert!(h.kind != Kind::Superblock, "a superblock is not a page");
     out.fill(0);
-    LE::write_u32(&mut out[4..8], h.kind as u32);
-    LE::write_u64(&mut out[8..16], h.stream_id);
-    LE::write_u32(&mut out[16..20], h.seq);
-    LE::write_u32(&mut out[20..24], h.payload_len);
-    LE::write_u64(&mut out[24..32], h.next);
+    f::KIND.put(out, h.kind as u32);
+    f::STREAM_ID.put(out, h.stream_id);
+    f::SEQ.put(out, h.seq);
+    f::PAYLOAD_LEN.put(out, h.payload_len);
+    f::NEXT.put(out, h.next);
     out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
-    let crc = checksum::metadata(h.kind, &out[4..]);
-    LE::write_u32(&mut out[0..4], crc);
+    checksum::seal(h.kind, out);
 }
 
 /// Verify a page read from `page_no` against what the stream expects there; return its header.
@@ -53,21 +69,19 @@ pub fn decode(
             page_no * PAGE_SIZE as u64
         ))
     };
-    let stored = LE::read_u32(&b[0..4]);
-    let actual = checksum::metadata(kind, &b[4..]);
-    if stored != actual {
-        return Err(bad(format!(
-            "checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"
-        )));
+    if kind == Kind::Superblock {
+        // Its seal covers 128 bytes, not a page: no page verifies as one.
+        return Err(bad("a superblock is not a metadata page".into()));
     }
+    checksum::verify(kind, b).map_err(|m| bad(m.to_string()))?;
     let h = PageHeader {
         kind,
-        stream_id: LE::read_u64(&b[8..16]),
-        seq: LE::read_u32(&b[16..20]),
-        payload_len: LE::read_u32(&b[20..24]),
-        next: LE::read_u64(&b[24..32]),
+        stream_id: f::STREAM_ID.get(b),
+        seq: f::SEQ.get(b),
+        payload_len: f::PAYLOAD_LEN.get(b),
+        next: f::NEXT.get(b),
     };
-    if LE::read_u32(&b[4..8]) != kind as u32 {
+    if f::KIND.get(b) != kind as u32 {
         return Err(bad("wrong page kind".into()));
     }
     if h.stream_id != stream_id || h.seq != seq {
@@ -90,15 +104,20 @@ pub fn payload<'a>(b: &'a [u8; PAGE_SIZE], h: &PageHeader) -> &'a [u8] {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_and_mismatches() {
-        let h = PageHeader {
+    /// A log page header with a five-byte payload ("hello").
+    fn hello_header() -> PageHeader {
+        PageHeader {
             kind: Kind::LogPage,
             stream_id: 9,
             seq: 3,
             payload_len: 5,
             next: 77,
-        };
+        }
+    }
+
+    #[test]
+    fn round_trip_and_mismatches() {
+        let h = hello_header();
         let mut p = [0u8; PAGE_SIZE];
         encode(&h, b"hello", &mut p);
         let got = decode(&p, 12, Kind::LogPage, 9, 3).unwrap();
@@ -111,5 +130,62 @@ mod tests {
         q[100] ^= 1;
         let e = decode(&q, 12, Kind::LogPage, 9, 3).unwrap_err().to_string();
         assert!(e.contains("byte offset 49152"), "{e}");
+    }
+
+    /// Headers as the encoder with literal offsets wrote them (crc kind stream_id seq
+    /// payload_len next), captured before the field table existed.
+    #[test]
+    fn encodes_to_the_golden_bytes() {
+        let h = hello_header();
+        let mut p = [0u8; PAGE_SIZE];
+        encode(&h, b"hello", &mut p);
+        let golden = crate::format::unhex(
+            "9c4d372a 50474f4c 0900000000000000 03000000 05000000 4d00000000000000 68656c6c6f",
+        );
+        assert_eq!(p[..golden.len()], golden[..]);
+        assert!(
+            p[golden.len()..].iter().all(|&b| b == 0),
+            "padding not zero"
+        );
+
+        let full: Vec<u8> = (0..PAYLOAD_MAX).map(|i| (i * 7 + 3) as u8).collect();
+        let h = PageHeader {
+            kind: Kind::CheckpointPage,
+            stream_id: 0x1122_3344_5566_7788,
+            seq: 0xfeed_beef,
+            payload_len: PAYLOAD_MAX as u32,
+            next: 0,
+        };
+        encode(&h, &full, &mut p);
+        let golden = crate::format::unhex(
+            "2c142d23 54504b43 8877665544332211 efbeedfe e00f0000 0000000000000000",
+        );
+        assert_eq!(p[..HEADER_LEN], golden[..]);
+        assert_eq!(p[HEADER_LEN..], full[..]);
+        assert_eq!(
+            decode(&p, 5, Kind::CheckpointPage, h.stream_id, h.seq).unwrap(),
+            h
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_page_round_trips(
+            log: bool,
+            stream_id: u64,
+            seq: u32,
+            next: u64,
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=PAYLOAD_MAX),
+            page_no in 0u64..1 << 52,
+        ) {
+            let kind = if log { Kind::LogPage } else { Kind::CheckpointPage };
+            let h = PageHeader { kind, stream_id, seq, payload_len: bytes.len() as u32, next };
+            let mut p = [0u8; PAGE_SIZE];
+            encode(&h, &bytes, &mut p);
+            let got = decode(&p, page_no, kind, stream_id, seq).unwrap();
+            proptest::prop_assert_eq!(got, h);
+            proptest::prop_assert_eq!(payload(&p, &got), &bytes[..]);
+            proptest::prop_assert!(p[HEADER_LEN + bytes.len()..].iter().all(|&b| b == 0));
+        }
     }
 }

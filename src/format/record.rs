@@ -2,10 +2,10 @@
 //! whole catalogue as records; the log is the records of each committed transaction since.
 //! Replaying checkpoint then log rebuilds the metadata exactly. Layout in docs/FORMAT.md.
 
+use super::field::layout;
 use super::ids::{LayerId, PBlock, VBlock};
 use super::MAX_NAME_LEN;
 use crate::error::{Error, Result};
-use byteorder::{ByteOrder, LittleEndian as LE};
 
 const TAG_LAYER_CREATE: u8 = 1;
 const TAG_LAYER_COMMIT: u8 = 2;
@@ -13,8 +13,56 @@ const TAG_LAYER_REMOVE: u8 = 3;
 const TAG_MAP: u8 = 4;
 const TAG_LAYER_COUNTERS: u8 = 5;
 
+// Each record's fixed fields, in the order and with the names of docs/FORMAT.md §6. Offsets
+// count from the record's tag byte.
+layout! {
+    /// §6.1; the name's bytes follow the fixed part.
+    pub mod layer_create {
+        TAG: u8 = "tag",
+        ID: u32 = "id",
+        PARENT: u32 = "parent",
+        DISK_SIZE: u64 = "disk_size",
+        CREATED_SECS: u64 = "created_secs",
+        CREATED_NANOS: u32 = "created_nanos",
+        WRITABLE: u8 = "writable",
+        NAME_LEN: u16 = "name_len",
+    }
+}
+layout! {
+    /// §6.2: layer commit and layer remove.
+    pub mod layer_state {
+        TAG: u8 = "tag",
+        ID: u32 = "id",
+    }
+}
+layout! {
+    /// §6.3; `COUNT` entries follow the fixed part.
+    pub mod map {
+        TAG: u8 = "tag",
+        LAYER: u32 = "layer",
+        COUNT: u32 = "count",
+    }
+}
+layout! {
+    /// §6.3, one entry of a map record.
+    pub mod map_entry {
+        VBLOCK: u64 = "vblock",
+        PBLOCK: u64 = "pblock",
+        CRC: u32 = "crc",
+    }
+}
+layout! {
+    /// §6.4.
+    pub mod layer_counters {
+        TAG: u8 = "tag",
+        LAYER: u32 = "layer",
+        DATA_BLOCKS: u64 = "data_blocks",
+        ZERO_BLOCKS: u64 = "zero_blocks",
+    }
+}
+
 /// Size of one entry of a map record.
-pub const MAP_ENTRY_LEN: usize = 20;
+pub const MAP_ENTRY_LEN: usize = map_entry::LEN;
 /// Map records hold at most this many entries, so a damaged count cannot claim gigabytes.
 pub const MAP_RECORD_MAX: u32 = 1 << 16;
 /// The pblock field of a map entry: 0 = unmapped in this layer, all ones = zero (whiteout).
@@ -88,52 +136,67 @@ impl RecordWriter {
         self.open_map = None;
     }
 
+    /// Appends `len` zero bytes for the fixed part of a record or entry and returns them.
+    fn grow(&mut self, len: usize) -> &mut [u8] {
+        let at = self.buf.len();
+        self.buf.resize(at + len, 0);
+        &mut self.buf[at..]
+    }
+
     pub fn layer_create(&mut self, c: &LayerCreate) {
+        use layer_create as f;
         self.open_map = None;
-        let b = &mut self.buf;
-        b.push(TAG_LAYER_CREATE);
-        put_u32(b, c.id.0);
-        put_u32(b, c.parent.map_or(0, |p| p.0));
-        put_u64(b, c.disk_size);
-        put_u64(b, c.created_secs);
-        put_u32(b, c.created_nanos);
-        b.push(c.writable as u8);
         debug_assert!(c.name.len() <= MAX_NAME_LEN);
-        put_u16(b, c.name.len() as u16);
-        b.extend_from_slice(c.name.as_bytes());
+        let b = self.grow(f::LEN);
+        f::TAG.put(b, TAG_LAYER_CREATE);
+        f::ID.put(b, c.id.0);
+        f::PARENT.put(b, c.parent.map_or(0, |p| p.0));
+        f::DISK_SIZE.put(b, c.disk_size);
+        f::CREATED_SECS.put(b, c.created_secs);
+        f::CREATED_NANOS.put(b, c.created_nanos);
+        f::WRITABLE.put(b, c.writable as u8);
+        f::NAME_LEN.put(b, c.name.len() as u16);
+        self.buf.extend_from_slice(c.name.as_bytes());
     }
 
     pub fn layer_commit(&mut self, id: LayerId) {
-        self.open_map = None;
-        self.buf.push(TAG_LAYER_COMMIT);
-        put_u32(&mut self.buf, id.0);
+        self.layer_state(TAG_LAYER_COMMIT, id);
     }
 
     pub fn layer_remove(&mut self, id: LayerId) {
+        self.layer_state(TAG_LAYER_REMOVE, id);
+    }
+
+    fn layer_state(&mut self, tag: u8, id: LayerId) {
+        use layer_state as f;
         self.open_map = None;
-        self.buf.push(TAG_LAYER_REMOVE);
-        put_u32(&mut self.buf, id.0);
+        let b = self.grow(f::LEN);
+        f::TAG.put(b, tag);
+        f::ID.put(b, id.0);
     }
 
     pub fn layer_counters(&mut self, id: LayerId, data_blocks: u64, zero_blocks: u64) {
+        use layer_counters as f;
         self.open_map = None;
-        self.buf.push(TAG_LAYER_COUNTERS);
-        put_u32(&mut self.buf, id.0);
-        put_u64(&mut self.buf, data_blocks);
-        put_u64(&mut self.buf, zero_blocks);
+        let b = self.grow(f::LEN);
+        f::TAG.put(b, TAG_LAYER_COUNTERS);
+        f::LAYER.put(b, id.0);
+        f::DATA_BLOCKS.put(b, data_blocks);
+        f::ZERO_BLOCKS.put(b, zero_blocks);
     }
 
     pub fn map(&mut self, layer: LayerId, e: MapEntry) {
         match self.open_map {
             Some((at, l, n)) if l == layer && n < MAP_RECORD_MAX => {
-                LE::write_u32(&mut self.buf[at + 5..at + 9], n + 1);
+                map::COUNT.put(&mut self.buf[at..], n + 1);
                 self.open_map = Some((at, l, n + 1));
             }
             _ => {
                 let at = self.buf.len();
-                self.buf.push(TAG_MAP);
-                put_u32(&mut self.buf, layer.0);
-                put_u32(&mut self.buf, 1);
+                let b = self.grow(map::LEN);
+                map::TAG.put(b, TAG_MAP);
+                map::LAYER.put(b, layer.0);
+                map::COUNT.put(b, 1);
                 self.open_map = Some((at, layer, 1));
             }
         }
@@ -142,20 +205,11 @@ impl RecordWriter {
             MapTarget::Zero => (PBLOCK_ZERO, 0),
             MapTarget::Data { pblock, crc } => (pblock.0, crc),
         };
-        put_u64(&mut self.buf, e.vblock.0);
-        put_u64(&mut self.buf, pblock);
-        put_u32(&mut self.buf, crc);
+        let b = self.grow(map_entry::LEN);
+        map_entry::VBLOCK.put(b, e.vblock.0);
+        map_entry::PBLOCK.put(b, pblock);
+        map_entry::CRC.put(b, crc);
     }
-}
-
-fn put_u16(b: &mut Vec<u8>, v: u16) {
-    b.extend_from_slice(&v.to_le_bytes());
-}
-fn put_u32(b: &mut Vec<u8>, v: u32) {
-    b.extend_from_slice(&v.to_le_bytes());
-}
-fn put_u64(b: &mut Vec<u8>, v: u64) {
-    b.extend_from_slice(&v.to_le_bytes());
 }
 
 /// Decodes a stream's bytes record by record; every fault names the stream and byte position.
@@ -178,6 +232,7 @@ impl<'a> RecordReader<'a> {
         Error::Corrupt(format!("{} stream, byte {at}: {m}", self.stream))
     }
 
+    /// The next `n` bytes, which a `what` record starting at byte `start` needs.
     fn take(&mut self, n: usize, start: usize, what: &str) -> Result<&'a [u8]> {
         if self.buf.len() - self.pos < n {
             return Err(self.bad(start, format!("{what} record truncated")));
@@ -192,19 +247,18 @@ impl<'a> RecordReader<'a> {
         if self.pos >= self.buf.len() {
             return Ok(None);
         }
+        // Each record's fixed part, tag included, is taken whole; fields are read from it.
         let start = self.pos;
         let tag = self.buf[self.pos];
-        self.pos += 1;
         let rec = match tag {
             TAG_LAYER_CREATE => {
-                let f = self.take(31, start, "layer")?;
-                let id = LE::read_u32(&f[0..4]);
-                let parent = LE::read_u32(&f[4..8]);
-                let disk_size = LE::read_u64(&f[8..16]);
-                let created_secs = LE::read_u64(&f[16..24]);
-                let created_nanos = LE::read_u32(&f[24..28]);
-                let writable = f[28];
-                let name_len = LE::read_u16(&f[29..31]) as usize;
+                use layer_create as f;
+                let b = self.take(f::LEN, start, "layer")?;
+                let id = f::ID.get(b);
+                let parent = f::PARENT.get(b);
+                let created_nanos = f::CREATED_NANOS.get(b);
+                let writable = f::WRITABLE.get(b);
+                let name_len = f::NAME_LEN.get(b) as usize;
                 if name_len == 0 || name_len > MAX_NAME_LEN {
                     return Err(self.bad(start, format!("layer name length {name_len}")));
                 }
@@ -218,16 +272,16 @@ impl<'a> RecordReader<'a> {
                 Record::LayerCreate(LayerCreate {
                     id: LayerId(id),
                     parent: (parent != 0).then_some(LayerId(parent)),
-                    disk_size,
-                    created_secs,
+                    disk_size: f::DISK_SIZE.get(b),
+                    created_secs: f::CREATED_SECS.get(b),
                     created_nanos,
                     writable: writable == 1,
                     name: name.to_string(),
                 })
             }
             TAG_LAYER_COMMIT | TAG_LAYER_REMOVE => {
-                let f = self.take(4, start, "layer state")?;
-                let id = LayerId(LE::read_u32(f));
+                let b = self.take(layer_state::LEN, start, "layer state")?;
+                let id = LayerId(layer_state::ID.get(b));
                 if tag == TAG_LAYER_COMMIT {
                     Record::LayerCommit(id)
                 } else {
@@ -235,33 +289,32 @@ impl<'a> RecordReader<'a> {
                 }
             }
             TAG_LAYER_COUNTERS => {
-                let f = self.take(20, start, "counters")?;
+                use layer_counters as f;
+                let b = self.take(f::LEN, start, "counters")?;
                 Record::LayerCounters {
-                    layer: LayerId(LE::read_u32(&f[0..4])),
-                    data_blocks: LE::read_u64(&f[4..12]),
-                    zero_blocks: LE::read_u64(&f[12..20]),
+                    layer: LayerId(f::LAYER.get(b)),
+                    data_blocks: f::DATA_BLOCKS.get(b),
+                    zero_blocks: f::ZERO_BLOCKS.get(b),
                 }
             }
             TAG_MAP => {
-                let f = self.take(8, start, "map")?;
-                let layer = LayerId(LE::read_u32(&f[0..4]));
-                let n = LE::read_u32(&f[4..8]);
+                let b = self.take(map::LEN, start, "map")?;
+                let layer = LayerId(map::LAYER.get(b));
+                let n = map::COUNT.get(b);
                 if n == 0 || n > MAP_RECORD_MAX {
                     return Err(self.bad(start, format!("map record with {n} entries")));
                 }
                 // Checked against the bytes present before anything is allocated.
-                let raw = self.take(n as usize * MAP_ENTRY_LEN, start, "map")?;
+                let raw = self.take(n as usize * map_entry::LEN, start, "map")?;
                 let mut entries = Vec::with_capacity(n as usize);
-                for e in raw.chunks_exact(MAP_ENTRY_LEN) {
-                    let vblock = VBlock(LE::read_u64(&e[0..8]));
-                    let p = LE::read_u64(&e[8..16]);
-                    let crc = LE::read_u32(&e[16..20]);
-                    let target = match p {
+                for e in raw.chunks_exact(map_entry::LEN) {
+                    let vblock = VBlock(map_entry::VBLOCK.get(e));
+                    let target = match map_entry::PBLOCK.get(e) {
                         PBLOCK_UNMAPPED => MapTarget::Unmapped,
                         PBLOCK_ZERO => MapTarget::Zero,
                         p => MapTarget::Data {
                             pblock: PBlock(p),
-                            crc,
+                            crc: map_entry::CRC.get(e),
                         },
                     };
                     entries.push(MapEntry { vblock, target });
@@ -278,9 +331,9 @@ impl<'a> RecordReader<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip_all_records() {
-        let create = LayerCreate {
+    /// A writable child layer with a typical image name.
+    fn sample_create() -> LayerCreate {
+        LayerCreate {
             id: LayerId(3),
             parent: Some(LayerId(1)),
             disk_size: 1 << 30,
@@ -288,7 +341,12 @@ mod tests {
             created_nanos: 5,
             writable: true,
             name: "acme/my-base-image:1.0".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn round_trip_all_records() {
+        let create = sample_create();
         let mut w = RecordWriter::new();
         w.layer_create(&create);
         let e = |v, t| MapEntry {
@@ -355,6 +413,33 @@ mod tests {
     }
 
     #[test]
+    fn a_full_map_record_is_closed_and_the_next_entry_starts_another() {
+        let mut w = RecordWriter::new();
+        let n = MAP_RECORD_MAX as u64 + 1;
+        for v in 0..n {
+            let e = MapEntry {
+                vblock: VBlock(v),
+                target: MapTarget::Zero,
+            };
+            w.map(LayerId(7), e);
+        }
+        let second = map::LEN + MAP_RECORD_MAX as usize * MAP_ENTRY_LEN;
+        assert_eq!(w.buf.len(), second + map::LEN + MAP_ENTRY_LEN);
+        assert_eq!(map::COUNT.get(&w.buf), MAP_RECORD_MAX);
+        assert_eq!(map::COUNT.get(&w.buf[second..]), 1);
+        let mut r = RecordReader::new(&w.buf, "log");
+        let mut seen = 0;
+        while let Some(Record::Map { layer, entries }) = r.next_record().unwrap() {
+            assert_eq!(layer, LayerId(7));
+            for e in entries {
+                assert_eq!(e.vblock, VBlock(seen));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, n);
+    }
+
+    #[test]
     fn truncation_and_lying_counts_are_errors() {
         let mut w = RecordWriter::new();
         w.map(
@@ -369,7 +454,198 @@ mod tests {
             assert!(r.next_record().is_err(), "cut at {cut} accepted");
         }
         let mut b = w.buf.clone();
-        LE::write_u32(&mut b[5..9], u32::MAX);
+        map::COUNT.put(&mut b, u32::MAX);
         assert!(RecordReader::new(&b, "log").next_record().is_err());
+    }
+
+    /// One of each record, as the writer with literal offsets wrote them before the field
+    /// tables existed; one row per record, one group of digits per field.
+    #[test]
+    fn writes_the_golden_bytes() {
+        let mut w = RecordWriter::new();
+        let creates = [
+            sample_create(),
+            LayerCreate {
+                id: LayerId(u32::MAX - 1),
+                parent: None,
+                disk_size: 4096,
+                created_secs: 0,
+                created_nanos: 999_999_999,
+                writable: false,
+                name: "\u{e9}".into(),
+            },
+        ];
+        creates.iter().for_each(|c| w.layer_create(c));
+        let e = |v, t| MapEntry {
+            vblock: VBlock(v),
+            target: t,
+        };
+        let data = |p, crc| MapTarget::Data {
+            pblock: PBlock(p),
+            crc,
+        };
+        let maps = [
+            (
+                LayerId(3),
+                vec![e(1, data(9, 0xabcd)), e(2, MapTarget::Zero)],
+            ),
+            (
+                LayerId(4),
+                vec![
+                    e(2, MapTarget::Unmapped),
+                    e(u64::MAX >> 16, data((1 << 48) - 2, 0xdead_beef)),
+                ],
+            ),
+        ];
+        for (layer, entries) in &maps {
+            entries.iter().for_each(|&en| w.map(*layer, en));
+        }
+        w.layer_commit(LayerId(3));
+        w.layer_counters(LayerId(3), 1, 1);
+        w.layer_remove(LayerId(4));
+        let golden = crate::format::unhex(concat!(
+            "01 03000000 01000000 0000004000000000 00d2496b00000000 05000000 01 1600 ",
+            "61636d652f6d792d626173652d696d6167653a312e30 ",
+            "01 feffffff 00000000 0010000000000000 0000000000000000 ffc99a3b 00 0200 c3a9 ",
+            "04 03000000 02000000 ",
+            "0100000000000000 0900000000000000 cdab0000 ",
+            "0200000000000000 ffffffffffffffff 00000000 ",
+            "04 04000000 02000000 ",
+            "0200000000000000 0000000000000000 00000000 ",
+            "ffffffffffff0000 feffffffffff0000 efbeadde ",
+            "02 03000000 ",
+            "05 03000000 0100000000000000 0100000000000000 ",
+            "03 04000000",
+        ));
+        assert_eq!(w.buf, golden);
+
+        let mut r = RecordReader::new(&golden, "golden");
+        let mut want: Vec<Record> = creates.into_iter().map(Record::LayerCreate).collect();
+        want.extend(
+            maps.into_iter()
+                .map(|(layer, entries)| Record::Map { layer, entries }),
+        );
+        want.extend([
+            Record::LayerCommit(LayerId(3)),
+            Record::LayerCounters {
+                layer: LayerId(3),
+                data_blocks: 1,
+                zero_blocks: 1,
+            },
+            Record::LayerRemove(LayerId(4)),
+        ]);
+        for rec in want {
+            assert_eq!(r.next_record().unwrap(), Some(rec));
+        }
+        assert_eq!(r.next_record().unwrap(), None);
+    }
+
+    /// One call on the writer, as the property test generates them.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(LayerCreate),
+        Commit(u32),
+        Remove(u32),
+        Counters(u32, u64, u64),
+        Map(u32, MapEntry),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let id = 1u32..u32::MAX;
+        let target = prop_oneof![
+            Just(MapTarget::Unmapped),
+            Just(MapTarget::Zero),
+            (1u64..u64::MAX, any::<u32>()).prop_map(|(p, crc)| MapTarget::Data {
+                pblock: PBlock(p),
+                crc
+            }),
+        ];
+        let create = (
+            id.clone(),
+            proptest::option::of(id.clone()),
+            any::<u64>(),
+            any::<u64>(),
+            0u32..1_000_000_000,
+            any::<bool>(),
+            "[a-z0-9/:.\\-]{1,255}",
+        )
+            .prop_map(
+                |(id, parent, disk_size, created_secs, created_nanos, writable, name)| {
+                    Op::Create(LayerCreate {
+                        id: LayerId(id),
+                        parent: parent.map(LayerId),
+                        disk_size,
+                        created_secs,
+                        created_nanos,
+                        writable,
+                        name,
+                    })
+                },
+            );
+        prop_oneof![
+            create,
+            id.clone().prop_map(Op::Commit),
+            id.clone().prop_map(Op::Remove),
+            (id.clone(), any::<u64>(), any::<u64>()).prop_map(|(l, d, z)| Op::Counters(l, d, z)),
+            // Few layers, so consecutive entries often share one.
+            (1u32..4, any::<u64>(), target).prop_map(|(l, v, target)| Op::Map(
+                l,
+                MapEntry {
+                    vblock: VBlock(v),
+                    target
+                }
+            )),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_record_sequence_round_trips(ops in proptest::collection::vec(op(), 0..40)) {
+            let mut w = RecordWriter::new();
+            // The records the reader must return: consecutive map entries of one layer merged.
+            let mut want: Vec<Record> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Create(c) => {
+                        w.layer_create(&c);
+                        want.push(Record::LayerCreate(c));
+                    }
+                    Op::Commit(id) => {
+                        w.layer_commit(LayerId(id));
+                        want.push(Record::LayerCommit(LayerId(id)));
+                    }
+                    Op::Remove(id) => {
+                        w.layer_remove(LayerId(id));
+                        want.push(Record::LayerRemove(LayerId(id)));
+                    }
+                    Op::Counters(l, data_blocks, zero_blocks) => {
+                        w.layer_counters(LayerId(l), data_blocks, zero_blocks);
+                        want.push(Record::LayerCounters {
+                            layer: LayerId(l),
+                            data_blocks,
+                            zero_blocks,
+                        });
+                    }
+                    Op::Map(l, e) => {
+                        w.map(LayerId(l), e);
+                        match want.last_mut() {
+                            Some(Record::Map { layer, entries }) if *layer == LayerId(l) => {
+                                entries.push(e)
+                            }
+                            _ => want.push(Record::Map {
+                                layer: LayerId(l),
+                                entries: vec![e],
+                            }),
+                        }
+                    }
+                }
+            }
+            let mut r = RecordReader::new(&w.buf, "prop");
+            for rec in want {
+                proptest::prop_assert_eq!(r.next_record().unwrap(), Some(rec));
+            }
+            proptest::prop_assert_eq!(r.next_record().unwrap(), None);
+        }
     }
 }

@@ -6,7 +6,8 @@ use fuzz_common::{checkpointed_pool, classify, handshake_bytes, small_pool, Page
 use std::path::Path;
 use thinlayer::format::checksum::Kind;
 use thinlayer::format::record::RecordWriter;
-use thinlayer::format::PAGE_SIZE;
+use thinlayer::format::superblock::{self, fields};
+use thinlayer::format::{page, PAGE_SIZE};
 use thinlayer::nbd::proto::*;
 use thinlayer::pool::{meta, MemStorage};
 
@@ -49,7 +50,7 @@ fn main() {
             put(
                 "superblock_decode",
                 &format!("{name}-slot{slot}"),
-                &img[at..at + 128],
+                &img[at..at + superblock::ENCODED_LEN],
             );
         }
         let mut seen_log = false;
@@ -85,10 +86,16 @@ fn main() {
     put("pool_open", "big-blocks", &[1]);
     put("pool_open", "checkpointed", &[2]);
     put("pool_open", "small-writable", &[4]);
-    // Page selector 0 (superblock slot 0), generation byte 16 xor 1, checksum resealed.
-    put("pool_open", "small-sb0-generation", &[8, 0, 0, 16, 0, 1]);
+    // Page selector 0 (superblock slot 0), the generation's first byte xor 1, checksum resealed.
+    let generation = fields::GENERATION.at as u8;
+    put(
+        "pool_open",
+        "small-sb0-generation",
+        &[8, 0, 0, generation, 0, 1],
+    );
     // Page selector 2 (the first page after the superblocks), one byte of its payload.
-    put("pool_open", "small-page2", &[8, 2, 0, 40, 0, 0x80]);
+    let payload = (page::HEADER_LEN + 8) as u8;
+    put("pool_open", "small-page2", &[8, 2, 0, payload, 0, 0x80]);
     // Page selector 5, likely a data block: one byte damaged, checksum not resealed.
     put("pool_open", "small-data", &[0, 5, 0, 7, 0, 0x01]);
 
