@@ -321,8 +321,8 @@ fn resealed_superblock_with_an_impossible_field_falls_back_and_is_noted() {
     assert!(
         r.notes
             .iter()
-            .any(|m| m.contains(&format!("superblock slot {slot}"))
-                && m.contains("invalid block size 4608")),
+            .any(|m| m.message.contains(&format!("superblock slot {slot}"))
+                && m.message.contains("invalid block size 4608")),
         "{:?}",
         r.notes
     );

@@ -91,6 +91,8 @@ struct Managed {
     committed: BTreeSet<String>,
     /// Acknowledged as removed.
     removed: BTreeSet<String>,
+    /// An rm was sent but not acknowledged (cut off by the kill): it may have happened.
+    maybe_removed: BTreeSet<String>,
     /// Every name any command may have made.
     maybe: BTreeSet<String>,
     /// Imports begun (acknowledged or not): each must be whole or absent.
@@ -136,10 +138,14 @@ fn manage(pool: PathBuf, image: PathBuf, round: u64, stop: Arc<AtomicBool>) -> M
         }
         if k % 5 == 4 {
             let old = format!("m{round}-{}", k - 2);
-            if m.present.contains(&old) && ok(&["rm", &old]) {
-                m.present.remove(&old);
-                m.removed.insert(old);
-                m.acked += 1;
+            if m.present.contains(&old) {
+                if ok(&["rm", &old]) {
+                    m.present.remove(&old);
+                    m.removed.insert(old);
+                    m.acked += 1;
+                } else {
+                    m.maybe_removed.insert(old);
+                }
             }
         }
         k += 1;
@@ -150,7 +156,7 @@ fn manage(pool: PathBuf, image: PathBuf, round: u64, stop: Arc<AtomicBool>) -> M
 /// Hold the restarted pool against what the management commands were told.
 fn verify_managed(store: &Store, m: &Managed, image: &[u8], round: u64) {
     let layers: BTreeSet<String> = store.layers().into_iter().map(|l| l.name).collect();
-    for name in &m.present {
+    for name in m.present.difference(&m.maybe_removed) {
         assert!(layers.contains(name), "round {round}: acknowledged {name} is gone");
     }
     for name in &m.removed {

@@ -187,3 +187,31 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
         .expect("writable open must refuse");
     assert!(err.to_string().contains("outside the pool"), "{err}");
 }
+
+/// An import whose first blocks a shared transaction's commit made durable, cut off by a
+/// crash, leaves no half-made layer: a read-only open shows it as importing (and not an
+/// export), the next writable open removes it in one commit, and it says so.
+#[test]
+fn a_crash_during_an_import_leaves_no_half_made_layer() {
+    let mem = Arc::new(MemStorage::new());
+    let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+    s.create_layer("kept", None, Some(1 << 20)).unwrap();
+    let l = s.begin_import("half", None, 1 << 20).unwrap();
+    s.write_layer(l.id, 0, &[7u8; 8192]).unwrap();
+    s.flush().unwrap(); // e.g. a background commit, or another client's FLUSH
+    drop(s); // the crash: finish_import never ran
+    let ro = Store::open_in(mem.clone(), false).unwrap();
+    assert!(ro.layer("half").unwrap().importing);
+    drop(ro);
+    let s = Store::open_in(mem.clone(), true).unwrap();
+    assert_eq!(s.discarded(), vec!["half".to_string()]);
+    assert!(s.layer("half").is_err());
+    assert!(s.layer("kept").is_ok());
+    s.verify_consistency().unwrap();
+    drop(s);
+    // Removed durably: a second open finds nothing to discard.
+    let s = Store::open_in(mem.clone(), true).unwrap();
+    assert!(s.discarded().is_empty());
+    let r = thinlayer::check::check(mem, true, &mut |_, _| {}).unwrap();
+    assert!(r.is_clean(), "{:?}", r.faults);
+}

@@ -25,7 +25,12 @@ pub struct HistoryArgs {
 }
 
 fn mode(l: &LayerInfo) -> String {
-    if l.writable { "writable" } else { "read-only" }.into()
+    match (l.importing, l.writable) {
+        (true, _) => "importing",
+        (false, true) => "writable",
+        (false, false) => "read-only",
+    }
+    .into()
 }
 
 fn layers(t: &Target, req: Request) -> Result<Vec<LayerInfo>> {

@@ -324,6 +324,7 @@ mod tests {
             virtual_size: 1 << 20,
             disk_size: 1 << 30,
             created: "2026-01-02T03:04:05Z".into(),
+            importing: false,
             id: LayerId(id),
             children: vec!["child-a".into(), "child-b".into()],
         }

@@ -94,6 +94,9 @@ pub struct LayerCreate {
     pub created_secs: u64,
     pub created_nanos: u32,
     pub writable: bool,
+    /// Writable and still being filled by an import: a crash leaves it half-made, so a
+    /// writable open removes it. Committing the layer clears it.
+    pub incomplete: bool,
     pub name: String,
 }
 
@@ -154,7 +157,8 @@ impl RecordWriter {
         f::DISK_SIZE.put(b, c.disk_size);
         f::CREATED_SECS.put(b, c.created_secs);
         f::CREATED_NANOS.put(b, c.created_nanos);
-        f::WRITABLE.put(b, c.writable as u8);
+        debug_assert!(c.writable || !c.incomplete);
+        f::WRITABLE.put(b, c.writable as u8 + c.incomplete as u8);
         f::NAME_LEN.put(b, c.name.len() as u16);
         self.buf.extend_from_slice(c.name.as_bytes());
     }
@@ -266,7 +270,7 @@ impl<'a> RecordReader<'a> {
                 let name = std::str::from_utf8(name)
                     .map_err(|_| self.bad(start, "layer name is not UTF-8"))?;
                 // Id 0 means "no parent"; u32::MAX leaves no id after it for the next layer.
-                if id == 0 || id == u32::MAX || writable > 1 || created_nanos >= 1_000_000_000 {
+                if id == 0 || id == u32::MAX || writable > 2 || created_nanos >= 1_000_000_000 {
                     return Err(self.bad(start, "impossible layer record"));
                 }
                 Record::LayerCreate(LayerCreate {
@@ -275,7 +279,8 @@ impl<'a> RecordReader<'a> {
                     disk_size: f::DISK_SIZE.get(b),
                     created_secs: f::CREATED_SECS.get(b),
                     created_nanos,
-                    writable: writable == 1,
+                    writable: writable >= 1,
+                    incomplete: writable == 2,
                     name: name.to_string(),
                 })
             }
@@ -340,6 +345,7 @@ mod tests {
             created_secs: 1_800_000_000,
             created_nanos: 5,
             writable: true,
+            incomplete: false,
             name: "acme/my-base-image:1.0".into(),
         }
     }
@@ -402,6 +408,7 @@ mod tests {
             created_secs: 0,
             created_nanos: 0,
             writable: true,
+            incomplete: false,
             name: "x".into(),
         });
         let e = RecordReader::new(&w.buf, "log").next_record().unwrap_err();
@@ -472,6 +479,7 @@ mod tests {
                 created_secs: 0,
                 created_nanos: 999_999_999,
                 writable: false,
+                incomplete: false,
                 name: "\u{e9}".into(),
             },
         ];
@@ -567,18 +575,19 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             0u32..1_000_000_000,
-            any::<bool>(),
+            0u8..3,
             "[a-z0-9/:.\\-]{1,255}",
         )
             .prop_map(
-                |(id, parent, disk_size, created_secs, created_nanos, writable, name)| {
+                |(id, parent, disk_size, created_secs, created_nanos, mode, name)| {
                     Op::Create(LayerCreate {
                         id: LayerId(id),
                         parent: parent.map(LayerId),
                         disk_size,
                         created_secs,
                         created_nanos,
-                        writable,
+                        writable: mode >= 1,
+                        incomplete: mode == 2,
                         name,
                     })
                 },

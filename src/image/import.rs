@@ -102,7 +102,7 @@ fn import_inner(
             )));
         }
     }
-    let layer = store.create_layer(name, parent, Some(size))?;
+    let layer = store.begin_import(name, parent, size)?;
     *created = true;
     let parent_id = match parent {
         Some(p) => Some(store.layer(p)?),
@@ -174,7 +174,7 @@ fn import_inner(
         progress(off, size);
     }
     progress(size, size);
-    store.commit_layer(name)?;
+    store.finish_import(name)?;
     store.flush()?;
     Ok((store.layer(name)?, stats))
 }

@@ -170,12 +170,17 @@ impl Catalog {
                         created_secs: c.created_secs,
                         created_nanos: c.created_nanos,
                         writable: c.writable,
+                        incomplete: c.incomplete,
                         map: BlockMap::new(),
                         children: Vec::new(),
                     },
                 );
             }
-            Record::LayerCommit(id) => self.must(id)?.writable = false,
+            Record::LayerCommit(id) => {
+                let l = self.must(id)?;
+                l.writable = false;
+                l.incomplete = false;
+            }
             Record::LayerRemove(id) => {
                 let l = self.must(id)?;
                 if !l.children.is_empty() {
@@ -255,6 +260,7 @@ impl Catalog {
                 created_secs: l.created_secs,
                 created_nanos: l.created_nanos,
                 writable: l.writable,
+                incomplete: l.incomplete,
                 name: l.name.clone(),
             });
             for (vblock, m) in l.map.iter() {

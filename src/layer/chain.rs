@@ -308,6 +308,7 @@ mod tests {
             created_secs: 0,
             created_nanos: 0,
             writable: true,
+            incomplete: false,
             name: format!("l{id}"),
         }))
         .unwrap();

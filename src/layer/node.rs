@@ -11,6 +11,8 @@ pub struct Layer {
     pub created_secs: u64,
     pub created_nanos: u32,
     pub writable: bool,
+    /// Being filled by an import (see `LayerCreate::incomplete`).
+    pub incomplete: bool,
     pub map: BlockMap,
     pub children: Vec<LayerId>,
 }

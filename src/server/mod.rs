@@ -35,6 +35,9 @@ pub struct Config {
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
 pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let store = Arc::new(Store::open(&cfg.pool, command_line)?);
+    for name in store.discarded() {
+        eprintln!("thinlayer: removed layer {name:?}: a crash interrupted its import");
+    }
     for name in &cfg.only {
         store.layer(name)?;
     }

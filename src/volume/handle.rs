@@ -20,6 +20,11 @@ pub struct Volume {
 impl Volume {
     pub fn open(store: &Arc<Store>, name: &str) -> Result<Volume> {
         let info = store.layer(name)?;
+        if info.importing {
+            return Err(crate::Error::NotFound(format!(
+                "layer {name:?} is still being imported"
+            )));
+        }
         Ok(Volume {
             store: store.clone(),
             id: info.id,
@@ -84,7 +89,7 @@ impl ExportCatalog for StoreExports {
             .store
             .layers()
             .into_iter()
-            .filter(|l| self.only.is_empty() || self.only.contains(&l.name))
+            .filter(|l| !l.importing && (self.only.is_empty() || self.only.contains(&l.name)))
             .map(|l| ExportInfo {
                 description: format!(
                     "thinlayer {} layer{}",

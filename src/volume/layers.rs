@@ -21,6 +21,9 @@ pub struct LayerInfo {
     pub disk_size: u64,
     /// RFC 3339.
     pub created: String,
+    /// Still being filled by an import: not an export, and not committable by hand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub importing: bool,
     #[serde(skip)]
     pub id: LayerId,
     #[serde(skip)]
@@ -101,6 +104,7 @@ impl Inner {
             virtual_size,
             disk_size: l.disk_size,
             created: rfc3339(l.created_secs, l.created_nanos),
+            importing: l.incomplete,
             id: l.id,
             children: l
                 .children
@@ -120,6 +124,29 @@ impl Store {
         layer_name: &str,
         parent: Option<&str>,
         size: Option<u64>,
+    ) -> Result<LayerInfo> {
+        self.make_layer(layer_name, parent, size, false)
+    }
+
+    /// Make a layer for an import to fill. Until `finish_import` commits it, it is marked
+    /// incomplete on disk: even if commits of the open transaction (a live server's) make its
+    /// first blocks durable, a crash leaves nothing half-made, because the next writable open
+    /// removes incomplete layers.
+    pub fn begin_import(
+        &self,
+        layer_name: &str,
+        parent: Option<&str>,
+        size: u64,
+    ) -> Result<LayerInfo> {
+        self.make_layer(layer_name, parent, Some(size), true)
+    }
+
+    fn make_layer(
+        &self,
+        layer_name: &str,
+        parent: Option<&str>,
+        size: Option<u64>,
+        incomplete: bool,
     ) -> Result<LayerInfo> {
         name::validate(layer_name)?;
         let mut g = self.write()?;
@@ -178,6 +205,7 @@ impl Store {
             created_secs: secs,
             created_nanos: nanos,
             writable: true,
+            incomplete,
             name: layer_name.to_string(),
         };
         let inner = &mut *g;
@@ -190,8 +218,22 @@ impl Store {
 
     /// Make a writable layer read-only for good, so it can be a parent.
     pub fn commit_layer(&self, layer_name: &str) -> Result<()> {
+        self.seal_layer(layer_name, false)
+    }
+
+    /// Commit a layer `begin_import` made, now that it holds the whole image.
+    pub fn finish_import(&self, layer_name: &str) -> Result<()> {
+        self.seal_layer(layer_name, true)
+    }
+
+    fn seal_layer(&self, layer_name: &str, import_done: bool) -> Result<()> {
         let mut g = self.write()?;
         let l = g.catalog.by_name(layer_name)?;
+        if l.incomplete && !import_done {
+            return Err(Error::Conflict(format!(
+                "layer {layer_name:?} is still being imported"
+            )));
+        }
         if !l.writable {
             return Err(Error::Conflict(format!(
                 "layer {layer_name:?} is already committed (read-only)"

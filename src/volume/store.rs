@@ -23,6 +23,8 @@ pub struct Store {
     /// Serialises commits, whose slow part runs outside `inner`'s lock.
     commit_lock: std::sync::Mutex<()>,
     writable: bool,
+    /// Half-imported layers removed at open (see `discard_incomplete`).
+    discarded: std::sync::Mutex<Vec<String>>,
     _lock: Option<PoolLock>,
 }
 
@@ -160,6 +162,7 @@ impl Store {
                 slot_damaged: false,
             }),
             writable: true,
+            discarded: Default::default(),
             _lock: None,
         })
     }
@@ -221,13 +224,44 @@ impl Store {
             inner: RwLock::new(inner),
             commit_lock: std::sync::Mutex::new(()),
             writable,
+            discarded: Default::default(),
             _lock: None,
         };
         if writable {
-            let mut g = store.inner.write().unwrap();
-            g.recover(&*store.storage)?;
+            store.inner.write().unwrap().recover(&*store.storage)?;
+            store.discard_incomplete()?;
         }
         Ok(store)
+    }
+
+    /// Remove layers a crash left half-imported (committed by the open transaction's
+    /// commits, never finished), in one commit. Their names are kept for `discarded`.
+    fn discard_incomplete(&self) -> Result<()> {
+        let names: Vec<String> = self
+            .read()
+            .catalog
+            .layers()
+            .filter(|l| l.incomplete)
+            .map(|l| l.name.clone())
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        for n in &names {
+            self.remove_layer(n)?;
+        }
+        self.flush()?;
+        self.read_discarded().extend(names);
+        Ok(())
+    }
+
+    /// Layers this open removed because a crash had left them half-imported.
+    pub fn discarded(&self) -> Vec<String> {
+        self.read_discarded().clone()
+    }
+
+    fn read_discarded(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.discarded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn path(&self) -> Option<&Path> {
