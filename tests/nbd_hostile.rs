@@ -8,11 +8,13 @@ use std::io::{Read, Write};
 use std::time::Duration;
 use thinlayer::nbd::proto::*;
 
-fn string_option(name: &str, extra: &[u8]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(extra);
-    d
+/// The data of NBD_OPT_GO / NBD_OPT_INFO for `name`, asking for no extra information.
+fn info_request(name: &str) -> Vec<u8> {
+    InfoRequest {
+        name,
+        wanted: vec![],
+    }
+    .pack()
 }
 
 #[test]
@@ -31,9 +33,10 @@ fn bad_magic_and_bad_client_flags_close_only_that_connection() {
     .is_closed());
 
     let mut s = server.connect();
-    let mut g = [0u8; 18];
+    let mut g = [0u8; Greeting::LEN];
     s.read_exact(&mut g).unwrap();
-    s.write_all(&0x8000_0000u32.to_be_bytes()).unwrap();
+    s.write_all(&ClientFlags { flags: 0x8000_0000 }.pack())
+        .unwrap();
     assert!(RawClient {
         s,
         structured: false,
@@ -81,25 +84,24 @@ fn unknown_options_are_refused_and_the_handshake_continues() {
     RawClient::send_option(&mut s, OPT_GO, &[0, 0, 1, 0, b'a']);
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
     // Meta contexts need structured replies first.
-    RawClient::send_option(
-        &mut s,
-        OPT_SET_META_CONTEXT,
-        &string_option("disk", &[0; 4]),
-    );
+    let no_queries = MetaContextRequest {
+        name: "disk",
+        queries: vec![],
+    };
+    RawClient::send_option(&mut s, OPT_SET_META_CONTEXT, &no_queries.pack());
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
     // Unknown export; then the default "" is ambiguous with three exports.
-    RawClient::send_option(&mut s, OPT_GO, &string_option("nope", &[0, 0]));
+    RawClient::send_option(&mut s, OPT_GO, &info_request("nope"));
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_UNKNOWN);
-    RawClient::send_option(&mut s, OPT_INFO, &string_option("", &[0, 0]));
+    RawClient::send_option(&mut s, OPT_INFO, &info_request(""));
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_UNKNOWN);
     // Still alive: GO works on the same connection.
-    RawClient::send_option(&mut s, OPT_GO, &string_option("ro", &[0, 0]));
+    RawClient::send_option(&mut s, OPT_GO, &info_request("ro"));
     let (_, kind, data) = RawClient::option_reply(&mut s);
-    assert_eq!(
-        (kind, &data[0..2]),
-        (REP_INFO, &INFO_EXPORT.to_be_bytes()[..])
-    );
-    let flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+    assert_eq!(kind, REP_INFO);
+    let Some(Info::Export { flags, .. }) = Info::unpack(&data) else {
+        panic!("first info is not NBD_INFO_EXPORT: {data:?}")
+    };
     assert_ne!(flags & TF_READ_ONLY, 0);
     assert_ne!(flags & TF_CAN_MULTI_CONN, 0);
 }
@@ -118,11 +120,12 @@ fn oversized_options_are_refused_without_allocating_them() {
 
     // Claims 4 GiB and sends a little: refused and cut off at once.
     let mut s = RawClient::greet(server.connect());
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_GO.to_be_bytes());
-    m.extend_from_slice(&u32::MAX.to_be_bytes());
-    m.extend_from_slice(&[1; 1000]);
-    s.write_all(&m).unwrap();
+    let header = OptionHeader {
+        option: OPT_GO,
+        len: u32::MAX,
+    };
+    s.write_all(&header.pack()).unwrap();
+    s.write_all(&[1; 1000]).unwrap();
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_TOO_BIG);
     assert!(RawClient {
         s,
@@ -134,10 +137,11 @@ fn oversized_options_are_refused_without_allocating_them() {
 
     // EXPORT_NAME has no error reply: a huge one just ends the connection.
     let mut s = RawClient::greet(server.connect());
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
-    m.extend_from_slice(&(1u32 << 30).to_be_bytes());
-    s.write_all(&m).unwrap();
+    let header = OptionHeader {
+        option: OPT_EXPORT_NAME,
+        len: 1 << 30,
+    };
+    s.write_all(&header.pack()).unwrap();
     let _ = RawClient::option_reply(&mut s);
     assert!(RawClient {
         s,
@@ -164,11 +168,15 @@ fn unknown_commands_and_flags_get_einval_and_the_connection_stays_usable() {
         // Without structured replies there is no DF and no block status.
         if structured {
             c.send(CMD_BLOCK_STATUS, 0, 4, 0, 4096);
-            let Reply::Chunk { kind, payload, .. } = c.reply() else {
-                panic!("simple reply")
+            let hole = Descriptor {
+                len: 4096,
+                flags: STATE_HOLE | STATE_ZERO,
             };
-            assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS);
-            assert_eq!(payload, [0, 0, 0, 1, 0, 0, 16, 0, 0, 0, 0, 3]);
+            let status = Chunk::BlockStatus {
+                context: 1,
+                descriptors: vec![hole],
+            };
+            assert_eq!(c.reply().chunk(), status);
         } else {
             assert_eq!(c.command(CMD_BLOCK_STATUS, 0, 0, 4096, &[]), EINVAL);
             assert_eq!(c.command(CMD_READ, CMD_FLAG_DF, 0, 512, &[]), EINVAL);
@@ -196,22 +204,19 @@ fn read_data(c: &mut RawClient, handle: u64, offset: u64, len: usize) -> Vec<u8>
                 c.s.read_exact(&mut out).unwrap();
                 return out;
             }
-            Reply::Chunk {
-                flags,
-                kind,
-                handle: h,
-                payload,
+            reply @ Reply::Chunk {
+                flags, handle: h, ..
             } if h == handle => {
-                let at = u64::from_be_bytes(payload[0..8].try_into().unwrap()) - offset;
-                match kind {
-                    REPLY_TYPE_OFFSET_DATA => out[at as usize..at as usize + payload.len() - 8]
-                        .copy_from_slice(&payload[8..]),
-                    REPLY_TYPE_OFFSET_HOLE => {
-                        let n = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
-                        out[at as usize..at as usize + n].fill(0);
+                let at = |o: u64| (o - offset) as usize;
+                match reply.chunk() {
+                    Chunk::OffsetData { offset: o, data } => {
+                        out[at(o)..at(o) + data.len()].copy_from_slice(data)
                     }
-                    REPLY_TYPE_NONE => {}
-                    k => panic!("unexpected chunk type {k}"),
+                    Chunk::OffsetHole { offset: o, len } => {
+                        out[at(o)..at(o) + len as usize].fill(0)
+                    }
+                    Chunk::None => {}
+                    other => panic!("unexpected chunk {other:?}"),
                 }
                 if flags & REPLY_FLAG_DONE != 0 {
                     return out;
@@ -322,7 +327,12 @@ fn half_written_requests_and_vanishing_clients_hurt_no_one() {
     drop(c);
     // Mid-handshake, mid-option.
     let mut s = RawClient::greet(server.connect());
-    s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    let header = OptionHeader {
+        option: OPT_GO,
+        len: 0,
+    };
+    s.write_all(&header.pack()[..OptionHeader::LEN / 2])
+        .unwrap();
     drop(s);
     drop(server.connect());
 
