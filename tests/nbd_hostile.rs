@@ -2,6 +2,7 @@
 //! nothing else. A bystander client keeps verifying data on another connection throughout.
 
 mod nbd_common;
+mod support;
 
 use nbd_common::*;
 use std::io::{Read, Write};
@@ -441,5 +442,122 @@ fn a_client_that_never_reads_replies_cannot_hold_shutdown() {
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "shutdown waited on a stalled client"
+    );
+}
+
+#[test]
+fn a_silent_client_is_logged_as_no_handshake_within_the_timeout() {
+    let config = thinlayer::nbd::ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(MemCatalog::standard(), config);
+    // Reads the greeting, then says nothing.
+    let s = RawClient::greet_only(server.connect());
+    let line = server
+        .log
+        .wait_for(&["unix client #1", "no handshake within 0.2 s"]);
+    assert!(!line.contains("os error"), "{line}");
+    assert!(RawClient {
+        s,
+        structured: false,
+        size: 0,
+        flags: 0
+    }
+    .is_closed());
+}
+
+#[test]
+fn refused_requests_are_logged_with_their_reason_and_the_client_gets_only_the_errno() {
+    let server = TestServer::start();
+    let mut c = RawClient::go(server.connect(), "odd", true);
+    let size = c.size;
+    assert_eq!(c.command(CMD_READ, 0, size - 10, 11, &[]), EINVAL);
+    let line = server.log.wait_for(&["refused READ"]);
+    assert_eq!(
+        line,
+        format!(
+            "nbd: unix client #1 export \"odd\": refused READ at offset {}, length 11: \
+             past the end of the export ({size} bytes); sent EINVAL",
+            size - 10
+        )
+    );
+    // The error chunk carries no reason: that is for the operator.
+    c.send(CMD_TRIM, CMD_FLAG_NO_HOLE, 2, 0, 4096);
+    let reply = c.reply();
+    let Chunk::Error { error, message } = reply.chunk() else {
+        panic!("{reply:?}")
+    };
+    assert_eq!((error, message), (EINVAL, "invalid request"));
+    server
+        .log
+        .wait_for(&["refused TRIM at offset 0, length 4096, flags 0x2: flags 0x2 not supported"]);
+
+    let mut ro = RawClient::go(server.connect(), "ro", false);
+    assert_eq!(ro.write(0, b"x"), EPERM);
+    server.log.wait_for(&[
+        "unix client #2 export \"ro\": refused WRITE at offset 0, length 1",
+        "the export is read-only; sent EPERM",
+    ]);
+
+    // A client cannot flood the log: after five, errors are only counted.
+    for _ in 0..20 {
+        assert_eq!(ro.write(0, b"x"), EPERM);
+    }
+    server
+        .log
+        .wait_for(&["client #2", "further errors are counted"]);
+    let logged = |s: &TestServer| {
+        s.log
+            .all()
+            .iter()
+            .filter(|l| l.contains("client #2") && l.contains("refused"))
+            .count()
+    };
+    assert_eq!(logged(&server), 5);
+    ro.send(CMD_DISC, 0, 0, 0, 0);
+    server.log.wait_for(&[
+        "client #2",
+        "disconnected",
+        "after 22 requests",
+        "21 errors",
+    ]);
+}
+
+#[test]
+fn the_serve_command_logs_a_refused_request_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    support::tl(&pool, &["init"]);
+    support::tl(&pool, &["create", "disk", "--size", "1M"]);
+    let sock = dir.path().join("nbd.sock");
+    let stderr = dir.path().join("serve.err");
+    let mut serve = std::process::Command::new(support::bin())
+        .arg("--pool")
+        .arg(&pool)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    support::wait_for(&sock);
+    let mut c = RawClient::go(
+        std::os::unix::net::UnixStream::connect(&sock).unwrap(),
+        "disk",
+        false,
+    );
+    assert_eq!(c.read(c.size - 1, 2), Err(EINVAL));
+    c.send(CMD_DISC, 0, 0, 0, 0);
+    assert!(c.is_closed());
+    // SAFETY: signalling our own child, by its pid.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    assert!(serve.wait().unwrap().success());
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        log.contains(
+            "nbd: unix client #1 export \"disk\": refused READ at offset 1048575, length 2: \
+             past the end of the export (1048576 bytes); sent EINVAL"
+        ),
+        "{log}"
     );
 }

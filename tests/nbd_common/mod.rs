@@ -393,12 +393,7 @@ pub struct RawClient {
 impl RawClient {
     /// Reads the greeting and answers with fixed-newstyle + no-zeroes.
     pub fn greet(s: UnixStream) -> UnixStream {
-        let mut s = s;
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut g = [0u8; Greeting::LEN];
-        s.read_exact(&mut g).unwrap();
-        let greeting = Greeting::unpack(&g).expect("an NBD fixed-newstyle greeting");
-        assert_ne!(greeting.flags & FLAG_FIXED_NEWSTYLE, 0);
+        let mut s = RawClient::greet_only(s);
         s.write_all(
             &ClientFlags {
                 flags: CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES,
@@ -406,6 +401,17 @@ impl RawClient {
             .pack(),
         )
         .unwrap();
+        s
+    }
+
+    /// Reads the greeting and checks it; answers nothing.
+    pub fn greet_only(s: UnixStream) -> UnixStream {
+        let mut s = s;
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; Greeting::LEN];
+        s.read_exact(&mut g).unwrap();
+        let greeting = Greeting::unpack(&g).expect("an NBD fixed-newstyle greeting");
+        assert_ne!(greeting.flags & FLAG_FIXED_NEWSTYLE, 0);
         s
     }
 
