@@ -240,9 +240,10 @@ fn four_gib_lengths_are_refused_without_allocating() {
     // Trim and zero carry no payload; 4 GiB is only a range problem (past the 64 MiB end).
     assert_eq!(c.command(CMD_TRIM, 0, 0, u32::MAX, &[]), EINVAL);
     assert_eq!(c.command(CMD_WRITE_ZEROES, 0, 0, u32::MAX, &[]), ENOSPC);
-    // A write just over the cap is drained and refused; the stream stays in step.
+    // A write just over the cap is drained and refused; the stream stays in step. EINVAL:
+    // the spec keeps EOVERFLOW for reads.
     let big = vec![1u8; MAX_PAYLOAD_FOR_TEST as usize + 4096];
-    assert_eq!(c.write(0, &big), EOVERFLOW);
+    assert_eq!(c.write(0, &big), EINVAL);
     assert_eq!(c.read(0, 4), Ok(vec![0; 4]));
     // A write claiming 4 GiB: refused and the connection closed, not 4 GiB read or held.
     c.send(CMD_WRITE, 0, 3, 0, u32::MAX);
@@ -250,7 +251,7 @@ fn four_gib_lengths_are_refused_without_allocating() {
     assert!(matches!(
         c.reply(),
         Reply::Simple {
-            error: EOVERFLOW,
+            error: EINVAL,
             handle: 3
         }
     ));
@@ -260,6 +261,34 @@ fn four_gib_lengths_are_refused_without_allocating() {
 }
 
 const MAX_PAYLOAD_FOR_TEST: u32 = thinlayer::nbd::MAX_PAYLOAD;
+
+#[test]
+fn a_write_over_the_maximum_payload_is_einval_and_the_connection_stays_in_step() {
+    let server = TestServer::start();
+    let big = pattern(0, MAX_PAYLOAD_FOR_TEST as usize + 1);
+    for structured in [false, true] {
+        let mut c = RawClient::go(server.connect(), "disk", structured);
+        assert_eq!(c.write(4096, &big), EINVAL);
+        // Nothing of it was written, and the next requests line up with their replies.
+        assert_eq!(c.write(0, b"after"), 0);
+        c.send(CMD_READ, 0, 5, 0, 8192);
+        let data = read_data(&mut c, 5, 0, 8192);
+        assert_eq!(&data[..5], b"after");
+        assert!(data[5..].iter().all(|&b| b == 0), "the refused write landed");
+        c.send(CMD_FLUSH, 0, 6, 0, 0);
+        assert!(matches!(
+            c.reply(),
+            Reply::Simple {
+                error: 0,
+                handle: 6
+            }
+        ));
+    }
+    server.log.wait_for(&[
+        "refused WRITE at offset 4096, length 33554433",
+        "over the 33554432-byte maximum payload; sent EINVAL",
+    ]);
+}
 
 #[test]
 fn out_of_range_requests_get_the_right_errors() {

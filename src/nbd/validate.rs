@@ -81,7 +81,9 @@ impl Refusal {
         let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES);
         match self {
             Refusal::ReadOnly => EPERM,
-            Refusal::TooLarge => EOVERFLOW,
+            // EOVERFLOW is what the protocol keeps for a read too large to send; a write too
+            // large is merely invalid (the client broke the advertised maximum).
+            Refusal::TooLarge if req.command == CMD_READ => EOVERFLOW,
             Refusal::PastEnd { .. } if writes => ENOSPC,
             _ => EINVAL,
         }
@@ -171,7 +173,7 @@ mod tests {
                 EDGE,
                 req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1),
                 Refusal::TooLarge,
-                EOVERFLOW,
+                EINVAL,
             ),
             (
                 EDGE,
