@@ -108,6 +108,33 @@ fn unknown_options_are_refused_and_the_handshake_continues() {
 }
 
 #[test]
+fn a_long_missing_export_name_is_refused_within_the_string_limit() {
+    let server = TestServer::start();
+    let mut s = RawClient::greet(server.connect());
+    // The longest name a client may send.
+    let name = "n".repeat(MAX_STRING);
+    for opt in [OPT_GO, OPT_INFO] {
+        RawClient::send_option(&mut s, opt, &info_request(&name));
+        let (echo, kind, data) = RawClient::option_reply(&mut s);
+        assert_eq!((echo, kind), (opt, REP_ERR_UNKNOWN));
+        let message = String::from_utf8(data).expect("the message is a UTF-8 string");
+        assert!(message.len() <= 256, "{} bytes", message.len());
+        assert!(message.starts_with("no export \"nnn"), "{message}");
+        assert!(message.contains("4096-byte name"), "{message}");
+    }
+    // Longer than a string may be: malformed. Built by hand, as the codec would cut it.
+    let longer = "n".repeat(MAX_STRING + 1);
+    let mut data = (longer.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(longer.as_bytes());
+    data.extend_from_slice(&[0, 0]);
+    RawClient::send_option(&mut s, OPT_GO, &data);
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
+    // The haggling goes on.
+    RawClient::send_option(&mut s, OPT_GO, &info_request("disk"));
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_INFO);
+}
+
+#[test]
 fn oversized_options_are_refused_without_allocating_them() {
     let server = TestServer::start();
     let bystander = Bystander::start(&server);
@@ -274,7 +301,10 @@ fn a_write_over_the_maximum_payload_is_einval_and_the_connection_stays_in_step()
         c.send(CMD_READ, 0, 5, 0, 8192);
         let data = read_data(&mut c, 5, 0, 8192);
         assert_eq!(&data[..5], b"after");
-        assert!(data[5..].iter().all(|&b| b == 0), "the refused write landed");
+        assert!(
+            data[5..].iter().all(|&b| b == 0),
+            "the refused write landed"
+        );
         c.send(CMD_FLUSH, 0, 6, 0, 0);
         assert!(matches!(
             c.reply(),

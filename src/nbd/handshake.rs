@@ -13,6 +13,10 @@ const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// An oversized option up to this length is skipped and refused; beyond it the client is
 /// cut off, as reading gigabytes of junk would be a denial of service.
 const MAX_OPTION_DRAIN: u32 = 16 * 1024 * 1024;
+/// A missing export's name is echoed in the refusal only this far: a client may send names of
+/// up to 4096 bytes, and the whole message must stay within the protocol's string limit
+/// (libnbd refuses a longer one as "option error string too long").
+const ECHOED_NAME: usize = 128;
 /// The largest request payload (READ or WRITE) we accept, and advertise as maximum block size.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// The one metadata context we serve, under the id we give it.
@@ -154,7 +158,7 @@ impl State<'_> {
         };
         match self.catalog.open(&name) {
             Ok(dev) => Ok((name, dev)),
-            Err(e) if e.errno() == libc::ENOENT => Err((REP_ERR_UNKNOWN, e.to_string())),
+            Err(e) if e.errno() == libc::ENOENT => Err((REP_ERR_UNKNOWN, no_such_export(&name))),
             Err(e) => Err((REP_ERR_INVALID, e.to_string())),
         }
     }
@@ -278,6 +282,16 @@ impl State<'_> {
     }
 }
 
+/// The refusal for a name no export has. Only the start of a long name is echoed.
+fn no_such_export(name: &str) -> String {
+    let shown = truncate(name, ECHOED_NAME);
+    if shown.len() == name.len() {
+        format!("no export \"{name}\"")
+    } else {
+        format!("no export \"{shown}…\" (a {}-byte name)", name.len())
+    }
+}
+
 fn preferred_block_size(device: &dyn BlockDevice) -> u32 {
     let b = device.block_size();
     if b.is_power_of_two() && b <= MAX_PAYLOAD {
@@ -300,4 +314,19 @@ pub fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
         f |= TF_SEND_DF;
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_export_is_named_but_a_long_name_only_in_part() {
+        assert_eq!(no_such_export("web"), "no export \"web\"");
+        let long = "é".repeat(MAX_STRING / 2);
+        let msg = no_such_export(&long);
+        assert!(msg.len() < 256, "{} bytes", msg.len());
+        assert!(msg.starts_with("no export \"éé"), "{msg}");
+        assert!(msg.ends_with("(a 4096-byte name)"), "{msg}");
+    }
 }
