@@ -63,6 +63,17 @@ fn ok(out: Output) -> String {
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// Runs an nbdsh script that prints "ALL OK" when every one of its checks passed.
+fn run_nbdsh(nbdsh: &std::path::Path, script: &str) {
+    // nbdsh runs `python3 -m nbd`; the distribution's python3 is the one with the module.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = ok(run(
+        Command::new(nbdsh).env("PATH", path).args(["-c", script]),
+        LIMIT,
+    ));
+    assert!(out.contains("ALL OK"), "{out}");
+}
+
 #[test]
 fn nbdinfo_describes_lists_and_maps_exports() {
     let Some(nbdinfo) = tool("nbdinfo") else {
@@ -214,13 +225,7 @@ print("ALL OK")
 "#,
         sock = server.socket.display()
     );
-    // nbdsh runs `python3 -m nbd`; the distribution's python3 is the one with the module.
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let out = ok(run(
-        Command::new(&nbdsh).env("PATH", path).args(["-c", &script]),
-        LIMIT,
-    ));
-    assert!(out.contains("ALL OK"), "{out}");
+    run_nbdsh(&nbdsh, &script);
     assert_eq!(
         server.catalog.device("odd").contents(100, 10),
         b"still here"
@@ -266,12 +271,7 @@ print("ALL OK")
 "#,
         sock = server.socket.display()
     );
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let out = ok(run(
-        Command::new(&nbdsh).env("PATH", path).args(["-c", &script]),
-        LIMIT,
-    ));
-    assert!(out.contains("ALL OK"), "{out}");
+    run_nbdsh(&nbdsh, &script);
     assert_eq!(server.catalog.device("disk").contents(0, 8), b"after\0\0\0");
 }
 
