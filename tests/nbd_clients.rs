@@ -63,6 +63,17 @@ fn ok(out: Output) -> String {
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// Runs an nbdsh script that prints "ALL OK" when every one of its checks passed.
+fn run_nbdsh(nbdsh: &std::path::Path, script: &str) {
+    // nbdsh runs `python3 -m nbd`; the distribution's python3 is the one with the module.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = ok(run(
+        Command::new(nbdsh).env("PATH", path).args(["-c", script]),
+        LIMIT,
+    ));
+    assert!(out.contains("ALL OK"), "{out}");
+}
+
 #[test]
 fn nbdinfo_describes_lists_and_maps_exports() {
     let Some(nbdinfo) = tool("nbdinfo") else {
@@ -214,17 +225,54 @@ print("ALL OK")
 "#,
         sock = server.socket.display()
     );
-    // nbdsh runs `python3 -m nbd`; the distribution's python3 is the one with the module.
-    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let out = ok(run(
-        Command::new(&nbdsh).env("PATH", path).args(["-c", &script]),
-        LIMIT,
-    ));
-    assert!(out.contains("ALL OK"), "{out}");
+    run_nbdsh(&nbdsh, &script);
     assert_eq!(
         server.catalog.device("odd").contents(100, 10),
         b"still here"
     );
+}
+
+/// Two places the server once strayed from the spec, seen by libnbd: a missing export with a
+/// long name was refused with a message past the 4096-byte string limit ("option error string
+/// too long", and the connection lost), and a WRITE over the maximum payload got EOVERFLOW.
+#[test]
+fn nbdsh_gets_enoent_for_a_long_missing_name_and_einval_for_an_oversized_write() {
+    let Some(nbdsh) = tool("nbdsh") else { return };
+    let server = TestServer::start();
+    let script = format!(
+        r#"
+import errno
+h.set_opt_mode(True)
+h.connect_unix("{sock}")
+h.set_export_name("n" * 4096)
+try:
+    h.opt_go()
+except nbd.Error as ex:
+    assert ex.errno == "ENOENT", (ex.errno, ex.string)
+    assert "too long" not in ex.string, ex.string
+else:
+    raise AssertionError("GO of a missing export succeeded")
+# Still negotiating on the same connection.
+h.set_export_name("disk")
+h.opt_go()
+assert h.get_size() == 64 << 20
+# Strict mode off: libnbd would refuse the oversized write itself.
+h.set_strict_mode(0)
+try:
+    h.pwrite(b"w" * (33 << 20), 0)
+except nbd.Error as ex:
+    assert ex.errno == "EINVAL", (ex.errno, ex.string)
+else:
+    raise AssertionError("no error for a write over the maximum payload")
+h.pwrite(b"after", 0)
+assert h.pread(8, 0) == b"after\0\0\0"
+h.shutdown()
+print("ALL OK")
+"#,
+        sock = server.socket.display()
+    );
+    run_nbdsh(&nbdsh, &script);
+    assert_eq!(server.catalog.device("disk").contents(0, 8), b"after\0\0\0");
 }
 
 #[test]

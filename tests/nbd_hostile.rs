@@ -2,17 +2,20 @@
 //! nothing else. A bystander client keeps verifying data on another connection throughout.
 
 mod nbd_common;
+mod support;
 
 use nbd_common::*;
 use std::io::{Read, Write};
 use std::time::Duration;
 use thinlayer::nbd::proto::*;
 
-fn string_option(name: &str, extra: &[u8]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(extra);
-    d
+/// The data of NBD_OPT_GO / NBD_OPT_INFO for `name`, asking for no extra information.
+fn info_request(name: &str) -> Vec<u8> {
+    InfoRequest {
+        name,
+        wanted: vec![],
+    }
+    .pack()
 }
 
 #[test]
@@ -31,9 +34,10 @@ fn bad_magic_and_bad_client_flags_close_only_that_connection() {
     .is_closed());
 
     let mut s = server.connect();
-    let mut g = [0u8; 18];
+    let mut g = [0u8; Greeting::LEN];
     s.read_exact(&mut g).unwrap();
-    s.write_all(&0x8000_0000u32.to_be_bytes()).unwrap();
+    s.write_all(&ClientFlags { flags: 0x8000_0000 }.pack())
+        .unwrap();
     assert!(RawClient {
         s,
         structured: false,
@@ -81,27 +85,53 @@ fn unknown_options_are_refused_and_the_handshake_continues() {
     RawClient::send_option(&mut s, OPT_GO, &[0, 0, 1, 0, b'a']);
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
     // Meta contexts need structured replies first.
-    RawClient::send_option(
-        &mut s,
-        OPT_SET_META_CONTEXT,
-        &string_option("disk", &[0; 4]),
-    );
+    let no_queries = MetaContextRequest {
+        name: "disk",
+        queries: vec![],
+    };
+    RawClient::send_option(&mut s, OPT_SET_META_CONTEXT, &no_queries.pack());
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
     // Unknown export; then the default "" is ambiguous with three exports.
-    RawClient::send_option(&mut s, OPT_GO, &string_option("nope", &[0, 0]));
+    RawClient::send_option(&mut s, OPT_GO, &info_request("nope"));
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_UNKNOWN);
-    RawClient::send_option(&mut s, OPT_INFO, &string_option("", &[0, 0]));
+    RawClient::send_option(&mut s, OPT_INFO, &info_request(""));
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_UNKNOWN);
     // Still alive: GO works on the same connection.
-    RawClient::send_option(&mut s, OPT_GO, &string_option("ro", &[0, 0]));
+    RawClient::send_option(&mut s, OPT_GO, &info_request("ro"));
     let (_, kind, data) = RawClient::option_reply(&mut s);
-    assert_eq!(
-        (kind, &data[0..2]),
-        (REP_INFO, &INFO_EXPORT.to_be_bytes()[..])
-    );
-    let flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+    assert_eq!(kind, REP_INFO);
+    let Some(Info::Export { flags, .. }) = Info::unpack(&data) else {
+        panic!("first info is not NBD_INFO_EXPORT: {data:?}")
+    };
     assert_ne!(flags & TF_READ_ONLY, 0);
     assert_ne!(flags & TF_CAN_MULTI_CONN, 0);
+}
+
+#[test]
+fn a_long_missing_export_name_is_refused_within_the_string_limit() {
+    let server = TestServer::start();
+    let mut s = RawClient::greet(server.connect());
+    // The longest name a client may send.
+    let name = "n".repeat(MAX_STRING);
+    for opt in [OPT_GO, OPT_INFO] {
+        RawClient::send_option(&mut s, opt, &info_request(&name));
+        let (echo, kind, data) = RawClient::option_reply(&mut s);
+        assert_eq!((echo, kind), (opt, REP_ERR_UNKNOWN));
+        let message = String::from_utf8(data).expect("the message is a UTF-8 string");
+        assert!(message.len() <= 256, "{} bytes", message.len());
+        assert!(message.starts_with("no export \"nnn"), "{message}");
+        assert!(message.contains("4096-byte name"), "{message}");
+    }
+    // Longer than a string may be: malformed. Built by hand, as the codec would cut it.
+    let longer = "n".repeat(MAX_STRING + 1);
+    let mut data = (longer.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(longer.as_bytes());
+    data.extend_from_slice(&[0, 0]);
+    RawClient::send_option(&mut s, OPT_GO, &data);
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_INVALID);
+    // The haggling goes on.
+    RawClient::send_option(&mut s, OPT_GO, &info_request("disk"));
+    assert_eq!(RawClient::option_reply(&mut s).1, REP_INFO);
 }
 
 #[test]
@@ -118,11 +148,12 @@ fn oversized_options_are_refused_without_allocating_them() {
 
     // Claims 4 GiB and sends a little: refused and cut off at once.
     let mut s = RawClient::greet(server.connect());
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_GO.to_be_bytes());
-    m.extend_from_slice(&u32::MAX.to_be_bytes());
-    m.extend_from_slice(&[1; 1000]);
-    s.write_all(&m).unwrap();
+    let header = OptionHeader {
+        option: OPT_GO,
+        len: u32::MAX,
+    };
+    s.write_all(&header.pack()).unwrap();
+    s.write_all(&[1; 1000]).unwrap();
     assert_eq!(RawClient::option_reply(&mut s).1, REP_ERR_TOO_BIG);
     assert!(RawClient {
         s,
@@ -134,10 +165,11 @@ fn oversized_options_are_refused_without_allocating_them() {
 
     // EXPORT_NAME has no error reply: a huge one just ends the connection.
     let mut s = RawClient::greet(server.connect());
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
-    m.extend_from_slice(&(1u32 << 30).to_be_bytes());
-    s.write_all(&m).unwrap();
+    let header = OptionHeader {
+        option: OPT_EXPORT_NAME,
+        len: 1 << 30,
+    };
+    s.write_all(&header.pack()).unwrap();
     let _ = RawClient::option_reply(&mut s);
     assert!(RawClient {
         s,
@@ -164,11 +196,15 @@ fn unknown_commands_and_flags_get_einval_and_the_connection_stays_usable() {
         // Without structured replies there is no DF and no block status.
         if structured {
             c.send(CMD_BLOCK_STATUS, 0, 4, 0, 4096);
-            let Reply::Chunk { kind, payload, .. } = c.reply() else {
-                panic!("simple reply")
+            let hole = Descriptor {
+                len: 4096,
+                flags: STATE_HOLE | STATE_ZERO,
             };
-            assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS);
-            assert_eq!(payload, [0, 0, 0, 1, 0, 0, 16, 0, 0, 0, 0, 3]);
+            let status = Chunk::BlockStatus {
+                context: 1,
+                descriptors: vec![hole],
+            };
+            assert_eq!(c.reply().chunk(), status);
         } else {
             assert_eq!(c.command(CMD_BLOCK_STATUS, 0, 0, 4096, &[]), EINVAL);
             assert_eq!(c.command(CMD_READ, CMD_FLAG_DF, 0, 512, &[]), EINVAL);
@@ -196,22 +232,19 @@ fn read_data(c: &mut RawClient, handle: u64, offset: u64, len: usize) -> Vec<u8>
                 c.s.read_exact(&mut out).unwrap();
                 return out;
             }
-            Reply::Chunk {
-                flags,
-                kind,
-                handle: h,
-                payload,
+            reply @ Reply::Chunk {
+                flags, handle: h, ..
             } if h == handle => {
-                let at = u64::from_be_bytes(payload[0..8].try_into().unwrap()) - offset;
-                match kind {
-                    REPLY_TYPE_OFFSET_DATA => out[at as usize..at as usize + payload.len() - 8]
-                        .copy_from_slice(&payload[8..]),
-                    REPLY_TYPE_OFFSET_HOLE => {
-                        let n = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
-                        out[at as usize..at as usize + n].fill(0);
+                let at = |o: u64| (o - offset) as usize;
+                match reply.chunk() {
+                    Chunk::OffsetData { offset: o, data } => {
+                        out[at(o)..at(o) + data.len()].copy_from_slice(data)
                     }
-                    REPLY_TYPE_NONE => {}
-                    k => panic!("unexpected chunk type {k}"),
+                    Chunk::OffsetHole { offset: o, len } => {
+                        out[at(o)..at(o) + len as usize].fill(0)
+                    }
+                    Chunk::None => {}
+                    other => panic!("unexpected chunk {other:?}"),
                 }
                 if flags & REPLY_FLAG_DONE != 0 {
                     return out;
@@ -234,9 +267,10 @@ fn four_gib_lengths_are_refused_without_allocating() {
     // Trim and zero carry no payload; 4 GiB is only a range problem (past the 64 MiB end).
     assert_eq!(c.command(CMD_TRIM, 0, 0, u32::MAX, &[]), EINVAL);
     assert_eq!(c.command(CMD_WRITE_ZEROES, 0, 0, u32::MAX, &[]), ENOSPC);
-    // A write just over the cap is drained and refused; the stream stays in step.
+    // A write just over the cap is drained and refused; the stream stays in step. EINVAL:
+    // the spec keeps EOVERFLOW for reads.
     let big = vec![1u8; MAX_PAYLOAD_FOR_TEST as usize + 4096];
-    assert_eq!(c.write(0, &big), EOVERFLOW);
+    assert_eq!(c.write(0, &big), EINVAL);
     assert_eq!(c.read(0, 4), Ok(vec![0; 4]));
     // A write claiming 4 GiB: refused and the connection closed, not 4 GiB read or held.
     c.send(CMD_WRITE, 0, 3, 0, u32::MAX);
@@ -244,7 +278,7 @@ fn four_gib_lengths_are_refused_without_allocating() {
     assert!(matches!(
         c.reply(),
         Reply::Simple {
-            error: EOVERFLOW,
+            error: EINVAL,
             handle: 3
         }
     ));
@@ -254,6 +288,37 @@ fn four_gib_lengths_are_refused_without_allocating() {
 }
 
 const MAX_PAYLOAD_FOR_TEST: u32 = thinlayer::nbd::MAX_PAYLOAD;
+
+#[test]
+fn a_write_over_the_maximum_payload_is_einval_and_the_connection_stays_in_step() {
+    let server = TestServer::start();
+    let big = pattern(0, MAX_PAYLOAD_FOR_TEST as usize + 1);
+    for structured in [false, true] {
+        let mut c = RawClient::go(server.connect(), "disk", structured);
+        assert_eq!(c.write(4096, &big), EINVAL);
+        // Nothing of it was written, and the next requests line up with their replies.
+        assert_eq!(c.write(0, b"after"), 0);
+        c.send(CMD_READ, 0, 5, 0, 8192);
+        let data = read_data(&mut c, 5, 0, 8192);
+        assert_eq!(&data[..5], b"after");
+        assert!(
+            data[5..].iter().all(|&b| b == 0),
+            "the refused write landed"
+        );
+        c.send(CMD_FLUSH, 0, 6, 0, 0);
+        assert!(matches!(
+            c.reply(),
+            Reply::Simple {
+                error: 0,
+                handle: 6
+            }
+        ));
+    }
+    server.log.wait_for(&[
+        "refused WRITE at offset 4096, length 33554433",
+        "over the 33554432-byte maximum payload; sent EINVAL",
+    ]);
+}
 
 #[test]
 fn out_of_range_requests_get_the_right_errors() {
@@ -322,7 +387,12 @@ fn half_written_requests_and_vanishing_clients_hurt_no_one() {
     drop(c);
     // Mid-handshake, mid-option.
     let mut s = RawClient::greet(server.connect());
-    s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    let header = OptionHeader {
+        option: OPT_GO,
+        len: 0,
+    };
+    s.write_all(&header.pack()[..OptionHeader::LEN / 2])
+        .unwrap();
     drop(s);
     drop(server.connect());
 
@@ -431,5 +501,122 @@ fn a_client_that_never_reads_replies_cannot_hold_shutdown() {
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "shutdown waited on a stalled client"
+    );
+}
+
+#[test]
+fn a_silent_client_is_logged_as_no_handshake_within_the_timeout() {
+    let config = thinlayer::nbd::ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(MemCatalog::standard(), config);
+    // Reads the greeting, then says nothing.
+    let s = RawClient::greet_only(server.connect());
+    let line = server
+        .log
+        .wait_for(&["unix client #1", "no handshake within 0.2 s"]);
+    assert!(!line.contains("os error"), "{line}");
+    assert!(RawClient {
+        s,
+        structured: false,
+        size: 0,
+        flags: 0
+    }
+    .is_closed());
+}
+
+#[test]
+fn refused_requests_are_logged_with_their_reason_and_the_client_gets_only_the_errno() {
+    let server = TestServer::start();
+    let mut c = RawClient::go(server.connect(), "odd", true);
+    let size = c.size;
+    assert_eq!(c.command(CMD_READ, 0, size - 10, 11, &[]), EINVAL);
+    let line = server.log.wait_for(&["refused READ"]);
+    assert_eq!(
+        line,
+        format!(
+            "nbd: unix client #1 export \"odd\": refused READ at offset {}, length 11: \
+             past the end of the export ({size} bytes); sent EINVAL",
+            size - 10
+        )
+    );
+    // The error chunk carries no reason: that is for the operator.
+    c.send(CMD_TRIM, CMD_FLAG_NO_HOLE, 2, 0, 4096);
+    let reply = c.reply();
+    let Chunk::Error { error, message } = reply.chunk() else {
+        panic!("{reply:?}")
+    };
+    assert_eq!((error, message), (EINVAL, "invalid request"));
+    server
+        .log
+        .wait_for(&["refused TRIM at offset 0, length 4096, flags 0x2: flags 0x2 not supported"]);
+
+    let mut ro = RawClient::go(server.connect(), "ro", false);
+    assert_eq!(ro.write(0, b"x"), EPERM);
+    server.log.wait_for(&[
+        "unix client #2 export \"ro\": refused WRITE at offset 0, length 1",
+        "the export is read-only; sent EPERM",
+    ]);
+
+    // A client cannot flood the log: after five, errors are only counted.
+    for _ in 0..20 {
+        assert_eq!(ro.write(0, b"x"), EPERM);
+    }
+    server
+        .log
+        .wait_for(&["client #2", "further errors are counted"]);
+    let logged = |s: &TestServer| {
+        s.log
+            .all()
+            .iter()
+            .filter(|l| l.contains("client #2") && l.contains("refused"))
+            .count()
+    };
+    assert_eq!(logged(&server), 5);
+    ro.send(CMD_DISC, 0, 0, 0, 0);
+    server.log.wait_for(&[
+        "client #2",
+        "disconnected",
+        "after 22 requests",
+        "21 errors",
+    ]);
+}
+
+#[test]
+fn the_serve_command_logs_a_refused_request_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    support::tl(&pool, &["init"]);
+    support::tl(&pool, &["create", "disk", "--size", "1M"]);
+    let sock = dir.path().join("nbd.sock");
+    let stderr = dir.path().join("serve.err");
+    let mut serve = std::process::Command::new(support::bin())
+        .arg("--pool")
+        .arg(&pool)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    support::wait_for(&sock);
+    let mut c = RawClient::go(
+        std::os::unix::net::UnixStream::connect(&sock).unwrap(),
+        "disk",
+        false,
+    );
+    assert_eq!(c.read(c.size - 1, 2), Err(EINVAL));
+    c.send(CMD_DISC, 0, 0, 0, 0);
+    assert!(c.is_closed());
+    // SAFETY: signalling our own child, by its pid.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    assert!(serve.wait().unwrap().success());
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        log.contains(
+            "nbd: unix client #1 export \"disk\": refused READ at offset 1048575, length 2: \
+             past the end of the export (1048576 bytes); sent EINVAL"
+        ),
+        "{log}"
     );
 }

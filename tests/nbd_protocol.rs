@@ -8,18 +8,16 @@ use std::io::Read;
 use std::sync::atomic::Ordering::SeqCst;
 use thinlayer::nbd::proto::*;
 
-fn chunks(c: &mut RawClient, handle: u64) -> Vec<(u16, u16, Vec<u8>)> {
+/// The chunks answering `handle`, up to the one flagged DONE.
+fn chunks(c: &mut RawClient, handle: u64) -> Vec<Reply> {
     let mut out = Vec::new();
     loop {
         match c.reply() {
-            Reply::Chunk {
-                flags,
-                kind,
-                handle: h,
-                payload,
+            reply @ Reply::Chunk {
+                flags, handle: h, ..
             } => {
                 assert_eq!(h, handle);
-                out.push((flags, kind, payload));
+                out.push(reply);
                 if flags & REPLY_FLAG_DONE != 0 {
                     return out;
                 }
@@ -29,12 +27,11 @@ fn chunks(c: &mut RawClient, handle: u64) -> Vec<(u16, u16, Vec<u8>)> {
     }
 }
 
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
+fn flags(reply: &Reply) -> u16 {
+    match reply {
+        Reply::Chunk { flags, .. } => *flags,
+        other => panic!("not a chunk: {other:?}"),
+    }
 }
 
 #[test]
@@ -46,20 +43,27 @@ fn structured_reads_send_holes_as_hole_chunks_unless_df() {
     c.send(CMD_READ, 0, 1, 1 << 20, 2 << 20);
     let got = chunks(&mut c, 1);
     assert_eq!(got.len(), 2);
-    let (flags, kind, payload) = &got[0];
-    assert_eq!((*flags, *kind), (0, REPLY_TYPE_OFFSET_DATA));
-    assert_eq!(be64(payload), 1 << 20);
-    assert!(payload[8..] == pattern(1 << 20, 1 << 20)[..]);
-    let (flags, kind, payload) = &got[1];
-    assert_eq!((*flags, *kind), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE));
-    assert_eq!((be64(payload), be32(&payload[8..])), (2 << 20, 1 << 20));
+    assert_eq!(flags(&got[0]), 0);
+    let Chunk::OffsetData { offset, data } = got[0].chunk() else {
+        panic!("{:?}", got[0].chunk().kind())
+    };
+    assert_eq!(offset, 1 << 20);
+    assert!(data == pattern(1 << 20, 1 << 20));
+    assert_eq!(flags(&got[1]), REPLY_FLAG_DONE);
+    let hole = Chunk::OffsetHole {
+        offset: 2 << 20,
+        len: 1 << 20,
+    };
+    assert_eq!(got[1].chunk(), hole);
 
     c.send(CMD_READ, CMD_FLAG_DF, 2, 1 << 20, 2 << 20);
     let got = chunks(&mut c, 2);
     assert_eq!(got.len(), 1, "DF: one chunk");
-    assert_eq!(got[0].1, REPLY_TYPE_OFFSET_DATA);
-    assert_eq!(got[0].2.len(), 8 + (2 << 20));
-    assert!(got[0].2[8 + (1 << 20)..].iter().all(|&b| b == 0));
+    let Chunk::OffsetData { data, .. } = got[0].chunk() else {
+        panic!("{:?}", got[0].chunk().kind())
+    };
+    assert_eq!(data.len(), 2 << 20);
+    assert!(data[1 << 20..].iter().all(|&b| b == 0));
 }
 
 #[test]
@@ -76,10 +80,15 @@ fn block_status_describes_allocation_and_honours_req_one() {
     c.send(CMD_BLOCK_STATUS, 0, 3, 0, 32768);
     let got = chunks(&mut c, 3);
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].1, REPLY_TYPE_BLOCK_STATUS);
-    let p = &got[0].2;
-    assert_eq!(be32(p), 1, "context id");
-    let descriptors: Vec<(u32, u32)> = p[4..].chunks(8).map(|d| (be32(d), be32(&d[4..]))).collect();
+    let Chunk::BlockStatus {
+        context,
+        descriptors,
+    } = got[0].chunk()
+    else {
+        panic!("{:?}", got[0].chunk().kind())
+    };
+    assert_eq!(context, 1, "context id");
+    let descriptors: Vec<(u32, u32)> = descriptors.iter().map(|d| (d.len, d.flags)).collect();
     let hole = STATE_HOLE | STATE_ZERO;
     assert_eq!(
         descriptors,
@@ -94,7 +103,14 @@ fn block_status_describes_allocation_and_honours_req_one() {
 
     c.send(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4, 8192, 32768 - 8192);
     let got = chunks(&mut c, 4);
-    assert_eq!(got[0].2[4..], [0, 0, 16, 0, 0, 0, 0, 0]);
+    let one_data_extent = Chunk::BlockStatus {
+        context: 1,
+        descriptors: vec![Descriptor {
+            len: 4096,
+            flags: 0,
+        }],
+    };
+    assert_eq!(got[0].chunk(), one_data_extent);
 }
 
 #[test]
@@ -114,11 +130,17 @@ fn device_errors_become_error_replies_and_the_connection_goes_on() {
     c.send(CMD_READ, 0, 5, 1 << 20, 4096);
     let got = chunks(&mut c, 5);
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].1, REPLY_TYPE_ERROR);
-    assert_eq!(be32(&got[0].2), EIO);
+    let Chunk::Error { error, .. } = got[0].chunk() else {
+        panic!("{:?}", got[0].chunk().kind())
+    };
+    assert_eq!(error, EIO);
     c.send(CMD_READ, 0, 6, 0, 16);
     let got = chunks(&mut c, 6);
-    assert_eq!(got[0].2[8..], [0; 16]);
+    let zeros = Chunk::OffsetData {
+        offset: 0,
+        data: &[0; 16],
+    };
+    assert_eq!(got[0].chunk(), zeros);
 }
 
 #[test]
@@ -130,9 +152,9 @@ fn export_name_option_and_the_default_export_work() {
     // NBD_OPT_EXPORT_NAME with "" picks the only export; no zeroes follow the reply.
     let mut s = RawClient::greet(server.connect());
     RawClient::send_option(&mut s, OPT_EXPORT_NAME, b"");
-    let mut reply = [0u8; 10];
+    let mut reply = [0u8; ExportNameReply::LEN];
     s.read_exact(&mut reply).unwrap();
-    assert_eq!(be64(&reply), 1 << 20);
+    assert_eq!(ExportNameReply::unpack(&reply).unwrap().size, 1 << 20);
     let mut c = RawClient {
         s,
         structured: false,

@@ -5,7 +5,7 @@
 use arbitrary::Arbitrary;
 use fuzz_common::{exchange, handshake_bytes, nbd_server};
 use libfuzzer_sys::fuzz_target;
-use thinlayer::nbd::proto::{PutBe, Request};
+use thinlayer::nbd::proto::{Request, CMD_DISC};
 
 #[derive(Arbitrary, Debug)]
 enum Len {
@@ -87,14 +87,14 @@ fuzz_target!(|input: Input| {
     }
     // Sometimes end politely with NBD_CMD_DISC.
     if input.pieces.len().is_multiple_of(2) {
-        let mut disc = Vec::new();
-        disc.put_u32(thinlayer::nbd::proto::REQUEST_MAGIC);
-        disc.put_u16(0);
-        disc.put_u16(thinlayer::nbd::proto::CMD_DISC);
-        disc.put_u64(0);
-        disc.put_u64(0);
-        disc.put_u32(0);
-        bytes.extend_from_slice(&disc);
+        let disc = Request {
+            flags: 0,
+            command: CMD_DISC,
+            handle: 0,
+            offset: 0,
+            len: 0,
+        };
+        bytes.extend_from_slice(&disc.pack());
     }
     let _ = exchange(server, bytes);
     let _ = server.store.flush();

@@ -197,30 +197,25 @@ pub fn exchange(server: &NbdServer, input: Vec<u8>) -> Vec<u8> {
 
 /// The client half of a fixed-newstyle handshake that ends in NBD_OPT_GO for `export`.
 pub fn handshake_bytes(export: &str, structured: bool, allocation: bool) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.put_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
-    let opt = |b: &mut Vec<u8>, o: u32, data: &[u8]| {
-        b.put_u64(IHAVEOPT);
-        b.put_u32(o);
-        b.put_u32(data.len() as u32);
-        b.extend_from_slice(data);
-    };
+    let mut b = ClientFlags {
+        flags: CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES,
+    }
+    .pack()
+    .to_vec();
     if structured {
-        opt(&mut b, OPT_STRUCTURED_REPLY, &[]);
+        b.extend_from_slice(&OptionHeader::message(OPT_STRUCTURED_REPLY, &[]));
     }
     if allocation {
-        let mut d = Vec::new();
-        d.put_u32(export.len() as u32);
-        d.extend_from_slice(export.as_bytes());
-        d.put_u32(1);
-        d.put_u32(15);
-        d.extend_from_slice(b"base:allocation");
-        opt(&mut b, OPT_SET_META_CONTEXT, &d);
+        let meta = MetaContextRequest {
+            name: export,
+            queries: vec![BASE_ALLOCATION],
+        };
+        b.extend_from_slice(&OptionHeader::message(OPT_SET_META_CONTEXT, &meta.pack()));
     }
-    let mut d = Vec::new();
-    d.put_u32(export.len() as u32);
-    d.extend_from_slice(export.as_bytes());
-    d.put_u16(0);
-    opt(&mut b, OPT_GO, &d);
+    let go = InfoRequest {
+        name: export,
+        wanted: vec![],
+    };
+    b.extend_from_slice(&OptionHeader::message(OPT_GO, &go.pack()));
     b
 }

@@ -13,8 +13,10 @@ const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// An oversized option up to this length is skipped and refused; beyond it the client is
 /// cut off, as reading gigabytes of junk would be a denial of service.
 const MAX_OPTION_DRAIN: u32 = 16 * 1024 * 1024;
-/// Names and context queries are strings, which the protocol caps at 4 KiB.
-const MAX_STRING: usize = 4096;
+/// A missing export's name is echoed in the refusal only this far: a client may send names of
+/// up to 4096 bytes, and the whole message must stay within the protocol's string limit
+/// (libnbd refuses a longer one as "option error string too long").
+const ECHOED_NAME: usize = 128;
 /// The largest request payload (READ or WRITE) we accept, and advertise as maximum block size.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// The one metadata context we serve, under the id we give it.
@@ -53,15 +55,19 @@ pub fn negotiate(
     catalog: &dyn ExportCatalog,
     default_export: Option<&str>,
 ) -> io::Result<Outcome> {
-    let mut greeting = Vec::with_capacity(18);
-    greeting.put_u64(NBDMAGIC);
-    greeting.put_u64(IHAVEOPT);
-    greeting.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-    stream.write_all(&greeting)?;
+    let greeting = Greeting {
+        flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+    };
+    stream.write_all(&greeting.pack())?;
 
-    let mut b = [0u8; 4];
+    let mut b = [0u8; ClientFlags::LEN];
     stream.read_exact(&mut b)?;
-    let client_flags = u32::from_be_bytes(b);
+    let Some(ClientFlags {
+        flags: client_flags,
+    }) = ClientFlags::unpack(&b)
+    else {
+        return Err(violation("unreadable client flags"));
+    };
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(violation(format!("unknown client flags {client_flags:#x}")));
     }
@@ -76,20 +82,18 @@ pub fn negotiate(
     };
     let mut data = Vec::new();
     loop {
-        let mut h = [0u8; 16];
+        let mut h = [0u8; OptionHeader::LEN];
         st.stream.read_exact(&mut h)?;
-        if u64::from_be_bytes(h[0..8].try_into().unwrap()) != IHAVEOPT {
+        let Some(OptionHeader { option: opt, len }) = OptionHeader::unpack(&h) else {
             return Err(violation("bad option magic"));
-        }
-        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        };
         if len > MAX_OPTION_LEN {
             if opt == OPT_EXPORT_NAME || len > MAX_OPTION_DRAIN {
-                let _ = st.reply(opt, REP_ERR_TOO_BIG, b"option data too long");
+                let _ = st.refuse(opt, REP_ERR_TOO_BIG, "option data too long");
                 return Err(violation(format!("option {opt} claims {len} bytes")));
             }
             drain(st.stream, len as u64, &mut [0u8; 8192])?;
-            st.reply(opt, REP_ERR_TOO_BIG, b"option data too long")?;
+            st.refuse(opt, REP_ERR_TOO_BIG, "option data too long")?;
             continue;
         }
         data.clear();
@@ -113,24 +117,24 @@ pub fn negotiate(
                     st.structured = true;
                     st.reply(opt, REP_ACK, &[])?;
                 } else {
-                    st.reply(opt, REP_ERR_INVALID, b"option takes no data")?;
+                    st.refuse(opt, REP_ERR_INVALID, "option takes no data")?;
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => st.meta_context(opt, &data)?,
-            _ => st.reply(opt, REP_ERR_UNSUP, b"option not supported")?,
+            _ => st.refuse(opt, REP_ERR_UNSUP, "option not supported")?,
         }
     }
 }
 
 impl State<'_> {
     fn reply(&mut self, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
-        let mut out = Vec::with_capacity(20 + data.len());
-        out.put_u64(OPTION_REPLY_MAGIC);
-        out.put_u32(opt);
-        out.put_u32(kind);
-        out.put_u32(data.len() as u32);
-        out.extend_from_slice(data);
-        self.stream.write_all(&out)
+        self.stream
+            .write_all(&OptionReplyHeader::message(opt, kind, data))
+    }
+
+    /// An error reply; its message is a protocol string, so at most 4096 bytes.
+    fn refuse(&mut self, opt: u32, kind: u32, message: &str) -> io::Result<()> {
+        self.reply(opt, kind, truncate(message, MAX_STRING).as_bytes())
     }
 
     /// Finds the export a name means; "" means the configured default, or the only export.
@@ -154,7 +158,7 @@ impl State<'_> {
         };
         match self.catalog.open(&name) {
             Ok(dev) => Ok((name, dev)),
-            Err(e) if e.errno() == libc::ENOENT => Err((REP_ERR_UNKNOWN, e.to_string())),
+            Err(e) if e.errno() == libc::ENOENT => Err((REP_ERR_UNKNOWN, no_such_export(&name))),
             Err(e) => Err((REP_ERR_INVALID, e.to_string())),
         }
     }
@@ -174,55 +178,41 @@ impl State<'_> {
         // NBD_OPT_EXPORT_NAME has no error reply: refusing means hanging up.
         let (export, device) = self.resolve(name).map_err(|(_, msg)| violation(msg))?;
         let session = self.session(export, device);
-        let mut out = Vec::with_capacity(134);
-        out.put_u64(session.device.size());
-        out.put_u16(transmission_flags(&*session.device, session.structured));
-        if !no_zeroes {
-            out.resize(out.len() + 124, 0);
-        }
-        self.stream.write_all(&out)?;
+        let reply = ExportNameReply {
+            size: session.device.size(),
+            flags: transmission_flags(&*session.device, session.structured),
+        };
+        self.stream.write_all(&reply.pack_padded(!no_zeroes))?;
         Ok(session)
     }
 
     /// NBD_OPT_INFO describes an export; NBD_OPT_GO does the same and then enters transmission.
     fn info_or_go(&mut self, opt: u32, data: &[u8]) -> io::Result<Option<Session>> {
-        let mut c = Cursor::new(data);
-        let parsed = (|| {
-            let name = c.string(MAX_STRING)?;
-            let n = c.u16()? as usize;
-            let wanted: Vec<u16> = (0..n).map(|_| c.u16()).collect::<Option<_>>()?;
-            (c.remaining() == 0).then_some((name, wanted))
-        })();
-        let Some((name, wanted)) = parsed else {
-            self.reply(opt, REP_ERR_INVALID, b"malformed request")?;
+        let Some(InfoRequest { name, wanted }) = InfoRequest::unpack(data) else {
+            self.refuse(opt, REP_ERR_INVALID, "malformed request")?;
             return Ok(None);
         };
         let (export, device) = match self.resolve(name) {
             Ok(found) => found,
             Err((kind, msg)) => {
-                self.reply(opt, kind, msg.as_bytes())?;
+                self.refuse(opt, kind, &msg)?;
                 return Ok(None);
             }
         };
 
-        let mut info = Vec::new();
-        info.put_u16(INFO_EXPORT);
-        info.put_u64(device.size());
-        info.put_u16(transmission_flags(&*device, self.structured));
-        self.reply(opt, REP_INFO, &info)?;
-
-        info.clear();
-        info.put_u16(INFO_BLOCK_SIZE);
-        info.put_u32(1);
-        info.put_u32(preferred_block_size(&*device));
-        info.put_u32(MAX_PAYLOAD);
-        self.reply(opt, REP_INFO, &info)?;
-
+        let export_info = Info::Export {
+            size: device.size(),
+            flags: transmission_flags(&*device, self.structured),
+        };
+        self.reply(opt, REP_INFO, &export_info.pack())?;
+        let block_size = Info::BlockSize {
+            min: 1,
+            preferred: preferred_block_size(&*device),
+            max: MAX_PAYLOAD,
+        };
+        self.reply(opt, REP_INFO, &block_size.pack())?;
         if wanted.contains(&INFO_NAME) {
-            info.clear();
-            info.put_u16(INFO_NAME);
-            info.extend_from_slice(export.as_bytes());
-            self.reply(opt, REP_INFO, &info)?;
+            self.reply(opt, REP_INFO, &Info::Name(&export).pack())?;
         }
         if wanted.contains(&INFO_DESCRIPTION) {
             let description = self
@@ -233,10 +223,7 @@ impl State<'_> {
                 .map(|e| e.description)
                 .unwrap_or_default();
             if !description.is_empty() {
-                info.clear();
-                info.put_u16(INFO_DESCRIPTION);
-                info.extend_from_slice(truncate(&description, MAX_STRING).as_bytes());
-                self.reply(opt, REP_INFO, &info)?;
+                self.reply(opt, REP_INFO, &Info::Description(&description).pack())?;
             }
         }
         self.reply(opt, REP_ACK, &[])?;
@@ -245,43 +232,32 @@ impl State<'_> {
 
     fn list(&mut self, data: &[u8]) -> io::Result<()> {
         if !data.is_empty() {
-            return self.reply(OPT_LIST, REP_ERR_INVALID, b"option takes no data");
+            return self.refuse(OPT_LIST, REP_ERR_INVALID, "option takes no data");
         }
         let exports = match self.catalog.exports() {
             Ok(e) => e,
-            Err(e) => return self.reply(OPT_LIST, REP_ERR_PLATFORM, e.to_string().as_bytes()),
+            Err(e) => return self.refuse(OPT_LIST, REP_ERR_PLATFORM, &e.to_string()),
         };
-        let mut entry = Vec::new();
         for e in exports {
-            entry.clear();
-            entry.put_u32(e.name.len() as u32);
-            entry.extend_from_slice(e.name.as_bytes());
-            entry.extend_from_slice(truncate(&e.description, MAX_STRING).as_bytes());
-            self.reply(OPT_LIST, REP_SERVER, &entry)?;
+            let entry = ServerEntry {
+                name: &e.name,
+                description: &e.description,
+            };
+            self.reply(OPT_LIST, REP_SERVER, &entry.pack())?;
         }
         self.reply(OPT_LIST, REP_ACK, &[])
     }
 
     fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
-        let mut c = Cursor::new(data);
-        let parsed = (|| {
-            let name = c.string(MAX_STRING)?;
-            let n = c.u32()?;
-            // Each query costs at least 4 bytes of option data, which bounds `n`.
-            let queries: Vec<&str> = (0..n)
-                .map(|_| c.string(MAX_STRING))
-                .collect::<Option<_>>()?;
-            (c.remaining() == 0).then_some((name, queries))
-        })();
-        let Some((name, queries)) = parsed else {
-            return self.reply(opt, REP_ERR_INVALID, b"malformed request");
+        let Some(MetaContextRequest { name, queries }) = MetaContextRequest::unpack(data) else {
+            return self.refuse(opt, REP_ERR_INVALID, "malformed request");
         };
         if !self.structured {
-            return self.reply(opt, REP_ERR_INVALID, b"structured replies not negotiated");
+            return self.refuse(opt, REP_ERR_INVALID, "structured replies not negotiated");
         }
         let export = match self.resolve(name) {
             Ok((export, _)) => export,
-            Err((kind, msg)) => return self.reply(opt, kind, msg.as_bytes()),
+            Err((kind, msg)) => return self.refuse(opt, kind, &msg),
         };
         let listing = opt == OPT_LIST_META_CONTEXT;
         let selected = if listing {
@@ -293,10 +269,11 @@ impl State<'_> {
             queries.contains(&BASE_ALLOCATION)
         };
         if selected {
-            let mut reply = Vec::new();
-            reply.put_u32(ALLOCATION_CONTEXT_ID);
-            reply.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            self.reply(opt, REP_META_CONTEXT, &reply)?;
+            let context = MetaContext {
+                id: ALLOCATION_CONTEXT_ID,
+                name: BASE_ALLOCATION,
+            };
+            self.reply(opt, REP_META_CONTEXT, &context.pack())?;
         }
         if !listing {
             self.meta = Some((export, selected));
@@ -305,12 +282,14 @@ impl State<'_> {
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
+/// The refusal for a name no export has. Only the start of a long name is echoed.
+fn no_such_export(name: &str) -> String {
+    let shown = truncate(name, ECHOED_NAME);
+    if shown.len() == name.len() {
+        format!("no export \"{name}\"")
+    } else {
+        format!("no export \"{shown}…\" (a {}-byte name)", name.len())
     }
-    &s[..end]
 }
 
 fn preferred_block_size(device: &dyn BlockDevice) -> u32 {
@@ -335,4 +314,19 @@ pub fn transmission_flags(device: &dyn BlockDevice, structured: bool) -> u16 {
         f |= TF_SEND_DF;
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_export_is_named_but_a_long_name_only_in_part() {
+        assert_eq!(no_such_export("web"), "no export \"web\"");
+        let long = "é".repeat(MAX_STRING / 2);
+        let msg = no_such_export(&long);
+        assert!(msg.len() < 256, "{} bytes", msg.len());
+        assert!(msg.starts_with("no export \"éé"), "{msg}");
+        assert!(msg.ends_with("(a 4096-byte name)"), "{msg}");
+    }
 }

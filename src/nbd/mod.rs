@@ -1,9 +1,12 @@
 //! The NBD server (fixed newstyle handshake, simple and structured replies).
 //!
-//! `proto` is the wire format; `handshake` negotiates an export; `transmission` serves one
-//! connection's requests, handing them to workers through `queue`; `server` accepts
-//! connections and shuts down in order; `signals` turns SIGINT/SIGTERM into the stop flag.
+//! `proto` is the wire format, the one codec the server and the tests' clients share;
+//! `handshake` negotiates an export; `transmission` serves one connection's requests, checked
+//! at the edge by `validate`, answered through `reply` and handed to workers through `queue`;
+//! `server` accepts connections and shuts down in order; `log` is where its lines go;
+//! `signals` turns SIGINT/SIGTERM into the stop flag.
 mod handshake;
+mod log;
 pub mod proto;
 mod queue;
 mod reply;
@@ -11,7 +14,9 @@ mod server;
 mod signals;
 mod stream;
 mod transmission;
+mod validate;
 
 pub use handshake::MAX_PAYLOAD;
+pub use log::LogSink;
 pub use server::{bind, serve, serve_bound, serve_tcp, serve_unix, Bound, Listener, ServerConfig};
 pub use signals::install_signal_handlers;

@@ -23,9 +23,13 @@ pub fn read(
 ) -> Result<()> {
     let len = req.len as usize;
     if !structured {
-        buf.resize(SIMPLE_REPLY_LEN + len, 0);
-        dev.read_at(req.offset, &mut buf[SIMPLE_REPLY_LEN..])?;
-        pack_simple_reply(buf, 0, req.handle);
+        buf.resize(SimpleReply::LEN + len, 0);
+        dev.read_at(req.offset, &mut buf[SimpleReply::LEN..])?;
+        let header = SimpleReply {
+            error: 0,
+            handle: req.handle,
+        };
+        header.pack_into(buf);
         return Ok(());
     }
     if req.flags & CMD_FLAG_DF == 0 && len >= SPLIT_READ_MIN {
@@ -46,18 +50,8 @@ fn data_chunk(
     flags: u16,
     buf: &mut Vec<u8>,
 ) -> Result<()> {
-    let at = buf.len();
-    let data = at + CHUNK_HEADER_LEN + 8;
-    buf.resize(data + len as usize, 0);
-    pack_chunk_header(
-        &mut buf[at..],
-        flags,
-        REPLY_TYPE_OFFSET_DATA,
-        handle,
-        8 + len,
-    );
-    buf[data - 8..data].copy_from_slice(&offset.to_be_bytes());
-    dev.read_at(offset, &mut buf[data..])
+    let data = begin_offset_data(buf, flags, handle, offset, len);
+    dev.read_at(offset, &mut buf[data])
 }
 
 /// One chunk per run of data or of zeros; the last one carries DONE.
@@ -79,17 +73,7 @@ fn split_read(
         if data {
             data_chunk(dev, offset, len, req.handle, flags, buf)?;
         } else {
-            let at = buf.len();
-            buf.resize(at + CHUNK_HEADER_LEN, 0);
-            pack_chunk_header(
-                &mut buf[at..],
-                flags,
-                REPLY_TYPE_OFFSET_HOLE,
-                req.handle,
-                12,
-            );
-            buf.put_u64(offset);
-            buf.put_u32(len);
+            Chunk::OffsetHole { offset, len }.pack_into(flags, req.handle, buf);
         }
     }
     Ok(())
@@ -127,15 +111,17 @@ pub fn block_status(dev: &dyn BlockDevice, req: &Request, buf: &mut Vec<u8>) -> 
             _ => descriptors.push((e.len, flags)),
         }
     }
-    buf.resize(CHUNK_HEADER_LEN, 0);
-    buf.put_u32(ALLOCATION_CONTEXT_ID);
-    for &(l, f) in &descriptors {
-        buf.put_u32(l.min(len) as u32);
-        buf.put_u32(f);
-    }
-    let payload = (buf.len() - CHUNK_HEADER_LEN) as u32;
-    let kind = REPLY_TYPE_BLOCK_STATUS;
-    pack_chunk_header(buf, REPLY_FLAG_DONE, kind, req.handle, payload);
+    let chunk = Chunk::BlockStatus {
+        context: ALLOCATION_CONTEXT_ID,
+        descriptors: descriptors
+            .into_iter()
+            .map(|(l, flags)| Descriptor {
+                len: l.min(len) as u32,
+                flags,
+            })
+            .collect(),
+    };
+    chunk.pack_into(REPLY_FLAG_DONE, req.handle, buf);
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! in-flight requests finish, commit the pool.
 
 use super::handshake::{self, Outcome};
+use super::log::LogSink;
 use super::stream::Stream;
 use super::transmission::{self, End, Limits, Stats};
 use crate::volume::ExportCatalog;
@@ -37,8 +38,11 @@ pub struct ServerConfig {
     /// At shutdown, how long connections get to finish in-flight requests before they are
     /// cut off (a client that stops reading replies would otherwise hold shutdown forever).
     pub shutdown_grace: Duration,
-    /// One line per connection on stderr.
+    /// One line per connection in the log.
     pub log_connections: bool,
+    /// Where log lines go: connections (if `log_connections`), refused requests and device
+    /// errors (a few per connection), accept failures.
+    pub log: LogSink,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +56,7 @@ impl Default for ServerConfig {
             default_export: None,
             shutdown_grace: Duration::from_secs(10),
             log_connections: true,
+            log: LogSink::stderr(),
         }
     }
 }
@@ -236,7 +241,8 @@ impl<'a> Server<'a> {
                     Err(e) if is_transient(&e) => continue,
                     Err(e) => {
                         // Out of descriptors or similar: say so, back off, keep serving.
-                        eprintln!("nbd: accept on {kind} listener: {e}");
+                        let log = &self.config.log;
+                        log.line(format_args!("accept on {kind} listener: {e}"));
                         std::thread::sleep(STOP_POLL);
                         continue;
                     }
@@ -266,7 +272,8 @@ impl<'a> Server<'a> {
                 match spawned {
                     Ok(t) => threads.push(t),
                     Err(e) => {
-                        eprintln!("nbd: cannot start a connection thread: {e}");
+                        let log = &self.config.log;
+                        log.line(format_args!("cannot start a connection thread: {e}"));
                         self.open.lock().unwrap().remove(&next_id);
                     }
                 }
@@ -299,7 +306,14 @@ impl<'a> Server<'a> {
         match handshake::negotiate(&mut stream, self.catalog, default) {
             Ok(Outcome::Transmission(session)) => {
                 let _ = stream.set_read_timeout(None);
-                let (stats, end) = transmission::run(&session, stream, &self.limits, self.stop);
+                let (stats, end) = transmission::run(
+                    &session,
+                    stream,
+                    &self.limits,
+                    self.stop,
+                    &self.config.log,
+                    &client,
+                );
                 let export = &session.export;
                 self.log(format_args!(
                     "{client} export \"{export}\": {} {}",
@@ -314,6 +328,19 @@ impl<'a> Server<'a> {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 self.log(format_args!("{client}: vanished during handshake"))
             }
+            // The socket's read timeout: a read blocked this long (EAGAIN, as Linux says it).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                let waited = self.config.handshake_timeout.unwrap_or_default();
+                self.log(format_args!(
+                    "{client}: no handshake within {}, closed",
+                    seconds(waited)
+                ))
+            }
             Err(e) => self.log(format_args!("{client}: handshake failed: {e}")),
         }
         self.open.lock().unwrap().remove(&client.id);
@@ -321,7 +348,7 @@ impl<'a> Server<'a> {
 
     fn log(&self, line: fmt::Arguments) {
         if self.config.log_connections {
-            eprintln!("nbd: {line}");
+            self.config.log.line(line);
         }
     }
 }
@@ -345,6 +372,11 @@ fn summary(s: &Stats) -> String {
         mib(s.bytes_written),
         s.errors
     )
+}
+
+/// `30 s`, `0.2 s`.
+fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 fn is_transient(e: &io::Error) -> bool {

@@ -1,6 +1,6 @@
 //! The transmission phase of one connection.
 //!
-//! One reader thread parses requests, validates them at the edge (nbdkit style: range, flags,
+//! One reader thread parses requests, validates them at the edge (`validate`: range, flags,
 //! read-only and size caps are decided before a payload is read) and queues the valid ones for
 //! a small pool of worker threads, started on demand, so requests are served concurrently and
 //! may complete out of order. Each reply is built in one buffer and written with one call under
@@ -8,11 +8,14 @@
 //! cannot make the server allocate without limit.
 
 use super::handshake::{Session, MAX_PAYLOAD};
+use super::log::LogSink;
 use super::proto::*;
 use super::queue::{Dispatch, JobQueue};
 use super::reply;
 use super::stream::{drain, Stream};
+use super::validate::{Edge, Refusal};
 use crate::volume::BlockDevice;
+use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -23,7 +26,8 @@ use std::time::Instant;
 const MAX_DRAIN: u64 = 2 * MAX_PAYLOAD as u64;
 /// Buffers larger than this are freed after use rather than kept for reuse.
 const POOLED_BUFFER_MAX: usize = 1024 * 1024;
-/// Device errors logged per connection; the rest are only counted.
+/// Errors (refused requests and device errors) logged per connection; the rest are only
+/// counted, so a client cannot flood the log.
 const LOGGED_ERRORS: u64 = 5;
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,9 @@ struct Shared<'a> {
     session: &'a Session,
     device: &'a dyn BlockDevice,
     limits: &'a Limits,
+    log: &'a LogSink,
+    /// Who the connection is, for log lines.
+    client: &'a (dyn fmt::Display + Sync),
     writer: Mutex<Stream>,
     /// Set when a reply could not be written: nothing more can reach the client.
     dead: AtomicBool,
@@ -80,7 +87,14 @@ struct Shared<'a> {
 
 /// Serves requests on `stream` until the client leaves, breaks the protocol, or the server
 /// stops; returns after every accepted request has been answered (or the client is gone).
-pub fn run(session: &Session, stream: Stream, limits: &Limits, stop: &AtomicBool) -> (Stats, End) {
+pub fn run(
+    session: &Session,
+    stream: Stream,
+    limits: &Limits,
+    stop: &AtomicBool,
+    log: &LogSink,
+    client: &(dyn fmt::Display + Sync),
+) -> (Stats, End) {
     let reader = match stream.try_clone() {
         Ok(r) => r,
         Err(e) => return (Stats::default(), End::Io(e)),
@@ -89,6 +103,8 @@ pub fn run(session: &Session, stream: Stream, limits: &Limits, stop: &AtomicBool
         session,
         device: &*session.device,
         limits,
+        log,
+        client,
         writer: Mutex::new(stream),
         dead: AtomicBool::new(false),
         queue: JobQueue::new(
@@ -121,7 +137,7 @@ pub fn run(session: &Session, stream: Stream, limits: &Limits, stop: &AtomicBool
 }
 
 /// Reads a request header; `Ok(false)` is a clean end of file before its first byte.
-fn read_header(r: &mut BufReader<Stream>, h: &mut [u8; REQUEST_LEN]) -> io::Result<bool> {
+fn read_header(r: &mut BufReader<Stream>, h: &mut [u8; Request::LEN]) -> io::Result<bool> {
     if r.fill_buf()?.is_empty() {
         return Ok(false);
     }
@@ -142,7 +158,7 @@ impl<'a> Shared<'a> {
         mut r: BufReader<Stream>,
         scope: &'s std::thread::Scope<'s, '_>,
     ) -> End {
-        let mut header = [0u8; REQUEST_LEN];
+        let mut header = [0u8; Request::LEN];
         loop {
             if self.dead.load(Relaxed) {
                 return End::Io(io::ErrorKind::BrokenPipe.into());
@@ -159,9 +175,11 @@ impl<'a> Shared<'a> {
             if req.command == CMD_DISC {
                 return End::Disconnected;
             }
-            if let Err(errno) = self.validate(&req) {
+            if let Err(why) = self.edge().check(&req) {
+                let errno = why.errno(&req);
                 if req.command == CMD_WRITE {
                     if req.len as u64 > MAX_DRAIN {
+                        self.refused(&req, why, errno, "; too large to skip, closing");
                         self.reply_error(&req, errno, "request too large");
                         return End::Violation(format!("write of {} bytes", req.len));
                     }
@@ -169,7 +187,7 @@ impl<'a> Shared<'a> {
                         return End::Io(e);
                     }
                 }
-                self.errors.fetch_add(1, Relaxed);
+                self.refused(&req, why, errno, "");
                 self.reply_error(&req, errno, "invalid request");
                 continue;
             }
@@ -187,45 +205,39 @@ impl<'a> Shared<'a> {
         }
     }
 
-    /// The edge: everything the device trait promises its callers is checked here.
-    fn validate(&self, req: &Request) -> Result<(), u32> {
-        let allowed = match req.command {
-            CMD_READ if self.session.structured => CMD_FLAG_DF,
-            CMD_READ | CMD_FLUSH | CMD_CACHE => 0,
-            CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
-            _ => return Err(EINVAL),
-        };
-        if req.flags & !allowed != 0 {
-            return Err(EINVAL);
+    /// What the edge checks a request against (asked afresh: the device owns its size).
+    fn edge(&self) -> Edge {
+        Edge {
+            size: self.device.size(),
+            read_only: self.device.is_read_only(),
+            structured: self.session.structured,
+            allocation: self.session.allocation_context.is_some(),
         }
-        let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-        if writes && self.device.is_read_only() {
-            return Err(EPERM);
+    }
+
+    /// Logs a refusal with its reason (the client is sent only `errno`).
+    fn refused(&self, req: &Request, why: Refusal, errno: u32, then: &str) {
+        if self.count_error() {
+            self.log(format_args!(
+                "refused {req}: {why}; sent {}{then}",
+                errno_name(errno)
+            ));
         }
-        if payload_cost(req) > MAX_PAYLOAD as u64 {
-            return Err(EOVERFLOW);
+    }
+
+    /// Counts an error and says whether it may still be logged.
+    fn count_error(&self) -> bool {
+        let n = self.errors.fetch_add(1, Relaxed);
+        if n == LOGGED_ERRORS {
+            self.log(format_args!("further errors are counted, not logged"));
         }
-        match req.command {
-            CMD_FLUSH if req.offset != 0 || req.len != 0 => return Err(EINVAL),
-            CMD_FLUSH => return Ok(()),
-            CMD_BLOCK_STATUS if self.session.allocation_context.is_none() => return Err(EINVAL),
-            // An empty range is meaningless, and an empty OFFSET_DATA chunk is not allowed.
-            _ if req.len == 0 => return Err(EINVAL),
-            _ => {}
-        }
-        let in_range = req
-            .offset
-            .checked_add(req.len as u64)
-            .is_some_and(|end| end <= self.device.size());
-        if !in_range {
-            return Err(match req.command {
-                CMD_WRITE | CMD_WRITE_ZEROES => ENOSPC,
-                _ => EINVAL,
-            });
-        }
-        Ok(())
+        n < LOGGED_ERRORS
+    }
+
+    fn log(&self, what: fmt::Arguments) {
+        let export = &self.session.export;
+        self.log
+            .line(format_args!("{} export \"{export}\": {what}", self.client));
     }
 
     fn submit<'s>(&'s self, job: Job, scope: &'s std::thread::Scope<'s, '_>) {
@@ -287,18 +299,23 @@ impl<'a> Shared<'a> {
                 match &out {
                     Some(buf) => self.send(buf),
                     None => {
-                        let mut simple = [0u8; SIMPLE_REPLY_LEN];
-                        pack_simple_reply(&mut simple, 0, req.handle);
-                        self.send(&simple);
+                        let done = SimpleReply {
+                            error: 0,
+                            handle: req.handle,
+                        };
+                        self.send(&done.pack());
                     }
                 }
             }
             Err(e) => {
-                let n = self.errors.fetch_add(1, Relaxed);
-                if n < LOGGED_ERRORS {
-                    eprintln!("nbd: export \"{}\": {e}", self.session.export);
+                let errno = nbd_errno(e.errno());
+                if self.count_error() {
+                    self.log(format_args!(
+                        "{req} failed: {e}; sent {}",
+                        errno_name(errno)
+                    ));
                 }
-                self.reply_error(&req, nbd_errno(e.errno()), &e.to_string());
+                self.reply_error(&req, errno, &e.to_string());
             }
         }
         if let Some(buf) = out {
@@ -309,19 +326,18 @@ impl<'a> Shared<'a> {
 
     fn reply_error(&self, req: &Request, errno: u32, message: &str) {
         if !self.session.structured {
-            let mut reply = [0u8; SIMPLE_REPLY_LEN];
-            pack_simple_reply(&mut reply, errno, req.handle);
-            return self.send(&reply);
+            let reply = SimpleReply {
+                error: errno,
+                handle: req.handle,
+            };
+            return self.send(&reply.pack());
         }
-        let message = &message.as_bytes()[..message.len().min(1024)];
-        let mut buf = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + message.len());
-        buf.resize(CHUNK_HEADER_LEN, 0);
-        buf.put_u32(errno);
-        buf.put_u16(message.len() as u16);
-        buf.extend_from_slice(message);
-        let len = (buf.len() - CHUNK_HEADER_LEN) as u32;
-        let kind = REPLY_TYPE_ERROR;
-        pack_chunk_header(&mut buf, REPLY_FLAG_DONE, kind, req.handle, len);
+        let mut buf = Vec::new();
+        let chunk = Chunk::Error {
+            error: errno,
+            message: truncate(message, 1024),
+        };
+        chunk.pack_into(REPLY_FLAG_DONE, req.handle, &mut buf);
         self.send(&buf);
     }
 

@@ -1,16 +1,19 @@
 //! Shared by the NBD tests: an in-memory block device with a per-block allocation map, a
-//! catalog of a few of them, an in-process server on a Unix socket in a temporary directory,
-//! and a raw protocol client for poking at the server byte by byte.
+//! catalog of a few of them, an in-process server on a Unix socket in a temporary directory
+//! (its log lines collected), and a raw protocol client for poking at the server message by
+//! message. The client speaks through the server's own codec (`thinlayer::nbd::proto`); what
+//! that codec lays out is pinned to the spec by its unit tests.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use thinlayer::nbd::proto::*;
-use thinlayer::nbd::{serve_unix, ServerConfig};
+use thinlayer::nbd::{serve_unix, LogSink, ServerConfig};
 use thinlayer::volume::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
 use thinlayer::{Error, Result};
 
@@ -249,12 +252,49 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The lines a server logged, collected as they come.
+#[derive(Clone, Default)]
+pub struct LogLines(Arc<Mutex<Vec<String>>>);
+
+impl LogLines {
+    pub fn sink(&self) -> LogSink {
+        let lines = self.0.clone();
+        LogSink::new(move |line| lines.lock().unwrap().push(line.to_string()))
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The first line containing every one of `parts`, waiting (up to 20 s) for it to come.
+    pub fn wait_for(&self, parts: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            let found = self
+                .all()
+                .into_iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)));
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no log line with {parts:?} in {:#?}",
+                self.all()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// A server running in this process on a socket in its own temporary directory.
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub catalog: Arc<MemCatalog>,
     pub stop: Arc<AtomicBool>,
+    /// What the server logged (unless the config passed in had a sink of its own).
+    pub log: LogLines,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
@@ -263,7 +303,13 @@ impl TestServer {
         TestServer::start_with(MemCatalog::standard(), ServerConfig::default())
     }
 
+    /// Starts a server with `config`, its log lines going to `TestServer::log`.
     pub fn start_with(catalog: MemCatalog, config: ServerConfig) -> TestServer {
+        let log = LogLines::default();
+        let config = ServerConfig {
+            log: log.sink(),
+            ..config
+        };
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
@@ -276,6 +322,7 @@ impl TestServer {
             socket,
             catalog,
             stop,
+            log,
             thread: Some(thread),
         }
     }
@@ -323,6 +370,18 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// A chunk's payload decoded; panics (failing the test) on a simple reply or a malformed
+    /// chunk.
+    pub fn chunk(&self) -> Chunk<'_> {
+        match self {
+            Reply::Chunk { kind, payload, .. } => Chunk::unpack(*kind, payload)
+                .unwrap_or_else(|| panic!("malformed chunk of type {kind}: {payload:?}")),
+            other => panic!("not a chunk: {other:?}"),
+        }
+    }
+}
+
 /// A protocol client that does exactly what it is told, for tests that misbehave on purpose.
 pub struct RawClient {
     pub s: UnixStream,
@@ -334,41 +393,40 @@ pub struct RawClient {
 impl RawClient {
     /// Reads the greeting and answers with fixed-newstyle + no-zeroes.
     pub fn greet(s: UnixStream) -> UnixStream {
+        let mut s = RawClient::greet_only(s);
+        s.write_all(
+            &ClientFlags {
+                flags: CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES,
+            }
+            .pack(),
+        )
+        .unwrap();
+        s
+    }
+
+    /// Reads the greeting and checks it; answers nothing.
+    pub fn greet_only(s: UnixStream) -> UnixStream {
         let mut s = s;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-            .unwrap();
-        let mut g = [0u8; 18];
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; Greeting::LEN];
         s.read_exact(&mut g).unwrap();
-        assert_eq!(u64::from_be_bytes(g[0..8].try_into().unwrap()), NBDMAGIC);
-        assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
-        s.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
-            .unwrap();
+        let greeting = Greeting::unpack(&g).expect("an NBD fixed-newstyle greeting");
+        assert_ne!(greeting.flags & FLAG_FIXED_NEWSTYLE, 0);
         s
     }
 
     pub fn send_option(s: &mut UnixStream, opt: u32, data: &[u8]) {
-        let mut m = Vec::new();
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&opt.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        s.write_all(&m).unwrap();
+        s.write_all(&OptionHeader::message(opt, data)).unwrap();
     }
 
     /// One option reply: (option, reply type, data).
     pub fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
+        let mut h = [0u8; OptionReplyHeader::LEN];
         s.read_exact(&mut h).unwrap();
-        assert_eq!(
-            u64::from_be_bytes(h[0..8].try_into().unwrap()),
-            OPTION_REPLY_MAGIC
-        );
-        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut data = vec![0; len as usize];
+        let header = OptionReplyHeader::unpack(&h).expect("option reply magic");
+        let mut data = vec![0; header.len as usize];
         s.read_exact(&mut data).unwrap();
-        (opt, kind, data)
+        (header.option, header.kind, data)
     }
 
     /// Handshakes with NBD_OPT_GO, optionally negotiating structured replies and base:allocation.
@@ -377,31 +435,29 @@ impl RawClient {
         if structured {
             RawClient::send_option(&mut s, OPT_STRUCTURED_REPLY, &[]);
             assert_eq!(RawClient::option_reply(&mut s).1, REP_ACK);
-            let mut d = Vec::new();
-            d.extend_from_slice(&(export.len() as u32).to_be_bytes());
-            d.extend_from_slice(export.as_bytes());
-            d.extend_from_slice(&1u32.to_be_bytes());
-            d.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
-            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
-            RawClient::send_option(&mut s, OPT_SET_META_CONTEXT, &d);
+            let meta = MetaContextRequest {
+                name: export,
+                queries: vec![BASE_ALLOCATION],
+            };
+            RawClient::send_option(&mut s, OPT_SET_META_CONTEXT, &meta.pack());
             assert_eq!(RawClient::option_reply(&mut s).1, REP_META_CONTEXT);
             assert_eq!(RawClient::option_reply(&mut s).1, REP_ACK);
         }
-        let mut d = Vec::new();
-        d.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        d.extend_from_slice(export.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        RawClient::send_option(&mut s, OPT_GO, &d);
+        let go = InfoRequest {
+            name: export,
+            wanted: vec![],
+        };
+        RawClient::send_option(&mut s, OPT_GO, &go.pack());
         let (mut size, mut flags) = (0, 0);
         loop {
             let (opt, kind, data) = RawClient::option_reply(&mut s);
             assert_eq!(opt, OPT_GO);
             match kind {
-                REP_INFO if data[0..2] == INFO_EXPORT.to_be_bytes() => {
-                    size = u64::from_be_bytes(data[2..10].try_into().unwrap());
-                    flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
-                }
-                REP_INFO => {}
+                REP_INFO => match Info::unpack(&data) {
+                    Some(Info::Export { size: s, flags: f }) => (size, flags) = (s, f),
+                    Some(_) => {}
+                    None => panic!("malformed NBD_REP_INFO {data:?}"),
+                },
                 REP_ACK => break,
                 other => panic!(
                     "GO {export:?} failed: {other:#x} {}",
@@ -429,31 +485,32 @@ impl RawClient {
     }
 
     pub fn reply(&mut self) -> Reply {
-        let mut m = [0u8; 4];
-        self.s.read_exact(&mut m).unwrap();
-        match u32::from_be_bytes(m) {
-            SIMPLE_REPLY_MAGIC => {
-                let mut r = [0u8; 12];
-                self.s.read_exact(&mut r).unwrap();
-                Reply::Simple {
-                    error: u32::from_be_bytes(r[0..4].try_into().unwrap()),
-                    handle: u64::from_be_bytes(r[4..12].try_into().unwrap()),
-                }
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                let mut r = [0u8; 16];
-                self.s.read_exact(&mut r).unwrap();
-                let len = u32::from_be_bytes(r[12..16].try_into().unwrap());
+        let mut h = [0u8; ChunkHeader::LEN];
+        let (magic, rest) = h.split_at_mut(ReplyHeader::MAGIC_LEN);
+        self.s.read_exact(magic).unwrap();
+        let magic: &[u8; ReplyHeader::MAGIC_LEN] = (&*magic).try_into().unwrap();
+        let len = ReplyHeader::header_len(magic)
+            .unwrap_or_else(|| panic!("bad reply magic {magic:02x?}"));
+        self.s
+            .read_exact(&mut rest[..len - ReplyHeader::MAGIC_LEN])
+            .unwrap();
+        match ReplyHeader::unpack(&h[..len]).expect("a reply header") {
+            ReplyHeader::Simple(SimpleReply { error, handle }) => Reply::Simple { error, handle },
+            ReplyHeader::Chunk(ChunkHeader {
+                flags,
+                kind,
+                handle,
+                len,
+            }) => {
                 let mut payload = vec![0; len as usize];
                 self.s.read_exact(&mut payload).unwrap();
                 Reply::Chunk {
-                    flags: u16::from_be_bytes(r[0..2].try_into().unwrap()),
-                    kind: u16::from_be_bytes(r[2..4].try_into().unwrap()),
-                    handle: u64::from_be_bytes(r[4..12].try_into().unwrap()),
+                    flags,
+                    kind,
+                    handle,
                     payload,
                 }
             }
-            other => panic!("bad reply magic {other:#x}"),
         }
     }
 
@@ -479,14 +536,13 @@ impl RawClient {
     pub fn command(&mut self, command: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> u32 {
         self.send(command, flags, 9, offset, len);
         self.s.write_all(data).unwrap();
-        match self.reply() {
-            Reply::Simple { error, handle: 9 } => error,
-            Reply::Chunk {
-                kind,
-                handle: 9,
-                payload,
-                ..
-            } if kind == REPLY_TYPE_ERROR => u32::from_be_bytes(payload[0..4].try_into().unwrap()),
+        let reply = self.reply();
+        match &reply {
+            Reply::Simple { error, handle: 9 } => *error,
+            Reply::Chunk { handle: 9, .. } => match reply.chunk() {
+                Chunk::Error { error, .. } => error,
+                other => panic!("unexpected {other:?}"),
+            },
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -118,24 +118,28 @@ fn main() {
         "go-base",
         &handshake_bytes("base", false, false),
     );
-    let mut b = Vec::new();
-    b.put_u32(CLIENT_FIXED_NEWSTYLE);
+    let mut b = ClientFlags {
+        flags: CLIENT_FIXED_NEWSTYLE,
+    }
+    .pack()
+    .to_vec();
+    let info_default = InfoRequest {
+        name: "",
+        wanted: vec![],
+    };
     for (opt, data) in [
-        (OPT_LIST, &b""[..]),
-        (OPT_INFO, &[0, 0, 0, 0, 0, 0][..]),
-        (OPT_ABORT, &b""[..]),
+        (OPT_LIST, Vec::new()),
+        (OPT_INFO, info_default.pack()),
+        (OPT_ABORT, Vec::new()),
     ] {
-        b.put_u64(IHAVEOPT);
-        b.put_u32(opt);
-        b.put_u32(data.len() as u32);
-        b.extend_from_slice(data);
+        b.extend_from_slice(&OptionHeader::message(opt, &data));
     }
     put("nbd_handshake", "list-info-abort", &b);
-    let mut b = Vec::new();
-    b.put_u32(CLIENT_FIXED_NEWSTYLE);
-    b.put_u64(IHAVEOPT);
-    b.put_u32(OPT_EXPORT_NAME);
-    b.put_u32(3);
-    b.extend_from_slice(b"app");
+    let mut b = ClientFlags {
+        flags: CLIENT_FIXED_NEWSTYLE,
+    }
+    .pack()
+    .to_vec();
+    b.extend_from_slice(&OptionHeader::message(OPT_EXPORT_NAME, b"app"));
     put("nbd_handshake", "export-name", &b);
 }
