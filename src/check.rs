@@ -113,7 +113,9 @@ pub fn check(
                 stored: *crc,
                 computed,
             };
-            let at = Where::layer(l.id, &l.name).block(*vb, g.block_size).pblock(*p);
+            let at = Where::layer(l.id, &l.name)
+                .block(*vb, g.block_size)
+                .pblock(*p);
             r.faults.push(Fault::new(what, at));
         }
         r.verified_blocks += 1;

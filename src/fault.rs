@@ -12,17 +12,32 @@ use std::fmt;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum What {
     /// A superblock slot does not verify: torn by a crash during a commit, or damaged.
-    BadSlot { reason: String, other_slot_good: bool },
+    BadSlot {
+        reason: String,
+        other_slot_good: bool,
+    },
     /// Nothing in the file loads as a pool.
-    Unloadable { reason: String },
+    Unloadable {
+        reason: String,
+    },
     /// The newest generation failed to load, so an older one is in use.
-    Fallback { generation: u64, why: String },
+    Fallback {
+        generation: u64,
+        why: String,
+    },
     /// A pool block is referenced twice.
-    UsedTwice { other: String },
+    UsedTwice {
+        other: String,
+    },
     /// A pool block lies in the superblock area or past the end of the pool file.
-    OutsideDataArea { first: u64, file_blocks: u64 },
+    OutsideDataArea {
+        first: u64,
+        file_blocks: u64,
+    },
     /// A layer maps a block past its own end.
-    MappedPastEnd { disk_size: u64 },
+    MappedPastEnd {
+        disk_size: u64,
+    },
     /// A layer's stored counters disagree with its map.
     Counters {
         stored_data: u64,
@@ -30,25 +45,45 @@ pub enum What {
         data: u64,
         zero: u64,
     },
-    WritableParent { parent: String },
-    SmallerThanParent { parent: String },
-    MissingParent { parent: LayerId },
+    WritableParent {
+        parent: String,
+    },
+    SmallerThanParent {
+        parent: String,
+    },
+    MissingParent {
+        parent: LayerId,
+    },
     /// A layer's parent does not list it among its children.
-    ChildNotListed { parent: String },
+    ChildNotListed {
+        parent: String,
+    },
     /// A layer lists a child whose parent it is not.
-    NotAChild { child: LayerId },
+    NotAChild {
+        child: LayerId,
+    },
     /// A layer id is not below the catalogue's next id.
-    IdNotBelowNext { next: LayerId },
+    IdNotBelowNext {
+        next: LayerId,
+    },
     /// The allocator holds a block that nothing references.
     Leaked,
     /// A referenced block is free in the allocator.
-    FreeButReferenced { by: String },
+    FreeButReferenced {
+        by: String,
+    },
     /// A block of the open transaction is free in the allocator.
     FreshButFree,
     /// The allocator's count disagrees with its bitmap.
-    UsedCount { counted: u64, bitmap: u64 },
+    UsedCount {
+        counted: u64,
+        bitmap: u64,
+    },
     /// A data block's content does not match its checksum.
-    Checksum { stored: u32, computed: u32 },
+    Checksum {
+        stored: u32,
+        computed: u32,
+    },
 }
 
 /// A layer as a fault names it.

@@ -368,7 +368,14 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.ok(&["df"]);
     p.ok(&["history", "w"]);
     // Through its control socket the server takes the change.
-    p.ok(&["--control", ctl.to_str().unwrap(), "create", "other", "--size", "1M"]);
+    p.ok(&[
+        "--control",
+        ctl.to_str().unwrap(),
+        "create",
+        "other",
+        "--size",
+        "1M",
+    ]);
     // SAFETY: signalling our own child by its PID.
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
     assert!(server.wait().unwrap().success());

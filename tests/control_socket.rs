@@ -33,6 +33,7 @@ fn layer(name: &str) -> LayerInfo {
         virtual_size: 0,
         disk_size: 1 << 20,
         created: "2026-01-02T03:04:05Z".into(),
+        importing: false,
         id: LayerId(5),
         children: vec![],
     }

@@ -273,7 +273,8 @@ fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
     assert!(
         r.notes
             .iter()
-            .any(|m| m.message.contains(&format!("superblock slot {slot}")) && m.message.contains("checksum")),
+            .any(|m| m.message.contains(&format!("superblock slot {slot}"))
+                && m.message.contains("checksum")),
         "{:?}",
         r.notes
     );

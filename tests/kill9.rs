@@ -157,10 +157,16 @@ fn manage(pool: PathBuf, image: PathBuf, round: u64, stop: Arc<AtomicBool>) -> M
 fn verify_managed(store: &Store, m: &Managed, image: &[u8], round: u64) {
     let layers: BTreeSet<String> = store.layers().into_iter().map(|l| l.name).collect();
     for name in m.present.difference(&m.maybe_removed) {
-        assert!(layers.contains(name), "round {round}: acknowledged {name} is gone");
+        assert!(
+            layers.contains(name),
+            "round {round}: acknowledged {name} is gone"
+        );
     }
     for name in &m.removed {
-        assert!(!layers.contains(name), "round {round}: removed {name} is back");
+        assert!(
+            !layers.contains(name),
+            "round {round}: removed {name} is back"
+        );
     }
     for name in &m.committed {
         if layers.contains(name) {
@@ -172,14 +178,21 @@ fn verify_managed(store: &Store, m: &Managed, image: &[u8], round: u64) {
     }
     for name in &m.imports {
         if let Ok(l) = store.layer(name) {
-            assert!(!l.writable, "round {round}: import {name} left half-made (writable)");
+            assert!(
+                !l.writable,
+                "round {round}: import {name} left half-made (writable)"
+            );
             let mut got = vec![0u8; image.len()];
             store.read_layer(l.id, 0, &mut got).unwrap();
-            assert!(got == image, "round {round}: import {name} is not the whole image");
+            assert!(
+                got == image,
+                "round {round}: import {name} is not the whole image"
+            );
         }
     }
     for name in &layers {
-        let known = name == "disk" || name.starts_with('m') && !name.starts_with(&format!("m{round}-"))
+        let known = name == "disk"
+            || name.starts_with('m') && !name.starts_with(&format!("m{round}-"))
             || m.maybe.contains(name);
         assert!(known, "round {round}: layer {name} appeared from nowhere");
     }

@@ -90,7 +90,13 @@ fn make_ext4(dir: &Path) -> PathBuf {
     std::fs::write(root.join("hello.txt"), "hello from the image\n").unwrap();
     let img = dir.join("base.ext4");
     let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            "-d",
+        ])
         .arg(&root)
         .arg(&img)
         .arg("32M")
@@ -109,9 +115,16 @@ fn tools_missing() -> Option<&'static str> {
     if !libnbd {
         return Some("python3-libnbd");
     }
-    ["nbdinfo", "qemu-io", "mkfs.ext4", "e2fsck", "debugfs", "setpriv"]
-        .into_iter()
-        .find(|t| !have(t))
+    [
+        "nbdinfo",
+        "qemu-io",
+        "mkfs.ext4",
+        "e2fsck",
+        "debugfs",
+        "setpriv",
+    ]
+    .into_iter()
+    .find(|t| !have(t))
 }
 
 fn skip(what: &str) -> bool {
@@ -191,7 +204,11 @@ fn every_command_works_while_serving() {
     // Commit of a layer with a writable connection is refused, naming it.
     let o = thinlayer(&pool, &["commit", "busy"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("in use by 1 NBD connection"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("in use by 1 NBD connection"),
+        "{}",
+        stderr(&o)
+    );
 
     // rm of an idle container: its export vanishes.
     tl(&pool, &["rm", "c1"]);
@@ -214,7 +231,10 @@ fn every_command_works_while_serving() {
     // Import and export by descriptor: the server runs as root here but the paths are given
     // to it as descriptors; `ls` through it shows the new layer at once.
     let out_img = dir.path().join("c2.img");
-    tl(&pool, &["import", "copy", img.to_str().unwrap(), "--parent", "base"]);
+    tl(
+        &pool,
+        &["import", "copy", img.to_str().unwrap(), "--parent", "base"],
+    );
     tl(&pool, &["export", "c2", out_img.to_str().unwrap()]);
     let fsck = Command::new("e2fsck")
         .args(["-fn"])
@@ -227,7 +247,10 @@ fn every_command_works_while_serving() {
         .arg(&out_img)
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&cat.stdout), "hello from the image\n");
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        "hello from the image\n"
+    );
 
     let through_server = tl(&pool, &["ls", "--json"]);
     let report = tl(&pool, &["check", "--data"]);
@@ -282,11 +305,20 @@ fn files_cross_by_descriptor_not_by_path() {
     wait_for(&control_path(&pool));
     // The server itself cannot read the image: proof it never opens the path.
     let o = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "cat"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "cat",
+        ])
         .arg(&img)
         .output()
         .unwrap();
-    assert!(!o.status.success(), "uid 65534 can read the image; the test proves nothing");
+    assert!(
+        !o.status.success(),
+        "uid 65534 can read the image; the test proves nothing"
+    );
     // A root client is allowed (root may use any socket) and passes descriptors.
     tl(&pool, &["import", "base", img.to_str().unwrap()]);
     let out = private.join("out.img");
@@ -312,12 +344,14 @@ fn another_uid_is_refused_at_the_control_socket() {
     let pool = dir.path().join("pool");
     tl(&pool, &["init"]);
     let server = Server::start(&pool, &dir.path().join("nbd.sock"));
-    let mode = std::fs::metadata(control_path(&pool)).unwrap().permissions().mode();
+    let mode = std::fs::metadata(control_path(&pool))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
     // Loosen the mode so only the peer-credential check stands between uid 65534 and the
     // server: it must refuse with a clear message, not serve.
-    std::fs::set_permissions(control_path(&pool), std::fs::Permissions::from_mode(0o666))
-        .unwrap();
+    std::fs::set_permissions(control_path(&pool), std::fs::Permissions::from_mode(0o666)).unwrap();
     let o = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(bin())
@@ -328,7 +362,10 @@ fn another_uid_is_refused_at_the_control_socket() {
         .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("uid 65534 may not use the control socket"), "{e}");
+    assert!(
+        e.contains("uid 65534 may not use the control socket"),
+        "{e}"
+    );
     let ls = tl(&pool, &["ls"]);
     assert!(!ls.contains('x'), "{ls}");
     server.stop();

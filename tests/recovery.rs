@@ -178,7 +178,9 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
 
     let r = thinlayer::check::check(mem.clone(), false, &mut |_, _| {}).unwrap();
     assert!(
-        r.faults.iter().any(|f| f.message.contains("outside the pool")),
+        r.faults
+            .iter()
+            .any(|f| f.message.contains("outside the pool")),
         "{:?}",
         r.faults
     );

@@ -34,7 +34,9 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         label: Some(a.file.display().to_string()),
     };
     let mut p = Progress::new(format!("export {}", a.name));
-    let r = t.call(req, vec![OwnedFd::from(out)], &mut |d, total| p.update(d, total));
+    let r = t.call(req, vec![OwnedFd::from(out)], &mut |d, total| {
+        p.update(d, total)
+    });
     p.finish();
     if r.is_err() && !existed {
         let _ = std::fs::remove_file(&a.file);

@@ -30,7 +30,9 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         label: Some(a.file.display().to_string()),
     };
     let mut p = Progress::new(format!("import {}", a.name));
-    let r = t.call(req, vec![OwnedFd::from(f)], &mut |d, total| p.update(d, total));
+    let r = t.call(req, vec![OwnedFd::from(f)], &mut |d, total| {
+        p.update(d, total)
+    });
     p.finish();
     let (info, stats) = match r? {
         Reply::Imported { layer, stats } => (layer, stats),

@@ -115,7 +115,9 @@ impl Target {
 
 /// A reply of another kind than the request asks for: only a confused server sends one.
 fn unexpected(r: Reply) -> Error {
-    Error::Invalid(format!("the server answered with an unexpected reply: {r:?}"))
+    Error::Invalid(format!(
+        "the server answered with an unexpected reply: {r:?}"
+    ))
 }
 
 pub fn main() -> i32 {

@@ -47,7 +47,14 @@ pub fn import(
 ) -> Result<(LayerInfo, ImportStats)> {
     let f =
         File::open(file).map_err(|e| Error::io(format!("opening image {}", file.display()), e))?;
-    import_from(store, name, &f, &file.display().to_string(), parent, progress)
+    import_from(
+        store,
+        name,
+        &f,
+        &file.display().to_string(),
+        parent,
+        progress,
+    )
 }
 
 /// Import from `f`, an image opened for reading by whoever may read it (the control API gets

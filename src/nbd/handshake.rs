@@ -41,6 +41,7 @@ struct State<'a> {
     stream: &'a mut Stream,
     catalog: &'a dyn ExportCatalog,
     default_export: Option<&'a str>,
+    client: &'a str,
     structured: bool,
     /// (resolved export name, context selected) from the last NBD_OPT_SET_META_CONTEXT.
     meta: Option<(String, bool)>,
@@ -50,10 +51,12 @@ fn violation(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
+/// `client` names the connection to the catalogue (which may track who holds an export).
 pub fn negotiate(
     stream: &mut Stream,
     catalog: &dyn ExportCatalog,
     default_export: Option<&str>,
+    client: &str,
 ) -> io::Result<Outcome> {
     let greeting = Greeting {
         flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
@@ -77,6 +80,7 @@ pub fn negotiate(
         stream,
         catalog,
         default_export,
+        client,
         structured: false,
         meta: None,
     };
@@ -156,7 +160,7 @@ impl State<'_> {
                 }
             }
         };
-        match self.catalog.open(&name) {
+        match self.catalog.open_for(&name, self.client) {
             Ok(dev) => Ok((name, dev)),
             Err(e) if e.errno() == libc::ENOENT => Err((REP_ERR_UNKNOWN, no_such_export(&name))),
             Err(e) => Err((REP_ERR_INVALID, e.to_string())),

@@ -303,7 +303,8 @@ impl<'a> Server<'a> {
     fn connection(&self, client: Client, mut stream: Stream) {
         let _ = stream.set_read_timeout(self.config.handshake_timeout);
         let default = self.config.default_export.as_deref();
-        match handshake::negotiate(&mut stream, self.catalog, default) {
+        let who = client.to_string();
+        match handshake::negotiate(&mut stream, self.catalog, default, &who) {
             Ok(Outcome::Transmission(session)) => {
                 let _ = stream.set_read_timeout(None);
                 let (stats, end) = transmission::run(

@@ -116,8 +116,10 @@ impl Pool {
             return Ok(None);
         }
         let log_pages = self.meta.log_pages() + (pending.buf.len() / PAYLOAD_MAX) as u64;
-        let want_checkpoint =
-            log_pages > self.checkpoint_min_log_pages.max(self.meta.checkpoint_pages());
+        let want_checkpoint = log_pages
+            > self
+                .checkpoint_min_log_pages
+                .max(self.meta.checkpoint_pages());
         let mut staged = Ok(None);
         if want_checkpoint {
             let mut w = RecordWriter::new();

@@ -34,9 +34,11 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(what, e)
 }
 
-/// Both superblock slots, valid ones newest first, plus the slot number and decoding error of
-/// invalid ones.
-pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<(usize, Error)>)> {
+/// A superblock slot that did not decode: its number and why.
+pub type BadSlot = (usize, Error);
+
+/// Both superblock slots, valid ones newest first, plus the invalid ones.
+pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<BadSlot>)> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (slot, &off) in SUPERBLOCK_OFFSETS.iter().enumerate() {

@@ -32,7 +32,11 @@ impl Attachment {
             "{} on export {:?} ({}) since {since}",
             self.client,
             self.export,
-            if self.writable { "writable" } else { "read-only" }
+            if self.writable {
+                "writable"
+            } else {
+                "read-only"
+            }
         )
     }
 }

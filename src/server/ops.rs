@@ -145,9 +145,10 @@ pub fn direct(
         Request::Export { name, label } => {
             let out = File::from(files.into_iter().next().ok_or_else(|| missing("export"))?);
             let label = label.unwrap_or_else(|| format!("the file passed for {name:?}"));
-            let stats = crate::image::export_pool(pool, &name, &out, &label, progress, &mut || {
-                eprintln!("thinlayer: {name:?} changed while being exported; starting again")
-            })?;
+            let stats =
+                crate::image::export_pool(pool, &name, &out, &label, progress, &mut || {
+                    eprintln!("thinlayer: {name:?} changed while being exported; starting again")
+                })?;
             Ok(Reply::Exported { stats })
         }
         Request::Check { data } => Ok(Reply::Check(crate::check::check_pool(

@@ -33,7 +33,10 @@ pub(crate) fn audit(
 ) -> Vec<Fault> {
     let mut faults = Vec::new();
     let first = first_data_block(block_size);
-    let holders = [("the checkpoint", &meta.ckpt_blocks), ("the log", &meta.log_blocks)];
+    let holders = [
+        ("the checkpoint", &meta.ckpt_blocks),
+        ("the log", &meta.log_blocks),
+    ];
     for (holder, blocks) in holders {
         for &b in blocks.iter() {
             let at = Where::holder(b, holder);

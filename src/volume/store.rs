@@ -3,11 +3,11 @@
 //! catalogue or a map is applied in memory and appended as a record to the open transaction;
 //! `flush` commits that transaction.
 
+use super::invariants;
 use crate::error::{Error, Result};
+use crate::fault::{Fault, What, Where};
 use crate::format::record::{RecordReader, RecordWriter};
 use crate::format::{first_data_block, valid_block_size};
-use super::invariants;
-use crate::fault::{Fault, What, Where};
 use crate::layer::Catalog;
 use crate::pool::lock::PoolLock;
 use crate::pool::meta::{self, MetaStreams};
