@@ -329,7 +329,8 @@ impl<'a> Server<'a> {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 self.log(format_args!("{client}: vanished during handshake"))
             }
-            // The socket's read timeout: a read blocked this long (EAGAIN, as Linux says it).
+            // The socket's read timeout (EAGAIN, as Linux says it): the timeout bounds each
+            // read, so the client sent nothing at all for that long.
             Err(e)
                 if matches!(
                     e.kind(),
@@ -338,7 +339,7 @@ impl<'a> Server<'a> {
             {
                 let waited = self.config.handshake_timeout.unwrap_or_default();
                 self.log(format_args!(
-                    "{client}: no handshake within {}, closed",
+                    "{client}: handshake timed out (nothing received for {}), closed",
                     seconds(waited)
                 ))
             }
