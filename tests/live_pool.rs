@@ -42,9 +42,12 @@ fn exports(server: &Server) -> Vec<String> {
         .collect()
 }
 
+/// Write 64 KiB at the end of a container's 32 MiB disk (free space of the image's ext4, so the
+/// filesystem stays clean).
 fn qemu_write(server: &Server, export: &str, pattern: u8) -> Output {
+    let at = (32 << 20) - (64 << 10);
     Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &format!("write -P {pattern} 0 64k")])
+        .args(["-f", "raw", "-c", &format!("write -P {pattern} {at} 64k")])
         .arg(server.uri(export))
         .output()
         .unwrap()
@@ -53,16 +56,18 @@ fn qemu_write(server: &Server, export: &str, pattern: u8) -> Output {
 /// An NBD client that holds `export` open, writing a block every 20 ms until its requests
 /// fail (then it prints FAILED and exits 0) or it is killed.
 fn holder(server: &Server, export: &str) -> Child {
-    let script = "import nbd, sys, time\n\
-h = nbd.NBD()\n\
-h.connect_uri(sys.argv[1])\n\
-print('CONNECTED', flush=True)\n\
-try:\n\
-    while True:\n\
-        h.pwrite(b'h' * 4096, 8192)\n\
-        time.sleep(0.02)\n\
-except nbd.Error as e:\n\
-    print('FAILED', e, flush=True)\n";
+    let script = r#"
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print('CONNECTED', flush=True)
+try:
+    while True:
+        h.pwrite(b'h' * 4096, 8192)
+        time.sleep(0.02)
+except nbd.Error as e:
+    print('FAILED', e, flush=True)
+"#;
     let mut c = Command::new("/usr/bin/python3")
         .args(["-c", script, &server.uri(export)])
         .stdout(Stdio::piped())

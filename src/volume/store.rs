@@ -14,6 +14,7 @@ use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, FileStorage, Pool, Storage};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub struct Store {
@@ -22,6 +23,10 @@ pub struct Store {
     pub(crate) inner: RwLock<Inner>,
     /// Serialises commits, whose slow part runs outside `inner`'s lock.
     commit_lock: std::sync::Mutex<()>,
+    /// Group commit: commits sealed so far, and commits made durable so far (in order). A
+    /// flush is satisfied by any commit sealed after it arrived.
+    sealed: AtomicU64,
+    durable: AtomicU64,
     writable: bool,
     /// Half-imported layers removed at open (see `discard_incomplete`).
     discarded: std::sync::Mutex<Vec<String>>,
@@ -151,6 +156,8 @@ impl Store {
             storage,
             path: None,
             commit_lock: std::sync::Mutex::new(()),
+            sealed: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
             inner: RwLock::new(Inner {
                 pool: Pool::new(meta, alloc, bs),
                 catalog: Catalog::new(),
@@ -223,6 +230,8 @@ impl Store {
             path: None,
             inner: RwLock::new(inner),
             commit_lock: std::sync::Mutex::new(()),
+            sealed: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
             writable,
             discarded: Default::default(),
             _lock: None,
@@ -296,17 +305,40 @@ impl Store {
     /// The protocol is `Pool`'s (pool/commit.rs); the store only holds its lock around the
     /// steps that change memory, and lets go of it for the syncs.
     pub fn flush(&self) -> Result<()> {
+        // Group commit. Everything acknowledged before this call is in the open transaction
+        // or in a commit sealed since `sealed` was read here, so the next commit to be sealed
+        // covers it: if another caller's commit sealed after we arrived and completed while
+        // we waited for the lock, we are done. A flush thus waits for at most one commit that
+        // started after it, however many callers flush at once.
+        let need = self.sealed.load(Ordering::SeqCst) + 1;
         // One commit at a time; reads and writes go on while it syncs.
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let commit = match self.write()?.stage(&*self.storage)? {
-            None => return Ok(()),
-            Some(c) => c,
+        if self.durable.load(Ordering::SeqCst) >= need {
+            return Ok(());
+        }
+        let commit = {
+            let mut g = self.write()?;
+            let c = g.stage(&*self.storage)?;
+            // Counted under the store lock: no write can be acknowledged between sealing and
+            // counting, so a caller that read the old count is covered by this commit.
+            let n = self.sealed.fetch_add(1, Ordering::SeqCst) + 1;
+            match c {
+                // Nothing pending: the state is as durable as the last commit.
+                None => {
+                    self.durable.store(n, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Some(c) => (c, n),
+            }
         };
+        let (commit, n) = commit;
         // What the commit names was written before step 1 and is never overwritten until the
         // commit is installed, so writes may go on meanwhile.
         let durable = commit.make_durable(&*self.storage);
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.pool.finish(&*self.storage, commit, durable)
+        g.pool.finish(&*self.storage, commit, durable)?;
+        self.durable.store(n, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Run `f` on the pool's storage with commits held off: nothing the durable state names
@@ -535,5 +567,49 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         s.read_layer(id, 0, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 0xbb));
+    }
+
+    /// Group commit: flushes that arrive while a commit is under way (here: while the commit
+    /// lock is held) are all answered by the next commit, even though writes keep coming and
+    /// each waiter would otherwise find new changes to commit on its own.
+    #[test]
+    fn flushes_waiting_together_share_one_commit() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Arc::new(Store::create_in(mem, &CreateOptions::default()).unwrap());
+        let id = s.create_layer("a", None, Some(64 << 20)).unwrap().id;
+        s.flush().unwrap();
+        let gen = |s: &Store| s.read().pool.meta.sb.generation;
+        let before = gen(&s);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    s.write_layer(id, (i % 4096) * 4096, &[i as u8 | 1; 4096])
+                        .unwrap();
+                    i += 1;
+                }
+            })
+        };
+        let held = s.commit_lock.lock().unwrap();
+        let flushers: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || s.flush().unwrap())
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+        for f in flushers {
+            f.join().unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(
+            gen(&s),
+            before + 1,
+            "eight waiting flushes made more than one commit"
+        );
     }
 }
