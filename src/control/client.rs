@@ -5,7 +5,7 @@ use super::hello::{self, Hello};
 use super::proto::{Reply, Request, ServerFrame};
 use super::socket::own_uid;
 use super::wire::{self, MAX_REPLY, MAX_REQUEST};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;

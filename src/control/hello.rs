@@ -9,7 +9,7 @@
 
 use super::proto::ServerFrame;
 use super::wire;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::unix::net::UnixStream;

@@ -3,10 +3,10 @@
 //! externally tagged in snake_case: `{"create": {"name": "web", ...}}`, `"ls"`.
 
 use crate::check::CheckReport;
+use crate::error::Error;
 use crate::format::ids::LayerId;
 use crate::image::{ExportStats, ImportStats};
 use crate::volume::{LayerInfo, PoolUsage};
-use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io;

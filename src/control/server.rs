@@ -6,7 +6,7 @@ use super::hello::{self, Greeting, Hello, VERSION};
 use super::proto::{Reply, Request, ServerFrame, WireError};
 use super::socket::{own_uid, peer_of, ControlSocket, Peer};
 use super::wire::{self, MAX_REPLY, MAX_REQUEST};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -5,7 +5,7 @@
 //! Hard-linking rather than renaming makes "exactly one server publishes here" atomic: link
 //! fails if the name exists, where rename would silently replace a server that won a race.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use std::fmt;
 use std::fs;
 use std::io;

@@ -21,7 +21,7 @@ impl Volume {
     pub fn open(store: &Arc<Store>, name: &str) -> Result<Volume> {
         let info = store.layer(name)?;
         if info.importing {
-            return Err(crate::Error::NotFound(format!(
+            return Err(crate::error::Error::NotFound(format!(
                 "layer {name:?} is still being imported"
             )));
         }
@@ -107,7 +107,9 @@ impl ExportCatalog for StoreExports {
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>> {
         if !self.only.is_empty() && !self.only.iter().any(|n| n == name) {
-            return Err(crate::Error::NotFound(format!("no export named {name:?}")));
+            return Err(crate::error::Error::NotFound(format!(
+                "no export named {name:?}"
+            )));
         }
         Ok(Arc::new(Volume::open(&self.store, name)?))
     }

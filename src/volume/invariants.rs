@@ -7,12 +7,10 @@
 //! its parent exists, is read-only, is no larger than it, and lists it as a child; every child
 //! it lists names it as parent; its id is below the catalogue's next id.
 
-use super::store::{Inner, Store};
-use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::{first_data_block, PBlock};
 use crate::layer::{Catalog, Layer, Mapping};
-use crate::pool::MetaStreams;
+use crate::pool::{Allocator, MetaStreams};
 use std::collections::HashMap;
 
 /// Marks pool blocks as referenced while the rules are checked.
@@ -127,7 +125,7 @@ fn layer_rules(catalog: &Catalog, l: &Layer, faults: &mut Vec<Fault>) {
 }
 
 /// Loading rebuilds its allocator from the claims: a block marked twice is named twice.
-impl Claims for crate::pool::Allocator {
+impl Claims for Allocator {
     fn claim(&mut self, b: PBlock, _: &Where) -> Option<String> {
         (!self.mark_loaded(b)).then(|| "another reference".to_string())
     }
@@ -143,77 +141,48 @@ impl Claims for Owners {
     }
 }
 
-impl Inner {
-    /// The rules over the live state, and the allocator held against them: it must count as
-    /// used exactly what the streams and maps reference, plus the frees waiting for the open
-    /// transaction to commit.
-    fn live_faults(&self) -> Vec<Fault> {
-        let alloc = &self.pool.alloc;
-        let mut owners = Owners::default();
-        let file_blocks = alloc.extent() + 1;
-        let mut faults = audit(
-            &self.catalog,
-            &self.pool.meta,
-            self.block_size,
-            file_blocks,
-            &mut owners,
-        );
-        for b in alloc.pending_frees() {
-            let at = Where::holder(b, "a free waiting for commit");
-            if let Some(other) = owners.claim(b, &at) {
-                faults.push(Fault::new(What::UsedTwice { other }, at));
-            }
+/// The rules over a live state, and its allocator held against them: it must count as used
+/// exactly what the streams and maps reference, plus the frees waiting for the open
+/// transaction to commit (the self-check).
+pub(crate) fn live(
+    catalog: &Catalog,
+    meta: &MetaStreams,
+    alloc: &Allocator,
+    block_size: u32,
+) -> Vec<Fault> {
+    let mut owners = Owners::default();
+    let file_blocks = alloc.extent() + 1;
+    let mut faults = audit(catalog, meta, block_size, file_blocks, &mut owners);
+    for b in alloc.pending_frees() {
+        let at = Where::holder(b, "a free waiting for commit");
+        if let Some(other) = owners.claim(b, &at) {
+            faults.push(Fault::new(What::UsedTwice { other }, at));
         }
-        let mut used = 0u64;
-        for b in alloc.used_blocks() {
-            used += 1;
-            if !owners.0.contains_key(&b) {
-                faults.push(Fault::new(What::Leaked, Where::default().pblock(b)));
-            }
-        }
-        for (&b, by) in &owners.0 {
-            if !alloc.is_used(b) {
-                let what = What::FreeButReferenced { by: by.clone() };
-                faults.push(Fault::new(what, Where::default().pblock(b)));
-            }
-        }
-        for b in alloc.fresh_blocks() {
-            if !alloc.is_used(b) {
-                faults.push(Fault::new(What::FreshButFree, Where::default().pblock(b)));
-            }
-        }
-        if used != alloc.used_count() {
-            let what = What::UsedCount {
-                counted: alloc.used_count(),
-                bitmap: used,
-            };
-            faults.push(Fault::new(what, Where::default()));
-        }
-        faults
     }
-}
-
-impl Store {
-    /// The self-check, for tests: verify the live state; `Error::Corrupt` lists every fault.
-    /// `check` (the fsck) looks at what is durable; this also catches blocks leaked or mapped
-    /// twice by the open transaction.
-    pub fn verify_consistency(&self) -> Result<()> {
-        let g = self.read();
-        let mut faults: Vec<Fault> = g.load_faults.clone();
-        faults.extend(g.live_faults());
-        if faults.is_empty() {
-            return Ok(());
+    let mut used = 0u64;
+    for b in alloc.used_blocks() {
+        used += 1;
+        if !owners.0.contains_key(&b) {
+            faults.push(Fault::new(What::Leaked, Where::default().pblock(b)));
         }
-        let all: Vec<String> = faults.iter().map(|f| f.to_string()).collect();
-        Err(Error::Corrupt(format!(
-            "{} consistency fault(s): {}",
-            faults.len(),
-            all.join("; ")
-        )))
     }
-
-    /// Blocks the allocator counts as used (data, metadata, and frees awaiting commit).
-    pub fn used_blocks(&self) -> u64 {
-        self.read().pool.alloc.used_count()
+    for (&b, by) in &owners.0 {
+        if !alloc.is_used(b) {
+            let what = What::FreeButReferenced { by: by.clone() };
+            faults.push(Fault::new(what, Where::default().pblock(b)));
+        }
     }
+    for b in alloc.fresh_blocks() {
+        if !alloc.is_used(b) {
+            faults.push(Fault::new(What::FreshButFree, Where::default().pblock(b)));
+        }
+    }
+    if used != alloc.used_count() {
+        let what = What::UsedCount {
+            counted: alloc.used_count(),
+            bitmap: used,
+        };
+        faults.push(Fault::new(what, Where::default()));
+    }
+    faults
 }

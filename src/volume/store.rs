@@ -243,6 +243,30 @@ impl Store {
         Ok(store)
     }
 
+    /// The self-check, for tests: verify the live state (volume/invariants.rs); `Error::Corrupt`
+    /// lists every fault. `check` (the fsck) looks at what is durable; this also catches
+    /// blocks leaked or mapped twice by the open transaction.
+    pub fn verify_consistency(&self) -> Result<()> {
+        let g = self.read();
+        let mut faults: Vec<Fault> = g.load_faults.clone();
+        let (c, p) = (&g.catalog, &g.pool);
+        faults.extend(invariants::live(c, &p.meta, &p.alloc, g.block_size));
+        if faults.is_empty() {
+            return Ok(());
+        }
+        let all: Vec<String> = faults.iter().map(|f| f.to_string()).collect();
+        Err(Error::Corrupt(format!(
+            "{} consistency fault(s): {}",
+            faults.len(),
+            all.join("; ")
+        )))
+    }
+
+    /// Blocks the allocator counts as used (data, metadata, and frees awaiting commit).
+    pub fn used_blocks(&self) -> u64 {
+        self.read().pool.alloc.used_count()
+    }
+
     /// Remove layers a crash left half-imported (committed by the open transaction's
     /// commits, never finished), in one commit. Their names are kept for `discarded`.
     fn discard_incomplete(&self) -> Result<()> {
