@@ -55,12 +55,17 @@ pub struct Server {
 
 impl Server {
     pub fn start(pool: &Path, sock: &Path) -> Server {
+        Server::start_logging(pool, sock, Stdio::null())
+    }
+
+    /// As `start`, with the server's stderr (one line per connection) going to `log`.
+    pub fn start_logging(pool: &Path, sock: &Path, log: impl Into<Stdio>) -> Server {
         let child = Command::new(bin())
             .arg("--pool")
             .arg(pool)
             .args(["serve", "--socket"])
             .arg(sock)
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         wait_for(sock);
