@@ -163,19 +163,21 @@ fn assert_fsck_clean(img: &Path) {
     );
 }
 
-/// As after a crash: replay the journal (on a copy), then `e2fsck -fn` must find nothing more.
-fn assert_fsck_clean_after_journal_replay(img: &Path) {
+/// As after a crash: replay the journal (on a copy, which is returned), then `e2fsck -fn` must
+/// find nothing more. Files fsync'd before the crash may live only in the journal until then.
+fn replay_journal_and_fsck(img: &Path) -> PathBuf {
     let copy = img.with_extension("replayed");
     std::fs::copy(img, &copy).unwrap();
     let st = Command::new("e2fsck")
         .args(["-E", "journal_only", "-y"])
         .arg(&copy)
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()
         .unwrap();
     assert!(st.code().is_some_and(|c| c <= 1), "journal replay: {st}");
     assert_fsck_clean(&copy);
-    std::fs::remove_file(&copy).unwrap();
+    copy
 }
 
 /// The sha256 of a file inside an ext4 image, read with debugfs (no mount on the host).
@@ -469,22 +471,24 @@ nbd_detach /dev/nbd0
     f.assert_check_clean();
 }
 
-/// Guest script: attach `box`, mount it, then write and fsync 256 KiB files one after the
-/// other, reporting each file's sha256 once its fsync (and its directory's) returned; at the
-/// fifth it says `step crash-now` and goes on writing until writes fail or FILES are written.
-const WRITE_UNTIL_CRASH: &str = r#". /lib/guest.sh
+/// Guest script: attach `box` and mount it; `write_files` writes and fsyncs 256 KiB files one
+/// after the other, reporting each file's sha256 once its fsync (and its directory's) returned;
+/// at the fifth it says `step crash-now`, and it goes on until a write fails (or 400 files).
+const WRITER: &str = r#". /lib/guest.sh
 nbd_attach box /dev/nbd0
 must mount /dev/nbd0 /mnt
 mkdir -p /mnt/f
-i=0
-while [ $i -lt 400 ]; do
-    i=$((i + 1))
-    dd if=/dev/urandom of=/mnt/f/$i bs=64k count=4 2>/dev/null || break
-    sync /mnt/f/$i /mnt/f 2>/dev/null || break
-    report fsynced$i "$(sha256sum /mnt/f/$i | cut -d' ' -f1)"
-    [ $i = 5 ] && step crash-now
-done
-step writes-ended
+write_files() {
+    i=0
+    while [ $i -lt 400 ]; do
+        i=$((i + 1))
+        dd if=/dev/urandom of=/mnt/f/$i bs=64k count=4 2>/dev/null || break
+        sync /mnt/f/$i /mnt/f 2>/dev/null || break
+        report fsynced$i "$(sha256sum /mnt/f/$i | cut -d' ' -f1)"
+        [ $i = 5 ] && step crash-now
+    done
+    step writes-ended
+}
 "#;
 
 /// The files a console reports as fsync'd, with their sha256.
@@ -507,12 +511,17 @@ fn server_killed_while_the_guest_writes_keeps_every_fsynced_file() {
     };
     let f = Fixture::new();
     let server = f.serve();
-    // After the kill the writes fail; the guest lets go of the dead device, waits for the
-    // host to restart the server, attaches again and reads back every file.
+    // Requests the dead server never answered stay queued in the kernel until the device is
+    // disconnected (no -timeout): once told, the guest detaches, which fails them, so the
+    // writer's fsync returns EIO. It waits for the restart, attaches again, reads every file.
     let script = format!(
-        r#"{WRITE_UNTIL_CRASH}
-umount /mnt 2>/dev/null || umount -l /mnt
+        r#"{WRITER}
+write_files &
+writer=$!
+wait_host killed
 nbd-client -d /dev/nbd0 >/dev/null 2>&1
+wait $writer
+umount /mnt 2>/dev/null || umount -l /mnt
 step detached
 wait_host restarted
 NBD_ATTACH_SECONDS=120 nbd_attach box /dev/nbd1
@@ -526,16 +535,20 @@ nbd_detach /dev/nbd1
     g.wait_step("crash-now");
     server.signal(libc::SIGKILL);
     drop(server);
+    g.tell("killed");
     g.wait_step("detached");
     // What the server left, before anything replays the journal.
     f.assert_check_clean();
-    let crashed = f.export("box");
-    assert_fsck_clean_after_journal_replay(&crashed);
+    let crashed = replay_journal_and_fsck(&f.export("box"));
     let server = f.serve();
     g.tell("restarted");
     let console = g.succeed();
     let files = fsynced(&console);
     assert!(files.len() >= 5, "{console}");
+    eprintln!(
+        "{} files fsync'd before or while the server was killed",
+        files.len()
+    );
     assert!(
         console.contains("STEP writes-ended") && !console.contains("REPORT fsynced400="),
         "the writes never failed after the kill:\n{console}"
@@ -566,15 +579,15 @@ fn guest_killed_mid_write_leaves_a_consistent_pool_and_its_fsynced_files() {
     };
     let f = Fixture::new();
     let server = f.serve();
-    let g = f.boot("power-cut", WRITE_UNTIL_CRASH, 1);
+    let g = f.boot("power-cut", &format!("{WRITER}write_files\n"), 1);
     g.wait_step("crash-now");
     let console = g.kill();
     let files = fsynced(&console);
     assert!(files.len() >= 5, "{console}");
+    eprintln!("{} files fsync'd before the power cut", files.len());
     server.stop();
     f.assert_check_clean();
-    let crashed = f.export("box");
-    assert_fsck_clean_after_journal_replay(&crashed);
+    let crashed = replay_journal_and_fsck(&f.export("box"));
     for (path, sha) in &files {
         assert_eq!(
             &ext4_file_sha(&crashed, path),
