@@ -12,22 +12,11 @@ use std::process::{Command, Stdio};
 
 mod guest_common;
 mod support;
-use guest_common::{guest_or_skip, reports, Boot, Guest};
-use support::{tl, Server};
+use guest_common::{guest_or_skip, reports, Boot, Guest, Reports};
+use support::{sh, tl, Server};
 
 /// Host tools every test here uses besides the guest.
 const HOST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "debugfs", "sha256sum"];
-
-fn sh(cmd: &str) -> String {
-    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        o.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
 
 fn sha256(file: &Path) -> String {
     sh(&format!("sha256sum < '{}'", file.display()))
@@ -145,6 +134,21 @@ impl Fixture {
         out
     }
 
+    /// The image layer exports byte for byte as the file it was imported from.
+    fn assert_image_unchanged(&self) {
+        let image = std::fs::read(self.export("image")).unwrap();
+        assert!(
+            image == std::fs::read(&self.image).unwrap(),
+            "the image layer changed"
+        );
+    }
+
+    /// The guest's `report motd` and `report blob` match the image's files.
+    fn assert_read_the_image(&self, r: &Reports) {
+        assert_eq!(format!("{}\n", r["motd"]), MOTD);
+        assert_eq!(r["blob"], self.blob_sha, "the image's file read back wrong");
+    }
+
     fn assert_check_clean(&self) {
         let out = tl(&self.pool, &["check", "--data"]);
         assert!(out.contains("clean"), "check --data: {out}");
@@ -247,8 +251,7 @@ nbd_detach /dev/nbd0
     let console = g.succeed();
     let r = reports(&console);
     assert_eq!(r["getro"], "0", "a writable layer came up read-only");
-    assert_eq!(format!("{}\n", r["motd"]), MOTD);
-    assert_eq!(r["blob"], f.blob_sha, "the image's file read back wrong");
+    f.assert_read_the_image(&r);
     // 4 MiB of new data, flushed by sync: the container holds it, the image does not.
     let image_size = f.size("image");
     assert!(
@@ -268,11 +271,7 @@ nbd_detach /dev/nbd0
         exported.display()
     ));
     assert_eq!(small, "small file 5\n");
-    let image = std::fs::read(f.export("image")).unwrap();
-    assert!(
-        image == std::fs::read(&f.image).unwrap(),
-        "the image layer changed"
-    );
+    f.assert_image_unchanged();
     f.assert_check_clean();
 }
 
@@ -312,8 +311,7 @@ nbd_detach /dev/nbd0
     assert_eq!(r["sysfs_ro"], "1");
     assert_eq!(r["raw_write"], "refused");
     assert_eq!(r["touch"], "refused");
-    assert_eq!(format!("{}\n", r["motd"]), MOTD);
-    assert_eq!(r["blob"], f.blob_sha);
+    f.assert_read_the_image(&r);
     server.stop();
     let log = f.server_log();
     let conns = connections(&log, "image");
@@ -321,11 +319,7 @@ nbd_detach /dev/nbd0
         !conns.is_empty() && conns.iter().all(|&(_, w)| w == 0.0),
         "{log}"
     );
-    let image = std::fs::read(f.export("image")).unwrap();
-    assert!(
-        image == std::fs::read(&f.image).unwrap(),
-        "the image layer changed"
-    );
+    f.assert_image_unchanged();
     f.assert_check_clean();
 }
 

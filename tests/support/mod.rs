@@ -20,6 +20,18 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Run a shell command, expect success, return stdout.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
 /// Run `thinlayer --pool POOL ARGS`, expect success, return stdout.
 pub fn tl(pool: &Path, args: &[&str]) -> String {
     let o = Command::new(bin())
