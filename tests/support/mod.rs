@@ -20,6 +20,18 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Run a shell command, expect success, return stdout.
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
 /// Run `thinlayer --pool POOL ARGS`, expect success, return stdout.
 pub fn tl(pool: &Path, args: &[&str]) -> String {
     let o = Command::new(bin())
@@ -62,12 +74,17 @@ pub struct Server {
 
 impl Server {
     pub fn start(pool: &Path, sock: &Path) -> Server {
+        Server::start_logging(pool, sock, Stdio::null())
+    }
+
+    /// As `start`, with the server's stderr (one line per connection) going to `log`.
+    pub fn start_logging(pool: &Path, sock: &Path, log: impl Into<Stdio>) -> Server {
         let child = Command::new(bin())
             .arg("--pool")
             .arg(pool)
             .args(["serve", "--socket"])
             .arg(sock)
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         // The control socket is bound last: once it is there, the server is ready.
