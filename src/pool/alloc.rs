@@ -30,6 +30,8 @@ pub struct Allocator {
     pending_free: Vec<u64>,
     /// Freed fresh blocks whose stale content should be punched out at the next commit.
     to_punch: Vec<u64>,
+    /// Free blocks held back while being punched (see `reserve_for_punch`).
+    punching: Vec<u64>,
     first: u64,
     /// Allocation never reaches this block (0 = unlimited).
     limit: u64,
@@ -46,6 +48,7 @@ impl Allocator {
             fresh_list: Vec::new(),
             pending_free: Vec::new(),
             to_punch: Vec::new(),
+            punching: Vec::new(),
             first,
             limit: max_blocks,
             cursor: first,
@@ -214,6 +217,35 @@ impl Allocator {
             self.cursor = self.cursor.min(lowest);
         }
         frees.into_iter().map(PBlock).collect()
+    }
+
+    /// Hold free blocks back from allocation while their space is punched out of the file
+    /// without the store's lock (a punch must never hit a block that was reused meanwhile).
+    /// They count as used until `punched`.
+    pub fn reserve_for_punch(&mut self, blocks: &[PBlock]) {
+        for b in blocks {
+            debug_assert!(!self.used[b.0 as usize], "reserving used {b}");
+            self.used.set(b.0 as usize, true);
+            self.used_count += 1;
+        }
+        self.punching.extend(blocks.iter().map(|b| b.0));
+    }
+
+    /// The reserved blocks were punched: free again.
+    pub fn punched(&mut self, blocks: &[PBlock]) {
+        for b in blocks {
+            debug_assert!(self.used[b.0 as usize]);
+            self.used.set(b.0 as usize, false);
+            self.used_count -= 1;
+            self.cursor = self.cursor.min(b.0);
+        }
+        let done: std::collections::HashSet<u64> = blocks.iter().map(|b| b.0).collect();
+        self.punching.retain(|b| !done.contains(b));
+    }
+
+    /// Blocks held back while being punched (for consistency checks).
+    pub fn punching(&self) -> impl Iterator<Item = PBlock> + '_ {
+        self.punching.iter().map(|&b| PBlock(b))
     }
 
     /// Blocks freed in the open transaction that stay used until it commits.

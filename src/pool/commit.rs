@@ -17,10 +17,15 @@ use crate::format::{first_data_block, PBlock, PAGE_SIZE};
 
 /// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
 pub const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
-/// Freed space is given back to the filesystem once this much has gathered. Punching every
+/// Freed space is given back to the filesystem once this much more has gathered. Punching every
 /// freed block at once would make each small commit change the file's extent map (costly
 /// journal commits) and then reallocate the same blocks moments later.
 const PUNCH_BATCH_BYTES: u64 = 4 << 20;
+/// Only runs of at least this many free blocks are punched while the pool is open; shorter
+/// ones (what random rewrites leave) are reused by the allocator soon enough, and punching them
+/// one by one cost a live server seconds of fallocate calls per batch. They are punched when
+/// the pool is closed, and at the next writable open.
+const PUNCH_MIN_RUN: usize = 256;
 
 /// The pool file's state in memory: its committed metadata streams and its allocator, which
 /// only the commit protocol moves from one generation to the next.
@@ -34,6 +39,8 @@ pub struct Pool {
     checkpoint_min_log_pages: u64,
     /// Free blocks whose space the file still holds (see PUNCH_BATCH_BYTES).
     unpunched: Vec<PBlock>,
+    /// How many of them are short runs kept back from the last batch (see PUNCH_MIN_RUN).
+    kept: usize,
 }
 
 /// A commit between steps 1a and 5: its pages written, the transaction sealed, the superblock
@@ -66,6 +73,7 @@ impl Pool {
             poisoned: None,
             checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
             unpunched: Vec::new(),
+            kept: 0,
         }
     }
 
@@ -149,11 +157,19 @@ impl Pool {
         }
     }
 
-    /// Steps 5 and 6, under the store's write lock again, with the outcome of steps 2-4.
-    /// Step 5: adopt the new generation and release the sealed transaction's frees (after a
-    /// checkpoint, also every block of the streams it replaced). Step 6: once enough free space
-    /// has gathered, punch it out of the file.
-    pub fn finish(&mut self, storage: &dyn Storage, c: Commit, durable: Result<()>) -> Result<()> {
+    /// Step 5, under the store's write lock again, with the outcome of steps 2-4: adopt the new
+    /// generation and release the sealed transaction's frees (after a checkpoint, also every
+    /// block of the streams it replaced). Once enough free space has gathered, it returns the
+    /// blocks for step 6, reserved so nothing reuses them: the caller punches them without its
+    /// lock (`Punch::run`; punching takes the file's own locks and can take long enough to
+    /// stall every reader and writer) and then gives them back (`punched`).
+    pub fn finish(
+        &mut self,
+        storage: &dyn Storage,
+        c: Commit,
+        durable: Result<()>,
+    ) -> Result<Option<Punch>> {
+        let _ = storage;
         if let Err(e) = durable {
             // The superblock may or may not have reached the disk: only a reopen can tell.
             self.poisoned = Some(e.to_string());
@@ -166,21 +182,44 @@ impl Pool {
         let freed = self.alloc.release(sealed);
         self.unpunched.extend(freed);
         let bs = self.block_size as u64;
-        if self.unpunched.len() as u64 * bs >= PUNCH_BATCH_BYTES {
-            self.punch_free_space(storage);
+        if (self.unpunched.len() - self.kept) as u64 * bs < PUNCH_BATCH_BYTES {
+            return Ok(None);
         }
-        Ok(())
+        let (blocks, short) = long_runs(self.take_unpunched());
+        self.kept = short.len();
+        self.unpunched = short;
+        if blocks.is_empty() {
+            return Ok(None);
+        }
+        self.alloc.reserve_for_punch(&blocks);
+        Ok(Some(Punch {
+            blocks,
+            block_size: bs,
+        }))
     }
 
-    /// Punch out the gathered free blocks that have not been reused since (also on close).
-    pub fn punch_free_space(&mut self, storage: &dyn Storage) {
-        if self.poisoned.is_some() {
-            return;
-        }
+    /// Step 6 done: the punched blocks may be allocated again.
+    pub fn punched(&mut self, p: Punch) {
+        self.alloc.punched(&p.blocks);
+    }
+
+    /// The gathered free blocks not reused since, sorted, once each.
+    fn take_unpunched(&mut self) -> Vec<PBlock> {
+        self.kept = 0;
         let mut blocks = std::mem::take(&mut self.unpunched);
         blocks.retain(|&b| !self.alloc.is_used(b));
         blocks.sort_unstable();
         blocks.dedup();
+        blocks
+    }
+
+    /// Punch out the gathered free blocks that have not been reused since (on close, when
+    /// nothing else can allocate).
+    pub fn punch_free_space(&mut self, storage: &dyn Storage) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let blocks = self.take_unpunched();
         punch_runs(storage, &blocks, self.block_size as u64);
     }
 
@@ -211,6 +250,45 @@ impl Pool {
             }
         }
         Ok(())
+    }
+}
+
+/// Split sorted blocks into those in runs of at least PUNCH_MIN_RUN and the rest.
+fn long_runs(sorted: Vec<PBlock>) -> (Vec<PBlock>, Vec<PBlock>) {
+    let (mut long, mut short) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i + 1;
+        while j < sorted.len() && sorted[j].0 == sorted[j - 1].0 + 1 {
+            j += 1;
+        }
+        let run = &sorted[i..j];
+        if run.len() >= PUNCH_MIN_RUN {
+            &mut long
+        } else {
+            &mut short
+        }
+        .extend_from_slice(run);
+        i = j;
+    }
+    (long, short)
+}
+
+/// Free blocks reserved for step 6: their space goes back to the filesystem.
+pub struct Punch {
+    blocks: Vec<PBlock>,
+    block_size: u64,
+}
+
+impl Punch {
+    pub fn blocks(&self) -> &[PBlock] {
+        &self.blocks
+    }
+
+    /// Punch the blocks out of the file. Needs no lock: they are reserved, so nothing can be
+    /// written to them meanwhile, and nothing durable names them.
+    pub fn run(&self, storage: &dyn Storage) {
+        punch_runs(storage, &self.blocks, self.block_size);
     }
 }
 

@@ -9,7 +9,7 @@ pub mod sim;
 pub mod storage;
 
 pub use alloc::{Allocator, Sealed};
-pub use commit::{Commit, Pool};
+pub use commit::{Commit, Pool, Punch};
 pub use meta::{MetaStreams, Recovered};
 pub use sim::SimStorage;
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -153,6 +153,12 @@ pub(crate) fn live(
     let mut owners = Owners::default();
     let file_blocks = alloc.extent() + 1;
     let mut faults = audit(catalog, meta, block_size, file_blocks, &mut owners);
+    for b in alloc.punching() {
+        let at = Where::holder(b, "a free block being punched");
+        if let Some(other) = owners.claim(b, &at) {
+            faults.push(Fault::new(What::UsedTwice { other }, at));
+        }
+    }
     for b in alloc.pending_frees() {
         let at = Where::holder(b, "a free waiting for commit");
         if let Some(other) = owners.claim(b, &at) {
