@@ -75,7 +75,7 @@ fn parse_log(text: &str, round: u64) -> (Vec<Write>, u64) {
                 });
             }
             ["F", seq] => flushed = seq.parse().unwrap(),
-            ["A", _] | [] => {}
+            ["A", _] | ["C"] | [] => {}
             _ => panic!("bad driver log line {line:?}"),
         }
     }
@@ -237,6 +237,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
             let (pool, image, stop) = (pool.clone(), image_path.clone(), stop.clone());
             std::thread::spawn(move || manage(pool, image, round, stop))
         };
+        let _ = std::fs::remove_file(&log);
         let mut client = Command::new(py)
             .arg(driver)
             .arg(format!("nbd+unix:///disk?socket={}", sock.display()))
@@ -245,6 +246,14 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
             .arg(BLOCKS.to_string())
             .spawn()
             .unwrap();
+        // The kill must find the driver connected: on a loaded machine it may take longer
+        // than the shortest wait below, and a round that never connected tests nothing.
+        for _ in 0..2000 {
+            if std::fs::read_to_string(&log).is_ok_and(|t| t.starts_with("C\n")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;

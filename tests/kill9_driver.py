@@ -3,6 +3,7 @@
 #   B seq offset nblocks   a write is about to be sent (it may land or not)
 #   A seq                  that write was acknowledged
 #   F seq                  a FLUSH was acknowledged: every write with a smaller seq is durable
+#   C                      connected (the test kills the server only after this)
 import random
 import sys
 
@@ -13,6 +14,7 @@ rng = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(uri)
 log = open(log_path, "w", buffering=1)
+log.write("C\n")
 seq = 0
 try:
     while True:
