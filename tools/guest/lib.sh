@@ -2,13 +2,37 @@
 # driver through the virtio-serial ports tools/guest/run sets up, and small checks.
 #
 # The host's thinlayer socket is reached as /run/nbd.sock: socat listens there and hands each
-# connection to nbd-port, which puts it on a free port. QEMU connected every port to the server
-# at boot, so the server may drop an idle connection after its handshake timeout and QEMU
-# reconnects a second later (reconnect=1); an attach that meets that moment fails and is tried
-# again, and only after NBD_ATTACH_SECONDS of failures is it an error.
+# connection to nbd-port, which puts it on a free port. A port is no socket: QEMU connects it to
+# the server at boot and again a second after the server drops it (reconnect=1), whether or not
+# the guest has it open, and the guest closing it closes nothing on the host. So:
+#   - the server drops an idle port's connection after its handshake timeout; an attach that
+#     meets that moment fails and is tried again (NBD_ATTACH_SECONDS in all);
+#   - a port whose connection ended without NBD_CMD_DISC (the kernel shut its socket down) has
+#     a connection still open on the server, mid-stream: nbd-port marks it spent, in
+#     $SPENT_PORTS, and no one uses it again;
+#   - an attach waits until enough ports are free (not open, not spent, connected on the host).
 
 NBD_SOCK=/run/nbd.sock
 NBD_ATTACH_SECONDS=${NBD_ATTACH_SECONDS:-30}
+SPENT_PORTS=/run/spent-ports
+
+# port_field PORT KEY: a field (guest_connected, host_connected, ...) of the port's state.
+port_field() {
+    while read -r key value; do
+        [ "$key" = "$2:" ] && { echo "$value"; return; }
+    done <"/sys/kernel/debug/virtio-ports/$(basename "$(readlink "$1")")"
+}
+
+# How many ports a new connection could take now.
+free_ports() {
+    n=0
+    for p in /dev/virtio-ports/nbdport*; do
+        [ -e "$SPENT_PORTS/${p##*/}" ] && continue
+        [ "$(port_field "$p" guest_connected)" = 0 ] && [ "$(port_field "$p" host_connected)" = 1 ] &&
+            n=$((n + 1))
+    done
+    echo $n
+}
 
 fail() {
     echo "GUEST FAIL: $*"
@@ -25,6 +49,7 @@ must() {
 
 nbd_relay() {
     [ -S "$NBD_SOCK" ] && return
+    mkdir -p "$SPENT_PORTS"
     ls /dev/virtio-ports/nbdport* >/dev/null 2>&1 || fail "no nbdport virtio ports (run with --socket)"
     socat UNIX-LISTEN:"$NBD_SOCK",fork,unlink-early EXEC:/bin/nbd-port,nofork &
     for _ in $(seq 50); do [ -S "$NBD_SOCK" ] && return; sleep 0.1; done
@@ -36,16 +61,23 @@ nbd_attach() {
     export_name=$1 dev=$2
     shift 2
     nbd_relay
+    conns=1 prev=
+    for a in "$@"; do
+        [ "$prev" = -C ] && conns=$a
+        prev=$a
+    done
+    echo "no free port" >/tmp/attach.out
     deadline=$(($(date +%s) + NBD_ATTACH_SECONDS))
     while :; do
-        if nbd-client -unix "$NBD_SOCK" -N "$export_name" "$dev" "$@" >/tmp/attach.out 2>&1; then
+        if [ "$(free_ports)" -ge "$conns" ] &&
+            nbd-client -unix "$NBD_SOCK" -N "$export_name" "$dev" "$@" >/tmp/attach.out 2>&1; then
             [ "$(cat "/sys/block/${dev##*/}/size")" -gt 0 ] && return 0
         fi
         [ "$(date +%s)" -lt "$deadline" ] || {
             cat /tmp/attach.out
             fail "nbd-client could not attach $export_name to $dev for ${NBD_ATTACH_SECONDS}s"
         }
-        sleep 1
+        sleep 0.5
     done
 }
 
