@@ -215,8 +215,12 @@ fn describe(what: &What, at: &Where) -> String {
         What::UsedTwice { other } => {
             format!("{pb} is used by {other} and by {}", at.who())
         }
-        What::OutsideDataArea { first, file_blocks } => format!(
+        What::OutsideDataArea { first, file_blocks } if at.layer.is_some() => format!(
             "{layer}: {vb} (byte offset {offset}) maps {pb}, outside the pool's data area ({first}..{file_blocks}), past the end of the pool file or in its superblock area"
+        ),
+        What::OutsideDataArea { first, file_blocks } => format!(
+            "{}: {pb} is outside the pool's data area ({first}..{file_blocks})",
+            at.who()
         ),
         What::MappedPastEnd { disk_size } => {
             format!("{layer}: {vb} is mapped past the layer's end ({disk_size} bytes)")

@@ -58,10 +58,6 @@ impl LiveExports {
         }
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.inner.store
-    }
-
     /// The connections holding layer `id`.
     pub fn attached_to(&self, id: LayerId) -> Vec<Arc<Attachment>> {
         let g = self.attached.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,8 +115,7 @@ impl LiveExports {
 
     /// Open an export for a connection, registering it until the device is dropped.
     pub fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>> {
-        self.inner.open(name)?;
-        let vol = Volume::open(&self.inner.store, name)?;
+        let vol = self.inner.volume(name)?;
         let at = Arc::new(Attachment {
             layer: vol.id(),
             export: name.to_string(),

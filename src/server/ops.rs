@@ -41,16 +41,13 @@ pub fn execute(
         Request::Remove { name, force } => {
             let info = store.layer(&name)?;
             if let Some(x) = exports {
-                if force {
-                    if !info.children.is_empty() {
-                        // Refused below anyway: don't cut anyone off for nothing.
-                        store.remove_layer(&name)?;
-                    }
+                // A layer with children is refused below: don't cut anyone off for nothing.
+                if force && info.children.is_empty() {
                     let n = x.revoke(info.id);
                     if n > 0 {
                         eprintln!("thinlayer: rm --force {name:?}: cut off {n} connection(s)");
                     }
-                } else {
+                } else if !force {
                     x.refuse_if_attached(&name, info.id, false, ", or use rm --force")?;
                 }
             }
@@ -67,14 +64,14 @@ pub fn execute(
             label,
         } => {
             let f = files.next().ok_or_else(|| missing("import"))?;
-            let label = label.unwrap_or_else(|| format!("the image passed for {name:?}"));
+            let label = label.unwrap_or_else(|| passed("image", &name));
             let (layer, stats) =
                 crate::image::import_from(store, &name, &f, &label, parent.as_deref(), progress)?;
             Ok(Reply::Imported { layer, stats })
         }
         Request::Export { name, label } => {
             let f = files.next().ok_or_else(|| missing("export"))?;
-            let label = label.unwrap_or_else(|| format!("the file passed for {name:?}"));
+            let label = label.unwrap_or_else(|| passed("file", &name));
             let stats = crate::image::export_to(store, &name, &f, &label, progress)?;
             Ok(Reply::Exported { stats })
         }
@@ -97,6 +94,11 @@ pub fn execute(
             Some(x) => Ok(Reply::Status(status(store, x))),
         },
     }
+}
+
+/// How a passed file is named in messages when the client gave no label.
+fn passed(what: &str, layer: &str) -> String {
+    format!("the {what} passed for {layer:?}")
 }
 
 fn missing(what: &str) -> Error {
@@ -144,7 +146,7 @@ pub fn direct(
         }
         Request::Export { name, label } => {
             let out = File::from(files.into_iter().next().ok_or_else(|| missing("export"))?);
-            let label = label.unwrap_or_else(|| format!("the file passed for {name:?}"));
+            let label = label.unwrap_or_else(|| passed("file", &name));
             let stats =
                 crate::image::export_pool(pool, &name, &out, &label, progress, &mut || {
                     eprintln!("thinlayer: {name:?} changed while being exported; starting again")

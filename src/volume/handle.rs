@@ -83,6 +83,18 @@ pub struct StoreExports {
     pub only: Vec<String>,
 }
 
+impl StoreExports {
+    /// The export `name` as a volume, if it is one.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        if !self.only.is_empty() && !self.only.iter().any(|n| n == name) {
+            return Err(crate::error::Error::NotFound(format!(
+                "no export named {name:?}"
+            )));
+        }
+        Volume::open(&self.store, name)
+    }
+}
+
 impl ExportCatalog for StoreExports {
     fn exports(&self) -> Result<Vec<ExportInfo>> {
         Ok(self
@@ -106,12 +118,7 @@ impl ExportCatalog for StoreExports {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn BlockDevice>> {
-        if !self.only.is_empty() && !self.only.iter().any(|n| n == name) {
-            return Err(crate::error::Error::NotFound(format!(
-                "no export named {name:?}"
-            )));
-        }
-        Ok(Arc::new(Volume::open(&self.store, name)?))
+        Ok(Arc::new(self.volume(name)?))
     }
 
     fn flush_all(&self) -> Result<()> {

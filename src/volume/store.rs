@@ -254,7 +254,12 @@ impl Store {
         if faults.is_empty() {
             return Ok(());
         }
-        let all: Vec<String> = faults.iter().map(|f| f.to_string()).collect();
+        // The first few name the damage; thousands would bury it.
+        const SHOWN: usize = 20;
+        let mut all: Vec<String> = faults.iter().take(SHOWN).map(|f| f.to_string()).collect();
+        if faults.len() > SHOWN {
+            all.push(format!("and {} more", faults.len() - SHOWN));
+        }
         Err(Error::Corrupt(format!(
             "{} consistency fault(s): {}",
             faults.len(),
@@ -382,19 +387,6 @@ impl Store {
     pub fn with_commits_paused<T>(&self, f: impl FnOnce(&Arc<dyn Storage>) -> T) -> T {
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         f(&self.storage)
-    }
-
-    /// Throw away the open transaction: the store goes back to its last committed state.
-    /// Blocks written since are unreferenced again and reused. (Everything uncommitted goes,
-    /// whoever wrote it: callers that share the store must agree on this.)
-    pub fn rollback(&self) -> Result<()> {
-        let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut g = self.write()?;
-        if g.pending.is_empty() {
-            return Ok(());
-        }
-        *g = load(&*self.storage)?;
-        g.recover(&*self.storage)
     }
 
     /// Write a checkpoint at the next commit once the log holds more than `pages` pages
