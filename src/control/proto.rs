@@ -325,6 +325,7 @@ mod tests {
             disk_size: 1 << 30,
             created: "2026-01-02T03:04:05Z".into(),
             importing: false,
+            attrs: [("containerd.key".to_string(), "default/1/c".to_string())].into(),
             id: LayerId(id),
             children: vec!["child-a".into(), "child-b".into()],
         }

@@ -12,6 +12,28 @@ const TAG_LAYER_COMMIT: u8 = 2;
 const TAG_LAYER_REMOVE: u8 = 3;
 const TAG_MAP: u8 = 4;
 const TAG_LAYER_COUNTERS: u8 = 5;
+const TAG_LAYER_ATTR: u8 = 6;
+const TAG_LAYER_RENAME: u8 = 7;
+
+/// Attribute keys are 1 ..= 255 bytes of UTF-8; values at most 64 KiB of UTF-8, so a damaged
+/// length cannot claim gigabytes.
+pub const MAX_ATTR_KEY_LEN: usize = 255;
+pub const MAX_ATTR_VALUE_LEN: usize = 1 << 16;
+
+/// Why an attribute cannot be written, if it cannot.
+pub fn attr_problem(key: &str, value: Option<&str>) -> Option<String> {
+    if key.is_empty() || key.len() > MAX_ATTR_KEY_LEN {
+        return Some(format!(
+            "attribute key {key:?} must be 1 to {MAX_ATTR_KEY_LEN} bytes"
+        ));
+    }
+    if value.is_some_and(|v| v.len() > MAX_ATTR_VALUE_LEN) {
+        return Some(format!(
+            "attribute {key:?} is longer than {MAX_ATTR_VALUE_LEN} bytes"
+        ));
+    }
+    None
+}
 
 // Each record's fixed fields, in the order and with the names of docs/FORMAT.md §6. Offsets
 // count from the record's tag byte.
@@ -60,6 +82,23 @@ layout! {
         ZERO_BLOCKS: u64 = "zero_blocks",
     }
 }
+layout! {
+    /// §6.5; the key's bytes, then the value's, follow the fixed part.
+    pub mod layer_attr {
+        TAG: u8 = "tag",
+        LAYER: u32 = "layer",
+        KEY_LEN: u8 = "key_len",
+        VALUE_LEN: u32 = "value_len",
+    }
+}
+layout! {
+    /// §6.6; the new name's bytes follow the fixed part.
+    pub mod layer_rename {
+        TAG: u8 = "tag",
+        LAYER: u32 = "layer",
+        NAME_LEN: u16 = "name_len",
+    }
+}
 
 /// Size of one entry of a map record.
 pub const MAP_ENTRY_LEN: usize = map_entry::LEN;
@@ -68,6 +107,8 @@ pub const MAP_RECORD_MAX: u32 = 1 << 16;
 /// The pblock field of a map entry: 0 = unmapped in this layer, all ones = zero (whiteout).
 const PBLOCK_UNMAPPED: u64 = 0;
 const PBLOCK_ZERO: u64 = u64::MAX;
+/// The value_len of an attribute record that drops its key.
+const ATTR_DROPPED: u32 = u32::MAX;
 
 /// What a layer's map says about one of its blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +155,19 @@ pub enum Record {
         layer: LayerId,
         data_blocks: u64,
         zero_blocks: u64,
+    },
+    /// Set (`Some`) or drop (`None`) one key of a layer's attributes: what frontends keep
+    /// about a layer (a snapshotter's key and labels, a content digest), in the same
+    /// transaction as the layer change they describe.
+    LayerAttr {
+        layer: LayerId,
+        key: String,
+        value: Option<String>,
+    },
+    /// The layer takes a new (unused) name.
+    LayerRename {
+        layer: LayerId,
+        name: String,
     },
 }
 
@@ -189,6 +243,35 @@ impl RecordWriter {
         f::ZERO_BLOCKS.put(b, zero_blocks);
     }
 
+    /// `value` None drops the key; a set value has at most `MAX_ATTR_VALUE_LEN` bytes.
+    pub fn layer_attr(&mut self, layer: LayerId, key: &str, value: Option<&str>) {
+        use layer_attr as f;
+        self.open_map = None;
+        debug_assert!(!key.is_empty() && key.len() <= MAX_ATTR_KEY_LEN);
+        debug_assert!(value.is_none_or(|v| v.len() <= MAX_ATTR_VALUE_LEN));
+        let b = self.grow(f::LEN);
+        f::TAG.put(b, TAG_LAYER_ATTR);
+        f::LAYER.put(b, layer.0);
+        f::KEY_LEN.put(b, key.len() as u8);
+        // u32::MAX marks a drop, so an empty value is still a value.
+        f::VALUE_LEN.put(b, value.map_or(ATTR_DROPPED, |v| v.len() as u32));
+        self.buf.extend_from_slice(key.as_bytes());
+        if let Some(v) = value {
+            self.buf.extend_from_slice(v.as_bytes());
+        }
+    }
+
+    pub fn layer_rename(&mut self, layer: LayerId, name: &str) {
+        use layer_rename as f;
+        self.open_map = None;
+        debug_assert!(!name.is_empty() && name.len() <= MAX_NAME_LEN);
+        let b = self.grow(f::LEN);
+        f::TAG.put(b, TAG_LAYER_RENAME);
+        f::LAYER.put(b, layer.0);
+        f::NAME_LEN.put(b, name.len() as u16);
+        self.buf.extend_from_slice(name.as_bytes());
+    }
+
     pub fn map(&mut self, layer: LayerId, e: MapEntry) {
         match self.open_map {
             Some((at, l, n)) if l == layer && n < MAP_RECORD_MAX => {
@@ -244,6 +327,15 @@ impl<'a> RecordReader<'a> {
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
+    }
+
+    /// The next `n` bytes as UTF-8 text.
+    fn utf8(&mut self, n: usize, start: usize, what: &str) -> Result<String> {
+        let b = self.take(n, start, what)?;
+        match std::str::from_utf8(b) {
+            Ok(s) => Ok(s.to_string()),
+            Err(_) => Err(self.bad(start, format!("{what} is not UTF-8"))),
+        }
     }
 
     /// The next record, or None at the end of the stream.
@@ -326,6 +418,36 @@ impl<'a> RecordReader<'a> {
                 }
                 Record::Map { layer, entries }
             }
+            TAG_LAYER_ATTR => {
+                use layer_attr as f;
+                let b = self.take(f::LEN, start, "attribute")?;
+                let layer = LayerId(f::LAYER.get(b));
+                let key_len = f::KEY_LEN.get(b) as usize;
+                let value_len = f::VALUE_LEN.get(b);
+                if key_len == 0 {
+                    return Err(self.bad(start, "attribute with an empty key"));
+                }
+                if value_len != ATTR_DROPPED && value_len as usize > MAX_ATTR_VALUE_LEN {
+                    return Err(self.bad(start, format!("attribute value of {value_len} bytes")));
+                }
+                let key = self.utf8(key_len, start, "attribute key")?;
+                let value = match value_len {
+                    ATTR_DROPPED => None,
+                    n => Some(self.utf8(n as usize, start, "attribute value")?),
+                };
+                Record::LayerAttr { layer, key, value }
+            }
+            TAG_LAYER_RENAME => {
+                use layer_rename as f;
+                let b = self.take(f::LEN, start, "rename")?;
+                let layer = LayerId(f::LAYER.get(b));
+                let name_len = f::NAME_LEN.get(b) as usize;
+                if name_len == 0 || name_len > MAX_NAME_LEN {
+                    return Err(self.bad(start, format!("layer name length {name_len}")));
+                }
+                let name = self.utf8(name_len, start, "layer name")?;
+                Record::LayerRename { layer, name }
+            }
             t => return Err(self.bad(start, format!("unknown record tag {t}"))),
         };
         Ok(Some(rec))
@@ -369,6 +491,10 @@ mod tests {
         w.layer_commit(LayerId(3));
         w.layer_counters(LayerId(3), 1, 1);
         w.layer_remove(LayerId(4));
+        w.layer_attr(LayerId(3), "containerd.key", Some("default/7/c1"));
+        w.layer_attr(LayerId(3), "empty", Some(""));
+        w.layer_attr(LayerId(3), "containerd.key", None);
+        w.layer_rename(LayerId(3), "sha256:abc");
         let mut r = RecordReader::new(&w.buf, "test");
         let mut got = vec![];
         while let Some(rec) = r.next_record().unwrap() {
@@ -393,6 +519,25 @@ mod tests {
                     zero_blocks: 1
                 },
                 Record::LayerRemove(LayerId(4)),
+                Record::LayerAttr {
+                    layer: LayerId(3),
+                    key: "containerd.key".into(),
+                    value: Some("default/7/c1".into())
+                },
+                Record::LayerAttr {
+                    layer: LayerId(3),
+                    key: "empty".into(),
+                    value: Some(String::new())
+                },
+                Record::LayerAttr {
+                    layer: LayerId(3),
+                    key: "containerd.key".into(),
+                    value: None
+                },
+                Record::LayerRename {
+                    layer: LayerId(3),
+                    name: "sha256:abc".into()
+                },
             ]
         );
     }
@@ -556,6 +701,8 @@ mod tests {
         Remove(u32),
         Counters(u32, u64, u64),
         Map(u32, MapEntry),
+        Attr(u32, String, Option<String>),
+        Rename(u32, String),
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -597,6 +744,13 @@ mod tests {
             id.clone().prop_map(Op::Commit),
             id.clone().prop_map(Op::Remove),
             (id.clone(), any::<u64>(), any::<u64>()).prop_map(|(l, d, z)| Op::Counters(l, d, z)),
+            (
+                id.clone(),
+                "\\PC{1,60}",
+                proptest::option::of("\\PC{0,200}")
+            )
+                .prop_map(|(l, k, v)| Op::Attr(l, k, v)),
+            (id.clone(), "[a-z0-9/:.\\-]{1,255}").prop_map(|(l, n)| Op::Rename(l, n)),
             // Few layers, so consecutive entries often share one.
             (1u32..4, any::<u64>(), target).prop_map(|(l, v, target)| Op::Map(
                 l,
@@ -635,6 +789,14 @@ mod tests {
                             data_blocks,
                             zero_blocks,
                         });
+                    }
+                    Op::Attr(l, key, value) => {
+                        w.layer_attr(LayerId(l), &key, value.as_deref());
+                        want.push(Record::LayerAttr { layer: LayerId(l), key, value });
+                    }
+                    Op::Rename(l, name) => {
+                        w.layer_rename(LayerId(l), &name);
+                        want.push(Record::LayerRename { layer: LayerId(l), name });
                     }
                     Op::Map(l, e) => {
                         w.map(LayerId(l), e);

@@ -6,7 +6,7 @@ use super::map::{BlockMap, Mapping};
 use super::node::Layer;
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
-use crate::format::record::{LayerCreate, MapEntry, MapTarget, Record, RecordWriter};
+use crate::format::record::{attr_problem, LayerCreate, MapEntry, MapTarget, Record, RecordWriter};
 use crate::format::{LayerId, PBlock, VBlock};
 use std::collections::{BTreeMap, HashMap};
 
@@ -16,6 +16,16 @@ pub enum Change<'a> {
     Create(&'a LayerCreate),
     Commit(LayerId),
     Remove(LayerId),
+    /// Set (`Some`) or drop (`None`) one attribute of a layer.
+    Attr {
+        layer: LayerId,
+        key: &'a str,
+        value: Option<&'a str>,
+    },
+    Rename {
+        layer: LayerId,
+        name: &'a str,
+    },
     /// Set (`Some`) or drop (`None`) one entry of a writable layer's own map.
     Map {
         layer: LayerId,
@@ -105,6 +115,24 @@ impl Catalog {
                 self.apply(Record::LayerCommit(id))?;
                 log.layer_commit(id);
             }
+            Change::Attr { layer, key, value } => {
+                if let Some(p) = attr_problem(key, value) {
+                    return Err(Error::Invalid(p));
+                }
+                self.apply(Record::LayerAttr {
+                    layer,
+                    key: key.to_string(),
+                    value: value.map(str::to_string),
+                })?;
+                log.layer_attr(layer, key, value);
+            }
+            Change::Rename { layer, name } => {
+                self.apply(Record::LayerRename {
+                    layer,
+                    name: name.to_string(),
+                })?;
+                log.layer_rename(layer, name);
+            }
             Change::Remove(id) => {
                 let blocks: Vec<PBlock> = match self.layers.get(&id) {
                     Some(l) => l.map.iter().filter_map(|(_, m)| m.pblock()).collect(),
@@ -172,6 +200,7 @@ impl Catalog {
                         writable: c.writable,
                         incomplete: c.incomplete,
                         map: BlockMap::new(),
+                        attrs: Default::default(),
                         children: Vec::new(),
                     },
                 );
@@ -194,6 +223,26 @@ impl Catalog {
                 if let Some(p) = l.parent.and_then(|p| self.layers.get_mut(&p)) {
                     p.children.retain(|&c| c != id);
                 }
+            }
+            Record::LayerAttr { layer, key, value } => {
+                let l = self.must(layer)?;
+                match value {
+                    Some(v) => l.attrs.insert(key, v),
+                    None => l.attrs.remove(&key),
+                };
+            }
+            Record::LayerRename { layer, name } => {
+                if let Some(&other) = self.by_name.get(&name) {
+                    if other != layer {
+                        return Err(Error::Corrupt(format!(
+                            "layer {layer} renamed to {name:?}, the name of layer {other}"
+                        )));
+                    }
+                }
+                let l = self.must(layer)?;
+                let old = std::mem::replace(&mut l.name, name.clone());
+                self.by_name.remove(&old);
+                self.by_name.insert(name, layer);
             }
             Record::Map { layer, entries } => {
                 if !self.must(layer)?.writable {
@@ -263,6 +312,9 @@ impl Catalog {
                 incomplete: l.incomplete,
                 name: l.name.clone(),
             });
+            for (k, v) in &l.attrs {
+                w.layer_attr(l.id, k, Some(v));
+            }
             for (vblock, m) in l.map.iter() {
                 let target = MapTarget::from(Some(m));
                 w.map(l.id, MapEntry { vblock, target });

@@ -2,6 +2,7 @@
 
 use super::map::BlockMap;
 use crate::format::LayerId;
+use std::collections::BTreeMap;
 
 pub struct Layer {
     pub id: LayerId,
@@ -14,6 +15,8 @@ pub struct Layer {
     /// Being filled by an import (see `LayerCreate::incomplete`).
     pub incomplete: bool,
     pub map: BlockMap,
+    /// What frontends keep about the layer (FORMAT.md §6.5): keys with a prefix per owner.
+    pub attrs: BTreeMap<String, String>,
     pub children: Vec<LayerId>,
 }
 

@@ -24,6 +24,9 @@ pub struct LayerInfo {
     /// Still being filled by an import: not an export, and not committable by hand.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub importing: bool,
+    /// Frontends' attributes (FORMAT.md §6.5), e.g. a snapshotter's key and labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attrs: std::collections::BTreeMap<String, String>,
     #[serde(skip)]
     pub id: LayerId,
     #[serde(skip)]
@@ -105,6 +108,7 @@ impl Inner {
             disk_size: l.disk_size,
             created: rfc3339(l.created_secs, l.created_nanos),
             importing: l.incomplete,
+            attrs: l.attrs.clone(),
             id: l.id,
             children: l
                 .children
@@ -113,6 +117,51 @@ impl Inner {
                 .map(|c| c.name.clone())
                 .collect(),
         }
+    }
+}
+
+/// Attribute changes applied together: a value of None drops the key.
+pub type AttrChanges<'a> = &'a [(&'a str, Option<&'a str>)];
+
+fn validate_attrs(layer_name: &str, attrs: AttrChanges<'_>) -> Result<()> {
+    match attrs
+        .iter()
+        .find_map(|(k, v)| crate::format::record::attr_problem(k, *v))
+    {
+        Some(p) => Err(Error::Invalid(format!("layer {layer_name:?}: {p}"))),
+        None => Ok(()),
+    }
+}
+
+impl Inner {
+    /// Apply already-validated attribute changes to the open transaction.
+    fn change_attrs(&mut self, id: LayerId, attrs: AttrChanges<'_>) -> Result<()> {
+        for &(key, value) in attrs {
+            let c = Change::Attr {
+                layer: id,
+                key,
+                value,
+            };
+            self.catalog.change(&mut self.pending, c, |_| {})?;
+        }
+        Ok(())
+    }
+
+    fn rename(&mut self, id: LayerId, from: &str, to: &str) -> Result<()> {
+        name::validate(to)?;
+        if from == to {
+            return Ok(());
+        }
+        if self.catalog.by_name(to).is_ok() {
+            return Err(Error::Conflict(format!(
+                "cannot rename layer {from:?}: a layer named {to:?} already exists"
+            )));
+        }
+        let c = Change::Rename {
+            layer: id,
+            name: to,
+        };
+        self.catalog.change(&mut self.pending, c, |_| {})
     }
 }
 
@@ -125,7 +174,34 @@ impl Store {
         parent: Option<&str>,
         size: Option<u64>,
     ) -> Result<LayerInfo> {
-        self.make_layer(layer_name, parent, size, false)
+        self.make_layer(layer_name, parent, size, false, &[])
+    }
+
+    /// `create_layer` with attributes, in one transaction: no commit can hold the layer
+    /// without them.
+    pub fn create_layer_with(
+        &self,
+        layer_name: &str,
+        parent: Option<&str>,
+        size: Option<u64>,
+        attrs: AttrChanges<'_>,
+    ) -> Result<LayerInfo> {
+        self.make_layer(layer_name, parent, size, false, attrs)
+    }
+
+    /// Change attributes of a layer, all or none, in one transaction.
+    pub fn set_attrs(&self, layer_name: &str, attrs: AttrChanges<'_>) -> Result<()> {
+        validate_attrs(layer_name, attrs)?;
+        let mut g = self.write()?;
+        let id = g.catalog.by_name(layer_name)?.id;
+        g.change_attrs(id, attrs)
+    }
+
+    /// Give a layer a new name (unused, valid).
+    pub fn rename_layer(&self, layer_name: &str, new_name: &str) -> Result<()> {
+        let mut g = self.write()?;
+        let id = g.catalog.by_name(layer_name)?.id;
+        g.rename(id, layer_name, new_name)
     }
 
     /// Make a layer for an import to fill. Until `finish_import` commits it, it is marked
@@ -138,7 +214,7 @@ impl Store {
         parent: Option<&str>,
         size: u64,
     ) -> Result<LayerInfo> {
-        self.make_layer(layer_name, parent, Some(size), true)
+        self.make_layer(layer_name, parent, Some(size), true, &[])
     }
 
     fn make_layer(
@@ -147,8 +223,10 @@ impl Store {
         parent: Option<&str>,
         size: Option<u64>,
         incomplete: bool,
+        attrs: AttrChanges<'_>,
     ) -> Result<LayerInfo> {
         name::validate(layer_name)?;
+        validate_attrs(layer_name, attrs)?;
         let mut g = self.write()?;
         if g.catalog.by_name(layer_name).is_ok() {
             return Err(Error::Conflict(format!(
@@ -212,22 +290,51 @@ impl Store {
         inner
             .catalog
             .change(&mut inner.pending, Change::Create(&c), |_| {})?;
+        inner.change_attrs(c.id, attrs)?;
         let l = g.catalog.get(c.id).unwrap();
         Ok(g.info(l))
     }
 
     /// Make a writable layer read-only for good, so it can be a parent.
     pub fn commit_layer(&self, layer_name: &str) -> Result<()> {
-        self.seal_layer(layer_name, false)
+        self.seal_layer(layer_name, false, None, &[])
+    }
+
+    /// `commit_layer`, and in the same transaction a new name and attribute changes (a
+    /// snapshotter commits an active snapshot under its committed name).
+    pub fn commit_layer_with(
+        &self,
+        layer_name: &str,
+        new_name: Option<&str>,
+        attrs: AttrChanges<'_>,
+    ) -> Result<()> {
+        self.seal_layer(layer_name, false, new_name, attrs)
     }
 
     /// Commit a layer `begin_import` made, now that it holds the whole image.
     pub fn finish_import(&self, layer_name: &str) -> Result<()> {
-        self.seal_layer(layer_name, true)
+        self.seal_layer(layer_name, true, None, &[])
     }
 
-    fn seal_layer(&self, layer_name: &str, import_done: bool) -> Result<()> {
+    fn seal_layer(
+        &self,
+        layer_name: &str,
+        import_done: bool,
+        new_name: Option<&str>,
+        attrs: AttrChanges<'_>,
+    ) -> Result<()> {
+        validate_attrs(layer_name, attrs)?;
+        if let Some(n) = new_name {
+            name::validate(n)?;
+        }
         let mut g = self.write()?;
+        if let Some(n) = new_name.filter(|&n| n != layer_name) {
+            if g.catalog.by_name(n).is_ok() {
+                return Err(Error::Conflict(format!(
+                    "cannot commit layer {layer_name:?} as {n:?}: a layer named {n:?} already exists"
+                )));
+            }
+        }
         let l = g.catalog.by_name(layer_name)?;
         if l.incomplete && !import_done {
             return Err(Error::Conflict(format!(
@@ -241,9 +348,15 @@ impl Store {
         }
         let id = l.id;
         let inner = &mut *g;
+        // Every check is done: none of these can fail now, so the transaction gets all or none.
         inner
             .catalog
-            .change(&mut inner.pending, Change::Commit(id), |_| {})
+            .change(&mut inner.pending, Change::Commit(id), |_| {})?;
+        inner.change_attrs(id, attrs)?;
+        if let Some(n) = new_name {
+            inner.rename(id, layer_name, n)?;
+        }
+        Ok(())
     }
 
     /// Remove a layer without children and free its blocks.
@@ -334,6 +447,66 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use crate::pool::MemStorage;
+    use crate::volume::{CreateOptions, Store};
+    use std::sync::Arc;
+
+    /// Attributes and names come back from the log and from a checkpoint alike; a refused
+    /// commit-under-a-new-name changes nothing at all.
+    #[test]
+    fn attributes_and_renames_survive_log_and_checkpoint() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        s.create_layer("taken", None, Some(1 << 20)).unwrap();
+        let attrs = [("containerd.key", Some("default/1/a")), ("x", Some(""))];
+        s.create_layer_with("a", None, Some(1 << 20), &attrs)
+            .unwrap();
+        let e = s
+            .commit_layer_with("a", Some("taken"), &[("x", None)])
+            .unwrap_err();
+        assert!(e.to_string().contains("\"taken\" already exists"), "{e}");
+        let a = s.layer("a").unwrap();
+        assert!(a.writable);
+        assert_eq!(a.attrs.get("x").map(String::as_str), Some(""));
+        s.commit_layer_with(
+            "a",
+            Some("sha256:aa"),
+            &[("x", None), ("containerd.kind", Some("committed"))],
+        )
+        .unwrap();
+        s.flush().unwrap();
+        let want = |s: &Store| {
+            assert!(s.layer("a").is_err());
+            let l = s.layer("sha256:aa").unwrap();
+            assert!(!l.writable);
+            let got: Vec<(&str, &str)> = l
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("containerd.key", "default/1/a"),
+                    ("containerd.kind", "committed")
+                ]
+            );
+        };
+        want(&s);
+        drop(s);
+        // From the log ...
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        want(&s);
+        // ... and from a checkpoint.
+        s.set_checkpoint_threshold(0);
+        s.set_attrs("taken", &[("k", Some("v"))]).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = Store::open_in(mem, false).unwrap();
+        want(&s);
+        assert_eq!(s.layer("taken").unwrap().attrs["k"], "v");
+    }
+
     #[test]
     fn creation_times_past_year_9999_print_without_panicking() {
         assert_eq!(super::rfc3339(0, 0), "1970-01-01T00:00:00Z");

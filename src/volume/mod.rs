@@ -10,5 +10,5 @@ pub mod store;
 pub use committer::Committer;
 pub use device::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
 pub use handle::{StoreExports, Volume};
-pub use layers::{LayerInfo, PoolUsage};
+pub use layers::{AttrChanges, LayerInfo, PoolUsage};
 pub use store::{CreateOptions, Store};
