@@ -25,6 +25,13 @@ pub enum What {
         generation: u64,
         why: String,
     },
+    /// The state in use has fewer log pages than a newer superblock names for the same log:
+    /// damage, not a crash, cut the log short, and the commits past it are lost.
+    LogCutShort {
+        generation: u64,
+        named: u64,
+        read: u64,
+    },
     /// A pool block is referenced twice.
     UsedTwice {
         other: String,
@@ -211,6 +218,13 @@ fn describe(what: &What, at: &Where) -> String {
         What::Unloadable { reason } => reason.clone(),
         What::Fallback { generation, why } => format!(
             "using superblock generation {generation} because newer state failed to load: {why}"
+        ),
+        What::LogCutShort {
+            generation,
+            named,
+            read,
+        } => format!(
+            "superblock generation {generation} names {named} log pages, but only {read} can be read: the commits after log page {read} are lost (export what is readable from a read-only open)"
         ),
         What::UsedTwice { other } => {
             format!("{pb} is used by {other} and by {}", at.who())

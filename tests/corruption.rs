@@ -174,47 +174,6 @@ fn assert_layers(s: &Store, layers: &[(String, Vec<u8>)]) {
     }
 }
 
-/// After a fallback to the slot before the last commit. That commit rewrote "top" block 9 into
-/// a new pool block and, once committed, freed (and punched) the block the older state names:
-/// the older state reads everything else as it was, and that block as a checksum failure —
-/// an error, never the zeros or newer bytes now stored there.
-fn assert_state_before_last_commit(s: &Store) {
-    let f = fixture();
-    for (name, want) in &f.layers {
-        let id = id(s, name);
-        let mut buf = vec![0u8; LAYER_SIZE as usize];
-        if name != "top" {
-            s.read_layer(id, 0, &mut buf).unwrap();
-            assert!(buf == *want, "layer {name} differs");
-            continue;
-        }
-        let (head, tail) = buf.split_at_mut((9 * BS) as usize);
-        s.read_layer(id, 0, head).unwrap();
-        assert!(head[..] == want[..head.len()]);
-        s.read_layer(id, 10 * BS, &mut tail[BS as usize..]).unwrap();
-        assert!(tail[BS as usize..] == want[(10 * BS) as usize..]);
-        let e = s
-            .read_layer(id, 9 * BS, &mut tail[..BS as usize])
-            .unwrap_err();
-        assert!(matches!(e, Error::Corrupt(_)), "{e:?}");
-        assert!(
-            e.to_string().contains("layer \"top\" (id 3): data block 9"),
-            "{e}"
-        );
-    }
-}
-
-/// The pool opens on the slot before `newest`, in the state before the last commit, and
-/// `check` reports that generation.
-fn assert_fell_back(path: &Path, newest: &Superblock, data: bool) -> thinlayer::check::CheckReport {
-    let s = Store::open_read_only(path).unwrap();
-    assert_state_before_last_commit(&s);
-    drop(s);
-    let r = check(path, data);
-    assert_eq!(r.generation, newest.generation - 1);
-    r
-}
-
 fn check(path: &Path, data: bool) -> thinlayer::check::CheckReport {
     let file = std::fs::File::open(path).unwrap();
     thinlayer::check::check(Arc::new(FileStorage::new(file)), data, &mut |_, _| {}).unwrap()
@@ -255,20 +214,22 @@ fn fixture_has_checkpoint_and_log_and_checks_clean() {
     assert!(r.verified_blocks > 0);
 }
 
+/// A damaged newest slot: the older one (the last checkpoint's) names less of the log, but
+/// the log's commits after it are found by reading forward (FORMAT.md §5.5), so nothing is
+/// lost; `check` warns about the slot and a writable open rewrites it.
 #[test]
-fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
+fn damaged_newest_superblock_falls_back_to_older_slot_without_losing_commits() {
+    let f = fixture();
     let (_d, path) = copy_pool();
     let (slot, sb) = newest(&path);
     let generation = fields::GENERATION.at as u64 + 4;
     flip(&path, slot as u64 * PAGE_SIZE as u64 + generation);
-    let r = assert_fell_back(&path, &sb, true);
-    assert!(
-        r.faults
-            .iter()
-            .any(|m| m.message.contains("layer \"top\" (id 3): data block 9")),
-        "{:?}",
-        r.faults
-    );
+    let s = Store::open_read_only(&path).unwrap();
+    assert_layers(&s, &f.layers);
+    drop(s);
+    let r = check(&path, true);
+    assert_eq!(r.generation, sb.generation - 1);
+    assert!(r.is_clean(), "{:?}", r.faults);
     // One bad slot beside a good one looks like a torn commit: `check` warns about it.
     assert!(
         r.notes
@@ -283,6 +244,8 @@ fn damaged_newest_superblock_falls_back_to_older_slot_and_says_so() {
     assert!(slots(&path).iter().all(Option::is_some));
     let r = check(&path, false);
     assert!(r.is_clean(), "{:?}", r.faults);
+    let s = Store::open_read_only(&path).unwrap();
+    assert_layers(&s, &f.layers);
 }
 
 #[test]
@@ -307,9 +270,11 @@ fn damaged_older_superblock_keeps_the_newest_state_and_is_noted() {
 }
 
 /// Damage behind a valid checksum: the newest slot names an impossible block size and is
-/// re-sealed, so only the field check can refuse it.
+/// re-sealed, so only the field check can refuse it; the older slot and the log's tail give
+/// back the whole state.
 #[test]
 fn resealed_superblock_with_an_impossible_field_falls_back_and_is_noted() {
+    let f = fixture();
     let (_d, path) = copy_pool();
     let (slot, sb) = newest(&path);
     let mut b = std::fs::read(&path).unwrap();
@@ -318,7 +283,11 @@ fn resealed_superblock_with_an_impossible_field_falls_back_and_is_noted() {
     checksum::seal(Kind::Superblock, &mut b[at..]);
     assert!(checksum::verify(Kind::Superblock, &b[at..]).is_ok());
     std::fs::write(&path, b).unwrap();
-    let r = assert_fell_back(&path, &sb, false);
+    let s = Store::open_read_only(&path).unwrap();
+    assert_layers(&s, &f.layers);
+    drop(s);
+    let r = check(&path, false);
+    assert_eq!(r.generation, sb.generation - 1);
     assert!(
         r.notes
             .iter()
@@ -366,32 +335,45 @@ fn damaged_checkpoint_page_is_corrupt_naming_its_offset() {
     assert_fault(&check(&path, false), &[&format!("byte offset {offset}")]);
 }
 
+/// The older slot (the checkpoint's) finds the log by reading forward from its start, and
+/// stops at the damaged page; the newest slot names more pages of the same log, so this is
+/// damage, not a crash: `check` names the page and the lost commits, a read-only open still
+/// serves what is readable (the checkpoint's state), and a writable open refuses.
 #[test]
 fn damaged_early_log_page_is_corrupt_naming_its_offset() {
     let (_d, path) = copy_pool();
     let (_, sb) = newest(&path);
     let page = stream_pages(&path, sb.log.head, sb.log.pages)[0];
     let offset = page * PAGE_SIZE as u64;
-    flip(&path, offset + 40);
-    // Both slots' logs start with this page.
-    let m = corrupt_message(Store::open_read_only(&path));
-    assert!(m.contains("log page 0"), "{m}");
-    assert!(
-        m.contains(&format!("byte offset {offset} (page {page})")),
-        "{m}"
+    flip(&path, offset + 60);
+    let r = check(&path, false);
+    assert_fault(
+        &r,
+        &[&format!("log page 0 at byte offset {offset} (page {page})")],
     );
-    assert_fault(&check(&path, false), &[&format!("byte offset {offset}")]);
+    let lost = format!("names {} log pages, but only 0 can be read", sb.log.pages);
+    assert_fault(&r, &[&lost]);
+    let m = corrupt_message(Store::open(&path, "test"));
+    assert!(m.contains(&lost), "{m}");
+    let s = Store::open_read_only(&path).unwrap();
+    assert!(read_all(&s, "base").unwrap() == fixture().layers[0].1);
 }
 
+/// The last page of the log damaged: the older slot reads the log forward up to it. The last
+/// commit it reads in full is the one before, whose data the damaged commit replaced (and the
+/// pool punched): it fails the crc check that catches a crash cutting off a commit's data, so
+/// the state read is from before both, and nothing unreadable is served as data.
 #[test]
 fn damaged_newest_log_page_falls_back_to_the_state_before_it() {
+    let f = fixture();
     let (_d, path) = copy_pool();
     let (_, sb) = newest(&path);
     let pages = stream_pages(&path, sb.log.head, sb.log.pages);
     let page = *pages.last().unwrap();
     let offset = page * PAGE_SIZE as u64;
     flip(&path, offset + 2000);
-    let r = assert_fell_back(&path, &sb, false);
+    let r = check(&path, true);
+    assert_eq!(r.generation, sb.generation - 1);
     let seq = sb.log.pages - 1;
     assert!(
         r.faults
@@ -403,6 +385,26 @@ fn damaged_newest_log_page_falls_back_to_the_state_before_it() {
         "{:?}",
         r.faults
     );
+    // The lost commits are named, and a writable open refuses rather than build on less.
+    let lost = format!(
+        "names {} log pages, but only {} can be read",
+        sb.log.pages,
+        seq - 1
+    );
+    assert_fault(&r, &[&lost]);
+    assert!(corrupt_message(Store::open(&path, "test")).contains(&lost));
+    // What the older state reads: everything but "top", whose last two commits are gone.
+    let s = Store::open_read_only(&path).unwrap();
+    assert_layers(&s, &f.layers[..2]);
+    assert_layers(&s, &f.layers[3..]);
+    let top = read_all(&s, "top").unwrap();
+    let mid = &f.layers[1].1;
+    let at = |vb: u64| (vb * BS) as usize..((vb + 1) * BS) as usize;
+    assert!(
+        top[at(9)] == mid[at(9)],
+        "top block 9 should read through to mid"
+    );
+    assert!(top[at(8)] == block(3, 8)[..]);
 }
 
 #[test]

@@ -16,8 +16,15 @@ layout! {
         SEQ: u32 = "seq",
         PAYLOAD_LEN: u32 = "payload_len",
         NEXT: u64 = "next",
+        COMMIT: u64 = "commit",
+        FLAGS: u32 = "flags",
+        RESERVED: u32 = "reserved",
     }
 }
+
+/// `flags`: this page is the last of its commit. A log commit's pages are whole only up to
+/// and including the page that carries it (docs/FORMAT.md §5.5).
+pub const FLAG_COMMIT_END: u32 = 1;
 use header as f;
 
 pub const HEADER_LEN: usize = f::LEN;
@@ -34,6 +41,9 @@ pub struct PageHeader {
     pub payload_len: u32,
     /// Page number of the next page of the stream (0 = none).
     pub next: u64,
+    /// The number of the commit that wrote the page (§5.5).
+    pub commit: u64,
+    pub flags: u32,
 }
 
 /// Build a page: header, payload, zero padding, checksum written last.
@@ -46,6 +56,8 @@ pub fn encode(h: &PageHeader, payload: &[u8], out: &mut [u8; PAGE_SIZE]) {
     f::SEQ.put(out, h.seq);
     f::PAYLOAD_LEN.put(out, h.payload_len);
     f::NEXT.put(out, h.next);
+    f::COMMIT.put(out, h.commit);
+    f::FLAGS.put(out, h.flags);
     out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
     checksum::seal(h.kind, out);
 }
@@ -80,6 +92,8 @@ pub fn decode(
         seq: f::SEQ.get(b),
         payload_len: f::PAYLOAD_LEN.get(b),
         next: f::NEXT.get(b),
+        commit: f::COMMIT.get(b),
+        flags: f::FLAGS.get(b),
     };
     if f::KIND.get(b) != kind as u32 {
         return Err(bad("wrong page kind".into()));
@@ -92,6 +106,9 @@ pub fn decode(
     }
     if h.payload_len as usize > PAYLOAD_MAX {
         return Err(bad(format!("payload length {} too large", h.payload_len)));
+    }
+    if h.flags & !FLAG_COMMIT_END != 0 || f::RESERVED.get(b) != 0 {
+        return Err(bad(format!("unknown flags {:#x}", h.flags)));
     }
     Ok(h)
 }
@@ -112,6 +129,8 @@ mod tests {
             seq: 3,
             payload_len: 5,
             next: 77,
+            commit: 0x0102_0304_0506_0708,
+            flags: FLAG_COMMIT_END,
         }
     }
 
@@ -126,6 +145,12 @@ mod tests {
         assert!(decode(&p, 12, Kind::CheckpointPage, 9, 3).is_err());
         assert!(decode(&p, 12, Kind::LogPage, 8, 3).is_err());
         assert!(decode(&p, 12, Kind::LogPage, 9, 4).is_err());
+        // Flags this version does not know make the page invalid rather than misread.
+        let mut q = p;
+        f::FLAGS.put(&mut q, 2);
+        checksum::seal(Kind::LogPage, &mut q);
+        let e = decode(&q, 12, Kind::LogPage, 9, 3).unwrap_err().to_string();
+        assert!(e.contains("unknown flags 0x2"), "{e}");
         let mut q = p;
         q[100] ^= 1;
         let e = decode(&q, 12, Kind::LogPage, 9, 3).unwrap_err().to_string();
@@ -133,20 +158,24 @@ mod tests {
     }
 
     /// Headers as the encoder with literal offsets wrote them (crc kind stream_id seq
-    /// payload_len next), captured before the field table existed.
+    /// payload_len next), captured before the field table existed, and version 2's fields.
     #[test]
     fn encodes_to_the_golden_bytes() {
         let h = hello_header();
         let mut p = [0u8; PAGE_SIZE];
         encode(&h, b"hello", &mut p);
+        // Version 1's header, then version 2's commit, flags and reserved, then the payload;
+        // the crc (first four bytes) covers them all, so it is checked by decoding.
         let golden = crate::format::unhex(
-            "9c4d372a 50474f4c 0900000000000000 03000000 05000000 4d00000000000000 68656c6c6f",
+            "00000000 50474f4c 0900000000000000 03000000 05000000 4d00000000000000
+             0807060504030201 01000000 00000000 68656c6c6f",
         );
-        assert_eq!(p[..golden.len()], golden[..]);
+        assert_eq!(p[4..golden.len()], golden[4..]);
         assert!(
             p[golden.len()..].iter().all(|&b| b == 0),
             "padding not zero"
         );
+        assert_eq!(decode(&p, 12, Kind::LogPage, 9, 3).unwrap(), h);
 
         let full: Vec<u8> = (0..PAYLOAD_MAX).map(|i| (i * 7 + 3) as u8).collect();
         let h = PageHeader {
@@ -155,12 +184,15 @@ mod tests {
             seq: 0xfeed_beef,
             payload_len: PAYLOAD_MAX as u32,
             next: 0,
+            commit: 6,
+            flags: 0,
         };
         encode(&h, &full, &mut p);
         let golden = crate::format::unhex(
-            "2c142d23 54504b43 8877665544332211 efbeedfe e00f0000 0000000000000000",
+            "00000000 54504b43 8877665544332211 efbeedfe d00f0000 0000000000000000
+             0600000000000000 00000000 00000000",
         );
-        assert_eq!(p[..HEADER_LEN], golden[..]);
+        assert_eq!(p[4..HEADER_LEN], golden[4..]);
         assert_eq!(p[HEADER_LEN..], full[..]);
         assert_eq!(
             decode(&p, 5, Kind::CheckpointPage, h.stream_id, h.seq).unwrap(),
@@ -179,7 +211,8 @@ mod tests {
             page_no in 0u64..1 << 52,
         ) {
             let kind = if log { Kind::LogPage } else { Kind::CheckpointPage };
-            let h = PageHeader { kind, stream_id, seq, payload_len: bytes.len() as u32, next };
+            let flags = if log { FLAG_COMMIT_END } else { 0 };
+            let h = PageHeader { kind, stream_id, seq, payload_len: bytes.len() as u32, next, commit: next ^ stream_id, flags };
             let mut p = [0u8; PAGE_SIZE];
             encode(&h, &bytes, &mut p);
             let got = decode(&p, page_no, kind, stream_id, seq).unwrap();

@@ -7,7 +7,9 @@ use super::field::layout;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"THINLAYR";
-pub const VERSION: u32 = 1;
+/// 2: log pages carry their commit's number and an end-of-commit flag, and the log runs past
+/// what the superblock names (one-sync commits). Version 1 pools are refused by name.
+pub const VERSION: u32 = 2;
 
 layout! {
     /// The superblock's fields, in the order and with the names of docs/FORMAT.md §3.
@@ -28,7 +30,8 @@ layout! {
         LOG_NEXT: u64 = "log_next",
         POOL_ID: u64 = "pool_id",
         CREATED_SECS: u64 = "created_secs",
-        RESERVED: [u8; 16] = "reserved",
+        LOG_COMMIT: u64 = "log.commit",
+        RESERVED: [u8; 8] = "reserved",
     }
 }
 use fields as f;
@@ -61,6 +64,9 @@ pub struct Superblock {
     pub log_next: u64,
     pub pool_id: u64,
     pub created_secs: u64,
+    /// The number of the commit that wrote the last log page this superblock names (the
+    /// checkpoint's commit when the log is empty); later commits' pages follow it (§5.5).
+    pub log_commit: u64,
 }
 
 impl Superblock {
@@ -81,6 +87,7 @@ impl Superblock {
         f::LOG_NEXT.put(&mut b, self.log_next);
         f::POOL_ID.put(&mut b, self.pool_id);
         f::CREATED_SECS.put(&mut b, self.created_secs);
+        f::LOG_COMMIT.put(&mut b, self.log_commit);
         // Checksum last: it seals everything above.
         checksum::seal(Kind::Superblock, &mut b);
         b
@@ -103,6 +110,11 @@ impl Superblock {
         }
         checksum::verify(Kind::Superblock, b).map_err(|m| bad(&m.to_string()))?;
         let version = f::VERSION.get(b);
+        if version == 1 {
+            return Err(bad(
+                "format version 1, made by an older thinlayer (before one-sync commits): export its layers with that version and import them here",
+            ));
+        }
         if version != VERSION {
             return Err(bad(&format!("unsupported format version {version}")));
         }
@@ -123,6 +135,7 @@ impl Superblock {
             log_next: f::LOG_NEXT.get(b),
             pool_id: f::POOL_ID.get(b),
             created_secs: f::CREATED_SECS.get(b),
+            log_commit: f::LOG_COMMIT.get(b),
         };
         if !super::valid_block_size(sb.block_size as u64) {
             return Err(bad(&format!("invalid block size {}", sb.block_size)));
@@ -160,6 +173,7 @@ mod tests {
             log_next: 19,
             pool_id: 0xdead_beef,
             created_secs: 1_700_000_000,
+            log_commit: 0x77,
         }
     }
 
@@ -183,21 +197,22 @@ mod tests {
     }
 
     /// The bytes this superblock encoded to before the field table existed (captured from the
-    /// encoder with literal offsets): the table must not move a byte.
+    /// encoder with literal offsets), with version 2's `log.commit` in what was reserved: the
+    /// table must not move a byte.
     #[test]
     fn encodes_to_the_golden_bytes() {
         // Rows: crc magic version, generation block_size flags, max_blocks, checkpoint, log,
         // log_next pool_id created_secs, reserved.
         let golden = crate::format::unhex(concat!(
-            "07e13eb2 5448494e4c415952 01000000 ",
+            "00000000 5448494e4c415952 02000000 ",
             "2a00000000000000 00000100 00000000 ",
             "e803000000000000 ",
             "0300000000000000 0900000000000000 2800000000000000 ",
             "1100000000000000 0200000000000000 2900000000000000 ",
             "1300000000000000 efbeadde00000000 00f1536500000000 ",
-            "00000000000000000000000000000000"
+            "7700000000000000 0000000000000000"
         ));
-        assert_eq!(sample().encode()[..], golden[..]);
+        assert_eq!(sample().encode()[4..], golden[4..]);
         let edge = Superblock {
             generation: u64::MAX - 1,
             block_size: 4096,
@@ -211,18 +226,28 @@ mod tests {
             log_next: 2,
             pool_id: 0x0123_4567_89ab_cdef,
             created_secs: 0,
+            log_commit: 0,
         };
         let golden = crate::format::unhex(concat!(
-            "fd11c97c 5448494e4c415952 01000000 ",
+            "00000000 5448494e4c415952 02000000 ",
             "feffffffffffffff 00100000 00000000 ",
             "0000000000000000 ",
             "0000000000000000 0000000000000000 0000000000000000 ",
             "0200000000000000 0000000000000000 0100000000000000 ",
             "0200000000000000 efcdab8967452301 0000000000000000 ",
-            "00000000000000000000000000000000"
+            "0000000000000000 0000000000000000"
         ));
-        assert_eq!(edge.encode()[..], golden[..]);
-        assert_eq!(Superblock::decode(&golden, 0).unwrap(), edge);
+        assert_eq!(edge.encode()[4..], golden[4..]);
+        assert_eq!(Superblock::decode(&edge.encode(), 0).unwrap(), edge);
+        // A version 1 slot is refused by name, not as damage.
+        let mut v1 = edge.encode();
+        f::VERSION.put(&mut v1, 1);
+        checksum::seal(Kind::Superblock, &mut v1);
+        let e = Superblock::decode(&v1, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("format version 1, made by an older thinlayer"),
+            "{e}"
+        );
     }
 
     proptest::proptest! {
@@ -234,6 +259,7 @@ mod tests {
             streams in proptest::array::uniform7(2u64..),
             pool_id: u64,
             created_secs: u64,
+            log_commit: u64,
         ) {
             let [ch, cp, ci, lh, lp, li, next] = streams;
             let sb = Superblock {
@@ -245,13 +271,14 @@ mod tests {
                 log_next: next,
                 pool_id,
                 created_secs,
+                log_commit,
             };
             let enc = sb.encode();
             proptest::prop_assert_eq!(Superblock::decode(&enc, 0).unwrap(), sb);
             // Each value sits in its own field of the one table.
             proptest::prop_assert_eq!(f::GENERATION.get(&enc), generation);
             proptest::prop_assert_eq!(f::LOG_NEXT.get(&enc), next);
-            proptest::prop_assert!(f::RESERVED.get(&enc) == [0; 16] && f::FLAGS.get(&enc) == 0);
+            proptest::prop_assert!(f::RESERVED.get(&enc) == [0; 8] && f::FLAGS.get(&enc) == 0);
         }
     }
 }

@@ -8,7 +8,7 @@
 //! syncs) need only the storage, so reads and writes go on while they run.
 
 use super::alloc::{Allocator, Sealed};
-use super::meta::{self, MetaStreams, Staged};
+use super::meta::{MetaStreams, Staged};
 use super::storage::Storage;
 use crate::error::{Error, Result};
 use crate::format::page::PAYLOAD_MAX;
@@ -17,6 +17,10 @@ use crate::format::{first_data_block, PBlock, PAGE_SIZE};
 
 /// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
 pub const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
+/// A transaction with more record bytes than this (about 3200 map entries, 12 MiB of data at
+/// 4 KiB blocks) commits the two-sync way, under a superblock: a one-sync commit's data is
+/// read back and checked after a crash, and that read should stay short.
+const ONE_SYNC_MAX_RECORD_BYTES: usize = 64 << 10;
 /// Freed space is given back to the filesystem once this much more has gathered. Punching every
 /// freed block at once would make each small commit change the file's extent map (costly
 /// journal commits) and then reallocate the same blocks moments later.
@@ -55,12 +59,7 @@ impl Commit {
     /// `meta::make_durable` for the crash story of each). Needs only the storage, so the caller
     /// runs it without its locks.
     pub fn make_durable(&self, storage: &dyn Storage) -> Result<()> {
-        meta::make_durable(storage, &self.staged.sb)
-    }
-
-    /// The generation this commit makes durable.
-    pub fn generation(&self) -> u64 {
-        self.staged.sb.generation
+        self.staged.make_durable(storage)
     }
 }
 
@@ -136,7 +135,10 @@ impl Pool {
         }
         // Without room for a whole checkpoint, appending to the log still works.
         if matches!(staged, Ok(None)) {
-            staged = self.meta.stage_log(storage, &mut self.alloc, &pending.buf);
+            let superblock = pending.buf.len() > ONE_SYNC_MAX_RECORD_BYTES;
+            staged = self
+                .meta
+                .stage_log(storage, &mut self.alloc, &pending.buf, superblock);
         }
         match staged {
             Ok(Some(staged)) => {
@@ -213,12 +215,15 @@ impl Pool {
         blocks
     }
 
-    /// Punch out the gathered free blocks that have not been reused since (on close, when
-    /// nothing else can allocate).
-    pub fn punch_free_space(&mut self, storage: &dyn Storage) {
+    /// On close: name the log's tail in a superblock, so the next open reads none (and checks
+    /// no data), then punch out the gathered free blocks that have not been reused since
+    /// (nothing else can allocate now).
+    pub fn close(&mut self, storage: &dyn Storage) {
         if self.poisoned.is_some() {
             return;
         }
+        // Failure costs nothing durable: the tail is found by reading forward anyway.
+        let _ = self.meta.name_tail(storage);
         let blocks = self.take_unpunched();
         punch_runs(storage, &blocks, self.block_size as u64);
     }
@@ -232,6 +237,7 @@ impl Pool {
         slot_damaged: bool,
         newest_seen: u64,
     ) -> Result<()> {
+        self.meta.settle_tail(storage)?;
         if slot_damaged {
             // Write a good copy over the bad slot, so one more failure cannot leave no valid slot.
             self.meta.heal(storage, newest_seen)?;

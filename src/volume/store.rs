@@ -416,7 +416,7 @@ impl Drop for Store {
         // Whatever free space is still held goes back to the filesystem on the way out.
         if self.writable {
             let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-            g.pool.punch_free_space(&*self.storage);
+            g.pool.close(&*self.storage);
         }
     }
 }
@@ -471,6 +471,19 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
                         ..Default::default()
                     };
                     notes.push(Fault::new(what, at));
+                }
+                // A newer superblock of the same log says how far that log went: reading less
+                // of it is damage (a crash only ever cuts off commits no superblock names).
+                let read = inner.pool.meta.sb.log.pages;
+                for newer in sbs.iter().take_while(|n| n.generation > sb.generation) {
+                    if newer.log.id == sb.log.id && newer.log.pages > read {
+                        let what = What::LogCutShort {
+                            generation: newer.generation,
+                            named: newer.log.pages,
+                            read,
+                        };
+                        inner.load_faults.push(Fault::new(what, Where::default()));
+                    }
                 }
                 inner.slot_damaged = !notes.is_empty();
                 inner.newest_seen = sbs[0].generation;
