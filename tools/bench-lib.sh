@@ -119,3 +119,103 @@ save_results() {
     local k
     for k in "${!R[@]}"; do printf '%s=%s\n' "$k" "${R[$k]}"; done >"$WORK/results"
 }
+
+# --- thinlayer binaries ---------------------------------------------------------------------
+# `--binary [LABEL=]PATH` (repeatable) goes to binary_arg; binaries_ready then checks them
+# (default: target/release/thinlayer, built if missing) and sets TLS, one target key tl:LABEL per
+# binary, BIN[key] its path. Each binary gets its own pool WORK/pool-LABEL: an old and a new
+# binary may not share an on-disk format.
+BINS=() LABELS=() TLS=()
+declare -A BIN
+binary_arg() {
+    BINS+=("${1#*=}")
+    if [[ $1 == *=* ]]; then LABELS+=("${1%%=*}"); else LABELS+=(""); fi
+}
+binaries_ready() { # repository root
+    local i
+    if ((${#BINS[@]} == 0)); then
+        BINS=("$1/target/release/thinlayer") LABELS=(thinlayer)
+        if [[ ! -x ${BINS[0]} ]]; then
+            log "building thinlayer"
+            (cd "$1" && cargo build --release >&2)
+        fi
+    fi
+    for i in "${!BINS[@]}"; do
+        [[ -x ${BINS[i]} ]] || die "no thinlayer binary at ${BINS[i]}"
+        [[ -n ${LABELS[i]} ]] || LABELS[i]=tl$((i + 1))
+        [[ ${LABELS[i]} =~ ^[A-Za-z0-9_-]+$ ]] || die "label ${LABELS[i]}: letters, digits, - and _ only"
+        TLS+=("tl:${LABELS[i]}")
+        BIN[tl:${LABELS[i]}]=$(realpath "${BINS[i]}")
+    done
+}
+tl() { "${BIN[$1]}" --pool "$WORK/pool-${1#tl:}" "${@:2}"; }   # target args...
+
+# --- containers -----------------------------------------------------------------------------
+# ct_up TARGET IMAGE NAME: a fresh writable container on an image, served on a Unix socket.
+# IMAGE names WORK/IMAGE.raw, imported beforehand as layer IMAGE into every thinlayer pool.
+#   tl:LABEL  a child layer NAME of IMAGE, `thinlayer serve --export NAME`;
+#   qemu      a qcow2 overlay over the raw file, qemu-nbd --cache=$QCACHE (default writeback:
+#             FLUSH becomes fdatasync of the overlay);
+#   nbdkit    nbdkit --filter=cow file (its overlay is a temporary file, its FLUSH syncs nothing).
+# Sets SRV (server PID), URI and CUR (what holds the container's data). ct_space TARGET: bytes
+# the container holds now (while it is up); ct_down TARGET: stop the server, drop the container.
+QCACHE=${QCACHE:-writeback}
+SRV= URI= CUR=
+ct_up() {
+    local t=$1 image=$2 name=$3 sock=$WORK/${1/:/-}.sock
+    rm -f "$sock"
+    case $t in
+    tl:*)
+        CUR=$name
+        tl "$t" create "$CUR" --parent "$image" >/dev/null
+        bg_start "$WORK/${t/:/-}-serve.log" "${BIN[$t]}" --pool "$WORK/pool-${t#tl:}" serve \
+            --socket "$sock" --export "$CUR"
+        URI=$(uri "$sock" "$CUR") ;;
+    qemu)
+        CUR=$WORK/$name.qcow2
+        qemu-img create -q -f qcow2 -b "$WORK/$image.raw" -F raw "$CUR"
+        bg_start "$WORK/qemu-nbd.log" qemu-nbd --persistent --shared=4 --format=qcow2 \
+            --cache="$QCACHE" --aio=threads --socket="$sock" --export-name=c "$CUR"
+        URI=$(uri "$sock" c) ;;
+    nbdkit)
+        CUR=$WORK/cowtmp
+        mkdir -p "$CUR"
+        TMPDIR=$CUR bg_start "$WORK/nbdkit.log" nbdkit --foreground --unix "$sock" \
+            --filter=cow file "$WORK/$image.raw"
+        URI=$(uri "$sock" "") ;;
+    *) die "unknown target $t" ;;
+    esac
+    SRV=$BG
+    wait_for -S "$sock"
+}
+ct_space() {
+    case $1 in
+    tl:*) tl "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
+    qemu) on_disk "$CUR" ;;
+    nbdkit) cow_bytes "$SRV" "$CUR" ;;
+    esac
+}
+ct_down() {
+    case $1 in
+    tl:*)
+        bg_stop "$SRV" strict
+        tl "$1" rm "$CUR" >/dev/null ;;
+    qemu) bg_stop "$SRV"; rm -f "$CUR" ;;
+    nbdkit) bg_stop "$SRV"; rm -rf "$CUR" ;;
+    esac
+}
+ct_label() {
+    case $1 in
+    tl:*) echo "${1#tl:}" ;;
+    qemu) echo "qemu-nbd qcow2 ($QCACHE)" ;;
+    nbdkit) echo "nbdkit cow" ;;
+    *) echo "$1" ;;
+    esac
+}
+rotated() { # round target...: the targets rotated by round, so none always goes first
+    local r=$1 n i
+    shift
+    n=$#
+    local all=("$@")
+    for ((i = 0; i < n; i++)); do echo "${all[(i + r) % n]}"; done
+}
