@@ -148,7 +148,7 @@ binaries_ready() { # repository root
         BIN[tl:${LABELS[i]}]=$(realpath "${BINS[i]}")
     done
 }
-tl() { "${BIN[$1]}" --pool "$WORK/pool-${1#tl:}" "${@:2}"; }   # target args...
+tl_on() { "${BIN[$1]}" --pool "$WORK/pool-${1#tl:}" "${@:2}"; }   # target args...
 
 # --- containers -----------------------------------------------------------------------------
 # ct_up TARGET IMAGE NAME: a fresh writable container on an image, served on a Unix socket.
@@ -167,7 +167,7 @@ ct_up() {
     case $t in
     tl:*)
         CUR=$name
-        tl "$t" create "$CUR" --parent "$image" >/dev/null
+        tl_on "$t" create "$CUR" --parent "$image" >/dev/null
         bg_start "$WORK/${t/:/-}-serve.log" "${BIN[$t]}" --pool "$WORK/pool-${t#tl:}" serve \
             --socket "$sock" --export "$CUR"
         URI=$(uri "$sock" "$CUR") ;;
@@ -190,7 +190,7 @@ ct_up() {
 }
 ct_space() {
     case $1 in
-    tl:*) tl "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
+    tl:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
     qemu) on_disk "$CUR" ;;
     nbdkit) cow_bytes "$SRV" "$CUR" ;;
     esac
@@ -199,7 +199,7 @@ ct_down() {
     case $1 in
     tl:*)
         bg_stop "$SRV" strict
-        tl "$1" rm "$CUR" >/dev/null ;;
+        tl_on "$1" rm "$CUR" >/dev/null ;;
     qemu) bg_stop "$SRV"; rm -f "$CUR" ;;
     nbdkit) bg_stop "$SRV"; rm -rf "$CUR" ;;
     esac

@@ -6,6 +6,7 @@ between two thinlayer binaries), so one run on a noisy shared machine reads as r
 """
 
 import statistics
+import sys
 
 
 def load(path):
@@ -18,6 +19,9 @@ def load(path):
 
 
 def medians(samples):
+    """Medians; every key's samples also go to stderr, so the spread of a run is on record."""
+    for k in sorted(samples):
+        print(f"samples {k}: {' '.join(f'{x:g}' for x in samples[k])}", file=sys.stderr)
     return {k: statistics.median(v) for k, v in samples.items() if v}
 
 
