@@ -148,7 +148,9 @@ binaries_ready() { # repository root
         BIN[tl:${LABELS[i]}]=$(realpath "${BINS[i]}")
     done
 }
-tl_on() { "${BIN[$1]}" --pool "$WORK/pool-${1#tl:}" "${@:2}"; }   # target args...
+# tl_on TARGET ARGS...: the target's binary on its pool; any transport of binary LABEL (tl:LABEL,
+# a later tlf:LABEL) shares that binary's pool.
+tl_on() { "${BIN[tl:${1#*:}]}" --pool "$WORK/pool-${1#*:}" "${@:2}"; }
 
 # --- containers -----------------------------------------------------------------------------
 # ct_up TARGET IMAGE NAME: a fresh writable container on an image, served on a Unix socket.
