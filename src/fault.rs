@@ -16,6 +16,11 @@ pub enum What {
         reason: String,
         other_slot_good: bool,
     },
+    /// The last commit of the log's tail was left out: its pages are on disk but not all of
+    /// its data (power lost during its sync; it was never acknowledged).
+    CutOffCommit {
+        commit: u64,
+    },
     /// Nothing in the file loads as a pool.
     Unloadable {
         reason: String,
@@ -147,7 +152,7 @@ impl Fault {
             What::BadSlot {
                 other_slot_good: true,
                 ..
-            }
+            } | What::CutOffCommit { .. }
         )
     }
 }
@@ -215,6 +220,9 @@ fn describe(what: &What, at: &Where) -> String {
         What::BadSlot { reason, .. } => {
             format!("{reason} (torn by a crash during a commit, or damaged)")
         }
+        What::CutOffCommit { commit } => format!(
+            "commit {commit}, the last in the log, was left out: a crash during its sync kept its log pages but not all of its data (it was never acknowledged)"
+        ),
         What::Unloadable { reason } => reason.clone(),
         What::Fallback { generation, why } => format!(
             "using superblock generation {generation} because newer state failed to load: {why}"

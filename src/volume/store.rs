@@ -487,6 +487,7 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
                 }
                 inner.slot_damaged = !notes.is_empty();
                 inner.newest_seen = sbs[0].generation;
+                notes.append(&mut inner.load_notes);
                 inner.load_notes = notes;
                 return Ok(inner);
             }
@@ -550,7 +551,11 @@ fn load_generation(
         pending: RecordWriter::new(),
         block_size: bs,
         load_faults: faults,
-        load_notes: Vec::new(),
+        load_notes: rec
+            .dropped_commit
+            .map(|commit| Fault::new(What::CutOffCommit { commit }, Where::default()))
+            .into_iter()
+            .collect(),
         newest_seen: sb.generation,
         slot_damaged: false,
     })
