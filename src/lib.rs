@@ -2,13 +2,14 @@
 //!
 //! Layers of the crate depend downward only:
 //! `format` (bytes <-> structs) → `pool` (the pool file, allocation, commits) → `layer` (catalogue
-//! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `image`, `control`, `cli`).
+//! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `fuse`, `image`, `control`, `cli`).
 pub mod check;
 pub mod cli;
 pub mod control;
 pub mod error;
 pub mod fault;
 pub mod format;
+pub mod fuse;
 pub mod image;
 pub mod layer;
 pub mod nbd;

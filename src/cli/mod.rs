@@ -1,6 +1,7 @@
 //! The `thinlayer` command line. Each subcommand lives in its own file: it parses, calls one
 //! library function, prints.
 
+mod attach;
 mod check;
 mod create;
 mod df;
@@ -67,6 +68,8 @@ enum Command {
     Export(export::Args),
     Check(check::Args),
     Serve(serve::Args),
+    Attach(attach::AttachArgs),
+    Detach(attach::DetachArgs),
 }
 
 /// Where the pool lives when neither --pool nor THINLAYER_POOL says.
@@ -140,6 +143,8 @@ pub fn main() -> i32 {
         Command::Export(a) => export::run(&t, a).map(|_| 0),
         Command::Check(a) => check::run(&t, a),
         Command::Serve(a) => serve::run(&t, a).map(|_| 0),
+        Command::Attach(a) => attach::run_attach(&t, a).map(|_| 0),
+        Command::Detach(a) => attach::run_detach(&t, a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -14,6 +14,8 @@ While serving, every other thinlayer command on this pool (create, commit, rm, i
 export, ls, history, df, check) asks this process over the control socket (POOL.ctl, or\n\
 --control; owner-only, see docs/CONTROL.md). New layers are exports at once, removed ones\n\
 vanish, and layers NBD clients hold are protected. The sockets appear once it is ready.\n\n\
+With --files DIR: `thinlayer attach web` prints DIR/web, a live file for `mount -o loop`;\n\
+`thinlayer detach web` removes it (refused while a loop device has it open).\n\n\
 SIGINT/SIGTERM: stop accepting, finish requests in flight, commit, exit 0.\n\
 Unflushed writes are committed every --commit-interval seconds anyway."
 )]
@@ -28,6 +30,10 @@ pub struct Args {
     /// Export only these layers (repeatable); default: all.
     #[arg(long = "export", value_name = "NAME")]
     exports: Vec<String>,
+    /// Mount live files here (created if missing): each layer attached with `thinlayer attach`
+    /// appears as a raw disk image for `mount -o loop` / losetup. Root only.
+    #[arg(long, value_name = "DIR")]
+    files: Option<PathBuf>,
     /// Seconds between background commits of unflushed writes (0 = only on FLUSH/exit).
     #[arg(long, default_value_t = 5)]
     commit_interval: u64,
@@ -50,6 +56,7 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         only: a.exports,
         commit_interval: (a.commit_interval > 0).then(|| Duration::from_secs(a.commit_interval)),
         nbd_config: ServerConfig::default(),
+        files: a.files,
     };
     server::run(cfg, &super::command_line())
 }

@@ -55,6 +55,15 @@ pub enum Request {
         data: bool,
     },
     Status,
+    /// Attach a layer as a live file (`serve --files`).
+    Attach {
+        name: String,
+    },
+    Detach {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 impl Request {
@@ -99,6 +108,10 @@ impl fmt::Display for Request {
             Request::Df => f.write_str("df"),
             Request::Check { data } => f.write_str(if *data { "check --data" } else { "check" }),
             Request::Status => f.write_str("status"),
+            Request::Attach { name } => write!(f, "attach {name:?}"),
+            Request::Detach { name, force } => {
+                write!(f, "detach {name:?}{}", if *force { " --force" } else { "" })
+            }
         }
     }
 }
@@ -130,6 +143,15 @@ pub enum Reply {
         name: String,
     },
     Status(Status),
+    /// attach: the file a loop device can use.
+    Attached {
+        name: String,
+        path: String,
+        writable: bool,
+    },
+    Detached {
+        name: String,
+    },
 }
 
 /// What `status` shows about a running server.
@@ -368,6 +390,11 @@ mod tests {
             Request::Df,
             Request::Check { data: true },
             Request::Status,
+            Request::Attach { name: "web".into() },
+            Request::Detach {
+                name: "web".into(),
+                force: true,
+            },
         ];
         for r in all {
             assert_eq!(roundtrip(&r), r);
@@ -419,7 +446,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 11, "one row per request, and a base create");
+        assert_eq!(n, 13, "one row per request, and a base create");
     }
 
     #[test]
@@ -520,6 +547,12 @@ mod tests {
             }),
             ServerFrame::Reply(Reply::Committed { name: "web".into() }),
             ServerFrame::Reply(Reply::Status(status)),
+            ServerFrame::Reply(Reply::Attached {
+                name: "web".into(),
+                path: "/run/thinlayer/files/web".into(),
+                writable: true,
+            }),
+            ServerFrame::Reply(Reply::Detached { name: "web".into() }),
             ServerFrame::Error(WireError::from(&Error::NotFound("no layer".into()))),
         ];
         for f in &all {

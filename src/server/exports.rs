@@ -1,7 +1,8 @@
 //! The exports of a live pool, and who has them open. Every layer is an export the moment it
 //! exists (unless `serve --export` fixed the set) and stops being one when it is removed;
-//! each NBD connection's device is registered here while open, so `rm` and `commit` can refuse
-//! a layer in use, naming the connections, and `rm --force` can cut them off first.
+//! each NBD connection's device, and each live file's (`crate::fuse`), is registered here while
+//! open, so `rm` and `commit` can refuse a layer in use, naming its holders, and `rm --force`
+//! can cut them off first.
 
 use crate::error::{Error, Result};
 use crate::format::LayerId;
@@ -11,13 +12,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-/// One open connection's hold on a layer.
+/// What kind of frontend holds a layer: it decides how a refusal tells the user to let go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// An NBD connection (`client` is the NBD server's name for it).
+    Nbd,
+    /// A live file (`client` is the file's path).
+    File,
+}
+
+/// One open connection's (or live file's) hold on a layer.
 #[derive(Debug)]
 pub struct Attachment {
     pub layer: LayerId,
     pub export: String,
-    /// Who: the NBD server's name for the connection.
+    /// Who: the NBD server's name for the connection, or the live file's path.
     pub client: String,
+    pub holder: Holder,
     pub since: SystemTime,
     pub writable: bool,
     /// Set by `rm --force`: every further request fails with EIO, so the client can never
@@ -28,16 +39,23 @@ pub struct Attachment {
 impl Attachment {
     pub fn describe(&self) -> String {
         let since = humantime::format_rfc3339_seconds(self.since);
-        format!(
-            "{} on export {:?} ({}) since {since}",
-            self.client,
-            self.export,
-            if self.writable {
-                "writable"
-            } else {
-                "read-only"
-            }
-        )
+        let mode = if self.writable {
+            "writable"
+        } else {
+            "read-only"
+        };
+        match self.holder {
+            Holder::Nbd => format!(
+                "{} on export {:?} ({mode}) since {since}",
+                self.client, self.export
+            ),
+            Holder::File => format!("live file {} ({mode}) since {since}", self.client),
+        }
+    }
+
+    /// Whether `rm --force` has cut this holder off.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
     }
 }
 
@@ -56,6 +74,11 @@ impl LiveExports {
             attached: Arc::default(),
             next: AtomicU64::new(1),
         }
+    }
+
+    /// The store the exports are layers of.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
     }
 
     /// The connections holding layer `id`.
@@ -97,9 +120,21 @@ impl LiveExports {
             return Ok(());
         }
         let names: Vec<String> = held.iter().map(|a| a.describe()).collect();
+        let files = held.iter().filter(|a| a.holder == Holder::File).count();
+        let nbd = held.len() - files;
+        let (by, advice) = match (nbd, files) {
+            (_, 0) => (format!("{nbd} NBD connection(s)"), "disconnect them first"),
+            (0, _) => (
+                format!("{files} live file(s)"),
+                "detach it first (thinlayer detach)",
+            ),
+            _ => (
+                format!("{nbd} NBD connection(s) and {files} live file(s)"),
+                "disconnect and detach them first",
+            ),
+        };
         Err(Error::Conflict(format!(
-            "layer {layer:?} is in use by {} NBD connection(s): {}; disconnect them first{what}",
-            held.len(),
+            "layer {layer:?} is in use by {by}: {}; {advice}{what}",
             names.join("; ")
         )))
     }
@@ -115,11 +150,18 @@ impl LiveExports {
 
     /// Open an export for a connection, registering it until the device is dropped.
     pub fn open_for(&self, name: &str, client: &str) -> Result<Arc<dyn BlockDevice>> {
+        Ok(self.hold(name, client, Holder::Nbd)?)
+    }
+
+    /// Open an export for `holder`, registering it until the device is dropped; the device
+    /// shows its registration (`Attached::attachment`), so a holder can tell it was revoked.
+    pub fn hold(&self, name: &str, client: &str, holder: Holder) -> Result<Arc<Attached>> {
         let vol = self.inner.volume(name)?;
         let at = Arc::new(Attachment {
             layer: vol.id(),
             export: name.to_string(),
             client: client.to_string(),
+            holder,
             since: SystemTime::now(),
             writable: !vol.is_read_only(),
             revoked: AtomicBool::new(false),
@@ -153,8 +195,8 @@ impl ExportCatalog for LiveExports {
     }
 }
 
-/// A connection's device: the layer's volume, refusing I/O once revoked.
-struct Attached {
+/// A holder's device: the layer's volume, refusing I/O once revoked.
+pub struct Attached {
     vol: Volume,
     at: Arc<Attachment>,
     key: u64,
@@ -162,6 +204,10 @@ struct Attached {
 }
 
 impl Attached {
+    pub fn attachment(&self) -> &Attachment {
+        &self.at
+    }
+
     fn live(&self) -> Result<&Volume> {
         if self.at.revoked.load(Ordering::SeqCst) {
             return Err(Error::io(

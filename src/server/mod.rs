@@ -2,13 +2,15 @@
 //! management requests on the control socket, and commits in the background. A layer created
 //! or imported is an export at once; a removed one is gone; layers held by NBD connections are
 //! protected (`exports.rs`). What each request does is `ops.rs`, shared with the CLI's direct
-//! path, so a user never needs to know whether a server runs.
+//! path, so a user never needs to know whether a server runs. With `--files DIR` it also
+//! mounts the live files (`crate::fuse`): attached layers as disk-image files for loop devices.
 
 pub mod exports;
 pub mod ops;
 
 use crate::control::{serve_control, ControlSocket, Peer, Request};
 use crate::error::Result;
+use crate::fuse::LiveFiles;
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::volume::{Committer, Store};
 use exports::LiveExports;
@@ -30,6 +32,8 @@ pub struct Config {
     /// Background commits of unflushed writes (None = only on FLUSH and at exit).
     pub commit_interval: Option<Duration>,
     pub nbd_config: ServerConfig,
+    /// Mount the live files here (`serve --files`); None = no live files.
+    pub files: Option<PathBuf>,
 }
 
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
@@ -41,11 +45,15 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     for name in &cfg.only {
         store.layer(name)?;
     }
-    let exports = LiveExports::new(store.clone(), cfg.only.clone());
+    let exports = Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
     let stop = nbd::install_signal_handlers()?;
     // Both sockets are bound before either is served, the control socket last: when it
     // appears, the server is ready for every kind of client.
     let nbd_socket = nbd::bind(&cfg.nbd)?;
+    let files = match &cfg.files {
+        Some(dir) => Some(LiveFiles::mount(dir, exports.clone())?),
+        None => None,
+    };
     let control = ControlSocket::bind(&cfg.control, &cfg.pool)?;
     let committer = cfg
         .commit_interval
@@ -62,15 +70,21 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
             format!(", exports fixed to {}", cfg.only.join(", "))
         }
     );
+    if let Some(f) = &files {
+        eprintln!("thinlayer: live files in {}", f.dir().display());
+    }
     // The control layer has checked the peer's uid and logs who asked; the request itself
     // does not depend on who.
     let handler =
-        |_: &Peer, req: Request, fds: Vec<OwnedFd>, progress: &mut dyn FnMut(u64, u64)| {
-            ops::execute(&store, Some(&exports), req, fds, progress)
+        |_: &Peer, req: Request, fds: Vec<OwnedFd>, progress: &mut dyn FnMut(u64, u64)| match req {
+            Request::Attach { .. } | Request::Detach { .. } => {
+                ops::execute_files(&store, files.as_ref(), req)
+            }
+            _ => ops::execute(&store, Some(&exports), req, fds, progress),
         };
     let (nbd_result, control_result) = std::thread::scope(|s| {
         let c = s.spawn(|| serve_control(control, &handler, &stop));
-        let n = nbd::serve_bound(&exports, nbd_socket, &cfg.nbd_config, &stop);
+        let n = nbd::serve_bound(&*exports, nbd_socket, &cfg.nbd_config, &stop);
         // Whatever ended the NBD side ends the control side too.
         stop.store(true, Ordering::Relaxed);
         (n, c.join().expect("control thread panicked"))
@@ -78,9 +92,12 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     if let Some(c) = committer {
         c.stop();
     }
+    // Before the last commit: no write can come in after it.
+    let unmounted = files.as_ref().map_or(Ok(()), |f| f.unmount());
     nbd_result?;
     control_result?;
     store.flush().map_err(|e| e.context("final commit"))?;
+    unmounted?;
     eprintln!("thinlayer: stopped; all writes committed");
     Ok(())
 }

@@ -6,6 +6,7 @@
 use super::exports::LiveExports;
 use crate::control::{ConnectionInfo, Reply, Request, Status};
 use crate::error::{Error, Result};
+use crate::fuse::LiveFiles;
 use crate::volume::Store;
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -93,7 +94,46 @@ pub fn execute(
             None => Err(Error::NotFound("no server is running for this pool".into())),
             Some(x) => Ok(Reply::Status(status(store, x))),
         },
+        // Only a server's live files can answer these (`execute_files`).
+        Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(store.path())),
     }
+}
+
+/// `attach` and `detach` on a server's live files (`serve --files`); `files` is `None` when
+/// the server was started without them.
+pub fn execute_files(store: &Store, files: Option<&LiveFiles>, req: Request) -> Result<Reply> {
+    let Some(files) = files else {
+        return Err(Error::NotFound(format!(
+            "the server for pool {} was started without --files: no live files",
+            store
+                .path()
+                .map_or_else(String::new, |p| p.display().to_string())
+        )));
+    };
+    match req {
+        Request::Attach { name } => {
+            let path = files.attach(&name)?;
+            Ok(Reply::Attached {
+                writable: store.layer(&name)?.writable && store.is_writable(),
+                path: path.display().to_string(),
+                name,
+            })
+        }
+        Request::Detach { name, force } => {
+            files.detach(&name, force)?;
+            Ok(Reply::Detached { name })
+        }
+        other => Err(Error::Invalid(format!(
+            "{other} is not a live-files request"
+        ))),
+    }
+}
+
+fn no_live_files(pool: Option<&Path>) -> Error {
+    Error::NotFound(format!(
+        "no server is running for pool {}: live files need `thinlayer serve --files DIR`",
+        pool.map_or_else(String::new, |p| p.display().to_string())
+    ))
 }
 
 /// How a passed file is named in messages when the client gave no label.
@@ -160,6 +200,7 @@ pub fn direct(
             "no server is running for pool {}",
             pool.display()
         ))),
+        Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(Some(pool))),
         _ => {
             let store = Store::open(pool, command_line)?;
             execute(&store, None, req, files, progress)

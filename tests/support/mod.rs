@@ -32,14 +32,19 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-/// Run `thinlayer --pool POOL ARGS`, expect success, return stdout.
-pub fn tl(pool: &Path, args: &[&str]) -> String {
-    let o = Command::new(bin())
+/// Run `thinlayer --pool POOL ARGS`, whatever the outcome.
+pub fn tl_output(pool: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
         .arg("--pool")
         .arg(pool)
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Run `thinlayer --pool POOL ARGS`, expect success, return stdout.
+pub fn tl(pool: &Path, args: &[&str]) -> String {
+    let o = tl_output(pool, args);
     assert!(
         o.status.success(),
         "thinlayer {args:?}: {}",
@@ -79,11 +84,17 @@ impl Server {
 
     /// As `start`, with the server's stderr (one line per connection) going to `log`.
     pub fn start_logging(pool: &Path, sock: &Path, log: impl Into<Stdio>) -> Server {
+        Server::start_with(pool, sock, &[], log)
+    }
+
+    /// As `start_logging`, with more `serve` arguments.
+    pub fn start_with(pool: &Path, sock: &Path, args: &[&str], log: impl Into<Stdio>) -> Server {
         let child = Command::new(bin())
             .arg("--pool")
             .arg(pool)
             .args(["serve", "--socket"])
             .arg(sock)
+            .args(args)
             .stderr(log)
             .spawn()
             .unwrap();

@@ -1,0 +1,230 @@
+//! Which layers are attached as live files, and who has each file open. This is the policy
+//! half of the frontend (`fs.rs` only translates FUSE requests): attach is idempotent and
+//! registers the file with the live server's exports, so `rm` and `commit` refuse the layer
+//! naming the file; detach refuses while the file is open (a loop device holds it open) unless
+//! forced; `rm --force` revokes the registration, and the file then vanishes from the directory.
+
+use super::names::file_name;
+use crate::error::{Error, Result};
+use crate::server::exports::{Attached, Holder, LiveExports};
+use crate::volume::BlockDevice;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The root directory's inode; files get fresh numbers from 2 up, never reused, so a handle
+/// left open on a detached file can never reach a layer attached later.
+pub const ROOT_INO: u64 = 1;
+
+/// How long a detach waits for a file's last close. The kernel sends FUSE's RELEASE in the
+/// background after the last `close` (a loop device's, when it is torn down at umount), so
+/// a detach right after `umount` would otherwise race it.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// One attached layer.
+pub struct LiveFile {
+    pub ino: u64,
+    /// The layer's name; `path`'s file name is its encoding (`names.rs`).
+    pub layer: String,
+    pub file_name: String,
+    pub path: PathBuf,
+    pub since: SystemTime,
+    /// The layer's device, registered with the live exports while this value lives.
+    pub device: Arc<Attached>,
+    /// Open handles (`open` minus `release`), counted under the table's lock.
+    opens: AtomicU64,
+}
+
+impl LiveFile {
+    pub fn writable(&self) -> bool {
+        !self.device.is_read_only()
+    }
+
+    pub fn open_handles(&self) -> u64 {
+        self.opens.load(Ordering::SeqCst)
+    }
+
+    /// Cut off by `rm --force`: it is no longer listed, and its I/O fails with EIO.
+    fn revoked(&self) -> bool {
+        self.device.attachment().is_revoked()
+    }
+}
+
+#[derive(Default)]
+struct Files {
+    by_name: BTreeMap<String, Arc<LiveFile>>,
+    by_ino: HashMap<u64, Arc<LiveFile>>,
+    by_layer: HashMap<String, String>,
+}
+
+impl Files {
+    fn remove(&mut self, f: &LiveFile) {
+        self.by_name.remove(&f.file_name);
+        self.by_ino.remove(&f.ino);
+        self.by_layer.remove(&f.layer);
+    }
+
+    /// Forget the files `rm --force` revoked (their layers are gone).
+    fn prune(&mut self) {
+        let gone: Vec<_> = self
+            .by_name
+            .values()
+            .filter(|f| f.revoked())
+            .cloned()
+            .collect();
+        for f in gone {
+            self.remove(&f);
+        }
+    }
+}
+
+/// The attached files of one mount; shared by the FUSE request handlers and `LiveFiles`.
+pub struct Table {
+    exports: Arc<LiveExports>,
+    dir: PathBuf,
+    files: RwLock<Files>,
+    next_ino: AtomicU64,
+    /// Signalled whenever a handle is released (detach waits on it).
+    closed: (Mutex<()>, Condvar),
+}
+
+impl Table {
+    pub fn new(exports: Arc<LiveExports>, dir: &Path) -> Table {
+        Table {
+            exports,
+            dir: dir.to_path_buf(),
+            files: RwLock::default(),
+            next_ino: AtomicU64::new(ROOT_INO + 1),
+            closed: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn exports(&self) -> &LiveExports {
+        &self.exports
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Files> {
+        self.files.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Files> {
+        self.files.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The listed files, in name order.
+    pub fn list(&self) -> Vec<Arc<LiveFile>> {
+        let mut g = self.write();
+        g.prune();
+        g.by_name.values().cloned().collect()
+    }
+
+    pub fn by_name(&self, file_name: &str) -> Option<Arc<LiveFile>> {
+        let f = self.read().by_name.get(file_name).cloned()?;
+        (!f.revoked()).then_some(f)
+    }
+
+    /// The file behind an inode, for I/O: still there after `rm --force` (its device then
+    /// fails with EIO), gone after a detach.
+    pub fn by_ino(&self, ino: u64) -> Option<Arc<LiveFile>> {
+        self.read().by_ino.get(&ino).cloned()
+    }
+
+    /// Count an open of `ino`; `None` if it is no longer attached. Under the lock, so a
+    /// detach either sees this open or the open sees the file gone.
+    pub fn open(&self, ino: u64) -> Option<Arc<LiveFile>> {
+        let g = self.read();
+        let f = g.by_ino.get(&ino)?;
+        f.opens.fetch_add(1, Ordering::SeqCst);
+        Some(f.clone())
+    }
+
+    pub fn release(&self, ino: u64) {
+        if let Some(f) = self.read().by_ino.get(&ino) {
+            f.opens.fetch_sub(1, Ordering::SeqCst);
+        }
+        let _g = self.closed.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.1.notify_all();
+    }
+
+    /// See `LiveFiles::attach`.
+    pub fn attach(&self, layer: &str) -> Result<PathBuf> {
+        let mut g = self.write();
+        g.prune();
+        if let Some(f) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) {
+            return Ok(f.path.clone());
+        }
+        let info = self.exports.store().layer(layer)?;
+        let file_name = file_name(&info.name, info.id);
+        let path = self.dir.join(&file_name);
+        let device = self
+            .exports
+            .hold(layer, &path.display().to_string(), Holder::File)?;
+        let f = Arc::new(LiveFile {
+            ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
+            layer: info.name.clone(),
+            file_name: file_name.clone(),
+            path: path.clone(),
+            since: SystemTime::now(),
+            device,
+            opens: AtomicU64::new(0),
+        });
+        g.by_layer.insert(info.name, file_name.clone());
+        g.by_ino.insert(f.ino, f.clone());
+        g.by_name.insert(file_name, f);
+        Ok(path)
+    }
+
+    /// See `LiveFiles::detach`.
+    pub fn detach(&self, layer: &str, force: bool) -> Result<()> {
+        let deadline = Instant::now() + CLOSE_GRACE;
+        loop {
+            let mut g = self.write();
+            g.prune();
+            let Some(f) = g
+                .by_layer
+                .get(layer)
+                .and_then(|n| g.by_name.get(n))
+                .cloned()
+            else {
+                return Err(Error::NotFound(format!(
+                    "layer {layer:?} is not attached as a live file in {}",
+                    self.dir.display()
+                )));
+            };
+            let open = f.open_handles();
+            if open == 0 || force {
+                if open > 0 {
+                    eprintln!(
+                        "thinlayer: detach --force {layer:?}: {} was open {open} time(s); \
+                         its further I/O fails with EIO",
+                        f.path.display()
+                    );
+                }
+                // Dropping the last reference unregisters the layer from the exports.
+                g.remove(&f);
+                return Ok(());
+            }
+            drop(g);
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Conflict(format!(
+                    "layer {layer:?}: live file {} is open ({open} handle(s); a loop device? \
+                     see `losetup -j {}`); detach it after they close, or use --force",
+                    f.path.display(),
+                    f.path.display()
+                )));
+            }
+            let g = self.closed.0.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = self
+                .closed
+                .1
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(100)));
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Live files: each attached layer as one regular file, a raw disk image that `losetup` and
+//! `mount -o loop` use, in a FUSE filesystem the live server mounts (`serve --files DIR`).
+//! A frontend beside `nbd/`: reads and writes go through the same volume path NBD uses,
+//! `fsync` is the store's durable flush, and the attachment is registered with the server's
+//! exports, so a layer in use cannot be removed or committed under its loop device.
+//!
+//! `names` maps layer names to file names, `files` holds the policy (attach, detach, who has
+//! a file open), `fs` translates FUSE requests, `mount` sets the directory up and takes it
+//! down. Attachments live as long as the server: after a restart a client (the containerd
+//! snapshotter, in its Mounts) attaches again.
+
+mod files;
+mod fs;
+mod mount;
+mod names;
+
+pub use files::CLOSE_GRACE;
+
+use crate::error::{Error, Result};
+use crate::server::exports::LiveExports;
+use files::Table;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+/// FUSE session threads: each reads and serves one request at a time, so this many
+/// requests (across all files) are served at once.
+const SESSION_THREADS: usize = 4;
+
+/// One attached layer, as `LiveFiles::list` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub layer: String,
+    pub path: PathBuf,
+    pub writable: bool,
+    /// Open handles now (a loop device holds one).
+    pub open: u64,
+    pub since: SystemTime,
+}
+
+/// The live-files directory of a running server. Shared (`Arc`) by the control requests
+/// and the containerd snapshotter; every method is safe to call from any thread.
+pub struct LiveFiles {
+    table: Arc<Table>,
+    session: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+}
+
+impl LiveFiles {
+    /// Mount the live-files filesystem on `dir` (created if missing; a dead mount left by a
+    /// killed server is detached first), root-only, empty until layers are attached.
+    pub fn mount(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
+        let dir = mount::prepare(dir)?;
+        let table = Arc::new(Table::new(exports, &dir));
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName("thinlayer".into()),
+            fuser::MountOption::Subtype("thinlayer".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoExec,
+            fuser::MountOption::NoAtime,
+        ];
+        // Without allow_other only the mounting user (root) may enter.
+        config.acl = fuser::SessionACL::Owner;
+        config.n_threads = Some(SESSION_THREADS);
+        // Each thread gets its own /dev/fuse descriptor, so they do not contend on one.
+        config.clone_fd = true;
+        let session = fuser::Session::new(fs::Fs::new(table.clone()), &dir, &config)
+            .map_err(|e| Error::io(format!("live files: mounting on {}", dir.display()), e))?;
+        let thread = std::thread::Builder::new()
+            .name("live-files".into())
+            .spawn(move || session.run())
+            .map_err(|e| Error::io("live files: starting the session thread", e))?;
+        Ok(LiveFiles {
+            table,
+            session: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The mounted directory (canonical).
+    pub fn dir(&self) -> &Path {
+        self.table.dir()
+    }
+
+    /// Attach layer `layer` as a live file and return its path: `DIR/NAME`, the name with `/`
+    /// and `%` percent-encoded. Idempotent: an attached layer returns the same path. A
+    /// writable layer's file is read-write (0600), a read-only one's 0400 and refuses opens
+    /// for writing. While attached, `rm` and `commit` of the layer are refused naming the file.
+    /// Errors: `NotFound` for no such layer (or one still being imported).
+    pub fn attach(&self, layer: &str) -> Result<PathBuf> {
+        self.table.attach(layer)
+    }
+
+    /// Detach layer `layer`: its file vanishes and the layer is free for `rm` and `commit`.
+    /// While the file is open (a loop device holds it until it is detached; the kernel's last
+    /// close arrives shortly after `umount` of an autoclear loop device) this waits up to
+    /// `CLOSE_GRACE`, then refuses with `Conflict` naming the file, unless `force`: then open
+    /// handles get EIO from now on. `NotFound` if the layer is not attached.
+    pub fn detach(&self, layer: &str, force: bool) -> Result<()> {
+        self.table.detach(layer, force)
+    }
+
+    /// The file of an attached layer.
+    pub fn path(&self, layer: &str) -> Option<PathBuf> {
+        self.list()
+            .into_iter()
+            .find(|f| f.layer == layer)
+            .map(|f| f.path)
+    }
+
+    /// Every attached layer, in file-name order.
+    pub fn list(&self) -> Vec<FileInfo> {
+        self.table
+            .list()
+            .iter()
+            .map(|f| FileInfo {
+                layer: f.layer.clone(),
+                path: f.path.clone(),
+                writable: f.writable(),
+                open: f.open_handles(),
+                since: f.since,
+            })
+            .collect()
+    }
+
+    /// Unmount (at server shutdown). Files still open are named: their loop devices fail
+    /// from now on. A busy mount is detached lazily, and its session threads end with the
+    /// process.
+    pub fn unmount(&self) -> Result<()> {
+        let Some(thread) = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        for f in self.list().iter().filter(|f| f.open > 0) {
+            eprintln!(
+                "thinlayer: live file {} is still open ({} handle(s)); its I/O fails from now on",
+                f.path.display(),
+                f.open
+            );
+        }
+        let dir = self.dir();
+        let complete = mount::unmount(dir)
+            .map_err(|e| Error::io(format!("live files: unmounting {}", dir.display()), e))?;
+        if complete {
+            // The kernel ends the session once the mount is gone.
+            match thread.join() {
+                Ok(Err(e)) => eprintln!("thinlayer: live files session: {e}"),
+                Err(_) => eprintln!("thinlayer: live files session thread panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+        Ok(())
+    }
+}
