@@ -56,9 +56,11 @@ impl Bases {
         let _one = self.making.lock().unwrap_or_else(|p| p.into_inner());
         match store.layer(&name) {
             Ok(l) if !l.writable && !l.importing => return Ok(name),
-            Ok(_) => return Err(Error::Conflict(format!(
+            Ok(_) => {
+                return Err(Error::Conflict(format!(
                 "layer {name:?} has the name of a formatted base but is writable or being imported"
-            ))),
+            )))
+            }
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(e),
         }

@@ -7,6 +7,7 @@
 //! with the `loop` option.
 
 mod base;
+mod files;
 mod grpc;
 mod info;
 mod keys;

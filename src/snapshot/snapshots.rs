@@ -202,12 +202,14 @@ impl Snapshots {
         }
         let new_name = keys::layer_name(name);
         match self.store.layer(&new_name) {
-            Ok(_) => return Err(Failure::new(
-                Code::AlreadyExists,
-                format!(
+            Ok(_) => {
+                return Err(Failure::new(
+                    Code::AlreadyExists,
+                    format!(
                     "cannot commit snapshot {key:?} as {name:?}: layer {new_name:?} already exists"
                 ),
-            )),
+                ))
+            }
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(store_err(key)(e)),
         }
