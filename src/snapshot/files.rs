@@ -2,7 +2,7 @@
 
 use super::snapshots::Files;
 use crate::error::{Error, Result};
-use crate::fuse::LiveFiles;
+use crate::fuse::{LiveFiles, LostWrites};
 use std::path::PathBuf;
 
 impl Files for LiveFiles {
@@ -10,10 +10,10 @@ impl Files for LiveFiles {
         LiveFiles::attach(self, layer)
     }
 
-    fn detach(&self, layer: &str) -> Result<()> {
+    fn detach(&self, layer: &str) -> Result<LostWrites> {
         // Never forced: a loop device that still holds the file would lose its writes.
         match LiveFiles::detach(self, layer, false) {
-            Err(Error::NotFound(_)) if self.path(layer).is_none() => Ok(()),
+            Err(Error::NotFound(_)) if self.path(layer).is_none() => Ok(LostWrites::default()),
             r => r,
         }
     }

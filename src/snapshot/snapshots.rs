@@ -14,6 +14,7 @@ use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
 use super::status::{Failure, Result};
 use crate::error::Error;
+use crate::fuse::LostWrites;
 use crate::volume::{LayerInfo, Store};
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::tonic::Code;
@@ -30,9 +31,10 @@ pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinlayer.size";
 pub trait Files: Send + Sync {
     /// The file of `layer`, attaching it if needed (idempotent).
     fn attach(&self, layer: &str) -> crate::Result<PathBuf>;
-    /// Make `layer` no longer attached (nothing to do if it is not). `Conflict` while a loop
-    /// device still has the file open.
-    fn detach(&self, layer: &str) -> crate::Result<()>;
+    /// Make `layer` no longer attached (nothing to do if it is not), saying which writes
+    /// through its file failed while attached. `Conflict` while a loop device still has the
+    /// file open.
+    fn detach(&self, layer: &str) -> crate::Result<LostWrites>;
 }
 
 pub struct Snapshots {
@@ -215,7 +217,24 @@ impl Snapshots {
         }
         // Its loop device must be gone: then every write it took has reached the layer, and
         // none can come after the layer is read-only.
-        self.files.detach(&l.name).map_err(store_err(key))?;
+        let lost = self.files.detach(&l.name).map_err(store_err(key))?;
+        if lost.total > 0 {
+            // A loop device's writeback failing (the pool full during an unpack) reaches no
+            // one who wrote: the layer is incomplete, and sealing it would make an image layer
+            // with files missing. containerd removes the snapshot after this refusal.
+            let code = if lost.no_space > 0 {
+                Code::ResourceExhausted
+            } else {
+                Code::DataLoss
+            };
+            return Err(Failure::new(
+                code,
+                format!(
+                    "snapshot {key:?}: {} write(s) to its live file failed while it was mounted ({} with the pool full); its content is incomplete, so it is not committed",
+                    lost.total, lost.no_space
+                ),
+            ));
+        }
         let now = time_value(SystemTime::now());
         let labels = labels_value(&labels);
         let attrs = [

@@ -11,6 +11,8 @@ struct FakeFiles {
     attached: Mutex<BTreeSet<String>>,
     /// Layers whose file a (pretend) loop device holds open: detach refuses.
     held: Mutex<BTreeSet<String>>,
+    /// What the next detach reports lost.
+    lost: Mutex<LostWrites>,
 }
 
 impl Files for FakeFiles {
@@ -18,12 +20,12 @@ impl Files for FakeFiles {
         self.attached.lock().unwrap().insert(layer.to_string());
         Ok(PathBuf::from("/files").join(layer))
     }
-    fn detach(&self, layer: &str) -> crate::Result<()> {
+    fn detach(&self, layer: &str) -> crate::Result<LostWrites> {
         if self.held.lock().unwrap().contains(layer) {
             return Err(Error::Conflict(format!("live file of {layer:?} is open")));
         }
         self.attached.lock().unwrap().remove(layer);
-        Ok(())
+        Ok(std::mem::take(&mut *self.lost.lock().unwrap()))
     }
 }
 
@@ -149,6 +151,17 @@ fn refusals_carry_the_codes_and_name_the_snapshot() {
     assert_eq!(code(f.s.remove("k")), Code::FailedPrecondition);
     assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
     f.files.held.lock().unwrap().clear();
+
+    // Writes its loop device lost (the pool full under writeback): never committed.
+    *f.files.lost.lock().unwrap() = LostWrites {
+        total: 3,
+        no_space: 2,
+    };
+    let e = f.s.commit("done", "k", HashMap::new()).unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted);
+    assert!(e.message.contains("3 write(s)"), "{}", e.message);
+    assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
+    assert_eq!(code(f.s.stat("done")), Code::NotFound);
 
     f.s.commit("done", "k", HashMap::new()).unwrap();
     f.s.prepare("child", "done", HashMap::new(), Kind::Active)
