@@ -15,6 +15,7 @@ pub mod layer;
 pub mod nbd;
 pub mod pool;
 pub mod server;
+pub mod snapshot;
 pub mod units;
 pub mod volume;
 

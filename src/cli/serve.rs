@@ -34,6 +34,11 @@ pub struct Args {
     /// appears as a raw disk image for `mount -o loop` / losetup. Root only.
     #[arg(long, value_name = "DIR")]
     files: Option<PathBuf>,
+    /// Serve containerd's snapshots API on this Unix socket (owner-only), for
+    /// `[proxy_plugins.thinlayer] type = "snapshot"` in containerd's config. Its layers are
+    /// mounted through the live files: --files DIR, default POOL.files beside the pool.
+    #[arg(long, value_name = "PATH")]
+    containerd_socket: Option<PathBuf>,
     /// Seconds between background commits of unflushed writes (0 = only on FLUSH/exit).
     #[arg(long, default_value_t = 5)]
     commit_interval: u64,
@@ -56,7 +61,14 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         only: a.exports,
         commit_interval: (a.commit_interval > 0).then(|| Duration::from_secs(a.commit_interval)),
         nbd_config: ServerConfig::default(),
-        files: a.files,
+        files: a.files.or_else(|| {
+            a.containerd_socket.as_ref().map(|_| {
+                let mut p = t.pool.as_os_str().to_owned();
+                p.push(".files");
+                PathBuf::from(p)
+            })
+        }),
+        containerd: a.containerd_socket,
     };
     server::run(cfg, &super::command_line())
 }

@@ -127,6 +127,14 @@ impl ControlSocket {
         &self.pool
     }
 
+    /// A second handle on the listening socket, for a server that accepts on its own (the
+    /// containerd snapshotter's runtime); the file stays published until this is dropped.
+    pub fn listener_clone(&self) -> Result<UnixListener> {
+        self.listener
+            .try_clone()
+            .map_err(|e| Error::io(format!("socket {}: duplicating it", self.path.display()), e))
+    }
+
     pub(super) fn listener(&self) -> &UnixListener {
         &self.listener
     }

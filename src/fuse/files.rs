@@ -35,9 +35,36 @@ pub struct LiveFile {
     pub device: Arc<Attached>,
     /// Open handles (`open` minus `release`), counted under the table's lock.
     opens: AtomicU64,
+    /// Writes, zeroings and flushes that failed while attached (the kernel's writeback does
+    /// not tell the program that wrote, so whoever seals the layer must ask here).
+    failed_writes: AtomicU64,
+    /// Of those, the ones that found the pool full.
+    failed_no_space: AtomicU64,
+}
+
+/// What a live file lost while attached: `LiveFiles::detach` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LostWrites {
+    pub total: u64,
+    pub no_space: u64,
 }
 
 impl LiveFile {
+    /// A write (or zeroing, or flush) through this file failed.
+    pub fn note_failed_write(&self, no_space: bool) {
+        self.failed_writes.fetch_add(1, Ordering::Relaxed);
+        if no_space {
+            self.failed_no_space.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn lost_writes(&self) -> LostWrites {
+        LostWrites {
+            total: self.failed_writes.load(Ordering::Relaxed),
+            no_space: self.failed_no_space.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn writable(&self) -> bool {
         !self.device.is_read_only()
     }
@@ -173,6 +200,8 @@ impl Table {
             since: SystemTime::now(),
             device,
             opens: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
+            failed_no_space: AtomicU64::new(0),
         });
         g.by_layer.insert(info.name, file_name.clone());
         g.by_ino.insert(f.ino, f.clone());
@@ -181,7 +210,7 @@ impl Table {
     }
 
     /// See `LiveFiles::detach`.
-    pub fn detach(&self, layer: &str, force: bool) -> Result<()> {
+    pub fn detach(&self, layer: &str, force: bool) -> Result<LostWrites> {
         let deadline = Instant::now() + CLOSE_GRACE;
         loop {
             let mut g = self.write();
@@ -208,7 +237,7 @@ impl Table {
                 }
                 // Dropping the last reference unregisters the layer from the exports.
                 g.remove(&f);
-                return Ok(());
+                return Ok(f.lost_writes());
             }
             drop(g);
             let now = Instant::now();

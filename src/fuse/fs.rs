@@ -132,6 +132,9 @@ impl Fs {
 
     /// A device error as the caller sees it, logged with what and where.
     fn failed(&self, f: &LiveFile, what: &str, offset: u64, len: u64, e: Error) -> Errno {
+        if what != "read" {
+            f.note_failed_write(e.errno() == libc::ENOSPC);
+        }
         let n = self.errors.fetch_add(1, Ordering::Relaxed);
         if n < LOGGED_ERRORS {
             eprintln!(
@@ -292,6 +295,7 @@ impl Filesystem for Fs {
         // across it writes what fits.
         let end = f.device.size();
         if offset >= end && !data.is_empty() {
+            f.note_failed_write(true);
             return reply.error(Errno::ENOSPC);
         }
         let data = &data[..(data.len() as u64).min(end - offset) as usize];

@@ -14,7 +14,7 @@ mod fs;
 mod mount;
 mod names;
 
-pub use files::CLOSE_GRACE;
+pub use files::{LostWrites, CLOSE_GRACE};
 
 use crate::error::{Error, Result};
 use crate::server::exports::LiveExports;
@@ -98,7 +98,9 @@ impl LiveFiles {
     /// close arrives shortly after `umount` of an autoclear loop device) this waits up to
     /// `CLOSE_GRACE`, then refuses with `Conflict` naming the file, unless `force`: then open
     /// handles get EIO from now on. `NotFound` if the layer is not attached.
-    pub fn detach(&self, layer: &str, force: bool) -> Result<()> {
+    /// Returns what writes through the file failed while it was attached (the pool full, or
+    /// I/O errors): a loop device's writeback loses them without telling the writer.
+    pub fn detach(&self, layer: &str, force: bool) -> Result<LostWrites> {
         self.table.detach(layer, force)
     }
 

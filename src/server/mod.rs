@@ -12,6 +12,7 @@ use crate::control::{serve_control, ControlSocket, Peer, Request};
 use crate::error::Result;
 use crate::fuse::LiveFiles;
 use crate::nbd::{self, Listener, ServerConfig};
+use crate::snapshot::{self, Snapshots};
 use crate::volume::{Committer, Store};
 use exports::LiveExports;
 use std::os::fd::OwnedFd;
@@ -34,6 +35,8 @@ pub struct Config {
     pub nbd_config: ServerConfig,
     /// Mount the live files here (`serve --files`); None = no live files.
     pub files: Option<PathBuf>,
+    /// Serve containerd's snapshots API here (`serve --containerd-socket`); needs `files`.
+    pub containerd: Option<PathBuf>,
 }
 
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
@@ -51,8 +54,26 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     // appears, the server is ready for every kind of client.
     let nbd_socket = nbd::bind(&cfg.nbd)?;
     let files = match &cfg.files {
-        Some(dir) => Some(LiveFiles::mount(dir, exports.clone())?),
+        Some(dir) => Some(Arc::new(LiveFiles::mount(dir, exports.clone())?)),
         None => None,
+    };
+    let snapshotter = match (&cfg.containerd, &files) {
+        (Some(path), Some(f)) => {
+            let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
+            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
+            Some(snapshot::Server::start(
+                Arc::new(core),
+                path,
+                &cfg.pool,
+                stop.clone(),
+            )?)
+        }
+        (Some(_), None) => {
+            return Err(crate::Error::Invalid(
+                "--containerd-socket needs live files (--files DIR): containerd mounts them".into(),
+            ))
+        }
+        (None, _) => None,
     };
     let control = ControlSocket::bind(&cfg.control, &cfg.pool)?;
     let committer = cfg
@@ -73,12 +94,15 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     if let Some(f) = &files {
         eprintln!("thinlayer: live files in {}", f.dir().display());
     }
+    if let Some(p) = &cfg.containerd {
+        eprintln!("thinlayer: containerd snapshotter on {}", p.display());
+    }
     // The control layer has checked the peer's uid and logs who asked; the request itself
     // does not depend on who.
     let handler =
         |_: &Peer, req: Request, fds: Vec<OwnedFd>, progress: &mut dyn FnMut(u64, u64)| match req {
             Request::Attach { .. } | Request::Detach { .. } => {
-                ops::execute_files(&store, files.as_ref(), req)
+                ops::execute_files(&store, files.as_deref(), req)
             }
             _ => ops::execute(&store, Some(&exports), req, fds, progress),
         };
@@ -92,10 +116,13 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     if let Some(c) = committer {
         c.stop();
     }
+    // containerd's requests in flight finish before the files go and the last commit.
+    let snapshotter_result = snapshotter.map_or(Ok(()), |s| s.join());
     // Before the last commit: no write can come in after it.
     let unmounted = files.as_ref().map_or(Ok(()), |f| f.unmount());
     nbd_result?;
     control_result?;
+    snapshotter_result?;
     store.flush().map_err(|e| e.context("final commit"))?;
     unmounted?;
     eprintln!("thinlayer: stopped; all writes committed");

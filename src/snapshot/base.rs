@@ -1,0 +1,114 @@
+//! Formatted empty bases: a snapshot without a parent is a child of an empty ext4 filesystem
+//! of its size, made once per size with mkfs and kept as a read-only layer, so a new image
+//! chain costs no mkfs. Lazy initialisation is off: mkfs writes the inode tables and journal
+//! now (as zeros, which the import does not store), so the kernel's ext4lazyinit thread never
+//! writes them into a container's layer later.
+
+use super::keys;
+use crate::error::{Error, Result};
+use crate::volume::Store;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// Large and sparse: an empty filesystem of this size costs a few MiB of metadata.
+pub const DEFAULT_SIZE: u64 = 10 << 30;
+/// Smaller filesystems leave too little room for ext4's own metadata to be worth it.
+pub const MIN_SIZE: u64 = 64 << 20;
+/// Base sizes are whole MiB, so sizes that differ by a few bytes share a base.
+const ROUND: u64 = 1 << 20;
+
+pub struct Bases {
+    /// Where mkfs writes its image before the import (beside the pool: same disk, not tmpfs).
+    work_dir: PathBuf,
+    /// One base is made at a time, so two Prepares of a new size do not both run mkfs.
+    making: Mutex<()>,
+}
+
+/// The layer name of the base of `size` bytes.
+pub fn name(size: u64) -> String {
+    format!("containerd/ext4-base/{size}")
+}
+
+/// A size a snapshot asked for, rounded up to whole MiB and checked.
+pub fn checked_size(asked: u64) -> Result<u64> {
+    if asked < MIN_SIZE {
+        return Err(Error::Invalid(format!(
+            "size {asked} is below the smallest base, {MIN_SIZE} bytes"
+        )));
+    }
+    asked
+        .checked_next_multiple_of(ROUND)
+        .ok_or_else(|| Error::Invalid(format!("size {asked} is too large")))
+}
+
+impl Bases {
+    pub fn new(work_dir: &Path) -> Bases {
+        Bases {
+            work_dir: work_dir.to_path_buf(),
+            making: Mutex::new(()),
+        }
+    }
+
+    /// The base layer for `size` bytes (from `checked_size`), made now if there is none.
+    pub fn get(&self, store: &Store, size: u64) -> Result<String> {
+        let name = name(size);
+        let _one = self.making.lock().unwrap_or_else(|p| p.into_inner());
+        match store.layer(&name) {
+            Ok(l) if !l.writable && !l.importing => return Ok(name),
+            Ok(_) => {
+                return Err(Error::Conflict(format!(
+                "layer {name:?} has the name of a formatted base but is writable or being imported"
+            )))
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let image = self
+            .work_dir
+            .join(format!(".thinlayer-mkfs-{}-{size}.img", std::process::id()));
+        let made = self.make(store, &name, &image, size);
+        let _ = std::fs::remove_file(&image);
+        made?;
+        eprintln!("thinlayer: made formatted base {name:?} for containerd");
+        Ok(name)
+    }
+
+    fn make(&self, store: &Store, name: &str, image: &Path, size: u64) -> Result<()> {
+        let ctx = |what: &str| format!("making base {name:?} in {}: {what}", image.display());
+        let f = std::fs::File::create(image).map_err(|e| Error::io(ctx("creating"), e))?;
+        f.set_len(size).map_err(|e| Error::io(ctx("sizing"), e))?;
+        drop(f);
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-E"])
+            .arg("lazy_itable_init=0,lazy_journal_init=0,nodiscard")
+            .arg(image)
+            .output()
+            .map_err(|e| Error::io(ctx("running mkfs.ext4"), e))?;
+        if !out.status.success() {
+            return Err(Error::Invalid(ctx(&format!(
+                "mkfs.ext4 failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))));
+        }
+        // The import commits the layer whole or removes it; a crash in between leaves it marked
+        // incomplete, and the next open removes it.
+        crate::image::import(store, name, image, None, &mut |_, _| {})?;
+        store.set_attrs(name, &[(keys::BASE, Some("ext4"))])?;
+        store.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_mib_and_small_ones_are_refused() {
+        assert_eq!(checked_size(DEFAULT_SIZE).unwrap(), DEFAULT_SIZE);
+        assert_eq!(checked_size(MIN_SIZE + 1).unwrap(), MIN_SIZE + ROUND);
+        assert!(checked_size(MIN_SIZE - 1).is_err());
+        assert!(checked_size(u64::MAX).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! The live files (`crate::fuse`) as the snapshotter's `Files`.
+
+use super::snapshots::Files;
+use crate::error::{Error, Result};
+use crate::fuse::{LiveFiles, LostWrites};
+use std::path::PathBuf;
+
+impl Files for LiveFiles {
+    fn attach(&self, layer: &str) -> Result<PathBuf> {
+        LiveFiles::attach(self, layer)
+    }
+
+    fn detach(&self, layer: &str) -> Result<LostWrites> {
+        // Never forced: a loop device that still holds the file would lose its writes.
+        match LiveFiles::detach(self, layer, false) {
+            Err(Error::NotFound(_)) if self.path(layer).is_none() => Ok(LostWrites::default()),
+            r => r,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The containerd snapshotter: containerd's snapshots API (`api/services/snapshots/v1`, a
+//! proxy plugin over gRPC) served by the process that owns the pool, beside NBD and the
+//! control socket. A frontend like `nbd/`: `snapshots` says what each request does to the
+//! pool, `keys` and `info` how a snapshot is kept in a layer's name and attributes, `base` the
+//! formatted empty filesystems new image chains start from, `grpc` the wire side, `status`
+//! the gRPC codes. The layers reach containerd as live files (`crate::fuse`) that it mounts
+//! with the `loop` option.
+
+mod base;
+mod files;
+mod grpc;
+mod info;
+mod keys;
+mod snapshots;
+mod status;
+
+pub use grpc::Server;
+pub use snapshots::{Files, Snapshots, SIZE_LABEL};

@@ -1,0 +1,341 @@
+//! What each snapshot request does to the pool. A snapshot is a layer: Prepare makes an O(1)
+//! writable child of its parent's layer (or of a formatted empty base), View the same child
+//! mounted read-only, Commit seals the layer under the committed name; key, kind, labels and
+//! times are attributes written in the same transaction as the layer change, and every change
+//! is durable (committed) before the reply, so containerd and the pool never disagree after a
+//! crash of either.
+//!
+//! Why View is a writable child mounted `ro` rather than the parent itself: ext4 replays its
+//! journal even on a read-only mount, and the kernel may write superblock fields; the child
+//! takes any such write, so a committed layer never changes under its other children.
+
+use super::base::{self, Bases};
+use super::info::{self, kind_name, labels_value, time_value};
+use super::keys;
+use super::status::{Failure, Result};
+use crate::error::Error;
+use crate::fuse::LostWrites;
+use crate::volume::{LayerInfo, Store};
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::tonic::Code;
+use containerd_snapshots::{Info, Kind};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+/// A label that asks for the size of a snapshot without a parent (bytes, or 10G etc.).
+pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinlayer.size";
+
+/// Where snapshot layers become files a loop device can use (the live files, `crate::fuse`).
+pub trait Files: Send + Sync {
+    /// The file of `layer`, attaching it if needed (idempotent).
+    fn attach(&self, layer: &str) -> crate::Result<PathBuf>;
+    /// Make `layer` no longer attached (nothing to do if it is not), saying which writes
+    /// through its file failed while attached. `Conflict` while a loop device still has the
+    /// file open.
+    fn detach(&self, layer: &str) -> crate::Result<LostWrites>;
+}
+
+pub struct Snapshots {
+    store: Arc<Store>,
+    files: Arc<dyn Files>,
+    bases: Bases,
+    /// Changing requests one at a time: "does the name exist" and "make it" are one step.
+    changing: Mutex<()>,
+}
+
+fn named(key: &str) -> impl Fn(Failure) -> Failure + '_ {
+    move |f| f.context(format!("snapshot {key:?}"))
+}
+
+fn store_err(key: &str) -> impl Fn(Error) -> Failure + '_ {
+    move |e| Failure::from(e).context(format!("snapshot {key:?}"))
+}
+
+impl Snapshots {
+    /// `work_dir`: where formatted bases are made before their import (beside the pool).
+    pub fn new(store: Arc<Store>, files: Arc<dyn Files>, work_dir: &std::path::Path) -> Self {
+        Snapshots {
+            store,
+            files,
+            bases: Bases::new(work_dir),
+            changing: Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The layer of snapshot `key`, or NotFound.
+    fn find(&self, key: &str) -> Result<LayerInfo> {
+        if key.is_empty() {
+            return Err(Failure::new(Code::InvalidArgument, "empty snapshot key"));
+        }
+        let not_found = || Failure::new(Code::NotFound, format!("snapshot {key:?} not found"));
+        match self.store.layer(&keys::layer_name(key)) {
+            Ok(l) if info::is_snapshot(&l, key) => Ok(l),
+            Ok(_) | Err(Error::NotFound(_)) => Err(not_found()),
+            Err(e) => Err(store_err(key)(e)),
+        }
+    }
+
+    fn parent_key(&self, l: &LayerInfo) -> String {
+        l.parent
+            .as_ref()
+            .and_then(|p| self.store.layer(p).ok())
+            .and_then(|p| p.attrs.get(keys::KEY).cloned())
+            .unwrap_or_default()
+    }
+
+    fn mounts_of(&self, key: &str, l: &LayerInfo) -> Result<Vec<Mount>> {
+        let path = self.files.attach(&l.name).map_err(store_err(key))?;
+        let mut options = vec!["loop".to_string()];
+        if info::kind(l) == Kind::View {
+            options.push("ro".into());
+        }
+        Ok(vec![Mount {
+            r#type: "ext4".into(),
+            source: path.display().to_string(),
+            target: String::new(),
+            options,
+        }])
+    }
+
+    /// Prepare (`kind` Active) or View (`kind` View).
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        kind: Kind,
+    ) -> Result<Vec<Mount>> {
+        debug_assert!(matches!(kind, Kind::Active | Kind::View));
+        if key.is_empty() {
+            return Err(Failure::new(Code::InvalidArgument, "empty snapshot key"));
+        }
+        let _one = self.lock();
+        let name = keys::layer_name(key);
+        match self.store.layer(&name) {
+            Ok(l) if info::is_snapshot(&l, key) => {
+                return Err(Failure::new(
+                    Code::AlreadyExists,
+                    format!("snapshot {key:?} already exists"),
+                ))
+            }
+            Ok(_) => {
+                return Err(Failure::new(
+                    Code::AlreadyExists,
+                    format!("snapshot {key:?}: its layer name {name:?} is taken by a layer containerd did not make"),
+                ))
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(store_err(key)(e)),
+        }
+        let parent_layer = if parent.is_empty() {
+            let size = match labels.get(SIZE_LABEL) {
+                Some(v) => crate::units::parse_size(v)
+                    .and_then(base::checked_size)
+                    .map_err(|e| store_err(key)(e.context(format!("label {SIZE_LABEL}"))))?,
+                None => base::DEFAULT_SIZE,
+            };
+            self.bases.get(&self.store, size).map_err(store_err(key))?
+        } else {
+            let p = self.find(parent).map_err(named(key))?;
+            if info::kind(&p) != Kind::Committed {
+                return Err(Failure::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "snapshot {key:?}: parent {parent:?} is {}, not committed",
+                        kind_name(&info::kind(&p))
+                    ),
+                ));
+            }
+            p.name
+        };
+        let now = time_value(SystemTime::now());
+        let labels = labels_value(&labels);
+        let attrs = [
+            (keys::KEY, Some(key)),
+            (keys::KIND, Some(kind_name(&kind))),
+            (keys::LABELS, Some(labels.as_str())),
+            (keys::CREATED, Some(now.as_str())),
+            (keys::UPDATED, Some(now.as_str())),
+        ];
+        let l = self
+            .store
+            .create_layer_with(&name, Some(&parent_layer), None, &attrs)
+            .and_then(|l| self.store.flush().map(|()| l))
+            .map_err(store_err(key))?;
+        self.mounts_of(key, &l)
+    }
+
+    /// The mounts of an active snapshot or a view, attaching its file if needed (after a
+    /// restart of thinlayer, nothing is attached until containerd asks).
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let l = self.find(key)?;
+        if info::kind(&l) == Kind::Committed {
+            return Err(Failure::new(
+                Code::FailedPrecondition,
+                format!(
+                    "snapshot {key:?} is committed; only active snapshots and views have mounts"
+                ),
+            ));
+        }
+        self.mounts_of(key, &l)
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
+        if name.is_empty() {
+            return Err(Failure::new(Code::InvalidArgument, "empty snapshot name"));
+        }
+        let _one = self.lock();
+        let l = self.find(key)?;
+        let kind = info::kind(&l);
+        if kind != Kind::Active {
+            return Err(Failure::new(
+                Code::FailedPrecondition,
+                format!(
+                    "snapshot {key:?} is {}; only active snapshots can be committed",
+                    kind_name(&kind)
+                ),
+            ));
+        }
+        let new_name = keys::layer_name(name);
+        match self.store.layer(&new_name) {
+            Ok(_) => {
+                return Err(Failure::new(
+                    Code::AlreadyExists,
+                    format!(
+                    "cannot commit snapshot {key:?} as {name:?}: layer {new_name:?} already exists"
+                ),
+                ))
+            }
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(store_err(key)(e)),
+        }
+        // Its loop device must be gone: then every write it took has reached the layer, and
+        // none can come after the layer is read-only.
+        let lost = self.files.detach(&l.name).map_err(store_err(key))?;
+        if lost.total > 0 {
+            // A loop device's writeback failing (the pool full during an unpack) reaches no
+            // one who wrote: the layer is incomplete, and sealing it would make an image layer
+            // with files missing. containerd removes the snapshot after this refusal.
+            let code = if lost.no_space > 0 {
+                Code::ResourceExhausted
+            } else {
+                Code::DataLoss
+            };
+            return Err(Failure::new(
+                code,
+                format!(
+                    "snapshot {key:?}: {} write(s) to its live file failed while it was mounted ({} with the pool full); its content is incomplete, so it is not committed",
+                    lost.total, lost.no_space
+                ),
+            ));
+        }
+        let now = time_value(SystemTime::now());
+        let labels = labels_value(&labels);
+        let attrs = [
+            (keys::KEY, Some(name)),
+            (keys::KIND, Some("committed")),
+            (keys::LABELS, Some(labels.as_str())),
+            (keys::CREATED, Some(now.as_str())),
+            (keys::UPDATED, Some(now.as_str())),
+        ];
+        self.store
+            .commit_layer_with(&l.name, Some(&new_name), &attrs)
+            .and_then(|()| self.store.flush())
+            .map_err(store_err(key))
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let _one = self.lock();
+        let l = self.find(key)?;
+        if !l.children.is_empty() {
+            return Err(Failure::new(
+                Code::FailedPrecondition,
+                format!(
+                    "snapshot {key:?} has {} child snapshot(s); remove them first",
+                    l.children.len()
+                ),
+            ));
+        }
+        self.files.detach(&l.name).map_err(store_err(key))?;
+        self.store
+            .remove_layer(&l.name)
+            .and_then(|()| self.store.flush())
+            .map_err(store_err(key))
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        let l = self.find(key)?;
+        Ok(info::info(&l, self.parent_key(&l)))
+    }
+
+    /// Update labels: all of them (no field paths, or `labels`), or single ones (`labels.K`);
+    /// nothing else of a snapshot may change.
+    pub fn update(&self, new: Info, fieldpaths: Option<Vec<String>>) -> Result<Info> {
+        let key = new.name.as_str();
+        let _one = self.lock();
+        let l = self.find(key)?;
+        let mut labels = info::info(&l, String::new()).labels;
+        let paths = fieldpaths.unwrap_or_default();
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            labels = new.labels.clone();
+        }
+        for p in &paths {
+            if p == "labels" {
+                continue;
+            }
+            let Some(label) = p.strip_prefix("labels.") else {
+                return Err(Failure::new(
+                    Code::InvalidArgument,
+                    format!("snapshot {key:?}: cannot update field {p:?} (only labels)"),
+                ));
+            };
+            match new.labels.get(label) {
+                Some(v) => labels.insert(label.to_string(), v.clone()),
+                None => labels.remove(label),
+            };
+        }
+        let now = time_value(SystemTime::now());
+        let value = labels_value(&labels);
+        let attrs = [
+            (keys::LABELS, Some(value.as_str())),
+            (keys::UPDATED, Some(now.as_str())),
+        ];
+        self.store
+            .set_attrs(&l.name, &attrs)
+            .and_then(|()| self.store.flush())
+            .map_err(store_err(key))?;
+        self.stat(key)
+    }
+
+    /// Every snapshot containerd made (layers with a `containerd.key`), parents first; other
+    /// layers are never shown, so containerd's garbage collector cannot remove them.
+    pub fn list(&self) -> Vec<Info> {
+        let layers = self.store.layers();
+        let key_of: HashMap<&str, &str> = layers
+            .iter()
+            .filter_map(|l| Some((l.name.as_str(), l.attrs.get(keys::KEY)?.as_str())))
+            .collect();
+        layers
+            .iter()
+            .filter(|l| l.attrs.contains_key(keys::KEY))
+            .map(|l| {
+                let parent = l.parent.as_deref().and_then(|p| key_of.get(p));
+                info::info(l, parent.map_or_else(String::new, |p| p.to_string()))
+            })
+            .collect()
+    }
+
+    /// Bytes the snapshot's layer alone holds, from the layer's counters: exact, O(1).
+    pub fn usage(&self, key: &str) -> Result<u64> {
+        Ok(self.find(key)?.size)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+//! The snapshot semantics on a pool in memory, with a stand-in for the live files that
+//! records what is attached and can play a loop device that still holds a file.
+
+use super::*;
+use crate::pool::MemStorage;
+use crate::volume::CreateOptions;
+use std::collections::BTreeSet;
+
+#[derive(Default)]
+struct FakeFiles {
+    attached: Mutex<BTreeSet<String>>,
+    /// Layers whose file a (pretend) loop device holds open: detach refuses.
+    held: Mutex<BTreeSet<String>>,
+    /// What the next detach reports lost.
+    lost: Mutex<LostWrites>,
+}
+
+impl Files for FakeFiles {
+    fn attach(&self, layer: &str) -> crate::Result<PathBuf> {
+        self.attached.lock().unwrap().insert(layer.to_string());
+        Ok(PathBuf::from("/files").join(layer))
+    }
+    fn detach(&self, layer: &str) -> crate::Result<LostWrites> {
+        if self.held.lock().unwrap().contains(layer) {
+            return Err(Error::Conflict(format!("live file of {layer:?} is open")));
+        }
+        self.attached.lock().unwrap().remove(layer);
+        Ok(std::mem::take(&mut *self.lost.lock().unwrap()))
+    }
+}
+
+struct Fixture {
+    s: Snapshots,
+    files: Arc<FakeFiles>,
+    store: Arc<Store>,
+    mem: Arc<MemStorage>,
+    _dir: tempfile::TempDir,
+}
+
+fn small() -> HashMap<String, String> {
+    [(SIZE_LABEL.to_string(), "64M".to_string())].into()
+}
+
+fn fixture() -> Fixture {
+    let mem = Arc::new(MemStorage::new());
+    let store = Arc::new(Store::create_in(mem.clone(), &CreateOptions::default()).unwrap());
+    let files = Arc::new(FakeFiles::default());
+    let dir = tempfile::tempdir().unwrap();
+    let s = Snapshots::new(store.clone(), files.clone(), dir.path());
+    Fixture {
+        s,
+        files,
+        store,
+        mem,
+        _dir: dir,
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T>) -> Code {
+    r.unwrap_err().code
+}
+
+#[test]
+fn prepare_commit_and_children_share_layers_with_their_metadata_in_the_pool() {
+    let f = fixture();
+    let m =
+        f.s.prepare("ns/1/extract a", "", small(), Kind::Active)
+            .unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].r#type, "ext4");
+    assert_eq!(m[0].options, ["loop"]);
+    assert_eq!(m[0].source, "/files/ns/1/extract a");
+    let base = f.store.layer(&base::name(64 << 20)).unwrap();
+    assert!(!base.writable);
+    assert_eq!(base.attrs[keys::BASE], "ext4");
+
+    let labels: HashMap<_, _> = [("containerd.io/snapshot.ref".into(), "x".into())].into();
+    f.s.commit("ns/2/sha256:aa", "ns/1/extract a", labels.clone())
+        .unwrap();
+    assert!(
+        f.files.attached.lock().unwrap().is_empty(),
+        "commit detaches"
+    );
+    assert_eq!(code(f.s.stat("ns/1/extract a")), Code::NotFound);
+    let c = f.s.stat("ns/2/sha256:aa").unwrap();
+    assert_eq!(c.kind, Kind::Committed);
+    assert_eq!(c.parent, "", "a base is no snapshot");
+    assert_eq!(c.labels, labels);
+
+    // A second image chain reuses the base: no second mkfs, no second base layer.
+    f.s.prepare("ns/3/b", "", small(), Kind::Active).unwrap();
+    f.s.prepare("ns/4/t1", "ns/2/sha256:aa", HashMap::new(), Kind::Active)
+        .unwrap();
+    f.s.prepare("ns/5/v", "ns/2/sha256:aa", HashMap::new(), Kind::View)
+        .unwrap();
+    let bases = f
+        .store
+        .layers()
+        .into_iter()
+        .filter(|l| l.attrs.contains_key(keys::BASE))
+        .count();
+    assert_eq!(bases, 1);
+    let t1 = f.s.stat("ns/4/t1").unwrap();
+    assert_eq!(
+        (t1.kind, t1.parent.as_str()),
+        (Kind::Active, "ns/2/sha256:aa")
+    );
+    assert_eq!(f.s.mounts("ns/5/v").unwrap()[0].options, ["loop", "ro"]);
+    assert_eq!(code(f.s.mounts("ns/2/sha256:aa")), Code::FailedPrecondition);
+
+    let mut listed: Vec<_> = f.s.list().into_iter().map(|i| i.name).collect();
+    listed.sort();
+    assert_eq!(listed, ["ns/2/sha256:aa", "ns/3/b", "ns/4/t1", "ns/5/v"]);
+
+    // All of it is in the pool: a reopen (as after a restart) sees the same snapshots.
+    drop(f.s);
+    let store = Arc::new(Store::open_in(f.mem.clone(), true).unwrap());
+    let s = Snapshots::new(store, f.files.clone(), std::path::Path::new("/nonexistent"));
+    let t1 = s.stat("ns/4/t1").unwrap();
+    assert_eq!(t1.parent, "ns/2/sha256:aa");
+    assert_eq!(s.list().len(), 4);
+}
+
+#[test]
+fn refusals_carry_the_codes_and_name_the_snapshot() {
+    let f = fixture();
+    f.s.prepare("k", "", small(), Kind::Active).unwrap();
+    let e = f.s.prepare("k", "", small(), Kind::Active).unwrap_err();
+    assert_eq!(e.code, Code::AlreadyExists);
+    assert!(e.message.contains("\"k\""), "{}", e.message);
+    assert_eq!(code(f.s.stat("nope")), Code::NotFound);
+    assert_eq!(
+        code(f.s.prepare("c", "k", HashMap::new(), Kind::Active)),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(f.s.prepare("c", "nope", HashMap::new(), Kind::Active)),
+        Code::NotFound
+    );
+    let tiny: HashMap<_, _> = [(SIZE_LABEL.to_string(), "1M".to_string())].into();
+    assert_eq!(
+        code(f.s.prepare("c", "", tiny, Kind::Active)),
+        Code::InvalidArgument
+    );
+
+    // A loop device still holding the file: commit and remove refuse, and change nothing.
+    f.files.held.lock().unwrap().insert("k".into());
+    let e = f.s.commit("done", "k", HashMap::new()).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition);
+    assert!(e.message.starts_with("snapshot \"k\""), "{}", e.message);
+    assert_eq!(code(f.s.remove("k")), Code::FailedPrecondition);
+    assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
+    f.files.held.lock().unwrap().clear();
+
+    // Writes its loop device lost (the pool full under writeback): never committed.
+    *f.files.lost.lock().unwrap() = LostWrites {
+        total: 3,
+        no_space: 2,
+    };
+    let e = f.s.commit("done", "k", HashMap::new()).unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted);
+    assert!(e.message.contains("3 write(s)"), "{}", e.message);
+    assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
+    assert_eq!(code(f.s.stat("done")), Code::NotFound);
+
+    f.s.commit("done", "k", HashMap::new()).unwrap();
+    f.s.prepare("child", "done", HashMap::new(), Kind::Active)
+        .unwrap();
+    assert_eq!(code(f.s.remove("done")), Code::FailedPrecondition);
+    assert_eq!(
+        code(f.s.commit("x", "done", HashMap::new())),
+        Code::FailedPrecondition
+    );
+    f.s.prepare("v", "done", HashMap::new(), Kind::View)
+        .unwrap();
+    assert_eq!(
+        code(f.s.commit("x", "v", HashMap::new())),
+        Code::FailedPrecondition
+    );
+
+    // A user's layer bearing a snapshot's name is neither found nor replaced nor listed.
+    f.store.create_layer("mine", None, Some(1 << 20)).unwrap();
+    assert_eq!(code(f.s.stat("mine")), Code::NotFound);
+    assert_eq!(
+        code(f.s.prepare("mine", "", small(), Kind::Active)),
+        Code::AlreadyExists
+    );
+    assert!(f.s.list().iter().all(|i| i.name != "mine"));
+    assert_eq!(code(f.s.remove("mine")), Code::NotFound);
+    assert!(f.store.layer("mine").is_ok());
+}
+
+#[test]
+fn update_changes_labels_only_and_remove_frees_the_layer() {
+    let f = fixture();
+    let labels: HashMap<_, _> = [("a".into(), "1".into()), ("b".into(), "2".into())].into();
+    f.s.prepare(
+        "k",
+        "",
+        {
+            let mut l = small();
+            l.extend(labels);
+            l
+        },
+        Kind::Active,
+    )
+    .unwrap();
+    let mut info = f.s.stat("k").unwrap();
+    info.labels = [("a".into(), "9".into()), ("c".into(), "3".into())].into();
+    let paths = vec!["labels.a".to_string(), "labels.b".to_string()];
+    let got = f.s.update(info, Some(paths)).unwrap();
+    let want: HashMap<String, String> =
+        [("a".into(), "9".into()), (SIZE_LABEL.into(), "64M".into())].into();
+    assert_eq!(got.labels, want, "a set, b dropped, c not asked for");
+    assert!(got.updated_at >= got.created_at);
+    let mut bad = f.s.stat("k").unwrap();
+    bad.parent = "other".into();
+    assert_eq!(
+        code(f.s.update(bad, Some(vec!["parent".into()]))),
+        Code::InvalidArgument
+    );
+
+    assert_eq!(f.s.usage("k").unwrap(), 0);
+    f.s.remove("k").unwrap();
+    assert_eq!(code(f.s.stat("k")), Code::NotFound);
+    assert!(f.store.layer("k").is_err());
+}

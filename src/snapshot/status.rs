@@ -1,0 +1,88 @@
+//! Why a snapshot request failed, as containerd needs to hear it: the gRPC code decides what
+//! containerd does (an `AlreadyExists` on Prepare during unpack means "another pull made this
+//! layer, use it"; `NotFound` on Stat means "unpack it"), the message names the snapshot.
+
+use crate::error::Error;
+use containerd_snapshots::tonic::{Code, Status};
+
+#[derive(Debug)]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+}
+
+pub type Result<T> = std::result::Result<T, Failure>;
+
+impl Failure {
+    pub fn new(code: Code, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The store's error, with the code its kind calls for.
+    pub fn from_error(e: Error) -> Failure {
+        let code = match &e {
+            Error::NotFound(_) => Code::NotFound,
+            Error::Conflict(_) | Error::ReadOnly(_) => Code::FailedPrecondition,
+            Error::NoSpace(_) => Code::ResourceExhausted,
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                Code::ResourceExhausted
+            }
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::Busy(_) => Code::Unavailable,
+            Error::Io { .. } | Error::Corrupt(_) => Code::Internal,
+        };
+        Failure::new(code, e.to_string())
+    }
+
+    /// Prefix the message with what failed (`snapshot "ns/4/t1"`).
+    pub fn context(self, what: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: self.code,
+            message: format!("{what}: {}", self.message),
+        }
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::from_error(e)
+    }
+}
+
+impl From<Failure> for Status {
+    fn from(f: Failure) -> Status {
+        Status::new(f.code, f.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_get_the_codes_containerd_acts_on() {
+        let cases = [
+            (Error::NotFound("x".into()), Code::NotFound),
+            (Error::Conflict("x".into()), Code::FailedPrecondition),
+            (Error::NoSpace("x".into()), Code::ResourceExhausted),
+            (
+                Error::io("x", std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                Code::ResourceExhausted,
+            ),
+            (Error::Invalid("x".into()), Code::InvalidArgument),
+            (Error::Corrupt("x".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            let s = Status::from(Failure::from(e).context("snapshot \"k\""));
+            assert_eq!(s.code(), code);
+            assert!(
+                s.message().starts_with("snapshot \"k\": "),
+                "{}",
+                s.message()
+            );
+        }
+    }
+}
