@@ -9,7 +9,9 @@ mod import;
 mod init;
 mod ls;
 mod progress;
+mod registry;
 mod remove;
+mod send;
 mod serve;
 mod table;
 
@@ -67,6 +69,10 @@ enum Command {
     Export(export::Args),
     Check(check::Args),
     Serve(serve::Args),
+    Send(send::SendArgs),
+    Receive(send::ReceiveArgs),
+    Push(registry::PushArgs),
+    Pull(registry::PullArgs),
 }
 
 /// Where the pool lives when neither --pool nor THINLAYER_POOL says.
@@ -140,6 +146,10 @@ pub fn main() -> i32 {
         Command::Export(a) => export::run(&t, a).map(|_| 0),
         Command::Check(a) => check::run(&t, a),
         Command::Serve(a) => serve::run(&t, a).map(|_| 0),
+        Command::Send(a) => send::run_send(&t, a).map(|_| 0),
+        Command::Receive(a) => send::run_receive(&t, a).map(|_| 0),
+        Command::Push(a) => registry::run_push(&t, a).map(|_| 0),
+        Command::Pull(a) => registry::run_pull(&t, a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

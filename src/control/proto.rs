@@ -6,6 +6,7 @@ use crate::check::CheckReport;
 use crate::error::Error;
 use crate::format::ids::LayerId;
 use crate::image::{ExportStats, ImportStats};
+use crate::stream::{ReceiveStats, SendStats};
 use crate::volume::{LayerInfo, PoolUsage};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -55,6 +56,26 @@ pub enum Request {
         data: bool,
     },
     Status,
+    /// Carries one descriptor: where the stream goes, open for writing (a pipe, a file).
+    Send {
+        name: String,
+        /// The ancestor the diff is over (default: the layer's parent).
+        #[serde(default)]
+        from: Option<String>,
+        #[serde(default)]
+        label: Option<String>,
+    },
+    /// Carries one descriptor: the stream, open for reading (a pipe, a file).
+    Receive {
+        name: String,
+        #[serde(default)]
+        parent: Option<String>,
+        /// Refuse the stream unless its sha256 is this (`sha256:<hex>`; a pull's blob digest).
+        #[serde(default)]
+        digest: Option<String>,
+        #[serde(default)]
+        label: Option<String>,
+    },
 }
 
 impl Request {
@@ -63,6 +84,8 @@ impl Request {
         match self {
             Request::Import { .. } => Some("the source image, open for reading"),
             Request::Export { .. } => Some("the destination file, open for writing"),
+            Request::Send { .. } => Some("where the stream goes, open for writing"),
+            Request::Receive { .. } => Some("the stream, open for reading"),
             _ => None,
         }
     }
@@ -99,6 +122,20 @@ impl fmt::Display for Request {
             Request::Df => f.write_str("df"),
             Request::Check { data } => f.write_str(if *data { "check --data" } else { "check" }),
             Request::Status => f.write_str("status"),
+            Request::Send { name, from, .. } => {
+                write!(f, "send {name:?} to a passed file")?;
+                match from {
+                    Some(a) => write!(f, " --from {a:?}"),
+                    None => Ok(()),
+                }
+            }
+            Request::Receive { name, parent, .. } => {
+                write!(f, "receive {name:?} from a passed file")?;
+                match parent {
+                    Some(p) => write!(f, " --parent {p:?}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -130,6 +167,14 @@ pub enum Reply {
         name: String,
     },
     Status(Status),
+    Sent {
+        stats: SendStats,
+    },
+    Received {
+        #[serde(with = "wire_layer")]
+        layer: LayerInfo,
+        stats: ReceiveStats,
+    },
 }
 
 /// What `status` shows about a running server.
