@@ -198,9 +198,13 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
     if have("skopeo") {
         let i = sh(&format!("skopeo inspect --tls-verify=false docker://{r1}"));
         assert!(
-            i.contains(&base_digest) && i.contains("application/vnd.thinlayer.layer.v1"),
+            i.contains(&base_digest) && i.contains("org.thinlayer.block-size"),
             "{i}"
         );
+        let raw = sh(&format!(
+            "skopeo inspect --raw --tls-verify=false docker://{r1}"
+        ));
+        assert!(raw.contains("application/vnd.thinlayer.layer.v1"), "{raw}");
     }
 
     // A child of the pushed image, pushed from a live server: only its blob is uploaded.

@@ -54,11 +54,21 @@ fn annotations(block_size: u32, top: &LayerInfo) -> BTreeMap<String, String> {
     .collect()
 }
 
+/// The architecture as OCI (Go) names it.
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        a => a,
+    }
+}
+
 /// The config blob for a chain (base first).
 pub fn config(block_size: u32, chain: &[(LayerInfo, ContentIds)]) -> Vec<u8> {
     let top = &chain.last().expect("a chain has a layer").0;
     let c = Config {
-        architecture: std::env::consts::ARCH,
+        architecture: oci_arch(),
         os: "linux",
         config: ConfigLabels {
             labels: annotations(block_size, top),

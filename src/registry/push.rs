@@ -57,7 +57,7 @@ pub fn push(
             .rt
             .block_on(reg.client.blob_exists(&reg.reference, &digest));
         if head.map_err(|e| reg.error(&format!("looking up blob {digest}"), e))? {
-            sizes.push(blob_size(&reg, &digest)?);
+            sizes.push(ids.size);
             report.skipped.push(digest);
             continue;
         }
@@ -87,24 +87,6 @@ pub fn push(
 
 fn block_size_of(pool: &dyn Layers) -> Result<u32> {
     pool.block_size()
-}
-
-/// The size of a blob the registry has, for its descriptor in the manifest.
-fn blob_size(reg: &Registry, digest: &str) -> Result<u64> {
-    let d = oci_client::manifest::OciDescriptor {
-        digest: digest.to_string(),
-        ..Default::default()
-    };
-    let s = reg
-        .rt
-        .block_on(reg.client.pull_blob_stream(&reg.reference, &d))
-        .map_err(|e| reg.error(&format!("looking up the size of blob {digest}"), e))?;
-    s.content_length.ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: the registry gave no size for blob {digest}",
-            reg.label
-        ))
-    })
 }
 
 /// Send layer `name` through a pipe into a chunked upload; returns the bytes uploaded.

@@ -14,6 +14,8 @@ use std::fmt;
 
 pub const DIGEST_ATTR: &str = "content.digest";
 pub const CHAIN_ATTR: &str = "content.chain_id";
+/// The stream's length in bytes: a registry manifest names each blob's size.
+pub const SIZE_ATTR: &str = "content.size";
 
 /// A sha256, shown as `sha256:<64 hex digits>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -62,33 +64,53 @@ impl Digest {
     }
 }
 
-/// A layer's content digest and chain ID.
+/// A layer's content digest and chain ID, and its stream's length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ContentIds {
     pub digest: Digest,
     pub chain_id: Digest,
+    pub size: u64,
 }
 
 impl ContentIds {
-    pub fn new(parent_chain: Option<Digest>, digest: Digest) -> ContentIds {
+    pub fn new(parent_chain: Option<Digest>, digest: Digest, size: u64) -> ContentIds {
         let chain_id = match parent_chain {
             None => digest,
             Some(p) => Digest::sha256(format!("{p} {digest}").as_bytes()),
         };
-        ContentIds { digest, chain_id }
+        ContentIds {
+            digest,
+            chain_id,
+            size,
+        }
     }
 
     /// The IDs a layer's attributes hold, if both are there and well formed.
     pub fn of(l: &LayerInfo) -> Option<ContentIds> {
         let digest = l.attrs.get(DIGEST_ATTR)?.parse().ok()?;
         let chain_id = l.attrs.get(CHAIN_ATTR)?.parse().ok()?;
-        Some(ContentIds { digest, chain_id })
+        let size = l.attrs.get(SIZE_ATTR)?.parse().ok()?;
+        Some(ContentIds {
+            digest,
+            chain_id,
+            size,
+        })
     }
 
-    pub fn attrs(&self) -> [(&'static str, String); 2] {
+    pub fn attrs(&self) -> [(&'static str, String); 3] {
         [
             (DIGEST_ATTR, self.digest.to_string()),
             (CHAIN_ATTR, self.chain_id.to_string()),
+            (SIZE_ATTR, self.size.to_string()),
+        ]
+    }
+
+    /// `attrs` as the store's attribute changes take them.
+    pub fn changes<'a>(a: &'a [(&'static str, String); 3]) -> [(&'static str, Option<&'a str>); 3] {
+        [
+            (a[0].0, Some(a[0].1.as_str())),
+            (a[1].0, Some(a[1].1.as_str())),
+            (a[2].0, Some(a[2].1.as_str())),
         ]
     }
 }
@@ -99,7 +121,7 @@ fn keep(store: &Store, name: &str, ids: &ContentIds) -> Result<()> {
         return Ok(());
     }
     let a = ids.attrs();
-    store.set_attrs(name, &[(a[0].0, Some(&a[0].1)), (a[1].0, Some(&a[1].1))])?;
+    store.set_attrs(name, &ContentIds::changes(&a))?;
     store.flush()
 }
 
@@ -119,8 +141,8 @@ pub fn ids(store: &Store, name: &str) -> Result<ContentIds> {
         let ids = match ContentIds::of(l) {
             Some(ids) => ids,
             None => {
-                let (digest, _) = send::digest(store, &l.name, parent)?;
-                let ids = ContentIds::new(parent, digest);
+                let (digest, st) = send::digest(store, &l.name, parent)?;
+                let ids = ContentIds::new(parent, digest, st.bytes);
                 keep(store, &l.name, &ids)?;
                 ids
             }
@@ -140,7 +162,7 @@ pub fn record(store: &Store, name: &str) -> Result<(ContentIds, SendStats)> {
         None => None,
     };
     let (digest, stats) = send::digest(store, name, parent)?;
-    let ids = ContentIds::new(parent, digest);
+    let ids = ContentIds::new(parent, digest, stats.bytes);
     keep(store, name, &ids)?;
     Ok((ids, stats))
 }
@@ -184,8 +206,8 @@ mod tests {
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
         assert_eq!(d.short(), "ba7816bf8f01");
         assert!("sha256:xyz".parse::<Digest>().is_err());
-        assert_eq!(ContentIds::new(None, d).chain_id, d);
-        let c = ContentIds::new(Some(d), d).chain_id;
+        assert_eq!(ContentIds::new(None, d, 1).chain_id, d);
+        let c = ContentIds::new(Some(d), d, 1).chain_id;
         assert_eq!(c, Digest::sha256(format!("{d} {d}").as_bytes()));
     }
 }

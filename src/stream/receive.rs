@@ -97,9 +97,8 @@ pub fn receive_checked(
                 "{label}: digest mismatch: the stream is {digest}, expected {want}"
             )));
         }
-        let ids = ContentIds::new(need, digest);
-        let a = ids.attrs();
-        store.finish_import_with(name, &[(a[0].0, Some(&a[0].1)), (a[1].0, Some(&a[1].1))])?;
+        let ids = ContentIds::new(need, digest, dec.pos);
+        store.finish_import_with(name, &ContentIds::changes(&ids.attrs()))?;
         store.flush()?;
         Ok((end, ids))
     });
