@@ -79,7 +79,7 @@ impl<R: Read> Decoder<R> {
     }
 
     /// The next record, or an error naming the byte where the stream is wrong.
-    pub fn next(&mut self) -> Result<Record> {
+    pub fn next_record(&mut self) -> Result<Record> {
         assert!(!self.done, "read past the end record");
         loop {
             let at = self.pos;

@@ -138,7 +138,7 @@ fn fill<R: Read>(
         let at = dec.pos;
         let label = dec.label.clone();
         let bad = |why: String| Error::Invalid(format!("{label}: record at byte {at}: {why}"));
-        let (offset, len, data) = match dec.next()? {
+        let (offset, len, data) = match dec.next_record()? {
             Record::End { end, digest } => {
                 let counts = |e: &End| (e.data_records, e.data_bytes, e.zero_records, e.zero_bytes);
                 if counts(&end) != counts(&seen) {
