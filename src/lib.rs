@@ -14,8 +14,10 @@ pub mod image;
 pub mod layer;
 pub mod nbd;
 pub mod pool;
+pub mod registry;
 pub mod server;
 pub mod snapshot;
+pub mod stream;
 pub mod units;
 pub mod volume;
 

@@ -193,7 +193,7 @@ fn five_containers_cost_nothing_and_show_the_image_virtual_size() {
     assert_eq!(names, ["c3", "img"]);
     let table = p.ok(&["ls"]);
     assert!(
-        table.starts_with("NAME") && table.contains("VIRTUAL SIZE"),
+        table.starts_with("ID") && table.contains("VIRTUAL SIZE"),
         "{table}"
     );
     p.assert_clean();

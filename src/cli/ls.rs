@@ -1,6 +1,7 @@
 use super::{table, unexpected, Target};
 use crate::control::{Reply, Request};
 use crate::error::Result;
+use crate::stream::ContentIds;
 use crate::units::human;
 use crate::volume::LayerInfo;
 
@@ -33,6 +34,12 @@ fn mode(l: &LayerInfo) -> String {
     .into()
 }
 
+/// The short content ID (12 hex digits of the chain ID, as `docker images` shows), or "-"
+/// for a writable layer, which has none yet.
+fn short_id(l: &LayerInfo) -> String {
+    ContentIds::of(l).map_or_else(|| "-".into(), |c| c.chain_id.short())
+}
+
 fn layers(t: &Target, req: Request) -> Result<Vec<LayerInfo>> {
     match t.call(req, Vec::new(), &mut |_, _| {})? {
         Reply::Layers(v) => Ok(v),
@@ -50,6 +57,7 @@ pub fn run_ls(t: &Target, a: LsArgs) -> Result<()> {
         .iter()
         .map(|l| {
             vec![
+                short_id(l),
                 l.name.clone(),
                 l.parent.clone().unwrap_or_else(|| "-".into()),
                 mode(l),
@@ -62,6 +70,7 @@ pub fn run_ls(t: &Target, a: LsArgs) -> Result<()> {
         .collect();
     table::print(
         &[
+            "ID",
             "NAME",
             "PARENT",
             "MODE",
@@ -83,8 +92,16 @@ pub fn run_history(t: &Target, a: HistoryArgs) -> Result<()> {
     }
     let rows: Vec<Vec<String>> = chain
         .iter()
-        .map(|l| vec![l.name.clone(), l.created.clone(), human(l.size), mode(l)])
+        .map(|l| {
+            vec![
+                short_id(l),
+                l.name.clone(),
+                l.created.clone(),
+                human(l.size),
+                mode(l),
+            ]
+        })
         .collect();
-    table::print(&["LAYER", "CREATED", "SIZE", "MODE"], &rows);
+    table::print(&["ID", "LAYER", "CREATED", "SIZE", "MODE"], &rows);
     Ok(())
 }

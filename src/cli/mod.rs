@@ -10,7 +10,9 @@ mod import;
 mod init;
 mod ls;
 mod progress;
+mod registry;
 mod remove;
+mod send;
 mod serve;
 mod table;
 
@@ -70,6 +72,10 @@ enum Command {
     Serve(serve::Args),
     Attach(attach::AttachArgs),
     Detach(attach::DetachArgs),
+    Send(send::SendArgs),
+    Receive(send::ReceiveArgs),
+    Push(registry::PushArgs),
+    Pull(registry::PullArgs),
 }
 
 /// Where the pool lives when neither --pool nor THINLAYER_POOL says.
@@ -145,6 +151,10 @@ pub fn main() -> i32 {
         Command::Serve(a) => serve::run(&t, a).map(|_| 0),
         Command::Attach(a) => attach::run_attach(&t, a).map(|_| 0),
         Command::Detach(a) => attach::run_detach(&t, a).map(|_| 0),
+        Command::Send(a) => send::run_send(&t, a).map(|_| 0),
+        Command::Receive(a) => send::run_receive(&t, a).map(|_| 0),
+        Command::Push(a) => registry::run_push(&t, a).map(|_| 0),
+        Command::Pull(a) => registry::run_pull(&t, a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

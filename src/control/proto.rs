@@ -6,6 +6,7 @@ use crate::check::CheckReport;
 use crate::error::Error;
 use crate::format::ids::LayerId;
 use crate::image::{ExportStats, ImportStats};
+use crate::stream::{ReceiveStats, SendStats};
 use crate::volume::{LayerInfo, PoolUsage};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -64,6 +65,26 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Carries one descriptor: where the stream goes, open for writing (a pipe, a file).
+    Send {
+        name: String,
+        /// The ancestor the diff is over (default: the layer's parent).
+        #[serde(default)]
+        from: Option<String>,
+        #[serde(default)]
+        label: Option<String>,
+    },
+    /// Carries one descriptor: the stream, open for reading (a pipe, a file).
+    Receive {
+        name: String,
+        #[serde(default)]
+        parent: Option<String>,
+        /// Refuse the stream unless its sha256 is this (`sha256:<hex>`; a pull's blob digest).
+        #[serde(default)]
+        digest: Option<String>,
+        #[serde(default)]
+        label: Option<String>,
+    },
 }
 
 impl Request {
@@ -72,6 +93,8 @@ impl Request {
         match self {
             Request::Import { .. } => Some("the source image, open for reading"),
             Request::Export { .. } => Some("the destination file, open for writing"),
+            Request::Send { .. } => Some("where the stream goes, open for writing"),
+            Request::Receive { .. } => Some("the stream, open for reading"),
             _ => None,
         }
     }
@@ -112,6 +135,20 @@ impl fmt::Display for Request {
             Request::Detach { name, force } => {
                 write!(f, "detach {name:?}{}", if *force { " --force" } else { "" })
             }
+            Request::Send { name, from, .. } => {
+                write!(f, "send {name:?} to a passed file")?;
+                match from {
+                    Some(a) => write!(f, " --from {a:?}"),
+                    None => Ok(()),
+                }
+            }
+            Request::Receive { name, parent, .. } => {
+                write!(f, "receive {name:?} from a passed file")?;
+                match parent {
+                    Some(p) => write!(f, " --parent {p:?}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -151,6 +188,14 @@ pub enum Reply {
     },
     Detached {
         name: String,
+    },
+    Sent {
+        stats: SendStats,
+    },
+    Received {
+        #[serde(with = "wire_layer")]
+        layer: LayerInfo,
+        stats: ReceiveStats,
     },
 }
 

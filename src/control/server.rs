@@ -233,7 +233,9 @@ fn check_fds(req: &Request, fds: &[OwnedFd]) -> Result<()> {
     // SAFETY: F_GETFL on a descriptor we own.
     let mode = unsafe { libc::fcntl(fds[0].as_raw_fd(), libc::F_GETFL) } & libc::O_ACCMODE;
     let ok = match req {
-        Request::Import { .. } => mode == libc::O_RDONLY || mode == libc::O_RDWR,
+        Request::Import { .. } | Request::Receive { .. } => {
+            mode == libc::O_RDONLY || mode == libc::O_RDWR
+        }
         _ => mode == libc::O_WRONLY || mode == libc::O_RDWR,
     };
     if !ok {

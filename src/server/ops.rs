@@ -7,6 +7,7 @@ use super::exports::LiveExports;
 use crate::control::{ConnectionInfo, Reply, Request, Status};
 use crate::error::{Error, Result};
 use crate::fuse::LiveFiles;
+use crate::stream::content;
 use crate::volume::Store;
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -37,6 +38,10 @@ pub fn execute(
             }
             store.commit_layer(&name)?;
             store.flush()?;
+            // The content IDs: one read of the layer's own blocks, after the commit and off
+            // the write lock. A crash before they are kept only means they are computed when
+            // first asked for.
+            crate::stream::content::record(store, &name)?;
             Ok(Reply::Committed { name })
         }
         Request::Remove { name, force } => {
@@ -68,6 +73,8 @@ pub fn execute(
             let label = label.unwrap_or_else(|| passed("image", &name));
             let (layer, stats) =
                 crate::image::import_from(store, &name, &f, &label, parent.as_deref(), progress)?;
+            crate::stream::content::record(store, &name)?;
+            let layer = store.layer(&layer.name)?;
             Ok(Reply::Imported { layer, stats })
         }
         Request::Export { name, label } => {
@@ -76,8 +83,37 @@ pub fn execute(
             let stats = crate::image::export_to(store, &name, &f, &label, progress)?;
             Ok(Reply::Exported { stats })
         }
-        Request::Ls => Ok(Reply::Layers(store.layers())),
-        Request::History { name } => Ok(Reply::Layers(store.history(&name)?)),
+        Request::Ls => Ok(Reply::Layers(content::fill(store, store.layers())?)),
+        Request::History { name } => {
+            Ok(Reply::Layers(content::fill(store, store.history(&name)?)?))
+        }
+        Request::Send { name, from, label } => {
+            let mut f = files.next().ok_or_else(|| missing("send"))?;
+            let label = label.unwrap_or_else(|| passed("stream", &name));
+            let stats =
+                crate::stream::send(store, &name, from.as_deref(), &mut f, &label, progress)?;
+            Ok(Reply::Sent { stats })
+        }
+        Request::Receive {
+            name,
+            parent,
+            digest,
+            label,
+        } => {
+            let mut f = files.next().ok_or_else(|| missing("receive"))?;
+            let label = label.unwrap_or_else(|| passed("stream", &name));
+            let expect = digest.map(|d| d.parse()).transpose()?;
+            let (layer, stats) = crate::stream::receive_checked(
+                store,
+                &name,
+                parent.as_deref(),
+                expect,
+                &mut f,
+                &label,
+                progress,
+            )?;
+            Ok(Reply::Received { layer, stats })
+        }
         Request::Df => Ok(Reply::Usage(store.usage()?)),
         Request::Check { data } => {
             // What is durable is checked: commit first, then hold commits off while reading,
@@ -180,7 +216,8 @@ pub fn direct(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Reply> {
     match req {
-        Request::Ls | Request::History { .. } | Request::Df => {
+        // A send reads committed layers only, which nothing changes under it.
+        Request::Ls | Request::History { .. } | Request::Df | Request::Send { .. } => {
             let store = Store::open_read_only(pool)?;
             execute(&store, None, req, files, progress)
         }

@@ -316,6 +316,12 @@ impl Store {
         self.seal_layer(layer_name, true, None, &[])
     }
 
+    /// `finish_import` with attribute changes in the same transaction (a received layer
+    /// commits together with its content IDs).
+    pub fn finish_import_with(&self, layer_name: &str, attrs: AttrChanges<'_>) -> Result<()> {
+        self.seal_layer(layer_name, true, None, attrs)
+    }
+
     fn seal_layer(
         &self,
         layer_name: &str,

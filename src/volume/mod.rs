@@ -1,6 +1,7 @@
 //! A layer chain as a block device, and the store that owns the open pool.
 pub mod committer;
 pub mod device;
+pub mod diff;
 pub mod handle;
 pub mod invariants;
 pub mod io;

@@ -1,0 +1,213 @@
+//! Content IDs (docs/FORMAT.md §6.5, docs/STREAM.md §3). A read-only layer's digest is the
+//! sha256 of its canonical send stream over its parent, which is also the registry blob's
+//! digest; its chain ID covers its parent's chain ID too, OCI-style:
+//! `chain(base) = digest(base)`, `chain(L) = sha256("<chain(parent)> <digest(L)>")`.
+//! Neither depends on pool addresses, times or names. Both are kept as layer attributes,
+//! written when a layer is committed, imported or received; a layer committed before this
+//! existed gets them computed when first asked for (and stored if the pool is writable).
+
+use super::send::{self, SendStats};
+use crate::error::{Error, Result};
+use crate::volume::{LayerInfo, Store};
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+
+pub const DIGEST_ATTR: &str = "content.digest";
+pub const CHAIN_ATTR: &str = "content.chain_id";
+/// The stream's length in bytes: a registry manifest names each blob's size.
+pub const SIZE_ATTR: &str = "content.size";
+
+/// A sha256, shown as `sha256:<64 hex digits>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Digest(pub [u8; 32]);
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Digest {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Digest> {
+        let bad = || Error::Invalid(format!("{s:?} is not a sha256 digest (sha256:<64 hex>)"));
+        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut d = [0u8; 32];
+        for (i, b) in d.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Digest(d))
+    }
+}
+
+impl Digest {
+    pub fn sha256(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    /// The 12 hex digits `ls` shows, like `docker images`.
+    pub fn short(&self) -> String {
+        self.to_string()[7..19].to_string()
+    }
+}
+
+/// A layer's content digest and chain ID, and its stream's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContentIds {
+    pub digest: Digest,
+    pub chain_id: Digest,
+    pub size: u64,
+}
+
+impl ContentIds {
+    pub fn new(parent_chain: Option<Digest>, digest: Digest, size: u64) -> ContentIds {
+        let chain_id = match parent_chain {
+            None => digest,
+            Some(p) => Digest::sha256(format!("{p} {digest}").as_bytes()),
+        };
+        ContentIds {
+            digest,
+            chain_id,
+            size,
+        }
+    }
+
+    /// The IDs a layer's attributes hold, if both are there and well formed.
+    pub fn of(l: &LayerInfo) -> Option<ContentIds> {
+        let digest = l.attrs.get(DIGEST_ATTR)?.parse().ok()?;
+        let chain_id = l.attrs.get(CHAIN_ATTR)?.parse().ok()?;
+        let size = l.attrs.get(SIZE_ATTR)?.parse().ok()?;
+        Some(ContentIds {
+            digest,
+            chain_id,
+            size,
+        })
+    }
+
+    pub fn attrs(&self) -> [(&'static str, String); 3] {
+        [
+            (DIGEST_ATTR, self.digest.to_string()),
+            (CHAIN_ATTR, self.chain_id.to_string()),
+            (SIZE_ATTR, self.size.to_string()),
+        ]
+    }
+
+    /// `attrs` as the store's attribute changes take them.
+    pub fn changes<'a>(a: &'a [(&'static str, String); 3]) -> [(&'static str, Option<&'a str>); 3] {
+        [
+            (a[0].0, Some(a[0].1.as_str())),
+            (a[1].0, Some(a[1].1.as_str())),
+            (a[2].0, Some(a[2].1.as_str())),
+        ]
+    }
+}
+
+/// Store `ids` on layer `name` and commit, if the pool can be changed.
+fn keep(store: &Store, name: &str, ids: &ContentIds) -> Result<()> {
+    if !store.is_writable() {
+        return Ok(());
+    }
+    let a = ids.attrs();
+    store.set_attrs(name, &ContentIds::changes(&a))?;
+    store.flush()
+}
+
+/// The content IDs of read-only layer `name` and of every ancestor, computing (and keeping)
+/// those missing. Writable layers have none: their content can still change.
+pub fn ids(store: &Store, name: &str) -> Result<ContentIds> {
+    let chain = store.history(name)?;
+    let mut parent: Option<Digest> = None;
+    let mut last = None;
+    for l in chain.iter().rev() {
+        if l.writable || l.importing {
+            return Err(Error::Conflict(format!(
+                "layer {:?} is writable and has no content ID yet; commit it first",
+                l.name
+            )));
+        }
+        let ids = match ContentIds::of(l) {
+            Some(ids) => ids,
+            None => {
+                let (digest, st) = send::digest(store, &l.name, parent)?;
+                let ids = ContentIds::new(parent, digest, st.bytes);
+                keep(store, &l.name, &ids)?;
+                ids
+            }
+        };
+        parent = Some(ids.chain_id);
+        last = Some(ids);
+    }
+    Ok(last.expect("a history holds at least the layer itself"))
+}
+
+/// Compute and keep the IDs of a layer just committed or imported: one read of its own
+/// blocks, under the store's read lock a chunk at a time (writers to other layers go on).
+pub fn record(store: &Store, name: &str) -> Result<(ContentIds, SendStats)> {
+    let l = store.layer(name)?;
+    let parent = match &l.parent {
+        Some(p) => Some(ids(store, p)?.chain_id),
+        None => None,
+    };
+    let (digest, stats) = send::digest(store, name, parent)?;
+    let ids = ContentIds::new(parent, digest, stats.bytes);
+    keep(store, name, &ids)?;
+    Ok((ids, stats))
+}
+
+/// `layers` with every read-only layer's IDs filled in (for `ls` and `history`): those the
+/// catalogue lacks are computed, and kept when the pool is writable.
+pub fn fill(store: &Store, mut layers: Vec<LayerInfo>) -> Result<Vec<LayerInfo>> {
+    for l in layers.iter_mut() {
+        if l.writable || l.importing || ContentIds::of(l).is_some() {
+            continue;
+        }
+        for (k, v) in ids(store, &l.name)?.attrs() {
+            l.attrs.insert(k.to_string(), v);
+        }
+    }
+    Ok(layers)
+}
+
+/// The read-only layer whose chain ID is `chain`, if the pool holds one.
+pub fn find_chain(store: &Store, chain: &Digest) -> Result<Option<LayerInfo>> {
+    let want = chain.to_string();
+    for l in fill(store, store.layers())? {
+        if l.attrs.get(CHAIN_ATTR) == Some(&want) {
+            return Ok(Some(l));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_print_parse_and_chain_like_oci() {
+        let d = Digest::sha256(b"abc");
+        assert_eq!(
+            d.to_string(),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
+        assert_eq!(d.short(), "ba7816bf8f01");
+        assert!("sha256:xyz".parse::<Digest>().is_err());
+        assert_eq!(ContentIds::new(None, d, 1).chain_id, d);
+        let c = ContentIds::new(Some(d), d, 1).chain_id;
+        assert_eq!(c, Digest::sha256(format!("{d} {d}").as_bytes()));
+    }
+}

@@ -1,0 +1,182 @@
+//! `send NAME [--from ANCESTOR]`: a read-only layer's diff over an ancestor (its parent by
+//! default) as a canonical stream. Canonical: data runs are maximal runs of the diff's data
+//! blocks cut at every multiple of `RUN_CUT`, zero runs are maximal, so equal layers give
+//! equal bytes on every host.
+
+use super::content::{self, Digest};
+use super::encode::Encoder;
+use crate::error::{Error, Result};
+use crate::format::stream::{Header, RUN_CUT, VERSION};
+use crate::format::LayerId;
+use crate::volume::{ExtentState, LayerInfo, Store};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct SendStats {
+    /// Bytes of the stream.
+    pub bytes: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+    /// The stream's digest (`sha256:...`): the layer's content digest when sent over its parent.
+    pub digest: String,
+}
+
+/// Send layer `name` over `from` (default: its parent; it must be an ancestor) into `out`.
+/// `label` names the destination in errors.
+pub fn send(
+    store: &Store,
+    name: &str,
+    from: Option<&str>,
+    out: &mut dyn Write,
+    label: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SendStats> {
+    let top = store.layer(name)?;
+    let floor = match from.map(str::to_string).or(top.parent.clone()) {
+        Some(f) => Some(store.layer(&f)?),
+        None => None,
+    };
+    let chain = match &floor {
+        Some(f) => Some(content::ids(store, &f.name)?.chain_id),
+        None => None,
+    };
+    let (_, stats) = write_stream(store, &top, floor.as_ref(), chain, out, label, progress)?;
+    Ok(stats)
+}
+
+/// The content digest of read-only layer `name` over its parent, whose chain ID is
+/// `parent_chain`: its stream, hashed and thrown away.
+pub fn digest(
+    store: &Store,
+    name: &str,
+    parent_chain: Option<Digest>,
+) -> Result<(Digest, SendStats)> {
+    let top = store.layer(name)?;
+    let floor = match &top.parent {
+        Some(p) => Some(store.layer(p)?),
+        None => None,
+    };
+    let mut sink = std::io::sink();
+    write_stream(
+        store,
+        &top,
+        floor.as_ref(),
+        parent_chain,
+        &mut sink,
+        "the digest",
+        &mut |_, _| {},
+    )
+}
+
+fn write_stream(
+    store: &Store,
+    top: &LayerInfo,
+    floor: Option<&LayerInfo>,
+    floor_chain: Option<Digest>,
+    out: &mut dyn Write,
+    label: &str,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Digest, SendStats)> {
+    if top.writable || top.importing {
+        return Err(Error::Conflict(format!(
+            "layer {:?} is writable; commit it first (`thinlayer commit {}`) so it cannot change while it is sent",
+            top.name, top.name
+        )));
+    }
+    let werr = |e| {
+        Error::io(
+            format!("writing the stream of {:?} to {label}", top.name),
+            e,
+        )
+    };
+    let bs = store.block_size() as u64;
+    let size = top.disk_size;
+    let header = Header {
+        version: VERSION,
+        flags: 0,
+        block_size: bs as u32,
+        disk_size: size,
+        parent_chain_id: floor_chain.map_or([0; 32], |d| d.0),
+    };
+    let out = std::io::BufWriter::with_capacity(1 << 20, out);
+    let mut enc = Encoder::new(out, &header).map_err(werr)?;
+    let floor_id = floor.map(|f| f.id);
+    let mut buf = Vec::with_capacity(RUN_CUT as usize);
+    // Windows of whole cuts, so a huge sparse layer never builds a huge extent list.
+    let window = 256 * RUN_CUT;
+    let mut pos = 0;
+    while pos < size {
+        let wlen = window.min(size - pos);
+        for x in store.diff_extents(top.id, floor_id, pos, wlen)? {
+            if x.state == ExtentState::Zero {
+                enc.zero(x.offset, x.len).map_err(werr)?;
+                continue;
+            }
+            let mut off = x.offset;
+            let end = x.offset + x.len;
+            while off < end {
+                let n = (end.min((off / RUN_CUT + 1) * RUN_CUT) - off) as usize;
+                buf.resize(n, 0);
+                store
+                    .read_layer(top.id, off, &mut buf)
+                    .map_err(|e| e.context(format!("sending {:?}", top.name)))?;
+                put_run(store, &mut enc, floor_id, off, &buf, bs).map_err(werr)?;
+                off += n as u64;
+                progress(off, size);
+            }
+        }
+        pos += wlen;
+        progress(pos, size);
+    }
+    let (digest, end, bytes) = enc.finish().map_err(werr)?;
+    Ok((
+        digest,
+        SendStats {
+            bytes,
+            data_bytes: end.data_bytes,
+            zero_bytes: end.zero_bytes,
+            digest: digest.to_string(),
+        },
+    ))
+}
+
+/// One cut of data blocks. A data block that reads as zeros (stores never keep one, but a
+/// stream must not depend on that) goes out as what it means: a whiteout over the floor's
+/// data, or nothing over zeros.
+fn put_run<W: Write>(
+    store: &Store,
+    enc: &mut Encoder<W>,
+    floor: Option<LayerId>,
+    off: u64,
+    buf: &[u8],
+    bs: u64,
+) -> std::io::Result<()> {
+    let mut start = 0;
+    let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        if b.iter().any(|&x| x != 0) {
+            continue;
+        }
+        if start < i {
+            enc.data(
+                off + start as u64 * bs,
+                &buf[start * bs as usize..i * bs as usize],
+            )?;
+        }
+        start = i + 1;
+        let at = off + i as u64 * bs;
+        let over_data = floor.is_some_and(|f| {
+            store
+                .extents_layer(f, at, b.len() as u64)
+                .is_ok_and(|x| x.iter().any(|e| e.state == ExtentState::Data))
+        });
+        if over_data {
+            enc.zero(at, b.len() as u64)?;
+        }
+    }
+    if start < blocks.len() {
+        enc.data(off + start as u64 * bs, &buf[start * bs as usize..])?;
+    }
+    Ok(())
+}

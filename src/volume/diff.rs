@@ -1,0 +1,139 @@
+//! What a layer changes over an ancestor, from the maps alone: the input of a send stream and
+//! of content IDs (docs/STREAM.md). The diff of `top` over `floor` holds every block that a
+//! layer above `floor` maps: its data where the top-most of them maps data, and a whiteout
+//! where it maps zeros and `floor`'s chain would show data. A whiteout over what `floor` reads
+//! as zeros anyway is no change, so it is left out: the diff depends only on what the layers
+//! hold, never on how a frontend happened to write it.
+
+use super::device::{Extent, ExtentState};
+use super::store::Store;
+use crate::error::{Error, Result};
+use crate::format::{LayerId, VBlock};
+use crate::layer::map::{CHUNK_BITS, CHUNK_LEN};
+use crate::layer::{chain, Layer, Resolved};
+
+impl Store {
+    /// The diff of layer `top` over its ancestor `floor` (None: over nothing, the whole chain)
+    /// for bytes `offset..offset+len`, as Data and Zero extents in block order (holes are
+    /// left out). Block-aligned except where the layer's last block ends early.
+    pub fn diff_extents(
+        &self,
+        top: LayerId,
+        floor: Option<LayerId>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>> {
+        let g = self.read();
+        let t = g
+            .catalog
+            .get(top)
+            .ok_or_else(|| Error::NotFound(format!("layer {top} no longer exists")))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= t.disk_size)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: diff range at byte {offset} of {len} bytes goes past its end",
+                    t.describe()
+                ))
+            })?;
+        let all = g.catalog.chain(top);
+        let above: Vec<&Layer> = match floor {
+            None => all,
+            Some(f) => {
+                let Some(i) = all.iter().position(|l| l.id == f) else {
+                    return Err(Error::Invalid(format!(
+                        "{} is not an ancestor of {}",
+                        g.catalog.get(f).map_or(f.to_string(), |l| l.describe()),
+                        t.describe()
+                    )));
+                };
+                all[..i].to_vec()
+            }
+        };
+        let below = floor.map(|f| g.catalog.resolver(f));
+        let bs = g.block_size as u64;
+        let mut out: Vec<Extent> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let mut push = |vb: u64, state: ExtentState| {
+            let (s, e) = ((vb * bs).max(offset), ((vb + 1) * bs).min(end));
+            match out.last_mut() {
+                Some(x) if x.state == state && x.offset + x.len == s => x.len += e - s,
+                _ => out.push(Extent {
+                    offset: s,
+                    len: e - s,
+                    state,
+                }),
+            }
+        };
+        let (vb_end, mut vb) = ((end - 1) / bs + 1, offset / bs);
+        let mut floor_reads = Vec::with_capacity(CHUNK_LEN as usize);
+        while vb < vb_end {
+            let c = vb >> CHUNK_BITS;
+            let chunk_end = ((c + 1) << CHUNK_BITS).min(vb_end);
+            // A chunk none of the layers above the floor maps changes nothing.
+            if above.iter().any(|l| l.map.has_chunk(c)) {
+                floor_reads.clear();
+                if let Some(r) = &below {
+                    r.range(vb, chunk_end - vb, &mut floor_reads);
+                }
+                for b in vb..chunk_end {
+                    match chain::walk(&above, VBlock(b)) {
+                        Resolved::Data { .. } => push(b, ExtentState::Data),
+                        Resolved::Zero => {
+                            let under = floor_reads.get((b - vb) as usize);
+                            if matches!(under, Some(Resolved::Data { .. })) {
+                                push(b, ExtentState::Zero);
+                            }
+                        }
+                        Resolved::Hole => {}
+                    }
+                }
+            }
+            vb = chunk_end;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pool::MemStorage;
+    use crate::volume::{CreateOptions, ExtentState, Store};
+    use std::sync::Arc;
+
+    /// A whiteout counts only over data; data counts wherever a layer above the floor holds it.
+    #[test]
+    fn the_diff_holds_data_above_the_floor_and_whiteouts_over_data_only() {
+        let s = Store::create_in(Arc::new(MemStorage::new()), &CreateOptions::default()).unwrap();
+        let base = s.create_layer("base", None, Some(1 << 20)).unwrap().id;
+        s.write_layer(base, 0, &[1; 8192]).unwrap();
+        s.commit_layer("base").unwrap();
+        let top = s
+            .create_layer("top", Some("base"), Some(2 << 20))
+            .unwrap()
+            .id;
+        // Whiteout over data (block 0), whiteout kept over a hole (block 4), data past the
+        // parent's end.
+        s.zero_layer(top, 0, 4096, false).unwrap();
+        s.zero_layer(top, 4 * 4096, 4096, false).unwrap();
+        s.write_layer(top, (1 << 20) + 4096, &[2; 4096]).unwrap();
+        let d = s.diff_extents(top, Some(base), 0, 2 << 20).unwrap();
+        let got: Vec<(u64, u64, ExtentState)> =
+            d.iter().map(|x| (x.offset, x.len, x.state)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, 4096, ExtentState::Zero),
+                ((1 << 20) + 4096, 4096, ExtentState::Data)
+            ]
+        );
+        // Over nothing, the whole chain: the base's second block shows through.
+        let d = s.diff_extents(top, None, 0, 2 << 20).unwrap();
+        assert_eq!(d[0].offset, 4096);
+        assert_eq!(d[0].state, ExtentState::Data);
+        assert!(s.diff_extents(base, Some(top), 0, 4096).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! Send/receive (docs/STREAM.md) through the library: round trips, refusals that leave
+//! nothing behind, and a proptest of random layer histories against a model.
+
+use proptest::prelude::*;
+use std::sync::Arc;
+use thinlayer::pool::MemStorage;
+use thinlayer::stream::content::{self, ContentIds};
+use thinlayer::stream::{receive, send};
+use thinlayer::{CreateOptions, Store};
+
+fn pool() -> Store {
+    Store::create_in(Arc::new(MemStorage::new()), &CreateOptions::default()).unwrap()
+}
+
+fn image(s: &Store, name: &str) -> Vec<u8> {
+    let l = s.layer(name).unwrap();
+    let mut buf = vec![0u8; l.disk_size as usize];
+    s.read_layer(l.id, 0, &mut buf).unwrap();
+    buf
+}
+
+fn stream_of(s: &Store, name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    send(s, name, None, &mut out, "test", &mut |_, _| {}).unwrap();
+    out
+}
+
+fn recv(s: &Store, name: &str, bytes: &[u8]) -> thinlayer::Result<thinlayer::LayerInfo> {
+    let mut r: &[u8] = bytes;
+    receive(s, name, None, &mut r, "the test stream", &mut |_, _| {}).map(|(l, _)| l)
+}
+
+/// base: data; child (twice as large): a whiteout over base data, new data in the base's
+/// range and past its end.
+fn two_layers() -> Store {
+    let s = pool();
+    let b = s.create_layer("base", None, Some(1 << 20)).unwrap().id;
+    s.write_layer(b, 0, &vec![0xb1; 64 << 10]).unwrap();
+    s.write_layer(b, 512 << 10, &[0xb2; 4096]).unwrap();
+    s.commit_layer("base").unwrap();
+    content::record(&s, "base").unwrap();
+    let c = s
+        .create_layer("child", Some("base"), Some(2 << 20))
+        .unwrap()
+        .id;
+    s.zero_layer(c, 8192, 16384, true).unwrap();
+    s.write_layer(c, 100, b"hello").unwrap();
+    s.write_layer(c, (1 << 20) + 4096, &vec![0xc1; 8192])
+        .unwrap();
+    s.commit_layer("child").unwrap();
+    content::record(&s, "child").unwrap();
+    s.flush().unwrap();
+    s
+}
+
+#[test]
+fn a_chain_sent_and_received_reads_the_same_and_sends_the_same_bytes() {
+    let a = two_layers();
+    let (sb, sc) = (stream_of(&a, "base"), stream_of(&a, "child"));
+    let b = pool();
+    recv(&b, "base", &sb).unwrap();
+    let got = recv(&b, "child", &sc).unwrap();
+    assert_eq!(
+        got.parent.as_deref(),
+        Some("base"),
+        "parent found by chain ID"
+    );
+    for n in ["base", "child"] {
+        assert_eq!(image(&a, n), image(&b, n), "{n} reads differently");
+        assert_eq!(
+            content::ids(&a, n).unwrap(),
+            content::ids(&b, n).unwrap(),
+            "{n}: content IDs differ"
+        );
+    }
+    // Canonical: the received child sends the very same bytes, and the digest is the stream's.
+    assert_eq!(stream_of(&b, "child"), sc);
+    let ids = ContentIds::of(&b.layer("child").unwrap()).unwrap();
+    assert_eq!(ids.digest, thinlayer::stream::Digest::sha256(&sc));
+    // The whiteout came across as a whiteout (the stream says so in its end record).
+    let mut sink = Vec::new();
+    let st = send(&b, "child", None, &mut sink, "t", &mut |_, _| {}).unwrap();
+    assert_eq!(st.zero_bytes, 16384);
+    b.verify_consistency().unwrap();
+}
+
+#[test]
+fn a_squashed_send_over_an_older_ancestor_makes_one_layer_with_both_changes() {
+    let a = two_layers();
+    let c2 = a.create_layer("c2", Some("child"), None).unwrap().id;
+    a.write_layer(c2, 0, &[7; 4096]).unwrap();
+    a.commit_layer("c2").unwrap();
+    let mut s = Vec::new();
+    send(&a, "c2", Some("base"), &mut s, "t", &mut |_, _| {}).unwrap();
+    let b = pool();
+    recv(&b, "base", &stream_of(&a, "base")).unwrap();
+    let l = recv(&b, "flat", &s).unwrap();
+    assert_eq!(l.parent.as_deref(), Some("base"));
+    assert_eq!(image(&a, "c2"), image(&b, "flat"));
+}
+
+/// Nothing of a refused stream survives: no layer, no blocks, a consistent pool.
+fn refused_leaves_nothing(b: &Store, bytes: &[u8]) -> String {
+    // Data blocks: the metadata log grows by the records of the attempt, as any change does.
+    let used = b.usage().unwrap().data_bytes;
+    let e = recv(b, "child", bytes).unwrap_err().to_string();
+    assert!(b.layer("child").is_err(), "a half-made layer survived: {e}");
+    b.flush().unwrap();
+    assert_eq!(
+        b.usage().unwrap().data_bytes,
+        used,
+        "blocks leaked by a refused stream: {e}"
+    );
+    b.verify_consistency().unwrap();
+    e
+}
+
+#[test]
+fn torn_and_damaged_streams_are_refused_and_leave_nothing() {
+    let a = two_layers();
+    let sc = stream_of(&a, "child");
+    let b = pool();
+    recv(&b, "base", &stream_of(&a, "base")).unwrap();
+    for cut in [10, 64, 200, sc.len() / 2, sc.len() - 1] {
+        let e = refused_leaves_nothing(&b, &sc[..cut]);
+        assert!(e.contains("truncated") || e.contains("ends at byte"), "{e}");
+    }
+    // One flipped byte anywhere: the header's fields, a record, the data, the end record.
+    for at in [
+        9,
+        20,
+        40,
+        70,
+        200,
+        sc.len() / 2,
+        sc.len() - 40,
+        sc.len() - 1,
+    ] {
+        let mut bad = sc.clone();
+        bad[at] ^= 0x20;
+        refused_leaves_nothing(&b, &bad);
+    }
+    // Bytes after the end record.
+    let mut long = sc.clone();
+    long.push(0);
+    let e = refused_leaves_nothing(&b, &long);
+    assert!(e.contains("follow the end record"), "{e}");
+    recv(&b, "child", &sc).unwrap();
+}
+
+#[test]
+fn a_stream_whose_parent_is_missing_or_different_is_refused_naming_the_chain_id() {
+    let a = two_layers();
+    let sc = stream_of(&a, "child");
+    let need = content::ids(&a, "base").unwrap().chain_id.to_string();
+    let b = pool();
+    let e = refused_leaves_nothing(&b, &sc);
+    assert!(e.contains(&need) && e.contains("needs a parent"), "{e}");
+    // A different layer given as the parent.
+    let o = b.create_layer("other", None, Some(1 << 20)).unwrap().id;
+    b.write_layer(o, 0, &[1; 4096]).unwrap();
+    b.commit_layer("other").unwrap();
+    let mut r: &[u8] = &sc;
+    let e = receive(&b, "child", Some("other"), &mut r, "s", &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&need), "{e}");
+    assert!(b.layer("child").is_err());
+}
+
+#[test]
+fn a_writable_layer_is_not_sent() {
+    let s = pool();
+    s.create_layer("w", None, Some(1 << 20)).unwrap();
+    let e = send(&s, "w", None, &mut Vec::new(), "t", &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("commit it first"), "{e}");
+}
+
+#[test]
+fn content_ids_do_not_depend_on_names_times_or_pool_addresses() {
+    // The same content built twice, in pools laid out differently, under other names.
+    let a = two_layers();
+    let b = pool();
+    let junk = b.create_layer("junk", None, Some(4 << 20)).unwrap().id;
+    b.write_layer(junk, 0, &vec![9; 1 << 20]).unwrap();
+    let x = b.create_layer("x", None, Some(1 << 20)).unwrap().id;
+    b.write_layer(x, 512 << 10, &[0xb2; 4096]).unwrap();
+    b.write_layer(x, 0, &vec![0xb1; 64 << 10]).unwrap();
+    b.commit_layer("x").unwrap();
+    assert_eq!(
+        content::ids(&a, "base").unwrap(),
+        content::ids(&b, "x").unwrap()
+    );
+    // One byte changes the ID.
+    let y = b.create_layer("y", None, Some(1 << 20)).unwrap().id;
+    b.write_layer(y, 0, &vec![0xb1; 64 << 10]).unwrap();
+    b.write_layer(y, 512 << 10, &[0xb3; 4096]).unwrap();
+    b.commit_layer("y").unwrap();
+    assert_ne!(
+        content::ids(&a, "base").unwrap().digest,
+        content::ids(&b, "y").unwrap().digest
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { at: u32, len: u16, byte: u8 },
+    Zero { at: u32, len: u16 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u32..(3 << 20), 1u16..20000, 1u8..255).prop_map(|(at, len, byte)| Op::Write {
+            at,
+            len,
+            byte
+        }),
+        (0u32..(3 << 20), 1u16..30000).prop_map(|(at, len)| Op::Zero { at, len }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Random histories of up to four layers, each possibly larger than its parent, sent layer
+    /// by layer into a second pool: every layer reads as the model says, in both pools.
+    #[test]
+    fn random_histories_travel_byte_for_byte(
+        layers in proptest::collection::vec(
+            (0u32..3, proptest::collection::vec(op(), 0..12)), 1..5)
+    ) {
+        let a = pool();
+        let b = pool();
+        let mut model: Vec<u8> = Vec::new();
+        let mut parent: Option<String> = None;
+        for (i, (grow, ops)) in layers.iter().enumerate() {
+            let name = format!("l{i}");
+            let size = model.len() as u64 + (*grow as u64 + u64::from(i == 0)) * (1 << 20);
+            let id = a.create_layer(&name, parent.as_deref(), Some(size)).unwrap().id;
+            model.resize(size as usize, 0);
+            for o in ops {
+                match *o {
+                    Op::Write { at, len, byte } => {
+                        let at = (at as u64).min(size - 1);
+                        let len = (len as u64).min(size - at);
+                        a.write_layer(id, at, &vec![byte; len as usize]).unwrap();
+                        model[at as usize..(at + len) as usize].fill(byte);
+                    }
+                    Op::Zero { at, len } => {
+                        let at = (at as u64).min(size - 1);
+                        let len = (len as u64).min(size - at);
+                        a.zero_layer(id, at, len, true).unwrap();
+                        model[at as usize..(at + len) as usize].fill(0);
+                    }
+                }
+            }
+            a.commit_layer(&name).unwrap();
+            let s = stream_of(&a, &name);
+            recv(&b, &name, &s).unwrap();
+            prop_assert_eq!(&image(&a, &name), &model);
+            prop_assert_eq!(&image(&b, &name), &model);
+            prop_assert_eq!(content::ids(&a, &name).unwrap(), content::ids(&b, &name).unwrap());
+            prop_assert_eq!(stream_of(&b, &name), s);
+            parent = Some(name);
+        }
+        b.verify_consistency().unwrap();
+    }
+}
