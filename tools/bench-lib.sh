@@ -99,6 +99,11 @@ detach() { # dir
     do_umount "$1/mnt"
     nbd_file_close "$1"
 }
+# A live file (thinlayer serve --files) as an ext4 mount at DIR/mnt: a loop mount, no NBD hop.
+live_attach() { # file dir
+    mkdir -p "$2/mnt"
+    do_mount -o loop,noatime "$1" "$2/mnt"
+}
 
 # nbdkit's cow filter keeps its overlay in an unlinked file under TMPDIR: its allocated bytes,
 # found through the server's open descriptors.
@@ -149,7 +154,7 @@ binaries_ready() { # repository root
     done
 }
 # tl_on TARGET ARGS...: the target's binary on its pool; any transport of binary LABEL (tl:LABEL,
-# a later tlf:LABEL) shares that binary's pool.
+# tlf:LABEL) shares that binary's pool.
 tl_on() { "${BIN[tl:${1#*:}]}" --pool "$WORK/pool-${1#*:}" "${@:2}"; }
 
 # --- containers -----------------------------------------------------------------------------
@@ -173,6 +178,15 @@ ct_up() {
         bg_start "$WORK/${t/:/-}-serve.log" "${BIN[$t]}" --pool "$WORK/pool-${t#tl:}" serve \
             --socket "$sock" --export "$CUR"
         URI=$(uri "$sock" "$CUR") ;;
+    tlf:*)
+        # Live files: the server's own FUSE file for the layer (`serve --files`); URI is the
+        # file's path, for a loop mount (live_attach).
+        CUR=$name
+        tl_on "$t" create "$CUR" --parent "$image" >/dev/null
+        bg_start "$WORK/${t/:/-}-serve.log" "${BIN[tl:${t#tlf:}]}" --pool "$WORK/pool-${t#tlf:}" \
+            serve --socket "$sock" --files "$WORK/${t/:/-}-files"
+        wait_for -S "$WORK/pool-${t#tlf:}.ctl"
+        URI=$(tl_on "$t" attach "$CUR") ;;
     qemu)
         CUR=$WORK/$name.qcow2
         qemu-img create -q -f qcow2 -b "$WORK/$image.raw" -F raw "$CUR"
@@ -192,7 +206,7 @@ ct_up() {
 }
 ct_space() {
     case $1 in
-    tl:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
+    tl:* | tlf:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
     qemu) on_disk "$CUR" ;;
     nbdkit) cow_bytes "$SRV" "$CUR" ;;
     esac
@@ -202,6 +216,10 @@ ct_down() {
     tl:*)
         bg_stop "$SRV" strict
         tl_on "$1" rm "$CUR" >/dev/null ;;
+    tlf:*)
+        tl_on "$1" detach "$CUR" >/dev/null
+        bg_stop "$SRV" strict
+        tl_on "$1" rm "$CUR" >/dev/null ;;
     qemu) bg_stop "$SRV"; rm -f "$CUR" ;;
     nbdkit) bg_stop "$SRV"; rm -rf "$CUR" ;;
     esac
@@ -209,6 +227,7 @@ ct_down() {
 ct_label() {
     case $1 in
     tl:*) echo "${1#tl:}" ;;
+    tlf:*) echo "${1#tlf:} (live file)" ;;
     qemu) echo "qemu-nbd qcow2 ($QCACHE)" ;;
     nbdkit) echo "nbdkit cow" ;;
     *) echo "$1" ;;
