@@ -274,7 +274,7 @@ impl Thinlayer {
     }
 
     /// The snapshots thinlayer holds for containerd in namespace NS: kind by containerd's own
-    /// key, the `NS/N/` prefix of the key it gave the snapshotter taken off.
+    /// key (its first word), the `NS/N/` prefix of the key it gave the snapshotter taken off.
     fn snapshots(&self) -> BTreeMap<String, String> {
         let prefix = format!("{NS}/");
         self.layers()
@@ -282,6 +282,9 @@ impl Thinlayer {
             .filter_map(|l| {
                 let key = l["attrs"]["containerd.key"].as_str()?;
                 let (_, name) = key.strip_prefix(&prefix)?.split_once('/')?;
+                // An extract key is `extract-NANOS-RAND CHAINID`; `ctr snapshots ls` pads
+                // its columns with spaces, so only the first word can be compared with it.
+                let name = name.split(' ').next().unwrap();
                 let kind = l["attrs"]["containerd.kind"].as_str().unwrap_or("?");
                 Some((name.to_string(), kind.to_string()))
             })
