@@ -6,63 +6,15 @@
 //! written when a layer is committed, imported or received; a layer committed before this
 //! existed gets them computed when first asked for (and stored if the pool is writable).
 
+pub use super::digest::Digest;
 use super::send::{self, SendStats};
 use crate::error::{Error, Result};
 use crate::volume::{LayerInfo, Store};
-use sha2::{Digest as _, Sha256};
-use std::fmt;
 
 pub const DIGEST_ATTR: &str = "content.digest";
 pub const CHAIN_ATTR: &str = "content.chain_id";
 /// The stream's length in bytes: a registry manifest names each blob's size.
 pub const SIZE_ATTR: &str = "content.size";
-
-/// A sha256, shown as `sha256:<64 hex digits>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Digest(pub [u8; 32]);
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("sha256:")?;
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl std::str::FromStr for Digest {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Digest> {
-        let bad = || Error::Invalid(format!("{s:?} is not a sha256 digest (sha256:<64 hex>)"));
-        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        let mut d = [0u8; 32];
-        for (i, b) in d.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(Digest(d))
-    }
-}
-
-impl Digest {
-    pub fn sha256(bytes: &[u8]) -> Digest {
-        Digest(Sha256::digest(bytes).into())
-    }
-
-    /// The 12 hex digits `ls` shows, like `docker images`.
-    pub fn short(&self) -> String {
-        self.to_string()[7..19].to_string()
-    }
-}
 
 /// A layer's content digest and chain ID, and its stream's length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! (of every byte before it) and the whole stream's digest are known when it arrives.
 //! Unknown record kinds are skipped (a change a reader must understand bumps the version).
 
-use super::content::Digest;
+use super::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::stream::{self as fmt, End, Header};
 use sha2::{Digest as _, Sha256};

@@ -1,7 +1,7 @@
 //! Writing a stream: the header, records in block order, the end record; hashing every byte
 //! on the way (the digest of the whole stream is the layer's content digest).
 
-use super::content::Digest;
+use super::digest::Digest;
 use crate::format::stream::{self as fmt, End, Header};
 use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};

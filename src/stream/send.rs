@@ -3,7 +3,7 @@
 //! blocks cut at every multiple of `RUN_CUT`, zero runs are maximal, so equal layers give
 //! equal bytes on every host.
 
-use super::content::{self, Digest};
+use super::digest::Digest;
 use super::encode::Encoder;
 use crate::error::{Error, Result};
 use crate::format::stream::{Header, RUN_CUT, VERSION};
@@ -22,26 +22,20 @@ pub struct SendStats {
     pub digest: String,
 }
 
-/// Send layer `name` over `from` (default: its parent; it must be an ancestor) into `out`.
-/// `label` names the destination in errors.
-pub fn send(
+/// Send layer `name` over `floor` (an ancestor, or None for the whole chain), whose chain ID
+/// `floor_chain` the header names, into `out`. `label` names the destination in errors.
+/// `stream::send` finds both.
+pub fn send_over(
     store: &Store,
     name: &str,
-    from: Option<&str>,
+    floor: Option<&LayerInfo>,
+    floor_chain: Option<Digest>,
     out: &mut dyn Write,
     label: &str,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SendStats> {
     let top = store.layer(name)?;
-    let floor = match from.map(str::to_string).or(top.parent.clone()) {
-        Some(f) => Some(store.layer(&f)?),
-        None => None,
-    };
-    let chain = match &floor {
-        Some(f) => Some(content::ids(store, &f.name)?.chain_id),
-        None => None,
-    };
-    let (_, stats) = write_stream(store, &top, floor.as_ref(), chain, out, label, progress)?;
+    let (_, stats) = write_stream(store, &top, floor, floor_chain, out, label, progress)?;
     Ok(stats)
 }
 
