@@ -6,7 +6,7 @@
 
 use super::names::file_name;
 use crate::error::{Error, Result};
-use crate::server::exports::{Attached, Holder, LiveExports};
+use crate::volume::exports::{Attached, Holder, LiveExports};
 use crate::volume::BlockDevice;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@ mod names;
 pub use files::{LostWrites, CLOSE_GRACE};
 
 use crate::error::{Error, Result};
-use crate::server::exports::LiveExports;
+use crate::volume::exports::LiveExports;
 use files::Table;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,11 +1,10 @@
 //! The live pool: one process owns the pool and, at once, serves its layers over NBD, answers
 //! management requests on the control socket, and commits in the background. A layer created
 //! or imported is an export at once; a removed one is gone; layers held by NBD connections are
-//! protected (`exports.rs`). What each request does is `ops.rs`, shared with the CLI's direct
+//! protected (`volume/exports.rs`). What each request does is `ops.rs`, shared with the CLI's direct
 //! path, so a user never needs to know whether a server runs. With `--files DIR` it also
 //! mounts the live files (`crate::fuse`): attached layers as disk-image files for loop devices.
 
-pub mod exports;
 pub mod ops;
 
 use crate::control::{serve_control, ControlSocket, Peer, Request};
@@ -13,8 +12,8 @@ use crate::error::Result;
 use crate::fuse::LiveFiles;
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::snapshot::{self, Snapshots};
+use crate::volume::exports::LiveExports;
 use crate::volume::{Committer, Store};
-use exports::LiveExports;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;

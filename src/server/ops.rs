@@ -3,11 +3,11 @@
 //! transactions. Every changing request is one transaction: applied under the store's lock,
 //! committed before the reply.
 
-use super::exports::LiveExports;
 use crate::control::{ConnectionInfo, Reply, Request, Status};
 use crate::error::{Error, Result};
 use crate::fuse::LiveFiles;
 use crate::stream::content;
+use crate::volume::exports::LiveExports;
 use crate::volume::Store;
 use std::fs::File;
 use std::os::fd::OwnedFd;

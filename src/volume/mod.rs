@@ -2,6 +2,7 @@
 pub mod committer;
 pub mod device;
 pub mod diff;
+pub mod exports;
 pub mod handle;
 pub mod invariants;
 pub mod io;

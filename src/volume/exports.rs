@@ -4,9 +4,9 @@
 //! open, so `rm` and `commit` can refuse a layer in use, naming its holders, and `rm --force`
 //! can cut them off first.
 
+use super::{BlockDevice, ExportCatalog, ExportInfo, Extent, Store, StoreExports, Volume};
 use crate::error::{Error, Result};
 use crate::format::LayerId;
-use crate::volume::{BlockDevice, ExportCatalog, ExportInfo, Extent, Store, StoreExports, Volume};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
