@@ -39,8 +39,6 @@ pub struct Recovered {
     pub log_blocks: Vec<PBlock>,
     /// Log pages the superblock itself names.
     pub named_log_pages: u64,
-    /// Commits found past them, in the log's tail.
-    pub tail_commits: u64,
     /// The last tail commit, left out because a data block it maps does not hold what its
     /// map entry's crc says: its data never all reached the disk (§5.5).
     pub dropped_commit: Option<u64>,
@@ -168,7 +166,6 @@ pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
         ckpt_blocks,
         log_blocks,
         named_log_pages: sb.log.pages,
-        tail_commits: tail.len() as u64,
         dropped_commit,
     })
 }
