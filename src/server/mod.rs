@@ -59,7 +59,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let snapshotter = match (&cfg.containerd, &files) {
         (Some(path), Some(f)) => {
             let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
-            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
+            let core = Snapshots::new(exports.clone(), f.clone(), work_dir);
             Some(snapshot::Server::start(
                 Arc::new(core),
                 path,

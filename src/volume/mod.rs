@@ -4,6 +4,7 @@ pub mod device;
 pub mod diff;
 pub mod exports;
 pub mod handle;
+pub mod importing;
 pub mod invariants;
 pub mod io;
 pub mod layers;
