@@ -88,7 +88,10 @@ fn print_status(s: &Status) {
         s.keeper.map_or("none".to_string(), |k| k.to_string())
     );
     println!("server:       {} ({})", s.server, s.binary);
-    println!("started:      {} (process {} of this serve)", s.started, s.generation);
+    println!(
+        "started:      {} (process {} of this serve)",
+        s.started, s.generation
+    );
     println!("pool:         {}", s.pool);
     println!("control:      {}", s.control);
     for l in &s.listen {
@@ -105,7 +108,10 @@ fn print_status(s: &Status) {
     }
     println!("connections:  {}", s.connections.len());
     for c in &s.connections {
-        println!("              {} on {:?} since {}", c.client, c.export, c.since);
+        println!(
+            "              {} on {:?} since {}",
+            c.client, c.export, c.since
+        );
     }
     println!("pending:      {} bytes not yet committed", s.pending_bytes);
 }

@@ -190,7 +190,7 @@ pub enum Reply {
     Committed {
         name: String,
     },
-    Status(Status),
+    Status(Box<Status>),
     /// restart: the new process serves. `held_ms`: how long I/O waited at the gate, from
     /// closing it in the old process to the new one's first request served.
     Restarted {
@@ -640,7 +640,7 @@ mod tests {
                 freed: 4096,
             }),
             ServerFrame::Reply(Reply::Committed { name: "web".into() }),
-            ServerFrame::Reply(Reply::Status(status)),
+            ServerFrame::Reply(Reply::Status(Box::new(status))),
             ServerFrame::Reply(Reply::Restarted {
                 old_pid: 1,
                 new_pid: 2,

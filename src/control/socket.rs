@@ -122,9 +122,8 @@ impl ControlSocket {
     /// `thinlayer restart` as its listening descriptor. The file at `path` must still be
     /// that socket; it is removed when this is dropped, like one bound here.
     pub fn adopt(listener: UnixListener, path: &Path, pool: &Path) -> Result<ControlSocket> {
-        let id = FileId::of(path).map_err(|e| {
-            Error::io(format!("control socket {}: handed over", path.display()), e)
-        })?;
+        let id = FileId::of(path)
+            .map_err(|e| Error::io(format!("control socket {}: handed over", path.display()), e))?;
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),

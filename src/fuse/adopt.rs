@@ -48,6 +48,7 @@ pub fn session<FS: fuser::Filesystem>(
 
 /// Ask the kernel to queue again the requests read from this connection and not answered.
 /// `Ok(false)`: the kernel is too old to know how (before Linux 6.9).
+#[allow(clippy::host_endian_bytes)] // The FUSE ABI is the host's byte order.
 pub fn resend(fd: BorrowedFd) -> io::Result<bool> {
     let mut out = [0u8; 16];
     out[0..4].copy_from_slice(&16u32.to_ne_bytes());
@@ -84,6 +85,7 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// An INIT request as the kernel sends it: protocol 7.31, no capabilities offered.
+#[allow(clippy::host_endian_bytes)] // The FUSE ABI is the host's byte order.
 fn made_up_init() -> [u8; INIT_LEN] {
     let mut b = [0u8; INIT_LEN];
     let mut put = |at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
@@ -103,9 +105,13 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::host_endian_bytes)]
     fn the_made_up_init_has_the_length_its_header_says() {
         let b = made_up_init();
-        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize,
+            b.len()
+        );
         assert_eq!(u32::from_ne_bytes(b[4..8].try_into().unwrap()), FUSE_INIT);
     }
 }

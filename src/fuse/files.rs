@@ -226,7 +226,11 @@ impl Table {
             )
             .map_err(|e| e.context(format!("restoring live file of layer {:?}", s.layer)))?;
         }
-        let next = files.iter().map(|f| f.ino + 1).max().unwrap_or(ROOT_INO + 1);
+        let next = files
+            .iter()
+            .map(|f| f.ino + 1)
+            .max()
+            .unwrap_or(ROOT_INO + 1);
         self.next_ino.fetch_max(next, Ordering::Relaxed);
         Ok(())
     }

@@ -108,7 +108,10 @@ impl LiveFiles {
             .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
         let session = adopt::session(fs::Fs::new(table.clone()), session_fd, &session_config())
             .map_err(|e| {
-                Error::io(format!("live files: taking over the mount on {}", dir.display()), e)
+                Error::io(
+                    format!("live files: taking over the mount on {}", dir.display()),
+                    e,
+                )
             })?;
         Self::start(table, session, device)
     }

@@ -142,9 +142,18 @@ impl Serving<'_> {
         s.files_dir = self.files.map(|f| f.dir().display().to_string());
         s.files = self
             .files
-            .map(|f| f.list().into_iter().map(|f| f.path.display().to_string()).collect())
+            .map(|f| {
+                f.list()
+                    .into_iter()
+                    .map(|f| f.path.display().to_string())
+                    .collect()
+            })
             .unwrap_or_default();
-        s.containerd = self.cfg.containerd.as_ref().map(|p| p.display().to_string());
+        s.containerd = self
+            .cfg
+            .containerd
+            .as_ref()
+            .map(|p| p.display().to_string());
         s.generation = self.generation;
         s
     }
@@ -175,12 +184,17 @@ impl Serving<'_> {
         // 1. Hello.
         match receive(&ours, HELLO_TIMEOUT) {
             Ok((FromNew::Hello { protocol, .. }, _)) if protocol == PROTOCOL => {}
-            Ok((FromNew::Hello { protocol, version, .. }, _)) => {
+            Ok((
+                FromNew::Hello {
+                    protocol, version, ..
+                },
+                _,
+            )) => {
                 return Err(fail(
                     &mut child,
                     format!(
-                        "it is {version}, speaking hand-over protocol {protocol}, this one {PROTOCOL}"
-                    ),
+                    "it is {version}, speaking hand-over protocol {protocol}, this one {PROTOCOL}"
+                ),
                 ))
             }
             Ok((m, _)) => return Err(fail(&mut child, format!("it said {m:?} first"))),
@@ -190,11 +204,14 @@ impl Serving<'_> {
         let closed = self.exports.gate().pause();
         if let Err(e) = self.store.release() {
             self.exports.gate().resume();
-            return Err(fail(&mut child, format!("this server could not commit: {e}")));
+            return Err(fail(
+                &mut child,
+                format!("this server could not commit: {e}"),
+            ));
         }
         // 3. State and descriptors; the new process opens the pool and adopts them.
         let outcome = self
-            .send_state(&ours)
+            .send_state(&ours, &binary)
             .and_then(|()| receive(&ours, READY_TIMEOUT));
         let new_pid = match outcome {
             Ok((FromNew::Ready { pid }, _)) => pid,
@@ -230,7 +247,7 @@ impl Serving<'_> {
         })
     }
 
-    fn send_state(&self, sock: &UnixStream) -> io::Result<()> {
+    fn send_state(&self, sock: &UnixStream, binary: &Path) -> io::Result<()> {
         let (nbd_unix, nbd_tcp) = match &self.cfg.nbd {
             Listener::Unix(p) => (Some(p.clone()), None),
             Listener::Tcp(a) => (None, Some(a.to_string())),
@@ -245,7 +262,7 @@ impl Serving<'_> {
             files_dir: self.files.map(|f| f.dir().to_path_buf()),
             files: self.files.map(|f| f.handover()).unwrap_or_default(),
             containerd: self.cfg.containerd.clone(),
-            binary: self.binary.to_path_buf(),
+            binary: binary.to_path_buf(),
             old_pid: std::process::id(),
             generation: self.generation,
         };
@@ -254,7 +271,9 @@ impl Serving<'_> {
 
     /// After a failed hand-over: the pool again, and the gate open.
     fn take_back(&self) -> Result<()> {
-        let taken = self.store.take_back("thinlayer serve (after a failed restart)");
+        let taken = self
+            .store
+            .take_back("thinlayer serve (after a failed restart)");
         self.exports.gate().resume();
         taken.map_err(|e| {
             e.context("restart failed, and this server could not take the pool back; stop it")
@@ -333,7 +352,9 @@ pub fn resume(fd: RawFd, command_line: &str) -> Result<()> {
         .map_err(|e| Error::io("restart: hand-over socket", e))?;
     let (body, fds) = wire::recv(&sock, MAX_MESSAGE)
         .map_err(|e| Error::io("restart: receiving the state", e))?
-        .ok_or_else(|| Error::Invalid("restart: the old server went away before the hand-over".into()))?;
+        .ok_or_else(|| {
+            Error::Invalid("restart: the old server went away before the hand-over".into())
+        })?;
     let state: State = wire::decode(&body)
         .map_err(|e| Error::Invalid(format!("restart: the old server's state: {e}")))?;
     let old_pid = state.old_pid;
@@ -398,13 +419,12 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         files: state.files_dir.clone(),
         containerd: state.containerd.clone(),
     };
-    let nbd_socket = Bound::adopt(&cfg.nbd, next());
-    let control = ControlSocket::adopt(next().into(), &cfg.control, &cfg.pool)?;
+    let nbd_fd = next();
+    let control_fd = next();
     let fuse = state.files_dir.as_ref().map(|_| next());
-    let containerd = match &state.containerd {
-        Some(p) => Some(ControlSocket::adopt(next().into(), p, &cfg.pool)?),
-        None => None,
-    };
+    let containerd_fd = state.containerd.as_ref().map(|_| next());
+    // What can fail comes first. A socket adopted and then dropped would remove its file,
+    // which the old process (serving on after this failure) still needs.
     let store = std::sync::Arc::new(Store::open(&cfg.pool, command_line)?);
     let exports = std::sync::Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
     let files = match (&state.files_dir, fuse) {
@@ -416,6 +436,18 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         )?)),
         _ => None,
     };
+    let control = ControlSocket::adopt(control_fd.into(), &cfg.control, &cfg.pool)?;
+    let containerd = match (&state.containerd, containerd_fd) {
+        (Some(p), Some(fd)) => match ControlSocket::adopt(fd.into(), p, &cfg.pool) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                std::mem::forget(control);
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
+    let nbd_socket = Bound::adopt(&cfg.nbd, nbd_fd);
     Ok(Parts {
         cfg,
         store,

@@ -181,7 +181,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
                 else {
                     unreachable!("status answers with a status");
                 };
-                Ok(Reply::Status(me.status(s)))
+                Ok(Reply::Status(Box::new(me.status(*s))))
             }
             req => {
                 // Held while a restart hands the pool over: the next process answers it.

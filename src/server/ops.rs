@@ -128,7 +128,7 @@ pub fn execute(
         }
         Request::Status => match exports {
             None => Err(Error::NotFound("no server is running for this pool".into())),
-            Some(x) => Ok(Reply::Status(status(store, x))),
+            Some(x) => Ok(Reply::Status(Box::new(status(store, x)))),
         },
         // Only a server's live files can answer these (`execute_files`).
         Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(store.path())),

@@ -91,7 +91,10 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!paused.load(Ordering::SeqCst), "pause returned with a request inside");
+        assert!(
+            !paused.load(Ordering::SeqCst),
+            "pause returned with a request inside"
+        );
         drop(inside);
         pauser.join().unwrap();
         assert!(gate.is_paused());
@@ -104,7 +107,10 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!entered.load(Ordering::SeqCst), "a request got through a closed gate");
+        assert!(
+            !entered.load(Ordering::SeqCst),
+            "a request got through a closed gate"
+        );
         gate.resume();
         late.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));

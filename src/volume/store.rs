@@ -343,7 +343,8 @@ impl Store {
     /// lock, and refuse every change from now on. The caller has stopped all I/O first.
     /// Nothing is closed: if the other process cannot take over, `take_back` resumes.
     pub fn release(&self) -> Result<()> {
-        self.flush().map_err(|e| e.context("commit before the hand-over"))?;
+        self.flush()
+            .map_err(|e| e.context("commit before the hand-over"))?;
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.released.store(true, Ordering::SeqCst);
         *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -360,7 +361,8 @@ impl Store {
         })?;
         let lock = PoolLock::acquire(&path, purpose)?;
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fresh = load(&*self.storage).map_err(|e| e.context("reloading after a failed hand-over"))?;
+        let mut fresh =
+            load(&*self.storage).map_err(|e| e.context("reloading after a failed hand-over"))?;
         fresh.recover(&*self.storage)?;
         *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
