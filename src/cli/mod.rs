@@ -18,7 +18,7 @@ mod serve;
 mod table;
 
 use crate::control::{Client, Reply, Request};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use clap::{Parser, Subcommand};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -124,11 +124,11 @@ impl Target {
         }
     }
 
-    /// Run `req` on the pool's server; without one it is `NotFound` naming the socket.
+    /// Run `req` on the pool's server; without one it is `Unavailable` naming the socket.
     fn call_server(&self, req: Request) -> Result<Reply> {
         match Client::connect(&self.control)? {
             Some(mut c) => c.call(&req, &[], &mut |_, _| {}),
-            None => Err(Error::NotFound(format!(
+            None => Err(Error::Unavailable(format!(
                 "no server answers on {} (is `thinlayer serve` running for pool {}?)",
                 self.control.display(),
                 self.pool.display()
@@ -139,7 +139,7 @@ impl Target {
 
 /// A reply of another kind than the request asks for: only a confused server sends one.
 fn unexpected(r: Reply) -> Error {
-    Error::Invalid(format!(
+    Error::Internal(format!(
         "the server answered with an unexpected reply: {r:?}"
     ))
 }
@@ -177,11 +177,46 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("thinlayer: error: {e}");
-            match e {
-                Error::Busy(_) => 75,
-                Error::NotFound(_) => 2,
+            exit_code(&e)
+        }
+    }
+}
+
+/// The exit code of a failed command, from its error's kind: the one place they are mapped
+/// (docs/CONTROL.md lists them).
+pub fn exit_code(e: &Error) -> i32 {
+    match e.kind() {
+        // EX_TEMPFAIL: another process has the pool; try again.
+        Kind::Busy => 75,
+        // EX_UNAVAILABLE: no server, a registry unreachable.
+        Kind::Unavailable => 69,
+        Kind::NotFound => 2,
+        Kind::Io
+        | Kind::InvalidInput
+        | Kind::AlreadyExists
+        | Kind::Conflict
+        | Kind::InUse
+        | Kind::NoSpace
+        | Kind::ReadOnly
+        | Kind::Corrupt
+        | Kind::Internal => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_kind() {
+        for k in Kind::ALL {
+            let want = match k {
+                Kind::Busy => 75,
+                Kind::Unavailable => 69,
+                Kind::NotFound => 2,
                 _ => 1,
-            }
+            };
+            assert_eq!(exit_code(&Error::new(k, "x".into())), want, "{k:?}");
         }
     }
 }

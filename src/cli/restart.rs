@@ -70,7 +70,7 @@ pub fn run_status(t: &Target, a: StatusArgs) -> Result<()> {
             if a.json {
                 println!(
                     "{}",
-                    serde_json::to_string(&s).map_err(|e| Error::Invalid(e.to_string()))?
+                    serde_json::to_string(&s).map_err(|e| Error::Internal(e.to_string()))?
                 );
             } else {
                 print_status(&s);

@@ -17,6 +17,7 @@ mod mount;
 mod names;
 
 pub use files::{FileState, LostWrites, CLOSE_GRACE};
+pub use mount::unescape as unescape_mountinfo;
 
 use crate::error::{Error, Result};
 use crate::volume::exports::LiveExports;

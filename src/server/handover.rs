@@ -174,7 +174,7 @@ impl Serving<'_> {
         let fail = |child: &mut Child, why: String| -> Error {
             let _ = child.kill();
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-            Error::Conflict(format!(
+            Error::Unavailable(format!(
                 "restart: the new server ({shown}, pid {}) did not take over: {why} ({status}); \
                  this server (pid {}) serves on",
                 child.id(),
@@ -353,10 +353,10 @@ pub fn resume(fd: RawFd, command_line: &str) -> Result<()> {
     let (body, fds) = wire::recv(&sock, MAX_MESSAGE)
         .map_err(|e| Error::io("restart: receiving the state", e))?
         .ok_or_else(|| {
-            Error::Invalid("restart: the old server went away before the hand-over".into())
+            Error::Unavailable("restart: the old server went away before the hand-over".into())
         })?;
     let state: State = wire::decode(&body)
-        .map_err(|e| Error::Invalid(format!("restart: the old server's state: {e}")))?;
+        .map_err(|e| Error::Internal(format!("restart: the old server's state: {e}")))?;
     let old_pid = state.old_pid;
     let parts = match adopt(state, fds, command_line) {
         Ok(p) => p,
@@ -394,7 +394,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
     let started = SystemTime::now();
     let want = 2 + state.files_dir.is_some() as usize + state.containerd.is_some() as usize;
     if fds.len() != want {
-        return Err(Error::Invalid(format!(
+        return Err(Error::Internal(format!(
             "restart: {} descriptors came, {want} expected",
             fds.len()
         )));
@@ -405,9 +405,9 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         (Some(p), _) => Listener::Unix(p.clone()),
         (None, Some(a)) => Listener::Tcp(
             a.parse()
-                .map_err(|e| Error::Invalid(format!("restart: NBD address {a:?}: {e}")))?,
+                .map_err(|e| Error::Internal(format!("restart: NBD address {a:?}: {e}")))?,
         ),
-        (None, None) => return Err(Error::Invalid("restart: no NBD listener".into())),
+        (None, None) => return Err(Error::Internal("restart: no NBD listener".into())),
     };
     let cfg = Config {
         pool: state.pool.clone(),

@@ -83,7 +83,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
                 .map_err(|e| e.context(format!("containerd socket {}", path.display())))?,
         ),
         (Some(_), None) => {
-            return Err(crate::Error::Invalid(
+            return Err(crate::Error::InvalidInput(
                 "--containerd-socket needs live files (--files DIR): containerd mounts them".into(),
             ))
         }
