@@ -3,6 +3,7 @@
 //! Layers of the crate depend downward only:
 //! `format` (bytes <-> structs) → `pool` (the pool file, allocation, commits) → `layer` (catalogue
 //! and block maps) → `volume` (a chain as a block device) → frontends (`nbd`, `fuse`, `image`, `control`, `cli`).
+pub mod calls;
 pub mod check;
 pub mod cli;
 pub mod control;

@@ -1,5 +1,5 @@
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
+use crate::calls::Attached;
 use crate::error::Result;
 
 /// Attach a layer as a live file (a raw disk image) in the server's --files directory.
@@ -32,34 +32,22 @@ pub struct DetachArgs {
 }
 
 pub fn run_attach(t: &Target, a: AttachArgs) -> Result<()> {
-    match t.call(Request::Attach { name: a.name }, Vec::new(), &mut |_, _| {})? {
-        Reply::Attached {
-            name,
-            path,
-            writable,
-        } => {
-            if a.json {
-                let v = serde_json::json!({"name": name, "path": path, "writable": writable});
-                println!("{v}");
-            } else {
-                println!("{path}");
-            }
-            Ok(())
-        }
-        r => Err(unexpected(r)),
+    let Attached {
+        name,
+        path,
+        writable,
+    } = t.attach(&a.name)?;
+    if a.json {
+        let v = serde_json::json!({"name": name, "path": path, "writable": writable});
+        println!("{v}");
+    } else {
+        println!("{path}");
     }
+    Ok(())
 }
 
 pub fn run_detach(t: &Target, a: DetachArgs) -> Result<()> {
-    let req = Request::Detach {
-        name: a.name,
-        force: a.force,
-    };
-    match t.call(req, Vec::new(), &mut |_, _| {})? {
-        Reply::Detached { name } => {
-            println!("detached {name:?}");
-            Ok(())
-        }
-        r => Err(unexpected(r)),
-    }
+    t.detach(&a.name, a.force)?;
+    println!("detached {:?}", a.name);
+    Ok(())
 }

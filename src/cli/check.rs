@@ -1,6 +1,5 @@
 use super::progress::Progress;
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::Result;
 
 /// Verify the pool: superblocks, metadata checksums, block ownership, counters;
@@ -16,13 +15,9 @@ pub struct Args {
 
 pub fn run(t: &Target, a: Args) -> Result<i32> {
     let mut p = Progress::new("check data");
-    let req = Request::Check { data: a.data };
-    let r = t.call(req, Vec::new(), &mut |d, total| p.update(d, total));
+    let r = t.check(a.data, &mut |d, total| p.update(d, total));
     p.finish();
-    let r = match r? {
-        Reply::Check(r) => r,
-        r => return Err(unexpected(r)),
-    };
+    let r = r?;
     let pool = &t.pool;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap());

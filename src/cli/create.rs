@@ -1,5 +1,4 @@
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::Result;
 use crate::units::{human, parse_size};
 
@@ -22,15 +21,7 @@ pub struct CreateArgs {
 }
 
 pub fn run_create(t: &Target, a: CreateArgs) -> Result<()> {
-    let req = Request::Create {
-        name: a.name,
-        parent: a.parent,
-        size: a.size,
-    };
-    let info = match t.call(req, Vec::new(), &mut |_, _| {})? {
-        Reply::Layer(info) => info,
-        r => return Err(unexpected(r)),
-    };
+    let info = t.create(&a.name, a.parent.as_deref(), a.size)?;
     println!(
         "created writable layer {:?} ({}{})",
         info.name,
@@ -51,9 +42,7 @@ pub struct CommitArgs {
 }
 
 pub fn run_commit(t: &Target, a: CommitArgs) -> Result<()> {
-    match t.call(Request::Commit { name: a.name }, Vec::new(), &mut |_, _| {})? {
-        Reply::Committed { name } => println!("committed {name:?}: now read-only"),
-        r => return Err(unexpected(r)),
-    }
+    t.commit(&a.name)?;
+    println!("committed {:?}: now read-only", a.name);
     Ok(())
 }

@@ -1,5 +1,4 @@
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::Result;
 use crate::units::human;
 
@@ -11,10 +10,7 @@ pub struct Args {
 }
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
-    let u = match t.call(Request::Df, Vec::new(), &mut |_, _| {})? {
-        Reply::Usage(u) => u,
-        r => return Err(unexpected(r)),
-    };
+    let u = t.df()?;
     let pool = &t.pool;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&u).unwrap());

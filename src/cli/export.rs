@@ -1,6 +1,5 @@
 use super::progress::Progress;
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::{Error, Result};
 use crate::units::human;
 use std::os::fd::OwnedFd;
@@ -29,22 +28,16 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         .truncate(false)
         .open(&a.file)
         .map_err(|e| Error::io(format!("creating {}", a.file.display()), e))?;
-    let req = Request::Export {
-        name: a.name.clone(),
-        label: Some(a.file.display().to_string()),
-    };
     let mut p = Progress::new(format!("export {}", a.name));
-    let r = t.call(req, vec![OwnedFd::from(out)], &mut |d, total| {
+    let label = a.file.display().to_string();
+    let r = t.export(&a.name, OwnedFd::from(out), &label, &mut |d, total| {
         p.update(d, total)
     });
     p.finish();
     if r.is_err() && !existed {
         let _ = std::fs::remove_file(&a.file);
     }
-    let stats = match r? {
-        Reply::Exported { stats } => stats,
-        r => return Err(unexpected(r)),
-    };
+    let stats = r?;
     println!(
         "exported {:?} to {}: {} image, {} of data written",
         a.name,

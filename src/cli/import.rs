@@ -1,6 +1,5 @@
 use super::progress::Progress;
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::{Error, Result};
 use crate::units::human;
 use std::os::fd::OwnedFd;
@@ -24,20 +23,17 @@ pub struct Args {
 pub fn run(t: &Target, a: Args) -> Result<()> {
     let f = std::fs::File::open(&a.file)
         .map_err(|e| Error::io(format!("opening image {}", a.file.display()), e))?;
-    let req = Request::Import {
-        name: a.name.clone(),
-        parent: a.parent,
-        label: Some(a.file.display().to_string()),
-    };
     let mut p = Progress::new(format!("import {}", a.name));
-    let r = t.call(req, vec![OwnedFd::from(f)], &mut |d, total| {
-        p.update(d, total)
-    });
+    let label = a.file.display().to_string();
+    let r = t.import(
+        &a.name,
+        a.parent.as_deref(),
+        OwnedFd::from(f),
+        &label,
+        &mut |d, total| p.update(d, total),
+    );
     p.finish();
-    let (info, stats) = match r? {
-        Reply::Imported { layer, stats } => (layer, stats),
-        r => return Err(unexpected(r)),
-    };
+    let (info, stats) = r?;
     println!(
         "imported {:?} from {}: {} disk, stored {} ({} read, {} of holes skipped)",
         info.name,

@@ -1,5 +1,4 @@
-use super::{table, unexpected, Target};
-use crate::control::{Reply, Request};
+use super::{table, Target};
 use crate::error::Result;
 use crate::stream::ContentIds;
 use crate::units::human;
@@ -40,15 +39,8 @@ fn short_id(l: &LayerInfo) -> String {
     ContentIds::of(l).map_or_else(|| "-".into(), |c| c.chain_id.short())
 }
 
-fn layers(t: &Target, req: Request) -> Result<Vec<LayerInfo>> {
-    match t.call(req, Vec::new(), &mut |_, _| {})? {
-        Reply::Layers(v) => Ok(v),
-        r => Err(unexpected(r)),
-    }
-}
-
 pub fn run_ls(t: &Target, a: LsArgs) -> Result<()> {
-    let layers = layers(t, Request::Ls)?;
+    let layers = t.ls()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&layers).unwrap());
         return Ok(());
@@ -85,7 +77,7 @@ pub fn run_ls(t: &Target, a: LsArgs) -> Result<()> {
 }
 
 pub fn run_history(t: &Target, a: HistoryArgs) -> Result<()> {
-    let chain = layers(t, Request::History { name: a.name })?;
+    let chain = t.history(&a.name)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&chain).unwrap());
         return Ok(());

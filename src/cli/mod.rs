@@ -17,10 +17,8 @@ mod send;
 mod serve;
 mod table;
 
-use crate::control::{Client, Reply, Request};
 use crate::error::{Error, Kind, Result};
 use clap::{Parser, Subcommand};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 const AFTER_HELP: &str = "\
@@ -94,55 +92,7 @@ pub fn default_pool_path() -> PathBuf {
     base.join("thinlayer/pool")
 }
 
-fn command_line() -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.join(" ")
-}
-
-/// Where a command finds its pool, and the server that may own it.
-pub struct Target {
-    pub pool: PathBuf,
-    pub control: PathBuf,
-}
-
-impl Target {
-    /// Run `req`: through the pool's server if one answers on the control socket, else by
-    /// opening the pool here. The replies, errors and exit codes are the same either way;
-    /// `files` cross to a server as descriptors (it never opens a path for a client).
-    fn call(
-        &self,
-        req: Request,
-        files: Vec<OwnedFd>,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Reply> {
-        match Client::connect(&self.control)? {
-            Some(mut c) => {
-                let fds: Vec<BorrowedFd> = files.iter().map(|f| f.as_fd()).collect();
-                c.call(&req, &fds, progress)
-            }
-            None => crate::server::ops::direct(&self.pool, &command_line(), req, files, progress),
-        }
-    }
-
-    /// Run `req` on the pool's server; without one it is `Unavailable` naming the socket.
-    fn call_server(&self, req: Request) -> Result<Reply> {
-        match Client::connect(&self.control)? {
-            Some(mut c) => c.call(&req, &[], &mut |_, _| {}),
-            None => Err(Error::Unavailable(format!(
-                "no server answers on {} (is `thinlayer serve` running for pool {}?)",
-                self.control.display(),
-                self.pool.display()
-            ))),
-        }
-    }
-}
-
-/// A reply of another kind than the request asks for: only a confused server sends one.
-fn unexpected(r: Reply) -> Error {
-    Error::Internal(format!(
-        "the server answered with an unexpected reply: {r:?}"
-    ))
-}
+pub use crate::calls::Target;
 
 pub fn main() -> i32 {
     let cli = Cli::parse();

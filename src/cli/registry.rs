@@ -1,12 +1,8 @@
 use super::progress::Progress;
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::Result;
-use crate::registry::{self, Layers, Meter, Options};
-use crate::stream::{ReceiveStats, SendStats};
+use crate::registry::{self, Meter, Options};
 use crate::units::human;
-use crate::volume::LayerInfo;
-use std::os::fd::OwnedFd;
 
 /// Upload a read-only layer and its ancestors to an OCI registry, one blob per layer.
 #[derive(clap::Args)]
@@ -38,66 +34,6 @@ pub struct PullArgs {
     plain_http: bool,
 }
 
-/// The pool as the registry code sees it: every step is a request through `Target`, so a
-/// live server gets streams as pipe descriptors and never opens a connection itself.
-struct Via<'a>(&'a Target);
-
-impl Layers for Via<'_> {
-    fn layers(&self) -> Result<Vec<LayerInfo>> {
-        match self.0.call(Request::Ls, Vec::new(), &mut |_, _| {})? {
-            Reply::Layers(v) => Ok(v),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    fn history(&self, name: &str) -> Result<Vec<LayerInfo>> {
-        let req = Request::History { name: name.into() };
-        match self.0.call(req, Vec::new(), &mut |_, _| {})? {
-            Reply::Layers(v) => Ok(v),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    fn block_size(&self) -> Result<u32> {
-        match self.0.call(Request::Df, Vec::new(), &mut |_, _| {})? {
-            Reply::Usage(u) => Ok(u.block_size),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    fn send(&self, name: &str, out: OwnedFd, progress: &mut Meter) -> Result<SendStats> {
-        let req = Request::Send {
-            name: name.into(),
-            from: None,
-            label: Some("the upload".into()),
-        };
-        match self.0.call(req, vec![out], progress)? {
-            Reply::Sent { stats } => Ok(stats),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    fn receive(
-        &self,
-        name: &str,
-        parent: Option<&str>,
-        digest: &str,
-        input: OwnedFd,
-        progress: &mut Meter,
-    ) -> Result<(LayerInfo, ReceiveStats)> {
-        let req = Request::Receive {
-            name: name.into(),
-            parent: parent.map(str::to_string),
-            digest: Some(digest.into()),
-            label: Some(format!("the download of {digest}")),
-        };
-        match self.0.call(req, vec![input], progress)? {
-            Reply::Received { layer, stats } => Ok((layer, stats)),
-            r => Err(unexpected(r)),
-        }
-    }
-}
-
 /// A progress line that ends itself when the step is over.
 struct Bar(Progress);
 
@@ -116,7 +52,7 @@ pub fn run_push(t: &Target, a: PushArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
     };
-    let r = registry::push::push(&Via(t), &a.name, &a.reference, &opts, &meter)?;
+    let r = registry::push::push(t, &a.name, &a.reference, &opts, &meter)?;
     println!(
         "pushed {:?} to {}: {} layer(s) uploaded ({}), {} already there",
         a.name,
@@ -132,7 +68,7 @@ pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
     };
-    let r = registry::pull::pull(&Via(t), &a.reference, a.name.as_deref(), &opts, &meter)?;
+    let r = registry::pull::pull(t, &a.reference, a.name.as_deref(), &opts, &meter)?;
     println!(
         "pulled {} as {:?}: {} layer(s) downloaded ({}), {} already in the pool",
         a.reference,

@@ -1,5 +1,4 @@
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::Result;
 use crate::units::human;
 
@@ -17,13 +16,7 @@ pub struct Args {
 }
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
-    let req = Request::Remove {
-        name: a.name,
-        force: a.force,
-    };
-    match t.call(req, Vec::new(), &mut |_, _| {})? {
-        Reply::Removed { name, freed } => println!("removed {name:?}, freed {}", human(freed)),
-        r => return Err(unexpected(r)),
-    }
+    let freed = t.remove(&a.name, a.force)?;
+    println!("removed {:?}, freed {}", a.name, human(freed));
     Ok(())
 }

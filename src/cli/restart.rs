@@ -1,5 +1,6 @@
-use super::{unexpected, Target};
-use crate::control::{Reply, Request, Status};
+use super::Target;
+use crate::calls::Restarted;
+use crate::control::Status;
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
@@ -42,43 +43,33 @@ pub fn run_restart(t: &Target, a: RestartArgs) -> Result<()> {
         ),
         None => None,
     };
-    match t.call_server(Request::Restart { binary })? {
-        Reply::Restarted {
-            old_pid,
-            new_pid,
-            binary,
-            held_ms,
-        } => {
-            if a.json {
-                let v = serde_json::json!({"old_pid": old_pid, "new_pid": new_pid,
-                    "binary": binary, "held_ms": held_ms});
-                println!("{v}");
-            } else {
-                println!(
-                    "restarted: pid {old_pid} -> pid {new_pid} ({binary}); I/O held {held_ms} ms"
-                );
-            }
-            Ok(())
-        }
-        r => Err(unexpected(r)),
+    let Restarted {
+        old_pid,
+        new_pid,
+        binary,
+        held_ms,
+    } = t.restart(binary)?;
+    if a.json {
+        let v = serde_json::json!({"old_pid": old_pid, "new_pid": new_pid,
+            "binary": binary, "held_ms": held_ms});
+        println!("{v}");
+    } else {
+        println!("restarted: pid {old_pid} -> pid {new_pid} ({binary}); I/O held {held_ms} ms");
     }
+    Ok(())
 }
 
 pub fn run_status(t: &Target, a: StatusArgs) -> Result<()> {
-    match t.call_server(Request::Status)? {
-        Reply::Status(s) => {
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&s).map_err(|e| Error::Internal(e.to_string()))?
-                );
-            } else {
-                print_status(&s);
-            }
-            Ok(())
-        }
-        r => Err(unexpected(r)),
+    let s = t.status()?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&s).map_err(|e| Error::Internal(e.to_string()))?
+        );
+    } else {
+        print_status(&s);
     }
+    Ok(())
 }
 
 fn print_status(s: &Status) {

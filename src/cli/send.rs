@@ -1,6 +1,5 @@
 use super::progress::Progress;
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::{Error, Result};
 use crate::units::human;
 use std::io::IsTerminal;
@@ -45,28 +44,25 @@ pub fn run_send(t: &Target, a: SendArgs) -> Result<()> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::io("duplicating standard output", e))?;
-    let req = Request::Send {
-        name: a.name.clone(),
-        from: a.from,
-        label: Some("standard output".into()),
-    };
     let mut p = Progress::new(format!("send {}", a.name));
-    let r = t.call(req, vec![fd], &mut |d, total| p.update(d, total));
+    let r = t.send(
+        &a.name,
+        a.from.as_deref(),
+        fd,
+        "standard output",
+        &mut |d, total| p.update(d, total),
+    );
     p.finish();
-    match r? {
-        Reply::Sent { stats } => {
-            eprintln!(
-                "sent {:?}: {} stream ({} of data, {} of whiteouts), {}",
-                a.name,
-                human(stats.bytes),
-                human(stats.data_bytes),
-                human(stats.zero_bytes),
-                stats.digest
-            );
-            Ok(())
-        }
-        r => Err(unexpected(r)),
-    }
+    let stats = r?;
+    eprintln!(
+        "sent {:?}: {} stream ({} of data, {} of whiteouts), {}",
+        a.name,
+        human(stats.bytes),
+        human(stats.data_bytes),
+        human(stats.zero_bytes),
+        stats.digest
+    );
+    Ok(())
 }
 
 pub fn run_receive(t: &Target, a: ReceiveArgs) -> Result<()> {
@@ -80,27 +76,24 @@ pub fn run_receive(t: &Target, a: ReceiveArgs) -> Result<()> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::io("duplicating standard input", e))?;
-    let req = Request::Receive {
-        name: a.name.clone(),
-        parent: a.parent,
-        digest: None,
-        label: Some("standard input".into()),
-    };
     let mut p = Progress::new(format!("receive {}", a.name));
-    let r = t.call(req, vec![fd], &mut |d, total| p.update(d, total));
+    let r = t.receive(
+        &a.name,
+        a.parent.as_deref(),
+        None,
+        fd,
+        "standard input",
+        &mut |d, total| p.update(d, total),
+    );
     p.finish();
-    match r? {
-        Reply::Received { layer, stats } => {
-            println!(
-                "received {:?}: {} disk, stored {} ({} stream), chain ID {}",
-                layer.name,
-                human(layer.disk_size),
-                human(layer.size),
-                human(stats.bytes_read),
-                stats.chain_id
-            );
-            Ok(())
-        }
-        r => Err(unexpected(r)),
-    }
+    let (layer, stats) = r?;
+    println!(
+        "received {:?}: {} disk, stored {} ({} stream), chain ID {}",
+        layer.name,
+        human(layer.disk_size),
+        human(layer.size),
+        human(stats.bytes_read),
+        stats.chain_id
+    );
+    Ok(())
 }

@@ -50,7 +50,7 @@ pub struct Args {
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
     if let Some(fd) = a.resume_fd {
-        return server::handover::resume(fd, &super::command_line());
+        return server::handover::resume(fd, &crate::calls::command_line());
     }
     let nbd = match (a.listen, a.socket) {
         (Some(addr), _) => Listener::Tcp(addr),
@@ -77,5 +77,5 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         }),
         containerd: a.containerd_socket,
     };
-    server::run(cfg, &super::command_line())
+    server::run(cfg, &crate::calls::command_line())
 }

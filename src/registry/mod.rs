@@ -16,6 +16,9 @@ pub mod image;
 pub mod pull;
 pub mod push;
 
+#[cfg(test)]
+mod conformance;
+
 use crate::error::Result;
 use crate::stream::{ReceiveStats, SendStats};
 use crate::volume::LayerInfo;
@@ -41,6 +44,46 @@ pub trait Layers: Sync {
         input: OwnedFd,
         progress: &mut Meter,
     ) -> Result<(LayerInfo, ReceiveStats)>;
+}
+
+/// `Layers` over a store opened in this process, with the live pool's rules (`LivePool`): the
+/// twin of the CLI's `calls::Target`, for tests and for callers that hold the store.
+pub struct StoreLayers<'a>(pub crate::live::LivePool<'a>);
+
+impl Layers for StoreLayers<'_> {
+    fn layers(&self) -> Result<Vec<LayerInfo>> {
+        let store = self.0.store();
+        crate::stream::content::fill(store, store.layers())
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<LayerInfo>> {
+        let store = self.0.store();
+        crate::stream::content::fill(store, store.history(name)?)
+    }
+
+    fn block_size(&self) -> Result<u32> {
+        Ok(self.0.store().block_size())
+    }
+
+    fn send(&self, name: &str, out: OwnedFd, progress: &mut Meter) -> Result<SendStats> {
+        let mut out = std::fs::File::from(out);
+        crate::stream::send(self.0.store(), name, None, &mut out, "the upload", progress)
+    }
+
+    fn receive(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        digest: &str,
+        input: OwnedFd,
+        progress: &mut Meter,
+    ) -> Result<(LayerInfo, ReceiveStats)> {
+        let label = format!("the download of {digest}");
+        let mut input = std::fs::File::from(input);
+        let expect = Some(digest.parse()?);
+        self.0
+            .receive(name, parent, expect, &mut input, &label, progress)
+    }
 }
 
 /// Progress of one layer: (bytes of the layer done, its size).
