@@ -303,7 +303,10 @@ impl Postgres {
             data,
             sock: sock.to_path_buf(),
         };
-        pg.run(&format!("{PG}/initdb -A trust -U postgres -D {}", pg.data.display()));
+        pg.run(&format!(
+            "{PG}/initdb -A trust -U postgres -D {}",
+            pg.data.display()
+        ));
         pg.run(&format!(
             "{PG}/pg_ctl -D {} -w -l {}/log -o \"-c listen_addresses= -k {}\" start",
             pg.data.display(),
@@ -321,7 +324,14 @@ impl Postgres {
     /// A shell command as `nobody`.
     fn command(&self, cmd: &str) -> Command {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd]);
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ]);
         c
     }
 
@@ -355,7 +365,10 @@ impl Postgres {
     }
 
     fn stop(self) {
-        self.run(&format!("{PG}/pg_ctl -D {} -w -m fast stop", self.data.display()));
+        self.run(&format!(
+            "{PG}/pg_ctl -D {} -w -m fast stop",
+            self.data.display()
+        ));
         std::mem::forget(self);
     }
 }
@@ -363,7 +376,10 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = self
-            .command(&format!("{PG}/pg_ctl -D {} -m immediate stop", self.data.display()))
+            .command(&format!(
+                "{PG}/pg_ctl -D {} -m immediate stop",
+                self.data.display()
+            ))
             .output();
     }
 }
@@ -421,7 +437,10 @@ fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
         std::thread::sleep(Duration::from_millis(1000));
     }
     if let (Some(pg), Some(bench)) = (pg, bench) {
-        let out = bench.join().unwrap().unwrap_or_else(|e| panic!("pgbench failed: {e}"));
+        let out = bench
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("pgbench failed: {e}"));
         assert!(out.contains("number of failed transactions: 0"), "{out}");
         pg.stop();
     }
