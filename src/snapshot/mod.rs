@@ -7,6 +7,7 @@
 //! with the `loop` option.
 
 mod base;
+mod ext4;
 mod files;
 mod grpc;
 mod info;
