@@ -35,12 +35,15 @@ impl Service {
         let core = self.0.clone();
         match tokio::task::spawn_blocking(move || f(&core)).await {
             Ok(r) => r.map_err(|f: Failure| {
-                if f.code == Code::Internal || f.code == Code::ResourceExhausted {
+                if matches!(
+                    f.code,
+                    Code::Internal | Code::ResourceExhausted | Code::DataLoss
+                ) {
                     eprintln!("thinlayer: containerd request failed: {}", f.message);
                 }
                 f.into()
             }),
-            Err(e) => Err(Status::internal(format!("snapshot request panicked: {e}"))),
+            Err(e) => Err(Failure::from(Error::panicked(format!("snapshot request: {e}"))).into()),
         }
     }
 }
@@ -164,7 +167,7 @@ impl Server {
                         .add_service(containerd_snapshots::server(Arc::new(Service(core))))
                         .serve_with_incoming_shutdown(incoming, stopped)
                         .await
-                        .map_err(|e| Error::Invalid(format!("{ctx}: serving: {e}")))
+                        .map_err(|e| Error::Internal(format!("{ctx}: serving: {e}")))
                 });
                 // The socket file goes once no new request can come.
                 drop(socket);
@@ -180,6 +183,6 @@ impl Server {
     pub fn join(self) -> Result<()> {
         self.thread
             .join()
-            .unwrap_or_else(|_| Err(Error::Invalid("the containerd thread panicked".into())))
+            .unwrap_or_else(|_| Err(Error::panicked("the containerd server")))
     }
 }
