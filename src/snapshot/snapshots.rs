@@ -9,6 +9,8 @@
 //! journal even on a read-only mount, and the kernel may write superblock fields; the child
 //! takes any such write, so a committed layer never changes under its other children.
 
+use super::api::Mount;
+use super::api::{Info, Kind};
 use super::base::{self, Bases};
 use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
@@ -16,8 +18,6 @@ use super::status::{Failure, Result};
 use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::volume::{LayerInfo, Store};
-use containerd_snapshots::api::types::Mount;
-use containerd_snapshots::{Info, Kind};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 //! layer, use it"; `NotFound` on Stat means "unpack it"), the message names the snapshot.
 
 use crate::error::{Error, Kind};
-use containerd_snapshots::tonic::{Code, Status};
+use tonic::{Code, Status};
 
 #[derive(Debug)]
 pub struct Failure {

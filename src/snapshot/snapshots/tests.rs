@@ -4,8 +4,8 @@
 use super::*;
 use crate::pool::MemStorage;
 use crate::volume::CreateOptions;
-use containerd_snapshots::tonic::Code;
 use std::collections::BTreeSet;
+use tonic::Code;
 
 #[derive(Default)]
 struct FakeFiles {
