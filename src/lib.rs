@@ -12,6 +12,7 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod live;
 pub mod nbd;
 pub mod pool;
 pub mod registry;

@@ -7,6 +7,7 @@
 
 use super::{ext4, keys};
 use crate::error::{Error, Result};
+use crate::live::LivePool;
 use crate::volume::{LayerInfo, Store};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,7 +53,8 @@ impl Bases {
     }
 
     /// The base layer for `size` bytes (from `checked_size`), made now if there is none.
-    pub fn get(&self, store: &Store, size: u64) -> Result<String> {
+    pub fn get(&self, pool: LivePool<'_>, size: u64) -> Result<String> {
+        let store = pool.store();
         let name = name(size);
         let _one = self.making.lock().unwrap_or_else(|p| p.into_inner());
         match store.layer(&name) {
@@ -68,14 +70,14 @@ impl Bases {
         let image = self
             .work_dir
             .join(format!(".thinlayer-mkfs-{}-{size}.img", std::process::id()));
-        let made = self.make(store, &name, &image, size);
+        let made = self.make(pool, &name, &image, size);
         let _ = std::fs::remove_file(&image);
         made?;
         eprintln!("thinlayer: made formatted base {name:?} for containerd");
         Ok(name)
     }
 
-    fn make(&self, store: &Store, name: &str, image: &Path, size: u64) -> Result<()> {
+    fn make(&self, pool: LivePool<'_>, name: &str, image: &Path, size: u64) -> Result<()> {
         let ctx = |what: &str| format!("making base {name:?} in {}: {what}", image.display());
         let f = std::fs::File::create(image).map_err(|e| Error::io(ctx("creating"), e))?;
         f.set_len(size).map_err(|e| Error::io(ctx("sizing"), e))?;
@@ -97,16 +99,17 @@ impl Bases {
             read_journal(image).map_err(|e| Error::io(ctx("reading its superblock"), e))?;
         // The import commits the layer whole or removes it; a crash in between leaves it marked
         // incomplete, and the next open removes it.
-        crate::image::import(store, name, image, None, &mut |_, _| {})?;
+        let f = std::fs::File::open(image).map_err(|e| Error::io(ctx("opening"), e))?;
+        let label = image.display().to_string();
+        pool.import(name, None, &f, &label, &mut |_, _| {})?;
         let journal = journal.map(|j| j.to_attr());
-        store.set_attrs(
+        pool.set_attrs(
             name,
             &[
                 (keys::BASE, Some("ext4")),
                 (keys::JOURNAL, journal.as_deref()),
             ],
-        )?;
-        store.flush()
+        )
     }
 }
 
