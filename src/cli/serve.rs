@@ -45,6 +45,15 @@ pub struct Args {
 }
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
+    if a.containerd_socket.is_some() && !cfg!(feature = "containerd") {
+        return Err(crate::features::missing(
+            "containerd",
+            "serve --containerd-socket",
+        ));
+    }
+    if a.files.is_some() && !cfg!(feature = "fuse") {
+        return Err(crate::features::missing("fuse", "serve --files"));
+    }
     let nbd = match (a.listen, a.socket) {
         (Some(addr), _) => Listener::Tcp(addr),
         (None, Some(p)) => Listener::Unix(p),

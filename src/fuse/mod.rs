@@ -8,8 +8,14 @@
 //! a file open), `fs` translates FUSE requests, `mount` sets the directory up and takes it
 //! down. Attachments live as long as the server: after a restart a client (the containerd
 //! snapshotter, in its Mounts) attaches again.
+//!
+//! Without the `fuse` feature (`crate::features`) only the FUSE session (`fs`, and fuser) is
+//! left out: `LiveFiles` keeps its type, so the server and the CLI need no second version,
+//! but `mount` refuses, so the table and mount code below it are never reached.
+#![cfg_attr(not(feature = "fuse"), allow(dead_code))]
 
 mod files;
+#[cfg(feature = "fuse")]
 mod fs;
 mod mount;
 mod names;
@@ -50,7 +56,23 @@ pub struct LiveFiles {
 impl LiveFiles {
     /// Mount the live-files filesystem on `dir` (created if missing; a dead mount left by a
     /// killed server is detached first), root-only, empty until layers are attached.
+    /// Without the `fuse` feature this build has no FUSE session: `Unavailable`, and nothing
+    /// is touched.
     pub fn mount(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
+        #[cfg(not(feature = "fuse"))]
+        {
+            let _ = (dir, exports);
+            Err(crate::features::missing(
+                "fuse",
+                "live files (serve --files)",
+            ))
+        }
+        #[cfg(feature = "fuse")]
+        Self::mount_fuse(dir, exports)
+    }
+
+    #[cfg(feature = "fuse")]
+    fn mount_fuse(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
         let dir = mount::prepare(dir)?;
         let table = Arc::new(Table::new(exports, &dir));
         let mut config = fuser::Config::default();

@@ -11,12 +11,11 @@ use crate::control::{serve_control, ControlSocket, Peer, Request};
 use crate::error::Result;
 use crate::fuse::LiveFiles;
 use crate::nbd::{self, Listener, ServerConfig};
-use crate::snapshot::{self, Snapshots};
 use crate::volume::exports::LiveExports;
 use crate::volume::{Committer, Store};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,24 +55,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         Some(dir) => Some(Arc::new(LiveFiles::mount(dir, exports.clone())?)),
         None => None,
     };
-    let snapshotter = match (&cfg.containerd, &files) {
-        (Some(path), Some(f)) => {
-            let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
-            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
-            Some(snapshot::Server::start(
-                Arc::new(core),
-                path,
-                &cfg.pool,
-                stop.clone(),
-            )?)
-        }
-        (Some(_), None) => {
-            return Err(crate::Error::InvalidInput(
-                "--containerd-socket needs live files (--files DIR): containerd mounts them".into(),
-            ))
-        }
-        (None, _) => None,
-    };
+    let snapshotter = start_snapshotter(&cfg, &store, files.as_ref(), &stop)?;
     let control = ControlSocket::bind(&cfg.control, &cfg.pool)?;
     let committer = cfg
         .commit_interval
@@ -116,7 +98,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         c.stop();
     }
     // containerd's requests in flight finish before the files go and the last commit.
-    let snapshotter_result = snapshotter.map_or(Ok(()), |s| s.join());
+    let snapshotter_result = snapshotter.map_or(Ok(()), |join| join());
     // Before the last commit: no write can come in after it.
     let unmounted = files.as_ref().map_or(Ok(()), |f| f.unmount());
     nbd_result?;
@@ -126,4 +108,49 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     unmounted?;
     eprintln!("thinlayer: stopped; all writes committed");
     Ok(())
+}
+
+/// Waits for a frontend's threads to end once `stop` is set.
+type Join = Box<dyn FnOnce() -> Result<()>>;
+
+/// containerd's snapshotter on `cfg.containerd`, if asked for; over the live files.
+#[cfg(feature = "containerd")]
+fn start_snapshotter(
+    cfg: &Config,
+    store: &Arc<Store>,
+    files: Option<&Arc<LiveFiles>>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<Join>> {
+    use crate::snapshot::{self, Snapshots};
+    let server = match (&cfg.containerd, files) {
+        (Some(path), Some(f)) => {
+            let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
+            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
+            snapshot::Server::start(Arc::new(core), path, &cfg.pool, stop.clone())?
+        }
+        (Some(_), None) => {
+            return Err(crate::Error::InvalidInput(
+                "--containerd-socket needs live files (--files DIR): containerd mounts them".into(),
+            ))
+        }
+        (None, _) => return Ok(None),
+    };
+    Ok(Some(Box::new(move || server.join())))
+}
+
+/// This build has no snapshotter: `cli/serve.rs` refuses --containerd-socket first.
+#[cfg(not(feature = "containerd"))]
+fn start_snapshotter(
+    cfg: &Config,
+    _: &Arc<Store>,
+    _: Option<&Arc<LiveFiles>>,
+    _: &Arc<AtomicBool>,
+) -> Result<Option<Join>> {
+    match cfg.containerd {
+        Some(_) => Err(crate::features::missing(
+            "containerd",
+            "serve --containerd-socket",
+        )),
+        None => Ok(None),
+    }
 }
