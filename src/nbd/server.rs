@@ -96,6 +96,25 @@ pub enum Bound {
     Tcp(TcpListener),
 }
 
+impl Bound {
+    /// A listener another server process bound, handed over as its descriptor.
+    pub fn adopt(listener: &Listener, fd: std::os::fd::OwnedFd) -> Bound {
+        match listener {
+            Listener::Tcp(_) => Bound::Tcp(TcpListener::from(fd)),
+            Listener::Unix(path) => Bound::Unix(UnixListener::from(fd), path.clone()),
+        }
+    }
+
+    /// The listening descriptor, to hand to the next server process.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Bound::Tcp(l) => l.as_fd(),
+            Bound::Unix(l, _) => l.as_fd(),
+        }
+    }
+}
+
 /// Bind `listener` (replacing a stale Unix socket left by a dead server; refusing a live one).
 pub fn bind(listener: &Listener) -> Result<Bound> {
     let ctx = || format!("nbd: listen on {listener}");
