@@ -26,6 +26,7 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod live;
 pub mod nbd;
 pub mod pool;
 #[cfg(feature = "registry")]

@@ -126,7 +126,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         generation,
     } = parts;
     let fds = handover::Fds::of(&nbd_socket, &control, files.as_deref(), containerd.as_ref())?;
-    let snapshotter = start_snapshotter(&cfg, &store, containerd, files.as_ref(), &stop)?;
+    let snapshotter = start_snapshotter(&cfg, &exports, containerd, files.as_ref(), &stop)?;
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
@@ -215,7 +215,7 @@ type Join = Box<dyn FnOnce() -> Result<()>>;
 #[cfg(feature = "containerd")]
 fn start_snapshotter(
     cfg: &Config,
-    store: &Arc<Store>,
+    exports: &Arc<LiveExports>,
     containerd: Option<ControlSocket>,
     files: Option<&Arc<LiveFiles>>,
     stop: &Arc<AtomicBool>,
@@ -225,7 +225,7 @@ fn start_snapshotter(
         return Ok(None);
     };
     let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
-    let core = Snapshots::new(store.clone(), f.clone(), work_dir);
+    let core = Snapshots::new(exports.clone(), f.clone(), work_dir);
     let server = snapshot::Server::start_on(Arc::new(core), socket, stop.clone())?;
     Ok(Some(Box::new(move || server.join())))
 }
@@ -234,7 +234,7 @@ fn start_snapshotter(
 #[cfg(not(feature = "containerd"))]
 fn start_snapshotter(
     _: &Config,
-    _: &Arc<Store>,
+    _: &Arc<LiveExports>,
     containerd: Option<ControlSocket>,
     _: Option<&Arc<LiveFiles>>,
     _: &Arc<AtomicBool>,
