@@ -239,6 +239,7 @@ impl Target {
 
 /// The registry code reaches the pool through the typed calls: a live server gets streams as
 /// pipe descriptors and never opens a connection itself.
+#[cfg(feature = "registry")]
 impl crate::registry::Layers for Target {
     fn layers(&self) -> Result<Vec<LayerInfo>> {
         self.ls()

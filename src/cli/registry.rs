@@ -1,8 +1,11 @@
-use super::progress::Progress;
 use super::Target;
 use crate::error::Result;
-use crate::registry::{self, Meter, Options};
-use crate::units::human;
+#[cfg(feature = "registry")]
+use {
+    super::progress::Progress,
+    crate::registry::{self, Meter, Options},
+    crate::units::human,
+};
 
 /// Upload a read-only layer and its ancestors to an OCI registry, one blob per layer.
 #[derive(clap::Args)]
@@ -12,6 +15,7 @@ Blobs the registry already has are not sent again. Credentials come from ~/.dock
 ($DOCKER_CONFIG) as docker and skopeo write them (`docker login`). HTTPS, except for a registry\n\
 on loopback (127.0.0.1, localhost, ::1) or with --plain-http."
 )]
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
 pub struct PushArgs {
     name: String,
     reference: String,
@@ -26,6 +30,7 @@ pub struct PushArgs {
     after_help = "The top layer is named NAME (default: REF as written); the layers under it are\n\
 named by their chain IDs unless the pool already holds them."
 )]
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
 pub struct PullArgs {
     reference: String,
     name: Option<String>,
@@ -35,19 +40,23 @@ pub struct PullArgs {
 }
 
 /// A progress line that ends itself when the step is over.
+#[cfg(feature = "registry")]
 struct Bar(Progress);
 
+#[cfg(feature = "registry")]
 impl Drop for Bar {
     fn drop(&mut self) {
         self.0.finish();
     }
 }
 
+#[cfg(feature = "registry")]
 fn meter(what: String) -> Box<Meter> {
     let mut bar = Bar(Progress::new(what));
     Box::new(move |d, t| bar.0.update(d, t))
 }
 
+#[cfg(feature = "registry")]
 pub fn run_push(t: &Target, a: PushArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
@@ -64,6 +73,7 @@ pub fn run_push(t: &Target, a: PushArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "registry")]
 pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
@@ -78,4 +88,14 @@ pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
         r.skipped.len()
     );
     Ok(())
+}
+
+#[cfg(not(feature = "registry"))]
+pub fn run_push(_: &Target, _: PushArgs) -> Result<()> {
+    Err(crate::features::missing("registry", "push"))
+}
+
+#[cfg(not(feature = "registry"))]
+pub fn run_pull(_: &Target, _: PullArgs) -> Result<()> {
+    Err(crate::features::missing("registry", "pull"))
 }
