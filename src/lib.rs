@@ -12,6 +12,8 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod listen;
+pub mod log;
 pub mod nbd;
 pub mod pool;
 pub mod registry;

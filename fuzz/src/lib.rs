@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use thinlayer::listen::Stop;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use thinlayer::format::checksum::{self, Kind};
@@ -134,7 +134,7 @@ pub struct NbdServer {
     pub store: Arc<Store>,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+static STOP: Stop = Stop::new();
 
 pub fn nbd_server() -> &'static NbdServer {
     static SERVER: OnceLock<NbdServer> = OnceLock::new();
@@ -156,7 +156,6 @@ pub fn nbd_server() -> &'static NbdServer {
         };
         let config = ServerConfig {
             handshake_timeout: Some(Duration::from_secs(5)),
-            log_connections: false,
             workers_per_connection: 2,
             ..ServerConfig::default()
         };

@@ -17,6 +17,7 @@ mod names;
 pub use files::{LostWrites, CLOSE_GRACE};
 
 use crate::error::{Error, Result};
+use crate::log::{self, Level};
 use crate::volume::exports::LiveExports;
 use files::Table;
 use std::path::{Path, PathBuf};
@@ -140,10 +141,14 @@ impl LiveFiles {
             return Ok(());
         };
         for f in self.list().iter().filter(|f| f.open > 0) {
-            eprintln!(
-                "thinlayer: live file {} is still open ({} handle(s)); its I/O fails from now on",
-                f.path.display(),
-                f.open
+            log::process(
+                Level::Warn,
+                format_args!(
+                    "thinlayer: live file {} is still open ({} handle(s)); its I/O fails from \
+                     now on",
+                    f.path.display(),
+                    f.open
+                ),
             );
         }
         let dir = self.dir();
@@ -152,8 +157,14 @@ impl LiveFiles {
         if complete {
             // The kernel ends the session once the mount is gone.
             match thread.join() {
-                Ok(Err(e)) => eprintln!("thinlayer: live files session: {e}"),
-                Err(_) => eprintln!("thinlayer: live files session thread panicked"),
+                Ok(Err(e)) => log::process(
+                    Level::Error,
+                    format_args!("thinlayer: live files session: {e}"),
+                ),
+                Err(_) => log::process(
+                    Level::Error,
+                    format_args!("thinlayer: live files session thread panicked"),
+                ),
                 Ok(Ok(())) => {}
             }
         }

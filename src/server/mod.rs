@@ -6,17 +6,20 @@
 //! mounts the live files (`crate::fuse`): attached layers as disk-image files for loop devices.
 
 pub mod ops;
+mod signals;
+
+pub use signals::install_signal_handlers;
 
 use crate::control::{serve_control, ControlSocket, Peer, Request};
 use crate::error::Result;
 use crate::fuse::LiveFiles;
+use crate::log::Log;
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::snapshot::{self, Snapshots};
 use crate::volume::exports::LiveExports;
 use crate::volume::{Committer, Store};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,15 +43,18 @@ pub struct Config {
 
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
 pub fn run(cfg: Config, command_line: &str) -> Result<()> {
+    let log = Log::process().scoped("thinlayer");
     let store = Arc::new(Store::open(&cfg.pool, command_line)?);
     for name in store.discarded() {
-        eprintln!("thinlayer: removed layer {name:?}: a crash interrupted its import");
+        log.warn(format_args!(
+            "removed layer {name:?}: a crash interrupted its import"
+        ));
     }
     for name in &cfg.only {
         store.layer(name)?;
     }
     let exports = Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
-    let stop = nbd::install_signal_handlers()?;
+    let stop = install_signal_handlers()?;
     // Both sockets are bound before either is served, the control socket last: when it
     // appears, the server is ready for every kind of client.
     let nbd_socket = nbd::bind(&cfg.nbd)?;
@@ -78,8 +84,8 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
-    eprintln!(
-        "thinlayer: serving {} on {} (NBD) and {} (control): {} layer(s){}",
+    log.info(format_args!(
+        "serving {} on {} (NBD) and {} (control): {} layer(s){}",
         cfg.pool.display(),
         cfg.nbd,
         cfg.control.display(),
@@ -89,12 +95,12 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         } else {
             format!(", exports fixed to {}", cfg.only.join(", "))
         }
-    );
+    ));
     if let Some(f) = &files {
-        eprintln!("thinlayer: live files in {}", f.dir().display());
+        log.info(format_args!("live files in {}", f.dir().display()));
     }
     if let Some(p) = &cfg.containerd {
-        eprintln!("thinlayer: containerd snapshotter on {}", p.display());
+        log.info(format_args!("containerd snapshotter on {}", p.display()));
     }
     // The control layer has checked the peer's uid and logs who asked; the request itself
     // does not depend on who.
@@ -106,10 +112,10 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
             _ => ops::execute(&store, Some(&exports), req, fds, progress),
         };
     let (nbd_result, control_result) = std::thread::scope(|s| {
-        let c = s.spawn(|| serve_control(control, &handler, &stop));
+        let c = s.spawn(|| serve_control(control, &handler, &stop, &Log::process()));
         let n = nbd::serve_bound(&*exports, nbd_socket, &cfg.nbd_config, &stop);
         // Whatever ended the NBD side ends the control side too.
-        stop.store(true, Ordering::Relaxed);
+        stop.stop();
         (n, c.join().expect("control thread panicked"))
     });
     if let Some(c) = committer {
@@ -124,6 +130,6 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     snapshotter_result?;
     store.flush().map_err(|e| e.context("final commit"))?;
     unmounted?;
-    eprintln!("thinlayer: stopped; all writes committed");
+    log.info(format_args!("stopped; all writes committed"));
     Ok(())
 }

@@ -6,6 +6,7 @@
 use crate::control::{ConnectionInfo, Reply, Request, Status};
 use crate::error::{Error, Result};
 use crate::fuse::LiveFiles;
+use crate::log::{self, Level};
 use crate::stream::content;
 use crate::volume::exports::LiveExports;
 use crate::volume::Store;
@@ -51,7 +52,12 @@ pub fn execute(
                 if force && info.children.is_empty() {
                     let n = x.revoke(info.id);
                     if n > 0 {
-                        eprintln!("thinlayer: rm --force {name:?}: cut off {n} connection(s)");
+                        log::process(
+                            Level::Warn,
+                            format_args!(
+                                "thinlayer: rm --force {name:?}: cut off {n} connection(s)"
+                            ),
+                        );
                     }
                 } else if !force {
                     x.refuse_if_attached(&name, info.id, false, ", or use rm --force")?;
@@ -226,7 +232,12 @@ pub fn direct(
             let label = label.unwrap_or_else(|| passed("file", &name));
             let stats =
                 crate::image::export_pool(pool, &name, &out, &label, progress, &mut || {
-                    eprintln!("thinlayer: {name:?} changed while being exported; starting again")
+                    log::process(
+                        Level::Info,
+                        format_args!(
+                            "thinlayer: {name:?} changed while being exported; starting again"
+                        ),
+                    )
                 })?;
             Ok(Reply::Exported { stats })
         }

@@ -6,6 +6,7 @@
 
 use super::keys;
 use crate::error::{Error, Result};
+use crate::log::{self, Level};
 use crate::volume::Store;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -70,7 +71,10 @@ impl Bases {
         let made = self.make(store, &name, &image, size);
         let _ = std::fs::remove_file(&image);
         made?;
-        eprintln!("thinlayer: made formatted base {name:?} for containerd");
+        log::process(
+            Level::Info,
+            format_args!("thinlayer: made formatted base {name:?} for containerd"),
+        );
         Ok(name)
     }
 
