@@ -15,6 +15,7 @@ mod mount;
 mod names;
 
 pub use files::{LostWrites, CLOSE_GRACE};
+pub use mount::unescape as unescape_mountinfo;
 
 use crate::error::{Error, Result};
 use crate::log::{self, Level};

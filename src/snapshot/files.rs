@@ -17,4 +17,11 @@ impl Files for LiveFiles {
             r => r,
         }
     }
+
+    fn sync_mounted(&self, layer: &str) -> Result<()> {
+        match self.path(layer) {
+            Some(path) => super::writeback::sync_filesystems_on(&path),
+            None => Ok(()),
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! control socket. A frontend like `nbd/`: `snapshots` says what each request does to the
 //! pool, `keys` and `info` how a snapshot is kept in a layer's name and attributes, `base` the
 //! formatted empty filesystems new image chains start from, `grpc` the wire side, `status`
-//! the gRPC codes. The layers reach containerd as live files (`crate::fuse`) that it mounts
+//! the gRPC codes, `writeback` what Usage syncs first. The layers reach containerd as live files (`crate::fuse`) that it mounts
 //! with the `loop` option.
 
 mod base;
@@ -13,6 +13,7 @@ mod info;
 mod keys;
 mod snapshots;
 mod status;
+mod writeback;
 
 pub use grpc::Server;
 pub use snapshots::{Files, Snapshots, SIZE_LABEL};

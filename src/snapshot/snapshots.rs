@@ -35,6 +35,9 @@ pub trait Files: Send + Sync {
     /// through its file failed while attached. `Conflict` while a loop device still has the
     /// file open.
     fn detach(&self, layer: &str) -> crate::Result<LostWrites>;
+    /// Make what a filesystem mounted on `layer`'s file has written so far reach the layer
+    /// (nothing to do if the layer is not attached or not mounted).
+    fn sync_mounted(&self, layer: &str) -> crate::Result<()>;
 }
 
 pub struct Snapshots {
@@ -331,8 +334,14 @@ impl Snapshots {
             .collect()
     }
 
-    /// Bytes the snapshot's layer alone holds, from the layer's counters: exact, O(1).
+    /// Bytes the snapshot's layer alone holds, from the layer's counters: exact, and current:
+    /// what a mounted filesystem on it still holds in the page cache is synced to the layer
+    /// first (`writeback`), so `docker ps -s` counts a write the moment it returned.
     pub fn usage(&self, key: &str) -> Result<u64> {
+        let l = self.find(key)?;
+        if info::kind(&l) != Kind::Committed {
+            self.files.sync_mounted(&l.name).map_err(store_err(key))?;
+        }
         Ok(self.find(key)?.size)
     }
 }

@@ -13,6 +13,10 @@ struct FakeFiles {
     held: Mutex<BTreeSet<String>>,
     /// What the next detach reports lost.
     lost: Mutex<LostWrites>,
+    /// Writes a (pretend) mounted filesystem holds in the page cache: layer, offset, bytes;
+    /// `sync_mounted` writes them into the layer through `store`.
+    unsynced: Mutex<Vec<(String, u64, Vec<u8>)>>,
+    store: Mutex<Option<Arc<Store>>>,
 }
 
 impl Files for FakeFiles {
@@ -26,6 +30,16 @@ impl Files for FakeFiles {
         }
         self.attached.lock().unwrap().remove(layer);
         Ok(std::mem::take(&mut *self.lost.lock().unwrap()))
+    }
+    fn sync_mounted(&self, layer: &str) -> crate::Result<()> {
+        let store = self.store.lock().unwrap().clone().unwrap();
+        let mut unsynced = self.unsynced.lock().unwrap();
+        for (_, offset, data) in unsynced.iter().filter(|(l, _, _)| l == layer) {
+            let v = crate::volume::Volume::open(&store, layer)?;
+            crate::volume::BlockDevice::write_at(&v, *offset, data)?;
+        }
+        unsynced.retain(|(l, _, _)| l != layer);
+        Ok(())
     }
 }
 
@@ -45,6 +59,7 @@ fn fixture() -> Fixture {
     let mem = Arc::new(MemStorage::new());
     let store = Arc::new(Store::create_in(mem.clone(), &CreateOptions::default()).unwrap());
     let files = Arc::new(FakeFiles::default());
+    *files.store.lock().unwrap() = Some(store.clone());
     let dir = tempfile::tempdir().unwrap();
     let s = Snapshots::new(store.clone(), files.clone(), dir.path());
     Fixture {
@@ -224,4 +239,24 @@ fn update_changes_labels_only_and_remove_frees_the_layer() {
     f.s.remove("k").unwrap();
     assert_eq!(code(f.s.stat("k")), Code::NotFound);
     assert!(f.store.layer("k").is_err());
+}
+
+#[test]
+fn usage_counts_what_a_mounted_filesystem_has_not_written_back_yet() {
+    let f = fixture();
+    f.s.prepare("k", "", small(), Kind::Active).unwrap();
+    let layer = keys::layer_name("k");
+    assert_eq!(f.s.usage("k").unwrap(), 0);
+    // 8 blocks in the page cache of the filesystem on the layer's loop device.
+    f.files
+        .unsynced
+        .lock()
+        .unwrap()
+        .push((layer.clone(), 1 << 20, vec![7; 8 * 4096]));
+    assert_eq!(
+        f.s.usage("k").unwrap(),
+        8 * 4096,
+        "counted without a sync by the writer"
+    );
+    assert!(f.files.unsynced.lock().unwrap().is_empty());
 }

@@ -1,0 +1,120 @@
+//! What a container wrote that has not reached its layer yet. containerd mounts a snapshot's
+//! live file with `-o loop`: a write in the container dirties pages of the ext4 on the loop
+//! device, and the layer sees them only at writeback (about 30 s later) or a sync. Usage must
+//! count them at once (`docker ps -s` right after a write), so before reading the layer's
+//! counters the snapshotter finds, through the kernel, the loop devices whose backing file is
+//! the live file and the mounts of those devices, and syncs each filesystem (`syncfs`): its
+//! dirty data and journal go to the loop device, whose flush reaches the live file's `fsync`
+//! and so the pool. An idle filesystem has nothing to write, so this costs a scan of
+//! `/sys/block` and `/proc/self/mountinfo` and a system call per mount.
+//!
+//! A mount made in another mount namespace is not in ours and is not synced (containerd's
+//! shim mounts a container's root in the host's namespace, where `thinlayer serve` runs).
+
+use crate::error::{Error, Result};
+use crate::fuse::unescape_mountinfo;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The `MAJOR:MINOR` of every loop device whose backing file is `file`.
+fn loop_devices_of(file: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let want = file.as_os_str().as_bytes();
+    dir.flatten()
+        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
+        .filter_map(|e| {
+            let backing = std::fs::read(e.path().join("loop/backing_file")).ok()?;
+            (backing.strip_suffix(b"\n").unwrap_or(&backing) == want)
+                .then(|| std::fs::read_to_string(e.path().join("dev")).ok())
+                .flatten()
+                .map(|d| d.trim().to_string())
+        })
+        .collect()
+}
+
+/// One mount point of each device in `devices` (`MAJOR:MINOR`), from `mountinfo`'s text.
+fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
+    let mut found: Vec<(&str, PathBuf)> = Vec::new();
+    for line in mountinfo.lines() {
+        // "36 35 7:3 / /run/containerd/.../rootfs rw,relatime - ext4 /dev/loop3 rw"
+        let mut f = line.split(' ');
+        let (Some(dev), Some(point)) = (f.nth(2), f.nth(1)) else {
+            continue;
+        };
+        if devices.iter().any(|d| d == dev) && !found.iter().any(|(d, _)| *d == dev) {
+            let point = PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(point)));
+            found.push((dev, point));
+        }
+    }
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
+/// what was written to it has reached `file`. Nothing to do when none is.
+pub fn sync_filesystems_on(file: &Path) -> Result<()> {
+    let devices = loop_devices_of(file);
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    for point in mount_points(&info, &devices) {
+        let ctx = || {
+            format!(
+                "syncing the filesystem at {} (on a loop device over {})",
+                point.display(),
+                file.display()
+            )
+        };
+        let dir = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&point)
+        {
+            Ok(d) => d,
+            // Unmounted since mountinfo was read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(ctx(), e)),
+        };
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(Error::io(ctx(), std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_of_the_devices_are_found_once_each_and_unescaped() {
+        let info = "\
+22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 22 7:3 / /run/c/rootfs rw,relatime - ext4 /dev/loop3 rw
+41 22 7:3 / /run/c/other rw,relatime - ext4 /dev/loop3 rw
+42 22 7:12 / /tmp/a\\040b rw,relatime - ext4 /dev/loop12 rw
+43 22 7:1 / /mnt/x rw,relatime - ext4 /dev/loop1 rw
+";
+        let devices = ["7:3".to_string(), "7:12".to_string()];
+        assert_eq!(
+            mount_points(info, &devices),
+            [PathBuf::from("/run/c/rootfs"), PathBuf::from("/tmp/a b")]
+        );
+        assert!(mount_points(info, &["7:9".to_string()]).is_empty());
+    }
+
+    #[test]
+    fn a_file_no_loop_device_uses_needs_no_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("not-a-backing-file");
+        std::fs::write(&f, b"x").unwrap();
+        sync_filesystems_on(&f).unwrap();
+    }
+}

@@ -1,0 +1,717 @@
+//! Docker on thinlayer: a real dockerd (Debian trixie's 26.1.5, unpacked by tools/docker/fetch,
+//! never installed) on Debian 12's containerd 1.6 and runc, with containerd's image store and
+//! `--storage-driver thinlayer`, the snapshotter being `thinlayer serve --containerd-socket`
+//! as a proxy plugin. The seed's walk-through: a busybox image
+//! imported offline, `Dockerfile.base` and `Dockerfile` built with the classic builder and
+//! with BuildKit, history, run, five idle containers, `ps -s`, `system df -v`, `diff`, push
+//! and pull through a registry on 127.0.0.1, `rm` and `rmi`.
+//!
+//! Every daemon runs from the temp dir with its own config, socket, data and state, and is
+//! stopped by PID. dockerd creates /run/docker/plugins whatever its flags say (plugin
+//! discovery); the test removes that empty directory again if it was not there before. (A
+//! private mount namespace would hide it, but dockerd mounts each container's root filesystem
+//! itself and hands runc the path, so its mounts must be the host's.)
+//! Needs root and /dev/fuse; with CI=true a missing prerequisite fails the test, otherwise it
+//! skips with the reason.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+mod support;
+use support::{have, sh, tl, tl_output, wait_for, Server};
+
+/// The seed's script, its build context and its two Dockerfiles.
+const HELLO: &str = "#!/bin/sh\necho \"Hello world\"\n";
+const BASE_IMAGE: &str = "acme/my-base-image:1.0";
+const APP_IMAGE: &str = "acme/my-app:1.0";
+/// The 1-byte write lands in the middle of this file of the `big` image.
+const BIG_LEN: u64 = 64 << 20;
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Skip (outside CI) or fail (in CI) for a missing prerequisite.
+fn unavailable(why: &str) {
+    assert!(!in_ci(), "CI=true and the Docker test cannot run: {why}");
+    eprintln!("skipping: {why}");
+}
+
+/// The unpacked Docker packages (tools/docker/fetch downloads them on first use), or why not.
+fn docker_root() -> Result<PathBuf, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root (dockerd, containerd, loop devices and FUSE need it)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse absent".into());
+    }
+    for tool in ["containerd", "runc", "docker-registry", "mkfs.ext4"] {
+        if !have(tool) {
+            return Err(format!("{tool} not installed (.ci/run installs it)"));
+        }
+    }
+    if !Path::new("/bin/busybox").exists() {
+        return Err("/bin/busybox absent (busybox-static; .ci/run installs it)".into());
+    }
+    let fetch = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/docker/fetch");
+    let o = Command::new(&fetch).output().unwrap();
+    if !o.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            fetch.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8(o.stdout).unwrap().trim()))
+}
+
+/// A process we started, killed by its PID when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(host: &str) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(host).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listens on {host}");
+}
+
+/// Debian's docker-registry on 127.0.0.1 (no auth, storage in `dir`); its host:port.
+fn registry(dir: &Path) -> (Daemon, String) {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("registry").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("registry.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let host = format!("127.0.0.1:{port}");
+    let d = Daemon(child);
+    wait_port(&host);
+    (d, host)
+}
+
+/// `thinlayer serve` with live files and the containerd socket.
+struct Thinlayer {
+    server: Option<Server>,
+    pool: PathBuf,
+    files: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Thinlayer {
+    fn start(dir: &Path) -> Thinlayer {
+        let pool = dir.join("thin.pool");
+        let files = dir.join("files");
+        let socket = dir.join("thin.sock");
+        let log = dir.join("thin.log");
+        tl(&pool, &["init"]);
+        let args = [
+            "--files",
+            files.to_str().unwrap(),
+            "--containerd-socket",
+            socket.to_str().unwrap(),
+        ];
+        let server = Server::start_with(
+            &pool,
+            &pool.with_extension("nbd"),
+            &args,
+            fs::File::create(&log).unwrap(),
+        );
+        wait_for(&socket);
+        Thinlayer {
+            server: Some(server),
+            pool,
+            files,
+            socket,
+            log,
+        }
+    }
+
+    /// `thinlayer ls --json`, by layer name.
+    fn layers(&self) -> BTreeMap<String, Value> {
+        let v: Value = serde_json::from_str(&tl(&self.pool, &["ls", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (l["name"].as_str().unwrap().to_string(), l.clone()))
+            .collect()
+    }
+
+    /// Bytes the layers whose names contain `part` hold by themselves.
+    fn size_of(&self, part: &str) -> u64 {
+        let layers = self.layers();
+        let found: Vec<&Value> = layers
+            .iter()
+            .filter(|(n, _)| n.contains(part))
+            .map(|(_, l)| l)
+            .collect();
+        assert!(!found.is_empty(), "no layer named after {part}");
+        found.iter().map(|l| l["size"].as_u64().unwrap()).sum()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        self.server.take().unwrap().stop();
+        let o = tl_output(&self.pool, &["check"]);
+        assert!(
+            o.status.success(),
+            "thinlayer check: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for Thinlayer {
+    fn drop(&mut self) {
+        drop(self.server.take());
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.files)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// containerd with root, state and sockets in `dir`, thinlayer as the proxy snapshotter
+/// `thinlayer`, no CRI. Dropped: its shims and itself are killed by PID, its mounts detached.
+struct Containerd {
+    dir: PathBuf,
+    socket: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Containerd {
+    fn start(dir: &Path, thinlayer: &Path) -> Containerd {
+        let dir = dir.join("containerd");
+        fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("c.sock");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+             [proxy_plugins]\n  [proxy_plugins.thinlayer]\n    type = \"snapshot\"\n    address = \"{thin}\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+            thin = thinlayer.display(),
+        );
+        fs::write(dir.join("config.toml"), config).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("containerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let c = Containerd {
+            dir,
+            socket,
+            daemon: Some(Daemon(child)),
+        };
+        wait_for(&c.socket);
+        c
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Shims outlive containerd by design: stop each by the PID it recorded.
+        let tasks = self.dir.join("state/io.containerd.runtime.v2.task");
+        for ns in fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            for task in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                if let Ok(pid) = fs::read_to_string(task.path().join("shim.pid")) {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        // SAFETY: signalling a shim this test's containerd started, by its PID.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        drop(self.daemon.take());
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let ours = self.dir.display().to_string();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.starts_with(&ours) {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+}
+
+/// /run/docker, which dockerd creates (with an empty `plugins` directory in it) whatever its
+/// flags: removed when dropped if it was not there before and is still empty.
+struct RunDocker(bool);
+
+impl RunDocker {
+    fn note() -> RunDocker {
+        RunDocker(Path::new("/run/docker").exists())
+    }
+}
+
+impl Drop for RunDocker {
+    fn drop(&mut self) {
+        if !self.0 {
+            let _ = fs::remove_dir("/run/docker/plugins");
+            let _ = fs::remove_dir("/run/docker");
+        }
+    }
+}
+
+/// A dockerd on the test's containerd, with containerd's image store on `snapshotter`, its
+/// own containerd namespace, data, exec root, socket and CLI config (the buildx plugin linked
+/// into it).
+struct Docker {
+    root: PathBuf,
+    dir: PathBuf,
+    socket: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Docker {
+    fn start(root: &Path, dir: &Path, containerd: &Containerd, snapshotter: &str) -> Docker {
+        let dir = dir.join(format!("docker-{snapshotter}"));
+        let plugins = dir.join("config/cli-plugins");
+        fs::create_dir_all(&plugins).unwrap();
+        std::os::unix::fs::symlink(
+            root.join("usr/libexec/docker/cli-plugins/docker-buildx"),
+            plugins.join("docker-buildx"),
+        )
+        .unwrap();
+        // The containerd image store (Docker >= 24) is what makes dockerd use a containerd
+        // snapshotter; `storage-driver` names it. No userland proxy: there is no network.
+        let config = dir.join("daemon.json");
+        fs::write(
+            &config,
+            format!(
+                r#"{{"features": {{"containerd-snapshotter": true}}, "storage-driver": "{snapshotter}", "userland-proxy": false}}"#
+            ),
+        )
+        .unwrap();
+        let socket = dir.join("docker.sock");
+        let dockerd = root.join("usr/sbin/dockerd");
+        let child = Command::new(&dockerd)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--containerd")
+            .arg(&containerd.socket)
+            .args(["--containerd-namespace", snapshotter])
+            .args([
+                "--containerd-plugins-namespace",
+                &format!("{snapshotter}-plugins"),
+            ])
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("dockerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Docker {
+            root: root.to_path_buf(),
+            dir,
+            socket,
+            daemon: Some(Daemon(child)),
+        };
+        wait_for(&d.socket);
+        for _ in 0..400 {
+            if d.output(&["version"]).status.success() {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("dockerd never answered:\n{}", d.log_tail());
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(self.root.join("usr/bin/docker"));
+        c.env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .env("DOCKER_CONFIG", self.dir.join("config"))
+            .env("DOCKER_BUILDKIT", "1")
+            .env_remove("DOCKER_CONTEXT")
+            .env_remove("DOCKER_TLS_VERIFY")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Run `docker ARGS`, expect success, return stdout.
+    fn docker(&self, args: &[&str]) -> String {
+        let o = self.output(args);
+        self.expect(args, o)
+    }
+
+    fn expect(&self, args: &[&str], o: Output) -> String {
+        assert!(
+            o.status.success(),
+            "docker {args:?} failed: {}{}\ndockerd log tail:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log_tail()
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// `docker build` in `context` with the classic builder or BuildKit.
+    fn build(&self, buildkit: bool, context: &Path, file: &str, tag: &str) -> String {
+        let mut args = vec!["build", "-q", "-f", file, "-t", tag];
+        if buildkit {
+            // No provenance attestation: it would make the image an index for nothing here.
+            args.push("--provenance=false");
+        }
+        args.push(".");
+        let o = self
+            .command()
+            .env("DOCKER_BUILDKIT", if buildkit { "1" } else { "0" })
+            .current_dir(context)
+            .args(&args)
+            .output()
+            .unwrap();
+        self.expect(&args, o)
+    }
+
+    /// What the container's writable layer holds, in bytes, as dockerd reports it
+    /// (`docker ps -s`'s SIZE, from the snapshotter's Usage).
+    fn size_rw(&self, container: &str) -> u64 {
+        let out = self.docker(&["inspect", "--size", "-f", "{{.SizeRw}}", container]);
+        out.trim().parse().unwrap()
+    }
+
+    /// The diff IDs of an image's layers, bottom first.
+    fn layers(&self, image: &str) -> Vec<String> {
+        let out = self.docker(&["image", "inspect", "-f", "{{json .RootFS.Layers}}", image]);
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+    }
+}
+
+/// The build context: busybox as a rootfs tar to import, the seed's script and Dockerfiles,
+/// and a Dockerfile of an image with a 64 MiB file.
+fn context(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    fs::create_dir_all(rootfs.join("bin")).unwrap();
+    for d in ["tmp", "proc", "sys", "dev", "etc"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for t in [
+        "sh", "cat", "echo", "dd", "sync", "true", "printf", "head", "rm", "sleep", "yes",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(t)).unwrap();
+    }
+    sh(&format!(
+        "tar -C {} -cf {} .",
+        rootfs.display(),
+        dir.join("busybox.tar").display()
+    ));
+    let ctx = dir.join("context");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::write(ctx.join("hello.sh"), HELLO).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(ctx.join("hello.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    // The context holds only hello.sh; the Dockerfiles sit beside it, outside it.
+    let files = dir.join("dockerfiles");
+    fs::create_dir_all(&files).unwrap();
+    fs::write(
+        files.join("Dockerfile.base"),
+        "FROM acme/busybox:1\nCOPY . /app\n",
+    )
+    .unwrap();
+    fs::write(
+        files.join("Dockerfile"),
+        format!("FROM {BASE_IMAGE}\nCMD /app/hello.sh\n"),
+    )
+    .unwrap();
+    // Not zeros (those cost no block anywhere): a repeated line.
+    fs::write(
+        files.join("Dockerfile.big"),
+        format!("FROM acme/busybox:1\nRUN yes thinlayer-test-pattern | head -c {BIG_LEN} > /big\n"),
+    )
+    .unwrap();
+    ctx
+}
+
+fn dockerfile(ctx: &Path, name: &str) -> String {
+    ctx.parent()
+        .unwrap()
+        .join("dockerfiles")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Containers whose SIZE `docker ps -s` reports: name -> the size column's text.
+fn ps_sizes(d: &Docker) -> BTreeMap<String, String> {
+    d.docker(&["ps", "-a", "-s", "--format", "{{.Names}}\t{{.Size}}"])
+        .lines()
+        .map(|l| {
+            let (n, s) = l.split_once('\t').unwrap();
+            (n.to_string(), s.to_string())
+        })
+        .collect()
+}
+
+/// The seed's walk-through on thinlayer.
+#[test]
+fn docker_runs_the_seed_walk_through_on_thinlayer() {
+    let root = match docker_root() {
+        Ok(r) => r,
+        Err(why) => return unavailable(&why),
+    };
+    let _run = RunDocker::note();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ctx = context(dir);
+    let (_registry, host) = registry(dir);
+    let mut thin = Thinlayer::start(dir);
+    let ctd = Containerd::start(dir, &thin.socket);
+    let d = Docker::start(&root, dir, &ctd, "thinlayer");
+    let info = d.docker(&["info", "-f", "{{.Driver}}"]);
+    assert_eq!(info.trim(), "thinlayer", "docker info's storage driver");
+
+    // The base image: busybox imported from a tar (no network anywhere).
+    d.docker(&[
+        "import",
+        dir.join("busybox.tar").to_str().unwrap(),
+        "acme/busybox:1",
+    ]);
+
+    // The seed's two builds with the classic builder: history shows the shared layers with
+    // the same IDs.
+    d.build(
+        false,
+        &ctx,
+        &dockerfile(&ctx, "Dockerfile.base"),
+        BASE_IMAGE,
+    );
+    d.build(false, &ctx, &dockerfile(&ctx, "Dockerfile"), APP_IMAGE);
+    let ls = d.docker(&["image", "ls"]);
+    for repo in ["acme/my-base-image", "acme/my-app", "acme/busybox"] {
+        assert!(ls.contains(repo), "image ls lists {repo}:\n{ls}");
+    }
+    let base_history = d.docker(&["history", "-q", BASE_IMAGE]);
+    let app_history = d.docker(&["history", "-q", APP_IMAGE]);
+    eprintln!(
+        "history {BASE_IMAGE}:\n{}\nhistory {APP_IMAGE}:\n{}",
+        d.docker(&["history", BASE_IMAGE]),
+        d.docker(&["history", APP_IMAGE])
+    );
+    let base_ids: Vec<&str> = base_history.lines().collect();
+    let app_ids: Vec<&str> = app_history.lines().collect();
+    assert_eq!(base_ids.len(), 2, "busybox and the COPY: {base_ids:?}");
+    assert_eq!(
+        app_ids[1..],
+        base_ids[..],
+        "the app image's history ends with the base image's IDs"
+    );
+    let base_layers = d.layers(BASE_IMAGE);
+    assert_eq!(d.layers(APP_IMAGE), base_layers, "CMD adds no layer");
+
+    // The same with BuildKit (the buildx plugin).
+    d.build(
+        true,
+        &ctx,
+        &dockerfile(&ctx, "Dockerfile.base"),
+        "acme/my-base-image:bk",
+    );
+    let bk_file = dir.join("dockerfiles/Dockerfile.bk");
+    fs::write(&bk_file, "FROM acme/my-base-image:bk\nCMD /app/hello.sh\n").unwrap();
+    d.build(true, &ctx, bk_file.to_str().unwrap(), "acme/my-app:bk");
+    let bk_layers = d.layers("acme/my-base-image:bk");
+    assert_eq!(bk_layers.len(), 2);
+    assert_eq!(bk_layers[0], base_layers[0], "the same busybox layer");
+    assert_eq!(d.layers("acme/my-app:bk"), bk_layers);
+    let out = d.docker(&["run", "--rm", "acme/my-app:bk"]);
+    assert_eq!(out, "Hello world\n");
+
+    // In the pool: busybox, the COPY of the classic build and BuildKit's COPY, each once.
+    let committed: Vec<String> = thin
+        .layers()
+        .into_iter()
+        .filter(|(_, l)| l["attrs"]["containerd.kind"] == "committed")
+        .filter(|(n, _)| n.contains("/sha256:"))
+        .map(|(n, _)| n)
+        .collect();
+    eprintln!("committed image layers: {committed:?}");
+    let copy = thin.size_of(&committed_for(&thin, &base_layers[..2]));
+    eprintln!(
+        "the COPY layer of {} bytes: {copy} bytes in the pool",
+        HELLO.len()
+    );
+
+    // Run: Hello world.
+    let out = d.docker(&["run", "--rm", APP_IMAGE]);
+    assert_eq!(out, "Hello world\n");
+
+    // Five idle containers, and one that writes 8 MiB without syncing: `ps -s` shows the 8 MiB
+    // at once.
+    for i in 1..=5 {
+        d.docker(&[
+            "run",
+            "-dit",
+            "--name",
+            &format!("idle{i}"),
+            APP_IMAGE,
+            "sh",
+        ]);
+    }
+    d.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "w8",
+        APP_IMAGE,
+        "sh",
+        "-c",
+        "dd if=/dev/urandom of=/eight bs=1M count=8 2>/dev/null && echo written && sleep 3600",
+    ]);
+    let mut written = false;
+    for _ in 0..400 {
+        if d.docker(&["logs", "w8"]).contains("written") {
+            written = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(written, "w8 never wrote its 8 MiB");
+    let w8 = d.size_rw("w8");
+    eprintln!("docker ps -s:\n{}", d.docker(&["ps", "-s"]));
+    assert!(
+        w8 >= 8 << 20,
+        "SIZE of a container that just wrote 8 MiB: {w8} bytes"
+    );
+    let sizes = ps_sizes(&d);
+    for i in 1..=5 {
+        let name = format!("idle{i}");
+        assert!(sizes.contains_key(&name), "ps -s lists {name}: {sizes:?}");
+        let size = d.size_rw(&name);
+        let init = thin.size_of(&format!("{}-init", container_id(&d, &name)));
+        eprintln!("{name}: writable layer {size} bytes, init layer {init} bytes");
+    }
+    let df = d.docker(&["system", "df", "-v"]);
+    eprintln!("docker system df -v:\n{df}");
+    assert!(df.contains("idle1") && df.contains("w8"), "{df}");
+    let diff = d.docker(&["diff", "w8"]);
+    assert!(
+        diff.lines().any(|l| l == "A /eight"),
+        "docker diff w8:\n{diff}"
+    );
+
+    // Push to the registry on 127.0.0.1 (dockerd talks plain HTTP to loopback registries),
+    // remove the local image, pull it back, run it.
+    let remote = format!("{host}/acme/my-app:1.0");
+    d.docker(&["tag", APP_IMAGE, &remote]);
+    d.docker(&["push", "-q", &remote]);
+    d.docker(&["rmi", &remote]);
+    d.docker(&["pull", "-q", &remote]);
+    assert_eq!(d.layers(&remote), base_layers);
+    let out = d.docker(&["run", "--rm", &remote]);
+    assert_eq!(out, "Hello world\n");
+
+    // rm and rmi: once containerd's GC ran, only the formatted ext4 bases are left.
+    let all = d.docker(&["ps", "-aq"]);
+    let mut rm = vec!["rm", "-f"];
+    rm.extend(all.split_whitespace());
+    d.docker(&rm);
+    let images = d.docker(&["image", "ls", "-q"]);
+    let mut rmi = vec!["rmi", "-f"];
+    rmi.extend(images.split_whitespace());
+    d.docker(&rmi);
+    d.docker(&["builder", "prune", "-af"]);
+    let mut left = Vec::new();
+    for _ in 0..200 {
+        left = thin
+            .layers()
+            .into_keys()
+            .filter(|n| !n.starts_with("containerd/ext4-base/"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(left, Vec::<String>::new(), "layers left after rm and rmi");
+    drop(d);
+    drop(ctd);
+    thin.stop();
+    assert!(!thin.log().contains("panicked"), "{}", thin.log());
+}
+
+/// The full ID of a container.
+fn container_id(d: &Docker, name: &str) -> String {
+    d.docker(&["inspect", "-f", "{{.Id}}", name])
+        .trim()
+        .to_string()
+}
+
+/// The pool layer name part of the committed snapshot whose chain is `diff_ids`.
+fn committed_for(_thin: &Thinlayer, diff_ids: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut chain = diff_ids[0].clone();
+    for id in &diff_ids[1..] {
+        let h = Sha256::digest(format!("{chain} {id}").as_bytes());
+        chain = format!("sha256:{}", hex(&h));
+    }
+    format!("/{chain}")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
