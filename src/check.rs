@@ -56,7 +56,7 @@ pub fn check(
     let mut r = CheckReport::default();
     let store = match Store::open_in(storage.clone(), false) {
         Ok(s) => s,
-        Err(e @ (Error::Corrupt(_) | Error::Invalid(_))) => {
+        Err(e @ (Error::Corrupt(_) | Error::InvalidInput(_))) => {
             let what = What::Unloadable {
                 reason: e.to_string(),
             };

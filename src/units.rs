@@ -7,7 +7,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let bad = || {
-        Error::Invalid(format!(
+        Error::InvalidInput(format!(
             "invalid size {s:?}: use bytes or a number with K, M, G, T, P (binary units), e.g. 64K or 10G"
         ))
     };
@@ -27,7 +27,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         _ => return Err(bad()),
     };
     n.checked_mul(1u64 << shift)
-        .ok_or_else(|| Error::Invalid(format!("size {s:?} is too large")))
+        .ok_or_else(|| Error::InvalidInput(format!("size {s:?} is too large")))
 }
 
 /// `1536` → `1.5 KiB`; exact byte counts below 1 KiB.

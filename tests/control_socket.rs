@@ -54,9 +54,9 @@ fn toy(
 ) -> Result<Reply> {
     calls.lock().unwrap().push((*peer, req.clone()));
     match req {
-        Request::Create { name, .. } if name == "taken" => {
-            Err(Error::Conflict(format!("layer {name:?} already exists")))
-        }
+        Request::Create { name, .. } if name == "taken" => Err(Error::AlreadyExists(format!(
+            "layer {name:?} already exists"
+        ))),
         Request::Create { name, .. } => Ok(Reply::Layer(layer(&name))),
         Request::Ls => Ok(Reply::Layers(vec![layer("a"), layer("b")])),
         Request::Remove { name, .. } => Err(Error::NotFound(format!("no layer {name:?}"))),
@@ -203,7 +203,7 @@ fn errors_come_back_as_the_variant_and_text_the_handler_returned() {
     let e = c
         .call(&create("taken"), &[], &mut no_progress())
         .unwrap_err();
-    assert!(matches!(&e, Error::Conflict(m) if m == "layer \"taken\" already exists"));
+    assert!(matches!(&e, Error::AlreadyExists(m) if m == "layer \"taken\" already exists"));
     let rm = Request::Remove {
         name: "gone".into(),
         force: false,
@@ -289,7 +289,7 @@ fn descriptors_are_checked_at_the_edge() {
     let e = c
         .call(&import, &[f.as_fd()], &mut no_progress())
         .unwrap_err();
-    assert!(matches!(e, Error::Invalid(_)));
+    assert!(matches!(e, Error::InvalidInput(_)));
     assert!(
         e.to_string()
             .contains("is not the source image, open for reading"),
@@ -454,7 +454,7 @@ fn another_uid_is_refused_by_the_file_mode_and_by_the_peer_check() {
     fs::set_permissions(&srv.path, fs::Permissions::from_mode(0o666)).unwrap();
     let r = call_as_nobody(&srv.path);
     let want = format!(
-        "Invalid(\"uid {NOBODY} may not use the control socket of pool /pools/test (owned by uid 0)\")"
+        "Io {{ context: \"uid {NOBODY} may not use the control socket of pool /pools/test (owned by uid 0)\", source: Os {{ code: 13"
     );
     assert!(r.starts_with(&want), "{r}");
     assert!(

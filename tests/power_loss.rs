@@ -225,9 +225,10 @@ impl Run {
                 let Err(e) = r else { return };
                 if matches!(
                     e,
-                    Error::Invalid(_)
+                    Error::InvalidInput(_)
                         | Error::ReadOnly(_)
                         | Error::NotFound(_)
+                        | Error::AlreadyExists(_)
                         | Error::Conflict(_)
                 ) {
                     // Refused as the model expects (apply checked the kind): nothing changed.

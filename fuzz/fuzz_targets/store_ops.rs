@@ -93,14 +93,13 @@ impl Model {
 
 fn kind(e: &Error) -> &'static str {
     match e {
-        Error::Io { .. } => "io",
-        Error::Invalid(_) => "invalid",
+        Error::InvalidInput(_) => "invalid",
         Error::NoSpace(_) => "nospace",
         Error::ReadOnly(_) => "readonly",
-        Error::Corrupt(_) => "corrupt",
         Error::NotFound(_) => "notfound",
+        Error::AlreadyExists(_) => "exists",
         Error::Conflict(_) => "conflict",
-        Error::Busy(_) => "busy",
+        _ => "other",
     }
 }
 
@@ -173,7 +172,7 @@ fn run(input: Input) {
             Op::CreateBase { name, size } => {
                 let name = format!("l{}", name % 6);
                 let size = (size as usize % (24 * 4096)) + 1;
-                let want = model.find(&name).map(|_| "conflict");
+                let want = model.find(&name).map(|_| "exists");
                 let got = s.create_layer(&name, None, Some(size as u64));
                 expect(&got, want, op);
                 if got.is_ok() {
@@ -192,7 +191,7 @@ fn run(input: Input) {
                 let p = model.find(&parent);
                 let size = grow.map(|g| g as usize % (8 * 4096));
                 let want = if model.find(&name).is_some() {
-                    Some("conflict")
+                    Some("exists")
                 } else if p.is_none() {
                     Some("notfound")
                 } else if model.layers[p.unwrap()].writable {

@@ -21,7 +21,7 @@ pub struct Args {
 
 pub fn run(pool: &Path, a: Args) -> Result<()> {
     if !crate::format::valid_block_size(a.block_size) {
-        return Err(crate::error::Error::Invalid(format!(
+        return Err(crate::error::Error::InvalidInput(format!(
             "--block-size {} is not a power of two from 4K to 1M",
             a.block_size
         )));

@@ -17,7 +17,7 @@ mod serve;
 mod table;
 
 use crate::control::{Client, Reply, Request};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use clap::{Parser, Subcommand};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -124,7 +124,7 @@ impl Target {
 
 /// A reply of another kind than the request asks for: only a confused server sends one.
 fn unexpected(r: Reply) -> Error {
-    Error::Invalid(format!(
+    Error::Internal(format!(
         "the server answered with an unexpected reply: {r:?}"
     ))
 }
@@ -178,11 +178,46 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("thinlayer: error: {e}");
-            match e {
-                Error::Busy(_) => 75,
-                Error::NotFound(_) => 2,
+            exit_code(&e)
+        }
+    }
+}
+
+/// The exit code of a failed command, from its error's kind: the one place they are mapped
+/// (docs/CONTROL.md lists them).
+pub fn exit_code(e: &Error) -> i32 {
+    match e.kind() {
+        // EX_TEMPFAIL: another process has the pool; try again.
+        Kind::Busy => 75,
+        // EX_UNAVAILABLE: no server, a registry unreachable.
+        Kind::Unavailable => 69,
+        Kind::NotFound => 2,
+        Kind::Io
+        | Kind::InvalidInput
+        | Kind::AlreadyExists
+        | Kind::Conflict
+        | Kind::InUse
+        | Kind::NoSpace
+        | Kind::ReadOnly
+        | Kind::Corrupt
+        | Kind::Internal => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_kind() {
+        for k in Kind::ALL {
+            let want = match k {
+                Kind::Busy => 75,
+                Kind::Unavailable => 69,
+                Kind::NotFound => 2,
                 _ => 1,
-            }
+            };
+            assert_eq!(exit_code(&Error::new(k, "x".into())), want, "{k:?}");
         }
     }
 }

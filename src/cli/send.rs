@@ -37,7 +37,7 @@ pub struct ReceiveArgs {
 pub fn run_send(t: &Target, a: SendArgs) -> Result<()> {
     let out = std::io::stdout();
     if out.is_terminal() {
-        return Err(Error::Invalid(
+        return Err(Error::InvalidInput(
             "send writes a binary stream: redirect standard output to a file or a pipe".into(),
         ));
     }
@@ -72,7 +72,7 @@ pub fn run_send(t: &Target, a: SendArgs) -> Result<()> {
 pub fn run_receive(t: &Target, a: ReceiveArgs) -> Result<()> {
     let input = std::io::stdin();
     if input.is_terminal() {
-        return Err(Error::Invalid(
+        return Err(Error::InvalidInput(
             "receive reads a stream from standard input: redirect it from a file or a pipe".into(),
         ));
     }

@@ -64,13 +64,13 @@ impl Client {
     ) -> Result<Reply> {
         let ctx = |what: String| format!("control socket {}: {what}", self.path.display());
         if self.broken {
-            return Err(Error::Invalid(ctx(
+            return Err(Error::Unavailable(ctx(
                 "this connection failed during an earlier request".into(),
             )));
         }
         let frame = wire::encode(req).map_err(|e| Error::io(ctx(format!("encoding {req}")), e))?;
         if wire::body_len(&frame) > MAX_REQUEST {
-            return Err(Error::Invalid(ctx(format!(
+            return Err(Error::InvalidInput(ctx(format!(
                 "{req} is {} bytes, over the limit of {MAX_REQUEST}",
                 wire::body_len(&frame)
             ))));
@@ -82,7 +82,7 @@ impl Client {
             let body = match wire::recv(&self.sock, MAX_REPLY) {
                 Ok(Some((body, fds))) if fds.is_empty() => body,
                 Ok(Some(_)) => {
-                    return Err(Error::Invalid(ctx(format!(
+                    return Err(Error::Internal(ctx(format!(
                         "the server sent file descriptors with its answer to {req}"
                     ))))
                 }
@@ -95,7 +95,7 @@ impl Client {
                 Ok(ServerFrame::Reply(r)) => break Ok(r),
                 Ok(ServerFrame::Error(e)) => break Err(e.into_error()),
                 Err(e) => {
-                    return Err(Error::Invalid(ctx(format!(
+                    return Err(Error::Internal(ctx(format!(
                         "cannot read the server's answer to {req}: {e}"
                     ))))
                 }

@@ -66,7 +66,7 @@ impl Hello {
 
 /// What the client is told when the versions differ (docs/CONTROL.md quotes it).
 pub fn mismatch(pool: &str, theirs: u32, ours: u32) -> Error {
-    Error::Invalid(format!(
+    Error::Unavailable(format!(
         "the server of pool {pool} speaks control protocol version {theirs}; this thinlayer speaks {ours} — use the thinlayer that started the server"
     ))
 }
@@ -108,7 +108,7 @@ pub(super) fn greet(sock: &UnixStream, mine: &Hello, socket: &str) -> Result<Hel
     }
     match wire::decode::<ServerFrame>(&answer) {
         Ok(ServerFrame::Error(e)) => Err(e.into_error()),
-        _ => Err(Error::Invalid(ctx(&format!(
+        _ => Err(Error::Unavailable(ctx(&format!(
             "the server did not answer with a hello but {:?}",
             String::from_utf8_lossy(&answer[..answer.len().min(200)])
         )))),
@@ -128,7 +128,7 @@ pub(super) enum Greeting {
 pub(super) fn answer(sock: &UnixStream, body: &[u8], mine: &Hello) -> Result<Greeting> {
     let theirs = match wire::decode::<HelloFrame>(body) {
         Ok(f) => f.hello,
-        Err(e) => return Err(Error::Invalid(format!("expected a hello, got: {e}"))),
+        Err(e) => return Err(Error::InvalidInput(format!("expected a hello, got: {e}"))),
     };
     let frame = wire::encode(&HelloFrame {
         hello: mine.clone(),
@@ -171,7 +171,7 @@ mod tests {
         newer.version = VERSION + 1;
         let (c, s) = exchange(Hello::client(), newer);
         let e = c.unwrap_err();
-        assert!(matches!(e, Error::Invalid(_)));
+        assert!(matches!(e, Error::Unavailable(_)));
         assert_eq!(
             e.to_string(),
             format!("the server of pool /var/lib/thinlayer/pool speaks control protocol version {}; this thinlayer speaks {VERSION} — use the thinlayer that started the server", VERSION + 1)

@@ -3,7 +3,7 @@
 //! externally tagged in snake_case: `{"create": {"name": "web", ...}}`, `"ls"`.
 
 use crate::check::CheckReport;
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::format::ids::LayerId;
 use crate::image::{ExportStats, ImportStats};
 use crate::stream::{ReceiveStats, SendStats};
@@ -247,48 +247,69 @@ pub struct WireError {
     pub context: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
+    /// Of `in_use`: who holds the layer (NBD connection names, live file paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<String>,
 }
 
-/// Every kind the wire knows, in the order of `crate::Error`'s variants.
-pub const KINDS: [&str; 8] = [
-    "io",
-    "invalid",
-    "no_space",
-    "read_only",
-    "corrupt",
-    "not_found",
-    "conflict",
-    "busy",
+/// Every kind the wire knows and its name there, in the order of `crate::Error`'s variants:
+/// the one place kinds cross the socket.
+pub const KINDS: [(Kind, &str); 12] = [
+    (Kind::Io, "io"),
+    (Kind::InvalidInput, "invalid"),
+    (Kind::NotFound, "not_found"),
+    (Kind::AlreadyExists, "already_exists"),
+    (Kind::Conflict, "conflict"),
+    (Kind::InUse, "in_use"),
+    (Kind::Busy, "busy"),
+    (Kind::NoSpace, "no_space"),
+    (Kind::ReadOnly, "read_only"),
+    (Kind::Corrupt, "corrupt"),
+    (Kind::Unavailable, "unavailable"),
+    (Kind::Internal, "internal"),
 ];
+
+/// The wire name of `kind`.
+pub fn kind_name(kind: Kind) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, n)| *n)
+        .expect("KINDS lists every kind")
+}
 
 impl From<&Error> for WireError {
     fn from(e: &Error) -> WireError {
-        let (kind, context, errno) = match e {
-            Error::Io { context, source } => ("io", Some(context.clone()), source.raw_os_error()),
-            Error::Invalid(_) => ("invalid", None, None),
-            Error::NoSpace(_) => ("no_space", None, None),
-            Error::ReadOnly(_) => ("read_only", None, None),
-            Error::Corrupt(_) => ("corrupt", None, None),
-            Error::NotFound(_) => ("not_found", None, None),
-            Error::Conflict(_) => ("conflict", None, None),
-            Error::Busy(_) => ("busy", None, None),
+        let (context, errno) = match e {
+            Error::Io { context, source } => (Some(context.clone()), source.raw_os_error()),
+            _ => (None, None),
+        };
+        let holders = match e {
+            Error::InUse { holders, .. } => holders.clone(),
+            _ => Vec::new(),
         };
         WireError {
-            kind: kind.into(),
+            kind: kind_name(e.kind()).into(),
             message: e.to_string(),
             context,
             errno,
+            holders,
         }
     }
 }
 
 impl WireError {
-    /// The same variant with the same text. An io error that was not an OS error (an
-    /// unexpected end of file, say) keeps its text, rebuilt as `io::Error::other`.
+    /// The same variant with the same text (and holders). An io error that was not an OS
+    /// error (an unexpected end of file, say) keeps its text, rebuilt as `io::Error::other`.
     pub fn into_error(self) -> Error {
         let m = self.message;
-        match self.kind.as_str() {
-            "io" => {
+        // A kind from a newer server is shown as `invalid`: the text still says what happened.
+        let kind = KINDS
+            .iter()
+            .find(|(_, n)| *n == self.kind)
+            .map_or(Kind::InvalidInput, |(k, _)| *k);
+        match kind {
+            Kind::Io => {
                 let context = self.context.unwrap_or_default();
                 let source = match self.errno {
                     Some(n) => io::Error::from_raw_os_error(n),
@@ -299,14 +320,11 @@ impl WireError {
                 };
                 Error::Io { context, source }
             }
-            "no_space" => Error::NoSpace(m),
-            "read_only" => Error::ReadOnly(m),
-            "corrupt" => Error::Corrupt(m),
-            "not_found" => Error::NotFound(m),
-            "conflict" => Error::Conflict(m),
-            "busy" => Error::Busy(m),
-            // "invalid", and a kind from a newer server: the text still says what happened.
-            _ => Error::Invalid(m),
+            Kind::InUse => Error::InUse {
+                message: m,
+                holders: self.holders,
+            },
+            k => Error::new(k, m),
         }
     }
 }
@@ -613,30 +631,49 @@ mod tests {
                 "opening pool /p",
                 io::Error::from_raw_os_error(libc::ENOENT),
             ),
-            Error::Invalid("invalid size \"x\"".into()),
+            Error::InvalidInput("invalid size \"x\"".into()),
+            Error::NotFound("no layer \"web\"".into()),
+            Error::AlreadyExists("a layer named \"web\" already exists".into()),
+            Error::Conflict("layer \"web\" has children".into()),
+            Error::InUse {
+                message: "layer \"web\" is in use by 1 NBD connection(s)".into(),
+                holders: vec!["unix client 3".into()],
+            },
+            Error::Busy("pool /p is in use by pid 9".into()),
             Error::NoSpace("pool /p is full".into()),
             Error::ReadOnly("layer \"base\" (id 1) is read-only".into()),
             Error::Corrupt("page 7: bad checksum".into()),
-            Error::NotFound("no layer \"web\"".into()),
-            Error::Conflict("layer \"web\" exists".into()),
-            Error::Busy("pool /p is in use by pid 9".into()),
+            Error::Unavailable("no server is running for pool /p".into()),
+            Error::Internal("the containerd server: the thread panicked".into()),
         ]
     }
 
     #[test]
     fn every_error_comes_back_as_the_same_variant_with_the_same_text() {
         let samples = one_of_each();
-        let kinds: Vec<String> = samples.iter().map(|e| WireError::from(e).kind).collect();
-        assert_eq!(kinds, KINDS, "one sample per kind, in order");
+        let kinds: Vec<Kind> = samples.iter().map(|e| e.kind()).collect();
+        assert_eq!(kinds, Kind::ALL, "one sample per kind, in order");
+        let names: Vec<String> = samples.iter().map(|e| WireError::from(e).kind).collect();
+        let want: Vec<&str> = KINDS.iter().map(|(_, n)| *n).collect();
+        assert_eq!(names, want);
         for e in samples {
             let back = roundtrip(&WireError::from(&e)).into_error();
-            assert_eq!(
-                std::mem::discriminant(&back),
-                std::mem::discriminant(&e),
-                "{e}"
-            );
+            assert_eq!(back.kind(), e.kind(), "{e}");
             assert_eq!(back.to_string(), e.to_string());
             assert_eq!(back.errno(), e.errno(), "{e}");
+            if let (Error::InUse { holders: a, .. }, Error::InUse { holders: b, .. }) = (&back, &e)
+            {
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn docs_control_md_lists_every_error_kind() {
+        let doc = include_str!("../../docs/CONTROL.md");
+        for (_, name) in KINDS {
+            let row = format!("| `{name}` |");
+            assert!(doc.contains(&row), "docs/CONTROL.md has no row for {name}");
         }
     }
 
@@ -669,9 +706,10 @@ mod tests {
             message: "over quota".into(),
             context: None,
             errno: None,
+            holders: Vec::new(),
         };
         let e = w.into_error();
-        assert!(matches!(&e, Error::Invalid(m) if m == "over quota"));
+        assert!(matches!(&e, Error::InvalidInput(m) if m == "over quota"));
     }
 
     #[test]

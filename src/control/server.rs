@@ -76,12 +76,15 @@ where
             Err(e) => return log.warn(format_args!("a new connection: {e}")),
         };
         if peer.uid != self.owner && peer.uid != 0 {
-            let e = Error::Invalid(format!(
-                "uid {} may not use the control socket of pool {} (owned by uid {})",
-                peer.uid,
-                self.socket.pool(),
-                self.owner
-            ));
+            let e = Error::io(
+                format!(
+                    "uid {} may not use the control socket of pool {} (owned by uid {})",
+                    peer.uid,
+                    self.socket.pool(),
+                    self.owner
+                ),
+                io::Error::from_raw_os_error(libc::EACCES),
+            );
             return refuse(log, &peer, &stream, &e, "not the owner");
         }
         connection(log, peer, &stream, &self.mine, self.handler);
@@ -155,7 +158,7 @@ where
             Ok(req) => run(log, &peer, stream, req, fds, handler),
             Err(e) => {
                 // The framing is intact, so the connection can go on.
-                let e = Error::Invalid(format!("not a control request: {e}"));
+                let e = Error::InvalidInput(format!("not a control request: {e}"));
                 let _ = send_frame(stream, &ServerFrame::Error(WireError::from(&e)));
                 warn(&format!("refused: {e}"));
             }
@@ -167,7 +170,7 @@ where
 /// was wrong when it is a protocol fault, log it either way.
 fn drop_client(log: &Log, peer: &Peer, stream: &UnixStream, e: io::Error, when: &str) {
     if e.kind() == io::ErrorKind::InvalidData {
-        let err = Error::Invalid(e.to_string());
+        let err = Error::InvalidInput(e.to_string());
         let _ = send_frame(stream, &ServerFrame::Error(WireError::from(&err)));
     }
     log.warn(format_args!("{peer}: dropped {when}: {e}"));
@@ -216,13 +219,13 @@ fn check_fds(req: &Request, fds: &[OwnedFd]) -> Result<()> {
     let Some(what) = req.fds_expected() else {
         return match fds.len() {
             0 => Ok(()),
-            n => Err(Error::Invalid(format!(
+            n => Err(Error::InvalidInput(format!(
                 "{req}: takes no file descriptors; it came with {n}"
             ))),
         };
     };
     if fds.len() != 1 {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "{req}: needs one file descriptor ({what}); it came with {}",
             fds.len()
         )));
@@ -236,7 +239,7 @@ fn check_fds(req: &Request, fds: &[OwnedFd]) -> Result<()> {
         _ => mode == libc::O_WRONLY || mode == libc::O_RDWR,
     };
     if !ok {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "{req}: the passed file descriptor is not {what}"
         )));
     }
@@ -270,7 +273,7 @@ fn send_frame(stream: &UnixStream, frame: &ServerFrame) -> io::Result<Option<Err
     if wire::body_len(&bytes) <= MAX_REPLY {
         return wire::send(stream, &bytes, &[]).map(|()| None);
     }
-    let e = Error::Invalid(format!(
+    let e = Error::Internal(format!(
         "the reply is {} bytes, over the control protocol's limit of {MAX_REPLY}",
         wire::body_len(&bytes)
     ));

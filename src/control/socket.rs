@@ -228,7 +228,7 @@ impl PrivateDir {
         let dir = parent.join(format!(".ctl.{}.{n}", std::process::id()));
         let socket = dir.join("s");
         if socket.as_os_str().len() > SUN_PATH_MAX {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidInput(format!(
                 "control socket {}: the path is too long; binding needs {} bytes for a name beside it and a Unix socket path holds {SUN_PATH_MAX}: choose a shorter --control path",
                 path.display(),
                 socket.as_os_str().len()

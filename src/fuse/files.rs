@@ -246,12 +246,15 @@ impl Table {
             drop(g);
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Conflict(format!(
-                    "layer {layer:?}: live file {} is open ({open} handle(s); a loop device? \
-                     see `losetup -j {}`); detach it after they close, or use --force",
-                    f.path.display(),
-                    f.path.display()
-                )));
+                return Err(Error::InUse {
+                    message: format!(
+                        "layer {layer:?}: live file {} is open ({open} handle(s); a loop device? \
+                         see `losetup -j {}`); detach it after they close, or use --force",
+                        f.path.display(),
+                        f.path.display()
+                    ),
+                    holders: vec![f.path.display().to_string()],
+                });
             }
             let g = self.closed.0.lock().unwrap_or_else(|p| p.into_inner());
             let _ = self

@@ -73,11 +73,13 @@ pub fn import_from(
         .metadata()
         .map_err(|e| Error::io(format!("reading {label}"), e))?;
     if !meta.is_file() {
-        return Err(Error::Invalid(format!("{label} is not a regular file")));
+        return Err(Error::InvalidInput(format!(
+            "{label} is not a regular file"
+        )));
     }
     let size = meta.len();
     if size == 0 {
-        return Err(Error::Invalid(format!("image {label} is empty")));
+        return Err(Error::InvalidInput(format!("image {label} is empty")));
     }
     let mut created = false;
     let result = import_inner(store, name, f, label, size, parent, &mut created, progress);
@@ -103,7 +105,7 @@ fn import_inner(
     if let Some(p) = parent {
         let pl = store.layer(p)?;
         if size < pl.disk_size {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidInput(format!(
                 "image {label} is {size} bytes, smaller than its parent {p:?} ({} bytes)",
                 pl.disk_size
             )));

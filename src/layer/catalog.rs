@@ -117,7 +117,7 @@ impl Catalog {
             }
             Change::Attr { layer, key, value } => {
                 if let Some(p) = attr_problem(key, value) {
-                    return Err(Error::Invalid(p));
+                    return Err(Error::InvalidInput(p));
                 }
                 self.apply(Record::LayerAttr {
                     layer,

@@ -5,21 +5,21 @@ use crate::format::MAX_NAME_LEN;
 
 pub fn validate(name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(Error::Invalid("layer name is empty".into()));
+        return Err(Error::InvalidInput("layer name is empty".into()));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "layer name is {} bytes long; the limit is {MAX_NAME_LEN}",
             name.len()
         )));
     }
     if let Some(c) = name.chars().find(|c| c.is_control()) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "layer name {name:?} contains the control character {c:?}"
         )));
     }
     if name.trim() != name {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "layer name {name:?} starts or ends with white space"
         )));
     }

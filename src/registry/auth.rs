@@ -48,10 +48,10 @@ pub fn for_registry(registry: &str) -> crate::Result<RegistryAuth> {
         Err(e) => return Err(crate::Error::io(format!("reading {}", path.display()), e)),
     };
     let config: Config = serde_json::from_str(&text).map_err(|e| {
-        crate::Error::Invalid(format!("{}: not a docker config file: {e}", path.display()))
+        crate::Error::InvalidInput(format!("{}: not a docker config file: {e}", path.display()))
     })?;
     from_config(&config, registry)
-        .map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))
+        .map_err(|e| crate::Error::InvalidInput(format!("{}: {e}", path.display())))
 }
 
 fn from_config(config: &Config, registry: &str) -> Result<RegistryAuth, String> {

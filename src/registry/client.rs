@@ -3,7 +3,7 @@
 //! the async client from this synchronous program.
 
 use super::{auth, Options};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -33,9 +33,9 @@ fn is_loopback(registry: &str) -> bool {
 
 impl Registry {
     pub fn open(reference: &str, opts: &Options) -> Result<Registry> {
-        let r: Reference = reference
-            .parse()
-            .map_err(|e| Error::Invalid(format!("{reference:?} is not an image reference: {e}")))?;
+        let r: Reference = reference.parse().map_err(|e| {
+            Error::InvalidInput(format!("{reference:?} is not an image reference: {e}"))
+        })?;
         let host = r.resolve_registry().to_string();
         let protocol = if opts.plain_http || is_loopback(&host) {
             ClientProtocol::Http
@@ -63,23 +63,66 @@ impl Registry {
     /// An error of the registry client as ours, naming the reference and what was being done.
     pub fn error(&self, doing: &str, e: OciDistributionError) -> Error {
         let text = format!("{}: {doing}: {}", self.label, describe(&e));
-        match &e {
-            OciDistributionError::ImageManifestNotFoundError(_) => Error::NotFound(text),
-            OciDistributionError::RegistryError { envelope, .. }
-                if envelope.errors.iter().any(|x| {
-                    matches!(
-                        x.code,
-                        oci_client::errors::OciErrorCode::ManifestUnknown
-                            | oci_client::errors::OciErrorCode::BlobUnknown
-                            | oci_client::errors::OciErrorCode::NameUnknown
-                    )
-                }) =>
-            {
-                Error::NotFound(text)
+        Error::new(kind_of(&e), text)
+    }
+}
+
+/// The kind of a registry client's error, from its variant, the registry's error codes and
+/// the HTTP status: never from its text.
+fn kind_of(e: &OciDistributionError) -> Kind {
+    use oci_client::errors::OciErrorCode as C;
+    use OciDistributionError as E;
+    match e {
+        E::ImageManifestNotFoundError(_) => Kind::NotFound,
+        E::RegistryError { envelope, .. } => {
+            let codes = || envelope.errors.iter().map(|x| &x.code);
+            if codes().any(|c| {
+                matches!(
+                    c,
+                    C::ManifestUnknown | C::BlobUnknown | C::NameUnknown | C::NotFound
+                )
+            }) {
+                Kind::NotFound
+            } else if codes().any(|c| matches!(c, C::Toomanyrequests)) {
+                Kind::Unavailable
+            } else {
+                Kind::InvalidInput
             }
-            _ if text.contains("404") => Error::NotFound(text),
-            _ => Error::Invalid(text),
         }
+        E::ServerError { code, .. } => http_kind(*code),
+        E::RequestError(r) => match r.status() {
+            Some(s) => http_kind(s.as_u16()),
+            // Not connected, timed out, cut off: the registry is not answering.
+            None => Kind::Unavailable,
+        },
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => Kind::InvalidInput,
+        E::UrlParseError(_)
+        | E::ImageIndexParsingNoPlatformResolverError
+        | E::IncompatibleLayerMediaTypeError(_)
+        | E::UnsupportedMediaTypeError(_)
+        | E::UnsupportedSchemaVersionError(_) => Kind::InvalidInput,
+        E::DigestError(_)
+        | E::JsonError(_)
+        | E::ManifestEncodingError(_)
+        | E::ManifestParsingError(_)
+        | E::VersionedParsingError(_)
+        | E::SpecViolationError(_)
+        | E::RegistryNoDigestError
+        | E::RegistryNoLocationError
+        | E::RegistryTokenDecodeError(_)
+        | E::HeaderValueError(_) => Kind::Corrupt,
+        E::IoError(_) => Kind::Io,
+        _ => Kind::Internal,
+    }
+}
+
+/// The kind of an HTTP status the registry answered with.
+fn http_kind(status: u16) -> Kind {
+    match status {
+        404 => Kind::NotFound,
+        408 | 429 | 500..=599 => Kind::Unavailable,
+        400..=499 => Kind::InvalidInput,
+        _ => Kind::Internal,
     }
 }
 
@@ -119,5 +162,31 @@ mod tests {
         ] {
             assert!(!super::is_loopback(h), "{h}");
         }
+    }
+
+    #[test]
+    fn registry_errors_get_their_kind_from_the_status_not_the_text() {
+        use super::{kind_of, Kind};
+        use oci_client::errors::OciDistributionError as E;
+        let server = |code: u16, message: &str| E::ServerError {
+            code,
+            url: "http://r/v2/a/manifests/1".into(),
+            message: message.into(),
+        };
+        assert_eq!(kind_of(&server(404, "gone")), Kind::NotFound);
+        // A 500 whose text happens to say 404 is still the registry failing.
+        assert_eq!(
+            kind_of(&server(500, "upstream said 404")),
+            Kind::Unavailable
+        );
+        assert_eq!(kind_of(&server(400, "bad")), Kind::InvalidInput);
+        assert_eq!(
+            kind_of(&E::ImageManifestNotFoundError("a:1".into())),
+            Kind::NotFound
+        );
+        assert_eq!(
+            kind_of(&E::ManifestParsingError("404".into())),
+            Kind::Corrupt
+        );
     }
 }

@@ -38,19 +38,19 @@ pub fn pull(
         .block_on(reg.client.pull_manifest(&reg.reference, &reg.auth))
         .map_err(|e| reg.error("fetching the manifest", e))?;
     let OciManifest::Image(m) = manifest else {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "{}: an image index, not a thinlayer image",
             reg.label
         )));
     };
     if let Some(l) = m.layers.iter().find(|l| l.media_type != LAYER_TYPE) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "{}: not a thinlayer image: layer {} has media type {:?}, not {LAYER_TYPE:?}",
             reg.label, l.digest, l.media_type
         )));
     }
     if m.layers.is_empty() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "{}: the image has no layers",
             reg.label
         )));
@@ -70,7 +70,7 @@ pub fn pull(
             .as_ref()
             .and_then(|a| a.get(A_CHAIN_ID))
             .ok_or_else(|| {
-                Error::Invalid(format!(
+                Error::InvalidInput(format!(
                     "{}: layer {} has no {A_CHAIN_ID} annotation",
                     reg.label, d.digest
                 ))

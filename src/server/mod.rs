@@ -74,7 +74,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
             )?)
         }
         (Some(_), None) => {
-            return Err(crate::Error::Invalid(
+            return Err(crate::Error::InvalidInput(
                 "--containerd-socket needs live files (--files DIR): containerd mounts them".into(),
             ))
         }

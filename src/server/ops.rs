@@ -133,7 +133,9 @@ pub fn execute(
             Ok(Reply::Check(r))
         }
         Request::Status => match exports {
-            None => Err(Error::NotFound("no server is running for this pool".into())),
+            None => Err(Error::Unavailable(
+                "no server is running for this pool".into(),
+            )),
             Some(x) => Ok(Reply::Status(status(store, x))),
         },
         // Only a server's live files can answer these (`execute_files`).
@@ -165,14 +167,14 @@ pub fn execute_files(store: &Store, files: Option<&LiveFiles>, req: Request) -> 
             files.detach(&name, force)?;
             Ok(Reply::Detached { name })
         }
-        other => Err(Error::Invalid(format!(
+        other => Err(Error::Internal(format!(
             "{other} is not a live-files request"
         ))),
     }
 }
 
 fn no_live_files(pool: Option<&Path>) -> Error {
-    Error::NotFound(format!(
+    Error::Unavailable(format!(
         "no server is running for pool {}: live files need `thinlayer serve --files DIR`",
         pool.map_or_else(String::new, |p| p.display().to_string())
     ))
@@ -184,7 +186,7 @@ fn passed(what: &str, layer: &str) -> String {
 }
 
 fn missing(what: &str) -> Error {
-    Error::Invalid(format!("{what} needs a file descriptor and none came"))
+    Error::InvalidInput(format!("{what} needs a file descriptor and none came"))
 }
 
 fn status(store: &Store, x: &LiveExports) -> Status {
@@ -244,7 +246,7 @@ pub fn direct(
         Request::Check { data } => Ok(Reply::Check(crate::check::check_pool(
             pool, data, progress,
         )?)),
-        Request::Status => Err(Error::NotFound(format!(
+        Request::Status => Err(Error::Unavailable(format!(
             "no server is running for pool {}",
             pool.display()
         ))),

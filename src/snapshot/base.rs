@@ -34,13 +34,13 @@ pub fn name(size: u64) -> String {
 /// A size a snapshot asked for, rounded up to whole MiB and checked.
 pub fn checked_size(asked: u64) -> Result<u64> {
     if asked < MIN_SIZE {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "size {asked} is below the smallest base, {MIN_SIZE} bytes"
         )));
     }
     asked
         .checked_next_multiple_of(ROUND)
-        .ok_or_else(|| Error::Invalid(format!("size {asked} is too large")))
+        .ok_or_else(|| Error::InvalidInput(format!("size {asked} is too large")))
 }
 
 impl Bases {
@@ -90,7 +90,7 @@ impl Bases {
             .output()
             .map_err(|e| Error::io(ctx("running mkfs.ext4"), e))?;
         if !out.status.success() {
-            return Err(Error::Invalid(ctx(&format!(
+            return Err(Error::Internal(ctx(&format!(
                 "mkfs.ext4 failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()

@@ -1,21 +1,18 @@
-//! containerd's snapshots service on a Unix socket, through the `containerd-snapshots` crate:
-//! it owns the generated protobuf types and the stream plumbing of List, and hands each
-//! request to one trait method, which is the whole of what we need (tonic 0.9, prost 0.11).
+//! containerd's snapshots service on a Unix socket: the server trait tonic generated
+//! (`super::api`), each request handed to one method of `Snapshots` (tonic 0.9, prost 0.11).
 //!
 //! The tokio runtime runs on its own threads inside `serve`; each request's store work runs
 //! on tokio's blocking pool (`spawn_blocking`), because it takes the store's lock and may
 //! commit (fsync) or run mkfs, which must not stall the workers that move other requests.
 
+use super::api::services::snapshots::v1 as wire;
+use super::api::{Info, Kind};
 use super::snapshots::Snapshots;
 use super::status::Failure;
 use crate::control::ControlSocket;
 use crate::error::{Error, Result};
 use crate::listen::Stop;
 use crate::log::Log;
-use containerd_snapshots::api::types::Mount;
-use containerd_snapshots::tonic::{self, Code, Status};
-use containerd_snapshots::{Info, Kind, Usage};
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::Path;
@@ -24,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tonic::{Code, Request, Response, Status};
 /// Worker threads moving gRPC requests (the store work runs on the blocking pool).
 const WORKERS: usize = 2;
 
@@ -37,92 +35,145 @@ impl Service {
         let core = self.0.clone();
         match tokio::task::spawn_blocking(move || f(&core)).await {
             Ok(r) => r.map_err(|f: Failure| {
-                if f.code == Code::Internal || f.code == Code::ResourceExhausted {
+                if matches!(
+                    f.code,
+                    Code::Internal | Code::ResourceExhausted | Code::DataLoss
+                ) {
                     let log = Log::process();
                     log.error(format_args!("containerd request failed: {}", f.message));
                 }
                 f.into()
             }),
-            Err(e) => Err(Status::internal(format!("snapshot request panicked: {e}"))),
+            Err(e) => Err(Failure::from(Error::panicked(format!("snapshot request: {e}"))).into()),
         }
     }
 }
 
+/// A List answer carries this many snapshots per message.
+const LIST_CHUNK: usize = 100;
+
+fn reply<T>(t: T) -> std::result::Result<Response<T>, Status> {
+    Ok(Response::new(t))
+}
+
 #[tonic::async_trait]
-impl containerd_snapshots::Snapshotter for Service {
-    type Error = Status;
-
-    async fn stat(&self, key: String) -> std::result::Result<Info, Status> {
-        self.run(move |s| s.stat(&key)).await
-    }
-
-    async fn update(
-        &self,
-        info: Info,
-        fieldpaths: Option<Vec<String>>,
-    ) -> std::result::Result<Info, Status> {
-        self.run(move |s| s.update(info, fieldpaths)).await
-    }
-
-    async fn usage(&self, key: String) -> std::result::Result<Usage, Status> {
-        let size = self.run(move |s| s.usage(&key)).await?;
-        // A block layer does not know how many inodes its filesystem changed.
-        Ok(Usage {
-            inodes: 0,
-            size: size as i64,
-        })
-    }
-
-    async fn mounts(&self, key: String) -> std::result::Result<Vec<Mount>, Status> {
-        self.run(move |s| s.mounts(&key)).await
-    }
-
+impl wire::snapshots_server::Snapshots for Service {
     async fn prepare(
         &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> std::result::Result<Vec<Mount>, Status> {
-        self.run(move |s| s.prepare(&key, &parent, labels, Kind::Active))
-            .await
+        r: Request<wire::PrepareSnapshotRequest>,
+    ) -> std::result::Result<Response<wire::PrepareSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = self
+            .run(move |s| s.prepare(&r.key, &r.parent, r.labels, Kind::Active))
+            .await?;
+        reply(wire::PrepareSnapshotResponse { mounts })
     }
 
     async fn view(
         &self,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> std::result::Result<Vec<Mount>, Status> {
-        self.run(move |s| s.prepare(&key, &parent, labels, Kind::View))
-            .await
+        r: Request<wire::ViewSnapshotRequest>,
+    ) -> std::result::Result<Response<wire::ViewSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let mounts = self
+            .run(move |s| s.prepare(&r.key, &r.parent, r.labels, Kind::View))
+            .await?;
+        reply(wire::ViewSnapshotResponse { mounts })
+    }
+
+    async fn mounts(
+        &self,
+        r: Request<wire::MountsRequest>,
+    ) -> std::result::Result<Response<wire::MountsResponse>, Status> {
+        let key = r.into_inner().key;
+        let mounts = self.run(move |s| s.mounts(&key)).await?;
+        reply(wire::MountsResponse { mounts })
     }
 
     async fn commit(
         &self,
-        name: String,
-        key: String,
-        labels: HashMap<String, String>,
-    ) -> std::result::Result<(), Status> {
-        self.run(move |s| s.commit(&name, &key, labels)).await
+        r: Request<wire::CommitSnapshotRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let r = r.into_inner();
+        self.run(move |s| s.commit(&r.name, &r.key, r.labels))
+            .await?;
+        reply(())
     }
 
-    async fn remove(&self, key: String) -> std::result::Result<(), Status> {
-        self.run(move |s| s.remove(&key)).await
+    async fn remove(
+        &self,
+        r: Request<wire::RemoveSnapshotRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let key = r.into_inner().key;
+        self.run(move |s| s.remove(&key)).await?;
+        reply(())
     }
 
-    type InfoStream = tokio_stream::Iter<std::vec::IntoIter<std::result::Result<Info, Status>>>;
+    async fn stat(
+        &self,
+        r: Request<wire::StatSnapshotRequest>,
+    ) -> std::result::Result<Response<wire::StatSnapshotResponse>, Status> {
+        let key = r.into_inner().key;
+        let info = self.run(move |s| s.stat(&key)).await?;
+        reply(wire::StatSnapshotResponse {
+            info: Some(info.into()),
+        })
+    }
+
+    async fn update(
+        &self,
+        r: Request<wire::UpdateSnapshotRequest>,
+    ) -> std::result::Result<Response<wire::UpdateSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let info: Info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without a snapshot info"))?
+            .into();
+        let fieldpaths = r.update_mask.map(|m| m.paths);
+        let info = self.run(move |s| s.update(info, fieldpaths)).await?;
+        reply(wire::UpdateSnapshotResponse {
+            info: Some(info.into()),
+        })
+    }
+
+    type ListStream = tokio_stream::Iter<
+        std::vec::IntoIter<std::result::Result<wire::ListSnapshotsResponse, Status>>,
+    >;
 
     /// Every snapshot at once: a pool holds hundreds of layers, not millions. containerd
     /// filters the list itself.
     async fn list(
         &self,
-        _snapshotter: String,
-        _filters: Vec<String>,
-    ) -> std::result::Result<Self::InfoStream, Status> {
+        _r: Request<wire::ListSnapshotsRequest>,
+    ) -> std::result::Result<Response<Self::ListStream>, Status> {
         let infos = self.run(|s| Ok(s.list())).await?;
-        Ok(tokio_stream::iter(
-            infos.into_iter().map(Ok).collect::<Vec<_>>(),
-        ))
+        let mut chunks = Vec::new();
+        let mut infos = infos.into_iter().map(wire::Info::from).peekable();
+        while infos.peek().is_some() {
+            let info = infos.by_ref().take(LIST_CHUNK).collect();
+            chunks.push(Ok(wire::ListSnapshotsResponse { info }));
+        }
+        reply(tokio_stream::iter(chunks))
+    }
+
+    async fn usage(
+        &self,
+        r: Request<wire::UsageRequest>,
+    ) -> std::result::Result<Response<wire::UsageResponse>, Status> {
+        let key = r.into_inner().key;
+        let size = self.run(move |s| s.usage(&key)).await?;
+        // A block layer does not know how many inodes its filesystem changed.
+        reply(wire::UsageResponse {
+            size: size as i64,
+            inodes: 0,
+        })
+    }
+
+    /// Removing a snapshot frees its blocks at once: nothing is left for Cleanup to do.
+    async fn cleanup(
+        &self,
+        _r: Request<wire::CleanupRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        reply(())
     }
 }
 
@@ -163,10 +214,10 @@ impl Server {
                     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
                     let stopped = stopped(stop, stop_fd);
                     tonic::transport::Server::builder()
-                        .add_service(containerd_snapshots::server(Arc::new(Service(core))))
+                        .add_service(wire::snapshots_server::SnapshotsServer::new(Service(core)))
                         .serve_with_incoming_shutdown(incoming, stopped)
                         .await
-                        .map_err(|e| Error::Invalid(format!("{ctx}: serving: {e}")))
+                        .map_err(|e| Error::Internal(format!("{ctx}: serving: {e}")))
                 });
                 // The socket file goes once no new request can come.
                 drop(socket);
@@ -182,7 +233,7 @@ impl Server {
     pub fn join(self) -> Result<()> {
         self.thread
             .join()
-            .unwrap_or_else(|_| Err(Error::Invalid("the containerd thread panicked".into())))
+            .unwrap_or_else(|_| Err(Error::panicked("the containerd server")))
     }
 }
 

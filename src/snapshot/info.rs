@@ -1,9 +1,9 @@
 //! A snapshot's layer attributes and containerd's view of them (`Info`): kind, labels and
 //! times are written with the layer change and read back from `LayerInfo.attrs`.
 
+use super::api::{Info, Kind};
 use super::keys;
 use crate::volume::LayerInfo;
-use containerd_snapshots::{Info, Kind};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -6,6 +6,7 @@
 //! the gRPC codes, `writeback` what Usage syncs first. The layers reach containerd as live files (`crate::fuse`) that it mounts
 //! with the `loop` option.
 
+mod api;
 mod base;
 mod files;
 mod grpc;

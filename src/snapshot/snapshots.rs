@@ -9,6 +9,8 @@
 //! journal even on a read-only mount, and the kernel may write superblock fields; the child
 //! takes any such write, so a committed layer never changes under its other children.
 
+use super::api::Mount;
+use super::api::{Info, Kind};
 use super::base::{self, Bases};
 use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
@@ -16,9 +18,6 @@ use super::status::{Failure, Result};
 use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::volume::{LayerInfo, Store};
-use containerd_snapshots::api::types::Mount;
-use containerd_snapshots::tonic::Code;
-use containerd_snapshots::{Info, Kind};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,7 +31,7 @@ pub trait Files: Send + Sync {
     /// The file of `layer`, attaching it if needed (idempotent).
     fn attach(&self, layer: &str) -> crate::Result<PathBuf>;
     /// Make `layer` no longer attached (nothing to do if it is not), saying which writes
-    /// through its file failed while attached. `Conflict` while a loop device still has the
+    /// through its file failed while attached. `InUse` while a loop device still has the
     /// file open.
     fn detach(&self, layer: &str) -> crate::Result<LostWrites>;
     /// Make what a filesystem mounted on `layer`'s file has written so far reach the layer
@@ -74,9 +73,11 @@ impl Snapshots {
     /// The layer of snapshot `key`, or NotFound.
     fn find(&self, key: &str) -> Result<LayerInfo> {
         if key.is_empty() {
-            return Err(Failure::new(Code::InvalidArgument, "empty snapshot key"));
+            return Err(Failure::from(Error::InvalidInput(
+                "empty snapshot key".into(),
+            )));
         }
-        let not_found = || Failure::new(Code::NotFound, format!("snapshot {key:?} not found"));
+        let not_found = || Failure::from(Error::NotFound(format!("snapshot {key:?} not found")));
         match self.store.layer(&keys::layer_name(key)) {
             Ok(l) if info::is_snapshot(&l, key) => Ok(l),
             Ok(_) | Err(Error::NotFound(_)) => Err(not_found()),
@@ -116,22 +117,18 @@ impl Snapshots {
     ) -> Result<Vec<Mount>> {
         debug_assert!(matches!(kind, Kind::Active | Kind::View));
         if key.is_empty() {
-            return Err(Failure::new(Code::InvalidArgument, "empty snapshot key"));
+            return Err(Failure::from(Error::InvalidInput(
+                "empty snapshot key".into(),
+            )));
         }
         let _one = self.lock();
         let name = keys::layer_name(key);
         match self.store.layer(&name) {
             Ok(l) if info::is_snapshot(&l, key) => {
-                return Err(Failure::new(
-                    Code::AlreadyExists,
-                    format!("snapshot {key:?} already exists"),
-                ))
+                return Err(Failure::from(Error::AlreadyExists(format!("snapshot {key:?} already exists"))))
             }
             Ok(_) => {
-                return Err(Failure::new(
-                    Code::AlreadyExists,
-                    format!("snapshot {key:?}: its layer name {name:?} is taken by a layer containerd did not make"),
-                ))
+                return Err(Failure::from(Error::AlreadyExists(format!("snapshot {key:?}: its layer name {name:?} is taken by a layer containerd did not make"))))
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(store_err(key)(e)),
@@ -147,13 +144,10 @@ impl Snapshots {
         } else {
             let p = self.find(parent).map_err(named(key))?;
             if info::kind(&p) != Kind::Committed {
-                return Err(Failure::new(
-                    Code::FailedPrecondition,
-                    format!(
-                        "snapshot {key:?}: parent {parent:?} is {}, not committed",
-                        kind_name(&info::kind(&p))
-                    ),
-                ));
+                return Err(Failure::from(Error::Conflict(format!(
+                    "snapshot {key:?}: parent {parent:?} is {}, not committed",
+                    kind_name(&info::kind(&p))
+                ))));
             }
             p.name
         };
@@ -179,41 +173,34 @@ impl Snapshots {
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let l = self.find(key)?;
         if info::kind(&l) == Kind::Committed {
-            return Err(Failure::new(
-                Code::FailedPrecondition,
-                format!(
-                    "snapshot {key:?} is committed; only active snapshots and views have mounts"
-                ),
-            ));
+            return Err(Failure::from(Error::Conflict(format!(
+                "snapshot {key:?} is committed; only active snapshots and views have mounts"
+            ))));
         }
         self.mounts_of(key, &l)
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
         if name.is_empty() {
-            return Err(Failure::new(Code::InvalidArgument, "empty snapshot name"));
+            return Err(Failure::from(Error::InvalidInput(
+                "empty snapshot name".into(),
+            )));
         }
         let _one = self.lock();
         let l = self.find(key)?;
         let kind = info::kind(&l);
         if kind != Kind::Active {
-            return Err(Failure::new(
-                Code::FailedPrecondition,
-                format!(
-                    "snapshot {key:?} is {}; only active snapshots can be committed",
-                    kind_name(&kind)
-                ),
-            ));
+            return Err(Failure::from(Error::Conflict(format!(
+                "snapshot {key:?} is {}; only active snapshots can be committed",
+                kind_name(&kind)
+            ))));
         }
         let new_name = keys::layer_name(name);
         match self.store.layer(&new_name) {
             Ok(_) => {
-                return Err(Failure::new(
-                    Code::AlreadyExists,
-                    format!(
+                return Err(Failure::from(Error::AlreadyExists(format!(
                     "cannot commit snapshot {key:?} as {name:?}: layer {new_name:?} already exists"
-                ),
-                ))
+                ))))
             }
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(store_err(key)(e)),
@@ -225,18 +212,15 @@ impl Snapshots {
             // A loop device's writeback failing (the pool full during an unpack) reaches no
             // one who wrote: the layer is incomplete, and sealing it would make an image layer
             // with files missing. containerd removes the snapshot after this refusal.
-            let code = if lost.no_space > 0 {
-                Code::ResourceExhausted
+            let message = format!(
+                "snapshot {key:?}: {} write(s) to its live file failed while it was mounted ({} with the pool full); its content is incomplete, so it is not committed",
+                lost.total, lost.no_space
+            );
+            return Err(Failure::from(if lost.no_space > 0 {
+                Error::NoSpace(message)
             } else {
-                Code::DataLoss
-            };
-            return Err(Failure::new(
-                code,
-                format!(
-                    "snapshot {key:?}: {} write(s) to its live file failed while it was mounted ({} with the pool full); its content is incomplete, so it is not committed",
-                    lost.total, lost.no_space
-                ),
-            ));
+                Error::Corrupt(message)
+            }));
         }
         let now = time_value(SystemTime::now());
         let labels = labels_value(&labels);
@@ -257,13 +241,10 @@ impl Snapshots {
         let _one = self.lock();
         let l = self.find(key)?;
         if !l.children.is_empty() {
-            return Err(Failure::new(
-                Code::FailedPrecondition,
-                format!(
-                    "snapshot {key:?} has {} child snapshot(s); remove them first",
-                    l.children.len()
-                ),
-            ));
+            return Err(Failure::from(Error::Conflict(format!(
+                "snapshot {key:?} has {} child snapshot(s); remove them first",
+                l.children.len()
+            ))));
         }
         self.files.detach(&l.name).map_err(store_err(key))?;
         self.store
@@ -293,10 +274,9 @@ impl Snapshots {
                 continue;
             }
             let Some(label) = p.strip_prefix("labels.") else {
-                return Err(Failure::new(
-                    Code::InvalidArgument,
-                    format!("snapshot {key:?}: cannot update field {p:?} (only labels)"),
-                ));
+                return Err(Failure::from(Error::InvalidInput(format!(
+                    "snapshot {key:?}: cannot update field {p:?} (only labels)"
+                ))));
             };
             match new.labels.get(label) {
                 Some(v) => labels.insert(label.to_string(), v.clone()),

@@ -2,8 +2,8 @@
 //! containerd does (an `AlreadyExists` on Prepare during unpack means "another pull made this
 //! layer, use it"; `NotFound` on Stat means "unpack it"), the message names the snapshot.
 
-use crate::error::Error;
-use containerd_snapshots::tonic::{Code, Status};
+use crate::error::{Error, Kind};
+use tonic::{Code, Status};
 
 #[derive(Debug)]
 pub struct Failure {
@@ -14,27 +14,12 @@ pub struct Failure {
 pub type Result<T> = std::result::Result<T, Failure>;
 
 impl Failure {
-    pub fn new(code: Code, message: impl Into<String>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-
     /// The store's error, with the code its kind calls for.
     pub fn from_error(e: Error) -> Failure {
-        let code = match &e {
-            Error::NotFound(_) => Code::NotFound,
-            Error::Conflict(_) | Error::ReadOnly(_) => Code::FailedPrecondition,
-            Error::NoSpace(_) => Code::ResourceExhausted,
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Code::ResourceExhausted
-            }
-            Error::Invalid(_) => Code::InvalidArgument,
-            Error::Busy(_) => Code::Unavailable,
-            Error::Io { .. } | Error::Corrupt(_) => Code::Internal,
-        };
-        Failure::new(code, e.to_string())
+        Failure {
+            code: code(&e),
+            message: e.to_string(),
+        }
     }
 
     /// Prefix the message with what failed (`snapshot "ns/4/t1"`).
@@ -43,6 +28,23 @@ impl Failure {
             code: self.code,
             message: format!("{what}: {}", self.message),
         }
+    }
+}
+
+/// The gRPC code of an error: the one place kinds become codes containerd acts on.
+pub fn code(e: &Error) -> Code {
+    if e.is_no_space() {
+        return Code::ResourceExhausted;
+    }
+    match e.kind() {
+        Kind::NotFound => Code::NotFound,
+        Kind::AlreadyExists => Code::AlreadyExists,
+        Kind::Conflict | Kind::InUse | Kind::ReadOnly => Code::FailedPrecondition,
+        Kind::NoSpace => Code::ResourceExhausted,
+        Kind::InvalidInput => Code::InvalidArgument,
+        Kind::Busy | Kind::Unavailable => Code::Unavailable,
+        Kind::Corrupt => Code::DataLoss,
+        Kind::Io | Kind::Internal => Code::Internal,
     }
 }
 
@@ -72,8 +74,15 @@ mod tests {
                 Error::io("x", std::io::Error::from_raw_os_error(libc::ENOSPC)),
                 Code::ResourceExhausted,
             ),
-            (Error::Invalid("x".into()), Code::InvalidArgument),
-            (Error::Corrupt("x".into()), Code::Internal),
+            (Error::InvalidInput("x".into()), Code::InvalidArgument),
+            (Error::Corrupt("x".into()), Code::DataLoss),
+            (Error::Internal("x".into()), Code::Internal),
+            (Error::AlreadyExists("x".into()), Code::AlreadyExists),
+            (
+                Error::new(Kind::InUse, "x".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::Unavailable("x".into()), Code::Unavailable),
         ];
         for (e, code) in cases {
             let s = Status::from(Failure::from(e).context("snapshot \"k\""));

@@ -50,7 +50,7 @@ impl<R: Read> Decoder<R> {
     }
 
     fn bad(&self, why: &str) -> Error {
-        Error::Invalid(format!("{}: {why}", self.label))
+        Error::InvalidInput(format!("{}: {why}", self.label))
     }
 
     fn take(&mut self, buf: &mut [u8], what: &str) -> Result<()> {

@@ -27,7 +27,7 @@ impl fmt::Debug for Digest {
 impl std::str::FromStr for Digest {
     type Err = Error;
     fn from_str(s: &str) -> Result<Digest> {
-        let bad = || Error::Invalid(format!("{s:?} is not a sha256 digest (sha256:<64 hex>)"));
+        let bad = || Error::InvalidInput(format!("{s:?} is not a sha256 digest (sha256:<64 hex>)"));
         let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());

@@ -49,7 +49,7 @@ pub fn receive_checked(
     let (mut dec, header) = Decoder::new(input, label)?;
     let bs = store.block_size();
     if header.block_size != bs {
-        return Err(Error::Invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "{label}: the stream has {}-byte blocks, the pool {bs}-byte blocks",
             header.block_size
         )));
@@ -79,7 +79,7 @@ pub fn receive_checked(
     };
     if let Some(p) = &parent {
         if header.disk_size < p.disk_size {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidInput(format!(
                 "{label}: the layer is {} bytes, smaller than its parent {:?} ({} bytes)",
                 header.disk_size, p.name, p.disk_size
             )));
@@ -137,7 +137,7 @@ fn fill<R: Read>(
     loop {
         let at = dec.pos;
         let label = dec.label.clone();
-        let bad = |why: String| Error::Invalid(format!("{label}: record at byte {at}: {why}"));
+        let bad = |why: String| Error::InvalidInput(format!("{label}: record at byte {at}: {why}"));
         let (offset, len, data) = match dec.next_record()? {
             Record::End { end, digest } => {
                 let counts = |e: &End| (e.data_records, e.data_bytes, e.zero_records, e.zero_bytes);

@@ -32,7 +32,7 @@ impl Store {
             .checked_add(len)
             .filter(|&e| e <= t.disk_size)
             .ok_or_else(|| {
-                Error::Invalid(format!(
+                Error::InvalidInput(format!(
                     "{}: diff range at byte {offset} of {len} bytes goes past its end",
                     t.describe()
                 ))
@@ -42,7 +42,7 @@ impl Store {
             None => all,
             Some(f) => {
                 let Some(i) = all.iter().position(|l| l.id == f) else {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::InvalidInput(format!(
                         "{} is not an ancestor of {}",
                         g.catalog.get(f).map_or(f.to_string(), |l| l.describe()),
                         t.describe()

@@ -133,10 +133,13 @@ impl LiveExports {
                 "disconnect and detach them first",
             ),
         };
-        Err(Error::Conflict(format!(
-            "layer {layer:?} is in use by {by}: {}; {advice}{what}",
-            names.join("; ")
-        )))
+        Err(Error::InUse {
+            message: format!(
+                "layer {layer:?} is in use by {by}: {}; {advice}{what}",
+                names.join("; ")
+            ),
+            holders: held.iter().map(|a| a.client.clone()).collect(),
+        })
     }
 
     /// Cut off every connection holding `id`: their requests fail with EIO from now on.
@@ -258,5 +261,32 @@ impl BlockDevice for Attached {
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.live()?.extents(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+    use crate::pool::MemStorage;
+    use crate::volume::CreateOptions;
+
+    #[test]
+    fn a_held_layer_is_refused_as_in_use_naming_its_holders() {
+        let mem = Arc::new(MemStorage::new());
+        let store = Arc::new(Store::create_in(mem, &CreateOptions::default()).unwrap());
+        store.create_layer("web", None, Some(1 << 20)).unwrap();
+        let x = LiveExports::new(store.clone(), Vec::new());
+        let id = store.layer("web").unwrap().id;
+        x.refuse_if_attached("web", id, false, "").unwrap();
+        let dev = x.hold("web", "unix client 3", Holder::Nbd).unwrap();
+        let e = x.refuse_if_attached("web", id, false, "").unwrap_err();
+        assert_eq!(e.kind(), Kind::InUse);
+        let Error::InUse { holders, .. } = &e else {
+            unreachable!()
+        };
+        assert_eq!(holders, &["unix client 3"]);
+        drop(dev);
+        x.refuse_if_attached("web", id, false, "").unwrap();
     }
 }

@@ -42,7 +42,7 @@ impl Inner {
             return Err(if write {
                 Error::NoSpace(m)
             } else {
-                Error::Invalid(m)
+                Error::InvalidInput(m)
             });
         }
         Ok(l)

@@ -128,7 +128,7 @@ fn validate_attrs(layer_name: &str, attrs: AttrChanges<'_>) -> Result<()> {
         .iter()
         .find_map(|(k, v)| crate::format::record::attr_problem(k, *v))
     {
-        Some(p) => Err(Error::Invalid(format!("layer {layer_name:?}: {p}"))),
+        Some(p) => Err(Error::InvalidInput(format!("layer {layer_name:?}: {p}"))),
         None => Ok(()),
     }
 }
@@ -153,7 +153,7 @@ impl Inner {
             return Ok(());
         }
         if self.catalog.by_name(to).is_ok() {
-            return Err(Error::Conflict(format!(
+            return Err(Error::AlreadyExists(format!(
                 "cannot rename layer {from:?}: a layer named {to:?} already exists"
             )));
         }
@@ -229,14 +229,14 @@ impl Store {
         validate_attrs(layer_name, attrs)?;
         let mut g = self.write()?;
         if g.catalog.by_name(layer_name).is_ok() {
-            return Err(Error::Conflict(format!(
+            return Err(Error::AlreadyExists(format!(
                 "a layer named {layer_name:?} already exists"
             )));
         }
         let (parent_id, disk_size) = match parent {
             None => {
                 let size = size.ok_or_else(|| {
-                    Error::Invalid(format!(
+                    Error::InvalidInput(format!(
                         "layer {layer_name:?}: a base layer needs --size (or give --parent)"
                     ))
                 })?;
@@ -251,7 +251,7 @@ impl Store {
                 }
                 let size = size.unwrap_or(pl.disk_size);
                 if size < pl.disk_size {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::InvalidInput(format!(
                         "layer {layer_name:?}: size {size} is smaller than its parent {p:?} ({} bytes)",
                         pl.disk_size
                     )));
@@ -260,13 +260,13 @@ impl Store {
             }
         };
         if disk_size == 0 {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidInput(format!(
                 "layer {layer_name:?}: size must be more than 0 bytes"
             )));
         }
         let max_disk = crate::layer::map::MAX_PBLOCK.saturating_mul(g.block_size as u64) / 2;
         if disk_size > max_disk {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidInput(format!(
                 "layer {layer_name:?}: size {disk_size} is larger than the supported {max_disk} bytes"
             )));
         }
@@ -336,7 +336,7 @@ impl Store {
         let mut g = self.write()?;
         if let Some(n) = new_name.filter(|&n| n != layer_name) {
             if g.catalog.by_name(n).is_ok() {
-                return Err(Error::Conflict(format!(
+                return Err(Error::AlreadyExists(format!(
                     "cannot commit layer {layer_name:?} as {n:?}: a layer named {n:?} already exists"
                 )));
             }

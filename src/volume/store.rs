@@ -96,7 +96,7 @@ impl Store {
             .open(path)
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::Conflict(format!(
+                    Error::AlreadyExists(format!(
                         "{} already exists; remove it first or choose another --pool",
                         path.display()
                     ))
@@ -132,7 +132,7 @@ impl Store {
     pub fn create_in(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<Store> {
         let bs = opts.block_size;
         if !valid_block_size(bs as u64) {
-            return Err(Error::Invalid(format!(
+            return Err(Error::InvalidInput(format!(
                 "block size {bs} is not a power of two from 4 KiB to 1 MiB"
             )));
         }
@@ -142,7 +142,7 @@ impl Store {
             Some(m) => {
                 let b = m / bs as u64;
                 if b < first + 16 {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::InvalidInput(format!(
                         "--max-size {m} is too small: a pool needs at least {} bytes with {bs}-byte blocks",
                         (first + 16) * bs as u64
                     )));

@@ -182,15 +182,17 @@ pub enum Expect {
     NoSpace,
     ReadOnly,
     NotFound,
+    AlreadyExists,
     Conflict,
 }
 
 pub fn kind(e: &Error) -> Expect {
     match e {
-        Error::Invalid(_) => Expect::Invalid,
+        Error::InvalidInput(_) => Expect::Invalid,
         Error::NoSpace(_) => Expect::NoSpace,
         Error::ReadOnly(_) => Expect::ReadOnly,
         Error::NotFound(_) => Expect::NotFound,
+        Error::AlreadyExists(_) => Expect::AlreadyExists,
         Error::Conflict(_) => Expect::Conflict,
         other => panic!("unexpected error kind: {other}"),
     }
@@ -268,7 +270,7 @@ impl Model {
 
     pub fn create_base(&mut self, name: &str, size: u64) -> Expect {
         if self.layers.contains_key(name) {
-            return Expect::Conflict;
+            return Expect::AlreadyExists;
         }
         if size == 0 {
             return Expect::Invalid;
@@ -287,7 +289,7 @@ impl Model {
 
     pub fn create_child(&mut self, name: &str, parent: &str, size: Option<u64>) -> Expect {
         if self.layers.contains_key(name) {
-            return Expect::Conflict;
+            return Expect::AlreadyExists;
         }
         let Some(p) = self.layers.get(parent) else {
             return Expect::NotFound;

@@ -5,6 +5,7 @@ use super::*;
 use crate::pool::MemStorage;
 use crate::volume::CreateOptions;
 use std::collections::BTreeSet;
+use tonic::Code;
 
 #[derive(Default)]
 struct FakeFiles {
@@ -26,7 +27,10 @@ impl Files for FakeFiles {
     }
     fn detach(&self, layer: &str) -> crate::Result<LostWrites> {
         if self.held.lock().unwrap().contains(layer) {
-            return Err(Error::Conflict(format!("live file of {layer:?} is open")));
+            return Err(Error::InUse {
+                message: format!("live file of {layer:?} is open"),
+                holders: vec![format!("/files/{layer}")],
+            });
         }
         self.attached.lock().unwrap().remove(layer);
         Ok(std::mem::take(&mut *self.lost.lock().unwrap()))
