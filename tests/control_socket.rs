@@ -95,10 +95,10 @@ fn toy(
                 },
             })
         }
-        _ => Ok(Reply::Status(Status {
+        _ => Ok(Reply::Status(Box::new(Status {
             pid: std::process::id(),
             ..Default::default()
-        })),
+        }))),
     }
 }
 

@@ -10,22 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod support;
-use support::{have, sh, tl, tl_output, Server};
+use support::{sh, tl, tl_output, Server};
 
 fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (FUSE mounts and loop devices need it)".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Some("/dev/fuse absent".into());
-    }
-    for tool in ["mkfs.ext4", "debugfs", "e2fsck", "losetup", "blockdev"] {
-        if !have(tool) {
-            return Some(format!("{tool} not installed (CI installs it)"));
-        }
-    }
-    None
+    support::missing_root_fuse(&["mkfs.ext4", "debugfs", "e2fsck", "losetup", "blockdev"])
 }
 
 macro_rules! require_prerequisites {

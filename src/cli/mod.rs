@@ -12,6 +12,7 @@ mod ls;
 mod progress;
 mod registry;
 mod remove;
+mod restart;
 mod send;
 mod serve;
 mod table;
@@ -71,6 +72,8 @@ enum Command {
     Check(check::Args),
     Serve(serve::Args),
     Attach(attach::AttachArgs),
+    Restart(restart::RestartArgs),
+    Status(restart::StatusArgs),
     Detach(attach::DetachArgs),
     Send(send::SendArgs),
     Receive(send::ReceiveArgs),
@@ -118,6 +121,18 @@ impl Target {
                 c.call(&req, &fds, progress)
             }
             None => crate::server::ops::direct(&self.pool, &command_line(), req, files, progress),
+        }
+    }
+
+    /// Run `req` on the pool's server; without one it is `Unavailable` naming the socket.
+    fn call_server(&self, req: Request) -> Result<Reply> {
+        match Client::connect(&self.control)? {
+            Some(mut c) => c.call(&req, &[], &mut |_, _| {}),
+            None => Err(Error::Unavailable(format!(
+                "no server answers on {} (is `thinlayer serve` running for pool {}?)",
+                self.control.display(),
+                self.pool.display()
+            ))),
         }
     }
 }
@@ -168,6 +183,8 @@ pub fn main() -> i32 {
         Command::Check(a) => check::run(&t, a),
         Command::Serve(a) => serve::run(&t, a).map(|_| 0),
         Command::Attach(a) => attach::run_attach(&t, a).map(|_| 0),
+        Command::Restart(a) => restart::run_restart(&t, a).map(|_| 0),
+        Command::Status(a) => restart::run_status(&t, a).map(|_| 0),
         Command::Detach(a) => attach::run_detach(&t, a).map(|_| 0),
         Command::Send(a) => send::run_send(&t, a).map(|_| 0),
         Command::Receive(a) => send::run_receive(&t, a).map(|_| 0),

@@ -42,9 +42,16 @@ pub struct Args {
     /// Seconds between background commits of unflushed writes (0 = only on FLUSH/exit).
     #[arg(long, default_value_t = 5)]
     commit_interval: u64,
+    /// Internal: take over from the server that started this process (`thinlayer restart`),
+    /// through the hand-over socket on this descriptor.
+    #[arg(long, hide = true, value_name = "FD")]
+    resume_fd: Option<i32>,
 }
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
+    if let Some(fd) = a.resume_fd {
+        return server::handover::resume(fd, &super::command_line());
+    }
     let nbd = match (a.listen, a.socket) {
         (Some(addr), _) => Listener::Tcp(addr),
         (None, Some(p)) => Listener::Unix(p),

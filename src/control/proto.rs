@@ -56,6 +56,13 @@ pub enum Request {
         data: bool,
     },
     Status,
+    /// Replace the serving process with a new one running `binary` (default: the server's
+    /// own binary, read again from disk), handing over the live files and the listening
+    /// sockets; `thinlayer restart`.
+    Restart {
+        #[serde(default)]
+        binary: Option<String>,
+    },
     /// Attach a layer as a live file (`serve --files`).
     Attach {
         name: String,
@@ -131,6 +138,10 @@ impl fmt::Display for Request {
             Request::Df => f.write_str("df"),
             Request::Check { data } => f.write_str(if *data { "check --data" } else { "check" }),
             Request::Status => f.write_str("status"),
+            Request::Restart { binary } => match binary {
+                Some(b) => write!(f, "restart --binary {b:?}"),
+                None => f.write_str("restart"),
+            },
             Request::Attach { name } => write!(f, "attach {name:?}"),
             Request::Detach { name, force } => {
                 write!(f, "detach {name:?}{}", if *force { " --force" } else { "" })
@@ -179,7 +190,15 @@ pub enum Reply {
     Committed {
         name: String,
     },
-    Status(Status),
+    Status(Box<Status>),
+    /// restart: the new process serves. `held_ms`: how long I/O waited at the gate, from
+    /// closing it in the old process to the new one's first request served.
+    Restarted {
+        old_pid: u32,
+        new_pid: u32,
+        binary: String,
+        held_ms: u64,
+    },
     /// attach: the file a loop device can use.
     Attached {
         name: String,
@@ -216,6 +235,26 @@ pub struct Status {
     pub connections: Vec<ConnectionInfo>,
     /// Writes not yet committed, in bytes.
     pub pending_bytes: u64,
+    /// The keeper process that restarts the server after a crash (`serve --keeper`).
+    #[serde(default)]
+    pub keeper: Option<u32>,
+    /// The binary serving, as `restart` runs it again by default.
+    #[serde(default)]
+    pub binary: String,
+    /// The control socket.
+    #[serde(default)]
+    pub control: String,
+    /// The live-files directory (`serve --files`) and the attached files in it.
+    #[serde(default)]
+    pub files_dir: Option<String>,
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// containerd's snapshots socket (`serve --containerd-socket`).
+    #[serde(default)]
+    pub containerd: Option<String>,
+    /// How many processes served this pool since `serve` was started (1 + restarts).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -453,6 +492,9 @@ mod tests {
             Request::Df,
             Request::Check { data: true },
             Request::Status,
+            Request::Restart {
+                binary: Some("/usr/bin/thinlayer".into()),
+            },
             Request::Attach { name: "web".into() },
             Request::Detach {
                 name: "web".into(),
@@ -509,7 +551,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 13, "one row per request, and a base create");
+        assert_eq!(n, 14, "one row per request, and a base create");
     }
 
     #[test]
@@ -564,6 +606,13 @@ mod tests {
                 since: "2026-01-02T03:04:06Z".into(),
             }],
             pending_bytes: 8192,
+            keeper: Some(41),
+            binary: "/usr/bin/thinlayer".into(),
+            control: "/pool.ctl".into(),
+            files_dir: Some("/pool.files".into()),
+            files: vec!["/pool.files/web".into()],
+            containerd: None,
+            generation: 2,
         };
         let all = vec![
             ServerFrame::Progress { done: 5, total: 10 },
@@ -609,7 +658,13 @@ mod tests {
                 freed: 4096,
             }),
             ServerFrame::Reply(Reply::Committed { name: "web".into() }),
-            ServerFrame::Reply(Reply::Status(status)),
+            ServerFrame::Reply(Reply::Status(Box::new(status))),
+            ServerFrame::Reply(Reply::Restarted {
+                old_pid: 1,
+                new_pid: 2,
+                binary: "/usr/bin/thinlayer".into(),
+                held_ms: 30,
+            }),
             ServerFrame::Reply(Reply::Attached {
                 name: "web".into(),
                 path: "/run/thinlayer/files/web".into(),

@@ -118,6 +118,26 @@ impl ControlSocket {
         })
     }
 
+    /// A control socket another process bound and published at `path`, handed over by
+    /// `thinlayer restart` as its listening descriptor. The file at `path` must still be
+    /// that socket; it is removed when this is dropped, like one bound here.
+    pub fn adopt(listener: UnixListener, path: &Path, pool: &Path) -> Result<ControlSocket> {
+        let id = FileId::of(path)
+            .map_err(|e| Error::io(format!("control socket {}: handed over", path.display()), e))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+            pool: pool.display().to_string(),
+            published: Mutex::new(Some(id)),
+        })
+    }
+
+    /// The listening descriptor, to hand to the next server process.
+    pub fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

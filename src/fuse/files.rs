@@ -43,6 +43,19 @@ pub struct LiveFile {
     failed_no_space: AtomicU64,
 }
 
+/// One attached file as a restart hands it to the next process: the same inode (the kernel
+/// knows the file by it) and the same count of open handles (a loop device's).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileState {
+    pub ino: u64,
+    pub layer: String,
+    pub opens: u64,
+    /// Seconds since the epoch.
+    pub since: u64,
+    pub lost_writes: u64,
+    pub lost_no_space: u64,
+}
+
 /// What a live file lost while attached: `LiveFiles::detach` reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LostWrites {
@@ -180,10 +193,70 @@ impl Table {
         self.closed.1.notify_all();
     }
 
+    /// The table as `FileState`s, in inode order.
+    pub fn snapshot(&self) -> Vec<FileState> {
+        let mut v: Vec<FileState> = self
+            .list()
+            .iter()
+            .map(|f| FileState {
+                ino: f.ino,
+                layer: f.layer.clone(),
+                opens: f.open_handles(),
+                since: f
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                lost_writes: f.failed_writes.load(Ordering::Relaxed),
+                lost_no_space: f.failed_no_space.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by_key(|f| f.ino);
+        v
+    }
+
+    /// Fill an empty table with the files another process had (`snapshot`). A layer that is
+    /// gone is an error naming it: the pool and the table must be from the same moment.
+    pub fn restore(&self, files: &[FileState]) -> Result<()> {
+        for s in files {
+            self.insert(
+                &s.layer,
+                Some(s.ino),
+                s.opens,
+                SystemTime::UNIX_EPOCH + Duration::from_secs(s.since),
+                (s.lost_writes, s.lost_no_space),
+            )
+            .map_err(|e| e.context(format!("restoring live file of layer {:?}", s.layer)))?;
+        }
+        let next = files
+            .iter()
+            .map(|f| f.ino + 1)
+            .max()
+            .unwrap_or(ROOT_INO + 1);
+        self.next_ino.fetch_max(next, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// See `LiveFiles::attach`.
     pub fn attach(&self, layer: &str) -> Result<PathBuf> {
         let mut g = self.write();
         g.prune();
+        if let Some(f) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) {
+            return Ok(f.path.clone());
+        }
+        drop(g);
+        self.insert(layer, None, 0, SystemTime::now(), (0, 0))
+    }
+
+    /// Register `layer`'s file: a fresh inode unless `ino` is given (a restored table).
+    fn insert(
+        &self,
+        layer: &str,
+        ino: Option<u64>,
+        opens: u64,
+        since: SystemTime,
+        lost: (u64, u64),
+    ) -> Result<PathBuf> {
+        let mut g = self.write();
         if let Some(f) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) {
             return Ok(f.path.clone());
         }
@@ -194,15 +267,15 @@ impl Table {
             .exports
             .hold(layer, &path.display().to_string(), Holder::File)?;
         let f = Arc::new(LiveFile {
-            ino: self.next_ino.fetch_add(1, Ordering::Relaxed),
+            ino: ino.unwrap_or_else(|| self.next_ino.fetch_add(1, Ordering::Relaxed)),
             layer: info.name.clone(),
             file_name: file_name.clone(),
             path: path.clone(),
-            since: SystemTime::now(),
+            since,
             device,
-            opens: AtomicU64::new(0),
-            failed_writes: AtomicU64::new(0),
-            failed_no_space: AtomicU64::new(0),
+            opens: AtomicU64::new(opens),
+            failed_writes: AtomicU64::new(lost.0),
+            failed_no_space: AtomicU64::new(lost.1),
         });
         g.by_layer.insert(info.name, file_name.clone());
         g.by_ino.insert(f.ino, f.clone());

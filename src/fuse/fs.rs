@@ -225,6 +225,8 @@ impl Filesystem for Fs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Opens and releases change the table a restart hands over: they wait at the gate.
+        let _pass = self.table.exports().gate().enter();
         let Some(f) = self.table.by_ino(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
@@ -251,6 +253,7 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.table.exports().gate().enter();
         self.table.release(ino.0);
         reply.ok();
     }

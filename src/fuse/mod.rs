@@ -6,21 +6,24 @@
 //!
 //! `names` maps layer names to file names, `files` holds the policy (attach, detach, who has
 //! a file open), `fs` translates FUSE requests, `mount` sets the directory up and takes it
-//! down. Attachments live as long as the server: after a restart a client (the containerd
-//! snapshotter, in its Mounts) attaches again.
+//! down. `adopt` serves a mount another process made, from its `/dev/fuse` descriptor and
+//! its table of files (`thinlayer restart`, the keeper): the loop devices on the files never
+//! notice the change of process.
 
+mod adopt;
 mod files;
 mod fs;
 mod mount;
 mod names;
 
-pub use files::{LostWrites, CLOSE_GRACE};
+pub use files::{FileState, LostWrites, CLOSE_GRACE};
 pub use mount::unescape as unescape_mountinfo;
 
 use crate::error::{Error, Result};
 use crate::log::{self, Level};
 use crate::volume::exports::LiveExports;
 use files::Table;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -29,6 +32,19 @@ use std::time::SystemTime;
 /// FUSE session threads: each reads and serves one request at a time, so this many
 /// requests (across all files) are served at once.
 const SESSION_THREADS: usize = 4;
+
+/// The session settings, the same for a mount and an adopted one.
+fn session_config() -> fuser::Config {
+    let mut config = fuser::Config::default();
+    // Without allow_other only the mounting user (root) may enter.
+    config.acl = fuser::SessionACL::Owner;
+    config.n_threads = Some(SESSION_THREADS);
+    // All threads read the one descriptor that is handed over: requests a killed process
+    // read stay on a descriptor that lives on (the keeper's copy), where the kernel can
+    // resend them; a per-thread clone would take them down with it.
+    config.clone_fd = false;
+    config
+}
 
 /// One attached layer, as `LiveFiles::list` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +62,9 @@ pub struct FileInfo {
 pub struct LiveFiles {
     table: Arc<Table>,
     session: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+    /// The kernel connection (a second descriptor of the one the session reads), for handing
+    /// it over to the next process.
+    device: OwnedFd,
 }
 
 impl LiveFiles {
@@ -54,7 +73,7 @@ impl LiveFiles {
     pub fn mount(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
         let dir = mount::prepare(dir)?;
         let table = Arc::new(Table::new(exports, &dir));
-        let mut config = fuser::Config::default();
+        let mut config = session_config();
         config.mount_options = vec![
             fuser::MountOption::FSName("thinlayer".into()),
             fuser::MountOption::Subtype("thinlayer".into()),
@@ -64,13 +83,46 @@ impl LiveFiles {
             fuser::MountOption::NoExec,
             fuser::MountOption::NoAtime,
         ];
-        // Without allow_other only the mounting user (root) may enter.
-        config.acl = fuser::SessionACL::Owner;
-        config.n_threads = Some(SESSION_THREADS);
-        // Each thread gets its own /dev/fuse descriptor, so they do not contend on one.
-        config.clone_fd = true;
         let session = fuser::Session::new(fs::Fs::new(table.clone()), &dir, &config)
             .map_err(|e| Error::io(format!("live files: mounting on {}", dir.display()), e))?;
+        let device = session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
+        Self::start(table, session, device)
+    }
+
+    /// Serve the live files another process mounted on `dir` and handed over: `device` is
+    /// its `/dev/fuse` descriptor, `files` its table (`handover`). The files keep their
+    /// inode numbers and open counts, so the kernel's view and the loop devices on them
+    /// stay valid. Requests the other process read and did not answer are asked for again
+    /// once it is gone (`resend`).
+    pub fn adopt(
+        dir: &Path,
+        exports: Arc<LiveExports>,
+        device: OwnedFd,
+        files: &[FileState],
+    ) -> Result<LiveFiles> {
+        let table = Arc::new(Table::new(exports, dir));
+        table.restore(files)?;
+        let session_fd = device
+            .try_clone()
+            .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
+        let session = adopt::session(fs::Fs::new(table.clone()), session_fd, &session_config())
+            .map_err(|e| {
+                Error::io(
+                    format!("live files: taking over the mount on {}", dir.display()),
+                    e,
+                )
+            })?;
+        Self::start(table, session, device)
+    }
+
+    fn start(
+        table: Arc<Table>,
+        session: fuser::Session<fs::Fs>,
+        device: OwnedFd,
+    ) -> Result<LiveFiles> {
         let thread = std::thread::Builder::new()
             .name("live-files".into())
             .spawn(move || session.run())
@@ -78,6 +130,33 @@ impl LiveFiles {
         Ok(LiveFiles {
             table,
             session: Mutex::new(Some(thread)),
+            device,
+        })
+    }
+
+    /// The kernel connection, to hand to the next process.
+    pub fn device(&self) -> BorrowedFd<'_> {
+        self.device.as_fd()
+    }
+
+    /// The table of files, to hand to the next process (taken with the exports' gate closed,
+    /// so no open or release is under way).
+    pub fn handover(&self) -> Vec<FileState> {
+        self.table.snapshot()
+    }
+
+    /// Ask the kernel to send again the requests a previous process read and did not answer.
+    /// Call once that process is gone. `Ok(false)`: the kernel cannot (before Linux 6.9).
+    pub fn resend(&self) -> Result<bool> {
+        adopt::resend(self.device.as_fd()).map_err(|e| {
+            Error::io(
+                format!(
+                    "live files {}: asking the kernel to resend (fd {})",
+                    self.dir().display(),
+                    self.device.as_raw_fd()
+                ),
+                e,
+            )
         })
     }
 

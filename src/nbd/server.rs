@@ -4,14 +4,13 @@
 use super::handshake::{self, Outcome};
 use super::stream::Stream;
 use super::transmission::{self, End, Limits, Stats};
-use crate::listen::{self, Accept, Connections, Listen, Listening, Stop};
+use crate::listen::{Accept, Connections, Listen, Stop};
 use crate::log::Log;
 use crate::volume::ExportCatalog;
 use crate::{Error, Result};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -84,19 +83,25 @@ pub fn serve(
 /// A listener bound but not yet served, so a process serving several sockets can bind them
 /// all before any client is told it is ready.
 pub enum Bound {
-    /// With the socket file's path, removed when serving ends; None for an inherited socket
-    /// whose file outlives this server.
-    Unix(UnixListener, Option<PathBuf>),
+    Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
 }
 
 impl Bound {
-    /// A listening socket inherited as a descriptor (from a server restarting, or a service
-    /// manager); its socket file, if any, is left in place when serving ends.
-    pub fn inherit(fd: OwnedFd) -> Result<Bound> {
-        match listen::inherit(fd).map_err(|e| Error::io("nbd: inherited listener", e))? {
-            Listening::Unix(l) => Ok(Bound::Unix(l, None)),
-            Listening::Tcp(l) => Ok(Bound::Tcp(l)),
+    /// A listener another server process bound, handed over as its descriptor.
+    pub fn adopt(listener: &Listener, fd: std::os::fd::OwnedFd) -> Bound {
+        match listener {
+            Listener::Tcp(_) => Bound::Tcp(TcpListener::from(fd)),
+            Listener::Unix(path) => Bound::Unix(UnixListener::from(fd), path.clone()),
+        }
+    }
+
+    /// The listening descriptor, to hand to the next server process.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Bound::Tcp(l) => l.as_fd(),
+            Bound::Unix(l, _) => l.as_fd(),
         }
     }
 }
@@ -111,7 +116,7 @@ pub fn bind(listener: &Listener) -> Result<Bound> {
         Listener::Unix(path) => {
             remove_stale_socket(path).map_err(|e| Error::io(ctx(), e))?;
             let l = UnixListener::bind(path).map_err(|e| Error::io(ctx(), e))?;
-            Ok(Bound::Unix(l, Some(path.clone())))
+            Ok(Bound::Unix(l, path.clone()))
         }
     }
 }
@@ -127,9 +132,7 @@ pub fn serve_bound(
         Bound::Tcp(l) => serve_tcp(catalog, l, config, stop),
         Bound::Unix(l, path) => {
             let result = serve_unix(catalog, l, config, stop);
-            if let Some(path) = path {
-                let _ = std::fs::remove_file(path);
-            }
+            let _ = std::fs::remove_file(path);
             result
         }
     }

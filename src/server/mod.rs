@@ -4,13 +4,16 @@
 //! protected (`volume/exports.rs`). What each request does is `ops.rs`, shared with the CLI's direct
 //! path, so a user never needs to know whether a server runs. With `--files DIR` it also
 //! mounts the live files (`crate::fuse`): attached layers as disk-image files for loop devices.
+//! `handover.rs` replaces the serving process with a new one without closing what the kernel
+//! and the clients hold (`thinlayer restart`).
 
+pub mod handover;
 pub mod ops;
 mod signals;
 
 pub use signals::install_signal_handlers;
 
-use crate::control::{serve_control, ControlSocket, Peer, Request};
+use crate::control::{serve_control, ControlSocket, Peer, Reply, Request};
 use crate::error::Result;
 use crate::fuse::LiveFiles;
 use crate::log::Log;
@@ -21,7 +24,7 @@ use crate::volume::{Committer, Store};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// How to serve a pool.
 pub struct Config {
@@ -41,11 +44,30 @@ pub struct Config {
     pub containerd: Option<PathBuf>,
 }
 
+/// Everything a serving process holds: what `run` builds from scratch and `handover::resume`
+/// builds from what the previous process handed over.
+pub(crate) struct Parts {
+    pub cfg: Config,
+    pub store: Arc<Store>,
+    pub exports: Arc<LiveExports>,
+    pub nbd_socket: nbd::Bound,
+    pub files: Option<Arc<LiveFiles>>,
+    /// The containerd socket, bound (served once `serve` starts).
+    pub containerd: Option<ControlSocket>,
+    pub control: ControlSocket,
+    /// This process's start, and the binary it runs (what `restart` runs by default).
+    pub started: SystemTime,
+    pub binary: PathBuf,
+    /// 1 for the process `serve` started, +1 for each restart.
+    pub generation: u64,
+}
+
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
 pub fn run(cfg: Config, command_line: &str) -> Result<()> {
-    let log = Log::process().scoped("thinlayer");
+    let started = SystemTime::now();
     let store = Arc::new(Store::open(&cfg.pool, command_line)?);
     for name in store.discarded() {
+        let log = Log::process().scoped("thinlayer");
         log.warn(format_args!(
             "removed layer {name:?}: a crash interrupted its import"
         ));
@@ -54,7 +76,6 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         store.layer(name)?;
     }
     let exports = Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
-    let stop = install_signal_handlers()?;
     // Both sockets are bound before either is served, the control socket last: when it
     // appears, the server is ready for every kind of client.
     let nbd_socket = nbd::bind(&cfg.nbd)?;
@@ -62,17 +83,11 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         Some(dir) => Some(Arc::new(LiveFiles::mount(dir, exports.clone())?)),
         None => None,
     };
-    let snapshotter = match (&cfg.containerd, &files) {
-        (Some(path), Some(f)) => {
-            let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
-            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
-            Some(snapshot::Server::start(
-                Arc::new(core),
-                path,
-                &cfg.pool,
-                stop.clone(),
-            )?)
-        }
+    let containerd = match (&cfg.containerd, &files) {
+        (Some(path), Some(_)) => Some(
+            ControlSocket::bind(path, &cfg.pool)
+                .map_err(|e| e.context(format!("containerd socket {}", path.display())))?,
+        ),
         (Some(_), None) => {
             return Err(crate::Error::InvalidInput(
                 "--containerd-socket needs live files (--files DIR): containerd mounts them".into(),
@@ -81,6 +96,56 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         (None, _) => None,
     };
     let control = ControlSocket::bind(&cfg.control, &cfg.pool)?;
+    let binary = std::env::current_exe()
+        .map_err(|e| crate::Error::io("finding the path of this program", e))?;
+    serve(
+        Parts {
+            cfg,
+            store,
+            exports,
+            nbd_socket,
+            files,
+            containerd,
+            control,
+            started,
+            binary,
+            generation: 1,
+        },
+        None,
+    )
+}
+
+/// Serve `parts` until SIGINT/SIGTERM, or until a restart hands them to the next process
+/// (then this process exits from `handover`). `then`: run once serving (the new process of
+/// a restart tells the old one).
+pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Result<()> {
+    let stop = install_signal_handlers()?;
+    let log = Log::process().scoped("thinlayer");
+    let Parts {
+        cfg,
+        store,
+        exports,
+        nbd_socket,
+        files,
+        containerd,
+        control,
+        started,
+        binary,
+        generation,
+    } = parts;
+    let fds = handover::Fds::of(&nbd_socket, &control, files.as_deref(), containerd.as_ref())?;
+    let snapshotter = match (containerd, &files) {
+        (Some(socket), Some(f)) => {
+            let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
+            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
+            Some(snapshot::Server::start_on(
+                Arc::new(core),
+                socket,
+                stop.clone(),
+            )?)
+        }
+        _ => None,
+    };
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
@@ -102,15 +167,43 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     if let Some(p) = &cfg.containerd {
         log.info(format_args!("containerd snapshotter on {}", p.display()));
     }
+    let me = handover::Serving {
+        cfg: &cfg,
+        store: &store,
+        exports: &exports,
+        files: files.as_deref(),
+        fds: &fds,
+        started,
+        binary: &binary,
+        generation,
+        restarting: std::sync::Mutex::new(()),
+    };
     // The control layer has checked the peer's uid and logs who asked; the request itself
     // does not depend on who.
     let handler =
         |_: &Peer, req: Request, fds: Vec<OwnedFd>, progress: &mut dyn FnMut(u64, u64)| match req {
-            Request::Attach { .. } | Request::Detach { .. } => {
-                ops::execute_files(&store, files.as_deref(), req)
+            Request::Restart { binary } => me.restart(binary.map(PathBuf::from)),
+            Request::Status => {
+                let Reply::Status(s) = ops::execute(&store, Some(&exports), req, fds, progress)?
+                else {
+                    unreachable!("status answers with a status");
+                };
+                Ok(Reply::Status(Box::new(me.status(*s))))
             }
-            _ => ops::execute(&store, Some(&exports), req, fds, progress),
+            req => {
+                // Held while a restart hands the pool over: the next process answers it.
+                let _pass = exports.gate().enter();
+                match req {
+                    Request::Attach { .. } | Request::Detach { .. } => {
+                        ops::execute_files(&store, files.as_deref(), req)
+                    }
+                    _ => ops::execute(&store, Some(&exports), req, fds, progress),
+                }
+            }
         };
+    if let Some(f) = then {
+        f();
+    }
     let (nbd_result, control_result) = std::thread::scope(|s| {
         let c = s.spawn(|| serve_control(control, &handler, &stop, &Log::process()));
         let n = nbd::serve_bound(&*exports, nbd_socket, &cfg.nbd_config, &stop);

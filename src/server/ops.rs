@@ -136,10 +136,12 @@ pub fn execute(
             None => Err(Error::Unavailable(
                 "no server is running for this pool".into(),
             )),
-            Some(x) => Ok(Reply::Status(status(store, x))),
+            Some(x) => Ok(Reply::Status(Box::new(status(store, x)))),
         },
         // Only a server's live files can answer these (`execute_files`).
         Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(store.path())),
+        // Only the server itself can be restarted (`server::restart`).
+        Request::Restart { .. } => Err(no_server(store.path())),
     }
 }
 
@@ -183,6 +185,13 @@ fn no_live_files(pool: Option<&Path>) -> Error {
 /// How a passed file is named in messages when the client gave no label.
 fn passed(what: &str, layer: &str) -> String {
     format!("the {what} passed for {layer:?}")
+}
+
+fn no_server(pool: Option<&Path>) -> Error {
+    Error::Unavailable(format!(
+        "no server is running for pool {}: nothing to restart",
+        pool.map_or_else(|| "?".into(), |p| p.display().to_string())
+    ))
 }
 
 fn missing(what: &str) -> Error {
@@ -251,6 +260,7 @@ pub fn direct(
             pool.display()
         ))),
         Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(Some(pool))),
+        Request::Restart { .. } => Err(no_server(Some(pool))),
         _ => {
             let store = Store::open(pool, command_line)?;
             execute(&store, None, req, files, progress)

@@ -191,10 +191,20 @@ impl Server {
         stop: Arc<Stop>,
     ) -> Result<Server> {
         let ctx = format!("containerd socket {}", path.display());
+        let socket = ControlSocket::bind(path, pool).map_err(|e| e.context(&ctx))?;
+        Self::start_on(core, socket, stop)
+    }
+
+    /// Serve a socket already bound (here, or by the server process before a restart).
+    pub fn start_on(
+        core: Arc<Snapshots>,
+        socket: ControlSocket,
+        stop: Arc<Stop>,
+    ) -> Result<Server> {
+        let ctx = format!("containerd socket {}", socket.path().display());
         let stop_fd = stop
             .wake_fd()
             .map_err(|e| Error::io(format!("{ctx}: the stop signal"), e))?;
-        let socket = ControlSocket::bind(path, pool).map_err(|e| e.context(&ctx))?;
         let std_listener = socket.listener_clone().map_err(|e| e.context(&ctx))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKERS)

@@ -4,6 +4,7 @@
 //! open, so `rm` and `commit` can refuse a layer in use, naming its holders, and `rm --force`
 //! can cut them off first.
 
+use super::gate::Gate;
 use super::{BlockDevice, ExportCatalog, ExportInfo, Extent, Store, StoreExports, Volume};
 use crate::error::{Error, Result};
 use crate::format::LayerId;
@@ -65,6 +66,8 @@ pub struct LiveExports {
     inner: StoreExports,
     attached: Arc<Registry>,
     next: AtomicU64,
+    /// Every device's I/O passes it; closed while the serving process is replaced.
+    gate: Arc<Gate>,
 }
 
 impl LiveExports {
@@ -73,7 +76,13 @@ impl LiveExports {
             inner: StoreExports { store, only },
             attached: Arc::default(),
             next: AtomicU64::new(1),
+            gate: Arc::default(),
         }
+    }
+
+    /// The gate every device's I/O passes (`thinlayer restart` closes it).
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
     }
 
     /// The store the exports are layers of.
@@ -179,6 +188,7 @@ impl LiveExports {
             at,
             key,
             registry: self.attached.clone(),
+            gate: self.gate.clone(),
         }))
     }
 }
@@ -204,6 +214,7 @@ pub struct Attached {
     at: Arc<Attachment>,
     key: u64,
     registry: Arc<Registry>,
+    gate: Arc<Gate>,
 }
 
 impl Attached {
@@ -245,21 +256,27 @@ impl BlockDevice for Attached {
         self.vol.block_size()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _pass = self.gate.enter();
         self.live()?.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _pass = self.gate.enter();
         self.live()?.write_at(offset, data)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let _pass = self.gate.enter();
         self.live()?.write_zeroes(offset, len, may_unmap)
     }
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let _pass = self.gate.enter();
         self.live()?.trim(offset, len)
     }
     fn flush(&self) -> Result<()> {
+        let _pass = self.gate.enter();
         self.live()?.flush()
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _pass = self.gate.enter();
         self.live()?.extents(offset, len)
     }
 }

@@ -14,7 +14,7 @@ use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, FileStorage, Pool, Storage};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub struct Store {
@@ -30,7 +30,9 @@ pub struct Store {
     writable: bool,
     /// Half-imported layers removed at open (see `discard_incomplete`).
     discarded: std::sync::Mutex<Vec<String>>,
-    _lock: Option<PoolLock>,
+    lock: std::sync::Mutex<Option<PoolLock>>,
+    /// Handed to another process (`release`): no change may be made until `take_back`.
+    released: AtomicBool,
 }
 
 pub(crate) struct Inner {
@@ -124,7 +126,7 @@ impl Store {
             }
         }
         store.path = Some(path.to_path_buf());
-        store._lock = Some(lock);
+        store.lock = std::sync::Mutex::new(Some(lock));
         Ok(store)
     }
 
@@ -170,7 +172,8 @@ impl Store {
             }),
             writable: true,
             discarded: Default::default(),
-            _lock: None,
+            lock: std::sync::Mutex::new(None),
+            released: AtomicBool::new(false),
         })
     }
 
@@ -185,7 +188,7 @@ impl Store {
         let mut s = Self::open_in(Arc::new(FileStorage::new(file)), true)
             .map_err(|e| e.context(format!("pool {}", path.display())))?;
         s.path = Some(path.to_path_buf());
-        s._lock = Some(lock);
+        s.lock = std::sync::Mutex::new(Some(lock));
         Ok(s)
     }
 
@@ -234,7 +237,8 @@ impl Store {
             durable: AtomicU64::new(0),
             writable,
             discarded: Default::default(),
-            _lock: None,
+            lock: std::sync::Mutex::new(None),
+            released: AtomicBool::new(false),
         };
         if writable {
             store.inner.write().unwrap().recover(&*store.storage)?;
@@ -325,9 +329,45 @@ impl Store {
                 "the pool is opened read-only (another process may hold it)".into(),
             ));
         }
+        if self.released.load(Ordering::SeqCst) {
+            return Err(Error::Busy(
+                "the pool was handed to the next server process (thinlayer restart)".into(),
+            ));
+        }
         let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.pool.usable()?;
         Ok(g)
+    }
+
+    /// Hand the pool to another process (`thinlayer restart`): commit, then let go of the
+    /// lock, and refuse every change from now on. The caller has stopped all I/O first.
+    /// Nothing is closed: if the other process cannot take over, `take_back` resumes.
+    pub fn release(&self) -> Result<()> {
+        self.flush()
+            .map_err(|e| e.context("commit before the hand-over"))?;
+        let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.released.store(true, Ordering::SeqCst);
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    /// Take the pool back after a failed hand-over: the lock again, and the state again from
+    /// the file, since a process that opened it (and failed after) may have written its
+    /// housekeeping (a superblock naming the log's tail). Everything was committed at
+    /// `release` and nothing could change since, so the layers read back the same.
+    pub fn take_back(&self, purpose: &str) -> Result<()> {
+        let path = self.path.clone().ok_or_else(|| {
+            Error::Internal("take_back: a store without a pool file cannot be handed over".into())
+        })?;
+        let lock = PoolLock::acquire(&path, purpose)?;
+        let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh =
+            load(&*self.storage).map_err(|e| e.context("reloading after a failed hand-over"))?;
+        fresh.recover(&*self.storage)?;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        self.released.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Commit the open transaction: every change made before this call survives a crash.
@@ -414,7 +454,7 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         // Whatever free space is still held goes back to the filesystem on the way out.
-        if self.writable {
+        if self.writable && !self.released.load(Ordering::SeqCst) {
             let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
             g.pool.close(&*self.storage);
         }

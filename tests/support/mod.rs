@@ -20,6 +20,22 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Why a test of live files cannot run here: not root, no /dev/fuse, or one of `tools`
+/// missing. None: it can.
+pub fn missing_root_fuse(tools: &[&str]) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (FUSE mounts and loop devices need it)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("/dev/fuse absent".into());
+    }
+    tools
+        .iter()
+        .find(|t| !have(t))
+        .map(|t| format!("{t} not installed (CI installs it)"))
+}
+
 /// Run a shell command, expect success, return stdout.
 pub fn sh(cmd: &str) -> String {
     let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();

@@ -1,0 +1,426 @@
+//! `thinlayer restart` and `thinlayer status` (issue 17): the serving process is replaced while
+//! a container's filesystem (ext4 on a loop device over a live file) writes and fsyncs, with
+//! no I/O error, and the old process serves on when the new one cannot take over. Real
+//! server, loop devices and e2fsck; servers are stopped by PID (the one `status` names).
+//! Needs root and /dev/fuse (CI has both); skips with a message otherwise.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod support;
+use support::{bin, sh, tl, tl_output, wait_for};
+
+fn missing_prerequisite() -> Option<String> {
+    support::missing_root_fuse(&["mkfs.ext4", "e2fsck", "losetup", "setpriv", "prlimit"])
+}
+
+macro_rules! require_prerequisites {
+    () => {
+        if let Some(why) = missing_prerequisite() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+/// A pool served with live files; the serving process changes with every restart, so it is
+/// found through `status` and stopped by that PID.
+struct Served {
+    dir: PathBuf,
+    pool: PathBuf,
+    files: PathBuf,
+    log: PathBuf,
+    /// The process this test started (the first server), to reap.
+    first: Option<Child>,
+}
+
+impl Served {
+    fn start(dir: &Path) -> Served {
+        let pool = dir.join("pool");
+        tl(&pool, &["init"]);
+        let files = dir.join("files");
+        let log = dir.join("serve.log");
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let first = Command::new(bin())
+            .arg("--pool")
+            .arg(&pool)
+            .args(["serve", "--files"])
+            .arg(&files)
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        wait_for(&support::control_path(&pool));
+        Served {
+            dir: dir.to_path_buf(),
+            pool,
+            files,
+            log,
+            first: Some(first),
+        }
+    }
+
+    fn tl(&self, args: &[&str]) -> String {
+        tl(&self.pool, args)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.tl(&["status", "--json"])).unwrap()
+    }
+
+    fn pid(&self) -> i32 {
+        self.status()["pid"].as_i64().unwrap() as i32
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `thinlayer restart ARGS`: its stdout, and the old and new pids it names.
+    fn restart(&self, args: &[&str]) -> (i32, i32) {
+        let mut all = vec!["restart", "--json"];
+        all.extend_from_slice(args);
+        let out: serde_json::Value = serde_json::from_str(&self.tl(&all)).unwrap();
+        (
+            out["old_pid"].as_i64().unwrap() as i32,
+            out["new_pid"].as_i64().unwrap() as i32,
+        )
+    }
+
+    /// SIGTERM to the serving process, and wait for it to be gone.
+    fn stop(mut self) {
+        let pid = self.pid();
+        // SAFETY: signalling the server by the PID it reported.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        wait_gone(pid);
+        if let Some(mut c) = self.first.take() {
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(o) = Command::new(bin())
+            .arg("--pool")
+            .arg(&self.pool)
+            .args(["status", "--json"])
+            .output()
+        {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                if let Some(pid) = v["pid"].as_i64() {
+                    // SAFETY: killing the server this test started, by its PID.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    wait_gone(pid as i32);
+                }
+            }
+        }
+        if let Some(mut c) = self.first.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let c = std::ffi::CString::new(self.files.to_str().unwrap()).unwrap();
+        // SAFETY: a valid path; failure (nothing mounted) is fine.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = &self.dir;
+    }
+}
+
+/// Wait until `pid` has exited (a zombie counts: its parent may be gone too).
+fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+        if stat.is_empty() || state == Some('Z') {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} still runs after 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// ext4 over a loop device over a live file; unmounted on drop.
+struct Ext4 {
+    mnt: PathBuf,
+    dev: String,
+}
+
+impl Ext4 {
+    fn new(s: &Served, layer: &str) -> Ext4 {
+        let file = s.tl(&["attach", layer]).trim().to_string();
+        let dev = sh(&format!("losetup --find --show {file}"))
+            .trim()
+            .to_string();
+        sh(&format!("mkfs.ext4 -q {dev}"));
+        let mnt = s.dir.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        sh(&format!("mount {dev} {}", mnt.display()));
+        Ext4 { mnt, dev }
+    }
+
+    fn is_read_write(&self) -> bool {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let m = self.mnt.to_str().unwrap();
+        mounts
+            .lines()
+            .find(|l| l.split(' ').nth(1) == Some(m))
+            .is_some_and(|l| l.split(' ').nth(3).unwrap().split(',').any(|o| o == "rw"))
+    }
+
+    /// Unmount, then `e2fsck -fn` on the loop device: the filesystem must be clean.
+    fn unmount_and_fsck(self) {
+        sh(&format!("umount {}", self.mnt.display()));
+        let o = Command::new("e2fsck")
+            .args(["-fn", &self.dev])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "e2fsck -fn {}: {}{}",
+            self.dev,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        sh(&format!("losetup -d {}", self.dev));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+fn block(seed: u64) -> Vec<u8> {
+    (0..64 * 1024u64)
+        .map(|i| (i.wrapping_mul(2654435761) ^ seed.wrapping_mul(0x9e37_79b9)).to_le_bytes()[3] | 1)
+        .collect()
+}
+
+/// A container's writer: 64 KiB written and fsync'd into one of 32 files, round and round,
+/// counting failures and remembering what each file last held once fsync'd.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>)>,
+    synced: Arc<Mutex<BTreeMap<PathBuf, u64>>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let synced = Arc::new(Mutex::new(BTreeMap::new()));
+        let (st, sy, dir) = (stop.clone(), synced.clone(), dir.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let (mut n, mut errors) = (0u64, Vec::new());
+            while !st.load(Ordering::SeqCst) {
+                let path = dir.join(format!("w{}", n % 32));
+                let r = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .and_then(|mut f| {
+                        f.write_all(&block(n))?;
+                        f.sync_all()
+                    });
+                match r {
+                    Ok(()) => {
+                        sy.lock().unwrap().insert(path, n);
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", path.display())),
+                }
+                n += 1;
+            }
+            (n, errors)
+        });
+        Writer {
+            stop,
+            thread,
+            synced,
+        }
+    }
+
+    /// Stop; every write must have succeeded and every file must read back what was synced.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let (n, errors) = self.thread.join().unwrap();
+        assert!(
+            errors.is_empty(),
+            "{} write/fsync errors: {errors:?}",
+            errors.len()
+        );
+        for (path, seed) in self.synced.lock().unwrap().iter() {
+            let got = std::fs::read(path).unwrap();
+            assert!(
+                got == block(*seed),
+                "{} does not read back as written",
+                path.display()
+            );
+        }
+        n
+    }
+}
+
+/// A served pool with one container: layer c1 of `size`, ext4 mounted, a writer running.
+fn container(size: &str) -> (tempfile::TempDir, Served, Ext4, Writer) {
+    let d = tempfile::tempdir().unwrap();
+    let s = Served::start(d.path());
+    s.tl(&["create", "c1", "--size", size]);
+    let fs = Ext4::new(&s, "c1");
+    let writer = Writer::start(&fs.mnt);
+    (d, s, fs, writer)
+}
+
+/// The end of every scenario: no write failed, every fsync'd file reads back, the
+/// filesystem is read-write and fsck-clean, and so is the pool once the server stops.
+/// Returns the number of writes.
+fn finish(s: Served, fs: Ext4, writer: Writer) -> u64 {
+    let writes = writer.finish();
+    assert!(fs.is_read_write(), "the filesystem went read-only");
+    fs.unmount_and_fsck();
+    s.tl(&["detach", "c1"]);
+    let pool = s.pool.clone();
+    s.stop();
+    let out = tl(&pool, &["check", "--data"]);
+    assert!(out.contains("clean"), "check --data: {out}");
+    writes
+}
+
+/// An executable shell script.
+fn script(path: &Path, body: String) -> PathBuf {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
+    require_prerequisites!();
+    let (_d, s, fs, writer) = container("256M");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut pid = s.pid();
+    for round in 0..3 {
+        let (old, new) = s.restart(&[]);
+        assert_eq!(old, pid, "round {round}: restart names the old server");
+        assert_ne!(new, old);
+        wait_gone(old);
+        assert_eq!(s.pid(), new, "round {round}: status names the new server");
+        pid = new;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let st = s.status();
+    assert_eq!(st["generation"], 4, "{st}");
+    assert_eq!(st["files"].as_array().unwrap().len(), 1, "{st}");
+    let writes = finish(s, fs, writer);
+    assert!(writes > 10, "only {writes} writes in the whole run");
+}
+
+#[test]
+fn a_restart_that_cannot_start_leaves_the_old_server_serving() {
+    require_prerequisites!();
+    let (d, s, fs, writer) = container("64M");
+    let pid = s.pid();
+    // A binary that exits at once.
+    let o = tl_output(&s.pool, &["restart", "--binary", "/bin/false"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/bin/false") && err.contains("serves on"),
+        "{err}"
+    );
+    // One that starts, says hello, takes the state and then cannot open what it is given
+    // (too few descriptors): the old server has let go of the pool by then and takes it back.
+    let starved = script(
+        &d.path().join("starved"),
+        format!("exec prlimit --nofile=7 {} \"$@\"", bin()),
+    );
+    let o = tl_output(&s.pool, &["restart", "--binary", starved.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("did not take over") && err.contains("serves on"),
+        "{err}"
+    );
+    assert_eq!(s.pid(), pid, "the old server no longer answers");
+    // It serves: the writer goes on, and so do management requests.
+    std::thread::sleep(Duration::from_millis(300));
+    s.tl(&["create", "c2", "--size", "1M"]);
+    finish(s, fs, writer);
+}
+
+#[test]
+fn an_upgrade_runs_the_given_binary_and_a_second_restart_at_once_is_refused() {
+    require_prerequisites!();
+    let (d, s, fs, writer) = container("64M");
+    // The "new version": another copy of the binary, started slowly through a wrapper so
+    // that a second restart lands while the first one runs.
+    let copy = d.path().join("thinlayer-next");
+    std::fs::copy(bin(), &copy).unwrap();
+    let slow = script(
+        &d.path().join("slow-next"),
+        format!("sleep 1\nexec {} \"$@\"", copy.display()),
+    );
+    let first = Command::new(bin())
+        .arg("--pool")
+        .arg(&s.pool)
+        .args(["restart", "--json", "--binary", slow.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = tl_output(&s.pool, &["restart"]);
+    assert!(!second.status.success(), "two restarts at once both ran");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already under way"), "{err}");
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    wait_gone(out["old_pid"].as_i64().unwrap() as i32);
+    let st = s.status();
+    assert_eq!(st["binary"], slow.to_str().unwrap(), "{st}");
+    // A later plain restart runs the binary serving now, the upgraded one.
+    let (old, new) = s.restart(&[]);
+    wait_gone(old);
+    let exe = std::fs::read_link(format!("/proc/{new}/exe")).unwrap();
+    assert_eq!(exe, copy.canonicalize().unwrap());
+    finish(s, fs, writer);
+}
+
+#[test]
+fn a_restart_asked_by_another_user_is_refused() {
+    require_prerequisites!();
+    let d = tempfile::tempdir().unwrap();
+    // The other user must reach the socket's directory to be refused by the socket itself.
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Served::start(d.path());
+    let pid = s.pid();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()])
+        .arg("--pool")
+        .arg(&s.pool)
+        .arg("restart")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "another uid restarted the server");
+    assert_eq!(s.pid(), pid);
+    assert!(!s.log().contains("handed over"), "{}", s.log());
+    s.stop();
+}
