@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod image;
 pub mod layer;
 pub mod listen;
+pub mod live;
 pub mod log;
 pub mod nbd;
 pub mod pool;

@@ -704,6 +704,128 @@ fn containerd_pulls_and_runs_containers_on_thinlayer_snapshots() {
     assert!(!thin.log().contains("panicked"), "{}", thin.log());
 }
 
+/// A real NBD client (libnbd, from the system's Python) holding export `layer` of `thin`,
+/// writable, until dropped (killed by PID).
+fn nbd_client_holding(thin: &Thinlayer, layer: &str) -> Daemon {
+    let uri = thin.server.as_ref().unwrap().uri(layer);
+    let mut client = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd, sys, time\n\
+             h = nbd.NBD()\n\
+             h.connect_uri(sys.argv[1])\n\
+             print('connected', flush=True)\n\
+             time.sleep(600)\n",
+            &uri,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "connected\n", "the NBD client of {layer:?} connected");
+    Daemon(client)
+}
+
+/// The layer of containerd's snapshot `name` (its key ends with `/name`).
+fn snapshot_layer(thin: &Thinlayer, name: &str) -> Option<Value> {
+    let suffix = format!("/{name}");
+    thin.layers().into_values().find(|l| {
+        l["attrs"]["containerd.key"]
+            .as_str()
+            .is_some_and(|k| k.ends_with(&suffix))
+    })
+}
+
+/// The live pool's rules hold for containerd as for `thinlayer rm` and `commit`: while a real
+/// NBD client has a snapshot's layer open, containerd's Commit is refused with
+/// FailedPrecondition naming the connection, and its Remove (which containerd's garbage
+/// collector sends after `ctr snapshots rm`) is refused the same way, the layer kept. Once
+/// the client lets go, the commit goes through and the committed layer has its content ID.
+#[test]
+fn containerd_cannot_remove_or_commit_a_layer_an_nbd_client_holds() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let has_libnbd = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_libnbd {
+        eprintln!("skipping: /usr/bin/python3 has no nbd module (python3-libnbd)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let thin = Thinlayer::start(dir.path(), "held");
+    let ctd = Containerd::start(dir.path(), &[("thinlayer", &thin.socket)]);
+    let snap = |args: &[&str]| {
+        let all = [&["snapshots", "--snapshotter", "thinlayer"][..], args].concat();
+        ctd.ctr_output(&all)
+    };
+    let refused_naming_the_connection =
+        |e: &str| e.contains("in use by 1 NBD connection") && e.contains("unix client #");
+
+    // Commit while held: refused, nothing changed.
+    assert!(snap(&["prepare", "held"]).status.success());
+    let layer = snapshot_layer(&thin, "held").expect("the prepared snapshot's layer");
+    let layer = layer["name"].as_str().unwrap().to_string();
+    let client = nbd_client_holding(&thin, &layer);
+    let o = snap(&["commit", "sealed", "held"]);
+    assert!(!o.status.success(), "commit of a held layer went through");
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("failed precondition") && refused_naming_the_connection(&e),
+        "{e}"
+    );
+    let l = &thin.layers()[&layer];
+    assert_eq!(l["attrs"]["containerd.kind"], "active", "nothing changed");
+    assert_eq!(l["writable"], true);
+
+    // The client gone, containerd commits, and the committed layer has its content ID.
+    drop(client);
+    assert!(
+        eventually(|| snap(&["commit", "sealed", "held"]).status.success()),
+        "commit after the client left: {}",
+        ctd.log_tail()
+    );
+    let sealed = snapshot_layer(&thin, "sealed").expect("the committed snapshot's layer");
+    assert!(
+        sealed["attrs"]["content.digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{sealed}"
+    );
+
+    // Remove while held: containerd forgets the snapshot at once, and its garbage collector's
+    // Remove is refused (FailedPrecondition, "failed precondition" in its log), the layer kept.
+    assert!(snap(&["prepare", "held2", "sealed"]).status.success());
+    let layer2 = snapshot_layer(&thin, "held2").expect("the second snapshot's layer");
+    let layer2 = layer2["name"].as_str().unwrap().to_string();
+    let client = nbd_client_holding(&thin, &layer2);
+    assert!(snap(&["rm", "held2"]).status.success());
+    let log = || fs::read_to_string(ctd.dir.join("containerd.log")).unwrap_or_default();
+    assert!(
+        eventually(|| log().lines().any(|l| {
+            l.contains("failed to remove snapshot")
+                && l.contains("failed precondition")
+                && refused_naming_the_connection(l)
+        })),
+        "no refused Remove in containerd's log: {}",
+        ctd.log_tail()
+    );
+    assert!(
+        thin.layers().contains_key(&layer2),
+        "the held layer is kept"
+    );
+    drop(client);
+    check_clean(&thin.pool);
+}
+
 fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -274,6 +274,116 @@ impl Writer {
     }
 }
 
+const PG: &str = "/usr/lib/postgresql/15/bin";
+
+/// PostgreSQL with its data directory in `dir` (on the container's filesystem), run as
+/// `nobody`, listening only on a Unix socket in `sock`. Stopped (immediate) on drop.
+struct Postgres {
+    data: PathBuf,
+    sock: PathBuf,
+}
+
+impl Postgres {
+    /// None when PostgreSQL 15 is not installed (CI installs it).
+    fn start(dir: &Path, sock: &Path) -> Option<Postgres> {
+        if !Path::new(PG).join("pgbench").exists() {
+            eprintln!("PostgreSQL 15 not installed: the pgbench part is skipped");
+            return None;
+        }
+        let data = dir.join("pg");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(sock).unwrap();
+        sh(&format!(
+            "chown 65534:65534 {} {} && chmod 700 {}",
+            data.display(),
+            sock.display(),
+            data.display()
+        ));
+        let pg = Postgres {
+            data,
+            sock: sock.to_path_buf(),
+        };
+        pg.run(&format!(
+            "{PG}/initdb -A trust -U postgres -D {}",
+            pg.data.display()
+        ));
+        pg.run(&format!(
+            "{PG}/pg_ctl -D {} -w -l {}/log -o \"-c listen_addresses= -k {}\" start",
+            pg.data.display(),
+            pg.sock.display(),
+            pg.sock.display()
+        ));
+        pg.run(&format!("{PG}/pgbench -q -i -s 4 {}", pg.conn()));
+        Some(pg)
+    }
+
+    fn conn(&self) -> String {
+        format!("-h {} -U postgres postgres", self.sock.display())
+    }
+
+    /// A shell command as `nobody`.
+    fn command(&self, cmd: &str) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ]);
+        c
+    }
+
+    fn run(&self, cmd: &str) -> String {
+        let o = self.command(cmd).output().unwrap();
+        assert!(
+            o.status.success(),
+            "`{cmd}`: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// pgbench for `seconds` on a thread: its output, or why it failed.
+    fn bench(&self, seconds: u32) -> std::thread::JoinHandle<Result<String, String>> {
+        let mut c = self.command(&format!("{PG}/pgbench -c 4 -T {seconds} {}", self.conn()));
+        std::thread::spawn(move || {
+            let o = c.output().map_err(|e| e.to_string())?;
+            let out = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            if o.status.success() && !out.contains("error") {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        })
+    }
+
+    fn stop(self) {
+        self.run(&format!(
+            "{PG}/pg_ctl -D {} -w -m fast stop",
+            self.data.display()
+        ));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&format!(
+                "{PG}/pg_ctl -D {} -m immediate stop",
+                self.data.display()
+            ))
+            .output();
+    }
+}
+
 /// A served pool with one container: layer c1 of `size`, ext4 mounted, a writer running.
 fn container(size: &str) -> (tempfile::TempDir, Served, Ext4, Writer) {
     let d = tempfile::tempdir().unwrap();
@@ -309,8 +419,13 @@ fn script(path: &Path, body: String) -> PathBuf {
 #[test]
 fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
     require_prerequisites!();
-    let (_d, s, fs, writer) = container("256M");
-    std::thread::sleep(Duration::from_millis(300));
+    let (d, s, fs, writer) = container("512M");
+    // nobody (PostgreSQL) must reach its directories below the test's.
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&fs.mnt, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pg = Postgres::start(&fs.mnt, &d.path().join("pgsock"));
+    let bench = pg.as_ref().map(|pg| pg.bench(6));
+    std::thread::sleep(Duration::from_millis(500));
     let mut pid = s.pid();
     for round in 0..3 {
         let (old, new) = s.restart(&[]);
@@ -319,7 +434,15 @@ fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
         wait_gone(old);
         assert_eq!(s.pid(), new, "round {round}: status names the new server");
         pid = new;
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    if let (Some(pg), Some(bench)) = (pg, bench) {
+        let out = bench
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("pgbench failed: {e}"));
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        pg.stop();
     }
     let st = s.status();
     assert_eq!(st["generation"], 4, "{st}");

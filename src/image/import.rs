@@ -59,8 +59,7 @@ pub fn import(
 
 /// Import from `f`, an image opened for reading by whoever may read it (the control API gets
 /// it from its client as a descriptor). `label` names it in errors. On failure the half-made
-/// layer is removed again in the same open transaction, which may be shared with other
-/// writers (a live server), so nothing of theirs is thrown away with it.
+/// layer is removed again (`Store::importing`).
 pub fn import_from(
     store: &Store,
     name: &str,
@@ -81,38 +80,8 @@ pub fn import_from(
     if size == 0 {
         return Err(Error::InvalidInput(format!("image {label} is empty")));
     }
-    let mut created = false;
-    let result = import_inner(store, name, f, label, size, parent, &mut created, progress);
-    if result.is_err() && created {
-        // Best effort: if even this fails the store is unusable (poisoned) and a reopen
-        // forgets the uncommitted layer anyway.
-        let _ = store.remove_layer(name);
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn import_inner(
-    store: &Store,
-    name: &str,
-    f: &File,
-    label: &str,
-    size: u64,
-    parent: Option<&str>,
-    created: &mut bool,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(LayerInfo, ImportStats)> {
-    if let Some(p) = parent {
-        let pl = store.layer(p)?;
-        if size < pl.disk_size {
-            return Err(Error::InvalidInput(format!(
-                "image {label} is {size} bytes, smaller than its parent {p:?} ({} bytes)",
-                pl.disk_size
-            )));
-        }
-    }
-    let layer = store.begin_import(name, parent, size)?;
-    *created = true;
+    let import = store.importing(name, parent, size, &format!("image {label}"))?;
+    let layer = import.layer().clone();
     let parent_id = match parent {
         Some(p) => Some(store.layer(p)?),
         None => None,
@@ -183,9 +152,7 @@ fn import_inner(
         progress(off, size);
     }
     progress(size, size);
-    store.finish_import(name)?;
-    store.flush()?;
-    Ok((store.layer(name)?, stats))
+    Ok((import.finish(&[])?, stats))
 }
 
 fn read_full(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {

@@ -137,7 +137,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
     let snapshotter = match (containerd, &files) {
         (Some(socket), Some(f)) => {
             let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
-            let core = Snapshots::new(store.clone(), f.clone(), work_dir);
+            let core = Snapshots::new(exports.clone(), f.clone(), work_dir);
             Some(snapshot::Server::start_on(
                 Arc::new(core),
                 socket,

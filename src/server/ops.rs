@@ -6,6 +6,7 @@
 use crate::control::{ConnectionInfo, Reply, Request, Status};
 use crate::error::{Error, Result};
 use crate::fuse::LiveFiles;
+use crate::live::LivePool;
 use crate::log::{self, Level};
 use crate::stream::content;
 use crate::volume::exports::LiveExports;
@@ -25,50 +26,27 @@ pub fn execute(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Reply> {
     let mut files = files.into_iter().map(File::from);
+    let pool = match exports {
+        Some(x) => LivePool::serving(x),
+        None => LivePool::direct(store),
+    };
     match req {
         Request::Create { name, parent, size } => {
-            let info = store.create_layer(&name, parent.as_deref(), size)?;
-            store.flush()?;
+            let info = pool.create(&name, parent.as_deref(), size, &[])?;
             Ok(Reply::Layer(store.layer(&info.name)?))
         }
         Request::Commit { name } => {
-            if let Some(x) = exports {
-                let id = store.layer(&name)?.id;
-                let why = " (writes must not change a layer while it becomes read-only)";
-                x.refuse_if_attached(&name, id, true, why)?;
-            }
-            store.commit_layer(&name)?;
-            store.flush()?;
-            // The content IDs: one read of the layer's own blocks, after the commit and off
-            // the write lock. A crash before they are kept only means they are computed when
-            // first asked for.
-            crate::stream::content::record(store, &name)?;
+            pool.commit(&name, None, &[])?;
             Ok(Reply::Committed { name })
         }
         Request::Remove { name, force } => {
-            let info = store.layer(&name)?;
-            if let Some(x) = exports {
-                // A layer with children is refused below: don't cut anyone off for nothing.
-                if force && info.children.is_empty() {
-                    let n = x.revoke(info.id);
-                    if n > 0 {
-                        log::process(
-                            Level::Warn,
-                            format_args!(
-                                "thinlayer: rm --force {name:?}: cut off {n} connection(s)"
-                            ),
-                        );
-                    }
-                } else if !force {
-                    x.refuse_if_attached(&name, info.id, false, ", or use rm --force")?;
-                }
-            }
-            store.remove_layer(&name)?;
-            store.flush()?;
-            Ok(Reply::Removed {
-                name,
-                freed: info.size,
-            })
+            let freed = pool.remove(&name, force, &mut |n| {
+                log::process(
+                    Level::Warn,
+                    format_args!("thinlayer: rm --force {name:?}: cut off {n} connection(s)"),
+                )
+            })?;
+            Ok(Reply::Removed { name, freed })
         }
         Request::Import {
             name,
@@ -77,10 +55,7 @@ pub fn execute(
         } => {
             let f = files.next().ok_or_else(|| missing("import"))?;
             let label = label.unwrap_or_else(|| passed("image", &name));
-            let (layer, stats) =
-                crate::image::import_from(store, &name, &f, &label, parent.as_deref(), progress)?;
-            crate::stream::content::record(store, &name)?;
-            let layer = store.layer(&layer.name)?;
+            let (layer, stats) = pool.import(&name, parent.as_deref(), &f, &label, progress)?;
             Ok(Reply::Imported { layer, stats })
         }
         Request::Export { name, label } => {
@@ -109,15 +84,8 @@ pub fn execute(
             let mut f = files.next().ok_or_else(|| missing("receive"))?;
             let label = label.unwrap_or_else(|| passed("stream", &name));
             let expect = digest.map(|d| d.parse()).transpose()?;
-            let (layer, stats) = crate::stream::receive_checked(
-                store,
-                &name,
-                parent.as_deref(),
-                expect,
-                &mut f,
-                &label,
-                progress,
-            )?;
+            let (layer, stats) =
+                pool.receive(&name, parent.as_deref(), expect, &mut f, &label, progress)?;
             Ok(Reply::Received { layer, stats })
         }
         Request::Df => Ok(Reply::Usage(store.usage()?)),

@@ -6,8 +6,8 @@
 
 use super::keys;
 use crate::error::{Error, Result};
+use crate::live::LivePool;
 use crate::log::{self, Level};
-use crate::volume::Store;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -52,7 +52,8 @@ impl Bases {
     }
 
     /// The base layer for `size` bytes (from `checked_size`), made now if there is none.
-    pub fn get(&self, store: &Store, size: u64) -> Result<String> {
+    pub fn get(&self, pool: LivePool<'_>, size: u64) -> Result<String> {
+        let store = pool.store();
         let name = name(size);
         let _one = self.making.lock().unwrap_or_else(|p| p.into_inner());
         match store.layer(&name) {
@@ -68,7 +69,7 @@ impl Bases {
         let image = self
             .work_dir
             .join(format!(".thinlayer-mkfs-{}-{size}.img", std::process::id()));
-        let made = self.make(store, &name, &image, size);
+        let made = self.make(pool, &name, &image, size);
         let _ = std::fs::remove_file(&image);
         made?;
         log::process(
@@ -78,7 +79,7 @@ impl Bases {
         Ok(name)
     }
 
-    fn make(&self, store: &Store, name: &str, image: &Path, size: u64) -> Result<()> {
+    fn make(&self, pool: LivePool<'_>, name: &str, image: &Path, size: u64) -> Result<()> {
         let ctx = |what: &str| format!("making base {name:?} in {}: {what}", image.display());
         let f = std::fs::File::create(image).map_err(|e| Error::io(ctx("creating"), e))?;
         f.set_len(size).map_err(|e| Error::io(ctx("sizing"), e))?;
@@ -98,9 +99,10 @@ impl Bases {
         }
         // The import commits the layer whole or removes it; a crash in between leaves it marked
         // incomplete, and the next open removes it.
-        crate::image::import(store, name, image, None, &mut |_, _| {})?;
-        store.set_attrs(name, &[(keys::BASE, Some("ext4"))])?;
-        store.flush()
+        let f = std::fs::File::open(image).map_err(|e| Error::io(ctx("opening"), e))?;
+        let label = image.display().to_string();
+        pool.import(name, None, &f, &label, &mut |_, _| {})?;
+        pool.set_attrs(name, &[(keys::BASE, Some("ext4"))])
     }
 }
 

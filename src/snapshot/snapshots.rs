@@ -17,6 +17,8 @@ use super::keys;
 use super::status::{Failure, Result};
 use crate::error::Error;
 use crate::fuse::LostWrites;
+use crate::live::LivePool;
+use crate::volume::exports::LiveExports;
 use crate::volume::{LayerInfo, Store};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,6 +42,9 @@ pub trait Files: Send + Sync {
 }
 
 pub struct Snapshots {
+    /// The live pool's layers and who holds them: every change goes through its rules
+    /// (`LivePool`), so a layer an NBD client holds is protected from containerd too.
+    exports: Arc<LiveExports>,
     store: Arc<Store>,
     files: Arc<dyn Files>,
     bases: Bases,
@@ -57,13 +62,22 @@ fn store_err(key: &str) -> impl Fn(Error) -> Failure + '_ {
 
 impl Snapshots {
     /// `work_dir`: where formatted bases are made before their import (beside the pool).
-    pub fn new(store: Arc<Store>, files: Arc<dyn Files>, work_dir: &std::path::Path) -> Self {
+    pub fn new(
+        exports: Arc<LiveExports>,
+        files: Arc<dyn Files>,
+        work_dir: &std::path::Path,
+    ) -> Self {
         Snapshots {
-            store,
+            store: exports.store().clone(),
+            exports,
             files,
             bases: Bases::new(work_dir),
             changing: Mutex::new(()),
         }
+    }
+
+    fn pool(&self) -> LivePool<'_> {
+        LivePool::serving(&self.exports)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -140,7 +154,7 @@ impl Snapshots {
                     .map_err(|e| store_err(key)(e.context(format!("label {SIZE_LABEL}"))))?,
                 None => base::DEFAULT_SIZE,
             };
-            self.bases.get(&self.store, size).map_err(store_err(key))?
+            self.bases.get(self.pool(), size).map_err(store_err(key))?
         } else {
             let p = self.find(parent).map_err(named(key))?;
             if info::kind(&p) != Kind::Committed {
@@ -161,9 +175,8 @@ impl Snapshots {
             (keys::UPDATED, Some(now.as_str())),
         ];
         let l = self
-            .store
-            .create_layer_with(&name, Some(&parent_layer), None, &attrs)
-            .and_then(|l| self.store.flush().map(|()| l))
+            .pool()
+            .create(&name, Some(&parent_layer), None, &attrs)
             .map_err(store_err(key))?;
         self.mounts_of(key, &l)
     }
@@ -231,9 +244,9 @@ impl Snapshots {
             (keys::CREATED, Some(now.as_str())),
             (keys::UPDATED, Some(now.as_str())),
         ];
-        self.store
-            .commit_layer_with(&l.name, Some(&new_name), &attrs)
-            .and_then(|()| self.store.flush())
+        // Refused while an NBD client holds the layer writable; the content IDs are recorded.
+        self.pool()
+            .commit(&l.name, Some(&new_name), &attrs)
             .map_err(store_err(key))
     }
 
@@ -247,9 +260,10 @@ impl Snapshots {
             ))));
         }
         self.files.detach(&l.name).map_err(store_err(key))?;
-        self.store
-            .remove_layer(&l.name)
-            .and_then(|()| self.store.flush())
+        // Refused while an NBD client holds the layer, naming it.
+        self.pool()
+            .remove(&l.name, false, &mut |_| {})
+            .map(|_freed| ())
             .map_err(store_err(key))
     }
 
@@ -289,9 +303,8 @@ impl Snapshots {
             (keys::LABELS, Some(value.as_str())),
             (keys::UPDATED, Some(now.as_str())),
         ];
-        self.store
+        self.pool()
             .set_attrs(&l.name, &attrs)
-            .and_then(|()| self.store.flush())
             .map_err(store_err(key))?;
         self.stat(key)
     }

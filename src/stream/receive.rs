@@ -77,48 +77,30 @@ pub fn receive_checked(
             ))
         })?),
     };
-    if let Some(p) = &parent {
-        if header.disk_size < p.disk_size {
-            return Err(Error::InvalidInput(format!(
-                "{label}: the layer is {} bytes, smaller than its parent {:?} ({} bytes)",
-                header.disk_size, p.name, p.disk_size
-            )));
-        }
-    }
-    let layer = store.begin_import(
+    let import = store.importing(
         name,
         parent.as_ref().map(|p| p.name.as_str()),
         header.disk_size,
+        &format!("{label}: the layer"),
     )?;
-    let r = fill(store, &layer, parent.as_ref(), &mut dec, progress);
-    let r = r.and_then(|(end, digest)| {
-        if let Some(want) = expect.filter(|w| *w != digest) {
-            return Err(Error::Corrupt(format!(
-                "{label}: digest mismatch: the stream is {digest}, expected {want}"
-            )));
-        }
-        let ids = ContentIds::new(need, digest, dec.pos);
-        store.finish_import_with(name, &ContentIds::changes(&ids.attrs()))?;
-        store.flush()?;
-        Ok((end, ids))
-    });
-    match r {
-        Ok((end, ids)) => Ok((
-            store.layer(name)?,
-            ReceiveStats {
-                bytes_read: dec.pos,
-                data_bytes: end.data_bytes,
-                zero_bytes: end.zero_bytes,
-                digest: ids.digest.to_string(),
-                chain_id: ids.chain_id.to_string(),
-            },
-        )),
-        Err(e) => {
-            // Best effort, as for an import: a reopen forgets an incomplete layer anyway.
-            let _ = store.remove_layer(name);
-            Err(e)
-        }
+    let (end, digest) = fill(store, import.layer(), parent.as_ref(), &mut dec, progress)?;
+    if let Some(want) = expect.filter(|w| *w != digest) {
+        return Err(Error::Corrupt(format!(
+            "{label}: digest mismatch: the stream is {digest}, expected {want}"
+        )));
     }
+    let ids = ContentIds::new(need, digest, dec.pos);
+    let layer = import.finish(&ContentIds::changes(&ids.attrs()))?;
+    Ok((
+        layer,
+        ReceiveStats {
+            bytes_read: dec.pos,
+            data_bytes: end.data_bytes,
+            zero_bytes: end.zero_bytes,
+            digest: ids.digest.to_string(),
+            chain_id: ids.chain_id.to_string(),
+        },
+    ))
 }
 
 /// Write the records into the new layer, checking each is where a canonical stream puts it.

@@ -5,6 +5,7 @@ pub mod diff;
 pub mod exports;
 pub mod gate;
 pub mod handle;
+pub mod importing;
 pub mod invariants;
 pub mod io;
 pub mod layers;

@@ -79,6 +79,18 @@ pub fn wait_for(p: &Path) {
     panic!("{} never appeared", p.display());
 }
 
+/// Wait until a server answers on the Unix socket `p`: a file left by a killed server is
+/// there at once but refuses connections until the new server has replaced it.
+pub fn wait_listening(p: &Path) {
+    for _ in 0..1000 {
+        if std::os::unix::net::UnixStream::connect(p).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nobody listens on {}", p.display());
+}
+
 /// Where `serve` puts a pool's control socket by default.
 pub fn control_path(pool: &Path) -> PathBuf {
     let mut p = pool.as_os_str().to_owned();
@@ -114,9 +126,9 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap();
-        // The control socket is bound last: once it is there, the server is ready.
+        // The control socket is bound last: once it answers, the server is ready.
         wait_for(sock);
-        wait_for(&control_path(pool));
+        wait_listening(&control_path(pool));
         Server {
             child,
             sock: sock.to_path_buf(),

@@ -49,6 +49,7 @@ impl Files for FakeFiles {
 
 struct Fixture {
     s: Snapshots,
+    exports: Arc<LiveExports>,
     files: Arc<FakeFiles>,
     store: Arc<Store>,
     mem: Arc<MemStorage>,
@@ -65,9 +66,11 @@ fn fixture() -> Fixture {
     let files = Arc::new(FakeFiles::default());
     *files.store.lock().unwrap() = Some(store.clone());
     let dir = tempfile::tempdir().unwrap();
-    let s = Snapshots::new(store.clone(), files.clone(), dir.path());
+    let exports = Arc::new(LiveExports::new(store.clone(), Vec::new()));
+    let s = Snapshots::new(exports.clone(), files.clone(), dir.path());
     Fixture {
         s,
+        exports,
         files,
         store,
         mem,
@@ -134,7 +137,12 @@ fn prepare_commit_and_children_share_layers_with_their_metadata_in_the_pool() {
     // All of it is in the pool: a reopen (as after a restart) sees the same snapshots.
     drop(f.s);
     let store = Arc::new(Store::open_in(f.mem.clone(), true).unwrap());
-    let s = Snapshots::new(store, f.files.clone(), std::path::Path::new("/nonexistent"));
+    let exports = Arc::new(LiveExports::new(store, Vec::new()));
+    let s = Snapshots::new(
+        exports,
+        f.files.clone(),
+        std::path::Path::new("/nonexistent"),
+    );
     let t1 = s.stat("ns/4/t1").unwrap();
     assert_eq!(t1.parent, "ns/2/sha256:aa");
     assert_eq!(s.list().len(), 4);
@@ -263,4 +271,32 @@ fn usage_counts_what_a_mounted_filesystem_has_not_written_back_yet() {
         "counted without a sync by the writer"
     );
     assert!(f.files.unsynced.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_snapshot_an_nbd_client_holds_is_neither_committed_nor_removed() {
+    let f = fixture();
+    f.s.prepare("k", "", small(), Kind::Active).unwrap();
+    let layer = keys::layer_name("k");
+    let conn = f
+        .exports
+        .hold(
+            &layer,
+            "unix client #7",
+            crate::volume::exports::Holder::Nbd,
+        )
+        .unwrap();
+    let e = f.s.commit("done", "k", HashMap::new()).unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition);
+    assert!(e.message.contains("unix client #7"), "{}", e.message);
+    let e = f.s.remove("k").unwrap_err();
+    assert_eq!(e.code, Code::FailedPrecondition);
+    assert!(e.message.contains("unix client #7"), "{}", e.message);
+    assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
+
+    // Let go: the commit goes through and the committed layer has its content IDs.
+    drop(conn);
+    f.s.commit("done", "k", HashMap::new()).unwrap();
+    let l = f.store.layer(&keys::layer_name("done")).unwrap();
+    assert!(crate::stream::ContentIds::of(&l).is_some(), "{:?}", l.attrs);
 }

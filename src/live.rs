@@ -1,0 +1,189 @@
+//! The live pool's rules, in one place for every frontend: the control socket (and the CLI
+//! without a server), the containerd snapshotter and the registry all change layers through
+//! `LivePool`, never round it.
+//!
+//! The rules: a layer an NBD connection or a live file holds is not committed (while a
+//! writable holder could still change it) nor removed, unless `--force` cuts the holders off
+//! first; each change is one transaction, flushed before the call returns; a layer committed
+//! or imported gets its content IDs recorded; an import is filled as an incomplete layer that
+//! is committed whole or removed (`Store::importing`).
+
+use crate::error::Result;
+use crate::image::ImportStats;
+use crate::stream::{content, Digest, ReceiveStats};
+use crate::volume::exports::LiveExports;
+use crate::volume::{AttrChanges, LayerInfo, Store};
+use std::fs::File;
+use std::io::Read;
+
+/// A store and, on a live server, its exports (who holds which layer). Cheap: make one per
+/// request.
+#[derive(Clone, Copy)]
+pub struct LivePool<'a> {
+    store: &'a Store,
+    exports: Option<&'a LiveExports>,
+}
+
+impl<'a> LivePool<'a> {
+    /// A pool without holders: the CLI that opened the pool itself.
+    pub fn direct(store: &'a Store) -> LivePool<'a> {
+        LivePool {
+            store,
+            exports: None,
+        }
+    }
+
+    /// A live server's pool, whose exports' holders protect their layers.
+    pub fn serving(exports: &'a LiveExports) -> LivePool<'a> {
+        LivePool {
+            store: exports.store(),
+            exports: Some(exports),
+        }
+    }
+
+    pub fn store(&self) -> &'a Store {
+        self.store
+    }
+
+    /// Make layer `name` (over `parent`, or a base of `size` bytes) with `attrs`, durable.
+    pub fn create(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        size: Option<u64>,
+        attrs: AttrChanges<'_>,
+    ) -> Result<LayerInfo> {
+        let info = self.store.create_layer_with(name, parent, size, attrs)?;
+        self.store.flush()?;
+        Ok(info)
+    }
+
+    /// Seal layer `name` read-only (renamed to `new_name` if given) with `attrs`, durable,
+    /// and record its content IDs. Refused (`InUse`) while a writable holder has it: writes
+    /// must not change a layer while it becomes read-only.
+    pub fn commit(&self, name: &str, new_name: Option<&str>, attrs: AttrChanges<'_>) -> Result<()> {
+        if let Some(x) = self.exports {
+            let id = self.store.layer(name)?.id;
+            let why = " (writes must not change a layer while it becomes read-only)";
+            x.refuse_if_attached(name, id, true, why)?;
+        }
+        self.store.commit_layer_with(name, new_name, attrs)?;
+        self.store.flush()?;
+        // The content IDs: one read of the layer's own blocks, after the commit and off the
+        // write lock. A crash before they are kept only means they are computed when first
+        // asked for.
+        content::record(self.store, new_name.unwrap_or(name))?;
+        Ok(())
+    }
+
+    /// Remove layer `name`, durable; returns the bytes it held. Refused (`InUse`) while
+    /// anyone holds it, unless `force`: then the holders are cut off first (their I/O fails
+    /// with EIO from then on), and `cut_off` hears how many.
+    pub fn remove(&self, name: &str, force: bool, cut_off: &mut dyn FnMut(usize)) -> Result<u64> {
+        let info = self.store.layer(name)?;
+        if let Some(x) = self.exports {
+            // A layer with children is refused below: don't cut anyone off for nothing.
+            if force && info.children.is_empty() {
+                let n = x.revoke(info.id);
+                if n > 0 {
+                    cut_off(n);
+                }
+            } else if !force {
+                x.refuse_if_attached(name, info.id, false, ", or use rm --force")?;
+            }
+        }
+        self.store.remove_layer(name)?;
+        self.store.flush()?;
+        Ok(info.size)
+    }
+
+    /// Change attributes of layer `name` in one transaction, durable.
+    pub fn set_attrs(&self, name: &str, attrs: AttrChanges<'_>) -> Result<()> {
+        self.store.set_attrs(name, attrs)?;
+        self.store.flush()
+    }
+
+    /// Import the raw image `f` (named `label` in errors) as read-only layer `name`, with its
+    /// content IDs recorded.
+    pub fn import(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        f: &File,
+        label: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(LayerInfo, ImportStats)> {
+        let (layer, stats) =
+            crate::image::import_from(self.store, name, f, label, parent, progress)?;
+        content::record(self.store, &layer.name)?;
+        Ok((self.store.layer(&layer.name)?, stats))
+    }
+
+    /// Receive a send stream as read-only layer `name` (its content IDs are the stream's),
+    /// refused unless its digest is `expect` when given.
+    pub fn receive(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        expect: Option<Digest>,
+        input: &mut dyn Read,
+        label: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(LayerInfo, ReceiveStats)> {
+        crate::stream::receive_checked(self.store, name, parent, expect, input, label, progress)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{Error, Kind};
+    use crate::pool::MemStorage;
+    use crate::stream::ContentIds;
+    use crate::volume::exports::Holder;
+    use crate::volume::CreateOptions;
+    use std::sync::Arc;
+
+    fn exports() -> LiveExports {
+        let store = Store::create_in(Arc::new(MemStorage::new()), &CreateOptions::default());
+        LiveExports::new(Arc::new(store.unwrap()), Vec::new())
+    }
+
+    #[test]
+    fn a_held_layer_is_neither_committed_nor_removed_and_force_cuts_off() {
+        let x = exports();
+        let p = LivePool::serving(&x);
+        p.create("web", None, Some(1 << 20), &[]).unwrap();
+        let dev = x.hold("web", "unix client #1", Holder::Nbd).unwrap();
+        for e in [
+            p.commit("web", None, &[]).unwrap_err(),
+            p.remove("web", false, &mut |_| {}).unwrap_err(),
+        ] {
+            let Error::InUse { holders, .. } = &e else {
+                panic!("{e:?}")
+            };
+            assert_eq!(holders, &["unix client #1"]);
+        }
+        assert!(p.store().layer("web").unwrap().writable);
+        let mut cut = 0;
+        p.remove("web", true, &mut |n| cut = n).unwrap();
+        assert_eq!(cut, 1);
+        assert!(dev.attachment().is_revoked());
+        assert_eq!(p.store().layer("web").unwrap_err().kind(), Kind::NotFound);
+    }
+
+    #[test]
+    fn a_committed_layer_has_its_content_ids_and_its_new_name() {
+        let x = exports();
+        let p = LivePool::serving(&x);
+        p.create("w", None, Some(1 << 20), &[]).unwrap();
+        p.store()
+            .write_layer(p.store().layer("w").unwrap().id, 0, &[1; 4096])
+            .unwrap();
+        p.commit("w", Some("sealed"), &[("k", Some("v"))]).unwrap();
+        let l = p.store().layer("sealed").unwrap();
+        assert!(!l.writable);
+        assert!(ContentIds::of(&l).is_some(), "{:?}", l.attrs);
+        assert_eq!(l.attrs["k"], "v");
+    }
+}
