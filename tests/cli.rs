@@ -402,3 +402,39 @@ fn help_teaches_the_commands() {
     let out = p.ok(&["import", "--help"]);
     assert!(out.contains("--parent") && out.contains("Example"), "{out}");
 }
+
+/// A build without an optional frontend (`cargo build --no-default-features`) keeps its
+/// commands and options, and each says which feature it needs, before touching anything.
+#[test]
+#[cfg(not(all(feature = "registry", feature = "fuse", feature = "containerd")))]
+fn commands_of_features_left_out_name_the_feature() {
+    let p = Pool::new();
+    p.ok(&["init"]);
+    let socket = p.file("nbd.sock");
+    let socket = socket.to_str().unwrap();
+    let files = p.file("files");
+    let files = files.to_str().unwrap();
+    let grpc = p.file("grpc.sock");
+    let grpc = grpc.to_str().unwrap();
+    let mut cases: Vec<(&str, Vec<&str>)> = Vec::new();
+    if cfg!(not(feature = "registry")) {
+        cases.push(("registry", vec!["push", "x", "127.0.0.1:1/x:1"]));
+        cases.push(("registry", vec!["pull", "127.0.0.1:1/x:1"]));
+    }
+    if cfg!(not(feature = "fuse")) {
+        cases.push(("fuse", vec!["serve", "--socket", socket, "--files", files]));
+    }
+    if cfg!(not(feature = "containerd")) {
+        cases.push((
+            "containerd",
+            vec!["serve", "--socket", socket, "--containerd-socket", grpc],
+        ));
+    }
+    for (feature, args) in cases {
+        let err = p.fails(&args);
+        let want = format!("thinlayer was built without the `{feature}` feature");
+        assert!(err.contains(&want), "thinlayer {args:?}: {err}");
+    }
+    assert!(!p.file("nbd.sock").exists() && !p.file("files").exists());
+    p.assert_clean();
+}

@@ -1,7 +1,8 @@
 //! Docker on thinlayer: a real dockerd (Debian trixie's 26.1.5, unpacked by tools/docker/fetch,
 //! never installed) on Debian 12's containerd 1.6 and runc, with containerd's image store and
 //! `--storage-driver thinlayer`, the snapshotter being `thinlayer serve --containerd-socket`
-//! as a proxy plugin. The seed's walk-through: a busybox image
+//! as a proxy plugin. Beside it, for the comparisons, a second dockerd of the same version on
+//! containerd's own overlayfs snapshotter. The seed's walk-through: a busybox image
 //! imported offline, `Dockerfile.base` and `Dockerfile` built with the classic builder and
 //! with BuildKit, history, run, five idle containers, `ps -s`, `system df -v`, `diff`, push
 //! and pull through a registry on 127.0.0.1, `rm` and `rmi`.
@@ -253,42 +254,86 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // Shims outlive containerd by design: stop each by the PID it recorded.
-        let tasks = self.dir.join("state/io.containerd.runtime.v2.task");
-        for ns in fs::read_dir(&tasks).into_iter().flatten().flatten() {
-            for task in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                if let Ok(pid) = fs::read_to_string(task.path().join("shim.pid")) {
-                    if let Ok(pid) = pid.trim().parse::<i32>() {
-                        // SAFETY: signalling a shim this test's containerd started, by its PID.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
+        // Shims outlive containerd by design, and a container's processes outlive a killed
+        // shim: find the shims of this containerd (their command line names its socket),
+        // kill each one's children (the containers' first processes), then the shim, by PID.
+        let address = self.socket.display().to_string();
+        for shim in processes() {
+            let args = fs::read(format!("/proc/{shim}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = args.split(|b| *b == 0).collect();
+            if !args
+                .windows(2)
+                .any(|w| w[0] == b"-address" && w[1] == address.as_bytes())
+            {
+                continue;
+            }
+            for child in processes() {
+                let stat = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                // "PID (COMM) STATE PPID ...": COMM may hold spaces, so read after its ')'.
+                let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split(' ').nth(2));
+                if ppid == Some(shim.to_string().as_str()) {
+                    // SAFETY: a container process of a shim of this test's containerd.
+                    unsafe { libc::kill(child, libc::SIGKILL) };
                 }
             }
+            // SAFETY: a shim of this test's containerd, by its PID.
+            unsafe { libc::kill(shim, libc::SIGKILL) };
         }
         drop(self.daemon.take());
+        // Containers' root filesystems, mounted by dockerd (in its data root) and the shims
+        // (in containerd's state), deepest first.
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let ours = self.dir.display().to_string();
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
-            if m.starts_with(&ours) {
-                let _ = Command::new("umount").arg("-l").arg(m).status();
-            }
+        let top = self.dir.parent().unwrap();
+        let ours = [
+            format!("{}/", self.dir.display()),
+            format!("{}/docker-", top.display()),
+        ];
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| ours.iter().any(|o| m.starts_with(o.as_str())))
+            .collect();
+        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in points {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
         }
     }
 }
 
+/// The PIDs of every process.
+fn processes() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// /run/docker, which dockerd creates (with an empty `plugins` directory in it) whatever its
-/// flags: removed when dropped if it was not there before and is still empty.
-struct RunDocker(bool);
+/// flags: removed when the last test holding a guard drops it, if it was not there before the
+/// first one and is still empty. (The tests of this file run in parallel.)
+struct RunDocker;
+
+/// Whether /run/docker was there before the first guard, and how many guards are held.
+static RUN_DOCKER: std::sync::Mutex<(Option<bool>, usize)> = std::sync::Mutex::new((None, 0));
 
 impl RunDocker {
     fn note() -> RunDocker {
-        RunDocker(Path::new("/run/docker").exists())
+        let mut g = RUN_DOCKER.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 == 0 {
+            g.0 = Some(Path::new("/run/docker").exists());
+        }
+        g.1 += 1;
+        RunDocker
     }
 }
 
 impl Drop for RunDocker {
     fn drop(&mut self) {
-        if !self.0 {
+        let mut g = RUN_DOCKER.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 -= 1;
+        if g.1 == 0 && g.0 == Some(false) {
             let _ = fs::remove_dir("/run/docker/plugins");
             let _ = fs::remove_dir("/run/docker");
         }
@@ -422,6 +467,16 @@ impl Docker {
         self.expect(&args, o)
     }
 
+    /// busybox imported from the context's tar as `acme/busybox:1` (no network anywhere),
+    /// then the seed's two images built with the classic builder.
+    fn seed_images(&self, ctx: &Path) {
+        let tar = ctx.parent().unwrap().join("busybox.tar");
+        self.docker(&["import", tar.to_str().unwrap(), "acme/busybox:1"]);
+        let base = dockerfile(ctx, "Dockerfile.base");
+        self.build(false, ctx, &base, BASE_IMAGE);
+        self.build(false, ctx, &dockerfile(ctx, "Dockerfile"), APP_IMAGE);
+    }
+
     /// What the container's writable layer holds, in bytes, as dockerd reports it
     /// (`docker ps -s`'s SIZE, from the snapshotter's Usage).
     fn size_rw(&self, container: &str) -> u64 {
@@ -508,40 +563,79 @@ fn ps_sizes(d: &Docker) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// What every test runs on: thinlayer, containerd with it as a proxy snapshotter, the build
+/// context, in a temp dir. Fields drop in this order: containerd (its shims and mounts), then
+/// thinlayer, then the directory.
+struct Setup {
+    ctd: Containerd,
+    thin: Thinlayer,
+    ctx: PathBuf,
+    root: PathBuf,
+    tmp: tempfile::TempDir,
+    _run: RunDocker,
+}
+
+impl Setup {
+    /// None when a prerequisite is missing outside CI (the reason is printed).
+    fn start() -> Option<Setup> {
+        let root = match docker_root() {
+            Ok(r) => r,
+            Err(why) => {
+                unavailable(&why);
+                return None;
+            }
+        };
+        let run = RunDocker::note();
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = context(tmp.path());
+        let thin = Thinlayer::start(tmp.path());
+        let ctd = Containerd::start(tmp.path(), &thin.socket);
+        Some(Setup {
+            ctd,
+            thin,
+            ctx,
+            root,
+            tmp,
+            _run: run,
+        })
+    }
+
+    fn docker(&self, snapshotter: &str) -> Docker {
+        Docker::start(&self.root, self.tmp.path(), &self.ctd, snapshotter)
+    }
+
+    /// Remove every container of `dockers`, stop them and containerd, stop thinlayer (which
+    /// checks the pool).
+    fn finish(mut self, dockers: Vec<Docker>) {
+        for d in &dockers {
+            let all = d.docker(&["ps", "-aq"]);
+            if !all.trim().is_empty() {
+                let mut rm = vec!["rm", "-f"];
+                rm.extend(all.split_whitespace());
+                d.docker(&rm);
+            }
+        }
+        drop(dockers);
+        drop(self.ctd.daemon.take());
+        self.thin.stop();
+        assert!(!self.thin.log().contains("panicked"), "{}", self.thin.log());
+    }
+}
+
 /// The seed's walk-through on thinlayer.
 #[test]
 fn docker_runs_the_seed_walk_through_on_thinlayer() {
-    let root = match docker_root() {
-        Ok(r) => r,
-        Err(why) => return unavailable(&why),
-    };
-    let _run = RunDocker::note();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let ctx = context(dir);
+    let Some(s) = Setup::start() else { return };
+    let (dir, ctx) = (s.tmp.path(), s.ctx.clone());
     let (_registry, host) = registry(dir);
-    let mut thin = Thinlayer::start(dir);
-    let ctd = Containerd::start(dir, &thin.socket);
-    let d = Docker::start(&root, dir, &ctd, "thinlayer");
+    let d = s.docker("thinlayer");
+    let thin = &s.thin;
     let info = d.docker(&["info", "-f", "{{.Driver}}"]);
     assert_eq!(info.trim(), "thinlayer", "docker info's storage driver");
 
-    // The base image: busybox imported from a tar (no network anywhere).
-    d.docker(&[
-        "import",
-        dir.join("busybox.tar").to_str().unwrap(),
-        "acme/busybox:1",
-    ]);
-
-    // The seed's two builds with the classic builder: history shows the shared layers with
-    // the same IDs.
-    d.build(
-        false,
-        &ctx,
-        &dockerfile(&ctx, "Dockerfile.base"),
-        BASE_IMAGE,
-    );
-    d.build(false, &ctx, &dockerfile(&ctx, "Dockerfile"), APP_IMAGE);
+    // The base image imported, the seed's two builds with the classic builder: history
+    // shows the shared layers with the same IDs.
+    d.seed_images(&ctx);
     let ls = d.docker(&["image", "ls"]);
     for repo in ["acme/my-base-image", "acme/my-app", "acme/busybox"] {
         assert!(ls.contains(repo), "image ls lists {repo}:\n{ls}");
@@ -590,7 +684,7 @@ fn docker_runs_the_seed_walk_through_on_thinlayer() {
         .map(|(n, _)| n)
         .collect();
     eprintln!("committed image layers: {committed:?}");
-    let copy = thin.size_of(&committed_for(&thin, &base_layers[..2]));
+    let copy = thin.size_of(&committed_for(&base_layers[..2]));
     eprintln!(
         "the COPY layer of {} bytes: {copy} bytes in the pool",
         HELLO.len()
@@ -612,25 +706,7 @@ fn docker_runs_the_seed_walk_through_on_thinlayer() {
             "sh",
         ]);
     }
-    d.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "w8",
-        APP_IMAGE,
-        "sh",
-        "-c",
-        "dd if=/dev/urandom of=/eight bs=1M count=8 2>/dev/null && echo written && sleep 3600",
-    ]);
-    let mut written = false;
-    for _ in 0..400 {
-        if d.docker(&["logs", "w8"]).contains("written") {
-            written = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    assert!(written, "w8 never wrote its 8 MiB");
+    run_writing_8mib(&d, "w8", "/eight");
     let w8 = d.size_rw("w8");
     eprintln!("docker ps -s:\n{}", d.docker(&["ps", "-s"]));
     assert!(
@@ -688,10 +764,119 @@ fn docker_runs_the_seed_walk_through_on_thinlayer() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(left, Vec::<String>::new(), "layers left after rm and rmi");
-    drop(d);
-    drop(ctd);
-    thin.stop();
-    assert!(!thin.log().contains("panicked"), "{}", thin.log());
+    s.finish(vec![d]);
+}
+
+/// What things cost in the pool, against overlayfs under the same dockerd version and
+/// containerd: an idle container, the seed's COPY layer, a 1-byte change in the middle of a
+/// 64 MiB file, and a deleted 8 MiB file (its blocks go back).
+#[test]
+fn docker_layers_cost_blocks_not_files() {
+    let Some(s) = Setup::start() else { return };
+    let ctx = s.ctx.clone();
+    let d = s.docker("thinlayer");
+    let o = s.docker("overlayfs");
+    let thin = &s.thin;
+    assert_eq!(o.docker(&["info", "-f", "{{.Driver}}"]).trim(), "overlayfs");
+    for docker in [&d, &o] {
+        docker.seed_images(&ctx);
+        docker.build(
+            false,
+            &ctx,
+            &dockerfile(&ctx, "Dockerfile.big"),
+            "acme/big:1",
+        );
+    }
+
+    // The COPY layer of the seed's 29-byte script: ext4's metadata for a new directory and
+    // file (superblock, group descriptors, bitmaps, two inode table blocks, two directory
+    // blocks), the file's block and the journal's superblock; the journal's log is trimmed
+    // at Commit.
+    let layers = d.layers(BASE_IMAGE);
+    let copy = thin.size_of(&committed_for(&layers[..2]));
+    eprintln!("the COPY layer: {copy} bytes in the pool");
+    assert!(copy <= 48 << 10, "the COPY layer holds {copy} bytes");
+
+    // Idle containers: the superblock, the journal's superblock, and the mount's one
+    // transaction (a journaled superblock update: descriptor, copy, commit).
+    for i in 1..=5 {
+        let name = format!("idle{i}");
+        d.docker(&["run", "-dit", "--name", &name, APP_IMAGE, "sh"]);
+        o.docker(&["run", "-dit", "--name", &name, APP_IMAGE, "sh"]);
+    }
+    for i in 1..=5 {
+        let name = format!("idle{i}");
+        let (thin_rw, overlay_rw) = (d.size_rw(&name), o.size_rw(&name));
+        let init = thin.size_of(&format!("{}-init", container_id(&d, &name)));
+        eprintln!("{name}: thinlayer {thin_rw} bytes (its init layer {init}), overlayfs {overlay_rw} bytes");
+        assert!(
+            thin_rw <= 5 * 4096,
+            "idle container {name}: {thin_rw} bytes"
+        );
+    }
+
+    // One byte in the middle of the 64 MiB file: overlayfs copies the file up, thinlayer
+    // stores the block, the inode's block and the journal's.
+    let write = format!(
+        "printf x | dd of=/big bs=1 seek={} conv=notrunc 2>/dev/null",
+        BIG_LEN / 2
+    );
+    for docker in [&d, &o] {
+        docker.docker(&["run", "--name", "w1", "acme/big:1", "sh", "-c", &write]);
+    }
+    let (thin_w, overlay_w) = (d.size_rw("w1"), o.size_rw("w1"));
+    eprintln!(
+        "1-byte write in a 64 MiB file: thinlayer {thin_w} bytes, overlayfs {overlay_w} bytes"
+    );
+    assert!(
+        overlay_w >= BIG_LEN,
+        "overlayfs copies the file up: {overlay_w}"
+    );
+    assert!(thin_w <= 8 * 4096, "thinlayer: {thin_w} bytes");
+
+    // 8 MiB written, then deleted: ext4's discard gives the blocks back to the pool.
+    run_writing_8mib(&d, "del", "/f");
+    let full = d.size_rw("del");
+    d.docker(&["exec", "del", "rm", "/f"]);
+    // ext4 sends the discards from a work queue after the journal commit that freed the
+    // blocks, not within it: Usage's sync starts them, they land a moment later.
+    let mut freed = d.size_rw("del");
+    for _ in 0..100 {
+        if freed <= 256 << 10 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        freed = d.size_rw("del");
+    }
+    eprintln!("8 MiB written: {full} bytes; deleted: {freed} bytes");
+    assert!(full >= 8 << 20, "{full}");
+    assert!(
+        freed <= 256 << 10,
+        "the deleted file's blocks are freed: {freed} bytes left"
+    );
+
+    s.finish(vec![d, o]);
+}
+
+/// A container `name` that writes 8 MiB to `path` (no sync) and idles; returns once the
+/// write returned.
+fn run_writing_8mib(d: &Docker, name: &str, path: &str) {
+    let script = format!(
+        "dd if=/dev/urandom of={path} bs=1M count=8 2>/dev/null && echo written && sleep 3600"
+    );
+    d.docker(&["run", "-d", "--name", name, APP_IMAGE, "sh", "-c", &script]);
+    wait_log(d, name, "written");
+}
+
+/// Wait until the log of `container` holds `text`.
+fn wait_log(d: &Docker, container: &str, text: &str) {
+    for _ in 0..400 {
+        if d.docker(&["logs", container]).contains(text) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{container} never logged {text:?}");
 }
 
 /// The full ID of a container.
@@ -702,7 +887,7 @@ fn container_id(d: &Docker, name: &str) -> String {
 }
 
 /// The pool layer name part of the committed snapshot whose chain is `diff_ids`.
-fn committed_for(_thin: &Thinlayer, diff_ids: &[String]) -> String {
+fn committed_for(diff_ids: &[String]) -> String {
     use sha2::{Digest, Sha256};
     let mut chain = diff_ids[0].clone();
     for id in &diff_ids[1..] {

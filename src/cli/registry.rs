@@ -1,12 +1,16 @@
-use super::progress::Progress;
-use super::{unexpected, Target};
-use crate::control::{Reply, Request};
+use super::Target;
 use crate::error::Result;
-use crate::registry::{self, Layers, Meter, Options};
-use crate::stream::{ReceiveStats, SendStats};
-use crate::units::human;
-use crate::volume::LayerInfo;
-use std::os::fd::OwnedFd;
+#[cfg(feature = "registry")]
+use {
+    super::progress::Progress,
+    super::unexpected,
+    crate::control::{Reply, Request},
+    crate::registry::{self, Layers, Meter, Options},
+    crate::stream::{ReceiveStats, SendStats},
+    crate::units::human,
+    crate::volume::LayerInfo,
+    std::os::fd::OwnedFd,
+};
 
 /// Upload a read-only layer and its ancestors to an OCI registry, one blob per layer.
 #[derive(clap::Args)]
@@ -16,6 +20,7 @@ Blobs the registry already has are not sent again. Credentials come from ~/.dock
 ($DOCKER_CONFIG) as docker and skopeo write them (`docker login`). HTTPS, except for a registry\n\
 on loopback (127.0.0.1, localhost, ::1) or with --plain-http."
 )]
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
 pub struct PushArgs {
     name: String,
     reference: String,
@@ -30,6 +35,7 @@ pub struct PushArgs {
     after_help = "The top layer is named NAME (default: REF as written); the layers under it are\n\
 named by their chain IDs unless the pool already holds them."
 )]
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
 pub struct PullArgs {
     reference: String,
     name: Option<String>,
@@ -38,10 +44,12 @@ pub struct PullArgs {
     plain_http: bool,
 }
 
+#[cfg(feature = "registry")]
 /// The pool as the registry code sees it: every step is a request through `Target`, so a
 /// live server gets streams as pipe descriptors and never opens a connection itself.
 struct Via<'a>(&'a Target);
 
+#[cfg(feature = "registry")]
 impl Layers for Via<'_> {
     fn layers(&self) -> Result<Vec<LayerInfo>> {
         match self.0.call(Request::Ls, Vec::new(), &mut |_, _| {})? {
@@ -98,20 +106,24 @@ impl Layers for Via<'_> {
     }
 }
 
+#[cfg(feature = "registry")]
 /// A progress line that ends itself when the step is over.
 struct Bar(Progress);
 
+#[cfg(feature = "registry")]
 impl Drop for Bar {
     fn drop(&mut self) {
         self.0.finish();
     }
 }
 
+#[cfg(feature = "registry")]
 fn meter(what: String) -> Box<Meter> {
     let mut bar = Bar(Progress::new(what));
     Box::new(move |d, t| bar.0.update(d, t))
 }
 
+#[cfg(feature = "registry")]
 pub fn run_push(t: &Target, a: PushArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
@@ -128,6 +140,7 @@ pub fn run_push(t: &Target, a: PushArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "registry")]
 pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
@@ -142,4 +155,14 @@ pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
         r.skipped.len()
     );
     Ok(())
+}
+
+#[cfg(not(feature = "registry"))]
+pub fn run_push(_: &Target, _: PushArgs) -> Result<()> {
+    Err(crate::features::missing("registry", "push"))
+}
+
+#[cfg(not(feature = "registry"))]
+pub fn run_pull(_: &Target, _: PullArgs) -> Result<()> {
+    Err(crate::features::missing("registry", "pull"))
 }

@@ -49,6 +49,15 @@ pub struct Args {
 }
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
+    if a.containerd_socket.is_some() && !cfg!(feature = "containerd") {
+        return Err(crate::features::missing(
+            "containerd",
+            "serve --containerd-socket",
+        ));
+    }
+    if a.files.is_some() && !cfg!(feature = "fuse") {
+        return Err(crate::features::missing("fuse", "serve --files"));
+    }
     if let Some(fd) = a.resume_fd {
         return server::handover::resume(fd, &super::command_line());
     }

@@ -13,13 +13,16 @@
 //! again for this process. On older kernels they wait until their caller gives up.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+#[cfg(feature = "fuse")]
+use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 const FUSE_INIT: u32 = 26;
 const FUSE_NOTIFY_RESEND: i32 = 7;
 /// struct fuse_in_header (40 bytes) + struct fuse_init_in (64 bytes).
 const INIT_LEN: usize = 104;
 
+#[cfg(feature = "fuse")]
 /// A session over `fd`, an initialised `/dev/fuse` connection. `fs` gets the made-up INIT
 /// (its `init` settings go nowhere); `config.clone_fd` must be off (the clone ioctl is made
 /// before the descriptor is in place).

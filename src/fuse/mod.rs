@@ -9,9 +9,15 @@
 //! down. `adopt` serves a mount another process made, from its `/dev/fuse` descriptor and
 //! its table of files (`thinlayer restart`, the keeper): the loop devices on the files never
 //! notice the change of process.
+//!
+//! Without the `fuse` feature (`crate::features`) only the FUSE session (`fs`, `adopt`, and
+//! fuser) is left out: `LiveFiles` keeps its type, so the server and the CLI need no second
+//! version, but `mount` refuses, so the table and mount code below it are never reached.
+#![cfg_attr(not(feature = "fuse"), allow(dead_code))]
 
 mod adopt;
 mod files;
+#[cfg(feature = "fuse")]
 mod fs;
 mod mount;
 mod names;
@@ -34,6 +40,7 @@ use std::time::SystemTime;
 const SESSION_THREADS: usize = 4;
 
 /// The session settings, the same for a mount and an adopted one.
+#[cfg(feature = "fuse")]
 fn session_config() -> fuser::Config {
     let mut config = fuser::Config::default();
     // Without allow_other only the mounting user (root) may enter.
@@ -70,7 +77,23 @@ pub struct LiveFiles {
 impl LiveFiles {
     /// Mount the live-files filesystem on `dir` (created if missing; a dead mount left by a
     /// killed server is detached first), root-only, empty until layers are attached.
+    /// Without the `fuse` feature this build has no FUSE session: `Unavailable`, and nothing
+    /// is touched.
     pub fn mount(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
+        #[cfg(not(feature = "fuse"))]
+        {
+            let _ = (dir, exports);
+            Err(crate::features::missing(
+                "fuse",
+                "live files (serve --files)",
+            ))
+        }
+        #[cfg(feature = "fuse")]
+        Self::mount_fuse(dir, exports)
+    }
+
+    #[cfg(feature = "fuse")]
+    fn mount_fuse(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
         let dir = mount::prepare(dir)?;
         let table = Arc::new(Table::new(exports, &dir));
         let mut config = session_config();
@@ -103,6 +126,22 @@ impl LiveFiles {
         device: OwnedFd,
         files: &[FileState],
     ) -> Result<LiveFiles> {
+        #[cfg(not(feature = "fuse"))]
+        {
+            let _ = (dir, exports, device, files);
+            Err(crate::features::missing("fuse", "live files (a restart)"))
+        }
+        #[cfg(feature = "fuse")]
+        Self::adopt_fuse(dir, exports, device, files)
+    }
+
+    #[cfg(feature = "fuse")]
+    fn adopt_fuse(
+        dir: &Path,
+        exports: Arc<LiveExports>,
+        device: OwnedFd,
+        files: &[FileState],
+    ) -> Result<LiveFiles> {
         let table = Arc::new(Table::new(exports, dir));
         table.restore(files)?;
         let session_fd = device
@@ -118,6 +157,7 @@ impl LiveFiles {
         Self::start(table, session, device)
     }
 
+    #[cfg(feature = "fuse")]
     fn start(
         table: Arc<Table>,
         session: fuser::Session<fs::Fs>,

@@ -376,26 +376,33 @@ pub fn resume(fd: RawFd, command_line: &str) -> Result<()> {
         pid: std::process::id(),
     })?;
     let after = move || {
-        // The old process exits once it has answered; then what it held is ours to resend.
+        let Some(f) = files else {
+            return;
+        };
+        // What the old process's FUSE threads hold at its gate is ours to resend: now (it
+        // never answers them; were it to, the kernel would no longer know the request), and
+        // once more when it has exited, for what they read in between.
+        resend(&f);
         std::thread::spawn(move || {
             wait_gone(old_pid);
-            if let Some(f) = files {
-                match f.resend() {
-                    Ok(true) => {}
-                    Ok(false) => log::process(
-                        Level::Warn,
-                        format_args!(
-                            "thinlayer: this kernel cannot resend FUSE requests (Linux 6.9 \
-                             has FUSE_NOTIFY_RESEND): requests the old process held stay \
-                             unanswered"
-                        ),
-                    ),
-                    Err(e) => log::process(Level::Error, format_args!("thinlayer: {e}")),
-                }
-            }
+            resend(&f);
         });
     };
     super::serve(parts, Some(Box::new(after)))
+}
+
+fn resend(f: &LiveFiles) {
+    match f.resend() {
+        Ok(true) => {}
+        Ok(false) => log::process(
+            Level::Warn,
+            format_args!(
+                "thinlayer: this kernel cannot resend FUSE requests (Linux 6.9 has \
+                 FUSE_NOTIFY_RESEND): requests the old process held stay unanswered"
+            ),
+        ),
+        Err(e) => log::process(Level::Error, format_args!("thinlayer: {e}")),
+    }
 }
 
 fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {

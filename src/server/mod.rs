@@ -16,9 +16,9 @@ pub use signals::install_signal_handlers;
 use crate::control::{serve_control, ControlSocket, Peer, Reply, Request};
 use crate::error::Result;
 use crate::fuse::LiveFiles;
+use crate::listen::Stop;
 use crate::log::Log;
 use crate::nbd::{self, Listener, ServerConfig};
-use crate::snapshot::{self, Snapshots};
 use crate::volume::exports::LiveExports;
 use crate::volume::{Committer, Store};
 use std::os::fd::OwnedFd;
@@ -134,18 +134,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         generation,
     } = parts;
     let fds = handover::Fds::of(&nbd_socket, &control, files.as_deref(), containerd.as_ref())?;
-    let snapshotter = match (containerd, &files) {
-        (Some(socket), Some(f)) => {
-            let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
-            let core = Snapshots::new(exports.clone(), f.clone(), work_dir);
-            Some(snapshot::Server::start_on(
-                Arc::new(core),
-                socket,
-                stop.clone(),
-            )?)
-        }
-        _ => None,
-    };
+    let snapshotter = start_snapshotter(&cfg, &exports, containerd, files.as_ref(), &stop)?;
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
@@ -215,7 +204,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         c.stop();
     }
     // containerd's requests in flight finish before the files go and the last commit.
-    let snapshotter_result = snapshotter.map_or(Ok(()), |s| s.join());
+    let snapshotter_result = snapshotter.map_or(Ok(()), |join| join());
     // Before the last commit: no write can come in after it.
     let unmounted = files.as_ref().map_or(Ok(()), |f| f.unmount());
     nbd_result?;
@@ -225,4 +214,44 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
     unmounted?;
     log.info(format_args!("stopped; all writes committed"));
     Ok(())
+}
+
+/// Waits for a frontend's threads to end once `stop` is set.
+type Join = Box<dyn FnOnce() -> Result<()>>;
+
+/// containerd's snapshotter on its bound socket, if asked for; over the live files.
+#[cfg(feature = "containerd")]
+fn start_snapshotter(
+    cfg: &Config,
+    exports: &Arc<LiveExports>,
+    containerd: Option<ControlSocket>,
+    files: Option<&Arc<LiveFiles>>,
+    stop: &Arc<Stop>,
+) -> Result<Option<Join>> {
+    use crate::snapshot::{self, Snapshots};
+    let (Some(socket), Some(f)) = (containerd, files) else {
+        return Ok(None);
+    };
+    let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
+    let core = Snapshots::new(exports.clone(), f.clone(), work_dir);
+    let server = snapshot::Server::start_on(Arc::new(core), socket, stop.clone())?;
+    Ok(Some(Box::new(move || server.join())))
+}
+
+/// This build has no snapshotter (`cli/serve.rs` refuses --containerd-socket before this).
+#[cfg(not(feature = "containerd"))]
+fn start_snapshotter(
+    _: &Config,
+    _: &Arc<LiveExports>,
+    containerd: Option<ControlSocket>,
+    _: Option<&Arc<LiveFiles>>,
+    _: &Arc<Stop>,
+) -> Result<Option<Join>> {
+    match containerd {
+        Some(_) => Err(crate::features::missing(
+            "containerd",
+            "serve --containerd-socket",
+        )),
+        None => Ok(None),
+    }
 }

@@ -2,12 +2,14 @@
 //! of its size, made once per size with mkfs and kept as a read-only layer, so a new image
 //! chain costs no mkfs. Lazy initialisation is off: mkfs writes the inode tables and journal
 //! now (as zeros, which the import does not store), so the kernel's ext4lazyinit thread never
-//! writes them into a container's layer later.
+//! writes them into a container's layer later. Where mkfs put the journal is kept on the base
+//! (`keys::JOURNAL`) for Commit's trim of the journal's dead log (`ext4`).
 
-use super::keys;
+use super::{ext4, keys};
 use crate::error::{Error, Result};
 use crate::live::LivePool;
 use crate::log::{self, Level};
+use crate::volume::{LayerInfo, Store};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -97,13 +99,45 @@ impl Bases {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))));
         }
+        let journal =
+            read_journal(image).map_err(|e| Error::io(ctx("reading its superblock"), e))?;
         // The import commits the layer whole or removes it; a crash in between leaves it marked
         // incomplete, and the next open removes it.
         let f = std::fs::File::open(image).map_err(|e| Error::io(ctx("opening"), e))?;
         let label = image.display().to_string();
         pool.import(name, None, &f, &label, &mut |_, _| {})?;
-        pool.set_attrs(name, &[(keys::BASE, Some("ext4"))])
+        let journal = journal.map(|j| j.to_attr());
+        pool.set_attrs(
+            name,
+            &[
+                (keys::BASE, Some("ext4")),
+                (keys::JOURNAL, journal.as_deref()),
+            ],
+        )
     }
+}
+
+/// The journal mkfs made in `image`.
+fn read_journal(image: &Path) -> std::io::Result<Option<ext4::Journal>> {
+    use std::os::unix::fs::FileExt;
+    let (offset, len) = ext4::SUPERBLOCK;
+    let mut sb = vec![0u8; len];
+    std::fs::File::open(image)?.read_exact_at(&mut sb, offset)?;
+    Ok(ext4::journal(&sb))
+}
+
+/// The journal of the formatted base under layer `l` (the nearest ancestor that is one), if
+/// it was recorded.
+pub fn journal_under(store: &Store, l: &LayerInfo) -> Option<ext4::Journal> {
+    let mut parent = l.parent.clone();
+    while let Some(name) = parent {
+        let p = store.layer(&name).ok()?;
+        if p.attrs.contains_key(keys::BASE) {
+            return ext4::Journal::from_attr(p.attrs.get(keys::JOURNAL)?);
+        }
+        parent = p.parent;
+    }
+    None
 }
 
 #[cfg(test)]

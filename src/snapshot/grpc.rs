@@ -52,6 +52,8 @@ impl Service {
 /// A List answer carries this many snapshots per message.
 const LIST_CHUNK: usize = 100;
 
+// `Status` is what the generated trait returns; its size is tonic's.
+#[allow(clippy::result_large_err)]
 fn reply<T>(t: T) -> std::result::Result<Response<T>, Status> {
     Ok(Response::new(t))
 }

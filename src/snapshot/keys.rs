@@ -22,6 +22,9 @@ pub const CREATED: &str = "containerd.created";
 pub const UPDATED: &str = "containerd.updated";
 /// On a formatted empty base (not a snapshot): its filesystem type.
 pub const BASE: &str = "containerd.base";
+/// On a formatted ext4 base: where its journal lies, `OFFSET+LEN/BLOCK` in bytes
+/// (`ext4::Journal`), so Commit can trim the journal's dead log.
+pub const JOURNAL: &str = "containerd.journal";
 
 /// Room left for the hash suffix when a key must be shortened.
 const KEPT_PREFIX: usize = MAX_NAME_LEN - 24;

@@ -90,7 +90,7 @@ fn prepare_commit_and_children_share_layers_with_their_metadata_in_the_pool() {
             .unwrap();
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].r#type, "ext4");
-    assert_eq!(m[0].options, ["loop"]);
+    assert_eq!(m[0].options, ["loop", "noatime", "discard"]);
     assert_eq!(m[0].source, "/files/ns/1/extract a");
     let base = f.store.layer(&base::name(64 << 20)).unwrap();
     assert!(!base.writable);
@@ -127,7 +127,10 @@ fn prepare_commit_and_children_share_layers_with_their_metadata_in_the_pool() {
         (t1.kind, t1.parent.as_str()),
         (Kind::Active, "ns/2/sha256:aa")
     );
-    assert_eq!(f.s.mounts("ns/5/v").unwrap()[0].options, ["loop", "ro"]);
+    assert_eq!(
+        f.s.mounts("ns/5/v").unwrap()[0].options,
+        ["loop", "noatime", "ro"]
+    );
     assert_eq!(code(f.s.mounts("ns/2/sha256:aa")), Code::FailedPrecondition);
 
     let mut listed: Vec<_> = f.s.list().into_iter().map(|i| i.name).collect();
@@ -271,6 +274,43 @@ fn usage_counts_what_a_mounted_filesystem_has_not_written_back_yet() {
         "counted without a sync by the writer"
     );
     assert!(f.files.unsynced.lock().unwrap().is_empty());
+}
+
+#[test]
+fn commit_trims_the_dead_log_of_a_clean_journal_and_keeps_a_journal_to_replay() {
+    use crate::volume::{BlockDevice, Volume};
+    let f = fixture();
+    for (key, replay) in [("clean", false), ("dirty", true)] {
+        f.s.prepare(key, "", small(), Kind::Active).unwrap();
+        let l = f.store.layer(&keys::layer_name(key)).unwrap();
+        let j = base::journal_under(&f.store, &l).expect("the base recorded its journal");
+        let v = Volume::open(&f.store, &l.name).unwrap();
+        // A mount's transactions in the log, a file's block elsewhere, and the journal's
+        // superblock as the unmount left it (s_start 0), or as a crash would (s_start set).
+        let (log, _) = j.log();
+        v.write_at(log, &vec![1; 3 * 4096]).unwrap();
+        v.write_at(0, &[2; 4096]).unwrap();
+        let mut jsb = vec![0u8; j.block as usize];
+        v.read_at(j.offset, &mut jsb).unwrap();
+        assert!(super::super::ext4::journal_is_empty(&jsb));
+        if replay {
+            jsb[28..32].copy_from_slice(&5u32.to_be_bytes());
+        }
+        v.write_at(j.offset, &jsb).unwrap();
+        drop(v);
+        f.s.commit(&format!("{key}-c"), key, HashMap::new())
+            .unwrap();
+        let size = f
+            .store
+            .layer(&keys::layer_name(&format!("{key}-c")))
+            .unwrap()
+            .size;
+        let want = if replay { 5 * 4096 } else { 2 * 4096 };
+        assert_eq!(
+            size, want,
+            "{key}: the journal's superblock and the file's block"
+        );
+    }
 }
 
 #[test]
