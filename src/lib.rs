@@ -14,8 +14,9 @@
 //!   them): `fuse` (live files; without the `fuse` feature its `LiveFiles` refuses to mount),
 //!   `snapshot` (containerd's snapshotter, feature `containerd`), `registry` (push and pull
 //!   through an OCI registry, feature `registry`).
-//! * `server` — the live pool: NBD, control, live files and the snapshotter in one process, and
-//!   what each management request does; `cli` — one file per subcommand.
+//! * `live` — the live pool's rules, which every frontend changes layers through; `server` —
+//!   the live server: NBD, control, live files and the snapshotter in one process, what each
+//!   management request does, restarts; `cli` — one file per subcommand.
 pub mod check;
 pub mod cli;
 pub mod control;
