@@ -8,17 +8,18 @@
 //! * `layer` — the catalogue and each layer's sparse block map; reading through a chain.
 //! * `volume` — the store (one open pool), a chain as a block device, background commits, the
 //!   live exports registry.
+//! * `listen` — the one accept-until-stop loop and its `Stop`; `log` — the one logging path,
+//!   with levels (library code never prints).
 //! * the core frontends: `nbd` (server and wire codec), `image` (raw import/export), `stream`
 //!   (send/receive, content and chain IDs), `control` (the control socket), `check` (the fsck).
 //! * the optional frontends, each behind a Cargo feature (on by default; `features` names
 //!   them): `fuse` (live files; without the `fuse` feature its `LiveFiles` refuses to mount),
 //!   `snapshot` (containerd's snapshotter, feature `containerd`), `registry` (push and pull
 //!   through an OCI registry, feature `registry`).
-//! * `server` — the live pool: NBD, control, live files and the snapshotter in one process, and
-//!   what each management request does; `live` — the live pool's rules (who holds a layer, one
-//!   transaction, flush, content IDs) that the server and the snapshotter both follow; `calls` —
-//!   one typed call per management request, to the server or a direct open; `cli` — one file
-//!   per subcommand.
+//! * `live` — the live pool's rules, which every frontend changes layers through; `server` —
+//!   the live server: NBD, control, live files and the snapshotter in one process, what each
+//!   management request does, restarts; `calls` — one typed call per management request, to
+//!   the server or a direct open; `cli` — one file per subcommand.
 pub mod calls;
 pub mod check;
 pub mod cli;
@@ -30,7 +31,9 @@ pub mod format;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod listen;
 pub mod live;
+pub mod log;
 pub mod nbd;
 pub mod pool;
 #[cfg(feature = "registry")]

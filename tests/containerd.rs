@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod support;
-use support::{have, sh, tl, tl_output, wait_for, Server};
+use support::{control_path, have, sh, tl, tl_output, wait_for, Server};
 
 const NS: &str = "testns";
 /// Where the 1-byte write lands: the middle of the app image's 64 MiB file.
@@ -218,6 +218,12 @@ impl Thinlayer {
         let s = self.server.take().unwrap();
         s.signal(libc::SIGKILL);
         drop(s);
+        // A killed server leaves its socket files; gone, they cannot pass for a restarted
+        // server being ready (the new one replaces stale ones itself).
+        let nbd = self.pool.with_extension("nbd");
+        for stale in [&self.socket, &nbd, &control_path(&self.pool)] {
+            let _ = fs::remove_file(stale);
+        }
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.files)

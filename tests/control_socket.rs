@@ -11,13 +11,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use thinlayer::control::{
     serve_control, wire, Client, ControlSocket, Peer, Reply, Request, Status, VERSION,
 };
 use thinlayer::format::LayerId;
 use thinlayer::image::{ExportStats, ImportStats};
+use thinlayer::listen::Stop;
+use thinlayer::log::Log;
 use thinlayer::{Error, LayerInfo, Result};
 
 const NOBODY: u32 = 65534;
@@ -105,7 +106,7 @@ fn toy(
 struct Running {
     path: PathBuf,
     calls: Calls,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
@@ -113,11 +114,11 @@ impl Running {
     fn start(path: &Path) -> Running {
         let socket = ControlSocket::bind(path, Path::new("/pools/test")).unwrap();
         let calls = Calls::default();
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::new());
         let (c, s) = (calls.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let handler = move |p: &Peer, r, f, pr: &mut dyn FnMut(u64, u64)| toy(&c, p, r, f, pr);
-            serve_control(socket, &handler, &s)
+            serve_control(socket, &handler, &s, &Log::to(|_, _| {}))
         });
         Running {
             path: path.to_path_buf(),
@@ -134,7 +135,7 @@ impl Running {
     }
 
     fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.stop();
         if let Some(t) = self.thread.take() {
             t.join().unwrap().unwrap();
         }

@@ -396,7 +396,10 @@ fn four_connections_carry_fio_writes_that_verify_across_connections() {
         if timed_out == "0" {
             break (console, log);
         }
-        eprintln!("boot {boots}: the kernel timed out {timed_out} requests (a starved connection)");
+        guest_common::note_retry(&format!(
+            "multiconn boot {boots}: the kernel timed out {timed_out} requests (a starved \
+             connection); booting again"
+        ));
         assert!(
             boots < 3,
             "every boot starved a connection; console:\n{console}"

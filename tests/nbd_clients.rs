@@ -396,7 +396,6 @@ fn bench_randread_4k_qd16() {
     let server = TestServer::start_with(
         MemCatalog::of(vec![MemDevice::new("disk", 64 << 20, false)]),
         thinlayer::nbd::ServerConfig {
-            log_connections: false,
             workers_per_connection: workers,
             ..Default::default()
         },
@@ -445,7 +444,7 @@ fn qemu_io_over_tcp_on_loopback() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let catalog = std::sync::Arc::new(MemCatalog::standard());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = std::sync::Arc::new(thinlayer::listen::Stop::new());
     let (c, s) = (catalog.clone(), stop.clone());
     let server = std::thread::spawn(move || {
         thinlayer::nbd::serve_tcp(&*c, listener, &Default::default(), &s)
@@ -469,6 +468,6 @@ fn qemu_io_over_tcp_on_loopback() {
         catalog.device("disk").contents(4096, 8192),
         vec![0x5a; 8192]
     );
-    stop.store(true, SeqCst);
+    stop.stop();
     server.join().unwrap().expect("clean shutdown");
 }

@@ -409,13 +409,7 @@ fn half_written_requests_and_vanishing_clients_hurt_no_one() {
 
 #[test]
 fn a_thousand_idle_connections_do_not_starve_a_busy_one() {
-    let server = TestServer::start_with(
-        MemCatalog::standard(),
-        thinlayer::nbd::ServerConfig {
-            log_connections: false,
-            ..Default::default()
-        },
-    );
+    let server = TestServer::start();
     let bystander = Bystander::start(&server);
     let mut idle = Vec::new();
     for i in 0..1000 {

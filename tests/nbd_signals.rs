@@ -7,7 +7,9 @@ use nbd_common::*;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
-use thinlayer::nbd::{install_signal_handlers, serve, Listener, ServerConfig};
+use thinlayer::listen::Stop;
+use thinlayer::nbd::{serve, Listener, ServerConfig};
+use thinlayer::server::install_signal_handlers;
 
 #[test]
 fn sigterm_stops_the_server_after_a_commit_and_removes_its_socket() {
@@ -33,10 +35,10 @@ fn sigterm_stops_the_server_after_a_commit_and_removes_its_socket() {
     };
     assert_eq!(client.read(0, 8), Ok(pattern(0, 8)));
 
-    // SAFETY: raising a signal whose handler only sets an atomic flag.
+    // SAFETY: raising a signal whose handler only sets an atomic flag and writes an eventfd.
     assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
     server.join().unwrap().expect("serve returned an error");
-    assert!(stop.load(SeqCst));
+    assert!(stop.is_stopped());
     assert_eq!(catalog.flush_alls.load(SeqCst), 1);
     assert!(client.is_closed());
     assert!(!path.exists(), "socket file left behind");
@@ -47,7 +49,7 @@ fn a_live_server_on_the_path_is_not_displaced() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("busy.sock");
     let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = Stop::new();
     let err = serve(
         &MemCatalog::standard(),
         &Listener::Unix(path.clone()),

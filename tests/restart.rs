@@ -488,13 +488,22 @@ fn a_restart_that_cannot_start_leaves_the_old_server_serving() {
 fn an_upgrade_runs_the_given_binary_and_a_second_restart_at_once_is_refused() {
     require_prerequisites!();
     let (d, s, fs, writer) = container("64M");
-    // The "new version": another copy of the binary, started slowly through a wrapper so
-    // that a second restart lands while the first one runs.
+    // The "new version": another copy of the binary, started through a wrapper that says it
+    // runs and then waits for the test, so the second restart lands while the first one is
+    // surely under way (the server takes the restart slot before it starts the binary), on a
+    // loaded machine as on an idle one. The wait is bounded, far inside the hello timeout.
     let copy = d.path().join("thinlayer-next");
     std::fs::copy(bin(), &copy).unwrap();
+    let started = d.path().join("next-started");
+    let go = d.path().join("next-go");
     let slow = script(
         &d.path().join("slow-next"),
-        format!("sleep 1\nexec {} \"$@\"", copy.display()),
+        format!(
+            "touch {started}\ni=0\nwhile [ ! -e {go} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\nexec {} \"$@\"",
+            copy.display(),
+            started = started.display(),
+            go = go.display()
+        ),
     );
     let first = Command::new(bin())
         .arg("--pool")
@@ -504,8 +513,16 @@ fn an_upgrade_runs_the_given_binary_and_a_second_restart_at_once_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first restart never started its binary"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let second = tl_output(&s.pool, &["restart"]);
+    std::fs::write(&go, b"").unwrap();
     assert!(!second.status.success(), "two restarts at once both ran");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("already under way"), "{err}");

@@ -5,9 +5,10 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use thinlayer::listen::Stop;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use thinlayer::format::checksum::{self, Kind};
 use thinlayer::format::PAGE_SIZE;
 use thinlayer::nbd::proto::*;
@@ -134,7 +135,30 @@ pub struct NbdServer {
     pub store: Arc<Store>,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+static STOP: Stop = Stop::new();
+
+/// The server's accept thread, joined at exit (`stop_server`).
+static SERVE_THREAD: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
+
+/// How many threads the process runs between inputs: libFuzzer's own, the main thread and the
+/// server's accept thread. Every connection thread has ended when the count is back to it.
+static IDLE_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// At process exit, before LeakSanitizer's check (which `atexit` registered first, so it runs
+/// last): stop the server and join its thread, which joins every connection thread. No thread
+/// of ours is still running, or half-way through its thread-local destructors, when the leak
+/// check looks (an exiting thread's `__cxa_thread_atexit_impl` records would show as leaks).
+extern "C" fn stop_server() {
+    STOP.stop();
+    let thread = SERVE_THREAD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(t) = thread {
+        let _ = t.join();
+    }
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
 
 pub fn nbd_server() -> &'static NbdServer {
     static SERVER: OnceLock<NbdServer> = OnceLock::new();
@@ -156,17 +180,40 @@ pub fn nbd_server() -> &'static NbdServer {
         };
         let config = ServerConfig {
             handshake_timeout: Some(Duration::from_secs(5)),
-            log_connections: false,
             workers_per_connection: 2,
             ..ServerConfig::default()
         };
-        std::thread::spawn(move || serve_unix(&exports, listener, &config, &STOP));
+        let before = thread_count();
+        let thread = std::thread::spawn(move || {
+            let _ = serve_unix(&exports, listener, &config, &STOP);
+        });
+        *SERVE_THREAD.lock().unwrap() = Some(thread);
+        IDLE_THREADS.set(before + 1).unwrap();
+        // SAFETY: `stop_server` is an `extern "C" fn()` that touches only statics.
+        let registered = unsafe { libc::atexit(stop_server) };
+        assert_eq!(registered, 0, "atexit(stop_server) failed");
         NbdServer { socket, store }
     })
 }
 
+/// Wait until every connection thread the server started has ended (the server closes a
+/// connection before its thread has finished): an input leaves no thread behind it, so the
+/// next input and the leak checks find the process as the last input left it.
+fn wait_for_connection_threads() {
+    let idle = *IDLE_THREADS.get().expect("the fuzz server runs");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while thread_count() > idle {
+        assert!(
+            Instant::now() < deadline,
+            "a connection thread outlived its connection by 20 s"
+        );
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 /// Connect, send `input` (then end the write side), and read until the server closes the
-/// connection. A server that keeps the connection open after the client is done is a hang.
+/// connection; then wait for the connection's thread to end. A server that keeps the
+/// connection open after the client is done is a hang.
 pub fn exchange(server: &NbdServer, input: Vec<u8>) -> Vec<u8> {
     let mut s = UnixStream::connect(&server.socket).expect("connect to the fuzz server");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -192,6 +239,8 @@ pub fn exchange(server: &NbdServer, input: Vec<u8>) -> Vec<u8> {
         }
     }
     writer.join().unwrap();
+    drop(s);
+    wait_for_connection_threads();
     out
 }
 

@@ -94,8 +94,26 @@ pub fn default_pool_path() -> PathBuf {
 
 pub use crate::calls::Target;
 
+/// The process's logger (`crate::log`): lines to stderr, warnings and errors labelled, up to
+/// the level `THINLAYER_LOG` names (error, warn, info, debug; info if unset or unknown).
+fn install_logger() {
+    let max = std::env::var("THINLAYER_LOG")
+        .ok()
+        .and_then(|v| crate::log::Level::parse(&v))
+        .unwrap_or(crate::log::Level::Info);
+    crate::log::install(
+        Box::new(|level, line| match level {
+            crate::log::Level::Error => eprintln!("error: {line}"),
+            crate::log::Level::Warn => eprintln!("warning: {line}"),
+            _ => eprintln!("{line}"),
+        }),
+        max,
+    );
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    install_logger();
     let pool = cli.pool.clone().unwrap_or_else(default_pool_path);
     let control = cli
         .control

@@ -7,12 +7,11 @@ use super::proto::{Reply, Request, ServerFrame, WireError};
 use super::socket::{own_uid, peer_of, ControlSocket, Peer};
 use super::wire::{self, MAX_REPLY, MAX_REQUEST};
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use crate::listen::{Accept, Connections, Stop};
+use crate::log::{Level, Log};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// Connections served at once; more are refused with Busy. Each CLI command is one short
@@ -23,96 +22,90 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that stops reading must not hold a handler (and what it locks) for long: a send
 /// that moves nothing for this long gives the client up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_POLL: Duration = Duration::from_millis(100);
 /// Progress frames at most this often (and the last one always).
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
-/// Serves `socket` until `stop` is set: each request goes to `handler` with the peer, the
+/// Serves `socket` until `stop`: each request goes to `handler` with the peer, the
 /// descriptors it carried (already checked: exactly those the request needs) and a progress
 /// callback. On stop it removes the socket file, stops reading requests, lets requests in
-/// flight finish and returns.
-pub fn serve_control<H>(socket: ControlSocket, handler: &H, stop: &AtomicBool) -> Result<()>
+/// flight finish and returns. Lines go to `log`, prefixed "control: ".
+pub fn serve_control<H>(socket: ControlSocket, handler: &H, stop: &Stop, log: &Log) -> Result<()>
 where
     H: Fn(&Peer, Request, Vec<OwnedFd>, &mut dyn FnMut(u64, u64)) -> Result<Reply> + Sync,
 {
-    let listener = socket.listener();
-    accept_timeout(listener, STOP_POLL)
-        .map_err(|e| Error::io(format!("control socket {}", socket.path().display()), e))?;
-    let owner = own_uid();
-    let mine = Hello::server(socket.pool());
-    let pool = socket.pool().to_string();
-    // A second handle on each connection, to wake its reader at shutdown.
-    let open: Mutex<HashMap<u64, UnixStream>> = Mutex::new(HashMap::new());
-    std::thread::scope(|scope| {
-        let mut threads: Vec<std::thread::ScopedJoinHandle<()>> = Vec::new();
-        let mut next_id = 0u64;
-        while !stop.load(Relaxed) {
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if is_transient(&e) => continue,
-                Err(e) => {
-                    // Out of descriptors or similar: say so, back off, keep serving.
-                    eprintln!("control: accept: {e}");
-                    std::thread::sleep(STOP_POLL);
-                    continue;
-                }
-            };
-            let peer = match prepare(&stream) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("control: a new connection: {e}");
-                    continue;
-                }
-            };
-            if peer.uid != owner && peer.uid != 0 {
-                let e = Error::io(
-                    format!(
-                        "uid {} may not use the control socket of pool {pool} (owned by uid {owner})",
-                        peer.uid
-                    ),
-                    io::Error::from_raw_os_error(libc::EACCES),
-                );
-                refuse(&peer, &stream, &e, "not the owner");
-                continue;
-            }
-            threads.retain(|t| !t.is_finished());
-            if threads.len() >= MAX_CONNECTIONS {
-                let e = Error::Busy(format!(
-                    "the server of pool {pool} has {MAX_CONNECTIONS} control connections open; try again"
-                ));
-                refuse(&peer, &stream, &e, "too many connections");
-                continue;
-            }
-            next_id += 1;
-            let id = next_id;
-            match stream.try_clone() {
-                Ok(h) => open.lock().unwrap().insert(id, h),
-                Err(e) => {
-                    eprintln!("control: {peer}: {e}");
-                    continue;
-                }
-            };
-            let (open, mine) = (&open, &mine);
-            let spawned = std::thread::Builder::new()
-                .name(format!("control-{id}"))
-                .spawn_scoped(scope, move || {
-                    connection(peer, &stream, mine, handler);
-                    open.lock().unwrap().remove(&id);
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    eprintln!("control: cannot start a connection thread: {e}");
-                    open.lock().unwrap().remove(&id);
-                }
-            }
+    let log = log.scoped("control");
+    let conns = Control {
+        socket: &socket,
+        owner: own_uid(),
+        mine: Hello::server(socket.pool()),
+        handler,
+        log: &log,
+    };
+    let accept = Accept {
+        what: "control socket",
+        thread_name: "control",
+        stop,
+        log: &log,
+        max_connections: MAX_CONNECTIONS,
+        // A request in flight is one transaction: it runs to its end.
+        grace: None,
+        stack_size: None,
+    };
+    accept
+        .run(socket.listener(), &conns)
+        .map_err(|e| Error::io(format!("control socket {}", socket.path().display()), e))
+}
+
+/// The accept loop's side of the control socket.
+struct Control<'a, H> {
+    socket: &'a ControlSocket,
+    owner: u32,
+    mine: Hello,
+    handler: &'a H,
+    log: &'a Log,
+}
+
+impl<H> Connections<UnixStream> for Control<'_, H>
+where
+    H: Fn(&Peer, Request, Vec<OwnedFd>, &mut dyn FnMut(u64, u64)) -> Result<Reply> + Sync,
+{
+    fn serve(&self, _: u64, stream: UnixStream) {
+        let log = self.log;
+        let peer = match prepare(&stream) {
+            Ok(p) => p,
+            Err(e) => return log.warn(format_args!("a new connection: {e}")),
+        };
+        if peer.uid != self.owner && peer.uid != 0 {
+            let e = Error::io(
+                format!(
+                    "uid {} may not use the control socket of pool {} (owned by uid {})",
+                    peer.uid,
+                    self.socket.pool(),
+                    self.owner
+                ),
+                io::Error::from_raw_os_error(libc::EACCES),
+            );
+            return refuse(log, &peer, &stream, &e, "not the owner");
         }
-        socket.unpublish();
-        for s in open.lock().unwrap().values() {
-            let _ = s.shutdown(std::net::Shutdown::Read);
-        }
-    });
-    Ok(())
+        connection(log, peer, &stream, &self.mine, self.handler);
+    }
+
+    fn too_many(&self, _: u64, stream: UnixStream) {
+        let log = self.log;
+        let peer = match prepare(&stream) {
+            Ok(p) => p,
+            Err(e) => return log.warn(format_args!("a new connection: {e}")),
+        };
+        let e = Error::Busy(format!(
+            "the server of pool {} has {MAX_CONNECTIONS} control connections open; try again",
+            self.socket.pool()
+        ));
+        refuse(log, &peer, &stream, &e, "too many connections");
+    }
+
+    fn stopped_accepting(&self) {
+        self.socket.unpublish();
+    }
 }
 
 /// The accepted socket with a send timeout, and its peer.
@@ -122,36 +115,36 @@ fn prepare(stream: &UnixStream) -> io::Result<Peer> {
 }
 
 /// Tells the client why (as its first frame, in place of the hello) and closes.
-fn refuse(peer: &Peer, stream: &UnixStream, e: &Error, why: &str) {
+fn refuse(log: &Log, peer: &Peer, stream: &UnixStream, e: &Error, why: &str) {
     let _ = send_frame(stream, &ServerFrame::Error(WireError::from(e)));
-    eprintln!("control: {peer}: refused, {why}");
+    log.warn(format_args!("{peer}: refused, {why}"));
 }
 
-fn connection<H>(peer: Peer, stream: &UnixStream, mine: &Hello, handler: &H)
+fn connection<H>(log: &Log, peer: Peer, stream: &UnixStream, mine: &Hello, handler: &H)
 where
     H: Fn(&Peer, Request, Vec<OwnedFd>, &mut dyn FnMut(u64, u64)) -> Result<Reply> + Sync,
 {
-    let log = |what: &str| eprintln!("control: {peer}: {what}");
+    let warn = |what: &str| log.warn(format_args!("{peer}: {what}"));
     let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
     // Descriptors sent with a hello are not asked for; dropping them closes them.
     let body = match wire::recv(stream, MAX_REQUEST) {
         Ok(Some((body, _fds))) => body,
         // What a probe (`ControlSocket::bind` finding us alive) looks like.
-        Ok(None) => return log("closed before the hello"),
-        Err(e) => return drop_client(&peer, stream, e, "before the hello"),
+        Ok(None) => return log.debug(format_args!("{peer}: closed before the hello")),
+        Err(e) => return drop_client(log, &peer, stream, e, "before the hello"),
     };
     match hello::answer(stream, &body, mine) {
         Ok(Greeting::Agreed) => {}
         Ok(Greeting::Mismatch(theirs)) => {
             let who = theirs.client.as_deref().unwrap_or("a client");
-            return log(&format!(
+            return warn(&format!(
                 "{who} speaks control protocol version {}, this server {VERSION}; closed",
                 theirs.version
             ));
         }
         Err(e) => {
             let _ = send_frame(stream, &ServerFrame::Error(WireError::from(&e)));
-            return log(&format!("refused: {e}"));
+            return warn(&format!("refused: {e}"));
         }
     }
     let _ = stream.set_read_timeout(None);
@@ -159,15 +152,15 @@ where
         let (body, fds) = match wire::recv(stream, MAX_REQUEST) {
             Ok(Some(m)) => m,
             Ok(None) => return,
-            Err(e) => return drop_client(&peer, stream, e, "reading a request"),
+            Err(e) => return drop_client(log, &peer, stream, e, "reading a request"),
         };
         match wire::decode::<Request>(&body) {
-            Ok(req) => run(&peer, stream, req, fds, handler),
+            Ok(req) => run(log, &peer, stream, req, fds, handler),
             Err(e) => {
                 // The framing is intact, so the connection can go on.
                 let e = Error::InvalidInput(format!("not a control request: {e}"));
                 let _ = send_frame(stream, &ServerFrame::Error(WireError::from(&e)));
-                log(&format!("refused: {e}"));
+                warn(&format!("refused: {e}"));
             }
         }
     }
@@ -175,15 +168,15 @@ where
 
 /// Ends a connection whose stream cannot go on (bad frame, cut short): tell the client what
 /// was wrong when it is a protocol fault, log it either way.
-fn drop_client(peer: &Peer, stream: &UnixStream, e: io::Error, when: &str) {
+fn drop_client(log: &Log, peer: &Peer, stream: &UnixStream, e: io::Error, when: &str) {
     if e.kind() == io::ErrorKind::InvalidData {
         let err = Error::InvalidInput(e.to_string());
         let _ = send_frame(stream, &ServerFrame::Error(WireError::from(&err)));
     }
-    eprintln!("control: {peer}: dropped {when}: {e}");
+    log.warn(format_args!("{peer}: dropped {when}: {e}"));
 }
 
-fn run<H>(peer: &Peer, stream: &UnixStream, req: Request, fds: Vec<OwnedFd>, handler: &H)
+fn run<H>(log: &Log, peer: &Peer, stream: &UnixStream, req: Request, fds: Vec<OwnedFd>, handler: &H)
 where
     H: Fn(&Peer, Request, Vec<OwnedFd>, &mut dyn FnMut(u64, u64)) -> Result<Reply> + Sync,
 {
@@ -196,11 +189,11 @@ where
     };
     let result = check_fds(&req, &fds)
         .and_then(|()| handler(peer, req, fds, &mut |d, t| progress.send(d, t)));
-    let (frame, outcome) = match result {
-        Ok(reply) => (ServerFrame::Reply(reply), "ok".to_string()),
+    let (frame, outcome, level) = match result {
+        Ok(reply) => (ServerFrame::Reply(reply), "ok".to_string(), Level::Info),
         Err(e) => {
             let o = format!("error: {e}");
-            (ServerFrame::Error(WireError::from(&e)), o)
+            (ServerFrame::Error(WireError::from(&e)), o, Level::Warn)
         }
     };
     let (sent, outcome) = match send_frame(stream, &frame) {
@@ -208,12 +201,16 @@ where
         Ok(None) => (Ok(()), outcome),
         Err(e) => (Err(e), outcome),
     };
+    let level = if sent.is_err() { Level::Warn } else { level };
     let ms = start.elapsed().as_secs_f64() * 1e3;
     let lost = match sent {
         Ok(()) => String::new(),
         Err(e) => format!("; the reply was lost ({e})"),
     };
-    eprintln!("control: {peer}: {what}: {outcome} ({ms:.2} ms){lost}");
+    log.line(
+        level,
+        format_args!("{peer}: {what}: {outcome} ({ms:.2} ms){lost}"),
+    );
 }
 
 /// Validate at the edge: exactly the descriptors the request needs, open the right way.
@@ -282,35 +279,4 @@ fn send_frame(stream: &UnixStream, frame: &ServerFrame) -> io::Result<Option<Err
     ));
     let bytes = wire::encode(&ServerFrame::Error(WireError::from(&e)))?;
     wire::send(stream, &bytes, &[]).map(|()| Some(e))
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-    )
-}
-
-/// Makes a blocking accept() on `listener` give up after `every` (socket(7): SO_RCVTIMEO
-/// applies to accept), so the loop sees the stop flag that often yet takes a connection the
-/// moment it arrives.
-fn accept_timeout(listener: &UnixListener, every: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: every.as_secs() as libc::time_t,
-        tv_usec: every.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: setsockopt reads one timeval from `tv`, as SO_RCVTIMEO expects.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -6,6 +6,7 @@
 
 use super::names::file_name;
 use crate::error::{Error, Result};
+use crate::log::{self, Level};
 use crate::volume::exports::{Attached, Holder, LiveExports};
 use crate::volume::BlockDevice;
 use std::collections::{BTreeMap, HashMap};
@@ -302,10 +303,13 @@ impl Table {
             let open = f.open_handles();
             if open == 0 || force {
                 if open > 0 {
-                    eprintln!(
-                        "thinlayer: detach --force {layer:?}: {} was open {open} time(s); \
-                         its further I/O fails with EIO",
-                        f.path.display()
+                    log::process(
+                        Level::Warn,
+                        format_args!(
+                            "thinlayer: detach --force {layer:?}: {} was open {open} time(s); \
+                             its further I/O fails with EIO",
+                            f.path.display()
+                        ),
                     );
                 }
                 // Dropping the last reference unregisters the layer from the exports.

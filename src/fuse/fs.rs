@@ -10,6 +10,7 @@
 
 use super::files::{LiveFile, Table, ROOT_INO};
 use crate::error::Error;
+use crate::log::{self, Level};
 use crate::volume::BlockDevice;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -137,12 +138,18 @@ impl Fs {
         }
         let n = self.errors.fetch_add(1, Ordering::Relaxed);
         if n < LOGGED_ERRORS {
-            eprintln!(
-                "thinlayer: live file {}: {what} of {len} bytes at byte {offset} failed: {e}",
-                f.path.display()
+            log::process(
+                Level::Warn,
+                format_args!(
+                    "thinlayer: live file {}: {what} of {len} bytes at byte {offset} failed: {e}",
+                    f.path.display()
+                ),
             );
         } else if n == LOGGED_ERRORS {
-            eprintln!("thinlayer: live files: further errors are counted, not logged");
+            log::process(
+                Level::Warn,
+                format_args!("thinlayer: live files: further errors are counted, not logged"),
+            );
         }
         Errno::from_i32(e.errno())
     }

@@ -26,6 +26,7 @@ pub use files::{FileState, LostWrites, CLOSE_GRACE};
 pub use mount::unescape as unescape_mountinfo;
 
 use crate::error::{Error, Result};
+use crate::log::{self, Level};
 use crate::volume::exports::LiveExports;
 use files::Table;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -260,10 +261,14 @@ impl LiveFiles {
             return Ok(());
         };
         for f in self.list().iter().filter(|f| f.open > 0) {
-            eprintln!(
-                "thinlayer: live file {} is still open ({} handle(s)); its I/O fails from now on",
-                f.path.display(),
-                f.open
+            log::process(
+                Level::Warn,
+                format_args!(
+                    "thinlayer: live file {} is still open ({} handle(s)); its I/O fails from \
+                     now on",
+                    f.path.display(),
+                    f.open
+                ),
             );
         }
         let dir = self.dir();
@@ -272,8 +277,14 @@ impl LiveFiles {
         if complete {
             // The kernel ends the session once the mount is gone.
             match thread.join() {
-                Ok(Err(e)) => eprintln!("thinlayer: live files session: {e}"),
-                Err(_) => eprintln!("thinlayer: live files session thread panicked"),
+                Ok(Err(e)) => log::process(
+                    Level::Error,
+                    format_args!("thinlayer: live files session: {e}"),
+                ),
+                Err(_) => log::process(
+                    Level::Error,
+                    format_args!("thinlayer: live files session thread panicked"),
+                ),
                 Ok(Ok(())) => {}
             }
         }

@@ -3,6 +3,7 @@
 //! it, says so, and detaches it lazily before mounting afresh.
 
 use crate::error::{Error, Result};
+use crate::log::{self, Level};
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -15,10 +16,13 @@ pub fn prepare(dir: &Path) -> Result<PathBuf> {
     if let Err(e) = std::fs::metadata(dir) {
         if e.raw_os_error() == Some(libc::ENOTCONN) {
             detach_lazily(dir).map_err(|e| Error::io(ctx("unmounting the dead mount at"), e))?;
-            eprintln!(
-                "thinlayer: {} was a dead live-files mount (a server was killed): unmounted it; \
-                 loop devices still on its files fail with EIO until they are detached",
-                dir.display()
+            log::process(
+                Level::Warn,
+                format_args!(
+                    "thinlayer: {} was a dead live-files mount (a server was killed): unmounted \
+                     it; loop devices still on its files fail with EIO until they are detached",
+                    dir.display()
+                ),
             );
         }
     }

@@ -2,24 +2,18 @@
 //! in-flight requests finish, commit the pool.
 
 use super::handshake::{self, Outcome};
-use super::log::LogSink;
 use super::stream::Stream;
 use super::transmission::{self, End, Limits, Stats};
+use crate::listen::{Accept, Connections, Listen, Stop};
+use crate::log::Log;
 use crate::volume::ExportCatalog;
 use crate::{Error, Result};
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-/// How often the accept loop looks at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(100);
+use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -38,11 +32,9 @@ pub struct ServerConfig {
     /// At shutdown, how long connections get to finish in-flight requests before they are
     /// cut off (a client that stops reading replies would otherwise hold shutdown forever).
     pub shutdown_grace: Duration,
-    /// One line per connection in the log.
-    pub log_connections: bool,
-    /// Where log lines go: connections (if `log_connections`), refused requests and device
-    /// errors (a few per connection), accept failures.
-    pub log: LogSink,
+    /// Where log lines go, each prefixed "nbd: ": a line per connection (info), refused
+    /// requests and device errors (warn, a few per connection), accept failures (error).
+    pub log: Log,
 }
 
 impl Default for ServerConfig {
@@ -55,8 +47,7 @@ impl Default for ServerConfig {
             handshake_timeout: Some(Duration::from_secs(30)),
             default_export: None,
             shutdown_grace: Duration::from_secs(10),
-            log_connections: true,
-            log: LogSink::stderr(),
+            log: Log::process(),
         }
     }
 }
@@ -84,7 +75,7 @@ pub fn serve(
     catalog: &dyn ExportCatalog,
     listener: &Listener,
     config: &ServerConfig,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<()> {
     serve_bound(catalog, bind(listener)?, config, stop)
 }
@@ -135,7 +126,7 @@ pub fn serve_bound(
     catalog: &dyn ExportCatalog,
     bound: Bound,
     config: &ServerConfig,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<()> {
     match bound {
         Bound::Tcp(l) => serve_tcp(catalog, l, config, stop),
@@ -166,18 +157,9 @@ pub fn serve_unix(
     catalog: &dyn ExportCatalog,
     listener: UnixListener,
     config: &ServerConfig,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<()> {
-    let fd = listener.as_raw_fd();
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io("nbd: unix listener", e))?;
-    let accept = || {
-        let (s, _) = listener.accept()?;
-        s.set_nonblocking(false)?;
-        Ok((Stream::Unix(s), None))
-    };
-    Server::new(catalog, config, stop).run(fd, "unix", accept)
+    Server::new(catalog, config, stop, "unix").run(&listener, |s| Ok((Stream::Unix(s), None)))
 }
 
 /// Serves on an already-bound TCP listener.
@@ -185,29 +167,23 @@ pub fn serve_tcp(
     catalog: &dyn ExportCatalog,
     listener: TcpListener,
     config: &ServerConfig,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<()> {
-    let fd = listener.as_raw_fd();
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io("nbd: tcp listener", e))?;
-    let accept = || {
-        let (s, peer) = listener.accept()?;
-        s.set_nonblocking(false)?;
+    Server::new(catalog, config, stop, "tcp").run(&listener, |s: TcpStream| {
+        let peer = s.peer_addr().ok();
         // Replies are written whole; waiting to coalesce them only adds latency.
         s.set_nodelay(true)?;
-        Ok((Stream::Tcp(s), Some(peer)))
-    };
-    Server::new(catalog, config, stop).run(fd, "tcp", accept)
+        Ok((Stream::Tcp(s), peer))
+    })
 }
 
 struct Server<'a> {
     catalog: &'a dyn ExportCatalog,
     config: &'a ServerConfig,
-    stop: &'a AtomicBool,
+    stop: &'a Stop,
     limits: Limits,
-    /// A second handle on every open connection, to wake its reader at shutdown.
-    open: Mutex<HashMap<u64, Stream>>,
+    kind: &'static str,
+    log: Log,
 }
 
 /// Who a log line is about.
@@ -227,8 +203,43 @@ impl fmt::Display for Client {
     }
 }
 
+/// The accept loop's side of the server, for one kind of socket.
+struct Conns<'s, 'a, F> {
+    server: &'s Server<'a>,
+    wrap: F,
+}
+
+impl<C, F> Connections<C> for Conns<'_, '_, F>
+where
+    F: Fn(C) -> io::Result<(Stream, Option<SocketAddr>)> + Sync,
+{
+    fn serve(&self, id: u64, conn: C) {
+        let kind = self.server.kind;
+        match (self.wrap)(conn) {
+            Ok((stream, peer)) => self.server.connection(Client { kind, id, peer }, stream),
+            Err(e) => self
+                .server
+                .log
+                .warn(format_args!("{kind} client #{id}: {e}")),
+        }
+    }
+
+    fn too_many(&self, id: u64, _: C) {
+        let kind = self.server.kind;
+        let log = &self.server.log;
+        log.warn(format_args!(
+            "{kind} client #{id}: refused, too many connections"
+        ));
+    }
+}
+
 impl<'a> Server<'a> {
-    fn new(catalog: &'a dyn ExportCatalog, config: &'a ServerConfig, stop: &'a AtomicBool) -> Self {
+    fn new(
+        catalog: &'a dyn ExportCatalog,
+        config: &'a ServerConfig,
+        stop: &'a Stop,
+        kind: &'static str,
+    ) -> Self {
         Server {
             catalog,
             config,
@@ -238,85 +249,36 @@ impl<'a> Server<'a> {
                 max_in_flight: config.max_in_flight,
                 max_in_flight_bytes: config.max_in_flight_bytes,
             },
-            open: Mutex::new(HashMap::new()),
+            kind,
+            log: config.log.scoped("nbd"),
         }
     }
 
-    fn run(
+    /// Accepts until stop (`crate::listen`), then commits with `flush_all`.
+    fn run<L: Listen>(
         &self,
-        listen_fd: RawFd,
-        kind: &'static str,
-        mut accept: impl FnMut() -> io::Result<(Stream, Option<SocketAddr>)>,
-    ) -> Result<()> {
-        std::thread::scope(|scope| {
-            let mut next_id = 0u64;
-            let mut threads = Vec::new();
-            while !self.stop.load(Relaxed) {
-                if !readable(listen_fd, STOP_POLL) {
-                    continue;
-                }
-                let (stream, peer) = match accept() {
-                    Ok(s) => s,
-                    Err(e) if is_transient(&e) => continue,
-                    Err(e) => {
-                        // Out of descriptors or similar: say so, back off, keep serving.
-                        let log = &self.config.log;
-                        log.line(format_args!("accept on {kind} listener: {e}"));
-                        std::thread::sleep(STOP_POLL);
-                        continue;
-                    }
-                };
-                next_id += 1;
-                let client = Client {
-                    kind,
-                    id: next_id,
-                    peer,
-                };
-                threads.retain(|t: &std::thread::ScopedJoinHandle<()>| !t.is_finished());
-                if threads.len() >= self.config.max_connections {
-                    self.log(format_args!("{client}: refused, too many connections"));
-                    continue;
-                }
-                match stream.try_clone() {
-                    Ok(handle) => self.open.lock().unwrap().insert(client.id, handle),
-                    Err(e) => {
-                        self.log(format_args!("{client}: {e}"));
-                        continue;
-                    }
-                };
-                let spawned = std::thread::Builder::new()
-                    .name(format!("nbd-conn-{}", client.id))
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(scope, move || self.connection(client, stream));
-                match spawned {
-                    Ok(t) => threads.push(t),
-                    Err(e) => {
-                        let log = &self.config.log;
-                        log.line(format_args!("cannot start a connection thread: {e}"));
-                        self.open.lock().unwrap().remove(&next_id);
-                    }
-                }
-            }
-            self.close_connections();
-        });
+        listener: &L,
+        wrap: impl Fn(L::Conn) -> io::Result<(Stream, Option<SocketAddr>)> + Sync,
+    ) -> Result<()>
+    where
+        L::Conn: 'static,
+    {
+        let what = format!("{} listener", self.kind);
+        let accept = Accept {
+            what: &what,
+            thread_name: "nbd-conn",
+            stop: self.stop,
+            log: &self.log,
+            max_connections: self.config.max_connections,
+            grace: Some(self.config.shutdown_grace),
+            stack_size: Some(256 * 1024),
+        };
+        accept
+            .run(listener, &Conns { server: self, wrap })
+            .map_err(|e| Error::io(format!("nbd: {what}"), e))?;
         self.catalog
             .flush_all()
             .map_err(|e| e.context("nbd: commit at shutdown"))
-    }
-
-    /// Stops every connection reading requests, waits for them to answer what they have, and
-    /// cuts off those still busy after the grace period.
-    fn close_connections(&self) {
-        for s in self.open.lock().unwrap().values() {
-            s.shutdown_read();
-        }
-        let deadline = Instant::now() + self.config.shutdown_grace;
-        while Instant::now() < deadline && !self.open.lock().unwrap().is_empty() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for s in self.open.lock().unwrap().values() {
-            s.shutdown_both();
-        }
     }
 
     fn connection(&self, client: Client, mut stream: Stream) {
@@ -331,7 +293,7 @@ impl<'a> Server<'a> {
                     stream,
                     &self.limits,
                     self.stop,
-                    &self.config.log,
+                    &self.log,
                     &client,
                 );
                 let export = &session.export;
@@ -342,7 +304,7 @@ impl<'a> Server<'a> {
                 ));
             }
             Ok(Outcome::Aborted) => self.log(format_args!("{client}: left during handshake")),
-            Err(e) if self.stop.load(Relaxed) => self.log(format_args!(
+            Err(e) if self.stop.is_stopped() => self.log(format_args!(
                 "{client}: closed by shutdown during handshake ({e})"
             )),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -364,13 +326,11 @@ impl<'a> Server<'a> {
             }
             Err(e) => self.log(format_args!("{client}: handshake failed: {e}")),
         }
-        self.open.lock().unwrap().remove(&client.id);
     }
 
+    /// A line about a connection's life.
     fn log(&self, line: fmt::Arguments) {
-        if self.config.log_connections {
-            self.config.log.line(line);
-        }
+        self.log.info(line)
     }
 }
 
@@ -398,23 +358,4 @@ fn summary(s: &Stats) -> String {
 /// `30 s`, `0.2 s`.
 fn seconds(d: Duration) -> String {
     format!("{} s", d.as_secs_f64())
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-    )
-}
-
-/// Waits up to `timeout` for `fd` to have a connection to accept.
-fn readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `p` is one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
-    n > 0
 }

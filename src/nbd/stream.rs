@@ -25,15 +25,6 @@ impl Stream {
         }
     }
 
-    /// Wakes a thread blocked reading this socket (it sees end of file), leaving replies free
-    /// to go out: how shutdown lets in-flight requests finish.
-    pub fn shutdown_read(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Read),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
-        };
-    }
-
     pub fn shutdown_both(&self) {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),

@@ -8,12 +8,13 @@
 //! cannot make the server allocate without limit.
 
 use super::handshake::{Session, MAX_PAYLOAD};
-use super::log::LogSink;
 use super::proto::*;
 use super::queue::{Dispatch, JobQueue};
 use super::reply;
 use super::stream::{drain, Stream};
 use super::validate::{Edge, Refusal};
+use crate::listen::Stop;
+use crate::log::Log;
 use crate::volume::BlockDevice;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -71,7 +72,7 @@ struct Shared<'a> {
     session: &'a Session,
     device: &'a dyn BlockDevice,
     limits: &'a Limits,
-    log: &'a LogSink,
+    log: &'a Log,
     /// Who the connection is, for log lines.
     client: &'a (dyn fmt::Display + Sync),
     writer: Mutex<Stream>,
@@ -91,8 +92,8 @@ pub fn run(
     session: &Session,
     stream: Stream,
     limits: &Limits,
-    stop: &AtomicBool,
-    log: &LogSink,
+    stop: &Stop,
+    log: &Log,
     client: &(dyn fmt::Display + Sync),
 ) -> (Stats, End) {
     let reader = match stream.try_clone() {
@@ -124,7 +125,7 @@ pub fn run(
         end
     });
     let end = match end {
-        End::Vanished | End::Io(_) if stop.load(Relaxed) => End::Shutdown,
+        End::Vanished | End::Io(_) if stop.is_stopped() => End::Shutdown,
         e => e,
     };
     let stats = Stats {
@@ -237,7 +238,7 @@ impl<'a> Shared<'a> {
     fn log(&self, what: fmt::Arguments) {
         let export = &self.session.export;
         self.log
-            .line(format_args!("{} export \"{export}\": {what}", self.client));
+            .warn(format_args!("{} export \"{export}\": {what}", self.client));
     }
 
     fn submit<'s>(&'s self, job: Job, scope: &'s std::thread::Scope<'s, '_>) {

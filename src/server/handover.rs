@@ -23,6 +23,7 @@ use super::{Config, Parts};
 use crate::control::{wire, ControlSocket, Reply, Status};
 use crate::error::{Error, Result};
 use crate::fuse::{FileState, LiveFiles};
+use crate::log::{self, Level};
 use crate::nbd::{Bound, Listener, ServerConfig};
 use crate::volume::exports::LiveExports;
 use crate::volume::Store;
@@ -227,9 +228,12 @@ impl Serving<'_> {
             }
         };
         let held = closed.elapsed();
-        eprintln!(
-            "thinlayer: handed over to pid {new_pid} ({shown}); I/O held {} ms; exiting",
-            held.as_millis()
+        log::process(
+            Level::Info,
+            format_args!(
+                "thinlayer: handed over to pid {new_pid} ({shown}); I/O held {} ms; exiting",
+                held.as_millis()
+            ),
         );
         // 4. The new process serves. Exit once the reply is on its way; the requests held
         // at the gate are the kernel's to resend (FUSE) or the clients' to retry (NBD).
@@ -390,11 +394,14 @@ pub fn resume(fd: RawFd, command_line: &str) -> Result<()> {
 fn resend(f: &LiveFiles) {
     match f.resend() {
         Ok(true) => {}
-        Ok(false) => eprintln!(
-            "thinlayer: this kernel cannot resend FUSE requests (Linux 6.9 has \
-             FUSE_NOTIFY_RESEND): requests the old process held stay unanswered"
+        Ok(false) => log::process(
+            Level::Warn,
+            format_args!(
+                "thinlayer: this kernel cannot resend FUSE requests (Linux 6.9 has \
+                 FUSE_NOTIFY_RESEND): requests the old process held stay unanswered"
+            ),
         ),
-        Err(e) => eprintln!("thinlayer: {e}"),
+        Err(e) => log::process(Level::Error, format_args!("thinlayer: {e}")),
     }
 }
 
@@ -488,6 +495,9 @@ fn wait_gone(pid: u32) {
     };
     // SAFETY: one pollfd we own.
     if unsafe { libc::poll(&mut p, 1, 60_000) } == 0 {
-        eprintln!("thinlayer: the old server (pid {pid}) is still there after 60 s");
+        log::process(
+            Level::Warn,
+            format_args!("thinlayer: the old server (pid {pid}) is still there after 60 s"),
+        );
     }
 }

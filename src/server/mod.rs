@@ -9,16 +9,20 @@
 
 pub mod handover;
 pub mod ops;
+mod signals;
+
+pub use signals::install_signal_handlers;
 
 use crate::control::{serve_control, ControlSocket, Peer, Reply, Request};
 use crate::error::Result;
 use crate::fuse::LiveFiles;
+use crate::listen::Stop;
+use crate::log::Log;
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::volume::exports::LiveExports;
 use crate::volume::{Committer, Store};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,7 +67,10 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let started = SystemTime::now();
     let store = Arc::new(Store::open(&cfg.pool, command_line)?);
     for name in store.discarded() {
-        eprintln!("thinlayer: removed layer {name:?}: a crash interrupted its import");
+        let log = Log::process().scoped("thinlayer");
+        log.warn(format_args!(
+            "removed layer {name:?}: a crash interrupted its import"
+        ));
     }
     for name in &cfg.only {
         store.layer(name)?;
@@ -112,7 +119,8 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
 /// (then this process exits from `handover`). `then`: run once serving (the new process of
 /// a restart tells the old one).
 pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Result<()> {
-    let stop = nbd::install_signal_handlers()?;
+    let stop = install_signal_handlers()?;
+    let log = Log::process().scoped("thinlayer");
     let Parts {
         cfg,
         store,
@@ -130,8 +138,8 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
-    eprintln!(
-        "thinlayer: serving {} on {} (NBD) and {} (control): {} layer(s){}",
+    log.info(format_args!(
+        "serving {} on {} (NBD) and {} (control): {} layer(s){}",
         cfg.pool.display(),
         cfg.nbd,
         cfg.control.display(),
@@ -141,12 +149,12 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         } else {
             format!(", exports fixed to {}", cfg.only.join(", "))
         }
-    );
+    ));
     if let Some(f) = &files {
-        eprintln!("thinlayer: live files in {}", f.dir().display());
+        log.info(format_args!("live files in {}", f.dir().display()));
     }
     if let Some(p) = &cfg.containerd {
-        eprintln!("thinlayer: containerd snapshotter on {}", p.display());
+        log.info(format_args!("containerd snapshotter on {}", p.display()));
     }
     let me = handover::Serving {
         cfg: &cfg,
@@ -186,10 +194,10 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         f();
     }
     let (nbd_result, control_result) = std::thread::scope(|s| {
-        let c = s.spawn(|| serve_control(control, &handler, &stop));
+        let c = s.spawn(|| serve_control(control, &handler, &stop, &Log::process()));
         let n = nbd::serve_bound(&*exports, nbd_socket, &cfg.nbd_config, &stop);
         // Whatever ended the NBD side ends the control side too.
-        stop.store(true, Ordering::Relaxed);
+        stop.stop();
         (n, c.join().expect("control thread panicked"))
     });
     if let Some(c) = committer {
@@ -204,7 +212,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
     snapshotter_result?;
     store.flush().map_err(|e| e.context("final commit"))?;
     unmounted?;
-    eprintln!("thinlayer: stopped; all writes committed");
+    log.info(format_args!("stopped; all writes committed"));
     Ok(())
 }
 
@@ -218,7 +226,7 @@ fn start_snapshotter(
     exports: &Arc<LiveExports>,
     containerd: Option<ControlSocket>,
     files: Option<&Arc<LiveFiles>>,
-    stop: &Arc<AtomicBool>,
+    stop: &Arc<Stop>,
 ) -> Result<Option<Join>> {
     use crate::snapshot::{self, Snapshots};
     let (Some(socket), Some(f)) = (containerd, files) else {
@@ -237,7 +245,7 @@ fn start_snapshotter(
     _: &Arc<LiveExports>,
     containerd: Option<ControlSocket>,
     _: Option<&Arc<LiveFiles>>,
-    _: &Arc<AtomicBool>,
+    _: &Arc<Stop>,
 ) -> Result<Option<Join>> {
     match containerd {
         Some(_) => Err(crate::features::missing(

@@ -7,6 +7,7 @@ use crate::control::{ConnectionInfo, Reply, Request, Status};
 use crate::error::{Error, Result};
 use crate::fuse::LiveFiles;
 use crate::live::LivePool;
+use crate::log::{self, Level};
 use crate::stream::content;
 use crate::volume::exports::LiveExports;
 use crate::volume::Store;
@@ -40,7 +41,10 @@ pub fn execute(
         }
         Request::Remove { name, force } => {
             let freed = pool.remove(&name, force, &mut |n| {
-                eprintln!("thinlayer: rm --force {name:?}: cut off {n} connection(s)")
+                log::process(
+                    Level::Warn,
+                    format_args!("thinlayer: rm --force {name:?}: cut off {n} connection(s)"),
+                )
             })?;
             Ok(Reply::Removed { name, freed })
         }
@@ -207,7 +211,12 @@ pub fn direct(
             let label = label.unwrap_or_else(|| passed("file", &name));
             let stats =
                 crate::image::export_pool(pool, &name, &out, &label, progress, &mut || {
-                    eprintln!("thinlayer: {name:?} changed while being exported; starting again")
+                    log::process(
+                        Level::Info,
+                        format_args!(
+                            "thinlayer: {name:?} changed while being exported; starting again"
+                        ),
+                    )
                 })?;
             Ok(Reply::Exported { stats })
         }

@@ -8,6 +8,7 @@
 use super::{ext4, keys};
 use crate::error::{Error, Result};
 use crate::live::LivePool;
+use crate::log::{self, Level};
 use crate::volume::{LayerInfo, Store};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,7 +74,10 @@ impl Bases {
         let made = self.make(pool, &name, &image, size);
         let _ = std::fs::remove_file(&image);
         made?;
-        eprintln!("thinlayer: made formatted base {name:?} for containerd");
+        log::process(
+            Level::Info,
+            format_args!("thinlayer: made formatted base {name:?} for containerd"),
+        );
         Ok(name)
     }
 

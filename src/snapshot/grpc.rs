@@ -11,15 +11,17 @@ use super::snapshots::Snapshots;
 use super::status::Failure;
 use crate::control::ControlSocket;
 use crate::error::{Error, Result};
+use crate::listen::Stop;
+use crate::log::Log;
+use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tonic::{Code, Request, Response, Status};
-
-/// How often the server looks at the stop flag the signal handlers set.
-const STOP_POLL: Duration = Duration::from_millis(100);
 /// Worker threads moving gRPC requests (the store work runs on the blocking pool).
 const WORKERS: usize = 2;
 
@@ -37,7 +39,8 @@ impl Service {
                     f.code,
                     Code::Internal | Code::ResourceExhausted | Code::DataLoss
                 ) {
-                    eprintln!("thinlayer: containerd request failed: {}", f.message);
+                    let log = Log::process();
+                    log.error(format_args!("containerd request failed: {}", f.message));
                 }
                 f.into()
             }),
@@ -187,7 +190,7 @@ impl Server {
         core: Arc<Snapshots>,
         path: &Path,
         pool: &Path,
-        stop: Arc<AtomicBool>,
+        stop: Arc<Stop>,
     ) -> Result<Server> {
         let ctx = format!("containerd socket {}", path.display());
         let socket = ControlSocket::bind(path, pool).map_err(|e| e.context(&ctx))?;
@@ -198,9 +201,12 @@ impl Server {
     pub fn start_on(
         core: Arc<Snapshots>,
         socket: ControlSocket,
-        stop: Arc<AtomicBool>,
+        stop: Arc<Stop>,
     ) -> Result<Server> {
         let ctx = format!("containerd socket {}", socket.path().display());
+        let stop_fd = stop
+            .wake_fd()
+            .map_err(|e| Error::io(format!("{ctx}: the stop signal"), e))?;
         let std_listener = socket.listener_clone().map_err(|e| e.context(&ctx))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKERS)
@@ -218,11 +224,7 @@ impl Server {
                     let listener = tokio::net::UnixListener::from_std(std_listener)
                         .map_err(|e| Error::io(format!("{ctx}: registering it"), e))?;
                     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-                    let stopped = async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            tokio::time::sleep(STOP_POLL).await;
-                        }
-                    };
+                    let stopped = stopped(stop, stop_fd);
                     tonic::transport::Server::builder()
                         .add_service(wire::snapshots_server::SnapshotsServer::new(Service(core)))
                         .serve_with_incoming_shutdown(incoming, stopped)
@@ -239,10 +241,35 @@ impl Server {
         Ok(Server { thread })
     }
 
-    /// Wait for the server to end (after `stop` was set).
+    /// Wait for the server to end (after `stop`).
     pub fn join(self) -> Result<()> {
         self.thread
             .join()
             .unwrap_or_else(|_| Err(Error::panicked("the containerd server")))
+    }
+}
+
+/// Resolves once `stop` is set: the reactor watches the stop's eventfd, so nothing polls.
+async fn stopped(stop: Arc<Stop>, fd: RawFd) {
+    // A descriptor of our own on the eventfd, so the reactor's stays open as long as it needs.
+    // SAFETY: `fd` is open (`stop` holds it) for the duration of the call.
+    let own = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned();
+    // SAFETY: the AsyncFd owns `dup`, which stays open and the same until it is dropped.
+    let watch = own.and_then(|dup| unsafe {
+        AsyncFd::register_with_interest(dup, Interest::READABLE).map_err(io::Error::from)
+    });
+    if let Ok(watch) = watch {
+        while !stop.is_stopped() {
+            match watch.readable().await {
+                // Readable means stopped; clear readiness in case it was spurious.
+                Ok(mut ready) if !stop.is_stopped() => ready.clear_ready(),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    if !stop.is_stopped() {
+        // The reactor refused the descriptor: wait on a blocking thread instead.
+        let _ = tokio::task::spawn_blocking(move || stop.wait(None)).await;
     }
 }

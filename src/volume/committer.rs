@@ -2,6 +2,7 @@
 //! bound what a crash can lose when clients never flush, and the open transaction's memory.
 
 use super::store::Store;
+use crate::log::{self, Level};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -34,7 +35,10 @@ impl Committer {
                     let big = store.pending_bytes() > PENDING_TRIGGER_BYTES;
                     if (waited >= every || big) && store.has_pending() {
                         if let Err(e) = store.flush() {
-                            eprintln!("thinlayer: background commit failed: {e}");
+                            log::process(
+                                Level::Error,
+                                format_args!("thinlayer: background commit failed: {e}"),
+                            );
                         }
                         waited = Duration::ZERO;
                     }

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,30 @@ use std::time::{Duration, Instant};
 const STEP_TIMEOUT: Duration = Duration::from_secs(400);
 
 static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Retries taken so far by this test binary: boots again, attaches again.
+static RETRIES: AtomicUsize = AtomicUsize::new(0);
+
+/// Count a retry and say so where every run shows it: straight to stderr, which the test
+/// harness does not capture (`eprintln!` output of a passing test is hidden), so a CI log
+/// shows each retry of a test that passed in the end.
+pub fn note_retry(what: &str) -> usize {
+    let n = RETRIES.fetch_add(1, Ordering::Relaxed) + 1;
+    let line = format!("guest tests: retry #{n}: {what}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    n
+}
+
+/// A guest script's own retries: the `RETRY ...` lines `tools/guest/lib.sh` prints.
+fn note_guest_retries(console: &Console) {
+    for line in console
+        .lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("RETRY "))
+    {
+        note_retry(line.trim_end());
+    }
+}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -222,6 +247,7 @@ impl Guest {
         out
     }
 
+    /// Waits until the console has ended, and counts the retries the script reports.
     fn wait_output_end(&self) {
         let (lock, cv) = &*self.console;
         let mut c = self::lock(lock);
@@ -231,6 +257,7 @@ impl Guest {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        note_guest_retries(&c);
     }
 }
 

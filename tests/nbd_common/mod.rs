@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use thinlayer::listen::Stop;
+use thinlayer::log::Log;
 use thinlayer::nbd::proto::*;
-use thinlayer::nbd::{serve_unix, LogSink, ServerConfig};
+use thinlayer::nbd::{serve_unix, ServerConfig};
 use thinlayer::volume::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
 use thinlayer::{Error, Result};
 
@@ -257,9 +259,9 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 pub struct LogLines(Arc<Mutex<Vec<String>>>);
 
 impl LogLines {
-    pub fn sink(&self) -> LogSink {
+    pub fn sink(&self) -> Log {
         let lines = self.0.clone();
-        LogSink::new(move |line| lines.lock().unwrap().push(line.to_string()))
+        Log::to(move |_, line| lines.lock().unwrap().push(line.to_string()))
     }
 
     pub fn all(&self) -> Vec<String> {
@@ -292,7 +294,7 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub catalog: Arc<MemCatalog>,
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<Stop>,
     /// What the server logged (unless the config passed in had a sink of its own).
     pub log: LogLines,
     thread: Option<JoinHandle<Result<()>>>,
@@ -314,7 +316,7 @@ impl TestServer {
         let socket = dir.path().join("nbd.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let catalog = Arc::new(catalog);
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::new());
         let (c, s) = (catalog.clone(), stop.clone());
         let thread = std::thread::spawn(move || serve_unix(&*c, listener, &config, &s));
         TestServer {
@@ -337,7 +339,7 @@ impl TestServer {
 
     /// Stops the server and returns what `serve` returned.
     pub fn shutdown(mut self) -> Result<()> {
-        self.stop.store(true, SeqCst);
+        self.stop.stop();
         self.thread
             .take()
             .unwrap()
@@ -348,7 +350,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
+        self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -6,7 +6,8 @@
 # the server at boot and again a second after the server drops it (reconnect=1), whether or not
 # the guest has it open, and the guest closing it closes nothing on the host. So:
 #   - the server drops an idle port's connection after its handshake timeout; an attach that
-#     meets that moment fails and is tried again (NBD_ATTACH_SECONDS in all);
+#     meets that moment fails and is tried again (NBD_ATTACH_SECONDS in all; a retried attach
+#     prints a RETRY line, which the host test counts and shows);
 #   - a port whose connection ended without NBD_CMD_DISC (the kernel shut its socket down) has
 #     a connection still open on the server, mid-stream: nbd-port marks it spent, in
 #     $SPENT_PORTS, and no one uses it again;
@@ -68,10 +69,17 @@ nbd_attach() {
     done
     echo "no free port" >/tmp/attach.out
     deadline=$(($(date +%s) + NBD_ATTACH_SECONDS))
+    tries=0
     while :; do
+        tries=$((tries + 1))
         if [ "$(free_ports)" -ge "$conns" ] &&
             nbd-client -unix "$NBD_SOCK" -N "$export_name" "$dev" "$@" >/tmp/attach.out 2>&1; then
-            [ "$(cat "/sys/block/${dev##*/}/size")" -gt 0 ] && return 0
+            if [ "$(cat "/sys/block/${dev##*/}/size")" -gt 0 ]; then
+                # The host counts and prints these (tests/guest_common: note_retry).
+                [ $tries = 1 ] ||
+                    echo "RETRY nbd_attach $export_name $dev: attached on attempt $tries"
+                return 0
+            fi
         fi
         [ "$(date +%s)" -lt "$deadline" ] || {
             cat /tmp/attach.out
