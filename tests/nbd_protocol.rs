@@ -143,6 +143,29 @@ fn device_errors_become_error_replies_and_the_connection_goes_on() {
     assert_eq!(got[0].chunk(), zeros);
 }
 
+/// The store's message names pool paths and block numbers: the operator's business. The
+/// client gets the errno and a generic text; the server's log gets the detail.
+#[test]
+fn an_error_reply_carries_the_errno_and_a_generic_text_and_the_log_the_detail() {
+    let server = TestServer::start();
+    let dev = server.catalog.device("disk");
+    dev.fail_reads_from.store(1 << 20, SeqCst);
+    let mut c = RawClient::go(server.connect(), "disk", true);
+    c.send(CMD_READ, 0, 5, 1 << 20, 4096);
+    let got = chunks(&mut c, 5);
+    let Chunk::Error { error, message } = got[0].chunk() else {
+        panic!("{:?}", got[0].chunk().kind())
+    };
+    assert_eq!(error, EIO);
+    assert_eq!(message, "input/output error");
+    server.log.wait_for(&[
+        "READ at offset 1048576, length 4096 failed",
+        "pool /srv/pools/secret.pool",
+        "(pool block 256)",
+        "sent EIO",
+    ]);
+}
+
 #[test]
 fn export_name_option_and_the_default_export_work() {
     let server = TestServer::start_with(

@@ -181,7 +181,7 @@ impl<'a> Shared<'a> {
                 if req.command == CMD_WRITE {
                     if req.len as u64 > MAX_DRAIN {
                         self.refused(&req, why, errno, "; too large to skip, closing");
-                        self.reply_error(&req, errno, "request too large");
+                        self.reply_error(&req, errno);
                         return End::Violation(format!("write of {} bytes", req.len));
                     }
                     if let Err(e) = drain(&mut r, req.len as u64, &mut [0u8; 16 * 1024]) {
@@ -189,7 +189,7 @@ impl<'a> Shared<'a> {
                     }
                 }
                 self.refused(&req, why, errno, "");
-                self.reply_error(&req, errno, "invalid request");
+                self.reply_error(&req, errno);
                 continue;
             }
 
@@ -316,7 +316,8 @@ impl<'a> Shared<'a> {
                         errno_name(errno)
                     ));
                 }
-                self.reply_error(&req, errno, &e.to_string());
+                // The detail (pool paths, block numbers) is logged above, not sent.
+                self.reply_error(&req, errno);
             }
         }
         if let Some(buf) = out {
@@ -325,7 +326,8 @@ impl<'a> Shared<'a> {
         self.queue.release(payload_cost(&req), Some(took));
     }
 
-    fn reply_error(&self, req: &Request, errno: u32, message: &str) {
+    /// An error reply: the code, and in a structured reply only `errno_text` for it.
+    fn reply_error(&self, req: &Request, errno: u32) {
         if !self.session.structured {
             let reply = SimpleReply {
                 error: errno,
@@ -336,7 +338,7 @@ impl<'a> Shared<'a> {
         let mut buf = Vec::new();
         let chunk = Chunk::Error {
             error: errno,
-            message: truncate(message, 1024),
+            message: errno_text(errno),
         };
         chunk.pack_into(REPLY_FLAG_DONE, req.handle, &mut buf);
         self.send(&buf);

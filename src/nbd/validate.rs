@@ -81,9 +81,9 @@ impl Refusal {
         let writes = matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES);
         match self {
             Refusal::ReadOnly => EPERM,
-            // EOVERFLOW is what the protocol keeps for a read too large to send; a write too
-            // large is merely invalid (the client broke the advertised maximum).
-            Refusal::TooLarge if req.command == CMD_READ => EOVERFLOW,
+            // Over the advertised maximum payload is EINVAL for a READ as for a WRITE (as
+            // qemu-nbd answers): the protocol keeps EOVERFLOW for a read with the DF flag whose
+            // reply cannot be sent in one chunk.
             Refusal::PastEnd { .. } if writes => ENOSPC,
             _ => EINVAL,
         }
@@ -167,7 +167,7 @@ mod tests {
                 EDGE,
                 req(CMD_READ, 0, 0, MAX_PAYLOAD + 1),
                 Refusal::TooLarge,
-                EOVERFLOW,
+                EINVAL,
             ),
             (
                 EDGE,

@@ -126,8 +126,14 @@ impl BlockDevice for MemDevice {
         );
         if offset + buf.len() as u64 > self.fail_reads_from.load(SeqCst) {
             let e = std::io::Error::from_raw_os_error(libc::EIO);
+            // Worded as the store words its faults, with a pool path and a block number: what
+            // must reach the server's log and never the client.
             return Err(Error::io(
-                format!("device \"{}\": read at {offset}", self.name),
+                format!(
+                    "pool /srv/pools/secret.pool: device \"{}\": read at {offset} (pool block {})",
+                    self.name,
+                    offset / BLOCK
+                ),
                 e,
             ));
         }

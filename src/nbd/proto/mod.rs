@@ -136,6 +136,23 @@ pub fn errno_name(error: u32) -> &'static str {
     }
 }
 
+/// The text an error reply carries beside `error`: generic on purpose. What went wrong in the
+/// store (pool paths, block numbers) is the operator's business and goes to the server's log;
+/// the client gets the code and this.
+pub fn errno_text(error: u32) -> &'static str {
+    match error {
+        EPERM => "operation not permitted",
+        EIO => "input/output error",
+        ENOMEM => "out of memory",
+        EINVAL => "invalid request",
+        ENOSPC => "no space left",
+        EOVERFLOW => "value too large",
+        ENOTSUP => "not supported",
+        ESHUTDOWN => "server shutting down",
+        _ => "error",
+    }
+}
+
 /// The NBD error a store errno travels as; anything the protocol has no word for is an I/O error.
 pub fn nbd_errno(errno: i32) -> u32 {
     match errno {
