@@ -287,6 +287,10 @@ impl Postgres {
     /// None when PostgreSQL 15 is not installed (CI installs it).
     fn start(dir: &Path, sock: &Path) -> Option<Postgres> {
         if !Path::new(PG).join("pgbench").exists() {
+            assert!(
+                !support::in_ci(),
+                "CI=true and PostgreSQL 15 is not installed ({PG}/pgbench)"
+            );
             eprintln!("PostgreSQL 15 not installed: the pgbench part is skipped");
             return None;
         }

@@ -20,9 +20,23 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether this is a CI run (`CI=true`, as `.ci/run` is run): there a missing prerequisite is
+/// a failure of the CI's install step, never a reason to skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
 /// Why a test of live files cannot run here: not root, no /dev/fuse, or one of `tools`
-/// missing. None: it can.
+/// missing. None: it can. With CI=true a missing prerequisite fails the test instead.
 pub fn missing_root_fuse(tools: &[&str]) -> Option<String> {
+    let why = missing_root_fuse_here(tools);
+    if let Some(why) = &why {
+        assert!(!in_ci(), "CI=true and this test cannot run: {why}");
+    }
+    why
+}
+
+fn missing_root_fuse_here(tools: &[&str]) -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (FUSE mounts and loop devices need it)".into());
