@@ -5,12 +5,12 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use thinlayer::listen::Stop;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinlayer::format::checksum::{self, Kind};
 use thinlayer::format::PAGE_SIZE;
+use thinlayer::listen::Stop;
 use thinlayer::nbd::proto::*;
 use thinlayer::nbd::{serve_unix, ServerConfig};
 use thinlayer::pool::{MemStorage, Storage};
@@ -150,7 +150,10 @@ static IDLE_THREADS: OnceLock<usize> = OnceLock::new();
 /// check looks (an exiting thread's `__cxa_thread_atexit_impl` records would show as leaks).
 extern "C" fn stop_server() {
     STOP.stop();
-    let thread = SERVE_THREAD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let thread = SERVE_THREAD
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     if let Some(t) = thread {
         let _ = t.join();
     }
@@ -267,4 +270,48 @@ pub fn handshake_bytes(export: &str, structured: bool, allocation: bool) -> Vec<
     };
     b.extend_from_slice(&OptionHeader::message(OPT_GO, &go.pack()));
     b
+}
+
+/// Point a send stream's header at the parent chain ID `chain` (when the input is long enough
+/// to have a header), so a mutated stream still finds the harness's parent.
+pub fn reparent_stream(stream: &mut [u8], chain: [u8; 32]) {
+    use thinlayer::format::stream::{header, Header};
+    let Some(h) = stream.get(..header::LEN) else {
+        return;
+    };
+    let Ok(mut h) = Header::unpack(h.try_into().unwrap()) else {
+        return;
+    };
+    h.parent_chain_id = chain;
+    stream[..header::LEN].copy_from_slice(&h.pack());
+}
+
+/// Reseal a send stream after a mutation: the first end record found by walking the record
+/// headers gets the digest of everything before it, so decoding gets past the hash and the
+/// rules behind it are what is tested. Input without such a record is left as it is.
+pub fn reseal_stream(stream: &mut [u8]) {
+    use thinlayer::format::stream::{self as fmt, End};
+    let mut pos = fmt::header::LEN;
+    while pos + fmt::record::LEN <= stream.len() {
+        let rh: &[u8; fmt::record::LEN] = stream[pos..pos + fmt::record::LEN].try_into().unwrap();
+        let (tag, len) = fmt::unpack_record(rh);
+        let payload = pos + fmt::record::LEN;
+        if tag == fmt::TAG_END && len == fmt::end::LEN as u64 {
+            if payload + fmt::end::LEN <= stream.len() {
+                let p: &[u8; fmt::end::LEN] =
+                    stream[payload..payload + fmt::end::LEN].try_into().unwrap();
+                let mut end = End::unpack(p);
+                end.digest = thinlayer::stream::Digest::sha256(&stream[..pos]).0;
+                stream[payload..payload + fmt::end::LEN].copy_from_slice(&end.pack());
+            }
+            return;
+        }
+        match usize::try_from(len)
+            .ok()
+            .and_then(|l| payload.checked_add(l))
+        {
+            Some(next) => pos = next,
+            None => return,
+        }
+    }
 }

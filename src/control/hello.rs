@@ -116,7 +116,7 @@ pub(super) fn greet(sock: &UnixStream, mine: &Hello, socket: &str) -> Result<Hel
 }
 
 /// What the server made of a client's hello.
-pub(super) enum Greeting {
+pub enum Greeting {
     /// Same version: go on to requests.
     Agreed,
     /// Answered with our hello; the client reports the mismatch, we close.
@@ -125,7 +125,7 @@ pub(super) enum Greeting {
 
 /// The server's side: `body` is the client's first message. Always answers with our hello
 /// when the message is one, whatever its version, so the client can explain a mismatch.
-pub(super) fn answer(sock: &UnixStream, body: &[u8], mine: &Hello) -> Result<Greeting> {
+pub fn answer(sock: &UnixStream, body: &[u8], mine: &Hello) -> Result<Greeting> {
     let theirs = match wire::decode::<HelloFrame>(body) {
         Ok(f) => f.hello,
         Err(e) => return Err(Error::InvalidInput(format!("expected a hello, got: {e}"))),

@@ -142,4 +142,75 @@ fn main() {
     .to_vec();
     b.extend_from_slice(&OptionHeader::message(OPT_EXPORT_NAME, b"app"));
     put("nbd_handshake", "export-name", &b);
+
+    stream_seeds();
+    control_seeds();
+}
+
+/// Canonical send streams made by the encoder over the `stream_receive` harness's parent (16
+/// written blocks; the harness points the header at its chain ID): data blocks, whiteouts over
+/// the parent's data, and data on both sides of a `RUN_CUT` boundary (where runs are cut).
+fn stream_seeds() {
+    use thinlayer::format::stream::{Header, RUN_CUT, VERSION};
+    use thinlayer::stream::encode::Encoder;
+    let header = |disk_size: u64| Header {
+        version: VERSION,
+        flags: 0,
+        block_size: 4096,
+        disk_size,
+        parent_chain_id: [0; 32],
+    };
+    let block = |seed: u8| vec![seed | 1; 4096];
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&mut out, &header(64 << 10)).unwrap();
+    e.data(0, &block(2)).unwrap();
+    e.data(8192, &[block(4), block(6)].concat()).unwrap();
+    e.finish().unwrap();
+    put("stream_receive", "data", &out);
+
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&mut out, &header(64 << 10)).unwrap();
+    e.zero(0, 8192).unwrap();
+    e.data(8192, &block(8)).unwrap();
+    e.zero(32768, 4096).unwrap();
+    e.finish().unwrap();
+    put("stream_receive", "whiteouts", &out);
+
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&mut out, &header(2 * RUN_CUT)).unwrap();
+    e.data(RUN_CUT - 4096, &block(10)).unwrap();
+    e.data(RUN_CUT, &block(12)).unwrap();
+    e.finish().unwrap();
+    put("stream_receive", "run-cut", &out);
+}
+
+/// Control messages: a client's hello, then requests; another version's hello; a bad request
+/// followed by a frame claiming more than the limit.
+fn control_seeds() {
+    use thinlayer::control::{wire, Hello, Request};
+    let hello = |h: Hello| wire::encode(&serde_json::json!({ "hello": h })).unwrap();
+    let mut b = hello(Hello::client());
+    for req in [
+        Request::Ls,
+        Request::Create {
+            name: "web".into(),
+            parent: Some("base".into()),
+            size: Some(1 << 30),
+        },
+        Request::Remove {
+            name: "web".into(),
+            force: true,
+        },
+        Request::Check { data: true },
+    ] {
+        b.extend_from_slice(&wire::encode(&req).unwrap());
+    }
+    put("control_frame", "hello-requests", &b);
+    let mut newer = Hello::client();
+    newer.version += 1;
+    put("control_frame", "newer-hello", &hello(newer));
+    let mut b = hello(Hello::client());
+    b.extend_from_slice(&[5, 0, 0, 0, b'{', b'"', b'l', b's', b'"']);
+    b.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f]);
+    put("control_frame", "bad-request-then-over-limit", &b);
 }
