@@ -280,3 +280,24 @@ pub fn command_line() -> String {
     let args: Vec<String> = std::env::args().collect();
     args.join(" ")
 }
+
+/// The typed calls against the `Layers` conformance test (registry/conformance.rs).
+#[cfg(all(test, feature = "registry"))]
+mod tests {
+    // Ignored in the parallel lib run: each typed call opens the pool file and takes its lock, and
+    // another test's fork (mkfs.ext4 for a snapshot base) can briefly hold an inherited lock
+    // descriptor until its exec, so a call here may see `busy`. Run alone: `--ignored`.
+    #[test]
+    #[ignore = "races with other lib tests' forks over the pool lock; run with --ignored"]
+    fn the_typed_calls_conform() {
+        let d = tempfile::tempdir().unwrap();
+        let pool = d.path().join("pool");
+        drop(
+            crate::volume::Store::create(&pool, &crate::volume::CreateOptions::default(), "a test")
+                .unwrap(),
+        );
+        // No server answers on this control socket: the calls open the pool themselves.
+        let t = super::Target::new(pool, d.path().join("pool.ctl"));
+        crate::registry::conformance::conformance(&t);
+    }
+}

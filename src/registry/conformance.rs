@@ -1,10 +1,9 @@
-//! One conformance test for every implementation of `Layers`: the CLI's typed calls
-//! (`calls::Target`, here on a pool it opens itself) and the twin over a store
-//! (`StoreLayers`). Each receives a stream made on another pool, lists and sends it back; the
+//! One conformance test for every implementation of `Layers`: the twin over a store
+//! (`StoreLayers`), here, and the CLI's typed calls (`calls::Target`, on a pool it opens
+//! itself), in calls.rs, which stands above this module. Each receives a stream made on another pool, lists and sends it back; the
 //! bytes, digests and refusals must be the same.
 
 use super::{pipe, Layers, StoreLayers};
-use crate::calls::Target;
 use crate::error::Kind;
 use crate::live::LivePool;
 use crate::pool::MemStorage;
@@ -44,7 +43,7 @@ fn draining(r: OwnedFd) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
-fn conformance(pool: &dyn Layers) {
+pub(crate) fn conformance(pool: &dyn Layers) {
     let (bytes, digest, bs) = a_stream();
     assert_eq!(pool.block_size().unwrap() as u64, bs);
     assert!(pool.layers().unwrap().is_empty());
@@ -94,18 +93,4 @@ fn conformance(pool: &dyn Layers) {
 fn the_store_twin_conforms() {
     let s = Store::create_in(Arc::new(MemStorage::new()), &CreateOptions::default()).unwrap();
     conformance(&StoreLayers(LivePool::direct(&s)));
-}
-
-// Ignored in the parallel lib run: each typed call opens the pool file and takes its lock, and
-// another test's fork (mkfs.ext4 for a snapshot base) can briefly hold an inherited lock
-// descriptor until its exec, so a call here may see `busy`. Run alone: `--ignored`.
-#[test]
-#[ignore = "races with other lib tests' forks over the pool lock; run with --ignored"]
-fn the_typed_calls_conform() {
-    let d = tempfile::tempdir().unwrap();
-    let pool = d.path().join("pool");
-    drop(Store::create(&pool, &CreateOptions::default(), "a test").unwrap());
-    // No server answers on this control socket: the calls open the pool themselves.
-    let t = Target::new(pool, d.path().join("pool.ctl"));
-    conformance(&t);
 }

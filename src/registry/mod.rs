@@ -17,7 +17,7 @@ pub mod pull;
 pub mod push;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 use crate::error::Result;
 use crate::stream::{ReceiveStats, SendStats};
