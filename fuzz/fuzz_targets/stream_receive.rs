@@ -27,6 +27,16 @@ fuzz_target!(|data: &[u8]| {
     store.commit_layer("base").unwrap();
     let chain = content::ids(&store, "base").unwrap().chain_id;
 
+    // Layers of up to 64 MiB: sending a layer back walks every chunk of its virtual size
+    // (`Store::diff_extents`), so a header claiming 256 TiB makes one input run for minutes. A
+    // known cost of send on huge sparse layers, not a decoding rule; kept out of this target.
+    let claimed = data
+        .get(..thinlayer::format::stream::header::LEN)
+        .and_then(|h| thinlayer::format::stream::Header::unpack(h.try_into().unwrap()).ok())
+        .map_or(0, |h| h.disk_size);
+    if claimed > 64 << 20 {
+        return;
+    }
     let mut input = data.to_vec();
     fuzz_common::reparent_stream(&mut input, chain.0);
     reseal_stream(&mut input);
@@ -39,6 +49,9 @@ fuzz_target!(|data: &[u8]| {
         &mut |_, _| {},
     );
     match got {
+        // A record of an unknown kind is skipped by design (docs/STREAM.md), so such a
+        // stream is accepted without being canonical: only the others must send back as is.
+        Ok(_) if fuzz_common::has_unknown_record(&input) => {}
         Ok(_) => {
             let mut again = Vec::new();
             thinlayer::stream::send(

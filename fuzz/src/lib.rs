@@ -315,3 +315,28 @@ pub fn reseal_stream(stream: &mut [u8]) {
         }
     }
 }
+
+/// Whether a send stream holds a record of a kind this version does not know, before its end
+/// record. Readers skip such records by design (docs/STREAM.md), so a stream holding one is
+/// accepted without being the canonical form the encoder writes.
+pub fn has_unknown_record(stream: &[u8]) -> bool {
+    use thinlayer::format::stream as fmt;
+    let mut pos = fmt::header::LEN;
+    while pos + fmt::record::LEN <= stream.len() {
+        let rh: &[u8; fmt::record::LEN] = stream[pos..pos + fmt::record::LEN].try_into().unwrap();
+        let (tag, len) = fmt::unpack_record(rh);
+        match tag {
+            fmt::TAG_END => return false,
+            fmt::TAG_DATA | fmt::TAG_ZERO => {}
+            _ => return true,
+        }
+        match usize::try_from(len)
+            .ok()
+            .and_then(|l| (pos + fmt::record::LEN).checked_add(l))
+        {
+            Some(next) => pos = next,
+            None => return false,
+        }
+    }
+    false
+}
