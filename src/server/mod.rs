@@ -166,6 +166,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         binary: &binary,
         generation,
         restarting: std::sync::Mutex::new(()),
+        stop: &stop,
     };
     // The control layer has checked the peer's uid and logs who asked; the request itself
     // does not depend on who.
