@@ -294,7 +294,8 @@ mod tests {
         }
         let e = recv(&b, MAX_REQUEST).unwrap_err();
         assert!(
-            e.to_string().contains("more than 4 file descriptors"),
+            e.to_string()
+                .contains(&format!("more than {MAX_FDS} file descriptors")),
             "{e}"
         );
     }

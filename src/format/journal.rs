@@ -10,7 +10,7 @@
 //! A reader takes entries while each has the magic, the region's epoch, the next `seq` and a
 //! good crc; the first that fails ends the region (a torn or stale entry).
 
-use super::field::Field;
+use super::field::{layout, Field};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TLJRNL01");
 pub const HEADER_LEN: usize = 4096;
@@ -26,20 +26,21 @@ pub mod header {
     pub const ACTIVE: Field<u64> = Field::at(8);
 }
 
-pub mod entry {
-    use super::Field;
-    /// crc32 (salted) of bytes 4.. of the entry header and of the payload.
-    pub const CRC: Field<u32> = Field::at(0);
-    pub const KIND: Field<u32> = Field::at(4);
-    pub const LEN: Field<u32> = Field::at(8);
-    pub const MAGIC: Field<u32> = Field::at(12);
-    pub const EPOCH: Field<u64> = Field::at(16);
-    pub const SEQ: Field<u64> = Field::at(24);
-    /// The transaction (a number the journal's writers count up) the entry belongs to.
-    pub const TXN: Field<u64> = Field::at(32);
-    pub const END: usize = 40;
+layout! {
+    /// An entry's header, in the order and with the names of docs/FORMAT.md §10. `crc` is
+    /// the crc32 (salted) of the rest of the header and of the payload; `txn` the transaction
+    /// (a number the journal's writers count up) the entry belongs to.
+    pub mod entry {
+        CRC: u32 = "crc",
+        KIND: u32 = "kind",
+        PAYLOAD_LEN: u32 = "len",
+        MAGIC: u32 = "magic",
+        EPOCH: u64 = "epoch",
+        SEQ: u64 = "seq",
+        TXN: u64 = "txn",
+    }
 }
-pub const ENTRY_LEN: usize = entry::END;
+pub const ENTRY_LEN: usize = entry::LEN;
 const ENTRY_MAGIC: u32 = u32::from_le_bytes(*b"TLJE");
 const SALT: u32 = 0x4a52_4e4c;
 
@@ -80,7 +81,7 @@ pub fn encode(e: &Entry, out: &mut [u8]) -> usize {
     let n = entry_len(e.payload.len());
     let (head, rest) = out.split_at_mut(ENTRY_LEN);
     entry::KIND.put(head, e.kind as u32);
-    entry::LEN.put(head, e.payload.len() as u32);
+    entry::PAYLOAD_LEN.put(head, e.payload.len() as u32);
     entry::MAGIC.put(head, ENTRY_MAGIC);
     entry::EPOCH.put(head, e.epoch);
     entry::SEQ.put(head, e.seq);
@@ -105,7 +106,7 @@ pub fn decode(buf: &[u8], epoch: u64, seq: u64) -> Option<(Entry<'_>, usize)> {
     {
         return None;
     }
-    let len = entry::LEN.get(head) as usize;
+    let len = entry::PAYLOAD_LEN.get(head) as usize;
     let n = entry_len(len);
     if n > buf.len() {
         return None;
