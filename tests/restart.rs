@@ -577,6 +577,12 @@ fn a_write_acknowledged_before_a_kill_and_flushed_after_it_is_durable() {
     f.write_all_at(&block(2), 1 << 20).unwrap();
     f.write_all_at(&block(3), 4 << 20).unwrap();
     s.crash();
+    // The keeper's table had the open handle: the new server refuses to detach the file.
+    let o = tl_output(&s.pool, &["detach", "c1"]);
+    assert!(
+        !o.status.success(),
+        "detach of an open file succeeded after the crash"
+    );
     f.sync_all().unwrap();
     let mut got = vec![0u8; 64 << 10];
     f.read_exact_at(&mut got, 1 << 20).unwrap();
