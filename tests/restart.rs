@@ -48,6 +48,11 @@ impl Served {
 
     /// `serve --files DIR EXTRA...` (`--keeper`).
     fn start_with(dir: &Path, extra: &[&str]) -> Served {
+        Self::start_binary(Path::new(bin()), dir, extra)
+    }
+
+    /// The server started from `binary` (what the keeper and `restart` run again).
+    fn start_binary(binary: &Path, dir: &Path, extra: &[&str]) -> Served {
         let pool = dir.join("pool");
         tl(&pool, &["init"]);
         let files = dir.join("files");
@@ -57,7 +62,7 @@ impl Served {
             .append(true)
             .open(&log)
             .unwrap();
-        let first = Command::new(bin())
+        let first = Command::new(binary)
             .arg("--pool")
             .arg(&pool)
             .args(["serve", "--files"])
@@ -572,6 +577,12 @@ fn a_write_acknowledged_before_a_kill_and_flushed_after_it_is_durable() {
     f.write_all_at(&block(2), 1 << 20).unwrap();
     f.write_all_at(&block(3), 4 << 20).unwrap();
     s.crash();
+    // The keeper's table had the open handle: the new server refuses to detach the file.
+    let o = tl_output(&s.pool, &["detach", "c1"]);
+    assert!(
+        !o.status.success(),
+        "detach of an open file succeeded after the crash"
+    );
     f.sync_all().unwrap();
     let mut got = vec![0u8; 64 << 10];
     f.read_exact_at(&mut got, 1 << 20).unwrap();
@@ -596,6 +607,48 @@ fn a_write_acknowledged_before_a_kill_and_flushed_after_it_is_durable() {
     s.stop();
     let out = tl(&pool, &["check", "--data"]);
     assert!(out.contains("clean"), "check --data: {out}");
+}
+
+/// A crash loop: the server is killed and the binary the keeper starts dies at once, again
+/// and again. The keeper waits longer and longer between starts (1, 2, 4 s), saying so, and
+/// does not spin; once the binary works again the next start takes over.
+#[test]
+fn a_crash_loop_backs_off_and_recovers_when_the_binary_works_again() {
+    require_prerequisites!();
+    let d = tempfile::tempdir().unwrap();
+    let copy = d.path().join("thinlayer");
+    std::fs::copy(bin(), &copy).unwrap();
+    let s = Served::start_binary(&copy, d.path(), &["--keeper"]);
+    let (_, f) = live_file(&s);
+    f.write_all_at(&block(1), 0).unwrap();
+    // The binary on disk now dies at once (renamed over: the running one keeps its inode).
+    let kept = d.path().join("thinlayer.real");
+    std::fs::rename(&copy, &kept).unwrap();
+    script(&d.path().join("broken"), "exit 3".to_string());
+    std::fs::rename(d.path().join("broken"), &copy).unwrap();
+    let pid = s.pid();
+    // SAFETY: killing the server this test started, by the PID it reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.log().matches("crash loop").count() < 2 {
+        assert!(Instant::now() < deadline, "no back-off: {}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Two failed starts so far (at once, then 1 s later), the next one 2 s after that: the
+    // keeper does not spin.
+    let log = s.log();
+    let failed = log.matches("did not take over").count();
+    assert!((2..=3).contains(&failed), "{failed} failed starts: {log}");
+    assert!(log.contains("waiting 2 s before the next"), "{log}");
+    std::fs::rename(&kept, &copy).unwrap();
+    let new = s.pid();
+    assert_ne!(new, pid);
+    let mut got = vec![0u8; 64 << 10];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == block(1), "the write before the kill is gone");
+    drop(f);
+    s.tl(&["detach", "c1"]);
+    s.stop();
 }
 
 /// Without its keeper a server is mortal again: kill the keeper, then the server. The
