@@ -7,6 +7,7 @@ pub mod field;
 pub mod ids;
 pub mod page;
 pub mod record;
+pub mod sha256;
 pub mod stream;
 pub mod superblock;
 
