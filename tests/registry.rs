@@ -436,3 +436,58 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         "a failed pull changed the pool"
     );
 }
+
+#[test]
+fn a_version_1_blob_pushes_and_pulls_whole_and_is_not_readable_by_range() {
+    use thinlayer::format::stream::{Header, VERSION_1};
+    use thinlayer::registry::{client, pull::image_layers, range, Options};
+    use thinlayer::stream::encode::Encoder;
+    if !Path::new(REGISTRY).exists() {
+        panic!("{REGISTRY} is missing: apt-get install docker-registry (.ci/run does)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d);
+    let (a, b) = (d.join("a.pool"), d.join("b.pool"));
+    tl(&a, &["init"]);
+    tl(&b, &["init"]);
+    // A stream as thinlayer wrote them before version 2 (no index), received into pool a.
+    let header = Header {
+        version: VERSION_1,
+        flags: 0,
+        block_size: 4096,
+        disk_size: 4 << 20,
+        parent_chain_id: [0; 32],
+    };
+    let mut v1 = Vec::new();
+    let mut e = Encoder::new(&mut v1, &header).unwrap();
+    e.data(8192, &[0x11; 3 * 4096]).unwrap();
+    e.data(1 << 20, &[0x22; 4096]).unwrap();
+    e.finish().unwrap();
+    std::fs::write(d.join("old.tls"), &v1).unwrap();
+    let o = Command::new(support::bin())
+        .arg("--pool")
+        .arg(&a)
+        .args(["receive", "old"])
+        .stdin(std::fs::File::open(d.join("old.tls")).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = format!("127.0.0.1:{}/old/img:1", reg.port);
+    tl(&a, &["push", "old", &r]);
+    // The blob is the version-1 stream itself, and pulls whole.
+    let c = client::Registry::open(&r, &Options::default()).unwrap();
+    let layers = image_layers(&c).unwrap();
+    let want = thinlayer::stream::Digest::sha256(&v1).to_string();
+    assert_eq!(layers[0].digest, want);
+    let e = range::open(&c, &layers[0]).unwrap_err();
+    assert_eq!(e.kind(), thinlayer::error::Kind::InvalidInput, "{e}");
+    let out = tl(&b, &["pull", &r, "old"]);
+    assert!(out.contains("1 layer(s) downloaded"), "{out}");
+    assert_eq!(
+        export(&a, "old", &d.join("x.img")),
+        export(&b, "old", &d.join("y.img"))
+    );
+    assert_eq!(ids(&a, "old"), ids(&b, "old"));
+    clean(&b);
+}
