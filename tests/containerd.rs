@@ -1196,7 +1196,10 @@ fn through_events(event: Event) {
         busybox sha256sum /w/$i >>/w/log || { echo \"log $i failed\"; exit 1; }; \
         sync || { echo \"sync $i failed\"; exit 1; }; \
         done; echo \"done $i\"";
-    let writer = Command::new("ctr")
+    // runc's state is per namespace and id, across containerds: an id of its own.
+    let id = format!("writer-{event:?}").to_lowercase();
+    let id = id.as_str();
+    let mut writer = Command::new("ctr")
         .arg("-a")
         .arg(&ctd.socket)
         .args([
@@ -1208,7 +1211,7 @@ fn through_events(event: Event) {
             "--snapshotter",
             "thinlayer",
         ])
-        .args([base.as_str(), "writer", "/bin/sh", "-c", script])
+        .args([base.as_str(), id, "/bin/sh", "-c", script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1219,12 +1222,13 @@ fn through_events(event: Event) {
             "exec",
             "--exec-id",
             tag,
-            "writer",
+            id,
             "busybox",
             "cat",
             "/w/log",
         ]);
         if !o.status.success() {
+            eprintln!("exec {tag}: {}", stderr_of(&o).trim());
             return 0;
         }
         String::from_utf8_lossy(&o.stdout).lines().count()
@@ -1233,6 +1237,14 @@ fn through_events(event: Event) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while written(&format!("w{n}")) < 5 {
         n += 1;
+        if let Some(st) = writer.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(writer.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!(
+                "the container ended before writing: {st}: {err}\n{}",
+                ctd.log_tail()
+            );
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "the container wrote nothing in 120 s"
@@ -1341,7 +1353,7 @@ fn through_events(event: Event) {
         "exec",
         "--exec-id",
         "stop",
-        "writer",
+        id,
         "busybox",
         "touch",
         "/stop",
@@ -1363,7 +1375,7 @@ fn through_events(event: Event) {
         "thinlayer",
         "mounts",
         mnt.to_str().unwrap(),
-        "writer",
+        id,
     ]);
     sh(&mount);
     let log = fs::read_to_string(mnt.join("w/log")).unwrap();
@@ -1382,7 +1394,7 @@ fn through_events(event: Event) {
     sh(&format!("umount {}", mnt.display()));
     eprintln!("{files} files written and read back");
     assert!(files >= 5 + 3 * 3);
-    ctd.ctr(&["container", "rm", "writer"]);
+    ctd.ctr(&["container", "rm", id]);
 
     // Stop the serving process (the last restart's); its keeper goes with it. Then the pool
     // is clean.
