@@ -283,6 +283,23 @@ impl Table {
         Ok(path)
     }
 
+    /// See `LiveFiles::while_closed`.
+    pub fn while_closed<T>(
+        &self,
+        layer: &str,
+        f: impl FnOnce(&dyn BlockDevice) -> Result<T>,
+    ) -> Result<Option<T>> {
+        // The write lock holds off `open`, which counts an open under the read lock.
+        let g = self.write();
+        let Some(file) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) else {
+            return Ok(None);
+        };
+        if file.open_handles() > 0 || file.revoked() {
+            return Ok(None);
+        }
+        f(file.device.as_ref()).map(Some)
+    }
+
     /// See `LiveFiles::detach`.
     pub fn detach(&self, layer: &str, force: bool) -> Result<LostWrites> {
         let deadline = Instant::now() + CLOSE_GRACE;

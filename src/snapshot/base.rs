@@ -1,6 +1,8 @@
 //! Formatted empty bases: a snapshot without a parent is a child of an empty ext4 filesystem
 //! of its size, made once per size with mkfs and kept as a read-only layer, so a new image
-//! chain costs no mkfs. Lazy initialisation is off: mkfs writes the inode tables and journal
+//! chain costs no mkfs. Made for small layers (docs/DESIGN.md §11.1): `inline_data` keeps a
+//! file or directory of up to 128 bytes in its inode (no data block, no block bitmap
+//! change), and one flex group keeps a small change's bitmaps and inode table in one group. Lazy initialisation is off: mkfs writes the inode tables and journal
 //! now (as zeros, which the import does not store), so the kernel's ext4lazyinit thread never
 //! writes them into a container's layer later. Where mkfs put the journal is kept on the base
 //! (`keys::JOURNAL`) for Commit's trim of the journal's dead log (`ext4`).
@@ -87,7 +89,19 @@ impl Bases {
         f.set_len(size).map_err(|e| Error::io(ctx("sizing"), e))?;
         drop(f);
         let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-E"])
+            .args([
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-b",
+                "4096",
+                "-O",
+                "inline_data",
+                "-G",
+            ])
+            .arg(flex_groups(size).to_string())
+            .arg("-E")
             .arg("lazy_itable_init=0,lazy_journal_init=0,nodiscard")
             .arg(image)
             .output()
@@ -117,6 +131,15 @@ impl Bases {
     }
 }
 
+/// Block groups per flex group: all of them, so the filesystem is one flex group. Orlov
+/// spreads top-level directories over flex groups (a new one goes to the group with the fewest
+/// directories, never the root's), and each group it touches costs a block bitmap, an inode
+/// bitmap and an inode table block in a layer; in one flex group a small change stays in the
+/// first group's. A group of 4 KiB blocks covers 128 MiB.
+fn flex_groups(size: u64) -> u64 {
+    size.div_ceil(128 << 20).next_power_of_two().max(16)
+}
+
 /// The journal mkfs made in `image`.
 fn read_journal(image: &Path) -> std::io::Result<Option<ext4::Journal>> {
     use std::os::unix::fs::FileExt;
@@ -143,6 +166,14 @@ pub fn journal_under(store: &Store, l: &LayerInfo) -> Option<ext4::Journal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filesystem_is_one_flex_group() {
+        assert_eq!(flex_groups(MIN_SIZE), 16);
+        assert_eq!(flex_groups(DEFAULT_SIZE), 128);
+        assert_eq!(flex_groups(100 << 30), 1024);
+        assert_eq!(flex_groups(128 << 30), 1024);
+    }
 
     #[test]
     fn sizes_round_up_to_mib_and_small_ones_are_refused() {

@@ -35,6 +35,20 @@ impl Files for FakeFiles {
         self.attached.lock().unwrap().remove(layer);
         Ok(std::mem::take(&mut *self.lost.lock().unwrap()))
     }
+    fn while_unmounted(
+        &self,
+        layer: &str,
+        f: &mut dyn FnMut(&dyn BlockDevice) -> crate::Result<()>,
+    ) -> crate::Result<bool> {
+        if self.held.lock().unwrap().contains(layer)
+            || !self.attached.lock().unwrap().contains(layer)
+        {
+            return Ok(false);
+        }
+        let store = self.store.lock().unwrap().clone().unwrap();
+        f(&crate::volume::Volume::open(&store, layer)?)?;
+        Ok(true)
+    }
     fn sync_mounted(&self, layer: &str) -> crate::Result<()> {
         let store = self.store.lock().unwrap().clone().unwrap();
         let mut unsynced = self.unsynced.lock().unwrap();
@@ -334,9 +348,13 @@ fn a_snapshot_an_nbd_client_holds_is_neither_committed_nor_removed() {
     assert!(e.message.contains("unix client #7"), "{}", e.message);
     assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
 
-    // Let go: the commit goes through and the committed layer has its content IDs.
+    // Let go: the commit goes through; the committed layer's content IDs are computed and
+    // kept when first asked for.
     drop(conn);
     f.s.commit("done", "k", HashMap::new()).unwrap();
-    let l = f.store.layer(&keys::layer_name("done")).unwrap();
+    let name = keys::layer_name("done");
+    assert!(!f.store.layer(&name).unwrap().writable);
+    crate::stream::content::ids(&f.store, &name).unwrap();
+    let l = f.store.layer(&name).unwrap();
     assert!(crate::stream::ContentIds::of(&l).is_some(), "{:?}", l.attrs);
 }
