@@ -18,7 +18,7 @@ use super::status::{Failure, Result};
 use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::live::LivePool;
-use crate::volume::exports::LiveExports;
+use crate::volume::exports::{Holder, LiveExports};
 use crate::volume::{BlockDevice, ExtentState, LayerInfo, Store};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -375,10 +375,23 @@ impl Snapshots {
                 self.files.sync_mounted(&l.name).map_err(store_err(key))?;
                 // A stopped container's filesystem is unmounted cleanly, so its journal's log
                 // is dead, as at Commit: trimmed now (opens of the file wait), so a stopped
-                // container costs what its files changed, not its journal's transactions.
+                // container costs what its files changed, not its journal's transactions. Not
+                // while anything but its live file holds the layer (an NBD client may have it
+                // mounted).
                 if let (Kind::Active, Some(j)) = (kind, self.journal_of(&l)) {
+                    let only_the_file = || {
+                        self.exports
+                            .attached_to(l.id)
+                            .iter()
+                            .all(|a| a.holder == Holder::File)
+                    };
                     self.files
-                        .while_unmounted(&l.name, &mut |dev| trim_dead_log(dev, j))
+                        .while_unmounted(&l.name, &mut |dev| {
+                            if only_the_file() {
+                                trim_dead_log(dev, j)?;
+                            }
+                            Ok(())
+                        })
                         .map_err(store_err(key))?;
                 }
             }
