@@ -89,17 +89,9 @@ impl Bases {
         f.set_len(size).map_err(|e| Error::io(ctx("sizing"), e))?;
         drop(f);
         let out = Command::new("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-m",
-                "0",
-                "-b",
-                "4096",
-                "-O",
-                "inline_data",
-                "-G",
-            ])
+            .args(["-q", "-F", "-m", "0", "-O", "inline_data", "-b"])
+            .arg(block_size(size).to_string())
+            .arg("-G")
             .arg(flex_groups(size).to_string())
             .arg("-E")
             .arg("lazy_itable_init=0,lazy_journal_init=0,nodiscard")
@@ -131,13 +123,26 @@ impl Bases {
     }
 }
 
+/// The filesystem's block size: 4 KiB, or 1 KiB below 512 MiB, as mke2fs.conf's `small` type
+/// picks (in a small filesystem of 4 KiB blocks mkfs splits the journal round the one
+/// group's flex metadata, and the journal trim wants it in one piece).
+fn block_size(size: u64) -> u64 {
+    if size < 512 << 20 {
+        1024
+    } else {
+        4096
+    }
+}
+
 /// Block groups per flex group: all of them, so the filesystem is one flex group. Orlov
 /// spreads top-level directories over flex groups (a new one goes to the group with the fewest
 /// directories, never the root's), and each group it touches costs a block bitmap, an inode
 /// bitmap and an inode table block in a layer; in one flex group a small change stays in the
-/// first group's. A group of 4 KiB blocks covers 128 MiB.
+/// first group's. A group holds 8 blocks per byte of a block (its bitmap): 128 MiB of 4 KiB
+/// blocks.
 fn flex_groups(size: u64) -> u64 {
-    size.div_ceil(128 << 20).next_power_of_two().max(16)
+    let b = block_size(size);
+    size.div_ceil(8 * b * b).next_power_of_two().max(16)
 }
 
 /// The journal mkfs made in `image`.
@@ -170,6 +175,8 @@ mod tests {
     #[test]
     fn the_filesystem_is_one_flex_group() {
         assert_eq!(flex_groups(MIN_SIZE), 16);
+        assert_eq!(flex_groups(511 << 20), 64);
+        assert_eq!(flex_groups(512 << 20), 16);
         assert_eq!(flex_groups(DEFAULT_SIZE), 128);
         assert_eq!(flex_groups(100 << 30), 1024);
         assert_eq!(flex_groups(128 << 30), 1024);

@@ -412,15 +412,20 @@ fn trim_dead_log(dev: &dyn BlockDevice, j: super::ext4::Journal) -> crate::Resul
     if !super::ext4::journal_is_empty(&jsb) {
         return Ok(());
     }
+    // Whole blocks of the layer only: with 1 KiB filesystem blocks the journal's superblock
+    // shares its block with the log's start, and a partial trim would copy it into the layer.
     let (offset, len) = j.log();
-    if dev
-        .extents(offset, len)?
-        .iter()
-        .all(|e| e.state != ExtentState::Data)
+    let b = u64::from(dev.block_size());
+    let (start, end) = (offset.next_multiple_of(b), (offset + len) / b * b);
+    if end <= start
+        || dev
+            .extents(start, end - start)?
+            .iter()
+            .all(|e| e.state != ExtentState::Data)
     {
         return Ok(());
     }
-    dev.trim(offset, len)
+    dev.trim(start, end - start)
 }
 
 #[cfg(test)]

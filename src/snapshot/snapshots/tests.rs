@@ -358,3 +358,38 @@ fn a_snapshot_an_nbd_client_holds_is_neither_committed_nor_removed() {
     let l = f.store.layer(&name).unwrap();
     assert!(crate::stream::ContentIds::of(&l).is_some(), "{:?}", l.attrs);
 }
+
+#[test]
+fn usage_trims_the_dead_log_of_a_stopped_container_but_not_while_its_file_is_open() {
+    use crate::volume::{BlockDevice, Volume};
+    let f = fixture();
+    f.s.prepare("k", "", small(), Kind::Active).unwrap();
+    let l = f.store.layer(&keys::layer_name("k")).unwrap();
+    let j = base::journal_under(&f.store, &l).expect("the base recorded its journal");
+    // A mount's transactions in the (empty) journal's log, and a file's block elsewhere.
+    let v = Volume::open(&f.store, &l.name).unwrap();
+    let (log, _) = j.log();
+    v.write_at(log.next_multiple_of(4096) + 4096, &vec![1; 3 * 4096])
+        .unwrap();
+    v.write_at(0, &[2; 4096]).unwrap();
+    drop(v);
+    // Mounted (a loop device has the file open): the log may be the journal's next
+    // transaction's, so it stays.
+    f.files.held.lock().unwrap().insert(l.name.clone());
+    assert_eq!(f.s.usage("k").unwrap(), 4 * 4096);
+    // Stopped: only the file's block is left.
+    f.files.held.lock().unwrap().remove(&l.name);
+    assert_eq!(f.s.usage("k").unwrap(), 4096);
+    // A journal with something to replay keeps its log.
+    f.s.prepare("d", "", small(), Kind::Active).unwrap();
+    let l = f.store.layer(&keys::layer_name("d")).unwrap();
+    let v = Volume::open(&f.store, &l.name).unwrap();
+    v.write_at(log.next_multiple_of(4096) + 4096, &vec![1; 3 * 4096])
+        .unwrap();
+    let mut jsb = vec![0u8; j.block as usize];
+    v.read_at(j.offset, &mut jsb).unwrap();
+    jsb[28..32].copy_from_slice(&5u32.to_be_bytes());
+    v.write_at(j.offset, &jsb).unwrap();
+    drop(v);
+    assert_eq!(f.s.usage("d").unwrap(), 4 * 4096);
+}
