@@ -358,6 +358,16 @@ impl Table {
                 g.remove(&f);
                 drop(g);
                 self.changed();
+                // A request handler that took the file before the removal may hold it a moment
+                // longer (it replies, then lets go): the layer stays registered as held until
+                // the last holder lets go, and the caller's next step (a commit, a remove)
+                // must find it free. Each holds it for one request, so this is brief.
+                let deadline = Instant::now() + CLOSE_GRACE;
+                while (Arc::strong_count(&f) > 1 || Arc::strong_count(&f.device) > 1)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 return Ok(f.lost_writes());
             }
             drop(g);
