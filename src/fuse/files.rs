@@ -133,8 +133,10 @@ pub struct Table {
     watch: std::sync::OnceLock<Watch>,
 }
 
-/// Who wants the table whenever it changes.
-pub type Watch = Box<dyn Fn(Vec<FileState>) + Send + Sync>;
+/// Who wants the table whenever it changes. It is given a way to take the table, so that it
+/// can take it at the moment it passes it on: of two changes told at once, the one passed on
+/// last then carries both.
+pub type Watch = Box<dyn Fn(&dyn Fn() -> Vec<FileState>) + Send + Sync>;
 
 impl Table {
     pub fn new(exports: Arc<LiveExports>, dir: &Path) -> Table {
@@ -157,7 +159,7 @@ impl Table {
     /// changed it is answered.
     fn changed(&self) {
         if let Some(w) = self.watch.get() {
-            w(self.snapshot());
+            w(&|| self.snapshot());
         }
     }
 

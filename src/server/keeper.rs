@@ -93,12 +93,14 @@ impl Link {
             .map_err(|e| Error::io("duplicating the keeper link", e))
     }
 
-    fn send(&self, m: &ToKeeper, fds: &[BorrowedFd]) {
+    /// Send the message `m` makes, made under the link's lock: messages go in the order their
+    /// contents were taken.
+    fn send(&self, m: impl FnOnce() -> ToKeeper, fds: &[BorrowedFd]) {
         if self.gone.load(Ordering::SeqCst) {
             return;
         }
         let g = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = wire::encode(m).and_then(|f| wire::send(&g, &f, fds));
+        let sent = wire::encode(&m()).and_then(|f| wire::send(&g, &f, fds));
         if let Err(e) = sent {
             self.gone.store(true, Ordering::SeqCst);
             log::process(
@@ -113,19 +115,20 @@ impl Link {
     }
 
     pub fn register(&self, state: State, fds: &[BorrowedFd]) {
-        let m = ToKeeper::Register {
+        let m = || ToKeeper::Register {
             pid: std::process::id(),
             state: Box::new(state),
         };
-        self.send(&m, fds);
+        self.send(m, fds);
     }
 
-    pub fn files(&self, files: Vec<FileState>) {
-        self.send(&ToKeeper::Files { files }, &[]);
+    /// The table of files, as `table` gives it at the moment of sending.
+    pub fn files(&self, table: &dyn Fn() -> Vec<FileState>) {
+        self.send(|| ToKeeper::Files { files: table() }, &[]);
     }
 
     pub fn stop(&self) {
-        self.send(&ToKeeper::Stop, &[]);
+        self.send(|| ToKeeper::Stop, &[]);
     }
 }
 

@@ -188,14 +188,20 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         binary: &binary,
         generation,
         restarting: std::sync::Mutex::new(()),
+        stop: &stop,
         keeper: keeper.as_deref(),
     };
     if let Some(k) = &keeper {
-        // The keeper holds everything from now on, and hears of every change to the files.
-        k.register(me.state(&binary), &fds.all());
+        // The keeper holds everything from now on, and hears of every change to the files:
+        // watched first, then registered, then the table once more, so that an open or
+        // release in between is in the last table the keeper gets.
         if let Some(f) = &files {
             let k = k.clone();
             f.watch(Box::new(move |table| k.files(table)));
+        }
+        k.register(me.state(&binary), &fds.all());
+        if let Some(f) = &files {
+            k.files(&|| f.handover());
         }
         log.info(format_args!(
             "keeper pid {}: restarts this server if it dies",

@@ -207,6 +207,17 @@ impl Journal {
     fn append(&mut self, kind: Kind, txn: u64, payload: &[u8]) {
         let n = fmt::entry_len(payload.len());
         if self.overflowed || self.at + n > fmt::REGION_LEN {
+            if !self.overflowed {
+                crate::log::process(
+                    crate::log::Level::Error,
+                    format_args!(
+                        "thinlayer: the crash journal is full ({} MiB of records since the last \
+                         commit): until the next commit, a crash of this server loses \
+                         acknowledged writes",
+                        fmt::REGION_LEN >> 20
+                    ),
+                );
+            }
             self.overflowed = true;
             return;
         }
@@ -260,10 +271,6 @@ impl Journal {
                 fmt::REGION_LEN as libc::off_t,
             );
         }
-    }
-
-    pub fn overflowed(&self) -> bool {
-        self.overflowed
     }
 }
 
