@@ -237,6 +237,18 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Note that read-only layer `name`'s blob is in registry location `location`
+    /// (`host[:port]/repository`); returns its sources, newest first.
+    pub fn record_source(&self, name: &str, location: &str) -> Result<Vec<String>> {
+        let req = Request::RecordSource {
+            name: name.into(),
+            location: location.into(),
+        };
+        expect!(self.call_plain(req)?, Reply::SourceRecorded { sources, .. } => sources)
+    }
+}
+
 /// The registry code reaches the pool through the typed calls: a live server gets streams as
 /// pipe descriptors and never opens a connection itself.
 #[cfg(feature = "registry")]
@@ -272,6 +284,10 @@ impl crate::registry::Layers for Target {
     ) -> Result<(LayerInfo, ReceiveStats)> {
         let label = format!("the download of {digest}");
         Target::receive(self, name, parent, Some(digest), input, &label, progress)
+    }
+
+    fn record_source(&self, name: &str, location: &str) -> Result<()> {
+        Target::record_source(self, name, location).map(drop)
     }
 }
 

@@ -76,6 +76,28 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Cross-repository mounts of `digest` into `repo` (`POST .../blobs/uploads/?mount=`).
+    fn mounts(&self, repo: &str, digest: &str) -> usize {
+        let enc = digest.replace(':', "%3A");
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&format!("\"POST /v2/{repo}/blobs/uploads/?")))
+            .filter(|l| {
+                l.contains(&format!("mount={enc}")) || l.contains(&format!("mount={digest}"))
+            })
+            .count()
+    }
+
+    /// Chunk uploads (PATCH) of any blob.
+    fn count_patch(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"PATCH /v2/"))
+            .count()
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         // By PID: the registry we started, and no other.
@@ -172,8 +194,16 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         ],
     );
     let r1 = format!("127.0.0.1:{}/travel/app:1", reg.port);
-    let out = tl(&a, &["push", "app", &r1]);
+    let o = support::tl_output(&a, &["push", "app", &r1, "--progress"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("2 layer(s) uploaded"), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("push base: ") && l.contains("(100%)")),
+        "{err}"
+    );
     let out = tl(&b, &["pull", &r1, "app"]);
     assert!(out.contains("2 layer(s) downloaded"), "{out}");
     assert_eq!(
@@ -235,13 +265,18 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         before(&app2_digest),
     );
     let server_a = Server::start(&a, &d.join("a.sock"));
-    let r2 = format!("127.0.0.1:{}/travel/app:2", reg.port);
-    let out = tl(&a, &["push", "app2", &r2]);
-    assert!(
-        out.contains("1 layer(s) uploaded") && out.contains("2 already there"),
+    // To a new repository: the parent and base went to travel/app, so they are mounted from
+    // there (a POST, no bytes) and only the child's blob is uploaded, in one PUT.
+    let r2 = format!("127.0.0.1:{}/other/app:2", reg.port);
+    let out = tl(&a, &["push", "app2", &r2, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["uploaded"], serde_json::json!([app2_digest]), "{out}");
+    assert_eq!(
+        v["mounted"],
+        serde_json::json!([base_digest, app_digest]),
         "{out}"
     );
-    server_a.stop();
+    assert_eq!(v["skipped"], serde_json::json!([]), "{out}");
     assert_eq!(reg.count("PUT", &base_digest), b0.0, "base uploaded again");
     assert_eq!(reg.count("PUT", &app_digest), a0.0, "app uploaded again");
     assert_eq!(
@@ -249,13 +284,56 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         c0.0 + 1,
         "the child's blob is uploaded once"
     );
+    assert_eq!(reg.mounts("other/app", &base_digest), 1);
+    assert_eq!(reg.mounts("other/app", &app_digest), 1);
+    assert_eq!(
+        reg.count_patch(),
+        0,
+        "blobs of known size go up in one PUT, not in PATCHed chunks"
+    );
+    // Back to the first repository: two blobs are there already, the child is mounted from
+    // where it just went; progress lines go to stderr though it is not a terminal.
+    let r3 = format!("127.0.0.1:{}/travel/app:3", reg.port);
+    let o = support::tl_output(&a, &["push", "app2", &r3, "--progress"]);
+    assert!(o.status.success());
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        out.contains("0 layer(s) uploaded")
+            && out.contains("1 mounted")
+            && out.contains("2 already there"),
+        "{out}"
+    );
+    assert_eq!(reg.count("PUT", &app2_digest), c0.0 + 1);
+    assert!(!err.contains("push app2:"), "a mount moves no bytes: {err}");
+    server_a.stop();
+    let hist: serde_json::Value =
+        serde_json::from_str(&tl(&a, &["history", "app2", "--json"])).unwrap();
+    let sources = hist[0]["attrs"]["registry.sources"].as_str().unwrap();
+    let here = format!("127.0.0.1:{}", reg.port);
+    assert_eq!(
+        sources,
+        format!("{here}/travel/app\n{here}/other/app"),
+        "newest first"
+    );
 
     // Pulled into the second pool through its live server: only the child's blob comes down.
     let server_b = Server::start(&b, &d.join("b.sock"));
-    let out = tl(&b, &["pull", &r2, "app2"]);
+    let o = support::tl_output(&b, &["pull", &r2, "app2", "--progress"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("1 layer(s) downloaded") && out.contains("2 already in the pool"),
         "{out}"
+    );
+    // Not a terminal: whole lines, each with the bytes, the total and a rate.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err.lines().last().unwrap_or_default();
+    assert!(
+        line.starts_with("pull app2: ") && line.contains("(100%)") && line.ends_with("/s"),
+        "{err}"
     );
     assert_eq!(
         reg.count("GET", &base_digest),

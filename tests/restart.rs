@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +43,16 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path) -> Served {
+        Self::start_with(dir, &[])
+    }
+
+    /// `serve --files DIR EXTRA...` (`--keeper`).
+    fn start_with(dir: &Path, extra: &[&str]) -> Served {
+        Self::start_binary(Path::new(bin()), dir, extra)
+    }
+
+    /// The server started from `binary` (what the keeper and `restart` run again).
+    fn start_binary(binary: &Path, dir: &Path, extra: &[&str]) -> Served {
         let pool = dir.join("pool");
         tl(&pool, &["init"]);
         let files = dir.join("files");
@@ -52,11 +62,12 @@ impl Served {
             .append(true)
             .open(&log)
             .unwrap();
-        let first = Command::new(bin())
+        let first = Command::new(binary)
             .arg("--pool")
             .arg(&pool)
             .args(["serve", "--files"])
             .arg(&files)
+            .args(extra)
             .stderr(out)
             .spawn()
             .unwrap();
@@ -97,12 +108,28 @@ impl Served {
         )
     }
 
-    /// SIGTERM to the serving process, and wait for it to be gone.
-    fn stop(mut self) {
+    /// SIGKILL of the serving process (the keeper starts the next one); returns the next
+    /// one's pid, from `status` (which waits in the control socket's backlog meanwhile).
+    fn crash(&self) -> i32 {
         let pid = self.pid();
+        // SAFETY: killing the server this test started, by the PID it reported.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_gone(pid);
+        let new = self.pid();
+        assert_ne!(new, pid, "status still names the killed server");
+        new
+    }
+
+    /// SIGTERM to the serving process, and wait for it (and its keeper, if any) to be gone.
+    fn stop(mut self) {
+        let st = self.status();
+        let pid = st["pid"].as_i64().unwrap() as i32;
         // SAFETY: signalling the server by the PID it reported.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         wait_gone(pid);
+        if let Some(k) = st["keeper"].as_i64() {
+            wait_gone(k as i32);
+        }
         if let Some(mut c) = self.first.take() {
             c.wait().unwrap();
         }
@@ -118,6 +145,12 @@ impl Drop for Served {
             .output()
         {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                // The keeper first, or it would start another server.
+                if let Some(pid) = v["keeper"].as_i64() {
+                    // SAFETY: killing the keeper this test's server started, by its PID.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    wait_gone(pid as i32);
+                }
                 if let Some(pid) = v["pid"].as_i64() {
                     // SAFETY: killing the server this test started, by its PID.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -390,8 +423,12 @@ impl Drop for Postgres {
 
 /// A served pool with one container: layer c1 of `size`, ext4 mounted, a writer running.
 fn container(size: &str) -> (tempfile::TempDir, Served, Ext4, Writer) {
+    container_with(size, &[])
+}
+
+fn container_with(size: &str, extra: &[&str]) -> (tempfile::TempDir, Served, Ext4, Writer) {
     let d = tempfile::tempdir().unwrap();
-    let s = Served::start(d.path());
+    let s = Served::start_with(d.path(), extra);
     s.tl(&["create", "c1", "--size", size]);
     let fs = Ext4::new(&s, "c1");
     let writer = Writer::start(&fs.mnt);
@@ -413,6 +450,33 @@ fn finish(s: Served, fs: Ext4, writer: Writer) -> u64 {
     writes
 }
 
+/// PostgreSQL on the container's filesystem with pgbench running for `seconds` (None when
+/// PostgreSQL is not installed outside CI).
+fn pgbench(
+    d: &tempfile::TempDir,
+    fs: &Ext4,
+    seconds: u32,
+) -> Option<(Postgres, std::thread::JoinHandle<Result<String, String>>)> {
+    // nobody (PostgreSQL) must reach its directories below the test's.
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&fs.mnt, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pg = Postgres::start(&fs.mnt, &d.path().join("pgsock"))?;
+    let bench = pg.bench(seconds);
+    Some((pg, bench))
+}
+
+/// pgbench finished without a failed transaction; PostgreSQL stops cleanly.
+fn pgbench_done(pg: Option<(Postgres, std::thread::JoinHandle<Result<String, String>>)>) {
+    if let Some((pg, bench)) = pg {
+        let out = bench
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("pgbench failed: {e}"));
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        pg.stop();
+    }
+}
+
 /// An executable shell script.
 fn script(path: &Path, body: String) -> PathBuf {
     std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
@@ -424,11 +488,7 @@ fn script(path: &Path, body: String) -> PathBuf {
 fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
     require_prerequisites!();
     let (d, s, fs, writer) = container("512M");
-    // nobody (PostgreSQL) must reach its directories below the test's.
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&fs.mnt, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let pg = Postgres::start(&fs.mnt, &d.path().join("pgsock"));
-    let bench = pg.as_ref().map(|pg| pg.bench(6));
+    let pg = pgbench(&d, &fs, 6);
     std::thread::sleep(Duration::from_millis(500));
     let mut pid = s.pid();
     for round in 0..3 {
@@ -440,19 +500,209 @@ fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
         pid = new;
         std::thread::sleep(Duration::from_millis(1000));
     }
-    if let (Some(pg), Some(bench)) = (pg, bench) {
-        let out = bench
-            .join()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("pgbench failed: {e}"));
-        assert!(out.contains("number of failed transactions: 0"), "{out}");
-        pg.stop();
-    }
+    pgbench_done(pg);
     let st = s.status();
     assert_eq!(st["generation"], 4, "{st}");
     assert_eq!(st["files"].as_array().unwrap().len(), 1, "{st}");
     let writes = finish(s, fs, writer);
     assert!(writes > 10, "only {writes} writes in the whole run");
+}
+
+/// The same container workload with a keeper: three graceful restarts and three SIGKILLs of
+/// the serving process, alternating. The keeper starts a new server after each kill, which
+/// replays the crash journal and has the kernel resend what the dead one had read.
+#[test]
+fn a_container_filesystem_writes_through_three_kills_of_the_server_without_an_error() {
+    require_prerequisites!();
+    let (d, s, fs, writer) = container_with("512M", &["--keeper"]);
+    let pg = pgbench(&d, &fs, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    let keeper = s.status()["keeper"]
+        .as_i64()
+        .expect("status names the keeper");
+    for round in 0..3 {
+        let (old, new) = s.restart(&[]);
+        assert_ne!(new, old);
+        wait_gone(old);
+        std::thread::sleep(Duration::from_millis(700));
+        let next = s.crash();
+        assert_eq!(s.status()["keeper"].as_i64(), Some(keeper), "round {round}");
+        assert_ne!(next, new);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    pgbench_done(pg);
+    let log = s.log();
+    assert_eq!(
+        log.matches("without stopping; starting a new one").count(),
+        3,
+        "{log}"
+    );
+    let writes = finish(s, fs, writer);
+    assert!(writes > 10, "only {writes} writes in the whole run");
+    // The keeper stopped with the server: no process is left.
+    assert!(
+        !Path::new(&format!("/proc/{keeper}")).exists() || {
+            let st = std::fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap_or_default();
+            st.rsplit(") ").next().is_some_and(|s| s.starts_with('Z'))
+        }
+    );
+}
+
+/// Layer c1 (16 MiB) attached, its live file's path and the file opened read-write.
+fn live_file(s: &Served) -> (String, std::fs::File) {
+    s.tl(&["create", "c1", "--size", "16M"]);
+    let file = s.tl(&["attach", "c1"]).trim().to_string();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    (file, f)
+}
+
+/// The case the crash journal exists for: a write acknowledged but not yet committed when
+/// the server is killed, then flushed through the next server. The flush must make that
+/// write durable, so the data must still be there: without the journal (its replay
+/// disabled) the new server knows nothing of the write, its flush commits nothing, and the
+/// read below returns the old bytes.
+#[test]
+fn a_write_acknowledged_before_a_kill_and_flushed_after_it_is_durable() {
+    require_prerequisites!();
+    let d = tempfile::tempdir().unwrap();
+    // No background commits: the write stays in the open transaction until the flush.
+    let s = Served::start_with(d.path(), &["--keeper", "--commit-interval", "0"]);
+    let (_, f) = live_file(&s);
+    f.write_all_at(&block(1), 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    f.write_all_at(&block(2), 1 << 20).unwrap();
+    f.write_all_at(&block(3), 4 << 20).unwrap();
+    s.crash();
+    // The keeper's table had the open handle: the new server refuses to detach the file.
+    let o = tl_output(&s.pool, &["detach", "c1"]);
+    assert!(
+        !o.status.success(),
+        "detach of an open file succeeded after the crash"
+    );
+    f.sync_all().unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    f.read_exact_at(&mut got, 1 << 20).unwrap();
+    assert!(
+        got == block(2),
+        "the write before the kill is gone after the flush"
+    );
+    f.read_exact_at(&mut got, 4 << 20).unwrap();
+    assert!(
+        got == block(3),
+        "the write before the kill is gone after the flush"
+    );
+    assert!(
+        s.log()
+            .contains("replayed 1 transaction(s) of the crash journal"),
+        "{}",
+        s.log()
+    );
+    drop(f);
+    s.tl(&["detach", "c1"]);
+    let pool = s.pool.clone();
+    s.stop();
+    let out = tl(&pool, &["check", "--data"]);
+    assert!(out.contains("clean"), "check --data: {out}");
+}
+
+/// A crash loop: the server is killed and the binary the keeper starts dies at once, again
+/// and again. The keeper waits longer and longer between starts (1, 2, 4 s), saying so, and
+/// does not spin; once the binary works again the next start takes over.
+#[test]
+fn a_crash_loop_backs_off_and_recovers_when_the_binary_works_again() {
+    require_prerequisites!();
+    let d = tempfile::tempdir().unwrap();
+    let copy = d.path().join("thinlayer");
+    std::fs::copy(bin(), &copy).unwrap();
+    let s = Served::start_binary(&copy, d.path(), &["--keeper"]);
+    let (_, f) = live_file(&s);
+    f.write_all_at(&block(1), 0).unwrap();
+    // The binary on disk now dies at once (renamed over: the running one keeps its inode).
+    let kept = d.path().join("thinlayer.real");
+    std::fs::rename(&copy, &kept).unwrap();
+    script(&d.path().join("broken"), "exit 3".to_string());
+    std::fs::rename(d.path().join("broken"), &copy).unwrap();
+    let pid = s.pid();
+    // SAFETY: killing the server this test started, by the PID it reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.log().matches("crash loop").count() < 2 {
+        assert!(Instant::now() < deadline, "no back-off: {}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Two failed starts so far (at once, then 1 s later), the next one 2 s after that: the
+    // keeper does not spin.
+    let log = s.log();
+    let failed = log.matches("did not take over").count();
+    assert!((2..=3).contains(&failed), "{failed} failed starts: {log}");
+    assert!(log.contains("waiting 2 s before the next"), "{log}");
+    std::fs::rename(&kept, &copy).unwrap();
+    let new = s.pid();
+    assert_ne!(new, pid);
+    let mut got = vec![0u8; 64 << 10];
+    f.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == block(1), "the write before the kill is gone");
+    drop(f);
+    s.tl(&["detach", "c1"]);
+    s.stop();
+}
+
+/// Without its keeper a server is mortal again: kill the keeper, then the server. The
+/// live file's I/O then fails (the FUSE connection is gone), cleanly: an error, not wrong
+/// data; the pool holds what was flushed and `check --data` is clean.
+#[test]
+fn with_the_keeper_killed_a_kill_of_the_server_fails_io_cleanly() {
+    require_prerequisites!();
+    let d = tempfile::tempdir().unwrap();
+    let mut s = Served::start_with(d.path(), &["--keeper"]);
+    let (file, f) = live_file(&s);
+    f.write_all_at(&block(1), 0).unwrap();
+    f.sync_all().unwrap();
+    let st = s.status();
+    let (pid, keeper) = (
+        st["pid"].as_i64().unwrap() as i32,
+        st["keeper"].as_i64().unwrap() as i32,
+    );
+    // SAFETY: killing the keeper and the server this test started, by their PIDs.
+    unsafe { libc::kill(keeper, libc::SIGKILL) };
+    wait_gone(keeper);
+    // The server notices when it next tells the keeper something (an open or release).
+    drop(f);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    assert_eq!(
+        s.status()["keeper"],
+        serde_json::Value::Null,
+        "status still names a dead keeper"
+    );
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid);
+    let e = f.write_all_at(&block(2), 0).and_then(|()| f.sync_all());
+    assert!(e.is_err(), "I/O through a dead server succeeded");
+    drop(f);
+    if let Some(mut c) = s.first.take() {
+        let _ = c.wait();
+    }
+    let c = std::ffi::CString::new(s.files.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let out = tl(&s.pool, &["check", "--data"]);
+    assert!(out.contains("clean"), "check --data: {out}");
+    let mut got = vec![0u8; 64 << 10];
+    let export = d.path().join("c1.img");
+    tl(&s.pool, &["export", "c1", export.to_str().unwrap()]);
+    std::fs::File::open(&export)
+        .unwrap()
+        .read_exact_at(&mut got, 0)
+        .unwrap();
+    assert!(got == block(1), "the flushed write is not in the pool");
 }
 
 #[test]

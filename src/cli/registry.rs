@@ -11,7 +11,8 @@ use {
 #[derive(clap::Args)]
 #[command(
     after_help = "Example: thinlayer push acme/app:2 registry.example:5000/acme/app:2\n\n\
-Blobs the registry already has are not sent again. Credentials come from ~/.docker/config.json\n\
+Blobs the repository already has are not sent again; a blob this pool pushed to or pulled\n\
+from another repository of the same registry is mounted from there instead of uploaded. Credentials come from ~/.docker/config.json\n\
 ($DOCKER_CONFIG) as docker and skopeo write them (`docker login`). HTTPS, except for a registry\n\
 on loopback (127.0.0.1, localhost, ::1) or with --plain-http."
 )]
@@ -22,6 +23,12 @@ pub struct PushArgs {
     /// Speak plain HTTP (no TLS) to a registry that is not on this machine.
     #[arg(long)]
     plain_http: bool,
+    /// Progress lines on stderr (bytes, total, rate) even when it is not a terminal.
+    #[arg(long)]
+    progress: bool,
+    /// Print the summary as JSON (blob digests by what happened to them, bytes, seconds).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Download an image pushed by `thinlayer push`, skipping layers the pool already holds.
@@ -37,6 +44,12 @@ pub struct PullArgs {
     /// Speak plain HTTP (no TLS) to a registry that is not on this machine.
     #[arg(long)]
     plain_http: bool,
+    /// Progress lines on stderr (bytes, total, rate) even when it is not a terminal.
+    #[arg(long)]
+    progress: bool,
+    /// Print the summary as JSON (blob digests by what happened to them, bytes, seconds).
+    #[arg(long)]
+    json: bool,
 }
 
 /// A progress line that ends itself when the step is over.
@@ -50,10 +63,22 @@ impl Drop for Bar {
     }
 }
 
+/// The meters of a command: progress lines on a terminal, or everywhere with `always`.
 #[cfg(feature = "registry")]
-fn meter(what: String) -> Box<Meter> {
-    let mut bar = Bar(Progress::new(what));
-    Box::new(move |d, t| bar.0.update(d, t))
+fn meters(always: bool) -> impl Fn(String) -> Box<Meter> + Sync {
+    move |what| {
+        let mut bar = Bar(Progress::shown(what, always));
+        Box::new(move |d, t| bar.0.update(d, t))
+    }
+}
+
+/// `--json`'s summary: the report, the reference and the time taken.
+#[cfg(feature = "registry")]
+fn print_json(reference: &str, report: &impl serde::Serialize, t: std::time::Instant) {
+    let mut v = serde_json::to_value(report).expect("a report serialises");
+    v["reference"] = reference.into();
+    v["seconds"] = t.elapsed().as_secs_f64().into();
+    println!("{}", serde_json::to_string_pretty(&v).unwrap());
 }
 
 #[cfg(feature = "registry")]
@@ -61,13 +86,19 @@ pub fn run_push(t: &Target, a: PushArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
     };
-    let r = registry::push::push(t, &a.name, &a.reference, &opts, &meter)?;
+    let start = std::time::Instant::now();
+    let r = registry::push::push(t, &a.name, &a.reference, &opts, &meters(a.progress))?;
+    if a.json {
+        print_json(&a.reference, &r, start);
+        return Ok(());
+    }
     println!(
-        "pushed {:?} to {}: {} layer(s) uploaded ({}), {} already there",
+        "pushed {:?} to {}: {} layer(s) uploaded ({}), {} mounted from another repository, {} already there",
         a.name,
         a.reference,
         r.uploaded.len(),
         human(r.bytes_uploaded),
+        r.mounted.len(),
         r.skipped.len()
     );
     Ok(())
@@ -78,7 +109,18 @@ pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
     let opts = Options {
         plain_http: a.plain_http,
     };
-    let r = registry::pull::pull(t, &a.reference, a.name.as_deref(), &opts, &meter)?;
+    let start = std::time::Instant::now();
+    let r = registry::pull::pull(
+        t,
+        &a.reference,
+        a.name.as_deref(),
+        &opts,
+        &meters(a.progress),
+    )?;
+    if a.json {
+        print_json(&a.reference, &r, start);
+        return Ok(());
+    }
     println!(
         "pulled {} as {:?}: {} layer(s) downloaded ({}), {} already in the pool",
         a.reference,

@@ -46,6 +46,15 @@ pub struct Args {
     /// through the hand-over socket on this descriptor.
     #[arg(long, hide = true, value_name = "FD")]
     resume_fd: Option<i32>,
+    /// Start a keeper process that outlives a crash of this server: it holds the live files'
+    /// FUSE connection, the listening sockets and a journal of the writes not yet committed,
+    /// and starts a new server with them if this one dies (SIGKILL, abort, panic). Containers
+    /// see a pause, not an error. `thinlayer status` shows its pid; stopping the server stops it.
+    #[arg(long)]
+    keeper: bool,
+    /// Internal: be the keeper of the server that started this process.
+    #[arg(long, hide = true, value_name = "FD")]
+    keeper_fd: Option<i32>,
 }
 
 pub fn run(t: &Target, a: Args) -> Result<()> {
@@ -57,6 +66,9 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
     }
     if a.files.is_some() && !cfg!(feature = "fuse") {
         return Err(crate::features::missing("fuse", "serve --files"));
+    }
+    if let Some(fd) = a.keeper_fd {
+        return server::keeper::run(fd);
     }
     if let Some(fd) = a.resume_fd {
         return server::handover::resume(fd, &crate::calls::command_line());
@@ -85,6 +97,7 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
             })
         }),
         containerd: a.containerd_socket,
+        keeper: a.keeper,
     };
     server::run(cfg, &crate::calls::command_line())
 }

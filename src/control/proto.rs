@@ -92,6 +92,13 @@ pub enum Request {
         #[serde(default)]
         label: Option<String>,
     },
+    /// Note that read-only layer `name`'s blob is in `location` (`host[:port]/repository` of a
+    /// registry): a push or pull just put it there or found it there. A later push to another
+    /// repository of that registry mounts the blob from there instead of uploading it.
+    RecordSource {
+        name: String,
+        location: String,
+    },
 }
 
 impl Request {
@@ -160,6 +167,9 @@ impl fmt::Display for Request {
                     None => Ok(()),
                 }
             }
+            Request::RecordSource { name, location } => {
+                write!(f, "record-source {name:?} {location:?}")
+            }
         }
     }
 }
@@ -215,6 +225,11 @@ pub enum Reply {
         #[serde(with = "wire_layer")]
         layer: LayerInfo,
         stats: ReceiveStats,
+    },
+    /// record_source: the layer's sources, newest first.
+    SourceRecorded {
+        name: String,
+        sources: Vec<String>,
     },
 }
 
@@ -551,7 +566,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 14, "one row per request, and a base create");
+        assert_eq!(n, 15, "one row per request, and a base create");
     }
 
     #[test]

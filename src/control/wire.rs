@@ -16,9 +16,10 @@ pub const MAX_REQUEST: usize = 1 << 20;
 /// Largest message a client reads: `ls` of a pool with many thousand layers, or `check` of a
 /// badly damaged one, is far above MAX_REQUEST yet must still come through.
 pub const MAX_REPLY: usize = 64 << 20;
-/// Descriptors one message may carry. Requests need at most one; a few more leave room to
+/// Descriptors one message may carry. Requests need at most one; a restart's hand-over up to
+/// six (NBD, control, FUSE, containerd, crash journal, keeper link); the rest leave room to
 /// tell "too many" apart from the kernel truncating them.
-const MAX_FDS: usize = 4;
+const MAX_FDS: usize = 8;
 
 const HEADER: usize = 4;
 
@@ -293,7 +294,8 @@ mod tests {
         }
         let e = recv(&b, MAX_REQUEST).unwrap_err();
         assert!(
-            e.to_string().contains("more than 4 file descriptors"),
+            e.to_string()
+                .contains(&format!("more than {MAX_FDS} file descriptors")),
             "{e}"
         );
     }

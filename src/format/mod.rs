@@ -5,6 +5,7 @@
 pub mod checksum;
 pub mod field;
 pub mod ids;
+pub mod journal;
 pub mod page;
 pub mod record;
 pub mod stream;

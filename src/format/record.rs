@@ -188,6 +188,12 @@ impl RecordWriter {
         self.buf.is_empty()
     }
 
+    /// End the open map record, so the bytes appended so far are whole records that no
+    /// later append changes (the crash journal copies them as they are).
+    pub fn cut(&mut self) {
+        self.open_map = None;
+    }
+
     pub fn clear(&mut self) {
         self.buf.clear();
         self.open_map = None;

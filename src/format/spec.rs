@@ -111,6 +111,12 @@ fn record_fields_are_the_spec_tables() {
     check_structure("### 6.6 ", 0, layer_rename::ROWS, layer_rename::LEN);
 }
 
+#[test]
+fn crash_journal_entry_is_the_spec_table() {
+    use crate::format::journal::entry;
+    check_structure("## 10. ", 1, entry::ROWS, entry::LEN);
+}
+
 /// "bytes A..B" somewhere in `cell`.
 fn byte_range(cell: &str) -> (usize, usize) {
     let rest = &cell[cell.find("bytes ").unwrap_or_else(|| panic!("{cell:?}")) + 6..];

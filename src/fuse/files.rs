@@ -129,7 +129,14 @@ pub struct Table {
     next_ino: AtomicU64,
     /// Signalled whenever a handle is released (detach waits on it).
     closed: (Mutex<()>, Condvar),
+    /// Told the table after every attach, detach, open and release (the keeper keeps it).
+    watch: std::sync::OnceLock<Watch>,
 }
+
+/// Who wants the table whenever it changes. It is given a way to take the table, so that it
+/// can take it at the moment it passes it on: of two changes told at once, the one passed on
+/// last then carries both.
+pub type Watch = Box<dyn Fn(&dyn Fn() -> Vec<FileState>) + Send + Sync>;
 
 impl Table {
     pub fn new(exports: Arc<LiveExports>, dir: &Path) -> Table {
@@ -139,6 +146,20 @@ impl Table {
             files: RwLock::default(),
             next_ino: AtomicU64::new(ROOT_INO + 1),
             closed: (Mutex::new(()), Condvar::new()),
+            watch: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Have `w` told the table whenever it changes (once; later calls are ignored).
+    pub fn watch(&self, w: Watch) {
+        let _ = self.watch.set(w);
+    }
+
+    /// Tell the watcher; called with no lock of the table held, before the request that
+    /// changed it is answered.
+    fn changed(&self) {
+        if let Some(w) = self.watch.get() {
+            w(&|| self.snapshot());
         }
     }
 
@@ -182,13 +203,17 @@ impl Table {
         let g = self.read();
         let f = g.by_ino.get(&ino)?;
         f.opens.fetch_add(1, Ordering::SeqCst);
-        Some(f.clone())
+        let f = f.clone();
+        drop(g);
+        self.changed();
+        Some(f)
     }
 
     pub fn release(&self, ino: u64) {
         if let Some(f) = self.read().by_ino.get(&ino) {
             f.opens.fetch_sub(1, Ordering::SeqCst);
         }
+        self.changed();
         let _g = self.closed.0.lock().unwrap_or_else(|p| p.into_inner());
         self.closed.1.notify_all();
     }
@@ -244,7 +269,9 @@ impl Table {
             return Ok(f.path.clone());
         }
         drop(g);
-        self.insert(layer, None, 0, SystemTime::now(), (0, 0))
+        let path = self.insert(layer, None, 0, SystemTime::now(), (0, 0))?;
+        self.changed();
+        Ok(path)
     }
 
     /// Register `layer`'s file: a fresh inode unless `ino` is given (a restored table).
@@ -314,6 +341,8 @@ impl Table {
                 }
                 // Dropping the last reference unregisters the layer from the exports.
                 g.remove(&f);
+                drop(g);
+                self.changed();
                 return Ok(f.lost_writes());
             }
             drop(g);

@@ -185,6 +185,11 @@ impl LiveFiles {
         self.table.snapshot()
     }
 
+    /// Have `w` told the table of files whenever it changes (the keeper's copy).
+    pub fn watch(&self, w: files::Watch) {
+        self.table.watch(w);
+    }
+
     /// Ask the kernel to send again the requests a previous process read and did not answer.
     /// Call once that process is gone. `Ok(false)`: the kernel cannot (before Linux 6.9).
     pub fn resend(&self) -> Result<bool> {

@@ -240,28 +240,44 @@ impl<'a> Resolver<'a> {
         out[0]
     }
 
-    /// Walk blocks `start..end`, calling `f(first_block, count, what)` for each run. A chunk that
-    /// no layer of the chain maps is passed as one hole without looking at its blocks, so block
-    /// status over a mostly empty terabyte stays cheap; other chunks go through `range`.
+    /// Walk blocks `start..end`, calling `f(first_block, count, what)` for each run. Only the
+    /// chunks some layer of the chain maps are looked at (`mapped_chunks`); the space between
+    /// them is passed as holes without counting chunk by chunk, so block status over a mostly
+    /// empty petabyte costs what the layers hold, not what they could hold.
     pub fn runs(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64, Resolved)) {
+        if start >= end {
+            return;
+        }
         let chain = self.layers();
         let mut buf = Vec::with_capacity(CHUNK_LEN as usize);
         let mut vb = start;
-        while vb < end {
-            let c = vb >> CHUNK_BITS;
-            let chunk_end = ((c + 1) << CHUNK_BITS).min(end);
-            if !chain.iter().any(|l| l.map.has_chunk(c)) {
-                f(vb, chunk_end - vb, Resolved::Hole);
-            } else {
-                buf.clear();
-                self.range(vb, chunk_end - vb, &mut buf);
-                for (i, r) in buf.iter().enumerate() {
-                    f(vb + i as u64, 1, *r);
-                }
+        for c in mapped_chunks(&chain, start >> CHUNK_BITS, (end - 1) >> CHUNK_BITS) {
+            let (from, to) = (
+                (c << CHUNK_BITS).max(start),
+                ((c + 1) << CHUNK_BITS).min(end),
+            );
+            if vb < from {
+                f(vb, from - vb, Resolved::Hole);
             }
-            vb = chunk_end;
+            buf.clear();
+            self.range(from, to - from, &mut buf);
+            for (i, r) in buf.iter().enumerate() {
+                f(from + i as u64, 1, *r);
+            }
+            vb = to;
+        }
+        if vb < end {
+            f(vb, end - vb, Resolved::Hole);
         }
     }
+}
+
+/// The chunks among `c0..=c1` that any layer of `chain` maps a block in, ascending, each once.
+pub fn mapped_chunks(chain: &[&Layer], c0: u64, c1: u64) -> Vec<u64> {
+    let mut cs: Vec<u64> = chain.iter().flat_map(|l| l.map.chunks_in(c0, c1)).collect();
+    cs.sort_unstable();
+    cs.dedup();
+    cs
 }
 
 /// The chain from `top` down to its base.

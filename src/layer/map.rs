@@ -195,6 +195,26 @@ impl BlockMap {
         self.chunks.contains_key(&c)
     }
 
+    /// The chunks with a mapped block among `c0..=c1`, ascending. Walks the table when it is
+    /// smaller than the range, so a few chunks of a petabyte layer cost what they hold.
+    pub fn chunks_in(&self, c0: u64, c1: u64) -> Vec<u64> {
+        if c0 > c1 {
+            return Vec::new();
+        }
+        if c1 - c0 < self.chunks.len() as u64 * 2 {
+            (c0..=c1).filter(|c| self.chunks.contains_key(c)).collect()
+        } else {
+            let mut cs: Vec<u64> = self
+                .chunks
+                .keys()
+                .copied()
+                .filter(|c| (c0..=c1).contains(c))
+                .collect();
+            cs.sort_unstable();
+            cs
+        }
+    }
+
     /// Entries of chunk `c` in block order.
     pub fn chunk_entries(&self, c: u64) -> impl Iterator<Item = (VBlock, Mapping)> + '_ {
         self.chunks.get(&c).into_iter().flat_map(move |slots| {
@@ -219,29 +239,11 @@ impl BlockMap {
         if start >= end {
             return out;
         }
-        let (c0, c1) = (start >> CHUNK_BITS, (end - 1) >> CHUNK_BITS);
-        let visit = |c: u64, out: &mut Vec<(VBlock, Mapping)>| {
+        for c in self.chunks_in(start >> CHUNK_BITS, (end - 1) >> CHUNK_BITS) {
             for (vb, m) in self.chunk_entries(c) {
                 if vb.0 >= start && vb.0 < end {
                     out.push((vb, m));
                 }
-            }
-        };
-        if c1 - c0 < self.chunks.len() as u64 * 2 {
-            for c in c0..=c1 {
-                visit(c, &mut out);
-            }
-        } else {
-            // Few chunks over a huge range: visit the chunks we have instead of every index.
-            let mut cs: Vec<u64> = self
-                .chunks
-                .keys()
-                .copied()
-                .filter(|c| (c0..=c1).contains(c))
-                .collect();
-            cs.sort_unstable();
-            for c in cs {
-                visit(c, &mut out);
             }
         }
         out

@@ -98,6 +98,26 @@ impl Allocator {
         true
     }
 
+    /// Take a block that a replayed transaction wrote (the crash journal): used and fresh, as
+    /// when it was allocated. False if it is used already and not fresh (committed data or
+    /// metadata: the journal disagrees with the pool). A fresh block may be named again (an
+    /// overwrite in place).
+    pub fn claim_fresh(&mut self, p: PBlock) -> bool {
+        if p.0 < self.first {
+            return false;
+        }
+        self.grow_to(p.0 + 1);
+        let i = p.0 as usize;
+        if self.used[i] {
+            return self.fresh[i];
+        }
+        self.used.set(i, true);
+        self.fresh.set(i, true);
+        self.fresh_list.push(p.0);
+        self.used_count += 1;
+        true
+    }
+
     /// Allocate up to `want` contiguous blocks (at least one), keeping `reserve` blocks of the
     /// cap back for metadata. Returns the first block and how many were given, or `None` when
     /// the pool is full (the caller says what it was doing; `full_message` says how full).

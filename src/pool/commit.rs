@@ -61,6 +61,13 @@ impl Commit {
     pub fn make_durable(&self, storage: &dyn Storage) -> Result<()> {
         self.staged.make_durable(storage)
     }
+
+    /// Where the commit sits in the pool's history: its log's id and its number there. The
+    /// pair only goes up from commit to commit (log ids are superblock generations), so a
+    /// loaded pool includes this commit exactly when its own pair is at least this.
+    pub fn position(&self) -> (u64, u64) {
+        (self.staged.sb.log.id, self.staged.sb.log_commit)
+    }
 }
 
 impl Pool {

@@ -45,6 +45,8 @@ impl Registry {
         let config = ClientConfig {
             protocol,
             connect_timeout: Some(std::time::Duration::from_secs(10)),
+            // Every blob's length is known before it is sent (`content.size`): one PUT each.
+            use_monolithic_push: true,
             ..Default::default()
         };
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -58,6 +60,15 @@ impl Registry {
             label: reference.to_string(),
             rt,
         })
+    }
+
+    /// `host[:port]/repository`, as a layer's sources name it (`stream::source`).
+    pub fn location(&self) -> String {
+        format!(
+            "{}/{}",
+            self.reference.resolve_registry(),
+            self.reference.repository()
+        )
     }
 
     /// An error of the registry client as ours, naming the reference and what was being done.

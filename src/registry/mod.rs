@@ -44,6 +44,8 @@ pub trait Layers: Sync {
         input: OwnedFd,
         progress: &mut Meter,
     ) -> Result<(LayerInfo, ReceiveStats)>;
+    /// Note that read-only layer `name`'s blob is in `location` (`host[:port]/repository`).
+    fn record_source(&self, name: &str, location: &str) -> Result<()>;
 }
 
 /// `Layers` over a store opened in this process, with the live pool's rules (`LivePool`): the
@@ -83,6 +85,10 @@ impl Layers for StoreLayers<'_> {
         let expect = Some(digest.parse()?);
         self.0
             .receive(name, parent, expect, &mut input, &label, progress)
+    }
+
+    fn record_source(&self, name: &str, location: &str) -> Result<()> {
+        crate::stream::source::record(self.0.store(), name, location).map(drop)
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct PullReport {
     /// The layer the image's top became (or already was).
     pub name: String,
@@ -64,6 +64,8 @@ pub fn pull(
     let top_name = name.unwrap_or(reference).to_string();
     let mut report = PullReport::default();
     let mut parent: Option<String> = None;
+    // Every layer of the image, base first, as the pool names it.
+    let mut names = Vec::new();
     for (i, d) in m.layers.iter().enumerate() {
         let chain = d
             .annotations
@@ -78,6 +80,7 @@ pub fn pull(
         if let Some(n) = have.get(chain) {
             report.skipped.push(d.digest.clone());
             parent = Some(n.clone());
+            names.push(n.clone());
             continue;
         }
         let last = i + 1 == m.layers.len();
@@ -99,9 +102,15 @@ pub fn pull(
         report.bytes_downloaded += n;
         report.downloaded.push(d.digest.clone());
         have.insert(chain.clone(), layer.name.clone());
+        names.push(layer.name.clone());
         parent = Some(layer.name);
     }
     report.name = parent.expect("an image has layers");
+    // Where each blob is, for a later push to another repository to mount it from.
+    let here = reg.location();
+    for n in &names {
+        pool.record_source(n, &here)?;
+    }
     Ok(report)
 }
 

@@ -1,10 +1,18 @@
-//! `push NAME REF`: upload a layer chain, base first. A blob the registry already has is not
-//! uploaded again (HEAD), so pushing a child of a pushed image uploads only the child.
+//! `push NAME REF`: upload a layer chain, base first. For each blob, cheapest first:
+//! - the target repository has it (HEAD): nothing moves;
+//! - the layer records a source in another repository of the same registry
+//!   (`stream::source`): a cross-repository mount (`POST ?mount=<digest>&from=<repo>`), so a
+//!   child pushed to a new repository after its parent went to another uploads only itself;
+//! - else one monolithic PUT of the stream, its length known from `content.size` (a 4 MiB
+//!   PATCH per chunk cost a round trip each: 1.29x skopeo's time for 512 MiB).
+//!
+//! Every layer of the chain then records the target repository as a source.
 
 use super::client::Registry;
 use super::image;
 use super::{pipe, Layers, Meters, Options};
 use crate::error::{Error, Result};
+use crate::stream::source;
 use crate::stream::{ContentIds, Digest};
 use crate::volume::LayerInfo;
 use oci_client::manifest::OciManifest;
@@ -12,16 +20,18 @@ use oci_client::RegistryOperation;
 use std::fs::File;
 use std::io::Read;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct PushReport {
-    /// Digests of the layer blobs uploaded, and of those the registry already had.
+    /// Digests of the layer blobs uploaded, of those mounted from another repository of the
+    /// registry, and of those the target repository already had.
     pub uploaded: Vec<String>,
+    pub mounted: Vec<String>,
     pub skipped: Vec<String>,
     pub bytes_uploaded: u64,
     pub manifest_url: String,
 }
 
-/// Bytes per upload request (the client's largest chunk).
+/// Bytes per item the upload's body stream yields (the PUT itself is one request).
 const CHUNK: usize = 4 << 20;
 
 pub fn push(
@@ -61,7 +71,12 @@ pub fn push(
             report.skipped.push(digest);
             continue;
         }
-        let n = upload(pool, &reg, &l.name, &digest, meters)?;
+        if mount(&reg, l, &digest) {
+            sizes.push(ids.size);
+            report.mounted.push(digest);
+            continue;
+        }
+        let n = upload(pool, &reg, &l.name, &digest, ids.size, meters)?;
         report.bytes_uploaded += n;
         sizes.push(n);
         report.uploaded.push(digest);
@@ -82,19 +97,51 @@ pub fn push(
                 .push_manifest(&reg.reference, &OciManifest::Image(m)),
         )
         .map_err(|e| reg.error("uploading the manifest", e))?;
+    let here = reg.location();
+    for (l, _) in &chain {
+        if source::sources(l).first() != Some(&here) {
+            pool.record_source(&l.name, &here)?;
+        }
+    }
     Ok(report)
+}
+
+/// Mount `l`'s blob from a repository of the same registry it is recorded in; whether it
+/// worked. A refused mount is not an error: the blob is uploaded instead (the source may be
+/// gone, or the credentials may not reach it; a registry may also answer a mount by opening
+/// an ordinary upload, which is left to expire).
+fn mount(reg: &Registry, l: &LayerInfo, digest: &str) -> bool {
+    let host = reg.reference.resolve_registry();
+    let here = reg.reference.repository();
+    for loc in source::sources(l) {
+        let Some((h, repo)) = loc.split_once('/') else {
+            continue;
+        };
+        if h != host || repo == here {
+            continue;
+        }
+        let from = oci_client::Reference::with_digest(h.into(), repo.into(), digest.into());
+        let done = reg
+            .rt
+            .block_on(reg.client.mount_blob(&reg.reference, &from, digest));
+        if done.is_ok() {
+            return true;
+        }
+    }
+    false
 }
 
 fn block_size_of(pool: &dyn Layers) -> Result<u32> {
     pool.block_size()
 }
 
-/// Send layer `name` through a pipe into a chunked upload; returns the bytes uploaded.
+/// Send layer `name` through a pipe into one PUT of `size` bytes; returns the bytes uploaded.
 fn upload(
     pool: &dyn Layers,
     reg: &Registry,
     name: &str,
     digest: &str,
+    size: u64,
     meters: Meters,
 ) -> Result<u64> {
     let (rd, wr) = pipe()?;
@@ -120,10 +167,12 @@ fn upload(
             buf.truncate(n);
             Some((Ok(bytes::Bytes::from(buf)), f))
         });
-        let up = reg.rt.block_on(
-            reg.client
-                .push_blob_stream(&reg.reference, stream, digest, None),
-        );
+        let up = reg.rt.block_on(reg.client.push_blob_stream(
+            &reg.reference,
+            stream,
+            digest,
+            Some(size),
+        ));
         let stats = sender.join().expect("send thread panicked");
         // A failed send ends the stream early: its error says why, not the registry's refusal.
         let stats = stats.map_err(|e| e.context(format!("pushing {name:?} to {}", reg.label)))?;

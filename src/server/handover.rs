@@ -19,6 +19,7 @@
 //! the old one takes the pool back (`Store::take_back`), opens the gate and serves on; the
 //! request fails saying why.
 
+use super::keeper::Link;
 use super::{Config, Parts};
 use crate::control::{wire, ControlSocket, Reply, Status};
 use crate::error::{Error, Result};
@@ -26,6 +27,7 @@ use crate::fuse::{FileState, LiveFiles};
 use crate::log::{self, Level};
 use crate::nbd::{Bound, Listener, ServerConfig};
 use crate::volume::exports::LiveExports;
+use crate::volume::journal::Journal;
 use crate::volume::Store;
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -38,19 +40,19 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 /// Bumped when the messages below change; a new binary that speaks another is refused.
-const PROTOCOL: u32 = 1;
+pub(crate) const PROTOCOL: u32 = 1;
 /// The descriptor the new process finds its end of the socket pair on.
 pub const RESUME_FD: RawFd = 3;
 /// How long a new process may take to say hello (it has only started).
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long it may take to open the pool and say ready (opening reads the metadata).
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_MESSAGE: usize = 16 << 20;
 
 /// New process -> old process.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum FromNew {
+pub(crate) enum FromNew {
     Hello {
         pid: u32,
         version: String,
@@ -64,21 +66,29 @@ enum FromNew {
     },
 }
 
-/// Old process -> new process, with the descriptors in the order of `Fds`.
+/// Old process (or keeper) -> new process, with the descriptors in the order of `Fds::all`.
 #[derive(Debug, Serialize, Deserialize)]
-struct State {
-    pool: PathBuf,
+pub(crate) struct State {
+    pub pool: PathBuf,
     nbd_unix: Option<PathBuf>,
     nbd_tcp: Option<String>,
-    control: PathBuf,
+    pub control: PathBuf,
     only: Vec<String>,
     commit_interval_ms: Option<u64>,
     files_dir: Option<PathBuf>,
-    files: Vec<FileState>,
+    pub files: Vec<FileState>,
     containerd: Option<PathBuf>,
-    binary: PathBuf,
-    old_pid: u32,
+    pub binary: PathBuf,
+    pub old_pid: u32,
     generation: u64,
+    /// A crash journal's memfd follows the listeners (`volume/journal.rs`).
+    #[serde(default)]
+    pub journal: bool,
+    /// A link to the keeper comes last, and the keeper's pid.
+    #[serde(default)]
+    pub keeper: bool,
+    #[serde(default)]
+    pub keeper_pid: u32,
 }
 
 /// Second descriptors of what a restart hands over, taken before the serving threads own
@@ -88,6 +98,8 @@ pub(crate) struct Fds {
     control: OwnedFd,
     fuse: Option<OwnedFd>,
     containerd: Option<OwnedFd>,
+    journal: Option<OwnedFd>,
+    keeper: Option<OwnedFd>,
 }
 
 impl Fds {
@@ -96,6 +108,8 @@ impl Fds {
         control: &ControlSocket,
         files: Option<&LiveFiles>,
         containerd: Option<&ControlSocket>,
+        store: &Store,
+        keeper: Option<&Link>,
     ) -> Result<Fds> {
         let dup = |fd: BorrowedFd, what: &str| {
             fd.try_clone_to_owned()
@@ -108,13 +122,24 @@ impl Fds {
             containerd: containerd
                 .map(|c| dup(c.listener_fd(), "containerd socket"))
                 .transpose()?,
+            journal: store.journal_fd(),
+            keeper: keeper.map(|k| k.dup()).transpose()?,
         })
     }
 
-    fn all(&self) -> Vec<BorrowedFd<'_>> {
+    /// What the keeper holds: everything but the link to it.
+    pub(crate) fn all(&self) -> Vec<BorrowedFd<'_>> {
         let mut v = vec![self.nbd.as_fd(), self.control.as_fd()];
         v.extend(self.fuse.as_ref().map(|f| f.as_fd()));
         v.extend(self.containerd.as_ref().map(|f| f.as_fd()));
+        v.extend(self.journal.as_ref().map(|f| f.as_fd()));
+        v
+    }
+
+    /// What the next process of a restart gets: all, and this process's link to the keeper.
+    fn handed_over(&self) -> Vec<BorrowedFd<'_>> {
+        let mut v = self.all();
+        v.extend(self.keeper.as_ref().map(|f| f.as_fd()));
         v
     }
 }
@@ -131,6 +156,7 @@ pub(crate) struct Serving<'a> {
     pub generation: u64,
     /// Held while a restart runs: a second one is refused.
     pub restarting: Mutex<()>,
+    pub keeper: Option<&'a Link>,
 }
 
 impl Serving<'_> {
@@ -156,6 +182,7 @@ impl Serving<'_> {
             .as_ref()
             .map(|p| p.display().to_string());
         s.generation = self.generation;
+        s.keeper = self.keeper.and_then(|k| k.pid());
         s
     }
 
@@ -171,7 +198,14 @@ impl Serving<'_> {
         let shown = binary.display().to_string();
         let (ours, theirs) = UnixStream::pair()
             .map_err(|e| Error::io("restart: making the hand-over socket pair", e))?;
-        let mut child = spawn(&binary, &self.cfg.pool, &self.cfg.control, theirs)?;
+        let mut child = spawn(
+            &binary,
+            &self.cfg.pool,
+            &self.cfg.control,
+            "--resume-fd",
+            theirs,
+            false,
+        )?;
         let fail = |child: &mut Child, why: String| -> Error {
             let _ = child.kill();
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
@@ -252,11 +286,17 @@ impl Serving<'_> {
     }
 
     fn send_state(&self, sock: &UnixStream, binary: &Path) -> io::Result<()> {
+        let state = self.state(binary);
+        wire::send(sock, &wire::encode(&state)?, &self.fds.handed_over())
+    }
+
+    /// What a next process needs besides the descriptors (`thinlayer restart`, the keeper).
+    pub fn state(&self, binary: &Path) -> State {
         let (nbd_unix, nbd_tcp) = match &self.cfg.nbd {
             Listener::Unix(p) => (Some(p.clone()), None),
             Listener::Tcp(a) => (None, Some(a.to_string())),
         };
-        let state = State {
+        State {
             pool: self.cfg.pool.clone(),
             nbd_unix,
             nbd_tcp,
@@ -269,8 +309,10 @@ impl Serving<'_> {
             binary: binary.to_path_buf(),
             old_pid: std::process::id(),
             generation: self.generation,
-        };
-        wire::send(sock, &wire::encode(&state)?, &self.fds.all())
+            journal: self.fds.journal.is_some(),
+            keeper: self.fds.keeper.is_some(),
+            keeper_pid: self.keeper.map_or(0, |k| k.keeper_pid()),
+        }
     }
 
     /// After a failed hand-over: the pool again, and the gate open.
@@ -285,7 +327,16 @@ impl Serving<'_> {
     }
 }
 
-fn spawn(binary: &Path, pool: &Path, control: &Path, theirs: UnixStream) -> Result<Child> {
+/// Start `binary` as `serve FLAG 3` with `theirs` as descriptor 3: a new server
+/// (`--resume-fd`) or the keeper (`--keeper-fd`, in its own process group with `detach`).
+pub(crate) fn spawn(
+    binary: &Path,
+    pool: &Path,
+    control: &Path,
+    flag: &str,
+    theirs: UnixStream,
+    detach: bool,
+) -> Result<Child> {
     let fd: OwnedFd = theirs.into();
     let raw = fd.as_raw_fd();
     let mut cmd = Command::new(binary);
@@ -293,8 +344,11 @@ fn spawn(binary: &Path, pool: &Path, control: &Path, theirs: UnixStream) -> Resu
         .arg(pool)
         .arg("--control")
         .arg(control)
-        .args(["serve", "--resume-fd", &RESUME_FD.to_string()])
+        .args(["serve", flag, &RESUME_FD.to_string()])
         .stdin(Stdio::null());
+    if detach {
+        cmd.process_group(0);
+    }
     // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
     unsafe {
         cmd.pre_exec(move || {
@@ -319,7 +373,7 @@ fn spawn(binary: &Path, pool: &Path, control: &Path, theirs: UnixStream) -> Resu
     Ok(child)
 }
 
-fn receive(sock: &UnixStream, timeout: Duration) -> io::Result<(FromNew, Vec<OwnedFd>)> {
+pub(crate) fn receive(sock: &UnixStream, timeout: Duration) -> io::Result<(FromNew, Vec<OwnedFd>)> {
     sock.set_read_timeout(Some(timeout))?;
     match wire::recv(sock, MAX_MESSAGE) {
         Ok(Some((body, fds))) => Ok((
@@ -407,7 +461,11 @@ fn resend(f: &LiveFiles) {
 
 fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
     let started = SystemTime::now();
-    let want = 2 + state.files_dir.is_some() as usize + state.containerd.is_some() as usize;
+    let want = 2
+        + state.files_dir.is_some() as usize
+        + state.containerd.is_some() as usize
+        + state.journal as usize
+        + state.keeper as usize;
     if fds.len() != want {
         return Err(Error::Internal(format!(
             "restart: {} descriptors came, {want} expected",
@@ -433,14 +491,41 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         nbd_config: ServerConfig::default(),
         files: state.files_dir.clone(),
         containerd: state.containerd.clone(),
+        keeper: state.keeper,
     };
     let nbd_fd = next();
     let control_fd = next();
     let fuse = state.files_dir.as_ref().map(|_| next());
     let containerd_fd = state.containerd.as_ref().map(|_| next());
+    let journal = state.journal.then(&mut next);
+    let keeper = state
+        .keeper
+        .then(|| Link::new(UnixStream::from(next()), state.keeper_pid));
     // What can fail comes first. A socket adopted and then dropped would remove its file,
     // which the old process (serving on after this failure) still needs.
-    let store = std::sync::Arc::new(Store::open(&cfg.pool, command_line)?);
+    let journal = journal.map(Journal::adopt).transpose()?;
+    let (store, replayed) = Store::open_with_journal(&cfg.pool, command_line, journal)?;
+    if replayed.transactions > 0 {
+        log::process(
+            Level::Warn,
+            format_args!(
+                "thinlayer: replayed {} transaction(s) of the crash journal ({} block(s) \
+                 written but not committed by pid {}{})",
+                replayed.transactions,
+                replayed.blocks,
+                state.old_pid,
+                if replayed.torn > 0 {
+                    format!(
+                        "; {} block(s) held a write it had not answered",
+                        replayed.torn
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
+    let store = std::sync::Arc::new(store);
     let exports = std::sync::Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
     let files = match (&state.files_dir, fuse) {
         (Some(dir), Some(fd)) => Some(std::sync::Arc::new(LiveFiles::adopt(
@@ -474,6 +559,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         started,
         binary: state.binary,
         generation: state.generation + 1,
+        keeper: keeper.map(std::sync::Arc::new),
     })
 }
 

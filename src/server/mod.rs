@@ -8,6 +8,7 @@
 //! and the clients hold (`thinlayer restart`).
 
 pub mod handover;
+pub mod keeper;
 pub mod ops;
 mod signals;
 
@@ -20,6 +21,7 @@ use crate::listen::Stop;
 use crate::log::Log;
 use crate::nbd::{self, Listener, ServerConfig};
 use crate::volume::exports::LiveExports;
+use crate::volume::journal::Journal;
 use crate::volume::{Committer, Store};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -42,6 +44,9 @@ pub struct Config {
     pub files: Option<PathBuf>,
     /// Serve containerd's snapshots API here (`serve --containerd-socket`); needs `files`.
     pub containerd: Option<PathBuf>,
+    /// Start a keeper (`serve --keeper`, `keeper.rs`) that restarts this server if it dies,
+    /// and keep a crash journal for it.
+    pub keeper: bool,
 }
 
 /// Everything a serving process holds: what `run` builds from scratch and `handover::resume`
@@ -60,12 +65,20 @@ pub(crate) struct Parts {
     pub binary: PathBuf,
     /// 1 for the process `serve` started, +1 for each restart.
     pub generation: u64,
+    pub keeper: Option<Arc<keeper::Link>>,
 }
 
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
 pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let started = SystemTime::now();
-    let store = Arc::new(Store::open(&cfg.pool, command_line)?);
+    // The keeper first, while this process is small and holds nothing it must not inherit.
+    let keeper = if cfg.keeper {
+        Some(Arc::new(keeper::Link::start(&cfg.pool, &cfg.control)?))
+    } else {
+        None
+    };
+    let journal = keeper.as_ref().map(|_| Journal::create()).transpose()?;
+    let store = Arc::new(Store::open_with_journal(&cfg.pool, command_line, journal)?.0);
     for name in store.discarded() {
         let log = Log::process().scoped("thinlayer");
         log.warn(format_args!(
@@ -110,6 +123,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
             started,
             binary,
             generation: 1,
+            keeper,
         },
         None,
     )
@@ -132,8 +146,16 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         started,
         binary,
         generation,
+        keeper,
     } = parts;
-    let fds = handover::Fds::of(&nbd_socket, &control, files.as_deref(), containerd.as_ref())?;
+    let fds = handover::Fds::of(
+        &nbd_socket,
+        &control,
+        files.as_deref(),
+        containerd.as_ref(),
+        &store,
+        keeper.as_deref(),
+    )?;
     let snapshotter = start_snapshotter(&cfg, &exports, containerd, files.as_ref(), &stop)?;
     let committer = cfg
         .commit_interval
@@ -166,7 +188,25 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         binary: &binary,
         generation,
         restarting: std::sync::Mutex::new(()),
+        keeper: keeper.as_deref(),
     };
+    if let Some(k) = &keeper {
+        // The keeper holds everything from now on, and hears of every change to the files:
+        // watched first, then registered, then the table once more, so that an open or
+        // release in between is in the last table the keeper gets.
+        if let Some(f) = &files {
+            let k = k.clone();
+            f.watch(Box::new(move |table| k.files(table)));
+        }
+        k.register(me.state(&binary), &fds.all());
+        if let Some(f) = &files {
+            k.files(&|| f.handover());
+        }
+        log.info(format_args!(
+            "keeper pid {}: restarts this server if it dies",
+            k.pid().unwrap_or(0)
+        ));
+    }
     // The control layer has checked the peer's uid and logs who asked; the request itself
     // does not depend on who.
     let handler =
@@ -200,6 +240,10 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         stop.stop();
         (n, c.join().expect("control thread panicked"))
     });
+    // A stop, not a crash: the keeper goes too.
+    if let Some(k) = &keeper {
+        k.stop();
+    }
     if let Some(c) = committer {
         c.stop();
     }

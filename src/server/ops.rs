@@ -88,6 +88,10 @@ pub fn execute(
                 pool.receive(&name, parent.as_deref(), expect, &mut f, &label, progress)?;
             Ok(Reply::Received { layer, stats })
         }
+        Request::RecordSource { name, location } => {
+            let sources = crate::stream::source::record(store, &name, &location)?;
+            Ok(Reply::SourceRecorded { name, sources })
+        }
         Request::Df => Ok(Reply::Usage(store.usage()?)),
         Request::Check { data } => {
             // What is durable is checked: commit first, then hold commits off while reading,

@@ -7,6 +7,7 @@ pub mod digest;
 pub mod encode;
 pub mod receive;
 pub mod send;
+pub mod source;
 
 pub use content::ContentIds;
 pub use digest::Digest;

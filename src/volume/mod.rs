@@ -8,6 +8,7 @@ pub mod handle;
 pub mod importing;
 pub mod invariants;
 pub mod io;
+pub mod journal;
 pub mod layers;
 pub mod store;
 

@@ -4,6 +4,7 @@
 //! `flush` commits that transaction.
 
 use super::invariants;
+use super::journal::{Journal, Journaled, Replayed};
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{RecordReader, RecordWriter};
@@ -50,6 +51,32 @@ pub(crate) struct Inner {
     /// The highest generation of any valid slot, and whether a slot was invalid or skipped.
     pub newest_seen: u64,
     pub slot_damaged: bool,
+    /// The crash journal (a live server's): a copy of `pending` that outlives the process.
+    pub journal: Option<Journaled>,
+}
+
+/// The store's write lock. Dropping it copies the changes made under it into the crash
+/// journal (if the store keeps one) before any of them is acknowledged: every change passes
+/// here, so no call site can forget it.
+pub(crate) struct WriteGuard<'a>(RwLockWriteGuard<'a, Inner>);
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.0.mirror();
+    }
 }
 
 /// How to create a pool.
@@ -169,6 +196,7 @@ impl Store {
                 load_notes: Vec::new(),
                 newest_seen: 1,
                 slot_damaged: false,
+                journal: None,
             }),
             writable: true,
             discarded: Default::default(),
@@ -179,17 +207,7 @@ impl Store {
 
     /// Open an existing pool for changes, taking its lock.
     pub fn open(path: &Path, purpose: &str) -> Result<Store> {
-        let lock = PoolLock::acquire(path, purpose)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| open_error(path, e))?;
-        let mut s = Self::open_in(Arc::new(FileStorage::new(file)), true)
-            .map_err(|e| e.context(format!("pool {}", path.display())))?;
-        s.path = Some(path.to_path_buf());
-        s.lock = std::sync::Mutex::new(Some(lock));
-        Ok(s)
+        Ok(Self::open_with_journal(path, purpose, None)?.0)
     }
 
     /// Open a pool to look at it, without the lock: works while another process serves it.
@@ -218,15 +236,53 @@ impl Store {
         Err(last.unwrap().context(format!("pool {}", path.display())))
     }
 
+    /// Open a pool for a live server that keeps a crash journal: the records a killed
+    /// predecessor left in `journal` (acknowledged writes not yet committed) are replayed into
+    /// the open transaction before anything else happens, and the journal goes on with this
+    /// store's changes. A new journal has nothing to replay.
+    pub fn open_with_journal(
+        path: &Path,
+        purpose: &str,
+        journal: Option<Journal>,
+    ) -> Result<(Store, Replayed)> {
+        let lock = PoolLock::acquire(path, purpose)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let (mut s, r) = Self::open_in_with(Arc::new(FileStorage::new(file)), true, journal)
+            .map_err(|e| e.context(format!("pool {}", path.display())))?;
+        s.path = Some(path.to_path_buf());
+        s.lock = std::sync::Mutex::new(Some(lock));
+        Ok((s, r))
+    }
+
     /// Open a pool held by any storage.
     pub fn open_in(storage: Arc<dyn Storage>, writable: bool) -> Result<Store> {
-        let inner = load(&*storage)?;
+        Ok(Self::open_in_with(storage, writable, None)?.0)
+    }
+
+    /// `open_in`, with a crash journal to replay and keep (writable opens only).
+    pub fn open_in_with(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        journal: Option<Journal>,
+    ) -> Result<(Store, Replayed)> {
+        let mut inner = load(&*storage)?;
         if writable && !inner.load_faults.is_empty() {
             return Err(Error::Corrupt(format!(
                 "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
                 inner.load_faults.len(),
                 inner.load_faults[0]
             )));
+        }
+        let mut replayed = Replayed::default();
+        if let Some(j) = journal {
+            debug_assert!(writable);
+            // Before `recover`: the blocks the journal's writes went to are free in the
+            // durable state, and recovery punches free space.
+            replayed = inner.replay(&*storage, j)?;
         }
         let store = Store {
             storage,
@@ -244,7 +300,7 @@ impl Store {
             store.inner.write().unwrap().recover(&*store.storage)?;
             store.discard_incomplete()?;
         }
-        Ok(store)
+        Ok((store, replayed))
     }
 
     /// The self-check, for tests: verify the live state (volume/invariants.rs); `Error::Corrupt`
@@ -269,6 +325,15 @@ impl Store {
             faults.len(),
             all.join("; ")
         )))
+    }
+
+    /// A second descriptor of the crash journal, for whoever must outlive this process (the
+    /// keeper, the next server of a restart). None without a journal.
+    pub fn journal_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let g = self.read();
+        g.journal
+            .as_ref()
+            .and_then(|j| j.journal.fd().try_clone_to_owned().ok())
     }
 
     /// Blocks the allocator counts as used (data, metadata, and frees awaiting commit).
@@ -323,7 +388,7 @@ impl Store {
     }
 
     /// The write lock, for a change: refused on a read-only or poisoned store.
-    pub(crate) fn write(&self) -> Result<RwLockWriteGuard<'_, Inner>> {
+    pub(crate) fn write(&self) -> Result<WriteGuard<'_>> {
         if !self.writable {
             return Err(Error::ReadOnly(
                 "the pool is opened read-only (another process may hold it)".into(),
@@ -336,7 +401,7 @@ impl Store {
         }
         let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.pool.usable()?;
-        Ok(g)
+        Ok(WriteGuard(g))
     }
 
     /// Hand the pool to another process (`thinlayer restart`): commit, then let go of the
@@ -364,7 +429,15 @@ impl Store {
         let mut fresh =
             load(&*self.storage).map_err(|e| e.context("reloading after a failed hand-over"))?;
         fresh.recover(&*self.storage)?;
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // Everything was committed at `release`: the journal starts over, empty.
+        fresh.journal = g.journal.take();
+        if let Some(j) = &mut fresh.journal {
+            j.journal.resync();
+        }
+        *g = fresh;
+        g.journal_durable();
+        drop(g);
         *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
         self.released.store(false, Ordering::SeqCst);
         Ok(())
@@ -387,6 +460,7 @@ impl Store {
         }
         let commit = {
             let mut g = self.write()?;
+            g.mirror();
             let c = g.stage(&*self.storage)?;
             // Counted under the store lock: no write can be acknowledged between sealing and
             // counting, so a caller that read the old count is covered by this commit.
@@ -406,6 +480,8 @@ impl Store {
         let durable = commit.make_durable(&*self.storage);
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let punch = g.pool.finish(&*self.storage, commit, durable)?;
+        g.mirror();
+        g.journal_durable();
         drop(g);
         self.durable.store(n, Ordering::SeqCst);
         // Step 6 without the store lock: punching can take long enough to stall every
@@ -598,16 +674,50 @@ fn load_generation(
             .collect(),
         newest_seen: sb.generation,
         slot_damaged: false,
+        journal: None,
     })
 }
 
 impl Inner {
     /// Commit steps 1 and 1a (see `Pool::stage`): the store says what — its open transaction,
     /// and how to encode the catalogue if a checkpoint is due.
-    fn stage(&mut self, storage: &dyn Storage) -> Result<Option<crate::pool::Commit>> {
+    pub(crate) fn stage(&mut self, storage: &dyn Storage) -> Result<Option<crate::pool::Commit>> {
         let catalog = &self.catalog;
-        self.pool
-            .stage(storage, &mut self.pending, |w| catalog.encode_checkpoint(w))
+        let c = self
+            .pool
+            .stage(storage, &mut self.pending, |w| catalog.encode_checkpoint(w))?;
+        if let (Some(c), Some(j)) = (&c, &mut self.journal) {
+            // The journal keeps the sealed transaction's records until its commit is durable,
+            // and says where it went: a server replaying them skips it if the pool has it.
+            let (log_id, commit) = c.position();
+            j.journal.staged(j.txn, log_id, commit);
+            j.txn += 1;
+            j.mirrored = 0;
+        }
+        Ok(c)
+    }
+
+    /// Copy the records appended to the open transaction since the last call into the crash
+    /// journal (under the write lock, before the change is acknowledged).
+    pub(crate) fn mirror(&mut self) {
+        let Some(j) = &mut self.journal else {
+            return;
+        };
+        if self.pending.buf.len() > j.mirrored {
+            // Later map entries must not change the count of a record already copied.
+            self.pending.cut();
+            j.journal.records(j.txn, &self.pending.buf[j.mirrored..]);
+            j.mirrored = self.pending.buf.len();
+        }
+    }
+
+    /// Every commit sealed so far is durable: the journal keeps only the open transaction.
+    fn journal_durable(&mut self) {
+        if let Some(j) = &mut self.journal {
+            self.pending.cut();
+            j.journal.rebase(j.txn, &self.pending.buf);
+            j.mirrored = self.pending.buf.len();
+        }
     }
 
     /// Writable-open housekeeping (see `Pool::recover`).
