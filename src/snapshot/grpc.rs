@@ -11,7 +11,7 @@ use super::snapshots::Snapshots;
 use super::status::Failure;
 use crate::control::ControlSocket;
 use crate::error::{Error, Result};
-use crate::listen::Stop;
+use crate::listen::{Acceptor, Stop};
 use crate::log::Log;
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status};
 /// Worker threads moving gRPC requests (the store work runs on the blocking pool).
 const WORKERS: usize = 2;
@@ -214,16 +215,35 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| Error::io(format!("{ctx}: starting the tokio runtime"), e))?;
+        // Connections are accepted on a thread of their own through `listen::Acceptor`, which
+        // leaves the listener alone while a restart hands it over, and go to the reactor.
+        let (conns, incoming) = tokio::sync::mpsc::channel::<std::os::unix::net::UnixStream>(16);
+        let accept_stop = stop.clone();
+        let accepter = std::thread::Builder::new()
+            .name("containerd-accept".into())
+            .spawn(move || {
+                let log = Log::process().scoped("containerd");
+                let acceptor = match Acceptor::new(&std_listener, &accept_stop) {
+                    Ok(a) => a,
+                    Err(e) => return log.error(format_args!("containerd socket: {e}")),
+                };
+                while let Some(conn) = acceptor.next(&log, "containerd socket") {
+                    if conns.blocking_send(conn).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("starting the containerd accept thread", e))?;
         let thread = std::thread::Builder::new()
             .name("containerd".into())
             .spawn(move || {
                 let served = runtime.block_on(async move {
-                    std_listener
-                        .set_nonblocking(true)
-                        .map_err(|e| Error::io(format!("{ctx}: non-blocking"), e))?;
-                    let listener = tokio::net::UnixListener::from_std(std_listener)
-                        .map_err(|e| Error::io(format!("{ctx}: registering it"), e))?;
-                    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                    let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming).map(
+                        |c: std::os::unix::net::UnixStream| {
+                            c.set_nonblocking(true)?;
+                            tokio::net::UnixStream::from_std(c)
+                        },
+                    );
                     let stopped = stopped(stop, stop_fd);
                     tonic::transport::Server::builder()
                         .add_service(wire::snapshots_server::SnapshotsServer::new(Service(core)))
@@ -231,6 +251,7 @@ impl Server {
                         .await
                         .map_err(|e| Error::Internal(format!("{ctx}: serving: {e}")))
                 });
+                let _ = accepter.join();
                 // The socket file goes once no new request can come.
                 drop(socket);
                 // Requests still on the blocking pool finish before the store's last commit.

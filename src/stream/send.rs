@@ -3,6 +3,7 @@
 //! blocks cut at every multiple of `RUN_CUT`, zero runs are maximal, so equal layers give
 //! equal bytes on every host.
 
+use super::content::ContentIds;
 use super::digest::Digest;
 use super::encode::Encoder;
 use crate::error::{Error, Result};
@@ -35,12 +36,23 @@ pub fn send_over(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SendStats> {
     let top = store.layer(name)?;
-    let (_, stats) = write_stream(store, &top, floor, floor_chain, out, label, progress)?;
+    // In the version its content IDs were taken in, so its digest stays what it was.
+    let version = ContentIds::of(&top).map_or(VERSION, |i| i.version);
+    let (_, stats) = write_stream(
+        store,
+        &top,
+        floor,
+        floor_chain,
+        version,
+        out,
+        label,
+        progress,
+    )?;
     Ok(stats)
 }
 
 /// The content digest of read-only layer `name` over its parent, whose chain ID is
-/// `parent_chain`: its stream, hashed and thrown away.
+/// `parent_chain`: its stream in the current version, hashed and thrown away.
 pub fn digest(
     store: &Store,
     name: &str,
@@ -57,6 +69,7 @@ pub fn digest(
         &top,
         floor.as_ref(),
         parent_chain,
+        VERSION,
         &mut sink,
         "the digest",
         &mut |_, _| {},
@@ -68,6 +81,7 @@ fn write_stream(
     top: &LayerInfo,
     floor: Option<&LayerInfo>,
     floor_chain: Option<Digest>,
+    version: u32,
     out: &mut dyn Write,
     label: &str,
     progress: &mut dyn FnMut(u64, u64),
@@ -86,7 +100,7 @@ fn write_stream(
     };
     let bs = store.block_size() as u64;
     let size = top.disk_size;
-    let header = header(bs as u32, size, floor_chain);
+    let header = header(version, bs as u32, size, floor_chain);
     let out = std::io::BufWriter::with_capacity(1 << 20, out);
     let mut enc = Encoder::new(out, &header).map_err(werr)?;
     let floor_id = floor.map(|f| f.id);
@@ -131,9 +145,9 @@ fn finished(digest: Digest, end: End, bytes: u64) -> (Digest, SendStats) {
     (digest, stats)
 }
 
-fn header(block_size: u32, disk_size: u64, floor_chain: Option<Digest>) -> Header {
+fn header(version: u32, block_size: u32, disk_size: u64, floor_chain: Option<Digest>) -> Header {
     Header {
-        version: VERSION,
+        version,
         flags: 0,
         block_size,
         disk_size,
@@ -155,7 +169,7 @@ pub struct DiffDigest {
 impl DiffDigest {
     /// The stream of a layer of `disk_size` bytes over a parent whose chain ID is `parent_chain`.
     pub fn new(block_size: u32, disk_size: u64, parent_chain: Option<Digest>) -> DiffDigest {
-        let header = header(block_size, disk_size, parent_chain);
+        let header = header(VERSION, block_size, disk_size, parent_chain);
         DiffDigest {
             enc: Encoder::new(std::io::sink(), &header).expect("a sink takes every write"),
             at: 0,
