@@ -316,6 +316,19 @@ impl Table {
         layer: &str,
         f: impl FnOnce(&dyn BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
+        // Most callers find the file open (a running container's): then I/O is not held off.
+        {
+            let g = self.read();
+            match g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) {
+                Some(file) if file.open_handles() == 0 => {}
+                _ => return Ok(None),
+            }
+        }
+        // Inside the gate first, as every request on the files (the table's lock second): a
+        // restart's pause waits for this to finish, and nothing under it enters the gate again
+        // (so `f` gets a plain volume, not the file's device: a second enter would wait for
+        // the pause that waits for the first).
+        let _pass = self.exports.gate().enter();
         // The write lock holds off `open`, which counts an open under the read lock.
         let g = self.write();
         let Some(file) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) else {
@@ -324,7 +337,8 @@ impl Table {
         if file.open_handles() > 0 || file.revoked() {
             return Ok(None);
         }
-        f(file.device.as_ref()).map(Some)
+        let v = crate::volume::Volume::open(self.exports.store(), &file.layer)?;
+        f(&v).map(Some)
     }
 
     /// See `LiveFiles::detach`.
