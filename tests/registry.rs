@@ -15,6 +15,7 @@ struct Registry {
     child: Child,
     port: u16,
     log: PathBuf,
+    dir: PathBuf,
 }
 
 impl Registry {
@@ -45,7 +46,12 @@ impl Registry {
             .spawn()
             .unwrap();
         // Owned at once, so a registry that never listens is still stopped by Drop.
-        let r = Registry { child, port, log };
+        let r = Registry {
+            child,
+            port,
+            log,
+            dir: dir.to_path_buf(),
+        };
         for _ in 0..500 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return r;
@@ -86,6 +92,15 @@ impl Registry {
             .filter(|l| {
                 l.contains(&format!("mount={enc}")) || l.contains(&format!("mount={digest}"))
             })
+            .count()
+    }
+
+    /// Blob GETs answered with 206 (a range).
+    fn ranged_gets(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .filter(|l| l.contains("\" 206 "))
             .count()
     }
 
@@ -153,6 +168,61 @@ fn fails(pool: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Every layer of image `reference` read by HTTP Range requests alone: footer, index, each
+/// extent verified; the extents over the parent's image give the layer's exported image. Then
+/// one byte flipped in the registry's stored blob: the extent holding it is refused.
+fn ranged_reads(reg: &Registry, reference: &str, names: &[(&str, &Path)], d: &Path) {
+    use thinlayer::registry::{client, pull::image_layers, range, Options};
+    let c = client::Registry::open(reference, &Options::default()).unwrap();
+    let layers = image_layers(&c).unwrap();
+    assert_eq!(layers.len(), names.len());
+    let mut img: Vec<u8> = Vec::new();
+    let before = reg.ranged_gets();
+    let mut reads = 0;
+    let mut last = None;
+    for (desc, (name, pool)) in layers.iter().zip(names) {
+        let blob = range::open(&c, desc).unwrap();
+        reads += 2;
+        img.resize(blob.header.disk_size as usize, 0);
+        for e in &blob.entries {
+            let r = e.offset as usize..(e.offset + e.length) as usize;
+            if e.is_whiteout() {
+                img[r].fill(0);
+            } else {
+                img[r].copy_from_slice(&range::read(&c, desc, &blob, e).unwrap());
+                reads += 1;
+            }
+        }
+        assert_eq!(img, export(pool, name, &d.join("ranged.img")), "{name}");
+        last = Some((desc.clone(), blob));
+    }
+    assert_eq!(
+        reg.ranged_gets() - before,
+        reads,
+        "one 206 answer per footer, index and extent"
+    );
+    // A byte of the top layer's first extent flipped where the registry keeps the blob.
+    let (desc, blob) = last.unwrap();
+    let e = blob.entries.iter().find(|e| !e.is_whiteout()).unwrap();
+    let hex = &desc.digest[7..];
+    let path = reg.dir.join(format!(
+        "storage/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[(e.blob_offset + e.length / 2) as usize] ^= 0x40;
+    std::fs::write(&path, &bad).unwrap();
+    let err = range::read(&c, &desc, &blob, e).unwrap_err();
+    assert_eq!(err.kind(), thinlayer::error::Kind::Corrupt, "{err}");
+    assert!(
+        err.to_string().contains("does not match its sha256"),
+        "{err}"
+    );
+    std::fs::write(&path, &good).unwrap();
+    range::read(&c, &desc, &blob, e).unwrap();
+}
+
 #[test]
 fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
     if !Path::new(REGISTRY).exists() {
@@ -216,6 +286,7 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         "content IDs differ between the pools"
     );
     let (base_digest, base_chain) = ids(&a, "base");
+    ranged_reads(&reg, &r1, &[("base", &a), ("app", &a)], d);
     let base_in_b = tl(&b, &["history", "app"]);
     assert!(
         base_in_b.contains(&base_chain),
@@ -364,4 +435,59 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         before,
         "a failed pull changed the pool"
     );
+}
+
+#[test]
+fn a_version_1_blob_pushes_and_pulls_whole_and_is_not_readable_by_range() {
+    use thinlayer::format::stream::{Header, VERSION_1};
+    use thinlayer::registry::{client, pull::image_layers, range, Options};
+    use thinlayer::stream::encode::Encoder;
+    if !Path::new(REGISTRY).exists() {
+        panic!("{REGISTRY} is missing: apt-get install docker-registry (.ci/run does)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d);
+    let (a, b) = (d.join("a.pool"), d.join("b.pool"));
+    tl(&a, &["init"]);
+    tl(&b, &["init"]);
+    // A stream as thinlayer wrote them before version 2 (no index), received into pool a.
+    let header = Header {
+        version: VERSION_1,
+        flags: 0,
+        block_size: 4096,
+        disk_size: 4 << 20,
+        parent_chain_id: [0; 32],
+    };
+    let mut v1 = Vec::new();
+    let mut e = Encoder::new(&mut v1, &header).unwrap();
+    e.data(8192, &[0x11; 3 * 4096]).unwrap();
+    e.data(1 << 20, &[0x22; 4096]).unwrap();
+    e.finish().unwrap();
+    std::fs::write(d.join("old.tls"), &v1).unwrap();
+    let o = Command::new(support::bin())
+        .arg("--pool")
+        .arg(&a)
+        .args(["receive", "old"])
+        .stdin(std::fs::File::open(d.join("old.tls")).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = format!("127.0.0.1:{}/old/img:1", reg.port);
+    tl(&a, &["push", "old", &r]);
+    // The blob is the version-1 stream itself, and pulls whole.
+    let c = client::Registry::open(&r, &Options::default()).unwrap();
+    let layers = image_layers(&c).unwrap();
+    let want = thinlayer::stream::Digest::sha256(&v1).to_string();
+    assert_eq!(layers[0].digest, want);
+    let e = range::open(&c, &layers[0]).unwrap_err();
+    assert_eq!(e.kind(), thinlayer::error::Kind::InvalidInput, "{e}");
+    let out = tl(&b, &["pull", &r, "old"]);
+    assert!(out.contains("1 layer(s) downloaded"), "{out}");
+    assert_eq!(
+        export(&a, "old", &d.join("x.img")),
+        export(&b, "old", &d.join("y.img"))
+    );
+    assert_eq!(ids(&a, "old"), ids(&b, "old"));
+    clean(&b);
 }

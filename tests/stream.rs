@@ -3,9 +3,13 @@
 
 use proptest::prelude::*;
 use std::sync::Arc;
+use thinlayer::error::Kind;
+use thinlayer::format::stream::{Entry, Header, INDEX_CUT, VERSION, VERSION_1};
 use thinlayer::pool::MemStorage;
 use thinlayer::stream::content::{self, ContentIds};
-use thinlayer::stream::{receive, send};
+use thinlayer::stream::encode::Encoder;
+use thinlayer::stream::index::RangedBlob;
+use thinlayer::stream::{receive, send, Digest};
 use thinlayer::{CreateOptions, Store};
 
 fn pool() -> Store {
@@ -263,5 +267,139 @@ proptest! {
             parent = Some(name);
         }
         b.verify_consistency().unwrap();
+    }
+}
+
+/// A blob read by ranges out of `bytes`, counting the bytes fetched.
+fn ranged(bytes: &[u8], digest: Digest) -> thinlayer::Result<RangedBlob> {
+    let mut fetch = |o: u64, n: u64| Ok(bytes[o as usize..(o + n) as usize].to_vec());
+    RangedBlob::open(&mut fetch, digest, bytes.len() as u64, "the test blob")
+}
+
+fn read_entry(bytes: &[u8], blob: &RangedBlob, e: &Entry) -> thinlayer::Result<Vec<u8>> {
+    let mut fetch = |o: u64, n: u64| Ok(bytes[o as usize..(o + n) as usize].to_vec());
+    blob.read(&mut fetch, e)
+}
+
+/// The layer `blob` holds, applied extent by extent (each read by range and verified) over
+/// its parent's image.
+fn over(bytes: &[u8], blob: &RangedBlob, mut parent: Vec<u8>) -> Vec<u8> {
+    parent.resize(blob.header.disk_size as usize, 0);
+    for e in &blob.entries {
+        let r = e.offset as usize..(e.offset + e.length) as usize;
+        if e.is_whiteout() {
+            parent[r].fill(0);
+        } else {
+            assert!(e.length <= INDEX_CUT, "{e:?}");
+            parent[r].copy_from_slice(&read_entry(bytes, blob, e).unwrap());
+        }
+    }
+    parent
+}
+
+#[test]
+fn a_version_2_stream_is_read_by_range_and_every_flipped_byte_of_its_index_or_extents_is_caught() {
+    let a = two_layers();
+    let sc = stream_of(&a, "child");
+    let digest = Digest::sha256(&sc);
+    assert_eq!(
+        content::ids(&a, "child").unwrap().digest,
+        digest,
+        "the whole blob's sha256 is the content ID"
+    );
+    let blob = ranged(&sc, digest).unwrap();
+    assert_eq!(blob.header.version, VERSION);
+    assert_eq!(blob.header.disk_size, 2 << 20);
+    // The child's extents over the base's image give the child's image.
+    assert_eq!(over(&sc, &blob, image(&a, "base")), image(&a, "child"));
+    // Every byte of the index and the footer: the tail no longer hashes to the digest.
+    for at in blob.footer.index_offset as usize..sc.len() {
+        let mut bad = sc.clone();
+        bad[at] ^= 0x01;
+        let e = ranged(&bad, digest).unwrap_err();
+        assert!(
+            matches!(e.kind(), Kind::Corrupt | Kind::InvalidInput),
+            "byte {at}: {e}"
+        );
+    }
+    // Every byte of every extent: that extent's read fails, and no other's.
+    for e in blob.entries.iter().filter(|e| !e.is_whiteout()) {
+        for at in e.blob_offset..e.blob_offset + e.length {
+            let mut bad = sc.clone();
+            bad[at as usize] ^= 0x80;
+            let err = read_entry(&bad, &blob, e).unwrap_err();
+            assert_eq!(err.kind(), Kind::Corrupt, "{err}");
+        }
+    }
+    // A whole-stream receive refuses a stream whose index differs from its records'.
+    let b = pool();
+    recv(&b, "base", &stream_of(&a, "base")).unwrap();
+    let mut bad = sc.clone();
+    let i = blob.footer.index_offset as usize + 3;
+    bad[i] ^= 1;
+    let e = refused_leaves_nothing(&b, &bad);
+    assert!(e.contains("block index and footer"), "{e}");
+}
+
+#[test]
+fn a_version_1_stream_still_receives_and_sends_back_as_version_1() {
+    let a = pool();
+    a.create_layer("x", None, Some(1 << 20)).unwrap();
+    let header = Header {
+        version: VERSION_1,
+        flags: 0,
+        block_size: 4096,
+        disk_size: 1 << 20,
+        parent_chain_id: [0; 32],
+    };
+    let mut v1 = Vec::new();
+    let mut e = Encoder::new(&mut v1, &header).unwrap();
+    e.data(8192, &[7u8; 8192]).unwrap();
+    e.finish().unwrap();
+    let b = pool();
+    recv(&b, "old", &v1).unwrap();
+    let ids = content::ids(&b, "old").unwrap();
+    assert_eq!((ids.version, ids.digest), (VERSION_1, Digest::sha256(&v1)));
+    assert_eq!(stream_of(&b, "old"), v1, "sent back in its own version");
+    // Not readable by range: no footer.
+    let e = ranged(&v1, Digest::sha256(&v1)).unwrap_err();
+    assert_eq!(e.kind(), Kind::InvalidInput, "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// Random layers over a random parent: read by range, every extent verifies and the
+    /// extents over the parent's image give the layer's image.
+    #[test]
+    fn random_layers_read_by_range_equal_their_image(
+        base_ops in proptest::collection::vec(op(), 0..8),
+        ops in proptest::collection::vec(op(), 0..12),
+        grow in 0u64..3,
+    ) {
+        let a = pool();
+        let apply = |id, size: u64, ops: &[Op]| for o in ops {
+            match *o {
+                Op::Write { at, len, byte } => {
+                    let at = (at as u64).min(size - 1);
+                    let len = (len as u64).min(size - at);
+                    a.write_layer(id, at, &vec![byte; len as usize]).unwrap();
+                }
+                Op::Zero { at, len } => {
+                    let at = (at as u64).min(size - 1);
+                    let len = (len as u64).min(size - at);
+                    a.zero_layer(id, at, len, true).unwrap();
+                }
+            }
+        };
+        let id = a.create_layer("p", None, Some(3 << 20)).unwrap().id;
+        apply(id, 3 << 20, &base_ops);
+        a.commit_layer("p").unwrap();
+        let size = (3 + grow) << 20;
+        let id = a.create_layer("l", Some("p"), Some(size)).unwrap().id;
+        apply(id, size, &ops);
+        a.commit_layer("l").unwrap();
+        let s = stream_of(&a, "l");
+        let blob = ranged(&s, Digest::sha256(&s)).unwrap();
+        prop_assert_eq!(&over(&s, &blob, image(&a, "p")), &image(&a, "l"));
     }
 }

@@ -287,22 +287,49 @@ pub fn reparent_stream(stream: &mut [u8], chain: [u8; 32]) {
 }
 
 /// Reseal a send stream after a mutation: the first end record found by walking the record
-/// headers gets the digest of everything before it, so decoding gets past the hash and the
-/// rules behind it are what is tested. Input without such a record is left as it is.
-pub fn reseal_stream(stream: &mut [u8]) {
-    use thinlayer::format::stream::{self as fmt, End};
+/// headers gets the digest of everything before it, and in a version-2 stream everything after
+/// it becomes the padding, index and footer its records make (docs/STREAM.md §5), so decoding
+/// gets past the hashes and the rules behind them are what is tested. Input without such a
+/// record is left as it is.
+pub fn reseal_stream(stream: &mut Vec<u8>) {
+    use thinlayer::format::stream::{self as fmt, End, Header};
+    use thinlayer::stream::index::IndexBuilder;
+    let mut index = IndexBuilder::default();
     let mut pos = fmt::header::LEN;
     while pos + fmt::record::LEN <= stream.len() {
         let rh: &[u8; fmt::record::LEN] = stream[pos..pos + fmt::record::LEN].try_into().unwrap();
         let (tag, len) = fmt::unpack_record(rh);
         let payload = pos + fmt::record::LEN;
+        let body = usize::try_from(len)
+            .ok()
+            .and_then(|l| payload.checked_add(l))
+            .filter(|&e| e <= stream.len())
+            .map(|e| &stream[payload..e]);
+        match (tag, body) {
+            (fmt::TAG_DATA, Some(b)) if b.len() >= 8 => {
+                index.data(fmt::run::OFFSET.get(&b[..8]), payload as u64 + 8, &b[8..])
+            }
+            (fmt::TAG_ZERO, Some(b)) if b.len() == fmt::run::LEN => {
+                let (o, l) = fmt::unpack_run(b);
+                index.zero(o, l);
+            }
+            _ => {}
+        }
         if tag == fmt::TAG_END && len == fmt::end::LEN as u64 {
-            if payload + fmt::end::LEN <= stream.len() {
-                let p: &[u8; fmt::end::LEN] =
-                    stream[payload..payload + fmt::end::LEN].try_into().unwrap();
+            let end_at = payload + fmt::end::LEN;
+            if end_at <= stream.len() {
+                let p: &[u8; fmt::end::LEN] = stream[payload..end_at].try_into().unwrap();
                 let mut end = End::unpack(p);
                 end.digest = thinlayer::stream::Digest::sha256(&stream[..pos]).0;
-                stream[payload..payload + fmt::end::LEN].copy_from_slice(&end.pack());
+                stream[payload..end_at].copy_from_slice(&end.pack());
+                let header = Header::unpack(stream[..fmt::header::LEN].try_into().unwrap());
+                if let Some(h) = header.ok().filter(|h| h.version >= 2) {
+                    let mut hash = thinlayer::format::sha256::Sha256::new();
+                    hash.update(&stream[..end_at]);
+                    let tail = index.tail(&h, &hash);
+                    stream.truncate(end_at);
+                    stream.extend_from_slice(&tail);
+                }
             }
             return;
         }

@@ -8,6 +8,7 @@ pub mod ids;
 pub mod journal;
 pub mod page;
 pub mod record;
+pub mod sha256;
 pub mod stream;
 pub mod superblock;
 

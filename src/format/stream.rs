@@ -6,8 +6,20 @@ use super::field::layout;
 
 /// The first bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"TLSTREAM";
-/// Bumped whenever a reader that skips unknown records would misread a stream.
-pub const VERSION: u32 = 1;
+/// Bumped whenever a reader that skips unknown records would misread a stream. Version 2 adds
+/// the block index and footer after the end record (docs/STREAM.md §5); version 1 streams
+/// (which end at the end record) are still read, and layers received from one send it back.
+pub const VERSION: u32 = 2;
+/// The first version, without an index.
+pub const VERSION_1: u32 = 1;
+
+/// The footer's first field (the footer is the last `footer::LEN` bytes of a version-2 stream).
+pub const FOOTER_MAGIC: [u8; 8] = *b"TLFOOTER";
+/// No index entry of data crosses a multiple of this many bytes of the disk: a ranged reader
+/// fetches and verifies at most this much to serve one block.
+pub const INDEX_CUT: u64 = 1 << 20;
+/// `blob_offset` of an index entry for a whiteout (no bytes in the blob).
+pub const WHITEOUT: u64 = u64::MAX;
 
 /// A run of data blocks: payload = offset (u64) + the bytes.
 pub const TAG_DATA: u32 = 1;
@@ -60,6 +72,123 @@ layout! {
     }
 }
 
+layout! {
+    /// §5: the footer, the last bytes of a version-2 stream.
+    pub mod footer {
+        MAGIC: [u8; 8] = "magic",
+        HEADER: [u8; 64] = "header",
+        INDEX_OFFSET: u64 = "index_offset",
+        INDEX_LEN: u64 = "index_len",
+        ENTRIES: u64 = "entries",
+        PREFIX_MIDSTATE: [u8; 32] = "prefix_midstate",
+        INDEX_SHA256: [u8; 32] = "index_sha256",
+    }
+}
+
+layout! {
+    /// §5: one index entry.
+    pub mod entry {
+        OFFSET: u64 = "offset",
+        LENGTH: u64 = "length",
+        BLOB_OFFSET: u64 = "blob_offset",
+        SHA256: [u8; 32] = "sha256",
+    }
+}
+
+/// What a version-2 stream's footer says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footer {
+    /// A copy of the stream's header: what a ranged reader verifies it by (§5).
+    pub header: [u8; header::LEN],
+    /// Where the index starts in the blob: a multiple of 64, the length the midstate covers.
+    pub index_offset: u64,
+    pub index_len: u64,
+    pub entries: u64,
+    /// SHA-256 state after the blob's first `index_offset` bytes (format/sha256.rs).
+    pub prefix_midstate: [u8; 32],
+    pub index_sha256: [u8; 32],
+}
+
+impl Footer {
+    pub fn pack(&self) -> [u8; footer::LEN] {
+        let mut b = [0u8; footer::LEN];
+        footer::MAGIC.put(&mut b, FOOTER_MAGIC);
+        footer::HEADER.put(&mut b, self.header);
+        footer::INDEX_OFFSET.put(&mut b, self.index_offset);
+        footer::INDEX_LEN.put(&mut b, self.index_len);
+        footer::ENTRIES.put(&mut b, self.entries);
+        footer::PREFIX_MIDSTATE.put(&mut b, self.prefix_midstate);
+        footer::INDEX_SHA256.put(&mut b, self.index_sha256);
+        b
+    }
+
+    /// Decode and check what the footer alone can: magic, alignment, sizes that fit in a blob
+    /// of `blob_len` bytes ending with this footer.
+    pub fn unpack(b: &[u8; footer::LEN], blob_len: u64) -> Result<Footer, String> {
+        if footer::MAGIC.get(b) != FOOTER_MAGIC {
+            return Err("no stream footer at the blob's end (bad magic)".into());
+        }
+        let f = Footer {
+            header: footer::HEADER.get(b),
+            index_offset: footer::INDEX_OFFSET.get(b),
+            index_len: footer::INDEX_LEN.get(b),
+            entries: footer::ENTRIES.get(b),
+            prefix_midstate: footer::PREFIX_MIDSTATE.get(b),
+            index_sha256: footer::INDEX_SHA256.get(b),
+        };
+        let fits = f
+            .index_offset
+            .checked_add(f.index_len)
+            .and_then(|e| e.checked_add(footer::LEN as u64))
+            == Some(blob_len);
+        if !f.index_offset.is_multiple_of(64)
+            || !fits
+            || f.entries.checked_mul(entry::LEN as u64) != Some(f.index_len)
+        {
+            return Err(format!(
+                "the footer's index ({} entries, {} bytes at byte {}) does not fit a {blob_len}-byte blob",
+                f.entries, f.index_len, f.index_offset
+            ));
+        }
+        Ok(f)
+    }
+}
+
+/// One index entry: a data extent of at most `INDEX_CUT` bytes (never crossing a multiple of
+/// it) at `blob_offset` with its sha256, or a whiteout (`blob_offset` = `WHITEOUT`, sha256
+/// zeros).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub offset: u64,
+    pub length: u64,
+    pub blob_offset: u64,
+    pub sha256: [u8; 32],
+}
+
+impl Entry {
+    pub fn pack(&self) -> [u8; entry::LEN] {
+        let mut b = [0u8; entry::LEN];
+        entry::OFFSET.put(&mut b, self.offset);
+        entry::LENGTH.put(&mut b, self.length);
+        entry::BLOB_OFFSET.put(&mut b, self.blob_offset);
+        entry::SHA256.put(&mut b, self.sha256);
+        b
+    }
+
+    pub fn unpack(b: &[u8; entry::LEN]) -> Entry {
+        Entry {
+            offset: entry::OFFSET.get(b),
+            length: entry::LENGTH.get(b),
+            blob_offset: entry::BLOB_OFFSET.get(b),
+            sha256: entry::SHA256.get(b),
+        }
+    }
+
+    pub fn is_whiteout(&self) -> bool {
+        self.blob_offset == WHITEOUT
+    }
+}
+
 /// What a stream's header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -95,9 +224,9 @@ impl Header {
             disk_size: header::DISK_SIZE.get(b),
             parent_chain_id: header::PARENT_CHAIN_ID.get(b),
         };
-        if h.version != VERSION {
+        if h.version != VERSION && h.version != VERSION_1 {
             return Err(format!(
-                "stream format version {} (this thinlayer reads version {VERSION})",
+                "stream format version {} (this thinlayer reads versions {VERSION_1} and {VERSION})",
                 h.version
             ));
         }
@@ -191,8 +320,30 @@ mod tests {
         assert_eq!(b[16..20], 4096u32.to_le_bytes());
         assert_eq!(Header::unpack(&b).unwrap(), h);
         let mut bad = b;
-        bad[8] = 2;
-        assert!(Header::unpack(&bad).unwrap_err().contains("version 2"));
+        bad[8] = 3;
+        assert!(Header::unpack(&bad).unwrap_err().contains("version 3"));
+        let f = Footer {
+            header: [6; 64],
+            index_offset: 128,
+            index_len: 2 * entry::LEN as u64,
+            entries: 2,
+            prefix_midstate: [3; 32],
+            index_sha256: [4; 32],
+        };
+        let fb = f.pack();
+        assert_eq!(&fb[..8], b"TLFOOTER");
+        let blob = 128 + 2 * entry::LEN as u64 + footer::LEN as u64;
+        assert_eq!(Footer::unpack(&fb, blob).unwrap(), f);
+        assert!(Footer::unpack(&fb, blob + 1)
+            .unwrap_err()
+            .contains("does not fit"));
+        let x = Entry {
+            offset: 1 << 20,
+            length: 4096,
+            blob_offset: 99,
+            sha256: [5; 32],
+        };
+        assert_eq!(Entry::unpack(&x.pack()), x);
         let mut bad = b;
         bad[0] = b'X';
         assert!(Header::unpack(&bad).unwrap_err().contains("magic"));

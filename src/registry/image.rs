@@ -18,6 +18,8 @@ pub const A_FORMAT: &str = "org.thinlayer.stream-version";
 /// fetching them.
 pub const A_CHAIN_ID: &str = "org.thinlayer.chain-id";
 pub const A_NAME: &str = "org.thinlayer.layer-name";
+/// On each layer descriptor: its stream's format version (2 and up can be read by range).
+pub const A_LAYER_FORMAT: &str = "org.thinlayer.stream-version";
 
 /// An OCI image config (so generic tools such as `skopeo inspect` can read the image); its
 /// diff IDs are the layer streams' digests. No creation time: pushing the same chain twice
@@ -43,11 +45,13 @@ struct RootFs {
     diff_ids: Vec<String>,
 }
 
-fn annotations(block_size: u32, top: &LayerInfo) -> BTreeMap<String, String> {
+/// The image's annotations; its stream version is the top layer's (each layer's is on its
+/// descriptor: a chain may mix versions).
+fn annotations(block_size: u32, top: &(LayerInfo, ContentIds)) -> BTreeMap<String, String> {
     [
         (A_BLOCK_SIZE, block_size.to_string()),
-        (A_DISK_SIZE, top.disk_size.to_string()),
-        (A_FORMAT, crate::format::stream::VERSION.to_string()),
+        (A_DISK_SIZE, top.0.disk_size.to_string()),
+        (A_FORMAT, top.1.version.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -66,7 +70,7 @@ fn oci_arch() -> &'static str {
 
 /// The config blob for a chain (base first).
 pub fn config(block_size: u32, chain: &[(LayerInfo, ContentIds)]) -> Vec<u8> {
-    let top = &chain.last().expect("a chain has a layer").0;
+    let top = chain.last().expect("a chain has a layer");
     let c = Config {
         architecture: oci_arch(),
         os: "linux",
@@ -88,7 +92,7 @@ pub fn manifest(
     sizes: &[u64],
     config: &[u8],
 ) -> OciImageManifest {
-    let top = &chain.last().expect("a chain has a layer").0;
+    let top = chain.last().expect("a chain has a layer");
     let layers = chain
         .iter()
         .zip(sizes)
@@ -102,6 +106,7 @@ pub fn manifest(
                 [
                     (A_CHAIN_ID.to_string(), ids.chain_id.to_string()),
                     (A_NAME.to_string(), l.name.clone()),
+                    (A_LAYER_FORMAT.to_string(), ids.version.to_string()),
                 ]
                 .into(),
             ),

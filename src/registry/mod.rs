@@ -15,6 +15,7 @@ pub mod client;
 pub mod image;
 pub mod pull;
 pub mod push;
+pub mod range;
 
 #[cfg(test)]
 pub(crate) mod conformance;

@@ -9,7 +9,7 @@ use super::{pipe, Layers, Meters, Options};
 use crate::error::{Error, Result};
 use crate::stream::content::CHAIN_ATTR;
 use futures_util::StreamExt;
-use oci_client::manifest::OciManifest;
+use oci_client::manifest::{OciDescriptor, OciManifest};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -33,28 +33,7 @@ pub fn pull(
     meters: Meters,
 ) -> Result<PullReport> {
     let reg = Registry::open(reference, opts)?;
-    let (manifest, _) = reg
-        .rt
-        .block_on(reg.client.pull_manifest(&reg.reference, &reg.auth))
-        .map_err(|e| reg.error("fetching the manifest", e))?;
-    let OciManifest::Image(m) = manifest else {
-        return Err(Error::InvalidInput(format!(
-            "{}: an image index, not a thinlayer image",
-            reg.label
-        )));
-    };
-    if let Some(l) = m.layers.iter().find(|l| l.media_type != LAYER_TYPE) {
-        return Err(Error::InvalidInput(format!(
-            "{}: not a thinlayer image: layer {} has media type {:?}, not {LAYER_TYPE:?}",
-            reg.label, l.digest, l.media_type
-        )));
-    }
-    if m.layers.is_empty() {
-        return Err(Error::InvalidInput(format!(
-            "{}: the image has no layers",
-            reg.label
-        )));
-    }
+    let layers = image_layers(&reg)?;
     let mut have: HashMap<String, String> = HashMap::new();
     for l in pool.layers()? {
         if let Some(c) = l.attrs.get(CHAIN_ATTR) {
@@ -66,7 +45,7 @@ pub fn pull(
     let mut parent: Option<String> = None;
     // Every layer of the image, base first, as the pool names it.
     let mut names = Vec::new();
-    for (i, d) in m.layers.iter().enumerate() {
+    for (i, d) in layers.iter().enumerate() {
         let chain = d
             .annotations
             .as_ref()
@@ -83,7 +62,7 @@ pub fn pull(
             names.push(n.clone());
             continue;
         }
-        let last = i + 1 == m.layers.len();
+        let last = i + 1 == layers.len();
         let layer_name = if last {
             top_name.clone()
         } else {
@@ -114,11 +93,39 @@ pub fn pull(
     Ok(report)
 }
 
+/// The layer descriptors of a thinlayer image's manifest, base first; any other kind of
+/// manifest or layer is refused naming it.
+pub fn image_layers(reg: &Registry) -> Result<Vec<OciDescriptor>> {
+    let (manifest, _) = reg
+        .rt
+        .block_on(reg.client.pull_manifest(&reg.reference, &reg.auth))
+        .map_err(|e| reg.error("fetching the manifest", e))?;
+    let OciManifest::Image(m) = manifest else {
+        return Err(Error::InvalidInput(format!(
+            "{}: an image index, not a thinlayer image",
+            reg.label
+        )));
+    };
+    if let Some(l) = m.layers.iter().find(|l| l.media_type != LAYER_TYPE) {
+        return Err(Error::InvalidInput(format!(
+            "{}: not a thinlayer image: layer {} has media type {:?}, not {LAYER_TYPE:?}",
+            reg.label, l.digest, l.media_type
+        )));
+    }
+    if m.layers.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "{}: the image has no layers",
+            reg.label
+        )));
+    }
+    Ok(m.layers)
+}
+
 /// Stream blob `d` through a pipe into `receive`; returns the layer and the bytes downloaded.
 fn download(
     pool: &dyn Layers,
     reg: &Registry,
-    d: &oci_client::manifest::OciDescriptor,
+    d: &OciDescriptor,
     name: &str,
     parent: Option<&str>,
     meters: Meters,

@@ -15,6 +15,10 @@ pub const DIGEST_ATTR: &str = "content.digest";
 pub const CHAIN_ATTR: &str = "content.chain_id";
 /// The stream's length in bytes: a registry manifest names each blob's size.
 pub const SIZE_ATTR: &str = "content.size";
+/// The stream format version the digest was taken over (docs/STREAM.md §1); absent: 1, the
+/// only version before it was recorded. `send` writes a layer in its own version, so its
+/// content IDs stay what they were.
+pub const VERSION_ATTR: &str = "content.stream_version";
 
 /// A layer's content digest and chain ID, and its stream's length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +26,8 @@ pub struct ContentIds {
     pub digest: Digest,
     pub chain_id: Digest,
     pub size: u64,
+    /// The stream format version of the stream the digest is of.
+    pub version: u32,
 }
 
 impl ContentIds {
@@ -34,7 +40,13 @@ impl ContentIds {
             digest,
             chain_id,
             size,
+            version: crate::format::stream::VERSION,
         }
+    }
+
+    /// The IDs of a stream of format version `version` (a received one's).
+    pub fn with_version(self, version: u32) -> ContentIds {
+        ContentIds { version, ..self }
     }
 
     /// The IDs a layer's attributes hold, if both are there and well formed.
@@ -42,28 +54,30 @@ impl ContentIds {
         let digest = l.attrs.get(DIGEST_ATTR)?.parse().ok()?;
         let chain_id = l.attrs.get(CHAIN_ATTR)?.parse().ok()?;
         let size = l.attrs.get(SIZE_ATTR)?.parse().ok()?;
+        let version = match l.attrs.get(VERSION_ATTR) {
+            Some(v) => v.parse().ok()?,
+            None => crate::format::stream::VERSION_1,
+        };
         Some(ContentIds {
             digest,
             chain_id,
             size,
+            version,
         })
     }
 
-    pub fn attrs(&self) -> [(&'static str, String); 3] {
+    pub fn attrs(&self) -> [(&'static str, String); 4] {
         [
             (DIGEST_ATTR, self.digest.to_string()),
             (CHAIN_ATTR, self.chain_id.to_string()),
             (SIZE_ATTR, self.size.to_string()),
+            (VERSION_ATTR, self.version.to_string()),
         ]
     }
 
     /// `attrs` as the store's attribute changes take them.
-    pub fn changes<'a>(a: &'a [(&'static str, String); 3]) -> [(&'static str, Option<&'a str>); 3] {
-        [
-            (a[0].0, Some(a[0].1.as_str())),
-            (a[1].0, Some(a[1].1.as_str())),
-            (a[2].0, Some(a[2].1.as_str())),
-        ]
+    pub fn changes<'a>(a: &'a [(&'static str, String); 4]) -> [(&'static str, Option<&'a str>); 4] {
+        a.each_ref().map(|(k, v)| (*k, Some(v.as_str())))
     }
 }
 

@@ -1,11 +1,14 @@
 //! Reading a stream: records one at a time, hashing as they come, so the end record's digest
 //! (of every byte before it) and the whole stream's digest are known when it arrives.
 //! Unknown record kinds are skipped (a change a reader must understand bumps the version).
+//! A version-2 stream's tail (index and footer) must be exactly what the records read make
+//! (`index::IndexBuilder`), so a stream has one valid tail and sends back as it came.
 
 use super::digest::Digest;
+use super::index::IndexBuilder;
 use crate::error::{Error, Result};
+use crate::format::sha256::Sha256;
 use crate::format::stream::{self as fmt, End, Header};
-use sha2::{Digest as _, Sha256};
 use std::io::Read;
 
 pub enum Record {
@@ -27,7 +30,9 @@ pub enum Record {
 
 pub struct Decoder<R: Read> {
     input: R,
+    header: Option<Header>,
     hash: Sha256,
+    index: IndexBuilder,
     pub label: String,
     /// Bytes read so far (for messages: where a stream broke).
     pub pos: u64,
@@ -38,7 +43,9 @@ impl<R: Read> Decoder<R> {
     pub fn new(input: R, label: &str) -> Result<(Self, Header)> {
         let mut d = Decoder {
             input,
+            header: None,
             hash: Sha256::new(),
+            index: IndexBuilder::default(),
             label: label.to_string(),
             pos: 0,
             done: false,
@@ -46,6 +53,7 @@ impl<R: Read> Decoder<R> {
         let mut h = [0u8; fmt::header::LEN];
         d.take(&mut h, "the header")?;
         let header = Header::unpack(&h).map_err(|e| d.bad(&e))?;
+        d.header = Some(header);
         Ok((d, header))
     }
 
@@ -78,6 +86,21 @@ impl<R: Read> Decoder<R> {
         Ok(())
     }
 
+    /// A version-2 stream's padding, index and footer: exactly the bytes its records make.
+    fn take_tail(&mut self, header: &Header) -> Result<()> {
+        let want = self.index.tail(header, &self.hash);
+        let at = self.pos;
+        let mut have = vec![0u8; want.len()];
+        self.take(&mut have, "the block index and footer")?;
+        if let Some(i) = have.iter().zip(&want).position(|(a, b)| a != b) {
+            return Err(self.bad(&format!(
+                "the block index and footer (from byte {at}) differ from what the records make, at byte {}",
+                at + i as u64
+            )));
+        }
+        Ok(())
+    }
+
     /// The next record, or an error naming the byte where the stream is wrong.
     pub fn next_record(&mut self) -> Result<Record> {
         assert!(!self.done, "read past the end record");
@@ -98,8 +121,10 @@ impl<R: Read> Decoder<R> {
                     let mut off = [0u8; 8];
                     self.take(&mut off, "a data record")?;
                     let mut bytes = vec![0u8; (len - 8) as usize];
+                    let blob_offset = self.pos;
                     self.take(&mut bytes, "a data record")?;
                     let offset = fmt::run::OFFSET.get(&off);
+                    self.index.data(offset, blob_offset, &bytes);
                     return Ok(Record::Data { offset, bytes });
                 }
                 fmt::TAG_ZERO => {
@@ -112,6 +137,7 @@ impl<R: Read> Decoder<R> {
                     let mut p = [0u8; fmt::run::LEN];
                     self.take(&mut p, "a zero record")?;
                     let (offset, len) = fmt::unpack_run(&p);
+                    self.index.zero(offset, len);
                     return Ok(Record::Zero { offset, len });
                 }
                 fmt::TAG_END => {
@@ -124,13 +150,17 @@ impl<R: Read> Decoder<R> {
                     let mut p = [0u8; fmt::end::LEN];
                     self.take(&mut p, "the end record")?;
                     let end = End::unpack(&p);
-                    let want: [u8; 32] = before.finalize().into();
+                    let want: [u8; 32] = before.finalize();
                     if end.digest != want {
                         return Err(self.bad(&format!(
                             "digest mismatch: the end record says {}, the {at} bytes before it hash to {}",
                             Digest(end.digest),
                             Digest(want)
                         )));
+                    }
+                    let header = self.header.expect("read by new");
+                    if header.version >= 2 {
+                        self.take_tail(&header)?;
                     }
                     let mut extra = [0u8; 1];
                     loop {
@@ -147,7 +177,7 @@ impl<R: Read> Decoder<R> {
                         }
                     }
                     self.done = true;
-                    let digest = Digest(self.hash.clone().finalize().into());
+                    let digest = Digest(self.hash.clone().finalize());
                     return Ok(Record::End { end, digest });
                 }
                 _ => {

@@ -1,14 +1,18 @@
-//! Writing a stream: the header, records in block order, the end record; hashing every byte
-//! on the way (the digest of the whole stream is the layer's content digest).
+//! Writing a stream: the header, records in block order, the end record, and from version 2
+//! the block index and footer (`index`); hashing every byte on the way (the digest of the
+//! whole stream is the layer's content digest).
 
 use super::digest::Digest;
+use super::index::IndexBuilder;
+use crate::format::sha256::Sha256;
 use crate::format::stream::{self as fmt, End, Header};
-use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};
 
 pub struct Encoder<W: Write> {
     out: W,
+    header: Header,
     hash: Sha256,
+    index: IndexBuilder,
     end: End,
     /// A zero run waiting to be extended by the next one (zero runs are maximal).
     zero: Option<(u64, u64)>,
@@ -19,7 +23,9 @@ impl<W: Write> Encoder<W> {
     pub fn new(out: W, header: &Header) -> io::Result<Self> {
         let mut e = Encoder {
             out,
+            header: *header,
             hash: Sha256::new(),
+            index: IndexBuilder::default(),
             end: End::default(),
             zero: None,
             bytes: 0,
@@ -39,6 +45,7 @@ impl<W: Write> Encoder<W> {
         self.flush_zero()?;
         self.put(&fmt::pack_record(fmt::TAG_DATA, 8 + bytes.len() as u64))?;
         self.put(&fmt::pack_run(offset, 0)[..8])?;
+        self.index.data(offset, self.bytes, bytes);
         self.put(bytes)?;
         self.end.data_records += 1;
         self.end.data_bytes += bytes.len() as u64;
@@ -61,21 +68,27 @@ impl<W: Write> Encoder<W> {
         if let Some((o, l)) = self.zero.take() {
             self.put(&fmt::pack_record(fmt::TAG_ZERO, 16))?;
             self.put(&fmt::pack_run(o, l))?;
+            self.index.zero(o, l);
             self.end.zero_records += 1;
             self.end.zero_bytes += l;
         }
         Ok(())
     }
 
-    /// The end record; returns the digest of the whole stream, its end record and its length.
+    /// The end record (and a version-2 stream's index and footer); returns the digest of the
+    /// whole stream, its end record and its length.
     pub fn finish(mut self) -> io::Result<(Digest, End, u64)> {
         self.flush_zero()?;
         let mut end = self.end;
-        end.digest = self.hash.clone().finalize().into();
+        end.digest = self.hash.clone().finalize();
         self.put(&fmt::pack_record(fmt::TAG_END, fmt::end::LEN as u64))?;
         self.put(&end.pack())?;
+        if self.header.version >= 2 {
+            let tail = self.index.tail(&self.header, &self.hash);
+            self.put(&tail)?;
+        }
         self.out.flush()?;
         let n = self.bytes;
-        Ok((Digest(self.hash.finalize().into()), end, n))
+        Ok((Digest(self.hash.finalize()), end, n))
     }
 }

@@ -5,6 +5,7 @@ pub mod content;
 pub mod decode;
 pub mod digest;
 pub mod encode;
+pub mod index;
 pub mod receive;
 pub mod send;
 pub mod source;

@@ -89,7 +89,7 @@ pub fn receive_checked(
             "{label}: digest mismatch: the stream is {digest}, expected {want}"
         )));
     }
-    let ids = ContentIds::new(need, digest, dec.pos);
+    let ids = ContentIds::new(need, digest, dec.pos).with_version(header.version);
     let layer = import.finish(&ContentIds::changes(&ids.attrs()))?;
     Ok((
         layer,

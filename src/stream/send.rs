@@ -3,6 +3,7 @@
 //! blocks cut at every multiple of `RUN_CUT`, zero runs are maximal, so equal layers give
 //! equal bytes on every host.
 
+use super::content::ContentIds;
 use super::digest::Digest;
 use super::encode::Encoder;
 use crate::error::{Error, Result};
@@ -35,12 +36,23 @@ pub fn send_over(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SendStats> {
     let top = store.layer(name)?;
-    let (_, stats) = write_stream(store, &top, floor, floor_chain, out, label, progress)?;
+    // In the version its content IDs were taken in, so its digest stays what it was.
+    let version = ContentIds::of(&top).map_or(VERSION, |i| i.version);
+    let (_, stats) = write_stream(
+        store,
+        &top,
+        floor,
+        floor_chain,
+        version,
+        out,
+        label,
+        progress,
+    )?;
     Ok(stats)
 }
 
 /// The content digest of read-only layer `name` over its parent, whose chain ID is
-/// `parent_chain`: its stream, hashed and thrown away.
+/// `parent_chain`: its stream in the current version, hashed and thrown away.
 pub fn digest(
     store: &Store,
     name: &str,
@@ -57,6 +69,7 @@ pub fn digest(
         &top,
         floor.as_ref(),
         parent_chain,
+        VERSION,
         &mut sink,
         "the digest",
         &mut |_, _| {},
@@ -68,6 +81,7 @@ fn write_stream(
     top: &LayerInfo,
     floor: Option<&LayerInfo>,
     floor_chain: Option<Digest>,
+    version: u32,
     out: &mut dyn Write,
     label: &str,
     progress: &mut dyn FnMut(u64, u64),
@@ -87,7 +101,7 @@ fn write_stream(
     let bs = store.block_size() as u64;
     let size = top.disk_size;
     let header = Header {
-        version: VERSION,
+        version,
         flags: 0,
         block_size: bs as u32,
         disk_size: size,

@@ -151,7 +151,7 @@ fn main() {
 /// written blocks; the harness points the header at its chain ID): data blocks, whiteouts over
 /// the parent's data, and data on both sides of a `RUN_CUT` boundary (where runs are cut).
 fn stream_seeds() {
-    use thinlayer::format::stream::{Header, RUN_CUT, VERSION};
+    use thinlayer::format::stream::{Header, RUN_CUT, VERSION, VERSION_1};
     use thinlayer::stream::encode::Encoder;
     let header = |disk_size: u64| Header {
         version: VERSION,
@@ -182,6 +182,18 @@ fn stream_seeds() {
     e.data(RUN_CUT, &block(12)).unwrap();
     e.finish().unwrap();
     put("stream_receive", "run-cut", &out);
+
+    // Version 1 (no index): still received, and sent back as version 1.
+    let mut out = Vec::new();
+    let h = Header {
+        version: VERSION_1,
+        ..header(64 << 10)
+    };
+    let mut e = Encoder::new(&mut out, &h).unwrap();
+    e.data(0, &block(2)).unwrap();
+    e.zero(8192, 4096).unwrap();
+    e.finish().unwrap();
+    put("stream_receive", "version-1", &out);
 }
 
 /// Control messages: a client's hello, then requests; another version's hello; a bad request
