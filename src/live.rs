@@ -62,18 +62,37 @@ impl<'a> LivePool<'a> {
     /// and record its content IDs. Refused (`InUse`) while a writable holder has it: writes
     /// must not change a layer while it becomes read-only.
     pub fn commit(&self, name: &str, new_name: Option<&str>, attrs: AttrChanges<'_>) -> Result<()> {
+        self.seal(name, new_name, attrs)?;
+        // The content IDs: one read of the layer's own blocks, after the commit and off the
+        // write lock. A crash before they are kept only means they are computed when first
+        // asked for.
+        content::record(self.store, new_name.unwrap_or(name))?;
+        Ok(())
+    }
+
+    /// As `commit`, but the content IDs are left to whoever first asks for them
+    /// (`content::ids` and `content::fill` compute and keep them), as after a crash between
+    /// a commit and their recording. For the containerd snapshotter: containerd keeps its own
+    /// digests of what it unpacks and never asks for these, and hashing every block of a
+    /// freshly unpacked layer is a read of all of it inside the Commit containerd waits for.
+    pub fn commit_ids_on_demand(
+        &self,
+        name: &str,
+        new_name: Option<&str>,
+        attrs: AttrChanges<'_>,
+    ) -> Result<()> {
+        self.seal(name, new_name, attrs)
+    }
+
+    /// Make layer `name` read-only, durable: the commit rule and the transaction.
+    fn seal(&self, name: &str, new_name: Option<&str>, attrs: AttrChanges<'_>) -> Result<()> {
         if let Some(x) = self.exports {
             let id = self.store.layer(name)?.id;
             let why = " (writes must not change a layer while it becomes read-only)";
             x.refuse_if_attached(name, id, true, why)?;
         }
         self.store.commit_layer_with(name, new_name, attrs)?;
-        self.store.flush()?;
-        // The content IDs: one read of the layer's own blocks, after the commit and off the
-        // write lock. A crash before they are kept only means they are computed when first
-        // asked for.
-        content::record(self.store, new_name.unwrap_or(name))?;
-        Ok(())
+        self.store.flush()
     }
 
     /// Remove layer `name`, durable; returns the bytes it held. Refused (`InUse`) while

@@ -619,8 +619,10 @@ fn containerd_pulls_and_runs_containers_on_thinlayer_snapshots() {
     for i in 1..=5 {
         ctd.run("thinlayer", &app, &format!("c{i}"), "true");
     }
-    let layers = thin.layers();
+    // Usage first: for a stopped container it trims the journal's dead log (what `ls` then
+    // shows too).
     let usage = ctd.usage("thinlayer");
+    let layers = thin.layers();
     for i in 1..=5 {
         let id = format!("c{i}");
         let l = layer_of(&layers, &id);

@@ -818,3 +818,199 @@ fn a_restart_asked_by_another_user_is_refused() {
     assert!(!s.log().contains("handed over"), "{}", s.log());
     s.stop();
 }
+
+/// The old process accepts nothing once it has begun handing over (its accept loops are
+/// held before the gate closes; the listening sockets stay open in the new one, so a client
+/// that connects meanwhile waits in the backlog). Before, it went on accepting until it
+/// exited, 100 ms after the `restart` reply: such a client got the old pid's answer or saw
+/// its connection closed. Here a client asks `status` in a loop through three restarts:
+/// every call is answered, and every one made after `restart` returned is answered by the new
+/// process, up to the moment the old one is gone.
+#[test]
+fn once_a_restart_has_answered_only_the_new_server_accepts_and_no_client_is_refused() {
+    require_prerequisites!();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Served::start(dir.path());
+    let status = |s: &Served| -> Result<i32, String> {
+        let o = Command::new(bin())
+            .arg("--pool")
+            .arg(&s.pool)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|_| {
+            format!(
+                "exit {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )
+        })?;
+        v["pid"]
+            .as_i64()
+            .map(|p| p as i32)
+            .ok_or_else(|| format!("no pid in {v}"))
+    };
+    let done = AtomicBool::new(false);
+    let failures = Mutex::new(Vec::<String>::new());
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                match status(&s) {
+                    Ok(_) => answered.fetch_add(1, Ordering::SeqCst),
+                    Err(e) => {
+                        failures.lock().unwrap().push(e);
+                        0
+                    }
+                };
+            }
+        });
+        // Set however the rounds end (a failed assertion too), or the scope would wait for
+        // the looping client forever.
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&done);
+        for round in 0..3 {
+            let (old, new) = s.restart(&[]);
+            // Until the old process is gone (and once after), every new connection is the
+            // new process's.
+            let mut asked = 0;
+            loop {
+                let gone = !Path::new(&format!("/proc/{old}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{old}/stat"))
+                        .unwrap_or_default()
+                        .rsplit(") ")
+                        .next()
+                        .is_some_and(|st| st.starts_with('Z'));
+                let pid = status(&s).unwrap_or_else(|e| panic!("round {round}: status: {e}"));
+                asked += 1;
+                assert_eq!(
+                    pid, new,
+                    "round {round}: status after `restart` returned was answered by pid {pid}, \
+                     not the new server {new} (the old one is {old}; call {asked})"
+                );
+                if gone {
+                    break;
+                }
+            }
+            eprintln!("round {round}: {asked} status call(s) until pid {old} was gone");
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of the looping client's calls failed: {failures:?}",
+        failures.len()
+    );
+    eprintln!(
+        "{} status calls answered through 3 restarts",
+        answered.load(Ordering::SeqCst)
+    );
+    s.stop();
+}
+
+/// qemu's NBD client with `reconnect-delay` carries on through restarts: its connection ends
+/// with the old process, it connects to the new one, and the requests the old one never
+/// answered are sent again. qemu-io writes and flushes 64 KiB blocks, each with its own
+/// pattern, while the server restarts twice: no request fails, and every block reads back.
+#[test]
+fn qemus_nbd_client_with_reconnect_delay_writes_through_two_restarts() {
+    require_prerequisites!();
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        assert!(
+            !support::in_ci(),
+            "qemu-io is missing (CI installs qemu-utils)"
+        );
+        eprintln!("skipping: no qemu-io");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Served::start(dir.path());
+    const BLOCKS: u64 = 600;
+    s.tl(&["create", "vol", "--size", &format!("{}", BLOCKS * 65536)]);
+    let mut cmds = Vec::new();
+    for i in 0..BLOCKS {
+        cmds.push("-c".to_string());
+        cmds.push(format!("write -P {} {} 64k", i % 251, i * 65536));
+        cmds.push("-c".to_string());
+        cmds.push("flush".to_string());
+        cmds.push("-c".to_string());
+        cmds.push("sleep 10".to_string());
+    }
+    let sock = format!("{}.sock", s.pool.display());
+    let opts =
+        format!("driver=nbd,server.type=unix,server.path={sock},export=vol,reconnect-delay=30");
+    let qemu = Command::new("qemu-io")
+        .args(["--image-opts", &opts])
+        .args(&cmds)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once some blocks are in, restart twice while qemu-io goes on writing.
+    let written = || -> u64 {
+        let ls: serde_json::Value = serde_json::from_str(&s.tl(&["ls", "--json"])).unwrap();
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "vol")
+            .unwrap()["size"]
+            .as_u64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while written() < 4 * 65536 {
+        assert!(Instant::now() < deadline, "qemu-io wrote nothing in 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        pids.push(s.restart(&[]));
+    }
+    let before_end = written();
+    let out = qemu.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        before_end < BLOCKS * 65536,
+        "qemu-io had written everything before the restarts were done: make it write longer"
+    );
+    assert!(
+        out.status.success(),
+        "qemu-io: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    let failed: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.contains("failed") || l.contains("error") || l.contains("Error"))
+        .collect();
+    assert!(failed.is_empty(), "qemu-io reported: {failed:?}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("wrote 65536/65536"))
+            .count() as u64,
+        BLOCKS,
+        "{stdout}"
+    );
+    // Every block reads back with its pattern (through the server, after the restarts).
+    let exported = dir.path().join("vol.raw");
+    s.tl(&["export", "vol", exported.to_str().unwrap()]);
+    let data = std::fs::read(&exported).unwrap();
+    for i in 0..BLOCKS {
+        let block = &data[(i * 65536) as usize..((i + 1) * 65536) as usize];
+        assert!(
+            block.iter().all(|&b| b == (i % 251) as u8),
+            "block {i} reads back wrong after the restarts ({pids:?})"
+        );
+    }
+    let check = s.tl(&["check", "--data"]);
+    assert!(check.contains("clean"), "check --data: {check}");
+    eprintln!("qemu-io wrote {BLOCKS} blocks through restarts {pids:?}");
+    s.stop();
+}

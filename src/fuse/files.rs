@@ -310,6 +310,29 @@ impl Table {
         Ok(path)
     }
 
+    /// See `LiveFiles::while_closed`.
+    pub fn while_closed<T>(
+        &self,
+        layer: &str,
+        f: impl FnOnce(&dyn BlockDevice) -> Result<T>,
+    ) -> Result<Option<T>> {
+        // Inside the gate first, as every request on the files (the table's lock second): a
+        // restart's pause waits for this to finish, and nothing under it enters the gate again
+        // (so `f` gets a plain volume, not the file's device: a second enter would wait for
+        // the pause that waits for the first).
+        let _pass = self.exports.gate().enter();
+        // The write lock holds off `open`, which counts an open under the read lock.
+        let g = self.write();
+        let Some(file) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) else {
+            return Ok(None);
+        };
+        if file.open_handles() > 0 || file.revoked() {
+            return Ok(None);
+        }
+        let v = crate::volume::Volume::open(self.exports.store(), &file.layer)?;
+        f(&v).map(Some)
+    }
+
     /// See `LiveFiles::detach`.
     pub fn detach(&self, layer: &str, force: bool) -> Result<LostWrites> {
         let deadline = Instant::now() + CLOSE_GRACE;
@@ -343,6 +366,16 @@ impl Table {
                 g.remove(&f);
                 drop(g);
                 self.changed();
+                // A request handler that took the file before the removal may hold it a moment
+                // longer (it replies, then lets go): the layer stays registered as held until
+                // the last holder lets go, and the caller's next step (a commit, a remove)
+                // must find it free. Each holds it for one request, so this is brief.
+                let deadline = Instant::now() + CLOSE_GRACE;
+                while (Arc::strong_count(&f) > 1 || Arc::strong_count(&f.device) > 1)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 return Ok(f.lost_writes());
             }
             drop(g);

@@ -230,6 +230,19 @@ impl LiveFiles {
         self.table.detach(layer, force)
     }
 
+    /// Run `f` on attached layer `layer`'s device while no one has its file open (no loop
+    /// device: nothing mounted on it), holding off opens until `f` returns; `None` without
+    /// running it when the file is open or the layer is not attached. For changes that are
+    /// safe only while no filesystem is mounted on the file (the snapshotter's trim of a dead
+    /// journal).
+    pub fn while_closed<T>(
+        &self,
+        layer: &str,
+        f: impl FnOnce(&dyn crate::volume::BlockDevice) -> Result<T>,
+    ) -> Result<Option<T>> {
+        self.table.while_closed(layer, f)
+    }
+
     /// The file of an attached layer.
     pub fn path(&self, layer: &str) -> Option<PathBuf> {
         self.list()

@@ -74,34 +74,11 @@ impl Accept<'_> {
     where
         L::Conn: 'static,
     {
-        listener.set_nonblocking(true)?;
-        let stop_fd = self.stop.wake_fd()?;
+        let acceptor = Acceptor::new(listener, self.stop)?;
         let open = Open::default();
         std::thread::scope(|scope| {
             let mut next_id = 0u64;
-            while !self.stop.is_stopped() {
-                let ready = match poll_in(&[listener.listen_fd(), stop_fd], -1) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.log
-                            .error(format_args!("waiting on the {}: {e}", self.what));
-                        self.stop.wait(Some(ACCEPT_BACKOFF));
-                        continue;
-                    }
-                };
-                if ready[1] || !ready[0] {
-                    continue;
-                }
-                let conn = match listener.accept_conn() {
-                    Ok(c) => c,
-                    Err(e) if is_transient(&e) => continue,
-                    Err(e) => {
-                        // Out of descriptors or similar: say so, back off, keep serving.
-                        self.log.error(format_args!("accept on {}: {e}", self.what));
-                        self.stop.wait(Some(ACCEPT_BACKOFF));
-                        continue;
-                    }
-                };
+            while let Some(conn) = acceptor.next(self.log, self.what) {
                 next_id += 1;
                 let id = next_id;
                 if open.len() >= self.max_connections {
@@ -137,6 +114,70 @@ impl Accept<'_> {
             open.close(self.grace);
         });
         Ok(())
+    }
+}
+
+/// Accepting from one listener until stop, leaving it alone while accepting is held
+/// (`Stop::hold`). The accept loop of `Accept::run`, and of servers that run their own
+/// connections (the containerd gRPC server feeds its reactor from it).
+pub struct Acceptor<'a, L> {
+    listener: &'a L,
+    stop: &'a Stop,
+    stop_fd: RawFd,
+    /// (readable while held, readable while not)
+    hold_fds: (RawFd, RawFd),
+}
+
+impl<'a, L: Listen> Acceptor<'a, L> {
+    /// Puts `listener` in non-blocking mode: an accept under the hold's lock must not block
+    /// (the other process may take the connection poll said was there).
+    pub fn new(listener: &'a L, stop: &'a Stop) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Acceptor {
+            listener,
+            stop,
+            stop_fd: stop.wake_fd()?,
+            hold_fds: stop.hold.fds()?,
+        })
+    }
+
+    /// The next connection; None once stopped. Failures that are not the client's are logged
+    /// and backed off from; accepting goes on.
+    pub fn next(&self, log: &Log, what: &str) -> Option<L::Conn> {
+        let (held_fd, running_fd) = self.hold_fds;
+        while !self.stop.is_stopped() {
+            if *self.stop.hold.state() {
+                let _ = poll_in(&[self.stop_fd, running_fd], -1);
+                continue;
+            }
+            let ready = match poll_in(&[self.listener.listen_fd(), self.stop_fd, held_fd], -1) {
+                Ok(r) => r,
+                Err(e) => {
+                    log.error(format_args!("waiting on the {what}: {e}"));
+                    self.stop.wait(Some(ACCEPT_BACKOFF));
+                    continue;
+                }
+            };
+            if ready[1] || ready[2] || !ready[0] {
+                continue;
+            }
+            // Held since poll returned: leave the connection in the backlog.
+            let held = self.stop.hold.state();
+            if *held {
+                continue;
+            }
+            match self.listener.accept_conn() {
+                Ok(c) => return Some(c),
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => {
+                    drop(held);
+                    // Out of descriptors or similar: say so, back off, keep serving.
+                    log.error(format_args!("accept on {what}: {e}"));
+                    self.stop.wait(Some(ACCEPT_BACKOFF));
+                }
+            }
+        }
+        None
     }
 }
 

@@ -3,6 +3,7 @@
 //! period) wakes at once instead of looking at the flag now and then. The eventfd is never
 //! read: once written it stays readable, so any number of waiters see it.
 
+use super::Hold;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering::SeqCst};
@@ -14,6 +15,8 @@ pub struct Stop {
     flag: AtomicBool,
     /// Made on first need (`wake_fd`), so a `Stop` can be a `static`.
     wake: OnceLock<OwnedFd>,
+    /// Accepting held, not stopped (a restart handing the listeners over).
+    pub hold: Hold,
 }
 
 impl Stop {
@@ -21,6 +24,7 @@ impl Stop {
         Stop {
             flag: AtomicBool::new(false),
             wake: OnceLock::new(),
+            hold: Hold::new(),
         }
     }
 

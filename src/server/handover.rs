@@ -24,6 +24,7 @@ use super::{Config, Parts};
 use crate::control::{wire, ControlSocket, Reply, Status};
 use crate::error::{Error, Result};
 use crate::fuse::{FileState, LiveFiles};
+use crate::listen::Stop;
 use crate::log::{self, Level};
 use crate::nbd::{Bound, Listener, ServerConfig};
 use crate::volume::exports::LiveExports;
@@ -156,6 +157,8 @@ pub(crate) struct Serving<'a> {
     pub generation: u64,
     /// Held while a restart runs: a second one is refused.
     pub restarting: Mutex<()>,
+    /// The serving loops' stop; its `hold` keeps them from accepting during a hand-over.
+    pub stop: &'a Stop,
     pub keeper: Option<&'a Link>,
 }
 
@@ -235,10 +238,14 @@ impl Serving<'_> {
             Ok((m, _)) => return Err(fail(&mut child, format!("it said {m:?} first"))),
             Err(e) => return Err(fail(&mut child, format!("no hello: {e}"))),
         }
-        // 2. Gate closed, commit, lock released.
+        // 2. No more accepting (a connection accepted now would die with this process;
+        // held, clients wait in the listen backlog for the new one), gate closed, commit,
+        // lock released.
+        self.stop.hold.hold();
         let closed = self.exports.gate().pause();
         if let Err(e) = self.store.release() {
             self.exports.gate().resume();
+            self.stop.hold.release();
             return Err(fail(
                 &mut child,
                 format!("this server could not commit: {e}"),
@@ -321,6 +328,7 @@ impl Serving<'_> {
             .store
             .take_back("thinlayer serve (after a failed restart)");
         self.exports.gate().resume();
+        self.stop.hold.release();
         taken.map_err(|e| {
             e.context("restart failed, and this server could not take the pool back; stop it")
         })

@@ -188,6 +188,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         binary: &binary,
         generation,
         restarting: std::sync::Mutex::new(()),
+        stop: &stop,
         keeper: keeper.as_deref(),
     };
     if let Some(k) = &keeper {

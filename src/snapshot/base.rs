@@ -1,6 +1,8 @@
 //! Formatted empty bases: a snapshot without a parent is a child of an empty ext4 filesystem
 //! of its size, made once per size with mkfs and kept as a read-only layer, so a new image
-//! chain costs no mkfs. Lazy initialisation is off: mkfs writes the inode tables and journal
+//! chain costs no mkfs. Made for small layers (docs/DESIGN.md §11.1): `inline_data` keeps a
+//! file or directory of up to 128 bytes in its inode (no data block, no block bitmap
+//! change), and one flex group keeps a small change's bitmaps and inode table in one group. Lazy initialisation is off: mkfs writes the inode tables and journal
 //! now (as zeros, which the import does not store), so the kernel's ext4lazyinit thread never
 //! writes them into a container's layer later. Where mkfs put the journal is kept on the base
 //! (`keys::JOURNAL`) for Commit's trim of the journal's dead log (`ext4`).
@@ -87,7 +89,11 @@ impl Bases {
         f.set_len(size).map_err(|e| Error::io(ctx("sizing"), e))?;
         drop(f);
         let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-E"])
+            .args(["-q", "-F", "-m", "0", "-O", "inline_data", "-b"])
+            .arg(block_size(size).to_string())
+            .arg("-G")
+            .arg(flex_groups(size).to_string())
+            .arg("-E")
             .arg("lazy_itable_init=0,lazy_journal_init=0,nodiscard")
             .arg(image)
             .output()
@@ -117,6 +123,28 @@ impl Bases {
     }
 }
 
+/// The filesystem's block size: 4 KiB, or 1 KiB below 512 MiB, as mke2fs.conf's `small` type
+/// picks (in a small filesystem of 4 KiB blocks mkfs splits the journal round the one
+/// group's flex metadata, and the journal trim wants it in one piece).
+fn block_size(size: u64) -> u64 {
+    if size < 512 << 20 {
+        1024
+    } else {
+        4096
+    }
+}
+
+/// Block groups per flex group: all of them, so the filesystem is one flex group. Orlov
+/// spreads top-level directories over flex groups (a new one goes to the group with the fewest
+/// directories, never the root's), and each group it touches costs a block bitmap, an inode
+/// bitmap and an inode table block in a layer; in one flex group a small change stays in the
+/// first group's. A group holds 8 blocks per byte of a block (its bitmap): 128 MiB of 4 KiB
+/// blocks.
+fn flex_groups(size: u64) -> u64 {
+    let b = block_size(size);
+    size.div_ceil(8 * b * b).next_power_of_two().max(16)
+}
+
 /// The journal mkfs made in `image`.
 fn read_journal(image: &Path) -> std::io::Result<Option<ext4::Journal>> {
     use std::os::unix::fs::FileExt;
@@ -143,6 +171,16 @@ pub fn journal_under(store: &Store, l: &LayerInfo) -> Option<ext4::Journal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filesystem_is_one_flex_group() {
+        assert_eq!(flex_groups(MIN_SIZE), 16);
+        assert_eq!(flex_groups(511 << 20), 64);
+        assert_eq!(flex_groups(512 << 20), 16);
+        assert_eq!(flex_groups(DEFAULT_SIZE), 128);
+        assert_eq!(flex_groups(100 << 30), 1024);
+        assert_eq!(flex_groups(128 << 30), 1024);
+    }
 
     #[test]
     fn sizes_round_up_to_mib_and_small_ones_are_refused() {

@@ -3,6 +3,7 @@
 use super::snapshots::Files;
 use crate::error::{Error, Result};
 use crate::fuse::{LiveFiles, LostWrites};
+use crate::volume::BlockDevice;
 use std::path::PathBuf;
 
 impl Files for LiveFiles {
@@ -16,6 +17,14 @@ impl Files for LiveFiles {
             Err(Error::NotFound(_)) if self.path(layer).is_none() => Ok(LostWrites::default()),
             r => r,
         }
+    }
+
+    fn while_unmounted(
+        &self,
+        layer: &str,
+        f: &mut dyn FnMut(&dyn BlockDevice) -> Result<()>,
+    ) -> Result<bool> {
+        Ok(LiveFiles::while_closed(self, layer, f)?.is_some())
     }
 
     fn sync_mounted(&self, layer: &str) -> Result<()> {

@@ -11,7 +11,7 @@ use super::snapshots::Snapshots;
 use super::status::Failure;
 use crate::control::ControlSocket;
 use crate::error::{Error, Result};
-use crate::listen::Stop;
+use crate::listen::{Acceptor, Stop};
 use crate::log::Log;
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status};
 /// Worker threads moving gRPC requests (the store work runs on the blocking pool).
 const WORKERS: usize = 2;
@@ -28,12 +29,20 @@ const WORKERS: usize = 2;
 struct Service(Arc<Snapshots>);
 
 impl Service {
+    /// Run request `what` (a method name, for the debug log's timing) on the blocking pool.
     async fn run<T: Send + 'static>(
         &self,
+        what: &'static str,
         f: impl FnOnce(&Snapshots) -> super::status::Result<T> + Send + 'static,
     ) -> std::result::Result<T, Status> {
         let core = self.0.clone();
-        match tokio::task::spawn_blocking(move || f(&core)).await {
+        let started = std::time::Instant::now();
+        let done = tokio::task::spawn_blocking(move || f(&core)).await;
+        Log::process().debug(format_args!(
+            "containerd {what}: {:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        ));
+        match done {
             Ok(r) => r.map_err(|f: Failure| {
                 if matches!(
                     f.code,
@@ -66,7 +75,9 @@ impl wire::snapshots_server::Snapshots for Service {
     ) -> std::result::Result<Response<wire::PrepareSnapshotResponse>, Status> {
         let r = r.into_inner();
         let mounts = self
-            .run(move |s| s.prepare(&r.key, &r.parent, r.labels, Kind::Active))
+            .run("prepare", move |s| {
+                s.prepare(&r.key, &r.parent, r.labels, Kind::Active)
+            })
             .await?;
         reply(wire::PrepareSnapshotResponse { mounts })
     }
@@ -77,7 +88,9 @@ impl wire::snapshots_server::Snapshots for Service {
     ) -> std::result::Result<Response<wire::ViewSnapshotResponse>, Status> {
         let r = r.into_inner();
         let mounts = self
-            .run(move |s| s.prepare(&r.key, &r.parent, r.labels, Kind::View))
+            .run("view", move |s| {
+                s.prepare(&r.key, &r.parent, r.labels, Kind::View)
+            })
             .await?;
         reply(wire::ViewSnapshotResponse { mounts })
     }
@@ -87,7 +100,7 @@ impl wire::snapshots_server::Snapshots for Service {
         r: Request<wire::MountsRequest>,
     ) -> std::result::Result<Response<wire::MountsResponse>, Status> {
         let key = r.into_inner().key;
-        let mounts = self.run(move |s| s.mounts(&key)).await?;
+        let mounts = self.run("mounts", move |s| s.mounts(&key)).await?;
         reply(wire::MountsResponse { mounts })
     }
 
@@ -96,7 +109,7 @@ impl wire::snapshots_server::Snapshots for Service {
         r: Request<wire::CommitSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let r = r.into_inner();
-        self.run(move |s| s.commit(&r.name, &r.key, r.labels))
+        self.run("commit", move |s| s.commit(&r.name, &r.key, r.labels))
             .await?;
         reply(())
     }
@@ -106,7 +119,7 @@ impl wire::snapshots_server::Snapshots for Service {
         r: Request<wire::RemoveSnapshotRequest>,
     ) -> std::result::Result<Response<()>, Status> {
         let key = r.into_inner().key;
-        self.run(move |s| s.remove(&key)).await?;
+        self.run("remove", move |s| s.remove(&key)).await?;
         reply(())
     }
 
@@ -115,7 +128,7 @@ impl wire::snapshots_server::Snapshots for Service {
         r: Request<wire::StatSnapshotRequest>,
     ) -> std::result::Result<Response<wire::StatSnapshotResponse>, Status> {
         let key = r.into_inner().key;
-        let info = self.run(move |s| s.stat(&key)).await?;
+        let info = self.run("stat", move |s| s.stat(&key)).await?;
         reply(wire::StatSnapshotResponse {
             info: Some(info.into()),
         })
@@ -131,7 +144,9 @@ impl wire::snapshots_server::Snapshots for Service {
             .ok_or_else(|| Status::invalid_argument("update without a snapshot info"))?
             .into();
         let fieldpaths = r.update_mask.map(|m| m.paths);
-        let info = self.run(move |s| s.update(info, fieldpaths)).await?;
+        let info = self
+            .run("update", move |s| s.update(info, fieldpaths))
+            .await?;
         reply(wire::UpdateSnapshotResponse {
             info: Some(info.into()),
         })
@@ -147,7 +162,7 @@ impl wire::snapshots_server::Snapshots for Service {
         &self,
         _r: Request<wire::ListSnapshotsRequest>,
     ) -> std::result::Result<Response<Self::ListStream>, Status> {
-        let infos = self.run(|s| Ok(s.list())).await?;
+        let infos = self.run("list", |s| Ok(s.list())).await?;
         let mut chunks = Vec::new();
         let mut infos = infos.into_iter().map(wire::Info::from).peekable();
         while infos.peek().is_some() {
@@ -162,7 +177,7 @@ impl wire::snapshots_server::Snapshots for Service {
         r: Request<wire::UsageRequest>,
     ) -> std::result::Result<Response<wire::UsageResponse>, Status> {
         let key = r.into_inner().key;
-        let size = self.run(move |s| s.usage(&key)).await?;
+        let size = self.run("usage", move |s| s.usage(&key)).await?;
         // A block layer does not know how many inodes its filesystem changed.
         reply(wire::UsageResponse {
             size: size as i64,
@@ -214,16 +229,35 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| Error::io(format!("{ctx}: starting the tokio runtime"), e))?;
+        // Connections are accepted on a thread of their own through `listen::Acceptor`, which
+        // leaves the listener alone while a restart hands it over, and go to the reactor.
+        let (conns, incoming) = tokio::sync::mpsc::channel::<std::os::unix::net::UnixStream>(16);
+        let accept_stop = stop.clone();
+        let accepter = std::thread::Builder::new()
+            .name("containerd-accept".into())
+            .spawn(move || {
+                let log = Log::process().scoped("containerd");
+                let acceptor = match Acceptor::new(&std_listener, &accept_stop) {
+                    Ok(a) => a,
+                    Err(e) => return log.error(format_args!("containerd socket: {e}")),
+                };
+                while let Some(conn) = acceptor.next(&log, "containerd socket") {
+                    if conns.blocking_send(conn).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("starting the containerd accept thread", e))?;
         let thread = std::thread::Builder::new()
             .name("containerd".into())
             .spawn(move || {
                 let served = runtime.block_on(async move {
-                    std_listener
-                        .set_nonblocking(true)
-                        .map_err(|e| Error::io(format!("{ctx}: non-blocking"), e))?;
-                    let listener = tokio::net::UnixListener::from_std(std_listener)
-                        .map_err(|e| Error::io(format!("{ctx}: registering it"), e))?;
-                    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                    let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming).map(
+                        |c: std::os::unix::net::UnixStream| {
+                            c.set_nonblocking(true)?;
+                            tokio::net::UnixStream::from_std(c)
+                        },
+                    );
                     let stopped = stopped(stop, stop_fd);
                     tonic::transport::Server::builder()
                         .add_service(wire::snapshots_server::SnapshotsServer::new(Service(core)))
@@ -231,6 +265,7 @@ impl Server {
                         .await
                         .map_err(|e| Error::Internal(format!("{ctx}: serving: {e}")))
                 });
+                let _ = accepter.join();
                 // The socket file goes once no new request can come.
                 drop(socket);
                 // Requests still on the blocking pool finish before the store's last commit.

@@ -18,8 +18,8 @@ use super::status::{Failure, Result};
 use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::live::LivePool;
-use crate::volume::exports::LiveExports;
-use crate::volume::{LayerInfo, Store};
+use crate::volume::exports::{Holder, LiveExports};
+use crate::volume::{BlockDevice, ExtentState, LayerInfo, Store};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,13 @@ pub trait Files: Send + Sync {
     /// Make what a filesystem mounted on `layer`'s file has written so far reach the layer
     /// (nothing to do if the layer is not attached or not mounted).
     fn sync_mounted(&self, layer: &str) -> crate::Result<()>;
+    /// Run `f` on `layer`'s device if its file is attached and no one has it open (nothing
+    /// is mounted on it), with opens held off until `f` returns; false if it did not run.
+    fn while_unmounted(
+        &self,
+        layer: &str,
+        f: &mut dyn FnMut(&dyn BlockDevice) -> crate::Result<()>,
+    ) -> crate::Result<bool>;
 }
 
 pub struct Snapshots {
@@ -251,36 +258,33 @@ impl Snapshots {
             (keys::CREATED, Some(now.as_str())),
             (keys::UPDATED, Some(now.as_str())),
         ];
-        // Refused while an NBD client holds the layer writable; the content IDs are recorded.
+        // Refused while an NBD client holds the layer writable. The content IDs are computed
+        // when first asked for (`thinlayer ls`, a push), not in the Commit containerd waits
+        // for: containerd never asks for them.
         self.pool()
-            .commit(&l.name, Some(&new_name), &attrs)
+            .commit_ids_on_demand(&l.name, Some(&new_name), &attrs)
             .map_err(store_err(key))
     }
 
-    /// Trim the log of the unmounted ext4's journal in layer `l`, when the journal is empty
-    /// (the filesystem was unmounted cleanly): every transaction of the mount went through
-    /// those blocks and none is needed any more, so a committed layer keeps only the journal's
-    /// superblock. A journal with something to replay is left whole. Nothing to do without a
-    /// recorded journal (a base made before it was recorded) or with a journal size changed.
+    /// Trim the log of the unmounted ext4's journal in layer `l` before it is sealed (see
+    /// `trim_dead_log`). Nothing to do without a recorded journal (a base made before it was
+    /// recorded) or with a journal size changed.
     fn trim_dead_journal(&self, l: &LayerInfo) -> crate::Result<()> {
-        let Some(j) = base::journal_under(&self.store, l) else {
+        let Some(j) = self.journal_of(l) else {
             return Ok(());
         };
-        if j.offset + j.len > l.disk_size {
-            return Ok(());
-        }
         // The live pool's rule for commit, checked before the trim changes the layer: no
         // writable holder (an NBD client) may have it.
         let why = " (writes must not change a layer while it becomes read-only)";
         self.exports.refuse_if_attached(&l.name, l.id, true, why)?;
         let v = crate::volume::Volume::open(&self.store, &l.name)?;
-        let mut jsb = vec![0u8; j.block as usize];
-        crate::volume::BlockDevice::read_at(&v, j.offset, &mut jsb)?;
-        if !super::ext4::journal_is_empty(&jsb) {
-            return Ok(());
-        }
-        let (offset, len) = j.log();
-        crate::volume::BlockDevice::trim(&v, offset, len)
+        trim_dead_log(&v, j)
+    }
+
+    /// The journal of the ext4 in layer `l`, if its base recorded one that fits the layer.
+    fn journal_of(&self, l: &LayerInfo) -> Option<super::ext4::Journal> {
+        let j = base::journal_under(&self.store, l)?;
+        (j.offset + j.len <= l.disk_size).then_some(j)
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
@@ -365,11 +369,63 @@ impl Snapshots {
     /// first (`writeback`), so `docker ps -s` counts a write the moment it returned.
     pub fn usage(&self, key: &str) -> Result<u64> {
         let l = self.find(key)?;
-        if info::kind(&l) != Kind::Committed {
-            self.files.sync_mounted(&l.name).map_err(store_err(key))?;
+        match info::kind(&l) {
+            Kind::Committed => {}
+            kind => {
+                self.files.sync_mounted(&l.name).map_err(store_err(key))?;
+                // A stopped container's filesystem is unmounted cleanly, so its journal's log
+                // is dead, as at Commit: trimmed now (opens of the file wait), so a stopped
+                // container costs what its files changed, not its journal's transactions. Not
+                // while anything but its live file holds the layer (an NBD client may have it
+                // mounted).
+                if let (Kind::Active, Some(j)) = (kind, self.journal_of(&l)) {
+                    let only_the_file = || {
+                        self.exports
+                            .attached_to(l.id)
+                            .iter()
+                            .all(|a| a.holder == Holder::File)
+                    };
+                    self.files
+                        .while_unmounted(&l.name, &mut |dev| {
+                            if only_the_file() {
+                                trim_dead_log(dev, j)?;
+                            }
+                            Ok(())
+                        })
+                        .map_err(store_err(key))?;
+                }
+            }
         }
         Ok(self.find(key)?.size)
     }
+}
+
+/// Trim the log of an unmounted ext4's journal on `dev` when the journal is empty (the
+/// filesystem was unmounted cleanly): every transaction of the mount went through those blocks
+/// and none is needed any more (jbd2 replays only from `s_start`, and reads nothing of the log
+/// of an empty journal at the next mount), so the layer keeps only the journal's superblock of
+/// it. A journal with something to replay is left whole; a log that holds nothing is not
+/// touched (a trim would add whiteouts over the parent's holes for nothing).
+fn trim_dead_log(dev: &dyn BlockDevice, j: super::ext4::Journal) -> crate::Result<()> {
+    let mut jsb = vec![0u8; j.block as usize];
+    dev.read_at(j.offset, &mut jsb)?;
+    if !super::ext4::journal_is_empty(&jsb) {
+        return Ok(());
+    }
+    // Whole blocks of the layer only: with 1 KiB filesystem blocks the journal's superblock
+    // shares its block with the log's start, and a partial trim would copy it into the layer.
+    let (offset, len) = j.log();
+    let b = u64::from(dev.block_size());
+    let (start, end) = (offset.next_multiple_of(b), (offset + len) / b * b);
+    if end <= start
+        || dev
+            .extents(start, end - start)?
+            .iter()
+            .all(|e| e.state != ExtentState::Data)
+    {
+        return Ok(());
+    }
+    dev.trim(start, end - start)
 }
 
 #[cfg(test)]

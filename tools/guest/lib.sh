@@ -12,6 +12,10 @@
 #     a connection still open on the server, mid-stream: nbd-port marks it spent, in
 #     $SPENT_PORTS, and no one uses it again;
 #   - an attach waits until enough ports are free (not open, not spent, connected on the host).
+#     Waiting is no failed attempt: after a connection ends (a detach, a server restarted) QEMU
+#     connects the port again only a second later, so an attach right after one found no free
+#     port twice and counted each as a retry (every run showed two); now only an nbd-client
+#     that fails counts, with its message.
 
 NBD_SOCK=/run/nbd.sock
 NBD_ATTACH_SECONDS=${NBD_ATTACH_SECONDS:-30}
@@ -67,13 +71,18 @@ nbd_attach() {
         [ "$prev" = -C ] && conns=$a
         prev=$a
     done
-    echo "no free port" >/tmp/attach.out
     deadline=$(($(date +%s) + NBD_ATTACH_SECONDS))
     tries=0
     while :; do
+        # Waiting for ports is no failed attempt: after a connection ends (a detach, or the
+        # server restarting), QEMU connects its port again only a second later (reconnect=1).
+        until [ "$(free_ports)" -ge "$conns" ]; do
+            [ "$(date +%s)" -lt "$deadline" ] ||
+                fail "no free port for $export_name on $dev in ${NBD_ATTACH_SECONDS}s ($conns wanted)"
+            sleep 0.1
+        done
         tries=$((tries + 1))
-        if [ "$(free_ports)" -ge "$conns" ] &&
-            nbd-client -unix "$NBD_SOCK" -N "$export_name" "$dev" "$@" >/tmp/attach.out 2>&1; then
+        if nbd-client -unix "$NBD_SOCK" -N "$export_name" "$dev" "$@" >/tmp/attach.out 2>&1; then
             if [ "$(cat "/sys/block/${dev##*/}/size")" -gt 0 ]; then
                 # The host counts and prints these (tests/guest_common: note_retry).
                 [ $tries = 1 ] ||
@@ -81,6 +90,7 @@ nbd_attach() {
                 return 0
             fi
         fi
+        echo "RETRY nbd_attach $export_name $dev: attempt $tries failed: $(tr '\n' ' ' </tmp/attach.out)"
         [ "$(date +%s)" -lt "$deadline" ] || {
             cat /tmp/attach.out
             fail "nbd-client could not attach $export_name to $dev for ${NBD_ATTACH_SECONDS}s"

@@ -35,6 +35,20 @@ impl Files for FakeFiles {
         self.attached.lock().unwrap().remove(layer);
         Ok(std::mem::take(&mut *self.lost.lock().unwrap()))
     }
+    fn while_unmounted(
+        &self,
+        layer: &str,
+        f: &mut dyn FnMut(&dyn BlockDevice) -> crate::Result<()>,
+    ) -> crate::Result<bool> {
+        if self.held.lock().unwrap().contains(layer)
+            || !self.attached.lock().unwrap().contains(layer)
+        {
+            return Ok(false);
+        }
+        let store = self.store.lock().unwrap().clone().unwrap();
+        f(&crate::volume::Volume::open(&store, layer)?)?;
+        Ok(true)
+    }
     fn sync_mounted(&self, layer: &str) -> crate::Result<()> {
         let store = self.store.lock().unwrap().clone().unwrap();
         let mut unsynced = self.unsynced.lock().unwrap();
@@ -334,9 +348,48 @@ fn a_snapshot_an_nbd_client_holds_is_neither_committed_nor_removed() {
     assert!(e.message.contains("unix client #7"), "{}", e.message);
     assert_eq!(f.s.stat("k").unwrap().kind, Kind::Active);
 
-    // Let go: the commit goes through and the committed layer has its content IDs.
+    // Let go: the commit goes through; the committed layer's content IDs are computed and
+    // kept when first asked for.
     drop(conn);
     f.s.commit("done", "k", HashMap::new()).unwrap();
-    let l = f.store.layer(&keys::layer_name("done")).unwrap();
+    let name = keys::layer_name("done");
+    assert!(!f.store.layer(&name).unwrap().writable);
+    crate::stream::content::ids(&f.store, &name).unwrap();
+    let l = f.store.layer(&name).unwrap();
     assert!(crate::stream::ContentIds::of(&l).is_some(), "{:?}", l.attrs);
+}
+
+#[test]
+fn usage_trims_the_dead_log_of_a_stopped_container_but_not_while_its_file_is_open() {
+    use crate::volume::{BlockDevice, Volume};
+    let f = fixture();
+    f.s.prepare("k", "", small(), Kind::Active).unwrap();
+    let l = f.store.layer(&keys::layer_name("k")).unwrap();
+    let j = base::journal_under(&f.store, &l).expect("the base recorded its journal");
+    // A mount's transactions in the (empty) journal's log, and a file's block elsewhere.
+    let v = Volume::open(&f.store, &l.name).unwrap();
+    let (log, _) = j.log();
+    v.write_at(log.next_multiple_of(4096) + 4096, &vec![1; 3 * 4096])
+        .unwrap();
+    v.write_at(0, &[2; 4096]).unwrap();
+    drop(v);
+    // Mounted (a loop device has the file open): the log may be the journal's next
+    // transaction's, so it stays.
+    f.files.held.lock().unwrap().insert(l.name.clone());
+    assert_eq!(f.s.usage("k").unwrap(), 4 * 4096);
+    // Stopped: only the file's block is left.
+    f.files.held.lock().unwrap().remove(&l.name);
+    assert_eq!(f.s.usage("k").unwrap(), 4096);
+    // A journal with something to replay keeps its log.
+    f.s.prepare("d", "", small(), Kind::Active).unwrap();
+    let l = f.store.layer(&keys::layer_name("d")).unwrap();
+    let v = Volume::open(&f.store, &l.name).unwrap();
+    v.write_at(log.next_multiple_of(4096) + 4096, &vec![1; 3 * 4096])
+        .unwrap();
+    let mut jsb = vec![0u8; j.block as usize];
+    v.read_at(j.offset, &mut jsb).unwrap();
+    jsb[28..32].copy_from_slice(&5u32.to_be_bytes());
+    v.write_at(j.offset, &jsb).unwrap();
+    drop(v);
+    assert_eq!(f.s.usage("d").unwrap(), 4 * 4096);
 }
