@@ -9,8 +9,9 @@
 //! is committed whole or removed (`Store::importing`).
 
 use crate::error::Result;
-use crate::image::ImportStats;
-use crate::stream::{content, Digest, ReceiveStats};
+use crate::image::{DiffSink, ImportStats};
+use crate::stream::send::DiffDigest;
+use crate::stream::{content, ContentIds, Digest, ReceiveStats};
 use crate::volume::exports::LiveExports;
 use crate::volume::{AttrChanges, LayerInfo, Store};
 use std::fs::File;
@@ -132,10 +133,21 @@ impl<'a> LivePool<'a> {
         label: &str,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(LayerInfo, ImportStats)> {
-        let (layer, stats) =
-            crate::image::import_from(self.store, name, f, label, parent, progress)?;
-        content::record(self.store, &layer.name)?;
-        Ok((self.store.layer(&layer.name)?, stats))
+        // The content IDs are hashed from what the import writes, in the same pass, and
+        // committed with the layer: one read of the image, one commit.
+        let parent_chain = match parent {
+            Some(p) => Some(content::ids(self.store, p)?.chain_id),
+            None => None,
+        };
+        let size = f
+            .metadata()
+            .map_err(|e| crate::error::Error::io(format!("reading {label}"), e))?
+            .len();
+        let mut ids = ImportIds {
+            hash: Some(DiffDigest::new(self.store.block_size(), size, parent_chain)),
+            parent_chain,
+        };
+        crate::image::import_from(self.store, name, f, label, parent, progress, &mut ids)
     }
 
     /// Receive a send stream as read-only layer `name` (its content IDs are the stream's),
@@ -150,6 +162,34 @@ impl<'a> LivePool<'a> {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(LayerInfo, ReceiveStats)> {
         crate::stream::receive_checked(self.store, name, parent, expect, input, label, progress)
+    }
+}
+
+/// An import's content IDs, hashed from the blocks it stores.
+struct ImportIds {
+    hash: Option<DiffDigest>,
+    parent_chain: Option<Digest>,
+}
+
+impl DiffSink for ImportIds {
+    fn data(&mut self, offset: u64, bytes: &[u8]) {
+        if let Some(h) = &mut self.hash {
+            h.data(offset, bytes);
+        }
+    }
+    fn zero(&mut self, offset: u64, len: u64) {
+        if let Some(h) = &mut self.hash {
+            h.zero(offset, len);
+        }
+    }
+    fn attrs(&mut self) -> Vec<(&'static str, String)> {
+        let Some(h) = self.hash.take() else {
+            return Vec::new();
+        };
+        let (digest, stats) = h.finish();
+        ContentIds::new(self.parent_chain, digest, stats.bytes)
+            .attrs()
+            .into()
     }
 }
 
@@ -204,5 +244,56 @@ mod tests {
         assert!(!l.writable);
         assert!(ContentIds::of(&l).is_some(), "{:?}", l.attrs);
         assert_eq!(l.attrs["k"], "v");
+    }
+
+    /// The IDs an import hashes as it writes are the ones a second read (`send`) computes:
+    /// data runs crossing a 4 MiB cut, whiteouts over the parent's data, blocks equal to the
+    /// parent's (not stored), holes (not read), and a short last block.
+    #[test]
+    fn an_import_hashes_the_stream_send_would_write() {
+        let x = exports();
+        let p = LivePool::serving(&x);
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1usize << 20;
+        let mut base = vec![0u8; 12 * mib];
+        for (i, b) in base.iter_mut().enumerate().take(7 * mib) {
+            *b = (i / 4096 % 251 + 1) as u8;
+        }
+        base[5 * mib..6 * mib].fill(0); // a hole in the file, between data
+        let mut child = base.clone();
+        child.extend(vec![0u8; 3 * mib + 1000]); // bigger than its parent, short last block
+        child[2 * mib..3 * mib].fill(0); // whiteouts
+        child[3 * mib + 4096..5 * mib].fill(9); // data across the 4 MiB cut
+        child[9 * mib..10 * mib].fill(7); // data over the parent's zeros
+        let n = child.len();
+        child[n - 500..].fill(3);
+        for (name, bytes, parent) in [("base", &base, None), ("child", &child, Some("base"))] {
+            let path = dir.path().join(name);
+            // Sparse: whole MiBs of zeros are holes, read (or not) through SEEK_DATA/SEEK_HOLE.
+            let w = std::fs::File::create(&path).unwrap();
+            w.set_len(bytes.len() as u64).unwrap();
+            for (k, m) in bytes.chunks(mib).enumerate() {
+                if m.iter().any(|&b| b != 0) {
+                    std::os::unix::fs::FileExt::write_all_at(&w, m, (k * mib) as u64).unwrap();
+                }
+            }
+            drop(w);
+            let f = std::fs::File::open(&path).unwrap();
+            let (l, st) = p.import(name, parent, &f, name, &mut |_, _| {}).unwrap();
+            if parent.is_none() {
+                assert_eq!(st.bytes_read, 6 * mib as u64, "holes are not read");
+            }
+            let mut back = vec![0u8; bytes.len()];
+            p.store().read_layer(l.id, 0, &mut back).unwrap();
+            assert!(back == *bytes, "{name} reads back as imported");
+            let got = ContentIds::of(&l).expect("an import records its content IDs");
+            let parent_chain = parent.map(|q| content::ids(p.store(), q).unwrap().chain_id);
+            let (digest, st) = crate::stream::send::digest(p.store(), name, parent_chain).unwrap();
+            assert_eq!(
+                got,
+                ContentIds::new(parent_chain, digest, st.bytes),
+                "{name}"
+            );
+        }
     }
 }

@@ -316,6 +316,14 @@ impl Table {
         layer: &str,
         f: impl FnOnce(&dyn BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
+        // Most callers find the file open (a running container's): then I/O is not held off.
+        {
+            let g = self.read();
+            match g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) {
+                Some(file) if file.open_handles() == 0 => {}
+                _ => return Ok(None),
+            }
+        }
         // Inside the gate first, as every request on the files (the table's lock second): a
         // restart's pause waits for this to finish, and nothing under it enters the gate again
         // (so `f` gets a plain volume, not the file's device: a second enter would wait for

@@ -20,13 +20,47 @@ pub struct ImportStats {
     pub bytes_skipped_holes: u64,
 }
 
+/// Sees the diff an import stores, in block order, as it is written: the content ID is hashed
+/// in the same pass as the layer is filled (`LivePool::import`), not by reading the layer again.
+pub trait DiffSink {
+    /// A block that differs from the parent chain and is not all zeros (the image's last block
+    /// may be short).
+    fn data(&mut self, offset: u64, bytes: &[u8]);
+    /// A block that reads as zeros where the parent chain holds data (a whiteout).
+    fn zero(&mut self, offset: u64, len: u64);
+    /// Attributes the layer is committed with, once every block was seen.
+    fn attrs(&mut self) -> Vec<(&'static str, String)>;
+}
+
+/// No observer: the layer gets no attributes.
+pub struct NoDiff;
+
+impl DiffSink for NoDiff {
+    fn data(&mut self, _: u64, _: &[u8]) {}
+    fn zero(&mut self, _: u64, _: u64) {}
+    fn attrs(&mut self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
 /// Next data offset at or after `off` in `f` (SEEK_DATA), or None past the last data.
 fn next_data(f: &File, off: u64) -> Option<u64> {
+    seek(f, off, libc::SEEK_DATA)
+}
+
+/// Next hole at or after `off` in `f` (SEEK_HOLE; the end of the file counts as one), or None
+/// if the file cannot tell.
+fn next_hole(f: &File, off: u64) -> Option<u64> {
+    seek(f, off, libc::SEEK_HOLE)
+}
+
+fn seek(f: &File, off: u64, whence: libc::c_int) -> Option<u64> {
     // SAFETY: lseek on a descriptor owned by `f`; it does not touch memory.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
-        // ENXIO: no data after `off`. Anything else (no SEEK_DATA support): treat as data.
+        // ENXIO: no data (or hole) after `off`. Anything else (no SEEK_DATA support): the
+        // file is all data, as far as we can tell.
         return if e.raw_os_error() == Some(libc::ENXIO) {
             None
         } else {
@@ -54,12 +88,14 @@ pub fn import(
         &file.display().to_string(),
         parent,
         progress,
+        &mut NoDiff,
     )
 }
 
 /// Import from `f`, an image opened for reading by whoever may read it (the control API gets
 /// it from its client as a descriptor). `label` names it in errors. On failure the half-made
-/// layer is removed again (`Store::importing`).
+/// layer is removed again (`Store::importing`). `diff` sees every block stored, in order, and
+/// names the attributes the layer is committed with.
 pub fn import_from(
     store: &Store,
     name: &str,
@@ -67,6 +103,7 @@ pub fn import_from(
     label: &str,
     parent: Option<&str>,
     progress: &mut dyn FnMut(u64, u64),
+    diff: &mut dyn DiffSink,
 ) -> Result<(LayerInfo, ImportStats)> {
     let meta = f
         .metadata()
@@ -110,7 +147,14 @@ pub fn import_from(
                 _ => {}
             }
         }
-        let n = (CHUNK as u64).min(size - off) as usize;
+        let mut n = (CHUNK as u64).min(size - off);
+        if parent_id.is_none() {
+            // Read up to the next hole only: a hole's zeros need neither reading nor checking.
+            if let Some(h) = next_hole(f, off).filter(|&h| h > off) {
+                n = n.min(h.div_ceil(bs) * bs - off).min(size - off);
+            }
+        }
+        let n = n as usize;
         let data = &mut buf[..n];
         read_full(f, data, off)
             .map_err(|e| Error::io(format!("reading {label} at byte {off}"), e))?;
@@ -146,13 +190,24 @@ pub fn import_from(
             let (s, e) = (i * bs as usize, (j * bs as usize).min(n));
             store.write_layer(layer.id, off + s as u64, &data[s..e])?;
             stats.bytes_changed += (e - s) as u64;
+            for (k, b) in data[s..e].chunks(bs as usize).enumerate() {
+                let at = off + (s + k * bs as usize) as u64;
+                if b.iter().any(|&x| x != 0) {
+                    diff.data(at, b);
+                } else {
+                    diff.zero(at, b.len() as u64);
+                }
+            }
             i = j;
         }
         off += n as u64;
         progress(off, size);
     }
     progress(size, size);
-    Ok((import.finish(&[])?, stats))
+    let attrs = diff.attrs();
+    let changes: Vec<(&str, Option<&str>)> =
+        attrs.iter().map(|(k, v)| (*k, Some(v.as_str()))).collect();
+    Ok((import.finish(&changes)?, stats))
 }
 
 fn read_full(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {

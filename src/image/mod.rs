@@ -4,7 +4,7 @@ pub mod export;
 pub mod import;
 
 pub use export::{export, export_pool, export_to, ExportStats};
-pub use import::{import, import_from, ImportStats};
+pub use import::{import, import_from, DiffSink, ImportStats, NoDiff};
 
 /// Bytes moved per I/O call: large enough to stream, small enough to keep memory flat.
 pub(crate) const CHUNK: usize = 4 << 20;

@@ -7,7 +7,7 @@ use super::content::ContentIds;
 use super::digest::Digest;
 use super::encode::Encoder;
 use crate::error::{Error, Result};
-use crate::format::stream::{Header, RUN_CUT, VERSION};
+use crate::format::stream::{End, Header, RUN_CUT, VERSION};
 use crate::format::LayerId;
 use crate::volume::{ExtentState, LayerInfo, Store};
 use serde::{Deserialize, Serialize};
@@ -100,13 +100,7 @@ fn write_stream(
     };
     let bs = store.block_size() as u64;
     let size = top.disk_size;
-    let header = Header {
-        version,
-        flags: 0,
-        block_size: bs as u32,
-        disk_size: size,
-        parent_chain_id: floor_chain.map_or([0; 32], |d| d.0),
-    };
+    let header = header(version, bs as u32, size, floor_chain);
     let out = std::io::BufWriter::with_capacity(1 << 20, out);
     let mut enc = Encoder::new(out, &header).map_err(werr)?;
     let floor_id = floor.map(|f| f.id);
@@ -138,15 +132,86 @@ fn write_stream(
         progress(pos, size);
     }
     let (digest, end, bytes) = enc.finish().map_err(werr)?;
-    Ok((
-        digest,
-        SendStats {
-            bytes,
-            data_bytes: end.data_bytes,
-            zero_bytes: end.zero_bytes,
-            digest: digest.to_string(),
-        },
-    ))
+    Ok(finished(digest, end, bytes))
+}
+
+fn finished(digest: Digest, end: End, bytes: u64) -> (Digest, SendStats) {
+    let stats = SendStats {
+        bytes,
+        data_bytes: end.data_bytes,
+        zero_bytes: end.zero_bytes,
+        digest: digest.to_string(),
+    };
+    (digest, stats)
+}
+
+fn header(version: u32, block_size: u32, disk_size: u64, floor_chain: Option<Digest>) -> Header {
+    Header {
+        version,
+        flags: 0,
+        block_size,
+        disk_size,
+        parent_chain_id: floor_chain.map_or([0; 32], |d| d.0),
+    }
+}
+
+/// The digest of a diff whose pieces arrive in block order from somewhere other than the
+/// store: an import hashes what it writes, so the content ID costs no second read of the layer.
+/// It cuts data runs as `write_stream` does (maximal runs of data blocks, cut at every multiple
+/// of `RUN_CUT`), so it yields the bytes `send` would; a test holds the two equal.
+pub struct DiffDigest {
+    enc: Encoder<std::io::Sink>,
+    /// The data run being gathered: its offset and bytes.
+    at: u64,
+    run: Vec<u8>,
+}
+
+impl DiffDigest {
+    /// The stream of a layer of `disk_size` bytes over a parent whose chain ID is `parent_chain`.
+    pub fn new(block_size: u32, disk_size: u64, parent_chain: Option<Digest>) -> DiffDigest {
+        let header = header(VERSION, block_size, disk_size, parent_chain);
+        DiffDigest {
+            enc: Encoder::new(std::io::sink(), &header).expect("a sink takes every write"),
+            at: 0,
+            run: Vec::with_capacity(RUN_CUT as usize),
+        }
+    }
+
+    /// A data block of the diff (not all zeros; the layer's last one may be short).
+    pub fn data(&mut self, offset: u64, bytes: &[u8]) {
+        let cut = offset % RUN_CUT == 0;
+        if !self.run.is_empty() && (self.at + self.run.len() as u64 != offset || cut) {
+            self.put_run();
+        }
+        if self.run.is_empty() {
+            self.at = offset;
+        }
+        self.run.extend_from_slice(bytes);
+    }
+
+    /// A whiteout of the diff: zeros over the parent's data.
+    pub fn zero(&mut self, offset: u64, len: u64) {
+        self.put_run();
+        self.enc
+            .zero(offset, len)
+            .expect("a sink takes every write");
+    }
+
+    fn put_run(&mut self) {
+        if !self.run.is_empty() {
+            self.enc
+                .data(self.at, &self.run)
+                .expect("a sink takes every write");
+            self.run.clear();
+        }
+    }
+
+    /// The stream's digest and its sizes, as `digest` reports them.
+    pub fn finish(mut self) -> (Digest, SendStats) {
+        self.put_run();
+        let (digest, end, bytes) = self.enc.finish().expect("a sink takes every write");
+        finished(digest, end, bytes)
+    }
 }
 
 /// One cut of data blocks. A data block that reads as zeros (stores never keep one, but a
