@@ -172,6 +172,8 @@ fn registry_with_images(dir: &Path) -> (Daemon, String) {
 /// when dropped, so a failed test leaves no dead mount behind.
 struct Thinlayer {
     server: Option<Server>,
+    /// More `serve` arguments (`--keeper`).
+    serve_args: Vec<String>,
     pool: PathBuf,
     files: PathBuf,
     socket: PathBuf,
@@ -192,6 +194,7 @@ impl Thinlayer {
         tl(&pool, &[&["init"], init].concat());
         let mut t = Thinlayer {
             server: None,
+            serve_args: Vec::new(),
             pool,
             files,
             socket,
@@ -208,12 +211,13 @@ impl Thinlayer {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let args = [
+        let mut args = vec![
             "--files",
             self.files.to_str().unwrap(),
             "--containerd-socket",
             self.socket.to_str().unwrap(),
         ];
+        args.extend(self.serve_args.iter().map(String::as_str));
         let nbd = self.pool.with_extension("nbd");
         self.server = Some(Server::start_with(&self.pool, &nbd, &args, log));
         wait_for(&self.socket);
@@ -309,6 +313,24 @@ impl Thinlayer {
 
 impl Drop for Thinlayer {
     fn drop(&mut self) {
+        // After a restart or a kill the serving process (and a keeper) are not the child:
+        // stopped by the PIDs `status` names, the keeper first or it would start another.
+        if let Ok(o) = Command::new(support::bin())
+            .arg("--pool")
+            .arg(&self.pool)
+            .args(["status", "--json"])
+            .output()
+        {
+            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+                for pid in [v["keeper"].as_i64(), v["pid"].as_i64()]
+                    .into_iter()
+                    .flatten()
+                {
+                    // SAFETY: killing a process this test's server started, by its PID.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
         drop(self.server.take());
         let _ = Command::new("umount")
             .arg("-l")
@@ -1093,5 +1115,301 @@ fn containerd_killed_mid_pull_leaves_nothing_half_made() {
     );
     assert_eq!(ctd.snapshots("thinlayer"), BTreeMap::new());
     check_clean(&thin.pool);
+    assert!(!thin.log().contains("panicked"), "{}", thin.log());
+}
+
+/// Wait until `pid` has exited (a zombie counts: its parent may be gone too).
+fn wait_gone(pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} still runs after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pid serving the pool now (it changes with every `thinlayer restart`).
+fn serving_pid(pool: &Path) -> i32 {
+    let v: Value = serde_json::from_str(&tl(pool, &["status", "--json"])).unwrap();
+    v["pid"].as_i64().unwrap() as i32
+}
+
+/// Issue 17: a container under containerd writes and fsyncs 64 KiB files in a loop while
+/// thinlayer restarts three times; meanwhile another client keeps asking the snapshotter to
+/// prepare, commit and remove snapshots. The container never sees an error and keeps
+/// writing; every call in the gap either succeeds or fails, leaving no snapshot half-made
+/// (containerd's list and thinlayer's layers agree); Prepare, Commit and Remove work after;
+/// every file the container fsync'd reads back from its snapshot; `check --data` is clean.
+#[test]
+fn a_container_keeps_writing_through_restarts_and_snapshot_calls_in_the_gap_leave_nothing_half_made(
+) {
+    through_events(Event::Restart);
+}
+
+/// The same with `serve --keeper` and SIGKILL of the serving pid `status` names, three
+/// times: the keeper starts the next server, which replays the crash journal.
+#[test]
+fn a_container_keeps_writing_through_kills_of_the_server_with_a_keeper() {
+    through_events(Event::Kill);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Event {
+    Restart,
+    Kill,
+}
+
+fn through_events(event: Event) {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry_with_images(dir.path());
+    let mut thin = Thinlayer::start(dir.path(), "thin");
+    if event == Event::Kill {
+        // Started again with a keeper.
+        thin.stop();
+        thin.serve_args = vec!["--keeper".into()];
+        thin.restart();
+    }
+    let ctd = Containerd::start(dir.path(), &[("thinlayer", &thin.socket)]);
+    let base = format!("{host}/test/base:1");
+    let o = ctd.pull("thinlayer", &base);
+    assert!(o.status.success(), "pull: {}", stderr_of(&o));
+    let parent = ctd
+        .snapshots("thinlayer")
+        .into_iter()
+        .find(|(_, kind)| kind == "committed")
+        .expect("the base image's layer")
+        .0;
+
+    // The writer: each file written with fsync, then its sha256 appended to /w/log (synced);
+    // it stops when /stop appears, and exits 1 at the first failed write.
+    let script = "busybox mkdir -p /w; i=0; \
+        while [ ! -e /stop ]; do i=$((i+1)); \
+        dd if=/dev/urandom of=/w/$i bs=64k count=1 conv=fsync 2>/dev/null || { echo \"write $i failed\"; exit 1; }; \
+        busybox sha256sum /w/$i >>/w/log || { echo \"log $i failed\"; exit 1; }; \
+        sync || { echo \"sync $i failed\"; exit 1; }; \
+        done; echo \"done $i\"";
+    // runc's state is per namespace and id, across containerds: an id of its own.
+    let id = format!("writer-{event:?}").to_lowercase();
+    let id = id.as_str();
+    let mut writer = Command::new("ctr")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args([
+            "-n",
+            NS,
+            "run",
+            "--cgroup",
+            "",
+            "--snapshotter",
+            "thinlayer",
+        ])
+        .args([base.as_str(), id, "/bin/sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let written = |tag: &str| -> usize {
+        let o = ctd.ctr_output(&[
+            "task",
+            "exec",
+            "--exec-id",
+            tag,
+            id,
+            "busybox",
+            "cat",
+            "/w/log",
+        ]);
+        if !o.status.success() {
+            eprintln!("exec {tag}: {}", stderr_of(&o).trim());
+            return 0;
+        }
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    let mut n = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while written(&format!("w{n}")) < 5 {
+        n += 1;
+        if let Some(st) = writer.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(writer.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!(
+                "the container ended before writing: {st}: {err}\n{}",
+                ctd.log_tail()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container wrote nothing in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Three restarts, with snapshot calls from another client all along.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let gap_results = std::sync::Mutex::new(Vec::<(String, bool)>::new());
+    let mut pids = Vec::new();
+    let mut counts = Vec::new();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut k = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                k += 1;
+                let (active, committed) = (format!("gap-a{k}"), format!("gap-c{k}"));
+                let call = |args: &[&str]| {
+                    let mut all = vec!["snapshots", "--snapshotter", "thinlayer"];
+                    all.extend(args);
+                    let o = ctd.ctr_output(&all);
+                    let line = format!("{args:?}: {}", stderr_of(&o).trim());
+                    gap_results.lock().unwrap().push((line, o.status.success()));
+                    o.status.success()
+                };
+                // Prepare, commit, remove; whatever failed is removed by what exists.
+                if call(&["prepare", &active, &parent]) {
+                    if call(&["commit", &committed, &active]) {
+                        call(&["rm", &committed]);
+                    } else {
+                        call(&["rm", &active]);
+                    }
+                }
+            }
+        });
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&done);
+        for round in 0..3 {
+            let before = serving_pid(&thin.pool);
+            let new = match event {
+                Event::Restart => {
+                    let out: Value =
+                        serde_json::from_str(&tl(&thin.pool, &["restart", "--json"])).unwrap();
+                    out["new_pid"].as_i64().unwrap() as i32
+                }
+                Event::Kill => {
+                    // SAFETY: killing the server this test started, by the PID it reported.
+                    unsafe { libc::kill(before, libc::SIGKILL) };
+                    wait_gone(before);
+                    // `status` waits in the control socket's backlog for the next server.
+                    serving_pid(&thin.pool)
+                }
+            };
+            assert_ne!(before, new, "round {round}");
+            pids.push((before, new));
+            // The container goes on writing under the new server.
+            let at = written(&format!("r{round}a"));
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut tries = 0;
+            while written(&format!("r{round}b{tries}")) < at + 3 {
+                tries += 1;
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the container stopped writing after the restart"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            counts.push(at);
+        }
+    });
+    let gap = gap_results.into_inner().unwrap();
+    let failed: Vec<&String> = gap.iter().filter(|(_, ok)| !ok).map(|(l, _)| l).collect();
+    eprintln!(
+        "restarts {pids:?}; files written at each: {counts:?}; {} snapshot calls meanwhile, {} failed: {failed:#?}",
+        gap.len(),
+        failed.len()
+    );
+    // Nothing half-made: what containerd lists is what thinlayer holds, gap snapshots included.
+    assert!(
+        eventually(|| ctd.snapshots("thinlayer") == thin.snapshots()),
+        "containerd {:?}\nthinlayer {:?}",
+        ctd.snapshots("thinlayer"),
+        thin.snapshots()
+    );
+    // Prepare, Commit and Remove after the restarts.
+    for args in [
+        vec!["prepare", "after-a", parent.as_str()],
+        vec!["commit", "after-c", "after-a"],
+        vec!["rm", "after-c"],
+    ] {
+        let mut all = vec!["snapshots", "--snapshotter", "thinlayer"];
+        all.extend(&args);
+        ctd.ctr(&all);
+    }
+    assert!(!ctd.snapshots("thinlayer").contains_key("after-c"));
+
+    // Stop the writer: it exits 0, having never failed a write.
+    ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "stop",
+        id,
+        "busybox",
+        "touch",
+        "/stop",
+    ]);
+    let out = writer.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("done "),
+        "the container: {} {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every file it fsync'd reads back from its snapshot, mounted afresh on the host.
+    let mnt = dir.path().join("readback");
+    fs::create_dir_all(&mnt).unwrap();
+    let mount = ctd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "thinlayer",
+        "mounts",
+        mnt.to_str().unwrap(),
+        id,
+    ]);
+    sh(&mount);
+    let log = fs::read_to_string(mnt.join("w/log")).unwrap();
+    let mut files = 0;
+    for line in log.lines() {
+        let (sha, path) = line.split_once("  ").unwrap();
+        let host_path = mnt.join(path.trim_start_matches('/'));
+        let got = sh(&format!("sha256sum {}", host_path.display()));
+        assert_eq!(
+            got.split(' ').next().unwrap(),
+            sha,
+            "{path} after the restarts"
+        );
+        files += 1;
+    }
+    sh(&format!("umount {}", mnt.display()));
+    eprintln!("{files} files written and read back");
+    assert!(files >= 5 + 3 * 3);
+    ctd.ctr(&["container", "rm", id]);
+
+    // Stop the serving process (the last restart's); its keeper goes with it. Then the pool
+    // is clean.
+    let st: Value = serde_json::from_str(&tl(&thin.pool, &["status", "--json"])).unwrap();
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    // SAFETY: signalling the server by the PID it reported.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    if let Some(k) = st["keeper"].as_i64() {
+        wait_gone(k as i32);
+    }
+    drop(thin.server.take());
+    let check = tl(&thin.pool, &["check", "--data"]);
+    assert!(check.contains("clean"), "check --data: {check}");
     assert!(!thin.log().contains("panicked"), "{}", thin.log());
 }
