@@ -100,9 +100,12 @@ detach() { # dir
     nbd_file_close "$1"
 }
 # A live file (thinlayer serve --files) as an ext4 mount at DIR/mnt: a loop mount, no NBD hop.
-live_attach() { # file dir
+live_attach() { # file dir [dio]
     mkdir -p "$2/mnt"
     do_mount -o loop,noatime "$1" "$2/mnt"
+    # dio: the loop device reads and writes the file with O_DIRECT (LOOP_SET_DIRECT_IO), so it
+    # keeps several requests in flight instead of one buffered request at a time.
+    if [[ ${3:-} == dio ]]; then losetup --direct-io=on "$(findmnt -no SOURCE "$2/mnt")"; fi
 }
 
 # nbdkit's cow filter keeps its overlay in an unlinked file under TMPDIR: its allocated bytes,
@@ -178,14 +181,14 @@ ct_up() {
         bg_start "$WORK/${t/:/-}-serve.log" "${BIN[$t]}" --pool "$WORK/pool-${t#tl:}" serve \
             --socket "$sock" --export "$CUR"
         URI=$(uri "$sock" "$CUR") ;;
-    tlf:*)
+    tlf:* | tlfd:*)
         # Live files: the server's own FUSE file for the layer (`serve --files`); URI is the
-        # file's path, for a loop mount (live_attach).
+        # file's path, for a loop mount (live_attach; tlfd: the loop device in direct-I/O mode).
         CUR=$name
         tl_on "$t" create "$CUR" --parent "$image" >/dev/null
-        bg_start "$WORK/${t/:/-}-serve.log" "${BIN[tl:${t#tlf:}]}" --pool "$WORK/pool-${t#tlf:}" \
+        bg_start "$WORK/${t/:/-}-serve.log" "${BIN[tl:${t#*:}]}" --pool "$WORK/pool-${t#*:}" \
             serve --socket "$sock" --files "$WORK/${t/:/-}-files"
-        wait_for -S "$WORK/pool-${t#tlf:}.ctl"
+        wait_for -S "$WORK/pool-${t#*:}.ctl"
         URI=$(tl_on "$t" attach "$CUR") ;;
     qemu)
         CUR=$WORK/$name.qcow2
@@ -206,7 +209,7 @@ ct_up() {
 }
 ct_space() {
     case $1 in
-    tl:* | tlf:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
+    tl:* | tlf:* | tlfd:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
     qemu) on_disk "$CUR" ;;
     nbdkit) cow_bytes "$SRV" "$CUR" ;;
     esac
@@ -216,7 +219,7 @@ ct_down() {
     tl:*)
         bg_stop "$SRV" strict
         tl_on "$1" rm "$CUR" >/dev/null ;;
-    tlf:*)
+    tlf:* | tlfd:*)
         tl_on "$1" detach "$CUR" >/dev/null
         bg_stop "$SRV" strict
         tl_on "$1" rm "$CUR" >/dev/null ;;
@@ -228,6 +231,7 @@ ct_label() {
     case $1 in
     tl:*) echo "${1#tl:}" ;;
     tlf:*) echo "${1#tlf:} (live file)" ;;
+    tlfd:*) echo "${1#tlfd:} (live file, loop dio)" ;;
     qemu) echo "qemu-nbd qcow2 ($QCACHE)" ;;
     nbdkit) echo "nbdkit cow" ;;
     *) echo "$1" ;;
