@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod fetcher;
 pub mod image;
 pub mod pull;
 pub mod push;
