@@ -354,7 +354,7 @@ fn a_second_writer_is_told_who_holds_the_pool() {
         .arg(&p.path)
         .arg("--control")
         .arg(&ctl)
-        .args(["serve", "--socket"])
+        .args(["serve", "--no-keeper", "--socket"])
         .arg(&sock)
         .stderr(std::process::Stdio::null())
         .spawn()

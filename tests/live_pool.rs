@@ -306,7 +306,7 @@ fn files_cross_by_descriptor_not_by_path() {
     let st = run_as_nobody(&["init"]).wait().unwrap();
     assert!(st.success());
     let sock = home.join("nbd.sock");
-    let mut server = run_as_nobody(&["serve", "--socket", sock.to_str().unwrap()]);
+    let mut server = run_as_nobody(&["serve", "--no-keeper", "--socket", sock.to_str().unwrap()]);
     wait_for(&control_path(&pool));
     // The server itself cannot read the image: proof it never opens the path.
     let o = Command::new("setpriv")

@@ -627,7 +627,7 @@ fn the_serve_command_logs_a_refused_request_on_stderr() {
     let mut serve = std::process::Command::new(support::bin())
         .arg("--pool")
         .arg(&pool)
-        .args(["serve", "--socket"])
+        .args(["serve", "--no-keeper", "--socket"])
         .arg(&sock)
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()

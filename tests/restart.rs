@@ -67,6 +67,7 @@ impl Served {
             .arg(&pool)
             .args(["serve", "--files"])
             .arg(&files)
+            .args(support::keeper_unless_asked(extra))
             .args(extra)
             .stderr(out)
             .spawn()
@@ -1013,4 +1014,43 @@ fn qemus_nbd_client_with_reconnect_delay_writes_through_two_restarts() {
     assert!(check.contains("clean"), "check --data: {check}");
     eprintln!("qemu-io wrote {BLOCKS} blocks through restarts {pids:?}");
     s.stop();
+}
+
+/// Plain `serve`, no keeper flag: it has a keeper (status names a live pid other than the
+/// server's), and a SIGTERM to the server stops both.
+#[test]
+fn a_plain_serve_has_a_keeper_and_a_sigterm_stops_both() {
+    let d = tempfile::tempdir().unwrap();
+    let pool = d.path().join("pool");
+    tl(&pool, &["init"]);
+    let sock = d.path().join("nbd.sock");
+    let mut server = Command::new(bin())
+        .arg("--pool")
+        .arg(&pool)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&support::control_path(&pool));
+    let st: serde_json::Value = serde_json::from_str(&tl(&pool, &["status", "--json"])).unwrap();
+    let pid = st["pid"].as_i64().unwrap() as i32;
+    let keeper = st["keeper"].as_i64().map(|k| k as i32);
+    // SAFETY: signalling the processes this test started, by the PIDs status reported.
+    let stop = |sig| unsafe {
+        if let Some(k) = keeper {
+            if sig == libc::SIGKILL {
+                libc::kill(k, sig);
+            }
+        }
+        libc::kill(pid, sig);
+    };
+    let Some(k) = keeper.filter(|&k| k != pid && Path::new(&format!("/proc/{k}")).exists()) else {
+        stop(libc::SIGKILL);
+        let _ = server.wait();
+        panic!("plain serve runs without a live keeper: {st}");
+    };
+    stop(libc::SIGTERM);
+    assert!(server.wait().unwrap().success());
+    wait_gone(k);
 }

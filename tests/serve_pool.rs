@@ -50,7 +50,12 @@ fn nbd_client_lists_the_exports_over_tcp() {
     let mut c = Command::new(support::bin())
         .arg("--pool")
         .arg(&pool)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "serve",
+            "--no-keeper",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -46,11 +46,16 @@ pub struct Args {
     /// through the hand-over socket on this descriptor.
     #[arg(long, hide = true, value_name = "FD")]
     resume_fd: Option<i32>,
-    /// Start a keeper process that outlives a crash of this server: it holds the live files'
-    /// FUSE connection, the listening sockets and a journal of the writes not yet committed,
-    /// and starts a new server with them if this one dies (SIGKILL, abort, panic). Containers
-    /// see a pause, not an error. `thinlayer status` shows its pid; stopping the server stops it.
+    /// Run without the keeper. By default `serve` starts a keeper process that outlives a crash
+    /// of this server: it holds the live files' FUSE connection, the listening sockets and a
+    /// journal of the writes not yet committed, and starts a new server with them if this one
+    /// dies (SIGKILL, abort, panic), so containers see a pause, not an error. `thinlayer status`
+    /// shows its pid; stopping the server (SIGTERM, SIGINT) stops it. Without it, a killed
+    /// server ends the live files' I/O and writes acknowledged but not flushed are lost.
     #[arg(long)]
+    no_keeper: bool,
+    /// The default; accepted for scripts written when the keeper had to be asked for.
+    #[arg(long, hide = true, conflicts_with = "no_keeper")]
     keeper: bool,
     /// Internal: be the keeper of the server that started this process.
     #[arg(long, hide = true, value_name = "FD")]
@@ -97,7 +102,7 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
             })
         }),
         containerd: a.containerd_socket,
-        keeper: a.keeper,
+        keeper: a.keeper || !a.no_keeper,
     };
     server::run(cfg, &crate::calls::command_line())
 }

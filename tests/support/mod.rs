@@ -129,13 +129,16 @@ impl Server {
         Server::start_with(pool, sock, &[], log)
     }
 
-    /// As `start_logging`, with more `serve` arguments.
+    /// As `start_logging`, with more `serve` arguments. Without a keeper unless `args` ask for
+    /// one (`--keeper`): these servers are ended by SIGKILL (Drop, kill9), which a keeper would
+    /// answer with a new server.
     pub fn start_with(pool: &Path, sock: &Path, args: &[&str], log: impl Into<Stdio>) -> Server {
         let child = Command::new(bin())
             .arg("--pool")
             .arg(pool)
             .args(["serve", "--socket"])
             .arg(sock)
+            .args(keeper_unless_asked(args))
             .args(args)
             .stderr(log)
             .spawn()
@@ -173,4 +176,10 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
     }
+}
+
+/// `--no-keeper`, unless `args` ask for the keeper: test servers are stopped by SIGKILL, and
+/// only the tests of crash restarts want a keeper to answer that with a new server.
+pub fn keeper_unless_asked(args: &[&str]) -> Option<&'static str> {
+    (!args.contains(&"--keeper")).then_some("--no-keeper")
 }
