@@ -663,7 +663,7 @@ done
 # 32 MiB of 4 KiB random writes at most 1 MiB/s: the write pass outlasts both restarts.
 fio --name=through-restart --filename=/dev/nbd0 --direct=1 --ioengine=libaio --iodepth=4 \
     --rw=randwrite --bs=4k --size=32M --rate=1m --verify=crc32c --verify_fatal=1 \
-    --output=/run/fio.out &
+    --eta=never --output=/run/fio.out &
 fio=$!
 writes() { set -- $(cat /sys/block/nbd0/stat); echo "$5"; }
 for n in 1 2; do
