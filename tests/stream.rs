@@ -152,6 +152,31 @@ fn torn_and_damaged_streams_are_refused_and_leave_nothing() {
     recv(&b, "child", &sc).unwrap();
 }
 
+/// A data record whose offset and length pass the end of the 64-bit byte range is refused by
+/// the reader as malformed, with its place in the stream; it used to overflow while the block
+/// index was rebuilt (a panic where overflow is checked: found by fuzz/stream_receive).
+#[test]
+fn a_data_record_past_the_end_of_u64_is_refused_not_a_panic() {
+    use thinlayer::format::stream::{self as fmt, header, record, TAG_DATA};
+    let a = two_layers();
+    let sb = stream_of(&a, "base");
+    let b = pool();
+    let (tag, len) = fmt::unpack_record(
+        sb[header::LEN..header::LEN + record::LEN]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(tag, TAG_DATA, "the base's stream starts with its data");
+    assert!(len > 8 + 100);
+    let mut bad = sb.clone();
+    let at = header::LEN + record::LEN;
+    bad[at..at + 8].copy_from_slice(&(u64::MAX - 100).to_le_bytes());
+    let e = recv(&b, "base", &bad).unwrap_err().to_string();
+    assert!(e.contains(&format!("byte {}", header::LEN)), "{e}");
+    assert!(b.layer("base").is_err());
+    b.verify_consistency().unwrap();
+}
+
 #[test]
 fn a_stream_whose_parent_is_missing_or_different_is_refused_naming_the_chain_id() {
     let a = two_layers();

@@ -306,7 +306,15 @@ pub fn reseal_stream(stream: &mut Vec<u8>) {
             .filter(|&e| e <= stream.len())
             .map(|e| &stream[payload..e]);
         match (tag, body) {
-            (fmt::TAG_DATA, Some(b)) if b.len() >= 8 => {
+            // A record ending past 2^64 is refused by the decoder before its index entry
+            // would matter; the index cannot describe it.
+            (fmt::TAG_DATA, Some(b))
+                if b.len() >= 8
+                    && fmt::run::OFFSET
+                        .get(&b[..8])
+                        .checked_add(b.len() as u64 - 8)
+                        .is_some() =>
+            {
                 index.data(fmt::run::OFFSET.get(&b[..8]), payload as u64 + 8, &b[8..])
             }
             (fmt::TAG_ZERO, Some(b)) if b.len() == fmt::run::LEN => {

@@ -124,6 +124,14 @@ impl<R: Read> Decoder<R> {
                     let blob_offset = self.pos;
                     self.take(&mut bytes, "a data record")?;
                     let offset = fmt::run::OFFSET.get(&off);
+                    // Malformed whatever the layer: no byte range ends past 2^64. Checked here,
+                    // before the index (whose arithmetic relies on it) or the receiver sees it.
+                    if offset.checked_add(bytes.len() as u64).is_none() {
+                        return Err(self.bad(&format!(
+                            "data record at byte {at} at disk offset {offset} with {} bytes ends past 2^64",
+                            bytes.len()
+                        )));
+                    }
                     self.index.data(offset, blob_offset, &bytes);
                     return Ok(Record::Data { offset, bytes });
                 }

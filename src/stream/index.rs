@@ -23,12 +23,14 @@ pub struct IndexBuilder {
 
 impl IndexBuilder {
     /// A data record's bytes, for disk offset `offset`, at `blob_offset` in the stream: one
-    /// entry per piece between multiples of `INDEX_CUT`.
+    /// entry per piece between multiples of `INDEX_CUT`. `offset + bytes.len()` must not pass
+    /// 2^64: the decoder refuses such a record before it gets here.
     pub fn data(&mut self, offset: u64, blob_offset: u64, bytes: &[u8]) {
+        debug_assert!(offset.checked_add(bytes.len() as u64).is_some());
         let mut at = 0usize;
         while at < bytes.len() {
             let off = offset + at as u64;
-            let room = (off / INDEX_CUT + 1) * INDEX_CUT - off;
+            let room = INDEX_CUT - off % INDEX_CUT;
             let n = room.min((bytes.len() - at) as u64) as usize;
             self.entries.push(Entry {
                 offset: off,
