@@ -10,7 +10,8 @@
  * requests for up to DEAD_CONN_SECONDS instead of failing them. Prints "ATTACHED /dev/nbdN" and
  * stays running; when the connection ends (its copy of the socket sees the peer hang up or
  * the kernel shut it down, or the kernel sends the NBD_CMD_LINK_DEAD multicast), it connects again with back-off, negotiates again and hands the new socket to the device with
- * NBD_CMD_RECONFIGURE. Each reconnection prints "RECONNECTED /dev/nbdN after N attempt(s)".
+ * NBD_CMD_RECONFIGURE. Each reconnection prints "RECONNECTED /dev/nbdN after N attempt(s), T ms"
+ * (T: from noticing the dead connection to the kernel taking the new one).
  *
  * Requests the kernel had sent on the dead connection are sent again only when their timeout
  * (NBD_ATTR_TIMEOUT, IO_TIMEOUT_SECONDS) expires: with one connection and no timeout the kernel
@@ -31,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +48,7 @@ enum { NBD_CMD_CONNECT = 1, NBD_CMD_DISCONNECT, NBD_CMD_RECONFIGURE, NBD_CMD_LIN
 
 #define DEAD_CONN_SECONDS 120
 #define IO_TIMEOUT_SECONDS 10
+#define NEGOTIATION_SECONDS 5
 
 static const char *sock_path, *export_name, *dev;
 static unsigned index_;
@@ -80,6 +83,11 @@ static int nbd_connect(uint64_t *size, uint16_t *flags)
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0)
         goto fail;
+    /* A negotiation that hangs (a relay whose far side never answers) is one failed attempt,
+     * not the end of the reconnection: the next attempt gets another connection. */
+    struct timeval limit = { .tv_sec = NEGOTIATION_SECONDS };
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit) < 0)
+        goto fail;
     char hello[18];
     errno = 0;
     if (read_all(fd, hello, 18) || memcmp(hello, "NBDMAGICIHAVEOPT", 16))
@@ -96,6 +104,11 @@ static int nbd_connect(uint64_t *size, uint16_t *flags)
         goto fail;
     *size = be64toh(*(uint64_t *)reply);
     *flags = be16toh(*(uint16_t *)(reply + 8));
+    /* The kernel reads this socket from now on, and a receive timeout would fail its reads
+     * of replies that are merely slow. */
+    limit.tv_sec = 0;
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit) < 0)
+        goto fail;
     return fd;
 fail:
     if (fd >= 0)
@@ -290,7 +303,9 @@ int main(int argc, char **argv)
                 attr_socket(&m, fd);
                 e = request(nl, &m, &r);
                 if (!e) {
-                    printf("RECONNECTED %s after %d attempt(s)\n", dev, attempt);
+                    clock_gettime(CLOCK_MONOTONIC, &now);
+                    printf("RECONNECTED %s after %d attempt(s), %ld ms\n", dev, attempt,
+                           (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
                     break;
                 }
                 fprintf(stderr, "nbd-reconnect %s: NBD_CMD_RECONFIGURE: %s\n", dev, strerror(-e));
