@@ -192,7 +192,8 @@ impl Thinlayer {
     /// its parent, each with the ext4 structure it belongs to, logged under `what`: both
     /// chains exported as sparse images and compared block by block where either holds data,
     /// the blocks mapped with dumpe2fs (superblock, descriptors, bitmaps, inode tables), the
-    /// journal inode's extent and debugfs's icheck (a file's or directory's block).
+    /// journal inode's extent and debugfs's icheck (a file's or directory's block). The
+    /// layer's filesystem must pass `e2fsck -fn`.
     fn account(&self, what: &str, part: &str) {
         let layers = self.layers();
         let (name, l) = layers
@@ -204,6 +205,19 @@ impl Thinlayer {
         let (mine, theirs) = (dir.path().join("layer.img"), dir.path().join("parent.img"));
         tl(&self.pool, &["export", name, mine.to_str().unwrap()]);
         tl(&self.pool, &["export", &parent, theirs.to_str().unwrap()]);
+        // What the layer holds is a clean ext4 with a consistent journal, its dead log and
+        // the journal's superblock taken back or not.
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&mine)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{what}: e2fsck -fn: {}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
         let changed = changed_blocks(&mine, &theirs);
         let names = ext4_structures(&mine, &changed);
         let list: Vec<String> = changed
