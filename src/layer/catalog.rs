@@ -199,6 +199,7 @@ impl Catalog {
                         created_nanos: c.created_nanos,
                         writable: c.writable,
                         incomplete: c.incomplete,
+                        remote: c.remote,
                         map: BlockMap::new(),
                         attrs: Default::default(),
                         children: Vec::new(),
@@ -209,6 +210,7 @@ impl Catalog {
                 let l = self.must(id)?;
                 l.writable = false;
                 l.incomplete = false;
+                l.remote = false;
             }
             Record::LayerRemove(id) => {
                 let l = self.must(id)?;
@@ -310,6 +312,7 @@ impl Catalog {
                 created_nanos: l.created_nanos,
                 writable: l.writable,
                 incomplete: l.incomplete,
+                remote: l.remote,
                 name: l.name.clone(),
             });
             for (k, v) in &l.attrs {

@@ -325,6 +325,7 @@ mod tests {
             created_nanos: 0,
             writable: true,
             incomplete: false,
+            remote: false,
             name: format!("l{id}"),
         }))
         .unwrap();

@@ -284,6 +284,7 @@ impl Store {
             created_nanos: nanos,
             writable: true,
             incomplete,
+            remote: false,
             name: layer_name.to_string(),
         };
         let inner = &mut *g;

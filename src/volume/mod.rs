@@ -11,6 +11,7 @@ pub mod invariants;
 pub mod io;
 pub mod journal;
 pub mod layers;
+pub mod migrate;
 pub mod store;
 
 pub use committer::Committer;

@@ -553,6 +553,13 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
 fn load(storage: &dyn Storage) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
     if sbs.is_empty() {
+        // Refused by name, with the way across (FORMAT.md §11), rather than as damage.
+        if let Some((old, _)) = meta::read_superblocks_any(storage)?.first() {
+            return Err(Error::Conflict(format!(
+                "format version {old}, made by an older thinlayer (this one reads {}): convert it with `thinlayer migrate POOL` (rewrites the two superblocks; layers and data stay)",
+                crate::format::superblock::VERSION
+            )));
+        }
         let why: Vec<String> = bad.iter().map(|(_, e)| e.to_string()).collect();
         return Err(Error::Corrupt(format!(
             "not a usable thinlayer pool: {}",
@@ -619,7 +626,7 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
     )))
 }
 
-fn load_generation(
+pub(super) fn load_generation(
     storage: &dyn Storage,
     sb: &crate::format::superblock::Superblock,
 ) -> Result<Inner> {
