@@ -372,6 +372,58 @@ impl Inner {
         Ok(())
     }
 
+    /// Drop the blocks layer `id` holds in whole blocks of `offset..offset + len` that read
+    /// exactly as its parent's chain does there, so they read through to the parent again and
+    /// cost nothing; the number dropped. Checksums are compared first (from the maps), bytes
+    /// only where they match. A filesystem rewrites blocks it did not change (a mount's
+    /// superblock fields set back, a journal superblock rewound by the snapshotter), and a
+    /// sealed layer should hold only what differs.
+    pub(crate) fn drop_unchanged(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let l = self.check_range(id, offset, len, true)?;
+        let Some(parent) = l.parent else {
+            // Without a parent a block equals what is below only if it reads zeros, and
+            // zero blocks are never stored as data (`put_blocks`).
+            return Ok(0);
+        };
+        let bs = self.block_size as u64;
+        let (vb0, vb1) = (offset.div_ceil(bs), (offset + len) / bs);
+        if vb1 <= vb0 {
+            return Ok(0);
+        }
+        let own = l.map.range(vb0, vb1);
+        let mut same = Vec::new();
+        let (mut mine, mut theirs) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+        for (vb, m) in own {
+            if self.first_gap(parent, vb.0, 1).is_some() {
+                // A remote parent has not fetched it: not known to be equal, so kept.
+                continue;
+            }
+            let below = self.catalog.resolver(parent).block(vb);
+            let equal = match (m, below) {
+                (Mapping::Zero, Resolved::Zero | Resolved::Hole) => true,
+                (Mapping::Data { crc, .. }, Resolved::Data { crc: c, .. }) if crc == c => {
+                    self.read_blocks(storage, id, vb.0, &mut mine)?;
+                    self.read_blocks(storage, parent, vb.0, &mut theirs)?;
+                    mine == theirs
+                }
+                _ => false,
+            };
+            if equal {
+                same.push(vb);
+            }
+        }
+        for &vb in &same {
+            self.set_mapping(id, vb, None)?;
+        }
+        Ok(same.len() as u64)
+    }
+
     /// Describe a byte range of the chain as extents, from the maps alone.
     pub(crate) fn extents(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(id, offset, len, false)?;
@@ -450,7 +502,76 @@ impl Store {
         Ok(())
     }
 
+    /// Drop what layer `id` holds in `offset..offset + len` that equals its parent's
+    /// (`Inner::drop_unchanged`); the number of blocks dropped.
+    pub fn drop_unchanged(&self, id: LayerId, offset: u64, len: u64) -> Result<u64> {
+        self.write()?
+            .drop_unchanged(&*self.storage, id, offset, len)
+    }
+
     pub fn extents_layer(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.read().extents(id, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pool::MemStorage;
+    use crate::volume::{CreateOptions, Store};
+    use std::sync::Arc;
+
+    #[test]
+    fn drop_unchanged_keeps_only_the_blocks_that_differ_from_the_parent() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let bs = s.block_size() as usize;
+        let base = s.create_layer("base", None, Some(1 << 20)).unwrap();
+        for (i, b) in [1u8, 2, 3].iter().enumerate() {
+            s.write_layer(base.id, (i * bs) as u64, &vec![*b; bs])
+                .unwrap();
+        }
+        s.commit_layer("base").unwrap();
+        let c = s.create_layer("c", Some("base"), None).unwrap();
+        // Block 0 rewritten as it was, block 1 changed, block 2 zeroed (a whiteout over the
+        // parent's data), block 4 explicitly zero over the parent's hole, block 5 new data.
+        s.write_layer(c.id, 0, &vec![1; bs]).unwrap();
+        s.write_layer(c.id, bs as u64, &vec![9; bs]).unwrap();
+        s.zero_layer(c.id, 2 * bs as u64, bs as u64, true).unwrap();
+        s.zero_layer(c.id, 4 * bs as u64, bs as u64, false).unwrap();
+        s.write_layer(c.id, 5 * bs as u64, &vec![5; bs]).unwrap();
+        let read = |s: &Store| {
+            let mut all = vec![0u8; 6 * bs];
+            s.read_layer(c.id, 0, &mut all).unwrap();
+            all
+        };
+        let before = read(&s);
+        // Only whole blocks inside the range are looked at: nothing before block 0's end.
+        assert_eq!(s.drop_unchanged(c.id, 1, bs as u64).unwrap(), 0);
+        assert_eq!(s.drop_unchanged(c.id, 0, 1 << 20).unwrap(), 2);
+        assert_eq!(read(&s), before);
+        let own: Vec<u64> = s
+            .read()
+            .catalog
+            .get(c.id)
+            .unwrap()
+            .map
+            .iter()
+            .map(|(vb, _)| vb.0)
+            .collect();
+        assert_eq!(
+            own,
+            [1, 2, 5],
+            "the changed block, the whiteout and the new block"
+        );
+        assert_eq!(s.drop_unchanged(c.id, 0, 1 << 20).unwrap(), 0);
+        // A committed layer does not change.
+        let e = s.drop_unchanged(base.id, 0, 1 << 20).unwrap_err();
+        assert!(matches!(e, crate::error::Error::ReadOnly(_)), "{e}");
+        s.flush().unwrap();
+        s.verify_consistency().unwrap();
+        drop(s);
+        let s = Store::open_in(mem, false).unwrap();
+        assert_eq!(read(&s), before);
+        assert_eq!(s.layer("c").unwrap().size, 2 * bs as u64);
     }
 }

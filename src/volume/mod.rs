@@ -3,6 +3,7 @@ pub mod committer;
 pub mod device;
 pub mod diff;
 pub mod exports;
+pub mod fill;
 pub mod gate;
 pub mod handle;
 pub mod importing;
