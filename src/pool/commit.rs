@@ -117,6 +117,14 @@ impl Pool {
     /// transaction: `pending` is cleared and its blocks stop being fresh, so writes that come
     /// while the commit is made durable go to new blocks and never change what it names.
     ///
+    /// `announce` hears where the commit will sit (`Commit::position`) before its first page is
+    /// written, so the crash journal can say so first (DESIGN §10.1): a log commit's pages are
+    /// part of the pool the moment they are in the file (the next open reads the log forward,
+    /// §5.5), with or without the syncs of steps 2-4, so a server killed right after writing
+    /// them must already have told the journal that this transaction is committed there. It
+    /// is called again if a checkpoint finds no room and the commit goes to the log instead;
+    /// a failure after it leaves no commit at that position, which a replay reads as such.
+    ///
     /// `None`: nothing to commit. A full pool fails with `NoSpace` and keeps the transaction
     /// open (nothing was written). Any other failure poisons the pool.
     pub fn stage(
@@ -124,6 +132,7 @@ impl Pool {
         storage: &dyn Storage,
         pending: &mut RecordWriter,
         checkpoint: impl FnOnce(&mut RecordWriter),
+        mut announce: impl FnMut((u64, u64)),
     ) -> Result<Option<Commit>> {
         self.usable()?;
         if pending.is_empty() {
@@ -135,20 +144,36 @@ impl Pool {
                 .checkpoint_min_log_pages
                 .max(self.meta.checkpoint_pages());
         let mut staged = Ok(None);
+        let mut announced = None;
+        let mut tell = |at| {
+            announced = Some(at);
+            announce(at)
+        };
         if want_checkpoint {
             let mut w = RecordWriter::new();
             checkpoint(&mut w);
-            staged = self.meta.stage_checkpoint(storage, &mut self.alloc, &w.buf);
+            staged = self
+                .meta
+                .stage_checkpoint(storage, &mut self.alloc, &w.buf, &mut tell);
         }
         // Without room for a whole checkpoint, appending to the log still works.
         if matches!(staged, Ok(None)) {
             let superblock = pending.buf.len() > ONE_SYNC_MAX_RECORD_BYTES;
-            staged = self
-                .meta
-                .stage_log(storage, &mut self.alloc, &pending.buf, superblock);
+            staged = self.meta.stage_log(
+                storage,
+                &mut self.alloc,
+                &pending.buf,
+                superblock,
+                &mut tell,
+            );
         }
         match staged {
             Ok(Some(staged)) => {
+                debug_assert_eq!(
+                    announced,
+                    Some((staged.sb.log.id, staged.sb.log_commit)),
+                    "the position announced before the pages is where they went"
+                );
                 pending.clear();
                 let sealed = self.alloc.seal();
                 Ok(Some(Commit { staged, sealed }))

@@ -412,13 +412,15 @@ impl MetaStreams {
     /// pages are found by reading the log forward. Nothing durable changes: the pages lie past
     /// the committed end of the log, and the page they start on was cleared or is unreadable
     /// as this commit's (a lower number). `None`: no room for the pages. On error or `None`
-    /// the blocks taken for pages are given back.
+    /// the blocks taken for pages are given back. `announce` hears the commit's position
+    /// (`Commit::position`) before the first page is written: see `Pool::stage`.
     pub fn stage_log(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         records: &[u8],
         superblock: bool,
+        announce: &mut dyn FnMut((u64, u64)),
     ) -> Result<Option<Staged>> {
         debug_assert!(!records.is_empty());
         let chunks: Vec<&[u8]> = records.chunks(PAYLOAD_MAX).collect();
@@ -442,6 +444,7 @@ impl MetaStreams {
                 }
             }
         }
+        announce((self.sb.log.id, self.next_commit));
         let mut buf = [0u8; PAGE_SIZE];
         let written = (|| {
             for (i, chunk) in chunks.iter().enumerate() {
@@ -485,11 +488,13 @@ impl MetaStreams {
 
     /// Step 1 of a checkpoint commit: write `checkpoint` into new blocks, with a new empty
     /// log after it, and return the superblock that will name them. `None`: no room.
+    /// `announce` as for `stage_log`.
     pub fn stage_checkpoint(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         checkpoint: &[u8],
+        announce: &mut dyn FnMut((u64, u64)),
     ) -> Result<Option<Staged>> {
         let ppb = self.pages_per_block;
         let chunks: Vec<&[u8]> = if checkpoint.is_empty() {
@@ -517,6 +522,7 @@ impl MetaStreams {
             .take(chunks.len())
             .collect();
         let id = self.sb.generation + 1;
+        announce((id, self.next_commit));
         let written = (|| {
             // Contiguous pages go out in one write.
             let mut run: Vec<u8> = Vec::new();

@@ -384,6 +384,14 @@ impl Inner {
                         MapTarget::Unmapped => None,
                         MapTarget::Zero => Some(Mapping::Zero),
                         MapTarget::Data { pblock, crc } => {
+                            let to = Mapping::Data { pblock, crc };
+                            if catalog.get(layer).and_then(|l| l.map.get(e.vblock)) == Some(to) {
+                                // Already there, block and crc: applying it changes nothing,
+                                // so it cannot map a block twice. A journal written before
+                                // the Staged entry came ahead of the pages (issue 17) can
+                                // hold a commit the pool has as unstaged (DESIGN §10.1).
+                                continue;
+                            }
                             if !alloc.claim_fresh(pblock) {
                                 return Err(Error::Corrupt(format!(
                                     "the crash journal maps {pblock} of layer {layer}, block {}, but the pool uses it already",
@@ -594,6 +602,149 @@ mod tests {
         assert_eq!((r.blocks, r.torn), (1, 1));
         assert_eq!(read(&n, a, 0), torn);
         n.verify_consistency().unwrap();
+    }
+
+    /// Storage that, once given the journal, takes a picture of the pool file and of the
+    /// journal right after the next write: a server killed at that moment.
+    struct KillAfterWrite {
+        mem: Arc<MemStorage>,
+        journal: std::sync::Mutex<Option<OwnedFd>>,
+        picture: std::sync::Mutex<Option<(Vec<u8>, Journal)>>,
+    }
+
+    impl KillAfterWrite {
+        fn new(mem: Arc<MemStorage>) -> Arc<KillAfterWrite> {
+            Arc::new(KillAfterWrite {
+                mem,
+                journal: Default::default(),
+                picture: Default::default(),
+            })
+        }
+    }
+
+    /// A copy of a journal as it stands (what the keeper would hand to the next server).
+    fn copy(fd: OwnedFd) -> Journal {
+        let from = Journal::adopt(fd).unwrap();
+        let mut to = Journal::create().unwrap();
+        to.bytes_mut(0, fmt::HEADER_LEN)
+            .copy_from_slice(from.bytes(0, fmt::HEADER_LEN));
+        let start = Journal::region_start(from.region);
+        to.bytes_mut(start, from.at)
+            .copy_from_slice(from.bytes(start, from.at));
+        to.resync();
+        to
+    }
+
+    impl Storage for KillAfterWrite {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+            self.mem.write_at(data, offset)?;
+            if let Some(fd) = self.journal.lock().unwrap().take() {
+                *self.picture.lock().unwrap() = Some((self.mem.snapshot(), copy(fd)));
+            }
+            Ok(())
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.mem.sync()
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.mem.punch_hole(offset, len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.mem.len()
+        }
+        fn allocated(&self) -> std::io::Result<u64> {
+            self.mem.allocated()
+        }
+    }
+
+    /// Issue 17: a kill right after a commit wrote its log page, before any sync. The page is
+    /// in the pool file (the next open reads the log forward, §5.5), so the pool has the
+    /// commit; the journal must say so already. It used to learn it only after the pages
+    /// were written, so it held the transaction as open, and every later server refused to
+    /// open ("the crash journal maps pool block N ... but the pool uses it already"): the
+    /// keeper's restarts failed in a loop.
+    #[test]
+    fn a_kill_right_after_a_commits_pages_does_not_replay_it() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let a = s.create_layer("a", None, Some(1 << 20)).unwrap().id;
+        s.flush().unwrap();
+        drop(s);
+        let kill = KillAfterWrite::new(mem);
+        let (s, _) =
+            Store::open_in_with(kill.clone(), true, Some(Journal::create().unwrap())).unwrap();
+        s.write_layer(a, 0, &[1; 4096]).unwrap();
+        s.flush().unwrap();
+        s.write_layer(a, 8192, &[2; 4096]).unwrap();
+        // The flush's first write is its commit's only log page.
+        *kill.journal.lock().unwrap() = s.journal_fd();
+        s.flush().unwrap();
+        let (image, j) = kill.picture.lock().unwrap().take().unwrap();
+        let without = Store::open_in(Arc::new(MemStorage::from_bytes(image.clone())), false);
+        assert_eq!(
+            read(&without.unwrap(), a, 8192),
+            vec![2; 4096],
+            "the pool file alone has the commit: the kill came after its page"
+        );
+        let t = j.read();
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert!(
+            t[0].staged.is_some(),
+            "the journal holds the committed transaction as open: {t:?}"
+        );
+        let (n, r) =
+            Store::open_in_with(Arc::new(MemStorage::from_bytes(image)), true, Some(j)).unwrap();
+        assert_eq!(r.transactions, 0);
+        n.verify_consistency().unwrap();
+        assert_eq!(read(&n, a, 0), vec![1; 4096]);
+        assert_eq!(read(&n, a, 8192), vec![2; 4096]);
+        drop(s);
+    }
+
+    /// What the killed server of issue 17 left (one transaction, no Staged entry, one map
+    /// entry the pool has committed identically) opens: an entry
+    /// the pool already holds block for block and crc for crc is a no-op, not a conflict. A
+    /// block the pool uses for something else is still refused.
+    #[test]
+    fn a_map_entry_the_pool_already_holds_replays_as_a_no_op() {
+        let (mem, s, a) = journaled();
+        s.write_layer(a, 8192, &[2; 4096]).unwrap();
+        let records = s.read().pending.buf.clone();
+        s.flush().unwrap();
+        let Some(Mapping::Data { pblock, .. }) =
+            s.read().catalog.get(a).unwrap().map.get(VBlock(2))
+        else {
+            panic!("block 2 is mapped");
+        };
+        drop(s);
+        let old = || {
+            let mut j = Journal::create().unwrap();
+            j.records(7, &records);
+            j
+        };
+        let image = || Arc::new(MemStorage::from_bytes(mem.snapshot()));
+        let (n, r) = Store::open_in_with(image(), true, Some(old())).unwrap();
+        assert_eq!((r.transactions, r.blocks, r.torn), (1, 0, 0));
+        n.verify_consistency().unwrap();
+        assert_eq!(read(&n, a, 8192), vec![2; 4096]);
+        assert!(!n.has_pending(), "nothing changed");
+        drop(n);
+        // The same block for another vblock (or with another crc) is a conflict.
+        let mut w = crate::format::record::RecordWriter::new();
+        w.map(
+            a,
+            crate::format::record::MapEntry {
+                vblock: VBlock(3),
+                target: MapTarget::Data { pblock, crc: 1 },
+            },
+        );
+        let mut j = Journal::create().unwrap();
+        j.records(7, &w.buf);
+        let e = Store::open_in_with(image(), true, Some(j)).err().unwrap();
+        assert!(e.to_string().contains("uses it already"), "{e}");
     }
 
     #[test]

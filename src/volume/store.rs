@@ -694,15 +694,29 @@ impl Inner {
     /// Commit steps 1 and 1a (see `Pool::stage`): the store says what — its open transaction,
     /// and how to encode the catalogue if a checkpoint is due.
     pub(crate) fn stage(&mut self, storage: &dyn Storage) -> Result<Option<crate::pool::Commit>> {
-        let catalog = &self.catalog;
-        let c = self
-            .pool
-            .stage(storage, &mut self.pending, |w| catalog.encode_checkpoint(w))?;
-        if let (Some(c), Some(j)) = (&c, &mut self.journal) {
-            // The journal keeps the sealed transaction's records until its commit is durable,
-            // and says where it went: a server replaying them skips it if the pool has it.
-            let (log_id, commit) = c.position();
-            j.journal.staged(j.txn, log_id, commit);
+        let Inner {
+            catalog,
+            pool,
+            pending,
+            journal,
+            ..
+        } = self;
+        // The journal keeps the sealed transaction's records until its commit is durable, and
+        // says where it went: a server replaying them skips it if the pool has it. It must say
+        // so before the commit's pages are written, not after: they are in the pool from then
+        // on (a log commit is found by reading forward, §5.5), and a kill in between used to
+        // leave a journal that replayed a transaction the pool already held (issue 17).
+        let c = pool.stage(
+            storage,
+            pending,
+            |w| catalog.encode_checkpoint(w),
+            |(log_id, commit)| {
+                if let Some(j) = journal.as_mut() {
+                    j.journal.staged(j.txn, log_id, commit);
+                }
+            },
+        )?;
+        if let (Some(_), Some(j)) = (&c, journal) {
             j.txn += 1;
             j.mirrored = 0;
         }
