@@ -12,10 +12,12 @@ pub mod io;
 pub mod journal;
 pub mod layers;
 pub mod migrate;
+pub mod remote;
 pub mod store;
 
 pub use committer::Committer;
 pub use device::{BlockDevice, ExportCatalog, ExportInfo, Extent, ExtentState};
 pub use handle::{StoreExports, Volume};
 pub use layers::{AttrChanges, LayerInfo, PoolUsage};
+pub use remote::RemoteSource;
 pub use store::{CreateOptions, Store};
