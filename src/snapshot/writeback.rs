@@ -54,6 +54,18 @@ fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
+/// One place where the filesystem on a loop device over `file` is mounted (in our mount
+/// namespace), if it is.
+pub fn mounted_at(file: &Path) -> Result<Option<PathBuf>> {
+    let devices = loop_devices_of(file);
+    if devices.is_empty() {
+        return Ok(None);
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+    Ok(mount_points(&info, &devices).into_iter().next())
+}
+
 /// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
 /// what was written to it has reached `file`. Nothing to do when none is.
 pub fn sync_filesystems_on(file: &Path) -> Result<()> {
