@@ -59,7 +59,7 @@ pub struct Args {
     keeper: bool,
     /// Switch every loop device set up over a live file (`mount -o loop`, losetup, containerd)
     /// to direct I/O at its first I/O, as `losetup --direct-io=on` would: it then keeps
-    /// several requests in flight instead of one (pgbench on a live file 1.7x, fio qd16 4 KiB
+    /// several requests in flight instead of one (pgbench on a live file 1.4-3.8x, fio qd16 4 KiB
     /// writes 4-7x; docs/BENCHMARKS.md). Off by default: with it, a restart or crash of this
     /// server can fail a write in flight with EIO in the container (a request the old
     /// process was reading when it died is ended by the kernel, not resent), where the

@@ -6,7 +6,7 @@
 //! --direct-io=on`) it submits several requests at once as asynchronous direct I/O. A live
 //! file is opened FOPEN_DIRECT_IO (no second cache under the filesystem's own), so the
 //! buffered mode buys nothing and costs the queue depth: fio's random 4 KiB writes at qd16
-//! went from 6-12k to 42-44k IOPS, pgbench 1.7x (docs/BENCHMARKS.md). `mount -o loop` and
+//! went from 6-12k to 42-44k IOPS, pgbench 1.4-3.8x (docs/BENCHMARKS.md). `mount -o loop` and
 //! containerd 1.6 set loop devices up buffered and have no option to ask otherwise, so with
 //! `serve --loop-direct-io` the server switches each loop device it finds over one of its
 //! files (`DirectIo`).
