@@ -384,6 +384,62 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.assert_clean();
 }
 
+/// A pool the previous binary made (format version 2, tests/fixtures/README.md) is refused by
+/// every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
+/// back byte for byte and `check --data` calls it clean.
+#[test]
+fn a_version_2_pool_is_refused_by_name_until_migrated() {
+    let p = Pool::new();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pool-v2.pool");
+    std::fs::copy(fixture, &p.path).unwrap();
+    let bytes = std::fs::read(&p.path).unwrap();
+    for slot in [0, 4096] {
+        assert_eq!(bytes[slot + 12..slot + 16], [2, 0, 0, 0], "slot at {slot}");
+    }
+    for args in [
+        &["ls"][..],
+        &["check"],
+        &["create", "x", "--parent", "base"],
+    ] {
+        let err = p.fails(args);
+        assert!(
+            err.contains("format version 2") && err.contains("thinlayer migrate"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = p.ok(&["migrate", p.path.to_str().unwrap()]);
+    assert!(out.contains("format version 2 -> 3"), "{out}");
+    let bytes = std::fs::read(&p.path).unwrap();
+    for slot in [0, 4096] {
+        assert_eq!(bytes[slot + 12..slot + 16], [3, 0, 0, 0], "slot at {slot}");
+    }
+    let names: Vec<String> = p
+        .layers()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["base", "work", "app"]);
+    // The images the fixture was imported from.
+    let base: Vec<u8> = (0..64u32)
+        .flat_map(|i| {
+            let b = if i % 3 == 0 { 0 } else { (i * 7 + 1) as u8 };
+            std::iter::repeat_n(b, 4096)
+        })
+        .collect();
+    let mut app = base.clone();
+    app[8192..12288].fill(0xab);
+    for (layer, want) in [("base", &base), ("work", &base), ("app", &app)] {
+        let out = p.file(layer);
+        p.ok(&["export", layer, out.to_str().unwrap()]);
+        assert!(std::fs::read(&out).unwrap() == *want, "{layer} differs");
+    }
+    p.assert_clean();
+    let out = p.ok(&["migrate"]);
+    assert!(out.contains("already format version 3"), "{out}");
+    p.ok(&["create", "x", "--parent", "app"]);
+    p.assert_clean();
+}
+
 #[test]
 fn help_teaches_the_commands() {
     let p = Pool::new();

@@ -15,7 +15,14 @@ use std::time::Duration;
 mod support;
 use support::{control_path, have, sh, tl, tl_output, wait_for, Server};
 
-const NS: &str = "testns";
+/// containerd's namespace for this run's containers: runc keeps its state under
+/// /run/containerd/runc/NAMESPACE/ID whichever containerd started it, so a constant name
+/// collides with a concurrent run of these tests and with what a killed run left
+/// ("container with given ID already exists"). One per test process.
+fn ns() -> &'static str {
+    static NS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NS.get_or_init(|| format!("testns-{}", std::process::id()))
+}
 /// Where the 1-byte write lands: the middle of the app image's 64 MiB file.
 const BIG: &str = "/app/big";
 const BIG_LEN: u64 = 64 << 20;
@@ -292,10 +299,10 @@ impl Thinlayer {
         false
     }
 
-    /// The snapshots thinlayer holds for containerd in namespace NS: kind by containerd's own
-    /// key (its first word), the `NS/N/` prefix of the key it gave the snapshotter taken off.
+    /// The snapshots thinlayer holds for containerd in this run's namespace (`ns`): kind by containerd's own
+    /// key (its first word), the `NAMESPACE/N/` prefix of the key it gave the snapshotter taken off.
     fn snapshots(&self) -> BTreeMap<String, String> {
-        let prefix = format!("{NS}/");
+        let prefix = format!("{}/", ns());
         self.layers()
             .into_values()
             .filter_map(|l| {
@@ -413,7 +420,7 @@ impl Containerd {
         Command::new("ctr")
             .arg("-a")
             .arg(&self.socket)
-            .args(["-n", NS])
+            .args(["-n", ns()])
             .args(args)
             .output()
             .unwrap()
@@ -454,7 +461,7 @@ impl Containerd {
         Command::new("ctr")
             .arg("-a")
             .arg(&self.socket)
-            .args(["-n", NS, "image", "pull", "--plain-http"])
+            .args(["-n", ns(), "image", "pull", "--plain-http"])
             .args(["--snapshotter", snapshotter, image])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -519,12 +526,21 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // Shims outlive containerd by design: stop each by the PID it recorded.
+        // Shims outlive containerd by design, and a container outlives a killed shim, its
+        // state kept by runc: each container of this containerd is deleted through runc (by
+        // its id, in this run's namespace: killed, its state removed), then each shim is
+        // stopped by the PID it recorded.
         let tasks = self
             .dir
             .join("state/io.containerd.runtime.v2.task")
-            .join(NS);
+            .join(ns());
+        let runc_root = format!("/run/containerd/runc/{}", ns());
         for task in fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            let _ = Command::new("runc")
+                .args(["--root", &runc_root, "delete", "--force"])
+                .arg(task.file_name())
+                .stderr(Stdio::null())
+                .status();
             if let Ok(pid) = fs::read_to_string(task.path().join("shim.pid")) {
                 if let Ok(pid) = pid.trim().parse::<i32>() {
                     // SAFETY: signalling a shim this test's containerd started, by its PID.
@@ -532,6 +548,8 @@ impl Drop for Containerd {
                 }
             }
         }
+        // Empty once every test of this run has deleted its containers.
+        let _ = fs::remove_dir(&runc_root);
         drop(self.daemon.take());
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         let ours = self.dir.display().to_string();
@@ -547,7 +565,7 @@ fn size_of(layers: &BTreeMap<String, Value>, name: &str) -> u64 {
     layers[name]["size"].as_u64().unwrap()
 }
 
-/// The layer whose containerd key is `NS/N/id` for container (or snapshot) `id`.
+/// The layer whose containerd key is `NAMESPACE/N/id` for container (or snapshot) `id`.
 fn layer_of<'a>(layers: &'a BTreeMap<String, Value>, id: &str) -> &'a Value {
     let suffix = format!("/{id}");
     let found: Vec<_> = layers
@@ -555,7 +573,7 @@ fn layer_of<'a>(layers: &'a BTreeMap<String, Value>, id: &str) -> &'a Value {
         .filter(|l| {
             l["attrs"]["containerd.key"]
                 .as_str()
-                .is_some_and(|k| k.starts_with(NS) && k.ends_with(&suffix))
+                .is_some_and(|k| k.starts_with(ns()) && k.ends_with(&suffix))
         })
         .collect();
     assert_eq!(found.len(), 1, "one layer for snapshot {id}: {found:?}");
@@ -611,7 +629,7 @@ fn containerd_pulls_and_runs_containers_on_thinlayer_snapshots() {
     );
     for n in &committed {
         assert!(
-            n.starts_with("testns/") && n.contains("/sha256:"),
+            n.starts_with(&format!("{}/", ns())) && n.contains("/sha256:"),
             "readable name {n:?}"
         );
     }
@@ -943,7 +961,7 @@ fn failures_leave_nothing_half_made_and_reach_ctr_as_clear_statuses() {
     assert!(!o.status.success());
     let e = stderr_of(&o);
     assert!(
-        e.contains("pool full") && e.contains("snapshot \"testns/"),
+        e.contains("pool full") && e.contains(&format!("snapshot \"{}/", ns())),
         "{e}"
     );
     assert!(tiny.layers().is_empty(), "{:?}", tiny.layers().keys());
@@ -1206,7 +1224,7 @@ fn through_events(event: Event) {
         .arg(&ctd.socket)
         .args([
             "-n",
-            NS,
+            ns(),
             "run",
             "--cgroup",
             "",

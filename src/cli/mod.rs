@@ -9,6 +9,7 @@ mod export;
 mod import;
 mod init;
 mod ls;
+mod migrate;
 mod progress;
 mod registry;
 mod remove;
@@ -68,6 +69,7 @@ enum Command {
     Import(import::Args),
     Export(export::Args),
     Check(check::Args),
+    Migrate(migrate::Args),
     Serve(serve::Args),
     Attach(attach::AttachArgs),
     Restart(restart::RestartArgs),
@@ -131,6 +133,7 @@ pub fn main() -> i32 {
         Command::Import(a) => import::run(&t, a).map(|_| 0),
         Command::Export(a) => export::run(&t, a).map(|_| 0),
         Command::Check(a) => check::run(&t, a),
+        Command::Migrate(a) => migrate::run(&t.pool, a).map(|_| 0),
         Command::Serve(a) => serve::run(&t, a).map(|_| 0),
         Command::Attach(a) => attach::run_attach(&t, a).map(|_| 0),
         Command::Restart(a) => restart::run_restart(&t, a).map(|_| 0),

@@ -46,7 +46,7 @@ layout! {
         DISK_SIZE: u64 = "disk_size",
         CREATED_SECS: u64 = "created_secs",
         CREATED_NANOS: u32 = "created_nanos",
-        WRITABLE: u8 = "writable",
+        MODE: u8 = "mode",
         NAME_LEN: u16 = "name_len",
     }
 }
@@ -138,6 +138,10 @@ pub struct LayerCreate {
     /// Writable and still being filled by an import: a crash leaves it half-made, so a
     /// writable open removes it. Committing the layer clears it.
     pub incomplete: bool,
+    /// Read-only, and its unmapped blocks that its registry blob lists are not local yet: they
+    /// are fetched, never read through to the parent (FORMAT.md §6.1, mode 3). Committing the
+    /// layer clears it.
+    pub remote: bool,
     pub name: String,
 }
 
@@ -169,6 +173,20 @@ pub enum Record {
         layer: LayerId,
         name: String,
     },
+}
+
+impl LayerCreate {
+    /// The record's `mode` byte (FORMAT.md §6.1): 0 committed, 1 writable, 2 importing,
+    /// 3 remote. The flags are exclusive that way; the debug asserts hold callers to it.
+    pub fn mode(&self) -> u8 {
+        debug_assert!(self.writable || !self.incomplete);
+        debug_assert!(!(self.remote && self.writable));
+        if self.remote {
+            3
+        } else {
+            self.writable as u8 + self.incomplete as u8
+        }
+    }
 }
 
 /// Appends records to a buffer. Consecutive map entries of one layer share one record.
@@ -217,8 +235,7 @@ impl RecordWriter {
         f::DISK_SIZE.put(b, c.disk_size);
         f::CREATED_SECS.put(b, c.created_secs);
         f::CREATED_NANOS.put(b, c.created_nanos);
-        debug_assert!(c.writable || !c.incomplete);
-        f::WRITABLE.put(b, c.writable as u8 + c.incomplete as u8);
+        f::MODE.put(b, c.mode());
         f::NAME_LEN.put(b, c.name.len() as u16);
         self.buf.extend_from_slice(c.name.as_bytes());
     }
@@ -359,7 +376,7 @@ impl<'a> RecordReader<'a> {
                 let id = f::ID.get(b);
                 let parent = f::PARENT.get(b);
                 let created_nanos = f::CREATED_NANOS.get(b);
-                let writable = f::WRITABLE.get(b);
+                let mode = f::MODE.get(b);
                 let name_len = f::NAME_LEN.get(b) as usize;
                 if name_len == 0 || name_len > MAX_NAME_LEN {
                     return Err(self.bad(start, format!("layer name length {name_len}")));
@@ -368,7 +385,7 @@ impl<'a> RecordReader<'a> {
                 let name = std::str::from_utf8(name)
                     .map_err(|_| self.bad(start, "layer name is not UTF-8"))?;
                 // Id 0 means "no parent"; u32::MAX leaves no id after it for the next layer.
-                if id == 0 || id == u32::MAX || writable > 2 || created_nanos >= 1_000_000_000 {
+                if id == 0 || id == u32::MAX || mode > 3 || created_nanos >= 1_000_000_000 {
                     return Err(self.bad(start, "impossible layer record"));
                 }
                 Record::LayerCreate(LayerCreate {
@@ -377,8 +394,9 @@ impl<'a> RecordReader<'a> {
                     disk_size: f::DISK_SIZE.get(b),
                     created_secs: f::CREATED_SECS.get(b),
                     created_nanos,
-                    writable: writable >= 1,
-                    incomplete: writable == 2,
+                    writable: mode == 1 || mode == 2,
+                    incomplete: mode == 2,
+                    remote: mode == 3,
                     name: name.to_string(),
                 })
             }
@@ -474,8 +492,26 @@ mod tests {
             created_nanos: 5,
             writable: true,
             incomplete: false,
+            remote: false,
             name: "acme/my-base-image:1.0".into(),
         }
+    }
+
+    #[test]
+    fn a_remote_layer_is_mode_3_and_mode_4_is_refused() {
+        let c = LayerCreate {
+            writable: false,
+            remote: true,
+            ..sample_create()
+        };
+        let mut w = RecordWriter::new();
+        w.layer_create(&c);
+        assert_eq!(layer_create::MODE.get(&w.buf), 3);
+        let rec = RecordReader::new(&w.buf, "log").next_record().unwrap();
+        assert_eq!(rec, Some(Record::LayerCreate(c)));
+        layer_create::MODE.put(&mut w.buf, 4);
+        let e = RecordReader::new(&w.buf, "log").next_record().unwrap_err();
+        assert!(e.to_string().contains("impossible layer record"), "{e}");
     }
 
     #[test]
@@ -560,6 +596,7 @@ mod tests {
             created_nanos: 0,
             writable: true,
             incomplete: false,
+            remote: false,
             name: "x".into(),
         });
         let e = RecordReader::new(&w.buf, "log").next_record().unwrap_err();
@@ -631,6 +668,7 @@ mod tests {
                 created_nanos: 999_999_999,
                 writable: false,
                 incomplete: false,
+                remote: false,
                 name: "\u{e9}".into(),
             },
         ];
@@ -728,7 +766,7 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             0u32..1_000_000_000,
-            0u8..3,
+            0u8..4,
             "[a-z0-9/:.\\-]{1,255}",
         )
             .prop_map(
@@ -739,8 +777,9 @@ mod tests {
                         disk_size,
                         created_secs,
                         created_nanos,
-                        writable: mode >= 1,
+                        writable: mode == 1 || mode == 2,
                         incomplete: mode == 2,
+                        remote: mode == 3,
                         name,
                     })
                 },

@@ -94,6 +94,18 @@ fn superblock_fields_are_the_spec_table() {
 }
 
 #[test]
+fn the_spec_names_the_current_version() {
+    let rows = table(&spec(), "## 3. Superblock", 0);
+    let version = rows.iter().find(|c| c[2] == "version").unwrap();
+    let want = format!("Format version, {}.", superblock::VERSION);
+    assert!(version[3].starts_with(&want), "{:?}", version[3]);
+    let versions = table(&spec(), "## 11. ", 0);
+    let last = versions.last().unwrap();
+    assert_eq!(last[0], superblock::VERSION.to_string());
+    assert_eq!(last[2], "Current.");
+}
+
+#[test]
 fn page_header_fields_are_the_spec_table() {
     use page::header;
     check_structure("## 4. Metadata page", 0, header::ROWS, header::LEN);

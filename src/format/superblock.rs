@@ -7,9 +7,13 @@ use super::field::layout;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"THINLAYR";
-/// 2: log pages carry their commit's number and an end-of-commit flag, and the log runs past
-/// what the superblock names (one-sync commits). Version 1 pools are refused by name.
-pub const VERSION: u32 = 2;
+/// 3: a layer record's mode may be 3, remote (FORMAT.md §6.1). 2: log pages carry their
+/// commit's number and an end-of-commit flag, and the log runs past what the superblock names
+/// (one-sync commits). Version 1 pools are refused by name; versions from `MIGRATES_FROM` up
+/// are refused by name too and converted by `thinlayer migrate` (FORMAT.md §11).
+pub const VERSION: u32 = 3;
+/// The oldest version `thinlayer migrate` converts to `VERSION`.
+pub const MIGRATES_FROM: u32 = 2;
 
 layout! {
     /// The superblock's fields, in the order and with the names of docs/FORMAT.md §3.
@@ -71,9 +75,14 @@ pub struct Superblock {
 
 impl Superblock {
     pub fn encode(&self) -> [u8; ENCODED_LEN] {
+        self.encode_as(VERSION)
+    }
+
+    /// The slot as `version` wrote it (same fields): for tests that make an older pool.
+    pub fn encode_as(&self, version: u32) -> [u8; ENCODED_LEN] {
         let mut b = [0u8; ENCODED_LEN];
         f::MAGIC.put(&mut b, *MAGIC);
-        f::VERSION.put(&mut b, VERSION);
+        f::VERSION.put(&mut b, version);
         f::GENERATION.put(&mut b, self.generation);
         f::BLOCK_SIZE.put(&mut b, self.block_size);
         // FLAGS and RESERVED stay zero.
@@ -93,8 +102,21 @@ impl Superblock {
         b
     }
 
-    /// Decode and verify one slot. `slot` only names the slot in errors.
+    /// Decode and verify one slot of the current version; older ones are refused by name.
+    /// `slot` only names the slot in errors.
     pub fn decode(b: &[u8], slot: usize) -> Result<Superblock> {
+        let (version, sb) = Self::decode_any(b, slot)?;
+        if version != VERSION {
+            return Err(Error::Corrupt(format!(
+                "superblock slot {slot}: format version {version}, made by an older thinlayer: convert the pool with `thinlayer migrate POOL`"
+            )));
+        }
+        Ok(sb)
+    }
+
+    /// Decode and verify one slot of any version `thinlayer migrate` converts (from
+    /// `MIGRATES_FROM` to `VERSION`; their superblocks have the same fields), with its version.
+    pub fn decode_any(b: &[u8], slot: usize) -> Result<(u32, Superblock)> {
         let bad = |what: &str| Error::Corrupt(format!("superblock slot {slot}: {what}"));
         if b.len() < ENCODED_LEN {
             return Err(bad("truncated"));
@@ -115,8 +137,10 @@ impl Superblock {
                 "format version 1, made by an older thinlayer (before one-sync commits): export its layers with that version and import them here",
             ));
         }
-        if version != VERSION {
-            return Err(bad(&format!("unsupported format version {version}")));
+        if !(MIGRATES_FROM..=VERSION).contains(&version) {
+            return Err(bad(&format!(
+                "unsupported format version {version} (this thinlayer reads {VERSION})"
+            )));
         }
         let sb = Superblock {
             generation: f::GENERATION.get(b),
@@ -147,7 +171,7 @@ impl Superblock {
         if sb.checkpoint.pages > 0 && sb.checkpoint.head < first_page {
             return Err(bad("checkpoint pointer inside the superblock area"));
         }
-        Ok(sb)
+        Ok((version, sb))
     }
 }
 
@@ -197,14 +221,14 @@ mod tests {
     }
 
     /// The bytes this superblock encoded to before the field table existed (captured from the
-    /// encoder with literal offsets), with version 2's `log.commit` in what was reserved: the
-    /// table must not move a byte.
+    /// encoder with literal offsets), with version 2's `log.commit` in what was reserved and
+    /// version 3's number: the table must not move a byte.
     #[test]
     fn encodes_to_the_golden_bytes() {
         // Rows: crc magic version, generation block_size flags, max_blocks, checkpoint, log,
         // log_next pool_id created_secs, reserved.
         let golden = crate::format::unhex(concat!(
-            "00000000 5448494e4c415952 02000000 ",
+            "00000000 5448494e4c415952 03000000 ",
             "2a00000000000000 00000100 00000000 ",
             "e803000000000000 ",
             "0300000000000000 0900000000000000 2800000000000000 ",
@@ -229,7 +253,7 @@ mod tests {
             log_commit: 0,
         };
         let golden = crate::format::unhex(concat!(
-            "00000000 5448494e4c415952 02000000 ",
+            "00000000 5448494e4c415952 03000000 ",
             "feffffffffffffff 00100000 00000000 ",
             "0000000000000000 ",
             "0000000000000000 0000000000000000 0000000000000000 ",
@@ -248,6 +272,21 @@ mod tests {
             e.contains("format version 1, made by an older thinlayer"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_older_version_is_refused_by_name_and_read_for_migrate() {
+        let sb = sample();
+        let v2 = sb.encode_as(2);
+        let e = Superblock::decode(&v2, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("format version 2") && e.contains("thinlayer migrate"),
+            "{e}"
+        );
+        assert_eq!(Superblock::decode_any(&v2, 0).unwrap(), (2, sb.clone()));
+        // A newer version than ours is not something migrate can read.
+        let e = Superblock::decode_any(&sb.encode_as(VERSION + 1), 0).unwrap_err();
+        assert!(e.to_string().contains("unsupported format version"), "{e}");
     }
 
     proptest::proptest! {

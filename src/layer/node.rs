@@ -14,6 +14,9 @@ pub struct Layer {
     pub writable: bool,
     /// Being filled by an import (see `LayerCreate::incomplete`).
     pub incomplete: bool,
+    /// Fetched from a registry on demand (see `LayerCreate::remote`): an unmapped block its
+    /// blob lists is not local yet, and must not read through to the parent.
+    pub remote: bool,
     pub map: BlockMap,
     /// What frontends keep about the layer (FORMAT.md §6.5): keys with a prefix per owner.
     pub attrs: BTreeMap<String, String>,

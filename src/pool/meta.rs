@@ -55,18 +55,35 @@ pub type BadSlot = (usize, Error);
 pub fn read_superblocks(storage: &dyn Storage) -> Result<(Vec<Superblock>, Vec<BadSlot>)> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
-    for (slot, &off) in SUPERBLOCK_OFFSETS.iter().enumerate() {
-        let mut b = [0u8; PAGE_SIZE];
-        storage
-            .read_at(&mut b, off)
-            .map_err(io_err("reading superblock"))?;
-        match Superblock::decode(&b, slot) {
+    for (slot, b) in read_slots(storage)?.iter().enumerate() {
+        match Superblock::decode(b, slot) {
             Ok(sb) => good.push(sb),
             Err(e) => bad.push((slot, e)),
         }
     }
     good.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
     Ok((good, bad))
+}
+
+/// The valid slots of every version `thinlayer migrate` converts, newest first, with their
+/// versions (FORMAT.md §11).
+pub fn read_superblocks_any(storage: &dyn Storage) -> Result<Vec<(u32, Superblock)>> {
+    let slots = read_slots(storage)?;
+    let mut good: Vec<(u32, Superblock)> = (0..slots.len())
+        .filter_map(|slot| Superblock::decode_any(&slots[slot], slot).ok())
+        .collect();
+    good.sort_by_key(|(_, sb)| std::cmp::Reverse(sb.generation));
+    Ok(good)
+}
+
+fn read_slots(storage: &dyn Storage) -> Result<[[u8; PAGE_SIZE]; 2]> {
+    let mut slots = [[0u8; PAGE_SIZE]; 2];
+    for (b, &off) in slots.iter_mut().zip(SUPERBLOCK_OFFSETS.iter()) {
+        storage
+            .read_at(b, off)
+            .map_err(io_err("reading superblock"))?;
+    }
+    Ok(slots)
 }
 
 /// Read and verify one stream; returns its bytes, its blocks, and the last page's `next`.

@@ -97,6 +97,24 @@ pub fn journal_is_empty(jsb: &[u8]) -> bool {
         && be32(jsb, 28) == 0
 }
 
+/// Whether the clean journal superblock `mine` may be set back to `theirs` (its parent's):
+/// both empty, and they differ only in where the next mount continues — the next sequence
+/// number (`s_sequence`, at 0x18), the log's head (`s_head`, at 0x58, recorded at a clean
+/// unmount since Linux 6.3) — and in the block's checksum (`s_checksum`, at 0xFC). Anything
+/// else (an error recorded in `s_errno`, features, users) keeps the block.
+pub fn rewinds_to(mine: &[u8], theirs: &[u8]) -> bool {
+    const MAY_DIFFER: [(usize, usize); 3] = [(0x18, 0x1C), (0x58, 0x5C), (0xFC, 0x100)];
+    mine.len() == theirs.len()
+        && mine.len() >= 1024
+        && journal_is_empty(mine)
+        && journal_is_empty(theirs)
+        && mine
+            .iter()
+            .zip(theirs)
+            .enumerate()
+            .all(|(i, (a, b))| a == b || MAY_DIFFER.iter().any(|&(s, e)| (s..e).contains(&i)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +164,20 @@ mod tests {
         busy[28..32].copy_from_slice(&1u32.to_be_bytes());
         assert!(!journal_is_empty(&busy));
         assert!(!journal_is_empty(&[0u8; 4096]));
+        // Set back to its parent's only across what a clean mount and unmount change.
+        let mut later = jsb.to_vec();
+        later[0x18..0x1C].copy_from_slice(&77u32.to_be_bytes());
+        later[0x58..0x5C].copy_from_slice(&300u32.to_be_bytes());
+        later[0xFC] ^= 0xFF;
+        assert!(rewinds_to(&later, jsb));
+        let mut errored = later.clone();
+        errored[0x20] = 1; // s_errno
+        assert!(!rewinds_to(&errored, jsb));
+        assert!(
+            !rewinds_to(&busy, jsb),
+            "a journal to replay is never set back"
+        );
+        assert!(!rewinds_to(&later[..512], &jsb[..512]));
         // No journal: nothing found.
         let mut plain = sb.to_vec();
         plain[0x5C] &= !0x4;

@@ -8,6 +8,7 @@
 
 mod api;
 mod base;
+mod dead_log;
 mod ext4;
 mod files;
 mod grpc;

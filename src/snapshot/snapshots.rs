@@ -12,6 +12,7 @@
 use super::api::Mount;
 use super::api::{Info, Kind};
 use super::base::{self, Bases};
+use super::dead_log;
 use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
 use super::status::{Failure, Result};
@@ -19,7 +20,7 @@ use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::live::LivePool;
 use crate::volume::exports::{Holder, LiveExports};
-use crate::volume::{BlockDevice, ExtentState, LayerInfo, Store};
+use crate::volume::{BlockDevice, LayerInfo, Store};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -248,7 +249,7 @@ impl Snapshots {
                 Error::Corrupt(message)
             }));
         }
-        self.trim_dead_journal(&l).map_err(store_err(key))?;
+        self.shed_unchanged(&l).map_err(store_err(key))?;
         let now = time_value(SystemTime::now());
         let labels = labels_value(&labels);
         let attrs = [
@@ -266,19 +267,21 @@ impl Snapshots {
             .map_err(store_err(key))
     }
 
-    /// Trim the log of the unmounted ext4's journal in layer `l` before it is sealed (see
-    /// `trim_dead_log`). Nothing to do without a recorded journal (a base made before it was
-    /// recorded) or with a journal size changed.
-    fn trim_dead_journal(&self, l: &LayerInfo) -> crate::Result<()> {
-        let Some(j) = self.journal_of(l) else {
-            return Ok(());
-        };
-        // The live pool's rule for commit, checked before the trim changes the layer: no
-        // writable holder (an NBD client) may have it.
+    /// Before layer `l` is sealed, drop what it holds that nothing needs: the dead journal of
+    /// its unmounted ext4 (`dead_log`; nothing to do without a recorded journal, a base made
+    /// before it was recorded, or with a journal size changed), then every block that reads
+    /// as its parent's does (a block the filesystem wrote back unchanged, the journal's
+    /// superblock set back).
+    fn shed_unchanged(&self, l: &LayerInfo) -> crate::Result<()> {
+        // The live pool's rule for commit, checked before the layer changes: no writable
+        // holder (an NBD client) may have it.
         let why = " (writes must not change a layer while it becomes read-only)";
         self.exports.refuse_if_attached(&l.name, l.id, true, why)?;
-        let v = crate::volume::Volume::open(&self.store, &l.name)?;
-        trim_dead_log(&v, j)
+        if let Some(j) = self.journal_of(l) {
+            dead_log::shed(&self.store, l, j)?;
+        }
+        self.store.drop_unchanged(l.id, 0, l.disk_size)?;
+        Ok(())
     }
 
     /// The journal of the ext4 in layer `l`, if its base recorded one that fits the layer.
@@ -385,10 +388,11 @@ impl Snapshots {
                             .iter()
                             .all(|a| a.holder == Holder::File)
                     };
+                    // Through the store: nothing is mounted and opens of the file wait.
                     self.files
-                        .while_unmounted(&l.name, &mut |dev| {
+                        .while_unmounted(&l.name, &mut |_unmounted| {
                             if only_the_file() {
-                                trim_dead_log(dev, j)?;
+                                dead_log::shed(&self.store, &l, j)?;
                             }
                             Ok(())
                         })
@@ -398,34 +402,6 @@ impl Snapshots {
         }
         Ok(self.find(key)?.size)
     }
-}
-
-/// Trim the log of an unmounted ext4's journal on `dev` when the journal is empty (the
-/// filesystem was unmounted cleanly): every transaction of the mount went through those blocks
-/// and none is needed any more (jbd2 replays only from `s_start`, and reads nothing of the log
-/// of an empty journal at the next mount), so the layer keeps only the journal's superblock of
-/// it. A journal with something to replay is left whole; a log that holds nothing is not
-/// touched (a trim would add whiteouts over the parent's holes for nothing).
-fn trim_dead_log(dev: &dyn BlockDevice, j: super::ext4::Journal) -> crate::Result<()> {
-    let mut jsb = vec![0u8; j.block as usize];
-    dev.read_at(j.offset, &mut jsb)?;
-    if !super::ext4::journal_is_empty(&jsb) {
-        return Ok(());
-    }
-    // Whole blocks of the layer only: with 1 KiB filesystem blocks the journal's superblock
-    // shares its block with the log's start, and a partial trim would copy it into the layer.
-    let (offset, len) = j.log();
-    let b = u64::from(dev.block_size());
-    let (start, end) = (offset.next_multiple_of(b), (offset + len) / b * b);
-    if end <= start
-        || dev
-            .extents(start, end - start)?
-            .iter()
-            .all(|e| e.state != ExtentState::Data)
-    {
-        return Ok(());
-    }
-    dev.trim(start, end - start)
 }
 
 #[cfg(test)]

@@ -134,13 +134,18 @@ pub fn record(store: &Store, name: &str) -> Result<(ContentIds, SendStats)> {
 }
 
 /// `layers` with every read-only layer's IDs filled in (for `ls` and `history`): those the
-/// catalogue lacks are computed, and kept when the pool is writable.
+/// catalogue lacks are computed, and kept when the pool is writable. Those of a layer over a
+/// remote layer not all fetched yet cannot be (`Conflict`): they stay missing until it is.
 pub fn fill(store: &Store, mut layers: Vec<LayerInfo>) -> Result<Vec<LayerInfo>> {
     for l in layers.iter_mut() {
         if l.writable || l.importing || ContentIds::of(l).is_some() {
             continue;
         }
-        for (k, v) in ids(store, &l.name)?.attrs() {
+        let ids = match ids(store, &l.name) {
+            Err(e) if e.kind() == crate::error::Kind::Conflict => continue,
+            r => r?,
+        };
+        for (k, v) in ids.attrs() {
             l.attrs.insert(k.to_string(), v);
         }
     }

@@ -59,6 +59,11 @@ impl Inner {
     ) -> Result<()> {
         let bs = self.block_size as usize;
         let n = out.len() / bs;
+        // A block a remote layer does not hold yet is never read through to its parent; the
+        // Store made the range local before taking the lock, so this only catches a race.
+        if let Some((l, vb)) = self.first_gap(top, vb0, n as u64) {
+            return Err(self.not_local(l, vb));
+        }
         let mut resolved = Vec::with_capacity(n);
         self.catalog
             .resolver(top)
@@ -260,6 +265,50 @@ impl Inner {
         Ok(())
     }
 
+    /// Store the blocks of remote layer `id` from `vb0` that it does not hold yet (FORMAT.md
+    /// §6.1: a fill only adds). An all-zero block becomes a whiteout, never a hole: a hole in a
+    /// remote layer would stay missing. The data may end inside the last block.
+    pub(crate) fn fill(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        vb0: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let bs = self.block_size as usize;
+        let mut padded;
+        let data = if !data.len().is_multiple_of(bs) {
+            padded = data.to_vec();
+            padded.resize(data.len().next_multiple_of(bs), 0);
+            &padded[..]
+        } else {
+            data
+        };
+        let n = data.len() / bs;
+        let mut i = 0;
+        while i < n {
+            let held = |s: &Self, k: usize| -> Result<bool> {
+                Ok(s.layer(id)?.map.get(VBlock(vb0 + k as u64)).is_some())
+            };
+            let blk = &data[i * bs..(i + 1) * bs];
+            if held(self, i)? {
+                i += 1;
+            } else if is_zero(blk) {
+                self.set_mapping(id, VBlock(vb0 + i as u64), Some(Mapping::Zero))?;
+                i += 1;
+            } else {
+                // A run of missing data blocks goes out in one write.
+                let mut j = i + 1;
+                while j < n && !held(self, j)? && !is_zero(&data[j * bs..(j + 1) * bs]) {
+                    j += 1;
+                }
+                self.put_blocks(storage, id, vb0 + i as u64, &data[i * bs..j * bs])?;
+                i = j;
+            }
+        }
+        Ok(())
+    }
+
     /// Change one entry of a layer's own map (logged), freeing the block it replaces.
     fn set_mapping(&mut self, id: LayerId, vb: VBlock, m: Option<Mapping>) -> Result<()> {
         let alloc = &mut self.pool.alloc;
@@ -275,11 +324,16 @@ impl Inner {
     /// a whiteout; elsewhere the layer's own entry is simply dropped (unless a hole is refused).
     fn zero_block(&mut self, id: LayerId, vb: VBlock, may_unmap: bool) -> Result<()> {
         let l = self.layer(id)?;
-        let below = match l.parent {
-            None => Resolved::Hole,
-            Some(p) => self.catalog.resolver(p).block(vb),
+        let below_data = match l.parent {
+            None => false,
+            // A block a remote parent has not fetched yet counts as data: unmapped here, it
+            // would read whatever the fetch brings, not zeros.
+            Some(p) => {
+                self.first_gap(p, vb.0, 1).is_some()
+                    || matches!(self.catalog.resolver(p).block(vb), Resolved::Data { .. })
+            }
         };
-        let want = if !may_unmap || matches!(below, Resolved::Data { .. }) {
+        let want = if !may_unmap || below_data {
             Some(Mapping::Zero)
         } else {
             None
@@ -318,6 +372,58 @@ impl Inner {
         Ok(())
     }
 
+    /// Drop the blocks layer `id` holds in whole blocks of `offset..offset + len` that read
+    /// exactly as its parent's chain does there, so they read through to the parent again and
+    /// cost nothing; the number dropped. Checksums are compared first (from the maps), bytes
+    /// only where they match. A filesystem rewrites blocks it did not change (a mount's
+    /// superblock fields set back, a journal superblock rewound by the snapshotter), and a
+    /// sealed layer should hold only what differs.
+    pub(crate) fn drop_unchanged(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let l = self.check_range(id, offset, len, true)?;
+        let Some(parent) = l.parent else {
+            // Without a parent a block equals what is below only if it reads zeros, and
+            // zero blocks are never stored as data (`put_blocks`).
+            return Ok(0);
+        };
+        let bs = self.block_size as u64;
+        let (vb0, vb1) = (offset.div_ceil(bs), (offset + len) / bs);
+        if vb1 <= vb0 {
+            return Ok(0);
+        }
+        let own = l.map.range(vb0, vb1);
+        let mut same = Vec::new();
+        let (mut mine, mut theirs) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
+        for (vb, m) in own {
+            if self.first_gap(parent, vb.0, 1).is_some() {
+                // A remote parent has not fetched it: not known to be equal, so kept.
+                continue;
+            }
+            let below = self.catalog.resolver(parent).block(vb);
+            let equal = match (m, below) {
+                (Mapping::Zero, Resolved::Zero | Resolved::Hole) => true,
+                (Mapping::Data { crc, .. }, Resolved::Data { crc: c, .. }) if crc == c => {
+                    self.read_blocks(storage, id, vb.0, &mut mine)?;
+                    self.read_blocks(storage, parent, vb.0, &mut theirs)?;
+                    mine == theirs
+                }
+                _ => false,
+            };
+            if equal {
+                same.push(vb);
+            }
+        }
+        for &vb in &same {
+            self.set_mapping(id, vb, None)?;
+        }
+        Ok(same.len() as u64)
+    }
+
     /// Describe a byte range of the chain as extents, from the maps alone.
     pub(crate) fn extents(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(id, offset, len, false)?;
@@ -348,7 +454,18 @@ impl Inner {
                 Resolved::Zero => ExtentState::Zero,
                 Resolved::Hole => ExtentState::Hole,
             };
-            push(vb * bs, (vb + n) * bs, state);
+            if state == ExtentState::Data || !self.catalog.has_remote() {
+                push(vb * bs, (vb + n) * bs, state);
+                return;
+            }
+            // A block a remote layer has not fetched yet will read as data.
+            for k in vb..vb + n {
+                let s = match self.first_gap(id, k, 1) {
+                    Some(_) => ExtentState::Data,
+                    None => state,
+                };
+                push(k * bs, (k + 1) * bs, s);
+            }
         });
         Ok(out)
     }
@@ -356,19 +473,105 @@ impl Inner {
 
 impl Store {
     pub fn read_layer(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.make_local(id, offset, buf.len() as u64)?;
         self.read().read(&*self.storage, id, offset, buf)
     }
 
     pub fn write_layer(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.edges_local(id, offset, data.len() as u64)?;
         self.write()?.write(&*self.storage, id, offset, data)
     }
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.edges_local(id, offset, len)?;
         self.write()?
             .zero(&*self.storage, id, offset, len, may_unmap)
     }
 
+    /// A write keeps the other bytes of the blocks it covers partly: those blocks are read,
+    /// so a remote layer below must hold them first.
+    fn edges_local(&self, id: LayerId, offset: u64, len: u64) -> Result<()> {
+        let bs = self.block_size() as u64;
+        let end = offset.saturating_add(len);
+        if len > 0 && !offset.is_multiple_of(bs) {
+            self.make_local(id, offset, 1)?;
+        }
+        if len > 0 && !end.is_multiple_of(bs) {
+            self.make_local(id, end - 1, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Drop what layer `id` holds in `offset..offset + len` that equals its parent's
+    /// (`Inner::drop_unchanged`); the number of blocks dropped.
+    pub fn drop_unchanged(&self, id: LayerId, offset: u64, len: u64) -> Result<u64> {
+        self.write()?
+            .drop_unchanged(&*self.storage, id, offset, len)
+    }
+
     pub fn extents_layer(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.read().extents(id, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pool::MemStorage;
+    use crate::volume::{CreateOptions, Store};
+    use std::sync::Arc;
+
+    #[test]
+    fn drop_unchanged_keeps_only_the_blocks_that_differ_from_the_parent() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let bs = s.block_size() as usize;
+        let base = s.create_layer("base", None, Some(1 << 20)).unwrap();
+        for (i, b) in [1u8, 2, 3].iter().enumerate() {
+            s.write_layer(base.id, (i * bs) as u64, &vec![*b; bs])
+                .unwrap();
+        }
+        s.commit_layer("base").unwrap();
+        let c = s.create_layer("c", Some("base"), None).unwrap();
+        // Block 0 rewritten as it was, block 1 changed, block 2 zeroed (a whiteout over the
+        // parent's data), block 4 explicitly zero over the parent's hole, block 5 new data.
+        s.write_layer(c.id, 0, &vec![1; bs]).unwrap();
+        s.write_layer(c.id, bs as u64, &vec![9; bs]).unwrap();
+        s.zero_layer(c.id, 2 * bs as u64, bs as u64, true).unwrap();
+        s.zero_layer(c.id, 4 * bs as u64, bs as u64, false).unwrap();
+        s.write_layer(c.id, 5 * bs as u64, &vec![5; bs]).unwrap();
+        let read = |s: &Store| {
+            let mut all = vec![0u8; 6 * bs];
+            s.read_layer(c.id, 0, &mut all).unwrap();
+            all
+        };
+        let before = read(&s);
+        // Only whole blocks inside the range are looked at: nothing before block 0's end.
+        assert_eq!(s.drop_unchanged(c.id, 1, bs as u64).unwrap(), 0);
+        assert_eq!(s.drop_unchanged(c.id, 0, 1 << 20).unwrap(), 2);
+        assert_eq!(read(&s), before);
+        let own: Vec<u64> = s
+            .read()
+            .catalog
+            .get(c.id)
+            .unwrap()
+            .map
+            .iter()
+            .map(|(vb, _)| vb.0)
+            .collect();
+        assert_eq!(
+            own,
+            [1, 2, 5],
+            "the changed block, the whiteout and the new block"
+        );
+        assert_eq!(s.drop_unchanged(c.id, 0, 1 << 20).unwrap(), 0);
+        // A committed layer does not change.
+        let e = s.drop_unchanged(base.id, 0, 1 << 20).unwrap_err();
+        assert!(matches!(e, crate::error::Error::ReadOnly(_)), "{e}");
+        s.flush().unwrap();
+        s.verify_consistency().unwrap();
+        drop(s);
+        let s = Store::open_in(mem, false).unwrap();
+        assert_eq!(read(&s), before);
+        assert_eq!(s.layer("c").unwrap().size, 2 * bs as u64);
     }
 }

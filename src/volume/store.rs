@@ -53,6 +53,9 @@ pub(crate) struct Inner {
     pub slot_damaged: bool,
     /// The crash journal (a live server's): a copy of `pending` that outlives the process.
     pub journal: Option<Journaled>,
+    /// Where each remote layer's missing blocks come from (`remote.rs`), as a frontend
+    /// attached them; a remote layer without one reads none of its unmapped blocks.
+    pub remotes: super::remote::Remotes,
 }
 
 /// The store's write lock. Dropping it copies the changes made under it into the crash
@@ -197,6 +200,7 @@ impl Store {
                 newest_seen: 1,
                 slot_damaged: false,
                 journal: None,
+                remotes: Default::default(),
             }),
             writable: true,
             discarded: Default::default(),
@@ -553,6 +557,13 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
 fn load(storage: &dyn Storage) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
     if sbs.is_empty() {
+        // Refused by name, with the way across (FORMAT.md §11), rather than as damage.
+        if let Some((old, _)) = meta::read_superblocks_any(storage)?.first() {
+            return Err(Error::Conflict(format!(
+                "format version {old}, made by an older thinlayer (this one reads {}): convert it with `thinlayer migrate POOL` (rewrites the two superblocks; layers and data stay)",
+                crate::format::superblock::VERSION
+            )));
+        }
         let why: Vec<String> = bad.iter().map(|(_, e)| e.to_string()).collect();
         return Err(Error::Corrupt(format!(
             "not a usable thinlayer pool: {}",
@@ -619,7 +630,7 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
     )))
 }
 
-fn load_generation(
+pub(super) fn load_generation(
     storage: &dyn Storage,
     sb: &crate::format::superblock::Superblock,
 ) -> Result<Inner> {
@@ -675,6 +686,7 @@ fn load_generation(
         newest_seen: sb.generation,
         slot_damaged: false,
         journal: None,
+        remotes: Default::default(),
     })
 }
 

@@ -290,41 +290,68 @@ fn usage_counts_what_a_mounted_filesystem_has_not_written_back_yet() {
     assert!(f.files.unsynced.lock().unwrap().is_empty());
 }
 
-#[test]
-fn commit_trims_the_dead_log_of_a_clean_journal_and_keeps_a_journal_to_replay() {
+/// What a mount did to the journal of a snapshot's ext4, as the tests below write it.
+#[derive(Clone, Copy, PartialEq)]
+enum Unmount {
+    /// Clean: the journal is empty, its superblock moved on (next sequence number, log head).
+    Clean,
+    /// Clean, with an error recorded in the journal's superblock (`s_errno`).
+    Errored,
+    /// Crashed: the journal has transactions to replay (`s_start` set).
+    Crashed,
+}
+
+/// A mount's transactions in snapshot `key`'s journal log, a file's block elsewhere, and the
+/// journal's superblock as `how` left it.
+fn mounted_and_unmounted(f: &Fixture, key: &str, how: Unmount) {
     use crate::volume::{BlockDevice, Volume};
+    let l = f.store.layer(&keys::layer_name(key)).unwrap();
+    let j = base::journal_under(&f.store, &l).expect("the base recorded its journal");
+    let v = Volume::open(&f.store, &l.name).unwrap();
+    let (log, _) = j.log();
+    v.write_at(log, &vec![1; 3 * 4096]).unwrap();
+    v.write_at(0, &[2; 4096]).unwrap();
+    let mut jsb = vec![0u8; j.block as usize];
+    v.read_at(j.offset, &mut jsb).unwrap();
+    assert!(super::super::ext4::journal_is_empty(&jsb));
+    jsb[0x18..0x1C].copy_from_slice(&9u32.to_be_bytes());
+    jsb[0x58..0x5C].copy_from_slice(&40u32.to_be_bytes());
+    match how {
+        Unmount::Clean => {}
+        Unmount::Errored => jsb[0x20..0x24].copy_from_slice(&5u32.to_be_bytes()),
+        Unmount::Crashed => jsb[0x1C..0x20].copy_from_slice(&5u32.to_be_bytes()),
+    }
+    v.write_at(j.offset, &jsb).unwrap();
+}
+
+#[test]
+fn commit_sheds_a_clean_journal_and_keeps_a_journal_to_replay() {
     let f = fixture();
-    for (key, replay) in [("clean", false), ("dirty", true)] {
+    for (key, how, blocks) in [
+        // The file's block: the log trimmed, the journal's superblock set back to the base's.
+        ("clean", Unmount::Clean, 1),
+        // And the journal's superblock, which records the error.
+        ("errored", Unmount::Errored, 2),
+        // Everything: the log is needed.
+        ("crashed", Unmount::Crashed, 5),
+    ] {
         f.s.prepare(key, "", small(), Kind::Active).unwrap();
-        let l = f.store.layer(&keys::layer_name(key)).unwrap();
-        let j = base::journal_under(&f.store, &l).expect("the base recorded its journal");
-        let v = Volume::open(&f.store, &l.name).unwrap();
-        // A mount's transactions in the log, a file's block elsewhere, and the journal's
-        // superblock as the unmount left it (s_start 0), or as a crash would (s_start set).
-        let (log, _) = j.log();
-        v.write_at(log, &vec![1; 3 * 4096]).unwrap();
-        v.write_at(0, &[2; 4096]).unwrap();
-        let mut jsb = vec![0u8; j.block as usize];
-        v.read_at(j.offset, &mut jsb).unwrap();
-        assert!(super::super::ext4::journal_is_empty(&jsb));
-        if replay {
-            jsb[28..32].copy_from_slice(&5u32.to_be_bytes());
-        }
-        v.write_at(j.offset, &jsb).unwrap();
-        drop(v);
+        mounted_and_unmounted(&f, key, how);
         f.s.commit(&format!("{key}-c"), key, HashMap::new())
             .unwrap();
-        let size = f
-            .store
-            .layer(&keys::layer_name(&format!("{key}-c")))
-            .unwrap()
-            .size;
-        let want = if replay { 5 * 4096 } else { 2 * 4096 };
-        assert_eq!(
-            size, want,
-            "{key}: the journal's superblock and the file's block"
-        );
+        let name = keys::layer_name(&format!("{key}-c"));
+        let size = f.store.layer(&name).unwrap().size;
+        assert_eq!(size, blocks * 4096, "{key}");
     }
+    // A child of a committed layer: the file's block written again as it was and the journal
+    // set back to its parent's leave nothing.
+    f.s.prepare("child", "clean-c", HashMap::new(), Kind::Active)
+        .unwrap();
+    mounted_and_unmounted(&f, "child", Unmount::Clean);
+    f.s.commit("child-c", "child", HashMap::new()).unwrap();
+    let size = f.store.layer(&keys::layer_name("child-c")).unwrap().size;
+    assert_eq!(size, 0);
+    f.store.verify_consistency().unwrap();
 }
 
 #[test]
