@@ -164,6 +164,16 @@ impl Store {
         Ok(())
     }
 
+    /// Whether remote layer `id` lacks any block of `offset..offset+len` in its own map: what
+    /// a background fill skips when it is false.
+    pub fn remote_lacks(&self, id: LayerId, offset: u64, len: u64) -> Result<bool> {
+        let g = self.read();
+        let bs = g.block_size as u64;
+        let l = g.remote_layer(id)?;
+        let end = offset.saturating_add(len).min(l.disk_size);
+        Ok((offset / bs..end.div_ceil(bs)).any(|vb| l.map.get(VBlock(vb)).is_none()))
+    }
+
     /// Make blocks `offset..offset+len` of the chain topped by `top` local: each missing one
     /// is fetched by its layer's source, without the store's lock held. A range past the
     /// layer's end is left to the read to refuse.
@@ -207,7 +217,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The read path against an in-memory twin of the registry frontend: a real version-2
     //! stream opened by range, its extents verified as the fetcher does, counted.
     use super::*;
@@ -219,8 +229,8 @@ mod tests {
     use crate::volume::CreateOptions;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    const MIB: u64 = 1 << 20;
-    const SIZE: u64 = 6 * MIB;
+    pub(crate) const MIB: u64 = 1 << 20;
+    pub(crate) const SIZE: u64 = 6 * MIB;
 
     /// What the base layer holds: every 4 KiB block a byte of its own, but zeros in
     /// 2 MiB..2.25 MiB (which app fills).
@@ -234,7 +244,7 @@ mod tests {
 
     /// The publisher: base, and app over it changing 2.5 MiB of data and whiting out 64 KiB.
     /// Returns app's bytes, base's stream and app's stream.
-    fn publish() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    pub(crate) fn publish() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let s = Store::create_in(Arc::new(MemStorage::new()), &CreateOptions::default()).unwrap();
         let base = s.create_layer("base", None, Some(SIZE)).unwrap().id;
         s.write_layer(base, 0, &base_bytes()).unwrap();
@@ -312,18 +322,27 @@ mod tests {
 
     /// A pool holding base (received) and app as a remote layer over it; no source attached.
     fn subscriber(mem: &Arc<MemStorage>, base_stream: &[u8], twin: &Twin) -> (Store, LayerId) {
+        subscribe(mem, base_stream, &twin.whiteouts())
+    }
+
+    /// `subscriber` given app's whiteouts.
+    pub(crate) fn subscribe(
+        mem: &Arc<MemStorage>,
+        base_stream: &[u8],
+        whiteouts: &[(u64, u64)],
+    ) -> (Store, LayerId) {
         let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
         let mut input = base_stream;
         crate::stream::receive(&s, "base", None, &mut input, "base", &mut |_, _| {}).unwrap();
         let app = s
-            .create_remote_layer("app", Some("base"), SIZE, &[], &twin.whiteouts())
+            .create_remote_layer("app", Some("base"), SIZE, &[], whiteouts)
             .unwrap()
             .id;
         (s, app)
     }
 
     /// Equal bytes, or the first offset where they differ (not megabytes of both).
-    fn same(got: &[u8], want: &[u8]) {
+    pub(crate) fn same(got: &[u8], want: &[u8]) {
         let at = got.iter().zip(want).position(|(a, b)| a != b);
         assert!(
             at.is_none() && got.len() == want.len(),
@@ -342,7 +361,7 @@ mod tests {
         (want, twin, mem, s, app)
     }
 
-    fn read(s: &Store, id: LayerId, at: u64, len: usize) -> Result<Vec<u8>> {
+    pub(crate) fn read(s: &Store, id: LayerId, at: u64, len: usize) -> Result<Vec<u8>> {
         let mut b = vec![0u8; len];
         s.read_layer(id, at, &mut b).map(|_| b)
     }
