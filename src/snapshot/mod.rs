@@ -14,6 +14,7 @@ mod files;
 mod grpc;
 mod info;
 mod keys;
+mod loop_dio;
 mod snapshots;
 mod status;
 mod writeback;
