@@ -66,9 +66,12 @@ impl<'a> LivePool<'a> {
         self.seal(name, new_name, attrs)?;
         // The content IDs: one read of the layer's own blocks, after the commit and off the
         // write lock. A crash before they are kept only means they are computed when first
-        // asked for.
-        content::record(self.store, new_name.unwrap_or(name))?;
-        Ok(())
+        // asked for. Over a remote layer not all fetched yet they cannot be computed
+        // (`Conflict`): they are left for later likewise.
+        match content::record(self.store, new_name.unwrap_or(name)) {
+            Err(e) if e.kind() != crate::error::Kind::Conflict => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// As `commit`, but the content IDs are left to whoever first asks for them

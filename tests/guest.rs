@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 mod guest_common;
 mod support;
 use guest_common::{guest_or_skip, reports, Boot, Guest, Reports};
-use support::{sh, tl, Server};
+use support::{bin, sh, tl, Server};
 
 /// Host tools every test here uses besides the guest.
 const HOST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "debugfs", "sha256sum"];
@@ -644,4 +644,145 @@ fn guest_killed_mid_write_leaves_a_consistent_pool_and_its_fsynced_files() {
     server.stop();
     assert_fsck_clean(&f.export("box"));
     f.assert_check_clean();
+}
+
+/// The guest side of the restart test: tools/guest/nbd-reconnect attaches `box` (netlink, with
+/// a dead-connection timeout) and fio writes with verify through it while the host restarts
+/// the server twice; after each restart the guest waits until the device has its new
+/// connection (the program prints RECONNECTED). `$ATTACH` starts the attach (replaced by plain
+/// nbd-client to see the test fail). The guest reaches the server over its network (nbd_net),
+/// where every reconnection is a fresh connection to the server's socket.
+const FIO_THROUGH_RESTARTS: &str = r#". /lib/guest.sh
+nbd_net
+$ATTACH >/run/attach.log 2>&1 &
+attach=$!
+until [ "$(cat /sys/block/nbd0/size)" -gt 0 ]; do
+    kill -0 $attach 2>/dev/null || nbd-client -c /dev/nbd0 >/dev/null || { cat /run/attach.log; fail "the attach ended"; }
+    sleep 0.1
+done
+# 32 MiB of 4 KiB random writes at most 1 MiB/s: the write pass outlasts both restarts.
+fio --name=through-restart --filename=/dev/nbd0 --direct=1 --ioengine=libaio --iodepth=4 \
+    --rw=randwrite --bs=4k --size=32M --rate=1m --verify=crc32c --verify_fatal=1 \
+    --eta=never --output=/run/fio.out &
+fio=$!
+writes() { set -- $(cat /sys/block/nbd0/stat); echo "$5"; }
+before=0
+for n in 1 2; do
+    # Restart while writes go through (after the first restart: through the new connection).
+    until [ "$(writes)" -gt "$before" ]; do sleep 0.1; done
+    kill -0 $fio 2>/dev/null || fail "fio ended before restart $n"
+    step writing$n
+    wait_host restarted$n
+    # The old connection is gone; the device must get a new one (or fio fails meanwhile).
+    waited=0
+    until [ "$(grep -c '^RECONNECTED' /run/attach.log)" -ge $n ]; do
+        kill -0 $fio 2>/dev/null || break 2
+        waited=$((waited + 1))
+        [ $waited -lt 300 ] || { cat /run/attach.log; dmesg | grep nbd; fail "no reconnection in 60 s after restart $n"; }
+        sleep 0.2
+    done
+    before=$(writes)
+done
+wait $fio
+rc=$?
+cat /run/fio.out
+cat /run/attach.log
+[ $rc = 0 ] || fail "fio exited $rc"
+report verified yes
+report reconnects "$(grep -c '^RECONNECTED' /run/attach.log)"
+# "Dead connection, failed to find a fallback" is no error: the request waits for the
+# reconnection (dead-connection timeout). A failed request logs "I/O error".
+report io_errors "$(dmesg | grep -cE 'I/O error|critical (medium|target|nexus)')"
+report timed_out "$(dmesg | grep -c 'Connection timed out')"
+dmesg | grep -E 'nbd|I/O error' | tail -20
+"#;
+
+#[test]
+fn fio_with_verify_on_the_kernel_driver_goes_through_two_restarts_of_the_server() {
+    let Some(_guest) = guest_or_skip(HOST_TOOLS) else {
+        return;
+    };
+    let f = Fixture::new();
+    let server = f.serve();
+    // After a restart the serving process is no child of ours: whatever happens, it is
+    // killed by the pid `status` names.
+    let _serving = KillServing(&f.pool);
+    let attach = std::env::var("THINLAYER_TEST_NBD_ATTACH")
+        .unwrap_or_else(|_| "nbd-reconnect /run/nbd-net.sock box /dev/nbd0".into());
+    let script = FIO_THROUGH_RESTARTS.replace("$ATTACH", &attach);
+    let sock = f.sock();
+    let mut g = Guest::boot(
+        f.dir.path(),
+        "nbd-restart",
+        &script,
+        &Boot {
+            net_socket: Some(&sock),
+            ..Boot::default()
+        },
+    );
+    for n in 1..=2 {
+        g.wait_step(&format!("writing{n}"));
+        let out: serde_json::Value =
+            serde_json::from_str(&tl(&f.pool, &["restart", "--json"])).unwrap();
+        assert_ne!(out["old_pid"], out["new_pid"], "restart {n}: {out}");
+        g.tell(&format!("restarted{n}"));
+    }
+    let console = g.succeed();
+    let r = reports(&console);
+    assert_eq!(r["verified"], "yes", "{console}");
+    assert_eq!(r["reconnects"], "2", "{console}");
+    assert_eq!(
+        r["io_errors"], "0",
+        "the guest's kernel logged I/O errors:\n{console}"
+    );
+    eprintln!(
+        "requests the kernel sent again after their connection died: {} timeout message(s); {}",
+        r["timed_out"],
+        console
+            .lines()
+            .filter(|l| l.starts_with("RECONNECTED"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    // The serving process is the restarted one now: SIGTERM (commit, exit) by its pid.
+    if let Some(pid) = serving_pid(&f.pool) {
+        signal_and_wait(pid, libc::SIGTERM);
+    }
+    drop(server);
+    f.assert_check_clean();
+}
+
+/// The pid of the process serving `pool`, from `status`, if one answers.
+fn serving_pid(pool: &Path) -> Option<i32> {
+    let out = Command::new(bin())
+        .arg("--pool")
+        .arg(pool)
+        .args(["status", "--json"])
+        .output()
+        .ok()?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    st["pid"].as_i64().map(|p| p as i32)
+}
+
+/// Sends `sig` to `pid` and waits until it has exited (a zombie counts: its parent is gone).
+fn signal_and_wait(pid: i32, sig: i32) {
+    // SAFETY: signalling the server this test started, by the pid it reported.
+    unsafe { libc::kill(pid, sig) };
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|s| !s.starts_with('Z')))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Kills the serving process of a pool when dropped (a test that failed after a restart
+/// would otherwise leave the new server running).
+struct KillServing<'a>(&'a Path);
+
+impl Drop for KillServing<'_> {
+    fn drop(&mut self) {
+        if let Some(pid) = serving_pid(self.0) {
+            signal_and_wait(pid, libc::SIGKILL);
+        }
+    }
 }

@@ -44,6 +44,8 @@ pub struct Catalog {
     pub faults: Vec<Fault>,
     /// Merged chunks of read-only chains, so reads do not walk the chain (see `chain.rs`).
     cache: ChainCache,
+    /// Live layers of mode remote: while there are none, reads need not look for them.
+    remote: usize,
 }
 
 impl Catalog {
@@ -89,6 +91,34 @@ impl Catalog {
     /// What the chain topped by `top` reads, through the merged-chunk cache.
     pub fn resolver(&self, top: LayerId) -> Resolver<'_> {
         Resolver::new(&self.layers, &self.cache, top)
+    }
+
+    /// Whether any live layer is remote (FORMAT.md §6.1, mode 3).
+    pub fn has_remote(&self) -> bool {
+        self.remote > 0
+    }
+
+    /// The remote layer that block `vb` of the chain topped by `top` would read from, if it is
+    /// not local yet: walking down, the first remote layer that does not map `vb` where
+    /// `listed(layer, vb)` says its blob has data for it. None: the chain reads `vb` from the
+    /// maps as usual (a remote layer's unlisted blocks read through to its parent).
+    pub fn remote_gap(
+        &self,
+        top: LayerId,
+        vb: VBlock,
+        listed: impl Fn(LayerId, VBlock) -> bool,
+    ) -> Option<LayerId> {
+        let mut at = Some(top);
+        while let Some(l) = at.and_then(|id| self.layers.get(&id)) {
+            if l.map.get(vb).is_some() {
+                return None;
+            }
+            if l.remote && listed(l.id, vb) {
+                return Some(l.id);
+            }
+            at = l.parent;
+        }
+        None
     }
 
     /// Entries held by the merged-chunk cache.
@@ -145,7 +175,15 @@ impl Catalog {
             Change::Map { layer, vblock, to } => {
                 // The hot path of every write: one map update, no record built and replayed.
                 let l = self.must(layer)?;
-                debug_assert!(l.writable, "only writable layers change their maps");
+                debug_assert!(
+                    l.writable || l.remote,
+                    "only writable layers change their maps, and remote ones fill theirs"
+                );
+                if !l.writable {
+                    // A remote layer gains a fetched block: no merged chunk may outlive it.
+                    self.cache.clear();
+                }
+                let l = self.must(layer)?;
                 let old = match to {
                     Some(m) => l.map.set(vblock, m),
                     None => l.map.remove(vblock),
@@ -187,6 +225,7 @@ impl Catalog {
                     parent.children.push(c.id);
                 }
                 self.next_id = self.next_id.max(c.id.0 + 1);
+                self.remote += c.remote as usize;
                 self.by_name.insert(c.name.clone(), c.id);
                 self.layers.insert(
                     c.id,
@@ -208,9 +247,10 @@ impl Catalog {
             }
             Record::LayerCommit(id) => {
                 let l = self.must(id)?;
+                let was_remote = std::mem::replace(&mut l.remote, false);
                 l.writable = false;
                 l.incomplete = false;
-                l.remote = false;
+                self.remote -= was_remote as usize;
             }
             Record::LayerRemove(id) => {
                 let l = self.must(id)?;
@@ -220,6 +260,7 @@ impl Catalog {
                     )));
                 }
                 let l = self.layers.remove(&id).unwrap();
+                self.remote -= l.remote as usize;
                 self.cache.forget(id);
                 self.by_name.remove(&l.name);
                 if let Some(p) = l.parent.and_then(|p| self.layers.get_mut(&p)) {

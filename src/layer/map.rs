@@ -1,10 +1,15 @@
 //! A layer's sparse block map: virtual block → pool block (with the data's crc) or zero.
 //!
 //! Memory is the constraint, so the map is a hash of 1024-block chunks, each a sorted vector of
-//! 12-byte slots. Unmapped blocks cost nothing; a chunk costs one hash entry (~40 bytes). That
-//! is 12-16 bytes per mapped block while chunks hold a few dozen entries or more (random writes
-//! over disks up to ~50x the mapped data), rising towards ~100 bytes only where a chunk holds a
-//! single block.
+//! 12-byte **extents**: one block with its crc inline, or a run of blocks contiguous both in the
+//! virtual space and in the pool (or a run of whiteouts), whose crcs sit in the chunk's crc
+//! vector, 4 bytes each. An imported image is one run per chunk: ~4.1 bytes per block, nearly
+//! all of it the crcs. Scattered blocks are single extents, 12 bytes as before runs existed;
+//! a chunk only starts a crc vector (~60 bytes of table entry and allocation) once a run of
+//! `FIRST_RUN` blocks pays for it. Unmapped blocks cost nothing; a chunk costs one hash entry
+//! (~40 bytes). The representation is not canonical (two adjacent extents may be contiguous);
+//! lookups do not care. Nothing here is on disk: records stay one entry per block (FORMAT.md
+//! §6.3), so this is free to change.
 
 use crate::format::record::MapTarget;
 use crate::format::{PBlock, VBlock};
@@ -103,11 +108,134 @@ impl Hasher for ChunkHasher {
         self.0 = (self.0.rotate_left(23) ^ n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
-type ChunkTable = HashMap<u64, Vec<Slot>, BuildHasherDefault<ChunkHasher>>;
+type ChunkTable<T> = HashMap<u64, T, BuildHasherDefault<ChunkHasher>>;
+
+/// Marks an extent that is a run (its crcs in the chunk's crc vector) in `Ext::key`.
+const RUN: u16 = 1 << 15;
+/// A chunk with no crc vector yet starts one for a run of at least this many data blocks; once
+/// it has one, two contiguous blocks make a run (8 bytes of crcs instead of 12 of extent).
+const FIRST_RUN: usize = 16;
+
+/// One extent of a chunk in 12 bytes. `key` is the first block's key within the chunk (bit 15:
+/// a run); `hi:lo` the first pool block or the zero mark; `word` a single block's crc, or for a
+/// run its length (high half) and where its crcs start in the chunk's crc vector (low half;
+/// unused for a run of whiteouts).
+#[derive(Clone, Copy, Debug)]
+struct Ext {
+    key: u16,
+    hi: u16,
+    lo: u32,
+    word: u32,
+}
+
+impl Ext {
+    fn single(key: u16, m: Mapping) -> Ext {
+        let s = Slot::new(key, m);
+        Ext {
+            key,
+            hi: s.hi,
+            lo: s.lo,
+            word: s.crc,
+        }
+    }
+    fn run(key: u16, base: u64, len: u16, crc_at: usize) -> Ext {
+        debug_assert!(len >= 1 && key as u64 + len as u64 <= CHUNK_LEN && crc_at < 1 << 16);
+        Ext {
+            key: key | RUN,
+            hi: (base >> 32) as u16,
+            lo: base as u32,
+            word: (len as u32) << 16 | crc_at as u32,
+        }
+    }
+    fn start(&self) -> u16 {
+        self.key & !RUN
+    }
+    fn is_run(&self) -> bool {
+        self.key & RUN != 0
+    }
+    fn len(&self) -> u16 {
+        if self.is_run() {
+            (self.word >> 16) as u16
+        } else {
+            1
+        }
+    }
+    fn end(&self) -> u16 {
+        self.start() + self.len()
+    }
+    fn crc_at(&self) -> usize {
+        (self.word & 0xFFFF) as usize
+    }
+    fn set_len(&mut self, len: u16) {
+        self.word = (len as u32) << 16 | (self.word & 0xFFFF);
+    }
+    fn set_crc_at(&mut self, at: usize) {
+        self.word = (self.word & 0xFFFF_0000) | at as u32;
+    }
+    /// The first pool block, or `ZERO_MARK`.
+    fn base(&self) -> u64 {
+        ((self.hi as u64) << 32) | self.lo as u64
+    }
+    fn is_zero(&self) -> bool {
+        self.base() == ZERO_MARK
+    }
+    /// Whether data run `self` has its crcs in the vector (a run of data, as opposed to a single
+    /// block or whiteouts).
+    fn has_crcs(&self) -> bool {
+        self.is_run() && !self.is_zero()
+    }
+    /// The mapping of the block `off` blocks into the extent.
+    fn at(&self, off: u16, crcs: &[u32]) -> Mapping {
+        debug_assert!(off < self.len());
+        if self.is_zero() {
+            Mapping::Zero
+        } else if self.is_run() {
+            Mapping::Data {
+                pblock: PBlock(self.base() + off as u64),
+                crc: crcs[self.crc_at() + off as usize],
+            }
+        } else {
+            Mapping::Data {
+                pblock: PBlock(self.base()),
+                crc: self.word,
+            }
+        }
+    }
+    /// Whether `m` at the block just past the extent continues it.
+    fn continued_by(&self, m: Mapping) -> bool {
+        match m {
+            Mapping::Zero => self.is_zero(),
+            Mapping::Data { pblock, .. } => {
+                !self.is_zero() && pblock.0 == self.base() + self.len() as u64
+            }
+        }
+    }
+}
+
+/// A chunk's crcs of its data runs; `dead` counts entries no run names any more (left by
+/// splitting a run), reclaimed when they outnumber the live ones.
+#[derive(Default)]
+struct Crcs {
+    v: Vec<u32>,
+    dead: usize,
+}
+
+impl Crcs {
+    /// Append, growing to powers of two: a full chunk's 1024 crcs then fill their vector
+    /// exactly (`Vec`'s own doubling from an odd start would leave up to half of it unused).
+    fn push(&mut self, items: impl ExactSizeIterator<Item = u32>) {
+        let want = self.v.len() + items.len();
+        if want > self.v.capacity() {
+            self.v.reserve_exact(want.next_power_of_two() - self.v.len());
+        }
+        self.v.extend(items);
+    }
+}
 
 #[derive(Default)]
 pub struct BlockMap {
-    chunks: ChunkTable,
+    chunks: ChunkTable<Vec<Ext>>,
+    crcs: ChunkTable<Crcs>,
     data_blocks: u64,
     zero_blocks: u64,
 }
@@ -115,6 +243,11 @@ pub struct BlockMap {
 /// Split a virtual block number into (chunk, key within the chunk).
 pub fn split(vb: VBlock) -> (u64, u16) {
     (vb.0 >> CHUNK_BITS, (vb.0 & (CHUNK_LEN - 1)) as u16)
+}
+
+/// Index of the extent that would hold key `k`: the last one starting at or before it.
+fn find(exts: &[Ext], k: u16) -> Option<usize> {
+    exts.partition_point(|e| e.start() <= k).checked_sub(1)
 }
 
 impl BlockMap {
@@ -136,13 +269,15 @@ impl BlockMap {
         self.chunks.is_empty()
     }
 
+    fn crcs_of(&self, c: u64) -> &[u32] {
+        self.crcs.get(&c).map_or(&[], |x| &x.v)
+    }
+
     pub fn get(&self, vb: VBlock) -> Option<Mapping> {
         let (c, k) = split(vb);
-        let slots = self.chunks.get(&c)?;
-        slots
-            .binary_search_by_key(&k, |s| s.key)
-            .ok()
-            .map(|i| slots[i].mapping())
+        let exts = self.chunks.get(&c)?;
+        let e = exts[find(exts, k)?];
+        (k < e.end()).then(|| e.at(k - e.start(), self.crcs_of(c)))
     }
 
     fn count(&mut self, m: Option<Mapping>, delta: i64) {
@@ -157,19 +292,7 @@ impl BlockMap {
 
     /// Map `vb`; returns what it was mapped to before.
     pub fn set(&mut self, vb: VBlock, m: Mapping) -> Option<Mapping> {
-        let (c, k) = split(vb);
-        let slots = self.chunks.entry(c).or_default();
-        let old = match slots.binary_search_by_key(&k, |s| s.key) {
-            Ok(i) => {
-                let old = slots[i].mapping();
-                slots[i] = Slot::new(k, m);
-                Some(old)
-            }
-            Err(i) => {
-                slots.insert(i, Slot::new(k, m));
-                None
-            }
-        };
+        let old = self.put(vb, Some(m));
         self.count(old, -1);
         self.count(Some(m), 1);
         old
@@ -177,17 +300,173 @@ impl BlockMap {
 
     /// Unmap `vb`; returns what it was mapped to.
     pub fn remove(&mut self, vb: VBlock) -> Option<Mapping> {
-        let (c, k) = split(vb);
-        let slots = self.chunks.get_mut(&c)?;
-        let i = slots.binary_search_by_key(&k, |s| s.key).ok()?;
-        let old = slots.remove(i).mapping();
-        if slots.is_empty() {
-            self.chunks.remove(&c);
-        } else if slots.capacity() > 4 * slots.len() {
-            slots.shrink_to(2 * slots.len());
+        if !self.chunks.contains_key(&split(vb).0) {
+            return None;
         }
-        self.count(Some(old), -1);
-        Some(old)
+        let old = self.put(vb, None);
+        self.count(old, -1);
+        old
+    }
+
+    /// Make `vb` map to `to` (None: unmapped); returns what it mapped to.
+    fn put(&mut self, vb: VBlock, to: Option<Mapping>) -> Option<Mapping> {
+        let (c, k) = split(vb);
+        let exts = self.chunks.entry(c).or_default();
+        let i = find(exts, k);
+        let old = match i {
+            Some(i) if k < exts[i].end() => {
+                let e = exts[i];
+                let off = k - e.start();
+                let crcs = self.crcs.get_mut(&c);
+                let old = e.at(off, crcs.as_ref().map_or(&[], |x| &x.v));
+                match to {
+                    // The same place (a fresh block rewritten in place): only the crc changes.
+                    Some(Mapping::Data { pblock, crc })
+                        if !e.is_zero() && pblock.0 == e.base() + off as u64 =>
+                    {
+                        match crcs {
+                            Some(x) if e.is_run() => x.v[e.crc_at() + off as usize] = crc,
+                            _ => exts[i].word = crc,
+                        }
+                    }
+                    Some(Mapping::Zero) if e.is_zero() => {}
+                    _ if !e.is_run() => match to {
+                        Some(m) => exts[i] = Ext::single(k, m),
+                        None => {
+                            exts.remove(i);
+                        }
+                    },
+                    _ => self.split_run(c, i, off, to),
+                }
+                Some(old)
+            }
+            _ => {
+                if let Some(m) = to {
+                    self.add(c, i, k, m);
+                }
+                None
+            }
+        };
+        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+        if exts.is_empty() {
+            self.chunks.remove(&c);
+            self.crcs.remove(&c);
+        } else if exts.capacity() > 4 * exts.len() {
+            exts.shrink_to(2 * exts.len());
+        }
+        old
+    }
+
+    /// Replace block `off` of run `exts[i]` of chunk `c` by `to`, leaving the rest of the run
+    /// on either side (a piece of one block becomes a single extent). Its crcs stay where they
+    /// are; the replaced block's becomes dead.
+    fn split_run(&mut self, c: u64, i: usize, off: u16, to: Option<Mapping>) {
+        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+        let e = exts[i];
+        let data = e.has_crcs();
+        let empty = Crcs::default();
+        let crcs = if data { &self.crcs[&c] } else { &empty };
+        let piece = |from: u16, len: u16| {
+            let base = if data { e.base() + from as u64 } else { ZERO_MARK };
+            if len == 1 {
+                Ext::single(e.start() + from, e.at(from, &crcs.v))
+            } else {
+                let at = if data { e.crc_at() + from as usize } else { 0 };
+                Ext::run(e.start() + from, base, len, at)
+            }
+        };
+        let mut pieces = Vec::with_capacity(3);
+        let mut dead = 1;
+        if off > 0 {
+            pieces.push(piece(0, off));
+            dead += (off == 1) as usize;
+        }
+        if let Some(m) = to {
+            pieces.push(Ext::single(e.start() + off, m));
+        }
+        if off + 1 < e.len() {
+            pieces.push(piece(off + 1, e.len() - off - 1));
+            dead += (e.len() - off - 1 == 1) as usize;
+        }
+        exts.splice(i..=i, pieces);
+        if data {
+            self.crcs.get_mut(&c).expect("a data run has crcs").dead += dead;
+            self.compact(c);
+        }
+    }
+
+    /// Map key `k` of chunk `c`, unmapped now, to `m`: it extends the extent before it (`i`)
+    /// when it continues it, else it is a single extent of its own.
+    fn add(&mut self, c: u64, i: Option<usize>, k: u16, m: Mapping) {
+        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+        let at = i.map_or(0, |i| i + 1);
+        let Some(i) = i.filter(|&i| exts[i].end() == k && exts[i].continued_by(m)) else {
+            exts.insert(at, Ext::single(k, m));
+            return;
+        };
+        let e = exts[i];
+        let Mapping::Data { crc, .. } = m else {
+            // Whiteouts need no crcs: a run of them is one extent whatever its length.
+            exts[i] = Ext::run(e.start(), ZERO_MARK, e.len() + 1, 0);
+            return;
+        };
+        if e.is_run() {
+            let x = self.crcs.get_mut(&c).expect("a data run has crcs");
+            if e.crc_at() + e.len() as usize != x.v.len() {
+                // Its crcs are not at the end of the vector: move them there.
+                let from = e.crc_at();
+                exts[i].set_crc_at(x.v.len());
+                let moved = x.v[from..from + e.len() as usize].to_vec();
+                x.push(moved.into_iter());
+                x.dead += e.len() as usize;
+            }
+            x.push(std::iter::once(crc));
+            exts[i].set_len(e.len() + 1);
+            self.compact(c);
+            return;
+        }
+        // A single block continued: with a crc vector already, two blocks make a run; without,
+        // only a run of FIRST_RUN singles pays for starting one.
+        let mut j = i;
+        if !self.crcs.contains_key(&c) {
+            while j > 0
+                && i - j + 1 < FIRST_RUN - 1
+                && !exts[j - 1].is_run()
+                && exts[j - 1].end() == exts[j].start()
+                && exts[j - 1].continued_by(exts[j].at(0, &[]))
+            {
+                j -= 1;
+            }
+            if i - j + 2 < FIRST_RUN {
+                exts.insert(at, Ext::single(k, m));
+                return;
+            }
+        }
+        let x = self.crcs.entry(c).or_default();
+        let crc_at = x.v.len();
+        x.push(exts[j..=i].iter().map(|s| s.word).chain([crc]).collect::<Vec<_>>().into_iter());
+        let run = Ext::run(exts[j].start(), exts[j].base(), (i - j + 2) as u16, crc_at);
+        exts.splice(j..=i, [run]);
+    }
+
+    /// Drop chunk `c`'s dead crcs once they outnumber the live ones, renumbering the runs.
+    fn compact(&mut self, c: u64) {
+        let x = self.crcs.get_mut(&c).expect("a chunk with data runs has crcs");
+        if x.dead * 2 <= x.v.len() {
+            return;
+        }
+        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+        let mut v = Vec::with_capacity(x.v.len() - x.dead);
+        for e in exts.iter_mut().filter(|e| e.has_crcs()) {
+            let from = e.crc_at();
+            e.set_crc_at(v.len());
+            v.extend_from_slice(&x.v[from..from + e.len() as usize]);
+        }
+        if v.is_empty() {
+            self.crcs.remove(&c);
+        } else {
+            *x = Crcs { v, dead: 0 };
+        }
     }
 
     /// Whether any block of chunk `c` is mapped.
@@ -215,22 +494,34 @@ impl BlockMap {
         }
     }
 
+    /// The blocks of chunk `c` with extents `exts`, in block order.
+    fn blocks<'a>(
+        &'a self,
+        c: u64,
+        exts: &'a [Ext],
+    ) -> impl Iterator<Item = (VBlock, Mapping)> + 'a {
+        let crcs = self.crcs_of(c);
+        exts.iter().flat_map(move |e| {
+            (0..e.len()).map(move |off| {
+                let vb = VBlock((c << CHUNK_BITS) | (e.start() + off) as u64);
+                (vb, e.at(off, crcs))
+            })
+        })
+    }
+
     /// Entries of chunk `c` in block order.
     pub fn chunk_entries(&self, c: u64) -> impl Iterator<Item = (VBlock, Mapping)> + '_ {
-        self.chunks.get(&c).into_iter().flat_map(move |slots| {
-            slots
-                .iter()
-                .map(move |s| (VBlock((c << CHUNK_BITS) | s.key as u64), s.mapping()))
-        })
+        self.chunks
+            .get(&c)
+            .into_iter()
+            .flat_map(move |exts| self.blocks(c, exts))
     }
 
     /// Every entry, chunk by chunk in no particular chunk order, blocks in order within a chunk.
     pub fn iter(&self) -> impl Iterator<Item = (VBlock, Mapping)> + '_ {
-        self.chunks.iter().flat_map(|(&c, slots)| {
-            slots
-                .iter()
-                .map(move |s| (VBlock((c << CHUNK_BITS) | s.key as u64), s.mapping()))
-        })
+        self.chunks
+            .iter()
+            .flat_map(|(&c, exts)| self.blocks(c, exts))
     }
 
     /// Entries with `start <= vb < end`, in block order.
@@ -251,18 +542,23 @@ impl BlockMap {
 
     /// Approximate heap bytes held (for the memory benchmark).
     pub fn heap_bytes(&self) -> usize {
-        let slots: usize = self
+        let exts: usize = self
             .chunks
             .values()
-            .map(|v| v.capacity() * std::mem::size_of::<Slot>())
+            .map(|v| v.capacity() * std::mem::size_of::<Ext>())
             .sum();
-        slots + self.chunks.capacity() * (std::mem::size_of::<(u64, Vec<Slot>)>() + 1)
+        let crcs: usize = self.crcs.values().map(|x| x.v.capacity() * 4).sum();
+        exts + crcs
+            + self.chunks.capacity() * (std::mem::size_of::<(u64, Vec<Ext>)>() + 1)
+            + self.crcs.capacity() * (std::mem::size_of::<(u64, Crcs)>() + 1)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn set_get_remove_and_counters() {
@@ -288,7 +584,125 @@ mod tests {
     }
 
     #[test]
-    fn slot_is_twelve_bytes() {
+    fn slot_and_extent_are_twelve_bytes() {
         assert_eq!(std::mem::size_of::<Slot>(), 12);
+        assert_eq!(std::mem::size_of::<Ext>(), 12);
+    }
+
+    fn data(p: u64) -> Mapping {
+        Mapping::Data {
+            pblock: PBlock(p),
+            crc: (p as u32).wrapping_mul(0x9E37_79B9),
+        }
+    }
+
+    /// The rules of the representation: extents sorted and apart, inside the chunk, each run's
+    /// crcs inside the vector, `dead` exactly the unnamed crcs, no empty chunk.
+    fn check_shape(m: &BlockMap) {
+        for (c, exts) in &m.chunks {
+            assert!(!exts.is_empty(), "chunk {c} empty");
+            for w in exts.windows(2) {
+                assert!(w[0].end() <= w[1].start(), "chunk {c}: {w:?} overlap");
+            }
+            let mut live = 0;
+            for e in exts {
+                assert!(e.len() >= 1 && e.end() as u64 <= CHUNK_LEN, "{e:?}");
+                if e.has_crcs() {
+                    let x = &m.crcs[c];
+                    assert!(e.crc_at() + e.len() as usize <= x.v.len(), "{e:?}");
+                    live += e.len() as usize;
+                }
+            }
+            match m.crcs.get(c) {
+                Some(x) => assert_eq!(x.v.len() - x.dead, live, "chunk {c} dead count"),
+                None => assert_eq!(live, 0),
+            }
+        }
+        assert!(m.crcs.keys().all(|c| m.chunks.contains_key(c)));
+    }
+
+    #[test]
+    fn an_imported_image_costs_its_crcs_and_little_more() {
+        let mut m = BlockMap::new();
+        for vb in 0..1 << 20 {
+            m.set(VBlock(vb), data(1000 + vb));
+        }
+        let per_block = m.heap_bytes() as f64 / (1 << 20) as f64;
+        assert!(per_block < 4.2, "{per_block} bytes per block");
+        assert_eq!(m.chunks.values().map(Vec::len).sum::<usize>(), 1024);
+        check_shape(&m);
+    }
+
+    #[test]
+    fn scattered_blocks_cost_what_slots_did() {
+        let mut m = BlockMap::new();
+        // One block in each 16, pool blocks in a different order from the virtual ones.
+        for i in 0..1u64 << 16 {
+            let vb = (i * 7919 % (1 << 16)) * 16 + i % 16;
+            m.set(VBlock(vb), data(1000 + i));
+        }
+        let per_block = m.heap_bytes() as f64 / (1 << 16) as f64;
+        assert!(per_block <= 15.0, "{per_block} bytes per block");
+        assert!(m.crcs.is_empty());
+        check_shape(&m);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Map `len` blocks from `vb` to pool blocks from `p` (contiguous: a run when it
+        /// continues what is there).
+        Data { vb: u64, len: u64, p: u64, crc: u32 },
+        Zero { vb: u64, len: u64 },
+        Unmap { vb: u64, len: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let vb = 0u64..3 * CHUNK_LEN;
+        let len = prop_oneof![Just(1u64), 1u64..40, 1u64..1100];
+        prop_oneof![
+            4 => (vb.clone(), len.clone(), 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
+                // Pool blocks that continue the virtual ones (p 0), or are elsewhere.
+                Op::Data { vb, len, p: 100 + vb + p * 10_000 + (p % 2) * vb, crc }
+            }),
+            1 => (vb.clone(), len.clone()).prop_map(|(vb, len)| Op::Zero { vb, len }),
+            2 => (vb, len).prop_map(|(vb, len)| Op::Unmap { vb, len }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Whatever is set, rewritten in place, split or unmapped, the map reads what a plain
+        /// block-by-block model reads, its counters agree, and its shape keeps its rules.
+        #[test]
+        fn extent_map_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut m = BlockMap::new();
+            let mut model: BTreeMap<u64, Mapping> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Data { vb, len, p, crc } => for j in 0..len {
+                        let to = Mapping::Data { pblock: PBlock(p + j), crc: crc ^ j as u32 };
+                        prop_assert_eq!(m.set(VBlock(vb + j), to), model.insert(vb + j, to));
+                    },
+                    Op::Zero { vb, len } => for j in 0..len {
+                        let to = Mapping::Zero;
+                        prop_assert_eq!(m.set(VBlock(vb + j), to), model.insert(vb + j, to));
+                    },
+                    Op::Unmap { vb, len } => for j in 0..len {
+                        prop_assert_eq!(m.remove(VBlock(vb + j)), model.remove(&(vb + j)));
+                    },
+                }
+                check_shape(&m);
+            }
+            for vb in 0..4 * CHUNK_LEN {
+                prop_assert_eq!(m.get(VBlock(vb)), model.get(&vb).copied());
+            }
+            let want: Vec<(VBlock, Mapping)> = model.iter().map(|(&v, &x)| (VBlock(v), x)).collect();
+            prop_assert_eq!(m.range(0, u64::MAX), want.clone());
+            let mut all: Vec<_> = m.iter().collect();
+            all.sort_by_key(|e| e.0);
+            prop_assert_eq!(all, want);
+            let data = model.values().filter(|x| matches!(x, Mapping::Data { .. })).count() as u64;
+            prop_assert_eq!((m.data_blocks(), m.zero_blocks()), (data, model.len() as u64 - data));
+        }
     }
 }

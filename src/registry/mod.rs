@@ -14,6 +14,7 @@ pub mod auth;
 pub mod client;
 pub mod fetcher;
 pub mod image;
+pub mod lazy;
 pub mod pull;
 pub mod push;
 pub mod range;

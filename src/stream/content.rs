@@ -134,8 +134,10 @@ pub fn record(store: &Store, name: &str) -> Result<(ContentIds, SendStats)> {
 }
 
 /// `layers` with every read-only layer's IDs filled in (for `ls` and `history`): those the
-/// catalogue lacks are computed, and kept when the pool is writable. A layer removed since
-/// `layers` was taken (containerd's garbage collector runs beside `ls`) is left out.
+/// catalogue lacks are computed, and kept when the pool is writable. Those of a layer over a
+/// remote layer not all fetched yet cannot be (`Conflict`): they stay missing until it is. A
+/// layer removed since `layers` was taken (containerd's garbage collector runs beside `ls`)
+/// is left out.
 pub fn fill(store: &Store, layers: Vec<LayerInfo>) -> Result<Vec<LayerInfo>> {
     let mut out = Vec::with_capacity(layers.len());
     for mut l in layers {
@@ -146,6 +148,7 @@ pub fn fill(store: &Store, layers: Vec<LayerInfo>) -> Result<Vec<LayerInfo>> {
                         l.attrs.insert(k.to_string(), v);
                     }
                 }
+                Err(e) if e.kind() == crate::error::Kind::Conflict => {}
                 Err(Error::NotFound(_))
                     if matches!(store.layer(&l.name), Err(Error::NotFound(_))) =>
                 {

@@ -38,6 +38,15 @@ impl Store {
                 ))
             })?;
         let all = g.catalog.chain(top);
+        // The maps of a remote layer miss what is not fetched yet: a diff of them would be
+        // wrong, not short.
+        if let Some(r) = all.iter().find(|l| l.remote) {
+            return Err(Error::Conflict(format!(
+                "{} is remote and not all fetched yet: {} cannot be diffed (sent, pushed) until it is",
+                r.describe(),
+                t.describe()
+            )));
+        }
         let above: Vec<&Layer> = match floor {
             None => all,
             Some(f) => {

@@ -59,6 +59,11 @@ impl Inner {
     ) -> Result<()> {
         let bs = self.block_size as usize;
         let n = out.len() / bs;
+        // A block a remote layer does not hold yet is never read through to its parent; the
+        // Store made the range local before taking the lock, so this only catches a race.
+        if let Some((l, vb)) = self.first_gap(top, vb0, n as u64) {
+            return Err(self.not_local(l, vb));
+        }
         let mut resolved = Vec::with_capacity(n);
         self.catalog
             .resolver(top)
@@ -260,6 +265,50 @@ impl Inner {
         Ok(())
     }
 
+    /// Store the blocks of remote layer `id` from `vb0` that it does not hold yet (FORMAT.md
+    /// §6.1: a fill only adds). An all-zero block becomes a whiteout, never a hole: a hole in a
+    /// remote layer would stay missing. The data may end inside the last block.
+    pub(crate) fn fill(
+        &mut self,
+        storage: &dyn Storage,
+        id: LayerId,
+        vb0: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let bs = self.block_size as usize;
+        let mut padded;
+        let data = if !data.len().is_multiple_of(bs) {
+            padded = data.to_vec();
+            padded.resize(data.len().next_multiple_of(bs), 0);
+            &padded[..]
+        } else {
+            data
+        };
+        let n = data.len() / bs;
+        let mut i = 0;
+        while i < n {
+            let held = |s: &Self, k: usize| -> Result<bool> {
+                Ok(s.layer(id)?.map.get(VBlock(vb0 + k as u64)).is_some())
+            };
+            let blk = &data[i * bs..(i + 1) * bs];
+            if held(self, i)? {
+                i += 1;
+            } else if is_zero(blk) {
+                self.set_mapping(id, VBlock(vb0 + i as u64), Some(Mapping::Zero))?;
+                i += 1;
+            } else {
+                // A run of missing data blocks goes out in one write.
+                let mut j = i + 1;
+                while j < n && !held(self, j)? && !is_zero(&data[j * bs..(j + 1) * bs]) {
+                    j += 1;
+                }
+                self.put_blocks(storage, id, vb0 + i as u64, &data[i * bs..j * bs])?;
+                i = j;
+            }
+        }
+        Ok(())
+    }
+
     /// Change one entry of a layer's own map (logged), freeing the block it replaces.
     fn set_mapping(&mut self, id: LayerId, vb: VBlock, m: Option<Mapping>) -> Result<()> {
         let alloc = &mut self.pool.alloc;
@@ -275,11 +324,16 @@ impl Inner {
     /// a whiteout; elsewhere the layer's own entry is simply dropped (unless a hole is refused).
     fn zero_block(&mut self, id: LayerId, vb: VBlock, may_unmap: bool) -> Result<()> {
         let l = self.layer(id)?;
-        let below = match l.parent {
-            None => Resolved::Hole,
-            Some(p) => self.catalog.resolver(p).block(vb),
+        let below_data = match l.parent {
+            None => false,
+            // A block a remote parent has not fetched yet counts as data: unmapped here, it
+            // would read whatever the fetch brings, not zeros.
+            Some(p) => {
+                self.first_gap(p, vb.0, 1).is_some()
+                    || matches!(self.catalog.resolver(p).block(vb), Resolved::Data { .. })
+            }
         };
-        let want = if !may_unmap || matches!(below, Resolved::Data { .. }) {
+        let want = if !may_unmap || below_data {
             Some(Mapping::Zero)
         } else {
             None
@@ -346,6 +400,10 @@ impl Inner {
         let mut same = Vec::new();
         let (mut mine, mut theirs) = (vec![0u8; bs as usize], vec![0u8; bs as usize]);
         for (vb, m) in own {
+            if self.first_gap(parent, vb.0, 1).is_some() {
+                // A remote parent has not fetched it: not known to be equal, so kept.
+                continue;
+            }
             let below = self.catalog.resolver(parent).block(vb);
             let equal = match (m, below) {
                 (Mapping::Zero, Resolved::Zero | Resolved::Hole) => true,
@@ -396,7 +454,18 @@ impl Inner {
                 Resolved::Zero => ExtentState::Zero,
                 Resolved::Hole => ExtentState::Hole,
             };
-            push(vb * bs, (vb + n) * bs, state);
+            if state == ExtentState::Data || !self.catalog.has_remote() {
+                push(vb * bs, (vb + n) * bs, state);
+                return;
+            }
+            // A block a remote layer has not fetched yet will read as data.
+            for k in vb..vb + n {
+                let s = match self.first_gap(id, k, 1) {
+                    Some(_) => ExtentState::Data,
+                    None => state,
+                };
+                push(k * bs, (k + 1) * bs, s);
+            }
         });
         Ok(out)
     }
@@ -404,16 +473,33 @@ impl Inner {
 
 impl Store {
     pub fn read_layer(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.make_local(id, offset, buf.len() as u64)?;
         self.read().read(&*self.storage, id, offset, buf)
     }
 
     pub fn write_layer(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.edges_local(id, offset, data.len() as u64)?;
         self.write()?.write(&*self.storage, id, offset, data)
     }
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.edges_local(id, offset, len)?;
         self.write()?
             .zero(&*self.storage, id, offset, len, may_unmap)
+    }
+
+    /// A write keeps the other bytes of the blocks it covers partly: those blocks are read,
+    /// so a remote layer below must hold them first.
+    fn edges_local(&self, id: LayerId, offset: u64, len: u64) -> Result<()> {
+        let bs = self.block_size() as u64;
+        let end = offset.saturating_add(len);
+        if len > 0 && !offset.is_multiple_of(bs) {
+            self.make_local(id, offset, 1)?;
+        }
+        if len > 0 && !end.is_multiple_of(bs) {
+            self.make_local(id, end - 1, 1)?;
+        }
+        Ok(())
     }
 
     /// Drop what layer `id` holds in `offset..offset + len` that equals its parent's

@@ -120,6 +120,14 @@ impl Inner {
     }
 }
 
+/// What a new layer is (FORMAT.md §6.1's mode): writable, being imported, or remote.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Writable,
+    Importing,
+    Remote,
+}
+
 /// Attribute changes applied together: a value of None drops the key.
 pub type AttrChanges<'a> = &'a [(&'a str, Option<&'a str>)];
 
@@ -174,7 +182,7 @@ impl Store {
         parent: Option<&str>,
         size: Option<u64>,
     ) -> Result<LayerInfo> {
-        self.make_layer(layer_name, parent, size, false, &[])
+        self.make_layer(layer_name, parent, size, Mode::Writable, &[])
     }
 
     /// `create_layer` with attributes, in one transaction: no commit can hold the layer
@@ -186,7 +194,7 @@ impl Store {
         size: Option<u64>,
         attrs: AttrChanges<'_>,
     ) -> Result<LayerInfo> {
-        self.make_layer(layer_name, parent, size, false, attrs)
+        self.make_layer(layer_name, parent, size, Mode::Writable, attrs)
     }
 
     /// Change attributes of a layer, all or none, in one transaction.
@@ -214,15 +222,15 @@ impl Store {
         parent: Option<&str>,
         size: u64,
     ) -> Result<LayerInfo> {
-        self.make_layer(layer_name, parent, Some(size), true, &[])
+        self.make_layer(layer_name, parent, Some(size), Mode::Importing, &[])
     }
 
-    fn make_layer(
+    pub(super) fn make_layer(
         &self,
         layer_name: &str,
         parent: Option<&str>,
         size: Option<u64>,
-        incomplete: bool,
+        mode: Mode,
         attrs: AttrChanges<'_>,
     ) -> Result<LayerInfo> {
         name::validate(layer_name)?;
@@ -282,9 +290,9 @@ impl Store {
             disk_size,
             created_secs: secs,
             created_nanos: nanos,
-            writable: true,
-            incomplete,
-            remote: false,
+            writable: mode != Mode::Remote,
+            incomplete: mode == Mode::Importing,
+            remote: mode == Mode::Remote,
             name: layer_name.to_string(),
         };
         let inner = &mut *g;

@@ -53,6 +53,9 @@ pub(crate) struct Inner {
     pub slot_damaged: bool,
     /// The crash journal (a live server's): a copy of `pending` that outlives the process.
     pub journal: Option<Journaled>,
+    /// Where each remote layer's missing blocks come from (`remote.rs`), as a frontend
+    /// attached them; a remote layer without one reads none of its unmapped blocks.
+    pub remotes: super::remote::Remotes,
 }
 
 /// The store's write lock. Dropping it copies the changes made under it into the crash
@@ -197,6 +200,7 @@ impl Store {
                 newest_seen: 1,
                 slot_damaged: false,
                 journal: None,
+                remotes: Default::default(),
             }),
             writable: true,
             discarded: Default::default(),
@@ -682,6 +686,7 @@ pub(super) fn load_generation(
         newest_seen: sb.generation,
         slot_damaged: false,
         journal: None,
+        remotes: Default::default(),
     })
 }
 

@@ -98,6 +98,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Boot<'a> {
     /// The `thinlayer serve` socket and how many virtio-serial ports reach it.
     pub socket: Option<(&'a Path, usize)>,
+    /// The `thinlayer serve` socket reached over the guest's network (lib.sh: nbd_net).
+    pub net_socket: Option<&'a Path>,
     pub disks: Vec<(&'a str, &'a Path)>,
     pub smp: Option<usize>,
 }
@@ -130,6 +132,9 @@ impl Guest {
         if let Some((sock, ports)) = how.socket {
             cmd.arg("--socket").arg(sock);
             cmd.arg("--ports").arg(ports.to_string());
+        }
+        if let Some(sock) = how.net_socket {
+            cmd.arg("--net-socket").arg(sock);
         }
         for (name, file) in &how.disks {
             cmd.arg("--disk").arg(format!("{name}={}", file.display()));

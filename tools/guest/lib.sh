@@ -52,6 +52,18 @@ must() {
     [ $rc = 0 ] || fail "$* (exit $rc)"
 }
 
+# nbd_net: /run/nbd-net.sock reaches the host's socket over the network (run --net-socket), one
+# fresh host connection per guest connection: what a client that reconnects needs, where a
+# virtio-serial port may still carry its previous user's connection.
+NBD_NET_SOCK=/run/nbd-net.sock
+nbd_net() {
+    [ -S "$NBD_NET_SOCK" ] && return
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || fail "no network (run with --net-socket)"
+    socat UNIX-LISTEN:"$NBD_NET_SOCK",fork TCP:10.0.2.100:10809 &
+    for _ in $(seq 50); do [ -S "$NBD_NET_SOCK" ] && return; sleep 0.1; done
+    fail "socat never listened on $NBD_NET_SOCK"
+}
+
 nbd_relay() {
     [ -S "$NBD_SOCK" ] && return
     mkdir -p "$SPENT_PORTS"
