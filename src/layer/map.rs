@@ -226,7 +226,8 @@ impl Crcs {
     fn push(&mut self, items: impl ExactSizeIterator<Item = u32>) {
         let want = self.v.len() + items.len();
         if want > self.v.capacity() {
-            self.v.reserve_exact(want.next_power_of_two() - self.v.len());
+            self.v
+                .reserve_exact(want.next_power_of_two() - self.v.len());
         }
         self.v.extend(items);
     }
@@ -292,7 +293,14 @@ impl BlockMap {
 
     /// Map `vb`; returns what it was mapped to before.
     pub fn set(&mut self, vb: VBlock, m: Mapping) -> Option<Mapping> {
-        let old = self.put(vb, Some(m));
+        let (c, k) = split(vb);
+        let exts = self.chunks.entry(c).or_default();
+        let old = Chunk {
+            c,
+            exts,
+            crcs: &mut self.crcs,
+        }
+        .put(k, Some(m));
         self.count(old, -1);
         self.count(Some(m), 1);
         old
@@ -300,24 +308,46 @@ impl BlockMap {
 
     /// Unmap `vb`; returns what it was mapped to.
     pub fn remove(&mut self, vb: VBlock) -> Option<Mapping> {
-        if !self.chunks.contains_key(&split(vb).0) {
-            return None;
+        let (c, k) = split(vb);
+        let exts = self.chunks.get_mut(&c)?;
+        let mut chunk = Chunk {
+            c,
+            exts,
+            crcs: &mut self.crcs,
+        };
+        let old = chunk.put(k, None);
+        if chunk.exts.is_empty() {
+            self.chunks.remove(&c);
+            self.crcs.remove(&c);
         }
-        let old = self.put(vb, None);
         self.count(old, -1);
         old
     }
+}
 
-    /// Make `vb` map to `to` (None: unmapped); returns what it mapped to.
-    fn put(&mut self, vb: VBlock, to: Option<Mapping>) -> Option<Mapping> {
-        let (c, k) = split(vb);
-        let exts = self.chunks.entry(c).or_default();
+/// One chunk being changed: its extents and the table of crc vectors (found once per change).
+struct Chunk<'a> {
+    c: u64,
+    exts: &'a mut Vec<Ext>,
+    crcs: &'a mut ChunkTable<Crcs>,
+}
+
+impl Chunk<'_> {
+    /// Make key `k` map to `to` (None: unmapped); returns what it mapped to. The caller drops
+    /// the chunk if this leaves it empty.
+    fn put(&mut self, k: u16, to: Option<Mapping>) -> Option<Mapping> {
+        let c = self.c;
+        let exts = &mut *self.exts;
         let i = find(exts, k);
         let old = match i {
             Some(i) if k < exts[i].end() => {
                 let e = exts[i];
                 let off = k - e.start();
-                let crcs = self.crcs.get_mut(&c);
+                let crcs = if e.has_crcs() {
+                    self.crcs.get_mut(&c)
+                } else {
+                    None
+                };
                 let old = e.at(off, crcs.as_ref().map_or(&[], |x| &x.v));
                 match to {
                     // The same place (a fresh block rewritten in place): only the crc changes.
@@ -336,20 +366,19 @@ impl BlockMap {
                             exts.remove(i);
                         }
                     },
-                    _ => self.split_run(c, i, off, to),
+                    _ => self.split_run(i, off, to),
                 }
                 Some(old)
             }
             _ => {
                 if let Some(m) = to {
-                    self.add(c, i, k, m);
+                    self.add(i, k, m);
                 }
                 None
             }
         };
-        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+        let exts = &mut *self.exts;
         if exts.is_empty() {
-            self.chunks.remove(&c);
             self.crcs.remove(&c);
         } else if exts.capacity() > 4 * exts.len() {
             exts.shrink_to(2 * exts.len());
@@ -360,14 +389,18 @@ impl BlockMap {
     /// Replace block `off` of run `exts[i]` of chunk `c` by `to`, leaving the rest of the run
     /// on either side (a piece of one block becomes a single extent). Its crcs stay where they
     /// are; the replaced block's becomes dead.
-    fn split_run(&mut self, c: u64, i: usize, off: u16, to: Option<Mapping>) {
-        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+    fn split_run(&mut self, i: usize, off: u16, to: Option<Mapping>) {
+        let (c, exts) = (self.c, &mut *self.exts);
         let e = exts[i];
         let data = e.has_crcs();
         let empty = Crcs::default();
         let crcs = if data { &self.crcs[&c] } else { &empty };
         let piece = |from: u16, len: u16| {
-            let base = if data { e.base() + from as u64 } else { ZERO_MARK };
+            let base = if data {
+                e.base() + from as u64
+            } else {
+                ZERO_MARK
+            };
             if len == 1 {
                 Ext::single(e.start() + from, e.at(from, &crcs.v))
             } else {
@@ -391,14 +424,14 @@ impl BlockMap {
         exts.splice(i..=i, pieces);
         if data {
             self.crcs.get_mut(&c).expect("a data run has crcs").dead += dead;
-            self.compact(c);
+            self.compact();
         }
     }
 
     /// Map key `k` of chunk `c`, unmapped now, to `m`: it extends the extent before it (`i`)
     /// when it continues it, else it is a single extent of its own.
-    fn add(&mut self, c: u64, i: Option<usize>, k: u16, m: Mapping) {
-        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+    fn add(&mut self, i: Option<usize>, k: u16, m: Mapping) {
+        let (c, exts) = (self.c, &mut *self.exts);
         let at = i.map_or(0, |i| i + 1);
         let Some(i) = i.filter(|&i| exts[i].end() == k && exts[i].continued_by(m)) else {
             exts.insert(at, Ext::single(k, m));
@@ -422,7 +455,7 @@ impl BlockMap {
             }
             x.push(std::iter::once(crc));
             exts[i].set_len(e.len() + 1);
-            self.compact(c);
+            self.compact();
             return;
         }
         // A single block continued: with a crc vector already, two blocks make a run; without,
@@ -444,18 +477,29 @@ impl BlockMap {
         }
         let x = self.crcs.entry(c).or_default();
         let crc_at = x.v.len();
-        x.push(exts[j..=i].iter().map(|s| s.word).chain([crc]).collect::<Vec<_>>().into_iter());
+        x.push(
+            exts[j..=i]
+                .iter()
+                .map(|s| s.word)
+                .chain([crc])
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
         let run = Ext::run(exts[j].start(), exts[j].base(), (i - j + 2) as u16, crc_at);
         exts.splice(j..=i, [run]);
     }
 
-    /// Drop chunk `c`'s dead crcs once they outnumber the live ones, renumbering the runs.
-    fn compact(&mut self, c: u64) {
-        let x = self.crcs.get_mut(&c).expect("a chunk with data runs has crcs");
+    /// Drop the chunk's dead crcs once they outnumber the live ones, renumbering the runs.
+    fn compact(&mut self) {
+        let c = self.c;
+        let x = self
+            .crcs
+            .get_mut(&c)
+            .expect("a chunk with data runs has crcs");
         if x.dead * 2 <= x.v.len() {
             return;
         }
-        let exts = self.chunks.get_mut(&c).expect("the chunk is there");
+        let exts = &mut *self.exts;
         let mut v = Vec::with_capacity(x.v.len() - x.dead);
         for e in exts.iter_mut().filter(|e| e.has_crcs()) {
             let from = e.crc_at();
@@ -468,7 +512,9 @@ impl BlockMap {
             *x = Crcs { v, dead: 0 };
         }
     }
+}
 
+impl BlockMap {
     /// Whether any block of chunk `c` is mapped.
     pub fn has_chunk(&self, c: u64) -> bool {
         self.chunks.contains_key(&c)
@@ -651,9 +697,20 @@ mod tests {
     enum Op {
         /// Map `len` blocks from `vb` to pool blocks from `p` (contiguous: a run when it
         /// continues what is there).
-        Data { vb: u64, len: u64, p: u64, crc: u32 },
-        Zero { vb: u64, len: u64 },
-        Unmap { vb: u64, len: u64 },
+        Data {
+            vb: u64,
+            len: u64,
+            p: u64,
+            crc: u32,
+        },
+        Zero {
+            vb: u64,
+            len: u64,
+        },
+        Unmap {
+            vb: u64,
+            len: u64,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {

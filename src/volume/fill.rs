@@ -40,7 +40,9 @@ impl Store {
                     }),
                 };
                 let alloc = &mut inner.pool.alloc;
-                inner.catalog.change(&mut inner.pending, c, |b| alloc.free(b))?;
+                inner
+                    .catalog
+                    .change(&mut inner.pending, c, |b| alloc.free(b))?;
             }
             i += got as usize;
         }
