@@ -4,12 +4,14 @@
 
 use super::CHUNK;
 use crate::error::{Error, Result};
+use crate::volume::io::is_zero;
 use crate::volume::{LayerInfo, Store};
 use serde::Serialize;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::mpsc;
 
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct ImportStats {
@@ -103,7 +105,7 @@ pub fn import_from(
     label: &str,
     parent: Option<&str>,
     progress: &mut dyn FnMut(u64, u64),
-    diff: &mut dyn DiffSink,
+    diff: &mut (dyn DiffSink + Send),
 ) -> Result<(LayerInfo, ImportStats)> {
     let meta = f
         .metadata()
@@ -125,89 +127,136 @@ pub fn import_from(
     };
     let bs = store.block_size() as u64;
     let mut stats = ImportStats::default();
-    let mut buf = vec![0u8; CHUNK];
-    let mut pbuf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < size {
-        // Holes in the source read as zeros; over no parent they cost nothing, so skip them.
-        if parent_id.is_none() {
-            match next_data(f, off) {
-                None => {
-                    stats.bytes_skipped_holes += size - off;
-                    break;
-                }
-                Some(d) if d > off => {
-                    let d = (d / bs * bs).max(off).min(size);
-                    stats.bytes_skipped_holes += d - off;
-                    off = d;
-                    if off >= size {
+    // Two threads, two cores: this one reads, compares and writes; the other feeds `diff`
+    // (the content ID's hashing costs about as much CPU as the I/O). Buffers go round between
+    // them, so at most `BUFFERS` chunks are in memory.
+    let (to_diff, chunks) = mpsc::sync_channel::<Chunk>(BUFFERS);
+    let (back, free) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        back.send(vec![0u8; CHUNK]).expect("the receiver is here");
+    }
+    let sink = &mut *diff;
+    std::thread::scope(|scope| -> Result<()> {
+        // Moved in, so leaving the scope (on an error too) closes the channel and ends the
+        // feeding thread, which the scope then waits for.
+        let to_diff = to_diff;
+        scope.spawn(move || {
+            for c in chunks {
+                c.feed(sink, bs as usize);
+                // The importer may have stopped on an error: then nobody needs the buffer.
+                let _ = back.send(c.buf);
+            }
+        });
+        let mut pbuf = vec![0u8; CHUNK];
+        let mut off = 0u64;
+        while off < size {
+            // Holes in the source read as zeros; over no parent they cost nothing, so skip them.
+            if parent_id.is_none() {
+                match next_data(f, off) {
+                    None => {
+                        stats.bytes_skipped_holes += size - off;
                         break;
                     }
+                    Some(d) if d > off => {
+                        let d = (d / bs * bs).max(off).min(size);
+                        stats.bytes_skipped_holes += d - off;
+                        off = d;
+                        if off >= size {
+                            break;
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-        let mut n = (CHUNK as u64).min(size - off);
-        if parent_id.is_none() {
-            // Read up to the next hole only: a hole's zeros need neither reading nor checking.
-            if let Some(h) = next_hole(f, off).filter(|&h| h > off) {
-                n = n.min(h.div_ceil(bs) * bs - off).min(size - off);
-            }
-        }
-        let n = n as usize;
-        let data = &mut buf[..n];
-        read_full(f, data, off)
-            .map_err(|e| Error::io(format!("reading {label} at byte {off}"), e))?;
-        stats.bytes_read += n as u64;
-        let base = match &parent_id {
-            Some(p) => {
-                let plen = p.disk_size.saturating_sub(off).min(n as u64) as usize;
-                store.read_layer(p.id, off, &mut pbuf[..plen])?;
-                pbuf[plen..n].fill(0);
-                Some(&pbuf[..n])
-            }
-            None => None,
-        };
-        // Store runs of blocks that differ from what the parent chain reads.
-        let blocks = n.div_ceil(bs as usize);
-        let mut i = 0;
-        while i < blocks {
-            let differs = |k: usize| {
-                let (s, e) = (k * bs as usize, ((k + 1) * bs as usize).min(n));
-                match base {
-                    Some(b) => data[s..e] != b[s..e],
-                    None => data[s..e].iter().any(|&x| x != 0),
+            let mut n = (CHUNK as u64).min(size - off);
+            if parent_id.is_none() {
+                // Read up to the next hole only: a hole's zeros need neither reading nor checking.
+                if let Some(h) = next_hole(f, off).filter(|&h| h > off) {
+                    n = n.min(h.div_ceil(bs) * bs - off).min(size - off);
                 }
+            }
+            let n = n as usize;
+            let mut buf = free
+                .recv()
+                .expect("the feeding thread returns every buffer");
+            let data = &mut buf[..n];
+            read_full(f, data, off)
+                .map_err(|e| Error::io(format!("reading {label} at byte {off}"), e))?;
+            stats.bytes_read += n as u64;
+            let base = match &parent_id {
+                Some(p) => {
+                    let plen = p.disk_size.saturating_sub(off).min(n as u64) as usize;
+                    store.read_layer(p.id, off, &mut pbuf[..plen])?;
+                    pbuf[plen..n].fill(0);
+                    Some(&pbuf[..n])
+                }
+                None => None,
             };
-            if !differs(i) {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < blocks && differs(j) {
-                j += 1;
-            }
-            let (s, e) = (i * bs as usize, (j * bs as usize).min(n));
-            store.write_layer(layer.id, off + s as u64, &data[s..e])?;
-            stats.bytes_changed += (e - s) as u64;
-            for (k, b) in data[s..e].chunks(bs as usize).enumerate() {
-                let at = off + (s + k * bs as usize) as u64;
-                if b.iter().any(|&x| x != 0) {
-                    diff.data(at, b);
-                } else {
-                    diff.zero(at, b.len() as u64);
+            // Store runs of blocks that differ from what the parent chain reads.
+            let blocks = n.div_ceil(bs as usize);
+            let mut stored = Vec::new();
+            let mut i = 0;
+            while i < blocks {
+                let differs = |k: usize| {
+                    let (s, e) = (k * bs as usize, ((k + 1) * bs as usize).min(n));
+                    match base {
+                        Some(b) => data[s..e] != b[s..e],
+                        None => !is_zero(&data[s..e]),
+                    }
+                };
+                if !differs(i) {
+                    i += 1;
+                    continue;
                 }
+                let mut j = i + 1;
+                while j < blocks && differs(j) {
+                    j += 1;
+                }
+                let (s, e) = (i * bs as usize, (j * bs as usize).min(n));
+                store.write_layer(layer.id, off + s as u64, &data[s..e])?;
+                stats.bytes_changed += (e - s) as u64;
+                stored.push(s..e);
+                i = j;
             }
-            i = j;
+            to_diff
+                .send(Chunk { off, buf, stored })
+                .expect("the feeding thread runs until the channel closes");
+            off += n as u64;
+            progress(off, size);
         }
-        off += n as u64;
-        progress(off, size);
-    }
+        Ok(())
+    })?;
     progress(size, size);
     let attrs = diff.attrs();
     let changes: Vec<(&str, Option<&str>)> =
         attrs.iter().map(|(k, v)| (*k, Some(v.as_str()))).collect();
     Ok((import.finish(&changes)?, stats))
+}
+
+/// Chunks read ahead of the thread that feeds the diff sink.
+const BUFFERS: usize = 3;
+
+/// A chunk of the image at byte `off` and the byte ranges of it the import stored.
+struct Chunk {
+    off: u64,
+    buf: Vec<u8>,
+    stored: Vec<std::ops::Range<usize>>,
+}
+
+impl Chunk {
+    /// Show `diff` the stored blocks, in order.
+    fn feed(&self, diff: &mut (dyn DiffSink + Send), bs: usize) {
+        for r in &self.stored {
+            for (k, b) in self.buf[r.clone()].chunks(bs).enumerate() {
+                let at = self.off + (r.start + k * bs) as u64;
+                if is_zero(b) {
+                    diff.zero(at, b.len() as u64);
+                } else {
+                    diff.data(at, b);
+                }
+            }
+        }
+    }
 }
 
 fn read_full(f: &File, mut buf: &mut [u8], mut off: u64) -> std::io::Result<()> {

@@ -11,10 +11,44 @@ use crate::format::{LayerId, PBlock, VBlock};
 use crate::layer::{Change, Layer, Mapping, Resolved};
 use crate::pool::Storage;
 
-fn is_zero(b: &[u8]) -> bool {
+/// Whether `b` is all zeros, 16 bytes at a time (all-zero blocks are never stored).
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
     let (head, mid, tail) = unsafe { b.align_to::<u128>() };
     head.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0)
+}
+
+/// A write planned by `Inner::plan_new_blocks`: runs of new pool blocks, each as (index of its
+/// first block in the request, first pool block, count). The blocks are used in the allocator
+/// and named by no map until `Inner::map_planned`.
+struct Planned {
+    block_size: usize,
+    runs: Vec<(usize, PBlock, usize)>,
+}
+
+impl Planned {
+    /// Write the planned blocks (no lock held); the crc of each, in order.
+    fn write(&self, storage: &dyn Storage, data: &[u8]) -> Result<Vec<u32>> {
+        let bs = self.block_size;
+        let mut crcs = Vec::with_capacity(self.runs.iter().map(|r| r.2).sum());
+        for &(i, p, got) in &self.runs {
+            let run = &data[i * bs..(i + got) * bs];
+            storage
+                .write_at(run, p.0 * bs as u64)
+                .map_err(|e| Error::io(format!("writing {p}"), e))?;
+            crcs.extend(run.chunks_exact(bs).map(checksum::data));
+        }
+        Ok(crcs)
+    }
+
+    /// Give the blocks back (the write failed or was refused): nothing names them.
+    fn free(&self, inner: &mut Inner) {
+        for &(_, p, got) in &self.runs {
+            for k in 0..got as u64 {
+                inner.pool.alloc.free(PBlock(p.0 + k));
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -265,6 +299,105 @@ impl Inner {
         Ok(())
     }
 
+    /// Plan a write of whole blocks into new pool blocks, to be carried out without the lock
+    /// (`Store::write_layer`): None if the request is not block-aligned or overwrites a block
+    /// in place (rule 2), which `write` then does under the lock. Every non-zero block gets a
+    /// pool block now; none is mapped until `map_planned`, after its data is written.
+    fn plan_new_blocks(
+        &mut self,
+        id: LayerId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Option<Planned>> {
+        self.check_range(id, offset, data.len() as u64, true)?;
+        let bs = self.block_size as usize;
+        if data.is_empty() || !offset.is_multiple_of(bs as u64) || !data.len().is_multiple_of(bs) {
+            return Ok(None);
+        }
+        let vb0 = offset / bs as u64;
+        let n = data.len() / bs;
+        let l = self.layer(id)?;
+        let in_place = (0..n).any(|i| {
+            matches!(l.map.get(VBlock(vb0 + i as u64)),
+                Some(Mapping::Data { pblock, .. }) if self.pool.alloc.is_fresh(pblock))
+        });
+        if in_place {
+            return Ok(None);
+        }
+        let mut plan = Planned {
+            block_size: bs,
+            runs: Vec::new(),
+        };
+        let mut i = 0;
+        while i < n {
+            if is_zero(&data[i * bs..(i + 1) * bs]) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && j - i < 256 && !is_zero(&data[j * bs..(j + 1) * bs]) {
+                j += 1;
+            }
+            let reserve = self.pool.metadata_reserve(&self.pending);
+            let Some((p, got)) = self.pool.alloc.alloc_run((j - i) as u64, reserve) else {
+                plan.free(self);
+                return Err(Error::NoSpace(format!(
+                    "{}: writing at byte {}: {}",
+                    self.catalog.get(id).map_or(String::new(), |l| l.describe()),
+                    (vb0 + i as u64) * bs as u64,
+                    self.pool.alloc.full_message()
+                )));
+            };
+            plan.runs.push((i, p, got as usize));
+            i += got as usize;
+        }
+        Ok(Some(plan))
+    }
+
+    /// Map the blocks of a planned write whose data is written (`crcs`: one per planned block,
+    /// in order), and turn its zero blocks into unmaps or whiteouts: the whole request in one
+    /// hold of the lock, so a commit holds all of it or none (§6). If the layer went away or
+    /// became read-only meanwhile, the blocks are given back and the write is refused.
+    fn map_planned(
+        &mut self,
+        id: LayerId,
+        offset: u64,
+        data: &[u8],
+        plan: &Planned,
+        crcs: &[u32],
+    ) -> Result<()> {
+        if let Err(e) = self.check_range(id, offset, data.len() as u64, true) {
+            plan.free(self);
+            return Err(e);
+        }
+        let bs = self.block_size as usize;
+        let vb0 = offset / bs as u64;
+        let mut crcs = crcs.iter();
+        let mut runs = plan.runs.iter().peekable();
+        let mut i = 0;
+        while i < data.len() / bs {
+            match runs.peek() {
+                Some(&&(at, p, got)) if at == i => {
+                    for k in 0..got {
+                        let m = Mapping::Data {
+                            pblock: PBlock(p.0 + k as u64),
+                            crc: *crcs.next().expect("one crc per planned block"),
+                        };
+                        self.set_mapping(id, VBlock(vb0 + (i + k) as u64), Some(m))?;
+                    }
+                    runs.next();
+                    i += got;
+                }
+                _ => {
+                    debug_assert!(is_zero(&data[i * bs..(i + 1) * bs]));
+                    self.zero_block(id, VBlock(vb0 + i as u64), true)?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Store the blocks of remote layer `id` from `vb0` that it does not hold yet (FORMAT.md
     /// §6.1: a fill only adds). An all-zero block becomes a whiteout, never a hole: a hole in a
     /// remote layer would stay missing. The data may end inside the last block.
@@ -477,9 +610,29 @@ impl Store {
         self.read().read(&*self.storage, id, offset, buf)
     }
 
+    /// Write `data` at `offset` of layer `id`. Whole blocks that all go to new pool blocks (the
+    /// common case: first writes, rewrites of committed data) are written without the store
+    /// lock (docs/DESIGN.md §9): allocated under it, written, then mapped under it again, so a
+    /// flush, a read or another layer's write never waits behind this one's data. The rest
+    /// (partial blocks, in-place overwrites of fresh blocks) is done under the lock.
     pub fn write_layer(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
         self.edges_local(id, offset, data.len() as u64)?;
-        self.write()?.write(&*self.storage, id, offset, data)
+        let mut g = self.write()?;
+        let Some(plan) = g.plan_new_blocks(id, offset, data)? else {
+            return g.write(&*self.storage, id, offset, data);
+        };
+        drop(g);
+        // No lock: the planned blocks are used in the allocator but named by no map, so no
+        // reader, commit or punch touches them (§3 rule 5).
+        let written = plan.write(&*self.storage, data);
+        let mut g = self.write()?;
+        match written {
+            Ok(crcs) => g.map_planned(id, offset, data, &plan, &crcs),
+            Err(e) => {
+                plan.free(&mut g);
+                Err(e)
+            }
+        }
     }
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
