@@ -188,21 +188,6 @@ impl Thinlayer {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The loop devices over live files of this server: name in /sys/block, backing file.
-    fn loop_devices(&self) -> Vec<(String, String)> {
-        let ours = format!("{}/", self.files.display());
-        fs::read_dir("/sys/block")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.to_string();
-                let backing = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-                let backing = backing.trim_end().to_string();
-                backing.starts_with(&ours).then_some((name, backing))
-            })
-            .collect()
-    }
-
     /// The 4 KiB blocks of the filesystem that the layer whose name ends with `part` changed against
     /// its parent, each with the ext4 structure it belongs to, logged under `what`: both
     /// chains exported as sparse images and compared block by block where either holds data,
@@ -768,25 +753,6 @@ fn docker_runs_the_seed_walk_through_on_thinlayer() {
             APP_IMAGE,
             "sh",
         ]);
-    }
-    // Their loop devices (containerd's, over the live files) run in direct-I/O mode: the
-    // snapshotter switches each once it appears.
-    let loops = thin.loop_devices();
-    assert!(
-        loops.len() >= 5,
-        "a loop device per running container: {loops:?}"
-    );
-    for (dev, _) in &loops {
-        let dio = Path::new("/sys/block").join(dev).join("loop/dio");
-        let mut on = false;
-        for _ in 0..200 {
-            on = fs::read_to_string(&dio).is_ok_and(|v| v.trim() == "1");
-            if on {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        assert!(on, "{dev} is not in direct-I/O mode: {loops:?}");
     }
     run_writing_8mib(&d, "w8", "/eight");
     let w8 = d.size_rw("w8");

@@ -14,7 +14,6 @@ mod files;
 mod grpc;
 mod info;
 mod keys;
-mod loop_dio;
 mod snapshots;
 mod status;
 mod writeback;

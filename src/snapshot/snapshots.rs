@@ -126,8 +126,6 @@ impl Snapshots {
             options.push("ro".into());
         } else {
             options.push("discard".into());
-            // The loop device containerd sets up for it, in direct-I/O mode once it exists.
-            super::loop_dio::when_mounted(path.clone());
         }
         Ok(vec![Mount {
             r#type: "ext4".into(),

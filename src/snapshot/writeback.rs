@@ -12,34 +12,12 @@
 //! shim mounts a container's root in the host's namespace, where `thinlayer serve` runs).
 
 use crate::error::{Error, Result};
-use crate::fuse::unescape_mountinfo;
+use crate::fuse::{loop_devices_of, unescape_mountinfo};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-
-/// The loop devices whose backing file is `file`: each one's name in /sys/block (`loop3`)
-/// and its `MAJOR:MINOR`.
-pub(super) fn loop_devices_of(file: &Path) -> Vec<(String, String)> {
-    let Ok(dir) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
-        .filter(|e| backs(&e.path(), file))
-        .filter_map(|e| {
-            let dev = std::fs::read_to_string(e.path().join("dev")).ok()?;
-            Some((e.file_name().to_str()?.to_string(), dev.trim().to_string()))
-        })
-        .collect()
-}
-
-/// Whether the loop device at `sys` (/sys/block/loopN) has `file` as its backing file.
-pub(super) fn backs(sys: &Path, file: &Path) -> bool {
-    std::fs::read(sys.join("loop/backing_file"))
-        .is_ok_and(|b| b.strip_suffix(b"\n").unwrap_or(&b) == file.as_os_str().as_bytes())
-}
 
 /// One mount point of each device in `devices` (`MAJOR:MINOR`), from `mountinfo`'s text.
 fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
@@ -61,7 +39,7 @@ fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
 /// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
 /// what was written to it has reached `file`. Nothing to do when none is.
 pub fn sync_filesystems_on(file: &Path) -> Result<()> {
-    let devices: Vec<String> = loop_devices_of(file).into_iter().map(|(_, d)| d).collect();
+    let devices: Vec<String> = loop_devices_of(file).into_iter().map(|d| d.dev).collect();
     if devices.is_empty() {
         return Ok(());
     }
