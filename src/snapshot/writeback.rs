@@ -36,16 +36,27 @@ fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
-/// what was written to it has reached `file`. Nothing to do when none is.
-pub fn sync_filesystems_on(file: &Path) -> Result<()> {
+/// Where the filesystems on loop devices over `file` are mounted (in our mount namespace),
+/// one mount point per device.
+fn mounts_over(file: &Path) -> Result<Vec<PathBuf>> {
     let devices: Vec<String> = loop_devices_of(file).into_iter().map(|d| d.dev).collect();
     if devices.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-    for point in mount_points(&info, &devices) {
+    Ok(mount_points(&info, &devices))
+}
+
+/// One place where the filesystem on a loop device over `file` is mounted, if it is.
+pub fn mounted_at(file: &Path) -> Result<Option<PathBuf>> {
+    Ok(mounts_over(file)?.into_iter().next())
+}
+
+/// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
+/// what was written to it has reached `file`. Nothing to do when none is.
+pub fn sync_filesystems_on(file: &Path) -> Result<()> {
+    for point in mounts_over(file)? {
         let ctx = || {
             format!(
                 "syncing the filesystem at {} (on a loop device over {})",
