@@ -13,7 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod support;
-use support::{control_path, have, sh, tl, tl_output, wait_for, Server};
+use support::{
+    control_path, have, serving, sh, stop_serving, tl, tl_output, wait_for, wait_gone, KillServing,
+    Server,
+};
 
 /// containerd's namespace for this run's containers: runc keeps its state under
 /// /run/containerd/runc/NAMESPACE/ID whichever containerd started it, so a constant name
@@ -320,24 +323,8 @@ impl Thinlayer {
 
 impl Drop for Thinlayer {
     fn drop(&mut self) {
-        // After a restart or a kill the serving process (and a keeper) are not the child:
-        // stopped by the PIDs `status` names, the keeper first or it would start another.
-        if let Ok(o) = Command::new(support::bin())
-            .arg("--pool")
-            .arg(&self.pool)
-            .args(["status", "--json"])
-            .output()
-        {
-            if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
-                for pid in [v["keeper"].as_i64(), v["pid"].as_i64()]
-                    .into_iter()
-                    .flatten()
-                {
-                    // SAFETY: killing a process this test's server started, by its PID.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
-        }
+        // After a restart or a kill the serving process (and a keeper) are not the child.
+        drop(KillServing(&self.pool));
         drop(self.server.take());
         let _ = Command::new("umount")
             .arg("-l")
@@ -1136,26 +1123,9 @@ fn containerd_killed_mid_pull_leaves_nothing_half_made() {
     assert!(!thin.log().contains("panicked"), "{}", thin.log());
 }
 
-/// Wait until `pid` has exited (a zombie counts: its parent may be gone too).
-fn wait_gone(pid: i32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid {pid} still runs after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The pid serving the pool now (it changes with every `thinlayer restart`).
 fn serving_pid(pool: &Path) -> i32 {
-    let v: Value = serde_json::from_str(&tl(pool, &["status", "--json"])).unwrap();
-    v["pid"].as_i64().unwrap() as i32
+    serving(pool).expect("a server answers status").0
 }
 
 /// Issue 17: a container under containerd writes and fsyncs 64 KiB files in a loop while
@@ -1418,14 +1388,7 @@ fn through_events(event: Event) {
 
     // Stop the serving process (the last restart's); its keeper goes with it. Then the pool
     // is clean.
-    let st: Value = serde_json::from_str(&tl(&thin.pool, &["status", "--json"])).unwrap();
-    let pid = st["pid"].as_i64().unwrap() as i32;
-    // SAFETY: signalling the server by the PID it reported.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    wait_gone(pid);
-    if let Some(k) = st["keeper"].as_i64() {
-        wait_gone(k as i32);
-    }
+    assert!(stop_serving(&thin.pool), "nothing serves the pool");
     drop(thin.server.take());
     let check = tl(&thin.pool, &["check", "--data"]);
     assert!(check.contains("clean"), "check --data: {check}");

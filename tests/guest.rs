@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 mod guest_common;
 mod support;
 use guest_common::{guest_or_skip, reports, Boot, Guest, Reports};
-use support::{bin, sh, tl, Server};
+use support::{sh, stop_serving, tl, KillServing, Server};
 
 /// Host tools every test here uses besides the guest.
 const HOST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "debugfs", "sha256sum"];
@@ -745,44 +745,10 @@ fn fio_with_verify_on_the_kernel_driver_goes_through_two_restarts_of_the_server(
             .join("; ")
     );
     // The serving process is the restarted one now: SIGTERM (commit, exit) by its pid.
-    if let Some(pid) = serving_pid(&f.pool) {
-        signal_and_wait(pid, libc::SIGTERM);
-    }
+    assert!(
+        stop_serving(&f.pool),
+        "nothing serves the pool after the restarts"
+    );
     drop(server);
     f.assert_check_clean();
-}
-
-/// The pid of the process serving `pool`, from `status`, if one answers.
-fn serving_pid(pool: &Path) -> Option<i32> {
-    let out = Command::new(bin())
-        .arg("--pool")
-        .arg(pool)
-        .args(["status", "--json"])
-        .output()
-        .ok()?;
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    st["pid"].as_i64().map(|p| p as i32)
-}
-
-/// Sends `sig` to `pid` and waits until it has exited (a zombie counts: its parent is gone).
-fn signal_and_wait(pid: i32, sig: i32) {
-    // SAFETY: signalling the server this test started, by the pid it reported.
-    unsafe { libc::kill(pid, sig) };
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|s| !s.starts_with('Z')))
-    {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// Kills the serving process of a pool when dropped (a test that failed after a restart
-/// would otherwise leave the new server running).
-struct KillServing<'a>(&'a Path);
-
-impl Drop for KillServing<'_> {
-    fn drop(&mut self) {
-        if let Some(pid) = serving_pid(self.0) {
-            signal_and_wait(pid, libc::SIGKILL);
-        }
-    }
 }

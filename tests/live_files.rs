@@ -142,6 +142,18 @@ impl Drop for LoopMount {
     }
 }
 
+/// File `/NAME` of the ext4 image `img` (fsck-clean), read with debugfs.
+fn file_in_image(img: &Path, name: &str) -> Vec<u8> {
+    sh(&format!("e2fsck -fn {}", img.display()));
+    let got = img.with_extension(format!("{name}.out"));
+    sh(&format!(
+        "debugfs -R 'dump /{name} {}' {} 2>/dev/null",
+        got.display(),
+        img.display()
+    ));
+    std::fs::read(&got).unwrap()
+}
+
 /// Deterministic, incompressible-looking bytes (no zero runs the store would skip).
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -183,13 +195,7 @@ fn an_ext4_mounted_over_a_loop_device_on_a_live_file_keeps_its_files_in_the_laye
         img.display()
     ));
     assert_eq!(hello, "hello from a loop device\n");
-    let got = dir.path().join("payload");
-    sh(&format!(
-        "debugfs -R 'dump /payload {}' {} 2>/dev/null",
-        got.display(),
-        img.display()
-    ));
-    assert!(std::fs::read(&got).unwrap() == payload, "payload differs");
+    assert!(file_in_image(&img, "payload") == payload, "payload differs");
 
     let files = live.files.clone();
     live.stop();
@@ -379,5 +385,61 @@ fn a_sync_in_an_ext4_over_a_loop_device_reaches_the_pool_before_kill_9() {
     live.tl(&["detach", "web"]);
     let report = live.tl(&["check"]);
     assert!(report.contains("clean"), "{report}");
+    live.stop();
+}
+
+/// Wait up to 10 s for `/sys/block/NAME/loop/dio` to read `want`; what it read last.
+fn wait_for_dio(dev: &str, want: &str) -> String {
+    let name = dev.trim().trim_start_matches("/dev/");
+    let path = Path::new("/sys/block").join(name).join("loop/dio");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        if now.trim() == want || std::time::Instant::now() > deadline {
+            return now.trim().to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn with_loop_direct_io_a_buffered_loop_device_over_a_live_file_is_switched_and_keeps_its_writes() {
+    require_prerequisites!();
+    let dir = tempfile::tempdir().unwrap();
+    let live = Live::start_args(dir.path(), &["--loop-direct-io"]);
+    live.tl(&["create", "db", "--size", "64M"]);
+    let file = live.attach("db");
+    sh(&format!("mkfs.ext4 -q -F {}", file.display()));
+    let mnt = dir.path().join("mnt");
+    let payload = pattern(1 << 20, 9);
+    {
+        // `mount -o loop` sets the loop device up buffered, as containerd 1.6 does.
+        let m = LoopMount::new(&file, &mnt);
+        let dev = sh(&format!("findmnt -no SOURCE {}", m.mnt.display()));
+        assert_eq!(
+            wait_for_dio(&dev, "1"),
+            "1",
+            "{} over {} is still buffered; server log:\n{}",
+            dev.trim(),
+            file.display(),
+            live.log()
+        );
+        assert!(
+            live.log().contains(&format!(
+                "live file {}: loop device {} switched to direct I/O",
+                file.display(),
+                dev.trim()
+            )),
+            "{}",
+            live.log()
+        );
+        // Through the device in its new mode: a file written and synced reaches the layer.
+        std::fs::write(m.mnt.join("payload"), &payload).unwrap();
+        sh(&format!("sync -f {}", m.mnt.join("payload").display()));
+    }
+    live.tl(&["detach", "db"]);
+    let img = dir.path().join("db.img");
+    live.tl(&["export", "db", img.to_str().unwrap()]);
+    assert!(file_in_image(&img, "payload") == payload, "payload differs");
     live.stop();
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod support;
-use support::{bin, sh, tl, tl_output, wait_for};
+use support::{bin, sh, tl, tl_output, wait_for, wait_gone, KillServing};
 
 fn missing_prerequisite() -> Option<String> {
     support::missing_root_fuse(&["mkfs.ext4", "e2fsck", "losetup", "setpriv", "prlimit"])
@@ -139,26 +139,7 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
-        if let Ok(o) = Command::new(bin())
-            .arg("--pool")
-            .arg(&self.pool)
-            .args(["status", "--json"])
-            .output()
-        {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-                // The keeper first, or it would start another server.
-                if let Some(pid) = v["keeper"].as_i64() {
-                    // SAFETY: killing the keeper this test's server started, by its PID.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    wait_gone(pid as i32);
-                }
-                if let Some(pid) = v["pid"].as_i64() {
-                    // SAFETY: killing the server this test started, by its PID.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    wait_gone(pid as i32);
-                }
-            }
-        }
+        drop(KillServing(&self.pool));
         if let Some(mut c) = self.first.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -167,20 +148,6 @@ impl Drop for Served {
         // SAFETY: a valid path; failure (nothing mounted) is fine.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         let _ = &self.dir;
-    }
-}
-
-/// Wait until `pid` has exited (a zombie counts: its parent may be gone too).
-fn wait_gone(pid: i32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
-        if stat.is_empty() || state == Some('Z') {
-            return;
-        }
-        assert!(Instant::now() < deadline, "pid {pid} still runs after 60 s");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -181,13 +181,16 @@ ct_up() {
         bg_start "$WORK/${t/:/-}-serve.log" "${BIN[$t]}" --pool "$WORK/pool-${t#tl:}" serve \
             --socket "$sock" --export "$CUR"
         URI=$(uri "$sock" "$CUR") ;;
-    tlf:* | tlfd:*)
+    tlf:* | tlfd:* | tlfs:*)
         # Live files: the server's own FUSE file for the layer (`serve --files`); URI is the
-        # file's path, for a loop mount (live_attach; tlfd: the loop device in direct-I/O mode).
+        # file's path, for a loop mount (live_attach; tlfd: the loop device switched to
+        # direct I/O by losetup, tlfs: by the server, `serve --loop-direct-io`).
         CUR=$name
         tl_on "$t" create "$CUR" --parent "$image" >/dev/null
+        local more=()
+        [[ $t == tlfs:* ]] && more=(--loop-direct-io)
         bg_start "$WORK/${t/:/-}-serve.log" "${BIN[tl:${t#*:}]}" --pool "$WORK/pool-${t#*:}" \
-            serve --socket "$sock" --files "$WORK/${t/:/-}-files"
+            serve --socket "$sock" --files "$WORK/${t/:/-}-files" "${more[@]}"
         wait_for -S "$WORK/pool-${t#*:}.ctl"
         URI=$(tl_on "$t" attach "$CUR") ;;
     qemu)
@@ -209,7 +212,7 @@ ct_up() {
 }
 ct_space() {
     case $1 in
-    tl:* | tlf:* | tlfd:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
+    tl:* | tlf:* | tlfd:* | tlfs:*) tl_on "$1" ls --json | jq ".[] | select(.name == \"$CUR\") | .size" ;;
     qemu) on_disk "$CUR" ;;
     nbdkit) cow_bytes "$SRV" "$CUR" ;;
     esac
@@ -219,7 +222,7 @@ ct_down() {
     tl:*)
         bg_stop "$SRV" strict
         tl_on "$1" rm "$CUR" >/dev/null ;;
-    tlf:* | tlfd:*)
+    tlf:* | tlfd:* | tlfs:*)
         tl_on "$1" detach "$CUR" >/dev/null
         bg_stop "$SRV" strict
         tl_on "$1" rm "$CUR" >/dev/null ;;
@@ -232,6 +235,7 @@ ct_label() {
     tl:*) echo "${1#tl:}" ;;
     tlf:*) echo "${1#tlf:} (live file)" ;;
     tlfd:*) echo "${1#tlfd:} (live file, loop dio)" ;;
+    tlfs:*) echo "${1#tlfs:} (live file, --loop-direct-io)" ;;
     qemu) echo "qemu-nbd qcow2 ($QCACHE)" ;;
     nbdkit) echo "nbdkit cow" ;;
     *) echo "$1" ;;

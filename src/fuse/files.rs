@@ -11,7 +11,7 @@ use crate::volume::exports::{Attached, Holder, LiveExports};
 use crate::volume::BlockDevice;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,6 +41,8 @@ pub struct LiveFile {
     failed_writes: AtomicU64,
     /// Of those, the ones that found the pool full.
     failed_no_space: AtomicU64,
+    /// Opened since the last look for loop devices over it (`loops`): the next I/O looks.
+    look_for_loops: AtomicBool,
 }
 
 /// One attached file as a restart hands it to the next process: the same inode (the kernel
@@ -81,6 +83,15 @@ impl LiveFile {
 
     pub fn writable(&self) -> bool {
         !self.device.is_read_only()
+    }
+
+    /// Whether this is the first I/O since the file was opened (once true per open). A loop
+    /// device is bound to the file between its open and its first I/O (`losetup`, `mount -o
+    /// loop` and containerd open the file, bind it, then read the filesystem through it), so
+    /// this is when to look for one.
+    pub fn first_io_since_open(&self) -> bool {
+        self.look_for_loops.load(Ordering::Relaxed)
+            && self.look_for_loops.swap(false, Ordering::Relaxed)
     }
 
     pub fn open_handles(&self) -> u64 {
@@ -203,6 +214,7 @@ impl Table {
         let g = self.read();
         let f = g.by_ino.get(&ino)?;
         f.opens.fetch_add(1, Ordering::SeqCst);
+        f.look_for_loops.store(true, Ordering::Relaxed);
         let f = f.clone();
         drop(g);
         self.changed();
@@ -303,6 +315,9 @@ impl Table {
             opens: AtomicU64::new(opens),
             failed_writes: AtomicU64::new(lost.0),
             failed_no_space: AtomicU64::new(lost.1),
+            // A restored file that is open may have a loop device on it that an older server
+            // left buffered.
+            look_for_loops: AtomicBool::new(opens > 0),
         });
         g.by_layer.insert(info.name, file_name.clone());
         g.by_ino.insert(f.ino, f.clone());

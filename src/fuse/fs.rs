@@ -7,8 +7,12 @@
 //! loop device over a file does not cache every block twice (the filesystem above caches
 //! it already) and every write reaches the store before it is acknowledged;
 //! FOPEN_PARALLEL_DIRECT_WRITES lets writes to one file run at once, one per session thread.
+//! With `serve --loop-direct-io`, a loop device bound to a file is switched to direct-I/O
+//! mode at the file's first I/O after an open (`loops`), so that it keeps several of those
+//! requests in flight.
 
 use super::files::{LiveFile, Table, ROOT_INO};
+use super::loops::DirectIo;
 use crate::error::Error;
 use crate::log::{self, Level};
 use crate::volume::BlockDevice;
@@ -37,6 +41,8 @@ pub struct Fs {
     uid: u32,
     gid: u32,
     errors: AtomicU64,
+    /// Set with `serve --loop-direct-io`.
+    direct_io: Option<DirectIo>,
 }
 
 thread_local! {
@@ -45,7 +51,7 @@ thread_local! {
 }
 
 impl Fs {
-    pub fn new(table: Arc<Table>) -> Fs {
+    pub fn new(table: Arc<Table>, direct_io: Option<DirectIo>) -> Fs {
         // SAFETY: geteuid and getegid have no preconditions.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         Fs {
@@ -54,7 +60,21 @@ impl Fs {
             uid,
             gid,
             errors: AtomicU64::new(0),
+            direct_io,
         }
+    }
+
+    /// The file for I/O on `ino`, as `file`; with `serve --loop-direct-io`, its first I/O
+    /// since an open has the loop devices over it switched to direct I/O (in the background:
+    /// this request is not held up).
+    fn io_file(&self, ino: INodeNo) -> Result<Arc<LiveFile>, Errno> {
+        let f = self.file(ino)?;
+        if let Some(dio) = &self.direct_io {
+            if f.first_io_since_open() {
+                dio.request(&f.path);
+            }
+        }
+        Ok(f)
     }
 
     fn root_attr(&self) -> FileAttr {
@@ -123,7 +143,7 @@ impl Fs {
 
     /// As `file`, for a change: a read-only layer's file refuses it.
     fn writable_file(&self, ino: INodeNo) -> Result<Arc<LiveFile>, Errno> {
-        let f = self.file(ino)?;
+        let f = self.io_file(ino)?;
         if f.writable() {
             Ok(f)
         } else {
@@ -269,7 +289,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let f = match self.file(ino) {
+        let f = match self.io_file(ino) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };

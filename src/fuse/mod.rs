@@ -6,7 +6,7 @@
 //!
 //! `names` maps layer names to file names, `files` holds the policy (attach, detach, who has
 //! a file open), `fs` translates FUSE requests, `mount` sets the directory up and takes it
-//! down. `adopt` serves a mount another process made, from its `/dev/fuse` descriptor and
+//! down, `loops` finds the loop devices over a file and switches them to direct I/O. `adopt` serves a mount another process made, from its `/dev/fuse` descriptor and
 //! its table of files (`thinlayer restart`, the keeper): the loop devices on the files never
 //! notice the change of process.
 //!
@@ -19,10 +19,12 @@ mod adopt;
 mod files;
 #[cfg(feature = "fuse")]
 mod fs;
+mod loops;
 mod mount;
 mod names;
 
 pub use files::{FileState, LostWrites, CLOSE_GRACE};
+pub use loops::{devices_of as loop_devices_of, LoopDevice};
 pub use mount::unescape as unescape_mountinfo;
 
 use crate::error::{Error, Result};
@@ -53,6 +55,18 @@ fn session_config() -> fuser::Config {
     config
 }
 
+/// The thread that switches loop devices over the files to direct I/O (`loops`), when asked
+/// for (`serve --loop-direct-io`).
+#[cfg(feature = "fuse")]
+fn direct_io(wanted: bool) -> Result<Option<loops::DirectIo>> {
+    if !wanted {
+        return Ok(None);
+    }
+    loops::DirectIo::start()
+        .map(Some)
+        .map_err(|e| Error::io("live files: starting the loop-dio thread", e))
+}
+
 /// One attached layer, as `LiveFiles::list` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInfo {
@@ -79,21 +93,27 @@ impl LiveFiles {
     /// killed server is detached first), root-only, empty until layers are attached.
     /// Without the `fuse` feature this build has no FUSE session: `Unavailable`, and nothing
     /// is touched.
-    pub fn mount(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
+    /// With `loop_direct_io`, loop devices over the files are switched to direct I/O
+    /// (`loops`).
+    pub fn mount(dir: &Path, exports: Arc<LiveExports>, loop_direct_io: bool) -> Result<LiveFiles> {
         #[cfg(not(feature = "fuse"))]
         {
-            let _ = (dir, exports);
+            let _ = (dir, exports, loop_direct_io);
             Err(crate::features::missing(
                 "fuse",
                 "live files (serve --files)",
             ))
         }
         #[cfg(feature = "fuse")]
-        Self::mount_fuse(dir, exports)
+        Self::mount_fuse(dir, exports, loop_direct_io)
     }
 
     #[cfg(feature = "fuse")]
-    fn mount_fuse(dir: &Path, exports: Arc<LiveExports>) -> Result<LiveFiles> {
+    fn mount_fuse(
+        dir: &Path,
+        exports: Arc<LiveExports>,
+        loop_direct_io: bool,
+    ) -> Result<LiveFiles> {
         let dir = mount::prepare(dir)?;
         let table = Arc::new(Table::new(exports, &dir));
         let mut config = session_config();
@@ -106,8 +126,12 @@ impl LiveFiles {
             fuser::MountOption::NoExec,
             fuser::MountOption::NoAtime,
         ];
-        let session = fuser::Session::new(fs::Fs::new(table.clone()), &dir, &config)
-            .map_err(|e| Error::io(format!("live files: mounting on {}", dir.display()), e))?;
+        let session = fuser::Session::new(
+            fs::Fs::new(table.clone(), direct_io(loop_direct_io)?),
+            &dir,
+            &config,
+        )
+        .map_err(|e| Error::io(format!("live files: mounting on {}", dir.display()), e))?;
         let device = session
             .as_fd()
             .try_clone_to_owned()
@@ -125,14 +149,15 @@ impl LiveFiles {
         exports: Arc<LiveExports>,
         device: OwnedFd,
         files: &[FileState],
+        loop_direct_io: bool,
     ) -> Result<LiveFiles> {
         #[cfg(not(feature = "fuse"))]
         {
-            let _ = (dir, exports, device, files);
+            let _ = (dir, exports, device, files, loop_direct_io);
             Err(crate::features::missing("fuse", "live files (a restart)"))
         }
         #[cfg(feature = "fuse")]
-        Self::adopt_fuse(dir, exports, device, files)
+        Self::adopt_fuse(dir, exports, device, files, loop_direct_io)
     }
 
     #[cfg(feature = "fuse")]
@@ -141,19 +166,24 @@ impl LiveFiles {
         exports: Arc<LiveExports>,
         device: OwnedFd,
         files: &[FileState],
+        loop_direct_io: bool,
     ) -> Result<LiveFiles> {
         let table = Arc::new(Table::new(exports, dir));
         table.restore(files)?;
         let session_fd = device
             .try_clone()
             .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
-        let session = adopt::session(fs::Fs::new(table.clone()), session_fd, &session_config())
-            .map_err(|e| {
-                Error::io(
-                    format!("live files: taking over the mount on {}", dir.display()),
-                    e,
-                )
-            })?;
+        let session = adopt::session(
+            fs::Fs::new(table.clone(), direct_io(loop_direct_io)?),
+            session_fd,
+            &session_config(),
+        )
+        .map_err(|e| {
+            Error::io(
+                format!("live files: taking over the mount on {}", dir.display()),
+                e,
+            )
+        })?;
         Self::start(table, session, device)
     }
 

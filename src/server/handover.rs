@@ -90,6 +90,9 @@ pub(crate) struct State {
     pub keeper: bool,
     #[serde(default)]
     pub keeper_pid: u32,
+    /// `serve --loop-direct-io`.
+    #[serde(default)]
+    loop_direct_io: bool,
 }
 
 /// Second descriptors of what a restart hands over, taken before the serving threads own
@@ -319,6 +322,7 @@ impl Serving<'_> {
             journal: self.fds.journal.is_some(),
             keeper: self.fds.keeper.is_some(),
             keeper_pid: self.keeper.map_or(0, |k| k.keeper_pid()),
+            loop_direct_io: self.cfg.loop_direct_io,
         }
     }
 
@@ -500,6 +504,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         files: state.files_dir.clone(),
         containerd: state.containerd.clone(),
         keeper: state.keeper,
+        loop_direct_io: state.loop_direct_io,
     };
     let nbd_fd = next();
     let control_fd = next();
@@ -541,6 +546,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
             exports.clone(),
             fd,
             &state.files,
+            state.loop_direct_io,
         )?)),
         _ => None,
     };

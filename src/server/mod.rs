@@ -47,6 +47,9 @@ pub struct Config {
     /// Start a keeper (`serve --keeper`, `keeper.rs`) that restarts this server if it dies,
     /// and keep a crash journal for it.
     pub keeper: bool,
+    /// Switch loop devices over the live files to direct I/O (`serve --loop-direct-io`,
+    /// `fuse::loops`).
+    pub loop_direct_io: bool,
 }
 
 /// Everything a serving process holds: what `run` builds from scratch and `handover::resume`
@@ -93,7 +96,11 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     // appears, the server is ready for every kind of client.
     let nbd_socket = nbd::bind(&cfg.nbd)?;
     let files = match &cfg.files {
-        Some(dir) => Some(Arc::new(LiveFiles::mount(dir, exports.clone())?)),
+        Some(dir) => Some(Arc::new(LiveFiles::mount(
+            dir,
+            exports.clone(),
+            cfg.loop_direct_io,
+        )?)),
         None => None,
     };
     let containerd = match (&cfg.containerd, &files) {

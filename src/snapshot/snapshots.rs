@@ -15,6 +15,7 @@ use super::base::{self, Bases};
 use super::dead_log;
 use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
+use super::writeback;
 use super::status::{Failure, Result};
 use crate::error::Error;
 use crate::fuse::LostWrites;
@@ -117,6 +118,21 @@ impl Snapshots {
 
     fn mounts_of(&self, key: &str, l: &LayerInfo) -> Result<Vec<Mount>> {
         let path = self.files.attach(&l.name).map_err(store_err(key))?;
+        // An active snapshot whose filesystem is mounted already (a running container's
+        // root): a bind of that mount. Another loop device over the same live file would be
+        // a second ext4 on the same blocks: written, both would corrupt it; read-only (the
+        // differ of `docker commit`), it fails, since the in-use journal needs a recovery a
+        // read-only device cannot do.
+        if info::kind(l) == Kind::Active {
+            if let Some(point) = writeback::mounted_at(&path).map_err(store_err(key))? {
+                return Ok(vec![Mount {
+                    r#type: "bind".into(),
+                    source: point.display().to_string(),
+                    target: String::new(),
+                    options: vec!["bind".into()],
+                }]);
+            }
+        }
         // noatime: reading a file would otherwise write its inode (relatime updates an atime
         // not newer than the mtime, as in every freshly unpacked layer), a block per inode
         // table block read from. discard: a deleted file's blocks go back to the pool (the

@@ -12,30 +12,12 @@
 //! shim mounts a container's root in the host's namespace, where `thinlayer serve` runs).
 
 use crate::error::{Error, Result};
-use crate::fuse::unescape_mountinfo;
+use crate::fuse::{loop_devices_of, unescape_mountinfo};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-
-/// The `MAJOR:MINOR` of every loop device whose backing file is `file`.
-fn loop_devices_of(file: &Path) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    let want = file.as_os_str().as_bytes();
-    dir.flatten()
-        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
-        .filter_map(|e| {
-            let backing = std::fs::read(e.path().join("loop/backing_file")).ok()?;
-            (backing.strip_suffix(b"\n").unwrap_or(&backing) == want)
-                .then(|| std::fs::read_to_string(e.path().join("dev")).ok())
-                .flatten()
-                .map(|d| d.trim().to_string())
-        })
-        .collect()
-}
 
 /// One mount point of each device in `devices` (`MAJOR:MINOR`), from `mountinfo`'s text.
 fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
@@ -54,16 +36,27 @@ fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
-/// what was written to it has reached `file`. Nothing to do when none is.
-pub fn sync_filesystems_on(file: &Path) -> Result<()> {
-    let devices = loop_devices_of(file);
+/// Where the filesystems on loop devices over `file` are mounted (in our mount namespace),
+/// one mount point per device.
+fn mounts_over(file: &Path) -> Result<Vec<PathBuf>> {
+    let devices: Vec<String> = loop_devices_of(file).into_iter().map(|d| d.dev).collect();
     if devices.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-    for point in mount_points(&info, &devices) {
+    Ok(mount_points(&info, &devices))
+}
+
+/// One place where the filesystem on a loop device over `file` is mounted, if it is.
+pub fn mounted_at(file: &Path) -> Result<Option<PathBuf>> {
+    Ok(mounts_over(file)?.into_iter().next())
+}
+
+/// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
+/// what was written to it has reached `file`. Nothing to do when none is.
+pub fn sync_filesystems_on(file: &Path) -> Result<()> {
+    for point in mounts_over(file)? {
         let ctx = || {
             format!(
                 "syncing the filesystem at {} (on a loop device over {})",

@@ -183,3 +183,65 @@ impl Drop for Server {
 pub fn keeper_unless_asked(args: &[&str]) -> Option<&'static str> {
     (!args.contains(&"--keeper")).then_some("--no-keeper")
 }
+
+/// The processes serving a pool now, from `status`: the server's pid and its keeper's, if
+/// any. After `thinlayer restart` or a crash they are no child of the test's.
+pub fn serving(pool: &Path) -> Option<(i32, Option<i32>)> {
+    let out = Command::new(bin())
+        .arg("--pool")
+        .arg(pool)
+        .args(["status", "--json"])
+        .output()
+        .ok()?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let pid = st["pid"].as_i64()? as i32;
+    Some((pid, st["keeper"].as_i64().map(|k| k as i32)))
+}
+
+/// Waits until `pid` has exited (a zombie counts: its parent may be gone too); fails after
+/// 60 s.
+pub fn wait_gone(pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} still runs after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops what serves `pool` as an operator would: SIGTERM to the serving pid (it commits and
+/// exits, and its keeper with it), waiting until both are gone. False when nothing answers.
+pub fn stop_serving(pool: &Path) -> bool {
+    let Some((pid, keeper)) = serving(pool) else {
+        return false;
+    };
+    // SAFETY: signalling the server this test started, by the pid it reported.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_gone(pid);
+    if let Some(k) = keeper {
+        wait_gone(k);
+    }
+    true
+}
+
+/// Kills what serves `pool` when dropped, the keeper first (or it would start another
+/// server): a test that fails after a restart leaves no server behind.
+pub struct KillServing<'a>(pub &'a Path);
+
+impl Drop for KillServing<'_> {
+    fn drop(&mut self) {
+        if let Some((pid, keeper)) = serving(self.0) {
+            for p in keeper.into_iter().chain([pid]) {
+                // SAFETY: killing a process this test's server started, by its PID.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+                wait_gone(p);
+            }
+        }
+    }
+}
