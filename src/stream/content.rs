@@ -135,21 +135,31 @@ pub fn record(store: &Store, name: &str) -> Result<(ContentIds, SendStats)> {
 
 /// `layers` with every read-only layer's IDs filled in (for `ls` and `history`): those the
 /// catalogue lacks are computed, and kept when the pool is writable. Those of a layer over a
-/// remote layer not all fetched yet cannot be (`Conflict`): they stay missing until it is.
-pub fn fill(store: &Store, mut layers: Vec<LayerInfo>) -> Result<Vec<LayerInfo>> {
-    for l in layers.iter_mut() {
-        if l.writable || l.importing || ContentIds::of(l).is_some() {
-            continue;
+/// remote layer not all fetched yet cannot be (`Conflict`): they stay missing until it is. A
+/// layer removed since `layers` was taken (containerd's garbage collector runs beside `ls`)
+/// is left out.
+pub fn fill(store: &Store, layers: Vec<LayerInfo>) -> Result<Vec<LayerInfo>> {
+    let mut out = Vec::with_capacity(layers.len());
+    for mut l in layers {
+        if !(l.writable || l.importing || ContentIds::of(&l).is_some()) {
+            match ids(store, &l.name) {
+                Ok(ids) => {
+                    for (k, v) in ids.attrs() {
+                        l.attrs.insert(k.to_string(), v);
+                    }
+                }
+                Err(e) if e.kind() == crate::error::Kind::Conflict => {}
+                Err(Error::NotFound(_))
+                    if matches!(store.layer(&l.name), Err(Error::NotFound(_))) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let ids = match ids(store, &l.name) {
-            Err(e) if e.kind() == crate::error::Kind::Conflict => continue,
-            r => r?,
-        };
-        for (k, v) in ids.attrs() {
-            l.attrs.insert(k.to_string(), v);
-        }
+        out.push(l);
     }
-    Ok(layers)
+    Ok(out)
 }
 
 /// The read-only layer whose chain ID is `chain`, if the pool holds one.
@@ -166,6 +176,27 @@ pub fn find_chain(store: &Store, chain: &Digest) -> Result<Option<LayerInfo>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_leaves_out_a_layer_removed_since_the_list_was_taken() {
+        use crate::pool::MemStorage;
+        let s = Store::create_in(
+            std::sync::Arc::new(MemStorage::new()),
+            &crate::volume::CreateOptions::default(),
+        )
+        .unwrap();
+        for name in ["a", "b"] {
+            let l = s.create_layer(name, None, Some(1 << 20)).unwrap();
+            s.write_layer(l.id, 0, &[7; 4096]).unwrap();
+            s.commit_layer(name).unwrap();
+        }
+        let listed = s.layers();
+        s.remove_layer("a").unwrap();
+        let filled = fill(&s, listed).unwrap();
+        let names: Vec<&str> = filled.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+        assert!(ContentIds::of(&filled[0]).is_some());
+    }
 
     #[test]
     fn digests_print_parse_and_chain_like_oci() {
