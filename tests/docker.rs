@@ -1204,7 +1204,14 @@ fn docker_containers_keep_writing_through_restarts_and_kills_of_thinlayer() {
         Command::new("ctr")
             .arg("-a")
             .arg(&s.ctd.socket)
-            .args(["-n", "thinlayer", "snapshots", "--snapshotter", "thinlayer", "ls"])
+            .args([
+                "-n",
+                "thinlayer",
+                "snapshots",
+                "--snapshotter",
+                "thinlayer",
+                "ls",
+            ])
             .output()
             .unwrap()
     };

@@ -13,6 +13,8 @@ use crate::format::MAX_NAME_LEN;
 
 /// The exact containerd key (a committed snapshot's name). Only layers with it are snapshots.
 pub const KEY: &str = "containerd.key";
+/// On a committed snapshot: the key of the active snapshot it was committed from.
+pub const FROM: &str = "containerd.from";
 /// `active`, `view` or `committed`.
 pub const KIND: &str = "containerd.kind";
 /// The snapshot's labels, one JSON object (label keys can be longer than attribute keys).

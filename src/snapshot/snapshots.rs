@@ -15,8 +15,8 @@ use super::base::{self, Bases};
 use super::dead_log;
 use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
-use super::writeback;
 use super::status::{Failure, Result};
+use super::writeback;
 use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::live::LivePool;
@@ -270,6 +270,7 @@ impl Snapshots {
         let labels = labels_value(&labels);
         let attrs = [
             (keys::KEY, Some(name)),
+            (keys::FROM, Some(key)),
             (keys::KIND, Some("committed")),
             (keys::LABELS, Some(labels.as_str())),
             (keys::CREATED, Some(now.as_str())),
@@ -308,7 +309,10 @@ impl Snapshots {
 
     pub fn remove(&self, key: &str) -> Result<()> {
         let _one = self.lock();
-        let l = self.find(key)?;
+        let l = match self.find(key) {
+            Ok(l) => l,
+            Err(not_found) => self.orphan_of(key).ok_or(not_found)?,
+        };
         if !l.children.is_empty() {
             return Err(Failure::from(Error::Conflict(format!(
                 "snapshot {key:?} has {} child snapshot(s); remove them first",
@@ -321,6 +325,28 @@ impl Snapshots {
             .remove(&l.name, false, &mut |_| {})
             .map(|_freed| ())
             .map_err(store_err(key))
+    }
+
+    /// The committed snapshot that a Commit of active snapshot `key` made if containerd never
+    /// got its answer (the server was killed or restarted after committing, before replying):
+    /// containerd then still holds `key` and removes it, and knows nothing of the committed
+    /// one, which would stay behind. containerd asks to remove a key only if its own records
+    /// hold it, so such a Remove means exactly that. Without children only.
+    fn orphan_of(&self, key: &str) -> Option<LayerInfo> {
+        let l = self.store.layers().into_iter().find(|l| {
+            l.attrs.get(keys::FROM).map(String::as_str) == Some(key)
+                && info::kind(l) == Kind::Committed
+                && l.children.is_empty()
+        })?;
+        crate::log::process(
+            crate::log::Level::Warn,
+            format_args!(
+                "containerd: removing snapshot {:?} (layer {}) for Remove of {key:?}: a Commit of {key:?} made it, and its answer did not reach containerd",
+                l.attrs.get(keys::KEY).map_or("", String::as_str),
+                l.name
+            ),
+        );
+        Some(l)
     }
 
     pub fn stat(&self, key: &str) -> Result<Info> {

@@ -420,3 +420,28 @@ fn usage_trims_the_dead_log_of_a_stopped_container_but_not_while_its_file_is_ope
     drop(v);
     assert_eq!(f.s.usage("d").unwrap(), 4 * 4096);
 }
+
+/// A Commit whose answer containerd never got (the server killed after committing): containerd
+/// still holds the active key and removes it; the committed snapshot it never heard of goes
+/// with it instead of staying behind. Other missing keys stay "not found", and a committed
+/// snapshot with children is kept.
+#[test]
+fn remove_of_a_key_whose_commit_went_unanswered_removes_what_the_commit_made() {
+    let f = fixture();
+    f.s.prepare("ns/a", "", small(), Kind::Active).unwrap();
+    f.s.commit("ns/c", "ns/a", HashMap::new()).unwrap();
+    // containerd got an error for that Commit and removes its active snapshot.
+    f.s.remove("ns/a").unwrap();
+    assert_eq!(code(f.s.stat("ns/c")), Code::NotFound);
+    assert!(f.s.list().is_empty(), "nothing left behind");
+    assert_eq!(code(f.s.remove("ns/a")), Code::NotFound);
+    assert_eq!(code(f.s.remove("ns/never")), Code::NotFound);
+
+    // With a child on it, the committed one stays (containerd knows it: it made the child).
+    f.s.prepare("ns/b", "", small(), Kind::Active).unwrap();
+    f.s.commit("ns/d", "ns/b", HashMap::new()).unwrap();
+    f.s.prepare("ns/e", "ns/d", HashMap::new(), Kind::Active)
+        .unwrap();
+    assert_eq!(code(f.s.remove("ns/b")), Code::NotFound);
+    assert_eq!(f.s.stat("ns/d").unwrap().kind, Kind::Committed);
+}
