@@ -486,23 +486,9 @@ impl Containerd {
     }
 
     /// After a restart of `snapshotter`'s server: containerd's connection to it comes back
-    /// on its own, within its reconnect backoff (a few seconds); wait for that.
+    /// on its own; wait for that.
     fn wait_reconnected(&self, snapshotter: &str) {
-        let since = std::time::Instant::now();
-        let mut last = String::new();
-        while since.elapsed() < Duration::from_secs(30) {
-            let o = self.ctr_output(&["snapshots", "--snapshotter", snapshotter, "ls"]);
-            if o.status.success() {
-                eprintln!(
-                    "containerd reached {snapshotter} again after {} ms",
-                    since.elapsed().as_millis()
-                );
-                return;
-            }
-            last = stderr_of(&o);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("containerd did not reach {snapshotter} again in 30 s: {last}");
+        support::wait_snapshotter(&self.socket, ns(), snapshotter);
     }
 
     /// Bytes each snapshot holds by itself, as `ctr snapshots usage -b` says.
@@ -1342,10 +1328,8 @@ fn through_events(event: Event) {
         gap.len(),
         failed.len()
     );
-    // containerd's gRPC connection to the snapshotter was cut by each event and comes back
-    // by itself, with back-off; calls meanwhile fail cleanly ("unavailable": with containerd
-    // 1.6's dial options a handshake waits only as long as the back-off step, so a server
-    // still opening the pool under load times it out). Wait for it before asking containerd.
+    // containerd's connection to the snapshotter was cut by each event: wait for it to
+    // come back before asking containerd (calls in the gap fail cleanly).
     ctd.wait_reconnected("thinlayer");
     // Nothing half-made: what containerd lists is what thinlayer holds, gap snapshots included.
     assert!(

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 mod support;
 use support::{
-    have, serving, sh, stop_serving, tl, tl_output, wait_for, wait_gone, KillServing, Server,
+    have, serving, sh, stop_serving, tl, tl_output, wait_for, wait_gone, wait_snapshotter,
+    KillServing, Server,
 };
 
 /// The seed's script, its build context and its two Dockerfiles.
@@ -1196,41 +1197,10 @@ fn docker_containers_keep_writing_through_restarts_and_kills_of_thinlayer() {
         events.push((before, new, at));
     }
     eprintln!("(old pid, new pid, files written) at each restart and kill: {events:?}");
-    // containerd's gRPC connection to the snapshotter was cut by each event and comes back
-    // by itself, with back-off; a call meanwhile fails cleanly ("unavailable", nothing made).
-    // The container's I/O never waited for it (the kernel's, through the live file).
-    let since = std::time::Instant::now();
-    let snapshots_ls = || {
-        Command::new("ctr")
-            .arg("-a")
-            .arg(&s.ctd.socket)
-            .args([
-                "-n",
-                "thinlayer",
-                "snapshots",
-                "--snapshotter",
-                "thinlayer",
-                "ls",
-            ])
-            .output()
-            .unwrap()
-    };
-    loop {
-        let o = snapshots_ls();
-        if o.status.success() {
-            break;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(60),
-            "containerd did not reach the snapshotter again in 60 s: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!(
-        "containerd reached the snapshotter again {} ms after the last event",
-        since.elapsed().as_millis()
-    );
+    // containerd's connection to the snapshotter was cut by each event: wait for it to come
+    // back before docker asks containerd (calls in the gap fail cleanly). The container's
+    // I/O never waited for it (the kernel's, through the live file).
+    wait_snapshotter(&s.ctd.socket, "thinlayer", "thinlayer");
 
     // docker commit of the running container: containerd's differ mounts its layer a second
     // time, read-only (the snapshotter gives it a bind of the container's mount; a second

@@ -118,21 +118,6 @@ impl Snapshots {
 
     fn mounts_of(&self, key: &str, l: &LayerInfo) -> Result<Vec<Mount>> {
         let path = self.files.attach(&l.name).map_err(store_err(key))?;
-        // An active snapshot whose filesystem is mounted already (a running container's
-        // root): a bind of that mount. Another loop device over the same live file would be
-        // a second ext4 on the same blocks: written, both would corrupt it; read-only (the
-        // differ of `docker commit`), it fails, since the in-use journal needs a recovery a
-        // read-only device cannot do.
-        if info::kind(l) == Kind::Active {
-            if let Some(point) = writeback::mounted_at(&path).map_err(store_err(key))? {
-                return Ok(vec![Mount {
-                    r#type: "bind".into(),
-                    source: point.display().to_string(),
-                    target: String::new(),
-                    options: vec!["bind".into()],
-                }]);
-            }
-        }
         // noatime: reading a file would otherwise write its inode (relatime updates an atime
         // not newer than the mtime, as in every freshly unpacked layer), a block per inode
         // table block read from. discard: a deleted file's blocks go back to the pool (the
@@ -219,6 +204,22 @@ impl Snapshots {
             return Err(Failure::from(Error::Conflict(format!(
                 "snapshot {key:?} is committed; only active snapshots and views have mounts"
             ))));
+        }
+        // An active snapshot whose filesystem is mounted already (a running container's
+        // root): a bind of that mount. Another loop device over the same live file would be
+        // a second ext4 on the same blocks: written, both would corrupt it; read-only (the
+        // differ of `docker commit`), it fails, since the in-use journal needs a recovery a
+        // read-only device cannot do. (A snapshot Prepare just made is mounted nowhere.)
+        if info::kind(&l) == Kind::Active {
+            let path = self.files.attach(&l.name).map_err(store_err(key))?;
+            if let Some(point) = writeback::mounted_at(&path).map_err(store_err(key))? {
+                return Ok(vec![Mount {
+                    r#type: "bind".into(),
+                    source: point.display().to_string(),
+                    target: String::new(),
+                    options: vec!["bind".into()],
+                }]);
+            }
         }
         self.mounts_of(key, &l)
     }

@@ -245,3 +245,32 @@ impl Drop for KillServing<'_> {
         }
     }
 }
+
+/// Waits until containerd (its socket `ctr_socket`, namespace `ns`) reaches the proxy
+/// snapshotter `snapshotter` again (`ctr snapshots ls` succeeds), and says how long it took.
+/// After a restart or a kill of thinlayer containerd's gRPC connection comes back by itself,
+/// with back-off, and its calls meanwhile fail cleanly (`unavailable`: containerd 1.6 dials
+/// with a handshake deadline as short as its back-off step, so a server still opening the
+/// pool under load times it out). Fails after 30 s, with ctr's last error.
+pub fn wait_snapshotter(ctr_socket: &Path, ns: &str, snapshotter: &str) {
+    let since = std::time::Instant::now();
+    let mut last = String::new();
+    while since.elapsed() < Duration::from_secs(30) {
+        let o = Command::new("ctr")
+            .arg("-a")
+            .arg(ctr_socket)
+            .args(["-n", ns, "snapshots", "--snapshotter", snapshotter, "ls"])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            eprintln!(
+                "containerd reached {snapshotter} again after {} ms",
+                since.elapsed().as_millis()
+            );
+            return;
+        }
+        last = String::from_utf8_lossy(&o.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("containerd did not reach {snapshotter} again in 30 s: {last}");
+}
