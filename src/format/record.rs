@@ -14,7 +14,8 @@ const TAG_MAP: u8 = 4;
 const TAG_LAYER_COUNTERS: u8 = 5;
 const TAG_LAYER_ATTR: u8 = 6;
 const TAG_LAYER_RENAME: u8 = 7;
-const TAG_MAP_RUN: u8 = 8;
+/// Public for tests that find map runs among a stream's records (`RecordReader::peek_tag`).
+pub const TAG_MAP_RUN: u8 = 8;
 
 /// Attribute keys are 1 ..= 255 bytes of UTF-8; values at most 64 KiB of UTF-8, so a damaged
 /// length cannot claim gigabytes.
@@ -476,6 +477,17 @@ impl<'a> RecordReader<'a> {
             Ok(s) => Ok(s.to_string()),
             Err(_) => Err(self.bad(start, format!("{what} is not UTF-8"))),
         }
+    }
+
+    /// Byte offset of the next record in the stream.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The tag of the next record, which `next_record` decodes (map runs come back as map
+    /// records: this tells them apart).
+    pub fn peek_tag(&self) -> Option<u8> {
+        self.buf.get(self.pos).copied()
     }
 
     /// The next record, or None at the end of the stream.

@@ -38,7 +38,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         from: 3,
-        what: "maps may hold map runs (one record per contiguous run); a version-3 pool's map records stay valid, so only the version changes and the next checkpoint writes runs",
+        what: "maps may hold map runs (one record per contiguous run); a version-3 pool's map records stay valid, so the version changes, then a checkpoint rewrites the maps with runs",
         run: |_, sb| Ok(sb),
     },
 ];
