@@ -69,8 +69,16 @@ pub fn migrate(path: &Path) -> Result<Migrated> {
 pub fn migrate_in(storage: Arc<dyn Storage>) -> Result<Migrated> {
     let m = convert_slots(&*storage)?;
     if !m.steps.is_empty() {
-        // The whole catalogue again, in this version's records.
-        Store::open_in(storage, true)?.checkpoint()?;
+        // The whole catalogue again, in this version's records. The pool is converted
+        // whatever happens here; a pool a writable open refuses (a fault `check` reports) keeps
+        // its old records until its next checkpoint.
+        Store::open_in(storage, true)
+            .and_then(|s| s.checkpoint())
+            .map_err(|e| {
+                e.context(format!(
+                    "converted to format version {VERSION}, but its maps were not rewritten as a checkpoint"
+                ))
+            })?;
     }
     Ok(m)
 }
