@@ -396,7 +396,11 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     std::fs::copy(fixture, &p.path).unwrap();
     let bytes = std::fs::read(&p.path).unwrap();
     for slot in [0, 4096] {
-        assert_eq!(bytes[slot + 12..slot + 16], [version, 0, 0, 0], "slot at {slot}");
+        assert_eq!(
+            bytes[slot + 12..slot + 16],
+            [version, 0, 0, 0],
+            "slot at {slot}"
+        );
     }
     for args in [
         &["ls"][..],
@@ -410,7 +414,10 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
         );
     }
     let out = p.ok(&["migrate", p.path.to_str().unwrap()]);
-    assert!(out.contains(&format!("format version {version} -> 4")), "{out}");
+    assert!(
+        out.contains(&format!("format version {version} -> 4")),
+        "{out}"
+    );
     let bytes = std::fs::read(&p.path).unwrap();
     for slot in [0, 4096] {
         assert_eq!(bytes[slot + 12..slot + 16], [4, 0, 0, 0], "slot at {slot}");
@@ -433,7 +440,12 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     let runs: Vec<u8> = (0..64u32)
         .flat_map(|i| std::iter::repeat_n(((i * 13 + 5) % 255 + 1) as u8, 4096))
         .collect();
-    for (layer, want) in [("base", &base), ("work", &base), ("app", &app), ("runs", &runs)] {
+    for (layer, want) in [
+        ("base", &base),
+        ("work", &base),
+        ("app", &app),
+        ("runs", &runs),
+    ] {
         if !layers.contains(&layer) {
             continue;
         }

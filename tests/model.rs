@@ -98,7 +98,10 @@ fn the_workload_writes_map_runs() {
             map_runs(&run(bs, threshold, &ops)) > 0
         })
         .count();
-    assert!(with_runs >= cases / 4, "{with_runs} of {cases} cases hold map runs");
+    assert!(
+        with_runs >= cases / 4,
+        "{with_runs} of {cases} cases hold map runs"
+    );
 }
 
 proptest! {

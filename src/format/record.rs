@@ -209,7 +209,11 @@ impl LayerCreate {
 #[derive(Clone, Copy)]
 enum Open {
     /// A map record: its byte offset, layer and entry count.
-    Map { at: usize, layer: LayerId, count: u32 },
+    Map {
+        at: usize,
+        layer: LayerId,
+        count: u32,
+    },
     /// A map run: its byte offset and layer, and the virtual and pool block that would
     /// continue it.
     Run {
@@ -334,9 +338,15 @@ impl RecordWriter {
         };
         match (self.open_map, data) {
             // The entry continues the open run: 4 more bytes.
-            (Some(Open::Run { at, layer: l, next, count }), Some((p, crc)))
-                if l == layer && next == (e.vblock.0, p) && count < MAP_RECORD_MAX =>
-            {
+            (
+                Some(Open::Run {
+                    at,
+                    layer: l,
+                    next,
+                    count,
+                }),
+                Some((p, crc)),
+            ) if l == layer && next == (e.vblock.0, p) && count < MAP_RECORD_MAX => {
                 map_run::COUNT.put(&mut self.buf[at..], count + 1);
                 self.buf.extend_from_slice(&crc.to_le_bytes());
                 self.open_map = Some(Open::Run {
@@ -349,9 +359,14 @@ impl RecordWriter {
             // The entry continues the open map record's last entry: that entry moves out of
             // the map record (the record goes too if it was its only one) into a new run of
             // two. Only an open record is changed, so bytes the caller has cut stay as they are.
-            (Some(Open::Map { at, layer: l, count }), Some((p, crc)))
-                if l == layer && self.continues_last_entry(e.vblock.0, p) =>
-            {
+            (
+                Some(Open::Map {
+                    at,
+                    layer: l,
+                    count,
+                }),
+                Some((p, crc)),
+            ) if l == layer && self.continues_last_entry(e.vblock.0, p) => {
                 let last = self.buf.len() - map_entry::LEN;
                 let e0 = &self.buf[last..];
                 let (v0, p0, crc0) = (
@@ -367,9 +382,14 @@ impl RecordWriter {
                 }
                 self.start_run(layer, v0, p0, &[crc0, crc]);
             }
-            (Some(Open::Map { at, layer: l, count }), _)
-                if l == layer && count < MAP_RECORD_MAX =>
-            {
+            (
+                Some(Open::Map {
+                    at,
+                    layer: l,
+                    count,
+                }),
+                _,
+            ) if l == layer && count < MAP_RECORD_MAX => {
                 map::COUNT.put(&mut self.buf[at..], count + 1);
                 self.open_map = Some(Open::Map {
                     at,
@@ -911,7 +931,9 @@ mod tests {
             b.resize(map_run::LEN + 4 * n as usize, 0);
             b
         };
-        assert!(RecordReader::new(&run(0, 2, 3), "log").next_record().is_ok());
+        assert!(RecordReader::new(&run(0, 2, 3), "log")
+            .next_record()
+            .is_ok());
         for (v, p, n) in [
             (0, 0, 1),                  // pool block 0 is "unmapped"
             (0, u64::MAX - 2, 3),       // its last block would be the zero sentinel
