@@ -488,10 +488,7 @@ fn a_direct_io_loop_device_writes_through_ten_restarts_without_an_error() {
     require_prerequisites!();
     let (d, s, fs, writer) = container("512M");
     // The server switches the loop device on its first I/O; the filesystem's has happened.
-    let dio = format!(
-        "/sys/block/{}/loop/dio",
-        fs.dev.trim_start_matches("/dev/")
-    );
+    let dio = format!("/sys/block/{}/loop/dio", fs.dev.trim_start_matches("/dev/"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&dio).unwrap().trim() != "1" {
         assert!(Instant::now() < deadline, "{dio} never read 1");

@@ -231,7 +231,10 @@ impl LiveFiles {
     pub fn stop_reading(&self, timeout: std::time::Duration) -> Result<()> {
         leave::stop_reading(timeout).map_err(|e| {
             Error::io(
-                format!("live files {}: stopping the session threads", self.dir().display()),
+                format!(
+                    "live files {}: stopping the session threads",
+                    self.dir().display()
+                ),
                 e,
             )
         })
