@@ -149,6 +149,7 @@ pub fn import_from(
         });
         let mut pbuf = vec![0u8; CHUNK];
         let mut off = 0u64;
+        let mut unsynced = 0u64;
         while off < size {
             // Holes in the source read as zeros; over no parent they cost nothing, so skip them.
             if parent_id.is_none() {
@@ -215,8 +216,17 @@ pub fn import_from(
                 let (s, e) = (i * bs as usize, (j * bs as usize).min(n));
                 store.write_layer(layer.id, off + s as u64, &data[s..e])?;
                 stats.bytes_changed += (e - s) as u64;
+                unsynced += (e - s) as u64;
                 stored.push(s..e);
                 i = j;
+            }
+            if unsynced >= WRITEBACK_EVERY {
+                // The commit at the end syncs every block written; started now, their
+                // writeback overlaps the reading and hashing of the rest (qemu-img leaves it
+                // all to the end). strace of an import of 512 MiB: the final fdatasync took
+                // 0.05-0.27 s without this, under 0.01 s with it.
+                store.start_writeback();
+                unsynced = 0;
             }
             to_diff
                 .send(Chunk { off, buf, stored })
@@ -235,6 +245,9 @@ pub fn import_from(
 
 /// Chunks read ahead of the thread that feeds the diff sink.
 const BUFFERS: usize = 3;
+
+/// Bytes stored between two starts of their writeback (`Store::start_writeback`).
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// A chunk of the image at byte `off` and the byte ranges of it the import stored.
 struct Chunk {
