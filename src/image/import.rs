@@ -2,7 +2,7 @@
 //! same as the parent chain are not stored, so a modified copy of an image costs only the
 //! changed blocks, and zeros over a hole cost nothing.
 
-use super::CHUNK;
+use super::{CHUNK, WRITEBACK_EVERY};
 use crate::error::{Error, Result};
 use crate::volume::io::is_zero;
 use crate::volume::{LayerInfo, Store};
@@ -245,9 +245,6 @@ pub fn import_from(
 
 /// Chunks read ahead of the thread that feeds the diff sink.
 const BUFFERS: usize = 3;
-
-/// Bytes stored between two starts of their writeback (`Store::start_writeback`).
-const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// A chunk of the image at byte `off` and the byte ranges of it the import stored.
 struct Chunk {
