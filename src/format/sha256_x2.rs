@@ -3,10 +3,10 @@
 //! A send stream hashes each data byte twice: into the digest of the whole stream and into its
 //! extent's sha256 in the version-2 index (`stream::index`). Each hash is one chain of
 //! dependent `sha256rnds2` instructions, so a single chain leaves the SHA unit idle most of
-//! its latency; two independent chains fed alternately fill it. Measured on this project's
-//! build machine (AMD EPYC, SHA-NI; thread CPU time, best of 10, 2 x 64 MiB): sha2's
-//! `compress256` on one chain after the other 2.1 GB/s, this routine 3.2 GB/s (see
-//! docs/BENCHMARKS.md, "Import: both hashes in one pass").
+//! its latency; two independent chains fed alternately fill it: on this project's build
+//! machine (AMD EPYC, SHA-NI) both chains take 0.66x the time of sha2's `compress256` on one
+//! after the other (`cargo bench --bench sha256`; docs/BENCHMARKS.md, "Import and export:
+//! both hashes in one pass").
 //!
 //! The rounds are the x86 SHA extensions' recipe (as in sha2's `x86_sha` backend, which
 //! compresses one chain); only the interleaving is ours. Without SHA-NI, or off x86-64, the
