@@ -384,17 +384,23 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.assert_clean();
 }
 
-/// A pool the previous binary made (format version 2, tests/fixtures/README.md) is refused by
-/// every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
+/// A pool a previous binary made (format versions 2 and 3, tests/fixtures/README.md) is refused
+/// by every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
 /// back byte for byte and `check --data` calls it clean.
-#[test]
-fn a_version_2_pool_is_refused_by_name_until_migrated() {
+fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str]) -> Pool {
     let p = Pool::new();
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pool-v2.pool");
+    let fixture = format!(
+        "{}/tests/fixtures/pool-v{version}.pool",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::copy(fixture, &p.path).unwrap();
     let bytes = std::fs::read(&p.path).unwrap();
     for slot in [0, 4096] {
-        assert_eq!(bytes[slot + 12..slot + 16], [2, 0, 0, 0], "slot at {slot}");
+        assert_eq!(
+            bytes[slot + 12..slot + 16],
+            [version, 0, 0, 0],
+            "slot at {slot}"
+        );
     }
     for args in [
         &["ls"][..],
@@ -403,22 +409,25 @@ fn a_version_2_pool_is_refused_by_name_until_migrated() {
     ] {
         let err = p.fails(args);
         assert!(
-            err.contains("format version 2") && err.contains("thinlayer migrate"),
+            err.contains(&format!("format version {version}")) && err.contains("thinlayer migrate"),
             "{args:?}: {err}"
         );
     }
     let out = p.ok(&["migrate", p.path.to_str().unwrap()]);
-    assert!(out.contains("format version 2 -> 3"), "{out}");
+    assert!(
+        out.contains(&format!("format version {version} -> 4")),
+        "{out}"
+    );
     let bytes = std::fs::read(&p.path).unwrap();
     for slot in [0, 4096] {
-        assert_eq!(bytes[slot + 12..slot + 16], [3, 0, 0, 0], "slot at {slot}");
+        assert_eq!(bytes[slot + 12..slot + 16], [4, 0, 0, 0], "slot at {slot}");
     }
     let names: Vec<String> = p
         .layers()
         .iter()
         .map(|l| l["name"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(names, ["base", "work", "app"]);
+    assert_eq!(names, layers);
     // The images the fixture was imported from.
     let base: Vec<u8> = (0..64u32)
         .flat_map(|i| {
@@ -428,16 +437,59 @@ fn a_version_2_pool_is_refused_by_name_until_migrated() {
         .collect();
     let mut app = base.clone();
     app[8192..12288].fill(0xab);
-    for (layer, want) in [("base", &base), ("work", &base), ("app", &app)] {
+    let runs: Vec<u8> = (0..64u32)
+        .flat_map(|i| std::iter::repeat_n(((i * 13 + 5) % 255 + 1) as u8, 4096))
+        .collect();
+    for (layer, want) in [
+        ("base", &base),
+        ("work", &base),
+        ("app", &app),
+        ("runs", &runs),
+    ] {
+        if !layers.contains(&layer) {
+            continue;
+        }
         let out = p.file(layer);
         p.ok(&["export", layer, out.to_str().unwrap()]);
         assert!(std::fs::read(&out).unwrap() == *want, "{layer} differs");
     }
     p.assert_clean();
     let out = p.ok(&["migrate"]);
-    assert!(out.contains("already format version 3"), "{out}");
+    assert!(out.contains("already format version 4"), "{out}");
     p.ok(&["create", "x", "--parent", "app"]);
     p.assert_clean();
+    p
+}
+
+#[test]
+fn a_version_2_pool_is_refused_by_name_until_migrated() {
+    an_older_pool_is_refused_by_name_until_migrated(2, &["base", "work", "app"]);
+}
+
+/// Version 3 (before map runs), made by main at 5360685. Besides the version 2 test's checks:
+/// `migrate` rewrote the maps as a checkpoint of map runs, so the checkpoint holds fewer bytes
+/// than the 20 a map entry takes for each of the pool's 107 data blocks.
+#[test]
+fn a_version_3_pool_is_migrated_and_its_maps_rewritten_as_runs() {
+    use thinlayer::format::page::header;
+    use thinlayer::format::superblock::Superblock;
+    let p = an_older_pool_is_refused_by_name_until_migrated(3, &["base", "work", "app", "runs"]);
+    // The checkpoint migrate wrote is still the newest (`create x` went to the log).
+    let bytes = std::fs::read(&p.path).unwrap();
+    let sb = [0usize, 4096]
+        .iter()
+        .filter_map(|&at| Superblock::decode(&bytes[at..at + 4096], at / 4096).ok())
+        .max_by_key(|sb| sb.generation)
+        .unwrap();
+    assert!(sb.checkpoint.pages > 0, "migrate wrote no checkpoint");
+    let mut page = sb.checkpoint.head as usize;
+    let mut payload = 0;
+    for _ in 0..sb.checkpoint.pages {
+        let h = &bytes[page * 4096..(page + 1) * 4096];
+        payload += header::PAYLOAD_LEN.get(h) as usize;
+        page = header::NEXT.get(h) as usize;
+    }
+    assert!(payload < 107 * 20, "checkpoint of {payload} bytes");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use thinlayer::format::checksum::{self, Kind};
 use thinlayer::format::page::header;
+use thinlayer::format::record::{map_run, Record, RecordReader, TAG_MAP_RUN};
 use thinlayer::format::superblock::{self, fields, Superblock};
 use thinlayer::format::{LayerId, PAGE_SIZE};
 use thinlayer::pool::{FileStorage, MemStorage, Storage};
@@ -201,6 +202,48 @@ fn corrupt_message(r: thinlayer::Result<Store>) -> String {
     }
 }
 
+/// The checkpoint's record bytes, and where each byte of them is in the pool file.
+fn checkpoint_bytes(path: &Path) -> (Vec<u8>, Vec<u64>) {
+    let (_, sb) = newest(path);
+    let b = std::fs::read(path).unwrap();
+    let (mut bytes, mut at) = (vec![], vec![]);
+    for p in stream_pages(path, sb.checkpoint.head, sb.checkpoint.pages) {
+        let page = &b[p as usize * PAGE_SIZE..][..PAGE_SIZE];
+        let len = header::PAYLOAD_LEN.get(page) as usize;
+        let start = p * PAGE_SIZE as u64 + header::LEN as u64;
+        bytes.extend_from_slice(&page[header::LEN..header::LEN + len]);
+        at.extend((0..len as u64).map(|i| start + i));
+    }
+    (bytes, at)
+}
+
+/// The byte offset in the checkpoint of each map run (FORMAT.md §6.3.1), with its layer and
+/// its blocks.
+fn map_runs(bytes: &[u8]) -> Vec<(usize, LayerId, usize)> {
+    let mut r = RecordReader::new(bytes, "checkpoint");
+    let mut runs = vec![];
+    loop {
+        let (at, tag) = (r.position(), r.peek_tag());
+        match r.next_record().unwrap() {
+            Some(Record::Map { layer, entries }) if tag == Some(TAG_MAP_RUN) => {
+                runs.push((at, layer, entries.len()))
+            }
+            Some(_) => {}
+            None => return runs,
+        }
+    }
+}
+
+/// Rewrite the checkpoint's byte `i` (as `checkpoint_bytes` numbers them) and reseal its
+/// page, so only the record's own checks can see the change.
+fn rewrite_checkpoint_byte(path: &Path, at: &[u64], i: usize, value: u8) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at[i] as usize] = value;
+    let page = at[i] as usize / PAGE_SIZE * PAGE_SIZE;
+    checksum::seal(Kind::CheckpointPage, &mut b[page..page + PAGE_SIZE]);
+    std::fs::write(path, b).unwrap();
+}
+
 #[test]
 fn fixture_has_checkpoint_and_log_and_checks_clean() {
     let f = fixture();
@@ -212,6 +255,50 @@ fn fixture_has_checkpoint_and_log_and_checks_clean() {
     let r = check(&f.path, true);
     assert!(r.is_clean(), "{:?}", r.faults);
     assert!(r.verified_blocks > 0);
+    // "base" was written in order into contiguous blocks: its 12 blocks are one map run.
+    let s = Store::open_read_only(&f.path).unwrap();
+    let runs = map_runs(&checkpoint_bytes(&f.path).0);
+    assert!(
+        runs.iter().any(|&(_, l, n)| l == id(&s, "base") && n == 12),
+        "{runs:?}"
+    );
+}
+
+/// A map run whose crc for one block is wrong (its page resealed, so only the data check can
+/// tell): `check --data` names the layer and the block, and reading it is EIO; a run whose
+/// pool block is the "unmapped" sentinel is refused as damaged metadata.
+#[test]
+fn a_map_runs_crcs_and_blocks_are_checked() {
+    let (_d, path) = copy_pool();
+    let (bytes, at) = checkpoint_bytes(&path);
+    let (run, ..) = map_runs(&bytes)[0];
+    let crc_of = |block: usize| run + map_run::LEN + 4 * block;
+    rewrite_checkpoint_byte(&path, &at, crc_of(5), bytes[crc_of(5)] ^ 0x40);
+    let r = check(&path, true);
+    assert_fault(&r, &["layer \"base\"", "data block 5 (byte offset 20480)"]);
+    let s = Store::open_read_only(&path).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    let e = s.read_layer(id(&s, "base"), 5 * BS, &mut buf).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    s.read_layer(id(&s, "base"), 4 * BS, &mut buf).unwrap();
+    drop(s);
+
+    let (_d, path) = copy_pool();
+    for i in 0..8 {
+        rewrite_checkpoint_byte(&path, &at, run + map_run::PBLOCK.at + i, 0);
+    }
+    let m = corrupt_message(Store::open_read_only(&path));
+    assert!(m.contains("map run of 12 blocks"), "{m}");
+    let e = thinlayer::check::check(
+        Arc::new(FileStorage::new(std::fs::File::open(&path).unwrap())),
+        false,
+        &mut |_, _| {},
+    );
+    let m = match e {
+        Ok(r) => format!("{:?}", r.faults),
+        Err(e) => e.to_string(),
+    };
+    assert!(m.contains("map run of 12 blocks"), "{m}");
 }
 
 /// A damaged newest slot: the older one (the last checkpoint's) names less of the log, but

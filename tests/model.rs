@@ -12,7 +12,7 @@ use std::sync::Arc;
 use thinlayer::pool::{MemStorage, Storage};
 use thinlayer::{CreateOptions, Store};
 
-fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) {
+fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) -> Arc<MemStorage> {
     let storage = Arc::new(MemStorage::new());
     let dynstorage: Arc<dyn Storage> = storage.clone();
     let opts = CreateOptions {
@@ -60,6 +60,48 @@ fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) {
     let store = open(Store::open_in(dynstorage.clone(), true).unwrap());
     check_after_open(&store, dynstorage);
     check_all(&store, &model);
+    storage
+}
+
+/// Map runs (FORMAT.md §6.3.1) in the newest state's checkpoint and log.
+fn map_runs(storage: &MemStorage) -> usize {
+    use thinlayer::format::record::{RecordReader, TAG_MAP_RUN};
+    let (slots, _) = thinlayer::pool::meta::read_superblocks(storage).unwrap();
+    let rec = thinlayer::pool::meta::load(storage, &slots[0]).unwrap();
+    let mut runs = 0;
+    for bytes in [&rec.checkpoint, &rec.log] {
+        let mut r = RecordReader::new(bytes, "test");
+        while r.peek_tag().is_some() {
+            runs += (r.peek_tag() == Some(TAG_MAP_RUN)) as usize;
+            r.next_record().unwrap();
+        }
+    }
+    runs
+}
+
+/// The workload writes map runs, so `store_matches_model`'s reopens replay them against the
+/// model: most multi-block writes into fresh blocks are runs.
+#[test]
+fn the_workload_writes_map_runs() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strat = (
+        block_size(),
+        prop_oneof![2 => Just(None), 1 => (0u64..4).prop_map(Some)],
+        prop::collection::vec(op(true), 1..60),
+    );
+    let cases = 40;
+    let with_runs = (0..cases)
+        .filter(|_| {
+            let (bs, threshold, ops) = strat.new_tree(&mut runner).unwrap().current();
+            map_runs(&run(bs, threshold, &ops)) > 0
+        })
+        .count();
+    assert!(
+        with_runs >= cases / 4,
+        "{with_runs} of {cases} cases hold map runs"
+    );
 }
 
 proptest! {

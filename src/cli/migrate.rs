@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 A pool of an older format version is refused by every other command, naming its version and\n\
 this command. migrate takes the pool's lock (stop the server first), converts one version at a\n\
 time, loads the result, and only then writes the two superblocks: power lost at any point\n\
-leaves a pool that this version or the old one opens. A pool already current is left alone.\n\
+leaves a pool that this version or the old one opens. Then it rewrites the catalogue as a\n\
+checkpoint in the new version's records (from version 3: map runs, 4 bytes a block of an\n\
+imported image instead of 20). A pool already current is left alone.\n\
 Layers, names and data are kept; docs/FORMAT.md §11 lists the versions.")]
 pub struct Args {
     /// The pool file (default: --pool, $THINLAYER_POOL, or the default pool).

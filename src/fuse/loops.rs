@@ -14,12 +14,10 @@
 //! The switch keeps the durability promise: a direct-I/O loop device sends the same FUSE
 //! WRITEs (each acknowledged once in the store) and turns a flush into the file's `fsync`
 //! as before; the kernel flushes the backing file and drains the device's queue before it
-//! changes mode. What it costs is the hand-over's promise, which is why it is asked for:
-//! with several requests in flight, a serving process that exits or is killed (`thinlayer
-//! restart`, a crash the keeper recovers) is more often caught reading one from
-//! `/dev/fuse`, and the kernel ends a request whose copy to the dying reader failed with
-//! EIO instead of keeping it for FUSE_NOTIFY_RESEND (tests/restart.rs's PostgreSQL runs:
-//! 8 failures in 15 runs with direct I/O, none in 7 buffered).
+//! changes mode. With several requests in flight, a restart's old process is often caught
+//! with a session thread taking one from `/dev/fuse`; `leave` stops them reading before it
+//! exits, which a request copied to a thread the exit kills would otherwise fail with EIO
+//! (tests/restart.rs's PostgreSQL runs: 8 failures in 15 runs with direct I/O before it).
 
 use crate::log::{self, Level};
 use std::ffi::OsStr;

@@ -6,9 +6,11 @@
 //!
 //! `names` maps layer names to file names, `files` holds the policy (attach, detach, who has
 //! a file open), `fs` translates FUSE requests, `mount` sets the directory up and takes it
-//! down, `loops` finds the loop devices over a file and switches them to direct I/O. `adopt` serves a mount another process made, from its `/dev/fuse` descriptor and
-//! its table of files (`thinlayer restart`, the keeper): the loop devices on the files never
-//! notice the change of process.
+//! down, `loops` finds the loop devices over a file and switches them to direct I/O. `adopt`
+//! serves a mount another process made, from its `/dev/fuse` descriptor and its table of
+//! files (`thinlayer restart`, the keeper): the loop devices on the files never notice the
+//! change of process; `leave` stops the old process's session threads reading before it
+//! exits, so none of the requests in flight is lost with it.
 //!
 //! Without the `fuse` feature (`crate::features`) only the FUSE session (`fs`, `adopt`, and
 //! fuser) is left out: `LiveFiles` keeps its type, so the server and the CLI need no second
@@ -19,6 +21,7 @@ mod adopt;
 mod files;
 #[cfg(feature = "fuse")]
 mod fs;
+mod leave;
 mod loops;
 mod mount;
 mod names;
@@ -218,6 +221,20 @@ impl LiveFiles {
     /// Have `w` told the table of files whenever it changes (the keeper's copy).
     pub fn watch(&self, w: files::Watch) {
         self.table.watch(w);
+    }
+
+    /// Stop serving before this process exits, having handed the connection to the next one
+    /// (`thinlayer restart`): every session thread leaves `/dev/fuse` and stays away, so
+    /// none is killed while the kernel copies a request to it (which fails the request with
+    /// EIO); what they hold is the next process's to resend (`leave`). An error if some did
+    /// not stop within `timeout`.
+    pub fn stop_reading(&self, timeout: std::time::Duration) -> Result<()> {
+        leave::stop_reading(timeout).map_err(|e| {
+            Error::io(
+                format!("live files {}: stopping the session threads", self.dir().display()),
+                e,
+            )
+        })
     }
 
     /// Ask the kernel to send again the requests a previous process read and did not answer.

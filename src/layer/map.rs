@@ -8,8 +8,8 @@
 //! a chunk only starts a crc vector (~60 bytes of table entry and allocation) once a run of
 //! `FIRST_RUN` blocks pays for it. Unmapped blocks cost nothing; a chunk costs one hash entry
 //! (~40 bytes). The representation is not canonical (two adjacent extents may be contiguous);
-//! lookups do not care. Nothing here is on disk: records stay one entry per block (FORMAT.md
-//! §6.3), so this is free to change.
+//! lookups do not care. Nothing here is on disk: the records (map entries and map runs,
+//! FORMAT.md §6.3) are replayed into it at open, so this is free to change.
 
 use crate::format::record::MapTarget;
 use crate::format::{PBlock, VBlock};

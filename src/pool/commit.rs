@@ -41,6 +41,8 @@ pub struct Pool {
     poisoned: Option<String>,
     /// Log pages past which a commit writes a checkpoint (tests lower it to exercise that path).
     checkpoint_min_log_pages: u64,
+    /// The next commit writes a checkpoint even if nothing is pending (`checkpoint_next`).
+    checkpoint_due: bool,
     /// Free blocks whose space the file still holds (see PUNCH_BATCH_BYTES).
     unpunched: Vec<PBlock>,
     /// How many of them are short runs kept back from the last batch (see PUNCH_MIN_RUN).
@@ -78,6 +80,7 @@ impl Pool {
             block_size,
             poisoned: None,
             checkpoint_min_log_pages: CHECKPOINT_MIN_LOG_PAGES,
+            checkpoint_due: false,
             unpunched: Vec::new(),
             kept: 0,
         }
@@ -101,6 +104,12 @@ impl Pool {
 
     pub fn set_checkpoint_threshold(&mut self, pages: u64) {
         self.checkpoint_min_log_pages = pages;
+    }
+
+    /// Make the next commit a checkpoint, even one with no changes: the whole catalogue is
+    /// rewritten with this version's records (after `thinlayer migrate`, map runs).
+    pub fn checkpoint_next(&mut self) {
+        self.checkpoint_due = true;
     }
 
     /// Blocks held back from data so a commit of `pending` can always find room for its
@@ -135,14 +144,15 @@ impl Pool {
         mut announce: impl FnMut((u64, u64)),
     ) -> Result<Option<Commit>> {
         self.usable()?;
-        if pending.is_empty() {
+        if pending.is_empty() && !self.checkpoint_due {
             return Ok(None);
         }
         let log_pages = self.meta.log_pages() + (pending.buf.len() / PAYLOAD_MAX) as u64;
-        let want_checkpoint = log_pages
-            > self
-                .checkpoint_min_log_pages
-                .max(self.meta.checkpoint_pages());
+        let want_checkpoint = self.checkpoint_due
+            || log_pages
+                > self
+                    .checkpoint_min_log_pages
+                    .max(self.meta.checkpoint_pages());
         let mut staged = Ok(None);
         let mut announced = None;
         let mut tell = |at| {
@@ -155,8 +165,15 @@ impl Pool {
             staged = self
                 .meta
                 .stage_checkpoint(storage, &mut self.alloc, &w.buf, &mut tell);
+            if matches!(staged, Ok(Some(_))) {
+                self.checkpoint_due = false;
+            }
         }
-        // Without room for a whole checkpoint, appending to the log still works.
+        // Without room for a whole checkpoint, appending to the log still works (and a
+        // checkpoint asked for with nothing pending waits for the next commit).
+        if matches!(staged, Ok(None)) && pending.is_empty() {
+            return Ok(None);
+        }
         if matches!(staged, Ok(None)) {
             let superblock = pending.buf.len() > ONE_SYNC_MAX_RECORD_BYTES;
             staged = self.meta.stage_log(

@@ -11,9 +11,11 @@
 //!    wait. It commits and lets go of the pool's lock (`Store::release`).
 //! 3. It sends its state and the descriptors (SCM_RIGHTS). The new one opens the pool,
 //!    adopts the descriptors and says ready, then serves.
-//! 4. The old one answers the `restart` request and exits without closing anything; once
+//! 4. The old one's FUSE threads stop reading `/dev/fuse` (`fuse/leave.rs`: a thread the
+//!    exit kills while a request is copied to it fails that request with EIO).
+//! 5. The old one answers the `restart` request and exits without closing anything; once
 //!    it is gone the new one asks the kernel to resend the FUSE requests the old one read
-//!    and held at its gate (FUSE_NOTIFY_RESEND).
+//!    and held at its gate or its stopped threads hold (FUSE_NOTIFY_RESEND).
 //!
 //! If the new process fails before it is ready (it does not start, refuses the pool, dies),
 //! the old one takes the pool back (`Store::take_back`), opens the gate and serves on; the
@@ -49,6 +51,8 @@ pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long it may take to open the pool and say ready (opening reads the metadata).
 pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_MESSAGE: usize = 16 << 20;
+/// How long the session threads may take to stop reading (each only has to be scheduled).
+const STOP_READING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// New process -> old process.
 #[derive(Debug, Serialize, Deserialize)]
@@ -271,6 +275,13 @@ impl Serving<'_> {
                 return Err(e);
             }
         };
+        // 4. Before this process exits, its FUSE threads stop reading: a thread killed by the
+        // exit while the kernel copies a request to it would fail that request with EIO.
+        if let Some(f) = self.files {
+            if let Err(e) = f.stop_reading(STOP_READING_TIMEOUT) {
+                log::process(Level::Warn, format_args!("thinlayer: {e}"));
+            }
+        }
         let held = closed.elapsed();
         log::process(
             Level::Info,
@@ -279,7 +290,7 @@ impl Serving<'_> {
                 held.as_millis()
             ),
         );
-        // 4. The new process serves. Exit once the reply is on its way; the requests held
+        // 5. The new process serves. Exit once the reply is on its way; the requests held
         // at the gate are the kernel's to resend (FUSE) or the clients' to retry (NBD).
         std::thread::spawn(|| {
             std::thread::sleep(Duration::from_millis(100));

@@ -6,9 +6,11 @@
 //! then two superblocks of the current version are written, one per slot, each synced. Power
 //! lost before the first leaves the old pool untouched; between the two, the newest slot is
 //! current (this version opens by it and heals the other) and the older slot is the old
-//! version's (the old binary opens by it: the same state).
+//! version's (the old binary opens by it: the same state). After both, the converted pool is
+//! opened like any other and given a checkpoint, so its maps are written with the current
+//! version's records (map runs): an ordinary checkpoint commit, with its own crash story.
 
-use super::store::load_generation;
+use super::store::{load_generation, Store};
 use crate::error::{Error, Result};
 use crate::format::superblock::{Superblock, MIGRATES_FROM, VERSION};
 use crate::pool::lock::PoolLock;
@@ -16,6 +18,7 @@ use crate::pool::meta;
 use crate::pool::{FileStorage, Storage};
 use std::fs::OpenOptions;
 use std::path::Path;
+use std::sync::Arc;
 
 /// One conversion from version `from` to `from + 1`: given the storage and the superblock of
 /// the state to convert, it writes what the new version needs (into free space only: the old
@@ -27,11 +30,18 @@ struct Step {
     run: fn(&dyn Storage, Superblock) -> Result<Superblock>,
 }
 
-const STEPS: &[Step] = &[Step {
-    from: 2,
-    what: "layer records may be mode 3 (remote); a version-2 pool has none, so only the version changes",
-    run: |_, sb| Ok(sb),
-}];
+const STEPS: &[Step] = &[
+    Step {
+        from: 2,
+        what: "layer records may be mode 3 (remote); a version-2 pool has none, so only the version changes",
+        run: |_, sb| Ok(sb),
+    },
+    Step {
+        from: 3,
+        what: "maps may hold map runs (one record per contiguous run); a version-3 pool's map records stay valid, so the version changes, then a checkpoint rewrites the maps with runs",
+        run: |_, sb| Ok(sb),
+    },
+];
 
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,12 +61,30 @@ pub fn migrate(path: &Path) -> Result<Migrated> {
         .write(true)
         .open(path)
         .map_err(|e| Error::io(format!("opening pool {}", path.display()), e))?;
-    let storage = FileStorage::new(file);
-    migrate_in(&storage).map_err(|e| e.context(format!("pool {}", path.display())))
+    let storage = Arc::new(FileStorage::new(file));
+    migrate_in(storage).map_err(|e| e.context(format!("pool {}", path.display())))
 }
 
 /// `migrate` on any storage (the caller holds the pool's lock).
-pub fn migrate_in(storage: &dyn Storage) -> Result<Migrated> {
+pub fn migrate_in(storage: Arc<dyn Storage>) -> Result<Migrated> {
+    let m = convert_slots(&*storage)?;
+    if !m.steps.is_empty() {
+        // The whole catalogue again, in this version's records. The pool is converted
+        // whatever happens here; a pool a writable open refuses (a fault `check` reports) keeps
+        // its old records until its next checkpoint.
+        Store::open_in(storage, true)
+            .and_then(|s| s.checkpoint())
+            .map_err(|e| {
+                e.context(format!(
+                    "converted to format version {VERSION}, but its maps were not rewritten as a checkpoint"
+                ))
+            })?;
+    }
+    Ok(m)
+}
+
+/// Bring both superblock slots to the current version.
+fn convert_slots(storage: &dyn Storage) -> Result<Migrated> {
     let slots = meta::read_superblocks_any(storage)?;
     if slots.is_empty() {
         return Err(Error::Corrupt(format!(
@@ -152,12 +180,19 @@ mod tests {
 
     #[test]
     fn an_older_pool_is_refused_by_name_until_migrated() {
-        let mem = pool_of_version(2);
+        for from in [2, 3] {
+            an_older_pool_is_refused_by_name_until_migrated_from(from);
+        }
+    }
+
+    fn an_older_pool_is_refused_by_name_until_migrated_from(from: u32) {
+        let mem = pool_of_version(from);
         let e = Store::open_in(mem.clone(), false).err().unwrap();
         assert_eq!(e.kind(), crate::error::Kind::Conflict);
         assert!(e.to_string().contains("thinlayer migrate"), "{e}");
-        let m = migrate_in(&*mem).unwrap();
-        assert_eq!((m.from, m.to, m.steps.len()), (2, VERSION, 1));
+        let m = migrate_in(mem.clone()).unwrap();
+        let steps = (VERSION - from) as usize;
+        assert_eq!((m.from, m.to, m.steps.len()), (from, VERSION, steps));
         let s = Store::open_in(mem.clone(), false).unwrap();
         assert!(s.layers().iter().any(|l| l.name == "base"));
         s.verify_consistency().unwrap();
@@ -167,7 +202,7 @@ mod tests {
             .unwrap()
             .iter()
             .all(|(v, _)| *v == VERSION));
-        assert_eq!(migrate_in(&*mem).unwrap().steps.len(), 0);
+        assert_eq!(migrate_in(mem.clone()).unwrap().steps.len(), 0);
     }
 
     #[test]
@@ -181,7 +216,7 @@ mod tests {
         let s = Store::open_in(mem.clone(), true).unwrap();
         assert!(s.layers().iter().any(|l| l.name == "base"));
         drop(s);
-        let m = migrate_in(&*mem).unwrap();
+        let m = migrate_in(mem.clone()).unwrap();
         assert!(m.steps.is_empty(), "the writable open healed the old slot");
         Store::open_in(mem, false)
             .unwrap()

@@ -528,6 +528,15 @@ impl Store {
             .set_checkpoint_threshold(pages);
     }
 
+    /// Commit now as a checkpoint, even with nothing pending: the whole catalogue rewritten
+    /// with this version's records (`thinlayer migrate` uses it so a converted pool's maps are
+    /// map runs at once). The ordinary checkpoint commit, with its crash story (DESIGN §4); a
+    /// pool without room for a checkpoint keeps its log, and the next commit tries again.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.write()?.pool.checkpoint_next();
+        self.flush()
+    }
+
     /// Whether there are changes not yet committed.
     pub fn has_pending(&self) -> bool {
         !self.read().pending.is_empty()
