@@ -11,7 +11,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     // An extent of the index (1 MiB), its bytes 24 bytes into a block of the stream's hash
     // (a record's header before them), as the encoder hashes them.
-    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     let mut g = c.benchmark_group("sha256_two_chains_1MiB");
     g.sample_size(30)
         .warm_up_time(Duration::from_secs(1))
