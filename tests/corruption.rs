@@ -225,8 +225,9 @@ fn map_runs(bytes: &[u8]) -> Vec<(usize, LayerId, usize)> {
     loop {
         let (at, tag) = (r.position(), r.peek_tag());
         match r.next_record().unwrap() {
-            Some(Record::Map { layer, entries }) if tag == Some(TAG_MAP_RUN) => {
-                runs.push((at, layer, entries.len()))
+            Some(Record::MapRun { layer, run }) => {
+                assert_eq!(tag, Some(TAG_MAP_RUN));
+                runs.push((at, layer, run.crcs.len()))
             }
             Some(_) => {}
             None => return runs,

@@ -143,6 +143,29 @@ pub struct MapEntry {
     pub target: MapTarget,
 }
 
+/// A map run as read (FORMAT.md §6.3.1): block `i` maps virtual block `vblock + i` to pool
+/// block `pblock + i`, whose data has crc `crcs[i]`. The decoder has checked that no block of
+/// it wraps or is a sentinel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapRun {
+    pub vblock: VBlock,
+    pub pblock: PBlock,
+    pub crcs: Vec<u32>,
+}
+
+impl MapRun {
+    /// The map entries the run stands for, in order.
+    pub fn entries(&self) -> impl Iterator<Item = MapEntry> + '_ {
+        self.crcs.iter().zip(0u64..).map(|(&crc, i)| MapEntry {
+            vblock: VBlock(self.vblock.0 + i),
+            target: MapTarget::Data {
+                pblock: PBlock(self.pblock.0 + i),
+                crc,
+            },
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerCreate {
     pub id: LayerId,
@@ -169,6 +192,12 @@ pub enum Record {
     Map {
         layer: LayerId,
         entries: Vec<MapEntry>,
+    },
+    /// Map entries of one layer contiguous in the layer and in the pool, applied as a whole
+    /// (replay's fast path for an imported image).
+    MapRun {
+        layer: LayerId,
+        run: MapRun,
     },
     /// Checkpoint only: the counters the layer had, checked against its map on load.
     LayerCounters {
@@ -611,19 +640,18 @@ impl<'a> RecordReader<'a> {
                     ));
                 }
                 let raw = self.take(n as usize * RUN_CRC_LEN, start, "map run")?;
-                // Replay applies entries; a run is read as the entries it stands for.
-                let entries = raw
+                let crcs = raw
                     .chunks_exact(RUN_CRC_LEN)
-                    .zip(0u64..)
-                    .map(|(c, i)| MapEntry {
-                        vblock: VBlock(v + i),
-                        target: MapTarget::Data {
-                            pblock: PBlock(p + i),
-                            crc: u32::from_le_bytes(c.try_into().unwrap()),
-                        },
-                    })
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
                     .collect();
-                Record::Map { layer, entries }
+                Record::MapRun {
+                    layer,
+                    run: MapRun {
+                        vblock: VBlock(v),
+                        pblock: PBlock(p),
+                        crcs,
+                    },
+                }
             }
             TAG_LAYER_ATTR => {
                 use layer_attr as f;
@@ -846,9 +874,22 @@ mod tests {
         }
     }
 
+    /// A map run as the map record of the entries it stands for.
+    fn as_map(rec: Record) -> Record {
+        match rec {
+            Record::MapRun { layer, run } => Record::Map {
+                layer,
+                entries: run.entries().collect(),
+            },
+            rec => rec,
+        }
+    }
+
     fn read_all(buf: &[u8]) -> Vec<Record> {
         let mut r = RecordReader::new(buf, "log");
-        std::iter::from_fn(|| r.next_record().unwrap()).collect()
+        std::iter::from_fn(|| r.next_record().unwrap())
+            .map(as_map)
+            .collect()
     }
 
     #[test]
@@ -1191,7 +1232,7 @@ mod tests {
             let mut r = RecordReader::new(&w.buf, "prop");
             let mut got: Vec<Record> = Vec::new();
             while let Some(rec) = r.next_record().unwrap() {
-                match (got.last_mut(), rec) {
+                match (got.last_mut(), as_map(rec)) {
                     (
                         Some(Record::Map { layer, entries }),
                         Record::Map { layer: l, entries: more },

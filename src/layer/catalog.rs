@@ -313,6 +313,23 @@ impl Catalog {
                     }
                 }
             }
+            Record::MapRun { layer, run } => {
+                if !self.must(layer)?.writable {
+                    self.cache.clear();
+                }
+                let l = self.must(layer)?;
+                // The decoder checked the run's blocks against the sentinels; the map holds 48
+                // bits, so its last block must fit as every data entry's must.
+                let n = run.crcs.len() as u64;
+                let last = PBlock(run.pblock.0 + n - 1);
+                if last.0 > super::map::MAX_PBLOCK {
+                    return Err(Error::Corrupt(format!(
+                        "layer {layer}: {} maps to impossible {last}",
+                        VBlock(run.vblock.0 + n - 1)
+                    )));
+                }
+                l.map.set_run(run.vblock, run.pblock, &run.crcs);
+            }
             Record::LayerCounters {
                 layer,
                 data_blocks,

@@ -306,6 +306,32 @@ impl BlockMap {
         old
     }
 
+    /// Map `crcs.len()` blocks from `vb` to the pool blocks from `pblock`, block `i`'s data
+    /// having crc `crcs[i]` (a map run, replayed at open). A piece of at least `FIRST_RUN`
+    /// blocks in a chunk holding nothing yet becomes one run at once, as `set` block by block
+    /// would leave it; any other piece goes through `set`.
+    pub fn set_run(&mut self, vb: VBlock, pblock: PBlock, crcs: &[u32]) {
+        let mut done = 0;
+        while done < crcs.len() {
+            let (v, p) = (vb.0 + done as u64, pblock.0 + done as u64);
+            let (c, k) = split(VBlock(v));
+            let len = ((CHUNK_LEN - k as u64) as usize).min(crcs.len() - done);
+            let piece = &crcs[done..done + len];
+            if len >= FIRST_RUN && !self.chunks.contains_key(&c) {
+                self.chunks.insert(c, vec![Ext::run(k, p, len as u16, 0)]);
+                let v = piece.to_vec();
+                self.crcs.insert(c, Crcs { v, dead: 0 });
+                self.data_blocks += len as u64;
+            } else {
+                for (i, &crc) in (0u64..).zip(piece) {
+                    let pblock = PBlock(p + i);
+                    self.set(VBlock(v + i), Mapping::Data { pblock, crc });
+                }
+            }
+            done += len;
+        }
+    }
+
     /// Unmap `vb`; returns what it was mapped to.
     pub fn remove(&mut self, vb: VBlock) -> Option<Mapping> {
         let (c, k) = split(vb);
@@ -711,6 +737,13 @@ mod tests {
             vb: u64,
             len: u64,
         },
+        /// `Data`, through `set_run`.
+        Run {
+            vb: u64,
+            len: u64,
+            p: u64,
+            crc: u32,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -722,7 +755,10 @@ mod tests {
                 Op::Data { vb, len, p: 100 + vb + p * 10_000 + (p % 2) * vb, crc }
             }),
             1 => (vb.clone(), len.clone()).prop_map(|(vb, len)| Op::Zero { vb, len }),
-            2 => (vb, len).prop_map(|(vb, len)| Op::Unmap { vb, len }),
+            2 => (vb.clone(), len.clone()).prop_map(|(vb, len)| Op::Unmap { vb, len }),
+            2 => (vb, len, 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
+                Op::Run { vb, len, p: 100 + vb + p * 10_000, crc }
+            }),
         ]
     }
 
@@ -747,6 +783,13 @@ mod tests {
                     Op::Unmap { vb, len } => for j in 0..len {
                         prop_assert_eq!(m.remove(VBlock(vb + j)), model.remove(&(vb + j)));
                     },
+                    Op::Run { vb, len, p, crc } => {
+                        let crcs: Vec<u32> = (0..len).map(|j| crc ^ j as u32).collect();
+                        m.set_run(VBlock(vb), PBlock(p), &crcs);
+                        for (j, &crc) in (0..).zip(&crcs) {
+                            model.insert(vb + j, Mapping::Data { pblock: PBlock(p + j), crc });
+                        }
+                    }
                 }
                 check_shape(&m);
             }

@@ -262,6 +262,11 @@ impl TailCommit {
                         last.insert((layer, e.vblock), e.target);
                     }
                 }
+                Ok(Some(Record::MapRun { layer, run })) => {
+                    for e in run.entries() {
+                        last.insert((layer, e.vblock), e.target);
+                    }
+                }
                 Ok(Some(Record::LayerRemove(id))) => last.retain(|&(l, _), _| l != id),
                 Ok(Some(_)) => {}
                 Ok(None) => break,

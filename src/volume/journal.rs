@@ -377,6 +377,14 @@ impl Inner {
             ..
         } = self;
         let alloc = &mut pool.alloc;
+        // A run's blocks are claimed and changed one by one, as any map entry's.
+        let rec = match rec {
+            Record::MapRun { layer, run } => Record::Map {
+                layer,
+                entries: run.entries().collect(),
+            },
+            rec => rec,
+        };
         match rec {
             Record::Map { layer, entries } => {
                 for e in entries {
@@ -435,6 +443,7 @@ impl Inner {
                     "the crash journal holds a checkpoint's counters record (layer {layer})"
                 )))
             }
+            Record::MapRun { .. } => unreachable!("turned into a map record above"),
         }
         Ok(())
     }
