@@ -18,9 +18,9 @@
 //! file is opened FOPEN_DIRECT_IO (no second cache under the filesystem's own), so the
 //! buffered mode buys nothing and costs the queue depth: fio's random 4 KiB writes at qd16
 //! went from 6-12k to 42-44k IOPS, pgbench 1.4-3.8x (docs/BENCHMARKS.md). `mount -o loop` and
-//! containerd 1.6 set loop devices up buffered and have no option to ask otherwise, so with
-//! `serve --loop-direct-io` the server switches each loop device it finds over one of its
-//! files (`DirectIo`).
+//! containerd 1.6 set loop devices up buffered and have no option to ask otherwise, so the
+//! server switches each loop device it finds over one of its files (`DirectIo`; `serve
+//! --no-loop-direct-io` does not).
 //!
 //! The switch keeps the durability promise: a direct-I/O loop device sends the same FUSE
 //! WRITEs (each acknowledged once in the store) and turns a flush into the file's `fsync`

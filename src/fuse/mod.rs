@@ -58,8 +58,8 @@ fn session_config() -> fuser::Config {
     config
 }
 
-/// The thread that switches loop devices over the files to direct I/O (`loops`), when asked
-/// for (`serve --loop-direct-io`).
+/// The thread that switches loop devices over the files to direct I/O (`loops`), unless
+/// told not to (`serve --no-loop-direct-io`).
 #[cfg(feature = "fuse")]
 fn direct_io(wanted: bool) -> Result<Option<loops::DirectIo>> {
     if !wanted {
@@ -239,7 +239,10 @@ impl LiveFiles {
     pub fn stop_reading(&self, timeout: std::time::Duration) -> Result<()> {
         leave::stop_reading(timeout).map_err(|e| {
             Error::io(
-                format!("live files {}: stopping the session threads", self.dir().display()),
+                format!(
+                    "live files {}: stopping the session threads",
+                    self.dir().display()
+                ),
                 e,
             )
         })

@@ -94,9 +94,14 @@ pub(crate) struct State {
     pub keeper: bool,
     #[serde(default)]
     pub keeper_pid: u32,
-    /// `serve --loop-direct-io`.
-    #[serde(default)]
+    /// Loop devices over live files switched to direct I/O (not `serve --no-loop-direct-io`);
+    /// a server from before this field existed had no way to ask, so the new default applies.
+    #[serde(default = "direct_io_by_default")]
     loop_direct_io: bool,
+}
+
+fn direct_io_by_default() -> bool {
+    true
 }
 
 /// Second descriptors of what a restart hands over, taken before the serving threads own

@@ -47,8 +47,8 @@ pub struct Config {
     /// Start a keeper (`serve --keeper`, `keeper.rs`) that restarts this server if it dies,
     /// and keep a crash journal for it.
     pub keeper: bool,
-    /// Switch loop devices over the live files to direct I/O (`serve --loop-direct-io`,
-    /// `fuse::loops`).
+    /// Switch loop devices over the live files to direct I/O (the default; `serve
+    /// --no-loop-direct-io` leaves them buffered; `fuse::loops`).
     pub loop_direct_io: bool,
 }
 
