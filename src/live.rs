@@ -59,6 +59,23 @@ impl<'a> LivePool<'a> {
         Ok(info)
     }
 
+    /// Make read-only remote layer `name` (`pull --lazy`, DESIGN.md §13) over `parent`:
+    /// `size` bytes, `attrs`, the whiteouts `zeros`; durable. Its data is fetched later.
+    pub fn create_remote(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        size: u64,
+        attrs: AttrChanges<'_>,
+        zeros: &[(u64, u64)],
+    ) -> Result<LayerInfo> {
+        let info = self
+            .store
+            .create_remote_layer(name, parent, size, attrs, zeros)?;
+        self.store.flush()?;
+        Ok(info)
+    }
+
     /// Seal layer `name` read-only (renamed to `new_name` if given) with `attrs`, durable,
     /// and record its content IDs. Refused (`InUse`) while a writable holder has it: writes
     /// must not change a layer while it becomes read-only.

@@ -68,6 +68,16 @@ pub struct Args {
     /// The default; accepted for scripts written when direct I/O had to be asked for.
     #[arg(long, hide = true, conflicts_with = "no_loop_direct_io")]
     loop_direct_io: bool,
+    /// Seconds a read of a block of a remote layer (`pull --lazy`) that is not fetched yet
+    /// waits for the registry, retrying with back-off, before it fails with EIO (logged with
+    /// the layer, the extent and the registry's error). Reads and the background fetch go on
+    /// by themselves when the registry answers again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    remote_timeout: u64,
+    /// Fetch only what is read of remote layers (`pull --lazy`): no background fetch of the
+    /// rest. They stay remote, and need the registry, until all of them has been read.
+    #[arg(long)]
+    no_remote_fill: bool,
     /// Internal: be the keeper of the server that started this process.
     #[arg(long, hide = true, value_name = "FD")]
     keeper_fd: Option<i32>,
@@ -115,6 +125,10 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         containerd: a.containerd_socket,
         keeper: a.keeper || !a.no_keeper,
         loop_direct_io: a.loop_direct_io || !a.no_loop_direct_io,
+        remote: server::lazy::Remote {
+            timeout: Duration::from_secs(a.remote_timeout.max(1)),
+            background: !a.no_remote_fill,
+        },
     };
     server::run(cfg, &crate::calls::command_line())
 }
