@@ -238,6 +238,29 @@ impl Target {
 }
 
 impl Target {
+    /// `pull --lazy`: the server makes the image's layers remote and fetches them itself
+    /// (`Unavailable` without a server).
+    pub fn pull_lazy(
+        &self,
+        reference: &str,
+        name: Option<&str>,
+        plain_http: bool,
+    ) -> Result<crate::control::Pulled> {
+        let req = Request::PullLazy {
+            reference: reference.into(),
+            name: name.map(str::to_string),
+            plain_http,
+        };
+        match Client::connect(&self.control)? {
+            Some(mut c) => expect!(c.call(&req, &[], &mut no_progress())?, Reply::Pulled(p) => p),
+            None => Err(Error::Unavailable(format!(
+                "no server answers on {}: `pull --lazy` needs `thinlayer serve` running for pool {} (it fetches the layers' data after the pull returns)",
+                self.control.display(),
+                self.pool.display()
+            ))),
+        }
+    }
+
     /// Note that read-only layer `name`'s blob is in registry location `location`
     /// (`host[:port]/repository`); returns its sources, newest first.
     pub fn record_source(&self, name: &str, location: &str) -> Result<Vec<String>> {

@@ -1331,12 +1331,24 @@ fn through_events(event: Event) {
     // containerd's connection to the snapshotter was cut by each event: wait for it to
     // come back before asking containerd (calls in the gap fail cleanly).
     ctd.wait_reconnected("thinlayer");
+    // A call whose answer an event cut off may have been done by thinlayer while containerd
+    // counts it failed (a Prepare), and a removal may have reached only containerd's records
+    // (its garbage collection's Remove failing in the gap). containerd removes from a
+    // snapshotter what its records lack at its next garbage collection, which a removal
+    // starts: one now, after the last event, rather than whenever the gap calls last made one.
+    let snap = |args: &[&str]| {
+        ctd.ctr(&[&["snapshots", "--snapshotter", "thinlayer"], args].concat());
+    };
+    snap(&["prepare", "gc-after-the-events", &parent]);
+    snap(&["rm", "gc-after-the-events"]);
     // Nothing half-made: what containerd lists is what thinlayer holds, gap snapshots included.
     assert!(
         eventually(|| ctd.snapshots("thinlayer") == thin.snapshots()),
-        "containerd {:?}\nthinlayer {:?}",
+        "containerd {:?}\nthinlayer {:?}\nthinlayer's log:\n{}\ncontainerd's log:\n{}",
         ctd.snapshots("thinlayer"),
-        thin.snapshots()
+        thin.snapshots(),
+        thin.log(),
+        ctd.log_tail()
     );
     // Prepare, Commit and Remove after the restarts.
     for args in [
@@ -1406,4 +1418,124 @@ fn through_events(event: Event) {
     let check = tl(&thin.pool, &["check", "--data"]);
     assert!(check.contains("clean"), "check --data: {check}");
     assert!(!thin.log().contains("panicked"), "{}", thin.log());
+}
+
+/// `ctr snapshots mounts` of `key`: the mount's source (after `-t TYPE`).
+fn mount_source(ctd: &Containerd, key: &str) -> String {
+    let out = ctd.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "thinlayer",
+        "mounts",
+        "/mnt",
+        key,
+    ]);
+    // "mount -t ext4 /dev/loop5 /mnt -o noatime,discard"
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(&words[..3], ["mount", "-t", "ext4"], "{out}");
+    words[3].to_string()
+}
+
+/// `/sys/block/NAME/...` of `/dev/NAME`, trimmed; None once the device is unbound.
+fn loop_attr(device: &str, attr: &str) -> Option<String> {
+    let name = device.strip_prefix("/dev/").unwrap();
+    fs::read_to_string(format!("/sys/block/{name}/{attr}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The loop device `device` is bound to a file under `files` (not autoclear), or none.
+fn bound_under(device: &str, files: &Path) -> bool {
+    loop_attr(device, "loop/backing_file")
+        .is_some_and(|b| b.starts_with(files.canonicalize().unwrap().to_str().unwrap()))
+}
+
+#[test]
+fn the_snapshotter_binds_one_loop_device_per_snapshot_and_clears_it_when_done() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut thin = Thinlayer::start(dir.path(), "thin");
+    let ctd = Containerd::start(dir.path(), &[("thinlayer", &thin.socket)]);
+    let snap = |args: &[&str]| {
+        ctd.ctr_output(&[&["snapshots", "--snapshotter", "thinlayer"], args].concat())
+    };
+    let files = thin.files.clone();
+
+    // Prepare answers a block device the snapshotter bound over the snapshot's live file
+    // (containerd then sets up no loop device of its own); every Mounts answers the same.
+    assert!(snap(&["prepare", "a"]).status.success());
+    let a = mount_source(&ctd, "a");
+    assert!(a.starts_with("/dev/loop"), "{a}");
+    assert!(bound_under(&a, &files), "{a} over a live file");
+    assert_eq!(loop_attr(&a, "loop/autoclear").as_deref(), Some("0"));
+    assert_eq!(loop_attr(&a, "ro").as_deref(), Some("0"));
+    assert_eq!(mount_source(&ctd, "a"), a, "one device per snapshot");
+
+    // Mounted, its commit is refused and leaves the device alone; unmounted, the commit
+    // clears it, and what was written is in the committed layer.
+    let m = dir.path().join("m");
+    fs::create_dir_all(&m).unwrap();
+    sh(&format!("mount -t ext4 -o noatime {a} {}", m.display()));
+    fs::write(m.join("hello"), b"hello from a\n").unwrap();
+    let o = snap(&["commit", "c1", "a"]);
+    assert!(!o.status.success(), "commit of a mounted snapshot");
+    assert!(bound_under(&a, &files), "a refused commit keeps the device");
+    sh(&format!("umount {}", m.display()));
+    let o = snap(&["commit", "c1", "a"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(!bound_under(&a, &files), "commit clears {a}");
+
+    // A view is served from a read-only device, cleared by its removal.
+    assert!(snap(&["view", "v", "c1"]).status.success());
+    let v = mount_source(&ctd, "v");
+    assert_eq!(loop_attr(&v, "ro").as_deref(), Some("1"));
+    sh(&format!("mount -t ext4 -o ro {v} {}", m.display()));
+    assert_eq!(fs::read(m.join("hello")).unwrap(), b"hello from a\n");
+    sh(&format!("umount {}", m.display()));
+    // containerd removes a snapshot from the snapshotter in its garbage collection, soon
+    // after `rm`.
+    assert!(snap(&["rm", "v"]).status.success());
+    assert!(eventually(|| !bound_under(&v, &files)), "remove clears {v}");
+
+    // A stop clears the devices nothing has mounted.
+    assert!(snap(&["prepare", "b", "c1"]).status.success());
+    let b = mount_source(&ctd, "b");
+    thin.stop();
+    assert!(!bound_under(&b, &files), "stop clears {b}");
+
+    // A killed server leaves its devices over a dead mount; the next server clears them.
+    thin.restart();
+    ctd.wait_reconnected("thinlayer");
+    let b = mount_source(&ctd, "b");
+    assert!(bound_under(&b, &files));
+    let s = thin.server.take().unwrap();
+    s.signal(libc::SIGKILL);
+    drop(s);
+    for stale in [
+        &thin.socket,
+        &thin.pool.with_extension("nbd"),
+        &control_path(&thin.pool),
+    ] {
+        let _ = fs::remove_file(stale);
+    }
+    assert!(
+        loop_attr(&b, "loop/backing_file").is_some(),
+        "outlives the kill"
+    );
+    thin.restart();
+    assert!(
+        loop_attr(&b, "loop/backing_file").is_none(),
+        "{b} cleared at the next start: {}",
+        thin.log()
+    );
+    ctd.wait_reconnected("thinlayer");
+    let b2 = mount_source(&ctd, "b");
+    assert!(bound_under(&b2, &files), "a new one for b");
+    assert!(snap(&["rm", "b"]).status.success());
+    assert!(eventually(|| !bound_under(&b2, &files)));
+    thin.stop();
+    check_clean(&thin.pool);
 }

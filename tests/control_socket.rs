@@ -35,6 +35,8 @@ fn layer(name: &str) -> LayerInfo {
         disk_size: 1 << 20,
         created: "2026-01-02T03:04:05Z".into(),
         importing: false,
+        remote: false,
+        fetched: None,
         attrs: Default::default(),
         id: LayerId(5),
         children: vec![],

@@ -403,10 +403,11 @@ fn wait_for_dio(dev: &str, want: &str) -> String {
 }
 
 #[test]
-fn with_loop_direct_io_a_buffered_loop_device_over_a_live_file_is_switched_and_keeps_its_writes() {
+fn a_buffered_loop_device_over_a_live_file_is_switched_to_direct_io_and_keeps_its_writes() {
     require_prerequisites!();
     let dir = tempfile::tempdir().unwrap();
-    let live = Live::start_args(dir.path(), &["--loop-direct-io"]);
+    // No option: direct I/O is the default.
+    let live = Live::start(dir.path());
     live.tl(&["create", "db", "--size", "64M"]);
     let file = live.attach("db");
     sh(&format!("mkfs.ext4 -q -F {}", file.display()));

@@ -25,6 +25,12 @@ impl Registry {
             .local_addr()
             .unwrap()
             .port();
+        Registry::start_on(dir, port)
+    }
+
+    /// A registry on `port` over the storage in `dir` (again, after `stop`: same blobs, and
+    /// its access log goes on in the same file).
+    fn start_on(dir: &Path, port: u16) -> Registry {
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
@@ -37,7 +43,11 @@ impl Registry {
         )
         .unwrap();
         let log = dir.join("registry.log");
-        let out = std::fs::File::create(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(REGISTRY)
             .arg("serve")
             .arg(&config)
@@ -119,6 +129,25 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// base.img: 8 MiB with data and holes; app.img: 12 MiB, some blocks changed, some zeroed,
+/// more data.
+fn base_and_app_images(d: &Path) {
+    image(&d.join("base.img"), 8 << 20, |b| {
+        if b % 3 == 0 {
+            (b % 251) as u8 + 1
+        } else {
+            0
+        }
+    });
+    image(&d.join("app.img"), 12 << 20, |b| match b {
+        0..=9 => 0,             // whiteouts over base data
+        10..=99 => 0xaa,        // changed
+        _ if b >= 2048 => 0xbb, // past the base's end
+        _ if b % 3 == 0 => (b % 251) as u8 + 1,
+        _ => 0,
+    });
 }
 
 /// A raw image: `size` bytes, 4 KiB blocks filled with `fill(block)` (0 = a hole).
@@ -234,21 +263,7 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
     let (a, b) = (d.join("a.pool"), d.join("b.pool"));
     tl(&a, &["init"]);
     tl(&b, &["init"]);
-    // base: 8 MiB with data and holes; app: 12 MiB, some blocks changed, some zeroed, more data.
-    image(&d.join("base.img"), 8 << 20, |b| {
-        if b % 3 == 0 {
-            (b % 251) as u8 + 1
-        } else {
-            0
-        }
-    });
-    image(&d.join("app.img"), 12 << 20, |b| match b {
-        0..=9 => 0,             // whiteouts over base data
-        10..=99 => 0xaa,        // changed
-        _ if b >= 2048 => 0xbb, // past the base's end
-        _ if b % 3 == 0 => (b % 251) as u8 + 1,
-        _ => 0,
-    });
+    base_and_app_images(d);
     tl(
         &a,
         &["import", "base", d.join("base.img").to_str().unwrap()],
@@ -490,4 +505,425 @@ fn a_version_1_blob_pushes_and_pulls_whole_and_is_not_readable_by_range() {
     );
     assert_eq!(ids(&a, "old"), ids(&b, "old"));
     clean(&b);
+    // `pull --lazy` cannot read it by range: it is downloaded whole, and says so.
+    let c = d.join("c.pool");
+    tl(&c, &["init"]);
+    let server = Server::start(&c, &d.join("c.sock"));
+    let out = tl(&c, &["pull", "--lazy", &r, "old"]);
+    assert!(
+        out.contains("0 layer(s) remote") && out.contains("1 downloaded whole"),
+        "{out}"
+    );
+    let l = layer_json(&c, "old");
+    assert!(l.get("remote").is_none(), "{l}");
+    server.stop();
+    assert_eq!(
+        export(&a, "old", &d.join("x.img")),
+        export(&c, "old", &d.join("z.img"))
+    );
+    clean(&c);
+}
+
+// ---- pull --lazy (issue 20): remote layers through a live server ----------------------------
+
+impl Registry {
+    /// Blob GETs in the access log, from line `from` on: (status, bytes sent) of each.
+    fn blob_gets(&self, from: usize) -> Vec<(u16, u64)> {
+        self.sync();
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+            .skip(from)
+            .map(|l| {
+                // ... "GET /v2/r/blobs/sha256:.. HTTP/1.1" 206 1048576 "" "ua"
+                let rest = l.split("HTTP/1.1\" ").nth(1).unwrap_or_default();
+                let mut f = rest.split(' ');
+                let status = f.next().unwrap_or("0").parse().unwrap_or(0);
+                let bytes = f.next().unwrap_or("0").parse().unwrap_or(0);
+                (status, bytes)
+            })
+            .collect()
+    }
+
+    /// Waits until the access log holds every request answered so far: it is written after
+    /// the answer, so a request of our own is sent and its line waited for (lines come in
+    /// order).
+    fn sync(&self) {
+        use std::io::Read;
+        let mark = format!(
+            "sync-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(c, "GET /v2/?{mark} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.log().contains(&mark) {
+            assert!(
+                std::time::Instant::now() < end,
+                "the registry never logged {mark}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Stop it (by PID); `start_on` the same port brings it back with the same blobs.
+    fn stop(mut self) -> (PathBuf, u16) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let back = (self.dir.clone(), self.port);
+        std::mem::forget(self);
+        back
+    }
+
+    /// Where the registry keeps blob `digest`.
+    fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = &digest[7..];
+        self.dir.join(format!(
+            "storage/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    }
+}
+
+/// Pool `a` with base (8 MiB) and app (12 MiB) over it, pushed to `reference`. Returns the
+/// image's index entries per layer (base first), as a reader by range sees them.
+fn publish_app(
+    d: &Path,
+    a: &Path,
+    reference: &str,
+) -> Vec<(String, Vec<thinlayer::format::stream::Entry>)> {
+    use thinlayer::registry::{client, pull::image_layers, range, Options};
+    tl(a, &["init"]);
+    base_and_app_images(d);
+    tl(a, &["import", "base", d.join("base.img").to_str().unwrap()]);
+    let app = d.join("app.img");
+    tl(
+        a,
+        &["import", "app", app.to_str().unwrap(), "--parent", "base"],
+    );
+    tl(a, &["push", "app", reference]);
+    let c = client::Registry::open(reference, &Options::default()).unwrap();
+    image_layers(&c)
+        .unwrap()
+        .iter()
+        .map(|desc| (desc.digest.clone(), range::open(&c, desc).unwrap().entries))
+        .collect()
+}
+
+/// Bytes read, shown by their length and first byte (not all of them) when a test fails.
+#[derive(PartialEq)]
+struct Bytes(Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes starting {:?}", self.0.len(), self.0.first())
+    }
+}
+
+impl PartialEq<Vec<u8>> for Bytes {
+    fn eq(&self, o: &Vec<u8>) -> bool {
+        &self.0 == o
+    }
+}
+
+impl PartialEq<&[u8]> for Bytes {
+    fn eq(&self, o: &&[u8]) -> bool {
+        self.0 == *o
+    }
+}
+
+/// `len` bytes at `offset` of `export`, read through NBD (libnbd's Python binding), or the
+/// errno the read failed with.
+fn nbd_read(server: &Server, export: &str, offset: u64, len: usize) -> Result<Bytes, String> {
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    sys.stdout.buffer.write(h.pread(int(sys.argv[3]), int(sys.argv[2])))
+except nbd.Error as e:
+    print('ERRNO', e.errno, e.string, file=sys.stderr)
+    sys.exit(3)
+"#;
+    let o = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            script,
+            &server.uri(export),
+            &offset.to_string(),
+            &len.to_string(),
+        ])
+        .output()
+        .unwrap();
+    match o.status.code() {
+        Some(0) => Ok(Bytes(o.stdout)),
+        Some(3) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+        _ => panic!("nbd read: {}", String::from_utf8_lossy(&o.stderr)),
+    }
+}
+
+fn ls_json(pool: &Path) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(&tl(pool, &["ls", "--json"])).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+fn layer_json(pool: &Path, name: &str) -> serde_json::Value {
+    ls_json(pool)
+        .into_iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no layer {name}"))
+}
+
+/// Waits (by condition) until no layer of `pool` is remote; fails after 120 s.
+fn wait_all_local(pool: &Path) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while ls_json(pool).iter().any(|l| l["remote"] == true) {
+        assert!(
+            std::time::Instant::now() < end,
+            "the fill never finished: {:?}",
+            ls_json(pool)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A registry holding image `r1` (base and app, pushed from pool `a`) and an empty pool `b`
+/// to pull it into.
+struct Published {
+    dir: tempfile::TempDir,
+    reg: Registry,
+    a: PathBuf,
+    b: PathBuf,
+    r1: String,
+    /// The image's index entries per layer, base first.
+    index: Vec<(String, Vec<thinlayer::format::stream::Entry>)>,
+}
+
+/// `serve` on `pool` with `args`, on `pool.sock`, its log in `pool.log`.
+fn serve_logged(pool: &Path, args: &[&str]) -> (Server, PathBuf) {
+    let (log, sock) = (pool.with_extension("log"), pool.with_extension("sock"));
+    let out = std::fs::File::create(&log).unwrap();
+    (Server::start_with(pool, &sock, args, out), log)
+}
+
+fn published() -> Published {
+    for t in [REGISTRY, "/usr/bin/python3"] {
+        if !Path::new(t).exists() {
+            panic!("{t} is missing (.ci/run installs docker-registry and python3-libnbd)");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reg = Registry::start(d);
+    let (a, b) = (d.join("a.pool"), d.join("b.pool"));
+    let r1 = format!("127.0.0.1:{}/lazy/app:1", reg.port);
+    let index = publish_app(d, &a, &r1);
+    tl(&b, &["init"]);
+    Published {
+        dir,
+        reg,
+        a,
+        b,
+        r1,
+        index,
+    }
+}
+
+#[test]
+fn a_lazy_pull_answers_at_once_moves_one_extent_per_read_and_resumes_after_a_kill() {
+    let p = published();
+    let (d, reg, a, b, r1) = (p.dir.path(), &p.reg, &p.a, &p.b, &p.r1);
+    let data: Vec<u64> = p
+        .index
+        .iter()
+        .flat_map(|(_, es)| es.iter().filter(|e| !e.is_whiteout()).map(|e| e.length))
+        .collect();
+    // Only what is read is fetched while this server runs.
+    let (server, _) = serve_logged(b, &["--no-remote-fill"]);
+    let g0 = reg.blob_gets(0).len();
+    let out = tl(&b, &["pull", "--lazy", &r1, "app"]);
+    assert!(
+        out.contains("2 layer(s) remote") && out.contains("0 downloaded whole"),
+        "{out}"
+    );
+    // The pull read each blob's footer and index (two ranges each) and no data.
+    let gets = reg.blob_gets(g0);
+    assert_eq!(gets.len(), 4, "{gets:?}");
+    assert!(gets.iter().all(|&(st, _)| st == 206), "{gets:?}");
+    let moved: u64 = gets.iter().map(|g| g.1).sum();
+    assert!(moved < 64 << 10, "the pull moved {moved} bytes");
+    let app = layer_json(&b, "app");
+    assert_eq!(app["remote"], true, "{app}");
+    assert_eq!(app["fetched"], 0, "{app}");
+    let st: serde_json::Value = serde_json::from_str(&tl(&b, &["status", "--json"])).unwrap();
+    assert_eq!(st["fills"].as_array().unwrap().len(), 2, "{st}");
+    assert_eq!(st["fills"][0]["state"], "on demand", "{st}");
+
+    // One 4 KiB read of app's own data moves one extent at most; one of base's data (which
+    // app does not list) moves one of base's.
+    let want_app = std::fs::read(d.join("app.img")).unwrap();
+    let g1 = reg.blob_gets(0).len();
+    let at = 50 * 4096;
+    assert_eq!(
+        nbd_read(&server, "app", at, 4096).unwrap(),
+        &want_app[at as usize..][..4096]
+    );
+    let gets = reg.blob_gets(g1);
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert!(gets[0].0 == 206 && gets[0].1 <= 1 << 20, "{gets:?}");
+    let at = 300 * 4096;
+    assert_eq!(
+        nbd_read(&server, "app", at, 4096).unwrap(),
+        &want_app[at as usize..][..4096]
+    );
+    // Whiteouts need no fetch: zeros over base's data.
+    assert_eq!(nbd_read(&server, "app", 0, 4096).unwrap(), vec![0; 4096]);
+    let gets = reg.blob_gets(g1);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    let fetched_before: u64 = gets.iter().map(|g| g.1).sum();
+    assert!(layer_json(&b, "app")["fetched"].as_u64().unwrap() > 0);
+    // A remote layer's unfetched blocks are no fault; a check commits first, so what was
+    // fetched is committed when the server is killed.
+    clean(&b);
+    let df: serde_json::Value = serde_json::from_str(&tl(&b, &["df", "--json"])).unwrap();
+    assert_eq!(df["remote_layers"], 2, "{df}");
+    assert_eq!(df["remote_fetched"], df["data_bytes"], "{df}");
+    server.signal(libc::SIGKILL);
+    drop(server);
+
+    // A new server resumes: it opens each blob again (footer and index) and fetches only
+    // the extents not stored before the kill.
+    let g2 = reg.blob_gets(0).len();
+    let (server, _) = serve_logged(b, &[]);
+    wait_all_local(b);
+    let gets = reg.blob_gets(g2);
+    assert!(
+        gets.iter().all(|&(st, _)| st == 206),
+        "a GET not answered with a range"
+    );
+    assert_eq!(gets.len(), 4 + data.len() - 2, "extents fetched twice");
+    // The footers and indexes are what the pull read (`moved`).
+    let total: u64 = data.iter().sum();
+    let after: u64 = gets.iter().map(|g| g.1).sum::<u64>() - moved;
+    assert_eq!(
+        after,
+        total - fetched_before,
+        "bytes fetched after the restart"
+    );
+    let app = layer_json(&b, "app");
+    assert!(
+        app.get("remote").is_none() && app.get("fetched").is_none(),
+        "{app}"
+    );
+    server.stop();
+    assert_eq!(
+        export(&a, "app", &d.join("x.img")),
+        export(&b, "app", &d.join("y.img"))
+    );
+    assert_eq!(ids(&a, "app"), ids(&b, "app"));
+    clean(&b);
+}
+
+#[test]
+fn a_lazy_read_waits_out_a_registry_outage_and_never_serves_a_flipped_byte() {
+    let Published {
+        dir,
+        reg,
+        b,
+        r1,
+        index,
+        ..
+    } = published();
+    let d = dir.path();
+    let (server, log_b) = serve_logged(&b, &["--no-remote-fill", "--remote-timeout", "2"]);
+    tl(&b, &["pull", "--lazy", &r1, "app"]);
+    let want = std::fs::read(d.join("app.img")).unwrap();
+    let want_at = |at: u64| want[at as usize..][..4096].to_vec();
+
+    // The registry stops: a read of an unfetched block fails with EIO after the timeout, and
+    // the log names the layer, the extent and the registry's error.
+    let (rdir, port) = reg.stop();
+    let t = std::time::Instant::now();
+    let e = nbd_read(&server, "app", 60 * 4096, 4096).unwrap_err();
+    assert!(e.contains("ERRNO EIO"), "{e}");
+    assert!(
+        t.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("layer \"app\"")
+            && l.contains("disk byte")
+            && l.contains(&format!("127.0.0.1:{port}"))),
+        "{log}"
+    );
+    // Back: the same read works.
+    let reg = Registry::start_on(&rdir, port);
+    assert_eq!(
+        nbd_read(&server, "app", 60 * 4096, 4096).unwrap(),
+        want_at(60 * 4096)
+    );
+
+    // A byte flipped in the registry's copy of app's blob, in the extent of block 2048
+    // (0xbb past base's end): EIO, never the wrong bytes, and nothing stored.
+    let (app_digest, entries) = &index[1];
+    let at = 2048 * 4096;
+    let e = entries
+        .iter()
+        .find(|e| !e.is_whiteout() && e.offset <= at && at < e.offset + e.length)
+        .unwrap();
+    let path = reg.blob_path(app_digest);
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[(e.blob_offset + e.length / 2) as usize] ^= 0x40;
+    std::fs::write(&path, &bad).unwrap();
+    let err = nbd_read(&server, "app", at, 4096).unwrap_err();
+    assert!(err.contains("ERRNO EIO"), "{err}");
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(log.contains("does not match its sha256"), "{log}");
+    std::fs::write(&path, &good).unwrap();
+    assert_eq!(nbd_read(&server, "app", at, 4096).unwrap(), want_at(at));
+
+    // A server started while the registry is down cannot open the blobs again: a read waits
+    // for that (up to the timeout) instead of failing at once, and gets the right bytes once
+    // the registry is back.
+    let (rdir, port) = reg.stop();
+    server.signal(libc::SIGKILL);
+    drop(server);
+    let (server, log_b) = serve_logged(&b, &["--no-remote-fill", "--remote-timeout", "60"]);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log_b)
+        .unwrap()
+        .contains("failed, trying again")
+    {
+        assert!(std::time::Instant::now() < end, "the blob was never tried");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let at = 303 * 4096; // base's, not fetched yet
+    let reader = std::thread::scope(|s| {
+        let r = s.spawn(|| nbd_read(&server, "app", at, 4096));
+        let reg = Registry::start_on(&rdir, port);
+        (r.join().unwrap(), reg)
+    });
+    let (got, reg) = reader;
+    assert_eq!(got.unwrap(), want_at(at));
+    // rm of a remote layer ends its fetch.
+    let fills = |b: &Path| {
+        let st: serde_json::Value = serde_json::from_str(&tl(b, &["status", "--json"])).unwrap();
+        let f = st["fills"].as_array().unwrap().iter();
+        f.map(|f| f["layer"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(fills(&b).contains(&"app".to_string()), "{:?}", fills(&b));
+    tl(&b, &["rm", "app"]);
+    assert!(!fills(&b).contains(&"app".to_string()), "{:?}", fills(&b));
+    server.stop();
+    clean(&b);
+    drop(reg);
 }

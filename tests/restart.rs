@@ -452,10 +452,12 @@ fn script(path: &Path, body: String) -> PathBuf {
     path.to_path_buf()
 }
 
+/// Three restarts under pgbench and the writer, the loop device left buffered
+/// (`serve --no-loop-direct-io`): one request in flight at a time.
 #[test]
 fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
     require_prerequisites!();
-    let (d, s, fs, writer) = container("512M");
+    let (d, s, fs, writer) = container_with("512M", &["--no-loop-direct-io"]);
     let pg = pgbench(&d, &fs, 6);
     std::thread::sleep(Duration::from_millis(500));
     let mut pid = s.pid();
@@ -476,7 +478,7 @@ fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
     assert!(writes > 10, "only {writes} writes in the whole run");
 }
 
-/// The same workload on a loop device in direct-I/O mode (`serve --loop-direct-io`), through
+/// The same workload on a loop device in direct-I/O mode (the server's default), through
 /// ten restarts: many FUSE requests are in flight, so a restart often finds the old
 /// process's session threads taking one from the kernel; killed by its exit mid-copy, such a
 /// thread fails the request with EIO (PostgreSQL PANICs on the failed fdatasync) unless the
@@ -484,12 +486,9 @@ fn a_container_filesystem_writes_through_three_restarts_without_an_error() {
 #[test]
 fn a_direct_io_loop_device_writes_through_ten_restarts_without_an_error() {
     require_prerequisites!();
-    let (d, s, fs, writer) = container_with("512M", &["--loop-direct-io"]);
+    let (d, s, fs, writer) = container("512M");
     // The server switches the loop device on its first I/O; the filesystem's has happened.
-    let dio = format!(
-        "/sys/block/{}/loop/dio",
-        fs.dev.trim_start_matches("/dev/")
-    );
+    let dio = format!("/sys/block/{}/loop/dio", fs.dev.trim_start_matches("/dev/"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&dio).unwrap().trim() != "1" {
         assert!(Instant::now() < deadline, "{dio} never read 1");
@@ -510,21 +509,22 @@ fn a_direct_io_loop_device_writes_through_ten_restarts_without_an_error() {
 }
 
 /// The same container workload with a keeper: three graceful restarts and three SIGKILLs of
-/// the serving process, alternating. The keeper starts a new server after each kill, which
-/// replays the crash journal and has the kernel resend what the dead one had read.
+/// the serving process, alternating, the loop device buffered. The keeper starts a new server
+/// after each kill, which replays the crash journal and has the kernel resend what the dead
+/// one had read.
 #[test]
 fn a_container_filesystem_writes_through_three_kills_of_the_server_without_an_error() {
     require_prerequisites!();
-    restarts_and_kills(&["--keeper"]);
+    restarts_and_kills(&["--keeper", "--no-loop-direct-io"]);
 }
 
-/// The same on a loop device in direct-I/O mode: the graceful restarts are covered by the old
-/// process's threads stopping to read (src/fuse/leave.rs); a kill is not, and shows here
-/// whether it fails requests in flight.
+/// The same on a loop device in direct-I/O mode (the default): the graceful restarts are
+/// covered by the old process's threads stopping to read (src/fuse/leave.rs); a kill is not,
+/// and shows here whether it fails requests in flight.
 #[test]
 fn a_direct_io_loop_device_writes_through_three_kills_of_the_server_without_an_error() {
     require_prerequisites!();
-    restarts_and_kills(&["--keeper", "--loop-direct-io"]);
+    restarts_and_kills(&["--keeper"]);
 }
 
 /// Three graceful restarts and three SIGKILLs, alternating, under pgbench and the writer.

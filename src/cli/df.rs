@@ -30,6 +30,13 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         human(u.data_bytes),
         human(u.metadata_bytes)
     );
+    if u.remote_layers > 0 {
+        println!(
+            "remote          {} layer(s) pulled lazily hold {} of it so far; the rest is in the registry (`thinlayer status`)",
+            u.remote_layers,
+            human(u.remote_fetched)
+        );
+    }
     match (u.free_under_cap, u.max_size) {
         (Some(f), Some(m)) => println!("free            {} of max {}", human(f), human(m)),
         _ => println!("free            unlimited (no --max-size)"),

@@ -25,6 +25,17 @@ pub struct HistoryArgs {
 }
 
 fn mode(l: &LayerInfo) -> String {
+    if l.remote {
+        // How much is local: of the blob's size, the nearest a pool knows of the total.
+        let total = l
+            .attrs
+            .get(crate::stream::content::SIZE_ATTR)
+            .and_then(|s| s.parse::<u64>().ok());
+        return match (l.fetched, total) {
+            (Some(f), Some(t)) if t > 0 => format!("remote {}%", (f * 100 / t).min(99)),
+            _ => "remote".into(),
+        };
+    }
     match (l.importing, l.writable) {
         (true, _) => "importing",
         (false, true) => "writable",

@@ -35,12 +35,23 @@ pub struct PushArgs {
 #[derive(clap::Args)]
 #[command(
     after_help = "The top layer is named NAME (default: REF as written); the layers under it are\n\
-named by their chain IDs unless the pool already holds them."
+named by their chain IDs unless the pool already holds them.\n\n\
+With --lazy (needs `thinlayer serve`): the layers are made at once as remote layers and the\n\
+command returns before their data moves. A read of a block not yet local (NBD, a live file, a\n\
+container) fetches its extent by HTTP Range, verified against the blob's digest; the server\n\
+fetches the rest in the background and resumes after a restart. The server reaches the\n\
+registry itself, with the docker credentials of the user it runs as. Blobs pushed before\n\
+stream version 2 cannot be read by range and are downloaded whole (the output says so).\n\
+`ls` shows what is fetched, `status` the fetches in progress and their errors."
 )]
 #[cfg_attr(not(feature = "registry"), allow(dead_code))]
 pub struct PullArgs {
     reference: String,
     name: Option<String>,
+    /// Return before the data moves: remote layers fetched on demand and in the background by
+    /// the live server.
+    #[arg(long)]
+    lazy: bool,
     /// Speak plain HTTP (no TLS) to a registry that is not on this machine.
     #[arg(long)]
     plain_http: bool,
@@ -110,15 +121,31 @@ pub fn run_pull(t: &Target, a: PullArgs) -> Result<()> {
         plain_http: a.plain_http,
     };
     let start = std::time::Instant::now();
-    let r = registry::pull::pull(
-        t,
-        &a.reference,
-        a.name.as_deref(),
-        &opts,
-        &meters(a.progress),
-    )?;
+    let r = if a.lazy {
+        t.pull_lazy(&a.reference, a.name.as_deref(), a.plain_http)?
+    } else {
+        registry::pull::pull(
+            t,
+            &a.reference,
+            a.name.as_deref(),
+            &opts,
+            &meters(a.progress),
+        )?
+    };
     if a.json {
         print_json(&a.reference, &r, start);
+        return Ok(());
+    }
+    if a.lazy {
+        println!(
+            "pulled {} as {:?}: {} layer(s) remote, fetched on demand and in the background; {} downloaded whole ({}, stream version 1: not readable by range); {} already in the pool",
+            a.reference,
+            r.name,
+            r.lazy.len(),
+            r.downloaded.len(),
+            human(r.bytes_downloaded),
+            r.skipped.len()
+        );
         return Ok(());
     }
     println!(

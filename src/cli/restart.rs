@@ -105,4 +105,24 @@ fn print_status(s: &Status) {
         );
     }
     println!("pending:      {} bytes not yet committed", s.pending_bytes);
+    if !s.fills.is_empty() {
+        println!(
+            "fetching:     {} remote layer(s) (pull --lazy)",
+            s.fills.len()
+        );
+    }
+    for f in &s.fills {
+        println!(
+            "              {:?} from {}: {} of {} ({} request(s)), {}{}",
+            f.layer,
+            f.registry,
+            crate::units::human(f.fetched),
+            crate::units::human(f.total),
+            f.requests,
+            f.state,
+            f.error
+                .as_ref()
+                .map_or_else(String::new, |e| format!(": {e}"))
+        );
+    }
 }

@@ -57,15 +57,27 @@ pub struct Args {
     /// The default; accepted for scripts written when the keeper had to be asked for.
     #[arg(long, hide = true, conflicts_with = "no_keeper")]
     keeper: bool,
-    /// Switch every loop device set up over a live file (`mount -o loop`, losetup, containerd)
-    /// to direct I/O at its first I/O, as `losetup --direct-io=on` would: it then keeps
-    /// several requests in flight instead of one (pgbench on a live file 1.4-3.8x, fio qd16 4 KiB
-    /// writes 4-7x; docs/BENCHMARKS.md). Off by default: with it, a restart or crash of this
-    /// server can fail a write in flight with EIO in the container (a request the old
-    /// process was reading when it died is ended by the kernel, not resent), where the
-    /// default buffered devices measured none.
+    /// Leave loop devices over live files buffered. By default the server switches every loop
+    /// device set up over one of its files (`mount -o loop`, losetup, containerd) to direct
+    /// I/O at its first I/O, as `losetup --direct-io=on` would: it then keeps several requests
+    /// in flight instead of one (pgbench on a live file 1.4-5x, fio qd16 4 KiB writes
+    /// 4-7x; docs/BENCHMARKS.md). Restarts are as safe either way (the old process's threads
+    /// stop reading before it exits; docs/DESIGN.md §10.1).
     #[arg(long)]
+    no_loop_direct_io: bool,
+    /// The default; accepted for scripts written when direct I/O had to be asked for.
+    #[arg(long, hide = true, conflicts_with = "no_loop_direct_io")]
     loop_direct_io: bool,
+    /// Seconds a read of a block of a remote layer (`pull --lazy`) that is not fetched yet
+    /// waits for the registry, retrying with back-off, before it fails with EIO (logged with
+    /// the layer, the extent and the registry's error). Reads and the background fetch go on
+    /// by themselves when the registry answers again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    remote_timeout: u64,
+    /// Fetch only what is read of remote layers (`pull --lazy`): no background fetch of the
+    /// rest. They stay remote, and need the registry, until all of them has been read.
+    #[arg(long)]
+    no_remote_fill: bool,
     /// Internal: be the keeper of the server that started this process.
     #[arg(long, hide = true, value_name = "FD")]
     keeper_fd: Option<i32>,
@@ -112,7 +124,11 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         }),
         containerd: a.containerd_socket,
         keeper: a.keeper || !a.no_keeper,
-        loop_direct_io: a.loop_direct_io,
+        loop_direct_io: a.loop_direct_io || !a.no_loop_direct_io,
+        remote: server::lazy::Remote {
+            timeout: Duration::from_secs(a.remote_timeout.max(1)),
+            background: !a.no_remote_fill,
+        },
     };
     server::run(cfg, &crate::calls::command_line())
 }

@@ -99,6 +99,18 @@ pub enum Request {
         name: String,
         location: String,
     },
+    /// `pull --lazy`: the server reaches the registry itself (with its own user's docker
+    /// credentials), makes the image's layers remote at once and fetches their data in the
+    /// background and on demand (DESIGN.md §13). Blobs of stream version 1 pull whole.
+    PullLazy {
+        reference: String,
+        /// The top layer's name (default: `reference` as written).
+        #[serde(default)]
+        name: Option<String>,
+        /// Plain HTTP to a registry that is not on loopback.
+        #[serde(default)]
+        plain_http: bool,
+    },
 }
 
 impl Request {
@@ -170,6 +182,20 @@ impl fmt::Display for Request {
             Request::RecordSource { name, location } => {
                 write!(f, "record-source {name:?} {location:?}")
             }
+            Request::PullLazy {
+                reference,
+                name,
+                plain_http,
+            } => {
+                write!(f, "pull --lazy {reference:?}")?;
+                if let Some(n) = name {
+                    write!(f, " {n:?}")?;
+                }
+                if *plain_http {
+                    f.write_str(" --plain-http")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -231,6 +257,24 @@ pub enum Reply {
         name: String,
         sources: Vec<String>,
     },
+    /// pull_lazy: blob digests by what became of them, as `pull --json` shows them.
+    Pulled(Pulled),
+}
+
+/// What a pull did: the top layer's name, and the image's blobs by what became of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pulled {
+    /// The layer the image's top became (or already was).
+    pub name: String,
+    /// Made remote: fetched on demand and in the background (`pull --lazy`).
+    #[serde(default)]
+    pub lazy: Vec<String>,
+    /// Downloaded whole before the reply (every blob of a plain pull; of a lazy pull, blobs of
+    /// stream version 1, which cannot be read by range).
+    pub downloaded: Vec<String>,
+    /// Already in the pool.
+    pub skipped: Vec<String>,
+    pub bytes_downloaded: u64,
 }
 
 /// What `status` shows about a running server.
@@ -270,6 +314,28 @@ pub struct Status {
     /// How many processes served this pool since `serve` was started (1 + restarts).
     #[serde(default)]
     pub generation: u64,
+    /// Remote layers being fetched (`pull --lazy`), and their last errors.
+    #[serde(default)]
+    pub fills: Vec<FillStatus>,
+}
+
+/// One remote layer's background fetch, as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FillStatus {
+    pub layer: String,
+    /// `host[:port]/repository` it is fetched from.
+    pub registry: String,
+    /// Bytes of data the layer holds, and its blob's data bytes in all.
+    pub fetched: u64,
+    pub total: u64,
+    /// Ranged requests made by this process.
+    pub requests: u64,
+    /// "fetching", "waiting" (for the registry, after an error), "on demand" (no background
+    /// fetch: `serve --no-remote-fill`) or "opening" (its blob's index not read yet).
+    pub state: String,
+    /// The last error, if the last attempt failed.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,6 +530,8 @@ mod tests {
             disk_size: 1 << 30,
             created: "2026-01-02T03:04:05Z".into(),
             importing: false,
+            remote: false,
+            fetched: None,
             attrs: [("containerd.key".to_string(), "default/1/c".to_string())].into(),
             id: LayerId(id),
             children: vec!["child-a".into(), "child-b".into()],
@@ -514,6 +582,11 @@ mod tests {
             Request::Detach {
                 name: "web".into(),
                 force: true,
+            },
+            Request::PullLazy {
+                reference: "reg.example:5000/acme/app:2".into(),
+                name: Some("app".into()),
+                plain_http: false,
             },
         ];
         for r in all {
@@ -566,7 +639,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 15, "one row per request, and a base create");
+        assert_eq!(n, 16, "one row per request, and a base create");
     }
 
     #[test]
@@ -604,6 +677,8 @@ mod tests {
             metadata_bytes: 100_000,
             free_under_cap: None,
             max_size: Some(1 << 40),
+            remote_layers: 1,
+            remote_fetched: 1 << 20,
             virtual_total: 3 << 20,
             sharing_saves: 2 << 20,
         };
@@ -628,6 +703,15 @@ mod tests {
             files: vec!["/pool.files/web".into()],
             containerd: None,
             generation: 2,
+            fills: vec![FillStatus {
+                layer: "acme/app:2".into(),
+                registry: "reg.example:5000/acme/app".into(),
+                fetched: 1 << 20,
+                total: 8 << 20,
+                requests: 3,
+                state: "waiting".into(),
+                error: Some("connection refused".into()),
+            }],
         };
         let all = vec![
             ServerFrame::Progress { done: 5, total: 10 },
@@ -686,6 +770,13 @@ mod tests {
                 writable: true,
             }),
             ServerFrame::Reply(Reply::Detached { name: "web".into() }),
+            ServerFrame::Reply(Reply::Pulled(Pulled {
+                name: "app".into(),
+                lazy: vec!["sha256:aa".into()],
+                downloaded: vec!["sha256:bb".into()],
+                skipped: vec![],
+                bytes_downloaded: 4096,
+            })),
             ServerFrame::Error(WireError::from(&Error::NotFound("no layer".into()))),
         ];
         for f in &all {

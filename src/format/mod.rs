@@ -9,6 +9,7 @@ pub mod journal;
 pub mod page;
 pub mod record;
 pub mod sha256;
+pub mod sha256_x2;
 pub mod stream;
 pub mod superblock;
 

@@ -2,8 +2,10 @@
 //! *midstate*: the eight state words, big-endian). A version-2 send stream's footer holds the
 //! midstate of every byte before its index (docs/STREAM.md §5), so a reader holding only the
 //! index and the footer can finish the hash of the whole blob and compare it with the digest
-//! the manifest names. The compression function is sha2's; only the buffering is ours.
+//! the manifest names. The compression function is sha2's (or `sha256_x2`'s, which runs two
+//! chains at once); only the buffering is ours.
 
+use super::sha256_x2::compress2;
 use sha2::block_api::compress256;
 
 const IV: [u32; 8] = [
@@ -69,7 +71,24 @@ impl Sha256 {
         Some(out)
     }
 
-    pub fn update(&mut self, mut data: &[u8]) {
+    pub fn update(&mut self, data: &[u8]) {
+        let blocks = self.take(data);
+        compress256(&mut self.state, blocks);
+    }
+
+    /// Hash `data` into both `a` and `b` (each at its own place in its own message, as a
+    /// stream's bytes go into the stream's hash and into their extent's), both chains in one
+    /// pass (`sha256_x2`): about 1.5x faster than two `update`s where the CPU has SHA-NI.
+    pub fn update_both(a: &mut Sha256, b: &mut Sha256, data: &[u8]) {
+        let a_blocks = a.take(data);
+        let b_blocks = b.take(data);
+        compress2(&mut a.state, a_blocks, &mut b.state, b_blocks);
+    }
+
+    /// Count `data` as hashed and buffer what is not whole blocks: a partial block waiting from
+    /// before is completed (and compressed), the bytes after the last whole block wait in
+    /// `buf`. Returns the whole blocks of `data` in between, still to be compressed.
+    fn take<'d>(&mut self, mut data: &'d [u8]) -> &'d [[u8; 64]] {
         let have = (self.len % 64) as usize;
         self.len += data.len() as u64;
         if have > 0 {
@@ -77,13 +96,13 @@ impl Sha256 {
             self.buf[have..have + n].copy_from_slice(&data[..n]);
             data = &data[n..];
             if have + n < 64 {
-                return;
+                return &[];
             }
             compress256(&mut self.state, &[self.buf]);
         }
         let (blocks, rest) = data.as_chunks::<64>();
-        compress256(&mut self.state, blocks);
         self.buf[..rest.len()].copy_from_slice(rest);
+        blocks
     }
 
     pub fn finalize(mut self) -> [u8; 32] {
@@ -131,6 +150,34 @@ mod tests {
             let mut r = Sha256::resume(&first.midstate().unwrap(), k as u64).unwrap();
             r.update(&data[k..]);
             prop_assert_eq!(r.finalize(), want);
+        }
+
+        #[test]
+        fn update_both_equals_sha2_on_each_message(
+            a_head in proptest::collection::vec(any::<u8>(), 0..200),
+            b_head in proptest::collection::vec(any::<u8>(), 0..200),
+            data in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(0usize..3000, 0..4),
+        ) {
+            // Two messages that end in the same bytes, each after its own head (a stream's
+            // records before a run; an extent's hash starts with the run): the shared bytes
+            // are hashed into both at once, in pieces, at any alignment.
+            let (mut a, mut b) = (Sha256::new(), Sha256::new());
+            a.update(&a_head);
+            b.update(&b_head);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([data.len()]) {
+                Sha256::update_both(&mut a, &mut b, &data[at..c]);
+                at = c;
+            }
+            let whole = |head: &[u8]| -> [u8; 32] {
+                sha2::Sha256::digest([head, &data[..]].concat()).into()
+            };
+            prop_assert_eq!(a.len(), (a_head.len() + data.len()) as u64);
+            prop_assert_eq!(a.finalize(), whole(&a_head));
+            prop_assert_eq!(b.finalize(), whole(&b_head));
         }
     }
 }

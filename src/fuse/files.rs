@@ -325,31 +325,29 @@ impl Table {
         Ok(path)
     }
 
-    /// See `LiveFiles::while_closed`.
+    /// See `LiveFiles::while_closed`. `others` says, under the table's write lock (I/O on the
+    /// files held off), how many open handles may remain; `None`: not now.
     pub fn while_closed<T>(
         &self,
         layer: &str,
+        others: &dyn Fn(&Path) -> Result<Option<u64>>,
         f: impl FnOnce(&dyn BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
-        // Most callers find the file open (a running container's): then I/O is not held off.
-        {
-            let g = self.read();
-            match g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) {
-                Some(file) if file.open_handles() == 0 => {}
-                _ => return Ok(None),
-            }
+        if !self.read().by_layer.contains_key(layer) {
+            return Ok(None);
         }
         // Inside the gate first, as every request on the files (the table's lock second): a
         // restart's pause waits for this to finish, and nothing under it enters the gate again
         // (so `f` gets a plain volume, not the file's device: a second enter would wait for
         // the pause that waits for the first).
         let _pass = self.exports.gate().enter();
-        // The write lock holds off `open`, which counts an open under the read lock.
+        // The write lock holds off `open`, which counts an open under the read lock, and
+        // every read and write, which find their file under it.
         let g = self.write();
         let Some(file) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) else {
             return Ok(None);
         };
-        if file.open_handles() > 0 || file.revoked() {
+        if file.revoked() || Some(file.open_handles()) != others(&file.path)? {
             return Ok(None);
         }
         let v = crate::volume::Volume::open(self.exports.store(), &file.layer)?;

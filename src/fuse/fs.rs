@@ -7,8 +7,8 @@
 //! loop device over a file does not cache every block twice (the filesystem above caches
 //! it already) and every write reaches the store before it is acknowledged;
 //! FOPEN_PARALLEL_DIRECT_WRITES lets writes to one file run at once, one per session thread.
-//! With `serve --loop-direct-io`, a loop device bound to a file is switched to direct-I/O
-//! mode at the file's first I/O after an open (`loops`), so that it keeps several of those
+//! Unless `serve --no-loop-direct-io`, a loop device bound to a file is switched to
+//! direct-I/O mode at the file's first I/O after an open (`loops`), so that it keeps several of those
 //! requests in flight.
 
 use super::files::{LiveFile, Table, ROOT_INO};
@@ -41,7 +41,7 @@ pub struct Fs {
     uid: u32,
     gid: u32,
     errors: AtomicU64,
-    /// Set with `serve --loop-direct-io`.
+    /// Set unless `serve --no-loop-direct-io`.
     direct_io: Option<DirectIo>,
 }
 
@@ -64,7 +64,7 @@ impl Fs {
         }
     }
 
-    /// The file for I/O on `ino`, as `file`; with `serve --loop-direct-io`, its first I/O
+    /// The file for I/O on `ino`, as `file`; unless `serve --no-loop-direct-io`, its first I/O
     /// since an open has the loop devices over it switched to direct I/O (in the background:
     /// this request is not held up).
     fn io_file(&self, ino: INodeNo) -> Result<Arc<LiveFile>, Errno> {

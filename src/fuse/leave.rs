@@ -162,13 +162,20 @@ mod tests {
         {
             std::thread::yield_now();
         }
-        assert_eq!(park_threads(b"parktest-", Duration::from_secs(10)).unwrap(), (1, 1));
+        assert_eq!(
+            park_threads(b"parktest-", Duration::from_secs(10)).unwrap(),
+            (1, 1)
+        );
         // SAFETY: writing one byte we own to our pipe; then a non-blocking read of it back.
         unsafe {
             assert_eq!(libc::write(write_end, b"x".as_ptr().cast(), 1), 1);
             libc::fcntl(read_end, libc::F_SETFL, libc::O_NONBLOCK);
             let mut b = [0u8; 1];
-            assert_eq!(libc::read(read_end, b.as_mut_ptr().cast(), 1), 1, "the byte was read");
+            assert_eq!(
+                libc::read(read_end, b.as_mut_ptr().cast(), 1),
+                1,
+                "the byte was read"
+            );
         }
     }
 }

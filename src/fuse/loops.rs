@@ -1,5 +1,16 @@
-//! Loop devices over live files: finding them (through `/sys/block`), and switching them to
-//! direct I/O.
+//! Loop devices over live files: finding them (through `/sys/block`), making and clearing the
+//! ones the snapshotter serves its mounts from, and switching them to direct I/O.
+//!
+//! Why the snapshotter makes its own: `mount -o loop` in containerd 1.6 sets a device up with
+//! `LOOP_SET_FD` and then `LOOP_SET_STATUS64`, and the second call freezes the device's queue,
+//! which waits for an RCU grace period: 10-24 ms a mount on this machine, against 0.1 ms for
+//! one `LOOP_CONFIGURE` (`attach`). A `docker build` step mounts five times in containerd
+//! (the differ's two views, the unpack), so this was most of the build's gap to overlayfs
+//! (docs/BENCHMARKS.md). A device made here is answered as the mount's source
+//! (`/dev/loopN`), stays bound while its snapshot lives (no autoclear: a number containerd was
+//! given can never come to mean another file while the snapshot exists, and a server restart
+//! finds the devices where it left them), and is cleared when its snapshot is committed or
+//! removed (`release`), or at the server's stop if nothing has it mounted.
 //!
 //! A loop device in its default, buffered mode writes to its backing file through the page
 //! cache, one request at a time; in direct-I/O mode (`LOOP_SET_DIRECT_IO`, `losetup
@@ -7,9 +18,9 @@
 //! file is opened FOPEN_DIRECT_IO (no second cache under the filesystem's own), so the
 //! buffered mode buys nothing and costs the queue depth: fio's random 4 KiB writes at qd16
 //! went from 6-12k to 42-44k IOPS, pgbench 1.4-3.8x (docs/BENCHMARKS.md). `mount -o loop` and
-//! containerd 1.6 set loop devices up buffered and have no option to ask otherwise, so with
-//! `serve --loop-direct-io` the server switches each loop device it finds over one of its
-//! files (`DirectIo`).
+//! containerd 1.6 set loop devices up buffered and have no option to ask otherwise, so the
+//! server switches each loop device it finds over one of its files (`DirectIo`; `serve
+//! --no-loop-direct-io` does not).
 //!
 //! The switch keeps the durability promise: a direct-I/O loop device sends the same FUSE
 //! WRITEs (each acknowledged once in the store) and turns a flush into the file's `fsync`
@@ -39,6 +50,15 @@ pub struct LoopDevice {
     pub dev: String,
     /// Whether it runs in direct-I/O mode now.
     pub direct_io: bool,
+    /// Whether it refuses writes (`LO_FLAGS_READ_ONLY`).
+    pub read_only: bool,
+}
+
+impl LoopDevice {
+    /// `/dev/loop3`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/dev").join(&self.name)
+    }
 }
 
 /// Every loop device whose backing file is `file` (its path as the kernel prints it, in
@@ -72,6 +92,7 @@ fn devices_in(sys_block: &Path, file: &Path) -> Vec<LoopDevice> {
                 name: e.file_name().to_string_lossy().into_owned(),
                 dev: String::from_utf8(line(p.join("dev"))?).ok()?,
                 direct_io: line(p.join("loop/dio")).is_some_and(|d| d == b"1"),
+                read_only: line(p.join("ro")).is_some_and(|d| d == b"1"),
             })
         })
         .collect();
@@ -146,6 +167,232 @@ impl DirectIo {
     }
 }
 
+/// The loop ioctls this module uses (linux/loop.h).
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+/// `struct loop_info64`.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn zeroed_info() -> LoopInfo64 {
+    // SAFETY: a plain C struct of integers and byte arrays; all zeros is its empty value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Bind a new loop device to `file` with one `LOOP_CONFIGURE` (read-only if asked, in
+/// direct-I/O mode if asked, never autoclear: see the module's comment).
+pub fn attach(file: &Path, read_only: bool, direct_io: bool) -> std::io::Result<LoopDevice> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let backing = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(file)?;
+    let control = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    let mut info = zeroed_info();
+    info.flags = if read_only { LO_FLAGS_READ_ONLY } else { 0 }
+        | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
+    // What `losetup -l` shows of an old-style binding; the kernel keeps the real path.
+    let name = file.as_os_str().as_bytes();
+    let n = name.len().min(info.file_name.len() - 1);
+    info.file_name[..n].copy_from_slice(&name[..n]);
+    let config = LoopConfig {
+        fd: backing.as_raw_fd() as u32,
+        block_size: 0,
+        info,
+        reserved: [0; 8],
+    };
+    // Another process may take the free device between the two calls: then ask again.
+    let mut last = None;
+    for _ in 0..64 {
+        // SAFETY: an ioctl without an argument on a descriptor we own.
+        let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        if number < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let name = format!("loop{number}");
+        let dev = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(Path::new("/dev").join(&name))
+        {
+            Ok(d) => d,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `config` is.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &config) };
+        if r == 0 {
+            return Ok(LoopDevice {
+                dev: format!("7:{number}"),
+                name,
+                direct_io,
+                read_only,
+            });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+        last = Some(e);
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)))
+}
+
+/// Open `/dev/NAME` exclusively: `None` if something has it so (a mounted filesystem).
+/// While the descriptor is held, nothing can mount it.
+fn open_unmounted(name: &str) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(Path::new("/dev").join(name))
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `/dev/NAME` is bound to `file` itself, not to an earlier file of the same path (a
+/// live-files mount that died with a killed server leaves its devices over a dead file).
+fn binds(name: &str, file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(dev), Ok(meta)) = (
+        std::fs::File::open(Path::new("/dev").join(name)),
+        std::fs::metadata(file),
+    ) else {
+        return false;
+    };
+    let mut info = zeroed_info();
+    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which `info` is.
+    if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) } != 0 {
+        return false;
+    }
+    info.device == meta.dev() && info.inode == meta.ino()
+}
+
+/// A loop device over `file` (the file itself, see `binds`) in the given mode, if there is one.
+pub fn bound(file: &Path, read_only: bool) -> Option<LoopDevice> {
+    devices_of(file)
+        .into_iter()
+        .find(|d| d.read_only == read_only && binds(&d.name, file))
+}
+
+/// What `release` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// Every loop device over the file is cleared (or there was none).
+    All,
+    /// These devices have a filesystem mounted: nothing was cleared.
+    Mounted(Vec<String>),
+}
+
+/// Clear every loop device over `file`, unless one is mounted. Each is held exclusively
+/// first, so none can be mounted between the check and the clear; the kernel clears a
+/// device at the last close after `LOOP_CLR_FD`, which is ours.
+pub fn release(file: &Path) -> std::io::Result<Released> {
+    let devices = devices_of(file);
+    let mut held = Vec::with_capacity(devices.len());
+    let mut mounted = Vec::new();
+    for d in &devices {
+        match open_unmounted(&d.name)? {
+            Some(f) => held.push(f),
+            None => mounted.push(d.path().display().to_string()),
+        }
+    }
+    if !mounted.is_empty() {
+        return Ok(Released::Mounted(mounted));
+    }
+    for f in &held {
+        // SAFETY: an ioctl without an argument on a descriptor we own.
+        if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: another process cleared it meanwhile.
+            if e.raw_os_error() != Some(libc::ENXIO) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(Released::All)
+}
+
+/// Clear every loop device whose backing file is in directory `dir` and that nothing has
+/// mounted (a dead live-files mount's: see `mount::prepare`); returns how many.
+pub fn clear_unmounted_under(dir: &Path) -> usize {
+    let mut prefix = dir.as_os_str().as_bytes().to_vec();
+    prefix.push(b'/');
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return 0;
+    };
+    let mut cleared = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(backing) = std::fs::read(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if !name.starts_with("loop") || !backing.starts_with(&prefix) {
+            continue;
+        }
+        let Ok(Some(f)) = open_unmounted(&name) else {
+            continue;
+        };
+        // SAFETY: an ioctl without an argument on a descriptor we own.
+        if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _) } == 0 {
+            cleared += 1;
+        }
+    }
+    cleared
+}
+
+/// If no loop device over `file` has a filesystem mounted (none is held exclusively), how
+/// many there are (each holds one open of it); `None` if one is mounted. Asks the kernel
+/// nothing that would reach the file's FUSE server (the caller may hold off its requests):
+/// a device left over an earlier, dead file of the same path counts too, which only makes
+/// the count too high to match.
+pub fn unmounted_binding(file: &Path) -> std::io::Result<Option<u64>> {
+    let devices = devices_of(file);
+    for d in &devices {
+        if open_unmounted(&d.name)?.is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(devices.len() as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +401,7 @@ mod tests {
         let d = sys.join(name);
         std::fs::create_dir_all(d.join("loop")).unwrap();
         std::fs::write(d.join("dev"), format!("7:{}\n", &name[4..])).unwrap();
+        std::fs::write(d.join("ro"), if dio == "1" { "1\n" } else { "0\n" }).unwrap();
         if let Some(b) = backing {
             std::fs::write(d.join("loop/backing_file"), format!("{b}\n")).unwrap();
             std::fs::write(d.join("loop/dio"), format!("{dio}\n")).unwrap();
@@ -176,12 +424,14 @@ mod tests {
                 LoopDevice {
                     name: "loop0".into(),
                     dev: "7:0".into(),
-                    direct_io: false
+                    direct_io: false,
+                    read_only: false
                 },
                 LoopDevice {
                     name: "loop3".into(),
                     dev: "7:3".into(),
-                    direct_io: true
+                    direct_io: true,
+                    read_only: true
                 },
             ]
         );

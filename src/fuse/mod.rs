@@ -58,8 +58,8 @@ fn session_config() -> fuser::Config {
     config
 }
 
-/// The thread that switches loop devices over the files to direct I/O (`loops`), when asked
-/// for (`serve --loop-direct-io`).
+/// The thread that switches loop devices over the files to direct I/O (`loops`), unless
+/// told not to (`serve --no-loop-direct-io`).
 #[cfg(feature = "fuse")]
 fn direct_io(wanted: bool) -> Result<Option<loops::DirectIo>> {
     if !wanted {
@@ -89,6 +89,11 @@ pub struct LiveFiles {
     /// The kernel connection (a second descriptor of the one the session reads), for handing
     /// it over to the next process.
     device: OwnedFd,
+    /// `serve --loop-direct-io`: loop devices made here (`loop_device`) start in that mode.
+    loop_direct_io: bool,
+    /// One `loop_device` at a time: two at once could both find none and bind two devices
+    /// over one file, and two writable filesystems on one layer corrupt it.
+    making_loops: Mutex<()>,
 }
 
 impl LiveFiles {
@@ -139,7 +144,7 @@ impl LiveFiles {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
-        Self::start(table, session, device)
+        Self::start(table, session, device, loop_direct_io)
     }
 
     /// Serve the live files another process mounted on `dir` and handed over: `device` is
@@ -187,7 +192,7 @@ impl LiveFiles {
                 e,
             )
         })?;
-        Self::start(table, session, device)
+        Self::start(table, session, device, loop_direct_io)
     }
 
     #[cfg(feature = "fuse")]
@@ -195,6 +200,7 @@ impl LiveFiles {
         table: Arc<Table>,
         session: fuser::Session<fs::Fs>,
         device: OwnedFd,
+        loop_direct_io: bool,
     ) -> Result<LiveFiles> {
         let thread = std::thread::Builder::new()
             .name("live-files".into())
@@ -204,6 +210,8 @@ impl LiveFiles {
             table,
             session: Mutex::new(Some(thread)),
             device,
+            loop_direct_io,
+            making_loops: Mutex::new(()),
         })
     }
 
@@ -231,7 +239,10 @@ impl LiveFiles {
     pub fn stop_reading(&self, timeout: std::time::Duration) -> Result<()> {
         leave::stop_reading(timeout).map_err(|e| {
             Error::io(
-                format!("live files {}: stopping the session threads", self.dir().display()),
+                format!(
+                    "live files {}: stopping the session threads",
+                    self.dir().display()
+                ),
                 e,
             )
         })
@@ -287,7 +298,78 @@ impl LiveFiles {
         layer: &str,
         f: impl FnOnce(&dyn crate::volume::BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
-        self.table.while_closed(layer, f)
+        self.table.while_closed(layer, &|_| Ok(Some(0)), f)
+    }
+
+    /// As `while_closed`, but the file may be open by loop devices nothing has mounted (the
+    /// snapshotter's, `loop_device`). They are checked with the file's I/O held off, so a
+    /// mount that comes after the check reads nothing until `f` has returned, and it reads
+    /// through an empty cache (a device no one had open has none).
+    pub fn while_unmounted<T>(
+        &self,
+        layer: &str,
+        f: impl FnOnce(&dyn crate::volume::BlockDevice) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let others = |path: &Path| {
+            loops::unmounted_binding(path).map_err(|e| {
+                Error::io(
+                    format!("live file {}: looking at its loop devices", path.display()),
+                    e,
+                )
+            })
+        };
+        self.table.while_closed(layer, &others, f)
+    }
+
+    /// The loop device that mounts of attached layer `layer`'s file are served from
+    /// (`/dev/loopN`), read-only or writable: one bound to the file in that mode already, or a
+    /// new one (`loops::attach`). It stays bound until `release_loop_devices`.
+    pub fn loop_device(&self, layer: &str, read_only: bool) -> Result<PathBuf> {
+        let path = self.attach(layer)?;
+        let _one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = loops::bound(&path, read_only) {
+            return Ok(d.path());
+        }
+        let d = loops::attach(&path, read_only, self.loop_direct_io).map_err(|e| {
+            Error::io(
+                format!("live file {}: binding a loop device", path.display()),
+                e,
+            )
+        })?;
+        log::process(
+            Level::Debug,
+            format_args!(
+                "thinlayer: live file {}: loop device /dev/{}",
+                path.display(),
+                d.name
+            ),
+        );
+        Ok(d.path())
+    }
+
+    /// Clear every loop device over `layer`'s file (nothing to do if it is not attached), so
+    /// the file can close; `InUse` naming the devices, and nothing cleared, if a filesystem is
+    /// mounted on one.
+    pub fn release_loop_devices(&self, layer: &str) -> Result<()> {
+        let Some(path) = self.path(layer) else {
+            return Ok(());
+        };
+        let _one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
+        match loops::release(&path) {
+            Ok(loops::Released::All) => Ok(()),
+            Ok(loops::Released::Mounted(devices)) => Err(Error::InUse {
+                message: format!(
+                    "layer {layer:?}: a filesystem is mounted on {} (over live file {}); unmount it first",
+                    devices.join(", "),
+                    path.display()
+                ),
+                holders: devices,
+            }),
+            Err(e) => Err(Error::io(
+                format!("live file {}: clearing its loop devices", path.display()),
+                e,
+            )),
+        }
     }
 
     /// The file of an attached layer.
@@ -325,6 +407,25 @@ impl LiveFiles {
         else {
             return Ok(());
         };
+        // The snapshotter's loop devices that nothing has mounted: cleared, so that the
+        // files close and no device is left over a file that is going away.
+        let mut released = Vec::new();
+        for f in self.list().into_iter().filter(|f| f.open > 0) {
+            match self.release_loop_devices(&f.layer) {
+                Ok(()) => released.push(f.layer),
+                Err(e) => log::process(Level::Debug, format_args!("thinlayer: at stop: {e}")),
+            }
+        }
+        // The kernel's last close of a cleared device reaches us a moment later.
+        let deadline = std::time::Instant::now() + CLOSE_GRACE;
+        while std::time::Instant::now() < deadline
+            && self
+                .list()
+                .iter()
+                .any(|f| f.open > 0 && released.contains(&f.layer))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         for f in self.list().iter().filter(|f| f.open > 0) {
             log::process(
                 Level::Warn,

@@ -15,12 +15,21 @@ pub fn prepare(dir: &Path) -> Result<PathBuf> {
     let ctx = |what: &str| format!("live files: {what} {}", dir.display());
     if let Err(e) = std::fs::metadata(dir) {
         if e.raw_os_error() == Some(libc::ENOTCONN) {
+            // The snapshotter's loop devices outlive a killed server (they are never
+            // autoclear, `loops`); those nothing has mounted are cleared, found by their
+            // backing files' paths while the dead mount still shows them under `dir`.
+            let absolute = match (dir.parent().map(Path::canonicalize), dir.file_name()) {
+                (Some(Ok(parent)), Some(name)) => parent.join(name),
+                _ => dir.to_path_buf(),
+            };
+            let cleared = super::loops::clear_unmounted_under(&absolute);
             detach_lazily(dir).map_err(|e| Error::io(ctx("unmounting the dead mount at"), e))?;
             log::process(
                 Level::Warn,
                 format_args!(
                     "thinlayer: {} was a dead live-files mount (a server was killed): unmounted \
-                     it; loop devices still on its files fail with EIO until they are detached",
+                     it and cleared {cleared} unmounted loop device(s) over its files; \
+                     filesystems still mounted on its files fail with EIO until unmounted",
                     dir.display()
                 ),
             );

@@ -8,3 +8,8 @@ pub use import::{import, import_from, DiffSink, ImportStats, NoDiff};
 
 /// Bytes moved per I/O call: large enough to stream, small enough to keep memory flat.
 pub(crate) const CHUNK: usize = 4 << 20;
+
+/// Bytes written between two starts of their writeback (`pool::storage::start_writeback`): an
+/// import or export ends in a sync of everything it wrote, and the disk had better work while
+/// the rest is read than after.
+pub(crate) const WRITEBACK_EVERY: u64 = 32 << 20;

@@ -53,9 +53,15 @@ impl Registry {
             .enable_all()
             .build()
             .map_err(|e| Error::io("starting the registry client", e))?;
+        let client = Client::new(config);
+        let auth = auth::for_registry(&host)?;
+        // Kept by the client for requests that take no credentials (ranged blob reads of a
+        // lazily pulled layer, which may come long after the manifest): with them it asks for
+        // a new bearer token when the one it has expires.
+        rt.block_on(client.store_auth_if_needed(&host, &auth));
         Ok(Registry {
-            client: Client::new(config),
-            auth: auth::for_registry(&host)?,
+            client,
+            auth,
             reference: r,
             label: reference.to_string(),
             rt,

@@ -143,11 +143,14 @@ impl Fetcher {
                 drop(st);
                 match got {
                     Ok(b) => return Ok(b),
-                    Err(err) if Instant::now() + backoff >= deadline => {
+                    Err(err) if Instant::now() >= deadline => {
                         return Err(self.failed(&e, &err.to_string()));
                     }
                     Err(_) => {
-                        std::thread::sleep(backoff);
+                        // The last wait is cut to the deadline, so the last try is made
+                        // there: a read fails only once the whole timeout has passed.
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        std::thread::sleep(backoff.min(left));
                         backoff = (backoff * 2).min(self.policy.backoff_max);
                         continue;
                     }

@@ -33,6 +33,12 @@ impl BlobSource {
         &self.fetcher
     }
 
+    /// Bytes of data the blob holds (its data extents; whiteouts need no fetch).
+    pub fn data_bytes(&self) -> u64 {
+        let es = self.entries().iter().filter(|e| !e.is_whiteout());
+        es.map(|e| e.length).sum()
+    }
+
     /// Bytes of data this source has stored.
     pub fn fetched(&self) -> u64 {
         self.fetched.load(Ordering::Relaxed)

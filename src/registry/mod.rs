@@ -5,14 +5,16 @@
 //! stream format version. A runtime that does not know the layer type fails loudly instead of
 //! untarring a block stream.
 //!
-//! This code runs in the CLI process, as the user: the server never opens a connection or a
-//! path for a client. It reaches the pool through `Layers`: the CLI's implementation goes
+//! Push and pull run in the CLI process, as the user: for them the server never opens a
+//! connection or a path for a client. A lazy pull (`fills.rs`) is the exception: its layers
+//! are fetched after the client has gone, so the live server reaches the registry itself. It reaches the pool through `Layers`: the CLI's implementation goes
 //! through the live server's control socket (streams cross as pipe descriptors) or opens the
 //! pool itself.
 
 pub mod auth;
 pub mod client;
 pub mod fetcher;
+pub mod fills;
 pub mod image;
 pub mod lazy;
 pub mod pull;

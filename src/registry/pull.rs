@@ -14,14 +14,20 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 
-#[derive(Debug, Default, serde::Serialize)]
-pub struct PullReport {
-    /// The layer the image's top became (or already was).
-    pub name: String,
-    pub downloaded: Vec<String>,
-    pub skipped: Vec<String>,
-    pub bytes_downloaded: u64,
+/// What a pull did (`pull --json` prints it; a lazy pull's reply is the same value).
+pub type PullReport = crate::control::Pulled;
+
+/// How one layer the pool lacked was got.
+pub enum Got {
+    /// Downloaded whole: this many bytes.
+    Downloaded(u64),
+    /// Made remote: fetched later, on demand and in the background (`pull --lazy`).
+    Lazy,
 }
+
+/// Gets blob `d` into the pool as layer `name` over `parent`.
+pub type GetLayer<'a> =
+    dyn FnMut(&OciDescriptor, &str, Option<&str>) -> Result<(crate::volume::LayerInfo, Got)> + 'a;
 
 /// Pull `reference` into the pool; the top layer is named `name` (default: the reference as
 /// written), the layers under it by their chain IDs.
@@ -33,14 +39,29 @@ pub fn pull(
     meters: Meters,
 ) -> Result<PullReport> {
     let reg = Registry::open(reference, opts)?;
-    let layers = image_layers(&reg)?;
+    pull_with(&reg, pool, name, &mut |d, layer_name, parent| {
+        let (layer, n) = download(pool, &reg, d, layer_name, parent, meters)?;
+        Ok((layer, Got::Downloaded(n)))
+    })
+}
+
+/// The walk of a pull, base first: layers whose chain ID the pool holds are skipped, the
+/// others got by `get` (downloaded, or made remote by a lazy pull) and checked against the
+/// manifest's chain IDs; then every layer's location is recorded.
+pub fn pull_with(
+    reg: &Registry,
+    pool: &dyn Layers,
+    name: Option<&str>,
+    get: &mut GetLayer,
+) -> Result<PullReport> {
+    let layers = image_layers(reg)?;
     let mut have: HashMap<String, String> = HashMap::new();
     for l in pool.layers()? {
         if let Some(c) = l.attrs.get(CHAIN_ATTR) {
             have.insert(c.clone(), l.name.clone());
         }
     }
-    let top_name = name.unwrap_or(reference).to_string();
+    let top_name = name.unwrap_or(&reg.label).to_string();
     let mut report = PullReport::default();
     let mut parent: Option<String> = None;
     // Every layer of the image, base first, as the pool names it.
@@ -68,7 +89,7 @@ pub fn pull(
         } else {
             chain.clone()
         };
-        let (layer, n) = download(pool, &reg, d, &layer_name, parent.as_deref(), meters)?;
+        let (layer, got) = get(d, &layer_name, parent.as_deref())?;
         if layer.attrs.get(CHAIN_ATTR) != Some(chain) {
             return Err(Error::Corrupt(format!(
                 "{}: layer {} was received as {:?} with chain ID {:?}, the manifest says {chain}",
@@ -78,8 +99,13 @@ pub fn pull(
                 layer.attrs.get(CHAIN_ATTR)
             )));
         }
-        report.bytes_downloaded += n;
-        report.downloaded.push(d.digest.clone());
+        match got {
+            Got::Downloaded(n) => {
+                report.bytes_downloaded += n;
+                report.downloaded.push(d.digest.clone());
+            }
+            Got::Lazy => report.lazy.push(d.digest.clone()),
+        }
         have.insert(chain.clone(), layer.name.clone());
         names.push(layer.name.clone());
         parent = Some(layer.name);
@@ -122,7 +148,7 @@ pub fn image_layers(reg: &Registry) -> Result<Vec<OciDescriptor>> {
 }
 
 /// Stream blob `d` through a pipe into `receive`; returns the layer and the bytes downloaded.
-fn download(
+pub fn download(
     pool: &dyn Layers,
     reg: &Registry,
     d: &OciDescriptor,

@@ -94,9 +94,19 @@ pub(crate) struct State {
     pub keeper: bool,
     #[serde(default)]
     pub keeper_pid: u32,
-    /// `serve --loop-direct-io`.
-    #[serde(default)]
+    /// Loop devices over live files switched to direct I/O (not `serve --no-loop-direct-io`);
+    /// a server from before this field existed had no way to ask, so the new default applies.
+    #[serde(default = "direct_io_by_default")]
     loop_direct_io: bool,
+    /// `serve --remote-timeout` (absent: the default) and `--no-remote-fill`.
+    #[serde(default)]
+    remote_timeout_ms: Option<u64>,
+    #[serde(default)]
+    no_remote_fill: bool,
+}
+
+fn direct_io_by_default() -> bool {
+    true
 }
 
 /// Second descriptors of what a restart hands over, taken before the serving threads own
@@ -166,6 +176,8 @@ pub(crate) struct Serving<'a> {
     pub restarting: Mutex<()>,
     /// The serving loops' stop; its `hold` keeps them from accepting during a hand-over.
     pub stop: &'a Stop,
+    /// The remote layers' fetches: stopped while the pool is handed over.
+    pub lazy: &'a super::lazy::Lazy,
     pub keeper: Option<&'a Link>,
 }
 
@@ -250,7 +262,10 @@ impl Serving<'_> {
         // lock released.
         self.stop.hold.hold();
         let closed = self.exports.gate().pause();
+        // The new process resumes the remote layers' fetches from what is committed.
+        self.lazy.stop();
         if let Err(e) = self.store.release() {
+            self.lazy.resume();
             self.exports.gate().resume();
             self.stop.hold.release();
             return Err(fail(
@@ -334,6 +349,8 @@ impl Serving<'_> {
             keeper: self.fds.keeper.is_some(),
             keeper_pid: self.keeper.map_or(0, |k| k.keeper_pid()),
             loop_direct_io: self.cfg.loop_direct_io,
+            remote_timeout_ms: Some(self.cfg.remote.timeout.as_millis() as u64),
+            no_remote_fill: !self.cfg.remote.background,
         }
     }
 
@@ -342,6 +359,7 @@ impl Serving<'_> {
         let taken = self
             .store
             .take_back("thinlayer serve (after a failed restart)");
+        self.lazy.resume();
         self.exports.gate().resume();
         self.stop.hold.release();
         taken.map_err(|e| {
@@ -516,6 +534,13 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
         containerd: state.containerd.clone(),
         keeper: state.keeper,
         loop_direct_io: state.loop_direct_io,
+        remote: super::lazy::Remote {
+            timeout: state.remote_timeout_ms.map_or(
+                super::lazy::Remote::default().timeout,
+                Duration::from_millis,
+            ),
+            background: !state.no_remote_fill,
+        },
     };
     let nbd_fd = next();
     let control_fd = next();

@@ -9,6 +9,7 @@
 
 pub mod handover;
 pub mod keeper;
+pub mod lazy;
 pub mod ops;
 mod signals;
 
@@ -47,9 +48,11 @@ pub struct Config {
     /// Start a keeper (`serve --keeper`, `keeper.rs`) that restarts this server if it dies,
     /// and keep a crash journal for it.
     pub keeper: bool,
-    /// Switch loop devices over the live files to direct I/O (`serve --loop-direct-io`,
-    /// `fuse::loops`).
+    /// Switch loop devices over the live files to direct I/O (the default; `serve
+    /// --no-loop-direct-io` leaves them buffered; `fuse::loops`).
     pub loop_direct_io: bool,
+    /// How remote layers are fetched (`serve --remote-timeout`, `--no-remote-fill`).
+    pub remote: lazy::Remote,
 }
 
 /// Everything a serving process holds: what `run` builds from scratch and `handover::resume`
@@ -167,6 +170,9 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
+    // Every remote layer's fetch resumes (each on its own thread: a registry that does not
+    // answer holds up nothing).
+    let lazy = lazy::Lazy::start(&exports, cfg.remote);
     log.info(format_args!(
         "serving {} on {} (NBD) and {} (control): {} layer(s){}",
         cfg.pool.display(),
@@ -197,6 +203,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         restarting: std::sync::Mutex::new(()),
         stop: &stop,
         keeper: keeper.as_deref(),
+        lazy: &lazy,
     };
     if let Some(k) = &keeper {
         // The keeper holds everything from now on, and hears of every change to the files:
@@ -225,7 +232,9 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
                 else {
                     unreachable!("status answers with a status");
                 };
-                Ok(Reply::Status(Box::new(me.status(*s))))
+                let mut s = me.status(*s);
+                s.fills = lazy.status();
+                Ok(Reply::Status(Box::new(s)))
             }
             req => {
                 // Held while a restart hands the pool over: the next process answers it.
@@ -233,6 +242,22 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
                 match req {
                     Request::Attach { .. } | Request::Detach { .. } => {
                         ops::execute_files(&store, files.as_deref(), req)
+                    }
+                    Request::PullLazy {
+                        reference,
+                        name,
+                        plain_http,
+                    } => lazy
+                        .pull(&reference, name.as_deref(), plain_http)
+                        .map(Reply::Pulled),
+                    Request::Remove { ref name, .. } => {
+                        let id = store.layer(name).ok().map(|l| l.id);
+                        let r = ops::execute(&store, Some(&exports), req, fds, progress)?;
+                        // A removed remote layer's fetch stops.
+                        if let Some(id) = id {
+                            lazy.cancel(id);
+                        }
+                        Ok(r)
                     }
                     _ => ops::execute(&store, Some(&exports), req, fds, progress),
                 }
@@ -255,6 +280,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
     if let Some(c) = committer {
         c.stop();
     }
+    lazy.stop();
     // containerd's requests in flight finish before the files go and the last commit.
     let snapshotter_result = snapshotter.map_or(Ok(()), |join| join());
     // Before the last commit: no write can come in after it.

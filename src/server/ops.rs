@@ -114,6 +114,8 @@ pub fn execute(
         Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(store.path())),
         // Only the server itself can be restarted (`server::restart`).
         Request::Restart { .. } => Err(no_server(store.path())),
+        // Only a server fetches remote layers (`server::lazy`).
+        Request::PullLazy { .. } => Err(no_lazy(store.path())),
     }
 }
 
@@ -162,6 +164,13 @@ fn passed(what: &str, layer: &str) -> String {
 fn no_server(pool: Option<&Path>) -> Error {
     Error::Unavailable(format!(
         "no server is running for pool {}: nothing to restart",
+        pool.map_or_else(|| "?".into(), |p| p.display().to_string())
+    ))
+}
+
+fn no_lazy(pool: Option<&Path>) -> Error {
+    Error::Unavailable(format!(
+        "no server is running for pool {}: `pull --lazy` needs `thinlayer serve`, which fetches the layers' data after the pull returns",
         pool.map_or_else(|| "?".into(), |p| p.display().to_string())
     ))
 }
@@ -233,6 +242,7 @@ pub fn direct(
         ))),
         Request::Attach { .. } | Request::Detach { .. } => Err(no_live_files(Some(pool))),
         Request::Restart { .. } => Err(no_server(Some(pool))),
+        Request::PullLazy { .. } => Err(no_lazy(Some(pool))),
         _ => {
             let store = Store::open(pool, command_line)?;
             execute(&store, None, req, files, progress)

@@ -1,5 +1,6 @@
 //! What an unmounted ext4's clean journal leaves in a snapshot's layer that nothing needs,
-//! taken back at Commit and at Usage of a stopped container (`shed`).
+//! taken back at Commit and at Usage of a stopped container (`shed`); and, with it, what the
+//! mount and unmount wrote into the filesystem's superblock (counters, times).
 //!
 //! Every transaction of a mount goes through the journal's log, and the unmount rewrites the
 //! journal's superblock. After a clean unmount the journal is empty (`s_start` 0): jbd2 reads
@@ -27,7 +28,8 @@ pub fn shed(store: &Store, l: &LayerInfo, j: Journal) -> Result<()> {
         return Ok(());
     }
     zero_log(store, l, j)?;
-    rewind(store, l, j)
+    rewind(store, l, j)?;
+    rewind_superblock(store, l)
 }
 
 /// Make the log read zeros: whole blocks of the layer are trimmed (a trim adds whiteouts only
@@ -86,5 +88,33 @@ fn rewind(store: &Store, l: &LayerInfo, j: Journal) -> Result<()> {
         store.write_layer(l.id, from, &theirs)?;
     }
     store.drop_unchanged(l.id, from, to - from)?;
+    Ok(())
+}
+
+/// Set the filesystem's superblock back to the parent's when it differs from it only in what
+/// a clean mount and unmount write (`ext4::superblock_rewinds_to`: free counts, times, the
+/// mount count) and the rest of its layer block equals the parent's; the layer then drops the
+/// block. Called for an empty journal only, so the unmount was clean. Without this, every
+/// container that was ever mounted, and every image layer, held a block for its superblock.
+fn rewind_superblock(store: &Store, l: &LayerInfo) -> Result<()> {
+    let Some(parent) = &l.parent else {
+        return Ok(());
+    };
+    let parent = store.layer(parent)?;
+    let b = u64::from(store.block_size());
+    let (at, n) = ext4::SUPERBLOCK;
+    let to = (at + n as u64).next_multiple_of(b);
+    let (mut mine, mut theirs) = (vec![0u8; to as usize], vec![0u8; to as usize]);
+    store.read_layer(l.id, 0, &mut mine)?;
+    store.read_layer(parent.id, 0, &mut theirs)?;
+    let (at, end) = (at as usize, at as usize + n);
+    let outside_equal = mine[..at] == theirs[..at] && mine[end..] == theirs[end..];
+    if mine != theirs
+        && outside_equal
+        && ext4::superblock_rewinds_to(&mine[at..end], &theirs[at..end])
+    {
+        store.write_layer(l.id, 0, &theirs)?;
+    }
+    store.drop_unchanged(l.id, 0, to)?;
     Ok(())
 }

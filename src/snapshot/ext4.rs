@@ -115,6 +115,42 @@ pub fn rewinds_to(mine: &[u8], theirs: &[u8]) -> bool {
             .all(|(i, (a, b))| a == b || MAY_DIFFER.iter().any(|&(s, e)| (s..e).contains(&i)))
 }
 
+/// Whether the superblock `mine` (1024 bytes) of a cleanly unmounted ext4 may be set back to
+/// `theirs` (its parent's): both ext4 and clean (`s_state` valid, no error), and they differ
+/// only in what every mount and unmount writes — the free block and inode counts (a hint: the
+/// kernel counts from the group descriptors at mount, and e2fsck only notes a stale one),
+/// the mount and write times, the mount count, where it was last mounted, the kilobytes
+/// written — and the checksum. An error recorded, an orphan list, a feature flag (a journal
+/// to recover), anything else keeps it.
+pub fn superblock_rewinds_to(mine: &[u8], theirs: &[u8]) -> bool {
+    const EXT4_MAGIC: u64 = 0xEF53;
+    const VALID: u64 = 0x1;
+    const ERRORS: u64 = 0x2;
+    const MAY_DIFFER: [(usize, usize); 10] = [
+        (0x0C, 0x10),   // s_free_blocks_count_lo
+        (0x10, 0x14),   // s_free_inodes_count
+        (0x2C, 0x30),   // s_mtime
+        (0x30, 0x34),   // s_wtime
+        (0x34, 0x36),   // s_mnt_count
+        (0x88, 0xC8),   // s_last_mounted
+        (0x158, 0x15C), // s_free_blocks_count_hi
+        (0x178, 0x180), // s_kbytes_written
+        (0x274, 0x276), // s_wtime_hi, s_mtime_hi
+        (0x3FC, 0x400), // s_checksum
+    ];
+    let clean =
+        |sb: &[u8]| le16(sb, 0x38) == EXT4_MAGIC && le16(sb, 0x3A) & (VALID | ERRORS) == VALID;
+    mine.len() == 1024
+        && theirs.len() == 1024
+        && clean(mine)
+        && clean(theirs)
+        && mine
+            .iter()
+            .zip(theirs)
+            .enumerate()
+            .all(|(i, (a, b))| a == b || MAY_DIFFER.iter().any(|&(s, e)| (s..e).contains(&i)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +214,31 @@ mod tests {
             "a journal to replay is never set back"
         );
         assert!(!rewinds_to(&later[..512], &jsb[..512]));
+        // The filesystem's superblock: set back across a mount's counters and times only.
+        let mut mounted = sb.to_vec();
+        mounted[0x10..0x14].copy_from_slice(&9u32.to_le_bytes()); // free inodes
+        mounted[0x2C..0x30].copy_from_slice(&1_800_000_000u32.to_le_bytes()); // mtime
+        mounted[0x34] += 1; // mount count
+        mounted[0x88..0x8E].copy_from_slice(b"/mnt/x"); // last mounted
+        mounted[0x178..0x180].copy_from_slice(&4242u64.to_le_bytes()); // kbytes written
+        mounted[0x3FC] ^= 0xFF; // checksum
+        assert!(superblock_rewinds_to(&mounted, sb));
+        for (at, what) in [
+            (0x3A, "s_state: errors"),
+            (0x60, "s_feature_incompat: a journal to recover"),
+            (0xE8, "s_last_orphan"),
+            (0x198, "s_error_count"),
+        ] {
+            let mut other = mounted.clone();
+            other[at] ^= 0x04;
+            assert!(!superblock_rewinds_to(&other, sb), "{what}");
+        }
+        assert!(!superblock_rewinds_to(&mounted[..512], &sb[..512]));
+        assert!(
+            !superblock_rewinds_to(&[0u8; 1024], &[0u8; 1024]),
+            "no ext4"
+        );
+
         // No journal: nothing found.
         let mut plain = sb.to_vec();
         plain[0x5C] &= !0x4;

@@ -11,8 +11,15 @@ impl Files for LiveFiles {
         LiveFiles::attach(self, layer)
     }
 
+    fn device(&self, layer: &str, read_only: bool) -> Result<PathBuf> {
+        LiveFiles::loop_device(self, layer, read_only)
+    }
+
     fn detach(&self, layer: &str) -> Result<LostWrites> {
-        // Never forced: a loop device that still holds the file would lose its writes.
+        // The snapshot's own loop devices go first (refused while one is mounted); the
+        // detach is never forced: a loop device that still held the file would lose its
+        // writes.
+        LiveFiles::release_loop_devices(self, layer)?;
         match LiveFiles::detach(self, layer, false) {
             Err(Error::NotFound(_)) if self.path(layer).is_none() => Ok(LostWrites::default()),
             r => r,
@@ -24,7 +31,7 @@ impl Files for LiveFiles {
         layer: &str,
         f: &mut dyn FnMut(&dyn BlockDevice) -> Result<()>,
     ) -> Result<bool> {
-        Ok(LiveFiles::while_closed(self, layer, f)?.is_some())
+        Ok(LiveFiles::while_unmounted(self, layer, f)?.is_some())
     }
 
     fn sync_mounted(&self, layer: &str) -> Result<()> {

@@ -34,9 +34,12 @@ pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinlayer.size";
 pub trait Files: Send + Sync {
     /// The file of `layer`, attaching it if needed (idempotent).
     fn attach(&self, layer: &str) -> crate::Result<PathBuf>;
-    /// Make `layer` no longer attached (nothing to do if it is not), saying which writes
-    /// through its file failed while attached. `InUse` while a loop device still has the
-    /// file open.
+    /// The block device that mounts of `layer` are served from: a loop device over its file,
+    /// read-only or writable, bound until `detach` (idempotent: the same device each time).
+    fn device(&self, layer: &str, read_only: bool) -> crate::Result<PathBuf>;
+    /// Make `layer` no longer attached (nothing to do if it is not), its devices cleared,
+    /// saying which writes through its file failed while attached. `InUse` while a
+    /// filesystem is mounted on its device or another loop device still has the file open.
     fn detach(&self, layer: &str) -> crate::Result<LostWrites>;
     /// Make what a filesystem mounted on `layer`'s file has written so far reach the layer
     /// (nothing to do if the layer is not attached or not mounted).
@@ -117,20 +120,23 @@ impl Snapshots {
     }
 
     fn mounts_of(&self, key: &str, l: &LayerInfo) -> Result<Vec<Mount>> {
-        let path = self.files.attach(&l.name).map_err(store_err(key))?;
+        // A loop device the snapshotter binds itself (`crate::fuse::loops`: containerd's own
+        // `-o loop` costs a queue freeze per mount), read-only for a view.
+        let view = info::kind(l) == Kind::View;
+        let device = self.files.device(&l.name, view).map_err(store_err(key))?;
         // noatime: reading a file would otherwise write its inode (relatime updates an atime
         // not newer than the mtime, as in every freshly unpacked layer), a block per inode
         // table block read from. discard: a deleted file's blocks go back to the pool (the
         // loop device punches a hole in the live file, the layer drops the blocks).
-        let mut options = vec!["loop".to_string(), "noatime".to_string()];
-        if info::kind(l) == Kind::View {
+        let mut options = vec!["noatime".to_string()];
+        if view {
             options.push("ro".into());
         } else {
             options.push("discard".into());
         }
         Ok(vec![Mount {
             r#type: "ext4".into(),
-            source: path.display().to_string(),
+            source: device.display().to_string(),
             target: String::new(),
             options,
         }])

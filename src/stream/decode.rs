@@ -61,7 +61,16 @@ impl<R: Read> Decoder<R> {
         Error::InvalidInput(format!("{}: {why}", self.label))
     }
 
+    /// Read `buf` full and hash it into the stream's hash.
     fn take(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        self.fill(buf, what)?;
+        self.hash.update(buf);
+        Ok(())
+    }
+
+    /// Read `buf` full, not hashing it yet (a data record's bytes: the index hashes them into
+    /// the stream's hash with their extents').
+    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
             match self.input.read(&mut buf[got..]) {
@@ -81,7 +90,6 @@ impl<R: Read> Decoder<R> {
                 }
             }
         }
-        self.hash.update(&buf[..]);
         self.pos += buf.len() as u64;
         Ok(())
     }
@@ -122,7 +130,7 @@ impl<R: Read> Decoder<R> {
                     self.take(&mut off, "a data record")?;
                     let mut bytes = vec![0u8; (len - 8) as usize];
                     let blob_offset = self.pos;
-                    self.take(&mut bytes, "a data record")?;
+                    self.fill(&mut bytes, "a data record")?;
                     let offset = fmt::run::OFFSET.get(&off);
                     // Malformed whatever the layer: no byte range ends past 2^64. Checked here,
                     // before the index (whose arithmetic relies on it) or the receiver sees it.
@@ -132,7 +140,7 @@ impl<R: Read> Decoder<R> {
                             bytes.len()
                         )));
                     }
-                    self.index.data(offset, blob_offset, &bytes);
+                    self.index.data(offset, blob_offset, &bytes, &mut self.hash);
                     return Ok(Record::Data { offset, bytes });
                 }
                 fmt::TAG_ZERO => {

@@ -8,9 +8,6 @@ use crate::format::sha256::Sha256;
 use crate::format::stream::{self as fmt, End, Header};
 use std::io::{self, Write};
 
-/// Data records at least this long have their index hashes made on a second thread.
-const PARALLEL_MIN: usize = 256 << 10;
-
 pub struct Encoder<W: Write> {
     out: W,
     header: Header,
@@ -48,21 +45,10 @@ impl<W: Write> Encoder<W> {
         self.flush_zero()?;
         self.put(&fmt::pack_record(fmt::TAG_DATA, 8 + bytes.len() as u64))?;
         self.put(&fmt::pack_run(offset, 0)[..8])?;
-        let blob_offset = self.bytes;
-        if bytes.len() < PARALLEL_MIN {
-            self.index.data(offset, blob_offset, bytes);
-            self.put(bytes)?;
-        } else {
-            // The index's hash of each extent and the stream's hash are independent: with two
-            // cores they take the time of one (an import's content ID is most of its CPU).
-            let index = &mut self.index;
-            std::thread::scope(|s| {
-                s.spawn(|| index.data(offset, blob_offset, bytes));
-                self.hash.update(bytes);
-            });
-            self.bytes += bytes.len() as u64;
-            self.out.write_all(bytes)?;
-        }
+        // The stream's hash and the index's hash of each extent, in one pass.
+        self.index.data(offset, self.bytes, bytes, &mut self.hash);
+        self.bytes += bytes.len() as u64;
+        self.out.write_all(bytes)?;
         self.end.data_records += 1;
         self.end.data_bytes += bytes.len() as u64;
         Ok(())

@@ -23,20 +23,26 @@ pub struct IndexBuilder {
 
 impl IndexBuilder {
     /// A data record's bytes, for disk offset `offset`, at `blob_offset` in the stream: one
-    /// entry per piece between multiples of `INDEX_CUT`. `offset + bytes.len()` must not pass
-    /// 2^64: the decoder refuses such a record before it gets here.
-    pub fn data(&mut self, offset: u64, blob_offset: u64, bytes: &[u8]) {
+    /// entry per piece between multiples of `INDEX_CUT`. The bytes are hashed into `stream`
+    /// (the hash of the stream so far, which they continue) in the same pass as into their
+    /// entries' sha256s: two chains at once cost about two thirds of one after the other, and
+    /// these two hashes are most of the CPU an import or a receive spends.
+    /// `offset + bytes.len()` must not pass 2^64: the decoder refuses such a record before it
+    /// gets here.
+    pub fn data(&mut self, offset: u64, blob_offset: u64, bytes: &[u8], stream: &mut Sha256) {
         debug_assert!(offset.checked_add(bytes.len() as u64).is_some());
         let mut at = 0usize;
         while at < bytes.len() {
             let off = offset + at as u64;
             let room = INDEX_CUT - off % INDEX_CUT;
             let n = room.min((bytes.len() - at) as u64) as usize;
+            let mut extent = Sha256::new();
+            Sha256::update_both(stream, &mut extent, &bytes[at..at + n]);
             self.entries.push(Entry {
                 offset: off,
                 length: n as u64,
                 blob_offset: blob_offset + at as u64,
-                sha256: Digest::sha256(&bytes[at..at + n]).0,
+                sha256: extent.finalize(),
             });
             at += n;
         }

@@ -24,6 +24,13 @@ pub struct LayerInfo {
     /// Still being filled by an import: not an export, and not committable by hand.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub importing: bool,
+    /// Pulled lazily (`pull --lazy`, FORMAT.md §6.1 mode 3) and not all local yet: its
+    /// unfetched blocks are fetched from the registry when read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remote: bool,
+    /// Of a remote layer: bytes of its data fetched (local) so far, of `content.size`'s blob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched: Option<u64>,
     /// Frontends' attributes (FORMAT.md §6.5), e.g. a snapshotter's key and labels.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub attrs: std::collections::BTreeMap<String, String>,
@@ -50,6 +57,12 @@ pub struct PoolUsage {
     /// Bytes still allocatable under `--max-size` (null without a cap).
     pub free_under_cap: Option<u64>,
     pub max_size: Option<u64>,
+    /// Remote layers (`pull --lazy`, not all fetched yet), and the data bytes they hold so
+    /// far (part of `data_bytes`); what they lack is in the registry, not here.
+    #[serde(default)]
+    pub remote_layers: usize,
+    #[serde(default)]
+    pub remote_fetched: u64,
     /// Sum of every layer's virtual size: what the layers would take without sharing.
     pub virtual_total: u64,
     /// `virtual_total - data_bytes`.
@@ -108,6 +121,8 @@ impl Inner {
             disk_size: l.disk_size,
             created: rfc3339(l.created_secs, l.created_nanos),
             importing: l.incomplete,
+            remote: l.remote,
+            fetched: l.remote.then(|| l.map.data_blocks() * bs),
             attrs: l.attrs.clone(),
             id: l.id,
             children: l
@@ -445,6 +460,13 @@ impl Store {
             metadata_bytes: meta_blocks * bs,
             free_under_cap: g.pool.alloc.free_under_cap().map(|b| b * bs),
             max_size: (g.pool.meta.sb.max_blocks > 0).then(|| g.pool.meta.sb.max_blocks * bs),
+            remote_layers: g.catalog.layers().filter(|l| l.remote).count(),
+            remote_fetched: g
+                .catalog
+                .layers()
+                .filter(|l| l.remote)
+                .map(|l| l.map.data_blocks() * bs)
+                .sum(),
             virtual_total,
             sharing_saves: virtual_total.saturating_sub(data_blocks * bs),
         })

@@ -447,6 +447,14 @@ impl Store {
         Ok(())
     }
 
+    /// Start writing the blocks written so far back to the pool's disk, not waiting for them:
+    /// a bulk writer (an import) calls this as it goes, so the commit that ends it finds
+    /// little left to sync and the disk works while the writer computes. Only a hint: what
+    /// is durable is still what `flush` made so, and an I/O error shows at that flush.
+    pub fn start_writeback(&self) {
+        let _ = self.storage.start_writeback();
+    }
+
     /// Commit the open transaction: every change made before this call survives a crash.
     /// The protocol is `Pool`'s (pool/commit.rs); the store only holds its lock around the
     /// steps that change memory, and lets go of it for the syncs.

@@ -1,0 +1,102 @@
+//! The live server's remote layers (`pull --lazy`, DESIGN.md §13), behind the `registry`
+//! feature: this file only forwards to `registry::fills`, or, in a build without it, says
+//! what is missing.
+
+use crate::control::{FillStatus, Pulled};
+use crate::error::Result;
+use crate::format::LayerId;
+use crate::volume::exports::LiveExports;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How remote layers are fetched: `serve --remote-timeout`, `--no-remote-fill`.
+#[derive(Clone, Copy, Debug)]
+pub struct Remote {
+    /// How long a read of an unfetched block waits for the registry before EIO.
+    pub timeout: Duration,
+    /// Fetch all of each remote layer in the background (else only what is read).
+    pub background: bool,
+}
+
+impl Default for Remote {
+    fn default() -> Remote {
+        Remote {
+            timeout: Duration::from_secs(60),
+            background: true,
+        }
+    }
+}
+
+#[cfg(feature = "registry")]
+pub struct Lazy(Arc<crate::registry::fills::Fills>);
+
+#[cfg(feature = "registry")]
+impl Lazy {
+    /// Resume the fetch of every remote layer of the pool.
+    pub fn start(exports: &Arc<LiveExports>, remote: Remote) -> Lazy {
+        let opts = crate::registry::fills::Options {
+            timeout: remote.timeout,
+            background: remote.background,
+            ..Default::default()
+        };
+        let f = crate::registry::fills::Fills::new(exports.clone(), opts);
+        f.resume_all();
+        Lazy(f)
+    }
+
+    pub fn pull(&self, reference: &str, name: Option<&str>, plain_http: bool) -> Result<Pulled> {
+        let opts = crate::registry::Options { plain_http };
+        self.0.pull(reference, name, &opts)
+    }
+
+    pub fn cancel(&self, id: LayerId) {
+        self.0.cancel(id)
+    }
+
+    /// Stop every fetch: the server stops or hands over.
+    pub fn stop(&self) {
+        self.0.stop()
+    }
+
+    /// After a failed hand-over: fetch again.
+    pub fn resume(&self) {
+        self.0.resume_all()
+    }
+
+    pub fn status(&self) -> Vec<FillStatus> {
+        self.0.status()
+    }
+}
+
+#[cfg(not(feature = "registry"))]
+pub struct Lazy;
+
+#[cfg(not(feature = "registry"))]
+impl Lazy {
+    pub fn start(exports: &Arc<LiveExports>, _: Remote) -> Lazy {
+        let n = exports.store().layers().iter().filter(|l| l.remote).count();
+        if n > 0 {
+            crate::log::process(
+                crate::log::Level::Warn,
+                format_args!(
+                    "thinlayer: {n} remote layer(s), and this build has no `registry` feature: their unfetched blocks fail to read (EIO)"
+                ),
+            );
+        }
+        Lazy
+    }
+
+    pub fn pull(&self, _: &str, _: Option<&str>, _: bool) -> Result<Pulled> {
+        Err(crate::features::missing("registry", "pull --lazy"))
+    }
+
+    pub fn cancel(&self, _: LayerId) {}
+
+    pub fn stop(&self) {}
+
+    pub fn resume(&self) {}
+
+    pub fn status(&self) -> Vec<FillStatus> {
+        Vec::new()
+    }
+}
