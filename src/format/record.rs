@@ -244,11 +244,12 @@ enum Open {
         count: u32,
     },
     /// A map run: its byte offset and layer, and the virtual and pool block that would
-    /// continue it.
+    /// continue it (None at the end of the numbers: nothing continues it without wrapping,
+    /// which a reader refuses).
     Run {
         at: usize,
         layer: LayerId,
-        next: (u64, u64),
+        next: Option<(u64, u64)>,
         count: u32,
     },
 }
@@ -375,13 +376,13 @@ impl RecordWriter {
                     count,
                 }),
                 Some((p, crc)),
-            ) if l == layer && next == (e.vblock.0, p) && count < MAP_RECORD_MAX => {
+            ) if l == layer && next == Some((e.vblock.0, p)) && count < MAP_RECORD_MAX => {
                 map_run::COUNT.put(&mut self.buf[at..], count + 1);
                 self.buf.extend_from_slice(&crc.to_le_bytes());
                 self.open_map = Some(Open::Run {
                     at,
                     layer,
-                    next: (next.0.wrapping_add(1), p.wrapping_add(1)),
+                    next: following(e.vblock.0, p, 1),
                     count: count + 1,
                 });
             }
@@ -450,6 +451,7 @@ impl RecordWriter {
         let p0 = map_entry::PBLOCK.get(e0);
         p0 != PBLOCK_UNMAPPED
             && p0 != PBLOCK_ZERO
+            && p != PBLOCK_ZERO
             && p0.checked_add(1) == Some(p)
             && map_entry::VBLOCK.get(e0).checked_add(1) == Some(v)
     }
@@ -470,7 +472,7 @@ impl RecordWriter {
         self.open_map = Some(Open::Run {
             at,
             layer,
-            next: (v.wrapping_add(n), p.wrapping_add(n)),
+            next: following(v, p, n),
             count: crcs.len() as u32,
         });
     }
@@ -487,6 +489,13 @@ impl RecordWriter {
         map_entry::PBLOCK.put(b, pblock);
         map_entry::CRC.put(b, crc);
     }
+}
+
+/// The virtual and pool block `n` past `(v, p)`, if neither wraps and the pool block is not the
+/// zero sentinel (a run ending there could not be read back).
+fn following(v: u64, p: u64, n: u64) -> Option<(u64, u64)> {
+    let (v, p) = (v.checked_add(n)?, p.checked_add(n)?);
+    (p != PBLOCK_ZERO).then_some((v, p))
 }
 
 /// Decodes a stream's bytes record by record; every fault names the stream and byte position.
@@ -958,6 +967,34 @@ mod tests {
         let second = map_run::LEN + 4 * MAP_RECORD_MAX as usize;
         assert_eq!(map_run::COUNT.get(&w.buf), MAP_RECORD_MAX);
         assert_eq!(w.buf[second], TAG_MAP);
+    }
+
+    /// Entries that would continue a run only by wrapping around start a record of their own,
+    /// so what the writer writes always reads back.
+    #[test]
+    fn the_writer_never_wraps_a_run() {
+        let mut w = RecordWriter::new();
+        let max = u64::MAX;
+        let entries = [
+            data(max - 1, 7, 1),
+            data(max, 8, 2),
+            data(0, 9, 3),
+            data(1, max - 2, 4),
+            data(2, max - 1, 5),
+            data(3, max, 6),
+        ];
+        entries.iter().for_each(|&e| w.map(LayerId(1), e));
+        let got: Vec<MapEntry> = read_all(&w.buf)
+            .into_iter()
+            .flat_map(|r| match r {
+                Record::Map { entries, .. } => entries,
+                r => panic!("{r:?}"),
+            })
+            .collect();
+        // The last entry's pool block is the zero sentinel: it reads back as a whiteout.
+        let mut want = entries.to_vec();
+        want[5].target = MapTarget::Zero;
+        assert_eq!(got, want);
     }
 
     #[test]

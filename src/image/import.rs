@@ -25,9 +25,10 @@ pub struct ImportStats {
 /// Sees the diff an import stores, in block order, as it is written: the content ID is hashed
 /// in the same pass as the layer is filled (`LivePool::import`), not by reading the layer again.
 pub trait DiffSink {
-    /// A block that differs from the parent chain and is not all zeros (the image's last block
-    /// may be short).
-    fn data(&mut self, offset: u64, bytes: &[u8]);
+    /// A run of blocks that differ from the parent chain, none of them all zeros (the image's
+    /// last block may be short). `ends`: the block after the run is not a data block of the
+    /// diff, so the sink may use `bytes` now rather than keep a copy until the run goes on.
+    fn data(&mut self, offset: u64, bytes: &[u8], ends: bool);
     /// A block that reads as zeros where the parent chain holds data (a whiteout).
     fn zero(&mut self, offset: u64, len: u64);
     /// Attributes the layer is committed with, once every block was seen.
@@ -38,7 +39,7 @@ pub trait DiffSink {
 pub struct NoDiff;
 
 impl DiffSink for NoDiff {
-    fn data(&mut self, _: u64, _: &[u8]) {}
+    fn data(&mut self, _: u64, _: &[u8], _: bool) {}
     fn zero(&mut self, _: u64, _: u64) {}
     fn attrs(&mut self) -> Vec<(&'static str, String)> {
         Vec::new()
@@ -148,27 +149,21 @@ pub fn import_from(
             }
         });
         let mut pbuf = vec![0u8; CHUNK];
-        let mut off = 0u64;
         let mut unsynced = 0u64;
-        while off < size {
-            // Holes in the source read as zeros; over no parent they cost nothing, so skip them.
-            if parent_id.is_none() {
-                match next_data(f, off) {
-                    None => {
-                        stats.bytes_skipped_holes += size - off;
-                        break;
-                    }
-                    Some(d) if d > off => {
-                        let d = (d / bs * bs).max(off).min(size);
-                        stats.bytes_skipped_holes += d - off;
-                        off = d;
-                        if off >= size {
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
+        // Holes in the source read as zeros; over no parent they cost nothing, so skip them.
+        let start = |off: u64, stats: &mut ImportStats| -> Option<u64> {
+            if parent_id.is_some() {
+                return (off < size).then_some(off);
             }
+            let d = match next_data(f, off) {
+                Some(d) => (d / bs * bs).max(off).min(size),
+                None => size,
+            };
+            stats.bytes_skipped_holes += d.saturating_sub(off);
+            (d < size).then_some(d)
+        };
+        let mut next = start(0, &mut stats);
+        while let Some(off) = next {
             let mut n = (CHUNK as u64).min(size - off);
             if parent_id.is_none() {
                 // Read up to the next hole only: a hole's zeros need neither reading nor checking.
@@ -228,11 +223,18 @@ pub fn import_from(
                 store.start_writeback();
                 unsynced = 0;
             }
+            next = start(off + n as u64, &mut stats);
+            let continues = next == Some(off + n as u64);
             to_diff
-                .send(Chunk { off, buf, stored })
+                .send(Chunk {
+                    off,
+                    len: n,
+                    buf,
+                    stored,
+                    continues,
+                })
                 .expect("the feeding thread runs until the channel closes");
-            off += n as u64;
-            progress(off, size);
+            progress(off + n as u64, size);
         }
         Ok(())
     })?;
@@ -246,25 +248,37 @@ pub fn import_from(
 /// Chunks read ahead of the thread that feeds the diff sink.
 const BUFFERS: usize = 3;
 
-/// A chunk of the image at byte `off` and the byte ranges of it the import stored.
+/// A chunk of the image: `len` bytes at byte `off`, the byte ranges of it the import stored, and
+/// whether the next chunk starts where this one ends (a run of data may go on into it).
 struct Chunk {
     off: u64,
+    len: usize,
     buf: Vec<u8>,
     stored: Vec<std::ops::Range<usize>>,
+    continues: bool,
 }
 
 impl Chunk {
-    /// Show `diff` the stored blocks, in order.
+    /// Show `diff` the stored blocks, in order: runs of data blocks, and whiteouts.
     fn feed(&self, diff: &mut (dyn DiffSink + Send), bs: usize) {
         for r in &self.stored {
-            for (k, b) in self.buf[r.clone()].chunks(bs).enumerate() {
-                let at = self.off + (r.start + k * bs) as u64;
-                if is_zero(b) {
-                    diff.zero(at, b.len() as u64);
-                } else {
-                    diff.data(at, b);
+            let mut run = r.start;
+            for s in (r.start..r.end).step_by(bs) {
+                let e = (s + bs).min(r.end);
+                if is_zero(&self.buf[s..e]) {
+                    self.data(diff, run..s);
+                    diff.zero(self.off + s as u64, (e - s) as u64);
+                    run = e;
                 }
             }
+            self.data(diff, run..r.end);
+        }
+    }
+
+    fn data(&self, diff: &mut (dyn DiffSink + Send), r: std::ops::Range<usize>) {
+        if !r.is_empty() {
+            let ends = r.end < self.len || !self.continues;
+            diff.data(self.off + r.start as u64, &self.buf[r], ends);
         }
     }
 }

@@ -177,16 +177,36 @@ impl DiffDigest {
         }
     }
 
-    /// A data block of the diff (not all zeros; the layer's last one may be short).
-    pub fn data(&mut self, offset: u64, bytes: &[u8]) {
-        let cut = offset % RUN_CUT == 0;
-        if !self.run.is_empty() && (self.at + self.run.len() as u64 != offset || cut) {
+    /// Data blocks of the diff, in a row (none all zeros; the layer's last one may be short).
+    /// `ends`: no data block follows them directly. A piece of them that is a whole run (it
+    /// ends at a cut, or where the run ends) is hashed where it lies; only a piece the next
+    /// call may extend is copied aside until it does.
+    pub fn data(&mut self, offset: u64, bytes: &[u8], ends: bool) {
+        if !self.run.is_empty() && self.at + self.run.len() as u64 != offset {
             self.put_run();
         }
-        if self.run.is_empty() {
-            self.at = offset;
+        let mut at = 0;
+        while at < bytes.len() {
+            let o = offset + at as u64;
+            if o.is_multiple_of(RUN_CUT) {
+                self.put_run();
+            }
+            let n = ((RUN_CUT - o % RUN_CUT) as usize).min(bytes.len() - at);
+            let piece = &bytes[at..at + n];
+            at += n;
+            let whole = (o + n as u64).is_multiple_of(RUN_CUT) || (at == bytes.len() && ends);
+            if self.run.is_empty() && whole {
+                self.enc.data(o, piece).expect("a sink takes every write");
+                continue;
+            }
+            if self.run.is_empty() {
+                self.at = o;
+            }
+            self.run.extend_from_slice(piece);
+            if whole {
+                self.put_run();
+            }
         }
-        self.run.extend_from_slice(bytes);
     }
 
     /// A whiteout of the diff: zeros over the parent's data.

@@ -5,9 +5,9 @@
 use fuzz_common::{checkpointed_pool, classify, handshake_bytes, small_pool, PageKind};
 use std::path::Path;
 use thinlayer::format::checksum::Kind;
-use thinlayer::format::record::RecordWriter;
+use thinlayer::format::record::{LayerCreate, MapEntry, MapTarget, RecordWriter};
 use thinlayer::format::superblock::{self, fields};
-use thinlayer::format::{page, PAGE_SIZE};
+use thinlayer::format::{page, LayerId, PBlock, VBlock, PAGE_SIZE};
 use thinlayer::nbd::proto::*;
 use thinlayer::pool::{meta, MemStorage};
 
@@ -81,6 +81,30 @@ fn main() {
     let mut w = RecordWriter::new();
     w.layer_remove(thinlayer::format::LayerId(1));
     put("record_stream", "remove-unknown", &w.buf);
+    // A layer, a map run of 20 blocks (FORMAT.md §6.3.1), then a whiteout inside the run.
+    let mut w = RecordWriter::new();
+    let layer = LayerId(1);
+    w.layer_create(&LayerCreate {
+        id: layer,
+        parent: None,
+        disk_size: 1 << 20,
+        created_secs: 0,
+        created_nanos: 0,
+        writable: true,
+        incomplete: false,
+        remote: false,
+        name: "a".into(),
+    });
+    for i in 0..20u64 {
+        let target = MapTarget::Data {
+            pblock: PBlock(100 + i),
+            crc: i as u32,
+        };
+        w.map(layer, MapEntry { vblock: VBlock(i), target });
+    }
+    let target = MapTarget::Zero;
+    w.map(layer, MapEntry { vblock: VBlock(5), target });
+    put("record_stream", "map-runs", &w.buf);
 
     put("pool_open", "small", &[0]);
     put("pool_open", "big-blocks", &[1]);
