@@ -247,6 +247,7 @@ impl Thinlayer {
         for stale in [&self.socket, &nbd, &control_path(&self.pool)] {
             let _ = fs::remove_file(stale);
         }
+        support::clear_loop_devices_under(&self.files);
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.files)
@@ -326,6 +327,7 @@ impl Drop for Thinlayer {
         // After a restart or a kill the serving process (and a keeper) are not the child.
         drop(KillServing(&self.pool));
         drop(self.server.take());
+        support::clear_loop_devices_under(&self.files);
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.files)
@@ -1483,8 +1485,17 @@ fn the_snapshotter_binds_one_loop_device_per_snapshot_and_clears_it_when_done() 
     let o = snap(&["commit", "c1", "a"]);
     assert!(!o.status.success(), "commit of a mounted snapshot");
     assert!(bound_under(&a, &files), "a refused commit keeps the device");
-    sh(&format!("umount {}", m.display()));
+    // Unmounted lazily with a file still open (as a copy of a mount in another namespace
+    // holds on), the filesystem lets go of the device only when the file closes, after
+    // `umount` returned: Commit waits a moment for it rather than refuse.
+    let held = fs::File::open(m.join("hello")).unwrap();
+    sh(&format!("umount -l {}", m.display()));
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
     let o = snap(&["commit", "c1", "a"]);
+    closer.join().unwrap();
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(!bound_under(&a, &files), "commit clears {a}");
 

@@ -259,6 +259,7 @@ impl Drop for Thinlayer {
     fn drop(&mut self) {
         drop(KillServing(&self.pool));
         drop(self.server.take());
+        support::clear_loop_devices_under(&self.files);
         let _ = Command::new("umount")
             .arg("-l")
             .arg(&self.files)

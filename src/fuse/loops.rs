@@ -3,8 +3,8 @@
 //!
 //! Why the snapshotter makes its own: `mount -o loop` in containerd 1.6 sets a device up with
 //! `LOOP_SET_FD` and then `LOOP_SET_STATUS64`, and the second call freezes the device's queue,
-//! which waits for an RCU grace period: 10-24 ms a mount on this machine, against 0.1 ms for
-//! one `LOOP_CONFIGURE` (`attach`). A `docker build` step mounts five times in containerd
+//! which waits for an RCU grace period: 10-24 ms a mount on this machine, against 1.5 ms for
+//! `losetup`, which makes a device with one `LOOP_CONFIGURE` (`attach`, 0.15 ms of it). A `docker build` step mounts five times in containerd
 //! (the differ's two views, the unpack), so this was most of the build's gap to overlayfs
 //! (docs/BENCHMARKS.md). A device made here is answered as the mount's source
 //! (`/dev/loopN`), stays bound while its snapshot lives (no autoclear: a number containerd was
@@ -167,109 +167,49 @@ impl DirectIo {
     }
 }
 
-/// The loop ioctls this module uses (linux/loop.h).
+/// `LOOP_CLR_FD` from linux/loop.h.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_DIRECT_IO: u32 = 16;
 
-/// `struct loop_info64`.
-#[repr(C)]
-struct LoopInfo64 {
-    device: u64,
-    inode: u64,
-    rdevice: u64,
-    offset: u64,
-    sizelimit: u64,
-    number: u32,
-    encrypt_type: u32,
-    encrypt_key_size: u32,
-    flags: u32,
-    file_name: [u8; 64],
-    crypt_name: [u8; 64],
-    encrypt_key: [u8; 32],
-    init: [u64; 2],
-}
-
-/// `struct loop_config`.
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
-
-fn zeroed_info() -> LoopInfo64 {
-    // SAFETY: a plain C struct of integers and byte arrays; all zeros is its empty value.
-    unsafe { std::mem::zeroed() }
-}
-
-/// Bind a new loop device to `file` with one `LOOP_CONFIGURE` (read-only if asked, in
-/// direct-I/O mode if asked, never autoclear: see the module's comment).
+/// Bind a new loop device to `file` (read-only if asked, in direct-I/O mode if asked, never
+/// autoclear: see the module's comment), with `losetup`, which makes it with one
+/// `LOOP_CONFIGURE`.
+///
+/// In a child process, not here, because binding opens the file and `LOOP_CONFIGURE` syncs
+/// it: both are requests to this very server's FUSE session. A process killed while one of
+/// its threads waits for its own FUSE request cannot finish dying (the kernel waits out a
+/// request already read by the session, uninterruptibly), so the keeper, which waits for it,
+/// would never start the next server that could answer: a deadlock, seen in
+/// tests/containerd.rs's kills. A child waits instead, and the next server answers it.
 pub fn attach(file: &Path, read_only: bool, direct_io: bool) -> std::io::Result<LoopDevice> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let backing = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(file)?;
-    let control = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/loop-control")?;
-    let mut info = zeroed_info();
-    info.flags = if read_only { LO_FLAGS_READ_ONLY } else { 0 }
-        | if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
-    // What `losetup -l` shows of an old-style binding; the kernel keeps the real path.
-    let name = file.as_os_str().as_bytes();
-    let n = name.len().min(info.file_name.len() - 1);
-    info.file_name[..n].copy_from_slice(&name[..n]);
-    let config = LoopConfig {
-        fd: backing.as_raw_fd() as u32,
-        block_size: 0,
-        info,
-        reserved: [0; 8],
-    };
-    // Another process may take the free device between the two calls: then ask again.
-    let mut last = None;
-    for _ in 0..64 {
-        // SAFETY: an ioctl without an argument on a descriptor we own.
-        let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
-        if number < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let name = format!("loop{number}");
-        let dev = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(Path::new("/dev").join(&name))
-        {
-            Ok(d) => d,
-            Err(e) => {
-                last = Some(e);
-                continue;
-            }
-        };
-        // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `config` is.
-        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &config) };
-        if r == 0 {
-            return Ok(LoopDevice {
-                dev: format!("7:{number}"),
-                name,
-                direct_io,
-                read_only,
-            });
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(e);
-        }
-        last = Some(e);
+    let mut cmd = std::process::Command::new("losetup");
+    cmd.args(["--find", "--show"]);
+    if read_only {
+        cmd.arg("--read-only");
     }
-    Err(last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)))
+    cmd.arg(if direct_io {
+        "--direct-io=on"
+    } else {
+        "--direct-io=off"
+    });
+    let out = cmd.arg(file).stdin(std::process::Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let shown = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let name = shown
+        .strip_prefix("/dev/")
+        .filter(|n| n.starts_with("loop"))
+        .ok_or_else(|| std::io::Error::other(format!("losetup printed {shown:?}")))?
+        .to_string();
+    Ok(LoopDevice {
+        dev: format!("7:{}", &name[4..]),
+        name,
+        direct_io,
+        read_only,
+    })
 }
 
 /// Open `/dev/NAME` exclusively: `None` if something has it so (a mounted filesystem).
@@ -287,29 +227,13 @@ fn open_unmounted(name: &str) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
-/// Whether `/dev/NAME` is bound to `file` itself, not to an earlier file of the same path (a
-/// live-files mount that died with a killed server leaves its devices over a dead file).
-fn binds(name: &str, file: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(dev), Ok(meta)) = (
-        std::fs::File::open(Path::new("/dev").join(name)),
-        std::fs::metadata(file),
-    ) else {
-        return false;
-    };
-    let mut info = zeroed_info();
-    // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which `info` is.
-    if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64 as _, &mut info) } != 0 {
-        return false;
-    }
-    info.device == meta.dev() && info.inode == meta.ino()
-}
-
-/// A loop device over `file` (the file itself, see `binds`) in the given mode, if there is one.
+/// A loop device over `file` in the given mode, if there is one. By path: a device left over
+/// a dead live-files mount shows another path once that mount is detached, and the start
+/// that detaches it clears those nothing has mounted first (`mount::prepare`).
 pub fn bound(file: &Path, read_only: bool) -> Option<LoopDevice> {
     devices_of(file)
         .into_iter()
-        .find(|d| d.read_only == read_only && binds(&d.name, file))
+        .find(|d| d.read_only == read_only)
 }
 
 /// What `release` did.
@@ -376,6 +300,18 @@ pub fn clear_unmounted_under(dir: &Path) -> usize {
         }
     }
     cleared
+}
+
+/// Clear every loop device over `file` now, or, for one with a filesystem mounted, as soon
+/// as that is unmounted (the kernel then marks it autoclear). At a server's stop: no device
+/// stays bound to a file that is going away.
+pub fn clear_all(file: &Path) {
+    for d in devices_of(file) {
+        if let Ok(f) = std::fs::File::open(d.path()) {
+            // SAFETY: an ioctl without an argument on a descriptor we own.
+            unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _) };
+        }
+    }
 }
 
 /// If no loop device over `file` has a filesystem mounted (none is held exclusively), how

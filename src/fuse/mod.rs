@@ -354,8 +354,20 @@ impl LiveFiles {
         let Some(path) = self.path(layer) else {
             return Ok(());
         };
-        let _one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
-        match loops::release(&path) {
+        // A lazy unmount (dockerd's) returns before the kernel lets go of the device: as
+        // for the file's last close (`detach`), that is waited for a moment.
+        let deadline = std::time::Instant::now() + CLOSE_GRACE;
+        let released = loop {
+            let one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
+            match loops::release(&path) {
+                Ok(loops::Released::Mounted(_)) if std::time::Instant::now() < deadline => {
+                    drop(one);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => break r,
+            }
+        };
+        match released {
             Ok(loops::Released::All) => Ok(()),
             Ok(loops::Released::Mounted(devices)) => Err(Error::InUse {
                 message: format!(
@@ -407,13 +419,16 @@ impl LiveFiles {
         else {
             return Ok(());
         };
-        // The snapshotter's loop devices that nothing has mounted: cleared, so that the
-        // files close and no device is left over a file that is going away.
+        // The snapshotter's loop devices: cleared, those nothing has mounted at once (so
+        // that their files close), the others when their filesystems are unmounted, so none
+        // stays bound to a file that is going away.
         let mut released = Vec::new();
         for f in self.list().into_iter().filter(|f| f.open > 0) {
-            match self.release_loop_devices(&f.layer) {
-                Ok(()) => released.push(f.layer),
-                Err(e) => log::process(Level::Debug, format_args!("thinlayer: at stop: {e}")),
+            let _one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
+            let unmounted = matches!(loops::unmounted_binding(&f.path), Ok(Some(_)));
+            loops::clear_all(&f.path);
+            if unmounted {
+                released.push(f.layer);
             }
         }
         // The kernel's last close of a cleared device reaches us a moment later.

@@ -274,3 +274,27 @@ pub fn wait_snapshotter(ctr_socket: &Path, ns: &str, snapshotter: &str) {
     }
     panic!("containerd did not reach {snapshotter} again in 30 s: {last}");
 }
+
+/// Clear every loop device whose backing file is under `dir` (a killed server's live files:
+/// the snapshotter's devices outlive it, and the next start would clear them, but a test
+/// ends there). A device with a filesystem mounted is cleared when that is unmounted.
+pub fn clear_loop_devices_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
+    let prefix = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file"));
+        if backing.is_ok_and(|b| b.starts_with(&prefix)) {
+            let dev = Path::new("/dev").join(e.file_name());
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(dev)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
