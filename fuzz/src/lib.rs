@@ -315,7 +315,14 @@ pub fn reseal_stream(stream: &mut Vec<u8>) {
                         .checked_add(b.len() as u64 - 8)
                         .is_some() =>
             {
-                index.data(fmt::run::OFFSET.get(&b[..8]), payload as u64 + 8, &b[8..])
+                // The stream's own hash is not what this target checks.
+                let mut stream_hash = thinlayer::format::sha256::Sha256::new();
+                index.data(
+                    fmt::run::OFFSET.get(&b[..8]),
+                    payload as u64 + 8,
+                    &b[8..],
+                    &mut stream_hash,
+                )
             }
             (fmt::TAG_ZERO, Some(b)) if b.len() == fmt::run::LEN => {
                 let (o, l) = fmt::unpack_run(b);
