@@ -15,7 +15,7 @@
 //! themselves when the registry answers.
 
 use super::client::Registry;
-use super::fetcher::{Fetcher, Policy};
+use super::fetcher::{Demand, Fetcher, Policy};
 use super::image::{A_LAYER_FORMAT, LAYER_TYPE};
 use super::lazy::{fill_all, BlobSource};
 use super::pull::{self, Got};
@@ -45,6 +45,9 @@ pub struct Options {
     pub background: bool,
     /// The fill commits after this many bytes fetched.
     pub commit_every: u64,
+    /// How long the fills wait after the last read that waited on a registry before they fetch
+    /// again (`fetcher::Demand`).
+    pub fill_quiet: Duration,
     /// The registries (`host[:port]`) containerd's remote snapshots may come from: the
     /// server dials a registry for containerd only if it is named here.
     pub registries: Vec<String>,
@@ -56,6 +59,7 @@ impl Default for Options {
             timeout: Duration::from_secs(60),
             background: true,
             commit_every: 8 << 20,
+            fill_quiet: Duration::from_secs(1),
             registries: Vec::new(),
         }
     }
@@ -101,6 +105,8 @@ pub struct Fills {
     exports: Arc<LiveExports>,
     opts: Options,
     fills: Mutex<HashMap<LayerId, Arc<Fill>>>,
+    /// Reads waiting on a registry, across every remote layer: the fills yield to them.
+    demand: Arc<Demand>,
     log: Log,
 }
 
@@ -116,8 +122,8 @@ impl RemoteSource for Logged {
         self.inner.listed(vb)
     }
 
-    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()> {
-        self.inner.fetch(store, layer, vb).inspect_err(|e| {
+    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, end: VBlock) -> Result<()> {
+        self.inner.fetch(store, layer, vb, end).inspect_err(|e| {
             self.log.warn(format_args!(
                 "layer {:?}: a read of an unfetched block failed (EIO to the reader): {e}",
                 self.fill.name
@@ -140,7 +146,7 @@ impl RemoteSource for Opening {
         true
     }
 
-    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()> {
+    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, end: VBlock) -> Result<()> {
         let g = self.fill.source.lock().unwrap();
         let (g, _) = self
             .fill
@@ -159,7 +165,7 @@ impl RemoteSource for Opening {
         };
         drop(g);
         if s.listed(vb) {
-            s.fetch(store, layer, vb)
+            s.fetch(store, layer, vb, end)
         } else {
             Ok(())
         }
@@ -170,6 +176,7 @@ impl Fills {
     pub fn new(exports: Arc<LiveExports>, opts: Options) -> Arc<Fills> {
         Arc::new(Fills {
             exports,
+            demand: Demand::new(opts.fill_quiet),
             opts,
             fills: Mutex::new(HashMap::new()),
             log: Log::process().scoped("thinlayer"),
@@ -241,6 +248,8 @@ impl Fills {
         let location = reg.location();
         let blob = range::open(reg, d)?;
         let info = self.make_remote(&blob, d, name, parent, &location, extra)?;
+        // Whoever pulled it is about to read it: its reads go first.
+        self.demand.expect_reads();
         let source = self.source(reg, d, blob);
         self.start(info.id, &info.name, &location, Some(source));
         Ok(info)
@@ -354,6 +363,7 @@ impl Fills {
         Arc::new(BlobSource::new(
             Fetcher::new(blob, get, policy),
             self.store().block_size(),
+            self.demand.clone(),
         ))
     }
 
