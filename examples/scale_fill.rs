@@ -3,14 +3,25 @@
 //!   contiguous  an imported image: virtual blocks 0..BLOCKS in one run of pool blocks;
 //!   scattered   a container's random writes: one block in each group of 16 at a random place
 //!               in it, written in random order (so pool order is unrelated to block order).
-//! Usage: scale_fill POOL contiguous|scattered BLOCKS
+//! Usage: scale_fill POOL contiguous|scattered BLOCKS [checkpoint]
+//! With `checkpoint` the pool ends on a checkpoint commit (its whole catalogue in the
+//! checkpoint, an empty log), as a long-running pool mostly is, so an open replays the
+//! checkpoint's records rather than the fill's log.
 
 use thinlayer::volume::{CreateOptions, Store};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 4 {
-        eprintln!("usage: scale_fill POOL contiguous|scattered BLOCKS");
+    let checkpoint = match args.get(4).map(String::as_str) {
+        None => false,
+        Some("checkpoint") => true,
+        Some(_) => {
+            eprintln!("usage: scale_fill POOL contiguous|scattered BLOCKS [checkpoint]");
+            std::process::exit(2);
+        }
+    };
+    if args.len() < 4 || args.len() > 5 {
+        eprintln!("usage: scale_fill POOL contiguous|scattered BLOCKS [checkpoint]");
         std::process::exit(2);
     }
     let n: u64 = args[3].parse().expect("BLOCKS is a number");
@@ -49,4 +60,7 @@ fn main() {
     }
     store.commit_layer("img").expect("commit");
     store.flush().expect("flush");
+    if checkpoint {
+        store.checkpoint().expect("checkpoint");
+    }
 }

@@ -384,7 +384,7 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.assert_clean();
 }
 
-/// A pool a previous binary made (format versions 2 and 3, tests/fixtures/README.md) is refused
+/// A pool a previous binary made (format versions 2 to 4, tests/fixtures/README.md) is refused
 /// by every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
 /// back byte for byte and `check --data` calls it clean.
 fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str]) -> Pool {
@@ -415,12 +415,12 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     }
     let out = p.ok(&["migrate", p.path.to_str().unwrap()]);
     assert!(
-        out.contains(&format!("format version {version} -> 4")),
+        out.contains(&format!("format version {version} -> 5")),
         "{out}"
     );
     let bytes = std::fs::read(&p.path).unwrap();
     for slot in [0, 4096] {
-        assert_eq!(bytes[slot + 12..slot + 16], [4, 0, 0, 0], "slot at {slot}");
+        assert_eq!(bytes[slot + 12..slot + 16], [5, 0, 0, 0], "slot at {slot}");
     }
     let names: Vec<String> = p
         .layers()
@@ -440,11 +440,15 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     let runs: Vec<u8> = (0..64u32)
         .flat_map(|i| std::iter::repeat_n(((i * 13 + 5) % 255 + 1) as u8, 4096))
         .collect();
+    let more: Vec<u8> = (0..64u32)
+        .flat_map(|i| std::iter::repeat_n(((i * 17 + 3) % 255 + 1) as u8, 4096))
+        .collect();
     for (layer, want) in [
         ("base", &base),
         ("work", &base),
         ("app", &app),
         ("runs", &runs),
+        ("more", &more),
     ] {
         if !layers.contains(&layer) {
             continue;
@@ -455,7 +459,7 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     }
     p.assert_clean();
     let out = p.ok(&["migrate"]);
-    assert!(out.contains("already format version 4"), "{out}");
+    assert!(out.contains("already format version 5"), "{out}");
     p.ok(&["create", "x", "--parent", "app"]);
     p.assert_clean();
     p
@@ -471,10 +475,22 @@ fn a_version_2_pool_is_refused_by_name_until_migrated() {
 /// than the 20 a map entry takes for each of the pool's 107 data blocks.
 #[test]
 fn a_version_3_pool_is_migrated_and_its_maps_rewritten_as_runs() {
-    use thinlayer::format::page::header;
-    use thinlayer::format::superblock::Superblock;
     let p = an_older_pool_is_refused_by_name_until_migrated(3, &["base", "work", "app", "runs"]);
-    // The checkpoint migrate wrote is still the newest (`create x` went to the log).
+    let (checkpoint, _) = newest_checkpoint(&p);
+    assert!(
+        checkpoint.len() < 107 * 20,
+        "checkpoint of {} bytes",
+        checkpoint.len()
+    );
+}
+
+/// The newest superblock's checkpoint record bytes, and its crcs in checksum pages (read as
+/// FORMAT.md §5.6 says, each page's crc verified).
+fn newest_checkpoint(p: &Pool) -> (Vec<u8>, Vec<u32>) {
+    use thinlayer::format::checksum::{verify, Kind};
+    use thinlayer::format::page::header;
+    use thinlayer::format::record::{Record, RecordReader};
+    use thinlayer::format::superblock::Superblock;
     let bytes = std::fs::read(&p.path).unwrap();
     let sb = [0usize, 4096]
         .iter()
@@ -483,13 +499,59 @@ fn a_version_3_pool_is_migrated_and_its_maps_rewritten_as_runs() {
         .unwrap();
     assert!(sb.checkpoint.pages > 0, "migrate wrote no checkpoint");
     let mut page = sb.checkpoint.head as usize;
-    let mut payload = 0;
+    let mut payload = vec![];
+    let page_of = |n: usize| &bytes[n * 4096..(n + 1) * 4096];
     for _ in 0..sb.checkpoint.pages {
-        let h = &bytes[page * 4096..(page + 1) * 4096];
-        payload += header::PAYLOAD_LEN.get(h) as usize;
+        let h = page_of(page);
+        let len = header::PAYLOAD_LEN.get(h) as usize;
+        payload.extend_from_slice(&h[header::LEN..header::LEN + len]);
         page = header::NEXT.get(h) as usize;
     }
-    assert!(payload < 107 * 20, "checkpoint of {payload} bytes");
+    let mut r = RecordReader::new(&payload, "checkpoint");
+    let mut crcs = vec![];
+    while let Some(Record::ChecksumPages(pages)) = r.next_record().unwrap() {
+        for n in pages {
+            let h = page_of(n as usize);
+            verify(Kind::ChecksumPage, h).unwrap();
+            let len = header::PAYLOAD_LEN.get(h) as usize;
+            crcs.extend(
+                h[header::LEN..header::LEN + len]
+                    .chunks(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap())),
+            );
+        }
+    }
+    (payload, crcs)
+}
+
+/// Version 4 (map runs with their crcs inline), made by main at b6dd230 from the version-3
+/// fixture by its `migrate` (so it holds a version-4 checkpoint of map runs) and one more
+/// import in its log. Besides the version 2 test's checks: `migrate` wrote a checkpoint whose
+/// runs keep their crcs in checksum pages: one crc there for each block of a run (the 64
+/// blocks of "runs" and of "more", and base's runs of 2 between its zero blocks), and each
+/// run's record names its crcs instead of carrying them.
+#[test]
+fn a_version_4_pool_is_migrated_and_its_crcs_moved_to_checksum_pages() {
+    use thinlayer::format::record::{Record, RecordReader};
+    let layers = ["base", "work", "app", "runs", "more"];
+    let p = an_older_pool_is_refused_by_name_until_migrated(4, &layers);
+    let (checkpoint, crcs) = newest_checkpoint(&p);
+    let mut r = RecordReader::new(&checkpoint, "checkpoint");
+    let mut in_runs = 0;
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::MapRunSums { count, sums_at, .. } => {
+                assert_eq!(sums_at, in_runs);
+                in_runs += count as u64;
+            }
+            Record::MapRun { .. } => panic!("a checkpoint's run carries its crcs"),
+            _ => {}
+        }
+    }
+    assert!(in_runs >= 128, "{in_runs} blocks in runs");
+    assert_eq!(crcs.len() as u64, in_runs);
+    // The crcs are those of the blocks: "more"'s block 0 is 4096 bytes of 4.
+    assert!(crcs.contains(&crc32fast::hash(&[4u8; 4096])));
 }
 
 #[test]

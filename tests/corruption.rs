@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use thinlayer::format::checksum::{self, Kind};
 use thinlayer::format::page::header;
-use thinlayer::format::record::{map_run, Record, RecordReader, TAG_MAP_RUN};
+use thinlayer::format::record::{map_run, Record, RecordReader, TAG_MAP_RUN_SUMS};
 use thinlayer::format::superblock::{self, fields, Superblock};
 use thinlayer::format::{LayerId, PAGE_SIZE};
 use thinlayer::pool::{FileStorage, MemStorage, Storage};
@@ -217,22 +217,47 @@ fn checkpoint_bytes(path: &Path) -> (Vec<u8>, Vec<u64>) {
     (bytes, at)
 }
 
-/// The byte offset in the checkpoint of each map run (FORMAT.md §6.3.1), with its layer and
-/// its blocks.
-fn map_runs(bytes: &[u8]) -> Vec<(usize, LayerId, usize)> {
+/// The byte offset in the checkpoint of each map run (FORMAT.md §6.3.2: a checkpoint's runs
+/// keep their crcs in checksum pages), with its layer, its blocks and where its crcs start in
+/// the checksum stream.
+fn map_runs(bytes: &[u8]) -> Vec<(usize, LayerId, usize, u64)> {
     let mut r = RecordReader::new(bytes, "checkpoint");
     let mut runs = vec![];
     loop {
         let (at, tag) = (r.position(), r.peek_tag());
         match r.next_record().unwrap() {
-            Some(Record::MapRun { layer, run }) => {
-                assert_eq!(tag, Some(TAG_MAP_RUN));
-                runs.push((at, layer, run.crcs.len()))
+            Some(Record::MapRunSums {
+                layer,
+                count,
+                sums_at,
+                ..
+            }) => {
+                assert_eq!(tag, Some(TAG_MAP_RUN_SUMS));
+                runs.push((at, layer, count as usize, sums_at))
             }
+            Some(Record::MapRun { .. }) => panic!("a checkpoint's run carries its crcs"),
             Some(_) => {}
             None => return runs,
         }
     }
+}
+
+/// The checkpoint's checksum pages (FORMAT.md §5.6), as its leading records name them.
+fn checksum_pages(path: &Path) -> Vec<u64> {
+    let (bytes, _) = checkpoint_bytes(path);
+    let mut r = RecordReader::new(&bytes, "checkpoint");
+    let mut pages = vec![];
+    while let Some(Record::ChecksumPages(p)) = r.next_record().unwrap() {
+        pages.extend(p);
+    }
+    pages
+}
+
+/// The byte offset in the pool file of the crc at `pos` in the checksum stream.
+fn crc_offset(path: &Path, pos: u64) -> u64 {
+    let per_page = thinlayer::format::page::SUMS_PER_PAGE as u64;
+    let page = checksum_pages(path)[(pos / per_page) as usize];
+    page * PAGE_SIZE as u64 + header::LEN as u64 + 4 * (pos % per_page)
 }
 
 /// Rewrite the checkpoint's byte `i` (as `checkpoint_bytes` numbers them) and reseal its
@@ -260,21 +285,27 @@ fn fixture_has_checkpoint_and_log_and_checks_clean() {
     let s = Store::open_read_only(&f.path).unwrap();
     let runs = map_runs(&checkpoint_bytes(&f.path).0);
     assert!(
-        runs.iter().any(|&(_, l, n)| l == id(&s, "base") && n == 12),
+        runs.iter()
+            .any(|&(_, l, n, _)| l == id(&s, "base") && n == 12),
         "{runs:?}"
     );
+    assert!(!checksum_pages(&f.path).is_empty());
 }
 
-/// A map run whose crc for one block is wrong (its page resealed, so only the data check can
-/// tell): `check --data` names the layer and the block, and reading it is EIO; a run whose
-/// pool block is the "unmapped" sentinel is refused as damaged metadata.
+/// A map run whose crc for one block is wrong (its checksum page resealed, so only the data
+/// check can tell): `check --data` names the layer and the block, and reading it is EIO; a
+/// run whose pool block is the "unmapped" sentinel is refused as damaged metadata.
 #[test]
 fn a_map_runs_crcs_and_blocks_are_checked() {
     let (_d, path) = copy_pool();
     let (bytes, at) = checkpoint_bytes(&path);
-    let (run, ..) = map_runs(&bytes)[0];
-    let crc_of = |block: usize| run + map_run::LEN + 4 * block;
-    rewrite_checkpoint_byte(&path, &at, crc_of(5), bytes[crc_of(5)] ^ 0x40);
+    let (run, _, _, sums_at) = map_runs(&bytes)[0];
+    let crc = crc_offset(&path, sums_at + 5) as usize;
+    let mut b = std::fs::read(&path).unwrap();
+    b[crc] ^= 0x40;
+    let page = crc / PAGE_SIZE * PAGE_SIZE;
+    checksum::seal(Kind::ChecksumPage, &mut b[page..page + PAGE_SIZE]);
+    std::fs::write(&path, b).unwrap();
     let r = check(&path, true);
     assert_fault(&r, &["layer \"base\"", "data block 5 (byte offset 20480)"]);
     let s = Store::open_read_only(&path).unwrap();
@@ -423,6 +454,39 @@ fn damaged_checkpoint_page_is_corrupt_naming_its_offset() {
     assert_fault(&check(&path, false), &[&format!("byte offset {offset}")]);
 }
 
+/// A damaged checksum page (FORMAT.md §5.6) fails its own crc before any crc in it is used:
+/// the open is `Error::Corrupt` naming the checksum page and its offset (both slots name this
+/// checkpoint), `check` reports it, and no read ever sees a crc from it.
+#[test]
+fn damaged_checksum_page_is_corrupt_naming_its_offset() {
+    let (_d, path) = copy_pool();
+    let page = checksum_pages(&path)[0];
+    let offset = page * PAGE_SIZE as u64;
+    flip(&path, offset + header::LEN as u64 + 8);
+    let m = corrupt_message(Store::open_read_only(&path));
+    assert!(m.contains("checksum page 0"), "{m}");
+    assert!(
+        m.contains(&format!("byte offset {offset} (page {page})")),
+        "{m}"
+    );
+    let m = corrupt_message(Store::open(&path, "test"));
+    assert!(m.contains("checksum page 0"), "{m}");
+    assert_fault(
+        &check(&path, false),
+        &["checksum page 0", &format!("byte offset {offset}")],
+    );
+    // A checksum page in the place of another (stale, or written for another checkpoint)
+    // fails the stream id or seq check even with a good crc.
+    let (_d, path) = copy_pool();
+    let mut b = std::fs::read(&path).unwrap();
+    let at = offset as usize;
+    header::SEQ.put(&mut b[at..], 1);
+    checksum::seal(Kind::ChecksumPage, &mut b[at..at + PAGE_SIZE]);
+    std::fs::write(&path, b).unwrap();
+    let m = corrupt_message(Store::open_read_only(&path));
+    assert!(m.contains("checksum page 0") && m.contains("page 1"), "{m}");
+}
+
 /// The older slot (the checkpoint's) finds the log by reading forward from its start, and
 /// stops at the damaged page; the newest slot names more pages of the same log, so this is
 /// damage, not a crash: `check` names the page and the lost commits, a read-only open still
@@ -565,6 +629,7 @@ fn flipped_bytes_anywhere_in_metadata_never_panic() {
     }
     let mut pages = stream_pages(&fixture().path, sb.checkpoint.head, sb.checkpoint.pages);
     pages.extend(stream_pages(&fixture().path, sb.log.head, sb.log.pages));
+    pages.extend(checksum_pages(&fixture().path));
     for p in pages {
         targets.extend(
             (0..PAGE_SIZE as u64)

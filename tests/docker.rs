@@ -102,23 +102,25 @@ fn wait_port(host: &str) {
     panic!("nothing listens on {host}");
 }
 
-/// Debian's docker-registry on 127.0.0.1 (no auth, storage in `dir`); its host:port.
+/// Debian's docker-registry on 127.0.0.1 (no auth, storage in `dir`, its access log in
+/// `dir/registry.log`); its host:port.
 fn registry(dir: &Path) -> (Daemon, String) {
     let port = free_port();
     let config = dir.join("registry.yml");
     fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.join("registry").display()
         ),
     )
     .unwrap();
+    let log = fs::File::create(dir.join("registry.log")).unwrap();
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("registry.log")).unwrap())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
     let host = format!("127.0.0.1:{port}");
@@ -831,6 +833,154 @@ fn docker_runs_the_seed_walk_through_on_thinlayer() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(left, Vec::<String>::new(), "layers left after rm and rmi");
+    s.finish(vec![d]);
+}
+
+/// Blob GETs in the access log of the registry at `host` kept in `dir`, every request answered
+/// so far included: (digest, status, bytes sent) of each. The log is written after the answer,
+/// so a request of our own is sent first and its line waited for (lines come in order).
+fn blob_gets(dir: &Path, host: &str) -> Vec<(String, u16, u64)> {
+    use std::io::{Read, Write};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let mark = format!("sync-{}", now.unwrap().as_nanos());
+    let mut c = std::net::TcpStream::connect(host).unwrap();
+    write!(c, "GET /v2/?{mark} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    c.read_to_end(&mut Vec::new()).unwrap();
+    let read = || fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while !read().contains(&mark) {
+        assert!(
+            std::time::Instant::now() < end,
+            "the registry never logged {mark}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = read();
+    log.lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .map(|l| {
+            // ... "GET /v2/r/blobs/sha256:.. HTTP/1.1" 206 1048576 "" "ua"
+            let digest = l
+                .split("/blobs/")
+                .nth(1)
+                .and_then(|r| r.split([' ', '?']).next())
+                .unwrap_or_default()
+                .to_string();
+            let rest = l.split("HTTP/1.1\" ").nth(1).unwrap_or_default();
+            let mut f = rest.split(' ');
+            let status = f.next().unwrap_or("0").parse().unwrap_or(0);
+            let bytes = f.next().unwrap_or("0").parse().unwrap_or(0);
+            (digest, status, bytes)
+        })
+        .collect()
+}
+
+/// Docker's pull of an image pushed by `thinlayer push`, through containerd 1.6 and the
+/// thinlayer snapshotter: dockerd (its containerd image store) passes the remote-snapshot
+/// labels, the snapshotter makes every layer a remote layer at once and answers Prepare with
+/// ALREADY_EXISTS, so containerd's unpacker downloads no layer blob; `docker run` reads what
+/// it needs by range. The registry's access log shows only ranged GETs of the layer blobs
+/// (footer, index, the extents read) until the container has printed its output; the layers
+/// stay remote (`--no-remote-fill`: nothing else moves). Without the lazy path the layer
+/// blobs are downloaded whole and containerd's differ refuses them (the pull fails).
+#[test]
+fn docker_pulls_a_thinlayer_image_lazily_and_runs_it_before_its_blobs_are_down() {
+    let reg_dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry(reg_dir.path());
+    let Some(s) = Setup::start_serving(&["--keeper", "--no-remote-fill", "--lazy-registry", &host])
+    else {
+        return;
+    };
+    let d = s.docker("thinlayer");
+    let thin = &s.thin;
+
+    // An image on thinlayer layers: busybox imported, hello.sh copied in (classic builder);
+    // its top layer pushed by thinlayer (the chain: the formatted ext4, busybox, the COPY).
+    let tar = s.ctx.parent().unwrap().join("busybox.tar");
+    d.docker(&["import", tar.to_str().unwrap(), "acme/busybox:1"]);
+    d.build(
+        false,
+        &s.ctx,
+        &dockerfile(&s.ctx, "Dockerfile.base"),
+        BASE_IMAGE,
+    );
+    let top = committed_for(&d.layers(BASE_IMAGE));
+    let top = thin
+        .layers()
+        .into_keys()
+        .find(|n| n.ends_with(&top))
+        .expect("the image's top layer in the pool");
+    let image = format!("{host}/acme/lazy:1");
+    tl(&thin.pool, &["push", &top, &image]);
+    let manifest: Value = serde_json::from_str(&sh(&format!(
+        "skopeo inspect --raw --tls-verify=false docker://{image}"
+    )))
+    .unwrap();
+    let blobs: BTreeMap<String, u64> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(blobs.len(), 3, "ext4 base, busybox, COPY: {manifest}");
+
+    // Pulled and run: the output is right.
+    let before = blob_gets(reg_dir.path(), &host).len();
+    d.docker(&["pull", "-q", &image]);
+    let out = d.docker(&["run", "--rm", &image, "/bin/sh", "/app/hello.sh"]);
+    assert_eq!(out, "Hello world\n");
+
+    // What moved until then: ranges of the layer blobs, never a whole one.
+    let gets: Vec<(String, u16, u64)> = blob_gets(reg_dir.path(), &host).split_off(before);
+    eprintln!("blob GETs for the pull and the run: {gets:?}");
+    for (digest, size) in &blobs {
+        let mine: Vec<&(String, u16, u64)> = gets.iter().filter(|g| g.0 == *digest).collect();
+        assert!(
+            !mine.is_empty(),
+            "layer {digest}: its footer and index are read: {gets:?}"
+        );
+        assert!(
+            mine.iter().all(|g| g.1 == 206),
+            "layer {digest} ({size} bytes): every GET is a range: {mine:?}\n{}",
+            thin.log()
+        );
+        let moved: u64 = mine.iter().map(|g| g.2).sum();
+        eprintln!("layer {digest}: {moved} of {size} bytes moved");
+    }
+    let moved: u64 = gets
+        .iter()
+        .filter(|g| blobs.contains_key(&g.0))
+        .map(|g| g.2)
+        .sum();
+    let total: u64 = blobs.values().sum();
+    assert!(
+        moved < total * 3 / 4,
+        "{moved} bytes of the {total} of the layer blobs moved"
+    );
+    let log = thin.log();
+    assert_eq!(
+        log.matches("made remote as layer").count(),
+        3,
+        "every layer made remote:\n{log}"
+    );
+
+    // In the pool: the three layers, remote, named by their chain IDs.
+    let layers = thin.layers();
+    let diff_ids = d.layers(&image);
+    for k in 1..=diff_ids.len() {
+        let name = committed_for(&diff_ids[..k]);
+        let name = name.trim_start_matches('/');
+        let l = layers
+            .get(name)
+            .unwrap_or_else(|| panic!("layer {name} in {:?}", layers.keys()));
+        assert_eq!(l["remote"], true, "{name}: {l}");
+        assert!(l["fetched"].as_u64().is_some(), "{name}: {l}");
+    }
     s.finish(vec![d]);
 }
 

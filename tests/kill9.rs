@@ -230,6 +230,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
     let (image_path, image) = write_image(dir.path());
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let (mut total_writes, mut total_flushes, mut total_managed) = (0usize, 0u64, 0usize);
+    let mut sums_rounds = 0;
     for round in 0..ROUNDS {
         let server = Server::start(&pool, &sock);
         let stop = Arc::new(AtomicBool::new(false));
@@ -288,7 +289,16 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         let mut now = vec![0u8; disk.len()];
         store.read_layer(id, 0, &mut now).unwrap();
         verify_managed(&store, &managed, &image, round);
+        // Every other round the next server starts from a checkpoint whose map runs keep
+        // their crcs in checksum pages (FORMAT.md §5.6), and is killed serving it.
+        if round % 2 == 0 {
+            store.checkpoint().unwrap();
+        }
         drop(store);
+        let storage = thinlayer::pool::FileStorage::new(std::fs::File::open(&pool).unwrap());
+        let (slots, _) = thinlayer::pool::meta::read_superblocks(&storage).unwrap();
+        let rec = thinlayer::pool::meta::load(&storage, &slots[0]).unwrap();
+        sums_rounds += (rec.sums_pages > 0) as usize;
         for (s, ws) in &by_sector {
             let r = *s as usize * SECTOR..(*s as usize + 1) * SECTOR;
             let ok = candidates(&disk[r.clone()], ws, flushed);
@@ -316,7 +326,11 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         assert!(check.contains("clean"), "round {round}: {check}");
     }
     eprintln!(
-        "kill -9: {ROUNDS} rounds, {total_writes} writes, flush points total {total_flushes}, {total_managed} management commands acknowledged"
+        "kill -9: {ROUNDS} rounds, {total_writes} writes, flush points total {total_flushes}, {total_managed} management commands acknowledged, {sums_rounds} rounds on checksum pages"
     );
     assert!(total_managed > 0, "no management command ever completed");
+    assert!(
+        sums_rounds >= ROUNDS as usize / 4,
+        "only {sums_rounds} rounds ended on a checkpoint with checksum pages"
+    );
 }

@@ -241,6 +241,58 @@ fn a_read_only_layers_file_refuses_writes_and_gives_a_read_only_loop_device() {
     live.stop();
 }
 
+/// The server's loop binder (`thinlayer loop-binder`, a child the server asks instead of
+/// running `losetup` for each device): devices over a live file in the mode asked, errors
+/// naming the file, and a new child when the old one is gone.
+#[test]
+fn the_loop_binder_binds_devices_over_a_live_file_in_the_mode_asked() {
+    require_prerequisites!();
+    use thinlayer::fuse::binder::{set_program, Binder};
+    let dir = tempfile::tempdir().unwrap();
+    let live = Live::start(dir.path());
+    live.tl(&["create", "web-1", "--size", "16M"]);
+    let file = live.attach("web-1");
+    set_program(PathBuf::from(env!("CARGO_BIN_EXE_thinlayer")));
+    let mut binder = Binder::default();
+    let sys = |d: &str, what: &str| {
+        std::fs::read_to_string(format!("/sys/block/{d}/{what}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let rw = binder.bind(&file, false, true).unwrap();
+    let ro = binder.bind(&file, true, false).unwrap();
+    let mut made = vec![rw.path(), ro.path()];
+    for (d, read_only, direct_io) in [(&rw, "0", "1"), (&ro, "1", "0")] {
+        assert_eq!(sys(&d.name, "loop/backing_file"), file.display().to_string());
+        assert_eq!(sys(&d.name, "ro"), read_only, "{}", d.name);
+        assert_eq!(sys(&d.name, "loop/dio"), direct_io, "{}", d.name);
+        assert_eq!(sys(&d.name, "dev"), d.dev);
+    }
+    assert_ne!(rw.name, ro.name);
+    let missing = live.files.join("no-such-layer");
+    let e = binder.bind(&missing, false, false).unwrap_err();
+    assert!(e.to_string().contains("no-such-layer"), "{e}");
+    // The child is killed: the next request starts another.
+    let children = sh(&format!(
+        "pgrep -P {} -f '^[^ ]*thinlayer loop-binder$'",
+        std::process::id()
+    ));
+    assert!(!children.trim().is_empty(), "the binder runs as a child");
+    for pid in children.split_whitespace() {
+        sh(&format!("kill -9 {pid}"));
+    }
+    let again = binder.bind(&file, true, true).unwrap();
+    made.push(again.path());
+    assert_eq!(sys(&again.name, "loop/dio"), "1");
+    binder.stop();
+    for d in made {
+        sh(&format!("losetup -d {}", d.display()));
+    }
+    live.tl(&["detach", "web-1"]);
+    live.stop();
+}
+
 #[test]
 fn an_attached_layer_is_protected_and_its_refusals_name_the_file() {
     require_prerequisites!();

@@ -63,26 +63,29 @@ fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) -> Arc<MemStorage> {
     storage
 }
 
-/// Map runs (FORMAT.md §6.3.1) in the newest state's checkpoint and log.
-fn map_runs(storage: &MemStorage) -> usize {
-    use thinlayer::format::record::{RecordReader, TAG_MAP_RUN};
+/// Map runs (FORMAT.md §6.3.1, §6.3.2) in the newest state's checkpoint and log, and the
+/// checkpoint's checksum pages (§5.6).
+fn map_runs(storage: &MemStorage) -> (usize, u64) {
+    use thinlayer::format::record::{RecordReader, TAG_MAP_RUN, TAG_MAP_RUN_SUMS};
     let (slots, _) = thinlayer::pool::meta::read_superblocks(storage).unwrap();
     let rec = thinlayer::pool::meta::load(storage, &slots[0]).unwrap();
     let mut runs = 0;
     for bytes in [&rec.checkpoint, &rec.log] {
         let mut r = RecordReader::new(bytes, "test");
         while r.peek_tag().is_some() {
-            runs += (r.peek_tag() == Some(TAG_MAP_RUN)) as usize;
+            let tag = r.peek_tag();
+            runs += (tag == Some(TAG_MAP_RUN) || tag == Some(TAG_MAP_RUN_SUMS)) as usize;
             r.next_record().unwrap();
         }
     }
-    runs
+    (runs, rec.sums_pages)
 }
 
-/// The workload writes map runs, so `store_matches_model`'s reopens replay them against the
-/// model: most multi-block writes into fresh blocks are runs.
+/// The workload writes map runs, and checkpoints whose runs keep their crcs in checksum
+/// pages, so `store_matches_model`'s reopens replay both against the model: most multi-block
+/// writes into fresh blocks are runs.
 #[test]
-fn the_workload_writes_map_runs() {
+fn the_workload_writes_map_runs_and_checksum_pages() {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
     let mut runner = TestRunner::deterministic();
@@ -92,15 +95,21 @@ fn the_workload_writes_map_runs() {
         prop::collection::vec(op(true), 1..60),
     );
     let cases = 40;
-    let with_runs = (0..cases)
-        .filter(|_| {
+    let found: Vec<(usize, u64)> = (0..cases)
+        .map(|_| {
             let (bs, threshold, ops) = strat.new_tree(&mut runner).unwrap().current();
-            map_runs(&run(bs, threshold, &ops)) > 0
+            map_runs(&run(bs, threshold, &ops))
         })
-        .count();
+        .collect();
+    let with_runs = found.iter().filter(|f| f.0 > 0).count();
     assert!(
         with_runs >= cases / 4,
         "{with_runs} of {cases} cases hold map runs"
+    );
+    let with_sums = found.iter().filter(|f| f.1 > 0).count();
+    assert!(
+        with_sums >= cases / 20,
+        "{with_sums} of {cases} cases end on a checkpoint with checksum pages"
     );
 }
 

@@ -320,7 +320,10 @@ fn a_chain_travels_between_two_pools_and_a_child_moves_only_its_own_blob() {
         let raw = sh(&format!(
             "skopeo inspect --raw --tls-verify=false docker://{r1}"
         ));
-        assert!(raw.contains("application/vnd.thinlayer.layer.v1"), "{raw}");
+        assert!(
+            raw.contains("application/vnd.oci.image.layer.thinlayer.v1"),
+            "{raw}"
+        );
     }
 
     // A child of the pushed image, pushed from a live server: only its blob is uploaded.

@@ -79,6 +79,9 @@ enum Command {
     Receive(send::ReceiveArgs),
     Push(registry::PushArgs),
     Pull(registry::PullArgs),
+    /// The server's loop binder child (`crate::fuse::binder`); not for users.
+    #[command(name = "loop-binder", hide = true)]
+    LoopBinder,
 }
 
 /// Where the pool lives when neither --pool nor THINLAYER_POOL says.
@@ -115,6 +118,8 @@ fn install_logger() {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // A server's live files bind loop devices through a child running this very program.
+    crate::fuse::binder::set_program(PathBuf::from("/proc/self/exe"));
     install_logger();
     let pool = cli.pool.clone().unwrap_or_else(default_pool_path);
     let control = cli
@@ -143,6 +148,7 @@ pub fn main() -> i32 {
         Command::Receive(a) => send::run_receive(&t, a).map(|_| 0),
         Command::Push(a) => registry::run_push(&t, a).map(|_| 0),
         Command::Pull(a) => registry::run_pull(&t, a).map(|_| 0),
+        Command::LoopBinder => Ok(crate::fuse::binder::serve_child()),
     };
     match result {
         Ok(code) => code,

@@ -78,6 +78,13 @@ pub struct Args {
     /// rest. They stay remote, and need the registry, until all of them has been read.
     #[arg(long)]
     no_remote_fill: bool,
+    /// A registry (`host[:port]`, repeat for more) that containerd's image layers may be
+    /// pulled lazily from: a pull that passes the remote-snapshot labels (Docker 24+ with the
+    /// containerd image store, nerdctl, the CRI plugin) gets each thinlayer layer of an image
+    /// from it as a remote layer, at once, instead of downloading it (docs/DESIGN.md §13).
+    /// Without any, the snapshotter dials no registry and containerd downloads every layer.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    lazy_registry: Vec<String>,
     /// Internal: be the keeper of the server that started this process.
     #[arg(long, hide = true, value_name = "FD")]
     keeper_fd: Option<i32>,
@@ -128,6 +135,7 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         remote: server::lazy::Remote {
             timeout: Duration::from_secs(a.remote_timeout.max(1)),
             background: !a.no_remote_fill,
+            registries: a.lazy_registry,
         },
     };
     server::run(cfg, &crate::calls::command_line())

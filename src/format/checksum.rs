@@ -18,6 +18,8 @@ pub enum Kind {
     Superblock = 0x5355_5052,
     CheckpointPage = 0x434b_5054,
     LogPage = 0x4c4f_4750,
+    /// A checkpoint's checksum page: data crcs of its map runs (FORMAT.md §5.6).
+    ChecksumPage = 0x4353_554d,
 }
 
 /// Every salted structure starts with its crc, which covers the rest of the structure.
@@ -29,7 +31,7 @@ impl Kind {
         match self {
             // The rest of the 4 KiB slot is zero and not covered.
             Kind::Superblock => 128,
-            Kind::CheckpointPage | Kind::LogPage => PAGE_SIZE,
+            Kind::CheckpointPage | Kind::LogPage | Kind::ChecksumPage => PAGE_SIZE,
         }
     }
 
@@ -93,6 +95,13 @@ pub fn data(bytes: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
+    const ALL: [Kind; 4] = [
+        Kind::Superblock,
+        Kind::CheckpointPage,
+        Kind::LogPage,
+        Kind::ChecksumPage,
+    ];
+
     #[test]
     fn kinds_do_not_collide() {
         let b = [7u8; 64];
@@ -100,12 +109,16 @@ mod tests {
             metadata(Kind::LogPage, &b),
             metadata(Kind::CheckpointPage, &b)
         );
+        assert_ne!(
+            metadata(Kind::ChecksumPage, &b),
+            metadata(Kind::CheckpointPage, &b)
+        );
         assert_ne!(metadata(Kind::Superblock, &b), data(&b));
     }
 
     #[test]
     fn seal_covers_exactly_the_structure_and_verify_checks_it() {
-        for kind in [Kind::Superblock, Kind::CheckpointPage, Kind::LogPage] {
+        for kind in ALL {
             let len = kind.sealed_len();
             let mut b: Vec<u8> = (0..len + 8).map(|i| (i * 31) as u8).collect();
             seal(kind, &mut b);
@@ -128,7 +141,7 @@ mod tests {
                 );
             }
             // Sealed as one kind, never valid as another.
-            for other in [Kind::Superblock, Kind::CheckpointPage, Kind::LogPage] {
+            for other in ALL {
                 if other != kind && other.sealed_len() <= b.len() {
                     assert!(verify(other, &b).is_err(), "{kind:?} verified as {other:?}");
                 }

@@ -32,6 +32,34 @@ pub const PAYLOAD_MAX: usize = PAGE_SIZE - HEADER_LEN;
 const _: () = assert!(f::CRC.same_bytes(&checksum::CRC));
 const _: () = assert!(Kind::CheckpointPage.sealed_len() == PAGE_SIZE);
 const _: () = assert!(Kind::LogPage.sealed_len() == PAGE_SIZE);
+const _: () = assert!(Kind::ChecksumPage.sealed_len() == PAGE_SIZE);
+
+/// Data crcs in one checksum page's payload (FORMAT.md §5.6): 4 bytes each, little-endian.
+pub const SUMS_PER_PAGE: usize = PAYLOAD_MAX / 4;
+
+/// A checksum page's payload: `crcs` (at most `SUMS_PER_PAGE`) as stored.
+pub fn encode_sums(crcs: &[u32]) -> Vec<u8> {
+    debug_assert!(crcs.len() <= SUMS_PER_PAGE);
+    crcs.iter().flat_map(|c| c.to_le_bytes()).collect()
+}
+
+/// The crcs of a verified checksum page's payload, appended to `out`; a payload that is not
+/// a whole number of crcs is damage.
+pub fn decode_sums(payload: &[u8], page_no: u64, out: &mut Vec<u32>) -> Result<()> {
+    if !payload.len().is_multiple_of(4) {
+        return Err(Error::Corrupt(format!(
+            "checksum page at byte offset {}: payload of {} bytes is not whole crcs",
+            page_no * PAGE_SIZE as u64,
+            payload.len()
+        )));
+    }
+    out.extend(
+        payload
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap())),
+    );
+    Ok(())
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageHeader {
@@ -73,6 +101,7 @@ pub fn decode(
     let what = match kind {
         Kind::CheckpointPage => "checkpoint",
         Kind::LogPage => "log",
+        Kind::ChecksumPage => "checksum",
         Kind::Superblock => "superblock",
     };
     let bad = |m: String| {

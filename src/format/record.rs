@@ -16,6 +16,10 @@ const TAG_LAYER_ATTR: u8 = 6;
 const TAG_LAYER_RENAME: u8 = 7;
 /// Public for tests that find map runs among a stream's records (`RecordReader::peek_tag`).
 pub const TAG_MAP_RUN: u8 = 8;
+/// Checkpoint only, at its start: the pages of its checksum stream (FORMAT.md §6.3.2).
+pub const TAG_CHECKSUM_PAGES: u8 = 9;
+/// Checkpoint only: a map run whose crcs are in the checksum stream (FORMAT.md §6.3.2).
+pub const TAG_MAP_RUN_SUMS: u8 = 10;
 
 /// Attribute keys are 1 ..= 255 bytes of UTF-8; values at most 64 KiB of UTF-8, so a damaged
 /// length cannot claim gigabytes.
@@ -86,6 +90,26 @@ layout! {
         COUNT: u32 = "count",
     }
 }
+layout! {
+    /// §6.3.2: a map run whose crcs are `COUNT` crcs of the checkpoint's checksum stream from
+    /// position `SUMS_AT`. The first five fields are `map_run`'s.
+    pub mod map_run_sums {
+        TAG: u8 = "tag",
+        LAYER: u32 = "layer",
+        VBLOCK: u64 = "vblock",
+        PBLOCK: u64 = "pblock",
+        COUNT: u32 = "count",
+        SUMS_AT: u64 = "sums_at",
+    }
+}
+layout! {
+    /// §6.3.2: the checkpoint's checksum pages; `COUNT` page numbers (u64 each) follow.
+    pub mod checksum_pages {
+        TAG: u8 = "tag",
+        COUNT: u32 = "count",
+    }
+}
+const _: () = assert!(map_run_sums::COUNT.same_bytes(&map_run::COUNT));
 layout! {
     /// §6.4.
     pub mod layer_counters {
@@ -218,6 +242,54 @@ pub enum Record {
         layer: LayerId,
         name: String,
     },
+    /// Checkpoint only, before any other record: page numbers of the checkpoint's checksum
+    /// stream, in order (several records continue one list).
+    ChecksumPages(Vec<u64>),
+    /// Checkpoint only: a map run of `count` blocks whose crcs are the checksum stream's
+    /// `sums_at .. sums_at + count` (`resolve` turns it into a `MapRun`).
+    MapRunSums {
+        layer: LayerId,
+        vblock: VBlock,
+        pblock: PBlock,
+        count: u32,
+        sums_at: u64,
+    },
+}
+
+impl Record {
+    /// A checkpoint's map run with its crcs taken from `sums` (the checkpoint's checksum
+    /// stream, read and verified); other records are returned as they are. A run naming
+    /// crcs past the stream's end is damage.
+    pub fn resolve(self, sums: &[u32]) -> Result<Record> {
+        let Record::MapRunSums {
+            layer,
+            vblock,
+            pblock,
+            count,
+            sums_at,
+        } = self
+        else {
+            return Ok(self);
+        };
+        let end = sums_at.saturating_add(count as u64);
+        if end > sums.len() as u64 {
+            return Err(Error::Corrupt(format!(
+                "checkpoint: map run of layer {} at virtual block {} names crcs {sums_at}..{end} of a checksum stream of {}",
+                layer.0,
+                vblock.0,
+                sums.len()
+            )));
+        }
+        let crcs = sums[sums_at as usize..end as usize].to_vec();
+        Ok(Record::MapRun {
+            layer,
+            run: MapRun {
+                vblock,
+                pblock,
+                crcs,
+            },
+        })
+    }
 }
 
 impl LayerCreate {
@@ -261,11 +333,47 @@ enum Open {
 pub struct RecordWriter {
     pub buf: Vec<u8>,
     open_map: Option<Open>,
+    /// A checkpoint's writer: map runs are written as `MapRunSums`, their crcs appended here
+    /// for the checksum pages (FORMAT.md §6.3.2). `None` for the log: its runs keep their crcs.
+    sums: Option<Vec<u32>>,
 }
 
 impl RecordWriter {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A writer for a checkpoint: map runs keep their crcs in `sums()`, for checksum pages.
+    pub fn for_checkpoint() -> Self {
+        RecordWriter {
+            sums: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// The crcs of the map runs written so far (a checkpoint's writer), in position order.
+    pub fn sums(&self) -> &[u32] {
+        self.sums.as_deref().unwrap_or(&[])
+    }
+
+    /// Checkpoint only, first: the checksum stream's page numbers, in order, as records of
+    /// up to `MAP_RECORD_MAX` pages each.
+    pub fn checksum_pages(&mut self, pages: &[u64]) {
+        use checksum_pages as f;
+        self.open_map = None;
+        for part in pages.chunks(MAP_RECORD_MAX as usize) {
+            let b = self.grow(f::LEN);
+            f::TAG.put(b, TAG_CHECKSUM_PAGES);
+            f::COUNT.put(b, part.len() as u32);
+            for p in part {
+                self.buf.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+    }
+
+    /// Bytes `checksum_pages` writes for `pages` pages.
+    pub fn checksum_pages_len(pages: usize) -> usize {
+        pages.div_ceil(MAP_RECORD_MAX as usize) * checksum_pages::LEN + pages * 8
     }
 
     pub fn is_empty(&self) -> bool {
@@ -281,6 +389,9 @@ impl RecordWriter {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.open_map = None;
+        if let Some(sums) = &mut self.sums {
+            sums.clear();
+        }
     }
 
     /// Appends `len` zero bytes for the fixed part of a record or entry and returns them.
@@ -378,7 +489,10 @@ impl RecordWriter {
                 Some((p, crc)),
             ) if l == layer && next == Some((e.vblock.0, p)) && count < MAP_RECORD_MAX => {
                 map_run::COUNT.put(&mut self.buf[at..], count + 1);
-                self.buf.extend_from_slice(&crc.to_le_bytes());
+                match &mut self.sums {
+                    Some(sums) => sums.push(crc),
+                    None => self.buf.extend_from_slice(&crc.to_le_bytes()),
+                }
                 self.open_map = Some(Open::Run {
                     at,
                     layer,
@@ -456,18 +570,34 @@ impl RecordWriter {
             && map_entry::VBLOCK.get(e0).checked_add(1) == Some(v)
     }
 
-    /// Opens a map run at `(v, p)` holding `crcs.len()` blocks.
+    /// Opens a map run at `(v, p)` holding `crcs.len()` blocks: in a checkpoint's writer a
+    /// `MapRunSums` whose crcs go to `sums`, else a map run carrying them.
     fn start_run(&mut self, layer: LayerId, v: u64, p: u64, crcs: &[u32]) {
         let at = self.buf.len();
-        let b = self.grow(map_run::LEN);
-        map_run::TAG.put(b, TAG_MAP_RUN);
+        let len = match self.sums {
+            Some(_) => map_run_sums::LEN,
+            None => map_run::LEN,
+        };
+        let mut sums = self.sums.take();
+        let b = self.grow(len);
         map_run::LAYER.put(b, layer.0);
         map_run::VBLOCK.put(b, v);
         map_run::PBLOCK.put(b, p);
         map_run::COUNT.put(b, crcs.len() as u32);
-        for crc in crcs {
-            self.buf.extend_from_slice(&crc.to_le_bytes());
+        match &mut sums {
+            Some(sums) => {
+                map_run_sums::TAG.put(b, TAG_MAP_RUN_SUMS);
+                map_run_sums::SUMS_AT.put(b, sums.len() as u64);
+                sums.extend_from_slice(crcs);
+            }
+            None => {
+                map_run::TAG.put(b, TAG_MAP_RUN);
+                for crc in crcs {
+                    self.buf.extend_from_slice(&crc.to_le_bytes());
+                }
+            }
         }
+        self.sums = sums;
         let n = crcs.len() as u64;
         self.open_map = Some(Open::Run {
             at,
@@ -510,6 +640,15 @@ impl<'a> RecordReader<'a> {
         RecordReader {
             buf,
             pos: 0,
+            stream,
+        }
+    }
+
+    /// A reader that starts at byte `pos` (past records already taken).
+    pub fn at(buf: &'a [u8], pos: usize, stream: &'a str) -> Self {
+        RecordReader {
+            buf,
+            pos: pos.min(buf.len()),
             stream,
         }
     }
@@ -629,9 +768,13 @@ impl<'a> RecordReader<'a> {
                 }
                 Record::Map { layer, entries }
             }
-            TAG_MAP_RUN => {
+            TAG_MAP_RUN | TAG_MAP_RUN_SUMS => {
                 use map_run as f;
-                let b = self.take(f::LEN, start, "map run")?;
+                let len = match tag {
+                    TAG_MAP_RUN => f::LEN,
+                    _ => map_run_sums::LEN,
+                };
+                let b = self.take(len, start, "map run")?;
                 let layer = LayerId(f::LAYER.get(b));
                 let (v, p, n) = (f::VBLOCK.get(b), f::PBLOCK.get(b), f::COUNT.get(b));
                 if n == 0 || n > MAP_RECORD_MAX {
@@ -648,6 +791,19 @@ impl<'a> RecordReader<'a> {
                         format!("map run of {n} blocks from virtual {v} to pool {p}"),
                     ));
                 }
+                if tag == TAG_MAP_RUN_SUMS {
+                    let sums_at = map_run_sums::SUMS_AT.get(b);
+                    if sums_at.checked_add(n as u64).is_none() {
+                        return Err(self.bad(start, format!("map run's crcs at {sums_at}")));
+                    }
+                    return Ok(Some(Record::MapRunSums {
+                        layer,
+                        vblock: VBlock(v),
+                        pblock: PBlock(p),
+                        count: n,
+                        sums_at,
+                    }));
+                }
                 let raw = self.take(n as usize * RUN_CRC_LEN, start, "map run")?;
                 let crcs = raw
                     .chunks_exact(RUN_CRC_LEN)
@@ -661,6 +817,20 @@ impl<'a> RecordReader<'a> {
                         crcs,
                     },
                 }
+            }
+            TAG_CHECKSUM_PAGES => {
+                use checksum_pages as f;
+                let b = self.take(f::LEN, start, "checksum pages")?;
+                let n = f::COUNT.get(b);
+                if n == 0 || n > MAP_RECORD_MAX {
+                    return Err(self.bad(start, format!("checksum pages record of {n} pages")));
+                }
+                let raw = self.take(n as usize * 8, start, "checksum pages")?;
+                Record::ChecksumPages(
+                    raw.chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                )
             }
             TAG_LAYER_ATTR => {
                 use layer_attr as f;
@@ -1029,6 +1199,72 @@ mod tests {
         }
     }
 
+    /// A checkpoint's writer: runs become `MapRunSums` whose crcs are positions in `sums()`,
+    /// after the checksum pages record; `resolve` gives back the run, and refuses positions
+    /// past the stream's end.
+    #[test]
+    fn a_checkpoints_runs_keep_their_crcs_in_the_checksum_stream() {
+        let mut w = RecordWriter::for_checkpoint();
+        w.checksum_pages(&[7, 8]);
+        w.map(LayerId(2), data(10, 100, 0xa1));
+        w.map(LayerId(2), data(11, 101, 0xa2));
+        w.map(LayerId(2), data(12, 102, 0xa3));
+        w.map(LayerId(2), data(40, 5, 0xb1));
+        w.map(LayerId(3), data(0, 200, 0xc1));
+        w.map(LayerId(3), data(1, 201, 0xc2));
+        assert_eq!(w.sums(), [0xa1, 0xa2, 0xa3, 0xc1, 0xc2]);
+        let pages_len = RecordWriter::checksum_pages_len(2);
+        assert_eq!(pages_len, checksum_pages::LEN + 16);
+        assert_eq!(w.buf[pages_len], TAG_MAP_RUN_SUMS);
+        let mut r = RecordReader::new(&w.buf, "checkpoint");
+        assert_eq!(
+            r.next_record().unwrap(),
+            Some(Record::ChecksumPages(vec![7, 8]))
+        );
+        let run = r.next_record().unwrap().unwrap();
+        assert_eq!(
+            run,
+            Record::MapRunSums {
+                layer: LayerId(2),
+                vblock: VBlock(10),
+                pblock: PBlock(100),
+                count: 3,
+                sums_at: 0
+            }
+        );
+        let Record::MapRun { run: got, .. } = run.clone().resolve(w.sums()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(got.crcs, [0xa1, 0xa2, 0xa3]);
+        let e = run.resolve(&[1, 2]).unwrap_err().to_string();
+        assert!(
+            e.contains("names crcs 0..3 of a checksum stream of 2"),
+            "{e}"
+        );
+        assert!(matches!(r.next_record().unwrap(), Some(Record::Map { .. })));
+        let Some(Record::MapRunSums {
+            sums_at: 3,
+            count: 2,
+            ..
+        }) = r.next_record().unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(r.next_record().unwrap(), None);
+        // Every cut of it is refused, not misread.
+        for cut in 1..pages_len {
+            assert!(RecordReader::new(&w.buf[..cut], "c").next_record().is_err());
+        }
+        let mut b = vec![TAG_CHECKSUM_PAGES, 0, 0, 0, 0];
+        let e = RecordReader::new(&b, "c").next_record().unwrap_err();
+        assert!(
+            e.to_string().contains("checksum pages record of 0 pages"),
+            "{e}"
+        );
+        b[1] = 1;
+        assert!(RecordReader::new(&b, "c").next_record().is_err());
+    }
+
     /// One of each record, as the writer with literal offsets wrote them before the field
     /// tables existed; one row per record, one group of digits per field.
     #[test]
@@ -1195,8 +1431,17 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn any_record_sequence_round_trips(ops in proptest::collection::vec(op(), 0..40)) {
-            let mut w = RecordWriter::new();
+        fn any_record_sequence_round_trips(
+            ops in proptest::collection::vec(op(), 0..40),
+            checkpoint in proptest::bool::ANY,
+        ) {
+            // A checkpoint's writer keeps its runs' crcs apart (checksum pages); read back
+            // through `resolve`, the records are the same.
+            let mut w = if checkpoint {
+                RecordWriter::for_checkpoint()
+            } else {
+                RecordWriter::new()
+            };
             // The records the reader must return: consecutive map entries of one layer merged.
             let mut want: Vec<Record> = Vec::new();
             for op in ops {
@@ -1268,7 +1513,10 @@ mod tests {
             // map runs; the reader returns each as a map record, so merge those again.
             let mut r = RecordReader::new(&w.buf, "prop");
             let mut got: Vec<Record> = Vec::new();
+            let sums = w.sums().to_vec();
+            proptest::prop_assert!(checkpoint || sums.is_empty());
             while let Some(rec) = r.next_record().unwrap() {
+                let rec = rec.resolve(&sums).unwrap();
                 match (got.last_mut(), as_map(rec)) {
                     (
                         Some(Record::Map { layer, entries }),

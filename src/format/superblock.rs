@@ -7,12 +7,13 @@ use super::field::layout;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"THINLAYR";
-/// 4: map runs (FORMAT.md §6.3.1), one record for a run of blocks contiguous in the layer and
+/// 5: a checkpoint's map runs keep their crcs in checksum pages (FORMAT.md §5.6), named by a
+/// record at the checkpoint's start. 4: map runs (FORMAT.md §6.3.1), one record for a run of blocks contiguous in the layer and
 /// in the pool. 3: a layer record's mode may be 3, remote (FORMAT.md §6.1). 2: log pages carry their
 /// commit's number and an end-of-commit flag, and the log runs past what the superblock names
 /// (one-sync commits). Version 1 pools are refused by name; versions from `MIGRATES_FROM` up
 /// are refused by name too and converted by `thinlayer migrate` (FORMAT.md §11).
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The oldest version `thinlayer migrate` converts to `VERSION`.
 pub const MIGRATES_FROM: u32 = 2;
 
@@ -223,13 +224,13 @@ mod tests {
 
     /// The bytes this superblock encoded to before the field table existed (captured from the
     /// encoder with literal offsets), with version 2's `log.commit` in what was reserved and
-    /// version 4's number: the table must not move a byte.
+    /// version 5's number: the table must not move a byte.
     #[test]
     fn encodes_to_the_golden_bytes() {
         // Rows: crc magic version, generation block_size flags, max_blocks, checkpoint, log,
         // log_next pool_id created_secs, reserved.
         let golden = crate::format::unhex(concat!(
-            "00000000 5448494e4c415952 04000000 ",
+            "00000000 5448494e4c415952 05000000 ",
             "2a00000000000000 00000100 00000000 ",
             "e803000000000000 ",
             "0300000000000000 0900000000000000 2800000000000000 ",
@@ -254,7 +255,7 @@ mod tests {
             log_commit: 0,
         };
         let golden = crate::format::unhex(concat!(
-            "00000000 5448494e4c415952 04000000 ",
+            "00000000 5448494e4c415952 05000000 ",
             "feffffffffffffff 00100000 00000000 ",
             "0000000000000000 ",
             "0000000000000000 0000000000000000 0000000000000000 ",
@@ -278,20 +279,15 @@ mod tests {
     #[test]
     fn an_older_version_is_refused_by_name_and_read_for_migrate() {
         let sb = sample();
-        let v2 = sb.encode_as(2);
-        let e = Superblock::decode(&v2, 0).unwrap_err().to_string();
-        assert!(
-            e.contains("format version 2") && e.contains("thinlayer migrate"),
-            "{e}"
-        );
-        assert_eq!(Superblock::decode_any(&v2, 0).unwrap(), (2, sb.clone()));
-        let v3 = sb.encode_as(3);
-        let e = Superblock::decode(&v3, 0).unwrap_err().to_string();
-        assert!(
-            e.contains("format version 3") && e.contains("thinlayer migrate"),
-            "{e}"
-        );
-        assert_eq!(Superblock::decode_any(&v3, 0).unwrap(), (3, sb.clone()));
+        for old in MIGRATES_FROM..VERSION {
+            let b = sb.encode_as(old);
+            let e = Superblock::decode(&b, 0).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("format version {old}")) && e.contains("thinlayer migrate"),
+                "{e}"
+            );
+            assert_eq!(Superblock::decode_any(&b, 0).unwrap(), (old, sb.clone()));
+        }
         // A newer version than ours is not something migrate can read.
         let e = Superblock::decode_any(&sb.encode_as(VERSION + 1), 0).unwrap_err();
         assert!(e.to_string().contains("unsupported format version"), "{e}");

@@ -3,8 +3,9 @@
 //!
 //! Why the snapshotter makes its own: `mount -o loop` in containerd 1.6 sets a device up with
 //! `LOOP_SET_FD` and then `LOOP_SET_STATUS64`, and the second call freezes the device's queue,
-//! which waits for an RCU grace period: 10-24 ms a mount on this machine, against 1.5 ms for
-//! `losetup`, which makes a device with one `LOOP_CONFIGURE` (`attach`, 0.15 ms of it). A `docker build` step mounts five times in containerd
+//! which waits for an RCU grace period: 10-24 ms a mount on this machine, against one
+//! `LOOP_CONFIGURE` (0.15 ms), which the loop binder makes (`binder`; `attach` runs
+//! `losetup` where there is none). A `docker build` step mounts five times in containerd
 //! (the differ's two views, the unpack), so this was most of the build's gap to overlayfs
 //! (docs/BENCHMARKS.md). A device made here is answered as the mount's source
 //! (`/dev/loopN`), stays bound while its snapshot lives (no autoclear: a number containerd was
@@ -64,13 +65,47 @@ impl LoopDevice {
 /// Every loop device whose backing file is `file` (its path as the kernel prints it, in
 /// this mount namespace).
 pub fn devices_of(file: &Path) -> Vec<LoopDevice> {
-    devices_in(Path::new("/sys/block"), file)
+    devices_in(Path::new("/sys/block"), &bound_names(), file)
 }
 
-fn devices_in(sys_block: &Path, file: &Path) -> Vec<LoopDevice> {
-    let Ok(dir) = std::fs::read_dir(sys_block) else {
-        return Vec::new();
-    };
+/// The loop devices that have a file bound, by name (`loop3`): those `/proc/partitions`
+/// lists, which skips devices of no size (an unbound loop device has none). Every loop
+/// device ever made stays in `/sys/block` until removed, bound or not (74 on the machine
+/// the benchmarks run on, 3 of them bound), and a snapshot call looks for its file's
+/// devices several times: reading each one's `loop/backing_file` was 25 scans and 1850
+/// opens a `docker build` pair. `None` (no /proc) falls back to every loop device.
+fn bound_names() -> Option<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/partitions").ok()?;
+    Some(partitions_loops(&text))
+}
+
+/// The loop devices in a `/proc/partitions` text (`major minor #blocks name` lines).
+fn partitions_loops(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|n| n.starts_with("loop") && n[4..].bytes().all(|b| b.is_ascii_digit()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The names of the loop devices to look at: the bound ones if known, else every one in
+/// `sys_block`.
+fn candidates(sys_block: &Path, bound: &Option<Vec<String>>) -> Vec<String> {
+    match bound {
+        Some(names) => names.clone(),
+        None => std::fs::read_dir(sys_block)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("loop"))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+fn devices_in(sys_block: &Path, bound: &Option<Vec<String>>, file: &Path) -> Vec<LoopDevice> {
+    let names = candidates(sys_block, bound);
     let want = file.as_os_str().as_bytes();
     let line = |p: PathBuf| {
         let mut b = std::fs::read(p).ok()?;
@@ -79,17 +114,16 @@ fn devices_in(sys_block: &Path, file: &Path) -> Vec<LoopDevice> {
         }
         Some(b)
     };
-    let mut found: Vec<LoopDevice> = dir
-        .flatten()
-        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
-        .filter_map(|e| {
-            let p = e.path();
+    let mut found: Vec<LoopDevice> = names
+        .into_iter()
+        .filter_map(|name| {
+            let p = sys_block.join(&name);
             // A loop device with nothing bound has no backing_file.
             if line(p.join("loop/backing_file"))? != want {
                 return None;
             }
             Some(LoopDevice {
-                name: e.file_name().to_string_lossy().into_owned(),
+                name: name.clone(),
                 dev: String::from_utf8(line(p.join("dev"))?).ok()?,
                 direct_io: line(p.join("loop/dio")).is_some_and(|d| d == b"1"),
                 read_only: line(p.join("ro")).is_some_and(|d| d == b"1"),
@@ -172,14 +206,8 @@ const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 
 /// Bind a new loop device to `file` (read-only if asked, in direct-I/O mode if asked, never
 /// autoclear: see the module's comment), with `losetup`, which makes it with one
-/// `LOOP_CONFIGURE`.
-///
-/// In a child process, not here, because binding opens the file and `LOOP_CONFIGURE` syncs
-/// it: both are requests to this very server's FUSE session. A process killed while one of
-/// its threads waits for its own FUSE request cannot finish dying (the kernel waits out a
-/// request already read by the session, uninterruptibly), so the keeper, which waits for it,
-/// would never start the next server that could answer: a deadlock, seen in
-/// tests/containerd.rs's kills. A child waits instead, and the next server answers it.
+/// `LOOP_CONFIGURE`: for a process with no loop binder (`binder`, which says why this runs
+/// in a child process, never in the server).
 pub fn attach(file: &Path, read_only: bool, direct_io: bool) -> std::io::Result<LoopDevice> {
     let mut cmd = std::process::Command::new("losetup");
     cmd.args(["--find", "--show"]);
@@ -279,16 +307,14 @@ pub fn release(file: &Path) -> std::io::Result<Released> {
 pub fn clear_unmounted_under(dir: &Path) -> usize {
     let mut prefix = dir.as_os_str().as_bytes().to_vec();
     prefix.push(b'/');
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return 0;
-    };
+    let names = candidates(Path::new("/sys/block"), &bound_names());
     let mut cleared = 0;
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(backing) = std::fs::read(e.path().join("loop/backing_file")) else {
+    for name in names {
+        let backing_file = Path::new("/sys/block").join(&name).join("loop/backing_file");
+        let Ok(backing) = std::fs::read(backing_file) else {
             continue;
         };
-        if !name.starts_with("loop") || !backing.starts_with(&prefix) {
+        if !backing.starts_with(&prefix) {
             continue;
         }
         let Ok(Some(f)) = open_unmounted(&name) else {
@@ -353,7 +379,7 @@ mod tests {
         fake_loop(sys, "loop2", None, "0");
         fake_loop(sys, "loop3", Some("/srv/files/web"), "1");
         std::fs::create_dir_all(sys.join("vda")).unwrap();
-        let found = devices_in(sys, Path::new("/srv/files/web"));
+        let found = devices_in(sys, &None, Path::new("/srv/files/web"));
         assert_eq!(
             found,
             [
@@ -371,7 +397,19 @@ mod tests {
                 },
             ]
         );
-        assert!(devices_in(sys, Path::new("/srv/files/we")).is_empty());
+        assert!(devices_in(sys, &None, Path::new("/srv/files/we")).is_empty());
+        // With the bound devices named (from /proc/partitions), only those are read.
+        let only0 = Some(vec!["loop0".to_string()]);
+        let found = devices_in(sys, &only0, Path::new("/srv/files/web"));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "loop0");
+    }
+
+    #[test]
+    fn bound_loop_devices_are_read_from_proc_partitions() {
+        let text = "major minor  #blocks  name\n\n   7        3     524288 loop3\n 254        0  268435456 vda\n   7       12         64 loop12\n 259        0  1000 loopy\n";
+        assert_eq!(partitions_loops(text), ["loop3", "loop12"]);
+        assert!(partitions_loops("").is_empty());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! `names` maps layer names to file names, `files` holds the policy (attach, detach, who has
 //! a file open), `fs` translates FUSE requests, `mount` sets the directory up and takes it
-//! down, `loops` finds the loop devices over a file and switches them to direct I/O. `adopt`
+//! down, `loops` finds the loop devices over a file and switches them to direct I/O, `binder`
+//! is the child process that binds the snapshotter's loop devices. `adopt`
 //! serves a mount another process made, from its `/dev/fuse` descriptor and its table of
 //! files (`thinlayer restart`, the keeper): the loop devices on the files never notice the
 //! change of process; `leave` stops the old process's session threads reading before it
@@ -18,6 +19,7 @@
 #![cfg_attr(not(feature = "fuse"), allow(dead_code))]
 
 mod adopt;
+pub mod binder;
 mod files;
 #[cfg(feature = "fuse")]
 mod fs;
@@ -92,8 +94,9 @@ pub struct LiveFiles {
     /// `serve --loop-direct-io`: loop devices made here (`loop_device`) start in that mode.
     loop_direct_io: bool,
     /// One `loop_device` at a time: two at once could both find none and bind two devices
-    /// over one file, and two writable filesystems on one layer corrupt it.
-    making_loops: Mutex<()>,
+    /// over one file, and two writable filesystems on one layer corrupt it. It holds the
+    /// child that binds them.
+    making_loops: Mutex<binder::Binder>,
 }
 
 impl LiveFiles {
@@ -211,7 +214,7 @@ impl LiveFiles {
             session: Mutex::new(Some(thread)),
             device,
             loop_direct_io,
-            making_loops: Mutex::new(()),
+            making_loops: Mutex::new(binder::Binder::default()),
         })
     }
 
@@ -326,11 +329,17 @@ impl LiveFiles {
     /// new one (`loops::attach`). It stays bound until `release_loop_devices`.
     pub fn loop_device(&self, layer: &str, read_only: bool) -> Result<PathBuf> {
         let path = self.attach(layer)?;
-        let _one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
+        let mut binder = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = loops::bound(&path, read_only) {
             return Ok(d.path());
         }
-        let d = loops::attach(&path, read_only, self.loop_direct_io).map_err(|e| {
+        let d = match binder.bind(&path, read_only, self.loop_direct_io) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                loops::attach(&path, read_only, self.loop_direct_io)
+            }
+            r => r,
+        };
+        let d = d.map_err(|e| {
             Error::io(
                 format!("live file {}: binding a loop device", path.display()),
                 e,

@@ -330,6 +330,13 @@ impl Catalog {
                 }
                 l.map.set_run(run.vblock, run.pblock, &run.crcs);
             }
+            // The loader reads the checksum pages and resolves the runs that name them
+            // (`Record::resolve`) before applying; met here, they stand where they cannot.
+            Record::ChecksumPages(_) | Record::MapRunSums { .. } => {
+                return Err(Error::Corrupt(
+                    "a checksum record (FORMAT.md §6.3.2) in the log, or in a checkpoint past its checksum pages".into(),
+                ))
+            }
             Record::LayerCounters {
                 layer,
                 data_blocks,

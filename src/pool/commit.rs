@@ -160,11 +160,11 @@ impl Pool {
             announce(at)
         };
         if want_checkpoint {
-            let mut w = RecordWriter::new();
+            let mut w = RecordWriter::for_checkpoint();
             checkpoint(&mut w);
-            staged = self
-                .meta
-                .stage_checkpoint(storage, &mut self.alloc, &w.buf, &mut tell);
+            staged =
+                self.meta
+                    .stage_checkpoint(storage, &mut self.alloc, &w.buf, w.sums(), &mut tell);
             if matches!(staged, Ok(Some(_))) {
                 self.checkpoint_due = false;
             }

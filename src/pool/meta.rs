@@ -8,7 +8,8 @@ use super::alloc::Allocator;
 use super::storage::Storage;
 use crate::error::{Error, Result};
 use crate::format::checksum::Kind;
-use crate::format::page::{self, PageHeader, PAYLOAD_MAX};
+use crate::format::page::{self, PageHeader, PAYLOAD_MAX, SUMS_PER_PAGE};
+use crate::format::record::{Record, RecordReader, RecordWriter, TAG_CHECKSUM_PAGES};
 use crate::format::superblock::{StreamRef, Superblock};
 use crate::format::{first_data_block, PBlock, PAGE_SIZE, SUPERBLOCK_OFFSETS};
 
@@ -18,9 +19,12 @@ pub struct MetaStreams {
     /// made since (whose pages follow `log_next` of that superblock, §5.5). `generation` is
     /// the on-disk superblock's.
     pub sb: Superblock,
+    /// Blocks of the checkpoint, its checksum pages' included.
     pub ckpt_blocks: Vec<PBlock>,
     /// Blocks of the log, including the one holding the reserved next page.
     pub log_blocks: Vec<PBlock>,
+    /// Checksum pages of the checkpoint (FORMAT.md §5.6).
+    sums_pages: u64,
     pages_per_block: u64,
     /// Log pages the on-disk superblock names; the rest of `sb.log.pages` are its tail.
     named_log_pages: u64,
@@ -34,7 +38,14 @@ pub struct Recovered {
     /// `log_commit`).
     pub sb: Superblock,
     pub checkpoint: Vec<u8>,
+    /// Where the checkpoint's records start past its checksum pages records.
+    pub records_at: usize,
+    /// The checkpoint's checksum stream: its map runs' crcs (FORMAT.md §5.6), each page
+    /// verified; what `Record::resolve` takes them from.
+    pub sums: Vec<u32>,
+    pub sums_pages: u64,
     pub log: Vec<u8>,
+    /// The checkpoint's blocks, its checksum pages' included.
     pub ckpt_blocks: Vec<PBlock>,
     pub log_blocks: Vec<PBlock>,
     /// Log pages the superblock itself names.
@@ -126,18 +137,90 @@ fn kind_name(k: Kind) -> &'static str {
     match k {
         Kind::CheckpointPage => "checkpoint",
         Kind::LogPage => "log",
+        Kind::ChecksumPage => "checksum",
         Kind::Superblock => "superblock",
     }
+}
+
+/// A checkpoint's checksum stream, read.
+struct Sums {
+    crcs: Vec<u32>,
+    pages: u64,
+    /// Where the checkpoint's other records start.
+    records_at: usize,
+}
+
+/// Read the checksum pages the checkpoint's leading checksum pages records name (FORMAT.md
+/// §5.6): each must verify as checksum page `(checkpoint.id, seq)`, chain to the next one
+/// named, and be full but for the last. Their blocks join `blocks`.
+fn read_sums(
+    storage: &dyn Storage,
+    sb: &Superblock,
+    checkpoint: &[u8],
+    ppb: u64,
+    blocks: &mut Vec<PBlock>,
+) -> Result<Sums> {
+    let mut r = RecordReader::new(checkpoint, "checkpoint");
+    let mut pages = Vec::new();
+    while r.peek_tag() == Some(TAG_CHECKSUM_PAGES) {
+        if let Some(Record::ChecksumPages(p)) = r.next_record()? {
+            pages.extend(p);
+        }
+    }
+    let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
+    let id = sb.checkpoint.id;
+    let mut crcs = Vec::with_capacity(pages.len() * SUMS_PER_PAGE);
+    let mut buf = [0u8; PAGE_SIZE];
+    for (seq, &page_no) in pages.iter().enumerate() {
+        let bad = |m: String| {
+            Error::Corrupt(format!(
+                "checkpoint {id}: checksum page {seq} (page {page_no}, byte offset {}): {m}",
+                page_no.saturating_mul(PAGE_SIZE as u64)
+            ))
+        };
+        if page_no < first_page || page_no >= (1u64 << 52) {
+            return Err(bad("impossible page number".into()));
+        }
+        storage
+            .read_at(&mut buf, page_no * PAGE_SIZE as u64)
+            .map_err(io_err("reading checksum page"))?;
+        let h = page::decode(&buf, page_no, Kind::ChecksumPage, id, seq as u32)?;
+        let next = pages.get(seq + 1).copied().unwrap_or(0);
+        if h.next != next {
+            return Err(bad(format!(
+                "its next is page {}, the checkpoint names {next}",
+                h.next
+            )));
+        }
+        // Positions are `seq * SUMS_PER_PAGE + index`, so only the last page may be short.
+        if next != 0 && h.payload_len as usize != SUMS_PER_PAGE * 4 {
+            return Err(bad(format!(
+                "{} bytes of crcs in a page not the last",
+                h.payload_len
+            )));
+        }
+        page::decode_sums(page::payload(&buf, &h), page_no, &mut crcs)?;
+        let block = PBlock(page_no / ppb);
+        if blocks.last() != Some(&block) {
+            blocks.push(block);
+        }
+    }
+    Ok(Sums {
+        crcs,
+        pages: pages.len() as u64,
+        records_at: r.position(),
+    })
 }
 
 /// Read the streams a superblock points to.
 pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
     let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
-    let (checkpoint, ckpt_blocks, _) = if sb.checkpoint.pages > 0 {
+    let (checkpoint, mut ckpt_blocks, _) = if sb.checkpoint.pages > 0 {
         read_stream(storage, Kind::CheckpointPage, &sb.checkpoint, ppb)?
     } else {
         (Vec::new(), Vec::new(), 0)
     };
+    let sums = read_sums(storage, sb, &checkpoint, ppb, &mut ckpt_blocks)?;
     let (log, mut log_blocks, last_next) = read_stream(storage, Kind::LogPage, &sb.log, ppb)?;
     let expect_next = if sb.log.pages > 0 {
         last_next
@@ -179,6 +262,9 @@ pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
     Ok(Recovered {
         sb: full,
         checkpoint,
+        records_at: sums.records_at,
+        sums: sums.crcs,
+        sums_pages: sums.pages,
         log,
         ckpt_blocks,
         log_blocks,
@@ -337,6 +423,7 @@ impl MetaStreams {
             sb,
             ckpt_blocks: Vec::new(),
             log_blocks: vec![log_block],
+            sums_pages: 0,
             pages_per_block: ppb,
             named_log_pages: 0,
             next_commit: 1,
@@ -348,6 +435,7 @@ impl MetaStreams {
             sb: r.sb.clone(),
             ckpt_blocks: r.ckpt_blocks.clone(),
             log_blocks: r.log_blocks.clone(),
+            sums_pages: r.sums_pages,
             pages_per_block: r.sb.block_size as u64 / PAGE_SIZE as u64,
             named_log_pages: r.named_log_pages,
             // Not + 1: a commit cut off by the crash may have used that number, and its pages
@@ -406,8 +494,9 @@ impl MetaStreams {
         self.sb.log.pages
     }
 
+    /// Pages of the checkpoint, its checksum pages included: what writing it again costs.
     pub fn checkpoint_pages(&self) -> u64 {
-        self.sb.checkpoint.pages
+        self.sb.checkpoint.pages + self.sums_pages
     }
 
     /// Step 1 of a log commit: write `records` as log pages after the committed ones, the
@@ -492,22 +581,28 @@ impl MetaStreams {
     }
 
     /// Step 1 of a checkpoint commit: write `checkpoint` into new blocks, with a new empty
-    /// log after it, and return the superblock that will name them. `None`: no room.
-    /// `announce` as for `stage_log`.
+    /// log after it, and return the superblock that will name them. `sums` are the crcs its
+    /// map runs name by position (`RecordWriter::for_checkpoint`): they go into checksum pages
+    /// in blocks of their own, which a checksum pages record at the checkpoint's start names
+    /// (FORMAT.md §5.6). All of it is written before the sync and the superblock that name it
+    /// (commit steps 2-4), like any checkpoint page. `None`: no room. `announce` as for
+    /// `stage_log`.
     pub fn stage_checkpoint(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         checkpoint: &[u8],
+        sums: &[u32],
         announce: &mut dyn FnMut((u64, u64)),
     ) -> Result<Option<Staged>> {
         let ppb = self.pages_per_block;
-        let chunks: Vec<&[u8]> = if checkpoint.is_empty() {
-            vec![&[][..]]
-        } else {
-            checkpoint.chunks(PAYLOAD_MAX).collect()
-        };
-        let want_blocks = (chunks.len() as u64).div_ceil(ppb) + 1;
+        // A checksum page's payload is exactly `SUMS_PER_PAGE` crcs.
+        let sum_bytes: Vec<u8> = sums.iter().flat_map(|c| c.to_le_bytes()).collect();
+        let sum_chunks: Vec<&[u8]> = sum_bytes.chunks(PAYLOAD_MAX).collect();
+        let sum_blocks = (sum_chunks.len() as u64).div_ceil(ppb) as usize;
+        let head_len = RecordWriter::checksum_pages_len(sum_chunks.len());
+        let ckpt_pages = (head_len + checkpoint.len()).div_ceil(PAYLOAD_MAX).max(1);
+        let want_blocks = sum_blocks as u64 + (ckpt_pages as u64).div_ceil(ppb) + 1;
         let mut blocks: Vec<PBlock> = Vec::new();
         while (blocks.len() as u64) < want_blocks {
             match alloc.alloc_run(want_blocks - blocks.len() as u64, 0) {
@@ -521,42 +616,44 @@ impl MetaStreams {
             }
         }
         let log_block = blocks.pop().unwrap();
-        let pages: Vec<u64> = blocks
-            .iter()
-            .flat_map(|&b| b.0 * ppb..(b.0 + 1) * ppb)
-            .take(chunks.len())
-            .collect();
+        let pages_of = |bs: &[PBlock], n: usize| -> Vec<u64> {
+            bs.iter()
+                .flat_map(|&b| b.0 * ppb..(b.0 + 1) * ppb)
+                .take(n)
+                .collect()
+        };
+        let sum_pages = pages_of(&blocks[..sum_blocks], sum_chunks.len());
+        let pages = pages_of(&blocks[sum_blocks..], ckpt_pages);
+        // The checksum pages record first, so a reader has the crcs before any run.
+        let joined;
+        let bytes: &[u8] = if sum_pages.is_empty() {
+            checkpoint
+        } else {
+            let mut w = RecordWriter::new();
+            w.checksum_pages(&sum_pages);
+            debug_assert_eq!(w.buf.len(), head_len);
+            w.buf.extend_from_slice(checkpoint);
+            joined = w.buf;
+            &joined
+        };
+        let chunks: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[][..]]
+        } else {
+            bytes.chunks(PAYLOAD_MAX).collect()
+        };
+        debug_assert_eq!(chunks.len(), pages.len());
         let id = self.sb.generation + 1;
         announce((id, self.next_commit));
-        let written = (|| {
-            // Contiguous pages go out in one write.
-            let mut run: Vec<u8> = Vec::new();
-            let mut run_start = pages[0];
-            let mut buf = [0u8; PAGE_SIZE];
-            for (i, chunk) in chunks.iter().enumerate() {
-                let h = PageHeader {
-                    kind: Kind::CheckpointPage,
-                    stream_id: id,
-                    seq: i as u32,
-                    payload_len: chunk.len() as u32,
-                    next: pages.get(i + 1).copied().unwrap_or(0),
-                    commit: self.next_commit,
-                    flags: 0,
-                };
-                page::encode(&h, chunk, &mut buf);
-                if pages[i] != run_start + (run.len() / PAGE_SIZE) as u64 || run.len() >= 8 << 20 {
-                    storage
-                        .write_at(&run, run_start * PAGE_SIZE as u64)
-                        .map_err(io_err("writing checkpoint"))?;
-                    run.clear();
-                    run_start = pages[i];
-                }
-                run.extend_from_slice(&buf);
-            }
-            storage
-                .write_at(&run, run_start * PAGE_SIZE as u64)
-                .map_err(io_err("writing checkpoint"))
-        })();
+        let commit = self.next_commit;
+        let written = write_pages(
+            storage,
+            Kind::ChecksumPage,
+            id,
+            commit,
+            &sum_pages,
+            &sum_chunks,
+        )
+        .and_then(|()| write_pages(storage, Kind::CheckpointPage, id, commit, &pages, &chunks));
         if let Err(e) = written {
             for &b in blocks.iter().chain(std::iter::once(&log_block)) {
                 alloc.free(b);
@@ -580,7 +677,7 @@ impl MetaStreams {
         Ok(Some(Staged {
             sb,
             new_log_blocks: vec![log_block],
-            new_checkpoint: Some(blocks),
+            new_checkpoint: Some((blocks, sum_pages.len() as u64)),
             superblock: true,
         }))
     }
@@ -599,7 +696,8 @@ impl MetaStreams {
                 self.log_blocks.extend(staged.new_log_blocks);
                 Vec::new()
             }
-            Some(ckpt) => {
+            Some((ckpt, sums_pages)) => {
+                self.sums_pages = sums_pages;
                 let mut old = std::mem::replace(&mut self.ckpt_blocks, ckpt);
                 old.append(&mut self.log_blocks);
                 self.log_blocks = staged.new_log_blocks;
@@ -639,12 +737,59 @@ impl MetaStreams {
     }
 }
 
+/// Write the pages of one stream of a checkpoint: page `i` holds `chunks[i]` at page number
+/// `pages[i]` and chains to `pages[i + 1]` (0 after the last). Contiguous pages go out in one
+/// write.
+fn write_pages(
+    storage: &dyn Storage,
+    kind: Kind,
+    id: u64,
+    commit: u64,
+    pages: &[u64],
+    chunks: &[&[u8]],
+) -> Result<()> {
+    let what = match kind {
+        Kind::ChecksumPage => "writing checksum pages",
+        _ => "writing checkpoint",
+    };
+    let mut run: Vec<u8> = Vec::new();
+    let Some(&first) = pages.first() else {
+        return Ok(());
+    };
+    let mut run_start = first;
+    let mut buf = [0u8; PAGE_SIZE];
+    for (i, chunk) in chunks.iter().enumerate() {
+        let h = PageHeader {
+            kind,
+            stream_id: id,
+            seq: i as u32,
+            payload_len: chunk.len() as u32,
+            next: pages.get(i + 1).copied().unwrap_or(0),
+            commit,
+            flags: 0,
+        };
+        page::encode(&h, chunk, &mut buf);
+        if pages[i] != run_start + (run.len() / PAGE_SIZE) as u64 || run.len() >= 8 << 20 {
+            storage
+                .write_at(&run, run_start * PAGE_SIZE as u64)
+                .map_err(io_err(what))?;
+            run.clear();
+            run_start = pages[i];
+        }
+        run.extend_from_slice(&buf);
+    }
+    storage
+        .write_at(&run, run_start * PAGE_SIZE as u64)
+        .map_err(io_err(what))
+}
+
 /// A commit written but not yet sealed: the superblock that will name it and its new blocks.
 pub struct Staged {
     pub sb: Superblock,
     new_log_blocks: Vec<PBlock>,
-    /// For a checkpoint commit, the checkpoint's blocks.
-    new_checkpoint: Option<Vec<PBlock>>,
+    /// For a checkpoint commit, the checkpoint's blocks (its checksum pages' included) and
+    /// how many checksum pages it has.
+    new_checkpoint: Option<(Vec<PBlock>, u64)>,
     /// Whether a superblock names the commit (steps 3-4), or only its pages (§5.5).
     superblock: bool,
 }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::stream::Entry;
 use crate::stream::index::RangedBlob;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,12 @@ impl Default for Policy {
     }
 }
 
+/// Most bytes between two extents of the blob that one request still fetches together: the
+/// 20-byte header of the next data record, with room to spare.
+const MERGE_GAP: u64 = 4096;
+/// Most bytes of extents one request fetches.
+const MAX_RUN: u64 = 8 << 20;
+
 /// What became of the latest fetch of one extent, for the readers that waited on it.
 struct Slot {
     /// Bumped when a fetch of the extent ends.
@@ -47,6 +54,17 @@ struct Slot {
     /// fetched bytes are held only until every waiter has them.
     waiters: usize,
     last: Option<std::result::Result<Arc<Vec<u8>>, String>>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            round: 0,
+            fetching: false,
+            waiters: 0,
+            last: None,
+        }
+    }
 }
 
 pub struct Fetcher {
@@ -87,6 +105,17 @@ impl Fetcher {
 
     /// The verified bytes of data entry `i` of the index, waiting at most `policy.timeout`.
     pub fn get(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+        let mut got = self.get_run(i, 0)?;
+        Ok(got.swap_remove(0).1)
+    }
+
+    /// The verified bytes of data entry `i` of the index, waiting at most `policy.timeout`,
+    /// first in what this returns. When this call fetches it, up to `more` entries after it
+    /// come in the same ranged request (each verified on its own), as long as they are data,
+    /// lie next to it in the blob (at most `MERGE_GAP` bytes between: record headers) and no
+    /// one fetches them already: one request for the neighbouring extents of one read. Those
+    /// that came right follow `i`'s bytes, with their indexes.
+    pub fn get_run(&self, i: usize, more: usize) -> Result<Vec<(usize, Arc<Vec<u8>>)>> {
         let e = *self.blob.entries.get(i).ok_or_else(|| {
             Error::InvalidInput(format!("{}: no index entry {i}", self.blob.label))
         })?;
@@ -101,12 +130,7 @@ impl Fetcher {
         loop {
             let mut st = self.state.lock().unwrap();
             let room = st.in_flight < self.policy.max_in_flight;
-            let slot = st.slots.entry(i).or_insert(Slot {
-                round: 0,
-                fetching: false,
-                waiters: 0,
-                last: None,
-            });
+            let slot = st.slots.entry(i).or_insert_with(Slot::new);
             if slot.fetching {
                 // Someone fetches it: wait for that fetch's end and take its result.
                 let round = slot.round;
@@ -119,34 +143,47 @@ impl Fetcher {
                     st.slots.remove(&i);
                 }
                 if let Some(Ok(b)) = last {
-                    return Ok(b);
+                    return Ok(vec![(i, b)]);
                 }
             } else if room {
                 slot.fetching = true;
+                let run = self.claim_run(&mut st, i, more);
                 st.in_flight += 1;
                 st.requests += 1;
                 drop(st);
-                let got = self
-                    .blob
-                    .read(&mut |o, n| (self.source)(o, n), &e)
-                    .map(Arc::new);
+                let es: Vec<Entry> = run.iter().map(|&k| self.blob.entries[k]).collect();
+                // Per extent: its bytes, or why not (the request failing fails them all).
+                let got: Vec<std::result::Result<Arc<Vec<u8>>, String>> =
+                    match self.blob.read_run(&mut |o, n| (self.source)(o, n), &es) {
+                        Ok(each) => each
+                            .into_iter()
+                            .map(|r| r.map(Arc::new).map_err(|e| e.to_string()))
+                            .collect(),
+                        Err(err) => vec![Err(err.to_string()); es.len()],
+                    };
                 let mut st = self.state.lock().unwrap();
                 st.in_flight -= 1;
-                let slot = st.slots.get_mut(&i).expect("kept while it is fetched");
-                slot.fetching = false;
-                slot.round += 1;
-                slot.last = Some(got.as_ref().map(Arc::clone).map_err(|e| e.to_string()));
-                if slot.waiters == 0 {
-                    st.slots.remove(&i);
+                for (k, r) in run.iter().zip(&got) {
+                    let slot = st.slots.get_mut(k).expect("kept while it is fetched");
+                    slot.fetching = false;
+                    slot.round += 1;
+                    slot.last = Some(r.clone());
+                    if slot.waiters == 0 {
+                        st.slots.remove(k);
+                    }
                 }
                 self.changed.notify_all();
                 drop(st);
-                match got {
-                    Ok(b) => return Ok(b),
-                    Err(err) if Instant::now() >= deadline => {
-                        return Err(self.failed(&e, &err.to_string()));
+                let mut got = run.into_iter().zip(got);
+                match got.next().expect("a run holds i") {
+                    (_, Ok(b)) => {
+                        let rest = got.filter_map(|(k, r)| Some((k, r.ok()?)));
+                        return Ok(std::iter::once((i, b)).chain(rest).collect());
                     }
-                    Err(_) => {
+                    (_, Err(err)) if Instant::now() >= deadline => {
+                        return Err(self.failed(&e, &err));
+                    }
+                    (_, Err(_)) => {
                         // The last wait is cut to the deadline, so the last try is made
                         // there: a read fails only once the whole timeout has passed.
                         let left = deadline.saturating_duration_since(Instant::now());
@@ -169,6 +206,29 @@ impl Fetcher {
                 return Err(self.failed(&e, &why));
             }
         }
+    }
+
+    /// Entry `i` (claimed by the caller) and up to `more` entries after it that one ranged
+    /// request can bring along, each claimed (marked fetching) here.
+    fn claim_run(&self, st: &mut State, i: usize, more: usize) -> Vec<usize> {
+        let es = &self.blob.entries;
+        let mut run = vec![i];
+        let (mut end, mut bytes) = (es[i].blob_offset + es[i].length, es[i].length);
+        for (k, &x) in es.iter().enumerate().skip(i + 1).take(more) {
+            let near = x.blob_offset >= end && x.blob_offset - end <= MERGE_GAP;
+            if x.is_whiteout() || !near || bytes + x.length > MAX_RUN {
+                break;
+            }
+            let slot = st.slots.entry(k).or_insert_with(Slot::new);
+            if slot.fetching {
+                break;
+            }
+            slot.fetching = true;
+            run.push(k);
+            end = x.blob_offset + x.length;
+            bytes += x.length;
+        }
+        run
     }
 
     /// Wait until `done` holds or the deadline passes.
@@ -194,6 +254,88 @@ impl Fetcher {
             "{}: the extent at disk byte {} ({} bytes, blob byte {}) could not be fetched within {:?}: {why}",
             self.blob.label, e.offset, e.length, e.blob_offset, self.policy.timeout
         ))
+    }
+}
+
+/// Reads waiting on the registry, across every remote layer of a server: the background
+/// fills yield to them (they share the link to the registry, and a read blocks a reader while
+/// a fill's bytes block no one). A fill starts an extent only when no read waits for a fetch
+/// and none has for `quiet`: a container's reads come in bursts, and starting a fill's 1 MiB
+/// in every short pause between them would still halve the bandwidth of the next read.
+pub struct Demand {
+    quiet: Duration,
+    state: Mutex<DemandState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct DemandState {
+    /// Reads waiting on a registry now.
+    reads: usize,
+    /// When the last of them ended.
+    last: Option<Instant>,
+    /// Fills waiting for the reads to go quiet, for `status` and tests.
+    fills: usize,
+}
+
+/// A read waiting on the registry, until dropped.
+pub struct Waiting<'a>(&'a Demand);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap();
+        st.reads -= 1;
+        st.last = Some(Instant::now());
+        self.0.changed.notify_all();
+    }
+}
+
+impl Demand {
+    pub fn new(quiet: Duration) -> Arc<Demand> {
+        Arc::new(Demand {
+            quiet,
+            state: Mutex::new(DemandState::default()),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// A read starts waiting on the registry.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.state.lock().unwrap().reads += 1;
+        Waiting(self)
+    }
+
+    /// Reads are about to come (a layer was just pulled): the fills wait the quiet time from
+    /// now, as after a read, so they do not take the link from a container's first reads.
+    pub fn expect_reads(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.last = Some(Instant::now());
+        self.changed.notify_all();
+    }
+
+    /// Fills waiting for the reads to go quiet now.
+    pub fn fills_waiting(&self) -> usize {
+        self.state.lock().unwrap().fills
+    }
+
+    /// Wait until no read waits on the registry and none has for the quiet time, or until
+    /// `cancel` (checked every 100 ms).
+    pub fn wait_quiet(&self, cancel: &AtomicBool) {
+        let slice = Duration::from_millis(100);
+        let mut st = self.state.lock().unwrap();
+        st.fills += 1;
+        while !cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            let left = match st.last {
+                _ if st.reads > 0 => slice,
+                Some(t) => self.quiet.saturating_sub(t.elapsed()),
+                None => Duration::ZERO,
+            };
+            if left.is_zero() {
+                break;
+            }
+            st = self.changed.wait_timeout(st, left.min(slice)).unwrap().0;
+        }
+        st.fills -= 1;
     }
 }
 

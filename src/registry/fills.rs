@@ -15,7 +15,7 @@
 //! themselves when the registry answers.
 
 use super::client::Registry;
-use super::fetcher::{Fetcher, Policy};
+use super::fetcher::{Demand, Fetcher, Policy};
 use super::image::{A_LAYER_FORMAT, LAYER_TYPE};
 use super::lazy::{fill_all, BlobSource};
 use super::pull::{self, Got};
@@ -28,15 +28,16 @@ use crate::log::Log;
 use crate::stream::content::{ContentIds, DIGEST_ATTR, SIZE_ATTR};
 use crate::stream::source::{sources, SOURCES_ATTR};
 use crate::volume::exports::LiveExports;
-use crate::volume::{LayerInfo, RemoteSource, Store};
+use crate::volume::{AttrChanges, LayerInfo, RemoteSource, Store};
 use oci_client::manifest::OciDescriptor;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How remote layers are fetched (`serve --remote-timeout`, `--no-remote-fill`).
-#[derive(Clone, Copy, Debug)]
+/// How remote layers are fetched (`serve --remote-timeout`, `--no-remote-fill`,
+/// `--lazy-registry`).
+#[derive(Clone, Debug)]
 pub struct Options {
     /// How long a read of an unfetched block waits for the registry before it fails (EIO).
     pub timeout: Duration,
@@ -44,6 +45,12 @@ pub struct Options {
     pub background: bool,
     /// The fill commits after this many bytes fetched.
     pub commit_every: u64,
+    /// How long the fills wait after the last read that waited on a registry before they fetch
+    /// again (`fetcher::Demand`).
+    pub fill_quiet: Duration,
+    /// The registries (`host[:port]`) containerd's remote snapshots may come from: the
+    /// server dials a registry for containerd only if it is named here.
+    pub registries: Vec<String>,
 }
 
 impl Default for Options {
@@ -52,6 +59,8 @@ impl Default for Options {
             timeout: Duration::from_secs(60),
             background: true,
             commit_every: 8 << 20,
+            fill_quiet: Duration::from_secs(1),
+            registries: Vec::new(),
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct Fills {
     exports: Arc<LiveExports>,
     opts: Options,
     fills: Mutex<HashMap<LayerId, Arc<Fill>>>,
+    /// Reads waiting on a registry, across every remote layer: the fills yield to them.
+    demand: Arc<Demand>,
     log: Log,
 }
 
@@ -111,8 +122,8 @@ impl RemoteSource for Logged {
         self.inner.listed(vb)
     }
 
-    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()> {
-        self.inner.fetch(store, layer, vb).inspect_err(|e| {
+    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, end: VBlock) -> Result<()> {
+        self.inner.fetch(store, layer, vb, end).inspect_err(|e| {
             self.log.warn(format_args!(
                 "layer {:?}: a read of an unfetched block failed (EIO to the reader): {e}",
                 self.fill.name
@@ -135,7 +146,7 @@ impl RemoteSource for Opening {
         true
     }
 
-    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()> {
+    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, end: VBlock) -> Result<()> {
         let g = self.fill.source.lock().unwrap();
         let (g, _) = self
             .fill
@@ -154,7 +165,7 @@ impl RemoteSource for Opening {
         };
         drop(g);
         if s.listed(vb) {
-            s.fetch(store, layer, vb)
+            s.fetch(store, layer, vb, end)
         } else {
             Ok(())
         }
@@ -165,6 +176,7 @@ impl Fills {
     pub fn new(exports: Arc<LiveExports>, opts: Options) -> Arc<Fills> {
         Arc::new(Fills {
             exports,
+            demand: Demand::new(opts.fill_quiet),
             opts,
             fills: Mutex::new(HashMap::new()),
             log: Log::process().scoped("thinlayer"),
@@ -212,31 +224,92 @@ impl Fills {
         let reg = Arc::new(Registry::open(reference, opts)?);
         let pool = LivePool::serving(&self.exports);
         let layers = StoreLayers(pool);
-        let location = reg.location();
         let quiet = |_: String| -> Box<super::Meter> { Box::new(|_, _| {}) };
         pull::pull_with(&reg, &layers, name, &mut |d, layer_name, parent| {
             if layer_version(d) <= crate::format::stream::VERSION_1 {
                 let (l, n) = pull::download(&layers, &reg, d, layer_name, parent, &quiet)?;
                 return Ok((l, Got::Downloaded(n)));
             }
-            let blob = range::open(&reg, d)?;
-            let info = self.make_remote(pool, &blob, d, layer_name, parent, &location)?;
-            let source = self.source(&reg, d, blob);
-            self.start(info.id, &info.name, &location, Some(source));
+            let info = self.lazy_layer(&reg, d, layer_name, parent, &[])?;
             Ok((info, Got::Lazy))
         })
+    }
+
+    /// Blob `d` of `reg` as remote layer `name` over `parent` (with `extra` attributes in the
+    /// same transaction), attached and its fetch started.
+    fn lazy_layer(
+        self: &Arc<Self>,
+        reg: &Arc<Registry>,
+        d: &OciDescriptor,
+        name: &str,
+        parent: Option<&str>,
+        extra: AttrChanges,
+    ) -> Result<LayerInfo> {
+        let location = reg.location();
+        let blob = range::open(reg, d)?;
+        let info = self.make_remote(&blob, d, name, parent, &location, extra)?;
+        // Whoever pulled it is about to read it: its reads go first.
+        self.demand.expect_reads();
+        let source = self.source(reg, d, blob);
+        self.start(info.id, &info.name, &location, Some(source));
+        Ok(info)
+    }
+
+    /// A containerd remote snapshot (DESIGN.md §13): blob `layer` of manifest `manifest` of
+    /// image `image` (a reference naming its registry and repository) as remote layer `name`
+    /// over `parent`, with the snapshot's attributes `extra`, its fetch started. Refused,
+    /// saying why, for a registry not in `Options::registries`, a blob that is not a
+    /// thinlayer layer of this image, or one of stream version 1 (no index): containerd then
+    /// unpacks it the usual way.
+    pub fn snapshot(
+        self: &Arc<Self>,
+        image: &str,
+        manifest: &str,
+        layer: &str,
+        name: &str,
+        parent: Option<&str>,
+        extra: AttrChanges,
+    ) -> Result<LayerInfo> {
+        // Checked before anything is dialled or read (credentials).
+        let r: oci_client::Reference = image.parse().map_err(|e| {
+            Error::InvalidInput(format!("{image:?} is not an image reference: {e}"))
+        })?;
+        let host = r.resolve_registry();
+        if !self.opts.registries.iter().any(|a| a == host) {
+            return Err(Error::InvalidInput(format!(
+                "registry {host} is not one containerd's layers are pulled lazily from (serve --lazy-registry)"
+            )));
+        }
+        let reg = Arc::new(Registry::open(
+            &format!("{host}/{}@{manifest}", r.repository()),
+            &RegistryOptions::default(),
+        )?);
+        let layers = pull::image_layers(&reg)?;
+        let Some(d) = layers.iter().find(|d| d.digest == layer) else {
+            return Err(Error::InvalidInput(format!(
+                "{}: the manifest lists no layer {layer}",
+                reg.label
+            )));
+        };
+        if layer_version(d) <= crate::format::stream::VERSION_1 {
+            return Err(Error::InvalidInput(format!(
+                "{}: blob {layer} is of stream version 1, which has no index to read it by range",
+                reg.label
+            )));
+        }
+        self.lazy_layer(&reg, d, name, parent, extra)
     }
 
     /// Layer `name` over `parent`, remote, for blob `d` opened as `blob`: its size, content
     /// IDs, location and whiteouts.
     fn make_remote(
         &self,
-        pool: LivePool,
         blob: &crate::stream::index::RangedBlob,
         d: &OciDescriptor,
         name: &str,
         parent: Option<&str>,
         location: &str,
+        extra: AttrChanges,
     ) -> Result<LayerInfo> {
         let store = self.store();
         let h = &blob.header;
@@ -262,15 +335,16 @@ impl Fills {
         let ids = ContentIds::new(parent_chain, blob.digest, d.size as u64).with_version(h.version);
         let mut attrs: Vec<(&str, String)> = ids.attrs().into();
         attrs.push((SOURCES_ATTR, location.to_string()));
-        let changes: Vec<(&str, Option<&str>)> =
+        let mut changes: Vec<(&str, Option<&str>)> =
             attrs.iter().map(|(k, v)| (*k, Some(v.as_str()))).collect();
+        changes.extend_from_slice(extra);
         let zeros: Vec<(u64, u64)> = blob
             .entries
             .iter()
             .filter(|e| e.is_whiteout())
             .map(|e| (e.offset, e.length))
             .collect();
-        pool.create_remote(name, parent, h.disk_size, &changes, &zeros)
+        LivePool::serving(&self.exports).create_remote(name, parent, h.disk_size, &changes, &zeros)
     }
 
     /// The source of blob `d`'s extents: ranged GETs through `reg`.
@@ -289,6 +363,7 @@ impl Fills {
         Arc::new(BlobSource::new(
             Fetcher::new(blob, get, policy),
             self.store().block_size(),
+            self.demand.clone(),
         ))
     }
 

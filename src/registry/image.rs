@@ -6,8 +6,20 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// A layer blob: a thinlayer send stream (docs/STREAM.md), not a tar.
-pub const LAYER_TYPE: &str = "application/vnd.thinlayer.layer.v1";
+/// A layer blob: a thinlayer send stream (docs/STREAM.md), not a tar. Under OCI's layer
+/// prefix, so containerd's clients take it for a layer (`images.IsLayerType`): only layers are
+/// unpacked through a snapshotter and given the remote-snapshot labels (DESIGN.md §13), and a
+/// differ that does not know it refuses it (`images.DiffCompression`: "unrecognised
+/// mediatype") instead of untarring a block stream.
+pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.thinlayer.v1";
+/// The media type pushes wrote before `LAYER_TYPE`: containerd does not take it for a layer.
+/// Still pulled.
+pub const LAYER_TYPE_V0: &str = "application/vnd.thinlayer.layer.v1";
+
+/// Whether `media_type` names a thinlayer layer blob (either media type).
+pub fn is_layer_type(media_type: &str) -> bool {
+    media_type == LAYER_TYPE || media_type == LAYER_TYPE_V0
+}
 pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 

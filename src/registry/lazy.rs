@@ -6,25 +6,29 @@
 //! Nothing here knows how the ranged reads reach the registry: the fetcher's `Source` does
 //! (`range::fetch` in a server, a slice in tests).
 
-use super::fetcher::Fetcher;
+use super::fetcher::{Demand, Fetcher};
 use crate::error::{Error, Result};
 use crate::format::stream::Entry;
 use crate::format::{LayerId, VBlock};
 use crate::volume::{RemoteSource, Store};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 pub struct BlobSource {
     fetcher: Fetcher,
     block_size: u64,
+    /// Reads waiting on the registry (shared by a server's remote layers): fills yield to them.
+    demand: Arc<Demand>,
     /// Bytes of data extents stored by this source, for `status`.
     fetched: AtomicU64,
 }
 
 impl BlobSource {
-    pub fn new(fetcher: Fetcher, block_size: u32) -> BlobSource {
+    pub fn new(fetcher: Fetcher, block_size: u32, demand: Arc<Demand>) -> BlobSource {
         BlobSource {
             fetcher,
             block_size: block_size as u64,
+            demand,
             fetched: AtomicU64::new(0),
         }
     }
@@ -57,12 +61,36 @@ impl BlobSource {
     }
 }
 
+impl BlobSource {
+    /// Data entry `i` and, in the same request, the entries after it up to index `last` that
+    /// `layer` lacks (stopping at the first it holds), stored.
+    fn fetch_run(&self, store: &Store, layer: LayerId, i: usize, last: usize) -> Result<()> {
+        let es = self.entries();
+        let more = (i + 1..=last)
+            .take_while(|&k| {
+                !es[k].is_whiteout()
+                    && store
+                        .remote_lacks(layer, es[k].offset, es[k].length)
+                        .unwrap_or(false)
+            })
+            .count();
+        for (k, bytes) in self.fetcher.get_run(i, more)? {
+            let e = es[k];
+            store.fill_remote(layer, e.offset, &bytes)?;
+            self.fetched.fetch_add(e.length, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 impl RemoteSource for BlobSource {
     fn listed(&self, vb: VBlock) -> bool {
         self.entry_at(vb).is_some()
     }
 
-    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()> {
+    /// A read's fetch: counted as demand (the fills wait), with the data extents after the
+    /// block's that the read also covers fetched in the same request.
+    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, end: VBlock) -> Result<()> {
         let i = self.entry_at(vb).ok_or_else(|| {
             Error::InvalidInput(format!(
                 "{}: no index entry for disk byte {}",
@@ -77,10 +105,11 @@ impl RemoteSource for BlobSource {
             let end = (vb.0 * bs + bs).min(e.offset + e.length);
             return store.fill_remote(layer, vb.0 * bs, &vec![0; (end - vb.0 * bs) as usize]);
         }
-        let bytes = self.fetcher.get(i)?;
-        store.fill_remote(layer, e.offset, &bytes)?;
-        self.fetched.fetch_add(e.length, Ordering::Relaxed);
-        Ok(())
+        let _waiting = self.demand.waiting();
+        let end_byte = end.0.saturating_mul(self.block_size);
+        let es = self.entries();
+        let last = i + es[i + 1..].partition_point(|x| x.offset < end_byte);
+        self.fetch_run(store, layer, i, last)
     }
 }
 
@@ -93,8 +122,9 @@ pub struct Filled {
     pub finished: bool,
 }
 
-/// Fetch every extent of remote layer `layer` it lacks, in index order, committing after every
-/// `commit_every` bytes; then make it an ordinary layer (`finish_remote`) and commit. Stops at
+/// Fetch every extent of remote layer `layer` it lacks, in index order, one request each and
+/// each only when no read waits on the registry and none has for a while (`Demand`: reads
+/// first), committing after every `commit_every` bytes; then make it an ordinary layer (`finish_remote`) and commit. Stops at
 /// `cancel` (set by `rm`, or the server stopping): what was committed stays and is not fetched
 /// again by the next fill, which starts from the map. A fetch that fails past the fetcher's
 /// deadline ends the fill with its error; the next fill resumes.
@@ -107,7 +137,8 @@ pub fn fill_all(
 ) -> Result<Filled> {
     let mut done = Filled::default();
     let mut since_commit = 0u64;
-    for e in src.entries().iter().filter(|e| !e.is_whiteout()) {
+    let data = src.entries().iter().enumerate();
+    for (i, e) in data.filter(|(_, e)| !e.is_whiteout()) {
         if cancel.load(Ordering::SeqCst) {
             store.flush()?;
             return Ok(done);
@@ -115,7 +146,12 @@ pub fn fill_all(
         if !store.remote_lacks(layer, e.offset, e.length)? {
             continue;
         }
-        src.fetch(store, layer, VBlock(e.offset / src.block_size))?;
+        // Reads first: wait while any waits on the registry, and a while after.
+        src.demand.wait_quiet(cancel);
+        if cancel.load(Ordering::SeqCst) {
+            continue;
+        }
+        src.fetch_run(store, layer, i, i)?;
         done.extents += 1;
         since_commit += e.length;
         if since_commit >= commit_every {
@@ -164,6 +200,7 @@ mod tests {
         Arc::new(BlobSource::new(
             Fetcher::new(blob, get, policy(timeout_ms)),
             4096,
+            Demand::new(Duration::ZERO),
         ))
     }
 
@@ -187,6 +224,83 @@ mod tests {
             }
             Ok(bytes[o as usize..(o + n) as usize].to_vec())
         })
+    }
+
+    #[test]
+    fn a_read_across_extents_fetches_them_in_one_request_and_a_wrong_one_spoils_only_itself() {
+        let (want, base, app) = publish();
+        let app = Arc::new(app);
+        // App's data, 0.5 MiB..3 MiB, is three extents next to each other in the blob.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let src = source(&app, counted(app.clone(), calls.clone(), None), 10_000);
+        let (s, id) = subscribe(&Arc::new(MemStorage::new()), &base, &whiteouts(&src));
+        s.attach_remote(id, src.clone()).unwrap();
+        let (at, len) = (MIB / 2, 5 * MIB / 2);
+        same(
+            &read(&s, id, at, len as usize).unwrap(),
+            &want[at as usize..][..len as usize],
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "three extents, one request"
+        );
+        assert_eq!(src.fetched(), len);
+
+        // The middle extent wrong in the registry: the read fails, its neighbours, which came
+        // in the same request, are stored, and read again without a request.
+        let e = *src.entries().iter().find(|e| e.offset == MIB).unwrap();
+        let mut bad = (*app).clone();
+        bad[(e.blob_offset + 5) as usize] ^= 1;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let src = source(&app, counted(Arc::new(bad), calls.clone(), None), 200);
+        let (s, id) = subscribe(&Arc::new(MemStorage::new()), &base, &whiteouts(&src));
+        s.attach_remote(id, src.clone()).unwrap();
+        let err = read(&s, id, at, len as usize).unwrap_err();
+        assert!(
+            err.to_string().contains("does not match its sha256"),
+            "{err}"
+        );
+        assert!(!s.remote_lacks(id, at, MIB / 2).unwrap());
+        assert!(s.remote_lacks(id, MIB, MIB).unwrap(), "never stored");
+        assert!(!s.remote_lacks(id, 2 * MIB, MIB).unwrap());
+        let n = calls.load(Ordering::SeqCst);
+        same(
+            &read(&s, id, 2 * MIB, MIB as usize).unwrap(),
+            &want[2 * MIB as usize..][..MIB as usize],
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), n);
+    }
+
+    #[test]
+    fn the_fill_fetches_nothing_while_a_read_waits_on_the_registry() {
+        let (want, base, app) = publish();
+        let app = Arc::new(app);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut f = |o: u64, n: u64| Ok(app[o as usize..(o + n) as usize].to_vec());
+        let blob = RangedBlob::open(&mut f, Digest::sha256(&app), app.len() as u64, "b").unwrap();
+        let get = counted(app.clone(), calls.clone(), None);
+        let demand = Demand::new(Duration::ZERO);
+        let f = Fetcher::new(blob, get, policy(10_000));
+        let src = Arc::new(BlobSource::new(f, 4096, demand.clone()));
+        let (s, id) = subscribe(&Arc::new(MemStorage::new()), &base, &whiteouts(&src));
+        s.attach_remote(id, src.clone()).unwrap();
+        // A read of another layer waits on the registry.
+        let read_waits = demand.waiting();
+        std::thread::scope(|t| {
+            let fill = t.spawn(|| fill_all(&s, id, &src, MIB, &AtomicBool::new(false)));
+            let end = std::time::Instant::now() + Duration::from_secs(20);
+            while demand.fills_waiting() == 0 {
+                assert!(std::time::Instant::now() < end, "the fill never waited");
+                std::thread::yield_now();
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing fetched meanwhile");
+            drop(read_waits);
+            let f = fill.join().unwrap().unwrap();
+            assert!(f.finished);
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        same(&read(&s, id, 0, SIZE as usize).unwrap(), &want);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Push and pull layer chains through an OCI registry (OCI distribution API, via the
 //! `oci-client` crate). An image is one blob per layer — the layer's send stream, media type
-//! `application/vnd.thinlayer.layer.v1` — an OCI image config whose diff IDs are those
+//! `application/vnd.oci.image.layer.thinlayer.v1` (`image::LAYER_TYPE`) — an OCI image config whose diff IDs are those
 //! streams' digests, and an image manifest with annotations for block size, disk size and
 //! stream format version. A runtime that does not know the layer type fails loudly instead of
 //! untarring a block stream.

@@ -4,7 +4,7 @@
 //! a broken download leaves nothing behind.
 
 use super::client::Registry;
-use super::image::{A_CHAIN_ID, LAYER_TYPE};
+use super::image::{is_layer_type, A_CHAIN_ID, LAYER_TYPE};
 use super::{pipe, Layers, Meters, Options};
 use crate::error::{Error, Result};
 use crate::stream::content::CHAIN_ATTR;
@@ -132,7 +132,7 @@ pub fn image_layers(reg: &Registry) -> Result<Vec<OciDescriptor>> {
             reg.label
         )));
     };
-    if let Some(l) = m.layers.iter().find(|l| l.media_type != LAYER_TYPE) {
+    if let Some(l) = m.layers.iter().find(|l| !is_layer_type(&l.media_type)) {
         return Err(Error::InvalidInput(format!(
             "{}: not a thinlayer image: layer {} has media type {:?}, not {LAYER_TYPE:?}",
             reg.label, l.digest, l.media_type

@@ -103,6 +103,9 @@ pub(crate) struct State {
     remote_timeout_ms: Option<u64>,
     #[serde(default)]
     no_remote_fill: bool,
+    /// `serve --lazy-registry`.
+    #[serde(default)]
+    lazy_registries: Vec<String>,
 }
 
 fn direct_io_by_default() -> bool {
@@ -351,6 +354,7 @@ impl Serving<'_> {
             loop_direct_io: self.cfg.loop_direct_io,
             remote_timeout_ms: Some(self.cfg.remote.timeout.as_millis() as u64),
             no_remote_fill: !self.cfg.remote.background,
+            lazy_registries: self.cfg.remote.registries.clone(),
         }
     }
 
@@ -540,6 +544,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
                 Duration::from_millis,
             ),
             background: !state.no_remote_fill,
+            registries: state.lazy_registries.clone(),
         },
     };
     let nbd_fd = next();

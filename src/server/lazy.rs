@@ -9,13 +9,16 @@ use crate::volume::exports::LiveExports;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How remote layers are fetched: `serve --remote-timeout`, `--no-remote-fill`.
-#[derive(Clone, Copy, Debug)]
+/// How remote layers are fetched: `serve --remote-timeout`, `--no-remote-fill`,
+/// `--lazy-registry`.
+#[derive(Clone, Debug)]
 pub struct Remote {
     /// How long a read of an unfetched block waits for the registry before EIO.
     pub timeout: Duration,
     /// Fetch all of each remote layer in the background (else only what is read).
     pub background: bool,
+    /// The registries containerd's remote snapshots may come from (`host[:port]`).
+    pub registries: Vec<String>,
 }
 
 impl Default for Remote {
@@ -23,11 +26,13 @@ impl Default for Remote {
         Remote {
             timeout: Duration::from_secs(60),
             background: true,
+            registries: Vec::new(),
         }
     }
 }
 
 #[cfg(feature = "registry")]
+#[derive(Clone)]
 pub struct Lazy(Arc<crate::registry::fills::Fills>);
 
 #[cfg(feature = "registry")]
@@ -37,6 +42,7 @@ impl Lazy {
         let opts = crate::registry::fills::Options {
             timeout: remote.timeout,
             background: remote.background,
+            registries: remote.registries,
             ..Default::default()
         };
         let f = crate::registry::fills::Fills::new(exports.clone(), opts);
@@ -68,7 +74,27 @@ impl Lazy {
     }
 }
 
+/// containerd's remote snapshots (`snapshot::RemoteLayers`) are made by the fills.
+#[cfg(all(feature = "registry", feature = "containerd"))]
+impl crate::snapshot::RemoteLayers for Lazy {
+    fn create(
+        &self,
+        at: &crate::snapshot::LayerAt,
+        name: &str,
+        parent: Option<&str>,
+        attrs: crate::volume::AttrChanges,
+    ) -> Result<crate::volume::LayerInfo> {
+        self.0
+            .snapshot(&at.image, &at.manifest, &at.layer, name, parent, attrs)
+    }
+
+    fn removed(&self, id: LayerId) {
+        self.0.cancel(id)
+    }
+}
+
 #[cfg(not(feature = "registry"))]
+#[derive(Clone)]
 pub struct Lazy;
 
 #[cfg(not(feature = "registry"))]

@@ -166,13 +166,13 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         &store,
         keeper.as_deref(),
     )?;
-    let snapshotter = start_snapshotter(&cfg, &exports, containerd, files.as_ref(), &stop)?;
+    // Every remote layer's fetch resumes (each on its own thread: a registry that does not
+    // answer holds up nothing).
+    let lazy = lazy::Lazy::start(&exports, cfg.remote.clone());
+    let snapshotter = start_snapshotter(&cfg, &exports, containerd, files.as_ref(), &stop, &lazy)?;
     let committer = cfg
         .commit_interval
         .map(|every| Committer::start(store.clone(), every));
-    // Every remote layer's fetch resumes (each on its own thread: a registry that does not
-    // answer holds up nothing).
-    let lazy = lazy::Lazy::start(&exports, cfg.remote);
     log.info(format_args!(
         "serving {} on {} (NBD) and {} (control): {} layer(s){}",
         cfg.pool.display(),
@@ -305,6 +305,7 @@ fn start_snapshotter(
     containerd: Option<ControlSocket>,
     files: Option<&Arc<LiveFiles>>,
     stop: &Arc<Stop>,
+    lazy: &lazy::Lazy,
 ) -> Result<Option<Join>> {
     use crate::snapshot::{self, Snapshots};
     let (Some(socket), Some(f)) = (containerd, files) else {
@@ -312,6 +313,11 @@ fn start_snapshotter(
     };
     let work_dir = cfg.pool.parent().unwrap_or(std::path::Path::new("."));
     let core = Snapshots::new(exports.clone(), f.clone(), work_dir);
+    // containerd's remote snapshots come from the registry's fills.
+    #[cfg(feature = "registry")]
+    let core = core.with_remote(Arc::new(lazy.clone()));
+    #[cfg(not(feature = "registry"))]
+    let _ = lazy;
     let server = snapshot::Server::start_on(Arc::new(core), socket, stop.clone())?;
     Ok(Some(Box::new(move || server.join())))
 }
@@ -324,6 +330,7 @@ fn start_snapshotter(
     containerd: Option<ControlSocket>,
     _: Option<&Arc<LiveFiles>>,
     _: &Arc<Stop>,
+    _: &lazy::Lazy,
 ) -> Result<Option<Join>> {
     match containerd {
         Some(_) => Err(crate::features::missing(

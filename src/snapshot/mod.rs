@@ -14,9 +14,11 @@ mod files;
 mod grpc;
 mod info;
 mod keys;
+mod remote;
 mod snapshots;
 mod status;
 mod writeback;
 
 pub use grpc::Server;
+pub use remote::{LayerAt, RemoteLayers};
 pub use snapshots::{Files, Snapshots, SIZE_LABEL};

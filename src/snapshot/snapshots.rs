@@ -15,6 +15,7 @@ use super::base::{self, Bases};
 use super::dead_log;
 use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
+use super::remote::{LayerAt, RemoteLayers, REF_LABEL};
 use super::status::{Failure, Result};
 use super::writeback;
 use crate::error::Error;
@@ -62,6 +63,8 @@ pub struct Snapshots {
     bases: Bases,
     /// Changing requests one at a time: "does the name exist" and "make it" are one step.
     changing: Mutex<()>,
+    /// Who makes remote snapshots (the live server's fills), if anyone.
+    remote: Option<Arc<dyn RemoteLayers>>,
 }
 
 fn named(key: &str) -> impl Fn(Failure) -> Failure + '_ {
@@ -85,7 +88,14 @@ impl Snapshots {
             files,
             bases: Bases::new(work_dir),
             changing: Mutex::new(()),
+            remote: None,
         }
+    }
+
+    /// Make the layers of unpacks that name a thinlayer blob through `remote`, lazily.
+    pub fn with_remote(mut self, remote: Arc<dyn RemoteLayers>) -> Self {
+        self.remote = Some(remote);
+        self
     }
 
     fn pool(&self) -> LivePool<'_> {
@@ -168,6 +178,15 @@ impl Snapshots {
             Err(Error::NotFound(_)) => {}
             Err(e) => return Err(store_err(key)(e)),
         }
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(REF_LABEL) {
+                if self.remote_snapshot(key, parent, target, &labels)? {
+                    return Err(Failure::from(Error::AlreadyExists(format!(
+                        "snapshot {key:?}: its target {target:?} exists (a remote snapshot)"
+                    ))));
+                }
+            }
+        }
         let parent_layer = if parent.is_empty() {
             let size = match labels.get(SIZE_LABEL) {
                 Some(v) => crate::units::parse_size(v)
@@ -200,6 +219,85 @@ impl Snapshots {
             .create(&name, Some(&parent_layer), None, &attrs)
             .map_err(store_err(key))?;
         self.mounts_of(key, &l)
+    }
+
+    /// An unpack's Prepare of `key` over `parent` for committed snapshot `target`: made at
+    /// once from the registry if the labels name a thinlayer blob that can be read by range
+    /// (true: containerd skips the layer's download and apply), or left to the usual unpack
+    /// (false), with a log line saying why. containerd finds the snapshot by its
+    /// `snapshot.ref` label and parent (its metadata store walks the backend's snapshots for
+    /// them), so the target keeps the Prepare's labels.
+    fn remote_snapshot(
+        &self,
+        key: &str,
+        parent: &str,
+        target: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<bool> {
+        let Some(remote) = &self.remote else {
+            return Ok(false);
+        };
+        let usual = |why: &dyn std::fmt::Display| {
+            crate::log::process(
+                crate::log::Level::Info,
+                format_args!(
+                    "containerd: layer {target} is unpacked the usual way (downloaded whole), not made remote: {why}"
+                ),
+            );
+            Ok(false)
+        };
+        let at = match LayerAt::of(labels) {
+            Ok(at) => at,
+            Err(why) => return usual(&why),
+        };
+        let name = keys::layer_name(target);
+        let parent_layer = if parent.is_empty() {
+            None
+        } else {
+            match self.find(parent) {
+                Ok(p) if info::kind(&p) == Kind::Committed => Some(p.name),
+                _ => {
+                    return usual(&format!(
+                        "its parent {parent:?} is not a committed snapshot"
+                    ))
+                }
+            }
+        };
+        match self.store.layer(&name) {
+            // Made before (another namespace pulled the image): containerd links it.
+            Ok(l)
+                if info::is_snapshot(&l, target)
+                    && info::kind(&l) == Kind::Committed
+                    && l.parent == parent_layer =>
+            {
+                return Ok(true)
+            }
+            Ok(_) => return usual(&format!("its layer name {name:?} is taken")),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(store_err(key)(e)),
+        }
+        let now = time_value(SystemTime::now());
+        let labels = labels_value(labels);
+        let attrs = [
+            (keys::KEY, Some(target)),
+            (keys::KIND, Some("committed")),
+            (keys::LABELS, Some(labels.as_str())),
+            (keys::CREATED, Some(now.as_str())),
+            (keys::UPDATED, Some(now.as_str())),
+        ];
+        match remote.create(&at, &name, parent_layer.as_deref(), &attrs) {
+            Ok(l) => {
+                crate::log::process(
+                    crate::log::Level::Info,
+                    format_args!(
+                        "containerd: layer {target} (blob {} of {}) made remote as layer {:?}: its blocks are fetched as they are read",
+                        at.layer, at.image, l.name
+                    ),
+                );
+                Ok(true)
+            }
+            Err(e) => usual(&e),
+        }
     }
 
     /// The mounts of an active snapshot or a view, attaching its file if needed (after a
@@ -330,8 +428,12 @@ impl Snapshots {
         // Refused while an NBD client holds the layer, naming it.
         self.pool()
             .remove(&l.name, false, &mut |_| {})
-            .map(|_freed| ())
-            .map_err(store_err(key))
+            .map_err(store_err(key))?;
+        // A remote layer's fetch stops.
+        if let (true, Some(r)) = (l.remote, &self.remote) {
+            r.removed(l.id);
+        }
+        Ok(())
     }
 
     /// The committed snapshot that a Commit of active snapshot `key` made if containerd never

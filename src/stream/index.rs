@@ -160,6 +160,51 @@ impl RangedBlob {
             )));
         }
         let bytes = got(fetch(e.blob_offset, e.length)?, e.length, &self.label)?;
+        self.verify(e, bytes)
+    }
+
+    /// Data extents `es` (in blob order, none overlapping the next) fetched with one ranged
+    /// read from the first's start to the last's end, the bytes between them included (record
+    /// headers); each verified on its own, so one wrong extent spoils only itself. The read
+    /// failing fails them all.
+    pub fn read_run(&self, fetch: Fetch, es: &[Entry]) -> Result<Vec<Result<Vec<u8>>>> {
+        let (Some(first), Some(last)) = (es.first(), es.last()) else {
+            return Ok(Vec::new());
+        };
+        if es.len() == 1 {
+            return Ok(vec![self.read(fetch, first)]);
+        }
+        let bad = es
+            .windows(2)
+            .any(|w| w[1].blob_offset < w[0].blob_offset + w[0].length);
+        let outside = es.iter().any(|e| {
+            e.is_whiteout()
+                || e.length > INDEX_CUT
+                || e.blob_offset
+                    .checked_add(e.length)
+                    .is_none_or(|end| end > self.footer.index_offset)
+        });
+        if bad || outside {
+            return Err(Error::InvalidInput(format!(
+                "{}: index entries from disk byte {} to {} are no run of data extents inside the records",
+                self.label,
+                first.offset,
+                last.offset + last.length
+            )));
+        }
+        let span = last.blob_offset + last.length - first.blob_offset;
+        let all = got(fetch(first.blob_offset, span)?, span, &self.label)?;
+        Ok(es
+            .iter()
+            .map(|e| {
+                let at = (e.blob_offset - first.blob_offset) as usize;
+                self.verify(e, all[at..at + e.length as usize].to_vec())
+            })
+            .collect())
+    }
+
+    /// `bytes` if they are extent `e`'s (its sha256).
+    fn verify(&self, e: &Entry, bytes: Vec<u8>) -> Result<Vec<u8>> {
         if Digest::sha256(&bytes).0 != e.sha256 {
             return Err(Error::Corrupt(format!(
                 "{}: the extent at disk byte {} ({} bytes, blob byte {}) does not match its sha256",

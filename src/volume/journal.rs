@@ -443,6 +443,11 @@ impl Inner {
                     "the crash journal holds a checkpoint's counters record (layer {layer})"
                 )))
             }
+            Record::ChecksumPages(_) | Record::MapRunSums { .. } => {
+                return Err(Error::Corrupt(
+                    "the crash journal holds a checkpoint's checksum record".into(),
+                ))
+            }
             Record::MapRun { .. } => unreachable!("turned into a map record above"),
         }
         Ok(())

@@ -8,7 +8,8 @@
 //! current (this version opens by it and heals the other) and the older slot is the old
 //! version's (the old binary opens by it: the same state). After both, the converted pool is
 //! opened like any other and given a checkpoint, so its maps are written with the current
-//! version's records (map runs): an ordinary checkpoint commit, with its own crash story.
+//! version's records (map runs, their crcs in checksum pages): an ordinary checkpoint commit,
+//! with its own crash story.
 
 use super::store::{load_generation, Store};
 use crate::error::{Error, Result};
@@ -39,6 +40,11 @@ const STEPS: &[Step] = &[
     Step {
         from: 3,
         what: "maps may hold map runs (one record per contiguous run); a version-3 pool's map records stay valid, so the version changes, then a checkpoint rewrites the maps with runs",
+        run: |_, sb| Ok(sb),
+    },
+    Step {
+        from: 4,
+        what: "a checkpoint's map runs may keep their crcs in checksum pages; a version-4 pool's records stay valid, so the version changes, then a checkpoint moves the crcs of its runs into checksum pages",
         run: |_, sb| Ok(sb),
     },
 ];
@@ -180,7 +186,7 @@ mod tests {
 
     #[test]
     fn an_older_pool_is_refused_by_name_until_migrated() {
-        for from in [2, 3] {
+        for from in [2, 3, 4] {
             an_older_pool_is_refused_by_name_until_migrated_from(from);
         }
     }

@@ -24,9 +24,11 @@ pub trait RemoteSource: Send + Sync {
     /// local yet. Whiteouts count, so a whiteout not yet in the map is never read through.
     fn listed(&self, vb: VBlock) -> bool;
     /// Make block `vb` of `layer` local: fetch the extent that holds it, verify it and store it
-    /// with `Store::fill_remote`. Blocks until then or the source's deadline; an error is
-    /// what the read that needed the block fails with (EIO to a block client).
-    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()>;
+    /// with `Store::fill_remote`. The read that needs it goes on to block `end` (exclusive):
+    /// the source may make more of `vb..end` local with the same request. Blocks until then or
+    /// the source's deadline; an error is what the read that needed the block fails with (EIO
+    /// to a block client).
+    fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, end: VBlock) -> Result<()>;
 }
 
 pub type Remotes = HashMap<LayerId, Arc<dyn RemoteSource>>;
@@ -202,7 +204,7 @@ impl Store {
                     None => return Err(g.not_local(l, gap)),
                 }
             };
-            source.fetch(self, l, gap)?;
+            source.fetch(self, l, gap, VBlock(stop))?;
             let g = self.read();
             if g.first_gap(top, gap.0, 1) == Some((l, gap)) {
                 return Err(Error::Internal(format!(
@@ -304,7 +306,7 @@ pub(crate) mod tests {
             self.entry(vb).is_some()
         }
 
-        fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock) -> Result<()> {
+        fn fetch(&self, store: &Store, layer: LayerId, vb: VBlock, _: VBlock) -> Result<()> {
             let e = self.entry(vb).expect("asked only for listed blocks");
             if e.is_whiteout() {
                 return store.fill_remote(layer, e.offset, &vec![0; e.length as usize]);

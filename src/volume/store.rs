@@ -653,11 +653,14 @@ pub(super) fn load_generation(
 ) -> Result<Inner> {
     let rec = meta::load(storage, sb)?;
     let mut catalog = Catalog::new();
-    for (bytes, name) in [(&rec.checkpoint, "checkpoint"), (&rec.log, "log")] {
-        let mut r = RecordReader::new(bytes, name);
-        while let Some(record) = r.next_record()? {
-            catalog.apply(record)?;
-        }
+    // The checkpoint's runs take their crcs from its checksum pages, read past already.
+    let mut r = RecordReader::at(&rec.checkpoint, rec.records_at, "checkpoint");
+    while let Some(record) = r.next_record()? {
+        catalog.apply(record.resolve(&rec.sums)?)?;
+    }
+    let mut r = RecordReader::new(&rec.log, "log");
+    while let Some(record) = r.next_record()? {
+        catalog.apply(record)?;
     }
     let bs = sb.block_size;
     let first = first_data_block(bs);
@@ -776,6 +779,64 @@ impl Inner {
 mod tests {
     use super::*;
     use crate::pool::MemStorage;
+
+    /// A checkpoint keeps its map runs' crcs in checksum pages (FORMAT.md §5.6), in blocks of
+    /// their own that the allocator counts as used: writes after it never get one (had they,
+    /// the next open would find the page damaged), and the next checkpoint frees them.
+    #[test]
+    fn checksum_pages_hold_a_checkpoints_crcs_and_their_blocks_are_claimed() {
+        const N: u64 = 3000;
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let id = s.create_layer("img", None, Some(2 * N * 4096)).unwrap().id;
+        let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
+        for i in 0..N {
+            s.write_layer(id, i * 4096, &block(i)).unwrap();
+        }
+        s.checkpoint().unwrap();
+        let sb = s.read().pool.meta.sb.clone();
+        let rec = meta::load(&*mem, &sb).unwrap();
+        assert_eq!(
+            rec.sums.len() as u64,
+            N,
+            "every block's crc is in the checksum pages"
+        );
+        assert_eq!(rec.sums_pages, N.div_ceil(1012));
+        for (i, crc) in rec.sums.iter().enumerate() {
+            assert_eq!(*crc, crate::format::checksum::data(&block(i as u64)));
+        }
+        // The runs' records no longer carry the crcs: the checkpoint is a page.
+        assert_eq!(sb.checkpoint.pages, 1);
+        let used = s.used_blocks();
+        // 4 KiB blocks: a page a block; data, checksum pages, checkpoint, log.
+        assert_eq!(used, N + rec.sums_pages + sb.checkpoint.pages + 1);
+        // After a reopen (the allocator rebuilt from what the load read), new data goes
+        // elsewhere than the checksum pages; the pool then reads it all back.
+        drop(s);
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        assert_eq!(s.used_blocks(), used);
+        for i in N..2 * N {
+            s.write_layer(id, i * 4096, &block(i)).unwrap();
+        }
+        s.flush().unwrap();
+        drop(s);
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        s.verify_consistency().unwrap();
+        let mut buf = vec![0u8; 4096];
+        for i in (0..2 * N).step_by(97) {
+            s.read_layer(id, i * 4096, &mut buf).unwrap();
+            assert_eq!(buf, block(i), "block {i}");
+        }
+        // The next checkpoint frees the old checksum pages' blocks.
+        let meta_before = s.read().pool.meta.metadata_blocks();
+        s.checkpoint().unwrap();
+        s.checkpoint().unwrap();
+        assert!(s.read().pool.meta.metadata_blocks() <= meta_before + 1);
+        assert_eq!(
+            s.used_blocks(),
+            2 * N + s.read().pool.meta.metadata_blocks()
+        );
+    }
 
     /// A write that lands while a commit is being made durable must not overwrite a block that
     /// commit names: if it did, a crash right after would leave that block's bytes newer than

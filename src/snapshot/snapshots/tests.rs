@@ -447,3 +447,121 @@ fn remove_of_a_key_whose_commit_went_unanswered_removes_what_the_commit_made() {
     assert_eq!(code(f.s.remove("ns/b")), Code::NotFound);
     assert_eq!(f.s.stat("ns/d").unwrap().kind, Kind::Committed);
 }
+
+/// A stand-in for the registry's fills: makes a remote layer of 1 MiB for every blob it is
+/// asked for, or refuses all of them; records what it was asked.
+struct FakeRemote {
+    exports: Arc<LiveExports>,
+    refuse: bool,
+    asked: Mutex<Vec<(super::LayerAt, String, Option<String>)>>,
+}
+
+impl RemoteLayers for FakeRemote {
+    fn create(
+        &self,
+        at: &super::LayerAt,
+        name: &str,
+        parent: Option<&str>,
+        attrs: crate::volume::AttrChanges,
+    ) -> crate::Result<LayerInfo> {
+        let p = parent.map(str::to_string);
+        self.asked
+            .lock()
+            .unwrap()
+            .push((at.clone(), name.to_string(), p));
+        if self.refuse {
+            return Err(Error::InvalidInput("not a thinlayer layer".into()));
+        }
+        LivePool::serving(&self.exports).create_remote(name, parent, 1 << 20, attrs, &[])
+    }
+
+    fn removed(&self, _: crate::format::LayerId) {}
+}
+
+/// A fixture, its fake fills (refusing every blob if `refuse`) and snapshots that use them.
+fn with_remote(refuse: bool) -> (Fixture, Arc<FakeRemote>, Snapshots) {
+    let f = fixture();
+    let remote = Arc::new(FakeRemote {
+        exports: f.exports.clone(),
+        refuse,
+        asked: Mutex::new(Vec::new()),
+    });
+    let s = Snapshots::new(f.exports.clone(), f.files.clone(), f._dir.path())
+        .with_remote(remote.clone());
+    (f, remote, s)
+}
+
+fn unpack_labels(chain: &str, layer: &str) -> HashMap<String, String> {
+    use crate::snapshot::remote::{IMAGE_LABEL, LAYER_LABEL, MANIFEST_LABEL};
+    [
+        (REF_LABEL, chain),
+        (IMAGE_LABEL, "127.0.0.1:5000/acme/app:1"),
+        (MANIFEST_LABEL, "sha256:m"),
+        (LAYER_LABEL, layer),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+#[test]
+fn an_unpack_naming_a_blob_gets_a_remote_committed_snapshot_and_already_exists() {
+    let (f, remote, s) = with_remote(false);
+    // The base layer: no parent, no ext4 base under it (the blob holds the filesystem).
+    let labels = unpack_labels("sha256:c1", "sha256:l1");
+    let e = s
+        .prepare("ns/1/extract-1 sha256:c1", "", labels.clone(), Kind::Active)
+        .unwrap_err();
+    assert_eq!(e.code, Code::AlreadyExists);
+    let c1 = s.stat("sha256:c1").unwrap();
+    assert_eq!((c1.kind, c1.parent.as_str()), (Kind::Committed, ""));
+    assert_eq!(c1.labels, labels, "containerd finds it by its labels");
+    assert!(f.store.layer("sha256:c1").unwrap().remote);
+    assert_eq!(code(s.stat("ns/1/extract-1 sha256:c1")), Code::NotFound);
+    // The next layer over it, and a container over that.
+    let e = s
+        .prepare(
+            "ns/2/extract-2 sha256:c2",
+            "sha256:c1",
+            unpack_labels("sha256:c2", "sha256:l2"),
+            Kind::Active,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, Code::AlreadyExists);
+    assert_eq!(s.stat("sha256:c2").unwrap().parent, "sha256:c1");
+    s.prepare("ns/3/t1", "sha256:c2", HashMap::new(), Kind::Active)
+        .unwrap();
+    let asked = remote.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 2, "the container's Prepare names no blob");
+    assert_eq!(asked[1].0.layer, "sha256:l2");
+    assert_eq!(asked[1].2.as_deref(), Some("sha256:c1"));
+    // Asked again (another namespace): the same snapshot, not a second layer.
+    let e = s
+        .prepare("ns/4/extract-3 sha256:c1", "", labels, Kind::Active)
+        .unwrap_err();
+    assert_eq!(e.code, Code::AlreadyExists);
+    assert_eq!(remote.asked.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn an_unpack_the_remote_side_refuses_or_without_labels_is_prepared_as_usual() {
+    let (_f, remote, s) = with_remote(true);
+    let mut labels = unpack_labels("sha256:c1", "sha256:l1");
+    labels.extend(small());
+    s.prepare("ns/1/extract-1 sha256:c1", "", labels, Kind::Active)
+        .unwrap();
+    assert_eq!(remote.asked.lock().unwrap().len(), 1);
+    assert_eq!(
+        s.stat("ns/1/extract-1 sha256:c1").unwrap().kind,
+        Kind::Active
+    );
+    // No labels naming the blob (ctr's pull): the remote side is not asked.
+    let only_ref: HashMap<String, String> = [
+        (REF_LABEL.to_string(), "sha256:c9".to_string()),
+        (SIZE_LABEL.to_string(), "64M".to_string()),
+    ]
+    .into();
+    s.prepare("ns/2/extract-2 sha256:c9", "", only_ref, Kind::Active)
+        .unwrap();
+    assert_eq!(remote.asked.lock().unwrap().len(), 1);
+}
