@@ -1435,6 +1435,135 @@ fn through_events(event: Event) {
     assert!(!thin.log().contains("panicked"), "{}", thin.log());
 }
 
+/// The processes in `syncfs` right now among `pid` and its children: (pid, tid) pairs.
+fn in_syncfs(pid: i32) -> Vec<(i32, i32)> {
+    let mut pids = vec![pid];
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // "PID (comm) STATE PPID ..."
+        let ppid = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.split(' ').nth(1))
+            .and_then(|v| v.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            pids.push(p);
+        }
+    }
+    let mut found = Vec::new();
+    for p in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let syscall = fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+            if syscall.split(' ').next() == Some(&libc::SYS_syncfs.to_string()) {
+                found.push((p, t.file_name().to_string_lossy().parse().unwrap_or(0)));
+            }
+        }
+    }
+    found
+}
+
+/// `docker ps -s` (Usage) syncs a running container's filesystem, whose writes are requests
+/// to the server's own FUSE session. A server killed while one of its threads waits in that
+/// `syncfs` could never finish dying, and its keeper would wait for it forever: the sync runs
+/// in the server's binder child instead (src/fuse/binder.rs). Seen here: the sync of 128 MiB
+/// a container left in its page cache is in a child, not in the server; the server is
+/// killed in the middle of it; the keeper's next server takes over, the sync completes, the
+/// container runs on and Usage counts its file.
+#[test]
+fn a_kill_while_usage_syncs_a_containers_filesystem_does_not_stop_the_next_server() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry_with_images(dir.path());
+    let mut thin = Thinlayer::start(dir.path(), "thin");
+    thin.stop();
+    thin.serve_args = vec!["--keeper".into()];
+    thin.restart();
+    let ctd = Containerd::start(dir.path(), &[("thinlayer", &thin.socket)]);
+    let base = format!("{host}/test/base:1");
+    let o = ctd.pull("thinlayer", &base);
+    assert!(o.status.success(), "pull: {}", stderr_of(&o));
+
+    let id = "syncer";
+    let mut container = Command::new("ctr")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args(["-n", ns(), "run", "--cgroup", "", "--snapshotter", "thinlayer"])
+        .args([base.as_str(), id, "/bin/sh", "-c"])
+        .arg(
+            "busybox dd if=/dev/urandom of=/big bs=1M count=128 2>/dev/null && echo written; \
+             busybox sleep 600",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(container.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "written\n", "{}", ctd.log_tail());
+
+    let server = serving_pid(&thin.pool);
+    let usage = Command::new("ctr")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args(["-n", ns(), "snapshots", "--snapshotter", "thinlayer", "usage", id])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let syncing = loop {
+        let found = in_syncfs(server);
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no syncfs seen in 30 s\n{}",
+            thin.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(
+        syncing.iter().all(|&(p, _)| p != server),
+        "the server itself is in syncfs (pid, tid): {syncing:?}"
+    );
+    eprintln!("server {server}; in syncfs (pid, tid): {syncing:?}");
+    // SAFETY: killing the server this test started, by the PID it reported.
+    unsafe { libc::kill(server, libc::SIGKILL) };
+    wait_gone(server);
+    let next = serving_pid(&thin.pool);
+    assert_ne!(next, server);
+    let usage = usage.wait_with_output().unwrap();
+    eprintln!("the usage call cut by the kill: {}", usage.status);
+    ctd.wait_reconnected("thinlayer");
+    let bytes = ctd.usage("thinlayer")[id];
+    assert!(bytes >= 128 << 20, "usage after the kill: {bytes}");
+    assert!(
+        container.try_wait().unwrap().is_none(),
+        "the container ran on through the kill"
+    );
+    ctd.ctr(&["task", "kill", "-s", "KILL", id]);
+    let _ = container.wait();
+    ctd.ctr(&["container", "rm", id]);
+    assert!(stop_serving(&thin.pool), "nothing serves the pool");
+    drop(thin.server.take());
+    check_clean(&thin.pool);
+    assert!(!thin.log().contains("panicked"), "{}", thin.log());
+}
+
 /// `ctr snapshots mounts` of `key`: the mount's source (after `-t TYPE`).
 fn mount_source(ctd: &Containerd, key: &str) -> String {
     let out = ctd.ctr(&[

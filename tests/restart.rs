@@ -1030,6 +1030,41 @@ fn qemus_nbd_client_with_reconnect_delay_writes_through_two_restarts() {
     s.stop();
 }
 
+/// A SIGTERM sent the moment the server's first socket appears (a supervisor stopping what it
+/// just started) stops it cleanly: exit 0, its keeper gone, no socket or pool lock left. Before
+/// the handlers were installed first, a SIGTERM in the window between the first bind and the
+/// handlers killed the server by the signal, leaving its sockets behind (seen in
+/// tests/containerd.rs, which stops a server right after its start).
+#[test]
+fn a_sigterm_as_soon_as_the_first_socket_appears_stops_the_server_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let pool = d.path().join("pool");
+    tl(&pool, &["init"]);
+    for round in 0..5 {
+        let sock = d.path().join(format!("nbd-{round}.sock"));
+        let mut server = Command::new(bin())
+            .arg("--pool")
+            .arg(&pool)
+            .args(["serve", "--socket"])
+            .arg(&sock)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(std::time::Instant::now() < deadline, "no socket in 30 s");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // SAFETY: signalling the server this test started, by its PID.
+        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+        let st = server.wait().unwrap();
+        assert!(st.success(), "round {round}: serve exited with {st}");
+        assert!(!sock.exists(), "round {round}: the socket stayed");
+        // The pool is free again: a command opens it directly.
+        tl(&pool, &["ls"]);
+    }
+}
+
 /// Plain `serve`, no keeper flag: it has a keeper (status names a live pid other than the
 /// server's), and a SIGTERM to the server stops both.
 #[test]

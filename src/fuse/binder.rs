@@ -1,15 +1,18 @@
-//! The loop binder: a child process, started once, that binds loop devices to live files with
-//! one `LOOP_CONFIGURE` each, on the server's request.
+//! The binder: a child process, started once, that makes the calls which wait on the server's
+//! own FUSE session, on the server's request: binding a loop device to a live file (one
+//! `LOOP_CONFIGURE`) and syncing a filesystem mounted over one (`syncfs`).
 //!
 //! Why a process and why a lasting one. Binding opens the live file and `LOOP_CONFIGURE`
-//! syncs it: both are requests to this server's own FUSE session. A server killed while one
-//! of its threads waits in such a call cannot finish dying (the kernel waits out a FUSE
-//! request the session already read, uninterruptibly), so the keeper, which waits for it,
-//! never starts the next server that would answer: a deadlock, seen in tests/containerd.rs's
-//! kills when the ioctl ran in the server. Another process waits instead, and the next server
-//! answers it. `losetup` as that process cost 1.5 ms a device, most of it starting the
-//! program, and a `docker build` pair binds seven (docs/BENCHMARKS.md); the binder is started
-//! once and asked over a pipe.
+//! syncs it; `syncfs` of an ext4 on a loop device over a live file waits for the loop
+//! device's writes: all are requests to this server's own FUSE session. A server killed while
+//! one of its threads waits in such a call cannot finish dying (the thread waits
+//! uninterruptibly for requests no one will answer, and holds the FUSE descriptor open
+//! meanwhile), so the keeper, which waits for it, never starts the next server that would
+//! answer: a deadlock, seen in tests/containerd.rs's kills when the ioctl ran in the server,
+//! and in tests/docker.rs's (`a_kill_during_a_usage_sync_...`) for `syncfs`. Another process
+//! waits instead, and the next server answers it. `losetup` as that process cost 1.5 ms a
+//! device, most of it starting the program, and a `docker build` pair binds seven
+//! (docs/BENCHMARKS.md); the binder is started once and asked over a pipe.
 //!
 //! The child closes every descriptor it inherited but the pipe (the pool file's lock and
 //! `/dev/fuse` among them must die with the server), serves one request at a time, and exits
@@ -17,9 +20,10 @@
 //! (it died meanwhile) may leave a device bound nobody recorded; the next start clears those
 //! (`loops::clear_unmounted_under`), as for `losetup`.
 //!
-//! The protocol, all integers little-endian. Request: flags (u8: 1 read-only, 2 direct I/O),
-//! the path's length (u32), the path's bytes. Answer: errno (i32, 0 for success), then the
-//! device's number (u32) on success or a message's length (u32) and bytes on failure. The
+//! The protocol, all integers little-endian. Request: the operation (u8: `BIND` or `SYNCFS`),
+//! flags (u8: 1 read-only, 2 direct I/O, for `BIND`), the path's length (u32), the path's
+//! bytes. Answer: errno (i32, 0 for success), then a value (u32: the loop device's number for
+//! `BIND`, 0 for `SYNCFS`) on success or a message's length (u32) and bytes on failure. The
 //! child first writes `HELLO`, so a program that is not a binder is noticed at once.
 
 use super::loops::LoopDevice;
@@ -31,7 +35,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 /// The hidden subcommand the child runs (`thinlayer loop-binder`).
 pub const SUBCOMMAND: &str = "loop-binder";
-const HELLO: &[u8; 8] = b"tlbind1\n";
+const HELLO: &[u8; 8] = b"tlbind2\n";
+const BIND: u8 = 1;
+const SYNCFS: u8 = 2;
 const READ_ONLY: u8 = 1;
 const DIRECT_IO: u8 = 2;
 
@@ -127,6 +133,21 @@ fn configure(file: &Path, read_only: bool, direct_io: bool) -> std::io::Result<u
     Err(last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)))
 }
 
+/// `syncfs` of the filesystem mounted at `point`. In the child, or in a process with no
+/// binder (`LiveFiles::syncfs`).
+pub fn syncfs_at(point: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(point)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
     let mut b = [0; 4];
     r.read_exact(&mut b)?;
@@ -145,13 +166,14 @@ pub fn serve_child() -> i32 {
         return 1;
     }
     loop {
-        let mut flags = [0u8; 1];
-        match input.read_exact(&mut flags) {
+        let mut head = [0u8; 2];
+        match input.read_exact(&mut head) {
             Ok(()) => {}
             // The server stopped or died.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return 0,
             Err(_) => return 1,
         }
+        let [op, flags] = head;
         let Ok(len) = read_u32(&mut input) else {
             return 1;
         };
@@ -160,15 +182,16 @@ pub fn serve_child() -> i32 {
             return 1;
         }
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(&path));
+        let done = match op {
+            BIND => configure(&path, flags & READ_ONLY != 0, flags & DIRECT_IO != 0),
+            SYNCFS => syncfs_at(&path).map(|()| 0),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+        };
         let mut answer = Vec::new();
-        match configure(
-            &path,
-            flags[0] & READ_ONLY != 0,
-            flags[0] & DIRECT_IO != 0,
-        ) {
-            Ok(number) => {
+        match done {
+            Ok(value) => {
                 answer.extend_from_slice(&0i32.to_le_bytes());
-                answer.extend_from_slice(&number.to_le_bytes());
+                answer.extend_from_slice(&value.to_le_bytes());
             }
             Err(e) => {
                 let message = e.to_string();
@@ -261,21 +284,14 @@ impl Binder {
         Ok(Err((errno, String::from_utf8_lossy(&message).into_owned())))
     }
 
-    /// Bind a new loop device to `file` (see `configure`), starting the child if it is not
-    /// running (or died: once more). `ErrorKind::Unsupported` if there is no binder to ask.
-    pub fn bind(
-        &mut self,
-        file: &Path,
-        read_only: bool,
-        direct_io: bool,
-    ) -> std::io::Result<LoopDevice> {
-        let path = file.as_os_str().as_bytes();
-        let mut request = Vec::with_capacity(5 + path.len());
-        request.push(
-            if read_only { READ_ONLY } else { 0 } | if direct_io { DIRECT_IO } else { 0 },
-        );
-        request.extend_from_slice(&(path.len() as u32).to_le_bytes());
-        request.extend_from_slice(path);
+    /// Ask the child for `op` on `path`, starting it if it is not running (or died: once
+    /// more). `ErrorKind::Unsupported` if there is no binder to ask.
+    fn request(&mut self, op: u8, flags: u8, path: &Path) -> std::io::Result<u32> {
+        let bytes = path.as_os_str().as_bytes();
+        let mut request = Vec::with_capacity(6 + bytes.len());
+        request.extend_from_slice(&[op, flags]);
+        request.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        request.extend_from_slice(bytes);
         let mut tries = 0;
         let answer = loop {
             if self.child.is_none() {
@@ -294,18 +310,37 @@ impl Binder {
                 }
             }
         };
-        match answer {
-            Ok(number) => Ok(LoopDevice {
-                name: format!("loop{number}"),
-                dev: format!("7:{number}"),
-                direct_io,
-                read_only,
-            }),
-            Err((errno, message)) => Err(std::io::Error::new(
-                std::io::Error::from_raw_os_error(errno).kind(),
-                format!("binding a loop device to {}: {message}", file.display()),
-            )),
-        }
+        answer.map_err(|(errno, message)| {
+            std::io::Error::new(std::io::Error::from_raw_os_error(errno).kind(), message)
+        })
+    }
+
+    /// Bind a new loop device to `file` (see `configure`).
+    pub fn bind(
+        &mut self,
+        file: &Path,
+        read_only: bool,
+        direct_io: bool,
+    ) -> std::io::Result<LoopDevice> {
+        let flags = if read_only { READ_ONLY } else { 0 } | if direct_io { DIRECT_IO } else { 0 };
+        let number = self.request(BIND, flags, file).map_err(|e| match e.kind() {
+            std::io::ErrorKind::Unsupported => e,
+            kind => std::io::Error::new(
+                kind,
+                format!("binding a loop device to {}: {e}", file.display()),
+            ),
+        })?;
+        Ok(LoopDevice {
+            name: format!("loop{number}"),
+            dev: format!("7:{number}"),
+            direct_io,
+            read_only,
+        })
+    }
+
+    /// `syncfs` of the filesystem mounted at `point`.
+    pub fn syncfs(&mut self, point: &Path) -> std::io::Result<()> {
+        self.request(SYNCFS, 0, point).map(|_| ())
     }
 
     /// End the child: its input closes and it exits when idle. Not waited for if it is busy

@@ -15,7 +15,8 @@
 //! fatal signal refuses the fault) and keeps the request unanswered, which the kernel still
 //! holds for the next process's resend, as it does for the requests held at the gate. Once
 //! every session thread is parked the process can exit: no reader of the connection dies in
-//! it. A SIGKILL of the server (the keeper's case) cannot be covered this way.
+//! it. A SIGKILL of the server (the keeper's case) cannot be covered this way: there the
+//! session buffers are mapped ahead (`prefault`), so a copy under way does not fault.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};

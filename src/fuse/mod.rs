@@ -27,6 +27,7 @@ mod leave;
 mod loops;
 mod mount;
 mod names;
+pub mod prefault;
 
 pub use files::{FileState, LostWrites, CLOSE_GRACE};
 pub use loops::{devices_of as loop_devices_of, LoopDevice};
@@ -97,6 +98,8 @@ pub struct LiveFiles {
     /// over one file, and two writable filesystems on one layer corrupt it. It holds the
     /// child that binds them.
     making_loops: Mutex<binder::Binder>,
+    /// Another binder child for `syncfs` (`syncfs`), so a long sync never holds up a binding.
+    syncing: Mutex<binder::Binder>,
 }
 
 impl LiveFiles {
@@ -215,6 +218,7 @@ impl LiveFiles {
             device,
             loop_direct_io,
             making_loops: Mutex::new(binder::Binder::default()),
+            syncing: Mutex::new(binder::Binder::default()),
         })
     }
 
@@ -354,6 +358,17 @@ impl LiveFiles {
             ),
         );
         Ok(d.path())
+    }
+
+    /// `syncfs` of the filesystem mounted at `point` (one on a loop device over a live file),
+    /// in the binder child (`binder`): the sync waits for the loop device's writes, which are
+    /// this server's own FUSE requests. In a process with no binder, here.
+    pub fn syncfs(&self, point: &Path) -> std::io::Result<()> {
+        let mut b = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        match b.syncfs(point) {
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => binder::syncfs_at(point),
+            r => r,
+        }
     }
 
     /// Clear every loop device over `layer`'s file (nothing to do if it is not attached), so

@@ -440,6 +440,8 @@ pub(crate) fn receive(sock: &UnixStream, timeout: Duration) -> io::Result<(FromN
 /// The new process's side (`serve --resume-fd`): hello, take the state and descriptors,
 /// open the pool, adopt them, say ready, serve.
 pub fn resume(fd: RawFd, command_line: &str) -> Result<()> {
+    // As `run`: a SIGTERM during the take-over stops, never kills.
+    super::install_signal_handlers()?;
     // SAFETY: the old process put our end of the socket pair at `fd` and nothing else owns it.
     let sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let say = |m: &FromNew| -> Result<()> {

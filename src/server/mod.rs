@@ -77,6 +77,10 @@ pub(crate) struct Parts {
 /// Serve until SIGINT/SIGTERM: finish requests in flight, commit, remove the sockets.
 pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let started = SystemTime::now();
+    // Before any socket or mount exists: a SIGTERM that comes as soon as one appears (a
+    // supervisor's stop right after the start) must stop the server, not kill it with its
+    // live files mounted. The serving loops see the stop it sets when they start.
+    install_signal_handlers()?;
     // The keeper first, while this process is small and holds nothing it must not inherit.
     let keeper = if cfg.keeper {
         Some(Arc::new(keeper::Link::start(&cfg.pool, &cfg.control)?))

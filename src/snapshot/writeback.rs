@@ -1,6 +1,6 @@
-//! What a container wrote that has not reached its layer yet. containerd mounts a snapshot's
-//! live file with `-o loop`: a write in the container dirties pages of the ext4 on the loop
-//! device, and the layer sees them only at writeback (about 30 s later) or a sync. Usage must
+//! What a container wrote that has not reached its layer yet. A snapshot's filesystem is
+//! mounted from a loop device over its live file: a write in the container dirties pages of
+//! the ext4 on the loop device, and the layer sees them only at writeback (about 30 s later) or a sync. Usage must
 //! count them at once (`docker ps -s` right after a write), so before reading the layer's
 //! counters the snapshotter finds, through the kernel, the loop devices whose backing file is
 //! the live file and the mounts of those devices, and syncs each filesystem (`syncfs`): its
@@ -15,8 +15,6 @@ use crate::error::{Error, Result};
 use crate::fuse::{loop_devices_of, unescape_mountinfo};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// One mount point of each device in `devices` (`MAJOR:MINOR`), from `mountinfo`'s text.
@@ -54,29 +52,27 @@ pub fn mounted_at(file: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
-/// what was written to it has reached `file`. Nothing to do when none is.
-pub fn sync_filesystems_on(file: &Path) -> Result<()> {
+/// what was written to it has reached `file`, with `syncfs` (given a mount point; the live
+/// files' `syncfs` runs it in a child: see `crate::fuse::binder`). Nothing to do when none is.
+pub fn sync_filesystems_on(
+    file: &Path,
+    syncfs: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     for point in mounts_over(file)? {
-        let ctx = || {
-            format!(
-                "syncing the filesystem at {} (on a loop device over {})",
-                point.display(),
-                file.display()
-            )
-        };
-        let dir = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&point)
-        {
-            Ok(d) => d,
+        match syncfs(&point) {
+            Ok(()) => {}
             // Unmounted since mountinfo was read.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(ctx(), e)),
-        };
-        // SAFETY: syncfs on a descriptor we own.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(Error::io(ctx(), std::io::Error::last_os_error()));
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!(
+                        "syncing the filesystem at {} (on a loop device over {})",
+                        point.display(),
+                        file.display()
+                    ),
+                    e,
+                ))
+            }
         }
     }
     Ok(())
@@ -108,6 +104,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("not-a-backing-file");
         std::fs::write(&f, b"x").unwrap();
-        sync_filesystems_on(&f).unwrap();
+        sync_filesystems_on(&f, &|p| panic!("nothing to sync, yet asked for {}", p.display()))
+            .unwrap();
     }
 }
