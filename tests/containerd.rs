@@ -1496,7 +1496,15 @@ fn a_kill_while_usage_syncs_a_containers_filesystem_does_not_stop_the_next_serve
     let mut container = Command::new("ctr")
         .arg("-a")
         .arg(&ctd.socket)
-        .args(["-n", ns(), "run", "--cgroup", "", "--snapshotter", "thinlayer"])
+        .args([
+            "-n",
+            ns(),
+            "run",
+            "--cgroup",
+            "",
+            "--snapshotter",
+            "thinlayer",
+        ])
         .args([base.as_str(), id, "/bin/sh", "-c"])
         .arg(
             "busybox dd if=/dev/urandom of=/big bs=1M count=128 2>/dev/null && echo written; \
@@ -1518,7 +1526,15 @@ fn a_kill_while_usage_syncs_a_containers_filesystem_does_not_stop_the_next_serve
     let usage = Command::new("ctr")
         .arg("-a")
         .arg(&ctd.socket)
-        .args(["-n", ns(), "snapshots", "--snapshotter", "thinlayer", "usage", id])
+        .args([
+            "-n",
+            ns(),
+            "snapshots",
+            "--snapshotter",
+            "thinlayer",
+            "usage",
+            id,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -264,7 +264,10 @@ fn the_loop_binder_binds_devices_over_a_live_file_in_the_mode_asked() {
     let ro = binder.bind(&file, true, false).unwrap();
     let mut made = vec![rw.path(), ro.path()];
     for (d, read_only, direct_io) in [(&rw, "0", "1"), (&ro, "1", "0")] {
-        assert_eq!(sys(&d.name, "loop/backing_file"), file.display().to_string());
+        assert_eq!(
+            sys(&d.name, "loop/backing_file"),
+            file.display().to_string()
+        );
         assert_eq!(sys(&d.name, "ro"), read_only, "{}", d.name);
         assert_eq!(sys(&d.name, "loop/dio"), direct_io, "{}", d.name);
         assert_eq!(sys(&d.name, "dev"), d.dev);

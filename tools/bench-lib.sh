@@ -134,7 +134,7 @@ save_results() {
 # binary, BIN[key] its path. Each binary gets its own pool WORK/pool-LABEL: an old and a new
 # binary may not share an on-disk format.
 BINS=() LABELS=() TLS=()
-declare -A BIN
+declare -A BIN SERVER_NICE
 binary_arg() {
     BINS+=("${1#*=}")
     if [[ $1 == *=* ]]; then LABELS+=("${1%%=*}"); else LABELS+=(""); fi
@@ -187,10 +187,14 @@ ct_up() {
         # direct I/O by losetup, tlfs: by the server, `serve --loop-direct-io`).
         CUR=$name
         tl_on "$t" create "$CUR" --parent "$image" >/dev/null
-        local more=()
+        local more=() pre=()
         [[ $t == tlfs:* ]] && more=(--loop-direct-io)
-        bg_start "$WORK/${t/:/-}-serve.log" "${BIN[tl:${t#*:}]}" --pool "$WORK/pool-${t#*:}" \
-            serve --socket "$sock" --files "$WORK/${t/:/-}-files" "${more[@]}"
+        # SERVER_NICE[label]: the server's niceness, whatever the caller's (a node's daemon is
+        # not niced with the workload).
+        [[ -n ${SERVER_NICE[${t#*:}]:-} ]] && pre=(nice -n $((SERVER_NICE[${t#*:}] - $(nice))))
+        bg_start "$WORK/${t/:/-}-serve.log" "${pre[@]}" "${BIN[tl:${t#*:}]}" \
+            --pool "$WORK/pool-${t#*:}" serve --socket "$sock" --files "$WORK/${t/:/-}-files" \
+            "${more[@]}"
         wait_for -S "$WORK/pool-${t#*:}.ctl"
         URI=$(tl_on "$t" attach "$CUR") ;;
     qemu)

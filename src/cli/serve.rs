@@ -80,7 +80,7 @@ pub struct Args {
     no_remote_fill: bool,
     /// A registry (`host[:port]`, repeat for more) that containerd's image layers may be
     /// pulled lazily from: a pull that passes the remote-snapshot labels (Docker 24+ with the
-    /// containerd image store, nerdctl, the CRI plugin) gets each thinlayer layer of an image
+    /// containerd image store does; see docs/DESIGN.md §13) gets each thinlayer layer of an image
     /// from it as a remote layer, at once, instead of downloading it (docs/DESIGN.md §13).
     /// Without any, the snapshotter dials no registry and containerd downloads every layer.
     #[arg(long, value_name = "HOST[:PORT]")]

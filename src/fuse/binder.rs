@@ -162,7 +162,11 @@ pub fn serve_child() -> i32 {
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     let mut input = BufReader::new(std::io::stdin().lock());
     let mut output = std::io::stdout().lock();
-    if output.write_all(HELLO).and_then(|_| output.flush()).is_err() {
+    if output
+        .write_all(HELLO)
+        .and_then(|_| output.flush())
+        .is_err()
+    {
         return 1;
     }
     loop {
@@ -200,7 +204,11 @@ pub fn serve_child() -> i32 {
                 answer.extend_from_slice(message.as_bytes());
             }
         }
-        if output.write_all(&answer).and_then(|_| output.flush()).is_err() {
+        if output
+            .write_all(&answer)
+            .and_then(|_| output.flush())
+            .is_err()
+        {
             return 1;
         }
     }
@@ -323,13 +331,15 @@ impl Binder {
         direct_io: bool,
     ) -> std::io::Result<LoopDevice> {
         let flags = if read_only { READ_ONLY } else { 0 } | if direct_io { DIRECT_IO } else { 0 };
-        let number = self.request(BIND, flags, file).map_err(|e| match e.kind() {
-            std::io::ErrorKind::Unsupported => e,
-            kind => std::io::Error::new(
-                kind,
-                format!("binding a loop device to {}: {e}", file.display()),
-            ),
-        })?;
+        let number = self
+            .request(BIND, flags, file)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::Unsupported => e,
+                kind => std::io::Error::new(
+                    kind,
+                    format!("binding a loop device to {}: {e}", file.display()),
+                ),
+            })?;
         Ok(LoopDevice {
             name: format!("loop{number}"),
             dev: format!("7:{number}"),

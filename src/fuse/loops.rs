@@ -310,7 +310,9 @@ pub fn clear_unmounted_under(dir: &Path) -> usize {
     let names = candidates(Path::new("/sys/block"), &bound_names());
     let mut cleared = 0;
     for name in names {
-        let backing_file = Path::new("/sys/block").join(&name).join("loop/backing_file");
+        let backing_file = Path::new("/sys/block")
+            .join(&name)
+            .join("loop/backing_file");
         let Ok(backing) = std::fs::read(backing_file) else {
             continue;
         };

@@ -34,7 +34,15 @@ pub struct SessionBuffers;
 fn in_session_thread() -> bool {
     let mut name = [0u8; 16];
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer given.
-    let r = unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_GET_NAME,
+            name.as_mut_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     r == 0 && name.starts_with(b"fuser-")
 }
 
@@ -114,6 +122,9 @@ mod tests {
         let other = run("worker");
         assert!(other < 16, "{other} pages mapped in another thread");
         let mapped = run("fuser-0");
-        assert!(mapped >= MAPPED / 4096 - 1, "{mapped} pages mapped in a session thread");
+        assert!(
+            mapped >= MAPPED / 4096 - 1,
+            "{mapped} pages mapped in a session thread"
+        );
     }
 }

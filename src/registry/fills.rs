@@ -559,6 +559,11 @@ impl Fills {
                 let l = layers.iter().find(|l| l.id == id && l.remote)?;
                 let (state, error) = f.state.lock().unwrap().clone();
                 let src = f.source.lock().unwrap().clone();
+                // Its fill gives the link to reads for now.
+                let state = match &src {
+                    Some(s) if state == "fetching" && s.yielding() => "yielding to reads",
+                    _ => state,
+                };
                 Some(FillStatus {
                     layer: l.name.clone(),
                     registry: f.location.clone(),

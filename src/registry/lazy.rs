@@ -21,6 +21,8 @@ pub struct BlobSource {
     demand: Arc<Demand>,
     /// Bytes of data extents stored by this source, for `status`.
     fetched: AtomicU64,
+    /// Its fill waits for reads to go quiet, for `status`.
+    yielding: AtomicBool,
 }
 
 impl BlobSource {
@@ -30,6 +32,7 @@ impl BlobSource {
             block_size: block_size as u64,
             demand,
             fetched: AtomicU64::new(0),
+            yielding: AtomicBool::new(false),
         }
     }
 
@@ -41,6 +44,11 @@ impl BlobSource {
     pub fn data_bytes(&self) -> u64 {
         let es = self.entries().iter().filter(|e| !e.is_whiteout());
         es.map(|e| e.length).sum()
+    }
+
+    /// Whether its fill waits for reads to go quiet now.
+    pub fn yielding(&self) -> bool {
+        self.yielding.load(Ordering::Relaxed)
     }
 
     /// Bytes of data this source has stored.
@@ -147,7 +155,9 @@ pub fn fill_all(
             continue;
         }
         // Reads first: wait while any waits on the registry, and a while after.
+        src.yielding.store(true, Ordering::Relaxed);
         src.demand.wait_quiet(cancel);
+        src.yielding.store(false, Ordering::Relaxed);
         if cancel.load(Ordering::SeqCst) {
             continue;
         }
@@ -295,10 +305,12 @@ mod tests {
                 std::thread::yield_now();
             }
             assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing fetched meanwhile");
+            assert!(src.yielding(), "status shows it");
             drop(read_waits);
             let f = fill.join().unwrap().unwrap();
             assert!(f.finished);
         });
+        assert!(!src.yielding());
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         same(&read(&s, id, 0, SIZE as usize).unwrap(), &want);
     }

@@ -36,9 +36,9 @@ impl Files for LiveFiles {
 
     fn sync_mounted(&self, layer: &str) -> Result<()> {
         match self.path(layer) {
-            Some(path) => {
-                super::writeback::sync_filesystems_on(&path, &|point| LiveFiles::syncfs(self, point))
-            }
+            Some(path) => super::writeback::sync_filesystems_on(&path, &|point| {
+                LiveFiles::syncfs(self, point)
+            }),
             None => Ok(()),
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! The labels are containerd's own (`pkg/snapshotters/annotations.go`): a client that wraps
 //! its pull with `snapshotters.AppendInfoHandlerWrapper` (Docker ≥ 24 with the containerd image
-//! store, nerdctl, the CRI plugin) puts them on every layer descriptor of the manifest, and
+//! store; the CRI plugin and nerdctl only in some configurations, DESIGN.md §13) puts them on
+//! every layer descriptor of the manifest, and
 //! the unpacker passes a layer's descriptor annotations prefixed `containerd.io/snapshot/` to
 //! Prepare, with `containerd.io/snapshot.ref` = the chain ID the layer commits as.
 

@@ -104,7 +104,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("not-a-backing-file");
         std::fs::write(&f, b"x").unwrap();
-        sync_filesystems_on(&f, &|p| panic!("nothing to sync, yet asked for {}", p.display()))
-            .unwrap();
+        sync_filesystems_on(&f, &|p| {
+            panic!("nothing to sync, yet asked for {}", p.display())
+        })
+        .unwrap();
     }
 }
