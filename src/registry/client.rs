@@ -15,6 +15,8 @@ pub struct Registry {
     pub auth: RegistryAuth,
     /// The reference as the user wrote it, for messages.
     pub label: String,
+    /// Spoken over plain HTTP (a loopback registry, or `--plain-http`), not HTTPS.
+    pub plain_http: bool,
     pub rt: tokio::runtime::Runtime,
 }
 
@@ -37,7 +39,8 @@ impl Registry {
             Error::InvalidInput(format!("{reference:?} is not an image reference: {e}"))
         })?;
         let host = r.resolve_registry().to_string();
-        let protocol = if opts.plain_http || is_loopback(&host) {
+        let plain_http = opts.plain_http || is_loopback(&host);
+        let protocol = if plain_http {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
@@ -64,6 +67,7 @@ impl Registry {
             auth,
             reference: r,
             label: reference.to_string(),
+            plain_http,
             rt,
         })
     }

@@ -26,7 +26,7 @@ use crate::format::{LayerId, VBlock};
 use crate::live::LivePool;
 use crate::log::Log;
 use crate::stream::content::{ContentIds, DIGEST_ATTR, SIZE_ATTR};
-use crate::stream::source::{sources, SOURCES_ATTR};
+use crate::stream::source::{plain_http, sources, PLAIN_HTTP_ATTR, SOURCES_ATTR};
 use crate::volume::exports::LiveExports;
 use crate::volume::{AttrChanges, LayerInfo, RemoteSource, Store};
 use oci_client::manifest::OciDescriptor;
@@ -247,7 +247,7 @@ impl Fills {
     ) -> Result<LayerInfo> {
         let location = reg.location();
         let blob = range::open(reg, d)?;
-        let info = self.make_remote(&blob, d, name, parent, &location, extra)?;
+        let info = self.make_remote(&blob, d, name, parent, reg, extra)?;
         // Whoever pulled it is about to read it: its reads go first.
         self.demand.expect_reads();
         let source = self.source(reg, d, blob);
@@ -308,7 +308,7 @@ impl Fills {
         d: &OciDescriptor,
         name: &str,
         parent: Option<&str>,
-        location: &str,
+        reg: &Registry,
         extra: AttrChanges,
     ) -> Result<LayerInfo> {
         let store = self.store();
@@ -334,7 +334,7 @@ impl Fills {
         }
         let ids = ContentIds::new(parent_chain, blob.digest, d.size as u64).with_version(h.version);
         let mut attrs: Vec<(&str, String)> = ids.attrs().into();
-        attrs.push((SOURCES_ATTR, location.to_string()));
+        attrs.extend(source_attrs(reg));
         let mut changes: Vec<(&str, Option<&str>)> =
             attrs.iter().map(|(k, v)| (*k, Some(v.as_str()))).collect();
         changes.extend_from_slice(extra);
@@ -387,7 +387,7 @@ impl Fills {
         })?;
         let reg = Arc::new(Registry::open(
             &format!("{location}@{digest}"),
-            &RegistryOptions::default(),
+            &reopen_options(l, location),
         )?);
         let d = OciDescriptor {
             media_type: LAYER_TYPE.into(),
@@ -580,6 +580,26 @@ impl Fills {
     }
 }
 
+/// Where a remote layer's blob is, as attributes: `registry.sources`, and the host in
+/// `registry.plain_http` when `reg` speaks plain HTTP (so a restart resumes the same way).
+fn source_attrs(reg: &Registry) -> Vec<(&'static str, String)> {
+    let mut v = vec![(SOURCES_ATTR, reg.location())];
+    if reg.plain_http {
+        v.push((
+            PLAIN_HTTP_ATTR,
+            reg.reference.resolve_registry().to_string(),
+        ));
+    }
+    v
+}
+
+/// How to reach `location` again for remote layer `l`: over plain HTTP if it was so reached.
+fn reopen_options(l: &LayerInfo, location: &str) -> RegistryOptions {
+    RegistryOptions {
+        plain_http: plain_http(l, location),
+    }
+}
+
 /// The stream version a layer descriptor names (1 when it names none: older pushes).
 fn layer_version(d: &OciDescriptor) -> u32 {
     d.annotations
@@ -587,4 +607,53 @@ fn layer_version(d: &OciDescriptor) -> u32 {
         .and_then(|a| a.get(A_LAYER_FORMAT))
         .and_then(|v| v.parse().ok())
         .unwrap_or(crate::format::stream::VERSION_1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A layer with the source attributes `make_remote` gives a layer pulled through `reg`,
+    /// as a pool closed and opened again has it.
+    fn recorded(reg: &Registry) -> LayerInfo {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pool");
+        let s = Store::create(&p, &crate::volume::CreateOptions::default(), "a test").unwrap();
+        s.create_layer("l", None, Some(1 << 20)).unwrap();
+        s.commit_layer("l").unwrap();
+        let attrs = source_attrs(reg);
+        let changes: Vec<(&str, Option<&str>)> =
+            attrs.iter().map(|(k, v)| (*k, Some(v.as_str()))).collect();
+        s.set_attrs("l", &changes).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        Store::open(&p, "a test").unwrap().layer("l").unwrap()
+    }
+
+    /// The registry the fetch of `l` resumes with at a start (as `reopen` opens it).
+    fn resumed(l: &LayerInfo) -> Registry {
+        let location = sources(l).into_iter().next().unwrap();
+        let blob = format!("{location}@sha256:{}", "ab".repeat(32));
+        Registry::open(&blob, &reopen_options(l, &location)).unwrap()
+    }
+
+    #[test]
+    fn a_layer_pulled_over_plain_http_resumes_over_plain_http() {
+        let image = "registry.example:5000/acme/app:1";
+        let plain = Registry::open(image, &RegistryOptions { plain_http: true }).unwrap();
+        assert!(plain.plain_http);
+        let l = recorded(&plain);
+        let again = resumed(&l);
+        assert!(again.plain_http, "--plain-http was forgotten");
+        assert_eq!(again.location(), "registry.example:5000/acme/app");
+        // The record is for that registry only: another one is dialled with HTTPS.
+        assert!(!plain_http(&l, "registry.example:5001/acme/app"));
+        assert!(!plain_http(&l, "other.example/acme/app"));
+
+        let tls = Registry::open(image, &RegistryOptions::default()).unwrap();
+        assert!(!tls.plain_http);
+        let l = recorded(&tls);
+        assert!(!l.attrs.contains_key(PLAIN_HTTP_ATTR));
+        assert!(!resumed(&l).plain_http, "HTTPS became plain HTTP");
+    }
 }

@@ -10,6 +10,10 @@ use crate::error::{Error, Result};
 use crate::volume::{LayerInfo, Store};
 
 pub const SOURCES_ATTR: &str = "registry.sources";
+/// The registries (`host[:port]` lines) a remote layer's blob was reached at over plain HTTP
+/// (a loopback registry, or `pull --lazy --plain-http`), so that its fetch resumes over plain
+/// HTTP after a restart too: any other host is dialled with HTTPS.
+pub const PLAIN_HTTP_ATTR: &str = "registry.plain_http";
 /// Locations kept per layer: the newest; an older one is dropped (a mount from it is only an
 /// optimisation, and the registry may have deleted it anyway).
 pub const MAX_SOURCES: usize = 8;
@@ -25,6 +29,15 @@ pub fn sources(l: &LayerInfo) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether `location` (`host[:port]/repository`) is to be reached over plain HTTP for layer
+/// `l`: its host is one `PLAIN_HTTP_ATTR` names.
+pub fn plain_http(l: &LayerInfo, location: &str) -> bool {
+    let host = location.split_once('/').map_or(location, |(h, _)| h);
+    l.attrs
+        .get(PLAIN_HTTP_ATTR)
+        .is_some_and(|v| v.lines().any(|h| h == host))
 }
 
 /// `have` with `location` moved (or added) to the front; None when it already is first.
