@@ -3,7 +3,7 @@
 //! Reading (and checksumming) the pool and writing the file overlap: a writer thread takes
 //! filled buffers while the next ones are read.
 
-use super::{CHUNK, WRITEBACK_EVERY};
+use super::{PageBuf, CHUNK, WRITEBACK_EVERY};
 use crate::error::{Error, Result};
 use crate::volume::{ExtentState, Store};
 use serde::Serialize;
@@ -54,10 +54,10 @@ pub fn export_to(
     // file's old content) may survive where this layer reads zeros.
     out.set_len(0).map_err(werr)?;
     out.set_len(size).map_err(werr)?;
-    let (full_tx, full_rx) = sync_channel::<(u64, Vec<u8>)>(DEPTH);
-    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 1);
+    let (full_tx, full_rx) = sync_channel::<(u64, usize, PageBuf)>(DEPTH);
+    let (empty_tx, empty_rx) = sync_channel::<PageBuf>(DEPTH + 1);
     for _ in 0..DEPTH + 1 {
-        empty_tx.send(vec![0u8; CHUNK]).unwrap();
+        empty_tx.send(PageBuf::new()).unwrap();
     }
     let (read_result, write_result) = std::thread::scope(|s| {
         let writer = s.spawn(|| write_chunks(out, full_rx, empty_tx));
@@ -111,8 +111,8 @@ fn read_chunks(
     id: crate::format::LayerId,
     size: u64,
     name: &str,
-    full: SyncSender<(u64, Vec<u8>)>,
-    empty: &Receiver<Vec<u8>>,
+    full: SyncSender<(u64, usize, PageBuf)>,
+    empty: &Receiver<PageBuf>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
     // Walk the map in windows so a huge sparse layer never builds a huge extent list.
@@ -131,11 +131,11 @@ fn read_chunks(
                 let Ok(mut buf) = empty.recv() else {
                     return Ok(());
                 };
-                buf.resize(n, 0);
+                // Each block is read once: around the page cache, where it is aligned.
                 store
-                    .read_layer(id, off, &mut buf)
+                    .read_layer_bulk(id, off, buf.get_mut(0..n))
                     .map_err(|e| e.context(format!("exporting {name:?}")))?;
-                if full.send((off, buf)).is_err() {
+                if full.send((off, n, buf)).is_err() {
                     return Ok(());
                 }
                 off += n as u64;
@@ -150,15 +150,15 @@ fn read_chunks(
 
 fn write_chunks(
     out: &File,
-    full: Receiver<(u64, Vec<u8>)>,
-    empty: SyncSender<Vec<u8>>,
+    full: Receiver<(u64, usize, PageBuf)>,
+    empty: SyncSender<PageBuf>,
 ) -> std::io::Result<u64> {
     let mut written = 0;
     let mut unsynced = 0;
-    for (off, buf) in full {
-        out.write_all_at(&buf, off)?;
-        written += buf.len() as u64;
-        unsynced += buf.len() as u64;
+    for (off, n, buf) in full {
+        out.write_all_at(buf.get(0..n), off)?;
+        written += n as u64;
+        unsynced += n as u64;
         if unsynced >= WRITEBACK_EVERY {
             // The export ends in a sync of the whole file; started now, the disk writes while
             // the rest is read, instead of after it (as qemu-img convert + sync does). Only a

@@ -2,9 +2,8 @@
 //! same as the parent chain are not stored, so a modified copy of an image costs only the
 //! changed blocks, and zeros over a hole cost nothing.
 
-use super::{CHUNK, WRITEBACK_EVERY};
+use super::{PageBuf, CHUNK, WRITEBACK_EVERY};
 use crate::error::{Error, Result};
-use crate::pool::storage::DIRECT_ALIGN;
 use crate::volume::io::is_zero;
 use crate::volume::{LayerInfo, Store};
 use serde::Serialize;
@@ -133,10 +132,9 @@ pub fn import_from(
     // (the content ID's hashing costs about as much CPU as the I/O). Buffers go round between
     // them, so at most `BUFFERS` chunks are in memory.
     let (to_diff, chunks) = mpsc::sync_channel::<Chunk>(BUFFERS);
-    let (back, free) = mpsc::channel::<Vec<u8>>();
+    let (back, free) = mpsc::channel::<PageBuf>();
     for _ in 0..BUFFERS {
-        back.send(vec![0u8; CHUNK + DIRECT_ALIGN])
-            .expect("the receiver is here");
+        back.send(PageBuf::new()).expect("the receiver is here");
     }
     let sink = &mut *diff;
     std::thread::scope(|scope| -> Result<()> {
@@ -177,9 +175,7 @@ pub fn import_from(
             let mut buf = free
                 .recv()
                 .expect("the feeding thread returns every buffer");
-            // Read to a page-aligned start, so the pool writes it with O_DIRECT.
-            let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-            let data = &mut buf[at..at + n];
+            let data = buf.get_mut(0..n);
             read_full(f, data, off)
                 .map_err(|e| Error::io(format!("reading {label} at byte {off}"), e))?;
             stats.bytes_read += n as u64;
@@ -234,7 +230,6 @@ pub fn import_from(
                 .send(Chunk {
                     off,
                     len: n,
-                    at,
                     buf,
                     stored,
                     continues,
@@ -259,9 +254,7 @@ const BUFFERS: usize = 3;
 struct Chunk {
     off: u64,
     len: usize,
-    /// Where the chunk starts in `buf` (its first page-aligned byte).
-    at: usize,
-    buf: Vec<u8>,
+    buf: PageBuf,
     stored: Vec<std::ops::Range<usize>>,
     continues: bool,
 }
@@ -273,7 +266,7 @@ impl Chunk {
             let mut run = r.start;
             for s in (r.start..r.end).step_by(bs) {
                 let e = (s + bs).min(r.end);
-                if is_zero(&self.buf[self.at + s..self.at + e]) {
+                if is_zero(self.buf.get(s..e)) {
                     self.data(diff, run..s);
                     diff.zero(self.off + s as u64, (e - s) as u64);
                     run = e;
@@ -288,7 +281,7 @@ impl Chunk {
             let ends = r.end < self.len || !self.continues;
             diff.data(
                 self.off + r.start as u64,
-                &self.buf[self.at + r.start..self.at + r.end],
+                self.buf.get(r.start..r.end),
                 ends,
             );
         }

@@ -96,6 +96,18 @@ impl Inner {
         vb0: u64,
         out: &mut [u8],
     ) -> Result<()> {
+        self.read_blocks_with(storage, top, vb0, out, false)
+    }
+
+    /// `read_blocks`, `bulk`: through `Storage::read_bulk_at`.
+    fn read_blocks_with(
+        &self,
+        storage: &dyn Storage,
+        top: LayerId,
+        vb0: u64,
+        out: &mut [u8],
+        bulk: bool,
+    ) -> Result<()> {
         let bs = self.block_size as usize;
         let n = out.len() / bs;
         // A block a remote layer does not hold yet is never read through to its parent; the
@@ -123,9 +135,13 @@ impl Inner {
                         j += 1;
                     }
                     let buf = &mut out[i * bs..j * bs];
-                    storage
-                        .read_at(buf, pblock.0 * bs as u64)
-                        .map_err(|e| Error::io(format!("reading {pblock}"), e))?;
+                    let at = pblock.0 * bs as u64;
+                    if bulk {
+                        storage.read_bulk_at(buf, at)
+                    } else {
+                        storage.read_at(buf, at)
+                    }
+                    .map_err(|e| Error::io(format!("reading {pblock}"), e))?;
                     for (k, blk) in buf.chunks_exact(bs).enumerate() {
                         if let Resolved::Data { pblock, crc, owner } = resolved[i + k] {
                             let actual = checksum::data(blk);
@@ -170,6 +186,18 @@ impl Inner {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
+        self.read_with(storage, id, offset, buf, false)
+    }
+
+    /// `read`, `bulk`: whole blocks through `Storage::read_bulk_at` (`Store::read_layer_bulk`).
+    fn read_with(
+        &self,
+        storage: &dyn Storage,
+        id: LayerId,
+        offset: u64,
+        buf: &mut [u8],
+        bulk: bool,
+    ) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range(id, offset, len, false)?;
         if len == 0 {
@@ -179,7 +207,7 @@ impl Inner {
         let vb0 = offset / bs;
         let vb1 = (offset + len - 1) / bs + 1;
         if offset.is_multiple_of(bs) && len.is_multiple_of(bs) {
-            return self.read_blocks(storage, id, vb0, buf);
+            return self.read_blocks_with(storage, id, vb0, buf, bulk);
         }
         let mut tmp = vec![0u8; ((vb1 - vb0) * bs) as usize];
         self.read_blocks(storage, id, vb0, &mut tmp)?;
@@ -613,6 +641,13 @@ impl Store {
     pub fn read_layer(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.make_local(id, offset, buf.len() as u64)?;
         self.read().read(&*self.storage, id, offset, buf)
+    }
+
+    /// `read_layer` for a bulk reader (an export) that reads each block once: whole blocks may
+    /// bypass the pool file's page cache (`Storage::read_bulk_at`).
+    pub fn read_layer_bulk(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.make_local(id, offset, buf.len() as u64)?;
+        self.read().read_with(&*self.storage, id, offset, buf, true)
     }
 
     /// Write `data` at `offset` of layer `id`. Whole blocks that all go to new pool blocks (the
