@@ -268,11 +268,24 @@ mod tests {
 
     /// The IDs an import hashes as it writes are the ones a second read (`send`) computes:
     /// data runs crossing a 4 MiB cut, whiteouts over the parent's data, blocks equal to the
-    /// parent's (not stored), holes (not read), and a short last block.
+    /// parent's (not stored), holes (not read), and a short last block. Over a pool in memory
+    /// and over a pool file, where the import's blocks are written with O_DIRECT.
     #[test]
     fn an_import_hashes_the_stream_send_would_write() {
-        let x = exports();
-        let p = LivePool::serving(&x);
+        // In the source tree, not /tmp: a tmpfs /tmp would not take the O_DIRECT path.
+        let file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let on_file = Store::create_in(
+            Arc::new(crate::pool::storage::FileStorage::new(file)),
+            &CreateOptions::default(),
+        );
+        let on_file = LiveExports::new(Arc::new(on_file.unwrap()), Vec::new());
+        for x in [exports(), on_file] {
+            an_import_hashes_the_stream_send_would_write_in(&x);
+        }
+    }
+
+    fn an_import_hashes_the_stream_send_would_write_in(x: &LiveExports) {
+        let p = LivePool::serving(x);
         let dir = tempfile::tempdir().unwrap();
         let mib = 1usize << 20;
         let mut base = vec![0u8; 12 * mib];

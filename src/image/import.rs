@@ -4,6 +4,7 @@
 
 use super::{CHUNK, WRITEBACK_EVERY};
 use crate::error::{Error, Result};
+use crate::pool::storage::DIRECT_ALIGN;
 use crate::volume::io::is_zero;
 use crate::volume::{LayerInfo, Store};
 use serde::Serialize;
@@ -134,7 +135,8 @@ pub fn import_from(
     let (to_diff, chunks) = mpsc::sync_channel::<Chunk>(BUFFERS);
     let (back, free) = mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
-        back.send(vec![0u8; CHUNK]).expect("the receiver is here");
+        back.send(vec![0u8; CHUNK + DIRECT_ALIGN])
+            .expect("the receiver is here");
     }
     let sink = &mut *diff;
     std::thread::scope(|scope| -> Result<()> {
@@ -175,7 +177,9 @@ pub fn import_from(
             let mut buf = free
                 .recv()
                 .expect("the feeding thread returns every buffer");
-            let data = &mut buf[..n];
+            // Read to a page-aligned start, so the pool writes it with O_DIRECT.
+            let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            let data = &mut buf[at..at + n];
             read_full(f, data, off)
                 .map_err(|e| Error::io(format!("reading {label} at byte {off}"), e))?;
             stats.bytes_read += n as u64;
@@ -209,7 +213,7 @@ pub fn import_from(
                     j += 1;
                 }
                 let (s, e) = (i * bs as usize, (j * bs as usize).min(n));
-                store.write_layer(layer.id, off + s as u64, &data[s..e])?;
+                store.write_layer_bulk(layer.id, off + s as u64, &data[s..e])?;
                 stats.bytes_changed += (e - s) as u64;
                 unsynced += (e - s) as u64;
                 stored.push(s..e);
@@ -219,7 +223,8 @@ pub fn import_from(
                 // The commit at the end syncs every block written; started now, their
                 // writeback overlaps the reading and hashing of the rest (qemu-img leaves it
                 // all to the end). strace of an import of 512 MiB: the final fdatasync took
-                // 0.05-0.27 s without this, under 0.01 s with it.
+                // 0.05-0.27 s without this, under 0.01 s with it. Blocks written with O_DIRECT
+                // (`write_layer_bulk`) have no dirty pages; this covers those buffered.
                 store.start_writeback();
                 unsynced = 0;
             }
@@ -229,6 +234,7 @@ pub fn import_from(
                 .send(Chunk {
                     off,
                     len: n,
+                    at,
                     buf,
                     stored,
                     continues,
@@ -253,6 +259,8 @@ const BUFFERS: usize = 3;
 struct Chunk {
     off: u64,
     len: usize,
+    /// Where the chunk starts in `buf` (its first page-aligned byte).
+    at: usize,
     buf: Vec<u8>,
     stored: Vec<std::ops::Range<usize>>,
     continues: bool,
@@ -265,7 +273,7 @@ impl Chunk {
             let mut run = r.start;
             for s in (r.start..r.end).step_by(bs) {
                 let e = (s + bs).min(r.end);
-                if is_zero(&self.buf[s..e]) {
+                if is_zero(&self.buf[self.at + s..self.at + e]) {
                     self.data(diff, run..s);
                     diff.zero(self.off + s as u64, (e - s) as u64);
                     run = e;
@@ -278,7 +286,11 @@ impl Chunk {
     fn data(&self, diff: &mut (dyn DiffSink + Send), r: std::ops::Range<usize>) {
         if !r.is_empty() {
             let ends = r.end < self.len || !self.continues;
-            diff.data(self.off + r.start as u64, &self.buf[r], ends);
+            diff.data(
+                self.off + r.start as u64,
+                &self.buf[self.at + r.start..self.at + r.end],
+                ends,
+            );
         }
     }
 }

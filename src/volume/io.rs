@@ -27,15 +27,20 @@ struct Planned {
 }
 
 impl Planned {
-    /// Write the planned blocks (no lock held); the crc of each, in order.
-    fn write(&self, storage: &dyn Storage, data: &[u8]) -> Result<Vec<u32>> {
+    /// Write the planned blocks (no lock held), `bulk`: as `Storage::write_bulk_at`; the crc of
+    /// each, in order.
+    fn write(&self, storage: &dyn Storage, data: &[u8], bulk: bool) -> Result<Vec<u32>> {
         let bs = self.block_size;
         let mut crcs = Vec::with_capacity(self.runs.iter().map(|r| r.2).sum());
         for &(i, p, got) in &self.runs {
             let run = &data[i * bs..(i + got) * bs];
-            storage
-                .write_at(run, p.0 * bs as u64)
-                .map_err(|e| Error::io(format!("writing {p}"), e))?;
+            let at = p.0 * bs as u64;
+            if bulk {
+                storage.write_bulk_at(run, at)
+            } else {
+                storage.write_at(run, at)
+            }
+            .map_err(|e| Error::io(format!("writing {p}"), e))?;
             crcs.extend(run.chunks_exact(bs).map(checksum::data));
         }
         Ok(crcs)
@@ -616,6 +621,16 @@ impl Store {
     /// flush, a read or another layer's write never waits behind this one's data. The rest
     /// (partial blocks, in-place overwrites of fresh blocks) is done under the lock.
     pub fn write_layer(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_layer_with(id, offset, data, false)
+    }
+
+    /// `write_layer` for a bulk writer (an image import): its new blocks may bypass the pool
+    /// file's page cache (`Storage::write_bulk_at`), since nothing reads them while it runs.
+    pub fn write_layer_bulk(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_layer_with(id, offset, data, true)
+    }
+
+    fn write_layer_with(&self, id: LayerId, offset: u64, data: &[u8], bulk: bool) -> Result<()> {
         self.edges_local(id, offset, data.len() as u64)?;
         let mut g = self.write()?;
         let Some(plan) = g.plan_new_blocks(id, offset, data)? else {
@@ -624,7 +639,7 @@ impl Store {
         drop(g);
         // No lock: the planned blocks are used in the allocator but named by no map, so no
         // reader, commit or punch touches them (§3 rule 5).
-        let written = plan.write(&*self.storage, data);
+        let written = plan.write(&*self.storage, data, bulk);
         let mut g = self.write()?;
         match written {
             Ok(crcs) => g.map_planned(id, offset, data, &plan, &crcs),
