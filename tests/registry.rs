@@ -1,13 +1,14 @@
 //! Push and pull through a real OCI registry: Debian's docker-registry 2.8, started here on
 //! 127.0.0.1 with a temp config and storage, its access log counting blob transfers, stopped
-//! by PID. Two pools play two hosts.
+//! by PID. Two pools play two hosts. One registry asks for bearer tokens (`auth: token`) from
+//! a token server the test runs on 127.0.0.1.
 
 mod support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use support::{have, sh, tl, Server};
+use support::{have, sh, tl, tl_env, Server};
 
 const REGISTRY: &str = "/usr/bin/docker-registry";
 
@@ -31,13 +32,18 @@ impl Registry {
     /// A registry on `port` over the storage in `dir` (again, after `stop`: same blobs, and
     /// its access log goes on in the same file).
     fn start_on(dir: &Path, port: u16) -> Registry {
+        Registry::start_configured(dir, port, "")
+    }
+
+    /// As `start_on`, with `more` (YAML sections, e.g. `auth:`) in its configuration.
+    fn start_configured(dir: &Path, port: u16, more: &str) -> Registry {
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
+                 http:\n  addr: 127.0.0.1:{port}\n{more}",
                 dir.join("storage").display()
             ),
         )
@@ -929,4 +935,372 @@ fn a_lazy_read_waits_out_a_registry_outage_and_never_serves_a_flipped_byte() {
     server.stop();
     clean(&b);
     drop(reg);
+}
+
+// ---- bearer tokens (issue 20: "bearer tokens renewed when they expire") ---------------------
+
+/// distribution's leeway on a token's `exp` (registry/auth/token/token.go, `Leeway`): the
+/// registry takes a token until `exp` + 60 s.
+const LEEWAY: u64 = 60;
+/// How long the registry takes a token after it is issued: its `exp` is set back by the
+/// leeway, so a test sees tokens expire in seconds.
+const TOKEN_LIFE: u64 = 2;
+const USER: (&str, &str) = ("alice", "s3cret");
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A token server (distribution's token spec) on 127.0.0.1: it grants any scope asked to
+/// `USER` (HTTP Basic; anyone else gets 401) as RS256 JWTs signed with the `openssl` CLI,
+/// whose self-signed certificate goes in each token's `x5c` and in the registry's
+/// `rootcertbundle`. It keeps each token's `exp`.
+struct Tokens {
+    port: u16,
+    dir: PathBuf,
+    issued: std::sync::Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tokens {
+    fn start(dir: &Path) -> Tokens {
+        sh(&format!(
+            "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -keyout token.key -out token.pem \
+             -days 1 -subj /CN=thinlayer-test-tokens 2>/dev/null && \
+             openssl x509 -in token.pem -outform DER -out token.der",
+            dir.display()
+        ));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut t = Tokens {
+            port,
+            dir: dir.to_path_buf(),
+            issued: Default::default(),
+            refused: Default::default(),
+            stop: Default::default(),
+            thread: None,
+        };
+        let (d, issued, refused, stop) = (
+            t.dir.clone(),
+            t.issued.clone(),
+            t.refused.clone(),
+            t.stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            for c in l.incoming() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(c) = c else { continue };
+                if !Tokens::answer(&d, c, &issued) {
+                    refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        t.thread = Some(thread);
+        t
+    }
+
+    /// The registry's `auth:` section for these tokens.
+    fn registry_config(&self) -> String {
+        format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: thinlayer-registry\n    \
+             issuer: thinlayer-test\n    rootcertbundle: {}\n",
+            self.port,
+            self.dir.join("token.pem").display()
+        )
+    }
+
+    fn count(&self) -> usize {
+        self.issued.lock().unwrap().len()
+    }
+
+    /// Answer one request: a token for `USER`, kept with its `exp` in `issued` before it is
+    /// sent; else 401 and false.
+    fn answer(
+        dir: &Path,
+        mut c: std::net::TcpStream,
+        issued: &std::sync::Mutex<Vec<(String, u64)>>,
+    ) -> bool {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use base64::Engine as _;
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            // Connected and gone (Drop's wake-up): not a request.
+            return true;
+        }
+        let target = line.split(' ').nth(1).unwrap_or_default().to_string();
+        let mut authorized = false;
+        let basic = format!(
+            "basic {}",
+            STANDARD.encode(format!("{}:{}", USER.0, USER.1))
+        );
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("authorization") {
+                    authorized = v.trim().to_ascii_lowercase() == basic.to_ascii_lowercase();
+                }
+            }
+        }
+        if !authorized {
+            let body = "{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}";
+            write!(
+                c,
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .ok(); // a client that went away needs no answer
+            return false;
+        }
+        // scope=repository:NAME:ACTIONS, form-encoded.
+        let access: Vec<serde_json::Value> = target
+            .split_once('?')
+            .map_or("", |(_, q)| q)
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix("scope="))
+            .filter_map(|s| {
+                let s = percent_decode(s);
+                let (kind_name, actions) = s.rsplit_once(':')?;
+                let (kind, name) = kind_name.split_once(':')?;
+                Some(serde_json::json!({
+                    "type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()
+                }))
+            })
+            .collect();
+        let now = unix_now() as u64;
+        let exp = now - LEEWAY + TOKEN_LIFE;
+        let cert = STANDARD.encode(std::fs::read(dir.join("token.der")).unwrap());
+        let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [cert]});
+        let claims = serde_json::json!({
+            "iss": "thinlayer-test", "sub": USER.0, "aud": "thinlayer-registry",
+            "exp": exp, "nbf": now - 1, "iat": now, "jti": format!("{now}-{}", unix_now()),
+            "access": access,
+        });
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut p = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(dir.join("token.key"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin
+            .take()
+            .unwrap()
+            .write_all(signed.as_bytes())
+            .unwrap();
+        let o = p.wait_with_output().unwrap();
+        assert!(o.status.success(), "openssl dgst -sign failed");
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(o.stdout));
+        let body = serde_json::json!({"token": token, "expires_in": TOKEN_LIFE}).to_string();
+        issued.lock().unwrap().push((token, exp));
+        write!(
+            c,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok(); // a client that went away needs no answer
+        true
+    }
+
+    /// A token for `scope`, asked as a client would (with `USER`'s password).
+    fn ask(&self, scope: &str) -> (String, u64) {
+        use base64::Engine as _;
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", USER.0, USER.1));
+        write!(
+            c,
+            "GET /token?service=thinlayer-registry&scope={scope} HTTP/1.0\r\nAuthorization: Basic {basic}\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let token = v["token"].as_str().unwrap().to_string();
+        let exp = self
+            .issued
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(t, _)| *t == token)
+            .unwrap()
+            .1;
+        (token, exp)
+    }
+}
+
+impl Drop for Tokens {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop, which then sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(h, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// The status the registry answers a ranged GET of `digest` in `repo` with, sent with bearer
+/// token `token`.
+fn blob_status(reg: &Registry, repo: &str, digest: &str, token: &str) -> u16 {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", reg.port)).unwrap();
+    write!(
+        c,
+        "GET /v2/{repo}/blobs/{digest} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nRange: bytes=0-0\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).unwrap();
+    let head = String::from_utf8_lossy(&answer[..answer.len().min(64)]).into_owned();
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_lazy_layer_reads_on_after_its_bearer_token_expired() {
+    for t in [REGISTRY, "/usr/bin/python3", "/usr/bin/openssl"] {
+        if !Path::new(t).exists() {
+            panic!("{t} is missing (.ci/run installs docker-registry, python3-libnbd, openssl)");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tokens = Tokens::start(d);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let reg = Registry::start_configured(d, port, &tokens.registry_config());
+    // The credentials the CLI and the server find: USER's password for this registry only,
+    // which the client trades for tokens.
+    let config = d.join("docker");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(
+        config.join("config.json"),
+        format!(
+            r#"{{"auths": {{"127.0.0.1:{port}": {{"username": "{}", "password": "{}"}}}}}}"#,
+            USER.0, USER.1
+        ),
+    )
+    .unwrap();
+    let env = [("DOCKER_CONFIG", config.as_path())];
+    let (a, b) = (d.join("a.pool"), d.join("b.pool"));
+    let r1 = format!("127.0.0.1:{port}/lazy/app:1");
+    tl(&a, &["init"]);
+    base_and_app_images(d);
+    tl(
+        &a,
+        &["import", "base", d.join("base.img").to_str().unwrap()],
+    );
+    let app = d.join("app.img");
+    tl(
+        &a,
+        &["import", "app", app.to_str().unwrap(), "--parent", "base"],
+    );
+    tl_env(&a, &env, &["push", "app", &r1]);
+    let (digest, _) = ids(&a, "app");
+    let want = std::fs::read(&app).unwrap();
+    let block = |n: usize| &want[n * 4096..][..4096];
+
+    tl(&b, &["init"]);
+    let (sock, log) = (b.with_extension("sock"), b.with_extension("log"));
+    let serve = |log: &Path| {
+        let args = ["--no-remote-fill", "--remote-timeout", "5"];
+        let out = std::fs::File::create(log).unwrap();
+        Server::start_env(&b, &sock, &args, out, &env)
+    };
+    let server = serve(&log);
+    let out = tl(&b, &["pull", "--lazy", &r1, "app"]);
+    assert!(out.contains("2 layer(s) remote"), "{out}");
+    assert_eq!(
+        nbd_read(&server, "app", 50 * 4096, 4096).unwrap(),
+        block(50)
+    );
+
+    // The registry refuses a token once its time is up (so the reads below cannot have
+    // used an old one): one asked now works, and no longer after its expiry. Every token
+    // the server got before it has expired by then too.
+    let (token, exp) = tokens.ask("repository:lazy/app:pull");
+    assert_eq!(blob_status(&reg, "lazy/app", &digest, &token), 206);
+    let over = (exp + LEEWAY + 1) as f64;
+    while unix_now() < over {
+        std::thread::sleep(std::time::Duration::from_secs_f64(over - unix_now()));
+    }
+    assert_eq!(blob_status(&reg, "lazy/app", &digest, &token), 401);
+
+    // A read of an unfetched block: the server's client gets a new token and reads on.
+    let before = tokens.count();
+    assert_eq!(
+        nbd_read(&server, "app", 2100 * 4096, 4096).unwrap(),
+        block(2100)
+    );
+    assert!(tokens.count() > before, "no new token was asked for");
+    // After a restart, the fetch resumes with the credentials of the server's user.
+    server.stop();
+    let server = serve(&b.with_extension("log2"));
+    assert_eq!(
+        nbd_read(&server, "app", 2900 * 4096, 4096).unwrap(),
+        block(2900)
+    );
+    server.stop();
+    // Every blob request carried a token the registry took: the only blob GETs it refused
+    // are the test's own with the expired token, and nobody was refused a token.
+    reg.sync();
+    let refused: Vec<String> = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter(|l| l.contains("HTTP/1.0\" 401") || l.contains("HTTP/1.1\" 401"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert_eq!(tokens.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
+    clean(&b);
 }

@@ -64,7 +64,13 @@ pub fn sh(cmd: &str) -> String {
 
 /// Run `thinlayer --pool POOL ARGS`, whatever the outcome.
 pub fn tl_output(pool: &Path, args: &[&str]) -> std::process::Output {
+    tl_output_env(pool, &[], args)
+}
+
+/// As `tl_output`, with environment variables `env` set.
+pub fn tl_output_env(pool: &Path, env: &[(&str, &Path)], args: &[&str]) -> std::process::Output {
     Command::new(bin())
+        .envs(env.iter().copied())
         .arg("--pool")
         .arg(pool)
         .args(args)
@@ -74,7 +80,12 @@ pub fn tl_output(pool: &Path, args: &[&str]) -> std::process::Output {
 
 /// Run `thinlayer --pool POOL ARGS`, expect success, return stdout.
 pub fn tl(pool: &Path, args: &[&str]) -> String {
-    let o = tl_output(pool, args);
+    tl_env(pool, &[], args)
+}
+
+/// As `tl`, with environment variables `env` set.
+pub fn tl_env(pool: &Path, env: &[(&str, &Path)], args: &[&str]) -> String {
+    let o = tl_output_env(pool, env, args);
     assert!(
         o.status.success(),
         "thinlayer {args:?}: {}",
@@ -133,7 +144,19 @@ impl Server {
     /// one (`--keeper`): these servers are ended by SIGKILL (Drop, kill9), which a keeper would
     /// answer with a new server.
     pub fn start_with(pool: &Path, sock: &Path, args: &[&str], log: impl Into<Stdio>) -> Server {
+        Server::start_env(pool, sock, args, log, &[])
+    }
+
+    /// As `start_with`, with environment variables `env` set for the server.
+    pub fn start_env(
+        pool: &Path,
+        sock: &Path,
+        args: &[&str],
+        log: impl Into<Stdio>,
+        env: &[(&str, &Path)],
+    ) -> Server {
         let child = Command::new(bin())
+            .envs(env.iter().copied())
             .arg("--pool")
             .arg(pool)
             .args(["serve", "--socket"])
