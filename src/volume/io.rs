@@ -88,19 +88,8 @@ impl Inner {
     }
 
     /// Read whole blocks `vb0..vb0+n` of the chain topped by `top` into `out`, verifying data
-    /// checksums.
+    /// checksums; `bulk`: through `Storage::read_bulk_at`.
     fn read_blocks(
-        &self,
-        storage: &dyn Storage,
-        top: LayerId,
-        vb0: u64,
-        out: &mut [u8],
-    ) -> Result<()> {
-        self.read_blocks_with(storage, top, vb0, out, false)
-    }
-
-    /// `read_blocks`, `bulk`: through `Storage::read_bulk_at`.
-    fn read_blocks_with(
         &self,
         storage: &dyn Storage,
         top: LayerId,
@@ -207,10 +196,10 @@ impl Inner {
         let vb0 = offset / bs;
         let vb1 = (offset + len - 1) / bs + 1;
         if offset.is_multiple_of(bs) && len.is_multiple_of(bs) {
-            return self.read_blocks_with(storage, id, vb0, buf, bulk);
+            return self.read_blocks(storage, id, vb0, buf, bulk);
         }
         let mut tmp = vec![0u8; ((vb1 - vb0) * bs) as usize];
-        self.read_blocks(storage, id, vb0, &mut tmp)?;
+        self.read_blocks(storage, id, vb0, &mut tmp, false)?;
         let skip = (offset - vb0 * bs) as usize;
         buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
         Ok(())
@@ -234,7 +223,7 @@ impl Inner {
             if within != 0 || end - pos < bs {
                 let n = (bs - within).min(end - pos);
                 let mut blk = vec![0u8; bs as usize];
-                self.read_blocks(storage, id, vb, &mut blk)?;
+                self.read_blocks(storage, id, vb, &mut blk, false)?;
                 blk[within as usize..(within + n) as usize].copy_from_slice(&src[..n as usize]);
                 self.put_blocks(storage, id, vb, &blk)?;
                 pos += n;
@@ -574,8 +563,8 @@ impl Inner {
             let equal = match (m, below) {
                 (Mapping::Zero, Resolved::Zero | Resolved::Hole) => true,
                 (Mapping::Data { crc, .. }, Resolved::Data { crc: c, .. }) if crc == c => {
-                    self.read_blocks(storage, id, vb.0, &mut mine)?;
-                    self.read_blocks(storage, parent, vb.0, &mut theirs)?;
+                    self.read_blocks(storage, id, vb.0, &mut mine, false)?;
+                    self.read_blocks(storage, parent, vb.0, &mut theirs, false)?;
                     mine == theirs
                 }
                 _ => false,
