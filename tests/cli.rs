@@ -159,8 +159,12 @@ fn five_containers_cost_nothing_and_show_the_image_virtual_size() {
     p.ok(&["import", "img", img.to_str().unwrap()]);
     let image_size = p.layer("img")["size"].as_u64().unwrap();
     assert!(image_size > 0);
+    // The pool's own count of the blocks it uses, not the host's `file_allocated` (st_blocks):
+    // that one also counts the host filesystem's extent-tree blocks, and an import that writes
+    // with O_DIRECT beside other tests' allocations leaves the pool file fragmented enough that
+    // one more extent sometimes costs ext4 a tree block (seen in 3 runs of 8 of this file).
     let before: u64 = serde_json::from_str::<serde_json::Value>(&p.ok(&["df", "--json"])).unwrap()
-        ["file_allocated"]
+        ["allocated"]
         .as_u64()
         .unwrap();
     for i in 0..5 {
@@ -176,7 +180,7 @@ fn five_containers_cost_nothing_and_show_the_image_virtual_size() {
         assert!(l["created"].as_str().unwrap().ends_with('Z'));
     }
     let df: serde_json::Value = serde_json::from_str(&p.ok(&["df", "--json"])).unwrap();
-    let grown = df["file_allocated"].as_u64().unwrap() - before;
+    let grown = df["allocated"].as_u64().unwrap() - before;
     assert!(
         grown <= 5 * 4096,
         "five containers grew the pool by {grown} bytes"
