@@ -113,7 +113,7 @@ fn meta_kind(p: &[u8]) -> Option<Kind> {
     if p.len() < PAGE_SIZE {
         return None;
     }
-    [Kind::CheckpointPage, Kind::LogPage]
+    [Kind::CheckpointPage, Kind::LogPage, Kind::ChecksumPage]
         .into_iter()
         .find(|&k| checksum::verify(k, p).is_ok())
 }
