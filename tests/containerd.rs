@@ -599,6 +599,8 @@ fn containerd_pulls_and_runs_containers_on_thinlayer_snapshots() {
         eprintln!("skipping: {why}");
         return;
     }
+    // Its 1-byte write runs `sync`.
+    let _syncs = GLOBAL_SYNCS.read().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (_registry, host) = registry_with_images(dir.path());
     let mut thin = Thinlayer::start(dir.path(), "thin");
@@ -1183,6 +1185,8 @@ fn through_events(event: Event) {
         eprintln!("skipping: {why}");
         return;
     }
+    // Its writer runs `sync`.
+    let _syncs = GLOBAL_SYNCS.read().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (_registry, host) = registry_with_images(dir.path());
     let mut thin = Thinlayer::start(dir.path(), "thin");
@@ -1435,6 +1439,12 @@ fn through_events(event: Event) {
     assert!(!thin.log().contains("panicked"), "{}", thin.log());
 }
 
+/// Tests whose containers run `sync` (which syncs every filesystem on the machine) hold this
+/// for reading; the test that needs a container's unsynced data to stay unsynced until it asks
+/// for a sync holds it for writing. (A fresh-clone CI run saw no syncfs in flight at all: a
+/// concurrent test's writer, which runs `sync` in a loop, had written the data back first.)
+static GLOBAL_SYNCS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// The processes in `syncfs` right now among `pid` and its children: (pid, tid) pairs.
 fn in_syncfs(pid: i32) -> Vec<(i32, i32)> {
     let mut pids = vec![pid];
@@ -1481,6 +1491,7 @@ fn a_kill_while_usage_syncs_a_containers_filesystem_does_not_stop_the_next_serve
         eprintln!("skipping: {why}");
         return;
     }
+    let _no_syncs = GLOBAL_SYNCS.write().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (_registry, host) = registry_with_images(dir.path());
     let mut thin = Thinlayer::start(dir.path(), "thin");
