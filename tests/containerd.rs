@@ -415,6 +415,28 @@ impl Containerd {
             .unwrap()
     }
 
+    /// `ctr run` of `sh -c SCRIPT` in a container `id` of `image` on the thinlayer snapshotter,
+    /// in the background, its output piped.
+    fn run_background(&self, image: &str, id: &str, script: &str) -> Child {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .args([
+                "-n",
+                ns(),
+                "run",
+                "--cgroup",
+                "",
+                "--snapshotter",
+                "thinlayer",
+            ])
+            .args([image, id, "/bin/sh", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Run `ctr ARGS`, expect success, return stdout.
     fn ctr(&self, args: &[&str]) -> String {
         let o = self.ctr_output(args);
@@ -1218,23 +1240,7 @@ fn through_events(event: Event) {
     // runc's state is per namespace and id, across containerds: an id of its own.
     let id = format!("writer-{event:?}").to_lowercase();
     let id = id.as_str();
-    let mut writer = Command::new("ctr")
-        .arg("-a")
-        .arg(&ctd.socket)
-        .args([
-            "-n",
-            ns(),
-            "run",
-            "--cgroup",
-            "",
-            "--snapshotter",
-            "thinlayer",
-        ])
-        .args([base.as_str(), id, "/bin/sh", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut writer = ctd.run_background(&base, id, script);
     let written = |tag: &str| -> usize {
         let o = ctd.ctr_output(&[
             "task",
@@ -1504,27 +1510,12 @@ fn a_kill_while_usage_syncs_a_containers_filesystem_does_not_stop_the_next_serve
     assert!(o.status.success(), "pull: {}", stderr_of(&o));
 
     let id = "syncer";
-    let mut container = Command::new("ctr")
-        .arg("-a")
-        .arg(&ctd.socket)
-        .args([
-            "-n",
-            ns(),
-            "run",
-            "--cgroup",
-            "",
-            "--snapshotter",
-            "thinlayer",
-        ])
-        .args([base.as_str(), id, "/bin/sh", "-c"])
-        .arg(
-            "busybox dd if=/dev/urandom of=/big bs=1M count=128 2>/dev/null && echo written; \
-             busybox sleep 600",
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut container = ctd.run_background(
+        &base,
+        id,
+        "busybox dd if=/dev/urandom of=/big bs=1M count=128 2>/dev/null && echo written; \
+         busybox sleep 600",
+    );
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(container.stdout.as_mut().unwrap()),

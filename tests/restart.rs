@@ -1030,6 +1030,18 @@ fn qemus_nbd_client_with_reconnect_delay_writes_through_two_restarts() {
     s.stop();
 }
 
+/// `thinlayer --pool POOL serve --socket SOCK`, its stderr discarded.
+fn spawn_serve(pool: &Path, sock: &Path) -> std::process::Child {
+    Command::new(bin())
+        .arg("--pool")
+        .arg(pool)
+        .args(["serve", "--socket"])
+        .arg(sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A SIGTERM sent the moment the server's first socket appears (a supervisor stopping what it
 /// just started) stops it cleanly: exit 0, its keeper gone, no socket or pool lock left. Before
 /// the handlers were installed first, a SIGTERM in the window between the first bind and the
@@ -1042,14 +1054,7 @@ fn a_sigterm_as_soon_as_the_first_socket_appears_stops_the_server_cleanly() {
     tl(&pool, &["init"]);
     for round in 0..5 {
         let sock = d.path().join(format!("nbd-{round}.sock"));
-        let mut server = Command::new(bin())
-            .arg("--pool")
-            .arg(&pool)
-            .args(["serve", "--socket"])
-            .arg(&sock)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut server = spawn_serve(&pool, &sock);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !sock.exists() {
             assert!(std::time::Instant::now() < deadline, "no socket in 30 s");
@@ -1073,14 +1078,7 @@ fn a_plain_serve_has_a_keeper_and_a_sigterm_stops_both() {
     let pool = d.path().join("pool");
     tl(&pool, &["init"]);
     let sock = d.path().join("nbd.sock");
-    let mut server = Command::new(bin())
-        .arg("--pool")
-        .arg(&pool)
-        .args(["serve", "--socket"])
-        .arg(&sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = spawn_serve(&pool, &sock);
     wait_for(&support::control_path(&pool));
     let st: serde_json::Value = serde_json::from_str(&tl(&pool, &["status", "--json"])).unwrap();
     let pid = st["pid"].as_i64().unwrap() as i32;
