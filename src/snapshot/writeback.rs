@@ -5,8 +5,9 @@
 //! counters the snapshotter finds, through the kernel, the loop devices whose backing file is
 //! the live file and the mounts of those devices, and syncs each filesystem (`syncfs`): its
 //! dirty data and journal go to the loop device, whose flush reaches the live file's `fsync`
-//! and so the pool. An idle filesystem has nothing to write, so this costs a scan of
-//! `/sys/block` and `/proc/self/mountinfo` and a system call per mount.
+//! and so the pool. An idle filesystem has nothing to write, so this costs a look at the
+//! bound loop devices (`/proc/partitions`, then their `backing_file`), `/proc/self/mountinfo`
+//! and a `syncfs` per mount, made by the live files' binder child (`crate::fuse::binder`).
 //!
 //! A mount made in another mount namespace is not in ours and is not synced (containerd's
 //! shim mounts a container's root in the host's namespace, where `thinlayer serve` runs).
