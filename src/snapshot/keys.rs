@@ -53,12 +53,13 @@ pub fn layer_name(key: &str) -> String {
 }
 
 /// Whether active snapshot `key` is one whose filesystem is written once, unmounted and then
-/// committed, so that what it holds matters only from its Commit on (which makes it durable,
-/// §4 of DESIGN.md): containerd's unpacks and applies (`extract-…`, its
-/// `snapshots.UnpackKeyPrefix`) and Docker's init layers (`ID-init-key`, committed as
-/// `ID-init` once dockerd has written its files). A crash before the Commit leaves a snapshot
-/// that is never committed: containerd removes an unpack's key and starts again, dockerd an
-/// init layer's. Any other key (a container's root, a build step's layer) is not.
+/// committed, so that what it holds matters only from its Commit on, which makes it durable
+/// (DESIGN §10.1, "Flushes only where someone needs them"): containerd's unpacks and applies
+/// (`extract-…`, its `snapshots.UnpackKeyPrefix`) and Docker's init layers (`ID-init-key`,
+/// committed as `ID-init` once dockerd has written its files). A crash before the Commit
+/// leaves a snapshot that is never committed: containerd unpacks again under a new key, and a
+/// container whose init layer was not committed was never made. Any other key (a container's
+/// root, a classic-builder step's layer) is not.
 ///
 /// containerd's metadata store hands keys on as `NAMESPACE/ID/KEY`; a key of another shape is
 /// taken whole.
