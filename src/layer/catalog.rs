@@ -2,7 +2,7 @@
 //! replaying records (checkpoint, then log) and serialises itself back into a checkpoint.
 
 use super::chain::{self, ChainCache, Resolver};
-use super::map::{BlockMap, Mapping};
+use super::map::{BlockMap, Mapping, PagedRun};
 use super::node::Layer;
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
@@ -188,13 +188,10 @@ impl Catalog {
                     Some(m) => l.map.set(vblock, m),
                     None => l.map.remove(vblock),
                 };
-                log.map(
-                    layer,
-                    MapEntry {
-                        vblock,
-                        target: MapTarget::from(to),
-                    },
-                );
+                // A change maps a block just written (or copied with its crc read): known.
+                let target =
+                    Mapping::target(to, |r| r.known().expect("a changed block's crc is known"));
+                log.map(layer, MapEntry { vblock, target });
                 let kept = to.and_then(|m| m.pblock());
                 if let Some(p) = old.and_then(|m| m.pblock()).filter(|&p| Some(p) != kept) {
                     freed(p);
@@ -308,7 +305,7 @@ impl Catalog {
                                     e.vblock
                                 )));
                             }
-                            l.map.set(e.vblock, Mapping::Data { pblock, crc });
+                            l.map.set(e.vblock, Mapping::data(pblock, crc));
                         }
                     }
                 }
@@ -359,6 +356,59 @@ impl Catalog {
         Ok(())
     }
 
+    /// Apply one record of a checkpoint: as `apply`, but a map run naming its crcs in the
+    /// checkpoint's checksum stream (`capacity` positions) keeps that position in the map
+    /// instead of the crcs (`BlockMap::set_run_paged`); `resolve(position, n)` reads crcs for
+    /// what cannot be paged.
+    pub fn apply_checkpoint(
+        &mut self,
+        rec: Record,
+        capacity: u64,
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>>,
+    ) -> Result<()> {
+        let (layer, run) = match PagedRun::of(rec) {
+            Ok(r) => r,
+            Err(rec) => return self.apply(rec),
+        };
+        let (vblock, pblock, sums_at) = (VBlock(run.vblock), PBlock(run.pblock), run.sums_at);
+        let n = run.count as u64;
+        if sums_at.saturating_add(n) > capacity {
+            return Err(Error::Corrupt(format!(
+                "checkpoint: map run of layer {layer} at virtual block {} names crcs {sums_at}..{} of a checksum stream of at most {capacity}",
+                vblock.0,
+                sums_at.saturating_add(n)
+            )));
+        }
+        let last = PBlock(pblock.0 + n - 1);
+        if last.0 > super::map::MAX_PBLOCK {
+            return Err(Error::Corrupt(format!(
+                "layer {layer}: {} maps to impossible {last}",
+                VBlock(vblock.0 + n - 1)
+            )));
+        }
+        let l = self.must(layer)?;
+        l.map.set_run_paged(vblock, pblock, n, sums_at, resolve)
+    }
+
+    /// The checkpoint whose paged runs are `runs` (sorted by layer and block) is the pool's
+    /// now: every map keeps their positions in its checksum stream instead of crcs
+    /// (`BlockMap::rebase`); `resolve` reads the old stream's crcs for what is not paged any
+    /// more. The merged chunks name old positions: dropped.
+    pub fn rebase(
+        &mut self,
+        runs: &[(LayerId, PagedRun)],
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>>,
+    ) -> Result<()> {
+        self.cache.clear();
+        for l in self.layers.values_mut() {
+            let from = runs.partition_point(|r| r.0 < l.id);
+            let to = runs.partition_point(|r| r.0 <= l.id);
+            let mine: Vec<PagedRun> = runs[from..to].iter().map(|r| r.1).collect();
+            l.map.rebase(&mine, resolve)?;
+        }
+        Ok(())
+    }
+
     fn must(&mut self, id: LayerId) -> Result<&mut Layer> {
         self.layers
             .get_mut(&id)
@@ -366,8 +416,13 @@ impl Catalog {
     }
 
     /// Write the whole catalogue as checkpoint records. Parents have smaller ids than their
-    /// children, so id order replays parents first.
-    pub fn encode_checkpoint(&self, w: &mut RecordWriter) {
+    /// children, so id order replays parents first. A paged crc is read through `crc` (the
+    /// current checkpoint's checksum stream, which the new one copies before it is freed).
+    pub fn encode_checkpoint(
+        &self,
+        w: &mut RecordWriter,
+        crc: &mut dyn FnMut(u64) -> Result<u32>,
+    ) -> Result<()> {
         for l in self.layers.values() {
             w.layer_create(&LayerCreate {
                 id: l.id,
@@ -384,11 +439,25 @@ impl Catalog {
                 w.layer_attr(l.id, k, Some(v));
             }
             for (vblock, m) in l.map.iter() {
-                let target = MapTarget::from(Some(m));
+                let mut failed = None;
+                let target = Mapping::target(Some(m), |r| match r {
+                    super::map::CrcRef::Known(c) => c,
+                    super::map::CrcRef::Paged(at) => crc(at).unwrap_or_else(|e| {
+                        failed = Some(e);
+                        0
+                    }),
+                });
+                if let Some(e) = failed {
+                    return Err(e.context(format!(
+                        "writing a checkpoint: layer {}, {vblock}",
+                        l.describe()
+                    )));
+                }
                 w.map(l.id, MapEntry { vblock, target });
             }
             // After the entries, so replay can compare them with the map it just rebuilt.
             w.layer_counters(l.id, l.map.data_blocks(), l.map.zero_blocks());
         }
+        Ok(())
     }
 }

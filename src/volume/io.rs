@@ -133,6 +133,9 @@ impl Inner {
                     .map_err(|e| Error::io(format!("reading {pblock}"), e))?;
                     for (k, blk) in buf.chunks_exact(bs).enumerate() {
                         if let Resolved::Data { pblock, crc, owner } = resolved[i + k] {
+                            // A paged crc is read now, after the data: its page was likely
+                            // read with the data's neighbours and is in the cache.
+                            let crc = self.crc(storage, crc)?;
                             let actual = checksum::data(blk);
                             if actual != crc {
                                 return Err(self.checksum_error(
@@ -271,12 +274,12 @@ impl Inner {
                         let mut now = vec![0u8; bs];
                         if storage.read_at(&mut now, at).is_ok() {
                             let crc = checksum::data(&now);
-                            self.set_mapping(id, vb, Some(Mapping::Data { pblock, crc }))?;
+                            self.set_mapping(id, vb, Some(Mapping::data(pblock, crc)))?;
                         }
                         return Err(Error::io(format!("writing {pblock}"), e));
                     }
                     let crc = checksum::data(blk);
-                    self.set_mapping(id, vb, Some(Mapping::Data { pblock, crc }))?;
+                    self.set_mapping(id, vb, Some(Mapping::data(pblock, crc)))?;
                     i += 1;
                     continue;
                 }
@@ -310,10 +313,7 @@ impl Inner {
             }
             for k in 0..got {
                 let blk = &data[(i + k) * bs..(i + k + 1) * bs];
-                let m = Mapping::Data {
-                    pblock: PBlock(p.0 + k as u64),
-                    crc: checksum::data(blk),
-                };
+                let m = Mapping::data(PBlock(p.0 + k as u64), checksum::data(blk));
                 self.set_mapping(id, VBlock(vb0 + (i + k) as u64), Some(m))?;
             }
             i += got;
@@ -401,10 +401,8 @@ impl Inner {
             match runs.peek() {
                 Some(&&(at, p, got)) if at == i => {
                     for k in 0..got {
-                        let m = Mapping::Data {
-                            pblock: PBlock(p.0 + k as u64),
-                            crc: *crcs.next().expect("one crc per planned block"),
-                        };
+                        let crc = *crcs.next().expect("one crc per planned block");
+                        let m = Mapping::data(PBlock(p.0 + k as u64), crc);
                         self.set_mapping(id, VBlock(vb0 + (i + k) as u64), Some(m))?;
                     }
                     runs.next();
@@ -562,7 +560,9 @@ impl Inner {
             let below = self.catalog.resolver(parent).block(vb);
             let equal = match (m, below) {
                 (Mapping::Zero, Resolved::Zero | Resolved::Hole) => true,
-                (Mapping::Data { crc, .. }, Resolved::Data { crc: c, .. }) if crc == c => {
+                (Mapping::Data { crc, .. }, Resolved::Data { crc: c, .. })
+                    if self.crc(storage, crc)? == self.crc(storage, c)? =>
+                {
                     self.read_blocks(storage, id, vb.0, &mut mine, false)?;
                     self.read_blocks(storage, parent, vb.0, &mut theirs, false)?;
                     mine == theirs
