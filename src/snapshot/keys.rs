@@ -52,6 +52,26 @@ pub fn layer_name(key: &str) -> String {
     format!("{prefix} ~{:016x}", fnv1a64(key.as_bytes()))
 }
 
+/// Whether active snapshot `key` is one whose filesystem is written once, unmounted and then
+/// committed, so that what it holds matters only from its Commit on, which makes it durable
+/// (DESIGN §10.1, "Flushes only where someone needs them"): containerd's unpacks and applies
+/// (`extract-…`, its `snapshots.UnpackKeyPrefix`) and Docker's init layers (`ID-init-key`,
+/// committed as `ID-init` once dockerd has written its files). A crash before the Commit
+/// leaves a snapshot that is never committed: containerd unpacks again under a new key, and a
+/// container whose init layer was not committed was never made. Any other key (a container's
+/// root, a classic-builder step's layer) is not.
+///
+/// containerd's metadata store hands keys on as `NAMESPACE/ID/KEY`; a key of another shape is
+/// taken whole.
+pub fn sealed_after_unmount(key: &str) -> bool {
+    let mut parts = key.splitn(3, '/');
+    let own = match (parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(id), Some(own)) if id.bytes().all(|b| b.is_ascii_digit()) => own,
+        _ => key,
+    };
+    own.starts_with("extract-") || own.ends_with("-init-key")
+}
+
 /// FNV-1a, 64 bits: small, and fixed by its definition (std's hasher may change between
 /// releases, and a layer name must not).
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -72,6 +92,27 @@ mod tests {
             "default/4/extract-1 sha256:ab",
         ] {
             assert_eq!(layer_name(k), k);
+        }
+    }
+
+    #[test]
+    fn unpacks_and_docker_init_layers_are_sealed_after_unmount_and_nothing_else() {
+        for k in [
+            "moby/12/extract-388677147-hz29 sha256:77e3",
+            "extract-1 sha256:ab",
+            "moby/40/caae3fe7-init-key",
+        ] {
+            assert!(sealed_after_unmount(k), "{k}");
+        }
+        for k in [
+            "moby/41/caae3fe7",
+            "moby/40/caae3fe7-init",
+            "moby/9/29b1c38ae3e8",
+            "ns/x/extract-1 sha256:ab",
+            "ns/1/my-extract-1",
+            "t1",
+        ] {
+            assert!(!sealed_after_unmount(k), "{k}");
         }
     }
 

@@ -102,6 +102,29 @@ fn code<T: std::fmt::Debug>(r: Result<T>) -> Code {
 }
 
 #[test]
+fn unpacks_and_init_layers_are_mounted_without_barriers_and_containers_with() {
+    let f = fixture();
+    f.s.prepare("ns/1/extract-1 sha256:aa", "", small(), Kind::Active)
+        .unwrap();
+    f.s.commit("ns/2/sha256:aa", "ns/1/extract-1 sha256:aa", HashMap::new())
+        .unwrap();
+    // Committed once unmounted: what they write needs to be durable only from the Commit on.
+    for key in ["ns/3/extract-2 sha256:bb", "ns/4/c1-init-key"] {
+        let m = f.s.prepare(key, "ns/2/sha256:aa", HashMap::new(), Kind::Active);
+        assert_eq!(m.unwrap()[0].options, ["noatime", "discard", "nobarrier"]);
+        assert_eq!(
+            f.s.mounts(key).unwrap()[0].options,
+            ["noatime", "discard", "nobarrier"]
+        );
+    }
+    // A container's root (its fsyncs must be durable on their own), a view.
+    let m = f.s.prepare("ns/5/c1", "ns/2/sha256:aa", HashMap::new(), Kind::Active);
+    assert_eq!(m.unwrap()[0].options, ["noatime", "discard"]);
+    let m = f.s.prepare("ns/6/extract-v", "ns/2/sha256:aa", HashMap::new(), Kind::View);
+    assert_eq!(m.unwrap()[0].options, ["noatime", "ro"]);
+}
+
+#[test]
 fn prepare_commit_and_children_share_layers_with_their_metadata_in_the_pool() {
     let f = fixture();
     let m =
