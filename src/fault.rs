@@ -96,6 +96,11 @@ pub enum What {
         stored: u32,
         computed: u32,
     },
+    /// A checksum page of the checkpoint does not verify or cannot be read: the crcs of the
+    /// blocks its runs name are lost (reads of them fail).
+    ChecksumPage {
+        reason: String,
+    },
 }
 
 /// A layer as a fault names it.
@@ -224,6 +229,7 @@ fn describe(what: &What, at: &Where) -> String {
             "commit {commit}, the last in the log, was left out: a crash during its sync kept its log pages but not all of its data (it was never acknowledged)"
         ),
         What::Unloadable { reason } => reason.clone(),
+        What::ChecksumPage { reason } => reason.clone(),
         What::Fallback { generation, why } => format!(
             "using superblock generation {generation} because newer state failed to load: {why}"
         ),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod support;
-use support::have;
+use support::{data_ranges, have};
 
 struct Pool {
     dir: tempfile::TempDir,
@@ -226,6 +226,84 @@ fn child_import_stores_only_changed_blocks() {
     let out = p.file("child.out");
     p.ok(&["export", "child", out.to_str().unwrap()]);
     assert_eq!(std::fs::read(&out).unwrap(), modified);
+    p.assert_clean();
+}
+
+/// Pages of the file at `path` that the page cache holds.
+fn cached_pages(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    thinlayer::pool::storage::cached_pages(&f, 0, f.metadata().unwrap().len()).unwrap()
+}
+
+/// An export reads the pool's cached blocks from the cache and the rest around it, packing
+/// the data extents on both sides of a hole into one request: whatever the cache holds, the
+/// image is the same, byte for byte and hole for hole. A chain (a child changing, zeroing and
+/// adding blocks over its parent) of 1 MiB extents and single blocks between holes, exported
+/// with the pool uncached, cached in every other 256 KiB, and cached whole.
+#[test]
+fn an_export_is_the_same_whatever_part_of_the_pool_is_cached() {
+    use std::os::unix::io::AsRawFd;
+    // In the target directory, not /tmp: where /tmp is tmpfs, nothing can be uncached.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let p = Pool {
+        path: dir.path().join("test.pool"),
+        dir,
+    };
+    let mib = 1usize << 20;
+    let mut base = vec![0u8; 24 * mib];
+    for (m, chunk) in base.chunks_mut(mib).enumerate().filter(|(m, _)| m % 3 != 1) {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = ((m * 7 + i / 4096) % 251 + 1) as u8;
+        }
+    }
+    let mut child = base.clone();
+    child[mib + 8192..mib + 12288].fill(0x5a); // one block in a hole of the base
+    child[3 * mib..3 * mib + 65536].fill(0); // a whiteout over the base's data
+    child[6 * mib + 4096..6 * mib + 8192].fill(0xa5); // a changed block
+    let (a, b) = (p.file("base.img"), p.file("child.img"));
+    std::fs::write(&a, &base).unwrap();
+    std::fs::write(&b, &child).unwrap();
+    p.ok(&["init"]);
+    p.ok(&["import", "base", a.to_str().unwrap()]);
+    p.ok(&["import", "child", b.to_str().unwrap(), "--parent", "base"]);
+    let pool = std::fs::File::open(&p.path).unwrap();
+    pool.sync_all().unwrap();
+    let pages = pool.metadata().unwrap().len() / 4096;
+    let drop_cache = || {
+        // SAFETY: advice on a valid descriptor: drop the pool's (clean, synced) cached pages.
+        unsafe { libc::posix_fadvise(pool.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    };
+    let export = |label: &str| {
+        let out = p.file(label);
+        p.ok(&["export", "child", out.to_str().unwrap()]);
+        let bytes = std::fs::read(&out).unwrap();
+        assert!(bytes == child, "the export with the pool {label} differs");
+        data_ranges(&out)
+    };
+    drop_cache();
+    assert_eq!(cached_pages(&p.path), 0, "the pool is uncached");
+    let uncached = export("uncached");
+    // SAFETY: advice on a valid descriptor: no readahead, only what is read here is cached.
+    unsafe { libc::posix_fadvise(pool.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    let mut piece = vec![0u8; 256 << 10];
+    for at in (0..pages * 4096).step_by(512 << 10) {
+        let _ = std::os::unix::fs::FileExt::read_at(&pool, &mut piece, at).unwrap();
+    }
+    let cached = cached_pages(&p.path);
+    assert!(
+        cached > 0 && cached < pages,
+        "{cached} of {pages} pages cached"
+    );
+    assert_eq!(export("partly cached"), uncached, "the same holes");
+    std::fs::read(&p.path).unwrap();
+    assert_eq!(export("cached"), uncached, "the same holes");
+    // What is a hole: where neither layer holds data (the whiteout may be either).
+    let is_data = |at: usize| {
+        uncached
+            .iter()
+            .any(|&(s, e)| s <= at as u64 && (at as u64) < e)
+    };
+    assert!(!is_data(4 * mib + 4096) && is_data(mib + 8192) && is_data(6 * mib + 4096));
     p.assert_clean();
 }
 

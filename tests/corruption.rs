@@ -454,23 +454,37 @@ fn damaged_checkpoint_page_is_corrupt_naming_its_offset() {
     assert_fault(&check(&path, false), &[&format!("byte offset {offset}")]);
 }
 
-/// A damaged checksum page (FORMAT.md §5.6) fails its own crc before any crc in it is used:
-/// the open is `Error::Corrupt` naming the checksum page and its offset (both slots name this
-/// checkpoint), `check` reports it, and no read ever sees a crc from it.
+/// A damaged checksum page (FORMAT.md §5.6) fails its own crc before any crc in it is used.
+/// The pages are read on demand, with the data (the maps keep positions, not crcs): the pool
+/// opens, a read of a block whose crc is in the page is `Error::Corrupt` (EIO) naming the
+/// checksum page, its pool block and offset, never data checked against a wrong crc; blocks
+/// whose crcs are elsewhere (inline map entries) still read; `check` reports the page.
 #[test]
 fn damaged_checksum_page_is_corrupt_naming_its_offset() {
+    let f = fixture();
     let (_d, path) = copy_pool();
     let page = checksum_pages(&path)[0];
     let offset = page * PAGE_SIZE as u64;
     flip(&path, offset + header::LEN as u64 + 8);
-    let m = corrupt_message(Store::open_read_only(&path));
+    let s = Store::open_read_only(&path).unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    // "base" is one map run of 12 blocks: its crcs are in checksum page 0.
+    let e = s.read_layer(id(&s, "base"), 3 * BS, &mut buf).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    let m = e.to_string();
     assert!(m.contains("checksum page 0"), "{m}");
     assert!(
-        m.contains(&format!("byte offset {offset} (page {page})")),
+        m.contains(&format!(
+            "page {page}, pool block {}, byte offset {offset}",
+            page
+        )),
         "{m}"
     );
-    let m = corrupt_message(Store::open(&path, "test"));
-    assert!(m.contains("checksum page 0"), "{m}");
+    // "top"'s own block 5 is a single entry, its crc inline: it reads.
+    s.read_layer(id(&s, "top"), 5 * BS, &mut buf).unwrap();
+    let want = &f.layers.iter().find(|l| l.0 == "top").unwrap().1;
+    assert_eq!(&buf[..], &want[(5 * BS) as usize..(6 * BS) as usize]);
+    drop(s);
     assert_fault(
         &check(&path, false),
         &["checksum page 0", &format!("byte offset {offset}")],
@@ -483,7 +497,9 @@ fn damaged_checksum_page_is_corrupt_naming_its_offset() {
     header::SEQ.put(&mut b[at..], 1);
     checksum::seal(Kind::ChecksumPage, &mut b[at..at + PAGE_SIZE]);
     std::fs::write(&path, b).unwrap();
-    let m = corrupt_message(Store::open_read_only(&path));
+    let s = Store::open_read_only(&path).unwrap();
+    let e = s.read_layer(id(&s, "base"), 0, &mut buf).unwrap_err();
+    let m = e.to_string();
     assert!(m.contains("checksum page 0") && m.contains("page 1"), "{m}");
 }
 

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 mod support;
 use support::{
-    have, serving, sh, stop_serving, tl, tl_output, wait_for, wait_gone, wait_snapshotter,
-    KillServing, Server,
+    data_ranges, have, serving, sh, stop_serving, tl, tl_output, wait_for, wait_gone,
+    wait_snapshotter, KillServing, Server,
 };
 
 /// The seed's script, its build context and its two Dockerfiles.
@@ -1155,28 +1155,6 @@ fn changed_blocks(a: &Path, b: &Path) -> Vec<u64> {
             x != y
         })
         .collect()
-}
-
-/// The data ranges of a sparse file (SEEK_DATA / SEEK_HOLE).
-fn data_ranges(f: &Path) -> Vec<(u64, u64)> {
-    use std::os::unix::io::AsRawFd;
-    let file = fs::File::open(f).unwrap();
-    let fd = file.as_raw_fd();
-    let len = file.metadata().unwrap().len() as i64;
-    let mut out = Vec::new();
-    let mut at = 0i64;
-    while at < len {
-        // SAFETY: lseek on a descriptor we own.
-        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        out.push((data as u64, hole as u64));
-        at = hole;
-    }
-    out
 }
 
 /// What each of `blocks` (4 KiB) is in the ext4 of `image`.

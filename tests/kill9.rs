@@ -298,7 +298,7 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         let storage = thinlayer::pool::FileStorage::new(std::fs::File::open(&pool).unwrap());
         let (slots, _) = thinlayer::pool::meta::read_superblocks(&storage).unwrap();
         let rec = thinlayer::pool::meta::load(&storage, &slots[0]).unwrap();
-        sums_rounds += (rec.sums_pages > 0) as usize;
+        sums_rounds += (!rec.sums_pages.is_empty()) as usize;
         for (s, ws) in &by_sector {
             let r = *s as usize * SECTOR..(*s as usize + 1) * SECTOR;
             let ok = candidates(&disk[r.clone()], ws, flushed);

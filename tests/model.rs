@@ -78,7 +78,7 @@ fn map_runs(storage: &MemStorage) -> (usize, u64) {
             r.next_record().unwrap();
         }
     }
-    (runs, rec.sums_pages)
+    (runs, rec.sums_pages.len() as u64)
 }
 
 /// The workload writes map runs, and checkpoints whose runs keep their crcs in checksum

@@ -144,7 +144,9 @@ impl Run {
         };
         self.store = self.open(store);
         let (slots, _) = thinlayer::pool::meta::read_superblocks(&*self.sim).unwrap();
-        if thinlayer::pool::meta::load(&*self.sim, &slots[0]).is_ok_and(|rec| rec.sums_pages > 0) {
+        if thinlayer::pool::meta::load(&*self.sim, &slots[0])
+            .is_ok_and(|rec| !rec.sums_pages.is_empty())
+        {
             bump(&stats::SUMS_LOADED);
         }
         check_after_open(&self.store, storage(&self.sim));

@@ -172,7 +172,10 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
         },
     );
     // Through the one commit path the store uses (no checkpoint is due in so small a pool).
-    let commit = pool.stage(&*mem, &mut w, |_| {}, |_| {}).unwrap().unwrap();
+    let commit = pool
+        .stage(&*mem, &mut w, |_| Ok(()), |_| {})
+        .unwrap()
+        .unwrap();
     let durable = commit.make_durable(&*mem);
     pool.finish(&*mem, commit, durable).unwrap();
     // Named by a superblock, as at close: otherwise this last commit of the log's tail would be

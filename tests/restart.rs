@@ -1101,3 +1101,19 @@ fn a_plain_serve_has_a_keeper_and_a_sigterm_stops_both() {
     assert!(server.wait().unwrap().success());
     wait_gone(k);
 }
+
+/// `serve --map-cache` bounds the cache of checksum pages the maps' paged runs take their crcs
+/// from: `status` shows the budget, and the server a restart starts keeps it (it is in the
+/// state handed over) rather than falling back to the default.
+#[test]
+fn the_map_cache_budget_is_shown_and_kept_through_a_restart() {
+    require_prerequisites!();
+    let d = tempfile::tempdir().unwrap();
+    let s = Served::start_with(d.path(), &["--map-cache", "3M"]);
+    let budget = |s: &Served| s.status()["map_cache"]["budget"].as_u64().unwrap();
+    assert_eq!(budget(&s), 3 << 20);
+    let (old, new) = s.restart(&[]);
+    assert_ne!(old, new);
+    assert_eq!(budget(&s), 3 << 20, "after a restart");
+    s.stop();
+}

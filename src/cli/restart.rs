@@ -105,6 +105,15 @@ fn print_status(s: &Status) {
         );
     }
     println!("pending:      {} bytes not yet committed", s.pending_bytes);
+    let c = &s.map_cache;
+    let looked = (c.hits + c.misses).max(1);
+    println!(
+        "map cache:    {} of {} in checksum pages, {:.1}% of {} lookups hit",
+        crate::units::human(c.bytes),
+        crate::units::human(c.budget),
+        100.0 * c.hits as f64 / looked as f64,
+        c.hits + c.misses
+    );
     if !s.fills.is_empty() {
         println!(
             "fetching:     {} remote layer(s) (pull --lazy)",

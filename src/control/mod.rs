@@ -19,7 +19,9 @@ pub mod wire;
 
 pub use client::Client;
 pub use hello::{Hello, VERSION};
-pub use proto::{ConnectionInfo, FillStatus, Pulled, Reply, Request, Status, WireError, KINDS};
+pub use proto::{
+    ConnectionInfo, FillStatus, MapCacheStatus, Pulled, Reply, Request, Status, WireError, KINDS,
+};
 pub use server::serve_control;
 pub use socket::{default_path, ControlSocket, Peer};
 pub use wire::{MAX_REPLY, MAX_REQUEST};

@@ -317,6 +317,19 @@ pub struct Status {
     /// Remote layers being fetched (`pull --lazy`), and their last errors.
     #[serde(default)]
     pub fills: Vec<FillStatus>,
+    /// The checksum page cache (`serve --map-cache`): bytes held, its budget, and lookups
+    /// that found their page / read it, since the last checkpoint.
+    #[serde(default)]
+    pub map_cache: MapCacheStatus,
+}
+
+/// The checksum page cache as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapCacheStatus {
+    pub bytes: u64,
+    pub budget: u64,
+    pub hits: u64,
+    pub misses: u64,
 }
 
 /// One remote layer's background fetch, as `status` shows it.
@@ -712,6 +725,12 @@ mod tests {
                 state: "waiting".into(),
                 error: Some("connection refused".into()),
             }],
+            map_cache: MapCacheStatus {
+                bytes: 4 << 20,
+                budget: 64 << 20,
+                hits: 900,
+                misses: 100,
+            },
         };
         let all = vec![
             ServerFrame::Progress { done: 5, total: 10 },

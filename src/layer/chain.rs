@@ -18,19 +18,20 @@
 //! that layer's own key can name it, since it has no children), and any change to a committed
 //! layer's map — which only replay does, before anything is read — clears everything.
 
-use super::map::{split, ChunkHasher, Mapping, Slot, CHUNK_BITS, CHUNK_LEN};
+use super::map::{split, ChunkHasher, CrcRef, Mapping, Slot, CHUNK_BITS, CHUNK_LEN};
 use super::node::Layer;
 use crate::format::{LayerId, PBlock, VBlock};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
 use std::sync::{Arc, RwLock};
 
-/// What a chain reads for one block.
+/// What a chain reads for one block. A paged crc is resolved by the reader, through the
+/// pool's checksum page cache (`Inner::crc`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolved {
     Data {
         pblock: PBlock,
-        crc: u32,
+        crc: CrcRef,
         owner: LayerId,
     },
     /// A whiteout in some layer of the chain.
@@ -66,23 +67,26 @@ impl Entry {
 pub struct MergedChunk(Box<[Entry]>);
 
 impl MergedChunk {
-    /// Merge chunk `c` of `chain` (top-most first, all read-only).
-    fn build(chain: &[&Layer], c: u64) -> MergedChunk {
+    /// Merge chunk `c` of `chain` (top-most first, all read-only). None: a paged crc's
+    /// position does not fit a slot (a checkpoint of over 2^32 blocks); the chunk is walked.
+    fn build(chain: &[&Layer], c: u64) -> Option<MergedChunk> {
         let mut seen: Vec<Option<Entry>> = vec![None; CHUNK_LEN as usize];
         for l in chain {
             for (vb, m) in l.map.chunk_entries(c) {
                 let key = (vb.0 & (CHUNK_LEN - 1)) as u16;
-                seen[key as usize].get_or_insert(Entry {
-                    slot: Slot::new(key, m),
-                    owner: l.id.0,
-                });
+                if seen[key as usize].is_none() {
+                    seen[key as usize] = Some(Entry {
+                        slot: Slot::new(key, m)?,
+                        owner: l.id.0,
+                    });
+                }
             }
         }
-        MergedChunk(seen.into_iter().flatten().collect())
+        Some(MergedChunk(seen.into_iter().flatten().collect()))
     }
 
     pub fn get(&self, key: u16) -> Resolved {
-        match self.0.binary_search_by_key(&key, |e| e.slot.key) {
+        match self.0.binary_search_by_key(&key, |e| e.slot.key()) {
             Ok(i) => self.0[i].resolved(),
             Err(_) => Resolved::Hole,
         }
@@ -104,19 +108,20 @@ pub struct ChainCache {
 
 impl ChainCache {
     /// The merged chunk `c` of the chain starting at the read-only layer `base`; `chain` gives
-    /// that chain (top-most first) when the chunk has to be built.
+    /// that chain (top-most first) when the chunk has to be built. None: it cannot be merged
+    /// (`MergedChunk::build`).
     pub fn chunk<'a>(
         &self,
         base: LayerId,
         c: u64,
         chain: impl FnOnce() -> Vec<&'a Layer>,
-    ) -> Arc<MergedChunk> {
+    ) -> Option<Arc<MergedChunk>> {
         if let Some(m) = self.read().map.get(&(base, c)) {
-            return m.clone();
+            return Some(m.clone());
         }
         let chain = chain();
         debug_assert!(chain.iter().all(|l| !l.writable));
-        let merged = Arc::new(MergedChunk::build(&chain, c));
+        let merged = Arc::new(MergedChunk::build(&chain, c)?);
         let mut g = self.chunks.write().unwrap_or_else(|p| p.into_inner());
         if g.entries + merged.0.len() > MAX_ENTRIES {
             // Drop arbitrary chunks (hash order) down to 3/4 of the cap.
@@ -138,7 +143,7 @@ impl ChainCache {
         if let Some(old) = g.map.insert((base, c), merged.clone()) {
             g.entries -= old.0.len();
         }
-        merged
+        Some(merged)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Chunks> {
@@ -162,7 +167,8 @@ impl ChainCache {
         g.entries -= freed;
     }
 
-    /// Drop everything (a committed layer's map changed: replay only).
+    /// Drop everything (a committed layer's map changed: replay only; or a checkpoint moved
+    /// the paged crcs the entries name).
     pub fn clear(&self) {
         let mut g = self.chunks.write().unwrap_or_else(|p| p.into_inner());
         if !g.map.is_empty() {
@@ -220,7 +226,7 @@ impl<'a> Resolver<'a> {
 
     /// What blocks `vb0..vb0 + n` read, appended to `out`.
     pub fn range(&self, vb0: u64, n: u64, out: &mut Vec<Resolved>) {
-        let mut cur: Option<(u64, Arc<MergedChunk>)> = None;
+        let mut cur: Option<(u64, Option<Arc<MergedChunk>>)> = None;
         for vb in vb0..vb0 + n {
             let r = match (self.own.and_then(|l| l.map.get(VBlock(vb))), self.base) {
                 (Some(Mapping::Data { pblock, crc }), _) => Resolved::Data {
@@ -247,7 +253,10 @@ impl<'a> Resolver<'a> {
                         let chunk = self.cache.chunk(b, c, || chain(self.layers, b));
                         cur = Some((c, chunk));
                     }
-                    cur.as_ref().unwrap().1.get(key)
+                    match &cur.as_ref().unwrap().1 {
+                        Some(chunk) => chunk.get(key),
+                        None => walk(&chain(self.layers, b), VBlock(vb)),
+                    }
                 }
             };
             debug_assert_eq!(r, walk(&self.layers(), VBlock(vb)));

@@ -2,9 +2,14 @@
 //!
 //! Memory is the constraint, so the map is a hash of 1024-block chunks, each a sorted vector of
 //! 12-byte **extents**: one block with its crc inline, or a run of blocks contiguous both in the
-//! virtual space and in the pool (or a run of whiteouts), whose crcs sit in the chunk's crc
-//! vector, 4 bytes each. An imported image is one run per chunk: ~4.1 bytes per block, nearly
-//! all of it the crcs. Scattered blocks are single extents, 12 bytes as before runs existed;
+//! virtual space and in the pool (or a run of whiteouts). A run's crcs are either resident, in
+//! the chunk's crc vector (4 bytes each: runs made since the last checkpoint), or **paged**:
+//! the run names where its crcs sit in the checkpoint's checksum stream (FORMAT.md §5.6) and
+//! a lookup yields that position (`CrcRef::Paged`), which the reader resolves through the
+//! pool's bounded cache of checksum pages (`pool::sums`). A chunk's paged runs are laid out
+//! together in the stream (the checkpoint writes a chunk's blocks in order), so the chunk keeps
+//! one base position (`paged`) and each run a 16-bit offset from it: an imported image costs
+//! ~0.1 byte per block. Scattered blocks are single extents with their crc inline, 12 bytes;
 //! a chunk only starts a crc vector (~60 bytes of table entry and allocation) once a run of
 //! `FIRST_RUN` blocks pays for it. Unmapped blocks cost nothing; a chunk costs one hash entry
 //! (~40 bytes). The representation is not canonical (two adjacent extents may be contiguous);
@@ -13,6 +18,7 @@
 
 use crate::format::record::MapTarget;
 use crate::format::{PBlock, VBlock};
+pub use crate::pool::sums::PagedRun;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -22,11 +28,47 @@ pub const CHUNK_LEN: u64 = 1 << CHUNK_BITS;
 const ZERO_MARK: u64 = (1 << 48) - 1;
 pub const MAX_PBLOCK: u64 = ZERO_MARK - 1;
 
+/// The crc of a mapped block: known, or the position of it in the current checkpoint's
+/// checksum stream, which only the pool's checksum page cache can turn into the crc (and which
+/// can fail: a damaged page). Two refs name the same crc only if they are equal *and* resolved
+/// against the same checkpoint; compare resolved values when it matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrcRef {
+    Known(u32),
+    Paged(u64),
+}
+
+impl From<u32> for CrcRef {
+    fn from(crc: u32) -> CrcRef {
+        CrcRef::Known(crc)
+    }
+}
+
+impl CrcRef {
+    /// The crc, if it needs no page read.
+    pub fn known(self) -> Option<u32> {
+        match self {
+            CrcRef::Known(c) => Some(c),
+            CrcRef::Paged(_) => None,
+        }
+    }
+}
+
 /// What a layer's own map holds for a block it maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mapping {
-    Data { pblock: PBlock, crc: u32 },
+    Data { pblock: PBlock, crc: CrcRef },
     Zero,
+}
+
+impl Mapping {
+    /// A data mapping whose crc is known.
+    pub fn data(pblock: PBlock, crc: u32) -> Mapping {
+        Mapping::Data {
+            pblock,
+            crc: CrcRef::Known(crc),
+        }
+    }
 }
 
 impl Mapping {
@@ -39,48 +81,73 @@ impl Mapping {
     }
 }
 
-impl From<Option<Mapping>> for MapTarget {
-    fn from(m: Option<Mapping>) -> MapTarget {
+impl Mapping {
+    /// The record target for it, given the crc `m`'s ref resolves to (`crc`).
+    pub fn target(m: Option<Mapping>, crc: impl FnOnce(CrcRef) -> u32) -> MapTarget {
         match m {
             None => MapTarget::Unmapped,
             Some(Mapping::Zero) => MapTarget::Zero,
-            Some(Mapping::Data { pblock, crc }) => MapTarget::Data { pblock, crc },
+            Some(Mapping::Data { pblock, crc: r }) => MapTarget::Data {
+                pblock,
+                crc: crc(r),
+            },
         }
     }
 }
 
+/// Marks a slot whose `crc` word is a paged crc's position (below 2^32) in `Slot::key`.
+const SLOT_PAGED: u16 = 1 << 15;
+
 /// One mapped block in 12 bytes: its key within the chunk and a 48-bit pool block (or the zero
-/// mark) with the data's crc. Also the body of the merged-chunk cache's entries.
+/// mark) with the data's crc, or the position of its crc in the checksum stream (key bit 15).
+/// The body of the merged-chunk cache's entries.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Slot {
-    pub(crate) key: u16,
+    key: u16,
     hi: u16,
     lo: u32,
     crc: u32,
 }
 
 impl Slot {
-    pub(crate) fn new(key: u16, m: Mapping) -> Slot {
-        let (p, crc) = match m {
-            Mapping::Data { pblock, crc } => (pblock.0, crc),
-            Mapping::Zero => (ZERO_MARK, 0),
+    /// None: a paged crc whose position does not fit 32 bits (a checkpoint of more than 2^32
+    /// blocks); the caller does without the slot.
+    pub(crate) fn new(key: u16, m: Mapping) -> Option<Slot> {
+        let (p, crc, flag) = match m {
+            Mapping::Data {
+                pblock,
+                crc: CrcRef::Known(crc),
+            } => (pblock.0, crc, 0),
+            Mapping::Data {
+                pblock,
+                crc: CrcRef::Paged(at),
+            } => (pblock.0, u32::try_from(at).ok()?, SLOT_PAGED),
+            Mapping::Zero => (ZERO_MARK, 0, 0),
         };
-        debug_assert!(p <= ZERO_MARK);
-        Slot {
-            key,
+        debug_assert!(p <= ZERO_MARK && key < SLOT_PAGED);
+        Some(Slot {
+            key: key | flag,
             hi: (p >> 32) as u16,
             lo: p as u32,
             crc,
-        }
+        })
+    }
+    pub(crate) fn key(&self) -> u16 {
+        self.key & !SLOT_PAGED
     }
     pub(crate) fn mapping(&self) -> Mapping {
         let p = ((self.hi as u64) << 32) | self.lo as u64;
         if p == ZERO_MARK {
             Mapping::Zero
         } else {
+            let crc = if self.key & SLOT_PAGED != 0 {
+                CrcRef::Paged(self.crc as u64)
+            } else {
+                CrcRef::Known(self.crc)
+            };
             Mapping::Data {
                 pblock: PBlock(p),
-                crc: self.crc,
+                crc,
             }
         }
     }
@@ -112,14 +179,18 @@ type ChunkTable<T> = HashMap<u64, T, BuildHasherDefault<ChunkHasher>>;
 
 /// Marks an extent that is a run (its crcs in the chunk's crc vector) in `Ext::key`.
 const RUN: u16 = 1 << 15;
+/// With `RUN`: a run whose crcs are paged, `word`'s low half its offset from the chunk's base
+/// position in the checksum stream.
+const PAGED: u16 = 1 << 14;
 /// A chunk with no crc vector yet starts one for a run of at least this many data blocks; once
 /// it has one, two contiguous blocks make a run (8 bytes of crcs instead of 12 of extent).
 const FIRST_RUN: usize = 16;
 
 /// One extent of a chunk in 12 bytes. `key` is the first block's key within the chunk (bit 15:
-/// a run); `hi:lo` the first pool block or the zero mark; `word` a single block's crc, or for a
-/// run its length (high half) and where its crcs start in the chunk's crc vector (low half;
-/// unused for a run of whiteouts).
+/// a run, bit 14: a paged run); `hi:lo` the first pool block or the zero mark; `word` a single
+/// block's crc, or for a run its length (high half) and where its crcs start (low half): in the
+/// chunk's crc vector, or for a paged run as an offset from the chunk's base position in the
+/// checksum stream; unused for a run of whiteouts.
 #[derive(Clone, Copy, Debug)]
 struct Ext {
     key: u16,
@@ -129,14 +200,29 @@ struct Ext {
 }
 
 impl Ext {
+    /// `m`'s crc must be known: a paged crc lives in paged runs only.
     fn single(key: u16, m: Mapping) -> Ext {
-        let s = Slot::new(key, m);
+        let (p, crc) = match m {
+            Mapping::Data { pblock, crc } => (
+                pblock.0,
+                crc.known().expect("a single block's crc is known"),
+            ),
+            Mapping::Zero => (ZERO_MARK, 0),
+        };
+        debug_assert!(p <= ZERO_MARK);
         Ext {
             key,
-            hi: s.hi,
-            lo: s.lo,
-            word: s.crc,
+            hi: (p >> 32) as u16,
+            lo: p as u32,
+            word: crc,
         }
+    }
+    /// A run of `len` data blocks from `base` whose crcs are paged, at offset `off` from the
+    /// chunk's base position.
+    fn paged(key: u16, base: u64, len: u16, off: usize) -> Ext {
+        let mut e = Ext::run(key, base, len, off);
+        e.key |= PAGED;
+        e
     }
     fn run(key: u16, base: u64, len: u16, crc_at: usize) -> Ext {
         debug_assert!(len >= 1 && key as u64 + len as u64 <= CHUNK_LEN && crc_at < 1 << 16);
@@ -148,7 +234,10 @@ impl Ext {
         }
     }
     fn start(&self) -> u16 {
-        self.key & !RUN
+        self.key & !(RUN | PAGED)
+    }
+    fn is_paged(&self) -> bool {
+        self.key & PAGED != 0
     }
     fn is_run(&self) -> bool {
         self.key & RUN != 0
@@ -180,33 +269,37 @@ impl Ext {
         self.base() == ZERO_MARK
     }
     /// Whether data run `self` has its crcs in the vector (a run of data, as opposed to a single
-    /// block or whiteouts).
+    /// block, whiteouts or a paged run).
     fn has_crcs(&self) -> bool {
-        self.is_run() && !self.is_zero()
+        self.is_run() && !self.is_zero() && !self.is_paged()
     }
-    /// The mapping of the block `off` blocks into the extent.
-    fn at(&self, off: u16, crcs: &[u32]) -> Mapping {
+    /// The mapping of the block `off` blocks into the extent; `crcs` is the chunk's crc vector,
+    /// `base` its base position in the checksum stream.
+    fn at(&self, off: u16, crcs: &[u32], base: u64) -> Mapping {
         debug_assert!(off < self.len());
         if self.is_zero() {
             Mapping::Zero
-        } else if self.is_run() {
+        } else if self.is_paged() {
             Mapping::Data {
                 pblock: PBlock(self.base() + off as u64),
-                crc: crcs[self.crc_at() + off as usize],
+                crc: CrcRef::Paged(base + (self.crc_at() + off as usize) as u64),
             }
+        } else if self.is_run() {
+            Mapping::data(
+                PBlock(self.base() + off as u64),
+                crcs[self.crc_at() + off as usize],
+            )
         } else {
-            Mapping::Data {
-                pblock: PBlock(self.base()),
-                crc: self.word,
-            }
+            Mapping::data(PBlock(self.base()), self.word)
         }
     }
-    /// Whether `m` at the block just past the extent continues it.
+    /// Whether `m` at the block just past the extent continues it (a paged run is never
+    /// continued: the block after it has no place in the checksum stream).
     fn continued_by(&self, m: Mapping) -> bool {
         match m {
             Mapping::Zero => self.is_zero(),
             Mapping::Data { pblock, .. } => {
-                !self.is_zero() && pblock.0 == self.base() + self.len() as u64
+                !self.is_zero() && !self.is_paged() && pblock.0 == self.base() + self.len() as u64
             }
         }
     }
@@ -237,9 +330,14 @@ impl Crcs {
 pub struct BlockMap {
     chunks: ChunkTable<Vec<Ext>>,
     crcs: ChunkTable<Crcs>,
+    /// Base position in the checksum stream of the chunks with paged runs.
+    paged: ChunkTable<u64>,
     data_blocks: u64,
     zero_blocks: u64,
 }
+
+/// Where a paged run's offset from its chunk's base must stay below (16 bits of `Ext::word`).
+const PAGED_SPAN: u64 = 1 << 16;
 
 /// Split a virtual block number into (chunk, key within the chunk).
 pub fn split(vb: VBlock) -> (u64, u16) {
@@ -274,11 +372,21 @@ impl BlockMap {
         self.crcs.get(&c).map_or(&[], |x| &x.v)
     }
 
+    fn base_of(&self, c: u64) -> u64 {
+        self.paged.get(&c).copied().unwrap_or(0)
+    }
+
     pub fn get(&self, vb: VBlock) -> Option<Mapping> {
         let (c, k) = split(vb);
         let exts = self.chunks.get(&c)?;
         let e = exts[find(exts, k)?];
-        (k < e.end()).then(|| e.at(k - e.start(), self.crcs_of(c)))
+        if k >= e.end() {
+            return None;
+        }
+        // Only the tables the extent needs are looked in.
+        let crcs = if e.has_crcs() { self.crcs_of(c) } else { &[] };
+        let base = if e.is_paged() { self.base_of(c) } else { 0 };
+        Some(e.at(k - e.start(), crcs, base))
     }
 
     fn count(&mut self, m: Option<Mapping>, delta: i64) {
@@ -291,14 +399,17 @@ impl BlockMap {
         }
     }
 
-    /// Map `vb`; returns what it was mapped to before.
+    /// Map `vb`; returns what it was mapped to before. `m`'s crc must be known (a paged crc
+    /// only comes from the checkpoint, through `set_run_paged` and `rebase`).
     pub fn set(&mut self, vb: VBlock, m: Mapping) -> Option<Mapping> {
         let (c, k) = split(vb);
+        let base = self.base_of(c);
         let exts = self.chunks.entry(c).or_default();
         let old = Chunk {
             c,
             exts,
             crcs: &mut self.crcs,
+            base,
         }
         .put(k, Some(m));
         self.count(old, -1);
@@ -324,8 +435,7 @@ impl BlockMap {
                 self.data_blocks += len as u64;
             } else {
                 for (i, &crc) in (0u64..).zip(piece) {
-                    let pblock = PBlock(p + i);
-                    self.set(VBlock(v + i), Mapping::Data { pblock, crc });
+                    self.set(VBlock(v + i), Mapping::data(PBlock(p + i), crc));
                 }
             }
             done += len;
@@ -347,10 +457,12 @@ impl BlockMap {
                 continue;
             };
             let (c, k) = split(vb);
+            let base = self.base_of(c);
             let mut chunk = Chunk {
                 c,
                 exts: self.chunks.entry(c).or_default(),
                 crcs: &mut self.crcs,
+                base,
             };
             let (mut data, mut zero) = (0i64, 0i64);
             let mut tally = |m: Option<Mapping>, d: i64| match m {
@@ -375,30 +487,145 @@ impl BlockMap {
         }
     }
 
+    /// Map `count` blocks from `vb` to the pool blocks from `pblock`, block `i`'s crc being at
+    /// position `sums_at + i` of the checkpoint's checksum stream (a checkpoint's map run,
+    /// replayed at open): each chunk's piece becomes one paged extent when its blocks are
+    /// unmapped and its position lies within the chunk's span of the stream. Any other piece
+    /// (a checkpoint not laid out chunk by chunk, which this writer never makes) takes its crcs
+    /// from `resolve(position, n)` and goes in resident.
+    pub fn set_run_paged<E>(
+        &mut self,
+        vb: VBlock,
+        pblock: PBlock,
+        count: u64,
+        sums_at: u64,
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
+    ) -> Result<(), E> {
+        let mut done = 0;
+        while done < count {
+            let (v, p, at) = (vb.0 + done, pblock.0 + done, sums_at + done);
+            let (c, k) = split(VBlock(v));
+            let len = (CHUNK_LEN - k as u64).min(count - done);
+            let base = self.paged.get(&c).copied().unwrap_or(at);
+            let exts = self.chunks.entry(c).or_default();
+            let i = find(exts, k);
+            let free = i.is_none_or(|i| exts[i].end() <= k)
+                && exts
+                    .get(i.map_or(0, |i| i + 1))
+                    .is_none_or(|e| e.start() as u64 >= k as u64 + len);
+            if free && at >= base && at - base + len < PAGED_SPAN {
+                let e = Ext::paged(k, p, len as u16, (at - base) as usize);
+                exts.insert(i.map_or(0, |i| i + 1), e);
+                self.paged.insert(c, base);
+                self.data_blocks += len;
+            } else {
+                if exts.is_empty() {
+                    self.chunks.remove(&c);
+                }
+                let crcs = resolve(at, len as usize)?;
+                self.set_run(VBlock(v), PBlock(p), &crcs);
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint whose map runs are `runs` (sorted by block) is now the pool's: every run
+    /// extent it holds whole (same blocks, same pool blocks) is paged at its new position,
+    /// dropping resident crcs; a paged extent it does not hold (the checkpoint wrote it as
+    /// single entries) takes its crcs from `resolve` (the old checksum stream, not freed yet)
+    /// and goes resident. Extents changed since the checkpoint was encoded are still paged
+    /// right: the commit sealed the transaction, so no block the checkpoint names is rewritten
+    /// in place since (a change splits the run; its pieces keep their blocks and crcs), and no
+    /// block it frees is reused before the checkpoint is installed.
+    pub fn rebase<E>(
+        &mut self,
+        runs: &[PagedRun],
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
+    ) -> Result<(), E> {
+        let planned = |v: u64, p: u64, len: u64| -> Option<u64> {
+            let i = runs.partition_point(|r| r.vblock <= v).checked_sub(1)?;
+            let r = runs[i];
+            let off = v - r.vblock;
+            (off + len <= r.count as u64 && r.pblock + off == p).then_some(r.sums_at + off)
+        };
+        let cs: Vec<u64> = self.chunks.keys().copied().collect();
+        for c in cs {
+            let exts = &self.chunks[&c];
+            if !exts.iter().any(|e| e.is_run() && !e.is_zero()) {
+                continue;
+            }
+            let old_base = self.base_of(c);
+            let old = self.crcs_of(c);
+            let mut out = Vec::with_capacity(exts.len());
+            let mut v: Vec<u32> = Vec::new();
+            let mut base: Option<u64> = None;
+            for &e in exts {
+                if !e.is_run() || e.is_zero() {
+                    out.push(e);
+                    continue;
+                }
+                let len = e.len() as u64;
+                let at = planned((c << CHUNK_BITS) | e.start() as u64, e.base(), len);
+                if let Some(at) = at {
+                    let b = *base.get_or_insert(at);
+                    if at >= b && at - b + len < PAGED_SPAN {
+                        out.push(Ext::paged(e.start(), e.base(), e.len(), (at - b) as usize));
+                        continue;
+                    }
+                }
+                let crcs = if e.is_paged() {
+                    resolve(old_base + e.crc_at() as u64, len as usize)?
+                } else {
+                    old[e.crc_at()..e.crc_at() + len as usize].to_vec()
+                };
+                out.push(Ext::run(e.start(), e.base(), e.len(), v.len()));
+                v.extend(crcs);
+            }
+            self.chunks.insert(c, out);
+            match base {
+                Some(b) => self.paged.insert(c, b),
+                None => self.paged.remove(&c),
+            };
+            if v.is_empty() {
+                self.crcs.remove(&c);
+            } else {
+                v.shrink_to_fit();
+                self.crcs.insert(c, Crcs { v, dead: 0 });
+            }
+        }
+        Ok(())
+    }
+
     /// Unmap `vb`; returns what it was mapped to.
     pub fn remove(&mut self, vb: VBlock) -> Option<Mapping> {
         let (c, k) = split(vb);
+        let base = self.base_of(c);
         let exts = self.chunks.get_mut(&c)?;
         let mut chunk = Chunk {
             c,
             exts,
             crcs: &mut self.crcs,
+            base,
         };
         let old = chunk.put(k, None);
         if chunk.exts.is_empty() {
             self.chunks.remove(&c);
             self.crcs.remove(&c);
+            self.paged.remove(&c);
         }
         self.count(old, -1);
         old
     }
 }
 
-/// One chunk being changed: its extents and the table of crc vectors (found once per change).
+/// One chunk being changed: its extents, the table of crc vectors (found once per change) and
+/// its paged runs' base position.
 struct Chunk<'a> {
     c: u64,
     exts: &'a mut Vec<Ext>,
     crcs: &'a mut ChunkTable<Crcs>,
+    base: u64,
 }
 
 impl Chunk<'_> {
@@ -429,12 +656,14 @@ impl Chunk<'_> {
                 } else {
                     None
                 };
-                let old = e.at(off, crcs.as_ref().map_or(&[], |x| &x.v));
+                let old = e.at(off, crcs.as_ref().map_or(&[], |x| &x.v), self.base);
                 match to {
                     // The same place (a fresh block rewritten in place): only the crc changes.
+                    // (A paged run is a checkpoint's, never fresh; it would split below.)
                     Some(Mapping::Data { pblock, crc })
-                        if !e.is_zero() && pblock.0 == e.base() + off as u64 =>
+                        if !e.is_zero() && !e.is_paged() && pblock.0 == e.base() + off as u64 =>
                     {
+                        let crc = crc.known().expect("a block written has a known crc");
                         match crcs {
                             Some(x) if e.is_run() => x.v[e.crc_at() + off as usize] = crc,
                             _ => exts[i].word = crc,
@@ -468,8 +697,8 @@ impl Chunk<'_> {
     }
 
     /// Replace block `off` of run `exts[i]` of chunk `c` by `to`, leaving the rest of the run
-    /// on either side (a piece of one block becomes a single extent). Its crcs stay where they
-    /// are; the replaced block's becomes dead.
+    /// on either side (a piece of one block becomes a single extent, but a paged run's pieces
+    /// stay paged runs). Its crcs stay where they are; the replaced block's becomes dead.
     fn split_run(&mut self, i: usize, off: u16, to: Option<Mapping>) {
         let (c, exts) = (self.c, &mut *self.exts);
         let e = exts[i];
@@ -482,8 +711,11 @@ impl Chunk<'_> {
             } else {
                 ZERO_MARK
             };
-            if len == 1 {
-                Ext::single(e.start() + from, e.at(from, &crcs.v))
+            if e.is_paged() {
+                let at = e.crc_at() + from as usize;
+                Ext::paged(e.start() + from, e.base() + from as u64, len, at)
+            } else if len == 1 {
+                Ext::single(e.start() + from, e.at(from, &crcs.v, 0))
             } else {
                 let at = if data { e.crc_at() + from as usize } else { 0 };
                 Ext::run(e.start() + from, base, len, at)
@@ -493,14 +725,15 @@ impl Chunk<'_> {
         let mut dead = 1;
         if off > 0 {
             pieces.push(piece(0, off));
-            dead += (off == 1) as usize;
+            dead += (off == 1 && !pieces[0].is_run()) as usize;
         }
         if let Some(m) = to {
             pieces.push(Ext::single(e.start() + off, m));
         }
         if off + 1 < e.len() {
-            pieces.push(piece(off + 1, e.len() - off - 1));
-            dead += (e.len() - off - 1 == 1) as usize;
+            let p = piece(off + 1, e.len() - off - 1);
+            dead += (e.len() - off - 1 == 1 && !p.is_run()) as usize;
+            pieces.push(p);
         }
         exts.splice(i..=i, pieces);
         if data {
@@ -524,6 +757,7 @@ impl Chunk<'_> {
             exts[i] = Ext::run(e.start(), ZERO_MARK, e.len() + 1, 0);
             return;
         };
+        let crc = crc.known().expect("a block written has a known crc");
         if e.is_run() {
             let x = self.crcs.get_mut(&c).expect("a data run has crcs");
             if e.crc_at() + e.len() as usize != x.v.len() {
@@ -547,7 +781,7 @@ impl Chunk<'_> {
                 && i - j + 1 < FIRST_RUN - 1
                 && !exts[j - 1].is_run()
                 && exts[j - 1].end() == exts[j].start()
-                && exts[j - 1].continued_by(exts[j].at(0, &[]))
+                && exts[j - 1].continued_by(exts[j].at(0, &[], 0))
             {
                 j -= 1;
             }
@@ -628,10 +862,11 @@ impl BlockMap {
         exts: &'a [Ext],
     ) -> impl Iterator<Item = (VBlock, Mapping)> + 'a {
         let crcs = self.crcs_of(c);
+        let base = self.base_of(c);
         exts.iter().flat_map(move |e| {
             (0..e.len()).map(move |off| {
                 let vb = VBlock((c << CHUNK_BITS) | (e.start() + off) as u64);
-                (vb, e.at(off, crcs))
+                (vb, e.at(off, crcs, base))
             })
         })
     }
@@ -678,6 +913,7 @@ impl BlockMap {
         exts + crcs
             + self.chunks.capacity() * (std::mem::size_of::<(u64, Vec<Ext>)>() + 1)
             + self.crcs.capacity() * (std::mem::size_of::<(u64, Crcs)>() + 1)
+            + self.paged.capacity() * (std::mem::size_of::<(u64, u64)>() + 1)
     }
 }
 
@@ -690,10 +926,7 @@ mod tests {
     #[test]
     fn set_get_remove_and_counters() {
         let mut m = BlockMap::new();
-        let d = |p| Mapping::Data {
-            pblock: PBlock(p),
-            crc: (p as u32).wrapping_mul(3),
-        };
+        let d = |p| Mapping::data(PBlock(p), (p as u32).wrapping_mul(3));
         assert_eq!(m.set(VBlock(5), d(100)), None);
         assert_eq!(m.set(VBlock(5000), Mapping::Zero), None);
         assert_eq!(m.set(VBlock(5), d(MAX_PBLOCK)), Some(d(100)));
@@ -717,10 +950,7 @@ mod tests {
     }
 
     fn data(p: u64) -> Mapping {
-        Mapping::Data {
-            pblock: PBlock(p),
-            crc: (p as u32).wrapping_mul(0x9E37_79B9),
-        }
+        Mapping::data(PBlock(p), (p as u32).wrapping_mul(0x9E37_79B9))
     }
 
     /// The rules of the representation: extents sorted and apart, inside the chunk, each run's
@@ -744,8 +974,86 @@ mod tests {
                 Some(x) => assert_eq!(x.v.len() - x.dead, live, "chunk {c} dead count"),
                 None => assert_eq!(live, 0),
             }
+            if exts.iter().any(|e| e.is_paged()) {
+                assert!(m.paged.contains_key(c), "chunk {c}: paged runs, no base");
+            }
         }
         assert!(m.crcs.keys().all(|c| m.chunks.contains_key(c)));
+        assert!(m.paged.keys().all(|c| m.chunks.contains_key(c)));
+    }
+
+    #[test]
+    fn a_paged_image_costs_a_fraction_of_a_byte_per_block() {
+        let mut m = BlockMap::new();
+        let n = 1u64 << 20;
+        let mut never = |_: u64, _: usize| -> Result<Vec<u32>, ()> { panic!("resolved") };
+        m.set_run_paged(VBlock(0), PBlock(1000), n, 0, &mut never)
+            .unwrap();
+        let per_block = m.heap_bytes() as f64 / n as f64;
+        assert!(per_block < 0.2, "{per_block} bytes per block");
+        assert_eq!(
+            m.get(VBlock(5000)),
+            Some(Mapping::Data {
+                pblock: PBlock(6000),
+                crc: CrcRef::Paged(5000),
+            })
+        );
+        check_shape(&m);
+    }
+
+    /// The crc a map's ref stands for, against the checksum stream `stream`.
+    fn resolved(m: Option<Mapping>, stream: &[u32]) -> Option<(Option<u64>, u32)> {
+        m.map(|m| match m {
+            Mapping::Zero => (None, 0),
+            Mapping::Data {
+                pblock,
+                crc: CrcRef::Known(c),
+            } => (Some(pblock.0), c),
+            Mapping::Data {
+                pblock,
+                crc: CrcRef::Paged(at),
+            } => (Some(pblock.0), stream[at as usize]),
+        })
+    }
+
+    /// What a checkpoint writer does with `m`: entries in `iter` order, consecutive contiguous
+    /// data blocks making runs (of two or more) whose crcs go to a new stream.
+    fn write_checkpoint(m: &BlockMap, stream: &[u32]) -> (Vec<PagedRun>, Vec<u32>) {
+        let mut runs: Vec<PagedRun> = Vec::new();
+        let mut sums = Vec::new();
+        let mut open: Option<(u64, u64, Vec<u32>)> = None;
+        let close =
+            |o: Option<(u64, u64, Vec<u32>)>, runs: &mut Vec<PagedRun>, sums: &mut Vec<u32>| {
+                if let Some((v, p, crcs)) = o.filter(|o| o.2.len() >= 2) {
+                    runs.push(PagedRun {
+                        vblock: v,
+                        pblock: p,
+                        count: crcs.len() as u32,
+                        sums_at: sums.len() as u64,
+                    });
+                    sums.extend(crcs);
+                }
+            };
+        for (vb, x) in m.iter() {
+            let Some((Some(p), crc)) = resolved(Some(x), stream) else {
+                close(open.take(), &mut runs, &mut sums);
+                continue;
+            };
+            match &mut open {
+                Some((v, p0, crcs))
+                    if *v + crcs.len() as u64 == vb.0 && *p0 + crcs.len() as u64 == p =>
+                {
+                    crcs.push(crc)
+                }
+                _ => {
+                    close(open.take(), &mut runs, &mut sums);
+                    open = Some((vb.0, p, vec![crc]));
+                }
+            }
+        }
+        close(open.take(), &mut runs, &mut sums);
+        runs.sort();
+        (runs, sums)
     }
 
     #[test]
@@ -799,6 +1107,17 @@ mod tests {
             p: u64,
             crc: u32,
         },
+        /// `Data` through `set_run_paged`, its crcs appended to the checksum stream.
+        Paged {
+            vb: u64,
+            len: u64,
+            p: u64,
+            crc: u32,
+        },
+        /// A checkpoint written, then `changes` ops, then the checkpoint adopted (`rebase`).
+        Checkpoint {
+            changes: Vec<Op>,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -811,8 +1130,11 @@ mod tests {
             }),
             1 => (vb.clone(), len.clone()).prop_map(|(vb, len)| Op::Zero { vb, len }),
             2 => (vb.clone(), len.clone()).prop_map(|(vb, len)| Op::Unmap { vb, len }),
-            2 => (vb, len, 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
+            2 => (vb.clone(), len.clone(), 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
                 Op::Run { vb, len, p: 100 + vb + p * 10_000, crc }
+            }),
+            2 => (vb, len, 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
+                Op::Paged { vb, len, p: 100 + vb + p * 10_000, crc }
             }),
         ]
     }
@@ -827,7 +1149,7 @@ mod tests {
             1 => (vb, Some(Mapping::Zero)),
             _ => {
                 let pblock = PBlock(100 + vb + p * 10_000);
-                (vb, Some(Mapping::Data { pblock, crc }))
+                (vb, Some(Mapping::data(pblock, crc)))
             }
         })
     }
@@ -839,8 +1161,8 @@ mod tests {
         };
     }
 
-    /// The representation itself: every chunk's extents and crc vector.
-    type Shape = BTreeMap<u64, (Vec<(u16, u16, u32, u32)>, Vec<u32>, usize)>;
+    /// The representation itself: every chunk's extents, crc vector and paged base.
+    type Shape = BTreeMap<u64, (Vec<(u16, u16, u32, u32)>, Vec<u32>, usize, Option<u64>)>;
     fn shape(m: &BlockMap) -> Shape {
         m.chunks
             .iter()
@@ -850,9 +1172,115 @@ mod tests {
                     .crcs
                     .get(&c)
                     .map_or((Vec::new(), 0), |x| (x.v.clone(), x.dead));
-                (c, (exts, crcs.0, crcs.1))
+                (c, (exts, crcs.0, crcs.1, m.paged.get(&c).copied()))
             })
             .collect()
+    }
+
+    fn op_or_checkpoint() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => op(),
+            1 => proptest::collection::vec(op(), 0..4).prop_map(|changes| Op::Checkpoint { changes }),
+        ]
+    }
+
+    type Model = BTreeMap<u64, (Option<u64>, u32)>;
+
+    /// Apply `op` to the map and the model; `stream` is the current checkpoint's checksum
+    /// stream (paged ops append to it, as if the checkpoint held them).
+    fn apply(
+        m: &mut BlockMap,
+        model: &mut Model,
+        stream: &mut Vec<u32>,
+        op: Op,
+    ) -> Result<(), TestCaseError> {
+        let as_model = |x: Mapping| match x {
+            Mapping::Zero => (None, 0),
+            Mapping::Data { pblock, crc } => (Some(pblock.0), crc.known().unwrap()),
+        };
+        match op {
+            Op::Data { vb, len, p, crc } => {
+                for j in 0..len {
+                    let to = Mapping::data(PBlock(p + j), crc ^ j as u32);
+                    let old = resolved(m.set(VBlock(vb + j), to), stream);
+                    prop_assert_eq!(old, model.insert(vb + j, as_model(to)));
+                }
+            }
+            Op::Zero { vb, len } => {
+                for j in 0..len {
+                    let to = Mapping::Zero;
+                    let old = resolved(m.set(VBlock(vb + j), to), stream);
+                    prop_assert_eq!(old, model.insert(vb + j, as_model(to)));
+                }
+            }
+            Op::Unmap { vb, len } => {
+                for j in 0..len {
+                    prop_assert_eq!(
+                        resolved(m.remove(VBlock(vb + j)), stream),
+                        model.remove(&(vb + j))
+                    );
+                }
+            }
+            Op::Run { vb, len, p, crc } => {
+                let crcs: Vec<u32> = (0..len).map(|j| crc ^ j as u32).collect();
+                m.set_run(VBlock(vb), PBlock(p), &crcs);
+                for (j, &crc) in (0..).zip(&crcs) {
+                    model.insert(vb + j, (Some(p + j), crc));
+                }
+            }
+            Op::Paged { vb, len, p, crc } => {
+                let at = stream.len() as u64;
+                stream.extend((0..len).map(|j| crc ^ j as u32 ^ 0x5a5a));
+                let s = stream.clone();
+                let mut resolve = |at: u64, n: usize| -> Result<Vec<u32>, ()> {
+                    Ok(s[at as usize..at as usize + n].to_vec())
+                };
+                m.set_run_paged(VBlock(vb), PBlock(p), len, at, &mut resolve)
+                    .unwrap();
+                for j in 0..len {
+                    model.insert(vb + j, (Some(p + j), stream[(at + j) as usize]));
+                }
+            }
+            Op::Checkpoint { changes } => {
+                let (runs, sums) = write_checkpoint(m, stream);
+                // The commit sealed the transaction: what comes before the checkpoint is
+                // adopted writes to new pool blocks, never in place into one it names.
+                static SEALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                let fresh = SEALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 1_000_000;
+                for c in changes {
+                    let c = match c {
+                        Op::Data { vb, len, p, crc } => Op::Data {
+                            vb,
+                            len,
+                            p: p + fresh,
+                            crc,
+                        },
+                        Op::Run { vb, len, p, crc } => Op::Run {
+                            vb,
+                            len,
+                            p: p + fresh,
+                            crc,
+                        },
+                        Op::Paged { vb, len, p, crc } => Op::Paged {
+                            vb,
+                            len,
+                            p: p + fresh,
+                            crc,
+                        },
+                        c => c,
+                    };
+                    apply(m, model, stream, c)?;
+                }
+                let old = stream.clone();
+                let mut resolve = |at: u64, n: usize| -> Result<Vec<u32>, ()> {
+                    Ok(old[at as usize..at as usize + n].to_vec())
+                };
+                m.rebase(&runs, &mut resolve).unwrap();
+                *stream = sums;
+            }
+        }
+        check_shape(m);
+        Ok(())
     }
 
     proptest! {
@@ -892,41 +1320,23 @@ mod tests {
         /// Whatever is set, rewritten in place, split or unmapped, the map reads what a plain
         /// block-by-block model reads, its counters agree, and its shape keeps its rules.
         #[test]
-        fn extent_map_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+        fn extent_map_matches_a_model(ops in proptest::collection::vec(op_or_checkpoint(), 1..40)) {
             let mut m = BlockMap::new();
-            let mut model: BTreeMap<u64, Mapping> = BTreeMap::new();
+            let mut model = Model::new();
+            let mut stream = Vec::new();
             for op in ops {
-                match op {
-                    Op::Data { vb, len, p, crc } => for j in 0..len {
-                        let to = Mapping::Data { pblock: PBlock(p + j), crc: crc ^ j as u32 };
-                        prop_assert_eq!(m.set(VBlock(vb + j), to), model.insert(vb + j, to));
-                    },
-                    Op::Zero { vb, len } => for j in 0..len {
-                        let to = Mapping::Zero;
-                        prop_assert_eq!(m.set(VBlock(vb + j), to), model.insert(vb + j, to));
-                    },
-                    Op::Unmap { vb, len } => for j in 0..len {
-                        prop_assert_eq!(m.remove(VBlock(vb + j)), model.remove(&(vb + j)));
-                    },
-                    Op::Run { vb, len, p, crc } => {
-                        let crcs: Vec<u32> = (0..len).map(|j| crc ^ j as u32).collect();
-                        m.set_run(VBlock(vb), PBlock(p), &crcs);
-                        for (j, &crc) in (0..).zip(&crcs) {
-                            model.insert(vb + j, Mapping::Data { pblock: PBlock(p + j), crc });
-                        }
-                    }
-                }
-                check_shape(&m);
+                apply(&mut m, &mut model, &mut stream, op)?;
             }
             for vb in 0..4 * CHUNK_LEN {
-                prop_assert_eq!(m.get(VBlock(vb)), model.get(&vb).copied());
+                prop_assert_eq!(resolved(m.get(VBlock(vb)), &stream), model.get(&vb).copied());
             }
-            let want: Vec<(VBlock, Mapping)> = model.iter().map(|(&v, &x)| (VBlock(v), x)).collect();
-            prop_assert_eq!(m.range(0, u64::MAX), want.clone());
-            let mut all: Vec<_> = m.iter().collect();
+            let want: Vec<(VBlock, (Option<u64>, u32))> = model.iter().map(|(&v, &x)| (VBlock(v), x)).collect();
+            let got: Vec<_> = m.range(0, u64::MAX).into_iter().map(|(v, x)| (v, resolved(Some(x), &stream).unwrap())).collect();
+            prop_assert_eq!(got, want.clone());
+            let mut all: Vec<_> = m.iter().map(|(v, x)| (v, resolved(Some(x), &stream).unwrap())).collect();
             all.sort_by_key(|e| e.0);
             prop_assert_eq!(all, want);
-            let data = model.values().filter(|x| matches!(x, Mapping::Data { .. })).count() as u64;
+            let data = model.values().filter(|x| x.0.is_some()).count() as u64;
             prop_assert_eq!((m.data_blocks(), m.zero_blocks()), (data, model.len() as u64 - data));
         }
     }

@@ -10,10 +10,11 @@
 use super::alloc::{Allocator, Sealed};
 use super::meta::{MetaStreams, Staged};
 use super::storage::Storage;
+use super::sums::PagedRun;
 use crate::error::{Error, Result};
 use crate::format::page::PAYLOAD_MAX;
-use crate::format::record::RecordWriter;
-use crate::format::{first_data_block, PBlock, PAGE_SIZE};
+use crate::format::record::{RecordReader, RecordWriter};
+use crate::format::{first_data_block, LayerId, PBlock, PAGE_SIZE};
 
 /// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
 pub const CHECKPOINT_MIN_LOG_PAGES: u64 = 1024;
@@ -54,6 +55,9 @@ pub struct Pool {
 pub struct Commit {
     staged: Staged,
     sealed: Sealed,
+    /// For a checkpoint, its map runs that keep their crcs in its checksum pages: what the
+    /// maps page by once it is installed (`Commit::paged_runs`).
+    paged: Option<Vec<(LayerId, PagedRun)>>,
 }
 
 impl Commit {
@@ -69,6 +73,13 @@ impl Commit {
     /// loaded pool includes this commit exactly when its own pair is at least this.
     pub fn position(&self) -> (u64, u64) {
         (self.staged.sb.log.id, self.staged.sb.log_commit)
+    }
+
+    /// For a checkpoint commit, its runs whose crcs are in its checksum pages, sorted by layer
+    /// and block: once it is durable, the maps keep their positions instead of the crcs
+    /// (`BlockMap::rebase`), before `Pool::finish` frees the old checkpoint's pages.
+    pub fn paged_runs(&self) -> Option<&[(LayerId, PagedRun)]> {
+        self.paged.as_deref()
     }
 }
 
@@ -140,7 +151,7 @@ impl Pool {
         &mut self,
         storage: &dyn Storage,
         pending: &mut RecordWriter,
-        checkpoint: impl FnOnce(&mut RecordWriter),
+        checkpoint: impl FnOnce(&mut RecordWriter) -> Result<()>,
         mut announce: impl FnMut((u64, u64)),
     ) -> Result<Option<Commit>> {
         self.usable()?;
@@ -159,14 +170,20 @@ impl Pool {
             announced = Some(at);
             announce(at)
         };
+        let mut paged = None;
         if want_checkpoint {
             let mut w = RecordWriter::for_checkpoint();
-            checkpoint(&mut w);
+            // Nothing is written yet: a crc that cannot be read (a damaged checksum page of
+            // the old checkpoint) fails the commit and leaves the pool as it was.
+            checkpoint(&mut w)?;
+            paged = Some(paged_runs(&w.buf)?);
             staged =
                 self.meta
                     .stage_checkpoint(storage, &mut self.alloc, &w.buf, w.sums(), &mut tell);
             if matches!(staged, Ok(Some(_))) {
                 self.checkpoint_due = false;
+            } else {
+                paged = None;
             }
         }
         // Without room for a whole checkpoint, appending to the log still works (and a
@@ -193,7 +210,11 @@ impl Pool {
                 );
                 pending.clear();
                 let sealed = self.alloc.seal();
-                Ok(Some(Commit { staged, sealed }))
+                Ok(Some(Commit {
+                    staged,
+                    sealed,
+                    paged,
+                }))
             }
             Ok(None) => Err(Error::NoSpace(format!(
                 "committing metadata: {}",
@@ -359,4 +380,16 @@ fn punch_runs(storage: &dyn Storage, sorted: &[PBlock], bs: u64) {
         let _ = storage.punch_hole(sorted[i].0 * bs, (j - i) as u64 * bs);
         i = j;
     }
+}
+
+/// The map runs of checkpoint records `records` that name their crcs in its checksum stream,
+/// sorted by layer and block.
+fn paged_runs(records: &[u8]) -> Result<Vec<(LayerId, PagedRun)>> {
+    let mut out = Vec::new();
+    let mut r = RecordReader::new(records, "checkpoint");
+    while let Some(rec) = r.next_record()? {
+        out.extend(PagedRun::of(rec).ok());
+    }
+    out.sort_unstable();
+    Ok(out)
 }

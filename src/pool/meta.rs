@@ -6,9 +6,10 @@
 
 use super::alloc::Allocator;
 use super::storage::Storage;
+use super::sums::{SumPages, DEFAULT_BUDGET};
 use crate::error::{Error, Result};
 use crate::format::checksum::Kind;
-use crate::format::page::{self, PageHeader, PAYLOAD_MAX, SUMS_PER_PAGE};
+use crate::format::page::{self, PageHeader, PAYLOAD_MAX};
 use crate::format::record::{Record, RecordReader, RecordWriter, TAG_CHECKSUM_PAGES};
 use crate::format::superblock::{StreamRef, Superblock};
 use crate::format::{first_data_block, PBlock, PAGE_SIZE, SUPERBLOCK_OFFSETS};
@@ -23,8 +24,8 @@ pub struct MetaStreams {
     pub ckpt_blocks: Vec<PBlock>,
     /// Blocks of the log, including the one holding the reserved next page.
     pub log_blocks: Vec<PBlock>,
-    /// Checksum pages of the checkpoint (FORMAT.md §5.6).
-    sums_pages: u64,
+    /// The checkpoint's checksum stream (FORMAT.md §5.6), read on demand through its cache.
+    sums: std::sync::Arc<SumPages>,
     pages_per_block: u64,
     /// Log pages the on-disk superblock names; the rest of `sb.log.pages` are its tail.
     named_log_pages: u64,
@@ -40,10 +41,9 @@ pub struct Recovered {
     pub checkpoint: Vec<u8>,
     /// Where the checkpoint's records start past its checksum pages records.
     pub records_at: usize,
-    /// The checkpoint's checksum stream: its map runs' crcs (FORMAT.md §5.6), each page
-    /// verified; what `Record::resolve` takes them from.
-    pub sums: Vec<u32>,
-    pub sums_pages: u64,
+    /// The page numbers of the checkpoint's checksum stream: its map runs' crcs (FORMAT.md
+    /// §5.6), read on demand (`SumPages`), each page verified before use.
+    pub sums_pages: Vec<u64>,
     pub log: Vec<u8>,
     /// The checkpoint's blocks, its checksum pages' included.
     pub ckpt_blocks: Vec<PBlock>,
@@ -195,24 +195,16 @@ fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-/// A checkpoint's checksum stream, read.
-struct Sums {
-    crcs: Vec<u32>,
-    pages: u64,
-    /// Where the checkpoint's other records start.
-    records_at: usize,
-}
-
-/// Read the checksum pages the checkpoint's leading checksum pages records name (FORMAT.md
-/// §5.6): each must verify as checksum page `(checkpoint.id, seq)`, chain to the next one
-/// named, and be full but for the last. Their blocks join `blocks`.
-fn read_sums(
-    storage: &dyn Storage,
+/// The checksum pages the checkpoint's leading checksum pages records name (FORMAT.md §5.6)
+/// and where its other records start. The pages are not read here: a run's crcs are read when
+/// its blocks are (`SumPages`, which verifies each page first), and `check` reads them all.
+/// Their blocks join `blocks`.
+fn sums_pages(
     sb: &Superblock,
     checkpoint: &[u8],
     ppb: u64,
     blocks: &mut Vec<PBlock>,
-) -> Result<Sums> {
+) -> Result<(Vec<u64>, usize)> {
     let mut r = RecordReader::new(checkpoint, "checkpoint");
     let mut pages = Vec::new();
     while r.peek_tag() == Some(TAG_CHECKSUM_PAGES) {
@@ -221,48 +213,19 @@ fn read_sums(
         }
     }
     let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
-    let id = sb.checkpoint.id;
-    let mut crcs = Vec::with_capacity(pages.len() * SUMS_PER_PAGE);
-    let mut buf = [0u8; PAGE_SIZE];
     for (seq, &page_no) in pages.iter().enumerate() {
-        let bad = |m: String| {
-            Error::Corrupt(format!(
-                "checkpoint {id}: checksum page {seq} (page {page_no}, byte offset {}): {m}",
-                page_no.saturating_mul(PAGE_SIZE as u64)
-            ))
-        };
         if page_no < first_page || page_no >= (1u64 << 52) {
-            return Err(bad("impossible page number".into()));
-        }
-        storage
-            .read_at(&mut buf, page_no * PAGE_SIZE as u64)
-            .map_err(io_err("reading checksum page"))?;
-        let h = page::decode(&buf, page_no, Kind::ChecksumPage, id, seq as u32)?;
-        let next = pages.get(seq + 1).copied().unwrap_or(0);
-        if h.next != next {
-            return Err(bad(format!(
-                "its next is page {}, the checkpoint names {next}",
-                h.next
+            return Err(Error::Corrupt(format!(
+                "checkpoint {}: checksum page {seq} at impossible page number {page_no}",
+                sb.checkpoint.id
             )));
         }
-        // Positions are `seq * SUMS_PER_PAGE + index`, so only the last page may be short.
-        if next != 0 && h.payload_len as usize != SUMS_PER_PAGE * 4 {
-            return Err(bad(format!(
-                "{} bytes of crcs in a page not the last",
-                h.payload_len
-            )));
-        }
-        page::decode_sums(page::payload(&buf, &h), page_no, &mut crcs)?;
         let block = PBlock(page_no / ppb);
         if blocks.last() != Some(&block) {
             blocks.push(block);
         }
     }
-    Ok(Sums {
-        crcs,
-        pages: pages.len() as u64,
-        records_at: r.position(),
-    })
+    Ok((pages, r.position()))
 }
 
 /// Read the streams a superblock points to.
@@ -273,7 +236,7 @@ pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
     } else {
         (Vec::new(), Vec::new(), 0)
     };
-    let sums = read_sums(storage, sb, &checkpoint, ppb, &mut ckpt_blocks)?;
+    let (sums_pages, records_at) = sums_pages(sb, &checkpoint, ppb, &mut ckpt_blocks)?;
     let (log, mut log_blocks, last_next) = read_stream(storage, Kind::LogPage, &sb.log, ppb)?;
     let expect_next = if sb.log.pages > 0 {
         last_next
@@ -315,9 +278,8 @@ pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
     Ok(Recovered {
         sb: full,
         checkpoint,
-        records_at: sums.records_at,
-        sums: sums.crcs,
-        sums_pages: sums.pages,
+        records_at,
+        sums_pages,
         log,
         ckpt_blocks,
         log_blocks,
@@ -476,7 +438,7 @@ impl MetaStreams {
             sb,
             ckpt_blocks: Vec::new(),
             log_blocks: vec![log_block],
-            sums_pages: 0,
+            sums: std::sync::Arc::new(SumPages::new(0, Vec::new(), ppb, DEFAULT_BUDGET)),
             pages_per_block: ppb,
             named_log_pages: 0,
             next_commit: 1,
@@ -484,12 +446,19 @@ impl MetaStreams {
     }
 
     pub fn from_recovered(r: &Recovered) -> MetaStreams {
+        let ppb = r.sb.block_size as u64 / PAGE_SIZE as u64;
+        let sums = SumPages::new(
+            r.sb.checkpoint.id,
+            r.sums_pages.clone(),
+            ppb,
+            DEFAULT_BUDGET,
+        );
         MetaStreams {
             sb: r.sb.clone(),
             ckpt_blocks: r.ckpt_blocks.clone(),
             log_blocks: r.log_blocks.clone(),
-            sums_pages: r.sums_pages,
-            pages_per_block: r.sb.block_size as u64 / PAGE_SIZE as u64,
+            sums: std::sync::Arc::new(sums),
+            pages_per_block: ppb,
             named_log_pages: r.named_log_pages,
             // Not + 1: a commit cut off by the crash may have used that number, and its pages
             // may lie where the next commit's pages go (§5.5).
@@ -549,7 +518,12 @@ impl MetaStreams {
 
     /// Pages of the checkpoint, its checksum pages included: what writing it again costs.
     pub fn checkpoint_pages(&self) -> u64 {
-        self.sb.checkpoint.pages + self.sums_pages
+        self.sb.checkpoint.pages + self.sums.pages().len() as u64
+    }
+
+    /// The checkpoint's checksum stream, which paged map runs' crcs are read from.
+    pub fn sums(&self) -> &std::sync::Arc<SumPages> {
+        &self.sums
     }
 
     /// Step 1 of a log commit: write `records` as log pages after the committed ones, the
@@ -730,7 +704,7 @@ impl MetaStreams {
         Ok(Some(Staged {
             sb,
             new_log_blocks: vec![log_block],
-            new_checkpoint: Some((blocks, sum_pages.len() as u64)),
+            new_checkpoint: Some((blocks, sum_pages)),
             superblock: true,
         }))
     }
@@ -750,7 +724,9 @@ impl MetaStreams {
                 Vec::new()
             }
             Some((ckpt, sums_pages)) => {
-                self.sums_pages = sums_pages;
+                let budget = self.sums.budget();
+                let (id, ppb) = (self.sb.checkpoint.id, self.pages_per_block);
+                self.sums = std::sync::Arc::new(SumPages::new(id, sums_pages, ppb, budget));
                 let mut old = std::mem::replace(&mut self.ckpt_blocks, ckpt);
                 old.append(&mut self.log_blocks);
                 self.log_blocks = staged.new_log_blocks;
@@ -841,8 +817,8 @@ pub struct Staged {
     pub sb: Superblock,
     new_log_blocks: Vec<PBlock>,
     /// For a checkpoint commit, the checkpoint's blocks (its checksum pages' included) and
-    /// how many checksum pages it has.
-    new_checkpoint: Option<(Vec<PBlock>, u64)>,
+    /// its checksum pages.
+    new_checkpoint: Option<(Vec<PBlock>, Vec<u64>)>,
     /// Whether a superblock names the commit (steps 3-4), or only its pages (§5.5).
     superblock: bool,
 }

@@ -7,9 +7,11 @@ pub mod lock;
 pub mod meta;
 pub mod sim;
 pub mod storage;
+pub mod sums;
 
 pub use alloc::{Allocator, Sealed};
 pub use commit::{Commit, Pool, Punch};
 pub use meta::{MetaStreams, Recovered};
 pub use sim::SimStorage;
 pub use storage::{FileStorage, MemStorage, Storage};
+pub use sums::SumPages;

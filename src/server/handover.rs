@@ -103,6 +103,9 @@ pub(crate) struct State {
     remote_timeout_ms: Option<u64>,
     #[serde(default)]
     no_remote_fill: bool,
+    /// `serve --map-cache` in bytes (absent from a state written before it existed).
+    #[serde(default)]
+    map_cache: Option<u64>,
     /// `serve --lazy-registry`.
     #[serde(default)]
     lazy_registries: Vec<String>,
@@ -354,6 +357,7 @@ impl Serving<'_> {
             loop_direct_io: self.cfg.loop_direct_io,
             remote_timeout_ms: Some(self.cfg.remote.timeout.as_millis() as u64),
             no_remote_fill: !self.cfg.remote.background,
+            map_cache: Some(self.cfg.map_cache),
             lazy_registries: self.cfg.remote.registries.clone(),
         }
     }
@@ -548,6 +552,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
             background: !state.no_remote_fill,
             registries: state.lazy_registries.clone(),
         },
+        map_cache: state.map_cache.unwrap_or(crate::pool::sums::DEFAULT_BUDGET),
     };
     let nbd_fd = next();
     let control_fd = next();
@@ -561,6 +566,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
     // which the old process (serving on after this failure) still needs.
     let journal = journal.map(Journal::adopt).transpose()?;
     let (store, replayed) = Store::open_with_journal(&cfg.pool, command_line, journal)?;
+    store.set_map_cache(cfg.map_cache);
     if replayed.transactions > 0 {
         log::process(
             Level::Warn,

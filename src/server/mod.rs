@@ -53,6 +53,8 @@ pub struct Config {
     pub loop_direct_io: bool,
     /// How remote layers are fetched (`serve --remote-timeout`, `--no-remote-fill`).
     pub remote: lazy::Remote,
+    /// Bytes of checksum pages kept in memory (`serve --map-cache`, `pool::sums`).
+    pub map_cache: u64,
 }
 
 /// Everything a serving process holds: what `run` builds from scratch and `handover::resume`
@@ -89,6 +91,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     };
     let journal = keeper.as_ref().map(|_| Journal::create()).transpose()?;
     let store = Arc::new(Store::open_with_journal(&cfg.pool, command_line, journal)?.0);
+    store.set_map_cache(cfg.map_cache);
     for name in store.discarded() {
         let log = Log::process().scoped("thinlayer");
         log.warn(format_args!(

@@ -199,6 +199,15 @@ fn status(store: &Store, x: &LiveExports) -> Status {
         exports: x.names(),
         connections,
         pending_bytes: store.pending_bytes() as u64,
+        map_cache: {
+            let c = store.map_cache_stats();
+            crate::control::MapCacheStatus {
+                bytes: c.bytes,
+                budget: c.budget,
+                hits: c.hits,
+                misses: c.misses,
+            }
+        },
         ..Default::default()
     }
 }

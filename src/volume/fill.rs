@@ -34,10 +34,7 @@ impl Store {
                 let c = Change::Map {
                     layer: id,
                     vblock: VBlock(vblocks[i + k as usize]),
-                    to: Some(Mapping::Data {
-                        pblock: crate::format::PBlock(p.0 + k),
-                        crc,
-                    }),
+                    to: Some(Mapping::data(crate::format::PBlock(p.0 + k), crc)),
                 };
                 let alloc = &mut inner.pool.alloc;
                 inner

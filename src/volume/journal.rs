@@ -16,6 +16,7 @@ use crate::format::checksum;
 use crate::format::journal::{self as fmt, Entry, Kind};
 use crate::format::record::{MapTarget, Record, RecordReader};
 use crate::format::{LayerId, VBlock};
+use crate::layer::map::CrcRef;
 use crate::layer::{Change, Mapping};
 use crate::pool::Storage;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -308,12 +309,13 @@ impl Inner {
             r.transactions += 1;
             let mut rd = RecordReader::new(&t.records, "crash journal");
             while let Some(rec) = rd.next_record()? {
-                self.replay_record(rec, &mut touched).map_err(|e| {
-                    e.context(format!(
-                        "replaying transaction {} of the crash journal",
-                        t.number
-                    ))
-                })?;
+                self.replay_record(storage, rec, &mut touched)
+                    .map_err(|e| {
+                        e.context(format!(
+                            "replaying transaction {} of the crash journal",
+                            t.number
+                        ))
+                    })?;
             }
         }
         // The data of every block the replay left mapped must be what its entry says.
@@ -337,15 +339,12 @@ impl Inner {
                     Error::io(format!("reading {pblock} to replay the crash journal"), e)
                 })?;
             let actual = checksum::data(&buf);
-            if actual != crc {
+            if actual != self.crc(storage, crc)? {
                 // Only a write the dead server had not answered can be under way into a
                 // block its map already names (an overwrite in place, rule 2 of §3): the
                 // kernel resends that write. The block keeps what reached it.
                 r.torn += 1;
-                let to = Some(Mapping::Data {
-                    pblock,
-                    crc: actual,
-                });
+                let to = Some(Mapping::data(pblock, actual));
                 self.catalog.change(
                     &mut self.pending,
                     Change::Map {
@@ -369,7 +368,12 @@ impl Inner {
         Ok(r)
     }
 
-    fn replay_record(&mut self, rec: Record, touched: &mut Vec<(LayerId, VBlock)>) -> Result<()> {
+    fn replay_record(
+        &mut self,
+        storage: &dyn Storage,
+        rec: Record,
+        touched: &mut Vec<(LayerId, VBlock)>,
+    ) -> Result<()> {
         let Inner {
             catalog,
             pending,
@@ -392,8 +396,20 @@ impl Inner {
                         MapTarget::Unmapped => None,
                         MapTarget::Zero => Some(Mapping::Zero),
                         MapTarget::Data { pblock, crc } => {
-                            let to = Mapping::Data { pblock, crc };
-                            if catalog.get(layer).and_then(|l| l.map.get(e.vblock)) == Some(to) {
+                            let to = Mapping::data(pblock, crc);
+                            let now = catalog.get(layer).and_then(|l| l.map.get(e.vblock));
+                            // A paged crc (the commit was checkpointed since) is read to compare.
+                            let same = match now {
+                                Some(Mapping::Data { pblock: p, crc: r }) if p == pblock => {
+                                    let r = match r {
+                                        CrcRef::Known(c) => c,
+                                        CrcRef::Paged(at) => pool.meta.sums().crc(storage, at)?,
+                                    };
+                                    r == crc
+                                }
+                                _ => false,
+                            };
+                            if same {
                                 // Already there, block and crc: applying it changes nothing,
                                 // so it cannot map a block twice. A journal written before
                                 // the Staged entry came ahead of the pages (issue 17) can
@@ -407,7 +423,7 @@ impl Inner {
                                 )));
                             }
                             touched.push((layer, e.vblock));
-                            Some(Mapping::Data { pblock, crc })
+                            Some(to)
                         }
                     };
                     catalog.change(

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{RecordReader, RecordWriter};
 use crate::format::{first_data_block, valid_block_size};
+use crate::layer::map::CrcRef;
 use crate::layer::Catalog;
 use crate::pool::lock::PoolLock;
 use crate::pool::meta::{self, MetaStreams};
@@ -491,7 +492,7 @@ impl Store {
         // commit is installed, so writes may go on meanwhile.
         let durable = commit.make_durable(&*self.storage);
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let punch = g.pool.finish(&*self.storage, commit, durable)?;
+        let punch = g.finish(&*self.storage, commit, durable)?;
         g.mirror();
         g.journal_durable();
         drop(g);
@@ -515,6 +516,22 @@ impl Store {
     pub fn with_commits_paused<T>(&self, f: impl FnOnce(&Arc<dyn Storage>) -> T) -> T {
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         f(&self.storage)
+    }
+
+    /// Keep up to `bytes` of checksum pages in memory (`serve --map-cache`), now and after
+    /// every checkpoint.
+    pub fn set_map_cache(&self, bytes: u64) {
+        self.sums().set_budget(bytes);
+    }
+
+    /// The checksum page cache's figures (`status`).
+    pub fn map_cache_stats(&self) -> crate::pool::sums::CacheStats {
+        self.sums().stats()
+    }
+
+    fn sums(&self) -> Arc<crate::pool::SumPages> {
+        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        g.pool.meta.sums().clone()
     }
 
     /// Write a checkpoint at the next commit once the log holds more than `pages` pages
@@ -652,11 +669,16 @@ pub(super) fn load_generation(
     sb: &crate::format::superblock::Superblock,
 ) -> Result<Inner> {
     let rec = meta::load(storage, sb)?;
+    let meta = MetaStreams::from_recovered(&rec);
     let mut catalog = Catalog::new();
-    // The checkpoint's runs take their crcs from its checksum pages, read past already.
+    // The checkpoint's runs keep their positions in its checksum pages (read past already),
+    // not their crcs: the pages are read when the blocks are.
+    let sums = meta.sums().clone();
+    let capacity = sums.capacity();
+    let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
     let mut r = RecordReader::at(&rec.checkpoint, rec.records_at, "checkpoint");
     while let Some(record) = r.next_record()? {
-        catalog.apply(record.resolve(&rec.sums)?)?;
+        catalog.apply_checkpoint(record, capacity, &mut resolve)?;
     }
     let mut r = RecordReader::new(&rec.log, "log");
     catalog.replay_log(|| r.next_record())?;
@@ -681,7 +703,6 @@ pub(super) fn load_generation(
             )));
         }
     }
-    let meta = MetaStreams::from_recovered(&rec);
     faults.extend(invariants::audit(
         &catalog,
         &meta,
@@ -724,10 +745,11 @@ impl Inner {
         // so before the commit's pages are written, not after: they are in the pool from then
         // on (a log commit is found by reading forward, §5.5), and a kill in between used to
         // leave a journal that replayed a transaction the pool already held (issue 17).
+        let sums = pool.meta.sums().clone();
         let c = pool.stage(
             storage,
             pending,
-            |w| catalog.encode_checkpoint(w),
+            |w| catalog.encode_checkpoint(w, &mut |at| sums.crc(storage, at)),
             |(log_id, commit)| {
                 if let Some(j) = journal.as_mut() {
                     j.journal.staged(j.txn, log_id, commit);
@@ -739,6 +761,37 @@ impl Inner {
             j.mirrored = 0;
         }
         Ok(c)
+    }
+
+    /// The crc a map's ref stands for: a paged one read through the checkpoint's checksum page
+    /// cache (an error naming the page if it is damaged or unreadable).
+    pub(crate) fn crc(&self, storage: &dyn Storage, r: CrcRef) -> Result<u32> {
+        match r {
+            CrcRef::Known(c) => Ok(c),
+            CrcRef::Paged(at) => self.pool.meta.sums().crc(storage, at),
+        }
+    }
+
+    /// Step 5 of a commit that reached the disk (`durable`), under the write lock: a
+    /// checkpoint's paged runs are adopted by the maps first (their crcs leave memory; a paged
+    /// crc the checkpoint wrote inline is read from the old pages, still intact), then the pool
+    /// installs the new generation and frees the old streams. A failure to read an old page
+    /// fails the commit like a failed sync: the pool is poisoned until reopened.
+    pub(crate) fn finish(
+        &mut self,
+        storage: &dyn Storage,
+        commit: crate::pool::Commit,
+        durable: Result<()>,
+    ) -> Result<Option<crate::pool::Punch>> {
+        let durable = durable.and_then(|()| {
+            let Some(runs) = commit.paged_runs() else {
+                return Ok(());
+            };
+            let sums = self.pool.meta.sums().clone();
+            let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
+            self.catalog.rebase(runs, &mut resolve)
+        });
+        self.pool.finish(storage, commit, durable)
     }
 
     /// Copy the records appended to the open transaction since the last call into the crash
@@ -794,20 +847,22 @@ mod tests {
         s.checkpoint().unwrap();
         let sb = s.read().pool.meta.sb.clone();
         let rec = meta::load(&*mem, &sb).unwrap();
-        assert_eq!(
-            rec.sums.len() as u64,
-            N,
-            "every block's crc is in the checksum pages"
-        );
-        assert_eq!(rec.sums_pages, N.div_ceil(1012));
-        for (i, crc) in rec.sums.iter().enumerate() {
+        let n_pages = rec.sums_pages.len() as u64;
+        assert_eq!(n_pages, N.div_ceil(1012));
+        let sums = s.read().pool.meta.sums().clone();
+        let crcs = sums.crcs(&*mem, 0, N as usize).unwrap();
+        for (i, crc) in crcs.iter().enumerate() {
             assert_eq!(*crc, crate::format::checksum::data(&block(i as u64)));
         }
+        assert!(sums.crc(&*mem, N).is_err(), "every block's crc, no more");
+        // The map adopted the checkpoint: it keeps positions in the pages, not the crcs.
+        let heap = s.read().catalog.get(id).unwrap().map.heap_bytes() as u64;
+        assert!(heap < N / 4, "{heap} bytes of map for {N} paged blocks");
         // The runs' records no longer carry the crcs: the checkpoint is a page.
         assert_eq!(sb.checkpoint.pages, 1);
         let used = s.used_blocks();
         // 4 KiB blocks: a page a block; data, checksum pages, checkpoint, log.
-        assert_eq!(used, N + rec.sums_pages + sb.checkpoint.pages + 1);
+        assert_eq!(used, N + n_pages + sb.checkpoint.pages + 1);
         // After a reopen (the allocator rebuilt from what the load read), new data goes
         // elsewhere than the checksum pages; the pool then reads it all back.
         drop(s);
@@ -836,6 +891,58 @@ mod tests {
         );
     }
 
+    /// A checkpoint's runs keep their positions in its checksum pages, and the next checkpoint
+    /// pages them anew (`Inner::finish`): runs split by writes made while it was staged keep
+    /// reading their crcs from the new pages, and a piece of one block (which the checkpoint
+    /// writes as an entry with its crc inline) takes its crc from the old pages before they are
+    /// freed. Every block reads back, in this process and after a reopen.
+    #[test]
+    fn paged_runs_follow_each_checkpoint_and_writes_made_while_it_is_staged() {
+        const N: u64 = 2500;
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let id = s.create_layer("img", None, Some(N * 4096)).unwrap().id;
+        let block = |i: u64, tag: u8| vec![(i % 251) as u8 ^ tag; 4096];
+        let mut want: Vec<u8> = (0..N).map(|i| (i % 251) as u8 ^ 1).collect();
+        for i in 0..N {
+            s.write_layer(id, i * 4096, &block(i, 1)).unwrap();
+        }
+        s.checkpoint().unwrap();
+        // Single blocks cut out of the paged run, leaving one-block paged pieces between.
+        for i in (100..120).step_by(2) {
+            s.write_layer(id, i * 4096, &block(i, 2)).unwrap();
+            want[i as usize] = (i % 251) as u8 ^ 2;
+        }
+        s.flush().unwrap();
+        s.write().unwrap().pool.checkpoint_next();
+        let commit = s.write().unwrap().stage(&*mem).unwrap().unwrap();
+        assert!(commit.paged_runs().is_some(), "a checkpoint");
+        // Writes while the checkpoint is made durable split its runs further.
+        for i in [5u64, 1500, 2499] {
+            s.write_layer(id, i * 4096, &block(i, 3)).unwrap();
+            want[i as usize] = (i % 251) as u8 ^ 3;
+        }
+        let durable = commit.make_durable(&*mem);
+        s.write().unwrap().finish(&*mem, commit, durable).unwrap();
+        let heap = s.read().catalog.get(id).unwrap().map.heap_bytes() as u64;
+        assert!(heap < N, "{heap} bytes of map: the runs are paged again");
+        let check = |s: &Store| {
+            let mut buf = vec![0u8; 4096];
+            for i in 0..N {
+                s.read_layer(id, i * 4096, &mut buf).unwrap();
+                assert!(buf.iter().all(|&b| b == want[i as usize]), "block {i}");
+            }
+        };
+        check(&s);
+        s.flush().unwrap();
+        s.checkpoint().unwrap();
+        check(&s);
+        drop(s);
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        s.verify_consistency().unwrap();
+        check(&s);
+    }
+
     /// A write that lands while a commit is being made durable must not overwrite a block that
     /// commit names: if it did, a crash right after would leave that block's bytes newer than
     /// the checksum the commit recorded, and a read would fail (or return the wrong data).
@@ -852,7 +959,7 @@ mod tests {
         // ... C comes while that transaction's commit is being made durable ...
         s.write_layer(id, 0, &[0xcc; 4096]).unwrap();
         let durable = commit.make_durable(&*mem);
-        let punch = s.write().unwrap().pool.finish(&*mem, commit, durable);
+        let punch = s.write().unwrap().finish(&*mem, commit, durable);
         assert!(punch.unwrap().is_none());
         // ... and power fails before C is committed: B must read back, checksum intact.
         let image = Arc::new(MemStorage::from_bytes(mem.snapshot()));
@@ -926,7 +1033,7 @@ mod tests {
         s.zero_layer(other, 40 << 20, 4096, true).unwrap();
         let commit = s.write().unwrap().stage(&*mem).unwrap().unwrap();
         let durable = commit.make_durable(&*mem);
-        let punch = s.write().unwrap().pool.finish(&*mem, commit, durable);
+        let punch = s.write().unwrap().finish(&*mem, commit, durable);
         let punch = punch.unwrap().expect("8 MiB freed in one run is punched");
         let reserved: std::collections::HashSet<_> = punch.blocks().iter().copied().collect();
         assert_eq!(reserved.len(), 2048, "only the long run is punched");

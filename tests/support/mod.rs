@@ -321,3 +321,25 @@ pub fn clear_loop_devices_under(dir: &Path) {
         }
     }
 }
+
+/// The data ranges of a sparse file (SEEK_DATA / SEEK_HOLE).
+pub fn data_ranges(f: &Path) -> Vec<(u64, u64)> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(f).unwrap();
+    let fd = file.as_raw_fd();
+    let len = file.metadata().unwrap().len() as i64;
+    let mut out = Vec::new();
+    let mut at = 0i64;
+    while at < len {
+        // SAFETY: lseek on a descriptor we own.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        out.push((data as u64, hole as u64));
+        at = hole;
+    }
+    out
+}
