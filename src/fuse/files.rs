@@ -326,11 +326,12 @@ impl Table {
     }
 
     /// See `LiveFiles::while_closed`. `others` says, under the table's write lock (I/O on the
-    /// files held off), how many open handles may remain; `None`: not now.
+    /// files held off), given the path and its open handles, how many open handles may
+    /// remain; `None`: not now.
     pub fn while_closed<T>(
         &self,
         layer: &str,
-        others: &dyn Fn(&Path) -> Result<Option<u64>>,
+        others: &dyn Fn(&Path, u64) -> Result<Option<u64>>,
         f: impl FnOnce(&dyn BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
         if !self.read().by_layer.contains_key(layer) {
@@ -347,7 +348,8 @@ impl Table {
         let Some(file) = g.by_layer.get(layer).and_then(|n| g.by_name.get(n)) else {
             return Ok(None);
         };
-        if file.revoked() || Some(file.open_handles()) != others(&file.path)? {
+        let opens = file.open_handles();
+        if file.revoked() || Some(opens) != others(&file.path, opens)? {
             return Ok(None);
         }
         let v = crate::volume::Volume::open(self.exports.store(), &file.layer)?;

@@ -32,6 +32,7 @@
 //! (tests/restart.rs's PostgreSQL runs: 8 failures in 15 runs with direct I/O before it).
 
 use crate::log::{self, Level};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -63,9 +64,90 @@ impl LoopDevice {
 }
 
 /// Every loop device whose backing file is `file` (its path as the kernel prints it, in
-/// this mount namespace).
+/// this mount namespace), by a look at every bound loop device: for a file that is not one of
+/// this process's live files (else `Seen::devices_of`).
 pub fn devices_of(file: &Path) -> Vec<LoopDevice> {
     devices_in(Path::new("/sys/block"), &bound_names(), file)
+}
+
+/// The loop devices last found over each live file, so that a snapshot call need not read
+/// every bound loop device's `backing_file` to find its file's (that look was 10 % of the
+/// snapshot calls' CPU in a `docker build`, 25 looks a build pair, docs/BENCHMARKS.md).
+///
+/// A remembered list is used only if it still holds: each of its devices still shows the
+/// file as its backing file (read again, with its mode), and together they account for every
+/// open handle of the file. Every loop device bound over a file holds an open of it of its
+/// own (`losetup`, `mount -o loop`, containerd and the binder each open the file, bind it,
+/// and close their descriptor), counted by the live files before the device exists and
+/// carried across a restart (`FileState::opens`); so a device someone else bound over the
+/// file, or one cleared and bound again, shows as an open the list does not account for,
+/// and the look is made again. A file no one has open has no loop device at all. (Two
+/// devices bound from one descriptor share an open and would hide the second; no program
+/// that binds loop devices for mounts does that.)
+#[derive(Default)]
+pub struct Seen {
+    by_file: Mutex<HashMap<PathBuf, Vec<String>>>,
+}
+
+impl Seen {
+    /// The loop devices over live file `file`, which has `opens` open handles now (`None`:
+    /// not known, so look).
+    pub fn devices_of(&self, file: &Path, opens: Option<u64>) -> Vec<LoopDevice> {
+        self.devices_in(Path::new("/sys/block"), bound_names, file, opens)
+    }
+
+    /// `devices_of` over `sys_block`, with the bound devices' names from `bound` if it has
+    /// to look at them all.
+    fn devices_in(
+        &self,
+        sys_block: &Path,
+        bound: impl FnOnce() -> Option<Vec<String>>,
+        file: &Path,
+        opens: Option<u64>,
+    ) -> Vec<LoopDevice> {
+        if opens == Some(0) {
+            self.forget(file);
+            return Vec::new();
+        }
+        let known = self.names(file);
+        if !known.is_empty() && opens == Some(known.len() as u64) {
+            let want = file.as_os_str().as_bytes();
+            let found: Vec<LoopDevice> = known
+                .iter()
+                .filter_map(|name| device_at(sys_block, name, want))
+                .collect();
+            if found.len() == known.len() {
+                return found;
+            }
+        }
+        let found = devices_in(sys_block, &bound(), file);
+        let names = found.iter().map(|d| d.name.clone()).collect();
+        self.lock().insert(file.to_path_buf(), names);
+        found
+    }
+
+    /// A device this process just bound over `file`.
+    pub fn bound(&self, file: &Path, device: &LoopDevice) {
+        let mut g = self.lock();
+        let names = g.entry(file.to_path_buf()).or_default();
+        if !names.contains(&device.name) {
+            names.push(device.name.clone());
+            names.sort();
+        }
+    }
+
+    /// `file`'s devices are cleared (or it has none).
+    pub fn forget(&self, file: &Path) {
+        self.lock().remove(file);
+    }
+
+    fn names(&self, file: &Path) -> Vec<String> {
+        self.lock().get(file).cloned().unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Vec<String>>> {
+        self.by_file.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The loop devices that have a file bound, by name (`loop3`): those `/proc/partitions`
@@ -105,8 +187,17 @@ fn candidates(sys_block: &Path, bound: &Option<Vec<String>>) -> Vec<String> {
 }
 
 fn devices_in(sys_block: &Path, bound: &Option<Vec<String>>, file: &Path) -> Vec<LoopDevice> {
-    let names = candidates(sys_block, bound);
     let want = file.as_os_str().as_bytes();
+    let mut found: Vec<LoopDevice> = candidates(sys_block, bound)
+        .into_iter()
+        .filter_map(|name| device_at(sys_block, &name, want))
+        .collect();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
+}
+
+/// Loop device `name` in `sys_block`, if its backing file is `want` (a path's bytes).
+fn device_at(sys_block: &Path, name: &str, want: &[u8]) -> Option<LoopDevice> {
     let line = |p: PathBuf| {
         let mut b = std::fs::read(p).ok()?;
         if b.last() == Some(&b'\n') {
@@ -114,24 +205,17 @@ fn devices_in(sys_block: &Path, bound: &Option<Vec<String>>, file: &Path) -> Vec
         }
         Some(b)
     };
-    let mut found: Vec<LoopDevice> = names
-        .into_iter()
-        .filter_map(|name| {
-            let p = sys_block.join(&name);
-            // A loop device with nothing bound has no backing_file.
-            if line(p.join("loop/backing_file"))? != want {
-                return None;
-            }
-            Some(LoopDevice {
-                name: name.clone(),
-                dev: String::from_utf8(line(p.join("dev"))?).ok()?,
-                direct_io: line(p.join("loop/dio")).is_some_and(|d| d == b"1"),
-                read_only: line(p.join("ro")).is_some_and(|d| d == b"1"),
-            })
-        })
-        .collect();
-    found.sort_by(|a, b| a.name.cmp(&b.name));
-    found
+    let p = sys_block.join(name);
+    // A loop device with nothing bound has no backing_file.
+    if line(p.join("loop/backing_file"))? != want {
+        return None;
+    }
+    Some(LoopDevice {
+        name: name.to_string(),
+        dev: String::from_utf8(line(p.join("dev"))?).ok()?,
+        direct_io: line(p.join("loop/dio")).is_some_and(|d| d == b"1"),
+        read_only: line(p.join("ro")).is_some_and(|d| d == b"1"),
+    })
 }
 
 /// Switch `/dev/NAME` to direct I/O.
@@ -255,15 +339,6 @@ fn open_unmounted(name: &str) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
-/// A loop device over `file` in the given mode, if there is one. By path: a device left over
-/// a dead live-files mount shows another path once that mount is detached, and the start
-/// that detaches it clears those nothing has mounted first (`mount::prepare`).
-pub fn bound(file: &Path, read_only: bool) -> Option<LoopDevice> {
-    devices_of(file)
-        .into_iter()
-        .find(|d| d.read_only == read_only)
-}
-
 /// What `release` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Released {
@@ -273,14 +348,13 @@ pub enum Released {
     Mounted(Vec<String>),
 }
 
-/// Clear every loop device over `file`, unless one is mounted. Each is held exclusively
-/// first, so none can be mounted between the check and the clear; the kernel clears a
-/// device at the last close after `LOOP_CLR_FD`, which is ours.
-pub fn release(file: &Path) -> std::io::Result<Released> {
-    let devices = devices_of(file);
+/// Clear `devices` (every loop device over a file), unless one is mounted. Each is held
+/// exclusively first, so none can be mounted between the check and the clear; the kernel
+/// clears a device at the last close after `LOOP_CLR_FD`, which is ours.
+pub fn release(devices: &[LoopDevice]) -> std::io::Result<Released> {
     let mut held = Vec::with_capacity(devices.len());
     let mut mounted = Vec::new();
-    for d in &devices {
+    for d in devices {
         match open_unmounted(&d.name)? {
             Some(f) => held.push(f),
             None => mounted.push(d.path().display().to_string()),
@@ -330,11 +404,11 @@ pub fn clear_unmounted_under(dir: &Path) -> usize {
     cleared
 }
 
-/// Clear every loop device over `file` now, or, for one with a filesystem mounted, as soon
+/// Clear `devices` (those over a file) now, or, for one with a filesystem mounted, as soon
 /// as that is unmounted (the kernel then marks it autoclear). At a server's stop: no device
 /// stays bound to a file that is going away.
-pub fn clear_all(file: &Path) {
-    for d in devices_of(file) {
+pub fn clear_all(devices: &[LoopDevice]) {
+    for d in devices {
         if let Ok(f) = std::fs::File::open(d.path()) {
             // SAFETY: an ioctl without an argument on a descriptor we own.
             unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _) };
@@ -342,14 +416,12 @@ pub fn clear_all(file: &Path) {
     }
 }
 
-/// If no loop device over `file` has a filesystem mounted (none is held exclusively), how
-/// many there are (each holds one open of it); `None` if one is mounted. Asks the kernel
-/// nothing that would reach the file's FUSE server (the caller may hold off its requests):
-/// a device left over an earlier, dead file of the same path counts too, which only makes
-/// the count too high to match.
-pub fn unmounted_binding(file: &Path) -> std::io::Result<Option<u64>> {
-    let devices = devices_of(file);
-    for d in &devices {
+/// If none of `devices` (the loop devices over a file) has a filesystem mounted (none is
+/// held exclusively), how many there are (each holds one open of the file); `None` if one
+/// is mounted. Asks the kernel nothing that would reach the file's FUSE server (the caller
+/// may hold off its requests).
+pub fn unmounted_binding(devices: &[LoopDevice]) -> std::io::Result<Option<u64>> {
+    for d in devices {
         if open_unmounted(&d.name)?.is_none() {
             return Ok(None);
         }
@@ -405,6 +477,92 @@ mod tests {
         let found = devices_in(sys, &only0, Path::new("/srv/files/web"));
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].name, "loop0");
+    }
+
+    /// `Seen::devices_in` over `sys`, counting the looks at every bound device.
+    fn seen_in(seen: &Seen, sys: &Path, file: &str, opens: u64, looks: &mut u32) -> Vec<String> {
+        let bound = || {
+            *looks += 1;
+            None
+        };
+        seen.devices_in(sys, bound, Path::new(file), Some(opens))
+            .into_iter()
+            .map(|d| format!("{}{}", d.name, if d.read_only { " ro" } else { "" }))
+            .collect()
+    }
+
+    fn unbind(sys: &Path, name: &str) {
+        std::fs::remove_file(sys.join(name).join("loop/backing_file")).unwrap();
+    }
+
+    #[test]
+    fn the_devices_seen_over_a_file_are_used_only_while_they_account_for_its_opens() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = t.path();
+        let web = "/srv/files/web";
+        let seen = Seen::default();
+        let mut looks = 0;
+        // No open: no device, without a look (a stale device in sysfs cannot hold the file).
+        fake_loop(sys, "loop0", Some(web), "0");
+        assert!(seen_in(&seen, sys, web, 0, &mut looks).is_empty());
+        assert_eq!(looks, 0);
+        // One open, nothing seen yet: a look, remembered; the next call reads loop0 only.
+        assert_eq!(seen_in(&seen, sys, web, 1, &mut looks), ["loop0"]);
+        assert_eq!(seen_in(&seen, sys, web, 1, &mut looks), ["loop0"]);
+        assert_eq!(looks, 1);
+        // loop0 cleared and another device bound over the same file (one open still): the
+        // remembered loop0 no longer shows the file, so the look is made again.
+        unbind(sys, "loop0");
+        fake_loop(sys, "loop5", Some(web), "0");
+        assert_eq!(seen_in(&seen, sys, web, 1, &mut looks), ["loop5"]);
+        assert_eq!(looks, 2);
+        // loop5 cleared and bound again over the file read-only: its mode is read again.
+        unbind(sys, "loop5");
+        fake_loop(sys, "loop5", Some(web), "1");
+        assert_eq!(seen_in(&seen, sys, web, 1, &mut looks), ["loop5 ro"]);
+        assert_eq!(looks, 2);
+        // Someone else binds another device over it (`mount -o loop`): a second open that
+        // the remembered devices do not account for, so a look finds both.
+        fake_loop(sys, "loop9", Some(web), "0");
+        assert_eq!(
+            seen_in(&seen, sys, web, 2, &mut looks),
+            ["loop5 ro", "loop9"]
+        );
+        assert_eq!(looks, 3);
+        // A device this process bound is remembered without a look; another file's list
+        // is its own.
+        fake_loop(sys, "loop7", Some("/srv/files/db"), "0");
+        seen.bound(
+            Path::new("/srv/files/db"),
+            &LoopDevice {
+                name: "loop7".into(),
+                dev: "7:7".into(),
+                direct_io: false,
+                read_only: false,
+            },
+        );
+        assert_eq!(
+            seen_in(&seen, sys, "/srv/files/db", 1, &mut looks),
+            ["loop7"]
+        );
+        assert_eq!(looks, 3);
+        // An open that is no loop device's: every call looks (and finds what there is).
+        assert_eq!(
+            seen_in(&seen, sys, "/srv/files/db", 2, &mut looks),
+            ["loop7"]
+        );
+        assert_eq!(
+            seen_in(&seen, sys, "/srv/files/db", 2, &mut looks),
+            ["loop7"]
+        );
+        assert_eq!(looks, 5);
+        // Forgotten (its devices released): the next call looks.
+        seen.forget(Path::new(web));
+        assert_eq!(
+            seen_in(&seen, sys, web, 2, &mut looks),
+            ["loop5 ro", "loop9"]
+        );
+        assert_eq!(looks, 6);
     }
 
     #[test]

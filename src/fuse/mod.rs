@@ -100,6 +100,8 @@ pub struct LiveFiles {
     making_loops: Mutex<binder::Binder>,
     /// Another binder child for `syncfs` (`syncfs`), so a long sync never holds up a binding.
     syncing: Mutex<binder::Binder>,
+    /// The loop devices last found over each file (`loop_devices_of`).
+    seen: loops::Seen,
 }
 
 impl LiveFiles {
@@ -219,6 +221,7 @@ impl LiveFiles {
             loop_direct_io,
             making_loops: Mutex::new(binder::Binder::default()),
             syncing: Mutex::new(binder::Binder::default()),
+            seen: loops::Seen::default(),
         })
     }
 
@@ -305,7 +308,7 @@ impl LiveFiles {
         layer: &str,
         f: impl FnOnce(&dyn crate::volume::BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
-        self.table.while_closed(layer, &|_| Ok(Some(0)), f)
+        self.table.while_closed(layer, &|_, _| Ok(Some(0)), f)
     }
 
     /// As `while_closed`, but the file may be open by loop devices nothing has mounted (the
@@ -317,8 +320,8 @@ impl LiveFiles {
         layer: &str,
         f: impl FnOnce(&dyn crate::volume::BlockDevice) -> Result<T>,
     ) -> Result<Option<T>> {
-        let others = |path: &Path| {
-            loops::unmounted_binding(path).map_err(|e| {
+        let others = |path: &Path, opens: u64| {
+            loops::unmounted_binding(&self.seen.devices_of(path, Some(opens))).map_err(|e| {
                 Error::io(
                     format!("live file {}: looking at its loop devices", path.display()),
                     e,
@@ -334,7 +337,14 @@ impl LiveFiles {
     pub fn loop_device(&self, layer: &str, read_only: bool) -> Result<PathBuf> {
         let path = self.attach(layer)?;
         let mut binder = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = loops::bound(&path, read_only) {
+        // By path: a device left over a dead live-files mount shows another path once that
+        // mount is detached, and the start that detaches it clears those nothing has mounted
+        // first (`mount::prepare`).
+        if let Some(d) = self
+            .loop_devices_of(&path)
+            .into_iter()
+            .find(|d| d.read_only == read_only)
+        {
             return Ok(d.path());
         }
         let d = match binder.bind(&path, read_only, self.loop_direct_io) {
@@ -349,6 +359,7 @@ impl LiveFiles {
                 e,
             )
         })?;
+        self.seen.bound(&path, &d);
         log::process(
             Level::Debug,
             format_args!(
@@ -383,7 +394,7 @@ impl LiveFiles {
         let deadline = std::time::Instant::now() + CLOSE_GRACE;
         let released = loop {
             let one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
-            match loops::release(&path) {
+            match loops::release(&self.loop_devices_of(&path)) {
                 Ok(loops::Released::Mounted(_)) if std::time::Instant::now() < deadline => {
                     drop(one);
                     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -392,7 +403,10 @@ impl LiveFiles {
             }
         };
         match released {
-            Ok(loops::Released::All) => Ok(()),
+            Ok(loops::Released::All) => {
+                self.seen.forget(&path);
+                Ok(())
+            }
             Ok(loops::Released::Mounted(devices)) => Err(Error::InUse {
                 message: format!(
                     "layer {layer:?}: a filesystem is mounted on {} (over live file {}); unmount it first",
@@ -406,6 +420,18 @@ impl LiveFiles {
                 e,
             )),
         }
+    }
+
+    /// Every loop device bound over `path` (one of these files, else a look at all), found
+    /// cheaply from the devices seen over it before while they account for all its opens
+    /// (`loops::Seen`).
+    pub fn loop_devices_of(&self, path: &Path) -> Vec<LoopDevice> {
+        let opens = path
+            .file_name()
+            .and_then(|n| self.table.by_name(&n.to_string_lossy()))
+            .filter(|f| f.path == path)
+            .map(|f| f.open_handles());
+        self.seen.devices_of(path, opens)
     }
 
     /// The file of an attached layer.
@@ -449,8 +475,9 @@ impl LiveFiles {
         let mut released = Vec::new();
         for f in self.list().into_iter().filter(|f| f.open > 0) {
             let _one = self.making_loops.lock().unwrap_or_else(|p| p.into_inner());
-            let unmounted = matches!(loops::unmounted_binding(&f.path), Ok(Some(_)));
-            loops::clear_all(&f.path);
+            let devices = self.seen.devices_of(&f.path, Some(f.open));
+            let unmounted = matches!(loops::unmounted_binding(&devices), Ok(Some(_)));
+            loops::clear_all(&devices);
             if unmounted {
                 released.push(f.layer);
             }

@@ -36,10 +36,18 @@ impl Files for LiveFiles {
 
     fn sync_mounted(&self, layer: &str) -> Result<()> {
         match self.path(layer) {
-            Some(path) => super::writeback::sync_filesystems_on(&path, &|point| {
-                LiveFiles::syncfs(self, point)
-            }),
+            Some(path) => {
+                let devices = self.loop_devices_of(&path);
+                super::writeback::sync_filesystems_on(&path, &devices, &|point| {
+                    LiveFiles::syncfs(self, point)
+                })
+            }
             None => Ok(()),
         }
+    }
+
+    fn mounted_at(&self, layer: &str) -> Result<Option<PathBuf>> {
+        let path = LiveFiles::attach(self, layer)?;
+        super::writeback::mounted_at(&self.loop_devices_of(&path))
     }
 }

@@ -17,7 +17,6 @@ use super::info::{self, kind_name, labels_value, time_value};
 use super::keys;
 use super::remote::{LayerAt, RemoteLayers, REF_LABEL};
 use super::status::{Failure, Result};
-use super::writeback;
 use crate::error::Error;
 use crate::fuse::LostWrites;
 use crate::live::LivePool;
@@ -45,6 +44,9 @@ pub trait Files: Send + Sync {
     /// Make what a filesystem mounted on `layer`'s file has written so far reach the layer
     /// (nothing to do if the layer is not attached or not mounted).
     fn sync_mounted(&self, layer: &str) -> crate::Result<()>;
+    /// Where a filesystem on a loop device over `layer`'s file is mounted, if one is
+    /// (attaching the file if needed).
+    fn mounted_at(&self, layer: &str) -> crate::Result<Option<PathBuf>>;
     /// Run `f` on `layer`'s device if its file is attached and no one has it open (nothing
     /// is mounted on it), with opens held off until `f` returns; false if it did not run.
     fn while_unmounted(
@@ -323,8 +325,7 @@ impl Snapshots {
         // differ of `docker commit`), it fails, since the in-use journal needs a recovery a
         // read-only device cannot do. (A snapshot Prepare just made is mounted nowhere.)
         if info::kind(&l) == Kind::Active {
-            let path = self.files.attach(&l.name).map_err(store_err(key))?;
-            if let Some(point) = writeback::mounted_at(&path).map_err(store_err(key))? {
+            if let Some(point) = self.files.mounted_at(&l.name).map_err(store_err(key))? {
                 return Ok(vec![Mount {
                     r#type: "bind".into(),
                     source: point.display().to_string(),

@@ -6,14 +6,15 @@
 //! the live file and the mounts of those devices, and syncs each filesystem (`syncfs`): its
 //! dirty data and journal go to the loop device, whose flush reaches the live file's `fsync`
 //! and so the pool. An idle filesystem has nothing to write, so this costs a look at the
-//! bound loop devices (`/proc/partitions`, then their `backing_file`), `/proc/self/mountinfo`
-//! and a `syncfs` per mount, made by the live files' binder child (`crate::fuse::binder`).
+//! file's loop devices (those seen over it before, `crate::fuse::loops::Seen`),
+//! `/proc/self/mountinfo` and a `syncfs` per mount, made by the live files' binder child
+//! (`crate::fuse::binder`).
 //!
 //! A mount made in another mount namespace is not in ours and is not synced (containerd's
 //! shim mounts a container's root in the host's namespace, where `thinlayer serve` runs).
 
 use crate::error::{Error, Result};
-use crate::fuse::{loop_devices_of, unescape_mountinfo};
+use crate::fuse::{unescape_mountinfo, LoopDevice};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -35,10 +36,10 @@ fn mount_points(mountinfo: &str, devices: &[String]) -> Vec<PathBuf> {
     found.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Where the filesystems on loop devices over `file` are mounted (in our mount namespace),
-/// one mount point per device.
-fn mounts_over(file: &Path) -> Result<Vec<PathBuf>> {
-    let devices: Vec<String> = loop_devices_of(file).into_iter().map(|d| d.dev).collect();
+/// Where the filesystems on `devices` (the loop devices over a file) are mounted (in our
+/// mount namespace), one mount point per device.
+fn mounts_over(devices: &[LoopDevice]) -> Result<Vec<PathBuf>> {
+    let devices: Vec<String> = devices.iter().map(|d| d.dev.clone()).collect();
     if devices.is_empty() {
         return Ok(Vec::new());
     }
@@ -47,19 +48,22 @@ fn mounts_over(file: &Path) -> Result<Vec<PathBuf>> {
     Ok(mount_points(&info, &devices))
 }
 
-/// One place where the filesystem on a loop device over `file` is mounted, if it is.
-pub fn mounted_at(file: &Path) -> Result<Option<PathBuf>> {
-    Ok(mounts_over(file)?.into_iter().next())
+/// One place where the filesystem on one of `devices` (the loop devices over a file) is
+/// mounted, if it is.
+pub fn mounted_at(devices: &[LoopDevice]) -> Result<Option<PathBuf>> {
+    Ok(mounts_over(devices)?.into_iter().next())
 }
 
-/// Sync every filesystem mounted (in our mount namespace) on a loop device over `file`, so
-/// what was written to it has reached `file`, with `syncfs` (given a mount point; the live
-/// files' `syncfs` runs it in a child: see `crate::fuse::binder`). Nothing to do when none is.
+/// Sync every filesystem mounted (in our mount namespace) on `devices`, the loop devices
+/// over `file`, so what was written to it has reached `file`, with `syncfs` (given a mount
+/// point; the live files' `syncfs` runs it in a child: see `crate::fuse::binder`). Nothing
+/// to do when none is.
 pub fn sync_filesystems_on(
     file: &Path,
+    devices: &[LoopDevice],
     syncfs: &dyn Fn(&Path) -> std::io::Result<()>,
 ) -> Result<()> {
-    for point in mounts_over(file)? {
+    for point in mounts_over(devices)? {
         match syncfs(&point) {
             Ok(()) => {}
             // Unmounted since mountinfo was read.
@@ -105,7 +109,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("not-a-backing-file");
         std::fs::write(&f, b"x").unwrap();
-        sync_filesystems_on(&f, &|p| {
+        let devices = crate::fuse::loop_devices_of(&f);
+        sync_filesystems_on(&f, &devices, &|p| {
             panic!("nothing to sync, yet asked for {}", p.display())
         })
         .unwrap();

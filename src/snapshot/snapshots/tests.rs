@@ -54,6 +54,11 @@ impl Files for FakeFiles {
         f(&crate::volume::Volume::open(&store, layer)?)?;
         Ok(true)
     }
+    fn mounted_at(&self, layer: &str) -> crate::Result<Option<PathBuf>> {
+        // No filesystem is mounted in this stand-in.
+        self.attach(layer)?;
+        Ok(None)
+    }
     fn sync_mounted(&self, layer: &str) -> crate::Result<()> {
         let store = self.store.lock().unwrap().clone().unwrap();
         let mut unsynced = self.unsynced.lock().unwrap();
@@ -110,7 +115,8 @@ fn unpacks_and_init_layers_are_mounted_without_barriers_and_containers_with() {
         .unwrap();
     // Committed once unmounted: what they write needs to be durable only from the Commit on.
     for key in ["ns/3/extract-2 sha256:bb", "ns/4/c1-init-key"] {
-        let m = f.s.prepare(key, "ns/2/sha256:aa", HashMap::new(), Kind::Active);
+        let m =
+            f.s.prepare(key, "ns/2/sha256:aa", HashMap::new(), Kind::Active);
         assert_eq!(m.unwrap()[0].options, ["noatime", "discard", "nobarrier"]);
         assert_eq!(
             f.s.mounts(key).unwrap()[0].options,
@@ -118,9 +124,15 @@ fn unpacks_and_init_layers_are_mounted_without_barriers_and_containers_with() {
         );
     }
     // A container's root (its fsyncs must be durable on their own), a view.
-    let m = f.s.prepare("ns/5/c1", "ns/2/sha256:aa", HashMap::new(), Kind::Active);
+    let m =
+        f.s.prepare("ns/5/c1", "ns/2/sha256:aa", HashMap::new(), Kind::Active);
     assert_eq!(m.unwrap()[0].options, ["noatime", "discard"]);
-    let m = f.s.prepare("ns/6/extract-v", "ns/2/sha256:aa", HashMap::new(), Kind::View);
+    let m = f.s.prepare(
+        "ns/6/extract-v",
+        "ns/2/sha256:aa",
+        HashMap::new(),
+        Kind::View,
+    );
     assert_eq!(m.unwrap()[0].options, ["noatime", "ro"]);
 }
 
