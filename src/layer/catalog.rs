@@ -10,6 +10,12 @@ use crate::format::record::{attr_problem, LayerCreate, MapEntry, MapTarget, Reco
 use crate::format::{LayerId, PBlock, VBlock};
 use std::collections::{BTreeMap, HashMap};
 
+/// Map entries a log replay sorts at a time (`Catalog::replay_log`): 40 MiB of them with their
+/// places, whose sort is cheaper than the cache misses of applying them in write order. Above
+/// glibc's largest mmap threshold (32 MiB), so the buffer is a mapping of its own, returned
+/// whole when freed, and does not raise the threshold for the allocations after it.
+const LOG_BATCH: usize = 5 << 18;
+
 /// A change made now, as opposed to a record replayed from disk.
 #[derive(Clone, Copy, Debug)]
 pub enum Change<'a> {
@@ -284,32 +290,7 @@ impl Catalog {
                 self.by_name.remove(&old);
                 self.by_name.insert(name, layer);
             }
-            Record::Map { layer, entries } => {
-                if !self.must(layer)?.writable {
-                    // Only replay changes a committed layer; no merged chunk may outlive it.
-                    self.cache.clear();
-                }
-                let l = self.must(layer)?;
-                for e in entries {
-                    match e.target {
-                        MapTarget::Unmapped => {
-                            l.map.remove(e.vblock);
-                        }
-                        MapTarget::Zero => {
-                            l.map.set(e.vblock, Mapping::Zero);
-                        }
-                        MapTarget::Data { pblock, crc } => {
-                            if pblock.0 > super::map::MAX_PBLOCK {
-                                return Err(Error::Corrupt(format!(
-                                    "layer {layer}: {} maps to impossible {pblock}",
-                                    e.vblock
-                                )));
-                            }
-                            l.map.set(e.vblock, Mapping::data(pblock, crc));
-                        }
-                    }
-                }
-            }
+            Record::Map { layer, entries } => self.apply_map(layer, entries.iter())?,
             Record::MapRun { layer, run } => {
                 if !self.must(layer)?.writable {
                     self.cache.clear();
@@ -354,6 +335,82 @@ impl Catalog {
             }
         }
         Ok(())
+    }
+
+    /// Apply map entries of `layer` in order (a map record, or a sorted batch of them).
+    fn apply_map<'e>(
+        &mut self,
+        layer: LayerId,
+        entries: impl Iterator<Item = &'e MapEntry> + Clone,
+    ) -> Result<()> {
+        if !self.must(layer)?.writable {
+            // Only replay changes a committed layer; no merged chunk may outlive it.
+            self.cache.clear();
+        }
+        let l = self.must(layer)?;
+        for e in entries.clone() {
+            if let MapTarget::Data { pblock, .. } = e.target {
+                if pblock.0 > super::map::MAX_PBLOCK {
+                    return Err(Error::Corrupt(format!(
+                        "layer {layer}: {} maps to impossible {pblock}",
+                        e.vblock
+                    )));
+                }
+            }
+        }
+        l.map.put_all(entries.map(|e| {
+            let to = match e.target {
+                MapTarget::Unmapped => None,
+                MapTarget::Zero => Some(Mapping::Zero),
+                MapTarget::Data { pblock, crc } => Some(Mapping::data(pblock, crc)),
+            };
+            (e.vblock, to)
+        }));
+        Ok(())
+    }
+
+    /// Replay a log's records: `apply` on each in turn, except that consecutive map records of
+    /// one layer, up to `LOG_BATCH` entries, are applied sorted by block, each block's entries
+    /// in their order (the sort's key ends with the entry's place in the batch), so the map
+    /// ends as it would have; nothing else can see the order within the batch. A log holds
+    /// writes in the order they came, which for scattered writes hits a different chunk (a
+    /// cache miss, an insert inside its vector) each time; sorted, a chunk's entries arrive
+    /// together (`BlockMap::put_all`). A checkpoint needs none of this: it is written chunk by
+    /// chunk, blocks in order. The batch is one buffer, allocated once and sorted in place: a
+    /// batch grown by doubling and a stable sort's scratch, freed and allocated again batch
+    /// after batch, left 35 MB of a 10M-block replay in the server's heap (3.6 bytes per block).
+    pub fn replay_log(&mut self, mut next: impl FnMut() -> Result<Option<Record>>) -> Result<()> {
+        let mut batch: Vec<(MapEntry, u32)> = Vec::new();
+        let mut of: Option<LayerId> = None;
+        let flush = |c: &mut Catalog, batch: &mut Vec<(MapEntry, u32)>, of: Option<LayerId>| {
+            let Some(layer) = of else {
+                return Ok(());
+            };
+            batch.sort_unstable_by_key(|(e, seq)| (e.vblock, *seq));
+            let r = c.apply_map(layer, batch.iter().map(|(e, _)| e));
+            batch.clear();
+            r
+        };
+        while let Some(rec) = next()? {
+            match rec {
+                Record::Map { layer, entries } => {
+                    if of != Some(layer) || batch.len() + entries.len() > LOG_BATCH {
+                        flush(self, &mut batch, of)?;
+                        of = Some(layer);
+                    }
+                    if batch.capacity() == 0 {
+                        batch.reserve_exact(LOG_BATCH.max(entries.len()));
+                    }
+                    let at = batch.len() as u32;
+                    batch.extend(entries.into_iter().zip(at..));
+                }
+                rec => {
+                    flush(self, &mut batch, of.take())?;
+                    self.apply(rec)?;
+                }
+            }
+        }
+        flush(self, &mut batch, of)
     }
 
     /// Apply one record of a checkpoint: as `apply`, but a map run naming its crcs in the
@@ -459,5 +516,78 @@ impl Catalog {
             w.layer_counters(l.id, l.map.data_blocks(), l.map.zero_blocks());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn create(id: u32) -> Record {
+        Record::LayerCreate(LayerCreate {
+            id: LayerId(id),
+            parent: None,
+            disk_size: 1 << 30,
+            created_secs: 0,
+            created_nanos: 0,
+            writable: true,
+            incomplete: false,
+            remote: false,
+            name: format!("l{id}"),
+        })
+    }
+
+    /// A log's map record: many entries over few blocks, so a batch names blocks many times
+    /// over, in any order; or an attribute record, which ends a batch.
+    fn record() -> impl Strategy<Value = Record> {
+        let target = prop_oneof![
+            1 => Just(MapTarget::Unmapped),
+            1 => Just(MapTarget::Zero),
+            4 => (0u64..200, any::<u32>()).prop_map(|(p, crc)| MapTarget::Data {
+                pblock: PBlock(100 + p),
+                crc
+            }),
+        ];
+        let entry = (0u64..80, target).prop_map(|(vb, target)| MapEntry {
+            vblock: VBlock(vb * 13 % 2100),
+            target,
+        });
+        prop_oneof![
+            6 => (1u32..3, proptest::collection::vec(entry, 1..200))
+                .prop_map(|(l, entries)| Record::Map { layer: LayerId(l), entries }),
+            1 => (1u32..3).prop_map(|l| Record::LayerAttr {
+                layer: LayerId(l),
+                key: "k".into(),
+                value: Some("v".into()),
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Replaying a log in sorted batches ends with the maps (and counters) that applying
+        /// its records one by one in order gives, whatever blocks the records name again.
+        #[test]
+        fn replay_log_ends_as_applying_in_order(
+            records in proptest::collection::vec(record(), 1..30)
+        ) {
+            let all: Vec<Record> = [create(1), create(2)].into_iter().chain(records).collect();
+            let mut in_order = Catalog::new();
+            for r in all.clone() {
+                in_order.apply(r).unwrap();
+            }
+            let mut batched = Catalog::new();
+            let mut it = all.into_iter();
+            batched.replay_log(|| Ok(it.next())).unwrap();
+            for id in [LayerId(1), LayerId(2)] {
+                let (a, b) = (&in_order.get(id).unwrap().map, &batched.get(id).unwrap().map);
+                prop_assert_eq!(a.range(0, u64::MAX), b.range(0, u64::MAX));
+                prop_assert_eq!(
+                    (a.data_blocks(), a.zero_blocks()),
+                    (b.data_blocks(), b.zero_blocks())
+                );
+            }
+        }
     }
 }

@@ -15,8 +15,10 @@ use std::collections::HashMap;
 
 /// Marks pool blocks as referenced while the rules are checked.
 pub(crate) trait Claims {
-    /// Note that `at` references `b`. If something already did, return who, if known.
-    fn claim(&mut self, b: PBlock, at: &Where) -> Option<String>;
+    /// Note that `at()` references `b`. If something already did, return who, if known.
+    /// `at` is only called when needed: making a `Where` for each of a pool's blocks at open
+    /// (a layer name copied and freed per block) cost more than claiming them.
+    fn claim(&mut self, b: PBlock, at: &dyn Fn() -> Where) -> Option<String>;
 }
 
 /// Check every rule over `catalog` and `meta`; blocks at or past `file_blocks` lie outside the
@@ -37,13 +39,13 @@ pub(crate) fn audit(
     ];
     for (holder, blocks) in holders {
         for &b in blocks.iter() {
-            let at = Where::holder(b, holder);
+            let at = || Where::holder(b, holder);
             // The log's reserved next page may lie just past the end: reserved, never written.
             if b.0 < first || b.0 > file_blocks + 1 {
                 let what = What::OutsideDataArea { first, file_blocks };
-                faults.push(Fault::new(what, at));
+                faults.push(Fault::new(what, at()));
             } else if let Some(other) = claims.claim(b, &at) {
-                faults.push(Fault::new(What::UsedTwice { other }, at));
+                faults.push(Fault::new(What::UsedTwice { other }, at()));
             }
         }
     }
@@ -52,24 +54,24 @@ pub(crate) fn audit(
         let (mut data, mut zero) = (0, 0);
         let blocks = l.disk_size.div_ceil(block_size as u64);
         for (vb, m) in l.map.iter() {
-            let at = Where::layer(l.id, &l.name).block(vb, block_size);
+            let at = || Where::layer(l.id, &l.name).block(vb, block_size);
             if vb.0 >= blocks {
                 let what = What::MappedPastEnd {
                     disk_size: l.disk_size,
                 };
-                faults.push(Fault::new(what, at.clone()));
+                faults.push(Fault::new(what, at()));
             }
             let Mapping::Data { pblock, .. } = m else {
                 zero += 1;
                 continue;
             };
             data += 1;
-            let at = at.pblock(pblock);
+            let at = || at().pblock(pblock);
             if pblock.0 < first || pblock.0 >= file_blocks {
                 let what = What::OutsideDataArea { first, file_blocks };
-                faults.push(Fault::new(what, at));
+                faults.push(Fault::new(what, at()));
             } else if let Some(other) = claims.claim(pblock, &at) {
-                faults.push(Fault::new(What::UsedTwice { other }, at));
+                faults.push(Fault::new(What::UsedTwice { other }, at()));
             }
         }
         if (data, zero) != (l.map.data_blocks(), l.map.zero_blocks()) {
@@ -126,7 +128,7 @@ fn layer_rules(catalog: &Catalog, l: &Layer, faults: &mut Vec<Fault>) {
 
 /// Loading rebuilds its allocator from the claims: a block marked twice is named twice.
 impl Claims for Allocator {
-    fn claim(&mut self, b: PBlock, _: &Where) -> Option<String> {
+    fn claim(&mut self, b: PBlock, _: &dyn Fn() -> Where) -> Option<String> {
         (!self.mark_loaded(b)).then(|| "another reference".to_string())
     }
 }
@@ -136,8 +138,8 @@ impl Claims for Allocator {
 struct Owners(HashMap<PBlock, String>);
 
 impl Claims for Owners {
-    fn claim(&mut self, b: PBlock, at: &Where) -> Option<String> {
-        self.0.insert(b, at.who())
+    fn claim(&mut self, b: PBlock, at: &dyn Fn() -> Where) -> Option<String> {
+        self.0.insert(b, at().who())
     }
 }
 
@@ -154,15 +156,15 @@ pub(crate) fn live(
     let file_blocks = alloc.extent() + 1;
     let mut faults = audit(catalog, meta, block_size, file_blocks, &mut owners);
     for b in alloc.punching() {
-        let at = Where::holder(b, "a free block being punched");
+        let at = || Where::holder(b, "a free block being punched");
         if let Some(other) = owners.claim(b, &at) {
-            faults.push(Fault::new(What::UsedTwice { other }, at));
+            faults.push(Fault::new(What::UsedTwice { other }, at()));
         }
     }
     for b in alloc.pending_frees() {
-        let at = Where::holder(b, "a free waiting for commit");
+        let at = || Where::holder(b, "a free waiting for commit");
         if let Some(other) = owners.claim(b, &at) {
-            faults.push(Fault::new(What::UsedTwice { other }, at));
+            faults.push(Fault::new(What::UsedTwice { other }, at()));
         }
     }
     let mut used = 0u64;

@@ -681,9 +681,7 @@ pub(super) fn load_generation(
         catalog.apply_checkpoint(record, capacity, &mut resolve)?;
     }
     let mut r = RecordReader::new(&rec.log, "log");
-    while let Some(record) = r.next_record()? {
-        catalog.apply(record)?;
-    }
+    catalog.replay_log(|| r.next_record())?;
     let bs = sb.block_size;
     let first = first_data_block(bs);
     let mut alloc = Allocator::new(first, sb.max_blocks);
