@@ -71,7 +71,7 @@ impl Fs {
         let f = self.file(ino)?;
         if let Some(dio) = &self.direct_io {
             if f.first_io_since_open() {
-                dio.request(&f.path);
+                dio.request(&f.path, f.open_handles());
             }
         }
         Ok(f)

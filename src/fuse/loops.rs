@@ -230,10 +230,11 @@ fn set_direct_io(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Switch every buffered loop device over `file` to direct I/O; each switch and each
-/// refusal is logged (a device the kernel refuses stays buffered and works as before).
-pub fn switch_to_direct_io(file: &Path) {
-    for d in devices_of(file).into_iter().filter(|d| !d.direct_io) {
+/// Switch every buffered one of `devices` (the loop devices over `file`) to direct I/O; each
+/// switch and each refusal is logged (a device the kernel refuses stays buffered and works
+/// as before).
+pub fn switch_to_direct_io(file: &Path, devices: Vec<LoopDevice>) {
+    for d in devices.into_iter().filter(|d| !d.direct_io) {
         match set_direct_io(&d.name) {
             Ok(()) => log::process(
                 Level::Info,
@@ -261,27 +262,30 @@ pub fn switch_to_direct_io(file: &Path) {
 /// flushes the file and drains the loop device's queue before it changes mode, and those
 /// requests need the session threads. Ends when dropped.
 pub struct DirectIo {
-    tx: Mutex<mpsc::Sender<PathBuf>>,
+    tx: Mutex<mpsc::Sender<(PathBuf, u64)>>,
 }
 
 impl DirectIo {
-    pub fn start() -> std::io::Result<DirectIo> {
-        let (tx, rx) = mpsc::channel::<PathBuf>();
+    /// The thread, finding the devices through `seen` (the live files').
+    pub fn start(seen: std::sync::Arc<Seen>) -> std::io::Result<DirectIo> {
+        let (tx, rx) = mpsc::channel::<(PathBuf, u64)>();
         std::thread::Builder::new()
             .name("loop-dio".into())
             .spawn(move || {
-                for file in rx {
-                    switch_to_direct_io(&file);
+                for (file, opens) in rx {
+                    switch_to_direct_io(&file, seen.devices_of(&file, Some(opens)));
                 }
             })?;
         Ok(DirectIo { tx: Mutex::new(tx) })
     }
 
-    /// Look for buffered loop devices over `file` and switch them, soon (without waiting).
-    pub fn request(&self, file: &Path) {
+    /// Look for buffered loop devices over `file`, which has `opens` open handles (counted
+    /// after the open whose first I/O this is, so they include a new device's), and switch
+    /// them, soon (without waiting).
+    pub fn request(&self, file: &Path, opens: u64) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         // The thread lives as long as this value; a send cannot fail before it is dropped.
-        let _ = tx.send(file.to_path_buf());
+        let _ = tx.send((file.to_path_buf(), opens));
     }
 }
 
@@ -578,6 +582,6 @@ mod tests {
         let f = t.path().join("plain");
         std::fs::write(&f, b"x").unwrap();
         assert!(devices_of(&f).is_empty());
-        switch_to_direct_io(&f);
+        switch_to_direct_io(&f, devices_of(&f));
     }
 }

@@ -64,11 +64,11 @@ fn session_config() -> fuser::Config {
 /// The thread that switches loop devices over the files to direct I/O (`loops`), unless
 /// told not to (`serve --no-loop-direct-io`).
 #[cfg(feature = "fuse")]
-fn direct_io(wanted: bool) -> Result<Option<loops::DirectIo>> {
+fn direct_io(wanted: bool, seen: &Arc<loops::Seen>) -> Result<Option<loops::DirectIo>> {
     if !wanted {
         return Ok(None);
     }
-    loops::DirectIo::start()
+    loops::DirectIo::start(seen.clone())
         .map(Some)
         .map_err(|e| Error::io("live files: starting the loop-dio thread", e))
 }
@@ -100,8 +100,9 @@ pub struct LiveFiles {
     making_loops: Mutex<binder::Binder>,
     /// Another binder child for `syncfs` (`syncfs`), so a long sync never holds up a binding.
     syncing: Mutex<binder::Binder>,
-    /// The loop devices last found over each file (`loop_devices_of`).
-    seen: loops::Seen,
+    /// The loop devices last found over each file (`loop_devices_of`), shared with the
+    /// thread that switches them to direct I/O.
+    seen: Arc<loops::Seen>,
 }
 
 impl LiveFiles {
@@ -142,8 +143,9 @@ impl LiveFiles {
             fuser::MountOption::NoExec,
             fuser::MountOption::NoAtime,
         ];
+        let seen = Arc::new(loops::Seen::default());
         let session = fuser::Session::new(
-            fs::Fs::new(table.clone(), direct_io(loop_direct_io)?),
+            fs::Fs::new(table.clone(), direct_io(loop_direct_io, &seen)?),
             &dir,
             &config,
         )
@@ -152,7 +154,7 @@ impl LiveFiles {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
-        Self::start(table, session, device, loop_direct_io)
+        Self::start(table, session, device, loop_direct_io, seen)
     }
 
     /// Serve the live files another process mounted on `dir` and handed over: `device` is
@@ -189,8 +191,9 @@ impl LiveFiles {
         let session_fd = device
             .try_clone()
             .map_err(|e| Error::io("live files: duplicating the /dev/fuse descriptor", e))?;
+        let seen = Arc::new(loops::Seen::default());
         let session = adopt::session(
-            fs::Fs::new(table.clone(), direct_io(loop_direct_io)?),
+            fs::Fs::new(table.clone(), direct_io(loop_direct_io, &seen)?),
             session_fd,
             &session_config(),
         )
@@ -200,7 +203,7 @@ impl LiveFiles {
                 e,
             )
         })?;
-        Self::start(table, session, device, loop_direct_io)
+        Self::start(table, session, device, loop_direct_io, seen)
     }
 
     #[cfg(feature = "fuse")]
@@ -209,6 +212,7 @@ impl LiveFiles {
         session: fuser::Session<fs::Fs>,
         device: OwnedFd,
         loop_direct_io: bool,
+        seen: Arc<loops::Seen>,
     ) -> Result<LiveFiles> {
         let thread = std::thread::Builder::new()
             .name("live-files".into())
@@ -221,7 +225,7 @@ impl LiveFiles {
             loop_direct_io,
             making_loops: Mutex::new(binder::Binder::default()),
             syncing: Mutex::new(binder::Binder::default()),
-            seen: loops::Seen::default(),
+            seen,
         })
     }
 
