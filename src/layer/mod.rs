@@ -2,6 +2,7 @@
 pub mod catalog;
 pub mod chain;
 pub mod map;
+pub mod singles;
 pub mod name;
 pub mod node;
 

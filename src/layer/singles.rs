@@ -1,0 +1,203 @@
+//! A chunk's **paged singles** (docs/DESIGN.md §12, "Paged singles"): the single data blocks a
+//! checkpoint wrote with their crcs in its checksum pages, in 6 bytes a block.
+//!
+//! The array is frozen between two re-pagings: entry `i`'s crc is at position `first + i` of
+//! the checkpoint's checksum stream, so no position is stored and nothing may shift. A change
+//! to a block marks its entry dead (the map keeps the new mapping in the chunk's extents).
+//! One allocation: two header words (the lowest pool block, the first crc's position), then
+//! one word per block, sorted by key: key (10 bits) | dead (1 bit) | pool block − lowest
+//! (37 bits). A word is three u16s (alignment 2), so the array has no padding.
+
+use super::map::CHUNK_BITS;
+
+const OFF_BITS: u32 = 37;
+/// Pool blocks of one chunk's singles must lie within this many blocks of the lowest.
+pub const MAX_SPAN: u64 = 1 << OFF_BITS;
+const DEAD: u64 = 1 << OFF_BITS;
+const KEY_SHIFT: u32 = OFF_BITS + 1;
+const WORD_MAX: u64 = (1 << 48) - 1;
+const HEADER: usize = 2;
+
+type Word = [u16; 3];
+
+fn pack(v: u64) -> Word {
+    debug_assert!(v <= WORD_MAX);
+    [v as u16, (v >> 16) as u16, (v >> 32) as u16]
+}
+
+fn unpack(w: Word) -> u64 {
+    w[0] as u64 | (w[1] as u64) << 16 | (w[2] as u64) << 32
+}
+
+/// The key of an entry word, from its top u16 alone (what the binary search reads).
+fn key_of(w: &Word) -> u16 {
+    w[2] >> (KEY_SHIFT - 32)
+}
+
+pub struct Singles(Box<[Word]>);
+
+impl Singles {
+    /// The singles `entries` (key within the chunk, pool block), sorted by key without
+    /// repeats, whose crcs are at positions `first ..` in that order. None when they cannot be
+    /// held so: empty, pool blocks spanning `MAX_SPAN` or more, or a position past 48 bits;
+    /// the caller keeps such blocks resident.
+    pub fn build(entries: &[(u16, u64)], first: u64) -> Option<Singles> {
+        let low = entries.iter().map(|e| e.1).min()?;
+        let high = entries.iter().map(|e| e.1).max()?;
+        if high - low >= MAX_SPAN
+            || high > WORD_MAX
+            || first.checked_add(entries.len() as u64)? > WORD_MAX
+        {
+            return None;
+        }
+        debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
+        debug_assert!(entries.iter().all(|e| (e.0 as u64) < 1 << CHUNK_BITS));
+        let mut v = Vec::with_capacity(HEADER + entries.len());
+        v.push(pack(low));
+        v.push(pack(first));
+        v.extend(
+            entries
+                .iter()
+                .map(|&(k, p)| pack((k as u64) << KEY_SHIFT | (p - low))),
+        );
+        Some(Singles(v.into_boxed_slice()))
+    }
+
+    fn low(&self) -> u64 {
+        unpack(self.0[0])
+    }
+
+    /// Position of entry 0's crc in the checksum stream.
+    pub fn first(&self) -> u64 {
+        unpack(self.0[1])
+    }
+
+    fn entries(&self) -> &[Word] {
+        &self.0[HEADER..]
+    }
+
+    fn index(&self, k: u16) -> Option<usize> {
+        let e = self.entries();
+        let i = e.partition_point(|w| key_of(w) < k);
+        (i < e.len() && key_of(&e[i]) == k).then_some(i)
+    }
+
+    /// Entry `i` as (key, pool block, crc position), if live.
+    fn entry(&self, i: usize) -> Option<(u16, u64, u64)> {
+        let w = unpack(self.entries()[i]);
+        (w & DEAD == 0).then(|| {
+            let p = self.low() + (w & (DEAD - 1));
+            (key_of(&self.entries()[i]), p, self.first() + i as u64)
+        })
+    }
+
+    /// The live single at key `k`: (pool block, position of its crc).
+    pub fn get(&self, k: u16) -> Option<(u64, u64)> {
+        self.entry(self.index(k)?).map(|(_, p, at)| (p, at))
+    }
+
+    /// Mark the single at `k` dead; returns what it was, if live.
+    pub fn kill(&mut self, k: u16) -> Option<(u64, u64)> {
+        let i = self.index(k)?;
+        let old = self.entry(i)?;
+        let w = &mut self.0[HEADER + i];
+        *w = pack(unpack(*w) | DEAD);
+        Some((old.1, old.2))
+    }
+
+    /// The live singles in key order: (key, pool block, crc position).
+    pub fn iter(&self) -> impl Iterator<Item = (u16, u64, u64)> + '_ {
+        (0..self.entries().len()).filter_map(|i| self.entry(i))
+    }
+
+    /// Live entries in keys `k0 .. k1`, in key order.
+    pub fn range(&self, k0: u16, k1: u16) -> impl Iterator<Item = (u16, u64, u64)> + '_ {
+        let e = self.entries();
+        let i0 = e.partition_point(|w| key_of(w) < k0);
+        let i1 = e.partition_point(|w| key_of(w) < k1);
+        (i0..i1.max(i0)).filter_map(|i| self.entry(i))
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.iter().next().is_none()
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn six_bytes_a_block_and_positions_follow_the_order() {
+        let e = [(3u16, 1000u64), (7, 5), (1023, 5 + MAX_SPAN - 1)];
+        let s = Singles::build(&e, 4096).unwrap();
+        assert_eq!(s.heap_bytes(), 6 * (2 + 3));
+        assert_eq!(s.get(3), Some((1000, 4096)));
+        assert_eq!(s.get(7), Some((5, 4097)));
+        assert_eq!(s.get(1023), Some((5 + MAX_SPAN - 1, 4098)));
+        assert_eq!(s.get(4), None);
+        assert_eq!(s.get(0), None);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_hold() {
+        assert!(Singles::build(&[], 0).is_none());
+        assert!(Singles::build(&[(0, 5), (1, 5 + MAX_SPAN)], 0).is_none());
+        assert!(Singles::build(&[(0, WORD_MAX + 1)], 0).is_none());
+        assert!(Singles::build(&[(0, 1), (1, 2)], WORD_MAX - 1).is_none());
+        assert!(Singles::build(&[(0, 1), (1, 2)], WORD_MAX - 2).is_some());
+    }
+
+    #[test]
+    fn a_dead_entry_keeps_the_others_positions() {
+        let e: Vec<(u16, u64)> = (0..10).map(|k| (k * 3, 100 + k as u64)).collect();
+        let mut s = Singles::build(&e, 50).unwrap();
+        assert_eq!(s.kill(9), Some((103, 53)));
+        assert_eq!(s.kill(9), None);
+        assert_eq!(s.get(9), None);
+        assert_eq!(s.get(12), Some((104, 54)));
+        assert_eq!(s.iter().count(), 9);
+        assert_eq!(
+            s.range(6, 13).collect::<Vec<_>>(),
+            vec![(6, 102, 52), (12, 104, 54)]
+        );
+    }
+
+    proptest! {
+        /// Any sorted set of singles with any kills reads back like a model map whose entry
+        /// `i`'s crc is at `first + i`.
+        #[test]
+        fn matches_a_model(
+            keys in proptest::collection::btree_map(0u16..1024, 0u64..(1 << 40), 1..200),
+            first in 0u64..(1 << 47),
+            kills in proptest::collection::vec(0u16..1024, 0..100),
+            lo in 0u16..1024, hi in 0u16..1024,
+        ) {
+            let e: Vec<(u16, u64)> = keys.iter().map(|(&k, &p)| (k, p)).collect();
+            let low = e.iter().map(|x| x.1).min().unwrap();
+            let high = e.iter().map(|x| x.1).max().unwrap();
+            let built = Singles::build(&e, first);
+            prop_assert_eq!(built.is_some(), high - low < MAX_SPAN);
+            let Some(mut s) = built else { return Ok(()) };
+            let mut model: BTreeMap<u16, (u64, u64)> =
+                e.iter().enumerate().map(|(i, &(k, p))| (k, (p, first + i as u64))).collect();
+            for k in kills {
+                prop_assert_eq!(s.kill(k), model.remove(&k));
+            }
+            for k in 0..1024u16 {
+                prop_assert_eq!(s.get(k), model.get(&k).copied());
+            }
+            let all: Vec<_> = model.iter().map(|(&k, &(p, at))| (k, p, at)).collect();
+            prop_assert_eq!(s.iter().collect::<Vec<_>>(), all.clone());
+            let want: Vec<_> = all.iter().copied().filter(|x| x.0 >= lo && x.0 < hi).collect();
+            prop_assert_eq!(s.range(lo, hi).collect::<Vec<_>>(), want);
+            prop_assert_eq!(s.is_dead(), model.is_empty());
+        }
+    }
+}
