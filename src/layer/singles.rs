@@ -174,12 +174,17 @@ mod tests {
         /// `i`'s crc is at `first + i`.
         #[test]
         fn matches_a_model(
-            keys in proptest::collection::btree_map(0u16..1024, 0u64..(1 << 40), 1..200),
+            keys in proptest::collection::btree_map(0u16..1024, 0u64..MAX_SPAN, 1..200),
+            low in 0u64..(WORD_MAX - 2 * MAX_SPAN),
+            wide in proptest::bool::weighted(0.1),
             first in 0u64..(1 << 47),
             kills in proptest::collection::vec(0u16..1024, 0..100),
             lo in 0u16..1024, hi in 0u16..1024,
         ) {
-            let e: Vec<(u16, u64)> = keys.iter().map(|(&k, &p)| (k, p)).collect();
+            let mut e: Vec<(u16, u64)> = keys.iter().map(|(&k, &p)| (k, low + p)).collect();
+            if wide {
+                e.last_mut().unwrap().1 = e[0].1 + MAX_SPAN;
+            }
             let low = e.iter().map(|x| x.1).min().unwrap();
             let high = e.iter().map(|x| x.1).max().unwrap();
             let built = Singles::build(&e, first);
