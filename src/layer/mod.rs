@@ -2,9 +2,9 @@
 pub mod catalog;
 pub mod chain;
 pub mod map;
-pub mod singles;
 pub mod name;
 pub mod node;
+pub mod singles;
 
 pub use catalog::{Catalog, Change};
 pub use chain::{Resolved, Resolver};
