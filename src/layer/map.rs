@@ -348,6 +348,15 @@ pub fn split(vb: VBlock) -> (u64, u16) {
     (vb.0 >> CHUNK_BITS, (vb.0 & (CHUNK_LEN - 1)) as u16)
 }
 
+/// A single data block of the checkpoint just written whose crc sits at `sums_at` of its
+/// checksum stream: what `BlockMap::rebase` pages singles by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PagedSingle {
+    pub vblock: u64,
+    pub pblock: u64,
+    pub sums_at: u64,
+}
+
 /// A paged single's mapping.
 fn single((p, at): (u64, u64)) -> Mapping {
     Mapping::Data {
@@ -602,28 +611,101 @@ impl BlockMap {
         Ok(())
     }
 
-    /// Paged singles go resident, their crcs from `resolve` (the old checksum stream). What
-    /// `rebase` does with them until it re-pages them (in progress, DESIGN.md §12).
-    fn unpage_singles<E>(
+    /// Re-page the singles after a checkpoint whose single data blocks are `singles` (sorted
+    /// by block): per chunk, the checkpoint's singles (when their positions follow each other
+    /// and `Singles::build` can hold them) become the chunk's new array, live where the map
+    /// still maps the block to that pool block, dead elsewhere, and leave the extents; an old
+    /// paged single the new array does not hold live goes resident, its crc from `resolve`
+    /// (the old checksum stream). Counters do not change: no mapping does.
+    fn repage_singles<E>(
         &mut self,
+        singles: &[PagedSingle],
         resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
     ) -> Result<(), E> {
-        let cs: Vec<u64> = self.singles.keys().copied().collect();
+        let mut groups: HashMap<u64, &[PagedSingle]> = HashMap::new();
+        let mut i = 0;
+        while i < singles.len() {
+            let c = singles[i].vblock >> CHUNK_BITS;
+            let n = singles[i..]
+                .iter()
+                .take_while(|s| s.vblock >> CHUNK_BITS == c)
+                .count();
+            groups.insert(c, &singles[i..i + n]);
+            i += n;
+        }
+        let mut cs: Vec<u64> = self.singles.keys().copied().collect();
+        cs.extend(
+            groups
+                .keys()
+                .copied()
+                .filter(|c| !self.singles.contains_key(c)),
+        );
         for c in cs {
-            let live: Vec<(u16, u64, u64)> = self.singles[&c].iter().collect();
-            let mut crcs = Vec::with_capacity(live.len());
-            for &(_, _, at) in &live {
+            let g = groups.get(&c).copied().unwrap_or(&[]);
+            let consecutive = g
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.sums_at == g[0].sums_at + i as u64);
+            let keys: Vec<(u16, u64)> = g
+                .iter()
+                .map(|s| (split(VBlock(s.vblock)).1, s.pblock))
+                .collect();
+            let mut new = (consecutive && !g.is_empty())
+                .then(|| Singles::build(&keys, g[0].sums_at))
+                .flatten();
+            // What stays live: the map still maps the block to that pool block.
+            let keep: Vec<bool> = g
+                .iter()
+                .map(|s| matches!(self.get(VBlock(s.vblock)), Some(Mapping::Data { pblock, .. }) if pblock.0 == s.pblock))
+                .collect();
+            let held = |k: u16| {
+                new.is_some()
+                    && keys
+                        .binary_search_by_key(&k, |x| x.0)
+                        .is_ok_and(|i| keep[i])
+            };
+            let old: Vec<(u16, u64, u64)> = self
+                .singles
+                .get(&c)
+                .map_or(Vec::new(), |s| s.iter().filter(|x| !held(x.0)).collect());
+            let mut crcs = Vec::with_capacity(old.len());
+            for &(_, _, at) in &old {
                 crcs.push(resolve(at, 1)?[0]);
             }
             // Only now that every crc is read: a failure leaves the map as it was.
             self.singles.remove(&c);
-            for (&(k, p, _), crc) in live.iter().zip(crcs) {
-                let vb = VBlock((c << CHUNK_BITS) | k as u64);
-                self.set(vb, Mapping::data(PBlock(p), crc));
-                self.data_blocks -= 1;
+            let base = self.base_of(c);
+            let mut chunk = Chunk {
+                c,
+                exts: self.chunks.entry(c).or_default(),
+                crcs: &mut self.crcs,
+                base,
+            };
+            for (&(k, p, _), crc) in old.iter().zip(crcs) {
+                chunk.put(k, Some(Mapping::data(PBlock(p), crc)));
             }
-            if self.chunks.get(&c).is_some_and(|e| e.is_empty()) {
-                self.chunks.remove(&c);
+            if let Some(s) = &mut new {
+                for (&(k, _), &live) in keys.iter().zip(&keep) {
+                    if live {
+                        chunk.put(k, None);
+                    } else {
+                        s.kill(k);
+                    }
+                }
+            }
+            // Emptied one block at a time, the extents keep some capacity: give it back.
+            chunk.exts.shrink_to_fit();
+            let empty = chunk.exts.is_empty();
+            match new.filter(|s| !s.is_dead()) {
+                Some(s) => {
+                    self.singles.insert(c, s);
+                }
+                None if empty => {
+                    self.chunks.remove(&c);
+                    self.crcs.remove(&c);
+                    self.paged.remove(&c);
+                }
+                None => {}
             }
         }
         Ok(())
@@ -640,9 +722,10 @@ impl BlockMap {
     pub fn rebase<E>(
         &mut self,
         runs: &[PagedRun],
+        singles: &[PagedSingle],
         resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
     ) -> Result<(), E> {
-        self.unpage_singles(resolve)?;
+        self.repage_singles(singles, resolve)?;
         let planned = |v: u64, p: u64, len: u64| -> Option<u64> {
             let i = runs.partition_point(|r| r.vblock <= v).checked_sub(1)?;
             let r = runs[i];
@@ -1172,6 +1255,53 @@ mod tests {
         );
     }
 
+    /// A checkpoint re-pages resident scattered blocks as paged singles, and a block changed
+    /// since it was encoded stays as changed.
+    #[test]
+    fn a_checkpoint_pages_resident_singles() {
+        let n = 1u64 << 14;
+        let mut m = BlockMap::new();
+        for i in 0..n {
+            m.set(
+                VBlock(i * 16),
+                Mapping::data(PBlock(1000 + (i * 7919) % n), i as u32),
+            );
+        }
+        let before = m.heap_bytes() as f64 / n as f64;
+        let (runs, singles, sums) = write_checkpoint(&m, &[]);
+        assert!(runs.is_empty());
+        assert_eq!(singles.len() as u64, n);
+        m.set(VBlock(16 * 3), Mapping::data(PBlock(99), 5));
+        m.remove(VBlock(16 * 4));
+        let mut never = |_: u64, _: usize| -> Result<Vec<u32>, ()> { panic!("resolved") };
+        m.rebase(&runs, &singles, &mut never).unwrap();
+        check_shape(&m);
+        let after = m.heap_bytes() as f64 / n as f64;
+        let mut fresh = BlockMap::new();
+        let e: Vec<_> = singles
+            .iter()
+            .map(|s| (VBlock(s.vblock), PBlock(s.pblock)))
+            .collect();
+        fresh.set_singles_paged(&e, 0, &mut never).unwrap();
+        let fresh = fresh.heap_bytes() as f64 / n as f64;
+        eprintln!("{before} -> {after} bytes per block, {fresh} loaded at open; chunks {} cap {}, singles cap {}", m.chunks.len(), m.chunks.capacity(), m.singles.capacity());
+        assert!(
+            after < 8.0 && before > 11.0,
+            "{before} -> {after} bytes per block"
+        );
+        assert_eq!(m.get(VBlock(16 * 3)), Some(Mapping::data(PBlock(99), 5)));
+        assert_eq!(m.get(VBlock(16 * 4)), None);
+        let Some(Mapping::Data {
+            crc: CrcRef::Paged(at),
+            ..
+        }) = m.get(VBlock(16 * 5))
+        else {
+            panic!("not paged");
+        };
+        assert_eq!(sums[at as usize], 5);
+        assert_eq!(m.data_blocks(), n - 1);
+    }
+
     /// The crc a map's ref stands for, against the checksum stream `stream`.
     fn resolved(m: Option<Mapping>, stream: &[u32]) -> Option<(Option<u64>, u32)> {
         m.map(|m| match m {
@@ -1189,13 +1319,22 @@ mod tests {
 
     /// What a checkpoint writer does with `m`: entries in `iter` order, consecutive contiguous
     /// data blocks making runs (of two or more) whose crcs go to a new stream.
-    fn write_checkpoint(m: &BlockMap, stream: &[u32]) -> (Vec<PagedRun>, Vec<u32>) {
+    /// Single data blocks go out as paged singles, each chunk's after its runs, consecutive.
+    fn write_checkpoint(
+        m: &BlockMap,
+        stream: &[u32],
+    ) -> (Vec<PagedRun>, Vec<PagedSingle>, Vec<u32>) {
         let mut runs: Vec<PagedRun> = Vec::new();
+        let mut singles: Vec<PagedSingle> = Vec::new();
         let mut sums = Vec::new();
         let mut open: Option<(u64, u64, Vec<u32>)> = None;
-        let close =
-            |o: Option<(u64, u64, Vec<u32>)>, runs: &mut Vec<PagedRun>, sums: &mut Vec<u32>| {
-                if let Some((v, p, crcs)) = o.filter(|o| o.2.len() >= 2) {
+        let mut chunk_singles: Vec<(u64, u64, u32)> = Vec::new();
+        let close = |o: Option<(u64, u64, Vec<u32>)>,
+                     runs: &mut Vec<PagedRun>,
+                     sums: &mut Vec<u32>,
+                     one: &mut Vec<(u64, u64, u32)>| {
+            match o {
+                Some((v, p, crcs)) if crcs.len() >= 2 => {
                     runs.push(PagedRun {
                         vblock: v,
                         pblock: p,
@@ -1204,10 +1343,31 @@ mod tests {
                     });
                     sums.extend(crcs);
                 }
-            };
+                Some((v, p, crcs)) => one.push((v, p, crcs[0])),
+                None => {}
+            }
+        };
+        let flush = |one: &mut Vec<(u64, u64, u32)>,
+                     singles: &mut Vec<PagedSingle>,
+                     sums: &mut Vec<u32>| {
+            for (v, p, crc) in one.drain(..) {
+                singles.push(PagedSingle {
+                    vblock: v,
+                    pblock: p,
+                    sums_at: sums.len() as u64,
+                });
+                sums.push(crc);
+            }
+        };
+        let mut chunk = None;
         for (vb, x) in m.iter() {
+            if chunk != Some(split(vb).0) {
+                close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
+                flush(&mut chunk_singles, &mut singles, &mut sums);
+                chunk = Some(split(vb).0);
+            }
             let Some((Some(p), crc)) = resolved(Some(x), stream) else {
-                close(open.take(), &mut runs, &mut sums);
+                close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
                 continue;
             };
             match &mut open {
@@ -1217,14 +1377,16 @@ mod tests {
                     crcs.push(crc)
                 }
                 _ => {
-                    close(open.take(), &mut runs, &mut sums);
+                    close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
                     open = Some((vb.0, p, vec![crc]));
                 }
             }
         }
-        close(open.take(), &mut runs, &mut sums);
+        close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
+        flush(&mut chunk_singles, &mut singles, &mut sums);
         runs.sort();
-        (runs, sums)
+        singles.sort();
+        (runs, singles, sums)
     }
 
     #[test]
@@ -1457,7 +1619,7 @@ mod tests {
                 }
             }
             Op::Checkpoint { changes } => {
-                let (runs, sums) = write_checkpoint(m, stream);
+                let (runs, singles, sums) = write_checkpoint(m, stream);
                 // The commit sealed the transaction: what comes before the checkpoint is
                 // adopted writes to new pool blocks, never in place into one it names.
                 static SEALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -1503,7 +1665,7 @@ mod tests {
                 let mut resolve = |at: u64, n: usize| -> Result<Vec<u32>, ()> {
                     Ok(old[at as usize..at as usize + n].to_vec())
                 };
-                m.rebase(&runs, &mut resolve).unwrap();
+                m.rebase(&runs, &singles, &mut resolve).unwrap();
                 *stream = sums;
             }
         }
