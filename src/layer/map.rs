@@ -685,15 +685,25 @@ impl BlockMap {
                 chunk.put(k, Some(Mapping::data(PBlock(p), crc)));
             }
             if let Some(s) = &mut new {
+                // The live ones leave the extents: single extents in one pass (removing them
+                // one by one would be quadratic in a chunk's extents, under the write lock),
+                // the rare one inside a run (extended after the encode) through `put`.
+                let mut moved = [0u64; (CHUNK_LEN / 64) as usize];
                 for (&(k, _), &live) in keys.iter().zip(&keep) {
                     if live {
-                        chunk.put(k, None);
+                        moved[k as usize / 64] |= 1 << (k % 64);
                     } else {
                         s.kill(k);
                     }
                 }
+                let gone = |k: u16| moved[k as usize / 64] & 1 << (k % 64) != 0;
+                chunk.exts.retain(|e| e.is_run() || !gone(e.start()));
+                for (&(k, _), &live) in keys.iter().zip(&keep) {
+                    if live && find(chunk.exts, k).is_some_and(|i| k < chunk.exts[i].end()) {
+                        chunk.put(k, None);
+                    }
+                }
             }
-            // Emptied one block at a time, the extents keep some capacity: give it back.
             chunk.exts.shrink_to_fit();
             let empty = chunk.exts.is_empty();
             match new.filter(|s| !s.is_dead()) {
