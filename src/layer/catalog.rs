@@ -521,14 +521,15 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn create(id: u32) -> Record {
+    /// The record creating writable layer `id` (named `l<id>`, 1 GiB) over `parent`.
+    pub(crate) fn create(id: u32, parent: Option<u32>) -> Record {
         Record::LayerCreate(LayerCreate {
             id: LayerId(id),
-            parent: None,
+            parent: parent.map(LayerId),
             disk_size: 1 << 30,
             created_secs: 0,
             created_nanos: 0,
@@ -573,7 +574,8 @@ mod tests {
         fn replay_log_ends_as_applying_in_order(
             records in proptest::collection::vec(record(), 1..30)
         ) {
-            let all: Vec<Record> = [create(1), create(2)].into_iter().chain(records).collect();
+            let layers = [create(1, None), create(2, None)];
+            let all: Vec<Record> = layers.into_iter().chain(records).collect();
             let mut in_order = Catalog::new();
             for r in all.clone() {
                 in_order.apply(r).unwrap();

@@ -343,23 +343,13 @@ pub fn walk(chain: &[&Layer], vb: VBlock) -> Resolved {
 
 #[cfg(test)]
 mod tests {
-    use crate::format::record::{LayerCreate, MapEntry, MapTarget, Record};
+    use crate::format::record::{MapEntry, MapTarget, Record};
     use crate::format::{LayerId, PBlock, VBlock};
     use crate::layer::Catalog;
 
     fn create(c: &mut Catalog, id: u32, parent: Option<u32>) {
-        c.apply(Record::LayerCreate(LayerCreate {
-            id: LayerId(id),
-            parent: parent.map(LayerId),
-            disk_size: 1 << 30,
-            created_secs: 0,
-            created_nanos: 0,
-            writable: true,
-            incomplete: false,
-            remote: false,
-            name: format!("l{id}"),
-        }))
-        .unwrap();
+        c.apply(crate::layer::catalog::tests::create(id, parent))
+            .unwrap();
     }
 
     fn map(c: &mut Catalog, id: u32, entries: Vec<(u64, MapTarget)>) {
