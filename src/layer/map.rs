@@ -25,6 +25,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 pub const CHUNK_BITS: u32 = 10;
 pub const CHUNK_LEN: u64 = 1 << CHUNK_BITS;
+// A chunk lies within one group of the checkpoint writer's singles, so its singles' crcs are
+// at consecutive positions and page as one array (`set_singles_paged`).
+const _: () = assert!(CHUNK_BITS <= crate::format::record::SINGLES_GROUP_BITS);
 /// Pool block numbers are stored in 48 bits; this value marks a zero (whiteout) entry.
 const ZERO_MARK: u64 = (1 << 48) - 1;
 pub const MAX_PBLOCK: u64 = ZERO_MARK - 1;
