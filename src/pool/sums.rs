@@ -16,8 +16,8 @@ use crate::format::page::{self, SUMS_PER_PAGE};
 use crate::format::record::Record;
 use crate::format::{LayerId, PBlock, VBlock, PAGE_SIZE};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 /// The budget when none is given: 64 MiB of pages hold the crcs of 16M blocks (64 GiB of
 /// 4 KiB data).
@@ -31,6 +31,10 @@ const PAGE_COST: u64 = (SUMS_PER_PAGE * 4 + 64) as u64;
 /// over an image then find most pages cached after a few thousand reads, not one per page, and
 /// a read costs one 64 KiB read where it would have cost 16 of 4 KiB.
 const WINDOW: u64 = 16;
+
+/// Pages one request of the prefetch (`prefetch`) reads at most: 1 MiB, while they lie one
+/// after another in the file (as the checkpoint writes them).
+const PREFETCH_PAGES: u64 = 256;
 
 /// A map run of the checkpoint just written whose crcs sit at `sums_at..sums_at + count` of
 /// its checksum stream (a `MapRunSums` record): what `BlockMap::rebase` pages by.
@@ -87,6 +91,11 @@ pub struct SumPages {
     cache: Mutex<Cache>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Pages the prefetch put in the cache, and whether it is over (done, full or stopped).
+    prefetched: AtomicU64,
+    prefetch_over: AtomicBool,
+    /// Set by `stop_prefetch` (the store's close or hand-over).
+    stop: AtomicBool,
 }
 
 #[derive(Default)]
@@ -105,6 +114,9 @@ pub struct CacheStats {
     pub budget: u64,
     pub hits: u64,
     pub misses: u64,
+    /// Pages the prefetch after open put in the cache, and whether it is over.
+    pub prefetched: u64,
+    pub prefetch_over: bool,
 }
 
 impl SumPages {
@@ -119,6 +131,9 @@ impl SumPages {
             }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+            prefetch_over: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
         }
     }
 
@@ -148,7 +163,72 @@ impl SumPages {
             budget: c.budget,
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            prefetched: self.prefetched.load(Ordering::Relaxed),
+            prefetch_over: self.prefetch_over.load(Ordering::Relaxed),
         }
+    }
+
+    /// Stop a prefetch at its next request (the store closes or hands the pool over).
+    pub fn stop_prefetch(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// One request of the prefetch: the pages from `from` that lie one after another in the
+    /// file (up to `PREFETCH_PAGES`, no more than the budget has room for), read in one go,
+    /// each verified as a miss's are, and put in the cache where absent. A page that does not
+    /// verify, or a request that fails, is left out: the read that needs it reads it itself
+    /// and fails naming it, as without the prefetch. Never evicts. The next `from`, or None
+    /// once the stream is done, the budget full or the prefetch stopped.
+    fn prefetch_some(&self, storage: &dyn Storage, from: u64) -> Option<u64> {
+        let len = self.pages.len() as u64;
+        if self.stop.load(Ordering::SeqCst) || from >= len {
+            return None;
+        }
+        let room = {
+            let c = self.lock();
+            (c.budget / PAGE_COST).saturating_sub(c.pages.len() as u64)
+        };
+        let first = self.pages[from as usize];
+        let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
+        if room == 0 {
+            return None;
+        }
+        let n = (from..len.min(from + PREFETCH_PAGES.min(room)))
+            .take_while(|&s| self.pages[s as usize] == first.wrapping_add(s - from))
+            .count() as u64;
+        if first < first_page || first.saturating_add(n) >= 1 << 52 {
+            // Not a page of the file: the read that needs it says so.
+            return Some(from + 1);
+        }
+        let mut buf = vec![0u8; n as usize * PAGE_SIZE];
+        if storage
+            .read_bulk_at(&mut buf, first * PAGE_SIZE as u64)
+            .is_err()
+        {
+            return Some(from + n);
+        }
+        let verified: Vec<(u64, Arc<[u32]>)> = (0..n)
+            .filter_map(|i| {
+                let s = from + i;
+                let b: &[u8; PAGE_SIZE] = buf[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE]
+                    .try_into()
+                    .expect("one page");
+                Some((s, self.verify(s, b).ok()?.into()))
+            })
+            .collect();
+        let mut c = self.lock();
+        let cap = c.budget / PAGE_COST;
+        for (s, page) in verified {
+            if c.pages.len() as u64 >= cap {
+                return None;
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = c.pages.entry(s) {
+                v.insert((page, false));
+                c.order.push_back(s);
+                self.prefetched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some(from + n)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -338,6 +418,25 @@ impl SumPages {
     }
 }
 
+/// Fill `sums`' cache with its pages in stream order (`SumPages::prefetch_some`), until every
+/// page is cached, the budget is full, the prefetch is stopped, or the stream or the storage is
+/// gone (a checkpoint replaced the stream, the store was dropped): a served pool's first reads
+/// after an open then find their crcs in memory, as they did when the open read them all.
+/// Holds no lock of the store, and the cache's only to look and to insert; each request is
+/// one sequential read that bypasses the page cache where it can.
+pub fn prefetch(sums: Weak<SumPages>, storage: Weak<dyn Storage>) {
+    let mut next = 0;
+    while let (Some(s), Some(st)) = (sums.upgrade(), storage.upgrade()) {
+        match s.prefetch_some(&*st, next) {
+            Some(n) => next = n,
+            None => {
+                s.prefetch_over.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
 impl Cache {
     /// Let go of pages until `room` more bytes fit the budget.
     fn shrink(&mut self, room: u64) {
@@ -443,5 +542,138 @@ mod tests {
         // Another checkpoint's page (another id) is not this stream's.
         let other = SumPages::new(ID + 1, pages, 1, DEFAULT_BUDGET);
         assert!(other.crc(&mem, 10).is_err());
+    }
+
+    fn run_prefetch(s: &Arc<SumPages>, mem: &Arc<MemStorage>) {
+        let st: Arc<dyn Storage> = mem.clone();
+        prefetch(Arc::downgrade(s), Arc::downgrade(&st));
+    }
+
+    /// After the prefetch, every crc is a hit: no read of a paged block waits for a page.
+    #[test]
+    fn after_the_prefetch_no_lookup_reads_a_page() {
+        let mem = Arc::new(MemStorage::new());
+        let pages = stream(&*mem, 300_000);
+        let s = Arc::new(SumPages::new(ID, pages.clone(), 1, DEFAULT_BUDGET));
+        run_prefetch(&s, &mem);
+        let st = s.stats();
+        assert_eq!((st.prefetched, st.prefetch_over), (pages.len() as u64, true));
+        for at in (0..300_000).step_by(331) {
+            assert_eq!(s.crc(&*mem, at).unwrap(), at as u32 * 7);
+        }
+        assert_eq!(s.crcs(&*mem, 299_000, 1000).unwrap().len(), 1000);
+        assert_eq!(s.stats().misses, 0, "{:?}", s.stats());
+    }
+
+    /// The prefetch fills the budget and no more, and evicts nothing a read brought in.
+    #[test]
+    fn the_prefetch_stops_at_the_budget() {
+        let mem = Arc::new(MemStorage::new());
+        let pages = stream(&*mem, 40_000);
+        let s = Arc::new(SumPages::new(ID, pages, 1, 20 * PAGE_COST));
+        // A miss brings in its window: pages 32..=39.
+        s.crc(&*mem, 39_999).unwrap();
+        run_prefetch(&s, &mem);
+        let st = s.stats();
+        assert_eq!((st.bytes, st.prefetched, st.prefetch_over), (20 * PAGE_COST, 12, true));
+        let before = s.stats().misses;
+        s.crc(&*mem, 39_999).unwrap();
+        s.crc(&*mem, 32 * 1012).unwrap();
+        s.crc(&*mem, 11 * 1012).unwrap();
+        assert_eq!(s.stats().misses, before, "pages 32..=39 and 0..=11 are cached");
+        s.crc(&*mem, 12 * 1012).unwrap();
+        assert_eq!(s.stats().misses, before + 1);
+        // No budget, no prefetch.
+        let none = Arc::new(SumPages::new(ID, stream(&*mem, 4000), 1, 0));
+        run_prefetch(&none, &mem);
+        assert_eq!((none.stats().bytes, none.stats().prefetched), (0, 0));
+    }
+
+    /// A damaged page met by the prefetch is left out: the reads of its crcs fail naming it,
+    /// every other crc is served from the cache.
+    #[test]
+    fn the_prefetch_leaves_a_damaged_page_to_the_reads_that_need_it() {
+        let mem = Arc::new(MemStorage::new());
+        let pages = stream(&*mem, 30_000);
+        let mut b = [0u8; PAGE_SIZE];
+        mem.read_at(&mut b, 105 * PAGE_SIZE as u64).unwrap();
+        b[300] ^= 1;
+        mem.write_at(&b, 105 * PAGE_SIZE as u64).unwrap();
+        let s = Arc::new(SumPages::new(ID, pages.clone(), 1, DEFAULT_BUDGET));
+        run_prefetch(&s, &mem);
+        assert_eq!(s.stats().prefetched, pages.len() as u64 - 1);
+        for at in (0..30_000u64).step_by(101) {
+            let got = s.crc(&*mem, at);
+            if at / 1012 == 5 {
+                let e = got.unwrap_err();
+                assert!(matches!(e, Error::Corrupt(_)));
+                assert!(e.to_string().contains("checksum page 5 (page 105"), "{e}");
+            } else {
+                assert_eq!(got.unwrap(), at as u32 * 7);
+            }
+        }
+        assert!(s.crcs(&*mem, 4 * 1012, 2000).is_err());
+        assert!(s.verify_all(&*mem).is_err());
+    }
+
+    /// Storage that counts its reads and calls its closure at the first.
+    struct OnRead<F: Fn() + Send + Sync>(Arc<MemStorage>, F, Arc<AtomicU64>);
+    impl<F: Fn() + Send + Sync> Storage for OnRead<F> {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            if self.2.fetch_add(1, Ordering::SeqCst) == 0 {
+                (self.1)();
+            }
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+            self.0.write_at(data, offset)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.0.punch_hole(offset, len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn allocated(&self) -> std::io::Result<u64> {
+            self.0.allocated()
+        }
+    }
+
+    /// Stopped (a close, a hand-over) or its stream replaced (a checkpoint), a prefetch ends
+    /// after the request under way: nobody waits for a long one.
+    #[test]
+    fn a_stopped_or_replaced_prefetch_ends_after_its_request() {
+        let mem = Arc::new(MemStorage::new());
+        let pages = stream(&*mem, 1012 * 3 * PREFETCH_PAGES as usize);
+        // Stopped during its first request.
+        let s = Arc::new(SumPages::new(ID, pages.clone(), 1, DEFAULT_BUDGET));
+        let weak = Arc::downgrade(&s);
+        let reads = Arc::new(AtomicU64::new(0));
+        let st: Arc<dyn Storage> = Arc::new(OnRead(
+            mem.clone(),
+            move || weak.upgrade().unwrap().stop_prefetch(),
+            reads.clone(),
+        ));
+        prefetch(Arc::downgrade(&s), Arc::downgrade(&st));
+        let got = s.stats();
+        assert_eq!((got.prefetched, got.prefetch_over), (PREFETCH_PAGES, true));
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        // The stream let go of (a checkpoint replaced it) during the first request.
+        let s = Arc::new(SumPages::new(ID, pages, 1, DEFAULT_BUDGET));
+        let held = Mutex::new(Some(s.clone()));
+        let reads = Arc::new(AtomicU64::new(0));
+        let st: Arc<dyn Storage> = Arc::new(OnRead(
+            mem.clone(),
+            move || drop(held.lock().unwrap().take()),
+            reads.clone(),
+        ));
+        let weak = Arc::downgrade(&s);
+        drop(s);
+        prefetch(weak.clone(), Arc::downgrade(&st));
+        assert!(weak.upgrade().is_none());
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
     }
 }

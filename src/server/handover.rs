@@ -567,6 +567,9 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
     let journal = journal.map(Journal::adopt).transpose()?;
     let (store, replayed) = Store::open_with_journal(&cfg.pool, command_line, journal)?;
     store.set_map_cache(cfg.map_cache);
+    // The first reads after the open find their crcs in memory (DESIGN §12); the thread
+    // stops by itself.
+    let _ = store.prefetch_map_cache();
     if replayed.transactions > 0 {
         log::process(
             Level::Warn,

@@ -92,6 +92,9 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
     let journal = keeper.as_ref().map(|_| Journal::create()).transpose()?;
     let store = Arc::new(Store::open_with_journal(&cfg.pool, command_line, journal)?.0);
     store.set_map_cache(cfg.map_cache);
+    // The first reads after the open find their crcs in memory (DESIGN §12); the thread
+    // stops by itself.
+    let _ = store.prefetch_map_cache();
     for name in store.discarded() {
         let log = Log::process().scoped("thinlayer");
         log.warn(format_args!(

@@ -417,6 +417,7 @@ impl Store {
             .map_err(|e| e.context("commit before the hand-over"))?;
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.released.store(true, Ordering::SeqCst);
+        self.sums().stop_prefetch();
         *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
@@ -524,6 +525,22 @@ impl Store {
         self.sums().set_budget(bytes);
     }
 
+    /// Start reading the checkpoint's checksum pages into the cache in the background, up to
+    /// its budget (`pool::sums::prefetch`), so a served pool's first reads after an open do
+    /// not each wait for a page from the disk. At the lowest CPU and I/O priority, holding no
+    /// lock of the store; stopped by `release`, by dropping the store and by the next
+    /// checkpoint (which replaces the stream). Tests join the handle; a server lets it go.
+    pub fn prefetch_map_cache(&self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let sums = Arc::downgrade(&self.sums());
+        let storage = Arc::downgrade(&self.storage);
+        std::thread::Builder::new()
+            .name("sums-prefetch".into())
+            .spawn(move || {
+                lowest_priority();
+                crate::pool::sums::prefetch(sums, storage)
+            })
+    }
+
     /// The checksum page cache's figures (`status`).
     pub fn map_cache_stats(&self) -> crate::pool::sums::CacheStats {
         self.sums().stats()
@@ -567,11 +584,23 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        self.sums().stop_prefetch();
         // Whatever free space is still held goes back to the filesystem on the way out.
         if self.writable && !self.released.load(Ordering::SeqCst) {
             let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
             g.pool.close(&*self.storage);
         }
+    }
+}
+
+/// This thread at the lowest CPU priority and in the idle I/O class (both per thread on
+/// Linux): the prefetch must not slow the reads it is there to speed up. Best effort.
+fn lowest_priority() {
+    // SAFETY: plain syscalls on the calling thread (who = 0), no memory passed.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        // IOPRIO_WHO_PROCESS = 1, IOPRIO_CLASS_IDLE = 3 << IOPRIO_CLASS_SHIFT (13).
+        libc::syscall(libc::SYS_ioprio_set, 1, 0, 3 << 13);
     }
 }
 
@@ -887,6 +916,50 @@ mod tests {
             s.used_blocks(),
             2 * N + s.read().pool.meta.metadata_blocks()
         );
+    }
+
+    /// After an open, the prefetch (`prefetch_map_cache`, what `serve` starts) brings every
+    /// checksum page in: reads of paged singles and runs then read no page. A released store
+    /// (handed over) prefetches nothing.
+    #[test]
+    fn after_the_prefetch_reads_of_paged_blocks_read_no_checksum_page() {
+        const N: u64 = 20_000;
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let id = s.create_layer("img", None, Some(17 * N * 4096)).unwrap().id;
+        let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
+        // Singles (1 block in 16) and a run.
+        for i in 0..N {
+            s.write_layer(id, i * 16 * 4096, &block(i)).unwrap();
+        }
+        for i in 0..2000 {
+            s.write_layer(id, (16 * N + i) * 4096, &block(i)).unwrap();
+        }
+        s.checkpoint().unwrap();
+        drop(s);
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        let pages = s.sums().pages().len() as u64;
+        assert_eq!(pages, (N + 2000).div_ceil(1012));
+        s.prefetch_map_cache().unwrap().join().unwrap();
+        let st = s.map_cache_stats();
+        assert_eq!((st.prefetched, st.prefetch_over, st.misses), (pages, true, 0));
+        let mut buf = vec![0u8; 4096];
+        for i in (0..N).step_by(37) {
+            s.read_layer(id, i * 16 * 4096, &mut buf).unwrap();
+            assert_eq!(buf, block(i), "single {i}");
+        }
+        for i in (0..2000).step_by(37) {
+            s.read_layer(id, (16 * N + i) * 4096, &mut buf).unwrap();
+            assert_eq!(buf, block(i), "run block {i}");
+        }
+        let st = s.map_cache_stats();
+        assert_eq!(st.misses, 0, "{st:?}");
+        assert!(st.hits > 0, "{st:?}");
+        drop(s);
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        s.release().unwrap();
+        s.prefetch_map_cache().unwrap().join().unwrap();
+        assert_eq!(s.map_cache_stats().prefetched, 0);
     }
 
     /// A checkpoint's runs keep their positions in its checksum pages, and the next checkpoint
