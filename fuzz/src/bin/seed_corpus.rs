@@ -74,7 +74,7 @@ fn main() {
         let storage = MemStorage::from_bytes(img.clone());
         let (sbs, _) = meta::read_superblocks(&storage).unwrap();
         let rec = meta::load(&storage, &sbs[0]).unwrap();
-        let mut stream = rec.checkpoint.clone();
+        let mut stream = meta::checkpoint_bytes(&storage, &sbs[0]).unwrap();
         stream.extend_from_slice(&rec.log);
         put("record_stream", &format!("{name}-streams"), &stream);
     }
