@@ -370,14 +370,25 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    /// The pool in memory, refusing every bulk write after the first `ok` (what an import
-    /// stores its blocks with).
-    struct FailingBulk {
+    /// The pool in memory, noting the length of each bulk write (what an import stores its
+    /// blocks with) and refusing every one after the first `ok`.
+    struct Bulk {
         mem: MemStorage,
         ok: AtomicUsize,
+        lens: std::sync::Mutex<Vec<usize>>,
     }
 
-    impl Storage for FailingBulk {
+    impl Bulk {
+        fn new(ok: usize) -> Arc<Bulk> {
+            Arc::new(Bulk {
+                mem: MemStorage::new(),
+                ok: AtomicUsize::new(ok),
+                lens: Default::default(),
+            })
+        }
+    }
+
+    impl Storage for Bulk {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
             self.mem.read_at(buf, offset)
         }
@@ -390,6 +401,7 @@ mod tests {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             self.ok.store(left - 1, Ordering::SeqCst);
+            self.lens.lock().unwrap().push(data.len());
             self.mem.write_at(data, offset)
         }
         fn sync(&self) -> io::Result<()> {
@@ -408,15 +420,13 @@ mod tests {
 
     #[test]
     fn an_import_whose_pool_write_fails_stops_with_that_error_and_leaves_no_layer() {
-        let storage = Arc::new(FailingBulk {
-            mem: MemStorage::new(),
-            ok: AtomicUsize::new(3),
-        });
-        let store = Store::create_in(storage, &CreateOptions::default()).unwrap();
+        let store = Store::create_in(Bulk::new(3), &CreateOptions::default()).unwrap();
         // More chunks than the pipeline holds buffers, all data: the reader is still reading
         // when the writer fails, and must stop rather than wait for a buffer.
         let mut img = tempfile::NamedTempFile::new().unwrap();
-        let data: Vec<u8> = (0..(BUFFERS + 4) * CHUNK).map(|i| (i % 251) as u8 | 1).collect();
+        let data: Vec<u8> = (0..(BUFFERS + 4) * CHUNK)
+            .map(|i| (i % 251) as u8 | 1)
+            .collect();
         std::io::Write::write_all(&mut img, &data).unwrap();
         let e = import(&store, "img", img.path(), None, &mut |_, _| {}).unwrap_err();
         assert_eq!(e.kind(), Kind::Io, "{e}");
@@ -429,5 +439,33 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         ok.read_layer(l.id, 0, &mut back).unwrap();
         assert!(back == data);
+    }
+
+    #[test]
+    fn an_import_stores_a_chunk_of_data_in_one_write_where_the_pool_blocks_follow_each_other() {
+        let storage = Bulk::new(usize::MAX);
+        let store = Store::create_in(storage.clone(), &CreateOptions::default()).unwrap();
+        // Two chunks of data, a hole, and a chunk that ends in a partial block.
+        let mut img = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..2 * CHUNK).map(|i| (i % 253) as u8 | 1).collect();
+        std::io::Write::write_all(&mut img, &data).unwrap();
+        img.as_file().set_len(5 * CHUNK as u64 + 100).unwrap();
+        img.as_file()
+            .write_all_at(&[9; 100], 5 * CHUNK as u64)
+            .unwrap();
+        let (l, _) = import(&store, "img", img.path(), None, &mut |_, _| {}).unwrap();
+        // The allocator hands out runs of at most 256 blocks (1 MiB of 4 KiB blocks); the
+        // fresh pool's runs follow each other, so each chunk goes as one write. (The partial
+        // block at the end is written under the store's lock, not as a bulk write.)
+        assert_eq!(
+            *storage.lens.lock().unwrap(),
+            vec![CHUNK, CHUNK],
+            "bulk writes of the import"
+        );
+        let mut back = vec![0u8; 5 * CHUNK + 100];
+        store.read_layer(l.id, 0, &mut back).unwrap();
+        assert!(back[..2 * CHUNK] == data[..]);
+        assert!(back[2 * CHUNK..5 * CHUNK].iter().all(|&b| b == 0));
+        assert_eq!(&back[5 * CHUNK..], &[9; 100][..]);
     }
 }
