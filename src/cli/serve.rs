@@ -92,7 +92,7 @@ pub struct Args {
     /// about 7 bytes for a scattered block) nor blocks written since the last checkpoint
     /// (crcs resident, 4 bytes a block). The
     /// default holds the crcs of 16M blocks (64 GiB of 4 KiB data); a miss costs a 4 KiB read
-    /// beside the data's. After the open a background thread (lowest priority) reads the
+    /// beside the data's. After the open a background thread (low priority) reads the
     /// pages into the cache until it is full, so the first reads seldom miss. `thinlayer
     /// status` shows its size and hit rate.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]

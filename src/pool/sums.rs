@@ -423,18 +423,20 @@ impl SumPages {
 /// gone (a checkpoint replaced the stream, the store was dropped): a served pool's first reads
 /// after an open then find their crcs in memory, as they did when the open read them all.
 /// Holds no lock of the store, and the cache's only to look and to insert; each request is
-/// one sequential read that bypasses the page cache where it can.
-pub fn prefetch(sums: Weak<SumPages>, storage: Weak<dyn Storage>) {
+/// one sequential read that bypasses the page cache where it can. The pages it put in the
+/// cache and the stream's pages.
+pub fn prefetch(sums: Weak<SumPages>, storage: Weak<dyn Storage>) -> (u64, u64) {
     let mut next = 0;
     while let (Some(s), Some(st)) = (sums.upgrade(), storage.upgrade()) {
         match s.prefetch_some(&*st, next) {
             Some(n) => next = n,
             None => {
                 s.prefetch_over.store(true, Ordering::Relaxed);
-                return;
+                return (s.prefetched.load(Ordering::Relaxed), s.pages.len() as u64);
             }
         }
     }
+    (0, 0)
 }
 
 impl Cache {

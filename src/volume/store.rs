@@ -527,17 +527,29 @@ impl Store {
 
     /// Start reading the checkpoint's checksum pages into the cache in the background, up to
     /// its budget (`pool::sums::prefetch`), so a served pool's first reads after an open do
-    /// not each wait for a page from the disk. At the lowest CPU and I/O priority, holding no
+    /// not each wait for a page from the disk. At a low CPU and I/O priority, holding no
     /// lock of the store; stopped by `release`, by dropping the store and by the next
     /// checkpoint (which replaces the stream). Tests join the handle; a server lets it go.
+    /// The log says (info) how many pages it read and how long it took.
     pub fn prefetch_map_cache(&self) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let sums = Arc::downgrade(&self.sums());
-        let storage = Arc::downgrade(&self.storage);
+        let (sums, storage) = (Arc::downgrade(&self.sums()), Arc::downgrade(&self.storage));
         std::thread::Builder::new()
             .name("sums-prefetch".into())
             .spawn(move || {
-                lowest_priority();
-                crate::pool::sums::prefetch(sums, storage)
+                low_priority();
+                let t = std::time::Instant::now();
+                let (n, of) = crate::pool::sums::prefetch(sums, storage);
+                if n > 0 {
+                    crate::log::process(
+                        crate::log::Level::Info,
+                        format_args!(
+                            "thinlayer: {n} of {} checksum page(s) read into the map cache in \
+                             {} ms",
+                            of,
+                            t.elapsed().as_millis()
+                        ),
+                    );
+                }
             })
     }
 
@@ -593,14 +605,15 @@ impl Drop for Store {
     }
 }
 
-/// This thread at the lowest CPU priority and in the idle I/O class (both per thread on
-/// Linux): the prefetch must not slow the reads it is there to speed up. Best effort.
-fn lowest_priority() {
+/// This thread at a low CPU priority and the lowest best-effort I/O priority (both per thread
+/// on Linux): the prefetch must not slow the reads it is there to speed up, nor wait forever
+/// on a busy machine (nice 19 or the idle I/O class can starve it for seconds). Best effort.
+fn low_priority() {
     // SAFETY: plain syscalls on the calling thread (who = 0), no memory passed.
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-        // IOPRIO_WHO_PROCESS = 1, IOPRIO_CLASS_IDLE = 3 << IOPRIO_CLASS_SHIFT (13).
-        libc::syscall(libc::SYS_ioprio_set, 1, 0, 3 << 13);
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        // IOPRIO_WHO_PROCESS = 1; IOPRIO_CLASS_BE (2) << IOPRIO_CLASS_SHIFT (13) | level 7.
+        libc::syscall(libc::SYS_ioprio_set, 1, 0, (2 << 13) | 7);
     }
 }
 
