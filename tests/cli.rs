@@ -466,7 +466,7 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.assert_clean();
 }
 
-/// A pool a previous binary made (format versions 2 to 4, tests/fixtures/README.md) is refused
+/// A pool a previous binary made (format versions 2 to 5, tests/fixtures/README.md) is refused
 /// by every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
 /// back byte for byte and `check --data` calls it clean.
 fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str]) -> Pool {
@@ -495,14 +495,19 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
             "{args:?}: {err}"
         );
     }
+    let current = thinlayer::format::superblock::VERSION;
     let out = p.ok(&["migrate", p.path.to_str().unwrap()]);
     assert!(
-        out.contains(&format!("format version {version} -> 5")),
+        out.contains(&format!("format version {version} -> {current}")),
         "{out}"
     );
     let bytes = std::fs::read(&p.path).unwrap();
     for slot in [0, 4096] {
-        assert_eq!(bytes[slot + 12..slot + 16], [5, 0, 0, 0], "slot at {slot}");
+        assert_eq!(
+            bytes[slot + 12..slot + 16],
+            current.to_le_bytes(),
+            "slot at {slot}"
+        );
     }
     let names: Vec<String> = p
         .layers()
@@ -525,12 +530,23 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     let more: Vec<u8> = (0..64u32)
         .flat_map(|i| std::iter::repeat_n(((i * 17 + 3) % 255 + 1) as u8, 4096))
         .collect();
+    let scat: Vec<u8> = (0..64u32)
+        .flat_map(|i| {
+            let b = if i % 4 == 0 {
+                (i * 11 + 7) % 255 + 1
+            } else {
+                0
+            };
+            std::iter::repeat_n(b as u8, 4096)
+        })
+        .collect();
     for (layer, want) in [
         ("base", &base),
         ("work", &base),
         ("app", &app),
         ("runs", &runs),
         ("more", &more),
+        ("scat", &scat),
     ] {
         if !layers.contains(&layer) {
             continue;
@@ -541,7 +557,10 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
     }
     p.assert_clean();
     let out = p.ok(&["migrate"]);
-    assert!(out.contains("already format version 5"), "{out}");
+    assert!(
+        out.contains(&format!("already format version {current}")),
+        "{out}"
+    );
     p.ok(&["create", "x", "--parent", "app"]);
     p.assert_clean();
     p
@@ -606,6 +625,30 @@ fn newest_checkpoint(p: &Pool) -> (Vec<u8>, Vec<u32>) {
     (payload, crcs)
 }
 
+/// The positions a checkpoint's map runs and map singles name in its checksum stream cover
+/// `0..n` once each, no gap and no overlap; returns `n`.
+fn sums_tiled(checkpoint: &[u8]) -> u64 {
+    use thinlayer::format::record::{Record, RecordReader};
+    let mut r = RecordReader::new(checkpoint, "checkpoint");
+    let mut spans = vec![];
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::MapRunSums { count, sums_at, .. } => spans.push((sums_at, count as u64)),
+            Record::MapSinglesSums {
+                sums_at, entries, ..
+            } => spans.push((sums_at, entries.len() as u64)),
+            _ => {}
+        }
+    }
+    spans.sort_unstable();
+    let mut at = 0;
+    for (from, n) in spans {
+        assert_eq!(from, at, "crc positions not tiled");
+        at += n;
+    }
+    at
+}
+
 /// Version 4 (map runs with their crcs inline), made by main at b6dd230 from the version-3
 /// fixture by its `migrate` (so it holds a version-4 checkpoint of map runs) and one more
 /// import in its log. Besides the version 2 test's checks: `migrate` wrote a checkpoint whose
@@ -622,18 +665,55 @@ fn a_version_4_pool_is_migrated_and_its_crcs_moved_to_checksum_pages() {
     let mut in_runs = 0;
     while let Some(rec) = r.next_record().unwrap() {
         match rec {
-            Record::MapRunSums { count, sums_at, .. } => {
-                assert_eq!(sums_at, in_runs);
-                in_runs += count as u64;
-            }
+            Record::MapRunSums { count, .. } => in_runs += count as u64,
             Record::MapRun { .. } => panic!("a checkpoint's run carries its crcs"),
             _ => {}
         }
     }
     assert!(in_runs >= 128, "{in_runs} blocks in runs");
-    assert_eq!(crcs.len() as u64, in_runs);
+    // The runs' crcs and the single blocks' (since version 6) tile the stream.
+    assert_eq!(crcs.len() as u64, sums_tiled(&checkpoint));
     // The crcs are those of the blocks: "more"'s block 0 is 4096 bytes of 4.
     assert!(crcs.contains(&crc32fast::hash(&[4u8; 4096])));
+}
+
+/// Version 5 (single blocks' crcs in map records), made by main at ebb2928 from the version-4
+/// fixture by its `migrate` (a version-5 checkpoint: runs as tag 10, single blocks as tag 4
+/// data entries, app's changed block among them) and an import of a scattered image ("scat",
+/// 16 single blocks) in its log. Besides the version 2 test's checks: `migrate` wrote a
+/// checkpoint whose single data blocks are map singles records with their crcs in checksum
+/// pages (app's block and scat's 16, and no data entry left in a map record), at positions
+/// after the runs', each record's consecutive.
+#[test]
+fn a_version_5_pool_is_migrated_and_its_singles_crcs_moved_to_checksum_pages() {
+    use thinlayer::format::record::{MapTarget, Record, RecordReader};
+    let layers = ["base", "work", "app", "runs", "more", "scat"];
+    let p = an_older_pool_is_refused_by_name_until_migrated(5, &layers);
+    let (checkpoint, crcs) = newest_checkpoint(&p);
+    let mut r = RecordReader::new(&checkpoint, "checkpoint");
+    let (mut in_runs, mut singles) = (0, vec![]);
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::MapRunSums { count, .. } => in_runs += count as u64,
+            Record::MapSinglesSums {
+                sums_at, entries, ..
+            } => singles.push((sums_at, entries.len() as u64)),
+            Record::Map { entries, .. } => assert!(
+                entries
+                    .iter()
+                    .all(|e| !matches!(e.target, MapTarget::Data { .. })),
+                "a data entry carries its crc: {entries:?}"
+            ),
+            _ => {}
+        }
+    }
+    let n_singles: u64 = singles.iter().map(|s| s.1).sum();
+    assert!(n_singles >= 17, "{singles:?}");
+    assert_eq!(crcs.len() as u64, in_runs + n_singles);
+    assert_eq!(crcs.len() as u64, sums_tiled(&checkpoint));
+    // The crcs are those of the blocks: scat's block 4 is 4096 bytes of 52.
+    assert!(crcs.contains(&crc32fast::hash(&[52u8; 4096])));
+    assert!(crcs.contains(&crc32fast::hash(&[0xabu8; 4096])));
 }
 
 #[test]

@@ -458,7 +458,8 @@ fn damaged_checkpoint_page_is_corrupt_naming_its_offset() {
 /// The pages are read on demand, with the data (the maps keep positions, not crcs): the pool
 /// opens, a read of a block whose crc is in the page is `Error::Corrupt` (EIO) naming the
 /// checksum page, its pool block and offset, never data checked against a wrong crc; blocks
-/// whose crcs are elsewhere (inline map entries) still read; `check` reports the page.
+/// whose crcs are elsewhere (log entries since the checkpoint, resident) still read; `check`
+/// reports the page.
 #[test]
 fn damaged_checksum_page_is_corrupt_naming_its_offset() {
     let f = fixture();
@@ -480,10 +481,10 @@ fn damaged_checksum_page_is_corrupt_naming_its_offset() {
         )),
         "{m}"
     );
-    // "top"'s own block 5 is a single entry, its crc inline: it reads.
-    s.read_layer(id(&s, "top"), 5 * BS, &mut buf).unwrap();
+    // "top"'s block 9 was last written after the checkpoint: its crc is in the log, resident.
+    s.read_layer(id(&s, "top"), 9 * BS, &mut buf).unwrap();
     let want = &f.layers.iter().find(|l| l.0 == "top").unwrap().1;
-    assert_eq!(&buf[..], &want[(5 * BS) as usize..(6 * BS) as usize]);
+    assert_eq!(&buf[..], &want[(9 * BS) as usize..(10 * BS) as usize]);
     drop(s);
     assert_fault(
         &check(&path, false),
@@ -501,6 +502,78 @@ fn damaged_checksum_page_is_corrupt_naming_its_offset() {
     let e = s.read_layer(id(&s, "base"), 0, &mut buf).unwrap_err();
     let m = e.to_string();
     assert!(m.contains("checksum page 0") && m.contains("page 1"), "{m}");
+}
+
+/// Scattered single blocks keep their crcs in the checkpoint's checksum pages too (map
+/// singles, FORMAT.md §6.3.3): a damaged page fails the reads of exactly the blocks whose crcs
+/// it holds (EIO naming the page), every other block reads back, and `check` reports it.
+#[test]
+fn damaged_checksum_page_of_singles_fails_exactly_the_blocks_it_covers() {
+    const N: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("singles.pool");
+    let s = Store::create(&path, &CreateOptions::default(), "corruption test").unwrap();
+    let size = 2 * N * BS;
+    let mut content = vec![0u8; size as usize];
+    s.create_layer("s", None, Some(size)).unwrap();
+    // One block in two: no two are contiguous in the layer and the pool, so all are singles.
+    for i in 0..N {
+        write_block(&s, &mut content, "s", 7, 2 * i);
+    }
+    s.flush().unwrap();
+    s.checkpoint().unwrap();
+    drop(s);
+    let per_page = thinlayer::format::page::SUMS_PER_PAGE as u64;
+    let (bytes, _) = checkpoint_bytes(&path);
+    let mut r = RecordReader::new(&bytes, "checkpoint");
+    let mut page_of = std::collections::BTreeMap::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::MapSinglesSums {
+                sums_at, entries, ..
+            } => page_of.extend(
+                entries
+                    .iter()
+                    .zip(sums_at..)
+                    .map(|(e, at)| (e.0 .0, at / per_page)),
+            ),
+            Record::MapRunSums { .. } => panic!("a run among the singles"),
+            _ => {}
+        }
+    }
+    assert_eq!(page_of.len() as u64, N);
+    let pages = checksum_pages(&path);
+    assert_eq!(pages.len(), 3);
+    let offset = pages[1] * PAGE_SIZE as u64;
+    flip(&path, offset + header::LEN as u64 + 100);
+    let s = Store::open_read_only(&path).unwrap();
+    let l = id(&s, "s");
+    let mut buf = vec![0u8; BS as usize];
+    let mut failed = 0;
+    for (&vb, &page) in &page_of {
+        match s.read_layer(l, vb * BS, &mut buf) {
+            Ok(()) => {
+                assert_ne!(page, 1, "block {vb} read past its damaged crc page");
+                assert!(buf == content[(vb * BS) as usize..((vb + 1) * BS) as usize]);
+            }
+            Err(e) => {
+                assert_eq!(page, 1, "block {vb}: {e}");
+                assert_eq!(e.errno(), libc::EIO, "{e}");
+                let m = e.to_string();
+                assert!(
+                    m.contains("checksum page 1") && m.contains(&format!("byte offset {offset}")),
+                    "{m}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, per_page);
+    drop(s);
+    assert_fault(
+        &check(&path, false),
+        &["checksum page 1", &format!("byte offset {offset}")],
+    );
 }
 
 /// The older slot (the checkpoint's) finds the log by reading forward from its start, and

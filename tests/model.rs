@@ -63,27 +63,30 @@ fn run(bs: u32, threshold: Option<u64>, ops: &[Op]) -> Arc<MemStorage> {
     storage
 }
 
-/// Map runs (FORMAT.md §6.3.1, §6.3.2) in the newest state's checkpoint and log, and the
-/// checkpoint's checksum pages (§5.6).
-fn map_runs(storage: &MemStorage) -> (usize, u64) {
-    use thinlayer::format::record::{RecordReader, TAG_MAP_RUN, TAG_MAP_RUN_SUMS};
+/// Map runs (FORMAT.md §6.3.1, §6.3.2) in the newest state's checkpoint and log, the
+/// checkpoint's checksum pages (§5.6) and its map singles records (§6.3.3).
+fn map_runs(storage: &MemStorage) -> (usize, u64, usize) {
+    use thinlayer::format::record::{
+        RecordReader, TAG_MAP_RUN, TAG_MAP_RUN_SUMS, TAG_MAP_SINGLES_SUMS,
+    };
     let (slots, _) = thinlayer::pool::meta::read_superblocks(storage).unwrap();
     let rec = thinlayer::pool::meta::load(storage, &slots[0]).unwrap();
-    let mut runs = 0;
+    let (mut runs, mut singles) = (0, 0);
     for bytes in [&rec.checkpoint, &rec.log] {
         let mut r = RecordReader::new(bytes, "test");
         while r.peek_tag().is_some() {
             let tag = r.peek_tag();
             runs += (tag == Some(TAG_MAP_RUN) || tag == Some(TAG_MAP_RUN_SUMS)) as usize;
+            singles += (tag == Some(TAG_MAP_SINGLES_SUMS)) as usize;
             r.next_record().unwrap();
         }
     }
-    (runs, rec.sums_pages.len() as u64)
+    (runs, rec.sums_pages.len() as u64, singles)
 }
 
-/// The workload writes map runs, and checkpoints whose runs keep their crcs in checksum
-/// pages, so `store_matches_model`'s reopens replay both against the model: most multi-block
-/// writes into fresh blocks are runs.
+/// The workload writes map runs, and checkpoints whose runs and single blocks keep their crcs
+/// in checksum pages, so `store_matches_model`'s reopens replay them against the model: most
+/// multi-block writes into fresh blocks are runs.
 #[test]
 fn the_workload_writes_map_runs_and_checksum_pages() {
     use proptest::strategy::ValueTree;
@@ -95,7 +98,7 @@ fn the_workload_writes_map_runs_and_checksum_pages() {
         prop::collection::vec(op(true), 1..60),
     );
     let cases = 40;
-    let found: Vec<(usize, u64)> = (0..cases)
+    let found: Vec<(usize, u64, usize)> = (0..cases)
         .map(|_| {
             let (bs, threshold, ops) = strat.new_tree(&mut runner).unwrap().current();
             map_runs(&run(bs, threshold, &ops))
@@ -110,6 +113,11 @@ fn the_workload_writes_map_runs_and_checksum_pages() {
     assert!(
         with_sums >= cases / 20,
         "{with_sums} of {cases} cases end on a checkpoint with checksum pages"
+    );
+    let with_singles = found.iter().filter(|f| f.2 > 0).count();
+    assert!(
+        with_singles >= cases / 20,
+        "{with_singles} of {cases} cases end on a checkpoint with map singles"
     );
 }
 

@@ -10,7 +10,9 @@ this command. migrate takes the pool's lock (stop the server first), converts on
 time, loads the result, and only then writes the two superblocks: power lost at any point\n\
 leaves a pool that this version or the old one opens. Then it rewrites the catalogue as a\n\
 checkpoint in the new version's records (from version 3: map runs, 4 bytes a block of an\n\
-imported image instead of 20). A pool already current is left alone.\n\
+imported image instead of 20; from version 5: single blocks' crcs in checksum pages, so a\n\
+served pool keeps about 7 bytes a scattered block in memory instead of 13). A pool already\n\
+current is left alone.\n\
 Layers, names and data are kept; docs/FORMAT.md §11 lists the versions.")]
 pub struct Args {
     /// The pool file (default: --pool, $THINLAYER_POOL, or the default pool).

@@ -85,11 +85,12 @@ pub struct Args {
     /// Without any, the snapshotter dials no registry and containerd downloads every layer.
     #[arg(long, value_name = "HOST[:PORT]")]
     lazy_registry: Vec<String>,
-    /// Memory for the crcs of the maps' paged runs: a checkpoint keeps each run's crcs in
-    /// checksum pages on disk (4 bytes a block), and reads verify data against them, so the
-    /// pages read are cached, up to SIZE (K, M, G suffixes). It bounds that cache only, not
-    /// the maps themselves (about 0.1 byte a block for an imported image, 12 bytes for a
-    /// scattered block) nor blocks written since the last checkpoint (4 bytes a block). The
+    /// Memory for the crcs of the maps' paged blocks: a checkpoint keeps the crcs of its runs
+    /// and single blocks in checksum pages on disk (4 bytes a block), and reads verify data
+    /// against them, so the pages read are cached, up to SIZE (K, M, G suffixes). It bounds
+    /// that cache only, not the maps themselves (about 0.1 byte a block for an imported image,
+    /// about 7 bytes for a scattered block) nor blocks written since the last checkpoint
+    /// (crcs resident, 4 bytes a block). The
     /// default holds the crcs of 16M blocks (64 GiB of 4 KiB data); a miss costs a 4 KiB read
     /// beside the data's. `thinlayer status` shows its size and hit rate.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::units::parse_size)]

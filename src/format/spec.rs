@@ -121,6 +121,13 @@ fn record_fields_are_the_spec_tables() {
     check_structure("#### 6.3.1 ", 0, map_run::ROWS, map_run::LEN);
     check_structure("#### 6.3.2 ", 0, checksum_pages::ROWS, checksum_pages::LEN);
     check_structure("#### 6.3.2 ", 1, map_run_sums::ROWS, map_run_sums::LEN);
+    check_structure(
+        "#### 6.3.3 ",
+        0,
+        map_singles_sums::ROWS,
+        map_singles_sums::LEN,
+    );
+    check_structure("#### 6.3.3 ", 1, map_single::ROWS, map_single::LEN);
     check_structure("### 6.4 ", 0, layer_counters::ROWS, layer_counters::LEN);
     check_structure("### 6.5 ", 0, layer_attr::ROWS, layer_attr::LEN);
     check_structure("### 6.6 ", 0, layer_rename::ROWS, layer_rename::LEN);

@@ -7,13 +7,14 @@ use super::field::layout;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"THINLAYR";
-/// 5: a checkpoint's map runs keep their crcs in checksum pages (FORMAT.md §5.6), named by a
+/// 6: a checkpoint's single data blocks keep their crcs in checksum pages too (map singles,
+/// FORMAT.md §6.3.3). 5: a checkpoint's map runs keep their crcs in checksum pages (FORMAT.md §5.6), named by a
 /// record at the checkpoint's start. 4: map runs (FORMAT.md §6.3.1), one record for a run of blocks contiguous in the layer and
 /// in the pool. 3: a layer record's mode may be 3, remote (FORMAT.md §6.1). 2: log pages carry their
 /// commit's number and an end-of-commit flag, and the log runs past what the superblock names
 /// (one-sync commits). Version 1 pools are refused by name; versions from `MIGRATES_FROM` up
 /// are refused by name too and converted by `thinlayer migrate` (FORMAT.md §11).
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The oldest version `thinlayer migrate` converts to `VERSION`.
 pub const MIGRATES_FROM: u32 = 2;
 
@@ -224,13 +225,13 @@ mod tests {
 
     /// The bytes this superblock encoded to before the field table existed (captured from the
     /// encoder with literal offsets), with version 2's `log.commit` in what was reserved and
-    /// version 5's number: the table must not move a byte.
+    /// version 6's number: the table must not move a byte.
     #[test]
     fn encodes_to_the_golden_bytes() {
         // Rows: crc magic version, generation block_size flags, max_blocks, checkpoint, log,
         // log_next pool_id created_secs, reserved.
         let golden = crate::format::unhex(concat!(
-            "00000000 5448494e4c415952 05000000 ",
+            "00000000 5448494e4c415952 06000000 ",
             "2a00000000000000 00000100 00000000 ",
             "e803000000000000 ",
             "0300000000000000 0900000000000000 2800000000000000 ",
@@ -255,7 +256,7 @@ mod tests {
             log_commit: 0,
         };
         let golden = crate::format::unhex(concat!(
-            "00000000 5448494e4c415952 05000000 ",
+            "00000000 5448494e4c415952 06000000 ",
             "feffffffffffffff 00100000 00000000 ",
             "0000000000000000 ",
             "0000000000000000 0000000000000000 0000000000000000 ",

@@ -2,12 +2,13 @@
 //! replaying records (checkpoint, then log) and serialises itself back into a checkpoint.
 
 use super::chain::{self, ChainCache, Resolver};
-use super::map::{BlockMap, Mapping, PagedRun};
+use super::map::{BlockMap, Mapping, PagedRun, PagedSingle};
 use super::node::Layer;
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{attr_problem, LayerCreate, MapEntry, MapTarget, Record, RecordWriter};
 use crate::format::{LayerId, PBlock, VBlock};
+use crate::pool::sums::PagedSingles;
 use std::collections::{BTreeMap, HashMap};
 
 /// Map entries a log replay sorts at a time (`Catalog::replay_log`): 40 MiB of them with their
@@ -310,9 +311,11 @@ impl Catalog {
             }
             // The loader reads the checksum pages and resolves the runs that name them
             // (`Record::resolve`) before applying; met here, they stand where they cannot.
-            Record::ChecksumPages(_) | Record::MapRunSums { .. } => {
+            Record::ChecksumPages(_)
+            | Record::MapRunSums { .. }
+            | Record::MapSinglesSums { .. } => {
                 return Err(Error::Corrupt(
-                    "a checksum record (FORMAT.md §6.3.2) in the log, or in a checkpoint past its checksum pages".into(),
+                    "a checksum record (FORMAT.md §6.3.2, §6.3.3) in the log, or in a checkpoint past its checksum pages".into(),
                 ))
             }
             Record::LayerCounters {
@@ -413,10 +416,11 @@ impl Catalog {
         flush(self, &mut batch, of)
     }
 
-    /// Apply one record of a checkpoint: as `apply`, but a map run naming its crcs in the
-    /// checkpoint's checksum stream (`capacity` positions) keeps that position in the map
-    /// instead of the crcs (`BlockMap::set_run_paged`); `resolve(position, n)` reads crcs for
-    /// what cannot be paged.
+    /// Apply one record of a checkpoint: as `apply`, but a map run or map singles naming
+    /// their crcs in the checkpoint's checksum stream (`capacity` positions) keep those
+    /// positions in the map instead of the crcs (`BlockMap::set_run_paged`,
+    /// `BlockMap::set_singles_paged`); `resolve(position, n)` reads crcs for what cannot be
+    /// paged.
     pub fn apply_checkpoint(
         &mut self,
         rec: Record,
@@ -425,6 +429,11 @@ impl Catalog {
     ) -> Result<()> {
         let (layer, run) = match PagedRun::of(rec) {
             Ok(r) => r,
+            Err(Record::MapSinglesSums {
+                layer,
+                sums_at,
+                entries,
+            }) => return self.apply_singles(layer, sums_at, &entries, capacity, resolve),
             Err(rec) => return self.apply(rec),
         };
         let (vblock, pblock, sums_at) = (VBlock(run.vblock), PBlock(run.pblock), run.sums_at);
@@ -447,13 +456,45 @@ impl Catalog {
         l.map.set_run_paged(vblock, pblock, n, sums_at, resolve)
     }
 
-    /// The checkpoint whose paged runs are `runs` (sorted by layer and block) is the pool's
-    /// now: every map keeps their positions in its checksum stream instead of crcs
+    /// A checkpoint's map singles record (FORMAT.md §6.3.3): the decoder checked the
+    /// entries' order and sentinels; here their pool blocks and crc positions are checked
+    /// against the map's and the stream's bounds.
+    fn apply_singles(
+        &mut self,
+        layer: LayerId,
+        sums_at: u64,
+        entries: &[(VBlock, PBlock)],
+        capacity: u64,
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>>,
+    ) -> Result<()> {
+        let end = sums_at.saturating_add(entries.len() as u64);
+        if end > capacity {
+            return Err(Error::Corrupt(format!(
+                "checkpoint: map singles of layer {layer} from virtual block {} name crcs {sums_at}..{end} of a checksum stream of at most {capacity}",
+                entries[0].0 .0
+            )));
+        }
+        if let Some(&(v, p)) = entries.iter().find(|e| e.1 .0 > super::map::MAX_PBLOCK) {
+            return Err(Error::Corrupt(format!(
+                "layer {layer}: {v} maps to impossible {p}"
+            )));
+        }
+        if !self.must(layer)?.writable {
+            self.cache.clear();
+        }
+        let l = self.must(layer)?;
+        l.map.set_singles_paged(entries, sums_at, resolve)
+    }
+
+    /// The checkpoint whose paged runs are `runs` (sorted by layer and block) and paged
+    /// singles `singles` (its map singles records, sorted by layer and position) is the
+    /// pool's now: every map keeps their positions in its checksum stream instead of crcs
     /// (`BlockMap::rebase`); `resolve` reads the old stream's crcs for what is not paged any
     /// more. The merged chunks name old positions: dropped.
     pub fn rebase(
         &mut self,
         runs: &[(LayerId, PagedRun)],
+        singles: &[PagedSingles],
         resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>>,
     ) -> Result<()> {
         self.cache.clear();
@@ -461,7 +502,22 @@ impl Catalog {
             let from = runs.partition_point(|r| r.0 < l.id);
             let to = runs.partition_point(|r| r.0 <= l.id);
             let mine: Vec<PagedRun> = runs[from..to].iter().map(|r| r.1).collect();
-            l.map.rebase(&mine, resolve)?;
+            let from = singles.partition_point(|r| r.layer < l.id);
+            let to = singles.partition_point(|r| r.layer <= l.id);
+            let my_singles: Vec<PagedSingle> = singles[from..to]
+                .iter()
+                .flat_map(|r| {
+                    r.entries
+                        .iter()
+                        .zip(r.sums_at..)
+                        .map(|(e, at)| PagedSingle {
+                            vblock: e.0 .0,
+                            pblock: e.1 .0,
+                            sums_at: at,
+                        })
+                })
+                .collect();
+            l.map.rebase(&mine, &my_singles, resolve)?;
         }
         Ok(())
     }

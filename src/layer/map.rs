@@ -18,12 +18,16 @@
 
 use crate::format::record::MapTarget;
 use crate::format::{PBlock, VBlock};
+use crate::layer::singles::Singles;
 pub use crate::pool::sums::PagedRun;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 pub const CHUNK_BITS: u32 = 10;
 pub const CHUNK_LEN: u64 = 1 << CHUNK_BITS;
+// A chunk lies within one group of the checkpoint writer's singles, so its singles' crcs are
+// at consecutive positions and page as one array (`set_singles_paged`).
+const _: () = assert!(CHUNK_BITS <= crate::format::record::SINGLES_GROUP_BITS);
 /// Pool block numbers are stored in 48 bits; this value marks a zero (whiteout) entry.
 const ZERO_MARK: u64 = (1 << 48) - 1;
 pub const MAX_PBLOCK: u64 = ZERO_MARK - 1;
@@ -332,6 +336,9 @@ pub struct BlockMap {
     crcs: ChunkTable<Crcs>,
     /// Base position in the checksum stream of the chunks with paged runs.
     paged: ChunkTable<u64>,
+    /// The chunks' paged singles (`layer::singles`). A chunk with a live one is in `chunks`,
+    /// maybe with no extents; no block is live both there and in the extents.
+    singles: ChunkTable<Singles>,
     data_blocks: u64,
     zero_blocks: u64,
 }
@@ -342,6 +349,23 @@ const PAGED_SPAN: u64 = 1 << 16;
 /// Split a virtual block number into (chunk, key within the chunk).
 pub fn split(vb: VBlock) -> (u64, u16) {
     (vb.0 >> CHUNK_BITS, (vb.0 & (CHUNK_LEN - 1)) as u16)
+}
+
+/// A single data block of the checkpoint just written whose crc sits at `sums_at` of its
+/// checksum stream: what `BlockMap::rebase` pages singles by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PagedSingle {
+    pub vblock: u64,
+    pub pblock: u64,
+    pub sums_at: u64,
+}
+
+/// A paged single's mapping.
+fn single((p, at): (u64, u64)) -> Mapping {
+    Mapping::Data {
+        pblock: PBlock(p),
+        crc: CrcRef::Paged(at),
+    }
 }
 
 /// Index of the extent that would hold key `k`: the last one starting at or before it.
@@ -379,14 +403,24 @@ impl BlockMap {
     pub fn get(&self, vb: VBlock) -> Option<Mapping> {
         let (c, k) = split(vb);
         let exts = self.chunks.get(&c)?;
-        let e = exts[find(exts, k)?];
-        if k >= e.end() {
-            return None;
-        }
+        let Some(e) = find(exts, k).map(|i| exts[i]).filter(|e| k < e.end()) else {
+            return self.singles.get(&c)?.get(k).map(single);
+        };
         // Only the tables the extent needs are looked in.
         let crcs = if e.has_crcs() { self.crcs_of(c) } else { &[] };
         let base = if e.is_paged() { self.base_of(c) } else { 0 };
         Some(e.at(k - e.start(), crcs, base))
+    }
+
+    /// Mark the paged single at key `k` of chunk `c` dead; what it mapped to, if live. The
+    /// array stays (its positions must not shift) until the chunk holds nothing live.
+    fn kill_single(&mut self, c: u64, k: u16) -> Option<Mapping> {
+        self.singles.get_mut(&c)?.kill(k).map(single)
+    }
+
+    /// Whether chunk `c` has a live paged single.
+    fn has_singles(&self, c: u64) -> bool {
+        self.singles.get(&c).is_some_and(|s| !s.is_dead())
     }
 
     fn count(&mut self, m: Option<Mapping>, delta: i64) {
@@ -404,6 +438,7 @@ impl BlockMap {
     pub fn set(&mut self, vb: VBlock, m: Mapping) -> Option<Mapping> {
         let (c, k) = split(vb);
         let base = self.base_of(c);
+        let killed = self.kill_single(c, k);
         let exts = self.chunks.entry(c).or_default();
         let old = Chunk {
             c,
@@ -411,7 +446,8 @@ impl BlockMap {
             crcs: &mut self.crcs,
             base,
         }
-        .put(k, Some(m));
+        .put(k, Some(m))
+        .or(killed);
         self.count(old, -1);
         self.count(Some(m), 1);
         old
@@ -458,6 +494,7 @@ impl BlockMap {
             };
             let (c, k) = split(vb);
             let base = self.base_of(c);
+            let mut singles = self.singles.get_mut(&c);
             let mut chunk = Chunk {
                 c,
                 exts: self.chunks.entry(c).or_default(),
@@ -472,7 +509,8 @@ impl BlockMap {
             };
             let mut next = Some((k, m));
             while let Some((k, m)) = next {
-                tally(chunk.put_last(k, m), -1);
+                let killed = singles.as_mut().and_then(|s| s.kill(k)).map(single);
+                tally(chunk.put_last(k, m).or(killed), -1);
                 tally(Some(m), 1);
                 next = match it.peek() {
                     Some(&(v, Some(m))) if split(v).0 == c => {
@@ -512,20 +550,176 @@ impl BlockMap {
             let free = i.is_none_or(|i| exts[i].end() <= k)
                 && exts
                     .get(i.map_or(0, |i| i + 1))
-                    .is_none_or(|e| e.start() as u64 >= k as u64 + len);
+                    .is_none_or(|e| e.start() as u64 >= k as u64 + len)
+                && self
+                    .singles
+                    .get(&c)
+                    .is_none_or(|s| s.range(k, (k as u64 + len) as u16).next().is_none());
             if free && at >= base && at - base + len < PAGED_SPAN {
                 let e = Ext::paged(k, p, len as u16, (at - base) as usize);
                 exts.insert(i.map_or(0, |i| i + 1), e);
                 self.paged.insert(c, base);
                 self.data_blocks += len;
             } else {
-                if exts.is_empty() {
+                if exts.is_empty() && !self.singles.contains_key(&c) {
                     self.chunks.remove(&c);
                 }
                 let crcs = resolve(at, len as usize)?;
                 self.set_run(VBlock(v), PBlock(p), &crcs);
             }
             done += len;
+        }
+        Ok(())
+    }
+
+    /// Map the single data blocks `entries` (sorted by block) whose crcs are at positions
+    /// `sums_at ..` of the checkpoint's checksum stream in that order (a checkpoint's map
+    /// singles, replayed at open). A chunk's share becomes its paged singles when the chunk has
+    /// none yet and none of those blocks is mapped; any other share (which the checkpoint
+    /// writer never makes) takes its crcs from `resolve(position, n)` and goes in resident.
+    pub fn set_singles_paged<E>(
+        &mut self,
+        entries: &[(VBlock, PBlock)],
+        sums_at: u64,
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
+    ) -> Result<(), E> {
+        let mut i = 0;
+        while i < entries.len() {
+            let c = split(entries[i].0).0;
+            let n = entries[i..]
+                .iter()
+                .take_while(|e| split(e.0).0 == c)
+                .count();
+            let piece = &entries[i..i + n];
+            let at = sums_at + i as u64;
+            let keys: Vec<(u16, u64)> = piece.iter().map(|e| (split(e.0).1, e.1 .0)).collect();
+            let fits = keys.windows(2).all(|w| w[0].0 < w[1].0)
+                && !self.singles.contains_key(&c)
+                && piece.iter().all(|e| self.get(e.0).is_none());
+            match fits.then(|| Singles::build(&keys, at)).flatten() {
+                Some(s) => {
+                    self.chunks.entry(c).or_default();
+                    self.singles.insert(c, s);
+                    self.data_blocks += n as u64;
+                }
+                None => {
+                    let crcs = resolve(at, n)?;
+                    for (e, crc) in piece.iter().zip(crcs) {
+                        self.set(e.0, Mapping::data(e.1, crc));
+                    }
+                }
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// Re-page the singles after a checkpoint whose single data blocks are `singles` (sorted
+    /// by block): per chunk, the checkpoint's singles (when their positions follow each other
+    /// and `Singles::build` can hold them) become the chunk's new array, live where the map
+    /// still maps the block to that pool block, dead elsewhere, and leave the extents; an old
+    /// paged single the new array does not hold live goes resident, its crc from `resolve`
+    /// (the old checksum stream). Counters do not change: no mapping does.
+    fn repage_singles<E>(
+        &mut self,
+        singles: &[PagedSingle],
+        resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
+    ) -> Result<(), E> {
+        let mut groups: HashMap<u64, &[PagedSingle]> = HashMap::new();
+        let mut i = 0;
+        while i < singles.len() {
+            let c = singles[i].vblock >> CHUNK_BITS;
+            let n = singles[i..]
+                .iter()
+                .take_while(|s| s.vblock >> CHUNK_BITS == c)
+                .count();
+            groups.insert(c, &singles[i..i + n]);
+            i += n;
+        }
+        let mut cs: Vec<u64> = self.singles.keys().copied().collect();
+        cs.extend(
+            groups
+                .keys()
+                .copied()
+                .filter(|c| !self.singles.contains_key(c)),
+        );
+        for c in cs {
+            let g = groups.get(&c).copied().unwrap_or(&[]);
+            let consecutive = g
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.sums_at == g[0].sums_at + i as u64);
+            let keys: Vec<(u16, u64)> = g
+                .iter()
+                .map(|s| (split(VBlock(s.vblock)).1, s.pblock))
+                .collect();
+            let mut new = (consecutive && !g.is_empty())
+                .then(|| Singles::build(&keys, g[0].sums_at))
+                .flatten();
+            // What stays live: the map still maps the block to that pool block.
+            let keep: Vec<bool> = g
+                .iter()
+                .map(|s| matches!(self.get(VBlock(s.vblock)), Some(Mapping::Data { pblock, .. }) if pblock.0 == s.pblock))
+                .collect();
+            let held = |k: u16| {
+                new.is_some()
+                    && keys
+                        .binary_search_by_key(&k, |x| x.0)
+                        .is_ok_and(|i| keep[i])
+            };
+            let old: Vec<(u16, u64, u64)> = self
+                .singles
+                .get(&c)
+                .map_or(Vec::new(), |s| s.iter().filter(|x| !held(x.0)).collect());
+            let mut crcs = Vec::with_capacity(old.len());
+            for &(_, _, at) in &old {
+                crcs.push(resolve(at, 1)?[0]);
+            }
+            // Only now that every crc is read: a failure leaves the map as it was.
+            self.singles.remove(&c);
+            let base = self.base_of(c);
+            let mut chunk = Chunk {
+                c,
+                exts: self.chunks.entry(c).or_default(),
+                crcs: &mut self.crcs,
+                base,
+            };
+            for (&(k, p, _), crc) in old.iter().zip(crcs) {
+                chunk.put(k, Some(Mapping::data(PBlock(p), crc)));
+            }
+            if let Some(s) = &mut new {
+                // The live ones leave the extents: single extents in one pass (removing them
+                // one by one would be quadratic in a chunk's extents, under the write lock),
+                // the rare one inside a run (extended after the encode) through `put`.
+                let mut moved = [0u64; (CHUNK_LEN / 64) as usize];
+                for (&(k, _), &live) in keys.iter().zip(&keep) {
+                    if live {
+                        moved[k as usize / 64] |= 1 << (k % 64);
+                    } else {
+                        s.kill(k);
+                    }
+                }
+                let gone = |k: u16| moved[k as usize / 64] & 1 << (k % 64) != 0;
+                chunk.exts.retain(|e| e.is_run() || !gone(e.start()));
+                for (&(k, _), &live) in keys.iter().zip(&keep) {
+                    if live && find(chunk.exts, k).is_some_and(|i| k < chunk.exts[i].end()) {
+                        chunk.put(k, None);
+                    }
+                }
+            }
+            chunk.exts.shrink_to_fit();
+            let empty = chunk.exts.is_empty();
+            match new.filter(|s| !s.is_dead()) {
+                Some(s) => {
+                    self.singles.insert(c, s);
+                }
+                None if empty => {
+                    self.chunks.remove(&c);
+                    self.crcs.remove(&c);
+                    self.paged.remove(&c);
+                }
+                None => {}
+            }
         }
         Ok(())
     }
@@ -541,8 +735,10 @@ impl BlockMap {
     pub fn rebase<E>(
         &mut self,
         runs: &[PagedRun],
+        singles: &[PagedSingle],
         resolve: &mut dyn FnMut(u64, usize) -> Result<Vec<u32>, E>,
     ) -> Result<(), E> {
+        self.repage_singles(singles, resolve)?;
         let planned = |v: u64, p: u64, len: u64| -> Option<u64> {
             let i = runs.partition_point(|r| r.vblock <= v).checked_sub(1)?;
             let r = runs[i];
@@ -601,18 +797,23 @@ impl BlockMap {
     pub fn remove(&mut self, vb: VBlock) -> Option<Mapping> {
         let (c, k) = split(vb);
         let base = self.base_of(c);
+        let killed = self.kill_single(c, k);
         let exts = self.chunks.get_mut(&c)?;
-        let mut chunk = Chunk {
-            c,
-            exts,
-            crcs: &mut self.crcs,
-            base,
+        let old = match killed {
+            Some(m) => Some(m),
+            None => Chunk {
+                c,
+                exts,
+                crcs: &mut self.crcs,
+                base,
+            }
+            .put(k, None),
         };
-        let old = chunk.put(k, None);
-        if chunk.exts.is_empty() {
+        if self.chunks[&c].is_empty() && !self.has_singles(c) {
             self.chunks.remove(&c);
             self.crcs.remove(&c);
             self.paged.remove(&c);
+            self.singles.remove(&c);
         }
         self.count(old, -1);
         old
@@ -863,11 +1064,27 @@ impl BlockMap {
     ) -> impl Iterator<Item = (VBlock, Mapping)> + 'a {
         let crcs = self.crcs_of(c);
         let base = self.base_of(c);
-        exts.iter().flat_map(move |e| {
-            (0..e.len()).map(move |off| {
-                let vb = VBlock((c << CHUNK_BITS) | (e.start() + off) as u64);
-                (vb, e.at(off, crcs, base))
+        let mut ext = exts
+            .iter()
+            .flat_map(move |e| {
+                (0..e.len()).map(move |off| (e.start() + off, e.at(off, crcs, base)))
             })
+            .peekable();
+        let mut singles = self
+            .singles
+            .get(&c)
+            .into_iter()
+            .flat_map(|s| s.iter())
+            .map(|(k, p, at)| (k, single((p, at))))
+            .peekable();
+        // Two sorted lists with no key in both: merge them.
+        std::iter::from_fn(move || {
+            let next = match (ext.peek(), singles.peek()) {
+                (Some(a), Some(b)) if b.0 < a.0 => singles.next(),
+                (Some(_), _) => ext.next(),
+                (None, _) => singles.next(),
+            }?;
+            Some((VBlock((c << CHUNK_BITS) | next.0 as u64), next.1))
         })
     }
 
@@ -914,6 +1131,12 @@ impl BlockMap {
             + self.chunks.capacity() * (std::mem::size_of::<(u64, Vec<Ext>)>() + 1)
             + self.crcs.capacity() * (std::mem::size_of::<(u64, Crcs)>() + 1)
             + self.paged.capacity() * (std::mem::size_of::<(u64, u64)>() + 1)
+            + self
+                .singles
+                .values()
+                .map(Singles::heap_bytes)
+                .sum::<usize>()
+            + self.singles.capacity() * (std::mem::size_of::<(u64, Singles)>() + 1)
     }
 }
 
@@ -957,7 +1180,13 @@ mod tests {
     /// crcs inside the vector, `dead` exactly the unnamed crcs, no empty chunk.
     fn check_shape(m: &BlockMap) {
         for (c, exts) in &m.chunks {
-            assert!(!exts.is_empty(), "chunk {c} empty");
+            assert!(!exts.is_empty() || m.has_singles(*c), "chunk {c} empty");
+            if let Some(s) = m.singles.get(c) {
+                for (k, _, _) in s.iter() {
+                    let i = find(exts, k);
+                    assert!(i.is_none_or(|i| exts[i].end() <= k), "chunk {c}: {k} twice");
+                }
+            }
             for w in exts.windows(2) {
                 assert!(w[0].end() <= w[1].start(), "chunk {c}: {w:?} overlap");
             }
@@ -980,6 +1209,7 @@ mod tests {
         }
         assert!(m.crcs.keys().all(|c| m.chunks.contains_key(c)));
         assert!(m.paged.keys().all(|c| m.chunks.contains_key(c)));
+        assert!(m.singles.keys().all(|c| m.chunks.contains_key(c)));
     }
 
     #[test]
@@ -1001,6 +1231,90 @@ mod tests {
         check_shape(&m);
     }
 
+    /// Scattered blocks (1 in 16, as tools/bench-scale writes them) as a checkpoint's paged
+    /// singles against the same blocks as single extents with their crcs.
+    #[test]
+    fn paged_singles_cost_under_eight_bytes_per_block() {
+        let n = 1u64 << 18;
+        // A fixed permutation of pool blocks, so a chunk's pool blocks are far apart.
+        let entries: Vec<(VBlock, PBlock)> = (0..n)
+            .map(|i| (VBlock(i * 16), PBlock(1000 + (i * 0x9E37_79B9) % (n * 16))))
+            .collect();
+        let mut paged = BlockMap::new();
+        let mut never = |_: u64, _: usize| -> Result<Vec<u32>, ()> { panic!("resolved") };
+        paged.set_singles_paged(&entries, 0, &mut never).unwrap();
+        let mut resident = BlockMap::new();
+        resident.put_all(entries.iter().map(|&(v, p)| (v, Some(Mapping::data(p, 7)))));
+        let per = |m: &BlockMap| m.heap_bytes() as f64 / n as f64;
+        assert!(per(&paged) < 8.0, "paged {} bytes per block", per(&paged));
+        assert!(
+            per(&resident) > 11.0,
+            "resident {} bytes per block",
+            per(&resident)
+        );
+        assert_eq!(paged.data_blocks(), n);
+        assert_eq!(
+            paged.get(VBlock(16 * 5)),
+            Some(Mapping::Data {
+                pblock: entries[5].1,
+                crc: CrcRef::Paged(5),
+            })
+        );
+        check_shape(&paged);
+        eprintln!(
+            "heap per block: paged singles {:.2}, resident singles {:.2}",
+            per(&paged),
+            per(&resident)
+        );
+    }
+
+    /// A checkpoint re-pages resident scattered blocks as paged singles, and a block changed
+    /// since it was encoded stays as changed.
+    #[test]
+    fn a_checkpoint_pages_resident_singles() {
+        let n = 1u64 << 14;
+        let mut m = BlockMap::new();
+        for i in 0..n {
+            m.set(
+                VBlock(i * 16),
+                Mapping::data(PBlock(1000 + (i * 7919) % n), i as u32),
+            );
+        }
+        let before = m.heap_bytes() as f64 / n as f64;
+        let (runs, singles, sums) = write_checkpoint(&m, &[]);
+        assert!(runs.is_empty());
+        assert_eq!(singles.len() as u64, n);
+        m.set(VBlock(16 * 3), Mapping::data(PBlock(99), 5));
+        m.remove(VBlock(16 * 4));
+        let mut never = |_: u64, _: usize| -> Result<Vec<u32>, ()> { panic!("resolved") };
+        m.rebase(&runs, &singles, &mut never).unwrap();
+        check_shape(&m);
+        let after = m.heap_bytes() as f64 / n as f64;
+        let mut fresh = BlockMap::new();
+        let e: Vec<_> = singles
+            .iter()
+            .map(|s| (VBlock(s.vblock), PBlock(s.pblock)))
+            .collect();
+        fresh.set_singles_paged(&e, 0, &mut never).unwrap();
+        let fresh = fresh.heap_bytes() as f64 / n as f64;
+        eprintln!("{before} -> {after} bytes per block, {fresh} loaded at open; chunks {} cap {}, singles cap {}", m.chunks.len(), m.chunks.capacity(), m.singles.capacity());
+        assert!(
+            after < 8.0 && before > 11.0,
+            "{before} -> {after} bytes per block"
+        );
+        assert_eq!(m.get(VBlock(16 * 3)), Some(Mapping::data(PBlock(99), 5)));
+        assert_eq!(m.get(VBlock(16 * 4)), None);
+        let Some(Mapping::Data {
+            crc: CrcRef::Paged(at),
+            ..
+        }) = m.get(VBlock(16 * 5))
+        else {
+            panic!("not paged");
+        };
+        assert_eq!(sums[at as usize], 5);
+        assert_eq!(m.data_blocks(), n - 1);
+    }
+
     /// The crc a map's ref stands for, against the checksum stream `stream`.
     fn resolved(m: Option<Mapping>, stream: &[u32]) -> Option<(Option<u64>, u32)> {
         m.map(|m| match m {
@@ -1018,13 +1332,22 @@ mod tests {
 
     /// What a checkpoint writer does with `m`: entries in `iter` order, consecutive contiguous
     /// data blocks making runs (of two or more) whose crcs go to a new stream.
-    fn write_checkpoint(m: &BlockMap, stream: &[u32]) -> (Vec<PagedRun>, Vec<u32>) {
+    /// Single data blocks go out as paged singles, each chunk's after its runs, consecutive.
+    fn write_checkpoint(
+        m: &BlockMap,
+        stream: &[u32],
+    ) -> (Vec<PagedRun>, Vec<PagedSingle>, Vec<u32>) {
         let mut runs: Vec<PagedRun> = Vec::new();
+        let mut singles: Vec<PagedSingle> = Vec::new();
         let mut sums = Vec::new();
         let mut open: Option<(u64, u64, Vec<u32>)> = None;
-        let close =
-            |o: Option<(u64, u64, Vec<u32>)>, runs: &mut Vec<PagedRun>, sums: &mut Vec<u32>| {
-                if let Some((v, p, crcs)) = o.filter(|o| o.2.len() >= 2) {
+        let mut chunk_singles: Vec<(u64, u64, u32)> = Vec::new();
+        let close = |o: Option<(u64, u64, Vec<u32>)>,
+                     runs: &mut Vec<PagedRun>,
+                     sums: &mut Vec<u32>,
+                     one: &mut Vec<(u64, u64, u32)>| {
+            match o {
+                Some((v, p, crcs)) if crcs.len() >= 2 => {
                     runs.push(PagedRun {
                         vblock: v,
                         pblock: p,
@@ -1033,10 +1356,31 @@ mod tests {
                     });
                     sums.extend(crcs);
                 }
-            };
+                Some((v, p, crcs)) => one.push((v, p, crcs[0])),
+                None => {}
+            }
+        };
+        let flush = |one: &mut Vec<(u64, u64, u32)>,
+                     singles: &mut Vec<PagedSingle>,
+                     sums: &mut Vec<u32>| {
+            for (v, p, crc) in one.drain(..) {
+                singles.push(PagedSingle {
+                    vblock: v,
+                    pblock: p,
+                    sums_at: sums.len() as u64,
+                });
+                sums.push(crc);
+            }
+        };
+        let mut chunk = None;
         for (vb, x) in m.iter() {
+            if chunk != Some(split(vb).0) {
+                close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
+                flush(&mut chunk_singles, &mut singles, &mut sums);
+                chunk = Some(split(vb).0);
+            }
             let Some((Some(p), crc)) = resolved(Some(x), stream) else {
-                close(open.take(), &mut runs, &mut sums);
+                close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
                 continue;
             };
             match &mut open {
@@ -1046,14 +1390,16 @@ mod tests {
                     crcs.push(crc)
                 }
                 _ => {
-                    close(open.take(), &mut runs, &mut sums);
+                    close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
                     open = Some((vb.0, p, vec![crc]));
                 }
             }
         }
-        close(open.take(), &mut runs, &mut sums);
+        close(open.take(), &mut runs, &mut sums, &mut chunk_singles);
+        flush(&mut chunk_singles, &mut singles, &mut sums);
         runs.sort();
-        (runs, sums)
+        singles.sort();
+        (runs, singles, sums)
     }
 
     #[test]
@@ -1107,6 +1453,15 @@ mod tests {
             p: u64,
             crc: u32,
         },
+        /// `len` blocks `step` apart from `vb`, pool blocks 3 apart from `p`, through
+        /// `set_singles_paged`, their crcs appended to the checksum stream.
+        Singles {
+            vb: u64,
+            len: u64,
+            step: u64,
+            p: u64,
+            crc: u32,
+        },
         /// `Data` through `set_run_paged`, its crcs appended to the checksum stream.
         Paged {
             vb: u64,
@@ -1133,8 +1488,11 @@ mod tests {
             2 => (vb.clone(), len.clone(), 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
                 Op::Run { vb, len, p: 100 + vb + p * 10_000, crc }
             }),
-            2 => (vb, len, 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
+            2 => (vb.clone(), len.clone(), 0u64..4, any::<u32>()).prop_map(|(vb, len, p, crc)| {
                 Op::Paged { vb, len, p: 100 + vb + p * 10_000, crc }
+            }),
+            2 => (vb, 1u64..300, 1u64..6, 0u64..4, any::<u32>()).prop_map(|(vb, len, step, p, crc)| {
+                Op::Singles { vb, len, step, p: 100 + vb + p * 10_000, crc }
             }),
         ]
     }
@@ -1161,8 +1519,18 @@ mod tests {
         };
     }
 
-    /// The representation itself: every chunk's extents, crc vector and paged base.
-    type Shape = BTreeMap<u64, (Vec<(u16, u16, u32, u32)>, Vec<u32>, usize, Option<u64>)>;
+    /// The representation itself: every chunk's extents, crc vector, paged base and live
+    /// paged singles.
+    type Shape = BTreeMap<
+        u64,
+        (
+            Vec<(u16, u16, u32, u32)>,
+            Vec<u32>,
+            usize,
+            Option<u64>,
+            Vec<(u16, u64, u64)>,
+        ),
+    >;
     fn shape(m: &BlockMap) -> Shape {
         m.chunks
             .iter()
@@ -1172,7 +1540,8 @@ mod tests {
                     .crcs
                     .get(&c)
                     .map_or((Vec::new(), 0), |x| (x.v.clone(), x.dead));
-                (c, (exts, crcs.0, crcs.1, m.paged.get(&c).copied()))
+                let singles = m.singles.get(&c).map_or(Vec::new(), |s| s.iter().collect());
+                (c, (exts, crcs.0, crcs.1, m.paged.get(&c).copied(), singles))
             })
             .collect()
     }
@@ -1241,8 +1610,29 @@ mod tests {
                     model.insert(vb + j, (Some(p + j), stream[(at + j) as usize]));
                 }
             }
+            Op::Singles {
+                vb,
+                len,
+                step,
+                p,
+                crc,
+            } => {
+                let at = stream.len() as u64;
+                let entries: Vec<(VBlock, PBlock)> = (0..len)
+                    .map(|j| (VBlock(vb + j * step), PBlock(p + 3 * j)))
+                    .collect();
+                stream.extend((0..len).map(|j| crc ^ j as u32 ^ 0xa5a5));
+                let s = stream.clone();
+                let mut resolve = |at: u64, n: usize| -> Result<Vec<u32>, ()> {
+                    Ok(s[at as usize..at as usize + n].to_vec())
+                };
+                m.set_singles_paged(&entries, at, &mut resolve).unwrap();
+                for (j, (v, p)) in (0..).zip(entries) {
+                    model.insert(v.0, (Some(p.0), stream[(at + j) as usize]));
+                }
+            }
             Op::Checkpoint { changes } => {
-                let (runs, sums) = write_checkpoint(m, stream);
+                let (runs, singles, sums) = write_checkpoint(m, stream);
                 // The commit sealed the transaction: what comes before the checkpoint is
                 // adopted writes to new pool blocks, never in place into one it names.
                 static SEALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -1267,6 +1657,19 @@ mod tests {
                             p: p + fresh,
                             crc,
                         },
+                        Op::Singles {
+                            vb,
+                            len,
+                            step,
+                            p,
+                            crc,
+                        } => Op::Singles {
+                            vb,
+                            len,
+                            step,
+                            p: p + fresh,
+                            crc,
+                        },
                         c => c,
                     };
                     apply(m, model, stream, c)?;
@@ -1275,7 +1678,7 @@ mod tests {
                 let mut resolve = |at: u64, n: usize| -> Result<Vec<u32>, ()> {
                     Ok(old[at as usize..at as usize + n].to_vec())
                 };
-                m.rebase(&runs, &mut resolve).unwrap();
+                m.rebase(&runs, &singles, &mut resolve).unwrap();
                 *stream = sums;
             }
         }
@@ -1294,8 +1697,15 @@ mod tests {
             before in proptest::collection::vec(entry(), 0..300),
             entries in proptest::collection::vec(entry(), 1..600),
             sorted in any::<bool>(),
+            paged in proptest::collection::btree_set(0u64..3 * CHUNK_LEN, 0..200),
         ) {
             let (mut bulk, mut one) = (BlockMap::new(), BlockMap::new());
+            // A checkpoint's paged singles first, as at open.
+            let paged: Vec<(VBlock, PBlock)> =
+                paged.iter().map(|&v| (VBlock(v), PBlock(50_000 + 3 * v))).collect();
+            let mut never = |_: u64, _: usize| -> Result<Vec<u32>, ()> { Err(()) };
+            bulk.set_singles_paged(&paged, 7, &mut never).unwrap();
+            one.set_singles_paged(&paged, 7, &mut never).unwrap();
             for &(vb, to) in &before {
                 put_one(&mut bulk, vb, to);
                 put_one(&mut one, vb, to);

@@ -4,6 +4,7 @@ pub mod chain;
 pub mod map;
 pub mod name;
 pub mod node;
+pub mod singles;
 
 pub use catalog::{Catalog, Change};
 pub use chain::{Resolved, Resolver};

@@ -10,10 +10,10 @@
 use super::alloc::{Allocator, Sealed};
 use super::meta::{MetaStreams, Staged};
 use super::storage::Storage;
-use super::sums::PagedRun;
+use super::sums::{PagedRun, PagedSingles};
 use crate::error::{Error, Result};
 use crate::format::page::PAYLOAD_MAX;
-use crate::format::record::{RecordReader, RecordWriter};
+use crate::format::record::{Record, RecordReader, RecordWriter};
 use crate::format::{first_data_block, LayerId, PBlock, PAGE_SIZE};
 
 /// Checkpoint when the log has grown past this many pages and past the checkpoint's own size.
@@ -70,6 +70,9 @@ pub struct Commit {
     /// For a checkpoint, its map runs that keep their crcs in its checksum pages: what the
     /// maps page by once it is installed (`Commit::paged_runs`).
     paged: Option<Vec<(LayerId, PagedRun)>>,
+    /// For a checkpoint, its map singles records (crcs in its checksum pages), sorted by
+    /// layer and position.
+    paged_singles: Vec<PagedSingles>,
 }
 
 impl Commit {
@@ -92,6 +95,13 @@ impl Commit {
     /// (`BlockMap::rebase`), before `Pool::finish` frees the old checkpoint's pages.
     pub fn paged_runs(&self) -> Option<&[(LayerId, PagedRun)]> {
         self.paged.as_deref()
+    }
+
+    /// For a checkpoint commit, its single data blocks whose crcs are in its checksum pages,
+    /// as its map singles records (sorted by layer and position): paged by the maps with its
+    /// runs (`BlockMap::rebase`).
+    pub fn paged_singles(&self) -> &[PagedSingles] {
+        &self.paged_singles
     }
 }
 
@@ -189,12 +199,17 @@ impl Pool {
             announce(at)
         };
         let mut paged = None;
+        let mut paged_singles = Vec::new();
         if want_checkpoint {
             let mut w = RecordWriter::for_checkpoint();
             // Nothing is written yet: a crc that cannot be read (a damaged checksum page of
             // the old checkpoint) fails the commit and leaves the pool as it was.
             checkpoint(&mut w)?;
-            paged = Some(paged_runs(&w.buf)?);
+            // Whole records only: the singles it held back are written too.
+            w.cut();
+            let (runs, singles) = paged_records(&w.buf)?;
+            paged = Some(runs);
+            paged_singles = singles;
             staged =
                 self.meta
                     .stage_checkpoint(storage, &mut self.alloc, &w.buf, w.sums(), &mut tell);
@@ -202,6 +217,7 @@ impl Pool {
                 self.checkpoint_due = false;
             } else {
                 paged = None;
+                paged_singles = Vec::new();
             }
         }
         // Without room for a whole checkpoint, appending to the log still works (and a
@@ -232,6 +248,7 @@ impl Pool {
                     staged,
                     sealed,
                     paged,
+                    paged_singles,
                 }))
             }
             Ok(None) => Err(Error::NoSpace(format!(
@@ -412,16 +429,30 @@ fn punch_runs(storage: &dyn Storage, sorted: &[PBlock], bs: u64) {
     }
 }
 
-/// The map runs of checkpoint records `records` that name their crcs in its checksum stream,
-/// sorted by layer and block.
-fn paged_runs(records: &[u8]) -> Result<Vec<(LayerId, PagedRun)>> {
-    let mut out = Vec::new();
+/// The map runs and map singles of checkpoint records `records` that name their crcs in its
+/// checksum stream, sorted by layer and block (runs) and by layer and position (singles).
+type PagedRecords = (Vec<(LayerId, PagedRun)>, Vec<PagedSingles>);
+fn paged_records(records: &[u8]) -> Result<PagedRecords> {
+    let (mut runs, mut singles) = (Vec::new(), Vec::new());
     let mut r = RecordReader::new(records, "checkpoint");
     while let Some(rec) = r.next_record()? {
-        out.extend(PagedRun::of(rec).ok());
+        match PagedRun::of(rec) {
+            Ok(run) => runs.push(run),
+            Err(Record::MapSinglesSums {
+                layer,
+                sums_at,
+                entries,
+            }) => singles.push(PagedSingles {
+                layer,
+                sums_at,
+                entries,
+            }),
+            Err(_) => {}
+        }
     }
-    out.sort_unstable();
-    Ok(out)
+    runs.sort_unstable();
+    singles.sort_unstable_by_key(|s| (s.layer, s.sums_at));
+    Ok((runs, singles))
 }
 
 #[cfg(test)]

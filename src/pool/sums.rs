@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::format::checksum::Kind;
 use crate::format::page::{self, SUMS_PER_PAGE};
 use crate::format::record::Record;
-use crate::format::{LayerId, PAGE_SIZE};
+use crate::format::{LayerId, PBlock, VBlock, PAGE_SIZE};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,16 @@ impl PagedRun {
             rec => Err(rec),
         }
     }
+}
+
+/// A map singles record of the checkpoint just written (FORMAT.md §6.3.3): its layer, the
+/// position of its first crc in the checksum stream, its entries (sorted by block, entry `i`'s
+/// crc at `sums_at + i`): what `BlockMap::rebase` pages singles by.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PagedSingles {
+    pub layer: LayerId,
+    pub sums_at: u64,
+    pub entries: Vec<(VBlock, PBlock)>,
 }
 
 /// The checksum stream of the checkpoint in use.

@@ -459,7 +459,9 @@ impl Inner {
                     "the crash journal holds a checkpoint's counters record (layer {layer})"
                 )))
             }
-            Record::ChecksumPages(_) | Record::MapRunSums { .. } => {
+            Record::ChecksumPages(_)
+            | Record::MapRunSums { .. }
+            | Record::MapSinglesSums { .. } => {
                 return Err(Error::Corrupt(
                     "the crash journal holds a checkpoint's checksum record".into(),
                 ))

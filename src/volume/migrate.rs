@@ -8,7 +8,7 @@
 //! current (this version opens by it and heals the other) and the older slot is the old
 //! version's (the old binary opens by it: the same state). After both, the converted pool is
 //! opened like any other and given a checkpoint, so its maps are written with the current
-//! version's records (map runs, their crcs in checksum pages): an ordinary checkpoint commit,
+//! version's records (map runs and map singles, their crcs in checksum pages): an ordinary checkpoint commit,
 //! with its own crash story.
 
 use super::store::{load_generation, Store};
@@ -45,6 +45,11 @@ const STEPS: &[Step] = &[
     Step {
         from: 4,
         what: "a checkpoint's map runs may keep their crcs in checksum pages; a version-4 pool's records stay valid, so the version changes, then a checkpoint moves the crcs of its runs into checksum pages",
+        run: |_, sb| Ok(sb),
+    },
+    Step {
+        from: 5,
+        what: "a checkpoint's single data blocks may keep their crcs in checksum pages (map singles); a version-5 pool's records stay valid, so the version changes, then a checkpoint moves the crcs of its single blocks into checksum pages",
         run: |_, sb| Ok(sb),
     },
 ];
