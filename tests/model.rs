@@ -72,7 +72,8 @@ fn map_runs(storage: &MemStorage) -> (usize, u64, usize) {
     let (slots, _) = thinlayer::pool::meta::read_superblocks(storage).unwrap();
     let rec = thinlayer::pool::meta::load(storage, &slots[0]).unwrap();
     let (mut runs, mut singles) = (0, 0);
-    for bytes in [&rec.checkpoint, &rec.log] {
+    let checkpoint = thinlayer::pool::meta::checkpoint_bytes(storage, &slots[0]).unwrap();
+    for bytes in [&checkpoint, &rec.log] {
         let mut r = RecordReader::new(bytes, "test");
         while r.peek_tag().is_some() {
             let tag = r.peek_tag();

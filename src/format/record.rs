@@ -171,6 +171,17 @@ pub const MAP_ENTRY_LEN: usize = map_entry::LEN;
 pub const MAP_RECORD_MAX: u32 = 1 << 16;
 /// Bytes of one block's crc in a map run.
 const RUN_CRC_LEN: usize = 4;
+/// The longest record there is (a map record of `MAP_RECORD_MAX` entries): a reader that holds
+/// this many bytes from a record's start, or the rest of the stream, holds the whole record
+/// (`pool::records` decodes a checkpoint through a window of this size or more).
+pub const RECORD_MAX_LEN: usize = map::LEN + MAP_RECORD_MAX as usize * MAP_ENTRY_LEN;
+const _: () = assert!(map_run::LEN + MAP_RECORD_MAX as usize * RUN_CRC_LEN <= RECORD_MAX_LEN);
+const _: () = assert!(checksum_pages::LEN + MAP_RECORD_MAX as usize * 8 <= RECORD_MAX_LEN);
+const _: () =
+    assert!(map_singles_sums::LEN + MAP_RECORD_MAX as usize * map_single::LEN <= RECORD_MAX_LEN);
+const _: () = assert!(layer_attr::LEN + u8::MAX as usize + MAX_ATTR_VALUE_LEN <= RECORD_MAX_LEN);
+const _: () = assert!(layer_create::LEN + MAX_NAME_LEN <= RECORD_MAX_LEN);
+const _: () = assert!(layer_rename::LEN + MAX_NAME_LEN <= RECORD_MAX_LEN);
 /// The pblock field of a map entry: 0 = unmapped in this layer, all ones = zero (whiteout).
 const PBLOCK_UNMAPPED: u64 = 0;
 const PBLOCK_ZERO: u64 = u64::MAX;
@@ -782,6 +793,8 @@ fn following(v: u64, p: u64, n: u64) -> Option<(u64, u64)> {
 pub struct RecordReader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Where `buf` starts in the stream (a window of it), for the positions faults name.
+    base: u64,
     stream: &'a str,
 }
 
@@ -790,6 +803,7 @@ impl<'a> RecordReader<'a> {
         RecordReader {
             buf,
             pos: 0,
+            base: 0,
             stream,
         }
     }
@@ -799,11 +813,22 @@ impl<'a> RecordReader<'a> {
         RecordReader {
             buf,
             pos: pos.min(buf.len()),
+            base: 0,
             stream,
         }
     }
 
+    /// A reader of `buf`, a window of the stream starting at stream byte `base`, from byte
+    /// `pos` of the window: faults name stream positions.
+    pub fn in_window(buf: &'a [u8], pos: usize, base: u64, stream: &'a str) -> Self {
+        RecordReader {
+            base,
+            ..RecordReader::at(buf, pos, stream)
+        }
+    }
+
     fn bad(&self, at: usize, m: impl std::fmt::Display) -> Error {
+        let at = self.base + at as u64;
         Error::Corrupt(format!("{} stream, byte {at}: {m}", self.stream))
     }
 

@@ -5,12 +5,13 @@
 //! generation to the next are `commit.rs`'s; this file writes and reads what they name.
 
 use super::alloc::Allocator;
+use super::records::{StreamPages, StreamRecords};
 use super::storage::Storage;
 use super::sums::{SumPages, DEFAULT_BUDGET};
 use crate::error::{Error, Result};
 use crate::format::checksum::Kind;
 use crate::format::page::{self, PageHeader, PAYLOAD_MAX};
-use crate::format::record::{Record, RecordReader, RecordWriter, TAG_CHECKSUM_PAGES};
+use crate::format::record::{Record, RecordWriter, TAG_CHECKSUM_PAGES};
 use crate::format::superblock::{StreamRef, Superblock};
 use crate::format::{first_data_block, PBlock, PAGE_SIZE, SUPERBLOCK_OFFSETS};
 
@@ -34,18 +35,22 @@ pub struct MetaStreams {
 }
 
 /// What a superblock's streams hold, read and verified.
-pub struct Recovered {
+pub struct Recovered<'a> {
     /// The superblock with the log tail's commits counted in (`log.pages`, `log_next`,
     /// `log_commit`).
     pub sb: Superblock,
-    pub checkpoint: Vec<u8>,
-    /// Where the checkpoint's records start past its checksum pages records.
-    pub records_at: usize,
+    /// The checkpoint's records past its checksum pages records, read and verified page by
+    /// page as they are replayed (`replay_checkpoint`).
+    pub checkpoint: StreamRecords<'a>,
     /// The page numbers of the checkpoint's checksum stream: its map runs' crcs (FORMAT.md
     /// §5.6), read on demand (`SumPages`), each page verified before use.
     pub sums_pages: Vec<u64>,
+    /// Those pages, read through their cache (the replay of the checkpoint reads the crcs
+    /// of runs the maps cannot keep as positions).
+    pub sums: std::sync::Arc<SumPages>,
     pub log: Vec<u8>,
-    /// The checkpoint's blocks, its checksum pages' included.
+    /// The checkpoint's blocks, its checksum pages' included (its own pages' once
+    /// `replay_checkpoint` has read them).
     pub ckpt_blocks: Vec<PBlock>,
     pub log_blocks: Vec<PBlock>,
     /// Log pages the superblock itself names.
@@ -53,6 +58,21 @@ pub struct Recovered {
     /// The last tail commit, left out because a data block it maps does not hold what its
     /// map entry's crc says: its data never all reached the disk (§5.5).
     pub dropped_commit: Option<u64>,
+}
+
+impl Recovered<'_> {
+    /// Hands each of the checkpoint's records (past its checksum pages records) to `apply`,
+    /// reading and verifying its pages as it goes; then its pages' blocks join `ckpt_blocks`.
+    /// Damage is `Error::Corrupt` naming the page or the record's position in the stream.
+    pub fn replay_checkpoint(&mut self, mut apply: impl FnMut(Record) -> Result<()>) -> Result<()> {
+        while let Some(record) = self.checkpoint.next_record()? {
+            apply(record)?;
+        }
+        let mut blocks = self.checkpoint.take_blocks();
+        blocks.append(&mut self.ckpt_blocks);
+        self.ckpt_blocks = blocks;
+        Ok(())
+    }
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -97,56 +117,6 @@ fn read_slots(storage: &dyn Storage) -> Result<[[u8; PAGE_SIZE]; 2]> {
     Ok(slots)
 }
 
-/// Reads a stream's pages, several at a time while they follow each other in the file (a
-/// checkpoint's mostly do: it is written in runs of blocks): the read doubles with each page
-/// that follows the last one read, up to `READ_AHEAD` pages, and starts again at one page after
-/// a jump. Opening a 10M-block pool read its 200 MB checkpoint in 50K reads of one page.
-/// Through the page cache, not `read_bulk_at`'s O_DIRECT: a direct read waits for the disk each
-/// time, where the kernel's readahead keeps reading while the pages are verified; the direct
-/// variant opened no faster (docs/BENCHMARKS.md, "Open time").
-struct PageReader<'a> {
-    storage: &'a dyn Storage,
-    buf: Vec<u8>,
-    /// Where the aligned part of `buf` starts.
-    at: usize,
-    /// The pages in the buffer: `first..first + len`.
-    first: u64,
-    len: u64,
-}
-
-/// Most pages `PageReader` reads at once (256 KiB).
-const READ_AHEAD: u64 = 64;
-
-impl<'a> PageReader<'a> {
-    fn new(storage: &'a dyn Storage) -> Self {
-        use super::storage::DIRECT_ALIGN;
-        let buf = vec![0u8; READ_AHEAD as usize * PAGE_SIZE + DIRECT_ALIGN];
-        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        PageReader {
-            storage,
-            buf,
-            at,
-            first: 0,
-            len: 0,
-        }
-    }
-
-    /// Page `page_no`, of which the stream has `left` pages still to read (this one included):
-    /// nothing past those is read ahead.
-    fn page(&mut self, page_no: u64, left: u64) -> std::io::Result<&[u8; PAGE_SIZE]> {
-        if !(self.first..self.first + self.len).contains(&page_no) {
-            let follows = self.len > 0 && page_no == self.first + self.len;
-            let n = if follows { self.len * 2 } else { 1 };
-            let n = n.min(READ_AHEAD).min(left.max(1));
-            let buf = &mut self.buf[self.at..self.at + n as usize * PAGE_SIZE];
-            self.storage.read_at(buf, page_no * PAGE_SIZE as u64)?;
-            (self.first, self.len) = (page_no, n);
-        }
-        let i = self.at + (page_no - self.first) as usize * PAGE_SIZE;
-        Ok(self.buf[i..i + PAGE_SIZE].try_into().expect("a page"))
-    }
-}
-
 /// Read and verify one stream; returns its bytes, its blocks, and the last page's `next`.
 fn read_stream(
     storage: &dyn Storage,
@@ -154,61 +124,37 @@ fn read_stream(
     r: &StreamRef,
     pages_per_block: u64,
 ) -> Result<(Vec<u8>, Vec<PBlock>, u64)> {
-    // Sized once (a checkpoint is hundreds of MB at 10M blocks: growing it copied it all
-    // over again), but never past what the file can hold: the count comes from disk.
+    // Sized once, but never past what the file can hold: the count comes from disk.
     let file_pages = storage.len().map_err(io_err("sizing pool"))? / PAGE_SIZE as u64;
     let mut bytes = Vec::with_capacity(r.pages.min(file_pages) as usize * PAYLOAD_MAX);
-    let mut blocks: Vec<PBlock> = Vec::new();
-    let mut page_no = r.head;
-    let mut next = 0;
-    let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
-    let mut pages = PageReader::new(storage);
-    for seq in 0..r.pages {
-        if page_no < first_page || page_no >= (1u64 << 52) {
-            return Err(Error::Corrupt(format!(
-                "{} stream {}: page {seq} points at impossible page number {page_no}",
-                kind_name(kind),
-                r.id
-            )));
-        }
-        let buf = pages
-            .page(page_no, r.pages - seq)
-            .map_err(io_err("reading metadata page"))?;
-        let h = page::decode(buf, page_no, kind, r.id, seq as u32)?;
-        bytes.extend_from_slice(page::payload(buf, &h));
-        let block = PBlock(page_no / pages_per_block);
-        if blocks.last() != Some(&block) {
-            blocks.push(block);
-        }
-        next = h.next;
-        page_no = h.next;
+    let mut pages = StreamPages::new(storage, kind, r, pages_per_block);
+    while let Some(p) = pages.next_payload()? {
+        bytes.extend_from_slice(p);
     }
-    Ok((bytes, blocks, next))
+    let next = if r.pages > 0 { pages.next_page() } else { 0 };
+    Ok((bytes, pages.take_blocks(), next))
 }
 
-fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::CheckpointPage => "checkpoint",
-        Kind::LogPage => "log",
-        Kind::ChecksumPage => "checksum",
-        Kind::Superblock => "superblock",
-    }
+/// The checkpoint stream's bytes whole, every page verified: for tools and tests that look
+/// at its records (an open replays them through `Recovered::replay_checkpoint` instead).
+pub fn checkpoint_bytes(storage: &dyn Storage, sb: &Superblock) -> Result<Vec<u8>> {
+    let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
+    Ok(read_stream(storage, Kind::CheckpointPage, &sb.checkpoint, ppb)?.0)
 }
 
-/// The checksum pages the checkpoint's leading checksum pages records name (FORMAT.md §5.6)
-/// and where its other records start. The pages are not read here: a run's crcs are read when
+/// The checksum pages the checkpoint's leading checksum pages records name (FORMAT.md §5.6),
+/// read off the front of its records. The pages are not read here: a run's crcs are read when
 /// its blocks are (`SumPages`, which verifies each page first), and `check` reads them all.
 /// Their blocks join `blocks`.
 fn sums_pages(
     sb: &Superblock,
-    checkpoint: &[u8],
+    checkpoint: &mut StreamRecords,
     ppb: u64,
     blocks: &mut Vec<PBlock>,
-) -> Result<(Vec<u64>, usize)> {
-    let mut r = RecordReader::new(checkpoint, "checkpoint");
+) -> Result<Vec<u64>> {
     let mut pages = Vec::new();
-    while r.peek_tag() == Some(TAG_CHECKSUM_PAGES) {
-        if let Some(Record::ChecksumPages(p)) = r.next_record()? {
+    while checkpoint.peek_tag()? == Some(TAG_CHECKSUM_PAGES) {
+        if let Some(Record::ChecksumPages(p)) = checkpoint.next_record()? {
             pages.extend(p);
         }
     }
@@ -225,18 +171,18 @@ fn sums_pages(
             blocks.push(block);
         }
     }
-    Ok((pages, r.position()))
+    Ok(pages)
 }
 
-/// Read the streams a superblock points to.
-pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
+/// Read the streams a superblock points to: the log and its tail whole, the checkpoint up to
+/// its checksum pages records (its other records are read as they are replayed:
+/// `Recovered::replay_checkpoint`).
+pub fn load<'a>(storage: &'a dyn Storage, sb: &Superblock) -> Result<Recovered<'a>> {
     let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
-    let (checkpoint, mut ckpt_blocks, _) = if sb.checkpoint.pages > 0 {
-        read_stream(storage, Kind::CheckpointPage, &sb.checkpoint, ppb)?
-    } else {
-        (Vec::new(), Vec::new(), 0)
-    };
-    let (sums_pages, records_at) = sums_pages(sb, &checkpoint, ppb, &mut ckpt_blocks)?;
+    let pages = StreamPages::new(storage, Kind::CheckpointPage, &sb.checkpoint, ppb);
+    let mut checkpoint = StreamRecords::new(pages);
+    let mut ckpt_blocks = Vec::new();
+    let sums_pages = sums_pages(sb, &mut checkpoint, ppb, &mut ckpt_blocks)?;
     let (log, mut log_blocks, last_next) = read_stream(storage, Kind::LogPage, &sb.log, ppb)?;
     let expect_next = if sb.log.pages > 0 {
         last_next
@@ -275,10 +221,11 @@ pub fn load(storage: &dyn Storage, sb: &Superblock) -> Result<Recovered> {
     if !log_blocks.contains(&next_block) {
         log_blocks.push(next_block);
     }
+    let sums = SumPages::new(sb.checkpoint.id, sums_pages.clone(), ppb, DEFAULT_BUDGET);
     Ok(Recovered {
         sb: full,
         checkpoint,
-        records_at,
+        sums: std::sync::Arc::new(sums),
         sums_pages,
         log,
         ckpt_blocks,
@@ -447,17 +394,11 @@ impl MetaStreams {
 
     pub fn from_recovered(r: &Recovered) -> MetaStreams {
         let ppb = r.sb.block_size as u64 / PAGE_SIZE as u64;
-        let sums = SumPages::new(
-            r.sb.checkpoint.id,
-            r.sums_pages.clone(),
-            ppb,
-            DEFAULT_BUDGET,
-        );
         MetaStreams {
             sb: r.sb.clone(),
             ckpt_blocks: r.ckpt_blocks.clone(),
             log_blocks: r.log_blocks.clone(),
-            sums: std::sync::Arc::new(sums),
+            sums: r.sums.clone(),
             pages_per_block: ppb,
             named_log_pages: r.named_log_pages,
             // Not + 1: a commit cut off by the crash may have used that number, and its pages
@@ -769,7 +710,7 @@ impl MetaStreams {
 /// Write the pages of one stream of a checkpoint: page `i` holds `chunks[i]` at page number
 /// `pages[i]` and chains to `pages[i + 1]` (0 after the last). Contiguous pages go out in one
 /// write.
-fn write_pages(
+pub(super) fn write_pages(
     storage: &dyn Storage,
     kind: Kind,
     id: u64,
@@ -991,34 +932,5 @@ mod tests {
         // The block not on disk (a hole): the commit's data is not all there.
         mem.punch_hole(20 * 4096, 4096).unwrap();
         assert!(!c.data_durable(&mem, 4096).unwrap());
-    }
-
-    proptest::proptest! {
-        /// Whatever pages a stream visits, in whatever order (runs that follow each other,
-        /// jumps back and forth, past the end of the file), the reader hands out the bytes a
-        /// read of that one page gives, and a read starts at the page asked for and never
-        /// goes past the pages the stream has left.
-        #[test]
-        fn page_reader_gives_each_page_as_read_alone(
-            visits in proptest::collection::vec((0u64..300, 1u64..80), 1..60)
-        ) {
-            let pages = 200usize;
-            let bytes: Vec<u8> = (0..pages * PAGE_SIZE).map(|i| (i * 31 / 7) as u8).collect();
-            let mem = MemStorage::from_bytes(bytes);
-            let mut r = PageReader::new(&mem);
-            for (start, n) in visits {
-                for (i, page_no) in (start..start + n).enumerate() {
-                    let left = n - i as u64;
-                    let mut want = [0u8; PAGE_SIZE];
-                    mem.read_at(&mut want, page_no * PAGE_SIZE as u64).unwrap();
-                    let before = (r.first, r.len);
-                    let got = r.page(page_no, left).unwrap();
-                    proptest::prop_assert!(got[..] == want[..], "page {}", page_no);
-                    if (r.first, r.len) != before {
-                        proptest::prop_assert!(r.first == page_no && r.len <= left);
-                    }
-                }
-            }
-        }
     }
 }

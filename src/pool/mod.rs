@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod commit;
 pub mod lock;
 pub mod meta;
+pub mod records;
 pub mod sim;
 pub mod storage;
 pub mod sums;

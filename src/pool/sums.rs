@@ -362,7 +362,6 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::page::PageHeader;
     use crate::pool::MemStorage;
 
     const ID: u64 = 9;
@@ -373,20 +372,7 @@ mod tests {
         let crcs: Vec<u8> = (0..n as u32).flat_map(|i| (i * 7).to_le_bytes()).collect();
         let chunks: Vec<&[u8]> = crcs.chunks(SUMS_PER_PAGE * 4).collect();
         let pages: Vec<u64> = (0..chunks.len() as u64).map(|i| FIRST + i).collect();
-        for (i, c) in chunks.iter().enumerate() {
-            let h = PageHeader {
-                kind: Kind::ChecksumPage,
-                stream_id: ID,
-                seq: i as u32,
-                payload_len: c.len() as u32,
-                next: pages.get(i + 1).copied().unwrap_or(0),
-                commit: 1,
-                flags: 0,
-            };
-            let mut b = [0u8; PAGE_SIZE];
-            page::encode(&h, c, &mut b);
-            mem.write_at(&b, pages[i] * PAGE_SIZE as u64).unwrap();
-        }
+        crate::pool::records::tests::put_pages(mem, Kind::ChecksumPage, ID, &chunks, &pages);
         pages
     }
 

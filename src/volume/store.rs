@@ -679,18 +679,15 @@ pub(super) fn load_generation(
     storage: &dyn Storage,
     sb: &crate::format::superblock::Superblock,
 ) -> Result<Inner> {
-    let rec = meta::load(storage, sb)?;
-    let meta = MetaStreams::from_recovered(&rec);
+    let mut rec = meta::load(storage, sb)?;
     let mut catalog = Catalog::new();
     // The checkpoint's runs keep their positions in its checksum pages (read past already),
     // not their crcs: the pages are read when the blocks are.
-    let sums = meta.sums().clone();
+    let sums = rec.sums.clone();
     let capacity = sums.capacity();
     let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
-    let mut r = RecordReader::at(&rec.checkpoint, rec.records_at, "checkpoint");
-    while let Some(record) = r.next_record()? {
-        catalog.apply_checkpoint(record, capacity, &mut resolve)?;
-    }
+    rec.replay_checkpoint(|record| catalog.apply_checkpoint(record, capacity, &mut resolve))?;
+    let meta = MetaStreams::from_recovered(&rec);
     let mut r = RecordReader::new(&rec.log, "log");
     catalog.replay_log(|| r.next_record())?;
     let bs = sb.block_size;

@@ -74,7 +74,7 @@ fn main() {
         let storage = MemStorage::from_bytes(img.clone());
         let (sbs, _) = meta::read_superblocks(&storage).unwrap();
         let rec = meta::load(&storage, &sbs[0]).unwrap();
-        let mut stream = rec.checkpoint.clone();
+        let mut stream = meta::checkpoint_bytes(&storage, &sbs[0]).unwrap();
         stream.extend_from_slice(&rec.log);
         put("record_stream", &format!("{name}-streams"), &stream);
     }
@@ -105,6 +105,29 @@ fn main() {
     let target = MapTarget::Zero;
     w.map(layer, MapEntry { vblock: VBlock(5), target });
     put("record_stream", "map-runs", &w.buf);
+    // A checkpoint's map singles (FORMAT.md §6.3.3): a layer and three scattered data blocks,
+    // two groups of 1024 blocks, their crcs in the checksum stream.
+    let mut w = RecordWriter::for_checkpoint();
+    w.layer_create(&LayerCreate {
+        id: layer,
+        parent: None,
+        disk_size: 1 << 20,
+        created_secs: 0,
+        created_nanos: 0,
+        writable: true,
+        incomplete: false,
+        remote: false,
+        name: "a".into(),
+    });
+    for i in [0u64, 2, 1030] {
+        let target = MapTarget::Data {
+            pblock: PBlock(200 + i),
+            crc: i as u32,
+        };
+        w.map(layer, MapEntry { vblock: VBlock(i), target });
+    }
+    w.cut();
+    put("record_stream", "map-singles", &w.buf);
 
     put("pool_open", "small", &[0]);
     put("pool_open", "big-blocks", &[1]);
