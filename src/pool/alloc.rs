@@ -5,6 +5,12 @@
 //! still referenced by the last committed metadata, so it is not handed out again until that
 //! transaction commits. Blocks allocated *in* the open transaction are referenced by nothing
 //! durable and may be freed, overwritten and reused at once.
+//!
+//! Which free block to hand out is a matter of what the next `fdatasync` costs the host
+//! filesystem: a free block whose space the file still holds (freed, not punched) is
+//! overwritten in place, while a hole (punched, or never written) or the file's growing end
+//! needs a new extent, whose inode and extent blocks that sync writes too (DESIGN §3, "Where
+//! new blocks go"). So written free blocks are handed out first.
 
 use crate::format::PBlock;
 use bitvec::prelude::*;
@@ -25,6 +31,11 @@ impl Sealed {
 
 pub struct Allocator {
     used: BitVec<u64, Lsb0>,
+    /// Free blocks whose space the file does not hold (punched, or never written as far as
+    /// this process knows: every free block of a loaded pool). Never set on a used block.
+    hole: BitVec<u64, Lsb0>,
+    /// Free blocks below the extent that are not holes: written space to reuse first.
+    written_free: u64,
     fresh: BitVec<u64, Lsb0>,
     fresh_list: Vec<u64>,
     pending_free: Vec<u64>,
@@ -44,6 +55,8 @@ impl Allocator {
     pub fn new(first: u64, max_blocks: u64) -> Self {
         Allocator {
             used: BitVec::repeat(false, first as usize),
+            hole: BitVec::repeat(false, first as usize),
+            written_free: 0,
             fresh: BitVec::repeat(false, first as usize),
             fresh_list: Vec::new(),
             pending_free: Vec::new(),
@@ -79,10 +92,46 @@ impl Allocator {
         self.fresh.get(p.0 as usize).is_some_and(|b| *b)
     }
 
+    /// Free blocks whose space the file still holds (see `hole`).
+    pub fn written_free(&self) -> u64 {
+        self.written_free
+    }
+
+    /// Whether a free block's space is known to be out of the file (punched or never written).
+    pub fn is_hole(&self, p: PBlock) -> bool {
+        self.hole.get(p.0 as usize).is_some_and(|b| *b)
+    }
+
+    /// Blocks past the extent join as holes: the file never held them as far as we know.
     fn grow_to(&mut self, len: u64) {
         if (self.used.len() as u64) < len {
             self.used.resize(len as usize, false);
+            self.hole.resize(len as usize, true);
             self.fresh.resize(len as usize, false);
+        }
+    }
+
+    /// Mark free block `i` used (it keeps no hole bit: a used block's space is the file's).
+    fn take(&mut self, i: usize) {
+        debug_assert!(!self.used[i]);
+        if self.hole[i] {
+            self.hole.set(i, false);
+        } else {
+            self.written_free -= 1;
+        }
+        self.used.set(i, true);
+        self.used_count += 1;
+    }
+
+    /// Mark used block `i` free; `hole`: its space is no longer in the file (punched).
+    fn give(&mut self, i: usize, hole: bool) {
+        debug_assert!(self.used[i] && !self.hole[i]);
+        self.used.set(i, false);
+        self.used_count -= 1;
+        if hole {
+            self.hole.set(i, true);
+        } else {
+            self.written_free += 1;
         }
     }
 
@@ -93,8 +142,7 @@ impl Allocator {
         if self.used[p.0 as usize] {
             return false;
         }
-        self.used.set(p.0 as usize, true);
-        self.used_count += 1;
+        self.take(p.0 as usize);
         true
     }
 
@@ -111,10 +159,9 @@ impl Allocator {
         if self.used[i] {
             return self.fresh[i];
         }
-        self.used.set(i, true);
+        self.take(i);
         self.fresh.set(i, true);
         self.fresh_list.push(p.0);
-        self.used_count += 1;
         true
     }
 
@@ -142,11 +189,10 @@ impl Allocator {
         }
         self.grow_to(start + n);
         for i in start..start + n {
-            self.used.set(i as usize, true);
+            self.take(i as usize);
             self.fresh.set(i as usize, true);
             self.fresh_list.push(i);
         }
-        self.used_count += n;
         self.cursor = start + n;
         Some((PBlock(start), n))
     }
@@ -160,7 +206,8 @@ impl Allocator {
         )
     }
 
-    /// Next-fit: from the cursor to the end, then from the start, else past the end.
+    /// Next-fit over the written free blocks first (from the cursor to the end, then from the
+    /// start), then the same over every free block (holes), else past the end.
     fn find_free(&self) -> u64 {
         let len = self.used.len() as u64;
         // Every block below the extent is used (a pool that only grows): don't scan the whole
@@ -169,6 +216,14 @@ impl Allocator {
             return len;
         }
         let cur = self.cursor.clamp(self.first, len);
+        if self.written_free > 0 {
+            let found = first_written_free(&self.used, &self.hole, cur, len)
+                .or_else(|| first_written_free(&self.used, &self.hole, self.first, cur));
+            debug_assert!(found.is_some(), "written_free counts a block that is not there");
+            if let Some(i) = found {
+                return i;
+            }
+        }
         if let Some(i) = self.used[cur as usize..].first_zero() {
             return cur + i as u64;
         }
@@ -184,8 +239,7 @@ impl Allocator {
         debug_assert!(self.used[i], "freeing free {p}");
         if self.fresh[i] {
             self.fresh.set(i, false);
-            self.used.set(i, false);
-            self.used_count -= 1;
+            self.give(i, false);
             self.to_punch.push(p.0);
             if p.0 < self.cursor {
                 self.cursor = p.0;
@@ -224,9 +278,7 @@ impl Allocator {
             mut punch,
         } = sealed;
         for &i in &frees {
-            debug_assert!(self.used[i as usize]);
-            self.used.set(i as usize, false);
-            self.used_count -= 1;
+            self.give(i as usize, false);
         }
         frees.append(&mut punch);
         // A punched fresh block may have been reused since; never punch a used one.
@@ -245,18 +297,16 @@ impl Allocator {
     pub fn reserve_for_punch(&mut self, blocks: &[PBlock]) {
         for b in blocks {
             debug_assert!(!self.used[b.0 as usize], "reserving used {b}");
-            self.used.set(b.0 as usize, true);
-            self.used_count += 1;
+            self.take(b.0 as usize);
         }
         self.punching.extend(blocks.iter().map(|b| b.0));
     }
 
-    /// The reserved blocks were punched: free again.
+    /// The reserved blocks were punched: free again, as holes (handed out only once no
+    /// written free block is left).
     pub fn punched(&mut self, blocks: &[PBlock]) {
         for b in blocks {
-            debug_assert!(self.used[b.0 as usize]);
-            self.used.set(b.0 as usize, false);
-            self.used_count -= 1;
+            self.give(b.0 as usize, true);
             self.cursor = self.cursor.min(b.0);
         }
         let done: std::collections::HashSet<u64> = blocks.iter().map(|b| b.0).collect();
@@ -303,6 +353,32 @@ impl Allocator {
     }
 }
 
+/// The first block in `from..to` that is neither used nor a hole, a word at a time.
+fn first_written_free(
+    used: &BitVec<u64, Lsb0>,
+    hole: &BitVec<u64, Lsb0>,
+    from: u64,
+    to: u64,
+) -> Option<u64> {
+    let (u, h) = (used.as_raw_slice(), hole.as_raw_slice());
+    let mut i = from as usize;
+    let to = to as usize;
+    while i < to {
+        let w = i / 64;
+        // Bits of word w below i (and at or past `to`) count as taken.
+        let mut taken = u[w] | h[w] | ((1u64 << (i % 64)) - 1);
+        let end = (w + 1) * 64;
+        if to < end {
+            taken |= !((1u64 << (to % 64)) - 1);
+        }
+        if taken != u64::MAX {
+            return Some((w * 64) as u64 + taken.trailing_ones() as u64);
+        }
+        i = end;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +407,90 @@ mod tests {
         a.free(PBlock(2));
         assert_eq!(a.alloc_run(1, 0).unwrap().0, PBlock(2));
         assert_eq!(a.free_under_cap(), Some(0));
+    }
+
+    /// A punched block is a hole in the file: writing it again allocates host space, and the
+    /// commit's sync then writes the file's inode and extent blocks too. A freed block the file
+    /// still holds goes first, even above the cursor's hole.
+    #[test]
+    fn a_written_free_block_is_handed_out_before_a_punched_one() {
+        let mut a = Allocator::new(2, 0);
+        a.alloc_run(600, 0).unwrap();
+        a.committed();
+        for b in 10..310 {
+            a.free(PBlock(b));
+        }
+        let holes: Vec<PBlock> = a.committed().into_iter().collect();
+        a.reserve_for_punch(&holes);
+        a.punched(&holes);
+        assert!(a.is_hole(PBlock(10)) && a.written_free() == 0);
+        a.free(PBlock(500));
+        a.committed();
+        assert_eq!(a.written_free(), 1);
+        assert_eq!(a.alloc_run(1, 0).unwrap(), (PBlock(500), 1));
+        // None written is left: the holes, lowest first, then the file's end.
+        assert_eq!(a.alloc_run(1, 0).unwrap(), (PBlock(10), 1));
+        assert_eq!(a.written_free(), 0);
+    }
+
+    /// The counts and the choice against a model: whatever happens, `written_free` is the
+    /// number of free, non-hole blocks below the extent, and one of them is handed out while
+    /// any is left.
+    #[test]
+    fn the_written_free_count_and_choice_follow_a_model() {
+        let mut rng = crate::pool::sim::SplitMix::new(7);
+        let mut a = Allocator::new(3, 0);
+        let mut used: Vec<u64> = Vec::new();
+        for step in 0..20000 {
+            match rng.below(10) {
+                0..=4 => {
+                    let span = if rng.coin() { 3 } else { 140 };
+                    let want = 1 + rng.below(span);
+                    let (p, n) = a.alloc_run(want, 0).unwrap();
+                    used.extend(p.0..p.0 + n);
+                }
+                5..=7 if !used.is_empty() => {
+                    let i = rng.below(used.len() as u64) as usize;
+                    a.free(PBlock(used.swap_remove(i)));
+                }
+                8 => {
+                    a.committed();
+                }
+                _ => {
+                    let freed = a.committed();
+                    let take = freed.len().min(rng.below(300) as usize);
+                    a.reserve_for_punch(&freed[..take]);
+                    a.punched(&freed[..take]);
+                }
+            }
+            let naive = (a.first..a.extent())
+                .filter(|&b| !a.is_used(PBlock(b)) && !a.is_hole(PBlock(b)))
+                .count() as u64;
+            assert_eq!(a.written_free(), naive, "step {step}");
+            if naive > 0 {
+                let c = {
+                    let mut probe = Allocator {
+                        used: a.used.clone(),
+                        hole: a.hole.clone(),
+                        written_free: a.written_free,
+                        fresh: a.fresh.clone(),
+                        fresh_list: Vec::new(),
+                        pending_free: Vec::new(),
+                        to_punch: Vec::new(),
+                        punching: Vec::new(),
+                        first: a.first,
+                        limit: 0,
+                        cursor: a.cursor,
+                        used_count: a.used_count,
+                    };
+                    probe.alloc_run(1, 0).unwrap().0
+                };
+                assert!(
+                    !a.is_used(c) && !a.is_hole(c) && c.0 < a.extent(),
+                    "step {step}: {c} handed out while {naive} written blocks were free"
+                );
+            }
+        }
     }
 
     #[test]

@@ -31,6 +31,15 @@ const PUNCH_BATCH_BYTES: u64 = 4 << 20;
 /// one by one cost a live server seconds of fallocate calls per batch. They are punched when
 /// the pool is closed, and at the next writable open.
 const PUNCH_MIN_RUN: usize = 256;
+/// Freed space kept in the file for reuse while the pool is open, whatever its runs: a write
+/// into a freed block that the file still holds is an overwrite, which the next `fdatasync`
+/// makes durable with the data alone; a write into a punched hole allocates host space
+/// again, and that sync also writes the file's inode and extent blocks. Without it a
+/// database's steady rewrites punched each old checkpoint and log (runs of hundreds of
+/// blocks) only to fill the holes again within a second. The bound keeps the space win: at
+/// most this much more than the pool uses stays in the file (besides short runs), and all of
+/// it goes at close and at the next writable open.
+pub const PUNCH_KEEP_BYTES: u64 = 64 << 20;
 
 /// The pool file's state in memory: its committed metadata streams and its allocator, which
 /// only the commit protocol moves from one generation to the next.
@@ -46,8 +55,11 @@ pub struct Pool {
     checkpoint_due: bool,
     /// Free blocks whose space the file still holds (see PUNCH_BATCH_BYTES).
     unpunched: Vec<PBlock>,
-    /// How many of them are short runs kept back from the last batch (see PUNCH_MIN_RUN).
+    /// How many of them were kept back from the last batch (short runs, PUNCH_MIN_RUN, and
+    /// the reserve, PUNCH_KEEP_BYTES).
     kept: usize,
+    /// Freed space kept for reuse rather than punched while open (tests lower it).
+    punch_keep_bytes: u64,
 }
 
 /// A commit between steps 1a and 5: its pages written, the transaction sealed, the superblock
@@ -104,6 +116,7 @@ impl Pool {
             checkpoint_due: false,
             unpunched: Vec::new(),
             kept: 0,
+            punch_keep_bytes: PUNCH_KEEP_BYTES,
         }
     }
 
@@ -125,6 +138,11 @@ impl Pool {
 
     pub fn set_checkpoint_threshold(&mut self, pages: u64) {
         self.checkpoint_min_log_pages = pages;
+    }
+
+    /// How much freed space stays in the file for reuse while open (PUNCH_KEEP_BYTES).
+    pub fn set_punch_keep(&mut self, bytes: u64) {
+        self.punch_keep_bytes = bytes;
     }
 
     /// Make the next commit a checkpoint, even one with no changes: the whole catalogue is
@@ -274,9 +292,10 @@ impl Pool {
         if (self.unpunched.len() - self.kept) as u64 * bs < PUNCH_BATCH_BYTES {
             return Ok(None);
         }
-        let (blocks, short) = long_runs(self.take_unpunched());
-        self.kept = short.len();
-        self.unpunched = short;
+        let keep = (self.punch_keep_bytes / bs) as usize;
+        let (blocks, kept) = to_punch(self.take_unpunched(), keep);
+        self.kept = kept.len();
+        self.unpunched = kept;
         if blocks.is_empty() {
             return Ok(None);
         }
@@ -346,25 +365,36 @@ impl Pool {
     }
 }
 
-/// Split sorted blocks into those in runs of at least PUNCH_MIN_RUN and the rest.
-fn long_runs(sorted: Vec<PBlock>) -> (Vec<PBlock>, Vec<PBlock>) {
-    let (mut long, mut short) = (Vec::new(), Vec::new());
+/// Split sorted free blocks into those to punch and those to keep: only runs of at least
+/// PUNCH_MIN_RUN are punched, the highest first, and only until `keep` blocks are left (the
+/// allocator looks low first, so the low ones are what it reuses next). Both sorted.
+fn to_punch(sorted: Vec<PBlock>, keep: usize) -> (Vec<PBlock>, Vec<PBlock>) {
+    let mut runs = Vec::new();
     let mut i = 0;
     while i < sorted.len() {
         let mut j = i + 1;
         while j < sorted.len() && sorted[j].0 == sorted[j - 1].0 + 1 {
             j += 1;
         }
-        let run = &sorted[i..j];
-        if run.len() >= PUNCH_MIN_RUN {
-            &mut long
-        } else {
-            &mut short
-        }
-        .extend_from_slice(run);
+        runs.push(i..j);
         i = j;
     }
-    (long, short)
+    let mut left = sorted.len();
+    let mut punch = vec![false; runs.len()];
+    for (k, r) in runs.iter().enumerate().rev() {
+        if left <= keep {
+            break;
+        }
+        if r.len() >= PUNCH_MIN_RUN {
+            punch[k] = true;
+            left -= r.len();
+        }
+    }
+    let (mut out, mut kept) = (Vec::new(), Vec::new());
+    for (k, r) in runs.into_iter().enumerate() {
+        if punch[k] { &mut out } else { &mut kept }.extend_from_slice(&sorted[r]);
+    }
+    (out, kept)
 }
 
 /// Free blocks reserved for step 6: their space goes back to the filesystem.
@@ -423,4 +453,31 @@ fn paged_records(records: &[u8]) -> Result<PagedRecords> {
     runs.sort_unstable();
     singles.sort_unstable_by_key(|s| (s.layer, s.sums_at));
     Ok((runs, singles))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks(runs: &[(u64, u64)]) -> Vec<PBlock> {
+        runs.iter().flat_map(|&(s, n)| (s..s + n).map(PBlock)).collect()
+    }
+
+    /// Only long runs are punched, the highest first, and only down to the reserve: the rest
+    /// stays written for the allocator to reuse without allocating host space again.
+    #[test]
+    fn punching_keeps_a_reserve_of_the_lowest_free_blocks() {
+        let free = blocks(&[(10, 300), (400, 5), (1000, 256), (2000, 300)]);
+        // Reserve of 400 blocks: punching the top run (300) leaves 561 > 400, so the next long
+        // run (256) goes too; the lowest long run and the short one stay.
+        let (punch, kept) = to_punch(free.clone(), 400);
+        assert_eq!(punch, blocks(&[(1000, 256), (2000, 300)]));
+        assert_eq!(kept, blocks(&[(10, 300), (400, 5)]));
+        // Everything fits the reserve: nothing is punched.
+        assert_eq!(to_punch(free.clone(), 861), (vec![], free.clone()));
+        // No reserve: every long run goes, short runs never while open.
+        let (punch, kept) = to_punch(free, 0);
+        assert_eq!(punch, blocks(&[(10, 300), (1000, 256), (2000, 300)]));
+        assert_eq!(kept, blocks(&[(400, 5)]));
+    }
 }

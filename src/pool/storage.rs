@@ -294,6 +294,17 @@ pub fn start_writeback(file: &File) -> io::Result<()> {
 #[derive(Default)]
 pub struct MemStorage {
     bytes: Mutex<Vec<u8>>,
+    extents: Mutex<Extents>,
+}
+
+/// What a sparse file's extent map would go through: which 4 KiB pages hold space, how many
+/// pages a write had to allocate (a hole or the file's end) and how many punches removed
+/// some. Each of those is a change a host filesystem's `fdatasync` writes besides the data.
+#[derive(Default)]
+struct Extents {
+    held: bitvec::vec::BitVec,
+    allocated: u64,
+    punches: u64,
 }
 
 impl MemStorage {
@@ -301,12 +312,23 @@ impl MemStorage {
         Self::default()
     }
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        let pages = bytes.len().div_ceil(4096);
         MemStorage {
             bytes: Mutex::new(bytes),
+            extents: Mutex::new(Extents {
+                held: bitvec::vec::BitVec::repeat(true, pages),
+                ..Extents::default()
+            }),
         }
     }
     pub fn snapshot(&self) -> Vec<u8> {
         self.bytes.lock().unwrap().clone()
+    }
+    /// Pages that writes found without space (holes, the end) and punches, so far: how often
+    /// a file would have changed its extents.
+    pub fn extent_changes(&self) -> (u64, u64) {
+        let e = self.extents.lock().unwrap();
+        (e.allocated, e.punches)
     }
 }
 
@@ -328,6 +350,16 @@ impl Storage for MemStorage {
             b.resize(end, 0);
         }
         b[offset as usize..end].copy_from_slice(data);
+        let mut e = self.extents.lock().unwrap();
+        let pages = offset as usize / 4096..end.div_ceil(4096);
+        if e.held.len() < pages.end {
+            e.held.resize(pages.end, false);
+        }
+        for p in pages {
+            if !e.held.replace(p, true) {
+                e.allocated += 1;
+            }
+        }
         Ok(())
     }
 
@@ -340,6 +372,12 @@ impl Storage for MemStorage {
         let start = (offset as usize).min(b.len());
         let end = (offset as usize + len as usize).min(b.len());
         b[start..end].fill(0);
+        let mut e = self.extents.lock().unwrap();
+        e.punches += 1;
+        // Only whole pages are given back, as a filesystem does.
+        let held = e.held.len();
+        let pages = (start.div_ceil(4096)).min(held)..(end / 4096).min(held);
+        e.held[pages].fill(false);
         Ok(())
     }
 
