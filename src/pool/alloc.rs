@@ -219,7 +219,10 @@ impl Allocator {
         if self.written_free > 0 {
             let found = first_written_free(&self.used, &self.hole, cur, len)
                 .or_else(|| first_written_free(&self.used, &self.hole, self.first, cur));
-            debug_assert!(found.is_some(), "written_free counts a block that is not there");
+            debug_assert!(
+                found.is_some(),
+                "written_free counts a block that is not there"
+            );
             if let Some(i) = found {
                 return i;
             }

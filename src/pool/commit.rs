@@ -460,7 +460,9 @@ mod tests {
     use super::*;
 
     fn blocks(runs: &[(u64, u64)]) -> Vec<PBlock> {
-        runs.iter().flat_map(|&(s, n)| (s..s + n).map(PBlock)).collect()
+        runs.iter()
+            .flat_map(|&(s, n)| (s..s + n).map(PBlock))
+            .collect()
     }
 
     /// Only long runs are punched, the highest first, and only down to the reserve: the rest

@@ -559,7 +559,10 @@ mod tests {
         let s = Arc::new(SumPages::new(ID, pages.clone(), 1, DEFAULT_BUDGET));
         run_prefetch(&s, &mem);
         let st = s.stats();
-        assert_eq!((st.prefetched, st.prefetch_over), (pages.len() as u64, true));
+        assert_eq!(
+            (st.prefetched, st.prefetch_over),
+            (pages.len() as u64, true)
+        );
         for at in (0..300_000).step_by(331) {
             assert_eq!(s.crc(&*mem, at).unwrap(), at as u32 * 7);
         }
@@ -577,12 +580,19 @@ mod tests {
         s.crc(&*mem, 39_999).unwrap();
         run_prefetch(&s, &mem);
         let st = s.stats();
-        assert_eq!((st.bytes, st.prefetched, st.prefetch_over), (20 * PAGE_COST, 12, true));
+        assert_eq!(
+            (st.bytes, st.prefetched, st.prefetch_over),
+            (20 * PAGE_COST, 12, true)
+        );
         let before = s.stats().misses;
         s.crc(&*mem, 39_999).unwrap();
         s.crc(&*mem, 32 * 1012).unwrap();
         s.crc(&*mem, 11 * 1012).unwrap();
-        assert_eq!(s.stats().misses, before, "pages 32..=39 and 0..=11 are cached");
+        assert_eq!(
+            s.stats().misses,
+            before,
+            "pages 32..=39 and 0..=11 are cached"
+        );
         s.crc(&*mem, 12 * 1012).unwrap();
         assert_eq!(s.stats().misses, before + 1);
         // No budget, no prefetch.

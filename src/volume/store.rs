@@ -966,7 +966,10 @@ mod tests {
         assert_eq!(pages, (N + 2000).div_ceil(1012));
         s.prefetch_map_cache().unwrap().join().unwrap();
         let st = s.map_cache_stats();
-        assert_eq!((st.prefetched, st.prefetch_over, st.misses), (pages, true, 0));
+        assert_eq!(
+            (st.prefetched, st.prefetch_over, st.misses),
+            (pages, true, 0)
+        );
         let mut buf = vec![0u8; 4096];
         for i in (0..N).step_by(37) {
             s.read_layer(id, i * 16 * 4096, &mut buf).unwrap();
@@ -1192,7 +1195,8 @@ mod tests {
         let round = |s: &Store, i: u64| {
             for k in 0..4u64 {
                 let v = (i * 7 + k * 13) % 64;
-                s.write_layer(id, v * 4096, &[(i % 251) as u8 | 1; 4096]).unwrap();
+                s.write_layer(id, v * 4096, &[(i % 251) as u8 | 1; 4096])
+                    .unwrap();
             }
             s.flush().unwrap();
         };
