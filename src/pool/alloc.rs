@@ -29,6 +29,7 @@ impl Sealed {
     }
 }
 
+#[derive(Clone)]
 pub struct Allocator {
     used: BitVec<u64, Lsb0>,
     /// Free blocks whose space the file does not hold (punched, or never written as far as
@@ -471,23 +472,7 @@ mod tests {
                 .count() as u64;
             assert_eq!(a.written_free(), naive, "step {step}");
             if naive > 0 {
-                let c = {
-                    let mut probe = Allocator {
-                        used: a.used.clone(),
-                        hole: a.hole.clone(),
-                        written_free: a.written_free,
-                        fresh: a.fresh.clone(),
-                        fresh_list: Vec::new(),
-                        pending_free: Vec::new(),
-                        to_punch: Vec::new(),
-                        punching: Vec::new(),
-                        first: a.first,
-                        limit: 0,
-                        cursor: a.cursor,
-                        used_count: a.used_count,
-                    };
-                    probe.alloc_run(1, 0).unwrap().0
-                };
+                let c = a.clone().alloc_run(1, 0).unwrap().0;
                 assert!(
                     !a.is_used(c) && !a.is_hole(c) && c.0 < a.extent(),
                     "step {step}: {c} handed out while {naive} written blocks were free"
