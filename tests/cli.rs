@@ -466,7 +466,7 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.assert_clean();
 }
 
-/// A pool a previous binary made (format versions 2 to 5, tests/fixtures/README.md) is refused
+/// A pool a previous binary made (format versions 2 to 6, tests/fixtures/README.md) is refused
 /// by every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
 /// back byte for byte and `check --data` calls it clean.
 fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str]) -> Pool {
@@ -540,6 +540,16 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
             std::iter::repeat_n(b as u8, 4096)
         })
         .collect();
+    let late: Vec<u8> = (0..64u32)
+        .flat_map(|i| {
+            let b = if i % 3 != 0 {
+                (i * 19 + 11) % 255 + 1
+            } else {
+                0
+            };
+            std::iter::repeat_n(b as u8, 4096)
+        })
+        .collect();
     for (layer, want) in [
         ("base", &base),
         ("work", &base),
@@ -547,6 +557,7 @@ fn an_older_pool_is_refused_by_name_until_migrated(version: u8, layers: &[&str])
         ("runs", &runs),
         ("more", &more),
         ("scat", &scat),
+        ("late", &late),
     ] {
         if !layers.contains(&layer) {
             continue;
@@ -714,6 +725,49 @@ fn a_version_5_pool_is_migrated_and_its_singles_crcs_moved_to_checksum_pages() {
     // The crcs are those of the blocks: scat's block 4 is 4096 bytes of 52.
     assert!(crcs.contains(&crc32fast::hash(&[52u8; 4096])));
     assert!(crcs.contains(&crc32fast::hash(&[0xabu8; 4096])));
+}
+
+/// Version 6 (no map index: counters after each layer's maps), made by main at e5b40cc from
+/// the version-5 fixture by its `migrate` (a version-6 checkpoint) and an import of an image
+/// of runs of two blocks and zeros ("late") in its log. Besides the version 2 test's checks:
+/// `migrate` wrote a checkpoint whose map records all come after its other records, behind a
+/// map index whose ranges hold them (FORMAT.md §6.3.4), one range at least per layer with a
+/// mapped block.
+#[test]
+fn a_version_6_pool_is_migrated_and_its_maps_indexed() {
+    use thinlayer::format::record::{Record, RecordReader};
+    let layers = ["base", "work", "app", "runs", "more", "scat", "late"];
+    let p = an_older_pool_is_refused_by_name_until_migrated(6, &layers);
+    let (checkpoint, _) = newest_checkpoint(&p);
+    let mut r = RecordReader::new(&checkpoint, "checkpoint");
+    let mut index = vec![];
+    let mut records = vec![];
+    loop {
+        let at = r.position() as u64;
+        match r.next_record().unwrap() {
+            Some(Record::MapIndex(part)) => index.extend(part),
+            Some(Record::ChecksumPages(_)) => {}
+            Some(rec) => records.push((at, rec)),
+            None => break,
+        }
+    }
+    let mut walk = thinlayer::pool::index::Walk::new(&index);
+    for (at, rec) in &records {
+        walk.record(*at, rec).unwrap();
+    }
+    walk.finish().unwrap();
+    let mut indexed: Vec<u32> = index.iter().map(|e| e.layer.0).collect();
+    indexed.dedup();
+    // "work" maps nothing of its own; every other layer has a range.
+    assert_eq!(indexed.len(), layers.len() - 1, "{index:?}");
+    let first_map = records
+        .iter()
+        .position(|(_, r)| r.map_span().is_some())
+        .unwrap();
+    assert!(records[first_map..]
+        .iter()
+        .all(|(_, r)| r.map_span().is_some()));
+    assert_eq!(records[first_map].0, index[0].position());
 }
 
 #[test]

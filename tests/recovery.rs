@@ -146,7 +146,7 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
     // Append a commit whose map entry points 2^40 blocks into a pool of a few blocks.
     let (sbs, _) = meta::read_superblocks(&*mem).unwrap();
     let mut rec = meta::load(&*mem, &sbs[0]).unwrap();
-    rec.replay_checkpoint(|_| Ok(())).unwrap();
+    rec.replay_checkpoint(|_, _| Ok(())).unwrap();
     let mut alloc = Allocator::new(2, 0);
     for &b in rec.log_blocks.iter().chain(&rec.ckpt_blocks) {
         alloc.mark_loaded(b);

@@ -29,6 +29,15 @@ pub const TAG_MAP_SINGLES_SUMS: u8 = 11;
 /// chunks lie within one group page them as one array (DESIGN.md §12). A writer's choice,
 /// not a rule of the format.
 pub const SINGLES_GROUP_BITS: u32 = 10;
+/// Checkpoint only (version 7), after the checksum pages records: where each layer's map
+/// records for a range of chunks start (FORMAT.md §6.3.4), so an open can leave the maps on
+/// disk and load a range when it is first needed.
+pub const TAG_MAP_INDEX: u8 = 12;
+/// A map index entry's `vblock` is a multiple of `2^INDEX_ALIGN_BITS` (a chunk of the maps'
+/// memory layout, `layer::map::CHUNK_BITS`): a range never cuts a chunk.
+pub const INDEX_ALIGN_BITS: u32 = 10;
+/// Entries a map index record holds at most (its bytes stay under `RECORD_MAX_LEN`).
+pub const INDEX_RECORD_MAX: u32 = 1 << 15;
 
 /// Attribute keys are 1 ..= 255 bytes of UTF-8; values at most 64 KiB of UTF-8, so a damaged
 /// length cannot claim gigabytes.
@@ -136,6 +145,23 @@ layout! {
         COUNT: u32 = "count",
     }
 }
+layout! {
+    /// §6.3.4: the map index; `COUNT` entries (`map_index_entry`) follow the fixed part.
+    pub mod map_index {
+        TAG: u8 = "tag",
+        COUNT: u32 = "count",
+    }
+}
+layout! {
+    /// §6.3.4, one entry of a map index record.
+    pub mod map_index_entry {
+        LAYER: u32 = "layer",
+        VBLOCK: u64 = "vblock",
+        PAGE: u64 = "page",
+        SEQ: u32 = "seq",
+        OFFSET: u32 = "offset",
+    }
+}
 const _: () = assert!(map_run_sums::COUNT.same_bytes(&map_run::COUNT));
 layout! {
     /// §6.4.
@@ -179,6 +205,8 @@ const _: () = assert!(map_run::LEN + MAP_RECORD_MAX as usize * RUN_CRC_LEN <= RE
 const _: () = assert!(checksum_pages::LEN + MAP_RECORD_MAX as usize * 8 <= RECORD_MAX_LEN);
 const _: () =
     assert!(map_singles_sums::LEN + MAP_RECORD_MAX as usize * map_single::LEN <= RECORD_MAX_LEN);
+const _: () =
+    assert!(map_index::LEN + INDEX_RECORD_MAX as usize * map_index_entry::LEN <= RECORD_MAX_LEN);
 const _: () = assert!(layer_attr::LEN + u8::MAX as usize + MAX_ATTR_VALUE_LEN <= RECORD_MAX_LEN);
 const _: () = assert!(layer_create::LEN + MAX_NAME_LEN <= RECORD_MAX_LEN);
 const _: () = assert!(layer_rename::LEN + MAX_NAME_LEN <= RECORD_MAX_LEN);
@@ -225,6 +253,25 @@ impl MapRun {
                 crc,
             },
         })
+    }
+}
+
+/// One entry of a checkpoint's map index (FORMAT.md §6.3.4): layer `layer`'s map records for
+/// the chunks from `vblock` on (up to the next entry of the same layer) start at byte
+/// `offset` of the payload of the checkpoint's page `seq`, which is at page number `page`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub layer: LayerId,
+    pub vblock: VBlock,
+    pub page: u64,
+    pub seq: u32,
+    pub offset: u32,
+}
+
+impl IndexEntry {
+    /// Where the range's first record starts in the checkpoint's record bytes.
+    pub fn position(&self) -> u64 {
+        self.seq as u64 * super::page::PAYLOAD_MAX as u64 + self.offset as u64
     }
 }
 
@@ -300,6 +347,10 @@ pub enum Record {
         sums_at: u64,
         entries: Vec<(VBlock, PBlock)>,
     },
+    /// Checkpoint only (version 7), after the checksum pages records: where each layer's map
+    /// records for a range of chunks start, sorted by layer and block (several records
+    /// continue one list).
+    MapIndex(Vec<IndexEntry>),
 }
 
 impl Record {
@@ -364,6 +415,37 @@ impl Record {
     }
 }
 
+impl Record {
+    /// A map record's layer and the first and last virtual block it names (None for the other
+    /// records): what a map index range must contain.
+    pub fn map_span(&self) -> Option<(LayerId, u64, u64)> {
+        match self {
+            Record::Map { layer, entries } => {
+                let (lo, hi) = entries.iter().fold((u64::MAX, 0), |(lo, hi), e| {
+                    (lo.min(e.vblock.0), hi.max(e.vblock.0))
+                });
+                Some((*layer, lo, hi))
+            }
+            Record::MapRun { layer, run } => {
+                let n = run.crcs.len() as u64;
+                Some((*layer, run.vblock.0, run.vblock.0 + n.max(1) - 1))
+            }
+            Record::MapRunSums {
+                layer,
+                vblock,
+                count,
+                ..
+            } => Some((*layer, vblock.0, vblock.0 + (*count).max(1) as u64 - 1)),
+            Record::MapSinglesSums { layer, entries, .. } => {
+                let lo = entries.first().map_or(0, |e| e.0 .0);
+                let hi = entries.last().map_or(0, |e| e.0 .0);
+                Some((*layer, lo, hi))
+            }
+            _ => None,
+        }
+    }
+}
+
 impl LayerCreate {
     /// The record's `mode` byte (FORMAT.md §6.1): 0 committed, 1 writable, 2 importing,
     /// 3 remote. The flags are exclusive that way; the debug asserts hold callers to it.
@@ -414,6 +496,10 @@ pub struct RecordWriter {
     held_layer: LayerId,
     /// A checkpoint's writer: the layer and virtual block of the last map entry.
     last_entry: Option<(LayerId, u64)>,
+    /// A checkpoint's writer: where each range of a layer's map starts (`range_start`): layer,
+    /// first block, byte offset in `buf`. Turned into map index records when the checkpoint's
+    /// pages are known (`pool::meta::stage_checkpoint`).
+    ranges: Vec<(LayerId, VBlock, usize)>,
 }
 
 impl RecordWriter {
@@ -451,6 +537,51 @@ impl RecordWriter {
                 self.buf.extend_from_slice(&p.to_le_bytes());
             }
         }
+    }
+
+    /// Checkpoint only, after the checksum pages records: the map index, as records of up
+    /// to `INDEX_RECORD_MAX` entries each.
+    pub fn map_index(&mut self, entries: &[IndexEntry]) {
+        use map_index_entry as e;
+        self.cut();
+        for part in entries.chunks(INDEX_RECORD_MAX as usize) {
+            let b = self.grow(map_index::LEN);
+            map_index::TAG.put(b, TAG_MAP_INDEX);
+            map_index::COUNT.put(b, part.len() as u32);
+            for x in part {
+                let b = self.grow(e::LEN);
+                e::LAYER.put(b, x.layer.0);
+                e::VBLOCK.put(b, x.vblock.0);
+                e::PAGE.put(b, x.page);
+                e::SEQ.put(b, x.seq);
+                e::OFFSET.put(b, x.offset);
+            }
+        }
+    }
+
+    /// Bytes `map_index` writes for `entries` entries.
+    pub fn map_index_len(entries: usize) -> usize {
+        entries.div_ceil(INDEX_RECORD_MAX as usize) * map_index::LEN
+            + entries * map_index_entry::LEN
+    }
+
+    /// A checkpoint's writer: layer `layer`'s map records from block `vblock` (a multiple
+    /// of `2^INDEX_ALIGN_BITS`) on start here, a range of the map index (FORMAT.md §6.3.4).
+    /// What is held back is written first, so no record before it names a block after.
+    pub fn range_start(&mut self, layer: LayerId, vblock: VBlock) {
+        debug_assert!(vblock.0.trailing_zeros() >= INDEX_ALIGN_BITS);
+        self.cut();
+        self.ranges.push((layer, vblock, self.buf.len()));
+    }
+
+    /// The ranges `range_start` marked: layer, first block, byte offset in `buf`.
+    pub fn ranges(&self) -> &[(LayerId, VBlock, usize)] {
+        &self.ranges
+    }
+
+    /// Bytes written so far, counting the singles held back as they will be written.
+    pub fn len_with_held(&self) -> usize {
+        self.buf.len() + self.held.len() * map_single::LEN
     }
 
     /// Bytes `checksum_pages` writes for `pages` pages.
@@ -503,6 +634,7 @@ impl RecordWriter {
         self.open_map = None;
         self.held.clear();
         self.last_entry = None;
+        self.ranges.clear();
         if let Some(sums) = &mut self.sums {
             sums.clear();
         }
@@ -1038,6 +1170,40 @@ impl<'a> RecordReader<'a> {
                         .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
                         .collect(),
                 )
+            }
+            TAG_MAP_INDEX => {
+                use map_index_entry as e;
+                let b = self.take(map_index::LEN, start, "map index")?;
+                let n = map_index::COUNT.get(b);
+                if n == 0 || n > INDEX_RECORD_MAX {
+                    return Err(self.bad(start, format!("map index record of {n} entries")));
+                }
+                let raw = self.take(n as usize * e::LEN, start, "map index")?;
+                let mut entries: Vec<IndexEntry> = Vec::with_capacity(n as usize);
+                for b in raw.chunks_exact(e::LEN) {
+                    let x = IndexEntry {
+                        layer: LayerId(e::LAYER.get(b)),
+                        vblock: VBlock(e::VBLOCK.get(b)),
+                        page: e::PAGE.get(b),
+                        seq: e::SEQ.get(b),
+                        offset: e::OFFSET.get(b),
+                    };
+                    let aligned = x.vblock.0.trailing_zeros() >= INDEX_ALIGN_BITS;
+                    if x.layer.0 == 0 || !aligned || x.offset as usize >= super::page::PAYLOAD_MAX {
+                        return Err(self.bad(start, format!("impossible map index entry {x:?}")));
+                    }
+                    if let Some(l) = entries.last() {
+                        if (l.layer, l.vblock) >= (x.layer, x.vblock)
+                            || l.position() >= x.position()
+                        {
+                            return Err(
+                                self.bad(start, format!("map index entries out of order at {x:?}"))
+                            );
+                        }
+                    }
+                    entries.push(x);
+                }
+                Record::MapIndex(entries)
             }
             TAG_LAYER_ATTR => {
                 use layer_attr as f;
@@ -1586,6 +1752,79 @@ mod tests {
         }
         assert_eq!(at, n);
         assert_eq!(recs.len(), 3);
+    }
+
+    /// A map index record's bytes (FORMAT.md §6.3.4), and what the decoder refuses in one.
+    #[test]
+    fn map_index_golden_bytes_and_faults() {
+        let entries = [
+            IndexEntry {
+                layer: LayerId(3),
+                vblock: VBlock(0),
+                page: 17,
+                seq: 2,
+                offset: 100,
+            },
+            IndexEntry {
+                layer: LayerId(3),
+                vblock: VBlock(2048),
+                page: 40,
+                seq: 19,
+                offset: 4047,
+            },
+        ];
+        let mut w = RecordWriter::new();
+        w.map_index(&entries);
+        let golden = crate::format::unhex(concat!(
+            "0c 02000000 ",
+            "03000000 0000000000000000 1100000000000000 02000000 64000000 ",
+            "03000000 0008000000000000 2800000000000000 13000000 cf0f0000",
+        ));
+        assert_eq!(w.buf, golden);
+        assert_eq!(RecordWriter::map_index_len(2), golden.len());
+        assert_eq!(read_all(&golden), [Record::MapIndex(entries.to_vec())]);
+        assert_eq!(entries[1].position(), 19 * 4048 + 4047);
+        for cut in 1..golden.len() {
+            assert!(RecordReader::new(&golden[..cut], "c")
+                .next_record()
+                .is_err());
+        }
+        let bad = |f: &dyn Fn(&mut Vec<u8>), want: &str| {
+            let mut b = golden.clone();
+            f(&mut b);
+            let e = RecordReader::new(&b, "c").next_record().unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        };
+        bad(
+            &|b| b[1..5].copy_from_slice(&0u32.to_le_bytes()),
+            "of 0 entries",
+        );
+        bad(
+            &|b| b[1..5].copy_from_slice(&(INDEX_RECORD_MAX + 1).to_le_bytes()),
+            "entries",
+        );
+        // Layer 0, a range not starting a chunk, an offset past the payload.
+        bad(
+            &|b| b[5..9].copy_from_slice(&0u32.to_le_bytes()),
+            "impossible",
+        );
+        bad(
+            &|b| b[9..17].copy_from_slice(&5u64.to_le_bytes()),
+            "impossible",
+        );
+        bad(
+            &|b| b[29..33].copy_from_slice(&4048u32.to_le_bytes()),
+            "impossible",
+        );
+        // Out of order: by block, and by position.
+        bad(
+            &|b| b[37..45].copy_from_slice(&0u64.to_le_bytes()),
+            "out of order",
+        );
+        bad(
+            &|b| b[53..57].copy_from_slice(&1u32.to_le_bytes()),
+            "out of order",
+        );
     }
 
     /// A map singles record's bytes (FORMAT.md §6.3.3), and what the decoder refuses in one.

@@ -127,6 +127,13 @@ fn record_fields_are_the_spec_tables() {
         map_singles_sums::ROWS,
         map_singles_sums::LEN,
     );
+    check_structure("#### 6.3.4 ", 0, map_index::ROWS, map_index::LEN);
+    check_structure(
+        "#### 6.3.4 ",
+        1,
+        map_index_entry::ROWS,
+        map_index_entry::LEN,
+    );
     check_structure("#### 6.3.3 ", 1, map_single::ROWS, map_single::LEN);
     check_structure("### 6.4 ", 0, layer_counters::ROWS, layer_counters::LEN);
     check_structure("### 6.5 ", 0, layer_attr::ROWS, layer_attr::LEN);

@@ -210,9 +210,9 @@ impl Pool {
             let (runs, singles) = paged_records(&w.buf)?;
             paged = Some(runs);
             paged_singles = singles;
-            staged =
-                self.meta
-                    .stage_checkpoint(storage, &mut self.alloc, &w.buf, w.sums(), &mut tell);
+            staged = self
+                .meta
+                .stage_checkpoint(storage, &mut self.alloc, &w, &mut tell);
             if matches!(staged, Ok(Some(_))) {
                 self.checkpoint_due = false;
             } else {

@@ -11,7 +11,7 @@ use super::sums::{SumPages, DEFAULT_BUDGET};
 use crate::error::{Error, Result};
 use crate::format::checksum::Kind;
 use crate::format::page::{self, PageHeader, PAYLOAD_MAX};
-use crate::format::record::{Record, RecordWriter, TAG_CHECKSUM_PAGES};
+use crate::format::record::{IndexEntry, Record, RecordWriter, TAG_CHECKSUM_PAGES, TAG_MAP_INDEX};
 use crate::format::superblock::{StreamRef, Superblock};
 use crate::format::{first_data_block, PBlock, PAGE_SIZE, SUPERBLOCK_OFFSETS};
 
@@ -45,6 +45,10 @@ pub struct Recovered<'a> {
     /// The page numbers of the checkpoint's checksum stream: its map runs' crcs (FORMAT.md
     /// §5.6), read on demand (`SumPages`), each page verified before use.
     pub sums_pages: Vec<u64>,
+    /// The checkpoint's map index (FORMAT.md §6.3.4), checked for order and bounds: where
+    /// each range of each layer's map records starts. Empty for a checkpoint without maps
+    /// (or of version 6, which `migrate` loads).
+    pub index: Vec<IndexEntry>,
     /// Those pages, read through their cache (the replay of the checkpoint reads the crcs
     /// of runs the maps cannot keep as positions).
     pub sums: std::sync::Arc<SumPages>,
@@ -61,12 +65,20 @@ pub struct Recovered<'a> {
 }
 
 impl Recovered<'_> {
-    /// Hands each of the checkpoint's records (past its checksum pages records) to `apply`,
-    /// reading and verifying its pages as it goes; then its pages' blocks join `ckpt_blocks`.
-    /// Damage is `Error::Corrupt` naming the page or the record's position in the stream.
-    pub fn replay_checkpoint(&mut self, mut apply: impl FnMut(Record) -> Result<()>) -> Result<()> {
-        while let Some(record) = self.checkpoint.next_record()? {
-            apply(record)?;
+    /// Hands each of the checkpoint's records (past its checksum pages and index records) to
+    /// `apply`, with where it starts in the stream, reading and verifying its pages as it goes;
+    /// then its pages' blocks join `ckpt_blocks`. Damage is `Error::Corrupt` naming the page or
+    /// the record's position in the stream.
+    pub fn replay_checkpoint(
+        &mut self,
+        mut apply: impl FnMut(u64, Record) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            let at = self.checkpoint.position();
+            let Some(record) = self.checkpoint.next_record()? else {
+                break;
+            };
+            apply(at, record)?;
         }
         let mut blocks = self.checkpoint.take_blocks();
         blocks.append(&mut self.ckpt_blocks);
@@ -174,15 +186,72 @@ fn sums_pages(
     Ok(pages)
 }
 
+/// The map index records that follow the checksum pages records (FORMAT.md §6.3.4), read off
+/// the front of the checkpoint's records and checked as one list: sorted by layer and block,
+/// positions rising, each past the index itself, in a page the checkpoint has, at a page number
+/// that can be one. That a range's records are there and of its layer is checked as they are
+/// applied (`pool::index::Walk`).
+fn map_index(sb: &Superblock, checkpoint: &mut StreamRecords) -> Result<Vec<IndexEntry>> {
+    let mut index: Vec<IndexEntry> = Vec::new();
+    while checkpoint.peek_tag()? == Some(TAG_MAP_INDEX) {
+        if let Some(Record::MapIndex(part)) = checkpoint.next_record()? {
+            if let (Some(a), Some(b)) = (index.last(), part.first()) {
+                if (a.layer, a.vblock) >= (b.layer, b.vblock) || a.position() >= b.position() {
+                    return Err(Error::Corrupt(format!(
+                        "checkpoint {}: map index entries out of order at {b:?}",
+                        sb.checkpoint.id
+                    )));
+                }
+            }
+            index.extend(part);
+        }
+    }
+    let after = checkpoint.position();
+    let first_page = crate::format::RESERVED_BYTES / PAGE_SIZE as u64;
+    if let Some(bad) = index.iter().find(|e| {
+        e.position() < after
+            || e.seq as u64 >= sb.checkpoint.pages
+            || e.page < first_page
+            || e.page >= 1 << 52
+    }) {
+        return Err(Error::Corrupt(format!(
+            "checkpoint {}: map index entry {bad:?} names no place among its {} pages past the index (byte {after})",
+            sb.checkpoint.id, sb.checkpoint.pages
+        )));
+    }
+    Ok(index)
+}
+
+/// The records of range `i` of the checkpoint's map index `index` (FORMAT.md §6.3.4), read
+/// from the page its entry names up to where the next range starts, each page verified as the
+/// whole checkpoint's are: what loading part of the maps on demand reads.
+pub fn range_records<'a>(
+    storage: &'a dyn Storage,
+    sb: &Superblock,
+    index: &[IndexEntry],
+    i: usize,
+) -> Result<StreamRecords<'a>> {
+    let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
+    let e = index[i];
+    let (end, pages) = match index.get(i + 1) {
+        Some(n) => (n.position(), (n.position() - 1) / PAYLOAD_MAX as u64 + 1),
+        None => (u64::MAX, sb.checkpoint.pages),
+    };
+    let at = (e.page, e.seq as u64, pages);
+    let pages = StreamPages::from_page(storage, Kind::CheckpointPage, &sb.checkpoint, ppb, at);
+    StreamRecords::range(pages, e.offset as usize, end)
+}
+
 /// Read the streams a superblock points to: the log and its tail whole, the checkpoint up to
-/// its checksum pages records (its other records are read as they are replayed:
-/// `Recovered::replay_checkpoint`).
+/// its checksum pages and map index records (its other records are read as they are
+/// replayed: `Recovered::replay_checkpoint`).
 pub fn load<'a>(storage: &'a dyn Storage, sb: &Superblock) -> Result<Recovered<'a>> {
     let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
     let pages = StreamPages::new(storage, Kind::CheckpointPage, &sb.checkpoint, ppb);
     let mut checkpoint = StreamRecords::new(pages);
     let mut ckpt_blocks = Vec::new();
     let sums_pages = sums_pages(sb, &mut checkpoint, ppb, &mut ckpt_blocks)?;
+    let index = map_index(sb, &mut checkpoint)?;
     let (log, mut log_blocks, last_next) = read_stream(storage, Kind::LogPage, &sb.log, ppb)?;
     let expect_next = if sb.log.pages > 0 {
         last_next
@@ -227,6 +296,7 @@ pub fn load<'a>(storage: &'a dyn Storage, sb: &Superblock) -> Result<Recovered<'
         checkpoint,
         sums: std::sync::Arc::new(sums),
         sums_pages,
+        index,
         log,
         ckpt_blocks,
         log_blocks,
@@ -548,27 +618,30 @@ impl MetaStreams {
         }))
     }
 
-    /// Step 1 of a checkpoint commit: write `checkpoint` into new blocks, with a new empty
-    /// log after it, and return the superblock that will name them. `sums` are the crcs its
-    /// map runs name by position (`RecordWriter::for_checkpoint`): they go into checksum pages
-    /// in blocks of their own, which a checksum pages record at the checkpoint's start names
-    /// (FORMAT.md §5.6). All of it is written before the sync and the superblock that name it
-    /// (commit steps 2-4), like any checkpoint page. `None`: no room. `announce` as for
-    /// `stage_log`.
+    /// Step 1 of a checkpoint commit: write the checkpoint `w` holds into new blocks, with a
+    /// new empty log after it, and return the superblock that will name them. The crcs its
+    /// map runs and singles name by position (`w.sums()`, `RecordWriter::for_checkpoint`) go
+    /// into checksum pages in blocks of their own, which checksum pages records at the
+    /// checkpoint's start name (FORMAT.md §5.6); after them, the map index (§6.3.4) says where
+    /// each range of the maps `w.ranges()` marked starts, by page, seq and offset, which are
+    /// known once the pages are chosen (the records before the maps have a known length). All
+    /// of it is written before the sync and the superblock that name it (commit steps 2-4),
+    /// like any checkpoint page. `None`: no room. `announce` as for `stage_log`.
     pub fn stage_checkpoint(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
-        checkpoint: &[u8],
-        sums: &[u32],
+        w: &RecordWriter,
         announce: &mut dyn FnMut((u64, u64)),
     ) -> Result<Option<Staged>> {
+        let (checkpoint, sums) = (&w.buf[..], w.sums());
         let ppb = self.pages_per_block;
         // A checksum page's payload is exactly `SUMS_PER_PAGE` crcs.
         let sum_bytes: Vec<u8> = sums.iter().flat_map(|c| c.to_le_bytes()).collect();
         let sum_chunks: Vec<&[u8]> = sum_bytes.chunks(PAYLOAD_MAX).collect();
         let sum_blocks = (sum_chunks.len() as u64).div_ceil(ppb) as usize;
-        let head_len = RecordWriter::checksum_pages_len(sum_chunks.len());
+        let head_len = RecordWriter::checksum_pages_len(sum_chunks.len())
+            + RecordWriter::map_index_len(w.ranges().len());
         let ckpt_pages = (head_len + checkpoint.len()).div_ceil(PAYLOAD_MAX).max(1);
         let want_blocks = sum_blocks as u64 + (ckpt_pages as u64).div_ceil(ppb) + 1;
         let mut blocks: Vec<PBlock> = Vec::new();
@@ -592,16 +665,33 @@ impl MetaStreams {
         };
         let sum_pages = pages_of(&blocks[..sum_blocks], sum_chunks.len());
         let pages = pages_of(&blocks[sum_blocks..], ckpt_pages);
-        // The checksum pages record first, so a reader has the crcs before any run.
+        // The checksum pages records first, so a reader has the crcs before any run, then
+        // the index, so a reader knows where the maps are before it meets them.
+        let index: Vec<IndexEntry> = w
+            .ranges()
+            .iter()
+            .map(|&(layer, vblock, at)| {
+                let pos = head_len + at;
+                let seq = pos / PAYLOAD_MAX;
+                IndexEntry {
+                    layer,
+                    vblock,
+                    page: pages[seq],
+                    seq: seq as u32,
+                    offset: (pos % PAYLOAD_MAX) as u32,
+                }
+            })
+            .collect();
         let joined;
-        let bytes: &[u8] = if sum_pages.is_empty() {
+        let bytes: &[u8] = if head_len == 0 {
             checkpoint
         } else {
-            let mut w = RecordWriter::new();
-            w.checksum_pages(&sum_pages);
-            debug_assert_eq!(w.buf.len(), head_len);
-            w.buf.extend_from_slice(checkpoint);
-            joined = w.buf;
+            let mut h = RecordWriter::new();
+            h.checksum_pages(&sum_pages);
+            h.map_index(&index);
+            debug_assert_eq!(h.buf.len(), head_len);
+            h.buf.extend_from_slice(checkpoint);
+            joined = h.buf;
             &joined
         };
         let chunks: Vec<&[u8]> = if bytes.is_empty() {

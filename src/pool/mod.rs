@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod commit;
+pub mod index;
 pub mod lock;
 pub mod meta;
 pub mod records;

@@ -106,6 +106,24 @@ impl<'a> StreamPages<'a> {
         }
     }
 
+    /// Pages `seq..pages` of the stream `r` names, from page number `page_no`, which must
+    /// verify as page `seq`: part of a checkpoint read from a map index entry (FORMAT.md
+    /// §6.3.4), each page verified as the whole stream's are.
+    pub fn from_page(
+        storage: &'a dyn Storage,
+        kind: Kind,
+        r: &StreamRef,
+        pages_per_block: u64,
+        (page_no, seq, pages): (u64, u64, u64),
+    ) -> Self {
+        StreamPages {
+            total: pages.min(r.pages),
+            seq,
+            page_no,
+            ..Self::new(storage, kind, r, pages_per_block)
+        }
+    }
+
     /// Pages not read yet.
     pub fn left(&self) -> u64 {
         self.total - self.seq
@@ -131,6 +149,15 @@ impl<'a> StreamPages<'a> {
             .page(page_no, self.total - seq)
             .map_err(|e| Error::io("reading metadata page", e))?;
         let h = page::decode(buf, page_no, self.kind, self.id, seq as u32)?;
+        // A checkpoint's pages are full but the last (FORMAT.md §5.1), so a position in its
+        // record bytes is a page and an offset (§6.3.4).
+        let last = seq + 1 == self.total;
+        if self.kind == Kind::CheckpointPage && !last && h.payload_len as usize != PAYLOAD_MAX {
+            return Err(Error::Corrupt(format!(
+                "checkpoint stream {}: page {seq} (page {page_no}) holds {} bytes, not a full page",
+                self.id, h.payload_len
+            )));
+        }
         let block = PBlock(page_no / self.pages_per_block);
         if self.blocks.last() != Some(&block) {
             self.blocks.push(block);
@@ -162,6 +189,8 @@ pub struct StreamRecords<'a> {
     pos: usize,
     /// Where `window` starts in the stream.
     base: u64,
+    /// Where the records read end in the stream (a range of the map index), if not at its end.
+    end: u64,
     name: &'static str,
 }
 
@@ -173,15 +202,38 @@ impl<'a> StreamRecords<'a> {
             window: Vec::new(),
             pos: 0,
             base: 0,
+            end: u64::MAX,
             name,
         }
+    }
+
+    /// The records of a checkpoint from byte `offset` of the payload of `pages`' first page
+    /// (`StreamPages::from_page`) up to stream position `end`: a range of its map index. A
+    /// record that does not end by `end` is damage (cut short), as at a stream's end.
+    pub fn range(pages: StreamPages<'a>, offset: usize, end: u64) -> Result<Self> {
+        let base = pages.seq * PAYLOAD_MAX as u64;
+        let mut r = StreamRecords {
+            base,
+            end,
+            ..Self::new(pages)
+        };
+        r.fill()?;
+        if r.window.len() < offset {
+            return Err(Error::Corrupt(format!(
+                "checkpoint, byte {}: a map index entry points past its page's payload",
+                base + offset as u64
+            )));
+        }
+        r.pos = offset;
+        Ok(r)
     }
 
     /// Makes the window hold a whole record from `pos` on: `RECORD_MAX_LEN` bytes or all the
     /// stream has left. What was decoded is dropped first, so the window stays
     /// `RECORD_MAX_LEN + REFILL` plus a page, whatever the stream's length.
     fn fill(&mut self) -> Result<()> {
-        if self.window.len() - self.pos >= RECORD_MAX_LEN || self.pages.left() == 0 {
+        let ended = self.base + self.window.len() as u64 >= self.end;
+        if self.window.len() - self.pos >= RECORD_MAX_LEN || self.pages.left() == 0 || ended {
             return Ok(());
         }
         if self.window.capacity() == 0 {
@@ -192,7 +244,9 @@ impl<'a> StreamRecords<'a> {
         self.window.drain(..self.pos);
         self.base += self.pos as u64;
         self.pos = 0;
-        while self.window.len() < RECORD_MAX_LEN + REFILL {
+        while self.window.len() < RECORD_MAX_LEN + REFILL
+            && self.base + (self.window.len() as u64) < self.end
+        {
             match self.pages.next_payload()? {
                 Some(p) => self.window.extend_from_slice(p),
                 None => break,
@@ -210,10 +264,20 @@ impl<'a> StreamRecords<'a> {
     /// The next record, or None at the end of the stream (every page read and verified).
     pub fn next_record(&mut self) -> Result<Option<Record>> {
         self.fill()?;
-        let mut r = RecordReader::in_window(&self.window, self.pos, self.base, self.name);
+        if self.position() >= self.end {
+            return Ok(None);
+        }
+        // Not past `end`: a record must end by it.
+        let stop = (self.end - self.base).min(self.window.len() as u64) as usize;
+        let mut r = RecordReader::in_window(&self.window[..stop], self.pos, self.base, self.name);
         let rec = r.next_record()?;
         self.pos = r.position();
         Ok(rec)
+    }
+
+    /// Where the next record starts in the stream's record bytes.
+    pub fn position(&self) -> u64 {
+        self.base + self.pos as u64
     }
 
     /// The blocks of the pages read so far (all of the stream's once `next_record` gave None).

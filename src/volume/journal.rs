@@ -461,9 +461,10 @@ impl Inner {
             }
             Record::ChecksumPages(_)
             | Record::MapRunSums { .. }
-            | Record::MapSinglesSums { .. } => {
+            | Record::MapSinglesSums { .. }
+            | Record::MapIndex(_) => {
                 return Err(Error::Corrupt(
-                    "the crash journal holds a checkpoint's checksum record".into(),
+                    "the crash journal holds a checkpoint's checksum or map index record".into(),
                 ))
             }
             Record::MapRun { .. } => unreachable!("turned into a map record above"),

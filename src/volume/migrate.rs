@@ -52,6 +52,11 @@ const STEPS: &[Step] = &[
         what: "a checkpoint's single data blocks may keep their crcs in checksum pages (map singles); a version-5 pool's records stay valid, so the version changes, then a checkpoint moves the crcs of its single blocks into checksum pages",
         run: |_, sb| Ok(sb),
     },
+    Step {
+        from: 6,
+        what: "a checkpoint writes its maps after every other record, behind a map index saying where each range of them starts, so an open need not read them; a version-6 pool's records stay valid, so the version changes, then a checkpoint writes the index",
+        run: |_, sb| Ok(sb),
+    },
 ];
 
 /// What `migrate` did.

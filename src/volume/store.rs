@@ -728,7 +728,14 @@ pub(super) fn load_generation(
     let sums = rec.sums.clone();
     let capacity = sums.capacity();
     let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
-    rec.replay_checkpoint(|record| catalog.apply_checkpoint(record, capacity, &mut resolve))?;
+    let index = std::mem::take(&mut rec.index);
+    let mut walk = crate::pool::index::Walk::new(&index);
+    rec.replay_checkpoint(|at, record| {
+        walk.record(at, &record)?;
+        catalog.apply_checkpoint(record, capacity, &mut resolve)
+    })?;
+    walk.finish()?;
+    catalog.compare_counters();
     let meta = MetaStreams::from_recovered(&rec);
     let mut r = RecordReader::new(&rec.log, "log");
     catalog.replay_log(|| r.next_record())?;
@@ -940,6 +947,77 @@ mod tests {
             s.used_blocks(),
             2 * N + s.read().pool.meta.metadata_blocks()
         );
+    }
+
+    /// A version-7 checkpoint (FORMAT.md §6.3.4): no map record comes before the map index's
+    /// first range, and each range read alone from the page its entry names holds map
+    /// records of its layer within its span; applied after the records before the maps, in
+    /// any order, the ranges build the maps a whole replay builds, counters and all.
+    #[test]
+    fn each_range_of_the_map_index_loads_alone_into_the_same_maps() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let a = s.create_layer("a", None, Some(1 << 36)).unwrap().id;
+        let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
+        // Scattered singles (16 bytes a block in the checkpoint: several ranges), runs, and
+        // a child with a few blocks and whiteouts.
+        for i in 0..14_000u64 {
+            s.write_layer(a, i * 7 * 4096, &block(i)).unwrap();
+        }
+        s.write_layer(a, 1 << 30, &vec![9u8; 64 << 12]).unwrap();
+        s.commit_layer("a").unwrap();
+        let b = s.create_layer("b", Some("a"), None).unwrap().id;
+        s.write_layer(b, 70 * 4096, &block(3)).unwrap();
+        s.zero_layer(b, 0, 8 * 4096, true).unwrap();
+        s.checkpoint().unwrap();
+        let sb = s.read().pool.meta.sb.clone();
+        let mut rec = meta::load(&*mem, &sb).unwrap();
+        let index = std::mem::take(&mut rec.index);
+        assert!(
+            index.iter().filter(|e| e.layer == a).count() >= 3,
+            "{index:?}"
+        );
+        assert!(index.iter().any(|e| e.layer == b));
+        let sums = rec.sums.clone();
+        let capacity = sums.capacity();
+        let mut resolve = |at: u64, n: usize| sums.crcs(&*mem, at, n);
+        let mut lazy = Catalog::new();
+        rec.replay_checkpoint(|at, r| {
+            if at < index[0].position() {
+                assert!(r.map_span().is_none(), "{r:?} before the maps");
+                lazy.apply_checkpoint(r, capacity, &mut resolve)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let n = index.len();
+        // Out of order: the odd ranges from the last down, then the even ones.
+        let order = (0..n).filter(|i| i % 2 == 1).rev().chain((0..n).step_by(2));
+        for i in order {
+            let mut r = meta::range_records(&*mem, &sb, &index, i).unwrap();
+            let mut records = 0;
+            loop {
+                let at = r.position();
+                let Some(rec) = r.next_record().unwrap() else {
+                    break;
+                };
+                crate::pool::index::in_range(&index, i, at, &rec).unwrap();
+                lazy.apply_checkpoint(rec, capacity, &mut resolve).unwrap();
+                records += 1;
+            }
+            assert!(records > 0, "range {i} is empty");
+        }
+        lazy.compare_counters();
+        assert!(lazy.faults.is_empty(), "{:?}", lazy.faults);
+        let g = s.read();
+        for id in [a, b] {
+            let (want, got) = (&g.catalog.get(id).unwrap().map, &lazy.get(id).unwrap().map);
+            assert_eq!(
+                want.range(0, u64::MAX),
+                got.range(0, u64::MAX),
+                "layer {id}"
+            );
+        }
     }
 
     /// After an open, the prefetch (`prefetch_map_cache`, what `serve` starts) brings every

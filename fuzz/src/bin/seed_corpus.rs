@@ -5,7 +5,7 @@
 use fuzz_common::{checkpointed_pool, classify, handshake_bytes, small_pool, PageKind};
 use std::path::Path;
 use thinlayer::format::checksum::Kind;
-use thinlayer::format::record::{LayerCreate, MapEntry, MapTarget, RecordWriter};
+use thinlayer::format::record::{IndexEntry, LayerCreate, MapEntry, MapTarget, RecordWriter};
 use thinlayer::format::superblock::{self, fields};
 use thinlayer::format::{page, LayerId, PBlock, VBlock, PAGE_SIZE};
 use thinlayer::nbd::proto::*;
@@ -128,6 +128,26 @@ fn main() {
     }
     w.cut();
     put("record_stream", "map-singles", &w.buf);
+    // A checkpoint's map index (FORMAT.md §6.3.4): two ranges of a layer. Refused by a replay
+    // (it stands only after a checkpoint's checksum pages), so mutations explore its decoder.
+    let mut w = RecordWriter::new();
+    w.map_index(&[
+        IndexEntry {
+            layer,
+            vblock: VBlock(0),
+            page: 20,
+            seq: 1,
+            offset: 40,
+        },
+        IndexEntry {
+            layer,
+            vblock: VBlock(4096),
+            page: 21,
+            seq: 2,
+            offset: 0,
+        },
+    ]);
+    put("record_stream", "map-index", &w.buf);
 
     put("pool_open", "small", &[0]);
     put("pool_open", "big-blocks", &[1]);

@@ -1,0 +1,176 @@
+//! The ranges of a checkpoint's maps not loaded yet (DESIGN.md §12, item 3b): an open of a
+//! version-7 pool reads the records before the maps and the map index (FORMAT.md §6.3.4), not
+//! the maps; this says which ranges of which layer are still on disk only, which ones a
+//! request touching some blocks needs, and when a layer's map (and then every map) is whole,
+//! so its counters can be compared. Reading a range's records is the pool's
+//! (`pool::meta::range_records`); applying them is the catalogue's (`Catalog::apply_checkpoint`,
+//! the one home of replay). The store ties them together under its lock.
+
+use crate::format::record::IndexEntry;
+use crate::format::superblock::StreamRef;
+use crate::format::{LayerId, VBlock};
+use std::collections::HashMap;
+
+/// What a layer's loaded ranges added to its map, and how many of its ranges are left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    pub ranges_left: usize,
+    pub data: u64,
+    pub zero: u64,
+}
+
+/// The checkpoint the ranges are read from, and which of them are loaded.
+pub struct Unloaded {
+    /// The checkpoint stream the index points into; it stays the pool's until the next
+    /// checkpoint, which waits for the load to complete.
+    pub checkpoint: StreamRef,
+    index: Vec<IndexEntry>,
+    loaded: Vec<bool>,
+    left: usize,
+    /// Where the background load goes on from: every range before it is loaded.
+    cursor: usize,
+    layers: HashMap<LayerId, Counted>,
+}
+
+impl Unloaded {
+    pub fn new(checkpoint: StreamRef, index: Vec<IndexEntry>) -> Self {
+        let mut layers: HashMap<LayerId, Counted> = HashMap::new();
+        for e in &index {
+            layers.entry(e.layer).or_default().ranges_left += 1;
+        }
+        Unloaded {
+            checkpoint,
+            loaded: vec![false; index.len()],
+            left: index.len(),
+            cursor: 0,
+            index,
+            layers,
+        }
+    }
+
+    pub fn index(&self) -> &[IndexEntry] {
+        &self.index
+    }
+
+    /// Whether every range is loaded.
+    pub fn is_complete(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Ranges not loaded yet.
+    pub fn left(&self) -> usize {
+        self.left
+    }
+
+    /// Whether `layer` still has ranges on disk only.
+    pub fn has_unloaded(&self, layer: LayerId) -> bool {
+        self.layers.get(&layer).is_some_and(|c| c.ranges_left > 0)
+    }
+
+    /// The ranges of `layer` holding any of blocks `v0..=v1` that are not loaded, ascending.
+    pub fn touching(&self, layer: LayerId, v0: u64, v1: u64) -> Vec<usize> {
+        if !self.has_unloaded(layer) || v0 > v1 {
+            return Vec::new();
+        }
+        // The range holding v0: the last entry of the layer starting at or before it (or the
+        // layer's first, which starts past it).
+        let after = self
+            .index
+            .partition_point(|e| (e.layer, e.vblock) <= (layer, VBlock(v0)));
+        let first_of_layer = self.index.partition_point(|e| e.layer < layer);
+        let from = after.saturating_sub(1).max(first_of_layer);
+        (from..self.index.len())
+            .take_while(|&i| self.index[i].layer == layer && self.index[i].vblock.0 <= v1)
+            .filter(|&i| !self.loaded[i])
+            .collect()
+    }
+
+    /// The next range the background load should read, if any is left.
+    pub fn next(&mut self) -> Option<usize> {
+        while self.cursor < self.loaded.len() && self.loaded[self.cursor] {
+            self.cursor += 1;
+        }
+        (self.cursor < self.loaded.len()).then_some(self.cursor)
+    }
+
+    pub fn is_loaded(&self, i: usize) -> bool {
+        self.loaded[i]
+    }
+
+    /// Range `i` is in the map now, having added `data` and `zero` blocks to it. Returns the
+    /// layer's totals when this was its last range (its counters can be compared).
+    pub fn loaded(&mut self, i: usize, data: u64, zero: u64) -> Option<(LayerId, Counted)> {
+        debug_assert!(!self.loaded[i]);
+        self.loaded[i] = true;
+        self.left -= 1;
+        let layer = self.index[i].layer;
+        let c = self.layers.get_mut(&layer).expect("a layer of the index");
+        c.ranges_left -= 1;
+        c.data += data;
+        c.zero += zero;
+        (c.ranges_left == 0).then_some((layer, *c))
+    }
+
+    /// Range `i` belongs to a layer that no longer exists (removed by the log): nothing to load.
+    pub fn skip(&mut self, i: usize) {
+        if !self.loaded[i] {
+            self.loaded[i] = true;
+            self.left -= 1;
+            if let Some(c) = self.layers.get_mut(&self.index[i].layer) {
+                c.ranges_left -= 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(layer: u32, vblock: u64, i: u64) -> IndexEntry {
+        IndexEntry {
+            layer: LayerId(layer),
+            vblock: VBlock(vblock),
+            page: 10 + i,
+            seq: i as u32,
+            offset: 0,
+        }
+    }
+
+    fn unloaded() -> Unloaded {
+        let index = vec![
+            entry(1, 0, 0),
+            entry(1, 4096, 1),
+            entry(1, 8192, 2),
+            entry(3, 1024, 3),
+        ];
+        Unloaded::new(StreamRef::default(), index)
+    }
+
+    #[test]
+    fn a_request_needs_the_ranges_holding_its_blocks() {
+        let mut u = unloaded();
+        let l1 = LayerId(1);
+        assert_eq!(u.touching(l1, 0, 0), [0]);
+        assert_eq!(u.touching(l1, 4095, 4096), [0, 1]);
+        assert_eq!(u.touching(l1, 5000, 1 << 40), [1, 2]);
+        assert_eq!(u.touching(l1, 9000, 9000), [2]);
+        // Layer 3's first range starts at 1024: blocks below it are in no range.
+        assert_eq!(u.touching(LayerId(3), 0, 10), Vec::<usize>::new());
+        assert_eq!(u.touching(LayerId(3), 0, 2000), [3]);
+        assert_eq!(u.touching(LayerId(2), 0, u64::MAX), Vec::<usize>::new());
+        assert_eq!(u.loaded(1, 5, 1), None);
+        assert_eq!(u.touching(l1, 0, 1 << 40), [0, 2]);
+        assert_eq!(u.next(), Some(0));
+        assert_eq!(u.loaded(0, 2, 0), None);
+        assert_eq!(u.next(), Some(2));
+        let done = u.loaded(2, 1, 1).unwrap();
+        assert_eq!(done.0, l1);
+        assert_eq!((done.1.data, done.1.zero), (8, 2));
+        assert!(!u.has_unloaded(l1));
+        assert!(!u.is_complete());
+        u.skip(3);
+        assert!(u.is_complete());
+        assert_eq!(u.next(), None);
+    }
+}
