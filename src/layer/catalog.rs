@@ -361,6 +361,20 @@ impl Catalog {
         }
     }
 
+    /// Layer `layer`'s map is whole from the checkpoint, whose ranges added `counted` (data,
+    /// zero) blocks to it: compare them with the counters record the checkpoint held for it
+    /// (a lazily loaded map, which the log may have changed since its ranges loaded).
+    pub fn compare_stored(&mut self, layer: LayerId, counted: (u64, u64)) {
+        if let Some(stored) = self.expected.remove(&layer) {
+            self.compare(layer, stored, counted);
+        }
+    }
+
+    /// Layers whose counters record is not compared yet.
+    pub fn uncompared(&self) -> Vec<LayerId> {
+        self.expected.keys().copied().collect()
+    }
+
     /// The checkpoint's maps are whole: compare the counters records it held with them (a
     /// version-7 checkpoint writes them before the maps, FORMAT.md §6.4).
     pub fn compare_counters(&mut self) {

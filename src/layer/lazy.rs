@@ -6,9 +6,12 @@
 //! (`pool::meta::range_records`); applying them is the catalogue's (`Catalog::apply_checkpoint`,
 //! the one home of replay). The store ties them together under its lock.
 
+use super::Catalog;
+use crate::error::{Error, Result};
 use crate::format::record::IndexEntry;
 use crate::format::superblock::StreamRef;
-use crate::format::{LayerId, VBlock};
+use crate::format::{LayerId, PBlock, VBlock};
+use crate::pool::{meta, Storage, SumPages};
 use std::collections::HashMap;
 
 /// What a layer's loaded ranges added to its map, and how many of its ranges are left.
@@ -30,10 +33,18 @@ pub struct Unloaded {
     /// Where the background load goes on from: every range before it is loaded.
     cursor: usize,
     layers: HashMap<LayerId, Counted>,
+    /// Ranges whose pages or records were found damaged: what failed, named again to every
+    /// request that needs them (the load cannot fall back to an older superblock any more).
+    failed: HashMap<usize, String>,
+    /// The checkpoint's blocks met so far (its head's at open, each range's as it loads):
+    /// all of them once the load is complete, which the allocator and the next checkpoint
+    /// (which frees them) need.
+    pub blocks: Vec<PBlock>,
+    pages_per_block: u64,
 }
 
 impl Unloaded {
-    pub fn new(checkpoint: StreamRef, index: Vec<IndexEntry>) -> Self {
+    pub fn new(checkpoint: StreamRef, index: Vec<IndexEntry>, pages_per_block: u64) -> Self {
         let mut layers: HashMap<LayerId, Counted> = HashMap::new();
         for e in &index {
             layers.entry(e.layer).or_default().ranges_left += 1;
@@ -45,7 +56,74 @@ impl Unloaded {
             cursor: 0,
             index,
             layers,
+            failed: HashMap::new(),
+            blocks: Vec::new(),
+            pages_per_block,
         }
+    }
+
+    /// Load ranges `ranges` into `catalog`'s maps: each read from its entry's page on
+    /// (`meta::range_records`, every page verified), each record checked to lie in the range
+    /// (`pool::index::in_range`) and applied as a whole open applies it
+    /// (`Catalog::apply_checkpoint`). A layer whose last range this loads has its stored
+    /// counters compared with what its ranges added. A range of a layer the log removed is
+    /// skipped. Damage fails the range for good, named to every request that needs it.
+    pub fn load(
+        &mut self,
+        catalog: &mut Catalog,
+        storage: &dyn Storage,
+        sums: &SumPages,
+        ranges: &[usize],
+    ) -> Result<()> {
+        let capacity = sums.capacity();
+        let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
+        for &i in ranges {
+            if let Some(why) = self.failed.get(&i) {
+                return Err(Error::Corrupt(why.clone()));
+            }
+            if self.loaded[i] {
+                continue;
+            }
+            let layer = self.index[i].layer;
+            let Some(before) = catalog.get(layer).map(|l| counts(&l.map)) else {
+                self.skip(i);
+                continue;
+            };
+            let applied = (|| {
+                let ppb = self.pages_per_block;
+                let mut r = meta::range_records(storage, &self.checkpoint, ppb, &self.index, i)?;
+                loop {
+                    let at = r.position();
+                    let Some(rec) = r.next_record()? else {
+                        break;
+                    };
+                    crate::pool::index::in_range(&self.index, i, at, &rec)?;
+                    catalog.apply_checkpoint(rec, capacity, &mut resolve)?;
+                }
+                Ok::<_, Error>(r.take_blocks())
+            })();
+            match applied {
+                Ok(blocks) => self.blocks.extend(blocks),
+                Err(e) => {
+                    let e = e.context(format!(
+                        "loading the maps of layer {layer} from block {} (checkpoint page {}, seq {})",
+                        self.index[i].vblock.0, self.index[i].page, self.index[i].seq
+                    ));
+                    self.failed.insert(i, e.to_string());
+                    return Err(e);
+                }
+            }
+            let after = catalog.get(layer).map_or(before, |l| counts(&l.map));
+            if let Some((layer, c)) = self.loaded(i, after.0 - before.0, after.1 - before.1) {
+                catalog.compare_stored(layer, (c.data, c.zero));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a range failed to load.
+    pub fn has_failed(&self) -> bool {
+        !self.failed.is_empty()
     }
 
     pub fn index(&self) -> &[IndexEntry] {
@@ -85,9 +163,12 @@ impl Unloaded {
             .collect()
     }
 
-    /// The next range the background load should read, if any is left.
-    pub fn next(&mut self) -> Option<usize> {
-        while self.cursor < self.loaded.len() && self.loaded[self.cursor] {
+    /// The next range the background load should read, if any is left (a failed range is
+    /// passed: it stays failed).
+    pub fn next_to_load(&mut self) -> Option<usize> {
+        while self.cursor < self.loaded.len()
+            && (self.loaded[self.cursor] || self.failed.contains_key(&self.cursor))
+        {
             self.cursor += 1;
         }
         (self.cursor < self.loaded.len()).then_some(self.cursor)
@@ -123,6 +204,10 @@ impl Unloaded {
     }
 }
 
+fn counts(m: &super::BlockMap) -> (u64, u64) {
+    (m.data_blocks(), m.zero_blocks())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,7 +229,7 @@ mod tests {
             entry(1, 8192, 2),
             entry(3, 1024, 3),
         ];
-        Unloaded::new(StreamRef::default(), index)
+        Unloaded::new(StreamRef::default(), index, 1)
     }
 
     #[test]
@@ -161,9 +246,9 @@ mod tests {
         assert_eq!(u.touching(LayerId(2), 0, u64::MAX), Vec::<usize>::new());
         assert_eq!(u.loaded(1, 5, 1), None);
         assert_eq!(u.touching(l1, 0, 1 << 40), [0, 2]);
-        assert_eq!(u.next(), Some(0));
+        assert_eq!(u.next_to_load(), Some(0));
         assert_eq!(u.loaded(0, 2, 0), None);
-        assert_eq!(u.next(), Some(2));
+        assert_eq!(u.next_to_load(), Some(2));
         let done = u.loaded(2, 1, 1).unwrap();
         assert_eq!(done.0, l1);
         assert_eq!((done.1.data, done.1.zero), (8, 2));
@@ -171,6 +256,6 @@ mod tests {
         assert!(!u.is_complete());
         u.skip(3);
         assert!(u.is_complete());
-        assert_eq!(u.next(), None);
+        assert_eq!(u.next_to_load(), None);
     }
 }

@@ -1,6 +1,7 @@
 //! The layer catalogue, each layer's sparse block map, and reading through a chain.
 pub mod catalog;
 pub mod chain;
+pub mod lazy;
 pub mod map;
 pub mod name;
 pub mod node;

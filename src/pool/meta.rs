@@ -87,6 +87,32 @@ impl Recovered<'_> {
     }
 }
 
+impl Recovered<'_> {
+    /// Hands the checkpoint's records before its maps (past its checksum pages and index
+    /// records) to `apply`, and leaves the maps, the ranges of its index, on disk: a lazy
+    /// open (DESIGN.md §12 item 3b). A map record there is damage.
+    pub fn replay_head(&mut self, mut apply: impl FnMut(Record) -> Result<()>) -> Result<()> {
+        let end = self.index.first().map_or(u64::MAX, |e| e.position());
+        self.checkpoint.set_end(end);
+        loop {
+            let at = self.checkpoint.position();
+            let Some(record) = self.checkpoint.next_record()? else {
+                break;
+            };
+            if record.map_span().is_some() {
+                return Err(Error::Corrupt(format!(
+                    "checkpoint, byte {at}: a map record before the map index's first range"
+                )));
+            }
+            apply(record)?;
+        }
+        let mut blocks = self.checkpoint.take_blocks();
+        blocks.append(&mut self.ckpt_blocks);
+        self.ckpt_blocks = blocks;
+        Ok(())
+    }
+}
+
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(what, e)
 }
@@ -227,18 +253,18 @@ fn map_index(sb: &Superblock, checkpoint: &mut StreamRecords) -> Result<Vec<Inde
 /// whole checkpoint's are: what loading part of the maps on demand reads.
 pub fn range_records<'a>(
     storage: &'a dyn Storage,
-    sb: &Superblock,
+    checkpoint: &StreamRef,
+    ppb: u64,
     index: &[IndexEntry],
     i: usize,
 ) -> Result<StreamRecords<'a>> {
-    let ppb = sb.block_size as u64 / PAGE_SIZE as u64;
     let e = index[i];
     let (end, pages) = match index.get(i + 1) {
         Some(n) => (n.position(), (n.position() - 1) / PAYLOAD_MAX as u64 + 1),
-        None => (u64::MAX, sb.checkpoint.pages),
+        None => (u64::MAX, checkpoint.pages),
     };
     let at = (e.page, e.seq as u64, pages);
-    let pages = StreamPages::from_page(storage, Kind::CheckpointPage, &sb.checkpoint, ppb, at);
+    let pages = StreamPages::from_page(storage, Kind::CheckpointPage, checkpoint, ppb, at);
     StreamRecords::range(pages, e.offset as usize, end)
 }
 

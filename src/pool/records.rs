@@ -275,6 +275,12 @@ impl<'a> StreamRecords<'a> {
         Ok(rec)
     }
 
+    /// Read no record that starts at or past stream position `end` (the records before a
+    /// checkpoint's maps, `Recovered::replay_head`); pages already read stay read.
+    pub fn set_end(&mut self, end: u64) {
+        self.end = end;
+    }
+
     /// Where the next record starts in the stream's record bytes.
     pub fn position(&self) -> u64 {
         self.base + self.pos as u64

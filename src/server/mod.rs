@@ -90,7 +90,12 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         None
     };
     let journal = keeper.as_ref().map(|_| Journal::create()).transpose()?;
-    let store = Arc::new(Store::open_with_journal(&cfg.pool, command_line, journal)?.0);
+    // Without a crash journal to replay, the maps load in the background while the server
+    // serves (DESIGN §12 item 3): reads load the ranges they touch first.
+    let store = match journal {
+        None => Store::open_lazy(&cfg.pool, command_line)?,
+        Some(j) => Arc::new(Store::open_with_journal(&cfg.pool, command_line, Some(j))?.0),
+    };
     store.set_map_cache(cfg.map_cache);
     // The first reads after the open find their crcs in memory (DESIGN §12); the thread
     // stops by itself.
@@ -102,7 +107,7 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         ));
     }
     for name in &cfg.only {
-        store.layer(name)?;
+        store.layer_head(name)?;
     }
     let exports = Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
     // Both sockets are bound before either is served, the control socket last: when it

@@ -19,7 +19,7 @@ pub struct Volume {
 
 impl Volume {
     pub fn open(store: &Arc<Store>, name: &str) -> Result<Volume> {
-        let info = store.layer(name)?;
+        let info = store.layer_head(name)?;
         if info.importing {
             return Err(crate::error::Error::NotFound(format!(
                 "layer {name:?} is still being imported"

@@ -673,14 +673,17 @@ impl Inner {
 impl Store {
     pub fn read_layer(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.make_local(id, offset, buf.len() as u64)?;
-        self.read().read(&*self.storage, id, offset, buf)
+        self.load_for(id, offset, buf.len() as u64)?;
+        self.read_now().read(&*self.storage, id, offset, buf)
     }
 
     /// `read_layer` for a bulk reader (an export) that reads each block once: whole blocks may
     /// bypass the pool file's page cache (`Storage::read_bulk_at`).
     pub fn read_layer_bulk(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.make_local(id, offset, buf.len() as u64)?;
-        self.read().read_with(&*self.storage, id, offset, buf, true)
+        self.load_for(id, offset, buf.len() as u64)?;
+        self.read_now()
+            .read_with(&*self.storage, id, offset, buf, true)
     }
 
     /// `read_layer_bulk` of several block-aligned ranges `(offset, len)` of layer `id`, in
@@ -707,8 +710,9 @@ impl Store {
         }
         for &(off, len) in ranges {
             self.make_local(id, off, len)?;
+            self.load_for(id, off, len)?;
         }
-        let g = self.read();
+        let g = self.read_now();
         let mut spans = Vec::with_capacity(ranges.len());
         for &(off, len) in ranges {
             g.check_range(id, off, len, false)?;
@@ -780,7 +784,8 @@ impl Store {
     }
 
     pub fn extents_layer(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.read().extents(id, offset, len)
+        self.load_for(id, offset, len)?;
+        self.read_now().extents(id, offset, len)
     }
 }
 

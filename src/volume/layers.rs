@@ -7,6 +7,16 @@ use crate::format::LayerId;
 use crate::layer::{name, Change, Layer};
 use serde::Serialize;
 
+/// What serving a layer needs of it (`Store::layer_head`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerHead {
+    pub id: crate::format::LayerId,
+    pub name: String,
+    pub disk_size: u64,
+    pub writable: bool,
+    pub importing: bool,
+}
+
 /// One layer as `ls` and `history` show it.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LayerInfo {
@@ -417,6 +427,20 @@ impl Store {
         let g = self.read();
         let l = g.layer_by_name(layer_name)?;
         Ok(g.info(l))
+    }
+
+    /// What serving a layer needs to know of it, without waiting for a lazily opened pool's
+    /// maps (`layer` counts their blocks): its id, name, size and mode.
+    pub fn layer_head(&self, layer_name: &str) -> Result<LayerHead> {
+        let g = self.read_now();
+        let l = g.layer_by_name(layer_name)?;
+        Ok(LayerHead {
+            id: l.id,
+            name: l.name.clone(),
+            disk_size: l.disk_size,
+            writable: l.writable,
+            importing: l.incomplete,
+        })
     }
 
     /// Every layer, parents before children.

@@ -11,6 +11,7 @@ pub mod invariants;
 pub mod io;
 pub mod journal;
 pub mod layers;
+pub mod lazy_open;
 pub mod migrate;
 pub mod remote;
 pub mod store;

@@ -188,7 +188,11 @@ impl Store {
         let stop = (offset.saturating_add(len) - 1) / bs + 1;
         loop {
             let (l, gap, source) = {
-                let g = self.read();
+                if !self.read_now().catalog.has_remote() {
+                    return Ok(());
+                }
+                self.load_for(top, offset, len)?;
+                let g = self.read_now();
                 if !g.catalog.has_remote() {
                     return Ok(());
                 }

@@ -35,6 +35,9 @@ pub struct Store {
     lock: std::sync::Mutex<Option<PoolLock>>,
     /// Handed to another process (`release`): no change may be made until `take_back`.
     released: AtomicBool,
+    /// Open until the maps are whole: a lazily opened pool's (`lazy_open`) every method but
+    /// the block paths waits here.
+    pub(crate) gate: super::lazy_open::Gate,
 }
 
 pub(crate) struct Inner {
@@ -54,6 +57,10 @@ pub(crate) struct Inner {
     pub slot_damaged: bool,
     /// The crash journal (a live server's): a copy of `pending` that outlives the process.
     pub journal: Option<Journaled>,
+    /// A lazily opened pool's map ranges still on disk (`layer::lazy`); None once whole.
+    pub lazy: Option<crate::layer::lazy::Unloaded>,
+    /// Why a lazily opened pool's load stopped (a damaged range): changes are refused.
+    pub late: Option<String>,
     /// Where each remote layer's missing blocks come from (`remote.rs`), as a frontend
     /// attached them; a remote layer without one reads none of its unmapped blocks.
     pub remotes: super::remote::Remotes,
@@ -201,12 +208,15 @@ impl Store {
                 newest_seen: 1,
                 slot_damaged: false,
                 journal: None,
+                lazy: None,
+                late: None,
                 remotes: Default::default(),
             }),
             writable: true,
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
+            gate: super::lazy_open::Gate::open(),
         })
     }
 
@@ -300,12 +310,41 @@ impl Store {
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
+            gate: super::lazy_open::Gate::open(),
         };
         if writable {
             store.inner.write().unwrap().recover(&*store.storage)?;
             store.discard_incomplete()?;
         }
         Ok((store, replayed))
+    }
+
+    /// A store around loaded state, behind `gate`.
+    pub(super) fn with_inner(
+        storage: Arc<dyn Storage>,
+        inner: Inner,
+        writable: bool,
+        gate: super::lazy_open::Gate,
+    ) -> Store {
+        Store {
+            storage,
+            path: None,
+            inner: RwLock::new(inner),
+            commit_lock: std::sync::Mutex::new(()),
+            sealed: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            writable,
+            discarded: Default::default(),
+            lock: std::sync::Mutex::new(None),
+            released: AtomicBool::new(false),
+            gate,
+        }
+    }
+
+    /// The pool file's path and lock, for a store opened on it.
+    pub(super) fn set_path_and_lock(&mut self, path: &Path, lock: PoolLock) {
+        self.path = Some(path.to_path_buf());
+        self.lock = std::sync::Mutex::new(Some(lock));
     }
 
     /// The self-check, for tests: verify the live state (volume/invariants.rs); `Error::Corrupt`
@@ -348,7 +387,7 @@ impl Store {
 
     /// Remove layers a crash left half-imported (committed by the open transaction's
     /// commits, never finished), in one commit. Their names are kept for `discarded`.
-    fn discard_incomplete(&self) -> Result<()> {
+    pub(super) fn discard_incomplete(&self) -> Result<()> {
         let names: Vec<String> = self
             .read()
             .catalog
@@ -385,10 +424,19 @@ impl Store {
     }
 
     pub fn block_size(&self) -> u32 {
-        self.read().block_size
+        self.read_now().block_size
     }
 
+    /// The read lock, once the maps are whole (a lazily opened pool's wait here: everything
+    /// that may look at a whole map is correct without knowing of the lazy load).
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.gate.wait();
+        self.read_now()
+    }
+
+    /// The read lock without waiting for the maps: for the block paths, which load the
+    /// ranges they touch first (`load_for`), and what needs no map.
+    pub(crate) fn read_now(&self) -> RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -404,8 +452,23 @@ impl Store {
                 "the pool was handed to the next server process (thinlayer restart)".into(),
             ));
         }
+        // Until the allocator can hand out blocks while the maps load (DESIGN §12 item 3d),
+        // changes wait for the whole maps.
+        self.gate.wait();
         let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.pool.usable()?;
+        if let Some(why) = &g.late {
+            return Err(Error::Corrupt(format!(
+                "the pool's maps could not all be loaded ({why}); run `thinlayer check`"
+            )));
+        }
+        if !g.load_faults.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{} fault(s) in the metadata found after the open, first: {}; run `thinlayer check`",
+                g.load_faults.len(),
+                g.load_faults[0]
+            )));
+        }
         Ok(WriteGuard(g))
     }
 
@@ -558,7 +621,7 @@ impl Store {
         self.sums().stats()
     }
 
-    fn sums(&self) -> Arc<crate::pool::SumPages> {
+    pub(crate) fn sums(&self) -> Arc<crate::pool::SumPages> {
         let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
         g.pool.meta.sums().clone()
     }
@@ -608,6 +671,10 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         self.sums().stop_prefetch();
+        // Maps not whole: the allocator knows nothing yet, and nothing was changed.
+        if !self.gate.is_done() {
+            return;
+        }
         // Whatever free space is still held goes back to the filesystem on the way out.
         if self.writable && !self.released.load(Ordering::SeqCst) {
             let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -642,6 +709,14 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
 
 /// Rebuild the in-memory state from the newest superblock whose streams verify.
 fn load(storage: &dyn Storage) -> Result<Inner> {
+    load_with(storage, load_generation)
+}
+
+/// `load`, each generation tried by `generation` (`load_generation`, or a lazy open's).
+pub(super) fn load_with(
+    storage: &dyn Storage,
+    generation: fn(&dyn Storage, &crate::format::superblock::Superblock) -> Result<Inner>,
+) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
     if sbs.is_empty() {
         // Refused by name, with the way across (FORMAT.md §11), rather than as damage.
@@ -673,7 +748,7 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
         .collect();
     let mut errors = Vec::new();
     for sb in &sbs {
-        match load_generation(storage, sb) {
+        match generation(storage, sb) {
             Ok(mut inner) => {
                 if !errors.is_empty() {
                     let what = What::Fallback {
@@ -782,11 +857,31 @@ pub(super) fn load_generation(
         newest_seen: sb.generation,
         slot_damaged: false,
         journal: None,
+        lazy: None,
+        late: None,
         remotes: Default::default(),
     })
 }
 
 impl Inner {
+    /// The state around a loaded catalogue and pool, with nothing pending or found.
+    pub(super) fn empty(pool: Pool, catalog: Catalog, block_size: u32) -> Inner {
+        Inner {
+            pool,
+            catalog,
+            pending: RecordWriter::new(),
+            block_size,
+            load_faults: Vec::new(),
+            load_notes: Vec::new(),
+            newest_seen: 0,
+            slot_damaged: false,
+            journal: None,
+            lazy: None,
+            late: None,
+            remotes: Default::default(),
+        }
+    }
+
     /// Commit steps 1 and 1a (see `Pool::stage`): the store says what — its open transaction,
     /// and how to encode the catalogue if a checkpoint is due.
     pub(crate) fn stage(&mut self, storage: &dyn Storage) -> Result<Option<crate::pool::Commit>> {
@@ -876,7 +971,7 @@ impl Inner {
     }
 
     /// Writable-open housekeeping (see `Pool::recover`).
-    fn recover(&mut self, storage: &dyn Storage) -> Result<()> {
+    pub(super) fn recover(&mut self, storage: &dyn Storage) -> Result<()> {
         self.pool
             .recover(storage, self.slot_damaged, self.newest_seen)?;
         self.slot_damaged = false;
@@ -994,7 +1089,7 @@ mod tests {
         // Out of order: the odd ranges from the last down, then the even ones.
         let order = (0..n).filter(|i| i % 2 == 1).rev().chain((0..n).step_by(2));
         for i in order {
-            let mut r = meta::range_records(&*mem, &sb, &index, i).unwrap();
+            let mut r = meta::range_records(&*mem, &sb.checkpoint, 1, &index, i).unwrap();
             let mut records = 0;
             loop {
                 let at = r.position();

@@ -1,0 +1,559 @@
+//! Opening a version-7 pool without reading its maps (DESIGN.md §12, items 3b and 3c): the
+//! open reads the superblock, the checkpoint's records before its maps, its map index and the
+//! log (after loading the ranges the log's entries touch), and serves at once. A block path
+//! loads the ranges it touches in every layer of the chain first (`Store::load_for`); every
+//! other method waits at the store's gate (`Store::read`, `Store::write`) until a background
+//! thread has loaded the rest and rebuilt the allocator from the whole maps, as an eager open
+//! does (`complete_in_background`). Changes wait for that too, until the allocator can work
+//! without the maps (item 3d).
+
+use super::invariants;
+use super::store::{load_generation, load_with, Inner, Store};
+use crate::error::{Error, Result};
+use crate::format::record::{Record, RecordReader};
+use crate::format::superblock::Superblock;
+use crate::format::{first_data_block, LayerId};
+use crate::layer::lazy::Unloaded;
+use crate::layer::Catalog;
+use crate::pool::meta::{self, MetaStreams};
+use crate::pool::{Allocator, FileStorage, Pool, Storage};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Open once the maps are whole; waiters sleep on a condvar.
+pub(crate) struct Gate {
+    done: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Gate {
+    pub(crate) fn open() -> Self {
+        Gate {
+            done: AtomicBool::new(true),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn closed() -> Self {
+        Gate {
+            done: AtomicBool::new(false),
+            ..Gate::open()
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn wait(&self) {
+        if self.is_done() {
+            return;
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.is_done() {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn release(&self) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.done.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+}
+
+/// How long the background load holds the write lock at a time: block paths wait at most
+/// about this long behind it.
+const HOLD: Duration = Duration::from_millis(2);
+
+/// Load generation `sb` without its maps: the checkpoint's records before them, its index,
+/// then the log, after the ranges its map entries touch. A checkpoint without an index (no
+/// maps) loads whole.
+fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner> {
+    let mut rec = meta::load(storage, sb)?;
+    if rec.index.is_empty() {
+        return load_generation(storage, sb);
+    }
+    let mut catalog = Catalog::new();
+    let sums = rec.sums.clone();
+    let capacity = sums.capacity();
+    let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
+    rec.replay_head(|r| catalog.apply_checkpoint(r, capacity, &mut resolve))?;
+    let ppb = sb.block_size as u64 / crate::format::PAGE_SIZE as u64;
+    let index = std::mem::take(&mut rec.index);
+    let mut lazy = Unloaded::new(sb.checkpoint.clone(), index, ppb);
+    // A layer without a range has its whole map (none) from the checkpoint already.
+    for layer in catalog.uncompared() {
+        if !lazy.has_unloaded(layer) {
+            catalog.compare_stored(layer, (0, 0));
+        }
+    }
+    // The log is short (the checkpoint threshold bounds it): the ranges it changes load first,
+    // so it applies to whole chunks, as on an eager open.
+    let mut log = Vec::new();
+    let mut r = RecordReader::new(&rec.log, "log");
+    let mut want = Vec::new();
+    while let Some(record) = r.next_record()? {
+        touched(&lazy, &record, &mut want);
+        log.push(record);
+    }
+    want.sort_unstable();
+    want.dedup();
+    lazy.load(&mut catalog, storage, &sums, &want)?;
+    let mut it = log.into_iter();
+    catalog.replay_log(|| Ok(it.next()))?;
+    let meta = MetaStreams::from_recovered(&rec);
+    lazy.blocks = meta.ckpt_blocks.clone();
+    let bs = sb.block_size;
+    let alloc = Allocator::new(first_data_block(bs), sb.max_blocks);
+    let faults = std::mem::take(&mut catalog.faults);
+    let mut inner = load_generation_shell(meta, alloc, catalog, bs, sb.generation, &rec)?;
+    inner.load_faults = faults;
+    inner.lazy = Some(lazy);
+    Ok(inner)
+}
+
+/// The ranges a log record's map entries touch.
+fn touched(lazy: &Unloaded, record: &Record, out: &mut Vec<usize>) {
+    let mut add = |layer: LayerId, v0: u64, v1: u64| out.extend(lazy.touching(layer, v0, v1));
+    match record {
+        Record::Map { layer, entries } => {
+            for e in entries {
+                add(*layer, e.vblock.0, e.vblock.0);
+            }
+        }
+        Record::MapRun { layer, run } => {
+            let n = run.crcs.len() as u64;
+            add(*layer, run.vblock.0, run.vblock.0 + n.max(1) - 1);
+        }
+        _ => {}
+    }
+}
+
+/// An `Inner` around a loaded catalogue whose allocator is not built yet.
+fn load_generation_shell(
+    meta: MetaStreams,
+    alloc: Allocator,
+    catalog: Catalog,
+    bs: u32,
+    generation: u64,
+    rec: &meta::Recovered,
+) -> Result<Inner> {
+    let mut inner = Inner::empty(Pool::new(meta, alloc, bs), catalog, bs);
+    inner.newest_seen = generation;
+    if let Some(commit) = rec.dropped_commit {
+        let what = crate::fault::What::CutOffCommit { commit };
+        inner
+            .load_notes
+            .push(crate::fault::Fault::new(what, Default::default()));
+    }
+    Ok(inner)
+}
+
+impl Inner {
+    /// The ranges of every layer of `id`'s chain holding blocks of `offset..offset + len`
+    /// that are not loaded.
+    fn ranges_for(&self, id: LayerId, offset: u64, len: u64) -> Vec<usize> {
+        let Some(lazy) = &self.lazy else {
+            return Vec::new();
+        };
+        if len == 0 {
+            return Vec::new();
+        }
+        let bs = self.block_size as u64;
+        let (v0, v1) = (offset / bs, (offset.saturating_add(len) - 1) / bs);
+        let mut out = Vec::new();
+        for l in self.catalog.chain(id) {
+            out.extend(lazy.touching(l.id, v0, v1));
+        }
+        out
+    }
+
+    /// Load `ranges` (under the write lock).
+    fn load_ranges(&mut self, storage: &dyn Storage, ranges: &[usize]) -> Result<()> {
+        let sums = self.pool.meta.sums().clone();
+        let Inner { catalog, lazy, .. } = self;
+        match lazy {
+            Some(lazy) => lazy.load(catalog, storage, &sums, ranges),
+            None => Ok(()),
+        }
+    }
+
+    /// Load ranges in order for about `HOLD`; true when none is left to load.
+    fn load_some(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let start = Instant::now();
+        loop {
+            let next = self.lazy.as_mut().and_then(|l| l.next_to_load());
+            let Some(i) = next else {
+                return Ok(true);
+            };
+            self.load_ranges(storage, &[i])?;
+            if start.elapsed() >= HOLD {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Every range is loaded: the maps are whole. The checkpoint's blocks are all known now,
+    /// and the allocator is rebuilt from the maps and the streams as an eager open builds it
+    /// (`invariants::audit`); what it finds is a fault of the load.
+    fn finish_load(&mut self, storage: &dyn Storage) -> Result<()> {
+        let Some(lazy) = self.lazy.take() else {
+            return Ok(());
+        };
+        let mut blocks = lazy.blocks;
+        blocks.sort_unstable();
+        blocks.dedup();
+        self.pool.meta.ckpt_blocks = blocks;
+        let bs = self.block_size;
+        let file_blocks = storage
+            .len()
+            .map_err(|e| Error::io("reading the pool size", e))?
+            .div_ceil(bs as u64);
+        let mut alloc = Allocator::new(first_data_block(bs), self.pool.meta.sb.max_blocks);
+        let mut faults = std::mem::take(&mut self.catalog.faults);
+        faults.extend(invariants::audit(
+            &self.catalog,
+            &self.pool.meta,
+            bs,
+            file_blocks,
+            &mut alloc,
+        ));
+        alloc.committed();
+        self.pool.alloc = alloc;
+        self.load_faults.extend(faults);
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Open the pool at `path` for a server, taking its lock, without reading its maps
+    /// (version 7 and a checkpoint with maps; any other loads whole), and load them in the
+    /// background (`complete_in_background`).
+    pub fn open_lazy(path: &Path, purpose: &str) -> Result<Arc<Store>> {
+        let lock = crate::pool::lock::PoolLock::acquire(path, purpose)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening pool {}", path.display()), e))?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let mut s = Self::open_in_lazy(storage, true)
+            .map_err(|e| e.context(format!("pool {}", path.display())))?;
+        s.set_path_and_lock(path, lock);
+        let s = Arc::new(s);
+        s.complete_in_background()
+            .map_err(|e| Error::io("starting the background load of the maps", e))?;
+        Ok(s)
+    }
+
+    /// `open_in`, leaving the maps on disk (see the module's comment); nothing loads them
+    /// in the background until `complete_in_background` (tests drive it themselves).
+    pub fn open_in_lazy(storage: Arc<dyn Storage>, writable: bool) -> Result<Store> {
+        let inner = load_with(&*storage, load_generation_lazy)?;
+        if inner.lazy.is_none() {
+            drop(inner);
+            return Self::open_in(storage, writable);
+        }
+        Ok(Self::with_inner(storage, inner, writable, Gate::closed()))
+    }
+
+    /// Whether the maps are whole (a lazily opened pool's background load is done).
+    pub fn maps_loaded(&self) -> bool {
+        self.gate.is_done()
+    }
+
+    /// Before a block path takes the read lock: the ranges of every layer of `id`'s chain
+    /// holding blocks of `offset..offset + len` are loaded (under the write lock, briefly).
+    /// An error names the damaged page of a range that cannot be loaded.
+    pub(crate) fn load_for(&self, id: LayerId, offset: u64, len: u64) -> Result<()> {
+        if self.gate.is_done() && self.read_now().lazy.is_none() {
+            return Ok(());
+        }
+        if self.read_now().ranges_for(id, offset, len).is_empty() {
+            return Ok(());
+        }
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let want = g.ranges_for(id, offset, len);
+        g.load_ranges(&*self.storage, &want)
+    }
+
+    /// Load the ranges left, a few at a time, then rebuild the allocator, run a writable
+    /// open's housekeeping and open the gate. Holds only a weak reference: a store dropped
+    /// meanwhile stops it. A range that cannot be loaded stops the load: the gate opens
+    /// anyway (what waits must not wait forever), changes are refused naming the damage,
+    /// and reads of that range fail naming its page.
+    pub fn complete_in_background(
+        self: &Arc<Self>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("maps-load".into())
+            .spawn(move || {
+                let t = Instant::now();
+                loop {
+                    let Some(s) = weak.upgrade() else {
+                        return;
+                    };
+                    let step = {
+                        let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+                        g.load_some(&*s.storage)
+                    };
+                    match step {
+                        Ok(false) => continue,
+                        Ok(true) => break,
+                        Err(e) => {
+                            s.stop_load(e);
+                            return;
+                        }
+                    }
+                }
+                let Some(s) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = s.complete_load() {
+                    s.stop_load(e);
+                    return;
+                }
+                crate::log::process(
+                    crate::log::Level::Info,
+                    format_args!(
+                        "thinlayer: maps loaded in the background in {} ms",
+                        t.elapsed().as_millis()
+                    ),
+                );
+            })
+    }
+
+    /// Every range is loaded: rebuild the allocator, then a writable open's housekeeping (as
+    /// `open_in` does after an eager load), then open the gate.
+    pub(crate) fn complete_load(&self) -> Result<()> {
+        {
+            let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            g.finish_load(&*self.storage)?;
+            if self.is_writable() && g.load_faults.is_empty() {
+                g.recover(&*self.storage)?;
+            }
+        }
+        self.gate.release();
+        if self.is_writable() && self.read().load_faults.is_empty() {
+            self.discard_incomplete()?;
+            // A server's start says so for an eager open; here it has long started.
+            for name in self.discarded() {
+                crate::log::process(
+                    crate::log::Level::Warn,
+                    format_args!(
+                        "thinlayer: removed layer {name:?}: a crash interrupted its import"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_load(&self, e: Error) {
+        crate::log::process(
+            crate::log::Level::Warn,
+            format_args!("thinlayer: the maps could not all be loaded: {e}"),
+        );
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.late.get_or_insert_with(|| e.to_string());
+        drop(g);
+        self.gate.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::MemStorage;
+    use crate::volume::CreateOptions;
+    use proptest::prelude::*;
+
+    const BS: u64 = 4096;
+
+    fn block(seed: u64) -> Vec<u8> {
+        (0..BS)
+            .map(|i| (seed.wrapping_mul(31).wrapping_add(i / 512) % 251) as u8 + 1)
+            .collect()
+    }
+
+    /// A pool of several ranges: "base" (committed) with scattered singles and a run, "app"
+    /// over it with a few blocks and whiteouts, "img" (committed) of runs, all
+    /// checkpointed; then writes in the log (so the open loads their ranges first) and a
+    /// layer removed in the log (its ranges are never loaded).
+    fn pool() -> Arc<MemStorage> {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        s.create_layer("base", None, Some(1 << 30)).unwrap();
+        let base = s.layer_head("base").unwrap().id;
+        for i in 0..6000u64 {
+            s.write_layer(base, (i * 37 % 200_000) * BS, &block(i))
+                .unwrap();
+        }
+        let run: Vec<u8> = (0..300).flat_map(block).collect();
+        s.write_layer(base, 250_000 * BS, &run).unwrap();
+        s.commit_layer("base").unwrap();
+        s.create_layer("app", Some("base"), None).unwrap();
+        let app = s.layer_head("app").unwrap().id;
+        for i in 0..40u64 {
+            s.write_layer(app, i * 4999 * BS, &block(i + 7000)).unwrap();
+        }
+        s.zero_layer(app, 37 * BS, 3 * BS, false).unwrap();
+        s.create_layer("img", None, Some(1 << 28)).unwrap();
+        let img = s.layer_head("img").unwrap().id;
+        s.write_layer(img, 0, &run).unwrap();
+        s.commit_layer("img").unwrap();
+        s.create_layer("gone", None, Some(1 << 24)).unwrap();
+        let gone = s.layer_head("gone").unwrap().id;
+        for i in 0..500u64 {
+            s.write_layer(gone, i * 3 * BS, &block(i)).unwrap();
+        }
+        s.checkpoint().unwrap();
+        // In the log: changes to app's ranges, and a removal.
+        s.write_layer(app, 4999 * 3 * BS, &block(99_999)).unwrap();
+        s.write_layer(app, 150_000 * BS, &block(88_888)).unwrap();
+        s.remove_layer("gone").unwrap();
+        s.flush().unwrap();
+        drop(s);
+        mem
+    }
+
+    fn copy(mem: &MemStorage) -> Arc<MemStorage> {
+        Arc::new(MemStorage::from_bytes(mem.snapshot()))
+    }
+
+    /// Right after a lazy open, before anything loads in the background: reads of the last
+    /// layer's last chunk, and of every layer, answer what an eager open's do; nothing else
+    /// was loaded for them but the ranges they touch.
+    #[test]
+    fn reads_right_after_a_lazy_open_answer_as_an_eager_open() {
+        let mem = pool();
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        let lazy = Store::open_in_lazy(mem.clone(), true).unwrap();
+        assert!(!lazy.maps_loaded());
+        let left = lazy.read_now().lazy.as_ref().unwrap().left();
+        assert!(left >= 4, "{left} ranges left");
+        let (mut a, mut b) = (vec![0u8; BS as usize], vec![0u8; BS as usize]);
+        let img = lazy.layer_head("img").unwrap();
+        let last = img.disk_size - BS;
+        lazy.read_layer(img.id, last, &mut a).unwrap();
+        eager.read_layer(img.id, last, &mut b).unwrap();
+        assert_eq!(a, b);
+        let app = lazy.layer_head("app").unwrap().id;
+        for vb in [0, 37, 38, 4999 * 3, 150_000, 250_010, 199_999] {
+            lazy.read_layer(app, vb * BS, &mut a).unwrap();
+            eager.read_layer(app, vb * BS, &mut b).unwrap();
+            assert!(a == b, "block {vb}");
+        }
+        assert!(!lazy.maps_loaded());
+        let now = lazy.read_now().lazy.as_ref().unwrap().left();
+        assert!(now < left && now > 0, "{now} of {left} ranges left");
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Read { layer: usize, vb: u64, n: u64 },
+        Extents { layer: usize, vb: u64, n: u64 },
+        Write { vb: u64, n: u64, seed: u64 },
+        Flush,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let vb = prop_oneof![0u64..300, 0u64..260_000, 149_990u64..150_010];
+        prop_oneof![
+            6 => (0usize..3, vb.clone(), 1u64..40).prop_map(|(layer, vb, n)| Op::Read { layer, vb, n }),
+            2 => (0usize..3, vb.clone(), 1u64..2000).prop_map(|(layer, vb, n)| Op::Extents { layer, vb, n }),
+            2 => (vb, 1u64..4, any::<u64>()).prop_map(|(vb, n, seed)| Op::Write { vb, n, seed }),
+            1 => Just(Op::Flush),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        /// A lazily opened pool, its maps loading in the background meanwhile, answers every
+        /// read, block status and write as an eagerly opened copy does; afterwards both are
+        /// consistent and the lazy one reopens to the same contents.
+        #[test]
+        fn a_lazy_open_answers_as_an_eager_one_while_the_maps_load(
+            ops in proptest::collection::vec(op(), 1..40)
+        ) {
+            let mem = pool();
+            let eager = Store::open_in(copy(&mem), true).unwrap();
+            let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+            let bg = lazy.complete_in_background().unwrap();
+            let names = ["base", "app", "img"];
+            let app = lazy.layer_head("app").unwrap().id;
+            for op in &ops {
+                match *op {
+                    Op::Read { layer, vb, n } => {
+                        let id = lazy.layer_head(names[layer]).unwrap().id;
+                        let (mut a, mut b) = (vec![0u8; (n * BS) as usize], vec![0u8; (n * BS) as usize]);
+                        let ra = lazy.read_layer(id, vb * BS, &mut a).map_err(|e| e.to_string());
+                        let rb = eager.read_layer(id, vb * BS, &mut b).map_err(|e| e.to_string());
+                        prop_assert_eq!(ra.is_ok(), rb.is_ok());
+                        prop_assert!(a == b, "{:?}", op);
+                    }
+                    Op::Extents { layer, vb, n } => {
+                        let id = lazy.layer_head(names[layer]).unwrap().id;
+                        let a = lazy.extents_layer(id, vb * BS, n * BS).map_err(|e| e.to_string());
+                        let b = eager.extents_layer(id, vb * BS, n * BS).map_err(|e| e.to_string());
+                        prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                    }
+                    Op::Write { vb, n, seed } => {
+                        let data: Vec<u8> = (0..n).flat_map(|i| block(seed ^ i)).collect();
+                        lazy.write_layer(app, vb * BS, &data).unwrap();
+                        eager.write_layer(app, vb * BS, &data).unwrap();
+                    }
+                    Op::Flush => {
+                        lazy.flush().unwrap();
+                        eager.flush().unwrap();
+                    }
+                }
+            }
+            bg.join().unwrap();
+            prop_assert!(lazy.maps_loaded());
+            lazy.verify_consistency().unwrap();
+            eager.verify_consistency().unwrap();
+            prop_assert_eq!(lazy.used_blocks() > 0, true);
+            lazy.flush().unwrap();
+            drop(lazy);
+            let again = Store::open_in(mem.clone(), false).unwrap();
+            again.verify_consistency().unwrap();
+            for name in names {
+                let id = again.layer_head(name).unwrap().id;
+                for vb in [0u64, 37, 150_000, 250_000, 14_997] {
+                    let (mut a, mut b) = (vec![0u8; BS as usize], vec![0u8; BS as usize]);
+                    let ra = again.read_layer(id, vb * BS, &mut a).is_ok();
+                    let rb = eager.read_layer(id, vb * BS, &mut b).is_ok();
+                    prop_assert!(ra == rb && a == b, "{} block {}", name, vb);
+                }
+            }
+        }
+    }
+
+    /// A lazily opened pool whose maps loaded has the allocator an eager open builds: the
+    /// same blocks used, and the checkpoint's blocks all known (the next checkpoint frees
+    /// them), `check`'s rules all kept.
+    #[test]
+    fn the_completed_load_builds_the_eager_allocator() {
+        let mem = pool();
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        lazy.complete_in_background().unwrap().join().unwrap();
+        assert!(lazy.maps_loaded());
+        assert_eq!(lazy.used_blocks(), eager.used_blocks());
+        assert_eq!(lazy.read().pool.meta.ckpt_blocks, {
+            let mut b = eager.read().pool.meta.ckpt_blocks.clone();
+            b.sort_unstable();
+            b
+        });
+        lazy.verify_consistency().unwrap();
+        lazy.checkpoint().unwrap();
+        lazy.verify_consistency().unwrap();
+    }
+}
