@@ -1754,9 +1754,12 @@ mod tests {
         assert_eq!(recs.len(), 3);
     }
 
+    /// A change made to a record's bytes.
+    type Damage = dyn Fn(&mut Vec<u8>);
+
     /// Every cut of the record `golden` is refused; returns a check that `golden` changed by
     /// `f` is refused with a message containing `want`.
-    fn refused(golden: &[u8]) -> impl Fn(&dyn Fn(&mut Vec<u8>), &str) + '_ {
+    fn refused(golden: &[u8]) -> impl Fn(&Damage, &str) + '_ {
         for cut in 1..golden.len() {
             assert!(RecordReader::new(&golden[..cut], "c")
                 .next_record()
