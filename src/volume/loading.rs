@@ -115,10 +115,21 @@ impl Store {
         }
     }
 
-    /// The load is complete (`Inner::complete_load` ran under a lock the caller held): wake
-    /// the waiters.
+    /// The load is complete (`Inner::complete_load` ran under a lock the caller held; call
+    /// this after letting go of it): wake the waiters, then remove the layers a crash left
+    /// half-imported, which a deferred open leaves to now (their removal's commit may need
+    /// room that only the completion frees, and nothing would complete the load while the
+    /// open waited for it). A failure to remove them is logged: the next open tries again.
     pub fn load_done(&self) {
         self.loaded.set(State::Complete);
+        if self.is_writable() {
+            if let Err(e) = self.discard_incomplete() {
+                crate::log::process(
+                    crate::log::Level::Warn,
+                    format_args!("thinlayer: removing half-imported layers after the load: {e}"),
+                );
+            }
+        }
     }
 
     /// The load cannot complete (a range failed to load, recorded by `Inner::late_fault`):
@@ -329,6 +340,25 @@ mod tests {
         let mut buf = vec![0u8; 150 * 4096];
         s.read_layer(a, 0, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 9));
+    }
+
+    /// Layers a crash left half-imported are removed when a deferred load completes, not at
+    /// the open: their removal commits, and a capped pool may have room for that only below
+    /// the extent, which the open would have waited for with nothing to complete the load.
+    #[test]
+    fn half_imported_layers_are_discarded_when_the_load_completes() {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let id = s.begin_import("half", None, 64 * 4096).unwrap().id;
+        s.write_layer(id, 0, &block(1)).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = Store::open_in_deferred(mem, true).unwrap();
+        assert!(s.layer("half").is_ok() && s.discarded().is_empty());
+        s.complete_load();
+        assert!(s.layer("half").is_err());
+        assert_eq!(s.discarded(), ["half"]);
+        s.verify_consistency().unwrap();
     }
 
     /// A block mapped twice that the open could not see (its rebuild deferred, as with maps

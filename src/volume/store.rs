@@ -330,7 +330,11 @@ impl Store {
         };
         if writable {
             store.inner.write().unwrap().recover(&*store.storage)?;
-            store.discard_incomplete()?;
+            // Its commit may need room a capped pool has only below the extent, which a
+            // deferred load frees at its completion: `load_done` discards them then.
+            if !deferred {
+                store.discard_incomplete()?;
+            }
         }
         Ok((store, replayed))
     }
@@ -375,7 +379,7 @@ impl Store {
 
     /// Remove layers a crash left half-imported (committed by the open transaction's
     /// commits, never finished), in one commit. Their names are kept for `discarded`.
-    fn discard_incomplete(&self) -> Result<()> {
+    pub(crate) fn discard_incomplete(&self) -> Result<()> {
         let names: Vec<String> = self
             .read()
             .catalog
