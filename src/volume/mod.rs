@@ -11,6 +11,7 @@ pub mod invariants;
 pub mod io;
 pub mod journal;
 pub mod layers;
+pub mod loading;
 pub mod migrate;
 pub mod remote;
 pub mod store;

@@ -5,6 +5,7 @@
 
 use super::invariants;
 use super::journal::{Journal, Journaled, Replayed};
+use super::loading::LoadGate;
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{RecordReader, RecordWriter};
@@ -35,6 +36,8 @@ pub struct Store {
     lock: std::sync::Mutex<Option<PoolLock>>,
     /// Handed to another process (`release`): no change may be made until `take_back`.
     released: AtomicBool,
+    /// Whether every map is loaded and the allocator rebuilt from them (`loading.rs`).
+    pub(crate) loaded: LoadGate,
 }
 
 pub(crate) struct Inner {
@@ -207,6 +210,7 @@ impl Store {
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
+            loaded: LoadGate::complete(),
         })
     }
 
@@ -274,7 +278,25 @@ impl Store {
         writable: bool,
         journal: Option<Journal>,
     ) -> Result<(Store, Replayed)> {
-        let mut inner = load(&*storage)?;
+        Self::open_in_mode(storage, writable, journal, false)
+    }
+
+    /// `open_in_with`; `deferred`: the allocator is left in its loading mode (nothing below
+    /// the file's extent at open is handed out or freed) until `complete_load`, and the
+    /// audit's faults are found then (`loading.rs`). A journal is replayed only by an eager
+    /// open: which blocks below the extent are free is not known before the completion.
+    pub(crate) fn open_in_mode(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        journal: Option<Journal>,
+        deferred: bool,
+    ) -> Result<(Store, Replayed)> {
+        if deferred && journal.is_some() {
+            return Err(Error::Internal(
+                "a crash journal is replayed by an eager open only".into(),
+            ));
+        }
+        let mut inner = load(&*storage, deferred)?;
         if writable && !inner.load_faults.is_empty() {
             return Err(Error::Corrupt(format!(
                 "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
@@ -300,10 +322,19 @@ impl Store {
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
+            loaded: if deferred {
+                LoadGate::loading()
+            } else {
+                LoadGate::complete()
+            },
         };
         if writable {
             store.inner.write().unwrap().recover(&*store.storage)?;
-            store.discard_incomplete()?;
+            // Its commit may need room a capped pool has only below the extent, which a
+            // deferred load frees at its completion: `load_done` discards them then.
+            if !deferred {
+                store.discard_incomplete()?;
+            }
         }
         Ok((store, replayed))
     }
@@ -348,7 +379,7 @@ impl Store {
 
     /// Remove layers a crash left half-imported (committed by the open transaction's
     /// commits, never finished), in one commit. Their names are kept for `discarded`.
-    fn discard_incomplete(&self) -> Result<()> {
+    pub(crate) fn discard_incomplete(&self) -> Result<()> {
         let names: Vec<String> = self
             .read()
             .catalog
@@ -406,6 +437,11 @@ impl Store {
         }
         let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.pool.usable()?;
+        // A fault found after the open (loading.rs) refuses changes as a writable open
+        // refuses a pool with faults.
+        if let Some(e) = g.faulty() {
+            return Err(e);
+        }
         Ok(WriteGuard(g))
     }
 
@@ -432,8 +468,8 @@ impl Store {
         })?;
         let lock = PoolLock::acquire(&path, purpose)?;
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fresh =
-            load(&*self.storage).map_err(|e| e.context("reloading after a failed hand-over"))?;
+        let mut fresh = load(&*self.storage, false)
+            .map_err(|e| e.context("reloading after a failed hand-over"))?;
         fresh.recover(&*self.storage)?;
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         // Everything was committed at `release`: the journal starts over, empty.
@@ -461,6 +497,11 @@ impl Store {
     /// The protocol is `Pool`'s (pool/commit.rs); the store only holds its lock around the
     /// steps that change memory, and lets go of it for the syncs.
     pub fn flush(&self) -> Result<()> {
+        // A capped pool full above the file's extent while the maps load: wait for the rest.
+        self.with_room(|| self.flush_once())
+    }
+
+    fn flush_once(&self) -> Result<()> {
         // Group commit. Everything acknowledged before this call is in the open transaction
         // or in a commit sealed since `sealed` was read here, so the next commit to be sealed
         // covers it: if another caller's commit sealed after we arrived and completed while
@@ -640,8 +681,9 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Rebuild the in-memory state from the newest superblock whose streams verify.
-fn load(storage: &dyn Storage) -> Result<Inner> {
+/// Rebuild the in-memory state from the newest superblock whose streams verify; `deferred`:
+/// leave the allocator loading (see `open_in_mode`).
+fn load(storage: &dyn Storage, deferred: bool) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
     if sbs.is_empty() {
         // Refused by name, with the way across (FORMAT.md §11), rather than as damage.
@@ -673,7 +715,7 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
         .collect();
     let mut errors = Vec::new();
     for sb in &sbs {
-        match load_generation(storage, sb) {
+        match load_generation(storage, sb, deferred) {
             Ok(mut inner) => {
                 if !errors.is_empty() {
                     let what = What::Fallback {
@@ -720,6 +762,7 @@ fn load(storage: &dyn Storage) -> Result<Inner> {
 pub(super) fn load_generation(
     storage: &dyn Storage,
     sb: &crate::format::superblock::Superblock,
+    deferred: bool,
 ) -> Result<Inner> {
     let mut rec = meta::load(storage, sb)?;
     let mut catalog = Catalog::new();
@@ -734,7 +777,6 @@ pub(super) fn load_generation(
     catalog.replay_log(|| r.next_record())?;
     let bs = sb.block_size;
     let first = first_data_block(bs);
-    let mut alloc = Allocator::new(first, sb.max_blocks);
     let mut faults = std::mem::take(&mut catalog.faults);
     // Block numbers come from disk: they are bounded by the file before the allocation bitmap
     // grows to cover them, so damaged metadata cannot make the load allocate without limit.
@@ -753,14 +795,25 @@ pub(super) fn load_generation(
             )));
         }
     }
-    faults.extend(invariants::audit(
-        &catalog,
-        &meta,
-        bs,
-        file_blocks,
-        &mut alloc,
-    ));
-    alloc.committed();
+    // Everything the checkpoint and the log reference lies below the floor: the file's extent,
+    // or one past the log's reserved next page.
+    let streams_end = rec
+        .ckpt_blocks
+        .iter()
+        .chain(&rec.log_blocks)
+        .map(|b| b.0 + 1);
+    let floor = streams_end.max().unwrap_or(0).max(file_blocks);
+    let mut alloc = Allocator::loading(first, sb.max_blocks, floor);
+    if !deferred {
+        // The rebuild (§5.3) at once: the same code a deferred load's completion runs later.
+        faults.extend(invariants::rebuild(
+            &catalog,
+            &meta,
+            bs,
+            file_blocks,
+            &mut alloc,
+        ));
+    }
     Ok(Inner {
         pool: Pool::new(meta, alloc, bs),
         catalog,
