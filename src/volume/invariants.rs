@@ -201,7 +201,8 @@ impl Claims for Owners {
 
 /// The rules over a live state, and its allocator held against them: it must count as used
 /// exactly what the streams and maps reference, plus the frees waiting for the open
-/// transaction to commit (the self-check).
+/// transaction to commit (the self-check); while its maps load, at least that, and every
+/// block below the floor.
 pub(crate) fn live(
     catalog: &Catalog,
     meta: &MetaStreams,
@@ -224,9 +225,11 @@ pub(crate) fn live(
         }
     }
     let mut used = 0u64;
+    // While the maps load, every block below the floor counts as used (§5.3): not a leak.
+    let floor = alloc.loading_floor().unwrap_or(0);
     for b in alloc.used_blocks() {
         used += 1;
-        if !owners.0.contains_key(&b) {
+        if b.0 >= floor && !owners.0.contains_key(&b) {
             faults.push(Fault::new(What::Leaked, Where::default().pblock(b)));
         }
     }

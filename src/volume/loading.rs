@@ -276,6 +276,8 @@ mod tests {
                 "{p} handed out below the extent at open ({floor})"
             );
         }
+        // The self-check holds while loading too: below the floor, used is not leaked.
+        s.verify_consistency().unwrap();
         s.complete_load();
         assert!(s.is_loaded());
         s.verify_consistency().unwrap();
