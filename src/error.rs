@@ -53,6 +53,15 @@ pub enum Error {
     /// returned as data.
     #[error("{0}")]
     Corrupt(String),
+    /// The pool's loaded metadata breaks its rules (`faults`: what and where each is), found
+    /// after the open (a range of a map that does not load, the audit at the load's
+    /// completion): changes are refused, as a writable open refuses such a pool. Of kind
+    /// `Corrupt`.
+    #[error("{message}")]
+    Faulty {
+        message: String,
+        faults: Vec<crate::fault::Fault>,
+    },
     /// A service the request needs is not there or not answering: no server, a registry
     /// unreachable, a peer speaking another version.
     #[error("{0}")]
@@ -142,7 +151,7 @@ impl Error {
             Error::Busy(_) => Kind::Busy,
             Error::NoSpace(_) => Kind::NoSpace,
             Error::ReadOnly(_) => Kind::ReadOnly,
-            Error::Corrupt(_) => Kind::Corrupt,
+            Error::Corrupt(_) | Error::Faulty { .. } => Kind::Corrupt,
             Error::Unavailable(_) => Kind::Unavailable,
             Error::Internal(_) => Kind::Internal,
         }
@@ -187,6 +196,10 @@ impl Error {
             Error::InUse { message, holders } => Error::InUse {
                 message: format!("{what}: {message}"),
                 holders,
+            },
+            Error::Faulty { message, faults } => Error::Faulty {
+                message: format!("{what}: {message}"),
+                faults,
             },
             e => {
                 let kind = e.kind();

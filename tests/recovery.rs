@@ -137,6 +137,7 @@ fn space_written_by_a_lost_transaction_is_given_back_on_reopen() {
 fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
     use thinlayer::format::record::{MapEntry, MapTarget, RecordWriter};
     use thinlayer::format::{PBlock, VBlock};
+    use thinlayer::pool::alloc::Claimed;
     use thinlayer::pool::{meta, Allocator, MetaStreams, Pool};
     let mem = Arc::new(MemStorage::new());
     let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
@@ -147,10 +148,13 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
     let (sbs, _) = meta::read_superblocks(&*mem).unwrap();
     let mut rec = meta::load(&*mem, &sbs[0]).unwrap();
     rec.replay_checkpoint(|_, _| Ok(())).unwrap();
-    let mut alloc = Allocator::new(2, 0);
+    // As an open rebuilds it: everything below the file's end used, then the claims.
+    let mut alloc = Allocator::loading(2, 0, mem.len().unwrap().div_ceil(4096));
+    let mut claims = Claimed::default();
     for &b in rec.log_blocks.iter().chain(&rec.ckpt_blocks) {
-        alloc.mark_loaded(b);
+        claims.claim(b);
     }
+    alloc.finish_loading(claims);
     let mut pool = Pool::new(MetaStreams::from_recovered(&rec), alloc, rec.sb.block_size);
     let mut w = RecordWriter::new();
     let target = MapTarget::Data {

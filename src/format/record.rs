@@ -1754,6 +1754,25 @@ mod tests {
         assert_eq!(recs.len(), 3);
     }
 
+    /// A change made to a record's bytes.
+    type Damage = dyn Fn(&mut Vec<u8>);
+
+    /// Every cut of the record `golden` is refused; returns a check that `golden` changed by
+    /// `f` is refused with a message containing `want`.
+    fn refused(golden: &[u8]) -> impl Fn(&Damage, &str) + '_ {
+        for cut in 1..golden.len() {
+            assert!(RecordReader::new(&golden[..cut], "c")
+                .next_record()
+                .is_err());
+        }
+        move |f, want| {
+            let mut b = golden.to_vec();
+            f(&mut b);
+            let e = RecordReader::new(&b, "c").next_record().unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+    }
+
     /// A map index record's bytes (FORMAT.md §6.3.4), and what the decoder refuses in one.
     #[test]
     fn map_index_golden_bytes_and_faults() {
@@ -1784,17 +1803,7 @@ mod tests {
         assert_eq!(RecordWriter::map_index_len(2), golden.len());
         assert_eq!(read_all(&golden), [Record::MapIndex(entries.to_vec())]);
         assert_eq!(entries[1].position(), 19 * 4048 + 4047);
-        for cut in 1..golden.len() {
-            assert!(RecordReader::new(&golden[..cut], "c")
-                .next_record()
-                .is_err());
-        }
-        let bad = |f: &dyn Fn(&mut Vec<u8>), want: &str| {
-            let mut b = golden.clone();
-            f(&mut b);
-            let e = RecordReader::new(&b, "c").next_record().unwrap_err();
-            assert!(e.to_string().contains(want), "{e}");
-        };
+        let bad = refused(&golden);
         bad(
             &|b| b[1..5].copy_from_slice(&0u32.to_le_bytes()),
             "of 0 entries",
@@ -1841,17 +1850,7 @@ mod tests {
         ));
         assert_eq!(w.buf, golden);
         assert_eq!(w.sums(), [0xabcd, 0xef]);
-        for cut in 1..golden.len() {
-            assert!(RecordReader::new(&golden[..cut], "c")
-                .next_record()
-                .is_err());
-        }
-        let bad = |f: &dyn Fn(&mut Vec<u8>), want: &str| {
-            let mut b = golden.clone();
-            f(&mut b);
-            let e = RecordReader::new(&b, "c").next_record().unwrap_err();
-            assert!(e.to_string().contains(want), "{e}");
-        };
+        let bad = refused(&golden);
         bad(
             &|b| b[5..9].copy_from_slice(&0u32.to_le_bytes()),
             "of 0 entries",

@@ -1,5 +1,13 @@
-//! Block allocation. The map of used blocks is not stored: it is rebuilt at open from the block
-//! maps and the metadata streams, so it can never disagree with them.
+//! Block allocation. The map of used blocks is not stored: it is rebuilt from the block maps and
+//! the metadata streams, so it can never disagree with them.
+//!
+//! The rebuild need not happen at open (DESIGN §5.3, issue 22 step d): an allocator made by
+//! `loading` hands out only blocks at or above the pool file's extent at open (the *floor*:
+//! everything the checkpoint and the log reference lies below it) and keeps every block below
+//! it used, releases included, until `finish_loading` is given the claims of the whole loaded
+//! state. Then the blocks below the floor become free unless a map, a stream, a pending free
+//! or a sealed free holds them: the same free set a rebuild at open gives. The eager open goes
+//! through the same two calls, one after the other.
 //!
 //! The rule that makes commits crash-safe lives here: a block freed in the open transaction is
 //! still referenced by the last committed metadata, so it is not handed out again until that
@@ -14,6 +22,7 @@
 
 use crate::format::PBlock;
 use bitvec::prelude::*;
+use std::collections::HashSet;
 
 /// A transaction's frees, held back while its commit is being made durable.
 #[derive(Debug, Default)]
@@ -27,6 +36,55 @@ impl Sealed {
     pub fn add_frees(&mut self, blocks: impl IntoIterator<Item = PBlock>) {
         self.frees.extend(blocks.into_iter().map(|p| p.0));
     }
+}
+
+/// An allocator whose pool's maps are not all loaded (see the module's comment).
+#[derive(Clone, Debug)]
+struct Loading {
+    /// The pool file's extent at open in blocks, at least one past every stream block: every
+    /// block the durable state references lies below it. Every block in `first..floor` is
+    /// marked used until `finish_loading`.
+    floor: u64,
+    /// Frees below the floor sealed into a commit that is not yet durable (`seal` to
+    /// `release`): the durable state still references them, and nothing else says so.
+    sealed: HashSet<u64>,
+}
+
+/// Pool blocks referenced by the loaded state (maps and streams), as `invariants::audit`
+/// claims them: what `Allocator::finish_loading` rebuilds from.
+#[derive(Default)]
+pub struct Claimed {
+    bits: BitVec<u64, Lsb0>,
+}
+
+impl Claimed {
+    /// Room for blocks below `blocks` without growing.
+    pub fn with_capacity(blocks: u64) -> Claimed {
+        Claimed {
+            bits: BitVec::repeat(false, blocks as usize),
+        }
+    }
+
+    /// Note a reference to `p`; false if it was referenced already (a block used twice).
+    pub fn claim(&mut self, p: PBlock) -> bool {
+        let i = p.0 as usize;
+        if i >= self.bits.len() {
+            self.bits.resize(i + 1, false);
+        }
+        !self.bits.replace(i, true)
+    }
+}
+
+/// What `finish_loading` found that the claims and the allocator disagree on (faults: the
+/// caller names them).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Disagreements {
+    /// Claimed blocks below the floor that the open transaction or a commit in flight also
+    /// frees: referenced twice.
+    pub freed_but_claimed: Vec<PBlock>,
+    /// Claimed blocks at or above the floor that the allocator held free (or handed out
+    /// since the open, then freed): the durable state named a block past the file's end.
+    pub free_but_claimed: Vec<PBlock>,
 }
 
 #[derive(Clone)]
@@ -49,6 +107,8 @@ pub struct Allocator {
     limit: u64,
     cursor: u64,
     used_count: u64,
+    /// Set until the maps are all loaded and claimed (`finish_loading`).
+    loading: Option<Loading>,
 }
 
 impl Allocator {
@@ -67,6 +127,96 @@ impl Allocator {
             limit: max_blocks,
             cursor: first,
             used_count: 0,
+            loading: None,
+        }
+    }
+
+    /// An allocator for a pool whose maps are not loaded yet: every block in `first..floor`
+    /// counts as used (so nothing there is handed out, and a cap counts it) until
+    /// `finish_loading`. `floor`: the pool file's extent at open in blocks, at least one past
+    /// every block of its streams.
+    pub fn loading(first: u64, max_blocks: u64, floor: u64) -> Self {
+        let floor = floor.max(first);
+        let mut a = Allocator::new(first, max_blocks);
+        a.used.resize(floor as usize, true);
+        a.hole.resize(floor as usize, false);
+        a.fresh.resize(floor as usize, false);
+        a.used_count = floor - first;
+        a.cursor = floor;
+        a.loading = Some(Loading {
+            floor,
+            sealed: HashSet::new(),
+        });
+        a
+    }
+
+    /// While loading, the floor below which nothing is handed out or freed.
+    pub fn loading_floor(&self) -> Option<u64> {
+        self.loading.as_ref().map(|l| l.floor)
+    }
+
+    /// Whether block `i` lies below the floor of a loading allocator: used, whatever happens,
+    /// until `finish_loading`.
+    fn held_by_loading(&self, i: u64) -> bool {
+        self.loading.as_ref().is_some_and(|l| i < l.floor)
+    }
+
+    /// Where allocation may look: the first data block, or the floor while loading.
+    fn lowest(&self) -> u64 {
+        self.loading_floor().unwrap_or(self.first)
+    }
+
+    /// The maps are all loaded and `claimed` holds every block they and the streams reference
+    /// (`invariants::rebuild`): below the floor, a block stays used if claimed, freed by the
+    /// open transaction or sealed in a commit not yet durable, and becomes free otherwise (as
+    /// a hole: the free blocks of a loaded pool, §5.4); at and above it the allocator already
+    /// knows. Returns where the claims disagree with it. Nothing to do when not loading.
+    pub fn finish_loading(&mut self, claimed: Claimed) -> Disagreements {
+        let mut found = Disagreements::default();
+        let Some(l) = self.loading.take() else {
+            return found;
+        };
+        let mut claimed = claimed.bits;
+        self.grow_to(claimed.len() as u64);
+        let (first, floor, len) = (self.first as usize, l.floor as usize, self.used.len());
+        claimed.resize(len, false);
+        // Above the floor every block the durable state names must be used: it was free at
+        // open only if it lay past the file, and may have been handed out since.
+        for i in claimed[floor..].iter_ones().map(|i| i + floor) {
+            if !self.used[i] {
+                found.free_but_claimed.push(PBlock(i as u64));
+                self.take(i);
+            }
+        }
+        let pending = self.pending_free.iter().filter(|&&p| p < l.floor);
+        for &p in pending.chain(l.sealed.iter()) {
+            if claimed.replace(p as usize, true) {
+                found.freed_but_claimed.push(PBlock(p));
+            }
+        }
+        found.freed_but_claimed.sort_unstable();
+        found.free_but_claimed.sort_unstable();
+        let below = &claimed[first..floor];
+        let kept = below.count_ones() as u64;
+        self.used[first..floor].copy_from_bitslice(below);
+        let hole = &mut self.hole[first..floor];
+        hole.copy_from_bitslice(below);
+        let _ = !hole;
+        self.used_count = self.used_count - (l.floor - self.first) + kept;
+        self.cursor = self.first;
+        self.trim();
+        found
+    }
+
+    /// Drop trailing free holes from the bitmaps: past the extent every block is a free hole
+    /// anyway, and the extent then says where the pool's used space ends, as after an open.
+    fn trim(&mut self) {
+        let end = self.used.last_one().map_or(self.first as usize, |i| i + 1);
+        let end = end.max(self.first as usize);
+        if end < self.used.len() && self.hole[end..].all() {
+            self.used.truncate(end);
+            self.hole.truncate(end);
+            self.fresh.truncate(end);
         }
     }
 
@@ -136,23 +286,14 @@ impl Allocator {
         }
     }
 
-    /// Mark a block used while loading a pool. Returns false when it already was (a block
-    /// referenced twice: corruption that the caller reports).
-    pub fn mark_loaded(&mut self, p: PBlock) -> bool {
-        self.grow_to(p.0 + 1);
-        if self.used[p.0 as usize] {
-            return false;
-        }
-        self.take(p.0 as usize);
-        true
-    }
-
     /// Take a block that a replayed transaction wrote (the crash journal): used and fresh, as
     /// when it was allocated. False if it is used already and not fresh (committed data or
     /// metadata: the journal disagrees with the pool). A fresh block may be named again (an
     /// overwrite in place).
+    /// While loading, a block below the floor cannot be claimed: whether the durable state
+    /// references it is not known yet (replay a journal once the load is complete).
     pub fn claim_fresh(&mut self, p: PBlock) -> bool {
-        if p.0 < self.first {
+        if p.0 < self.first || self.held_by_loading(p.0) {
             return false;
         }
         self.grow_to(p.0 + 1);
@@ -200,8 +341,15 @@ impl Allocator {
 
     /// Why `alloc_run` found no room, for the caller's error.
     pub fn full_message(&self) -> String {
+        let loading = match self.loading_floor() {
+            // Which blocks below the floor are free is known once the maps are loaded.
+            Some(floor) => format!(
+                " (while the maps load, blocks below {floor}, the file's extent at open, count as used)"
+            ),
+            None => String::new(),
+        };
         format!(
-            "pool full: {} of {} blocks in use",
+            "pool full: {} of {} blocks in use{loading}",
             self.first + self.used_count,
             self.limit
         )
@@ -216,10 +364,12 @@ impl Allocator {
         if self.first + self.used_count >= len {
             return len;
         }
-        let cur = self.cursor.clamp(self.first, len);
+        // While loading, nothing below the floor is free: the scans start there.
+        let low = self.lowest();
+        let cur = self.cursor.clamp(low, len);
         if self.written_free > 0 {
             let found = first_written_free(&self.used, &self.hole, cur, len)
-                .or_else(|| first_written_free(&self.used, &self.hole, self.first, cur));
+                .or_else(|| first_written_free(&self.used, &self.hole, low, cur));
             debug_assert!(
                 found.is_some(),
                 "written_free counts a block that is not there"
@@ -231,8 +381,8 @@ impl Allocator {
         if let Some(i) = self.used[cur as usize..].first_zero() {
             return cur + i as u64;
         }
-        if let Some(i) = self.used[self.first as usize..cur as usize].first_zero() {
-            return self.first + i as u64;
+        if let Some(i) = self.used[low as usize..cur as usize].first_zero() {
+            return low + i as u64;
         }
         len
     }
@@ -241,6 +391,7 @@ impl Allocator {
     pub fn free(&mut self, p: PBlock) {
         let i = p.0 as usize;
         debug_assert!(self.used[i], "freeing free {p}");
+        // While loading, a block below the floor is never fresh (nothing is handed out there).
         if self.fresh[i] {
             self.fresh.set(i, false);
             self.give(i, false);
@@ -268,6 +419,11 @@ impl Allocator {
             self.fresh.set(i as usize, false);
         }
         self.fresh_list.clear();
+        if let Some(l) = &mut self.loading {
+            // Until `release`, only the sealed transaction knows these are still referenced.
+            let below = self.pending_free.iter().filter(|&&p| p < l.floor);
+            l.sealed.extend(below);
+        }
         Sealed {
             frees: std::mem::take(&mut self.pending_free),
             punch: std::mem::take(&mut self.to_punch),
@@ -282,6 +438,14 @@ impl Allocator {
             mut punch,
         } = sealed;
         for &i in &frees {
+            if let Some(l) = &mut self.loading {
+                if i < l.floor {
+                    // Kept used until the load is complete: `finish_loading` frees it then if
+                    // nothing claims it (nothing can have taken it meanwhile).
+                    l.sealed.remove(&i);
+                    continue;
+                }
+            }
             self.give(i as usize, false);
         }
         frees.append(&mut punch);
@@ -301,6 +465,7 @@ impl Allocator {
     pub fn reserve_for_punch(&mut self, blocks: &[PBlock]) {
         for b in blocks {
             debug_assert!(!self.used[b.0 as usize], "reserving used {b}");
+            debug_assert!(!self.held_by_loading(b.0), "reserving {b} below the floor");
             self.take(b.0 as usize);
         }
         self.punching.extend(blocks.iter().map(|b| b.0));
@@ -310,6 +475,7 @@ impl Allocator {
     /// written free block is left).
     pub fn punched(&mut self, blocks: &[PBlock]) {
         for b in blocks {
+            debug_assert!(!self.held_by_loading(b.0), "punched {b} below the floor");
             self.give(b.0 as usize, true);
             self.cursor = self.cursor.min(b.0);
         }
@@ -340,7 +506,7 @@ impl Allocator {
     /// Free runs of blocks below the extent (for punching after a crash left stale data there).
     pub fn free_runs(&self) -> Vec<(PBlock, u64)> {
         let mut runs = Vec::new();
-        let mut i = self.first as usize;
+        let mut i = self.lowest() as usize;
         let len = self.used.len();
         while i < len {
             match self.used[i..].first_zero() {
@@ -481,11 +647,207 @@ mod tests {
         }
     }
 
+    /// The loading mode against a model (issue 22 step d): random allocations, frees,
+    /// commits (sealed, then released later, as a commit made durable without the store's
+    /// lock, with a checkpoint's old streams among its frees) and punches while the maps
+    /// load, then the completion at a random point, then more of the same. No block is handed
+    /// out twice; none below the floor (where every block the durable state references lies)
+    /// before the completion; and after it the used set is exactly what the live state holds
+    /// (maps and streams, pending and sealed frees, punches in flight), which is what a
+    /// rebuild from the maps claims, with every other block below the floor a free hole.
+    #[test]
+    fn the_loading_mode_follows_a_model() {
+        use std::collections::BTreeSet;
+        for seed in 0..60 {
+            let mut rng = crate::pool::sim::SplitMix::new(seed);
+            let first = 3;
+            let floor = first + 50 + rng.below(400);
+            let mut a = Allocator::loading(first, 0, floor);
+            // The durable state: about half the blocks below the floor.
+            let mut mapped: BTreeSet<u64> = (first..floor).filter(|_| rng.coin()).collect();
+            let mut fresh: BTreeSet<u64> = BTreeSet::new();
+            let mut pending: Vec<u64> = Vec::new();
+            let mut sealed: Option<(Sealed, Vec<u64>)> = None;
+            let mut punching: Option<Vec<PBlock>> = None;
+            let mut released: Vec<PBlock> = Vec::new();
+            let mut loading = true;
+            let steps = 400 + rng.below(400);
+            let complete_at = rng.below(steps);
+            for step in 0..steps {
+                let held = |b: u64,
+                            mapped: &BTreeSet<u64>,
+                            pending: &Vec<u64>,
+                            sealed: &Option<(Sealed, Vec<u64>)>,
+                            punching: &Option<Vec<PBlock>>| {
+                    mapped.contains(&b)
+                        || pending.contains(&b)
+                        || sealed.as_ref().is_some_and(|s| s.1.contains(&b))
+                        || punching.as_ref().is_some_and(|p| p.contains(&PBlock(b)))
+                };
+                if loading && step == complete_at {
+                    let mut claims = Claimed::default();
+                    for &b in &mapped {
+                        assert!(claims.claim(PBlock(b)));
+                    }
+                    let d = a.finish_loading(claims);
+                    assert_eq!(d, Disagreements::default(), "seed {seed}");
+                    loading = false;
+                    assert_eq!(a.loading_floor(), None);
+                    for b in 0..a.extent().max(floor) + 1 {
+                        let want = b >= first && held(b, &mapped, &pending, &sealed, &punching);
+                        assert_eq!(a.is_used(PBlock(b)), want, "seed {seed}: block {b}");
+                        if b >= first && b < floor && !want {
+                            assert!(a.is_hole(PBlock(b)), "seed {seed}: {b} free, not a hole");
+                        }
+                    }
+                    let n = (first..a.extent())
+                        .filter(|&b| held(b, &mapped, &pending, &sealed, &punching))
+                        .count() as u64;
+                    assert_eq!(a.used_count(), n, "seed {seed}");
+                    continue;
+                }
+                match rng.below(12) {
+                    0..=4 => {
+                        let span = if rng.coin() { 3 } else { 40 };
+                        let want = 1 + rng.below(span);
+                        let (p, n) = a.alloc_run(want, 0).unwrap();
+                        for b in p.0..p.0 + n {
+                            assert!(
+                                !held(b, &mapped, &pending, &sealed, &punching),
+                                "seed {seed} step {step}: {b} handed out twice"
+                            );
+                            assert!(
+                                !loading || b >= floor,
+                                "seed {seed} step {step}: {b} below the floor while loading"
+                            );
+                            mapped.insert(b);
+                            fresh.insert(b);
+                        }
+                    }
+                    5..=7 if !mapped.is_empty() => {
+                        let k = rng.below(mapped.len() as u64) as usize;
+                        let b = *mapped.iter().nth(k).unwrap();
+                        mapped.remove(&b);
+                        a.free(PBlock(b));
+                        if !fresh.remove(&b) {
+                            pending.push(b);
+                        }
+                    }
+                    8 if sealed.is_none() => {
+                        sealed = Some((a.seal(), std::mem::take(&mut pending)));
+                        fresh.clear();
+                    }
+                    9 if sealed.is_some() => {
+                        let (mut s, mut frees) = sealed.take().unwrap();
+                        // A checkpoint frees the streams it replaced with its own frees.
+                        if rng.coin() {
+                            let old: Vec<u64> = mapped
+                                .iter()
+                                .filter(|b| !fresh.contains(b))
+                                .take(rng.below(5) as usize)
+                                .copied()
+                                .collect();
+                            for b in &old {
+                                mapped.remove(b);
+                            }
+                            s.add_frees(old.iter().map(|&b| PBlock(b)));
+                            frees.extend(old);
+                        }
+                        sealed = Some((s, frees));
+                        let (s, _) = sealed.take().unwrap();
+                        for p in a.release(s) {
+                            assert!(!loading || p.0 >= floor, "seed {seed}: {p} released");
+                            released.push(p);
+                        }
+                    }
+                    10 if punching.is_none() => {
+                        released.retain(|&p| !a.is_used(p) && !mapped.contains(&p.0));
+                        released.sort_unstable();
+                        released.dedup();
+                        let take = released.len().min(rng.below(30) as usize);
+                        let blocks: Vec<PBlock> = released.drain(..take).collect();
+                        a.reserve_for_punch(&blocks);
+                        punching = Some(blocks);
+                    }
+                    11 if punching.is_some() => {
+                        a.punched(&punching.take().unwrap());
+                    }
+                    _ => {}
+                }
+                // Above the floor the allocator knows exactly; below it, all is used until the
+                // completion.
+                for b in first..a.extent() {
+                    let want =
+                        (loading && b < floor) || held(b, &mapped, &pending, &sealed, &punching);
+                    assert_eq!(a.is_used(PBlock(b)), want, "seed {seed} step {step}: {b}");
+                }
+                let naive = (first..a.extent())
+                    .filter(|&b| !a.is_used(PBlock(b)) && !a.is_hole(PBlock(b)))
+                    .count() as u64;
+                assert_eq!(a.written_free(), naive, "seed {seed} step {step}");
+            }
+        }
+    }
+
+    /// A capped pool whose free space lies below the floor is full while the maps load (the
+    /// message says why), and after the completion hands out the blocks there that nothing
+    /// holds.
+    #[test]
+    fn a_capped_pool_is_full_above_the_floor_until_the_load_completes() {
+        let mut a = Allocator::loading(2, 20, 18);
+        assert_eq!(a.free_under_cap(), Some(2));
+        assert_eq!(a.alloc_run(5, 0), Some((PBlock(18), 2)));
+        assert_eq!(a.alloc_run(1, 0), None);
+        assert!(
+            a.full_message().contains("while the maps load"),
+            "{}",
+            a.full_message()
+        );
+        // The open transaction dropped block 5 from its map: freed, not claimed.
+        let mut claims = Claimed::default();
+        for b in (2..10).chain(12..18).filter(|&b| b != 5) {
+            claims.claim(PBlock(b));
+        }
+        a.free(PBlock(5));
+        claims.claim(PBlock(18));
+        assert_eq!(a.finish_loading(claims), Disagreements::default());
+        // 19 was handed out and never claimed (a write in flight): still used.
+        assert!(a.is_used(PBlock(19)) && a.is_used(PBlock(5)));
+        assert_eq!(a.free_under_cap(), Some(2));
+        assert_eq!(a.alloc_run(5, 0), Some((PBlock(10), 2)));
+        assert!(!a.full_message().contains("while the maps load"));
+    }
+
+    /// The completion names what the claims and the allocator disagree on: a block freed by
+    /// the open transaction that a map still claims, and one past the floor that nothing
+    /// used but a map claims.
+    #[test]
+    fn the_completion_reports_claims_the_allocator_contradicts() {
+        let mut a = Allocator::loading(2, 0, 10);
+        a.free(PBlock(4));
+        let mut claims = Claimed::default();
+        for b in [4, 6, 12] {
+            claims.claim(PBlock(b));
+        }
+        let d = a.finish_loading(claims);
+        assert_eq!(d.freed_but_claimed, vec![PBlock(4)]);
+        assert_eq!(d.free_but_claimed, vec![PBlock(12)]);
+        assert!(a.is_used(PBlock(12)) && a.is_used(PBlock(4)) && !a.is_used(PBlock(5)));
+    }
+
     #[test]
     fn double_load_is_reported() {
-        let mut a = Allocator::new(2, 0);
-        assert!(a.mark_loaded(PBlock(9)));
-        assert!(!a.mark_loaded(PBlock(9)));
+        let mut c = Claimed::default();
+        assert!(c.claim(PBlock(9)));
+        assert!(!c.claim(PBlock(9)));
+        let mut a = Allocator::loading(2, 0, 12);
+        assert_eq!(
+            a.free_runs(),
+            vec![],
+            "nothing is free below the floor while loading"
+        );
+        assert_eq!(a.finish_loading(c), Disagreements::default());
         assert_eq!(a.free_runs(), vec![(PBlock(2), 7)]);
+        assert_eq!((a.extent(), a.used_count()), (10, 1));
     }
 }

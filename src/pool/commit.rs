@@ -334,6 +334,32 @@ impl Pool {
         punch_runs(storage, &blocks, self.block_size as u64);
     }
 
+    /// After a load completed later than the open (§5.4, `Allocator::finish_loading`): if the
+    /// file holds more than the pool uses (a crash left bytes in blocks nothing references),
+    /// every free block, reserved for punching without the store's lock as in step 6. What
+    /// `recover` punches at once at an eager open, which no other writer can be waiting on.
+    /// Transient memory: 8 bytes a free block.
+    pub fn reserve_stale(&mut self, storage: &dyn Storage) -> Option<Punch> {
+        let bs = self.block_size as u64;
+        let in_use = (self.alloc.used_count() + first_data_block(self.block_size)) * bs;
+        if storage.allocated().unwrap_or(0) <= in_use {
+            return None;
+        }
+        let runs = self.alloc.free_runs();
+        let blocks: Vec<PBlock> = runs
+            .into_iter()
+            .flat_map(|(s, n)| (s.0..s.0 + n).map(PBlock))
+            .collect();
+        if blocks.is_empty() {
+            return None;
+        }
+        self.alloc.reserve_for_punch(&blocks);
+        Some(Punch {
+            blocks,
+            block_size: bs,
+        })
+    }
+
     /// Writable-open housekeeping after a load (DESIGN §5.2, §5.4): rewrite a torn or damaged
     /// superblock slot, and give back the space of blocks that a lost (or rolled back)
     /// transaction wrote.

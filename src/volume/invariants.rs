@@ -10,6 +10,7 @@
 use crate::fault::{Fault, What, Where};
 use crate::format::{first_data_block, PBlock, VBlock};
 use crate::layer::{Catalog, Layer, Mapping};
+use crate::pool::alloc::Claimed;
 use crate::pool::{Allocator, MetaStreams};
 use std::collections::HashMap;
 
@@ -150,10 +151,42 @@ fn layer_rules(catalog: &Catalog, l: &Layer, faults: &mut Vec<Fault>) {
 }
 
 /// Loading rebuilds its allocator from the claims: a block marked twice is named twice.
-impl Claims for Allocator {
+impl Claims for Claimed {
     fn claim(&mut self, b: PBlock, _: &dyn Fn() -> Where) -> Option<String> {
-        (!self.mark_loaded(b)).then(|| "another reference".to_string())
+        (!Claimed::claim(self, b)).then(|| "another reference".to_string())
     }
+}
+
+/// The one home of the allocator's rebuild (DESIGN §5.3): check every rule over the loaded
+/// state, claiming what the maps and streams reference, and hand the claims to `alloc` (made
+/// by `Allocator::loading`), which frees every block below its floor that nothing holds and
+/// goes on as a normal allocator. The eager open calls it right after replaying; an open that
+/// loads its maps later, once they all are (`Inner::complete_load`), over the live state then
+/// (writes made meanwhile included). `file_blocks`: blocks at or past it lie outside the pool
+/// file (the eager open: the file's length; later: the allocator's extent, which includes
+/// what was written since).
+pub(crate) fn rebuild(
+    catalog: &Catalog,
+    meta: &MetaStreams,
+    block_size: u32,
+    file_blocks: u64,
+    alloc: &mut Allocator,
+) -> Vec<Fault> {
+    let mut claims = Claimed::with_capacity(file_blocks + 2);
+    let mut faults = audit(catalog, meta, block_size, file_blocks, &mut claims);
+    let found = alloc.finish_loading(claims);
+    for b in found.freed_but_claimed {
+        let other = "a free waiting for commit".to_string();
+        let at = Where::default().pblock(b);
+        faults.push(Fault::new(What::UsedTwice { other }, at));
+    }
+    for b in found.free_but_claimed {
+        let what = What::FreeButReferenced {
+            by: "the loaded maps (past the file's end at open)".to_string(),
+        };
+        faults.push(Fault::new(what, Where::default().pblock(b)));
+    }
+    faults
 }
 
 /// Claims that remember who holds each block (the self-check).
@@ -168,7 +201,8 @@ impl Claims for Owners {
 
 /// The rules over a live state, and its allocator held against them: it must count as used
 /// exactly what the streams and maps reference, plus the frees waiting for the open
-/// transaction to commit (the self-check).
+/// transaction to commit (the self-check); while its maps load, at least that, and every
+/// block below the floor.
 pub(crate) fn live(
     catalog: &Catalog,
     meta: &MetaStreams,
@@ -191,9 +225,11 @@ pub(crate) fn live(
         }
     }
     let mut used = 0u64;
+    // While the maps load, every block below the floor counts as used (§5.3): not a leak.
+    let floor = alloc.loading_floor().unwrap_or(0);
     for b in alloc.used_blocks() {
         used += 1;
-        if !owners.0.contains_key(&b) {
+        if b.0 >= floor && !owners.0.contains_key(&b) {
             faults.push(Fault::new(What::Leaked, Where::default().pblock(b)));
         }
     }
@@ -262,9 +298,9 @@ mod tests {
         let mem = MemStorage::new();
         let mut alloc = Allocator::new(first_data_block(4096), 0);
         let meta = MetaStreams::init(&mem, &mut alloc, 4096, 0, 1, 0).unwrap();
-        // As a load does: a fresh allocator rebuilt from the claims.
-        let mut alloc = Allocator::new(first_data_block(4096), 0);
-        let faults = audit(&catalog, &meta, 4096, 100_000, &mut alloc);
+        // As a load does: an allocator rebuilt from the claims.
+        let mut alloc = Allocator::loading(first_data_block(4096), 0, 100_000);
+        let faults = rebuild(&catalog, &meta, 4096, 100_000, &mut alloc);
         let twice: Vec<&Fault> = faults
             .iter()
             .filter(|f| matches!(f.what, What::UsedTwice { .. }))

@@ -737,6 +737,11 @@ impl Store {
     }
 
     fn write_layer_with(&self, id: LayerId, offset: u64, data: &[u8], bulk: bool) -> Result<()> {
+        // A capped pool full above the file's extent while the maps load: wait for the rest.
+        self.with_room(|| self.write_layer_once(id, offset, data, bulk))
+    }
+
+    fn write_layer_once(&self, id: LayerId, offset: u64, data: &[u8], bulk: bool) -> Result<()> {
         self.edges_local(id, offset, data.len() as u64)?;
         let mut g = self.write()?;
         let Some(plan) = g.plan_new_blocks(id, offset, data)? else {
@@ -758,8 +763,10 @@ impl Store {
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.edges_local(id, offset, len)?;
-        self.write()?
-            .zero(&*self.storage, id, offset, len, may_unmap)
+        self.with_room(|| {
+            self.write()?
+                .zero(&*self.storage, id, offset, len, may_unmap)
+        })
     }
 
     /// A write keeps the other bytes of the blocks it covers partly: those blocks are read,

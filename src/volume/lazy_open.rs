@@ -3,13 +3,14 @@
 //! log (after loading the ranges the log's entries touch), and serves at once. A block path
 //! loads the ranges it touches in every layer of the chain first (`Store::load_for`); every
 //! other method waits at the store's gate (`Store::read`, `Store::write`) until a background
-//! thread has loaded the rest and rebuilt the allocator from the whole maps, as an eager open
-//! does (`complete_in_background`). Changes wait for that too, until the allocator can work
-//! without the maps (item 3d).
+//! thread has loaded the rest and completed the load (`Store::complete_load`: the allocator
+//! rebuilt from the whole maps, `loading.rs`). Changes wait for that too for now: the
+//! allocator's loading mode (item 3d) would let them go on once the write paths load the
+//! ranges they touch as the read paths do.
 
-use super::invariants;
 use super::store::{load_generation, load_with, Inner, Store};
 use crate::error::{Error, Result};
+use crate::fault::{Fault, What, Where};
 use crate::format::record::{Record, RecordReader};
 use crate::format::superblock::Superblock;
 use crate::format::{first_data_block, LayerId};
@@ -18,53 +19,8 @@ use crate::layer::Catalog;
 use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, FileStorage, Pool, Storage};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Open once the maps are whole; waiters sleep on a condvar.
-pub(crate) struct Gate {
-    done: AtomicBool,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Gate {
-    pub(crate) fn open() -> Self {
-        Gate {
-            done: AtomicBool::new(true),
-            lock: Mutex::new(()),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn closed() -> Self {
-        Gate {
-            done: AtomicBool::new(false),
-            ..Gate::open()
-        }
-    }
-
-    pub(crate) fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn wait(&self) {
-        if self.is_done() {
-            return;
-        }
-        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while !self.is_done() {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    fn release(&self) {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.done.store(true, Ordering::Release);
-        self.cv.notify_all();
-    }
-}
 
 /// How long the background load holds the write lock at a time: block paths wait at most
 /// about this long behind it.
@@ -76,7 +32,7 @@ const HOLD: Duration = Duration::from_millis(2);
 fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner> {
     let mut rec = meta::load(storage, sb)?;
     if rec.index.is_empty() {
-        return load_generation(storage, sb);
+        return load_generation(storage, sb, true);
     }
     let mut catalog = Catalog::new();
     let sums = rec.sums.clone();
@@ -109,7 +65,16 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
     let meta = MetaStreams::from_recovered(&rec);
     lazy.blocks = meta.ckpt_blocks.clone();
     let bs = sb.block_size;
-    let alloc = Allocator::new(first_data_block(bs), sb.max_blocks);
+    // Everything the checkpoint and the log reference lies below the file's extent (or the
+    // log's reserved next page): the allocator's loading mode (`loading.rs`) hands out
+    // nothing below it until the completion.
+    let file_blocks = storage
+        .len()
+        .map_err(|e| Error::io("reading the pool size", e))?
+        .div_ceil(bs as u64);
+    let streams_end = meta.ckpt_blocks.iter().chain(&meta.log_blocks).map(|b| b.0 + 1);
+    let floor = streams_end.max().unwrap_or(0).max(file_blocks);
+    let alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
     let faults = std::mem::take(&mut catalog.faults);
     let mut inner = load_generation_shell(meta, alloc, catalog, bs, sb.generation, &rec)?;
     inner.load_faults = faults;
@@ -198,35 +163,16 @@ impl Inner {
         }
     }
 
-    /// Every range is loaded: the maps are whole. The checkpoint's blocks are all known now,
-    /// and the allocator is rebuilt from the maps and the streams as an eager open builds it
-    /// (`invariants::audit`); what it finds is a fault of the load.
-    fn finish_load(&mut self, storage: &dyn Storage) -> Result<()> {
-        let Some(lazy) = self.lazy.take() else {
-            return Ok(());
-        };
-        let mut blocks = lazy.blocks;
-        blocks.sort_unstable();
-        blocks.dedup();
-        self.pool.meta.ckpt_blocks = blocks;
-        let bs = self.block_size;
-        let file_blocks = storage
-            .len()
-            .map_err(|e| Error::io("reading the pool size", e))?
-            .div_ceil(bs as u64);
-        let mut alloc = Allocator::new(first_data_block(bs), self.pool.meta.sb.max_blocks);
-        let mut faults = std::mem::take(&mut self.catalog.faults);
-        faults.extend(invariants::audit(
-            &self.catalog,
-            &self.pool.meta,
-            bs,
-            file_blocks,
-            &mut alloc,
-        ));
-        alloc.committed();
-        self.pool.alloc = alloc;
-        self.load_faults.extend(faults);
-        Ok(())
+    /// Every range is loaded: the maps are whole, and the checkpoint's blocks all known
+    /// (from the pages the ranges were read from), which the completion's rebuild claims and
+    /// the next checkpoint frees.
+    fn maps_whole(&mut self) {
+        if let Some(lazy) = self.lazy.take() {
+            let mut blocks = lazy.blocks;
+            blocks.sort_unstable();
+            blocks.dedup();
+            self.pool.meta.ckpt_blocks = blocks;
+        }
     }
 }
 
@@ -254,24 +200,40 @@ impl Store {
     /// `open_in`, leaving the maps on disk (see the module's comment); nothing loads them
     /// in the background until `complete_in_background` (tests drive it themselves).
     pub fn open_in_lazy(storage: Arc<dyn Storage>, writable: bool) -> Result<Store> {
-        let inner = load_with(&*storage, load_generation_lazy)?;
+        let inner = load_with(&*storage, &load_generation_lazy)?;
         if inner.lazy.is_none() {
             drop(inner);
             return Self::open_in(storage, writable);
         }
-        Ok(Self::with_inner(storage, inner, writable, Gate::closed()))
+        if writable && !inner.load_faults.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
+                inner.load_faults.len(),
+                inner.load_faults[0]
+            )));
+        }
+        let s = Self::with_lazy_inner(storage, inner, writable);
+        if writable {
+            // As `open_in_mode` does for a deferred load: what it punches the loading
+            // allocator keeps safe; half-imported layers go at the completion.
+            s.inner
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .recover(&*s.storage)?;
+        }
+        Ok(s)
     }
 
     /// Whether the maps are whole (a lazily opened pool's background load is done).
     pub fn maps_loaded(&self) -> bool {
-        self.gate.is_done()
+        self.is_loaded()
     }
 
     /// Before a block path takes the read lock: the ranges of every layer of `id`'s chain
     /// holding blocks of `offset..offset + len` are loaded (under the write lock, briefly).
     /// An error names the damaged page of a range that cannot be loaded.
     pub(crate) fn load_for(&self, id: LayerId, offset: u64, len: u64) -> Result<()> {
-        if self.gate.is_done() && self.read_now().lazy.is_none() {
+        if self.is_loaded() {
             return Ok(());
         }
         if self.read_now().ranges_for(id, offset, len).is_empty() {
@@ -283,10 +245,10 @@ impl Store {
     }
 
     /// Load the ranges left, a few at a time, then rebuild the allocator, run a writable
-    /// open's housekeeping and open the gate. Holds only a weak reference: a store dropped
-    /// meanwhile stops it. A range that cannot be loaded stops the load: the gate opens
-    /// anyway (what waits must not wait forever), changes are refused naming the damage,
-    /// and reads of that range fail naming its page.
+    /// open's housekeeping and open the gate (`Store::complete_load`). Holds only a weak
+    /// reference: a store dropped meanwhile stops it. A range that cannot be loaded stops the
+    /// load (`late_fault`, `load_stopped`): what waits gets the refusal naming it instead of
+    /// waiting for ever, changes are refused, and reads of that range fail naming its page.
     pub fn complete_in_background(
         self: &Arc<Self>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -315,10 +277,11 @@ impl Store {
                 let Some(s) = weak.upgrade() else {
                     return;
                 };
-                if let Err(e) = s.complete_load() {
-                    s.stop_load(e);
-                    return;
-                }
+                s.inner
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .maps_whole();
+                s.complete_load();
                 crate::log::process(
                     crate::log::Level::Info,
                     format_args!(
@@ -329,41 +292,19 @@ impl Store {
             })
     }
 
-    /// Every range is loaded: rebuild the allocator, then a writable open's housekeeping (as
-    /// `open_in` does after an eager load), then open the gate.
-    pub(crate) fn complete_load(&self) -> Result<()> {
-        {
-            let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            g.finish_load(&*self.storage)?;
-            if self.is_writable() && g.load_faults.is_empty() {
-                g.recover(&*self.storage)?;
-            }
-        }
-        self.gate.release();
-        if self.is_writable() && self.read().load_faults.is_empty() {
-            self.discard_incomplete()?;
-            // A server's start says so for an eager open; here it has long started.
-            for name in self.discarded() {
-                crate::log::process(
-                    crate::log::Level::Warn,
-                    format_args!(
-                        "thinlayer: removed layer {name:?}: a crash interrupted its import"
-                    ),
-                );
-            }
-        }
-        Ok(())
-    }
-
     fn stop_load(&self, e: Error) {
         crate::log::process(
             crate::log::Level::Warn,
             format_args!("thinlayer: the maps could not all be loaded: {e}"),
         );
-        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.late.get_or_insert_with(|| e.to_string());
-        drop(g);
-        self.gate.release();
+        let what = What::Unloadable {
+            reason: format!("a range of the maps: {e}"),
+        };
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .late_fault(Fault::new(what, Where::default()));
+        self.load_stopped();
     }
 }
 

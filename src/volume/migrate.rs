@@ -154,7 +154,7 @@ fn convert(
         sb = (step.run)(storage, sb)?;
         done.push(step.what);
     }
-    load_generation(storage, &sb)?;
+    load_generation(storage, &sb, false)?;
     Ok((sb, done))
 }
 

@@ -12,6 +12,7 @@ pub mod io;
 pub mod journal;
 pub mod layers;
 pub mod lazy_open;
+pub mod loading;
 pub mod migrate;
 pub mod remote;
 pub mod store;

@@ -135,6 +135,10 @@ impl Store {
     /// may end inside the layer's last block). Blocks the layer holds already are left as they
     /// are: a fill only ever adds what was missing.
     pub fn fill_remote(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
+        self.with_room(|| self.fill_remote_once(id, offset, data))
+    }
+
+    fn fill_remote_once(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
         let mut g = self.write()?;
         let bs = g.block_size as u64;
         let l = g.remote_layer(id)?;

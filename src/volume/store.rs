@@ -5,6 +5,7 @@
 
 use super::invariants;
 use super::journal::{Journal, Journaled, Replayed};
+use super::loading::LoadGate;
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{RecordReader, RecordWriter};
@@ -35,9 +36,8 @@ pub struct Store {
     lock: std::sync::Mutex<Option<PoolLock>>,
     /// Handed to another process (`release`): no change may be made until `take_back`.
     released: AtomicBool,
-    /// Open until the maps are whole: a lazily opened pool's (`lazy_open`) every method but
-    /// the block paths waits here.
-    pub(crate) gate: super::lazy_open::Gate,
+    /// Whether every map is loaded and the allocator rebuilt from them (`loading.rs`).
+    pub(crate) loaded: LoadGate,
 }
 
 pub(crate) struct Inner {
@@ -59,8 +59,6 @@ pub(crate) struct Inner {
     pub journal: Option<Journaled>,
     /// A lazily opened pool's map ranges still on disk (`layer::lazy`); None once whole.
     pub lazy: Option<crate::layer::lazy::Unloaded>,
-    /// Why a lazily opened pool's load stopped (a damaged range): changes are refused.
-    pub late: Option<String>,
     /// Where each remote layer's missing blocks come from (`remote.rs`), as a frontend
     /// attached them; a remote layer without one reads none of its unmapped blocks.
     pub remotes: super::remote::Remotes,
@@ -209,14 +207,13 @@ impl Store {
                 slot_damaged: false,
                 journal: None,
                 lazy: None,
-                late: None,
                 remotes: Default::default(),
             }),
             writable: true,
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
-            gate: super::lazy_open::Gate::open(),
+            loaded: LoadGate::complete(),
         })
     }
 
@@ -284,7 +281,25 @@ impl Store {
         writable: bool,
         journal: Option<Journal>,
     ) -> Result<(Store, Replayed)> {
-        let mut inner = load(&*storage)?;
+        Self::open_in_mode(storage, writable, journal, false)
+    }
+
+    /// `open_in_with`; `deferred`: the allocator is left in its loading mode (nothing below
+    /// the file's extent at open is handed out or freed) until `complete_load`, and the
+    /// audit's faults are found then (`loading.rs`). A journal is replayed only by an eager
+    /// open: which blocks below the extent are free is not known before the completion.
+    pub(crate) fn open_in_mode(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        journal: Option<Journal>,
+        deferred: bool,
+    ) -> Result<(Store, Replayed)> {
+        if deferred && journal.is_some() {
+            return Err(Error::Internal(
+                "a crash journal is replayed by an eager open only".into(),
+            ));
+        }
+        let mut inner = load(&*storage, deferred)?;
         if writable && !inner.load_faults.is_empty() {
             return Err(Error::Corrupt(format!(
                 "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
@@ -310,22 +325,25 @@ impl Store {
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
-            gate: super::lazy_open::Gate::open(),
+            loaded: if deferred {
+                LoadGate::loading()
+            } else {
+                LoadGate::complete()
+            },
         };
         if writable {
             store.inner.write().unwrap().recover(&*store.storage)?;
-            store.discard_incomplete()?;
+            // Its commit may need room a capped pool has only below the extent, which a
+            // deferred load frees at its completion: `load_done` discards them then.
+            if !deferred {
+                store.discard_incomplete()?;
+            }
         }
         Ok((store, replayed))
     }
 
-    /// A store around loaded state, behind `gate`.
-    pub(super) fn with_inner(
-        storage: Arc<dyn Storage>,
-        inner: Inner,
-        writable: bool,
-        gate: super::lazy_open::Gate,
-    ) -> Store {
+    /// A store around state a lazy open loaded (`lazy_open`), its gate loading.
+    pub(super) fn with_lazy_inner(storage: Arc<dyn Storage>, inner: Inner, writable: bool) -> Store {
         Store {
             storage,
             path: None,
@@ -337,7 +355,7 @@ impl Store {
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
-            gate,
+            loaded: LoadGate::loading(),
         }
     }
 
@@ -387,7 +405,7 @@ impl Store {
 
     /// Remove layers a crash left half-imported (committed by the open transaction's
     /// commits, never finished), in one commit. Their names are kept for `discarded`.
-    pub(super) fn discard_incomplete(&self) -> Result<()> {
+    pub(crate) fn discard_incomplete(&self) -> Result<()> {
         let names: Vec<String> = self
             .read()
             .catalog
@@ -427,10 +445,13 @@ impl Store {
         self.read_now().block_size
     }
 
-    /// The read lock, once the maps are whole (a lazily opened pool's wait here: everything
-    /// that may look at a whole map is correct without knowing of the lazy load).
+    /// The read lock, once a lazily opened pool's maps are whole (`lazy_open`): everything
+    /// that may look at a whole map is correct without knowing of the lazy load. A load
+    /// stopped by a fault opens the way too (reads of its damaged range fail naming it).
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, Inner> {
-        self.gate.wait();
+        if !self.is_loaded() && self.read_now().lazy.is_some() {
+            let _ = self.wait_loaded();
+        }
         self.read_now()
     }
 
@@ -452,22 +473,19 @@ impl Store {
                 "the pool was handed to the next server process (thinlayer restart)".into(),
             ));
         }
-        // Until the allocator can hand out blocks while the maps load (DESIGN §12 item 3d),
-        // changes wait for the whole maps.
-        self.gate.wait();
-        let g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        g.pool.usable()?;
-        if let Some(why) = &g.late {
-            return Err(Error::Corrupt(format!(
-                "the pool's maps could not all be loaded ({why}); run `thinlayer check`"
-            )));
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // A lazily opened pool's maps not whole yet: changes wait for them (the block paths
+        // could load what they touch first; not wired yet, DESIGN §12 item 3).
+        if g.lazy.is_some() {
+            drop(g);
+            self.wait_loaded()?;
+            g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         }
-        if !g.load_faults.is_empty() {
-            return Err(Error::Corrupt(format!(
-                "{} fault(s) in the metadata found after the open, first: {}; run `thinlayer check`",
-                g.load_faults.len(),
-                g.load_faults[0]
-            )));
+        g.pool.usable()?;
+        // A fault found after the open (loading.rs) refuses changes as a writable open
+        // refuses a pool with faults.
+        if let Some(e) = g.faulty() {
+            return Err(e);
         }
         Ok(WriteGuard(g))
     }
@@ -495,8 +513,8 @@ impl Store {
         })?;
         let lock = PoolLock::acquire(&path, purpose)?;
         let _one = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fresh =
-            load(&*self.storage).map_err(|e| e.context("reloading after a failed hand-over"))?;
+        let mut fresh = load(&*self.storage, false)
+            .map_err(|e| e.context("reloading after a failed hand-over"))?;
         fresh.recover(&*self.storage)?;
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         // Everything was committed at `release`: the journal starts over, empty.
@@ -524,6 +542,11 @@ impl Store {
     /// The protocol is `Pool`'s (pool/commit.rs); the store only holds its lock around the
     /// steps that change memory, and lets go of it for the syncs.
     pub fn flush(&self) -> Result<()> {
+        // A capped pool full above the file's extent while the maps load: wait for the rest.
+        self.with_room(|| self.flush_once())
+    }
+
+    fn flush_once(&self) -> Result<()> {
         // Group commit. Everything acknowledged before this call is in the open transaction
         // or in a commit sealed since `sealed` was read here, so the next commit to be sealed
         // covers it: if another caller's commit sealed after we arrived and completed while
@@ -671,10 +694,6 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         self.sums().stop_prefetch();
-        // Maps not whole: the allocator knows nothing yet, and nothing was changed.
-        if !self.gate.is_done() {
-            return;
-        }
         // Whatever free space is still held goes back to the filesystem on the way out.
         if self.writable && !self.released.load(Ordering::SeqCst) {
             let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -707,15 +726,16 @@ fn open_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Rebuild the in-memory state from the newest superblock whose streams verify.
-fn load(storage: &dyn Storage) -> Result<Inner> {
-    load_with(storage, load_generation)
+/// Rebuild the in-memory state from the newest superblock whose streams verify; `deferred`:
+/// leave the allocator loading (see `open_in_mode`).
+fn load(storage: &dyn Storage, deferred: bool) -> Result<Inner> {
+    load_with(storage, &|s, sb| load_generation(s, sb, deferred))
 }
 
 /// `load`, each generation tried by `generation` (`load_generation`, or a lazy open's).
 pub(super) fn load_with(
     storage: &dyn Storage,
-    generation: fn(&dyn Storage, &crate::format::superblock::Superblock) -> Result<Inner>,
+    generation: &dyn Fn(&dyn Storage, &crate::format::superblock::Superblock) -> Result<Inner>,
 ) -> Result<Inner> {
     let (sbs, bad) = meta::read_superblocks(storage)?;
     if sbs.is_empty() {
@@ -795,6 +815,7 @@ pub(super) fn load_with(
 pub(super) fn load_generation(
     storage: &dyn Storage,
     sb: &crate::format::superblock::Superblock,
+    deferred: bool,
 ) -> Result<Inner> {
     let mut rec = meta::load(storage, sb)?;
     let mut catalog = Catalog::new();
@@ -816,7 +837,6 @@ pub(super) fn load_generation(
     catalog.replay_log(|| r.next_record())?;
     let bs = sb.block_size;
     let first = first_data_block(bs);
-    let mut alloc = Allocator::new(first, sb.max_blocks);
     let mut faults = std::mem::take(&mut catalog.faults);
     // Block numbers come from disk: they are bounded by the file before the allocation bitmap
     // grows to cover them, so damaged metadata cannot make the load allocate without limit.
@@ -835,14 +855,25 @@ pub(super) fn load_generation(
             )));
         }
     }
-    faults.extend(invariants::audit(
-        &catalog,
-        &meta,
-        bs,
-        file_blocks,
-        &mut alloc,
-    ));
-    alloc.committed();
+    // Everything the checkpoint and the log reference lies below the floor: the file's extent,
+    // or one past the log's reserved next page.
+    let streams_end = rec
+        .ckpt_blocks
+        .iter()
+        .chain(&rec.log_blocks)
+        .map(|b| b.0 + 1);
+    let floor = streams_end.max().unwrap_or(0).max(file_blocks);
+    let mut alloc = Allocator::loading(first, sb.max_blocks, floor);
+    if !deferred {
+        // The rebuild (§5.3) at once: the same code a deferred load's completion runs later.
+        faults.extend(invariants::rebuild(
+            &catalog,
+            &meta,
+            bs,
+            file_blocks,
+            &mut alloc,
+        ));
+    }
     Ok(Inner {
         pool: Pool::new(meta, alloc, bs),
         catalog,
@@ -858,7 +889,6 @@ pub(super) fn load_generation(
         slot_damaged: false,
         journal: None,
         lazy: None,
-        late: None,
         remotes: Default::default(),
     })
 }
@@ -877,7 +907,6 @@ impl Inner {
             slot_damaged: false,
             journal: None,
             lazy: None,
-            late: None,
             remotes: Default::default(),
         }
     }
@@ -1089,7 +1118,7 @@ mod tests {
         // Out of order: the odd ranges from the last down, then the even ones.
         let order = (0..n).filter(|i| i % 2 == 1).rev().chain((0..n).step_by(2));
         for i in order {
-            let mut r = meta::range_records(&*mem, &sb.checkpoint, 1, &index, i).unwrap();
+            let mut r = meta::range_records(&*mem, &sb, &index, i).unwrap();
             let mut records = 0;
             loop {
                 let at = r.position();
