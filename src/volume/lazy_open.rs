@@ -72,7 +72,11 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
         .len()
         .map_err(|e| Error::io("reading the pool size", e))?
         .div_ceil(bs as u64);
-    let streams_end = meta.ckpt_blocks.iter().chain(&meta.log_blocks).map(|b| b.0 + 1);
+    let streams_end = meta
+        .ckpt_blocks
+        .iter()
+        .chain(&meta.log_blocks)
+        .map(|b| b.0 + 1);
     let floor = streams_end.max().unwrap_or(0).max(file_blocks);
     let alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
     let faults = std::mem::take(&mut catalog.faults);

@@ -343,7 +343,11 @@ impl Store {
     }
 
     /// A store around state a lazy open loaded (`lazy_open`), its gate loading.
-    pub(super) fn with_lazy_inner(storage: Arc<dyn Storage>, inner: Inner, writable: bool) -> Store {
+    pub(super) fn with_lazy_inner(
+        storage: Arc<dyn Storage>,
+        inner: Inner,
+        writable: bool,
+    ) -> Store {
         Store {
             storage,
             path: None,
@@ -1118,7 +1122,7 @@ mod tests {
         // Out of order: the odd ranges from the last down, then the even ones.
         let order = (0..n).filter(|i| i % 2 == 1).rev().chain((0..n).step_by(2));
         for i in order {
-            let mut r = meta::range_records(&*mem, &sb, &index, i).unwrap();
+            let mut r = meta::range_records(&*mem, &sb.checkpoint, 1, &index, i).unwrap();
             let mut records = 0;
             loop {
                 let at = r.position();
