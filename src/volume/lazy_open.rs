@@ -41,7 +41,7 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
     rec.replay_head(|r| catalog.apply_checkpoint(r, capacity, &mut resolve))?;
     let ppb = sb.block_size as u64 / crate::format::PAGE_SIZE as u64;
     let index = std::mem::take(&mut rec.index);
-    let mut lazy = Unloaded::new(sb.checkpoint.clone(), index, ppb);
+    let mut lazy = Unloaded::new(sb.checkpoint, index, ppb);
     // A layer without a range has its whole map (none) from the checkpoint already.
     for layer in catalog.uncompared() {
         if !lazy.has_unloaded(layer) {
