@@ -97,16 +97,18 @@ impl StoreExports {
 
 impl ExportCatalog for StoreExports {
     fn exports(&self) -> Result<Vec<ExportInfo>> {
+        // Heads only: listing exports (a client naming none, or asking for a description)
+        // must not wait for a lazily opened pool's maps.
         Ok(self
             .store
-            .layers()
+            .layer_heads()
             .into_iter()
-            .filter(|l| !l.importing && (self.only.is_empty() || self.only.contains(&l.name)))
-            .map(|l| ExportInfo {
+            .filter(|(l, _)| !l.importing && (self.only.is_empty() || self.only.contains(&l.name)))
+            .map(|(l, parent)| ExportInfo {
                 description: format!(
                     "thinlayer {} layer{}",
                     if l.writable { "writable" } else { "read-only" },
-                    l.parent
+                    parent
                         .as_ref()
                         .map_or(String::new(), |p| format!(" on {p}"))
                 ),

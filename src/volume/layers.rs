@@ -443,6 +443,29 @@ impl Store {
         })
     }
 
+    /// `layer_head` of every layer, parents before children, each with its parent's name:
+    /// what listing exports needs, without waiting for a lazily opened pool's maps.
+    pub fn layer_heads(&self) -> Vec<(LayerHead, Option<String>)> {
+        let g = self.read_now();
+        g.catalog
+            .layers()
+            .map(|l| {
+                let parent = l
+                    .parent
+                    .and_then(|p| g.catalog.get(p))
+                    .map(|p| p.name.clone());
+                let head = LayerHead {
+                    id: l.id,
+                    name: l.name.clone(),
+                    disk_size: l.disk_size,
+                    writable: l.writable,
+                    importing: l.incomplete,
+                };
+                (head, parent)
+            })
+            .collect()
+    }
+
     /// Every layer, parents before children.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let g = self.read();

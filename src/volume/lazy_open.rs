@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 /// How long the background load holds the write lock at a time: block paths wait at most
 /// about this long behind it.
 const HOLD: Duration = Duration::from_millis(2);
+/// How long it then lets go of it, so readers waiting for the lock get it.
+const PAUSE: Duration = Duration::from_micros(200);
 
 /// Load generation `sb` without its maps: the checkpoint's records before them, its index,
 /// then the log, after the ranges its map entries touch. A checkpoint without an index (no
@@ -270,7 +272,13 @@ impl Store {
                         g.load_some(&*s.storage)
                     };
                     match step {
-                        Ok(false) => continue,
+                        // Let the block paths in: re-taking the write lock at once starved
+                        // the readers waiting for it (a first read after the open waited for
+                        // the whole load, docs/BENCHMARKS.md "lazy open").
+                        Ok(false) => {
+                            drop(s);
+                            std::thread::sleep(PAUSE)
+                        }
                         Ok(true) => break,
                         Err(e) => {
                             s.stop_load(e);
