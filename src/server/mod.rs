@@ -193,7 +193,7 @@ pub(crate) fn serve(parts: Parts, then: Option<Box<dyn FnOnce() + Send>>) -> Res
         cfg.pool.display(),
         cfg.nbd,
         cfg.control.display(),
-        store.layers().len(),
+        store.layer_heads().len(),
         if cfg.only.is_empty() {
             ", exports follow the layers".to_string()
         } else {
