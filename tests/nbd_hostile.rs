@@ -274,9 +274,11 @@ fn four_gib_lengths_are_refused_without_allocating() {
     let big = vec![1u8; MAX_PAYLOAD_FOR_TEST as usize + 4096];
     assert_eq!(c.write(0, &big), EINVAL);
     assert_eq!(c.read(0, 4), Ok(vec![0; 4]));
-    // A write claiming 4 GiB: refused and the connection closed, not 4 GiB read or held.
+    // A write claiming 4 GiB: refused and the connection closed, not 4 GiB read or held. The
+    // refusal comes from the header alone, before any payload: the reply is read first. (This
+    // test wrote 64 KiB of payload before reading it and failed now and then with EPIPE: the
+    // server may refuse and close before the client's write, as it is meant to.)
     c.send(CMD_WRITE, 0, 3, 0, u32::MAX);
-    c.s.write_all(&[2u8; 65536]).unwrap();
     assert!(matches!(
         c.reply(),
         Reply::Simple {
@@ -285,6 +287,9 @@ fn four_gib_lengths_are_refused_without_allocating() {
         }
     ));
     assert!(c.is_closed());
+    // Closed for good: what the client goes on sending is refused, not read.
+    let e = c.s.write_all(&[2u8; 65536]).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
 
     assert!(bystander.finish() > 0);
 }

@@ -466,6 +466,16 @@ impl Store {
             .collect()
     }
 
+    /// The remote layers (`pull --lazy`), as `layers` gives them. A pool without any answers
+    /// at once, without waiting for a lazily opened pool's maps (the serve's start asks);
+    /// one with remote layers waits for them, as `layers` does.
+    pub fn remote_layers(&self) -> Vec<LayerInfo> {
+        if !self.read_now().catalog.has_remote() {
+            return Vec::new();
+        }
+        self.layers().into_iter().filter(|l| l.remote).collect()
+    }
+
     /// Every layer, parents before children.
     pub fn layers(&self) -> Vec<LayerInfo> {
         let g = self.read();

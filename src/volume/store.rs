@@ -396,7 +396,8 @@ impl Store {
     /// A second descriptor of the crash journal, for whoever must outlive this process (the
     /// keeper, the next server of a restart). None without a journal.
     pub fn journal_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        let g = self.read();
+        // No map is looked at: a lazily opened pool's serve must not wait for them here.
+        let g = self.read_now();
         g.journal
             .as_ref()
             .and_then(|j| j.journal.fd().try_clone_to_owned().ok())
