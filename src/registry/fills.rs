@@ -190,7 +190,7 @@ impl Fills {
     /// Resume every remote layer of the pool: open its blob again and fill it, each on its
     /// own thread (a registry that does not answer holds up nothing else).
     pub fn resume_all(self: &Arc<Self>) {
-        let remote: Vec<LayerInfo> = self.store().remote_layers().into_iter().collect();
+        let remote: Vec<LayerInfo> = self.store().remote_layers();
         for l in remote {
             let Some(location) = sources(&l).into_iter().next() else {
                 self.log.error(format_args!(
