@@ -8,6 +8,7 @@
 //! allocator's loading mode (item 3d) would let them go on once the write paths load the
 //! ranges they touch as the read paths do.
 
+use super::loading::LoadGate;
 use super::store::{load_generation, load_with, Inner, Store};
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
@@ -218,7 +219,7 @@ impl Store {
                 inner.load_faults[0]
             )));
         }
-        let s = Self::with_lazy_inner(storage, inner, writable);
+        let s = Self::around(storage, inner, writable, LoadGate::loading());
         if writable {
             // As `open_in_mode` does for a deferred load: what it punches the loading
             // allocator keeps safe; half-imported layers go at the completion.

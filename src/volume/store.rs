@@ -190,31 +190,20 @@ impl Store {
         };
         let mut alloc = Allocator::new(first, max_blocks);
         let meta = MetaStreams::init(&*storage, &mut alloc, bs, max_blocks, random_id(), now().0)?;
-        Ok(Store {
-            storage,
-            path: None,
-            commit_lock: std::sync::Mutex::new(()),
-            sealed: AtomicU64::new(0),
-            durable: AtomicU64::new(0),
-            inner: RwLock::new(Inner {
-                pool: Pool::new(meta, alloc, bs),
-                catalog: Catalog::new(),
-                pending: RecordWriter::new(),
-                block_size: bs,
-                load_faults: Vec::new(),
-                load_notes: Vec::new(),
-                newest_seen: 1,
-                slot_damaged: false,
-                journal: None,
-                lazy: None,
-                remotes: Default::default(),
-            }),
-            writable: true,
-            discarded: Default::default(),
-            lock: std::sync::Mutex::new(None),
-            released: AtomicBool::new(false),
-            loaded: LoadGate::complete(),
-        })
+        let inner = Inner {
+            pool: Pool::new(meta, alloc, bs),
+            catalog: Catalog::new(),
+            pending: RecordWriter::new(),
+            block_size: bs,
+            load_faults: Vec::new(),
+            load_notes: Vec::new(),
+            newest_seen: 1,
+            slot_damaged: false,
+            journal: None,
+            lazy: None,
+            remotes: Default::default(),
+        };
+        Ok(Store::around(storage, inner, true, LoadGate::complete()))
     }
 
     /// Open an existing pool for changes, taking its lock.
@@ -314,23 +303,12 @@ impl Store {
             // durable state, and recovery punches free space.
             replayed = inner.replay(&*storage, j)?;
         }
-        let store = Store {
-            storage,
-            path: None,
-            inner: RwLock::new(inner),
-            commit_lock: std::sync::Mutex::new(()),
-            sealed: AtomicU64::new(0),
-            durable: AtomicU64::new(0),
-            writable,
-            discarded: Default::default(),
-            lock: std::sync::Mutex::new(None),
-            released: AtomicBool::new(false),
-            loaded: if deferred {
-                LoadGate::loading()
-            } else {
-                LoadGate::complete()
-            },
+        let gate = if deferred {
+            LoadGate::loading()
+        } else {
+            LoadGate::complete()
         };
+        let store = Store::around(storage, inner, writable, gate);
         if writable {
             store.inner.write().unwrap().recover(&*store.storage)?;
             // Its commit may need room a capped pool has only below the extent, which a
@@ -342,11 +320,13 @@ impl Store {
         Ok((store, replayed))
     }
 
-    /// A store around state a lazy open loaded (`lazy_open`), its gate loading.
-    pub(super) fn with_lazy_inner(
+    /// A store around loaded state (a create, an open, a lazy open's `lazy_open`): no path or
+    /// pool lock yet (the callers that have them set them), nothing committed this process.
+    pub(super) fn around(
         storage: Arc<dyn Storage>,
         inner: Inner,
         writable: bool,
+        loaded: LoadGate,
     ) -> Store {
         Store {
             storage,
@@ -359,7 +339,7 @@ impl Store {
             discarded: Default::default(),
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
-            loaded: LoadGate::loading(),
+            loaded,
         }
     }
 
