@@ -184,6 +184,88 @@ impl Inner {
     }
 }
 
+/// The background load (`Store::complete_in_background`): the ranges left, a few at a time,
+/// then the completion. Returns early when the store is dropped or a range fails to load.
+fn load_all(weak: &std::sync::Weak<Store>) {
+    let t = Instant::now();
+    loop {
+        let Some(s) = weak.upgrade() else {
+            return;
+        };
+        #[cfg(test)]
+        if s.loader_panics.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("test hook: the loader panics");
+        }
+        let step = {
+            let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+            g.load_some(&*s.storage)
+        };
+        match step {
+            // Let the block paths in: re-taking the write lock at once starved the readers
+            // waiting for it (a first read after the open waited for the whole load,
+            // docs/BENCHMARKS.md "lazy open").
+            Ok(false) => {
+                drop(s);
+                std::thread::sleep(PAUSE)
+            }
+            Ok(true) => break,
+            Err(e) => {
+                s.stop_load(e);
+                return;
+            }
+        }
+    }
+    let Some(s) = weak.upgrade() else {
+        return;
+    };
+    s.inner
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .maps_whole();
+    s.complete_load();
+    crate::log::process(
+        crate::log::Level::Info,
+        format_args!(
+            "thinlayer: maps loaded in the background in {} ms",
+            t.elapsed().as_millis()
+        ),
+    );
+}
+
+/// Stops the load if the loader thread ends while it is still under way: a panic in it left
+/// every waiter at the gate (a capped write, `Store::read`'s callers) waiting for ever. They
+/// get the refusal naming the panic instead, and changes are refused (the maps may be half
+/// applied); reads of loaded ranges go on.
+struct StopUnlessComplete {
+    store: std::sync::Weak<Store>,
+    /// The panic's message, if the loader panicked.
+    panic: Option<String>,
+}
+
+impl Drop for StopUnlessComplete {
+    fn drop(&mut self) {
+        let Some(s) = self.store.upgrade() else {
+            return;
+        };
+        if !s.is_loading() {
+            return;
+        }
+        let why = match &self.panic {
+            Some(m) => format!("the thread loading the maps panicked: {m}"),
+            None => "the thread loading the maps ended before the load completed".into(),
+        };
+        s.stop_load(Error::Internal(why));
+    }
+}
+
+/// What a panic said, if it said it with a string (`panic!` does).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 impl Store {
     /// Open the pool at `path` for a server, taking its lock, without reading its maps
     /// (version 7 and a checkpoint with maps; any other loads whole), and load them in the
@@ -281,6 +363,8 @@ impl Store {
     /// reference: a store dropped meanwhile stops it. A range that cannot be loaded stops the
     /// load (`late_fault`, `load_stopped`): what waits gets the refusal naming it instead of
     /// waiting for ever, changes are refused, and reads of that range fail naming its page.
+    /// A panic of the thread stops the load the same way, naming the panic
+    /// (`StopUnlessComplete`).
     pub fn complete_in_background(
         self: &Arc<Self>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -288,48 +372,19 @@ impl Store {
         std::thread::Builder::new()
             .name("maps-load".into())
             .spawn(move || {
-                let t = Instant::now();
-                loop {
-                    let Some(s) = weak.upgrade() else {
-                        return;
-                    };
-                    let step = {
-                        let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-                        g.load_some(&*s.storage)
-                    };
-                    match step {
-                        // Let the block paths in: re-taking the write lock at once starved
-                        // the readers waiting for it (a first read after the open waited for
-                        // the whole load, docs/BENCHMARKS.md "lazy open").
-                        Ok(false) => {
-                            drop(s);
-                            std::thread::sleep(PAUSE)
-                        }
-                        Ok(true) => break,
-                        Err(e) => {
-                            s.stop_load(e);
-                            return;
-                        }
-                    }
-                }
-                let Some(s) = weak.upgrade() else {
-                    return;
+                let mut guard = StopUnlessComplete {
+                    store: weak.clone(),
+                    panic: None,
                 };
-                s.inner
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .maps_whole();
-                s.complete_load();
-                crate::log::process(
-                    crate::log::Level::Info,
-                    format_args!(
-                        "thinlayer: maps loaded in the background in {} ms",
-                        t.elapsed().as_millis()
-                    ),
-                );
+                let body = std::panic::AssertUnwindSafe(|| load_all(&weak));
+                if let Err(p) = std::panic::catch_unwind(body) {
+                    guard.panic = Some(panic_message(&*p));
+                }
             })
     }
 
+    /// The load cannot go on (`e` says why): recorded as a fault found late (changes are
+    /// refused naming it), and the gate's waiters get that refusal.
     fn stop_load(&self, e: Error) {
         crate::log::process(
             crate::log::Level::Warn,
@@ -604,6 +659,34 @@ mod tests {
         }
         assert_eq!(read_at(&m, app, 12), block(4));
         drop(staged);
+    }
+
+    /// A panic in the background loader stops the load instead of leaving the gate shut: the
+    /// gate's waiters get the refusal naming the panic, changes are refused, reads of the
+    /// ranges already loaded go on. Without the guard the load stayed "loading" for ever.
+    #[test]
+    fn a_panic_in_the_loader_opens_the_gate_with_a_refusal_naming_it() {
+        let mem = pool();
+        let s = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        let app = s.layer_head("app").unwrap().id;
+        let before = read_at(&s, app, 150_000);
+        s.loader_panics
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let waiter = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait_loaded())
+        };
+        s.complete_in_background().unwrap().join().unwrap();
+        assert!(!s.is_loading(), "the load still counts as under way");
+        let e = waiter.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::Faulty { .. }), "{e}");
+        assert!(
+            e.to_string().contains("test hook: the loader panics"),
+            "{e}"
+        );
+        let w = s.write_layer(app, 0, &block(1)).unwrap_err();
+        assert!(matches!(w, Error::Faulty { .. }), "{w}");
+        assert_eq!(read_at(&s, app, 150_000), before);
     }
 
     /// A lazily opened pool whose maps loaded has the allocator an eager open builds: the

@@ -38,6 +38,9 @@ pub struct Store {
     released: AtomicBool,
     /// Whether every map is loaded and the allocator rebuilt from them (`loading.rs`).
     pub(crate) loaded: LoadGate,
+    /// Test hook: the background loader of the maps panics (`lazy_open.rs`).
+    #[cfg(test)]
+    pub(crate) loader_panics: AtomicBool,
 }
 
 pub(crate) struct Inner {
@@ -349,6 +352,8 @@ impl Store {
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
             loaded,
+            #[cfg(test)]
+            loader_panics: AtomicBool::new(false),
         }
     }
 
