@@ -520,6 +520,87 @@ fn a_plain_serve_with_its_keeper_loads_the_maps_in_the_background() {
     p.assert_clean();
 }
 
+/// Reads and writes through a default `serve` (with its keeper) before its maps are loaded,
+/// and a SIGKILL then: the load is held open (a debug build's test hook) far longer than the
+/// test runs, so every request here comes before the completion. A write flushed and one
+/// only acknowledged outlive the kill through the keeper's next server, which serves again
+/// before its load too; `check --data` is clean and the export holds the writes.
+#[test]
+fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill() {
+    if !have("qemu-io") {
+        eprintln!("SKIP: qemu-io not installed (CI installs it)");
+        return;
+    }
+    let p = Pool::new();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pool-v6.pool");
+    std::fs::copy(fixture, &p.path).unwrap();
+    p.ok(&["migrate", p.path.to_str().unwrap()]);
+    let log = p.file("serve.log");
+    let sock = p.file("nbd.sock");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
+        .env("THINLAYER_TEST_HOLD_LOAD_MS", "600000")
+        .arg("--pool")
+        .arg(&p.path)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _kill = support::KillServing(&p.path);
+    support::wait_for(&support::control_path(&p.path));
+    let uri = format!("nbd+unix:///work?socket={}", sock.display());
+    let io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let o = c.arg(&uri).output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success() && !out.contains("Pattern verification failed"),
+            "qemu-io {cmds:?}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let loaded = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("maps loaded")
+    };
+    // "work" is a child of "base", whose block 1 is bytes of 8 (tests/fixtures/README.md).
+    io(&["read -P 8 4096 4k"]);
+    io(&["write -P 0x5a 8192 8k", "flush", "read -P 0x5a 8192 8k"]);
+    io(&["write -P 0x6b 65536 4k"]);
+    assert!(
+        !loaded(),
+        "the load completed: the requests may have come after it"
+    );
+    let (pid, _) = support::serving(&p.path).unwrap();
+    // SAFETY: killing the server this test started, by the pid it reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    support::wait_gone(pid);
+    let (next, _) = support::serving(&p.path).expect("the keeper started a server");
+    assert_ne!(next, pid);
+    io(&[
+        "read -P 0x5a 8192 8k",
+        "read -P 0x6b 65536 4k",
+        "read -P 8 4096 4k",
+    ]);
+    assert!(support::stop_serving(&p.path));
+    server.wait().unwrap();
+    assert!(
+        !loaded(),
+        "the load completed: the requests may have come after it"
+    );
+    p.assert_clean();
+    let out = p.file("work.raw");
+    p.ok(&["export", "work", out.to_str().unwrap()]);
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes[8192..16384].iter().all(|&b| b == 0x5a));
+    assert!(bytes[65536..69632].iter().all(|&b| b == 0x6b));
+}
+
 /// A pool a previous binary made (format versions 2 to 6, tests/fixtures/README.md) is refused
 /// by every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
 /// back byte for byte and `check --data` calls it clean.

@@ -547,7 +547,12 @@ impl Fills {
             .iter()
             .map(|(k, v)| (*k, v.clone()))
             .collect();
-        let layers = self.store().layers();
+        if fills.is_empty() {
+            return Vec::new();
+        }
+        // `remote_layers`: `layers` waits for a lazily opened pool's maps, and `status` must
+        // answer while they load (it waited for the whole load).
+        let layers = self.store().remote_layers();
         let mut out: Vec<FillStatus> = fills
             .into_iter()
             .filter_map(|(id, f)| {

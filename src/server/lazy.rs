@@ -100,7 +100,10 @@ pub struct Lazy;
 #[cfg(not(feature = "registry"))]
 impl Lazy {
     pub fn start(exports: &Arc<LiveExports>, _: Remote) -> Lazy {
-        let n = exports.store().layers().iter().filter(|l| l.remote).count();
+        // `remote_layers`, not `layers`: that waits for a lazily opened pool's maps, and this
+        // runs before `serve` listens (it waited for the whole load in builds without the
+        // `registry` feature).
+        let n = exports.store().remote_layers().len();
         if n > 0 {
             crate::log::process(
                 crate::log::Level::Warn,
