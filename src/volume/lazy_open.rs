@@ -9,7 +9,7 @@
 //! ranges they touch as the read paths do.
 
 use super::loading::LoadGate;
-use super::store::{load_generation, load_with, Inner, Store};
+use super::store::{extent_and_floor, load_generation, load_with, Inner, Store};
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{Record, RecordReader};
@@ -68,19 +68,10 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
     let meta = MetaStreams::from_recovered(&rec);
     lazy.blocks = meta.ckpt_blocks.clone();
     let bs = sb.block_size;
-    // Everything the checkpoint and the log reference lies below the file's extent (or the
-    // log's reserved next page): the allocator's loading mode (`loading.rs`) hands out
-    // nothing below it until the completion.
-    let file_blocks = storage
-        .len()
-        .map_err(|e| Error::io("reading the pool size", e))?
-        .div_ceil(bs as u64);
-    let streams_end = meta
-        .ckpt_blocks
-        .iter()
-        .chain(&meta.log_blocks)
-        .map(|b| b.0 + 1);
-    let floor = streams_end.max().unwrap_or(0).max(file_blocks);
+    // The allocator's loading mode (`loading.rs`) hands out nothing below the floor until the
+    // completion: the checkpoint's blocks known so far (its head's) are enough for it, since
+    // the file's extent bounds the rest.
+    let (_, floor) = extent_and_floor(storage, bs, &meta.ckpt_blocks, &meta.log_blocks)?;
     let alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
     let faults = std::mem::take(&mut catalog.faults);
     let mut inner = load_generation_shell(meta, alloc, catalog, bs, sb.generation, &rec)?;
