@@ -349,13 +349,7 @@ impl Catalog {
         let Some(l) = self.layers.get(&layer) else {
             return;
         };
-        if actual != stored {
-            let what = What::Counters {
-                stored_data: stored.0,
-                stored_zero: stored.1,
-                data: actual.0,
-                zero: actual.1,
-            };
+        if let Some(what) = What::counters(stored, actual) {
             let at = Where::layer(l.id, &l.name);
             self.faults.push(Fault::new(what, at));
         }

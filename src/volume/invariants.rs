@@ -9,6 +9,7 @@
 
 use crate::fault::{Fault, What, Where};
 use crate::format::{first_data_block, PBlock, VBlock};
+use crate::layer::lazy::Applied;
 use crate::layer::{Catalog, Layer, Mapping};
 use crate::pool::alloc::Claimed;
 use crate::pool::{Allocator, MetaStreams};
@@ -38,6 +39,63 @@ pub(crate) fn audit(
     claims: &mut dyn Claims,
 ) -> Vec<Fault> {
     let mut faults = Vec::new();
+    stream_rules(meta, block_size, file_blocks, claims, &mut faults);
+    for l in catalog.layers() {
+        layer_rules(catalog, l, &mut faults);
+        map_rules(l, block_size, file_blocks, claims, &mut faults);
+    }
+    faults
+}
+
+/// The rules over the maps loaded so far (a lazy open, after replaying its log over the
+/// ranges the log touches): each layer's map as `audit` checks it, its blocks claimed into
+/// `claims` (the loading allocator's, `Allocator::load_claims`). The ranges loaded later
+/// are checked one by one (`claim_range`); the rest at the completion (`rebuild`).
+pub(crate) fn claim_loaded(
+    catalog: &Catalog,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    for l in catalog.layers() {
+        map_rules(l, block_size, file_blocks, claims, &mut faults);
+    }
+    faults
+}
+
+/// The rules over one range of a layer's map just loaded (`Applied`: its chunks, and what it
+/// added to the map's counters), its blocks claimed into `claims`: what `audit` checks of the
+/// map, a range at a time, so the completion need not go over every map (DESIGN §5.3).
+/// Every entry in the range's chunks came from it (whatever changes a block loads its range
+/// first), so the entries counted there must be what it added.
+pub(crate) fn claim_range(
+    l: &Layer,
+    range: Applied,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    let (c0, c1) = range.chunks;
+    let entries = l
+        .map
+        .chunks_in(c0, c1)
+        .into_iter()
+        .flat_map(|c| l.map.chunk_entries(c));
+    let counted = entries_rules(l, entries, block_size, file_blocks, claims, &mut faults);
+    counters_match(l, counted, (range.data, range.zero), &mut faults);
+    faults
+}
+
+/// The streams' blocks lie in the data area and are named once.
+fn stream_rules(
+    meta: &MetaStreams,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+    faults: &mut Vec<Fault>,
+) {
     let first = first_data_block(block_size);
     let holders = [
         ("the checkpoint", &meta.ckpt_blocks),
@@ -55,60 +113,81 @@ pub(crate) fn audit(
             }
         }
     }
+}
+
+/// A layer's whole map: its entries' rules, and its counters matching them.
+fn map_rules(
+    l: &Layer,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+    faults: &mut Vec<Fault>,
+) {
+    let counted = entries_rules(l, l.map.iter(), block_size, file_blocks, claims, faults);
+    let stored = (l.map.data_blocks(), l.map.zero_blocks());
+    counters_match(l, counted, stored, faults);
+}
+
+/// `entries` of `l`'s map: none past the layer's end, every data block in the data area and
+/// named once. Returns the data and zero entries counted.
+fn entries_rules(
+    l: &Layer,
+    entries: impl Iterator<Item = (VBlock, Mapping)>,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+    faults: &mut Vec<Fault>,
+) -> (u64, u64) {
+    let first = first_data_block(block_size);
     let mut batch = Vec::with_capacity(CLAIM_BATCH);
-    for l in catalog.layers() {
-        layer_rules(catalog, l, &mut faults);
-        let (mut data, mut zero) = (0, 0);
-        let blocks = l.disk_size.div_ceil(block_size as u64);
-        let mut claim_all = |batch: &mut Vec<(VBlock, PBlock)>, faults: &mut Vec<Fault>| {
-            for &(vb, pblock) in batch.iter() {
-                let at = || {
-                    Where::layer(l.id, &l.name)
-                        .block(vb, block_size)
-                        .pblock(pblock)
-                };
-                if let Some(other) = claims.claim(pblock, &at) {
-                    faults.push(Fault::new(What::UsedTwice { other }, at()));
-                }
-            }
-            batch.clear();
-        };
-        for (vb, m) in l.map.iter() {
-            let at = || Where::layer(l.id, &l.name).block(vb, block_size);
-            if vb.0 >= blocks {
-                let what = What::MappedPastEnd {
-                    disk_size: l.disk_size,
-                };
-                faults.push(Fault::new(what, at()));
-            }
-            let Mapping::Data { pblock, .. } = m else {
-                zero += 1;
-                continue;
+    let (mut data, mut zero) = (0, 0);
+    let blocks = l.disk_size.div_ceil(block_size as u64);
+    let mut claim_all = |batch: &mut Vec<(VBlock, PBlock)>, faults: &mut Vec<Fault>| {
+        for &(vb, pblock) in batch.iter() {
+            let at = || {
+                Where::layer(l.id, &l.name)
+                    .block(vb, block_size)
+                    .pblock(pblock)
             };
-            data += 1;
-            let at = || at().pblock(pblock);
-            if pblock.0 < first || pblock.0 >= file_blocks {
-                let what = What::OutsideDataArea { first, file_blocks };
-                faults.push(Fault::new(what, at()));
-            } else {
-                batch.push((vb, pblock));
-                if batch.len() == CLAIM_BATCH {
-                    claim_all(&mut batch, &mut faults);
-                }
+            if let Some(other) = claims.claim(pblock, &at) {
+                faults.push(Fault::new(What::UsedTwice { other }, at()));
             }
         }
-        claim_all(&mut batch, &mut faults);
-        if (data, zero) != (l.map.data_blocks(), l.map.zero_blocks()) {
-            let what = What::Counters {
-                stored_data: l.map.data_blocks(),
-                stored_zero: l.map.zero_blocks(),
-                data,
-                zero,
+        batch.clear();
+    };
+    for (vb, m) in entries {
+        let at = || Where::layer(l.id, &l.name).block(vb, block_size);
+        if vb.0 >= blocks {
+            let what = What::MappedPastEnd {
+                disk_size: l.disk_size,
             };
-            faults.push(Fault::new(what, Where::layer(l.id, &l.name)));
+            faults.push(Fault::new(what, at()));
+        }
+        let Mapping::Data { pblock, .. } = m else {
+            zero += 1;
+            continue;
+        };
+        data += 1;
+        let at = || at().pblock(pblock);
+        if pblock.0 < first || pblock.0 >= file_blocks {
+            let what = What::OutsideDataArea { first, file_blocks };
+            faults.push(Fault::new(what, at()));
+        } else {
+            batch.push((vb, pblock));
+            if batch.len() == CLAIM_BATCH {
+                claim_all(&mut batch, faults);
+            }
         }
     }
-    faults
+    claim_all(&mut batch, faults);
+    (data, zero)
+}
+
+/// The entries counted in a map (or a range of it) are what its counters say.
+fn counters_match(l: &Layer, counted: (u64, u64), stored: (u64, u64), faults: &mut Vec<Fault>) {
+    if let Some(what) = What::counters(stored, counted) {
+        faults.push(Fault::new(what, Where::layer(l.id, &l.name)));
+    }
 }
 
 /// The rules about a layer's place in the tree.
@@ -165,6 +244,12 @@ impl Claims for Claimed {
 /// (writes made meanwhile included). `file_blocks`: blocks at or past it lie outside the pool
 /// file (the eager open: the file's length; later: the allocator's extent, which includes
 /// what was written since).
+///
+/// A lazy open claimed the maps range by range as they loaded (`claim_loaded`,
+/// `claim_range`, into `Allocator::load_claims`): then only the rules of the layer tree and
+/// the streams are left, over the claims less what was released since
+/// (`Allocator::take_load_claims`), so the completion's write-lock hold does not grow with
+/// the mapped data.
 pub(crate) fn rebuild(
     catalog: &Catalog,
     meta: &MetaStreams,
@@ -172,8 +257,21 @@ pub(crate) fn rebuild(
     file_blocks: u64,
     alloc: &mut Allocator,
 ) -> Vec<Fault> {
-    let mut claims = Claimed::with_capacity(file_blocks + 2);
-    let mut faults = audit(catalog, meta, block_size, file_blocks, &mut claims);
+    let (claims, mut faults) = match alloc.take_load_claims() {
+        Some(mut claims) => {
+            let mut faults = Vec::new();
+            stream_rules(meta, block_size, file_blocks, &mut claims, &mut faults);
+            for l in catalog.layers() {
+                layer_rules(catalog, l, &mut faults);
+            }
+            (claims, faults)
+        }
+        None => {
+            let mut claims = Claimed::with_capacity(file_blocks + 2);
+            let faults = audit(catalog, meta, block_size, file_blocks, &mut claims);
+            (claims, faults)
+        }
+    };
     let found = alloc.finish_loading(claims);
     for b in found.freed_but_claimed {
         let other = "a free waiting for commit".to_string();

@@ -8,14 +8,15 @@
 //! allocator's loading mode (item 3d) would let them go on once the write paths load the
 //! ranges they touch as the read paths do.
 
+use super::invariants;
 use super::loading::LoadGate;
 use super::store::{extent_and_floor, load_generation, load_with, Inner, Store};
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{Record, RecordReader};
 use crate::format::superblock::Superblock;
-use crate::format::{first_data_block, LayerId};
-use crate::layer::lazy::Unloaded;
+use crate::format::{first_data_block, LayerId, PBlock};
+use crate::layer::lazy::{Applied, Unloaded};
 use crate::layer::Catalog;
 use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, FileStorage, Pool, Storage};
@@ -62,7 +63,8 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
     }
     want.sort_unstable();
     want.dedup();
-    lazy.load(&mut catalog, storage, &sums, &want)?;
+    // Claimed below, once the log is replayed over them.
+    lazy.load(&mut catalog, storage, &sums, &want, &mut |_, _| {})?;
     let mut it = log.into_iter();
     catalog.replay_log(|| Ok(it.next()))?;
     let meta = MetaStreams::from_recovered(&rec);
@@ -71,9 +73,15 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
     // The allocator's loading mode (`loading.rs`) hands out nothing below the floor until the
     // completion: the checkpoint's blocks known so far (its head's) are enough for it, since
     // the file's extent bounds the rest.
-    let (_, floor) = extent_and_floor(storage, bs, &meta.ckpt_blocks, &meta.log_blocks)?;
-    let alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
-    let faults = std::mem::take(&mut catalog.faults);
+    let (file_blocks, floor) = extent_and_floor(storage, bs, &meta.ckpt_blocks, &meta.log_blocks)?;
+    let mut alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
+    let mut faults = std::mem::take(&mut catalog.faults);
+    // The maps are audited and their blocks claimed as they load, what is loaded now (the
+    // ranges the log touched, and the log) first: the completion then only merges (§5.3).
+    alloc.claim_as_loaded();
+    let claims = alloc.load_claims().expect("a loading allocator");
+    faults.extend(invariants::claim_loaded(&catalog, bs, file_blocks, claims));
+    lazy.file_blocks = file_blocks;
     let mut inner = load_generation_shell(meta, alloc, catalog, bs, sb.generation, &rec)?;
     inner.load_faults = faults;
     inner.lazy = Some(lazy);
@@ -136,14 +144,34 @@ impl Inner {
         out
     }
 
-    /// Load `ranges` (under the write lock).
+    /// Load `ranges` (under the write lock), each audited and its blocks claimed as it is
+    /// applied (`invariants::claim_range`): what the audit finds is a fault found late.
     fn load_ranges(&mut self, storage: &dyn Storage, ranges: &[usize]) -> Result<()> {
         let sums = self.pool.meta.sums().clone();
-        let Inner { catalog, lazy, .. } = self;
-        match lazy {
-            Some(lazy) => lazy.load(catalog, storage, &sums, ranges),
-            None => Ok(()),
+        let bs = self.block_size;
+        let mut faults = Vec::new();
+        let Inner {
+            catalog,
+            lazy,
+            pool,
+            ..
+        } = self;
+        let Some(lazy) = lazy else {
+            return Ok(());
+        };
+        let file_blocks = lazy.file_blocks;
+        let mut claim = |catalog: &Catalog, range: Applied| {
+            let (Some(l), Some(claims)) = (catalog.get(range.layer), pool.alloc.load_claims())
+            else {
+                return;
+            };
+            faults.extend(invariants::claim_range(l, range, bs, file_blocks, claims));
+        };
+        let loaded = lazy.load(catalog, storage, &sums, ranges, &mut claim);
+        for f in faults {
+            self.late_fault(f);
         }
+        loaded
     }
 
     /// Load ranges in order for about `HOLD`; true when none is left to load.
@@ -162,13 +190,10 @@ impl Inner {
     }
 
     /// Every range is loaded: the maps are whole, and the checkpoint's blocks all known
-    /// (from the pages the ranges were read from), which the completion's rebuild claims and
-    /// the next checkpoint frees.
-    fn maps_whole(&mut self) {
-        if let Some(lazy) = self.lazy.take() {
-            let mut blocks = lazy.blocks;
-            blocks.sort_unstable();
-            blocks.dedup();
+    /// (`blocks`: from the pages the ranges were read from, sorted, each once), which the
+    /// completion's rebuild claims and the next checkpoint frees.
+    fn maps_whole(&mut self, blocks: Vec<PBlock>) {
+        if self.lazy.take().is_some() {
             self.pool.meta.ckpt_blocks = blocks;
         }
     }
@@ -281,16 +306,24 @@ impl Store {
                 let Some(s) = weak.upgrade() else {
                     return;
                 };
-                s.inner
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .maps_whole();
-                s.complete_load();
+                // The checkpoint's blocks, sorted without the lock (every range is loaded:
+                // nothing adds to them any more); then one short hold completes the load.
+                let mut blocks = {
+                    let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+                    g.lazy
+                        .as_mut()
+                        .map(|l| std::mem::take(&mut l.blocks))
+                        .unwrap_or_default()
+                };
+                blocks.sort_unstable();
+                blocks.dedup();
+                let held = s.complete_load_after(|g| g.maps_whole(blocks));
                 crate::log::process(
                     crate::log::Level::Info,
                     format_args!(
-                        "thinlayer: maps loaded in the background in {} ms",
-                        t.elapsed().as_millis()
+                        "thinlayer: maps loaded in the background in {} ms (the completion held the store's lock {} µs)",
+                        t.elapsed().as_millis(),
+                        held.as_micros()
                     ),
                 );
             })
@@ -315,6 +348,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::VBlock;
     use crate::pool::MemStorage;
     use crate::volume::CreateOptions;
     use proptest::prelude::*;
@@ -492,6 +526,7 @@ mod tests {
         lazy.complete_in_background().unwrap().join().unwrap();
         assert!(lazy.maps_loaded());
         assert_eq!(lazy.used_blocks(), eager.used_blocks());
+        assert_eq!(used(&lazy), used(&eager));
         assert_eq!(lazy.read().pool.meta.ckpt_blocks, {
             let mut b = eager.read().pool.meta.ckpt_blocks.clone();
             b.sort_unstable();
@@ -500,5 +535,155 @@ mod tests {
         lazy.verify_consistency().unwrap();
         lazy.checkpoint().unwrap();
         lazy.verify_consistency().unwrap();
+    }
+
+    /// A change made while the maps load, as the write paths make it once they load what
+    /// they touch (`load_for`) instead of waiting for the completion (DESIGN §12 item 3c):
+    /// under the write lock, past `Store::write`'s wait.
+    fn change_while_loading(s: &Store, id: LayerId, vb: u64, f: impl FnOnce(&mut Inner)) {
+        s.load_for(id, vb * BS, BS).unwrap();
+        f(&mut s.inner.write().unwrap());
+    }
+
+    /// A commit made while the maps load: staged, made durable, installed.
+    fn commit_while_loading(s: &Store) {
+        let c = s.inner.write().unwrap().stage(&*s.storage).unwrap();
+        let c = c.expect("changes to commit");
+        let durable = c.make_durable(&*s.storage);
+        let punch = s.inner.write().unwrap().finish(&*s.storage, c, durable);
+        if let Some(p) = punch.unwrap() {
+            p.run(&*s.storage);
+            s.inner.write().unwrap().pool.punched(p);
+        }
+    }
+
+    fn used(s: &Store) -> Vec<crate::format::PBlock> {
+        s.read().pool.alloc.used_blocks().collect()
+    }
+
+    /// The ranges' blocks are claimed as they load, so the completion claims only the
+    /// streams; a block a range's map held and a change released while the maps loaded
+    /// (rewritten, trimmed; in a commit made durable since, or still pending) is un-claimed
+    /// at the completion. The allocator after it is an eager open's of the same state: the
+    /// same blocks used, once the pending frees are committed too.
+    #[test]
+    fn releases_made_while_the_maps_load_leave_the_eager_allocator() {
+        let mem = pool();
+        let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        let app = lazy.layer_head("app").unwrap().id;
+        let floor = lazy.read_now().pool.alloc.loading_floor().unwrap();
+        let mapped = |vb: u64| {
+            let g = lazy.read_now();
+            let m = g.catalog.get(app).unwrap().map.get(VBlock(vb));
+            m.and_then(|m| m.pblock()).unwrap()
+        };
+        let mut released = Vec::new();
+        for (vb, seed) in [(4999 * 5, 1), (4999 * 7, 2)] {
+            change_while_loading(&lazy, app, vb, |g| {
+                released.push(mapped_in(g, app, vb));
+                g.write(&*mem_storage(&lazy), app, vb * BS, &block(seed))
+                    .unwrap();
+            });
+        }
+        change_while_loading(&lazy, app, 4999 * 9, |g| {
+            released.push(mapped_in(g, app, 4999 * 9));
+            g.zero(&*mem_storage(&lazy), app, 4999 * 9 * BS, BS, true)
+                .unwrap();
+        });
+        commit_while_loading(&lazy);
+        // Pending at the completion: a committed block rewritten, and a fresh one rewritten.
+        change_while_loading(&lazy, app, 4999 * 11, |g| {
+            released.push(mapped_in(g, app, 4999 * 11));
+            g.write(&*mem_storage(&lazy), app, 4999 * 11 * BS, &block(3))
+                .unwrap();
+        });
+        change_while_loading(&lazy, app, 4999 * 5, |g| {
+            g.write(&*mem_storage(&lazy), app, 4999 * 5 * BS, &block(4))
+                .unwrap();
+        });
+        assert!(!lazy.maps_loaded());
+        for p in &released {
+            assert!(
+                p.0 < floor,
+                "{p}: a block of the checkpoint, below the floor"
+            );
+        }
+        assert!(mapped(4999 * 11).0 >= floor);
+        lazy.complete_in_background().unwrap().join().unwrap();
+        assert!(lazy.maps_loaded());
+        lazy.verify_consistency().unwrap();
+        assert!(lazy.read().load_faults.is_empty());
+        // Released and committed: free; released and pending: used until the commit.
+        for &p in &released[..3] {
+            assert!(!lazy.read().pool.alloc.is_used(p), "{p} still used");
+        }
+        assert!(lazy.read().pool.alloc.is_used(released[3]));
+        lazy.flush().unwrap();
+        lazy.verify_consistency().unwrap();
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        assert_eq!(used(&lazy), used(&eager));
+        let mut buf = vec![0u8; BS as usize];
+        eager.read_layer(app, 4999 * 5 * BS, &mut buf).unwrap();
+        assert_eq!(buf, block(4));
+    }
+
+    fn mapped_in(g: &Inner, id: LayerId, vb: u64) -> crate::format::PBlock {
+        let m = g.catalog.get(id).unwrap().map.get(VBlock(vb));
+        m.and_then(|m| m.pblock()).expect("a mapped block")
+    }
+
+    fn mem_storage(s: &Store) -> Arc<dyn Storage> {
+        s.storage.clone()
+    }
+
+    /// A pool block two layers' checkpointed maps name is found when the second range
+    /// holding it loads (the ranges are audited and claimed as they load), before the
+    /// load completes: a fault found late, changes refused from then on, `check` reports it.
+    #[test]
+    fn a_block_mapped_twice_is_found_when_its_second_range_loads() {
+        let mem = pool();
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        let base = s.layer_head("base").unwrap().id;
+        let app = s.layer_head("app").unwrap().id;
+        {
+            // Damage: app's block 4999 * 20 names base's block 0's pool block.
+            let mut g = s.write().unwrap();
+            let p = g.catalog.get(base).unwrap().map.get(VBlock(0)).unwrap();
+            let Inner {
+                catalog, pending, ..
+            } = &mut *g;
+            let to = Some(crate::layer::Mapping::data(p.pblock().unwrap(), 0));
+            let c = crate::layer::Change::Map {
+                layer: app,
+                vblock: VBlock(4999 * 20),
+                to,
+            };
+            catalog.change(pending, c, |_| {}).unwrap();
+        }
+        s.flush().unwrap();
+        s.checkpoint().unwrap();
+        drop(s);
+        let lazy = Store::open_in_lazy(mem.clone(), true).unwrap();
+        assert!(lazy.read_now().load_faults.is_empty());
+        // As reads do (the damaged block's would fail its checksum).
+        lazy.load_for(base, 0, BS).unwrap();
+        lazy.load_for(app, 4999 * 20 * BS, BS).unwrap();
+        assert!(!lazy.maps_loaded());
+        let faults = lazy.read_now().load_faults.clone();
+        assert!(
+            faults
+                .iter()
+                .any(|f| matches!(f.what, What::UsedTwice { .. })
+                    && f.at.layer.as_ref().map(|l| l.id) == Some(app)
+                    && f.at.vblock == Some(VBlock(4999 * 20))),
+            "{faults:?}"
+        );
+        assert!(lazy.read_now().faulty().is_some());
+        drop(lazy);
+        let r = crate::check::check(mem, false, &mut |_, _| {}).unwrap();
+        assert!(r
+            .faults
+            .iter()
+            .any(|f| matches!(f.what, What::UsedTwice { .. })));
     }
 }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::fault::Fault;
 use crate::pool::{Punch, Storage};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Where the open's load of the maps is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,17 +103,25 @@ impl Store {
     /// waits for the load is woken. Faults it finds are recorded, not returned: from then on
     /// the store refuses changes naming them (`Error::Faulty`).
     pub fn complete_load(&self) {
-        let punch = self
-            .inner
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .complete_load(&*self.storage, self.is_writable());
+        self.complete_load_after(|_| {});
+    }
+
+    /// `complete_load`, with `before` run in the same hold of the write lock first (a lazy
+    /// open's last step of the load). Returns how long the lock was held.
+    pub(crate) fn complete_load_after(&self, before: impl FnOnce(&mut Inner)) -> Duration {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let held = Instant::now();
+        before(&mut g);
+        let punch = g.complete_load(&*self.storage, self.is_writable());
+        drop(g);
+        let held = held.elapsed();
         self.load_done();
         if let Some(p) = punch {
             p.run(&*self.storage);
             let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
             g.pool.punched(p);
         }
+        held
     }
 
     /// The load is complete (`Inner::complete_load` ran under a lock the caller held; call
