@@ -83,6 +83,21 @@ impl Claimed {
         !self.bits.replace(i, true)
     }
 
+    /// Note a reference to each of blocks `p..p + n` at once, if none was referenced
+    /// already (then false, and nothing is claimed: claim them one by one to find which).
+    pub fn claim_run(&mut self, p: PBlock, n: u64) -> bool {
+        let (i, end) = (p.0 as usize, (p.0 + n) as usize);
+        if end > self.bits.len() {
+            self.bits.resize(end, false);
+        }
+        let run = &mut self.bits[i..end];
+        if run.any() {
+            return false;
+        }
+        run.fill(true);
+        true
+    }
+
     /// Whether `p` is claimed.
     pub fn is_claimed(&self, p: PBlock) -> bool {
         self.bits.get(p.0 as usize).is_some_and(|b| *b)
