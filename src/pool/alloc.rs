@@ -86,6 +86,19 @@ impl Claimed {
     /// Note a reference to each of blocks `p..p + n` at once, if none was referenced
     /// already (then false, and nothing is claimed: claim them one by one to find which).
     pub fn claim_run(&mut self, p: PBlock, n: u64) -> bool {
+        // A single block (most of a scattered map) costs one bit: a bit slice's set-up is
+        // most of a claim (measured: claim_run 45% of a 10M-block scattered load's CPU).
+        if n == 1 {
+            let i = p.0 as usize;
+            if i >= self.bits.len() {
+                self.bits.resize(i + 1, false);
+            }
+            if self.bits[i] {
+                return false;
+            }
+            self.bits.set(i, true);
+            return true;
+        }
         let (i, end) = (p.0 as usize, (p.0 + n) as usize);
         if end > self.bits.len() {
             self.bits.resize(end, false);
