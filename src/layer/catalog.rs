@@ -364,6 +364,12 @@ impl Catalog {
         }
     }
 
+    /// The counters (data, zero blocks) the checkpoint stored for `layer`, while its map is
+    /// not whole yet (a lazily loaded one's ranges left).
+    pub fn stored_counters(&self, layer: LayerId) -> Option<(u64, u64)> {
+        self.expected.get(&layer).copied()
+    }
+
     /// Layers whose counters record is not compared yet.
     pub fn uncompared(&self) -> Vec<LayerId> {
         self.expected.keys().copied().collect()

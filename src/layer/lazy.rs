@@ -182,6 +182,16 @@ impl Unloaded {
         self.left
     }
 
+    /// Data blocks `layer`'s ranges not loaded yet hold: what the checkpoint stored for its
+    /// map (`stored`: its counters), less what its loaded ranges added (nothing else changes
+    /// a range before it is loaded).
+    pub fn data_not_loaded(&self, layer: LayerId, stored: Option<(u64, u64)>) -> u64 {
+        match (self.layers.get(&layer), stored) {
+            (Some(c), Some((data, _))) if c.ranges_left > 0 => data.saturating_sub(c.data),
+            _ => 0,
+        }
+    }
+
     /// Whether `layer` still has ranges on disk only.
     pub fn has_unloaded(&self, layer: LayerId) -> bool {
         self.layers.get(&layer).is_some_and(|c| c.ranges_left > 0)
