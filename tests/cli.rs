@@ -466,6 +466,60 @@ fn a_second_writer_is_told_who_holds_the_pool() {
     p.assert_clean();
 }
 
+/// The default `serve` (with its keeper, which makes it keep a crash journal) opens a pool
+/// whose checkpoint holds maps lazily: its log says the maps loaded in the background (only a
+/// lazy open's loader says so; the journal used to make this open eager). A change it
+/// acknowledged outlives a SIGKILL through the keeper's next server, and `check` is clean.
+#[test]
+fn a_plain_serve_with_its_keeper_loads_the_maps_in_the_background() {
+    let p = Pool::new();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pool-v6.pool");
+    std::fs::copy(fixture, &p.path).unwrap();
+    // `migrate` ends on a checkpoint: its maps are ranges of the map index.
+    p.ok(&["migrate", p.path.to_str().unwrap()]);
+    let log = p.file("serve.log");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_thinlayer"))
+        .arg("--pool")
+        .arg(&p.path)
+        .args(["serve", "--socket"])
+        .arg(p.file("nbd.sock"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _kill = support::KillServing(&p.path);
+    support::wait_for(&support::control_path(&p.path));
+    let loaded = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("maps loaded in the background")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while loaded() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background load in 60 s: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (pid, keeper) = support::serving(&p.path).unwrap();
+    assert!(
+        keeper.is_some_and(|k| k != pid),
+        "a plain serve has a keeper"
+    );
+    p.ok(&["create", "x", "--parent", "base"]);
+    // SAFETY: killing the server this test started, by the pid it reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    support::wait_gone(pid);
+    let (next, _) = support::serving(&p.path).expect("the keeper started a server");
+    assert_ne!(next, pid);
+    assert!(p.layers().iter().any(|l| l["name"] == "x"));
+    assert!(support::stop_serving(&p.path));
+    server.wait().unwrap();
+    p.assert_clean();
+}
+
 /// A pool a previous binary made (format versions 2 to 6, tests/fixtures/README.md) is refused
 /// by every command, naming its version and `thinlayer migrate`; after `migrate` its layers read
 /// back byte for byte and `check --data` calls it clean.

@@ -565,7 +565,9 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
     // What can fail comes first. A socket adopted and then dropped would remove its file,
     // which the old process (serving on after this failure) still needs.
     let journal = journal.map(Journal::adopt).transpose()?;
-    let (store, replayed) = Store::open_with_journal(&cfg.pool, command_line, journal)?;
+    // A graceful restart's journal holds nothing to replay: the maps load in the background
+    // as at a first start. A crash's (the keeper's) is replayed by an eager open.
+    let (store, replayed) = Store::open_lazy(&cfg.pool, command_line, journal)?;
     store.set_map_cache(cfg.map_cache);
     // The first reads after the open find their crcs in memory (DESIGN §12); the thread
     // stops by itself.
@@ -590,7 +592,6 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
             ),
         );
     }
-    let store = std::sync::Arc::new(store);
     let exports = std::sync::Arc::new(LiveExports::new(store.clone(), cfg.only.clone()));
     let files = match (&state.files_dir, fuse) {
         (Some(dir), Some(fd)) => Some(std::sync::Arc::new(LiveFiles::adopt(

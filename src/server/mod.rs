@@ -90,12 +90,10 @@ pub fn run(cfg: Config, command_line: &str) -> Result<()> {
         None
     };
     let journal = keeper.as_ref().map(|_| Journal::create()).transpose()?;
-    // Without a crash journal to replay, the maps load in the background while the server
-    // serves (DESIGN §12 item 3): reads load the ranges they touch first.
-    let store = match journal {
-        None => Store::open_lazy(&cfg.pool, command_line)?,
-        Some(j) => Arc::new(Store::open_with_journal(&cfg.pool, command_line, Some(j))?.0),
-    };
+    // The maps load in the background while the server serves (DESIGN §12 item 3): block
+    // paths load the ranges they touch first. A new journal has nothing to replay, so the
+    // keeper's journal does not make the open eager.
+    let (store, _) = Store::open_lazy(&cfg.pool, command_line, journal)?;
     store.set_map_cache(cfg.map_cache);
     // The first reads after the open find their crcs in memory (DESIGN §12); the thread
     // stops by itself.

@@ -300,12 +300,11 @@ impl Inner {
     /// punched), each block they stop referencing is freed by the usual rules (a committed one
     /// only at the next commit). Then the journal is this store's.
     pub(crate) fn replay(&mut self, storage: &dyn Storage, journal: Journal) -> Result<Replayed> {
-        let have = (self.pool.meta.sb.log.id, self.pool.meta.sb.log_commit);
         let txns = journal.read();
-        let next_txn = txns.last().map_or(1, |t| t.number + 1);
         let mut r = Replayed::default();
         let mut touched: Vec<(LayerId, VBlock)> = Vec::new();
-        for t in txns.iter().filter(|t| t.staged.is_none_or(|p| p > have)) {
+        let lacking: Vec<&Txn> = txns.iter().filter(|t| self.lacks(t)).collect();
+        for t in lacking {
             r.transactions += 1;
             let mut rd = RecordReader::new(&t.records, "crash journal");
             while let Some(rec) = rd.next_record()? {
@@ -356,16 +355,44 @@ impl Inner {
                 )?;
             }
         }
+        self.keep_journal(journal, &txns);
+        Ok(r)
+    }
+
+    /// Whether the loaded pool lacks transaction `t` of a journal: it was never staged, or
+    /// staged as a commit past the last one the pool holds (the log is read forward, §5.5).
+    fn lacks(&self, t: &Txn) -> bool {
+        let have = (self.pool.meta.sb.log.id, self.pool.meta.sb.log_commit);
+        t.staged.is_none_or(|p| p > have)
+    }
+
+    /// Take `journal` without replaying anything, if it holds no transaction the loaded pool
+    /// lacks: a first start's journal is empty, a graceful restart's holds only transactions
+    /// its predecessor committed (`release` commits everything). That needs no map, so a
+    /// lazily opened store (`lazy_open.rs`) can take it before its maps are loaded. A crash's
+    /// journal (acknowledged writes not committed) is given back: `replay` needs the whole
+    /// maps and a rebuilt allocator (it claims the blocks the writes went to).
+    pub(crate) fn attach_journal(&mut self, journal: Journal) -> std::result::Result<(), Journal> {
+        let txns = journal.read();
+        if txns.iter().any(|t| self.lacks(t)) {
+            return Err(journal);
+        }
+        self.keep_journal(journal, &txns);
+        Ok(())
+    }
+
+    /// The journal is this store's from now on: rebased onto the open transaction (what a
+    /// replay put there), numbered after every transaction it held.
+    fn keep_journal(&mut self, journal: Journal, txns: &[Txn]) {
         self.pending.cut();
         let mut j = Journaled {
             journal,
-            txn: next_txn,
+            txn: txns.last().map_or(1, |t| t.number + 1),
             mirrored: 0,
         };
         j.journal.rebase(j.txn, &self.pending.buf);
         j.mirrored = self.pending.buf.len();
         self.journal = Some(j);
-        Ok(r)
     }
 
     fn replay_record(

@@ -9,6 +9,7 @@
 //! ranges they touch as the read paths do.
 
 use super::invariants;
+use super::journal::{Journal, Replayed};
 use super::loading::LoadGate;
 use super::store::{extent_and_floor, load_generation, load_with, Inner, Store};
 use crate::error::{Error, Result};
@@ -19,7 +20,7 @@ use crate::format::{first_data_block, LayerId, PBlock};
 use crate::layer::lazy::{Applied, Unloaded};
 use crate::layer::{Catalog, Layer};
 use crate::pool::meta::{self, MetaStreams};
-use crate::pool::{Allocator, FileStorage, Pool, Storage};
+use crate::pool::{Allocator, Pool, Storage};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -222,31 +223,48 @@ impl Inner {
 impl Store {
     /// Open the pool at `path` for a server, taking its lock, without reading its maps
     /// (version 7 and a checkpoint with maps; any other loads whole), and load them in the
-    /// background (`complete_in_background`).
-    pub fn open_lazy(path: &Path, purpose: &str) -> Result<Arc<Store>> {
-        let lock = crate::pool::lock::PoolLock::acquire(path, purpose)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening pool {}", path.display()), e))?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
-        let mut s = Self::open_in_lazy(storage, true)
-            .map_err(|e| e.context(format!("pool {}", path.display())))?;
-        s.set_path_and_lock(path, lock);
+    /// background (`complete_in_background`). `journal`: the keeper's crash journal, kept
+    /// for this store's changes; one holding transactions the pool lacks (a killed server's)
+    /// is replayed by an eager open instead (`open_in_lazy_with`).
+    pub fn open_lazy(
+        path: &Path,
+        purpose: &str,
+        journal: Option<Journal>,
+    ) -> Result<(Arc<Store>, Replayed)> {
+        let (s, r) = Self::open_path(path, purpose, |st| {
+            Self::open_in_lazy_with(st, true, journal)
+        })?;
         let s = Arc::new(s);
-        s.complete_in_background()
-            .map_err(|e| Error::io("starting the background load of the maps", e))?;
-        Ok(s)
+        if !s.is_loaded() {
+            s.complete_in_background()
+                .map_err(|e| Error::io("starting the background load of the maps", e))?;
+        }
+        Ok((s, r))
     }
 
     /// `open_in`, leaving the maps on disk (see the module's comment); nothing loads them
     /// in the background until `complete_in_background` (tests drive it themselves).
     pub fn open_in_lazy(storage: Arc<dyn Storage>, writable: bool) -> Result<Store> {
-        let inner = load_with(&*storage, &load_generation_lazy)?;
+        Ok(Self::open_in_lazy_with(storage, writable, None)?.0)
+    }
+
+    /// `open_in_lazy` with a crash journal to keep (writable opens only). A journal with
+    /// nothing to replay (a first start's, a graceful restart's: `Inner::attach_journal`) is
+    /// attached to the lazily opened store. One with transactions the pool lacks (the
+    /// keeper's after a crash) makes the open eager, as `open_in_with`: the replay claims the
+    /// blocks its writes went to (`Allocator::claim_fresh`), which only an allocator rebuilt
+    /// from the whole maps knows to be free, and changes maps anywhere. A later step could
+    /// load the ranges its records touch first and let the loading allocator count those
+    /// blocks (they lie below its floor) until the completion; not built.
+    pub fn open_in_lazy_with(
+        storage: Arc<dyn Storage>,
+        writable: bool,
+        journal: Option<Journal>,
+    ) -> Result<(Store, Replayed)> {
+        let mut inner = load_with(&*storage, &load_generation_lazy)?;
         if inner.lazy.is_none() {
             drop(inner);
-            return Self::open_in(storage, writable);
+            return Self::open_in_with(storage, writable, journal);
         }
         if writable && !inner.load_faults.is_empty() {
             return Err(Error::Corrupt(format!(
@@ -254,6 +272,13 @@ impl Store {
                 inner.load_faults.len(),
                 inner.load_faults[0]
             )));
+        }
+        if let Some(j) = journal {
+            debug_assert!(writable);
+            if let Err(j) = inner.attach_journal(j) {
+                drop(inner);
+                return Self::open_in_with(storage, writable, Some(j));
+            }
         }
         let s = Self::around(storage, inner, writable, LoadGate::loading());
         if writable {
@@ -264,7 +289,7 @@ impl Store {
                 .unwrap_or_else(|p| p.into_inner())
                 .recover(&*s.storage)?;
         }
-        Ok(s)
+        Ok((s, Replayed::default()))
     }
 
     /// Whether the maps are whole (a lazily opened pool's background load is done).
@@ -536,6 +561,97 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn read_at(s: &Store, id: LayerId, vb: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BS as usize];
+        s.read_layer(id, vb * BS, &mut b).unwrap();
+        b
+    }
+
+    /// A server killed: the pool file as it stands (its page cache outlives the process)
+    /// and the crash journal the keeper holds.
+    fn kill(mem: &MemStorage, s: &Store) -> (Arc<MemStorage>, Journal) {
+        (copy(mem), Journal::adopt(s.journal_fd().unwrap()).unwrap())
+    }
+
+    /// The default `serve` (with its keeper) opens lazily: a new journal has nothing to
+    /// replay, so it is kept by the lazily opened store. Writes acknowledged after the load
+    /// completed, one flushed and two not, outlive a kill through it: the next open finds
+    /// transactions to replay and opens eagerly; without the journal the unflushed writes
+    /// are lost (so the test can fail).
+    #[test]
+    fn a_lazy_open_keeps_the_crash_journal_and_a_kill_replays_it() {
+        let mem = pool();
+        let (s, r) =
+            Store::open_in_lazy_with(mem.clone(), true, Some(Journal::create().unwrap())).unwrap();
+        assert_eq!(r, Replayed::default());
+        assert!(!s.maps_loaded(), "a new journal leaves the open lazy");
+        let s = Arc::new(s);
+        s.complete_in_background().unwrap().join().unwrap();
+        let app = s.layer_head("app").unwrap().id;
+        s.write_layer(app, 10 * BS, &block(1)).unwrap();
+        s.flush().unwrap();
+        s.write_layer(app, 4999 * 3 * BS, &block(2)).unwrap();
+        s.write_layer(app, 11 * BS, &block(3)).unwrap();
+        let (image, j) = kill(&mem, &s);
+        let without = Store::open_in(copy(&image), false).unwrap();
+        assert_ne!(
+            read_at(&without, app, 11),
+            block(3),
+            "lost without the journal"
+        );
+        let (n, r) = Store::open_in_lazy_with(image.clone(), true, Some(j)).unwrap();
+        assert_eq!(r.transactions, 1);
+        assert!(
+            n.maps_loaded(),
+            "a crash's journal is replayed by an eager open"
+        );
+        let expect = |n: &Store| {
+            n.verify_consistency().unwrap();
+            assert_eq!(read_at(n, app, 10), block(1));
+            assert_eq!(read_at(n, app, 4999 * 3), block(2));
+            assert_eq!(read_at(n, app, 11), block(3));
+            assert_eq!(read_at(n, app, 150_000), block(88_888));
+        };
+        expect(&n);
+        n.flush().unwrap();
+        drop(n);
+        expect(&Store::open_in(image, true).unwrap());
+    }
+
+    /// A journal whose transactions the pool has all (a commit staged, its log page in the
+    /// page cache, when the kill came: what a graceful restart's journal holds at most)
+    /// leaves the open lazy; that server killed before its load completed leaves a journal
+    /// the third opens lazily too, and every write is there.
+    #[test]
+    fn a_journal_with_nothing_to_replay_leaves_the_open_lazy_and_survives_a_kill_mid_load() {
+        let mem = pool();
+        let (s, _) =
+            Store::open_in_with(mem.clone(), true, Some(Journal::create().unwrap())).unwrap();
+        let app = s.layer_head("app").unwrap().id;
+        s.write_layer(app, 12 * BS, &block(4)).unwrap();
+        let staged = s.write().unwrap().stage(&*mem).unwrap().unwrap();
+        let (image, j) = kill(&mem, &s);
+        assert_eq!(j.read().len(), 1, "one transaction, staged");
+        let (n, r) = Store::open_in_lazy_with(image.clone(), true, Some(j)).unwrap();
+        assert_eq!(r, Replayed::default());
+        assert!(!n.maps_loaded(), "nothing to replay: the open stays lazy");
+        assert_eq!(read_at(&n, app, 12), block(4));
+        // Killed before its load completed.
+        let (image2, j) = kill(&image, &n);
+        let (m, r) = Store::open_in_lazy_with(image2.clone(), true, Some(j)).unwrap();
+        assert_eq!(r, Replayed::default());
+        assert!(!m.maps_loaded());
+        let m = Arc::new(m);
+        m.complete_in_background().unwrap().join().unwrap();
+        m.verify_consistency().unwrap();
+        let eager = Store::open_in(copy(&image2), false).unwrap();
+        for vb in [12, 0, 37, 4999 * 3, 150_000, 250_010] {
+            assert_eq!(read_at(&m, app, vb), read_at(&eager, app, vb), "block {vb}");
+        }
+        assert_eq!(read_at(&m, app, 12), block(4));
+        drop(staged);
     }
 
     /// A lazily opened pool whose maps loaded has the allocator an eager open builds: the

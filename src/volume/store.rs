@@ -246,16 +246,25 @@ impl Store {
         purpose: &str,
         journal: Option<Journal>,
     ) -> Result<(Store, Replayed)> {
+        Self::open_path(path, purpose, |st| Self::open_in_with(st, true, journal))
+    }
+
+    /// Take the lock of the pool file at `path`, open it for changes and run `open` on it
+    /// (an eager or a lazy open); the store gets the path and the lock.
+    pub(super) fn open_path<T>(
+        path: &Path,
+        purpose: &str,
+        open: impl FnOnce(Arc<dyn Storage>) -> Result<(Store, T)>,
+    ) -> Result<(Store, T)> {
         let lock = PoolLock::acquire(path, purpose)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|e| open_error(path, e))?;
-        let (mut s, r) = Self::open_in_with(Arc::new(FileStorage::new(file)), true, journal)
+        let (mut s, r) = open(Arc::new(FileStorage::new(file)))
             .map_err(|e| e.context(format!("pool {}", path.display())))?;
-        s.path = Some(path.to_path_buf());
-        s.lock = std::sync::Mutex::new(Some(lock));
+        s.set_path_and_lock(path, lock);
         Ok((s, r))
     }
 
