@@ -178,7 +178,12 @@ fn block_numbers_past_the_pool_file_are_faults_not_giant_allocations() {
     );
     // Through the one commit path the store uses (no checkpoint is due in so small a pool).
     let commit = pool
-        .stage(&*mem, &mut w, |_| Ok(()), |_| {})
+        .stage(
+            &*mem,
+            &mut w,
+            Some(|_: &mut thinlayer::format::record::RecordWriter| Ok(())),
+            |_| {},
+        )
         .unwrap()
         .unwrap();
     let durable = commit.make_durable(&*mem);

@@ -161,7 +161,8 @@ impl Pool {
 
     /// Steps 1 and 1a, under the store's write lock. Step 1: write the transaction's records as
     /// log pages past the committed end of the log, or, when the log has grown long, the whole
-    /// catalogue (`checkpoint` encodes it) as a checkpoint in fresh blocks. Step 1a: seal the
+    /// catalogue (`checkpoint` encodes it; None: none may be written now) as a checkpoint in
+    /// fresh blocks. Step 1a: seal the
     /// transaction: `pending` is cleared and its blocks stop being fresh, so writes that come
     /// while the commit is made durable go to new blocks and never change what it names.
     ///
@@ -179,7 +180,7 @@ impl Pool {
         &mut self,
         storage: &dyn Storage,
         pending: &mut RecordWriter,
-        checkpoint: impl FnOnce(&mut RecordWriter) -> Result<()>,
+        checkpoint: Option<impl FnOnce(&mut RecordWriter) -> Result<()>>,
         mut announce: impl FnMut((u64, u64)),
     ) -> Result<Option<Commit>> {
         self.usable()?;
@@ -192,6 +193,9 @@ impl Pool {
                 > self
                     .checkpoint_min_log_pages
                     .max(self.meta.checkpoint_pages());
+        // No checkpoint can be written now (`checkpoint` None: a lazily opened pool's maps
+        // are not whole): the commit goes to the log, and the checkpoint to a later one.
+        let checkpoint = checkpoint.filter(|_| want_checkpoint);
         let mut staged = Ok(None);
         let mut announced = None;
         let mut tell = |at| {
@@ -200,7 +204,7 @@ impl Pool {
         };
         let mut paged = None;
         let mut paged_singles = Vec::new();
-        if want_checkpoint {
+        if let Some(checkpoint) = checkpoint {
             let mut w = RecordWriter::for_checkpoint();
             // Nothing is written yet: a crc that cannot be read (a damaged checksum page of
             // the old checkpoint) fails the commit and leaves the pool as it was.

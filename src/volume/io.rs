@@ -743,7 +743,10 @@ impl Store {
 
     fn write_layer_once(&self, id: LayerId, offset: u64, data: &[u8], bulk: bool) -> Result<()> {
         self.edges_local(id, offset, data.len() as u64)?;
-        let mut g = self.write()?;
+        // A lazily opened pool: the ranges this write reads or changes, in every layer of the
+        // chain, are loaded first, and it goes on without waiting for the rest (`write_now`).
+        self.load_for(id, offset, data.len() as u64)?;
+        let mut g = self.write_now()?;
         let Some(plan) = g.plan_new_blocks(id, offset, data)? else {
             return g.write(&*self.storage, id, offset, data);
         };
@@ -751,7 +754,7 @@ impl Store {
         // No lock: the planned blocks are used in the allocator but named by no map, so no
         // reader, commit or punch touches them (§3 rule 5).
         let written = plan.write(&*self.storage, data, bulk);
-        let mut g = self.write()?;
+        let mut g = self.write_now()?;
         match written {
             Ok(crcs) => g.map_planned(id, offset, data, &plan, &crcs),
             Err(e) => {
@@ -763,8 +766,9 @@ impl Store {
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.edges_local(id, offset, len)?;
+        self.load_for(id, offset, len)?;
         self.with_room(|| {
-            self.write()?
+            self.write_now()?
                 .zero(&*self.storage, id, offset, len, may_unmap)
         })
     }
@@ -786,7 +790,8 @@ impl Store {
     /// Drop what layer `id` holds in `offset..offset + len` that equals its parent's
     /// (`Inner::drop_unchanged`); the number of blocks dropped.
     pub fn drop_unchanged(&self, id: LayerId, offset: u64, len: u64) -> Result<u64> {
-        self.write()?
+        self.load_for(id, offset, len)?;
+        self.write_now()?
             .drop_unchanged(&*self.storage, id, offset, len)
     }
 

@@ -1,12 +1,14 @@
 //! Opening a version-7 pool without reading its maps (DESIGN.md §12, items 3b and 3c): the
 //! open reads the superblock, the checkpoint's records before its maps, its map index and the
 //! log (after loading the ranges the log's entries touch), and serves at once. A block path
-//! loads the ranges it touches in every layer of the chain first (`Store::load_for`); every
+//! loads the ranges it touches in every layer of the chain first (`Store::load_for`), reads
+//! and writes (write, zero, trim) alike, and then goes on without waiting (`read_now`,
+//! `write_now`); so does a flush, whose commit goes to the log until the maps are whole
+//! (`Inner::stage` defers a checkpoint). The allocator's loading mode (item 3d, `loading.rs`)
+//! keeps what writes allocate and free apart from the blocks the unloaded ranges name. Every
 //! other method waits at the store's gate (`Store::read`, `Store::write`) until a background
 //! thread has loaded the rest and completed the load (`Store::complete_load`: the allocator
-//! rebuilt from the whole maps, `loading.rs`). Changes wait for that too for now: the
-//! allocator's loading mode (item 3d) would let them go on once the write paths load the
-//! ranges they touch as the read paths do.
+//! rebuilt from the whole maps).
 
 use super::invariants;
 use super::journal::{Journal, Replayed};
@@ -220,6 +222,106 @@ impl Inner {
     }
 }
 
+/// The background load (`Store::complete_in_background`): the ranges left, a few at a time,
+/// then the completion. Returns early when the store is dropped or a range fails to load.
+fn load_all(weak: &std::sync::Weak<Store>) {
+    let t = Instant::now();
+    // Test hook, debug builds only (the crash suites' servers): hold the load open this long,
+    // so their writes, flushes and kills come before the completion, not after a small pool's
+    // load that takes a millisecond.
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("THINLAYER_TEST_HOLD_LOAD_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    loop {
+        let Some(s) = weak.upgrade() else {
+            return;
+        };
+        #[cfg(test)]
+        if s.loader_panics.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("test hook: the loader panics");
+        }
+        let step = {
+            let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+            g.load_some(&*s.storage, &|| s.loaded.is_awaited())
+        };
+        match step {
+            // Let the block paths in: re-taking the write lock at once starved the readers
+            // waiting for it (a first read after the open waited for the whole load,
+            // docs/BENCHMARKS.md "lazy open").
+            Ok(false) => {
+                drop(s);
+                std::thread::sleep(PAUSE)
+            }
+            Ok(true) => break,
+            Err(e) => {
+                s.stop_load(e);
+                return;
+            }
+        }
+    }
+    let Some(s) = weak.upgrade() else {
+        return;
+    };
+    // The checkpoint's blocks, sorted without the lock (every range is loaded: nothing adds
+    // to them any more); then one short hold completes the load.
+    let mut blocks = {
+        let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.lazy
+            .as_mut()
+            .map(|l| std::mem::take(&mut l.blocks))
+            .unwrap_or_default()
+    };
+    blocks.sort_unstable();
+    blocks.dedup();
+    let held = s.complete_load_after(|g| g.maps_whole(blocks));
+    crate::log::process(
+        crate::log::Level::Info,
+        format_args!(
+            "thinlayer: maps loaded in the background in {} ms (the completion held the store's lock {} µs)",
+            t.elapsed().as_millis(),
+            held.as_micros()
+        ),
+    );
+}
+
+/// Stops the load if the loader thread ends while it is still under way: a panic in it left
+/// every waiter at the gate (a capped write, `Store::read`'s callers) waiting for ever. They
+/// get the refusal naming the panic instead, and changes are refused (the maps may be half
+/// applied); reads of loaded ranges go on.
+struct StopUnlessComplete {
+    store: std::sync::Weak<Store>,
+    /// The panic's message, if the loader panicked.
+    panic: Option<String>,
+}
+
+impl Drop for StopUnlessComplete {
+    fn drop(&mut self) {
+        let Some(s) = self.store.upgrade() else {
+            return;
+        };
+        if !s.is_loading() {
+            return;
+        }
+        let why = match &self.panic {
+            Some(m) => format!("the thread loading the maps panicked: {m}"),
+            None => "the thread loading the maps ended before the load completed".into(),
+        };
+        s.stop_load(Error::Internal(why));
+    }
+}
+
+/// What a panic said, if it said it with a string (`panic!` does).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 impl Store {
     /// Open the pool at `path` for a server, taking its lock, without reading its maps
     /// (version 7 and a checkpoint with maps; any other loads whole), and load them in the
@@ -320,6 +422,8 @@ impl Store {
     /// reference: a store dropped meanwhile stops it. A range that cannot be loaded stops the
     /// load (`late_fault`, `load_stopped`): what waits gets the refusal naming it instead of
     /// waiting for ever, changes are refused, and reads of that range fail naming its page.
+    /// A panic of the thread stops the load the same way, naming the panic
+    /// (`StopUnlessComplete`).
     pub fn complete_in_background(
         self: &Arc<Self>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -327,56 +431,19 @@ impl Store {
         std::thread::Builder::new()
             .name("maps-load".into())
             .spawn(move || {
-                let t = Instant::now();
-                loop {
-                    let Some(s) = weak.upgrade() else {
-                        return;
-                    };
-                    let step = {
-                        let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-                        g.load_some(&*s.storage, &|| s.loaded.is_awaited())
-                    };
-                    match step {
-                        // Let the block paths in: re-taking the write lock at once starved
-                        // the readers waiting for it (a first read after the open waited for
-                        // the whole load, docs/BENCHMARKS.md "lazy open").
-                        Ok(false) => {
-                            drop(s);
-                            std::thread::sleep(PAUSE)
-                        }
-                        Ok(true) => break,
-                        Err(e) => {
-                            s.stop_load(e);
-                            return;
-                        }
-                    }
+                let mut guard = StopUnlessComplete {
+                    store: weak.clone(),
+                    panic: None,
+                };
+                let body = std::panic::AssertUnwindSafe(|| load_all(&weak));
+                if let Err(p) = std::panic::catch_unwind(body) {
+                    guard.panic = Some(panic_message(&*p));
                 }
-                let Some(s) = weak.upgrade() else {
-                    return;
-                };
-                // The checkpoint's blocks, sorted without the lock (every range is loaded:
-                // nothing adds to them any more); then one short hold completes the load.
-                let mut blocks = {
-                    let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-                    g.lazy
-                        .as_mut()
-                        .map(|l| std::mem::take(&mut l.blocks))
-                        .unwrap_or_default()
-                };
-                blocks.sort_unstable();
-                blocks.dedup();
-                let held = s.complete_load_after(|g| g.maps_whole(blocks));
-                crate::log::process(
-                    crate::log::Level::Info,
-                    format_args!(
-                        "thinlayer: maps loaded in the background in {} ms (the completion held the store's lock {} µs)",
-                        t.elapsed().as_millis(),
-                        held.as_micros()
-                    ),
-                );
             })
     }
 
+    /// The load cannot go on (`e` says why): recorded as a fault found late (changes are
+    /// refused naming it), and the gate's waiters get that refusal.
     fn stop_load(&self, e: Error) {
         crate::log::process(
             crate::log::Level::Warn,
@@ -397,7 +464,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::format::VBlock;
-    use crate::pool::MemStorage;
+    use crate::pool::sim::Crash;
+    use crate::pool::{MemStorage, SimStorage};
     use crate::volume::CreateOptions;
     use proptest::prelude::*;
 
@@ -484,38 +552,75 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Read { layer: usize, vb: u64, n: u64 },
-        Extents { layer: usize, vb: u64, n: u64 },
-        Write { vb: u64, n: u64, seed: u64 },
+        Read {
+            layer: usize,
+            vb: u64,
+            n: u64,
+        },
+        Extents {
+            layer: usize,
+            vb: u64,
+            n: u64,
+        },
+        /// `n` blocks' worth of bytes at `skew` bytes into block `vb` of "app".
+        Write {
+            vb: u64,
+            n: u64,
+            seed: u64,
+            skew: u64,
+        },
+        Zero {
+            vb: u64,
+            n: u64,
+            unmap: bool,
+        },
         Flush,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         let vb = prop_oneof![0u64..300, 0u64..260_000, 149_990u64..150_010];
+        let skew = prop_oneof![3 => Just(0u64), 1 => 1u64..BS];
         prop_oneof![
             6 => (0usize..3, vb.clone(), 1u64..40).prop_map(|(layer, vb, n)| Op::Read { layer, vb, n }),
             2 => (0usize..3, vb.clone(), 1u64..2000).prop_map(|(layer, vb, n)| Op::Extents { layer, vb, n }),
-            2 => (vb, 1u64..4, any::<u64>()).prop_map(|(vb, n, seed)| Op::Write { vb, n, seed }),
-            1 => Just(Op::Flush),
+            3 => (vb.clone(), 1u64..4, any::<u64>(), skew)
+                .prop_map(|(vb, n, seed, skew)| Op::Write { vb, n, seed, skew }),
+            1 => (vb, 1u64..4, any::<bool>()).prop_map(|(vb, n, unmap)| Op::Zero { vb, n, unmap }),
+            2 => Just(Op::Flush),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(12))]
         /// A lazily opened pool, its maps loading in the background meanwhile, answers every
-        /// read, block status and write as an eagerly opened copy does; afterwards both are
-        /// consistent and the lazy one reopens to the same contents.
+        /// read, block status, write, zero and flush as an eagerly opened copy does (writes
+        /// and flushes no longer wait for the load: they load the ranges they touch and
+        /// commit to the log); afterwards both are consistent and the lazy one reopens to the
+        /// same contents. A power loss taken right after the operations (the load maybe still
+        /// under way) leaves a pool `check` calls clean that reads what the eager copy had at
+        /// its last flush.
         #[test]
         fn a_lazy_open_answers_as_an_eager_one_while_the_maps_load(
-            ops in proptest::collection::vec(op(), 1..40)
+            ops in proptest::collection::vec(op(), 1..40),
+            crash_seed in any::<u64>(),
+            bg_from in 0usize..40,
         ) {
             let mem = pool();
-            let eager = Store::open_in(copy(&mem), true).unwrap();
-            let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
-            let bg = lazy.complete_in_background().unwrap();
+            let eager_mem = copy(&mem);
+            let eager = Store::open_in(eager_mem.clone(), true).unwrap();
+            let sim = Arc::new(SimStorage::from_image(mem.snapshot()));
+            let lazy = Arc::new(Store::open_in_lazy(sim.clone(), true).unwrap());
             let names = ["base", "app", "img"];
             let app = lazy.layer_head("app").unwrap().id;
-            for op in &ops {
+            let mut flushed = eager_mem.snapshot();
+            let mut touched: Vec<u64> = vec![0, 37, 150_000, 250_000, 14_997];
+            // The operations before `bg_from` certainly run while the maps load; the load
+            // races the rest.
+            let mut bg = None;
+            for (i, op) in ops.iter().enumerate() {
+                if i == bg_from {
+                    bg = Some(lazy.complete_in_background().unwrap());
+                }
                 match *op {
                     Op::Read { layer, vb, n } => {
                         let id = lazy.layer_head(names[layer]).unwrap().id;
@@ -531,36 +636,189 @@ mod tests {
                         let b = eager.extents_layer(id, vb * BS, n * BS).map_err(|e| e.to_string());
                         prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
                     }
-                    Op::Write { vb, n, seed } => {
+                    Op::Write { vb, n, seed, skew } => {
                         let data: Vec<u8> = (0..n).flat_map(|i| block(seed ^ i)).collect();
-                        lazy.write_layer(app, vb * BS, &data).unwrap();
-                        eager.write_layer(app, vb * BS, &data).unwrap();
+                        let ra = lazy.write_layer(app, vb * BS + skew, &data).map_err(|e| e.to_string());
+                        let rb = eager.write_layer(app, vb * BS + skew, &data).map_err(|e| e.to_string());
+                        prop_assert_eq!(ra, rb);
+                        touched.extend(vb..=vb + n);
+                    }
+                    Op::Zero { vb, n, unmap } => {
+                        let ra = lazy.zero_layer(app, vb * BS, n * BS, unmap).map_err(|e| e.to_string());
+                        let rb = eager.zero_layer(app, vb * BS, n * BS, unmap).map_err(|e| e.to_string());
+                        prop_assert_eq!(ra, rb);
+                        touched.extend(vb..vb + n);
                     }
                     Op::Flush => {
                         lazy.flush().unwrap();
                         eager.flush().unwrap();
+                        flushed = eager_mem.snapshot();
                     }
                 }
             }
+            // A power loss now: the durable image and any subset of the writes since the last
+            // sync, each maybe torn.
+            let crashed = Arc::new(sim.crash(Crash::Subset { seed: crash_seed, sector: 512 }));
+            let bg = bg.unwrap_or_else(|| lazy.complete_in_background().unwrap());
             bg.join().unwrap();
             prop_assert!(lazy.maps_loaded());
             lazy.verify_consistency().unwrap();
             eager.verify_consistency().unwrap();
-            prop_assert_eq!(lazy.used_blocks() > 0, true);
+            {
+                let r = crate::check::check(copy(&crashed), false, &mut |_, _| {}).unwrap();
+                prop_assert!(r.faults.is_empty(), "{:?}", r.faults);
+                let after = Store::open_in(crashed, true).unwrap();
+                after.verify_consistency().unwrap();
+                let then = Store::open_in(Arc::new(MemStorage::from_bytes(flushed)), false).unwrap();
+                touched.sort_unstable();
+                touched.dedup();
+                let d = first_difference(&after, &then, &names, &touched);
+                prop_assert!(d.is_none(), "after the power loss: {:?}", d);
+            }
             lazy.flush().unwrap();
             drop(lazy);
-            let again = Store::open_in(mem.clone(), false).unwrap();
+            let again = Store::open_in(sim.clone(), false).unwrap();
             again.verify_consistency().unwrap();
-            for name in names {
-                let id = again.layer_head(name).unwrap().id;
-                for vb in [0u64, 37, 150_000, 250_000, 14_997] {
-                    let (mut a, mut b) = (vec![0u8; BS as usize], vec![0u8; BS as usize]);
-                    let ra = again.read_layer(id, vb * BS, &mut a).is_ok();
-                    let rb = eager.read_layer(id, vb * BS, &mut b).is_ok();
-                    prop_assert!(ra == rb && a == b, "{} block {}", name, vb);
+            let d = first_difference(&again, &eager, &names, &touched);
+            prop_assert!(d.is_none(), "{:?}", d);
+        }
+    }
+
+    /// The first block of `vbs` in layers `names` that reads differently (or fails in one
+    /// only) in `a` and `b`.
+    fn first_difference(
+        a: &Store,
+        b: &Store,
+        names: &[&str],
+        vbs: &[u64],
+    ) -> Option<(String, u64)> {
+        for name in names {
+            let id = a.layer_head(name).unwrap().id;
+            for &vb in vbs {
+                let (mut x, mut y) = (vec![0u8; BS as usize], vec![0u8; BS as usize]);
+                let rx = a.read_layer(id, vb * BS, &mut x).is_ok();
+                let ry = b.read_layer(id, vb * BS, &mut y).is_ok();
+                if rx != ry || x != y {
+                    return Some((name.to_string(), vb));
                 }
             }
         }
+        None
+    }
+
+    /// Run `f` (a change) on another thread; true if it finished without waiting at the load
+    /// gate (it would wait for ever: nothing completes the load in these tests).
+    fn without_waiting(s: &Arc<Store>, f: impl FnOnce(&Store) + Send + 'static) -> bool {
+        let t = {
+            let s = s.clone();
+            std::thread::spawn(move || f(&s))
+        };
+        while s.load_waiters() == 0 && !t.is_finished() {
+            std::thread::yield_now();
+        }
+        let waited = s.load_waiters() > 0;
+        if waited {
+            // Let it go, so the test fails instead of hanging.
+            s.complete_in_background().unwrap().join().unwrap();
+        }
+        t.join().unwrap();
+        !waited
+    }
+
+    /// Writes, zeroes and flushes while the maps load (nothing loads them in the background
+    /// here, so all of it happens before the completion) neither wait for the load nor
+    /// write the checkpoint that is due (written from half-loaded maps it would lose the
+    /// unloaded ranges). A power loss after them leaves
+    /// what the flushes acknowledged, `check` clean, in both an eager and a lazy reopen; the
+    /// rewrite of a committed block went above the extent at open.
+    #[test]
+    fn writes_and_flushes_while_the_maps_load_survive_a_power_loss() {
+        let mem = pool();
+        let sim = Arc::new(SimStorage::from_image(mem.snapshot()));
+        let lazy = Arc::new(Store::open_in_lazy(sim.clone(), true).unwrap());
+        // A checkpoint is due (as when the log has grown past the checkpoint's size).
+        lazy.inner.write().unwrap().pool.checkpoint_next();
+        let floor = sim.len().unwrap() / BS;
+        let checkpoint = lazy.read_now().pool.meta.sb.checkpoint;
+        let app = lazy.layer_head("app").unwrap().id;
+        let went = without_waiting(&lazy, move |s| {
+            s.write_layer(app, 4999 * BS, &block(1)).unwrap(); // committed: redirected
+            s.write_layer(app, 70_000 * BS + 100, &block(2)).unwrap(); // unaligned
+            s.zero_layer(app, 250_001 * BS, 2 * BS, true).unwrap(); // whiteouts over base
+            s.flush().unwrap();
+            s.write_layer(app, 150_000 * BS, &block(3)).unwrap();
+            s.flush().unwrap();
+            s.write_layer(app, 4999 * 2 * BS, &block(4)).unwrap(); // never flushed
+        });
+        assert!(went, "a change waited for the maps");
+        assert!(!lazy.maps_loaded());
+        assert_eq!(
+            lazy.read_now().pool.meta.sb.checkpoint,
+            checkpoint,
+            "checkpointed while loading"
+        );
+        let p = lazy
+            .read_now()
+            .catalog
+            .get(app)
+            .unwrap()
+            .map
+            .get(VBlock(4999));
+        let p = p.and_then(|m| m.pblock()).unwrap();
+        assert!(
+            p.0 >= floor,
+            "{p} handed out below the extent at open ({floor})"
+        );
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        let mut before = vec![0u8; 2 * BS as usize];
+        eager.read_layer(app, 70_000 * BS, &mut before).unwrap();
+        before[100..100 + BS as usize].copy_from_slice(&block(2));
+        // What the two flushes acknowledged (and, after the last one, the write after them).
+        let expect = |s: &Store, last: Vec<u8>| {
+            let same = |vb: u64, want: Vec<u8>| assert!(read_at(s, app, vb) == want, "block {vb}");
+            same(4999, block(1));
+            let mut b = vec![0u8; 2 * BS as usize];
+            s.read_layer(app, 70_000 * BS, &mut b).unwrap();
+            assert!(b == before, "the unaligned write");
+            same(250_001, vec![0u8; BS as usize]);
+            same(250_002, vec![0u8; BS as usize]);
+            same(250_003, read_at(&eager, app, 250_003));
+            same(150_000, block(3));
+            same(4999 * 2, last);
+            same(4999 * 3, block(99_999));
+        };
+        for how in [
+            Crash::LoseUnsynced,
+            Crash::Subset {
+                seed: 7,
+                sector: 512,
+            },
+            Crash::Prefix {
+                seed: 9,
+                sector: 4096,
+            },
+        ] {
+            let crashed = Arc::new(sim.crash(how));
+            let r = crate::check::check(copy(&crashed), false, &mut |_, _| {}).unwrap();
+            assert!(r.faults.is_empty(), "{how:?}: {:?}", r.faults);
+            let s = Store::open_in(copy(&crashed), true).unwrap();
+            s.verify_consistency().unwrap();
+            expect(&s, read_at(&eager, app, 4999 * 2));
+            let s = Arc::new(Store::open_in_lazy(crashed, true).unwrap());
+            expect(&s, read_at(&eager, app, 4999 * 2));
+            s.complete_in_background().unwrap().join().unwrap();
+            s.verify_consistency().unwrap();
+        }
+        // Once the maps are whole the checkpoint that was due is written.
+        lazy.complete_in_background().unwrap().join().unwrap();
+        lazy.write_layer(app, 5 * BS, &block(5)).unwrap();
+        lazy.flush().unwrap();
+        assert_ne!(lazy.read_now().pool.meta.sb.checkpoint, checkpoint);
+        lazy.verify_consistency().unwrap();
+        drop(lazy);
+        let s = Store::open_in(sim, true).unwrap();
+        s.verify_consistency().unwrap();
+        expect(&s, block(4));
     }
 
     fn read_at(s: &Store, id: LayerId, vb: u64) -> Vec<u8> {
@@ -654,6 +912,70 @@ mod tests {
         drop(staged);
     }
 
+    /// The kill comes before the load completed, after writes acknowledged while the maps
+    /// loaded (one flushed, two not, one a rewrite of a committed block of a range the open
+    /// had not loaded): the journal holds the open transaction, so the next server replays
+    /// it (eagerly) and finds every write; `check` calls the pool clean once it commits.
+    #[test]
+    fn writes_acknowledged_while_the_maps_load_outlive_a_kill_through_the_journal() {
+        let mem = pool();
+        let (s, _) =
+            Store::open_in_lazy_with(mem.clone(), true, Some(Journal::create().unwrap())).unwrap();
+        let s = Arc::new(s);
+        let app = s.layer_head("app").unwrap().id;
+        let went = without_waiting(&s, move |s| {
+            s.write_layer(app, 4999 * 5 * BS, &block(1)).unwrap();
+            s.flush().unwrap();
+            s.write_layer(app, 4999 * 6 * BS, &block(2)).unwrap();
+            s.zero_layer(app, 250_000 * BS, BS, false).unwrap();
+        });
+        assert!(went && !s.maps_loaded());
+        let (image, j) = kill(&mem, &s);
+        let (n, r) = Store::open_in_lazy_with(image.clone(), true, Some(j)).unwrap();
+        assert_eq!(r.transactions, 1);
+        assert!(n.maps_loaded(), "replayed by an eager open");
+        n.verify_consistency().unwrap();
+        let expect = |n: &Store| {
+            assert!(read_at(n, app, 4999 * 5) == block(1));
+            assert!(read_at(n, app, 4999 * 6) == block(2));
+            assert!(read_at(n, app, 250_000) == vec![0u8; BS as usize]);
+        };
+        expect(&n);
+        n.flush().unwrap();
+        drop(n);
+        let r = crate::check::check(image.clone(), false, &mut |_, _| {}).unwrap();
+        assert!(r.faults.is_empty(), "{:?}", r.faults);
+        expect(&Store::open_in(image, false).unwrap());
+    }
+
+    /// A panic in the background loader stops the load instead of leaving the gate shut: the
+    /// gate's waiters get the refusal naming the panic, changes are refused, reads of the
+    /// ranges already loaded go on. Without the guard the load stayed "loading" for ever.
+    #[test]
+    fn a_panic_in_the_loader_opens_the_gate_with_a_refusal_naming_it() {
+        let mem = pool();
+        let s = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        let app = s.layer_head("app").unwrap().id;
+        let before = read_at(&s, app, 150_000);
+        s.loader_panics
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let waiter = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait_loaded())
+        };
+        s.complete_in_background().unwrap().join().unwrap();
+        assert!(!s.is_loading(), "the load still counts as under way");
+        let e = waiter.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::Faulty { .. }), "{e}");
+        assert!(
+            e.to_string().contains("test hook: the loader panics"),
+            "{e}"
+        );
+        let w = s.write_layer(app, 0, &block(1)).unwrap_err();
+        assert!(matches!(w, Error::Faulty { .. }), "{w}");
+        assert_eq!(read_at(&s, app, 150_000), before);
+    }
+
     /// A lazily opened pool whose maps loaded has the allocator an eager open builds: the
     /// same blocks used, and the checkpoint's blocks all known (the next checkpoint frees
     /// them), `check`'s rules all kept.
@@ -676,26 +998,6 @@ mod tests {
         lazy.verify_consistency().unwrap();
     }
 
-    /// A change made while the maps load, as the write paths make it once they load what
-    /// they touch (`load_for`) instead of waiting for the completion (DESIGN §12 item 3c):
-    /// under the write lock, past `Store::write`'s wait.
-    fn change_while_loading(s: &Store, id: LayerId, vb: u64, f: impl FnOnce(&mut Inner)) {
-        s.load_for(id, vb * BS, BS).unwrap();
-        f(&mut s.inner.write().unwrap());
-    }
-
-    /// A commit made while the maps load: staged, made durable, installed.
-    fn commit_while_loading(s: &Store) {
-        let c = s.inner.write().unwrap().stage(&*s.storage).unwrap();
-        let c = c.expect("changes to commit");
-        let durable = c.make_durable(&*s.storage);
-        let punch = s.inner.write().unwrap().finish(&*s.storage, c, durable);
-        if let Some(p) = punch.unwrap() {
-            p.run(&*s.storage);
-            s.inner.write().unwrap().pool.punched(p);
-        }
-    }
-
     fn used(s: &Store) -> Vec<crate::format::PBlock> {
         s.read().pool.alloc.used_blocks().collect()
     }
@@ -716,30 +1018,24 @@ mod tests {
             let m = g.catalog.get(app).unwrap().map.get(VBlock(vb));
             m.and_then(|m| m.pblock()).unwrap()
         };
+        // Through the store's write paths, which load what they touch and go on while the
+        // maps load.
         let mut released = Vec::new();
+        let before = |vb: u64| {
+            lazy.load_for(app, vb * BS, BS).unwrap();
+            mapped(vb)
+        };
         for (vb, seed) in [(4999 * 5, 1), (4999 * 7, 2)] {
-            change_while_loading(&lazy, app, vb, |g| {
-                released.push(mapped_in(g, app, vb));
-                g.write(&*mem_storage(&lazy), app, vb * BS, &block(seed))
-                    .unwrap();
-            });
+            released.push(before(vb));
+            lazy.write_layer(app, vb * BS, &block(seed)).unwrap();
         }
-        change_while_loading(&lazy, app, 4999 * 9, |g| {
-            released.push(mapped_in(g, app, 4999 * 9));
-            g.zero(&*mem_storage(&lazy), app, 4999 * 9 * BS, BS, true)
-                .unwrap();
-        });
-        commit_while_loading(&lazy);
+        released.push(before(4999 * 9));
+        lazy.zero_layer(app, 4999 * 9 * BS, BS, true).unwrap();
+        lazy.flush().unwrap();
         // Pending at the completion: a committed block rewritten, and a fresh one rewritten.
-        change_while_loading(&lazy, app, 4999 * 11, |g| {
-            released.push(mapped_in(g, app, 4999 * 11));
-            g.write(&*mem_storage(&lazy), app, 4999 * 11 * BS, &block(3))
-                .unwrap();
-        });
-        change_while_loading(&lazy, app, 4999 * 5, |g| {
-            g.write(&*mem_storage(&lazy), app, 4999 * 5 * BS, &block(4))
-                .unwrap();
-        });
+        released.push(before(4999 * 11));
+        lazy.write_layer(app, 4999 * 11 * BS, &block(3)).unwrap();
+        lazy.write_layer(app, 4999 * 5 * BS, &block(4)).unwrap();
         assert!(!lazy.maps_loaded());
         for p in &released {
             assert!(
@@ -764,15 +1060,6 @@ mod tests {
         let mut buf = vec![0u8; BS as usize];
         eager.read_layer(app, 4999 * 5 * BS, &mut buf).unwrap();
         assert_eq!(buf, block(4));
-    }
-
-    fn mapped_in(g: &Inner, id: LayerId, vb: u64) -> crate::format::PBlock {
-        let m = g.catalog.get(id).unwrap().map.get(VBlock(vb));
-        m.and_then(|m| m.pblock()).expect("a mapped block")
-    }
-
-    fn mem_storage(s: &Store) -> Arc<dyn Storage> {
-        s.storage.clone()
     }
 
     /// A pool block two layers' checkpointed maps name is found when the second range
@@ -876,9 +1163,7 @@ mod tests {
         assert!(u.loading && !lazy.maps_loaded());
         assert_eq!(comparable(&u), comparable(&eager));
         // A write while the maps load: its frees wait for a commit, its block is new.
-        change_while_loading(&lazy, a, 5, |g| {
-            g.write(&*mem_storage(&lazy), a, 5 * BS, &block(6)).unwrap();
-        });
+        lazy.write_layer(a, 5 * BS, &block(6)).unwrap();
         let u = lazy.usage().unwrap();
         assert_eq!(u.allocated, eager.allocated + BS);
         lazy.complete_in_background().unwrap().join().unwrap();

@@ -105,6 +105,11 @@ impl Store {
         self.loaded.state() == State::Complete
     }
 
+    /// Whether the load is under way: neither complete nor stopped.
+    pub(crate) fn is_loading(&self) -> bool {
+        self.loaded.state() == State::Loading
+    }
+
     /// How many callers wait for the load's end (tests wait for a waiter to be there).
     #[doc(hidden)]
     pub fn load_waiters(&self) -> usize {
@@ -116,7 +121,9 @@ impl Store {
     pub fn wait_loaded(&self) -> Result<()> {
         match self.loaded.wait() {
             State::Complete => Ok(()),
-            _ => Err(self.read().faulty().unwrap_or_else(|| {
+            // `read_now`: `read` waits here while a lazily opened pool's maps are not
+            // whole, which a stopped load's never are (it recursed until the stack overflowed).
+            _ => Err(self.read_now().faulty().unwrap_or_else(|| {
                 Error::Internal("the load of the maps stopped without a fault".into())
             })),
         }

@@ -38,6 +38,9 @@ pub struct Store {
     released: AtomicBool,
     /// Whether every map is loaded and the allocator rebuilt from them (`loading.rs`).
     pub(crate) loaded: LoadGate,
+    /// Test hook: the background loader of the maps panics (`lazy_open.rs`).
+    #[cfg(test)]
+    pub(crate) loader_panics: AtomicBool,
 }
 
 pub(crate) struct Inner {
@@ -349,6 +352,8 @@ impl Store {
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
             loaded,
+            #[cfg(test)]
+            loader_panics: AtomicBool::new(false),
         }
     }
 
@@ -464,8 +469,25 @@ impl Store {
         }
     }
 
-    /// The write lock, for a change: refused on a read-only or poisoned store.
+    /// The write lock, for a change: refused on a read-only or poisoned store. A lazily
+    /// opened pool's changes wait here until its maps are whole (everything that may look
+    /// at a whole map, a layer's removal or accounting, is correct unchanged), except the
+    /// block paths' and commits', which take `write_now`.
     pub(crate) fn write(&self) -> Result<WriteGuard<'_>> {
+        self.write_with(true)
+    }
+
+    /// The write lock without waiting for a lazily opened pool's maps (`lazy_open.rs`): for
+    /// a change to blocks of a layer whose ranges are loaded in every layer of its chain
+    /// (`load_for` first, as the reads do), and for a commit, which writes the log only
+    /// until the maps are whole (`Inner::stage` defers a checkpoint). The allocator's loading
+    /// mode (§5.3) keeps what they allocate and free apart from the blocks the unloaded
+    /// ranges name.
+    pub(crate) fn write_now(&self) -> Result<WriteGuard<'_>> {
+        self.write_with(false)
+    }
+
+    fn write_with(&self, whole: bool) -> Result<WriteGuard<'_>> {
         if !self.writable {
             return Err(Error::ReadOnly(
                 "the pool is opened read-only (another process may hold it)".into(),
@@ -477,9 +499,7 @@ impl Store {
             ));
         }
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        // A lazily opened pool's maps not whole yet: changes wait for them (the block paths
-        // could load what they touch first; not wired yet, DESIGN §12 item 3).
-        if g.lazy.is_some() {
+        if whole && g.lazy.is_some() {
             drop(g);
             self.wait_loaded()?;
             g = self.inner.write().unwrap_or_else(|p| p.into_inner());
@@ -562,7 +582,9 @@ impl Store {
             return Ok(());
         }
         let commit = {
-            let mut g = self.write()?;
+            // Not waiting for a lazily opened pool's maps: a container's fsync must not stall
+            // for the whole load. Until they are whole the commit goes to the log.
+            let mut g = self.write_now()?;
             g.mirror();
             let c = g.stage(&*self.storage)?;
             // Counted under the store lock: no write can be acknowledged between sealing and
@@ -683,14 +705,15 @@ impl Store {
         self.flush()
     }
 
-    /// Whether there are changes not yet committed.
+    /// Whether there are changes not yet committed. (No map looked at: the committer asks
+    /// while a lazily opened pool's maps load.)
     pub fn has_pending(&self) -> bool {
-        !self.read().pending.is_empty()
+        !self.read_now().pending.is_empty()
     }
 
     /// Bytes of records waiting in the open transaction (servers commit when it grows large).
     pub fn pending_bytes(&self) -> usize {
-        self.read().pending.buf.len()
+        self.read_now().pending.buf.len()
     }
 }
 
@@ -925,6 +948,10 @@ impl Inner {
     /// Commit steps 1 and 1a (see `Pool::stage`): the store says what — its open transaction,
     /// and how to encode the catalogue if a checkpoint is due.
     pub(crate) fn stage(&mut self, storage: &dyn Storage) -> Result<Option<crate::pool::Commit>> {
+        // A checkpoint writes every map whole (and frees the old one's pages, which a lazy
+        // open learns as its ranges load): one due while the maps load waits for the commit
+        // after they are whole; the log grows meanwhile.
+        let whole = self.lazy.is_none();
         let Inner {
             catalog,
             pool,
@@ -941,7 +968,9 @@ impl Inner {
         let c = pool.stage(
             storage,
             pending,
-            |w| catalog.encode_checkpoint(w, &mut |at| sums.crc(storage, at)),
+            whole.then_some(|w: &mut RecordWriter| {
+                catalog.encode_checkpoint(w, &mut |at| sums.crc(storage, at))
+            }),
             |(log_id, commit)| {
                 if let Some(j) = journal.as_mut() {
                     j.journal.staged(j.txn, log_id, commit);
