@@ -103,6 +103,19 @@ pub enum What {
     },
 }
 
+impl What {
+    /// A layer's counters (`stored`: data and zero blocks) that disagree with what its map,
+    /// or the part of it looked at, was `counted` to hold; None if they agree.
+    pub fn counters(stored: (u64, u64), counted: (u64, u64)) -> Option<What> {
+        (stored != counted).then_some(What::Counters {
+            stored_data: stored.0,
+            stored_zero: stored.1,
+            data: counted.0,
+            zero: counted.1,
+        })
+    }
+}
+
 /// A layer as a fault names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRef {

@@ -46,5 +46,8 @@ pub fn run(t: &Target, a: Args) -> Result<()> {
         human(u.sharing_saves),
         human(u.virtual_total)
     );
+    if u.loading {
+        println!("loading         the server is still loading the maps: allocated and free are counted from the counters the checkpoint stored, exact once loaded");
+    }
     Ok(())
 }

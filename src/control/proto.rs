@@ -694,6 +694,7 @@ mod tests {
             remote_fetched: 1 << 20,
             virtual_total: 3 << 20,
             sharing_saves: 2 << 20,
+            loading: true,
         };
         let status = Status {
             pid: 42,

@@ -349,13 +349,7 @@ impl Catalog {
         let Some(l) = self.layers.get(&layer) else {
             return;
         };
-        if actual != stored {
-            let what = What::Counters {
-                stored_data: stored.0,
-                stored_zero: stored.1,
-                data: actual.0,
-                zero: actual.1,
-            };
+        if let Some(what) = What::counters(stored, actual) {
             let at = Where::layer(l.id, &l.name);
             self.faults.push(Fault::new(what, at));
         }
@@ -368,6 +362,12 @@ impl Catalog {
         if let Some(stored) = self.expected.remove(&layer) {
             self.compare(layer, stored, counted);
         }
+    }
+
+    /// The counters (data, zero blocks) the checkpoint stored for `layer`, while its map is
+    /// not whole yet (a lazily loaded one's ranges left).
+    pub fn stored_counters(&self, layer: LayerId) -> Option<(u64, u64)> {
+        self.expected.get(&layer).copied()
     }
 
     /// Layers whose counters record is not compared yet.

@@ -6,6 +6,7 @@
 //! (`pool::meta::range_records`); applying them is the catalogue's (`Catalog::apply_checkpoint`,
 //! the one home of replay). The store ties them together under its lock.
 
+use super::map::CHUNK_BITS;
 use super::Catalog;
 use crate::error::{Error, Result};
 use crate::format::record::IndexEntry;
@@ -18,6 +19,19 @@ use std::collections::HashMap;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counted {
     pub ranges_left: usize,
+    pub data: u64,
+    pub zero: u64,
+}
+
+/// A range just loaded into a layer's map: which, where, and what it added to the map's
+/// counters (what the store audits and claims as it loads it, `invariants::claim_range`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub layer: LayerId,
+    /// The chunks it holds, first and last (a range never cuts a chunk): every entry of
+    /// the layer's map in them came from it, since whatever changes a range's blocks loads
+    /// it first.
+    pub chunks: (u64, u64),
     pub data: u64,
     pub zero: u64,
 }
@@ -40,6 +54,9 @@ pub struct Unloaded {
     /// all of them once the load is complete, which the allocator and the next checkpoint
     /// (which frees them) need.
     pub blocks: Vec<PBlock>,
+    /// The pool file's blocks at open: a range naming a data block at or past it names one
+    /// outside the file (the store's audit of each range, as an eager open's).
+    pub file_blocks: u64,
     pages_per_block: u64,
 }
 
@@ -58,6 +75,7 @@ impl Unloaded {
             layers,
             failed: HashMap::new(),
             blocks: Vec::new(),
+            file_blocks: u64::MAX,
             pages_per_block,
         }
     }
@@ -68,12 +86,14 @@ impl Unloaded {
     /// (`Catalog::apply_checkpoint`). A layer whose last range this loads has its stored
     /// counters compared with what its ranges added. A range of a layer the log removed is
     /// skipped. Damage fails the range for good, named to every request that needs it.
+    /// `on_applied` is called after each range is in the map (those before a failed one too).
     pub fn load(
         &mut self,
         catalog: &mut Catalog,
         storage: &dyn Storage,
         sums: &SumPages,
         ranges: &[usize],
+        on_applied: &mut dyn FnMut(&Catalog, Applied),
     ) -> Result<()> {
         let capacity = sums.capacity();
         let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
@@ -114,11 +134,33 @@ impl Unloaded {
                 }
             }
             let after = catalog.get(layer).map_or(before, |l| counts(&l.map));
-            if let Some((layer, c)) = self.loaded(i, after.0 - before.0, after.1 - before.1) {
+            let (data, zero) = (after.0 - before.0, after.1 - before.1);
+            if let Some((layer, c)) = self.loaded(i, data, zero) {
                 catalog.compare_stored(layer, (c.data, c.zero));
             }
+            let chunks = self.chunks(i);
+            on_applied(
+                catalog,
+                Applied {
+                    layer,
+                    chunks,
+                    data,
+                    zero,
+                },
+            );
         }
         Ok(())
+    }
+
+    /// The chunks range `i` holds, first and last: from its first block's to the one before
+    /// the next range of its layer, or to the layer's end.
+    pub fn chunks(&self, i: usize) -> (u64, u64) {
+        let e = &self.index[i];
+        let last = match self.index.get(i + 1) {
+            Some(n) if n.layer == e.layer => (n.vblock.0 >> CHUNK_BITS).saturating_sub(1),
+            _ => u64::MAX >> CHUNK_BITS,
+        };
+        (e.vblock.0 >> CHUNK_BITS, last)
     }
 
     /// Whether a range failed to load.
@@ -138,6 +180,16 @@ impl Unloaded {
     /// Ranges not loaded yet.
     pub fn left(&self) -> usize {
         self.left
+    }
+
+    /// Data blocks `layer`'s ranges not loaded yet hold: what the checkpoint stored for its
+    /// map (`stored`: its counters), less what its loaded ranges added (nothing else changes
+    /// a range before it is loaded).
+    pub fn data_not_loaded(&self, layer: LayerId, stored: Option<(u64, u64)>) -> u64 {
+        match (self.layers.get(&layer), stored) {
+            (Some(c), Some((data, _))) if c.ranges_left > 0 => data.saturating_sub(c.data),
+            _ => 0,
+        }
     }
 
     /// Whether `layer` still has ranges on disk only.

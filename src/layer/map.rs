@@ -1123,6 +1123,31 @@ impl BlockMap {
             .flat_map(|(c, exts)| self.blocks(c, exts))
     }
 
+    /// Chunk `c`'s entries as runs, in no particular order: (first block, length, first pool
+    /// block, or None for whiteouts); a data run's blocks are consecutive in the pool. What an
+    /// audit claims, without making a mapping per block (an imported image is a few runs a
+    /// chunk).
+    pub fn chunk_runs(&self, c: u64) -> impl Iterator<Item = (VBlock, u64, Option<PBlock>)> + '_ {
+        let exts = self.chunks.get(&c).map_or(&[][..], |v| &v[..]);
+        let exts = exts.iter().map(|e| {
+            let p = (!e.is_zero()).then(|| PBlock(e.base()));
+            (e.start(), e.len() as u64, p)
+        });
+        let singles = self.singles.get(&c).into_iter().flat_map(|s| s.iter());
+        let singles = singles.map(|(k, p, _)| (k, 1, Some(PBlock(p))));
+        exts.chain(singles)
+            .map(move |(k, n, p)| (VBlock((c << CHUNK_BITS) | k as u64), n, p))
+    }
+
+    /// Every entry as runs (`chunk_runs`), chunk by chunk in no particular order.
+    pub fn runs(&self) -> impl Iterator<Item = (VBlock, u64, Option<PBlock>)> + '_ {
+        let only_singles = self.singles.keys().filter(|c| !self.chunks.contains_key(c));
+        self.chunks
+            .keys()
+            .chain(only_singles)
+            .flat_map(|&c| self.chunk_runs(c))
+    }
+
     /// Entries with `start <= vb < end`, in block order.
     pub fn range(&self, start: u64, end: u64) -> Vec<(VBlock, Mapping)> {
         let mut out = Vec::new();

@@ -9,7 +9,8 @@
 
 use crate::fault::{Fault, What, Where};
 use crate::format::{first_data_block, PBlock, VBlock};
-use crate::layer::{Catalog, Layer, Mapping};
+use crate::layer::lazy::Applied;
+use crate::layer::{Catalog, Layer};
 use crate::pool::alloc::Claimed;
 use crate::pool::{Allocator, MetaStreams};
 use std::collections::HashMap;
@@ -20,6 +21,19 @@ pub(crate) trait Claims {
     /// `at` is only called when needed: making a `Where` for each of a pool's blocks at open
     /// (a layer name copied and freed per block) cost more than claiming them.
     fn claim(&mut self, b: PBlock, at: &dyn Fn() -> Where) -> Option<String>;
+
+    /// Claim blocks `first..first + n` (`at(i)`: who references the i-th); returns the ones
+    /// something referenced already, with who, as `claim` would one by one.
+    fn claim_run(
+        &mut self,
+        first: PBlock,
+        n: u64,
+        at: &dyn Fn(u64) -> Where,
+    ) -> Vec<(u64, String)> {
+        (0..n)
+            .filter_map(|i| self.claim(PBlock(first.0 + i), &|| at(i)).map(|o| (i, o)))
+            .collect()
+    }
 }
 
 /// Map blocks claimed at a time. A scattered pool's claims each miss the cache (the
@@ -38,6 +52,63 @@ pub(crate) fn audit(
     claims: &mut dyn Claims,
 ) -> Vec<Fault> {
     let mut faults = Vec::new();
+    stream_rules(meta, block_size, file_blocks, claims, &mut faults);
+    for l in catalog.layers() {
+        layer_rules(catalog, l, &mut faults);
+        map_rules(l, block_size, file_blocks, claims, &mut faults);
+    }
+    faults
+}
+
+/// The rules over the maps loaded so far (a lazy open, after replaying its log over the
+/// ranges the log touches): each layer's map as `audit` checks it, its blocks claimed into
+/// `claims` (the loading allocator's, `Allocator::load_claims`). The ranges loaded later
+/// are checked one by one (`claim_range`); the rest at the completion (`rebuild`).
+pub(crate) fn claim_loaded(
+    catalog: &Catalog,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    for l in catalog.layers() {
+        map_rules(l, block_size, file_blocks, claims, &mut faults);
+    }
+    faults
+}
+
+/// The rules over one range of a layer's map just loaded (`Applied`: its chunks, and what it
+/// added to the map's counters), its blocks claimed into `claims`: what `audit` checks of the
+/// map, a range at a time, so the completion need not go over every map (DESIGN §5.3).
+/// Every entry in the range's chunks came from it (whatever changes a block loads its range
+/// first), so the entries counted there must be what it added.
+pub(crate) fn claim_range(
+    l: &Layer,
+    range: Applied,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    let (c0, c1) = range.chunks;
+    let runs = l
+        .map
+        .chunks_in(c0, c1)
+        .into_iter()
+        .flat_map(|c| l.map.chunk_runs(c));
+    let counted = entries_rules(l, runs, block_size, file_blocks, claims, &mut faults);
+    counters_match(l, counted, (range.data, range.zero), &mut faults);
+    faults
+}
+
+/// The streams' blocks lie in the data area and are named once.
+fn stream_rules(
+    meta: &MetaStreams,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+    faults: &mut Vec<Fault>,
+) {
     let first = first_data_block(block_size);
     let holders = [
         ("the checkpoint", &meta.ckpt_blocks),
@@ -55,60 +126,79 @@ pub(crate) fn audit(
             }
         }
     }
+}
+
+/// A layer's whole map: its entries' rules, and its counters matching them.
+fn map_rules(
+    l: &Layer,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+    faults: &mut Vec<Fault>,
+) {
+    let counted = entries_rules(l, l.map.runs(), block_size, file_blocks, claims, faults);
+    let stored = (l.map.data_blocks(), l.map.zero_blocks());
+    counters_match(l, counted, stored, faults);
+}
+
+/// `runs` of `l`'s map (`BlockMap::runs`): none past the layer's end, every data block in
+/// the data area and named once. Returns the data and zero blocks counted.
+fn entries_rules(
+    l: &Layer,
+    runs: impl Iterator<Item = (VBlock, u64, Option<PBlock>)>,
+    block_size: u32,
+    file_blocks: u64,
+    claims: &mut dyn Claims,
+    faults: &mut Vec<Fault>,
+) -> (u64, u64) {
+    let first = first_data_block(block_size);
     let mut batch = Vec::with_capacity(CLAIM_BATCH);
-    for l in catalog.layers() {
-        layer_rules(catalog, l, &mut faults);
-        let (mut data, mut zero) = (0, 0);
-        let blocks = l.disk_size.div_ceil(block_size as u64);
-        let mut claim_all = |batch: &mut Vec<(VBlock, PBlock)>, faults: &mut Vec<Fault>| {
-            for &(vb, pblock) in batch.iter() {
-                let at = || {
-                    Where::layer(l.id, &l.name)
-                        .block(vb, block_size)
-                        .pblock(pblock)
-                };
-                if let Some(other) = claims.claim(pblock, &at) {
-                    faults.push(Fault::new(What::UsedTwice { other }, at()));
-                }
-            }
-            batch.clear();
-        };
-        for (vb, m) in l.map.iter() {
-            let at = || Where::layer(l.id, &l.name).block(vb, block_size);
-            if vb.0 >= blocks {
-                let what = What::MappedPastEnd {
-                    disk_size: l.disk_size,
-                };
-                faults.push(Fault::new(what, at()));
-            }
-            let Mapping::Data { pblock, .. } = m else {
-                zero += 1;
-                continue;
-            };
-            data += 1;
-            let at = || at().pblock(pblock);
-            if pblock.0 < first || pblock.0 >= file_blocks {
-                let what = What::OutsideDataArea { first, file_blocks };
-                faults.push(Fault::new(what, at()));
-            } else {
-                batch.push((vb, pblock));
-                if batch.len() == CLAIM_BATCH {
-                    claim_all(&mut batch, &mut faults);
-                }
+    let (mut data, mut zero) = (0, 0);
+    let blocks = l.disk_size.div_ceil(block_size as u64);
+    let at = |vb: u64| Where::layer(l.id, &l.name).block(VBlock(vb), block_size);
+    let mut claim_all = |batch: &mut Vec<(u64, PBlock, u64)>, faults: &mut Vec<Fault>| {
+        for &(vb, p, n) in batch.iter() {
+            let at = |i: u64| at(vb + i).pblock(PBlock(p.0 + i));
+            for (i, other) in claims.claim_run(p, n, &at) {
+                faults.push(Fault::new(What::UsedTwice { other }, at(i)));
             }
         }
-        claim_all(&mut batch, &mut faults);
-        if (data, zero) != (l.map.data_blocks(), l.map.zero_blocks()) {
-            let what = What::Counters {
-                stored_data: l.map.data_blocks(),
-                stored_zero: l.map.zero_blocks(),
-                data,
-                zero,
+        batch.clear();
+    };
+    for (vb, n, p) in runs {
+        for v in vb.0.max(blocks)..vb.0 + n {
+            let what = What::MappedPastEnd {
+                disk_size: l.disk_size,
             };
-            faults.push(Fault::new(what, Where::layer(l.id, &l.name)));
+            faults.push(Fault::new(what, at(v)));
+        }
+        let Some(p) = p else {
+            zero += n;
+            continue;
+        };
+        data += n;
+        // The blocks inside the data area, claimed as one run; each outside it is a fault.
+        let (lo, hi) = (p.0.max(first), (p.0 + n).min(file_blocks));
+        for i in (0..n).filter(|&i| p.0 + i < lo || p.0 + i >= hi) {
+            let what = What::OutsideDataArea { first, file_blocks };
+            faults.push(Fault::new(what, at(vb.0 + i).pblock(PBlock(p.0 + i))));
+        }
+        if lo < hi {
+            batch.push((vb.0 + (lo - p.0), PBlock(lo), hi - lo));
+            if batch.len() == CLAIM_BATCH {
+                claim_all(&mut batch, faults);
+            }
         }
     }
-    faults
+    claim_all(&mut batch, faults);
+    (data, zero)
+}
+
+/// The entries counted in a map (or a range of it) are what its counters say.
+fn counters_match(l: &Layer, counted: (u64, u64), stored: (u64, u64), faults: &mut Vec<Fault>) {
+    if let Some(what) = What::counters(stored, counted) {
+        faults.push(Fault::new(what, Where::layer(l.id, &l.name)));
+    }
 }
 
 /// The rules about a layer's place in the tree.
@@ -155,6 +245,18 @@ impl Claims for Claimed {
     fn claim(&mut self, b: PBlock, _: &dyn Fn() -> Where) -> Option<String> {
         (!Claimed::claim(self, b)).then(|| "another reference".to_string())
     }
+
+    /// A run at once, a word of the bitmap at a time; one by one only if some block of it
+    /// was referenced already.
+    fn claim_run(&mut self, first: PBlock, n: u64, _: &dyn Fn(u64) -> Where) -> Vec<(u64, String)> {
+        if Claimed::claim_run(self, first, n) {
+            return Vec::new();
+        }
+        (0..n)
+            .filter(|&i| !Claimed::claim(self, PBlock(first.0 + i)))
+            .map(|i| (i, "another reference".to_string()))
+            .collect()
+    }
 }
 
 /// The one home of the allocator's rebuild (DESIGN §5.3): check every rule over the loaded
@@ -165,6 +267,12 @@ impl Claims for Claimed {
 /// (writes made meanwhile included). `file_blocks`: blocks at or past it lie outside the pool
 /// file (the eager open: the file's length; later: the allocator's extent, which includes
 /// what was written since).
+///
+/// A lazy open claimed the maps range by range as they loaded (`claim_loaded`,
+/// `claim_range`, into `Allocator::load_claims`): then only the rules of the layer tree and
+/// the streams are left, over the claims less what was released since
+/// (`Allocator::take_load_claims`), so the completion's write-lock hold does not grow with
+/// the mapped data.
 pub(crate) fn rebuild(
     catalog: &Catalog,
     meta: &MetaStreams,
@@ -172,8 +280,21 @@ pub(crate) fn rebuild(
     file_blocks: u64,
     alloc: &mut Allocator,
 ) -> Vec<Fault> {
-    let mut claims = Claimed::with_capacity(file_blocks + 2);
-    let mut faults = audit(catalog, meta, block_size, file_blocks, &mut claims);
+    let (claims, mut faults) = match alloc.take_load_claims() {
+        Some(mut claims) => {
+            let mut faults = Vec::new();
+            stream_rules(meta, block_size, file_blocks, &mut claims, &mut faults);
+            for l in catalog.layers() {
+                layer_rules(catalog, l, &mut faults);
+            }
+            (claims, faults)
+        }
+        None => {
+            let mut claims = Claimed::with_capacity(file_blocks + 2);
+            let faults = audit(catalog, meta, block_size, file_blocks, &mut claims);
+            (claims, faults)
+        }
+    };
     let found = alloc.finish_loading(claims);
     for b in found.freed_but_claimed {
         let other = "a free waiting for commit".to_string();
@@ -313,5 +434,86 @@ mod tests {
         for p in (1000..2000).chain(5000..5300) {
             assert!(alloc.is_used(PBlock(p)), "block {p} claimed");
         }
+    }
+
+    /// Claims one block at a time (the trait's own `claim_run`), as the self-check's do.
+    struct OneByOne(Claimed);
+
+    impl Claims for OneByOne {
+        fn claim(&mut self, b: PBlock, at: &dyn Fn() -> Where) -> Option<String> {
+            Claims::claim(&mut self.0, b, at)
+        }
+    }
+
+    /// Runs are claimed a bitmap word at a time (`Claimed::claim_run`): the faults are the
+    /// ones claiming block by block finds, each naming its block (a run that overlaps another
+    /// in part, a run partly past the file's end, one partly past the layer's end), and every
+    /// block inside the data area is claimed.
+    #[test]
+    fn runs_claimed_at_once_find_what_claims_one_by_one_find() {
+        let mut catalog = Catalog::new();
+        for id in 1..=3 {
+            catalog.apply(create(id, None)).unwrap();
+        }
+        // Layer 1: a run of 100 (pool blocks 1000..1100), singles every other block after.
+        let singles = (0..300).map(|i| (200 + 2 * i, 3000 + 3 * i));
+        catalog
+            .apply(maps(1, (0..100).map(|i| (i, 1000 + i)).chain(singles)))
+            .unwrap();
+        // Layer 2: a run of its own, then one over 1090..1110 (10 named twice), and a single
+        // on one of layer 1's singles.
+        let own = (0..50).map(|i| (i, 5000 + i));
+        let over = (0..20).map(|i| (100 + i, 1090 + i));
+        catalog
+            .apply(maps(2, own.chain(over).chain([(500, 3000 + 3 * 7)])))
+            .unwrap();
+        // Layer 3: a run crossing the file's end (9995..10005), one crossing the layer's.
+        let end = (1u64 << 30) / 4096;
+        let file = (0..10).map(|i| (i, 9995 + i));
+        let past = (0..10).map(|i| (end - 4 + i, 7000 + i));
+        catalog.apply(maps(3, file.chain(past))).unwrap();
+        let l1 = catalog.get(LayerId(1)).unwrap();
+        assert!(
+            l1.map.runs().any(|(_, n, _)| n == 100),
+            "a run, not 100 singles"
+        );
+        let mem = MemStorage::new();
+        let mut alloc = Allocator::new(first_data_block(4096), 0);
+        let meta = MetaStreams::init(&mem, &mut alloc, 4096, 0, 1, 0).unwrap();
+        let key = |f: &Fault| format!("{:?} {:?} {:?}", f.what, f.at.vblock, f.at.pblock);
+        let mut runs = Claimed::default();
+        let mut fast: Vec<String> = audit(&catalog, &meta, 4096, 10_000, &mut runs)
+            .iter()
+            .map(key)
+            .collect();
+        let mut one = OneByOne(Claimed::default());
+        let mut slow: Vec<String> = audit(&catalog, &meta, 4096, 10_000, &mut one)
+            .iter()
+            .map(key)
+            .collect();
+        fast.sort();
+        slow.sort();
+        assert_eq!(fast, slow);
+        // 10 + 1 named twice, 5 outside the file, 6 past the layer's end.
+        assert_eq!(fast.len(), 22, "{fast:#?}");
+        assert_eq!(fast.iter().filter(|f| f.contains("UsedTwice")).count(), 11);
+        assert_eq!(
+            fast.iter()
+                .filter(|f| f.contains("OutsideDataArea"))
+                .count(),
+            5
+        );
+        assert_eq!(
+            fast.iter().filter(|f| f.contains("MappedPastEnd")).count(),
+            6
+        );
+        for p in (1000..1110)
+            .chain(5000..5050)
+            .chain(9995..10_000)
+            .chain(7000..7010)
+        {
+            assert!(runs.is_claimed(PBlock(p)), "block {p} claimed");
+        }
+        assert!(!runs.is_claimed(PBlock(10_000)));
     }
 }

@@ -75,6 +75,14 @@ pub struct PoolUsage {
     pub remote_fetched: u64,
     /// Sum of every layer's virtual size: what the layers would take without sharing.
     pub virtual_total: u64,
+    /// The maps are still loading (a lazily opened pool, DESIGN §5.3): the allocator counts
+    /// every block below the file's extent at open as used until the load completes, so
+    /// `allocated` is counted instead from the maps (a layer's ranges not loaded yet by the
+    /// counters the checkpoint stored for them), the streams and the frees waiting for a
+    /// commit, and `free_under_cap` is the cap less that: what the pool has free once loaded,
+    /// as far as is known now.
+    #[serde(default)]
+    pub loading: bool,
     /// `virtual_total - data_bytes`.
     pub sharing_saves: u64,
 }
@@ -112,7 +120,7 @@ impl Inner {
         let mut v = std::collections::HashMap::with_capacity(self.catalog.len());
         for l in self.catalog.layers() {
             let below = l.parent.and_then(|p| v.get(&p).copied()).unwrap_or(0);
-            v.insert(l.id, below + l.map.data_blocks() * bs);
+            v.insert(l.id, below + self.data_blocks(l) * bs);
         }
         v
     }
@@ -494,12 +502,21 @@ impl Store {
     }
 
     pub fn usage(&self) -> Result<PoolUsage> {
-        let g = self.read();
+        // Answers while the maps load, as far as is known (`PoolUsage::loading`).
+        let g = self.read_now();
         let bs = g.block_size as u64;
-        let data_blocks: u64 = g.catalog.layers().map(|l| l.map.data_blocks()).sum();
+        let data_blocks: u64 = g.catalog.layers().map(|l| g.data_blocks(l)).sum();
         let virtual_total = g.virtual_sizes().values().sum::<u64>();
-        let meta_blocks = g.pool.meta.metadata_blocks();
+        let meta_blocks = g.metadata_blocks();
         let first = crate::format::first_data_block(g.block_size);
+        let alloc = &g.pool.alloc;
+        let loading = alloc.loading_floor().is_some();
+        let used = if loading {
+            data_blocks + meta_blocks + alloc.pending_frees().count() as u64
+        } else {
+            alloc.used_count()
+        };
+        let max_blocks = g.pool.meta.sb.max_blocks;
         Ok(PoolUsage {
             path: self.path().map(|p| p.display().to_string()),
             block_size: g.block_size,
@@ -512,11 +529,15 @@ impl Store {
                 .storage
                 .allocated()
                 .map_err(|e| Error::io("reading pool size", e))?,
-            allocated: (g.pool.alloc.used_count() + first) * bs,
+            allocated: (used + first) * bs,
             data_bytes: data_blocks * bs,
             metadata_bytes: meta_blocks * bs,
-            free_under_cap: g.pool.alloc.free_under_cap().map(|b| b * bs),
-            max_size: (g.pool.meta.sb.max_blocks > 0).then(|| g.pool.meta.sb.max_blocks * bs),
+            free_under_cap: match loading {
+                true => (max_blocks > 0).then(|| max_blocks.saturating_sub(first + used)),
+                false => alloc.free_under_cap(),
+            }
+            .map(|b| b * bs),
+            max_size: (max_blocks > 0).then(|| max_blocks * bs),
             remote_layers: g.catalog.layers().filter(|l| l.remote).count(),
             remote_fetched: g
                 .catalog
@@ -526,6 +547,7 @@ impl Store {
                 .sum(),
             virtual_total,
             sharing_saves: virtual_total.saturating_sub(data_blocks * bs),
+            loading,
         })
     }
 

@@ -10,16 +10,17 @@
 //! thread has loaded the rest and completed the load (`Store::complete_load`: the allocator
 //! rebuilt from the whole maps).
 
+use super::invariants;
 use super::journal::{Journal, Replayed};
 use super::loading::LoadGate;
-use super::store::{load_generation, load_with, Inner, Store};
+use super::store::{extent_and_floor, load_generation, load_with, Inner, Store};
 use crate::error::{Error, Result};
 use crate::fault::{Fault, What, Where};
 use crate::format::record::{Record, RecordReader};
 use crate::format::superblock::Superblock;
-use crate::format::{first_data_block, LayerId};
-use crate::layer::lazy::Unloaded;
-use crate::layer::Catalog;
+use crate::format::{first_data_block, LayerId, PBlock};
+use crate::layer::lazy::{Applied, Unloaded};
+use crate::layer::{Catalog, Layer};
 use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, Pool, Storage};
 use std::path::Path;
@@ -65,27 +66,25 @@ fn load_generation_lazy(storage: &dyn Storage, sb: &Superblock) -> Result<Inner>
     }
     want.sort_unstable();
     want.dedup();
-    lazy.load(&mut catalog, storage, &sums, &want)?;
+    // Claimed below, once the log is replayed over them.
+    lazy.load(&mut catalog, storage, &sums, &want, &mut |_, _| {})?;
     let mut it = log.into_iter();
     catalog.replay_log(|| Ok(it.next()))?;
     let meta = MetaStreams::from_recovered(&rec);
     lazy.blocks = meta.ckpt_blocks.clone();
     let bs = sb.block_size;
-    // Everything the checkpoint and the log reference lies below the file's extent (or the
-    // log's reserved next page): the allocator's loading mode (`loading.rs`) hands out
-    // nothing below it until the completion.
-    let file_blocks = storage
-        .len()
-        .map_err(|e| Error::io("reading the pool size", e))?
-        .div_ceil(bs as u64);
-    let streams_end = meta
-        .ckpt_blocks
-        .iter()
-        .chain(&meta.log_blocks)
-        .map(|b| b.0 + 1);
-    let floor = streams_end.max().unwrap_or(0).max(file_blocks);
-    let alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
-    let faults = std::mem::take(&mut catalog.faults);
+    // The allocator's loading mode (`loading.rs`) hands out nothing below the floor until the
+    // completion: the checkpoint's blocks known so far (its head's) are enough for it, since
+    // the file's extent bounds the rest.
+    let (file_blocks, floor) = extent_and_floor(storage, bs, &meta.ckpt_blocks, &meta.log_blocks)?;
+    let mut alloc = Allocator::loading(first_data_block(bs), sb.max_blocks, floor);
+    let mut faults = std::mem::take(&mut catalog.faults);
+    // The maps are audited and their blocks claimed as they load, what is loaded now (the
+    // ranges the log touched, and the log) first: the completion then only merges (§5.3).
+    alloc.claim_as_loaded();
+    let claims = alloc.load_claims().expect("a loading allocator");
+    faults.extend(invariants::claim_loaded(&catalog, bs, file_blocks, claims));
+    lazy.file_blocks = file_blocks;
     let mut inner = load_generation_shell(meta, alloc, catalog, bs, sb.generation, &rec)?;
     inner.load_faults = faults;
     inner.lazy = Some(lazy);
@@ -130,6 +129,25 @@ fn load_generation_shell(
 }
 
 impl Inner {
+    /// Data blocks layer `l`'s map holds, its ranges not loaded yet included.
+    pub(crate) fn data_blocks(&self, l: &Layer) -> u64 {
+        let left = self.lazy.as_ref().map_or(0, |lazy| {
+            lazy.data_not_loaded(l.id, self.catalog.stored_counters(l.id))
+        });
+        l.map.data_blocks() + left
+    }
+
+    /// Blocks of the metadata streams. While ranges are left to load, the checkpoint's are
+    /// counted from its pages: only the head's and the loaded ranges' blocks are known.
+    pub(crate) fn metadata_blocks(&self) -> u64 {
+        let m = &self.pool.meta;
+        if self.lazy.is_none() {
+            return m.metadata_blocks();
+        }
+        let ppb = (self.block_size as u64 / crate::format::PAGE_SIZE as u64).max(1);
+        m.checkpoint_pages().div_ceil(ppb) + m.log_blocks.len() as u64
+    }
+
     /// The ranges of every layer of `id`'s chain holding blocks of `offset..offset + len`
     /// that are not loaded.
     fn ranges_for(&self, id: LayerId, offset: u64, len: u64) -> Vec<usize> {
@@ -148,18 +166,39 @@ impl Inner {
         out
     }
 
-    /// Load `ranges` (under the write lock).
+    /// Load `ranges` (under the write lock), each audited and its blocks claimed as it is
+    /// applied (`invariants::claim_range`): what the audit finds is a fault found late.
     fn load_ranges(&mut self, storage: &dyn Storage, ranges: &[usize]) -> Result<()> {
         let sums = self.pool.meta.sums().clone();
-        let Inner { catalog, lazy, .. } = self;
-        match lazy {
-            Some(lazy) => lazy.load(catalog, storage, &sums, ranges),
-            None => Ok(()),
+        let bs = self.block_size;
+        let mut faults = Vec::new();
+        let Inner {
+            catalog,
+            lazy,
+            pool,
+            ..
+        } = self;
+        let Some(lazy) = lazy else {
+            return Ok(());
+        };
+        let file_blocks = lazy.file_blocks;
+        let mut claim = |catalog: &Catalog, range: Applied| {
+            let (Some(l), Some(claims)) = (catalog.get(range.layer), pool.alloc.load_claims())
+            else {
+                return;
+            };
+            faults.extend(invariants::claim_range(l, range, bs, file_blocks, claims));
+        };
+        let loaded = lazy.load(catalog, storage, &sums, ranges, &mut claim);
+        for f in faults {
+            self.late_fault(f);
         }
+        loaded
     }
 
-    /// Load ranges in order for about `HOLD`; true when none is left to load.
-    fn load_some(&mut self, storage: &dyn Storage) -> Result<bool> {
+    /// Load ranges in order for about `HOLD`, or only until a block path waits for the lock
+    /// (`awaited`); true when none is left to load.
+    fn load_some(&mut self, storage: &dyn Storage, awaited: &dyn Fn() -> bool) -> Result<bool> {
         let start = Instant::now();
         loop {
             let next = self.lazy.as_mut().and_then(|l| l.next_to_load());
@@ -167,20 +206,17 @@ impl Inner {
                 return Ok(true);
             };
             self.load_ranges(storage, &[i])?;
-            if start.elapsed() >= HOLD {
+            if start.elapsed() >= HOLD || awaited() {
                 return Ok(false);
             }
         }
     }
 
     /// Every range is loaded: the maps are whole, and the checkpoint's blocks all known
-    /// (from the pages the ranges were read from), which the completion's rebuild claims and
-    /// the next checkpoint frees.
-    fn maps_whole(&mut self) {
-        if let Some(lazy) = self.lazy.take() {
-            let mut blocks = lazy.blocks;
-            blocks.sort_unstable();
-            blocks.dedup();
+    /// (`blocks`: from the pages the ranges were read from, sorted, each once), which the
+    /// completion's rebuild claims and the next checkpoint frees.
+    fn maps_whole(&mut self, blocks: Vec<PBlock>) {
+        if self.lazy.take().is_some() {
             self.pool.meta.ckpt_blocks = blocks;
         }
     }
@@ -210,7 +246,7 @@ fn load_all(weak: &std::sync::Weak<Store>) {
         }
         let step = {
             let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-            g.load_some(&*s.storage)
+            g.load_some(&*s.storage, &|| s.loaded.is_awaited())
         };
         match step {
             // Let the block paths in: re-taking the write lock at once starved the readers
@@ -230,16 +266,24 @@ fn load_all(weak: &std::sync::Weak<Store>) {
     let Some(s) = weak.upgrade() else {
         return;
     };
-    s.inner
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .maps_whole();
-    s.complete_load();
+    // The checkpoint's blocks, sorted without the lock (every range is loaded: nothing adds
+    // to them any more); then one short hold completes the load.
+    let mut blocks = {
+        let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+        g.lazy
+            .as_mut()
+            .map(|l| std::mem::take(&mut l.blocks))
+            .unwrap_or_default()
+    };
+    blocks.sort_unstable();
+    blocks.dedup();
+    let held = s.complete_load_after(|g| g.maps_whole(blocks));
     crate::log::process(
         crate::log::Level::Info,
         format_args!(
-            "thinlayer: maps loaded in the background in {} ms",
-            t.elapsed().as_millis()
+            "thinlayer: maps loaded in the background in {} ms (the completion held the store's lock {} µs)",
+            t.elapsed().as_millis(),
+            held.as_micros()
         ),
     );
 }
@@ -365,7 +409,10 @@ impl Store {
         if self.read_now().ranges_for(id, offset, len).is_empty() {
             return Ok(());
         }
-        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = {
+            let _waiting = self.loaded.waiting();
+            self.inner.write().unwrap_or_else(|p| p.into_inner())
+        };
         let want = g.ranges_for(id, offset, len);
         g.load_ranges(&*self.storage, &want)
     }
@@ -940,6 +987,7 @@ mod tests {
         lazy.complete_in_background().unwrap().join().unwrap();
         assert!(lazy.maps_loaded());
         assert_eq!(lazy.used_blocks(), eager.used_blocks());
+        assert_eq!(used(&lazy), used(&eager));
         assert_eq!(lazy.read().pool.meta.ckpt_blocks, {
             let mut b = eager.read().pool.meta.ckpt_blocks.clone();
             b.sort_unstable();
@@ -948,5 +996,204 @@ mod tests {
         lazy.verify_consistency().unwrap();
         lazy.checkpoint().unwrap();
         lazy.verify_consistency().unwrap();
+    }
+
+    fn used(s: &Store) -> Vec<crate::format::PBlock> {
+        s.read().pool.alloc.used_blocks().collect()
+    }
+
+    /// The ranges' blocks are claimed as they load, so the completion claims only the
+    /// streams; a block a range's map held and a change released while the maps loaded
+    /// (rewritten, trimmed; in a commit made durable since, or still pending) is un-claimed
+    /// at the completion. The allocator after it is an eager open's of the same state: the
+    /// same blocks used, once the pending frees are committed too.
+    #[test]
+    fn releases_made_while_the_maps_load_leave_the_eager_allocator() {
+        let mem = pool();
+        let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        let app = lazy.layer_head("app").unwrap().id;
+        let floor = lazy.read_now().pool.alloc.loading_floor().unwrap();
+        let mapped = |vb: u64| {
+            let g = lazy.read_now();
+            let m = g.catalog.get(app).unwrap().map.get(VBlock(vb));
+            m.and_then(|m| m.pblock()).unwrap()
+        };
+        // Through the store's write paths, which load what they touch and go on while the
+        // maps load.
+        let mut released = Vec::new();
+        let before = |vb: u64| {
+            lazy.load_for(app, vb * BS, BS).unwrap();
+            mapped(vb)
+        };
+        for (vb, seed) in [(4999 * 5, 1), (4999 * 7, 2)] {
+            released.push(before(vb));
+            lazy.write_layer(app, vb * BS, &block(seed)).unwrap();
+        }
+        released.push(before(4999 * 9));
+        lazy.zero_layer(app, 4999 * 9 * BS, BS, true).unwrap();
+        lazy.flush().unwrap();
+        // Pending at the completion: a committed block rewritten, and a fresh one rewritten.
+        released.push(before(4999 * 11));
+        lazy.write_layer(app, 4999 * 11 * BS, &block(3)).unwrap();
+        lazy.write_layer(app, 4999 * 5 * BS, &block(4)).unwrap();
+        assert!(!lazy.maps_loaded());
+        for p in &released {
+            assert!(
+                p.0 < floor,
+                "{p}: a block of the checkpoint, below the floor"
+            );
+        }
+        assert!(mapped(4999 * 11).0 >= floor);
+        lazy.complete_in_background().unwrap().join().unwrap();
+        assert!(lazy.maps_loaded());
+        lazy.verify_consistency().unwrap();
+        assert!(lazy.read().load_faults.is_empty());
+        // Released and committed: free; released and pending: used until the commit.
+        for &p in &released[..3] {
+            assert!(!lazy.read().pool.alloc.is_used(p), "{p} still used");
+        }
+        assert!(lazy.read().pool.alloc.is_used(released[3]));
+        lazy.flush().unwrap();
+        lazy.verify_consistency().unwrap();
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        assert_eq!(used(&lazy), used(&eager));
+        let mut buf = vec![0u8; BS as usize];
+        eager.read_layer(app, 4999 * 5 * BS, &mut buf).unwrap();
+        assert_eq!(buf, block(4));
+    }
+
+    /// A pool block two layers' checkpointed maps name is found when the second range
+    /// holding it loads (the ranges are audited and claimed as they load), before the
+    /// load completes: a fault found late, changes refused from then on, `check` reports it.
+    #[test]
+    fn a_block_mapped_twice_is_found_when_its_second_range_loads() {
+        let mem = pool();
+        let s = Store::open_in(mem.clone(), true).unwrap();
+        let base = s.layer_head("base").unwrap().id;
+        let app = s.layer_head("app").unwrap().id;
+        {
+            // Damage: app's block 4999 * 20 names base's block 0's pool block.
+            let mut g = s.write().unwrap();
+            let p = g.catalog.get(base).unwrap().map.get(VBlock(0)).unwrap();
+            let Inner {
+                catalog, pending, ..
+            } = &mut *g;
+            let to = Some(crate::layer::Mapping::data(p.pblock().unwrap(), 0));
+            let c = crate::layer::Change::Map {
+                layer: app,
+                vblock: VBlock(4999 * 20),
+                to,
+            };
+            catalog.change(pending, c, |_| {}).unwrap();
+        }
+        s.flush().unwrap();
+        s.checkpoint().unwrap();
+        drop(s);
+        let lazy = Store::open_in_lazy(mem.clone(), true).unwrap();
+        assert!(lazy.read_now().load_faults.is_empty());
+        // As reads do (the damaged block's would fail its checksum).
+        lazy.load_for(base, 0, BS).unwrap();
+        lazy.load_for(app, 4999 * 20 * BS, BS).unwrap();
+        assert!(!lazy.maps_loaded());
+        let faults = lazy.read_now().load_faults.clone();
+        assert!(
+            faults
+                .iter()
+                .any(|f| matches!(f.what, What::UsedTwice { .. })
+                    && f.at.layer.as_ref().map(|l| l.id) == Some(app)
+                    && f.at.vblock == Some(VBlock(4999 * 20))),
+            "{faults:?}"
+        );
+        assert!(lazy.read_now().faulty().is_some());
+        drop(lazy);
+        let r = crate::check::check(mem, false, &mut |_, _| {}).unwrap();
+        assert!(r
+            .faults
+            .iter()
+            .any(|f| matches!(f.what, What::UsedTwice { .. })));
+    }
+
+    /// `df` while the maps load (`Store::usage`) answers without waiting for them, says it
+    /// is loading, and counts what an eager open of the same pool counts: every block below
+    /// the file's extent at open is used in the loading allocator, but not in its figures
+    /// (data from the maps, the ranges not loaded yet by the counters the checkpoint stored;
+    /// the streams; the frees waiting for a commit), so free space is not under-reported.
+    /// Checked with the rebuild deferred (maps whole), then lazily opened (ranges left).
+    #[test]
+    fn usage_while_the_maps_load_counts_what_an_eager_open_counts() {
+        let first = first_data_block(BS as u32);
+        let opts = CreateOptions {
+            max_size: Some((first + 40_000) * BS),
+            ..Default::default()
+        };
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &opts).unwrap();
+        let big = s.create_layer("big", None, Some(1 << 30)).unwrap().id;
+        s.write_layer(big, 0, &vec![7u8; 3000 * BS as usize])
+            .unwrap();
+        s.flush().unwrap();
+        let a = s.create_layer("a", None, Some(1 << 32)).unwrap().id;
+        for i in 0..6000u64 {
+            s.write_layer(a, (i * 61 % 900_000) * BS, &block(i))
+                .unwrap();
+        }
+        s.remove_layer("big").unwrap();
+        s.checkpoint().unwrap();
+        s.write_layer(a, 5 * BS, &block(5)).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let eager = Store::open_in(copy(&mem), false).unwrap().usage().unwrap();
+        assert!(!eager.loading);
+        let comparable = |u: &crate::volume::PoolUsage| {
+            let sizes = (
+                u.allocated,
+                u.data_bytes,
+                u.metadata_bytes,
+                u.free_under_cap,
+            );
+            (u.layers, sizes, u.virtual_total, u.sharing_saves)
+        };
+        let deferred = Store::open_in_deferred(copy(&mem), true).unwrap();
+        let u = deferred.usage().unwrap();
+        assert!(u.loading && !deferred.is_loaded());
+        assert_eq!(comparable(&u), comparable(&eager));
+        let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        assert!(lazy.read_now().lazy.as_ref().unwrap().left() > 0);
+        let u = lazy.usage().unwrap();
+        assert!(u.loading && !lazy.maps_loaded());
+        assert_eq!(comparable(&u), comparable(&eager));
+        // A write while the maps load: its frees wait for a commit, its block is new.
+        lazy.write_layer(a, 5 * BS, &block(6)).unwrap();
+        let u = lazy.usage().unwrap();
+        assert_eq!(u.allocated, eager.allocated + BS);
+        lazy.complete_in_background().unwrap().join().unwrap();
+        let done = lazy.usage().unwrap();
+        assert!(!done.loading);
+        assert_eq!(comparable(&done), comparable(&u));
+    }
+
+    /// The background load holds the write lock for up to `HOLD`, one range after another;
+    /// when a block path waits for the lock (`Store::read_now`, `load_for` count it), it lets
+    /// go after the range it is on: a read waits for one range, not for the whole hold.
+    #[test]
+    fn the_background_load_lets_go_after_one_range_when_a_reader_waits() {
+        let mem = pool();
+        let lazy = Store::open_in_lazy(mem.clone(), true).unwrap();
+        let left = lazy.read_now().lazy.as_ref().unwrap().left();
+        assert!(left >= 3, "{left} ranges");
+        let done = {
+            let _reader = lazy.loaded.waiting();
+            let mut g = lazy.inner.write().unwrap();
+            g.load_some(&*lazy.storage, &|| lazy.loaded.is_awaited())
+                .unwrap()
+        };
+        assert!(!done);
+        assert_eq!(lazy.read_now().lazy.as_ref().unwrap().left(), left - 1);
+        // Nobody waiting: a whole hold (the test pool's ranges all fit in one).
+        let mut g = lazy.inner.write().unwrap();
+        let awaited = || lazy.loaded.is_awaited();
+        assert!(!awaited());
+        while !g.load_some(&*lazy.storage, &awaited).unwrap() {}
+        assert!(g.lazy.as_ref().unwrap().is_complete());
     }
 }

@@ -15,7 +15,9 @@ use super::store::{Inner, Store};
 use crate::error::{Error, Result};
 use crate::fault::Fault;
 use crate::pool::{Punch, Storage};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Where the open's load of the maps is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +32,9 @@ enum State {
 pub(crate) struct LoadGate {
     state: Mutex<(State, usize)>,
     changed: Condvar,
+    /// Block paths waiting for the store's lock (`Store::read_now`, `Store::load_for`): the
+    /// background load ends its hold of the write lock after the range it is on when one is.
+    pub(crate) waiting: AtomicUsize,
 }
 
 impl LoadGate {
@@ -45,6 +50,7 @@ impl LoadGate {
         LoadGate {
             state: Mutex::new((s, 0)),
             changed: Condvar::new(),
+            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -61,6 +67,17 @@ impl LoadGate {
         self.changed.notify_all();
     }
 
+    /// A block path waits for the store's lock until the guard is dropped.
+    pub(crate) fn waiting(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(&self.waiting)
+    }
+
+    /// Whether a block path waits for the store's lock.
+    pub(crate) fn is_awaited(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
     fn wait(&self) -> State {
         let mut g = self.lock();
         g.1 += 1;
@@ -69,6 +86,15 @@ impl LoadGate {
         }
         g.1 -= 1;
         g.0
+    }
+}
+
+/// One block path waiting for the store's lock (`LoadGate::waiting`).
+pub(crate) struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -109,17 +135,25 @@ impl Store {
     /// waits for the load is woken. Faults it finds are recorded, not returned: from then on
     /// the store refuses changes naming them (`Error::Faulty`).
     pub fn complete_load(&self) {
-        let punch = self
-            .inner
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .complete_load(&*self.storage, self.is_writable());
+        self.complete_load_after(|_| {});
+    }
+
+    /// `complete_load`, with `before` run in the same hold of the write lock first (a lazy
+    /// open's last step of the load). Returns how long the lock was held.
+    pub(crate) fn complete_load_after(&self, before: impl FnOnce(&mut Inner)) -> Duration {
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let held = Instant::now();
+        before(&mut g);
+        let punch = g.complete_load(&*self.storage, self.is_writable());
+        drop(g);
+        let held = held.elapsed();
         self.load_done();
         if let Some(p) = punch {
             p.run(&*self.storage);
             let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
             g.pool.punched(p);
         }
+        held
     }
 
     /// The load is complete (`Inner::complete_load` ran under a lock the caller held; call

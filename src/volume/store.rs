@@ -457,7 +457,16 @@ impl Store {
     /// The read lock without waiting for the maps: for the block paths, which load the
     /// ranges they touch first (`load_for`), and what needs no map.
     pub(crate) fn read_now(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+        match self.inner.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Held for writing: say so while waiting, so the background load of the maps
+            // lets go after its current range (`lazy_open`), not after its whole hold.
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let _waiting = self.loaded.waiting();
+                self.inner.read().unwrap_or_else(|p| p.into_inner())
+            }
+        }
     }
 
     /// The write lock, for a change: refused on a read-only or poisoned store. A lazily
@@ -857,10 +866,7 @@ pub(super) fn load_generation(
     let mut faults = std::mem::take(&mut catalog.faults);
     // Block numbers come from disk: they are bounded by the file before the allocation bitmap
     // grows to cover them, so damaged metadata cannot make the load allocate without limit.
-    let file_blocks = storage
-        .len()
-        .map_err(|e| Error::io("reading the pool size", e))?
-        .div_ceil(bs as u64);
+    let (file_blocks, floor) = extent_and_floor(storage, bs, &rec.ckpt_blocks, &rec.log_blocks)?;
     // A stream outside the file means this generation cannot be trusted at all: an error, so
     // the load falls back to the older one. The log's reserved next page may lie just past the
     // end (reserved, never written).
@@ -872,14 +878,6 @@ pub(super) fn load_generation(
             )));
         }
     }
-    // Everything the checkpoint and the log reference lies below the floor: the file's extent,
-    // or one past the log's reserved next page.
-    let streams_end = rec
-        .ckpt_blocks
-        .iter()
-        .chain(&rec.log_blocks)
-        .map(|b| b.0 + 1);
-    let floor = streams_end.max().unwrap_or(0).max(file_blocks);
     let mut alloc = Allocator::loading(first, sb.max_blocks, floor);
     if !deferred {
         // The rebuild (§5.3) at once: the same code a deferred load's completion runs later.
@@ -908,6 +906,25 @@ pub(super) fn load_generation(
         lazy: None,
         remotes: Default::default(),
     })
+}
+
+/// The pool file's extent in blocks, and the floor of an allocator made before the maps are
+/// claimed (`Allocator::loading`, DESIGN §5.3): everything the checkpoint and the log
+/// reference lies below it, the file's extent or one past the log's reserved next page
+/// (`streams`: their blocks), whichever is higher. The eager and the lazy open both take it
+/// from here.
+pub(super) fn extent_and_floor(
+    storage: &dyn Storage,
+    block_size: u32,
+    ckpt_blocks: &[crate::format::PBlock],
+    log_blocks: &[crate::format::PBlock],
+) -> Result<(u64, u64)> {
+    let file_blocks = storage
+        .len()
+        .map_err(|e| Error::io("reading the pool size", e))?
+        .div_ceil(block_size as u64);
+    let streams_end = ckpt_blocks.iter().chain(log_blocks).map(|b| b.0 + 1);
+    Ok((file_blocks, streams_end.max().unwrap_or(0).max(file_blocks)))
 }
 
 impl Inner {
