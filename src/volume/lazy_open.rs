@@ -196,9 +196,8 @@ impl Inner {
         loaded
     }
 
-    /// Load ranges in order for about `HOLD`, or only until a block path waits for the lock
-    /// (`awaited`); true when none is left to load.
-    fn load_some(&mut self, storage: &dyn Storage, awaited: &dyn Fn() -> bool) -> Result<bool> {
+    /// Load ranges in order for about `HOLD`; true when none is left to load.
+    fn load_some(&mut self, storage: &dyn Storage) -> Result<bool> {
         let start = Instant::now();
         loop {
             let next = self.lazy.as_mut().and_then(|l| l.next_to_load());
@@ -206,7 +205,7 @@ impl Inner {
                 return Ok(true);
             };
             self.load_ranges(storage, &[i])?;
-            if start.elapsed() >= HOLD || awaited() {
+            if start.elapsed() >= HOLD {
                 return Ok(false);
             }
         }
@@ -246,7 +245,7 @@ fn load_all(weak: &std::sync::Weak<Store>) {
         }
         let step = {
             let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-            g.load_some(&*s.storage, &|| s.loaded.is_awaited())
+            g.load_some(&*s.storage)
         };
         match step {
             // Let the block paths in: re-taking the write lock at once starved the readers
@@ -409,10 +408,7 @@ impl Store {
         if self.read_now().ranges_for(id, offset, len).is_empty() {
             return Ok(());
         }
-        let mut g = {
-            let _waiting = self.loaded.waiting();
-            self.inner.write().unwrap_or_else(|p| p.into_inner())
-        };
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let want = g.ranges_for(id, offset, len);
         g.load_ranges(&*self.storage, &want)
     }
@@ -1170,30 +1166,5 @@ mod tests {
         let done = lazy.usage().unwrap();
         assert!(!done.loading);
         assert_eq!(comparable(&done), comparable(&u));
-    }
-
-    /// The background load holds the write lock for up to `HOLD`, one range after another;
-    /// when a block path waits for the lock (`Store::read_now`, `load_for` count it), it lets
-    /// go after the range it is on: a read waits for one range, not for the whole hold.
-    #[test]
-    fn the_background_load_lets_go_after_one_range_when_a_reader_waits() {
-        let mem = pool();
-        let lazy = Store::open_in_lazy(mem.clone(), true).unwrap();
-        let left = lazy.read_now().lazy.as_ref().unwrap().left();
-        assert!(left >= 3, "{left} ranges");
-        let done = {
-            let _reader = lazy.loaded.waiting();
-            let mut g = lazy.inner.write().unwrap();
-            g.load_some(&*lazy.storage, &|| lazy.loaded.is_awaited())
-                .unwrap()
-        };
-        assert!(!done);
-        assert_eq!(lazy.read_now().lazy.as_ref().unwrap().left(), left - 1);
-        // Nobody waiting: a whole hold (the test pool's ranges all fit in one).
-        let mut g = lazy.inner.write().unwrap();
-        let awaited = || lazy.loaded.is_awaited();
-        assert!(!awaited());
-        while !g.load_some(&*lazy.storage, &awaited).unwrap() {}
-        assert!(g.lazy.as_ref().unwrap().is_complete());
     }
 }

@@ -15,7 +15,6 @@ use super::store::{Inner, Store};
 use crate::error::{Error, Result};
 use crate::fault::Fault;
 use crate::pool::{Punch, Storage};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,9 +31,6 @@ enum State {
 pub(crate) struct LoadGate {
     state: Mutex<(State, usize)>,
     changed: Condvar,
-    /// Block paths waiting for the store's lock (`Store::read_now`, `Store::load_for`): the
-    /// background load ends its hold of the write lock after the range it is on when one is.
-    pub(crate) waiting: AtomicUsize,
 }
 
 impl LoadGate {
@@ -50,7 +46,6 @@ impl LoadGate {
         LoadGate {
             state: Mutex::new((s, 0)),
             changed: Condvar::new(),
-            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -67,17 +62,6 @@ impl LoadGate {
         self.changed.notify_all();
     }
 
-    /// A block path waits for the store's lock until the guard is dropped.
-    pub(crate) fn waiting(&self) -> Waiting<'_> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        Waiting(&self.waiting)
-    }
-
-    /// Whether a block path waits for the store's lock.
-    pub(crate) fn is_awaited(&self) -> bool {
-        self.waiting.load(Ordering::SeqCst) > 0
-    }
-
     fn wait(&self) -> State {
         let mut g = self.lock();
         g.1 += 1;
@@ -86,15 +70,6 @@ impl LoadGate {
         }
         g.1 -= 1;
         g.0
-    }
-}
-
-/// One block path waiting for the store's lock (`LoadGate::waiting`).
-pub(crate) struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

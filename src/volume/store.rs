@@ -457,16 +457,7 @@ impl Store {
     /// The read lock without waiting for the maps: for the block paths, which load the
     /// ranges they touch first (`load_for`), and what needs no map.
     pub(crate) fn read_now(&self) -> RwLockReadGuard<'_, Inner> {
-        match self.inner.try_read() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            // Held for writing: say so while waiting, so the background load of the maps
-            // lets go after its current range (`lazy_open`), not after its whole hold.
-            Err(std::sync::TryLockError::WouldBlock) => {
-                let _waiting = self.loaded.waiting();
-                self.inner.read().unwrap_or_else(|p| p.into_inner())
-            }
-        }
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The write lock, for a change: refused on a read-only or poisoned store. A lazily
