@@ -367,12 +367,8 @@ impl Store {
             drop(inner);
             return Self::open_in_with(storage, writable, journal);
         }
-        if writable && !inner.load_faults.is_empty() {
-            return Err(Error::Corrupt(format!(
-                "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
-                inner.load_faults.len(),
-                inner.load_faults[0]
-            )));
+        if writable {
+            inner.refuse_load_faults()?;
         }
         if let Some(j) = journal {
             debug_assert!(writable);

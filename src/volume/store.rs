@@ -301,12 +301,8 @@ impl Store {
             ));
         }
         let mut inner = load(&*storage, deferred)?;
-        if writable && !inner.load_faults.is_empty() {
-            return Err(Error::Corrupt(format!(
-                "{} fault(s) in the metadata, first: {}; run `thinlayer check` (opened read-only it can still be exported)",
-                inner.load_faults.len(),
-                inner.load_faults[0]
-            )));
+        if writable {
+            inner.refuse_load_faults()?;
         }
         let mut replayed = Replayed::default();
         if let Some(j) = journal {
@@ -919,6 +915,18 @@ pub(super) fn extent_and_floor(
 }
 
 impl Inner {
+    /// A writable open refuses a pool whose load found faults (an eager and a lazy open
+    /// alike); read-only it can still be looked at and exported.
+    pub(super) fn refuse_load_faults(&self) -> Result<()> {
+        match self.load_faults.first() {
+            None => Ok(()),
+            Some(first) => Err(Error::Corrupt(format!(
+                "{} fault(s) in the metadata, first: {first}; run `thinlayer check` (opened read-only it can still be exported)",
+                self.load_faults.len()
+            ))),
+        }
+    }
+
     /// The state around a loaded catalogue and pool, with nothing pending or found.
     pub(super) fn empty(pool: Pool, catalog: Catalog, block_size: u32) -> Inner {
         Inner {
