@@ -1052,8 +1052,11 @@ mod tests {
         s.write_layer(app, 10 * BS, &block(3)).unwrap();
         s.write_layer(app, 10 * BS, &block(4)).unwrap();
         s.write_layer(app, 12 * BS, &block(5)).unwrap();
+        let trimmed = mapped_at(&s, app, 12).unwrap();
         s.zero_layer(app, 12 * BS, BS, true).unwrap();
         s.write_layer(app, 13 * BS, &block(6)).unwrap();
+        // The replay takes that block, frees it and takes it again (`replay_freed`).
+        assert_eq!(mapped_at(&s, app, 13), Some(trimmed));
         s.zero_layer(app, 250_000 * BS, BS, false).unwrap();
         if load_first {
             s.remove_layer("img").unwrap();
