@@ -381,9 +381,9 @@ impl Allocator {
     /// While loading, a block below the floor (where a killed server's writes went: it was
     /// free to that server's allocator) counts as used whatever it holds; whether the durable
     /// state names it is known only from the maps. So it is claimed among the maps' claims
-    /// (`claim_as_loaded`): false if a map loaded so far (or an earlier record of the replay
-    /// that is not fresh any more) holds it; a range naming it that loads later fails its
-    /// own claim, a fault found late; the completion keeps it used as any claimed block.
+    /// (`claim_as_loaded`): false if a map loaded so far holds it; a range naming it that
+    /// loads later fails its own claim, a fault found late; the completion keeps it used as
+    /// any claimed block.
     /// Without those claims (a deferred open) it cannot be taken.
     pub fn claim_fresh(&mut self, p: PBlock) -> bool {
         if p.0 < self.first {
