@@ -415,7 +415,9 @@ impl RawClient {
     /// Reads the greeting and checks it; answers nothing.
     pub fn greet_only(s: UnixStream) -> UnixStream {
         let mut s = s;
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // A guard against a hang, not a latency bound: with a thousand connections each on
+        // its own thread (nbd_hostile), a greeting took 20 s on a 2-core machine at load 5.
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let mut g = [0u8; Greeting::LEN];
         s.read_exact(&mut g).unwrap();
         let greeting = Greeting::unpack(&g).expect("an NBD fixed-newstyle greeting");
