@@ -9,11 +9,12 @@
 use super::map::CHUNK_BITS;
 use super::Catalog;
 use crate::error::{Error, Result};
-use crate::format::record::IndexEntry;
+use crate::format::record::{IndexEntry, Record};
 use crate::format::superblock::StreamRef;
 use crate::format::{LayerId, PBlock, VBlock};
 use crate::pool::{meta, Storage, SumPages};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// What a layer's loaded ranges added to its map, and how many of its ranges are left.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,7 +42,8 @@ pub struct Unloaded {
     /// The checkpoint stream the index points into; it stays the pool's until the next
     /// checkpoint, which waits for the load to complete.
     pub checkpoint: StreamRef,
-    index: Vec<IndexEntry>,
+    /// Shared with the readers of ranges (`RangeReader`), which read without the store's lock.
+    index: Arc<[IndexEntry]>,
     loaded: Vec<bool>,
     left: usize,
     /// Where the background load goes on from: every range before it is loaded.
@@ -71,7 +73,7 @@ impl Unloaded {
             loaded: vec![false; index.len()],
             left: index.len(),
             cursor: 0,
-            index,
+            index: index.into(),
             layers,
             failed: HashMap::new(),
             blocks: Vec::new(),
@@ -80,13 +82,9 @@ impl Unloaded {
         }
     }
 
-    /// Load ranges `ranges` into `catalog`'s maps: each read from its entry's page on
-    /// (`meta::range_records`, every page verified), each record checked to lie in the range
-    /// (`pool::index::in_range`) and applied as a whole open applies it
-    /// (`Catalog::apply_checkpoint`). A layer whose last range this loads has its stored
-    /// counters compared with what its ranges added. A range of a layer the log removed is
-    /// skipped. Damage fails the range for good, named to every request that needs it.
-    /// `on_applied` is called after each range is in the map (those before a failed one too).
+    /// Load ranges `ranges` into `catalog`'s maps, each read (`RangeReader::read`) and
+    /// applied (`apply`) in turn. `on_applied` is called after each range is in the map
+    /// (those before a failed one too).
     pub fn load(
         &mut self,
         catalog: &mut Catalog,
@@ -95,60 +93,89 @@ impl Unloaded {
         ranges: &[usize],
         on_applied: &mut dyn FnMut(&Catalog, Applied),
     ) -> Result<()> {
+        let reader = self.reader();
+        for &i in ranges {
+            if self.failed.contains_key(&i) || self.loaded[i] {
+                self.apply(catalog, storage, sums, Decoded::nothing(i), on_applied)?;
+                continue;
+            }
+            let decoded = reader.read(storage, i);
+            self.apply(catalog, storage, sums, decoded, on_applied)?;
+        }
+        Ok(())
+    }
+
+    /// What reads ranges without the store's lock (the checkpoint's pages do not change
+    /// until the load completes: the next checkpoint waits for it).
+    pub fn reader(&self) -> RangeReader {
+        RangeReader {
+            checkpoint: self.checkpoint,
+            index: self.index.clone(),
+            pages_per_block: self.pages_per_block,
+        }
+    }
+
+    /// Apply range `decoded.range`, read before (perhaps without the store's lock), into
+    /// `catalog`'s maps as a whole open applies it (`Catalog::apply_checkpoint`), unless it
+    /// was loaded meanwhile (by a block path, or the background load): a range is applied
+    /// once. A layer whose last range this is has its stored counters compared with what
+    /// its ranges added. A range of a layer the log removed is skipped. Damage (in the
+    /// pages, the records, or found applying them) fails the range for good, named to every
+    /// request that needs it.
+    pub fn apply(
+        &mut self,
+        catalog: &mut Catalog,
+        storage: &dyn Storage,
+        sums: &SumPages,
+        decoded: Decoded,
+        on_applied: &mut dyn FnMut(&Catalog, Applied),
+    ) -> Result<()> {
+        let i = decoded.range;
+        if let Some(why) = self.failed.get(&i) {
+            return Err(Error::Corrupt(why.clone()));
+        }
+        if self.loaded[i] {
+            return Ok(());
+        }
+        let layer = self.index[i].layer;
+        let Some(before) = catalog.get(layer).map(|l| counts(&l.map)) else {
+            self.skip(i);
+            return Ok(());
+        };
         let capacity = sums.capacity();
         let mut resolve = |at: u64, n: usize| sums.crcs(storage, at, n);
-        for &i in ranges {
-            if let Some(why) = self.failed.get(&i) {
-                return Err(Error::Corrupt(why.clone()));
+        let applied = decoded.records.and_then(|(records, blocks)| {
+            for rec in records {
+                catalog.apply_checkpoint(rec, capacity, &mut resolve)?;
             }
-            if self.loaded[i] {
-                continue;
+            Ok(blocks)
+        });
+        match applied {
+            Ok(blocks) => self.blocks.extend(blocks),
+            Err(e) => {
+                let e = e.context(format!(
+                    "loading the maps of layer {layer} from block {} (checkpoint page {}, seq {})",
+                    self.index[i].vblock.0, self.index[i].page, self.index[i].seq
+                ));
+                self.failed.insert(i, e.to_string());
+                return Err(e);
             }
-            let layer = self.index[i].layer;
-            let Some(before) = catalog.get(layer).map(|l| counts(&l.map)) else {
-                self.skip(i);
-                continue;
-            };
-            let applied = (|| {
-                let ppb = self.pages_per_block;
-                let mut r = meta::range_records(storage, &self.checkpoint, ppb, &self.index, i)?;
-                loop {
-                    let at = r.position();
-                    let Some(rec) = r.next_record()? else {
-                        break;
-                    };
-                    crate::pool::index::in_range(&self.index, i, at, &rec)?;
-                    catalog.apply_checkpoint(rec, capacity, &mut resolve)?;
-                }
-                Ok::<_, Error>(r.take_blocks())
-            })();
-            match applied {
-                Ok(blocks) => self.blocks.extend(blocks),
-                Err(e) => {
-                    let e = e.context(format!(
-                        "loading the maps of layer {layer} from block {} (checkpoint page {}, seq {})",
-                        self.index[i].vblock.0, self.index[i].page, self.index[i].seq
-                    ));
-                    self.failed.insert(i, e.to_string());
-                    return Err(e);
-                }
-            }
-            let after = catalog.get(layer).map_or(before, |l| counts(&l.map));
-            let (data, zero) = (after.0 - before.0, after.1 - before.1);
-            if let Some((layer, c)) = self.loaded(i, data, zero) {
-                catalog.compare_stored(layer, (c.data, c.zero));
-            }
-            let chunks = self.chunks(i);
-            on_applied(
-                catalog,
-                Applied {
-                    layer,
-                    chunks,
-                    data,
-                    zero,
-                },
-            );
         }
+        let after = catalog.get(layer).map_or(before, |l| counts(&l.map));
+        let (data, zero) = (after.0 - before.0, after.1 - before.1);
+        if let Some((layer, c)) = self.loaded(i, data, zero) {
+            catalog.compare_stored(layer, (c.data, c.zero));
+        }
+        let chunks = self.chunks(i);
+        on_applied(
+            catalog,
+            Applied {
+                layer,
+                chunks,
+                data,
+                zero,
+            },
+        );
         Ok(())
     }
 
@@ -170,6 +197,11 @@ impl Unloaded {
 
     pub fn index(&self) -> &[IndexEntry] {
         &self.index
+    }
+
+    /// Whether range `i` failed to load, or is loaded: nothing left to read for it.
+    pub fn is_settled(&self, i: usize) -> bool {
+        self.loaded[i] || self.failed.contains_key(&i)
     }
 
     /// Whether every range is loaded.
@@ -218,9 +250,7 @@ impl Unloaded {
     /// The next range the background load should read, if any is left (a failed range is
     /// passed: it stays failed).
     pub fn next_to_load(&mut self) -> Option<usize> {
-        while self.cursor < self.loaded.len()
-            && (self.loaded[self.cursor] || self.failed.contains_key(&self.cursor))
-        {
+        while self.cursor < self.loaded.len() && self.is_settled(self.cursor) {
             self.cursor += 1;
         }
         (self.cursor < self.loaded.len()).then_some(self.cursor)
@@ -253,6 +283,55 @@ impl Unloaded {
                 c.ranges_left -= 1;
             }
         }
+    }
+}
+
+/// Reads a range's records from the checkpoint (`meta::range_records`, every page verified),
+/// each checked to lie in the range (`pool::index::in_range`): the disk reads and decoding
+/// of a load, done without the store's lock so that block paths do not wait behind them.
+pub struct RangeReader {
+    checkpoint: StreamRef,
+    index: Arc<[IndexEntry]>,
+    pages_per_block: u64,
+}
+
+impl RangeReader {
+    pub fn read(&self, storage: &dyn Storage, i: usize) -> Decoded {
+        let records = (|| {
+            let (ckpt, ppb) = (&self.checkpoint, self.pages_per_block);
+            let mut r = meta::range_records(storage, ckpt, ppb, &self.index, i)?;
+            let mut records = Vec::new();
+            loop {
+                let at = r.position();
+                let Some(rec) = r.next_record()? else {
+                    break;
+                };
+                crate::pool::index::in_range(&self.index, i, at, &rec)?;
+                records.push(rec);
+            }
+            Ok((records, r.take_blocks()))
+        })();
+        Decoded { range: i, records }
+    }
+}
+
+/// Range `range`'s records and the checkpoint blocks their pages lie in, or what was found
+/// damaged reading them (`RangeReader::read`), to apply under the store's lock
+/// (`Unloaded::apply`).
+pub struct Decoded {
+    range: usize,
+    records: Result<(Vec<Record>, Vec<PBlock>)>,
+}
+
+impl Decoded {
+    /// Nothing read: for a range `apply` passes (loaded or failed already).
+    fn nothing(range: usize) -> Self {
+        let records = Ok((Vec::new(), Vec::new()));
+        Decoded { range, records }
+    }
+
+    pub fn range(&self) -> usize {
+        self.range
     }
 }
 

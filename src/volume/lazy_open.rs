@@ -19,19 +19,13 @@ use crate::fault::{Fault, What, Where};
 use crate::format::record::{Record, RecordReader};
 use crate::format::superblock::Superblock;
 use crate::format::{first_data_block, LayerId, PBlock};
-use crate::layer::lazy::{Applied, Unloaded};
+use crate::layer::lazy::{Applied, Decoded, Unloaded};
 use crate::layer::{Catalog, Layer};
 use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, Pool, Storage};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How long the background load holds the write lock at a time: block paths wait at most
-/// about this long behind it.
-const HOLD: Duration = Duration::from_millis(2);
-/// How long it then lets go of it, so readers waiting for the lock get it.
-const PAUSE: Duration = Duration::from_micros(200);
 
 /// Load generation `sb` without its maps: the checkpoint's records before them, its index,
 /// then the log, after the ranges its map entries touch. A checkpoint without an index (no
@@ -166,10 +160,30 @@ impl Inner {
         out
     }
 
-    /// Load `ranges` (under the write lock), each audited and its blocks claimed as it is
-    /// applied (`invariants::claim_range`): what the audit finds is a fault found late.
+    /// Load `ranges` (under the write lock, their pages read under it too), each audited
+    /// and its blocks claimed as it is applied (`with_claims`).
     fn load_ranges(&mut self, storage: &dyn Storage, ranges: &[usize]) -> Result<()> {
         let sums = self.pool.meta.sums().clone();
+        self.with_claims(|lazy, catalog, claim| lazy.load(catalog, storage, &sums, ranges, claim))
+    }
+
+    /// Apply ranges read without the lock (`RangeReader::read`), each audited and its blocks
+    /// claimed as it is applied; one loaded meanwhile is passed (`Unloaded::apply`).
+    fn apply_ranges(&mut self, storage: &dyn Storage, decoded: Vec<Decoded>) -> Result<()> {
+        let sums = self.pool.meta.sums().clone();
+        self.with_claims(|lazy, catalog, claim| {
+            decoded
+                .into_iter()
+                .try_for_each(|d| lazy.apply(catalog, storage, &sums, d, claim))
+        })
+    }
+
+    /// Run `load` with what audits each range it applies and claims its blocks
+    /// (`invariants::claim_range`): what the audit finds is a fault found late.
+    fn with_claims(
+        &mut self,
+        load: impl FnOnce(&mut Unloaded, &mut Catalog, &mut dyn FnMut(&Catalog, Applied)) -> Result<()>,
+    ) -> Result<()> {
         let bs = self.block_size;
         let mut faults = Vec::new();
         let Inner {
@@ -189,26 +203,11 @@ impl Inner {
             };
             faults.extend(invariants::claim_range(l, range, bs, file_blocks, claims));
         };
-        let loaded = lazy.load(catalog, storage, &sums, ranges, &mut claim);
+        let loaded = load(lazy, catalog, &mut claim);
         for f in faults {
             self.late_fault(f);
         }
         loaded
-    }
-
-    /// Load ranges in order for about `HOLD`; true when none is left to load.
-    fn load_some(&mut self, storage: &dyn Storage) -> Result<bool> {
-        let start = Instant::now();
-        loop {
-            let next = self.lazy.as_mut().and_then(|l| l.next_to_load());
-            let Some(i) = next else {
-                return Ok(true);
-            };
-            self.load_ranges(storage, &[i])?;
-            if start.elapsed() >= HOLD {
-                return Ok(false);
-            }
-        }
     }
 
     /// Every range is loaded: the maps are whole, and the checkpoint's blocks all known
@@ -235,6 +234,11 @@ fn load_all(weak: &std::sync::Weak<Store>) {
     {
         std::thread::sleep(Duration::from_millis(ms));
     }
+    // A range at a time: its pages read and its records decoded without the lock (block
+    // paths go on meanwhile: reading from a cold disk under the write lock made a read wait
+    // for that disk read, p99 14.9x an eager open's during the load, docs/BENCHMARKS.md
+    // "Quiet-machine re-run at 8722aa8"), then the write lock held only to apply, audit and
+    // claim it.
     loop {
         let Some(s) = weak.upgrade() else {
             return;
@@ -243,23 +247,23 @@ fn load_all(weak: &std::sync::Weak<Store>) {
         if s.loader_panics.load(std::sync::atomic::Ordering::SeqCst) {
             panic!("test hook: the loader panics");
         }
-        let step = {
+        let next = {
             let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-            g.load_some(&*s.storage)
+            g.lazy
+                .as_mut()
+                .and_then(|l| Some((l.next_to_load()?, l.reader())))
         };
-        match step {
-            // Let the block paths in: re-taking the write lock at once starved the readers
-            // waiting for it (a first read after the open waited for the whole load,
-            // docs/BENCHMARKS.md "lazy open").
-            Ok(false) => {
-                drop(s);
-                std::thread::sleep(PAUSE)
-            }
-            Ok(true) => break,
-            Err(e) => {
-                s.stop_load(e);
-                return;
-            }
+        let Some((i, reader)) = next else {
+            break;
+        };
+        let decoded = reader.read(&*s.storage, i);
+        let applied = {
+            let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+            g.apply_ranges(&*s.storage, vec![decoded])
+        };
+        if let Err(e) = applied {
+            s.stop_load(e);
+            return;
         }
     }
     let Some(s) = weak.upgrade() else {
@@ -401,12 +405,26 @@ impl Store {
         if self.is_loaded() {
             return Ok(());
         }
-        if self.read_now().ranges_for(id, offset, len).is_empty() {
-            return Ok(());
-        }
+        // The ranges' pages are read and decoded under no lock (the loader's applies and
+        // other reads go on), then applied under the write lock, briefly.
+        let (want, reader) = {
+            let g = self.read_now();
+            let want = g.ranges_for(id, offset, len);
+            let Some(lazy) = g.lazy.as_ref().filter(|_| !want.is_empty()) else {
+                return Ok(());
+            };
+            let want: Vec<usize> = want.into_iter().filter(|&i| !lazy.is_settled(i)).collect();
+            (want, lazy.reader())
+        };
+        let decoded = want
+            .iter()
+            .map(|&i| reader.read(&*self.storage, i))
+            .collect();
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let want = g.ranges_for(id, offset, len);
-        g.load_ranges(&*self.storage, &want)
+        g.apply_ranges(&*self.storage, decoded)?;
+        // What is left: a range that failed before (named by its recorded fault).
+        let left = g.ranges_for(id, offset, len);
+        g.load_ranges(&*self.storage, &left)
     }
 
     /// Load the ranges left, a few at a time, then rebuild the allocator, run a writable
@@ -540,6 +558,50 @@ mod tests {
         assert!(!lazy.maps_loaded());
         let now = lazy.read_now().lazy.as_ref().unwrap().left();
         assert!(now < left && now > 0, "{now} of {left} ranges left");
+    }
+
+    /// A range read without the lock (as the background load reads it) that a block path
+    /// loaded meanwhile is applied once: the later apply passes it, leaving the map, the
+    /// ranges left and the claims as one load left them (applied twice, its blocks were
+    /// claimed twice).
+    #[test]
+    fn a_range_read_without_the_lock_and_loaded_meanwhile_is_applied_once() {
+        let mem = pool();
+        let lazy = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        let base = lazy.layer_head("base").unwrap().id;
+        let (i, reader) = {
+            let g = lazy.read_now();
+            let want = g.ranges_for(base, 0, BS);
+            (want[0], g.lazy.as_ref().unwrap().reader())
+        };
+        let decoded = reader.read(&*lazy.storage, i);
+        // Meanwhile a read loads it.
+        lazy.load_for(base, 0, BS).unwrap();
+        let state = |s: &Store| {
+            let g = s.read_now();
+            let m = &g.catalog.get(base).unwrap().map;
+            let left = g.lazy.as_ref().unwrap().left();
+            (m.data_blocks(), m.zero_blocks(), left, g.load_faults.len())
+        };
+        let once = state(&lazy);
+        assert!(lazy.read_now().lazy.as_ref().unwrap().is_loaded(i));
+        let mut g = lazy.inner.write().unwrap();
+        g.apply_ranges(&*lazy.storage, vec![decoded]).unwrap();
+        drop(g);
+        assert_eq!(state(&lazy), once);
+        assert!(lazy.read_now().load_faults.is_empty());
+        lazy.complete_in_background().unwrap().join().unwrap();
+        assert!(lazy.maps_loaded());
+        lazy.verify_consistency().unwrap();
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        assert_eq!(used(&lazy), used(&eager));
+        for vb in [0, 37, 199_999, 250_010] {
+            assert_eq!(
+                read_at(&lazy, base, vb),
+                read_at(&eager, base, vb),
+                "block {vb}"
+            );
+        }
     }
 
     #[derive(Clone, Debug)]
