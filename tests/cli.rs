@@ -572,6 +572,12 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     io(&["read -P 8 4096 4k"]);
     io(&["write -P 0x5a 8192 8k", "flush", "read -P 0x5a 8192 8k"]);
     io(&["write -P 0x6b 65536 4k"]);
+    // A container's layer is made and committed, and the layers listed, before the load too.
+    p.ok(&["create", "c", "--parent", "base"]);
+    p.ok(&["commit", "c"]);
+    let listed = p.layers();
+    let c = listed.iter().find(|l| l["name"] == "c").expect("c listed");
+    assert_eq!(c["writable"], false, "{c}");
     assert!(
         !loaded(),
         "the load completed: the requests may have come after it"
@@ -587,6 +593,14 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
         "read -P 0x6b 65536 4k",
         "read -P 8 4096 4k",
     ]);
+    assert_eq!(
+        p.layers()
+            .iter()
+            .find(|l| l["name"] == "c")
+            .map(|c| c["writable"].clone()),
+        Some(serde_json::Value::Bool(false)),
+        "the committed layer outlives the kill"
+    );
     assert!(support::stop_serving(&p.path));
     server.wait().unwrap();
     assert!(
