@@ -574,6 +574,12 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     // "work" is a child of "base", whose block 1 is bytes of 8 (tests/fixtures/README.md).
     io(&["read -P 8 4096 4k"]);
     io(&["write -P 0x5a 8192 8k", "flush", "read -P 0x5a 8192 8k"]);
+    // A container's layer is made and committed, and the layers listed, before the load too.
+    p.ok(&["create", "c", "--parent", "base"]);
+    p.ok(&["commit", "c"]);
+    let listed = p.layers();
+    let c = listed.iter().find(|l| l["name"] == "c").expect("c listed");
+    assert_eq!(c["writable"], false, "{c}");
     // A write acknowledged and never flushed: qemu-io flushes as it closes the device (and
     // by default writes through, with FUA), so a write-back session stays open (its
     // commands come on its input) until the kill.
@@ -624,6 +630,14 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     assert!(
         replay.is_some_and(|l| l.contains("the rest of the maps load in the background")),
         "the next server did not replay into a lazy open: {text}"
+    );
+    assert_eq!(
+        p.layers()
+            .iter()
+            .find(|l| l["name"] == "c")
+            .map(|c| c["writable"].clone()),
+        Some(serde_json::Value::Bool(false)),
+        "the committed layer outlives the kill"
     );
     assert!(support::stop_serving(&p.path));
     server.wait().unwrap();

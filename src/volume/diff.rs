@@ -23,7 +23,10 @@ impl Store {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>> {
-        let g = self.read();
+        // A lazily opened pool: the chain's ranges under these bytes are loaded first, as for
+        // a read, so a diff (a commit's content IDs, `ls`, a send) does not wait for the rest.
+        self.load_for(top, offset, len)?;
+        let g = self.read_now();
         let t = g
             .catalog
             .get(top)

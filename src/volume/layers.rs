@@ -108,7 +108,7 @@ impl Inner {
             .catalog
             .chain(l.id)
             .iter()
-            .map(|a| a.map.data_blocks() * bs)
+            .map(|a| self.data_blocks(a) * bs)
             .sum();
         self.info_with(l, virtual_size)
     }
@@ -125,6 +125,15 @@ impl Inner {
         v
     }
 
+    /// Every layer's `info`, parents before children.
+    fn infos(&self) -> Vec<LayerInfo> {
+        let v = self.virtual_sizes();
+        self.catalog
+            .layers()
+            .map(|l| self.info_with(l, v[&l.id]))
+            .collect()
+    }
+
     fn info_with(&self, l: &Layer, virtual_size: u64) -> LayerInfo {
         let bs = self.block_size as u64;
         LayerInfo {
@@ -134,13 +143,13 @@ impl Inner {
                 .and_then(|p| self.catalog.get(p))
                 .map(|p| p.name.clone()),
             writable: l.writable,
-            size: l.map.data_blocks() * bs,
+            size: self.data_blocks(l) * bs,
             virtual_size,
             disk_size: l.disk_size,
             created: rfc3339(l.created_secs, l.created_nanos),
             importing: l.incomplete,
             remote: l.remote,
-            fetched: l.remote.then(|| l.map.data_blocks() * bs),
+            fetched: l.remote.then(|| self.data_blocks(l) * bs),
             attrs: l.attrs.clone(),
             id: l.id,
             children: l
@@ -233,14 +242,15 @@ impl Store {
     /// Change attributes of a layer, all or none, in one transaction.
     pub fn set_attrs(&self, layer_name: &str, attrs: AttrChanges<'_>) -> Result<()> {
         validate_attrs(layer_name, attrs)?;
-        let mut g = self.write()?;
+        // The catalog only: nothing here looks at a map, so no wait for a lazy load.
+        let mut g = self.write_now()?;
         let id = g.catalog.by_name(layer_name)?.id;
         g.change_attrs(id, attrs)
     }
 
     /// Give a layer a new name (unused, valid).
     pub fn rename_layer(&self, layer_name: &str, new_name: &str) -> Result<()> {
-        let mut g = self.write()?;
+        let mut g = self.write_now()?;
         let id = g.catalog.by_name(layer_name)?.id;
         g.rename(id, layer_name, new_name)
     }
@@ -268,7 +278,15 @@ impl Store {
     ) -> Result<LayerInfo> {
         name::validate(layer_name)?;
         validate_attrs(layer_name, attrs)?;
-        let mut g = self.write()?;
+        // A writable layer is made in the catalog alone, so a container can start while a
+        // lazily opened pool's maps load (its reads and writes load what they touch). A layer
+        // an import or a lazy pull fills waits for the whole maps: it is made incomplete or
+        // remote, and the load's completion removes half-imported layers (a crash's).
+        let mut g = if mode == Mode::Writable {
+            self.write_now()?
+        } else {
+            self.write()?
+        };
         if g.catalog.by_name(layer_name).is_ok() {
             return Err(Error::AlreadyExists(format!(
                 "a layer named {layer_name:?} already exists"
@@ -375,7 +393,13 @@ impl Store {
         if let Some(n) = new_name {
             name::validate(n)?;
         }
-        let mut g = self.write()?;
+        // A writable layer's commit changes the catalog only (no wait for a lazy load); an
+        // import's end waits, as its start did.
+        let mut g = if import_done {
+            self.write()?
+        } else {
+            self.write_now()?
+        };
         if let Some(n) = new_name.filter(|&n| n != layer_name) {
             if g.catalog.by_name(n).is_ok() {
                 return Err(Error::AlreadyExists(format!(
@@ -431,8 +455,11 @@ impl Store {
             .change(&mut inner.pending, Change::Remove(id), |p| alloc.free(p))
     }
 
+    /// A layer's description. Like every listing here it answers while a lazily opened
+    /// pool's maps load: the blocks of ranges not loaded yet are counted from the counters
+    /// the checkpoint stored (`Inner::data_blocks`), as `df` counts them.
     pub fn layer(&self, layer_name: &str) -> Result<LayerInfo> {
-        let g = self.read();
+        let g = self.read_now();
         let l = g.layer_by_name(layer_name)?;
         Ok(g.info(l))
     }
@@ -481,22 +508,23 @@ impl Store {
         if !self.read_now().catalog.has_remote() {
             return Vec::new();
         }
-        self.layers().into_iter().filter(|l| l.remote).collect()
+        // A remote layer's fill resumes from its whole map (which chunks are fetched):
+        // this one waits for a lazily opened pool's maps.
+        self.read()
+            .infos()
+            .into_iter()
+            .filter(|l| l.remote)
+            .collect()
     }
 
     /// Every layer, parents before children.
     pub fn layers(&self) -> Vec<LayerInfo> {
-        let g = self.read();
-        let v = g.virtual_sizes();
-        g.catalog
-            .layers()
-            .map(|l| g.info_with(l, v[&l.id]))
-            .collect()
+        self.read_now().infos()
     }
 
     /// The chain from `layer_name` down to its base, like `docker history`.
     pub fn history(&self, layer_name: &str) -> Result<Vec<LayerInfo>> {
-        let g = self.read();
+        let g = self.read_now();
         let l = g.layer_by_name(layer_name)?;
         Ok(g.catalog.chain(l.id).iter().map(|l| g.info(l)).collect())
     }
@@ -621,6 +649,90 @@ mod tests {
         let s = Store::open_in(mem, false).unwrap();
         want(&s);
         assert_eq!(s.layer("taken").unwrap().attrs["k"], "v");
+    }
+
+    /// While a lazily opened pool's maps load, a container's layer is made, written,
+    /// committed, renamed and listed without waiting for the load (nothing here loads the
+    /// maps in the background, so a wait would never end: the 120 s guard fails it), with the
+    /// sizes an eager open gives; the load then completes over it and a reopen holds it all.
+    #[test]
+    fn layers_are_made_committed_and_listed_while_the_maps_load() {
+        const BS: u64 = 4096;
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let base = s.create_layer("base", None, Some(1 << 30)).unwrap().id;
+        // Scattered singles: many ranges in the checkpoint's index.
+        for i in 0..6000u64 {
+            s.write_layer(base, (i * 37 % 200_000) * BS, &[(i % 250) as u8 + 1; 4096])
+                .unwrap();
+        }
+        s.commit_layer("base").unwrap();
+        s.set_checkpoint_threshold(0);
+        s.flush().unwrap();
+        drop(s);
+        let eager_base = Store::open_in(mem.clone(), false)
+            .unwrap()
+            .layer("base")
+            .unwrap();
+
+        let s = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        assert!(!s.is_loaded());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let made = s.create_layer("c", Some("base"), None).unwrap();
+                s.write_layer(made.id, 37 * BS, &[9; 4096]).unwrap();
+                s.flush().unwrap();
+                s.commit_layer_with("c", Some("c2"), &[("k", Some("v"))])
+                    .unwrap();
+                s.set_attrs("c2", &[("k2", Some("w"))]).unwrap();
+                s.rename_layer("c2", "c3").unwrap();
+                s.flush().unwrap();
+                let listed = (
+                    s.layers(),
+                    s.history("c3").unwrap(),
+                    s.layer("base").unwrap(),
+                );
+                tx.send((made, listed)).unwrap();
+            })
+        };
+        let (made, (all, history, base_now)) = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a layer change or listing waited for the maps' load");
+        t.join().unwrap();
+        assert!(!s.is_loaded(), "the load completed early");
+        assert_eq!(made.virtual_size, eager_base.virtual_size);
+        assert_eq!(base_now.size, eager_base.size);
+        assert_eq!(base_now.virtual_size, eager_base.virtual_size);
+        let c = all.iter().find(|l| l.name == "c3").unwrap();
+        assert!(!c.writable);
+        assert_eq!(c.size, BS);
+        assert_eq!(c.virtual_size, eager_base.virtual_size + BS);
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1].size, eager_base.size);
+
+        s.complete_in_background().unwrap().join().unwrap();
+        assert!(s.is_loaded());
+        let loaded = s.layer("c3").unwrap();
+        assert_eq!((loaded.size, loaded.virtual_size), (c.size, c.virtual_size));
+        s.verify_consistency().unwrap();
+        drop(s);
+        let report = crate::check::check(mem.clone(), true, &mut |_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.faults);
+        let s = Store::open_in(mem, false).unwrap();
+        let l = s.layer("c3").unwrap();
+        assert!(!l.writable);
+        assert_eq!(l.attrs["k"], "v");
+        assert_eq!(l.attrs["k2"], "w");
+        let mut got = vec![0; 4096];
+        s.read_layer(l.id, 37 * BS, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 9), "the layer's own block");
+        s.read_layer(l.id, 74 * BS, &mut got).unwrap();
+        assert!(
+            got.iter().all(|&b| b == 3),
+            "base's block 74 (i = 2) through the chain"
+        );
     }
 
     #[test]
