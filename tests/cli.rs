@@ -523,8 +523,10 @@ fn a_plain_serve_with_its_keeper_loads_the_maps_in_the_background() {
 /// Reads and writes through a default `serve` (with its keeper) before its maps are loaded,
 /// and a SIGKILL then: the load is held open (a debug build's test hook) far longer than the
 /// test runs, so every request here comes before the completion. A write flushed and one
-/// only acknowledged outlive the kill through the keeper's next server, which serves again
-/// before its load too; `check --data` is clean and the export holds the writes.
+/// only acknowledged outlive the kill through the keeper's next server, which replays the
+/// unflushed one from the crash journal and serves again before its load too (it used to
+/// open eagerly to replay: its log said nothing of maps loading in the background);
+/// `check --data` is clean and the export holds the writes.
 #[test]
 fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill() {
     if !have("qemu-io") {
@@ -541,7 +543,8 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
         .env("THINLAYER_TEST_HOLD_LOAD_MS", "600000")
         .arg("--pool")
         .arg(&p.path)
-        .args(["serve", "--socket"])
+        // No background commit: the unflushed write below stays in the journal only.
+        .args(["serve", "--commit-interval", "0", "--socket"])
         .arg(&sock)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -571,13 +574,36 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     // "work" is a child of "base", whose block 1 is bytes of 8 (tests/fixtures/README.md).
     io(&["read -P 8 4096 4k"]);
     io(&["write -P 0x5a 8192 8k", "flush", "read -P 0x5a 8192 8k"]);
-    io(&["write -P 0x6b 65536 4k"]);
     // A container's layer is made and committed, and the layers listed, before the load too.
     p.ok(&["create", "c", "--parent", "base"]);
     p.ok(&["commit", "c"]);
     let listed = p.layers();
     let c = listed.iter().find(|l| l["name"] == "c").expect("c listed");
     assert_eq!(c["writable"], false, "{c}");
+    // A write acknowledged and never flushed: qemu-io flushes as it closes the device (and
+    // by default writes through, with FUA), so a write-back session stays open (its
+    // commands come on its input) until the kill.
+    let mut held = Command::new("qemu-io")
+        .args(["-f", "raw", "-t", "writeback", &uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let input = held.stdin.as_mut().unwrap();
+        writeln!(input, "write -P 0x6b 65536 4k").unwrap();
+    }
+    let pending = || {
+        let out = p.ok(&["status", "--json"]);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        st["pending_bytes"].as_u64().unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pending() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the write never came");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(
         !loaded(),
         "the load completed: the requests may have come after it"
@@ -586,6 +612,10 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     // SAFETY: killing the server this test started, by the pid it reported.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     support::wait_gone(pid);
+    // SAFETY: killing the qemu-io this test started, by its pid (its session died with the
+    // server; its flush at exit has nowhere to go).
+    unsafe { libc::kill(held.id() as i32, libc::SIGKILL) };
+    held.wait().unwrap();
     let (next, _) = support::serving(&p.path).expect("the keeper started a server");
     assert_ne!(next, pid);
     io(&[
@@ -593,6 +623,14 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
         "read -P 0x6b 65536 4k",
         "read -P 8 4096 4k",
     ]);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let replay = text
+        .lines()
+        .find(|l| l.contains("replayed 1 transaction(s) of the crash journal"));
+    assert!(
+        replay.is_some_and(|l| l.contains("the rest of the maps load in the background")),
+        "the next server did not replay into a lazy open: {text}"
+    );
     assert_eq!(
         p.layers()
             .iter()

@@ -755,7 +755,7 @@ fn a_lazy_pull_answers_at_once_moves_one_extent_per_read_and_resumes_after_a_kil
     // Only what is read is fetched while this server runs.
     let (server, _) = serve_logged(b, &["--no-remote-fill"]);
     let g0 = reg.blob_gets(0).len();
-    let out = tl(&b, &["pull", "--lazy", &r1, "app"]);
+    let out = tl(b, &["pull", "--lazy", r1, "app"]);
     assert!(
         out.contains("2 layer(s) remote") && out.contains("0 downloaded whole"),
         "{out}"
@@ -766,10 +766,10 @@ fn a_lazy_pull_answers_at_once_moves_one_extent_per_read_and_resumes_after_a_kil
     assert!(gets.iter().all(|&(st, _)| st == 206), "{gets:?}");
     let moved: u64 = gets.iter().map(|g| g.1).sum();
     assert!(moved < 64 << 10, "the pull moved {moved} bytes");
-    let app = layer_json(&b, "app");
+    let app = layer_json(b, "app");
     assert_eq!(app["remote"], true, "{app}");
     assert_eq!(app["fetched"], 0, "{app}");
-    let st: serde_json::Value = serde_json::from_str(&tl(&b, &["status", "--json"])).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&tl(b, &["status", "--json"])).unwrap();
     assert_eq!(st["fills"].as_array().unwrap().len(), 2, "{st}");
     assert_eq!(st["fills"][0]["state"], "on demand", "{st}");
 
@@ -795,11 +795,11 @@ fn a_lazy_pull_answers_at_once_moves_one_extent_per_read_and_resumes_after_a_kil
     let gets = reg.blob_gets(g1);
     assert_eq!(gets.len(), 2, "{gets:?}");
     let fetched_before: u64 = gets.iter().map(|g| g.1).sum();
-    assert!(layer_json(&b, "app")["fetched"].as_u64().unwrap() > 0);
+    assert!(layer_json(b, "app")["fetched"].as_u64().unwrap() > 0);
     // A remote layer's unfetched blocks are no fault; a check commits first, so what was
     // fetched is committed when the server is killed.
-    clean(&b);
-    let df: serde_json::Value = serde_json::from_str(&tl(&b, &["df", "--json"])).unwrap();
+    clean(b);
+    let df: serde_json::Value = serde_json::from_str(&tl(b, &["df", "--json"])).unwrap();
     assert_eq!(df["remote_layers"], 2, "{df}");
     assert_eq!(df["remote_fetched"], df["data_bytes"], "{df}");
     server.signal(libc::SIGKILL);
@@ -824,18 +824,18 @@ fn a_lazy_pull_answers_at_once_moves_one_extent_per_read_and_resumes_after_a_kil
         total - fetched_before,
         "bytes fetched after the restart"
     );
-    let app = layer_json(&b, "app");
+    let app = layer_json(b, "app");
     assert!(
         app.get("remote").is_none() && app.get("fetched").is_none(),
         "{app}"
     );
     server.stop();
     assert_eq!(
-        export(&a, "app", &d.join("x.img")),
-        export(&b, "app", &d.join("y.img"))
+        export(a, "app", &d.join("x.img")),
+        export(b, "app", &d.join("y.img"))
     );
-    assert_eq!(ids(&a, "app"), ids(&b, "app"));
-    clean(&b);
+    assert_eq!(ids(a, "app"), ids(b, "app"));
+    clean(b);
 }
 
 #[test]
@@ -1049,7 +1049,7 @@ impl Tokens {
             }
             if let Some((k, v)) = h.split_once(':') {
                 if k.eq_ignore_ascii_case("authorization") {
-                    authorized = v.trim().to_ascii_lowercase() == basic.to_ascii_lowercase();
+                    authorized = v.trim().eq_ignore_ascii_case(&basic);
                 }
             }
         }

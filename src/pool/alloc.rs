@@ -57,6 +57,12 @@ struct Loading {
     /// un-claimed at the completion (`take_load_claims`), before the streams are claimed.
     /// Kept only while `claims` is. Any other holder claimed it too, and that claim failed.
     released: Vec<u64>,
+    /// Blocks below the floor that a crash journal's replay took (`claim_fresh`: claimed,
+    /// fresh) and a later change freed while still fresh: nothing durable names them, but
+    /// they stay claimed, so a range naming one that loads later is found (a double
+    /// reference), and a later record of the replay may take one again. Un-claimed at the
+    /// completion.
+    replay_freed: HashSet<u64>,
 }
 
 /// Pool blocks referenced by the loaded state (maps and streams), as `invariants::audit`
@@ -197,6 +203,7 @@ impl Allocator {
             sealed: HashSet::new(),
             claims: None,
             released: Vec::new(),
+            replay_freed: HashSet::new(),
         });
         a
     }
@@ -221,7 +228,11 @@ impl Allocator {
     pub fn take_load_claims(&mut self) -> Option<Claimed> {
         let l = self.loading.as_mut()?;
         let mut claims = l.claims.take()?;
-        for p in std::mem::take(&mut l.released) {
+        let replay_freed = std::mem::take(&mut l.replay_freed);
+        for p in std::mem::take(&mut l.released)
+            .into_iter()
+            .chain(replay_freed)
+        {
             claims.unclaim(p);
         }
         Some(claims)
@@ -367,11 +378,19 @@ impl Allocator {
     /// when it was allocated. False if it is used already and not fresh (committed data or
     /// metadata: the journal disagrees with the pool). A fresh block may be named again (an
     /// overwrite in place).
-    /// While loading, a block below the floor cannot be claimed: whether the durable state
-    /// references it is not known yet (replay a journal once the load is complete).
+    /// While loading, a block below the floor (where a killed server's writes went: it was
+    /// free to that server's allocator) counts as used whatever it holds; whether the durable
+    /// state names it is known only from the maps. So it is claimed among the maps' claims
+    /// (`claim_as_loaded`): false if a map loaded so far holds it; a range naming it that
+    /// loads later fails its own claim, a fault found late; the completion keeps it used as
+    /// any claimed block.
+    /// Without those claims (a deferred open) it cannot be taken.
     pub fn claim_fresh(&mut self, p: PBlock) -> bool {
-        if p.0 < self.first || self.held_by_loading(p.0) {
+        if p.0 < self.first {
             return false;
+        }
+        if self.held_by_loading(p.0) {
+            return self.claim_fresh_below_floor(p.0);
         }
         self.grow_to(p.0 + 1);
         let i = p.0 as usize;
@@ -381,6 +400,26 @@ impl Allocator {
         self.take(i);
         self.fresh.set(i, true);
         self.fresh_list.push(p.0);
+        true
+    }
+
+    /// `claim_fresh` of block `i` below a loading allocator's floor: it stays used (every
+    /// block there is, until the completion) and becomes fresh, claimed in the load claims.
+    fn claim_fresh_below_floor(&mut self, i: u64) -> bool {
+        if self.fresh[i as usize] {
+            return true;
+        }
+        let Some(l) = self.loading.as_mut() else {
+            return false;
+        };
+        let Some(claims) = l.claims.as_mut() else {
+            return false;
+        };
+        if !claims.claim(PBlock(i)) && !l.replay_freed.remove(&i) {
+            return false;
+        }
+        self.fresh.set(i as usize, true);
+        self.fresh_list.push(i);
         true
     }
 
@@ -468,8 +507,14 @@ impl Allocator {
     pub fn free(&mut self, p: PBlock) {
         let i = p.0 as usize;
         debug_assert!(self.used[i], "freeing free {p}");
-        // While loading, a block below the floor is never fresh (nothing is handed out there).
-        if self.fresh[i] {
+        // While loading, a block below the floor is fresh only if a replay took it: it stays
+        // used (held) until the completion, which frees it (`replay_freed`).
+        if self.fresh[i] && self.held_by_loading(p.0) {
+            self.fresh.set(i, false);
+            if let Some(l) = &mut self.loading {
+                l.replay_freed.insert(p.0);
+            }
+        } else if self.fresh[i] {
             self.fresh.set(i, false);
             self.give(i, false);
             self.to_punch.push(p.0);

@@ -273,6 +273,22 @@ impl SimStorage {
         img
     }
 
+    /// What a killed process leaves of the file (its page cache outlives it): a copy of this
+    /// storage as it stands, the writes since the last sync still there and still not
+    /// durable, for the next process to open while this one is let go. No fault carries over.
+    pub fn killed(&self) -> SimStorage {
+        let s = self.lock();
+        SimStorage {
+            state: Mutex::new(State {
+                durable: s.durable.clone(),
+                current: s.current.clone(),
+                unsynced: s.unsynced.clone(),
+                space_limit: s.space_limit,
+                ..State::default()
+            }),
+        }
+    }
+
     /// Power loss: the post-crash image, as a `MemStorage` to reopen the pool from.
     pub fn crash(&self, how: Crash) -> MemStorage {
         MemStorage::from_bytes(self.crash_image(how))

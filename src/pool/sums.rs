@@ -555,7 +555,7 @@ mod tests {
     #[test]
     fn after_the_prefetch_no_lookup_reads_a_page() {
         let mem = Arc::new(MemStorage::new());
-        let pages = stream(&*mem, 300_000);
+        let pages = stream(&mem, 300_000);
         let s = Arc::new(SumPages::new(ID, pages.clone(), 1, DEFAULT_BUDGET));
         run_prefetch(&s, &mem);
         let st = s.stats();
@@ -574,7 +574,7 @@ mod tests {
     #[test]
     fn the_prefetch_stops_at_the_budget() {
         let mem = Arc::new(MemStorage::new());
-        let pages = stream(&*mem, 40_000);
+        let pages = stream(&mem, 40_000);
         let s = Arc::new(SumPages::new(ID, pages, 1, 20 * PAGE_COST));
         // A miss brings in its window: pages 32..=39.
         s.crc(&*mem, 39_999).unwrap();
@@ -596,7 +596,7 @@ mod tests {
         s.crc(&*mem, 12 * 1012).unwrap();
         assert_eq!(s.stats().misses, before + 1);
         // No budget, no prefetch.
-        let none = Arc::new(SumPages::new(ID, stream(&*mem, 4000), 1, 0));
+        let none = Arc::new(SumPages::new(ID, stream(&mem, 4000), 1, 0));
         run_prefetch(&none, &mem);
         assert_eq!((none.stats().bytes, none.stats().prefetched), (0, 0));
     }
@@ -606,7 +606,7 @@ mod tests {
     #[test]
     fn the_prefetch_leaves_a_damaged_page_to_the_reads_that_need_it() {
         let mem = Arc::new(MemStorage::new());
-        let pages = stream(&*mem, 30_000);
+        let pages = stream(&mem, 30_000);
         let mut b = [0u8; PAGE_SIZE];
         mem.read_at(&mut b, 105 * PAGE_SIZE as u64).unwrap();
         b[300] ^= 1;
@@ -659,7 +659,7 @@ mod tests {
     #[test]
     fn a_stopped_or_replaced_prefetch_ends_after_its_request() {
         let mem = Arc::new(MemStorage::new());
-        let pages = stream(&*mem, 1012 * 3 * PREFETCH_PAGES as usize);
+        let pages = stream(&mem, 1012 * 3 * PREFETCH_PAGES as usize);
         // Stopped during its first request.
         let s = Arc::new(SumPages::new(ID, pages.clone(), 1, DEFAULT_BUDGET));
         let weak = Arc::downgrade(&s);

@@ -565,8 +565,9 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
     // What can fail comes first. A socket adopted and then dropped would remove its file,
     // which the old process (serving on after this failure) still needs.
     let journal = journal.map(Journal::adopt).transpose()?;
-    // A graceful restart's journal holds nothing to replay: the maps load in the background
-    // as at a first start. A crash's (the keeper's) is replayed by an eager open.
+    // A graceful restart's journal holds nothing to replay; a crash's (the keeper's) is
+    // replayed after the ranges its records touch are loaded. Either way the rest of the
+    // maps load in the background, as at a first start.
     let (store, replayed) = Store::open_lazy(&cfg.pool, command_line, journal)?;
     store.set_map_cache(cfg.map_cache);
     // The first reads after the open find their crcs in memory (DESIGN §12); the thread
@@ -577,7 +578,7 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
             Level::Warn,
             format_args!(
                 "thinlayer: replayed {} transaction(s) of the crash journal ({} block(s) \
-                 written but not committed by pid {}{})",
+                 written but not committed by pid {}{}){}",
                 replayed.transactions,
                 replayed.blocks,
                 state.old_pid,
@@ -588,6 +589,11 @@ fn adopt(state: State, fds: Vec<OwnedFd>, command_line: &str) -> Result<Parts> {
                     )
                 } else {
                     String::new()
+                },
+                if store.is_loaded() {
+                    ""
+                } else {
+                    "; the rest of the maps load in the background"
                 }
             ),
         );

@@ -15,10 +15,11 @@ use crate::error::{Error, Result};
 use crate::format::checksum;
 use crate::format::journal::{self as fmt, Entry, Kind};
 use crate::format::record::{MapTarget, Record, RecordReader};
-use crate::format::{LayerId, VBlock};
+use crate::format::{LayerId, PBlock, VBlock};
 use crate::layer::map::CrcRef;
 use crate::layer::{Change, Mapping};
 use crate::pool::Storage;
+use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 pub struct Journal {
@@ -275,6 +276,22 @@ impl Journal {
     }
 }
 
+#[cfg(test)]
+impl Journal {
+    /// A copy of this journal as it stands, in a memfd of its own: what a killed server left
+    /// the keeper, for a test to open more than one next server from (each rebases its own).
+    pub(crate) fn picture(&self) -> Journal {
+        let mut to = Journal::create().unwrap();
+        to.bytes_mut(0, fmt::HEADER_LEN)
+            .copy_from_slice(self.bytes(0, fmt::HEADER_LEN));
+        let start = Journal::region_start(self.region);
+        to.bytes_mut(start, self.at)
+            .copy_from_slice(self.bytes(start, self.at));
+        to.resync();
+        to
+    }
+}
+
 /// A store's journal and where it stands: the number of the open transaction and how many
 /// bytes of its records (`Inner::pending`) the journal already holds.
 pub(crate) struct Journaled {
@@ -304,11 +321,12 @@ impl Inner {
         let mut r = Replayed::default();
         let mut touched: Vec<(LayerId, VBlock)> = Vec::new();
         let lacking: Vec<&Txn> = txns.iter().filter(|t| self.lacks(t)).collect();
+        let streams = self.streams_while_loading();
         for t in lacking {
             r.transactions += 1;
             let mut rd = RecordReader::new(&t.records, "crash journal");
             while let Some(rec) = rd.next_record()? {
-                self.replay_record(storage, rec, &mut touched)
+                self.replay_record(storage, rec, &streams, &mut touched)
                     .map_err(|e| {
                         e.context(format!(
                             "replaying transaction {} of the crash journal",
@@ -361,24 +379,26 @@ impl Inner {
 
     /// Whether the loaded pool lacks transaction `t` of a journal: it was never staged, or
     /// staged as a commit past the last one the pool holds (the log is read forward, §5.5).
-    fn lacks(&self, t: &Txn) -> bool {
+    pub(super) fn lacks(&self, t: &Txn) -> bool {
         let have = (self.pool.meta.sb.log.id, self.pool.meta.sb.log_commit);
         t.staged.is_none_or(|p| p > have)
     }
 
-    /// Take `journal` without replaying anything, if it holds no transaction the loaded pool
-    /// lacks: a first start's journal is empty, a graceful restart's holds only transactions
-    /// its predecessor committed (`release` commits everything). That needs no map, so a
-    /// lazily opened store (`lazy_open.rs`) can take it before its maps are loaded. A crash's
-    /// journal (acknowledged writes not committed) is given back: `replay` needs the whole
-    /// maps and a rebuilt allocator (it claims the blocks the writes went to).
-    pub(crate) fn attach_journal(&mut self, journal: Journal) -> std::result::Result<(), Journal> {
-        let txns = journal.read();
-        if txns.iter().any(|t| self.lacks(t)) {
-            return Err(journal);
-        }
-        self.keep_journal(journal, &txns);
-        Ok(())
+    /// The streams' blocks known so far while the maps load (the log's, and the checkpoint's
+    /// met so far; the completion claims them all): a loading allocator counts them used
+    /// as every block below its floor and has not claimed them, so a replay naming one is
+    /// refused here, as a loaded allocator's `claim_fresh` refuses it. Empty once loaded.
+    fn streams_while_loading(&self) -> HashSet<PBlock> {
+        let Some(lazy) = &self.lazy else {
+            return HashSet::new();
+        };
+        let m = &self.pool.meta;
+        let known = m
+            .log_blocks
+            .iter()
+            .chain(&m.ckpt_blocks)
+            .chain(&lazy.blocks);
+        known.copied().collect()
     }
 
     /// The journal is this store's from now on: rebased onto the open transaction (what a
@@ -399,6 +419,7 @@ impl Inner {
         &mut self,
         storage: &dyn Storage,
         rec: Record,
+        streams: &HashSet<PBlock>,
         touched: &mut Vec<(LayerId, VBlock)>,
     ) -> Result<()> {
         let Inner {
@@ -443,7 +464,7 @@ impl Inner {
                                 // hold a commit the pool has as unstaged (DESIGN §10.1).
                                 continue;
                             }
-                            if !alloc.claim_fresh(pblock) {
+                            if streams.contains(&pblock) || !alloc.claim_fresh(pblock) {
                                 return Err(Error::Corrupt(format!(
                                     "the crash journal maps {pblock} of layer {layer}, block {}, but the pool uses it already",
                                     e.vblock.0
@@ -684,15 +705,7 @@ mod tests {
 
     /// A copy of a journal as it stands (what the keeper would hand to the next server).
     fn copy(fd: OwnedFd) -> Journal {
-        let from = Journal::adopt(fd).unwrap();
-        let mut to = Journal::create().unwrap();
-        to.bytes_mut(0, fmt::HEADER_LEN)
-            .copy_from_slice(from.bytes(0, fmt::HEADER_LEN));
-        let start = Journal::region_start(from.region);
-        to.bytes_mut(start, from.at)
-            .copy_from_slice(from.bytes(start, from.at));
-        to.resync();
-        to
+        Journal::adopt(fd).unwrap().picture()
     }
 
     impl Storage for KillAfterWrite {

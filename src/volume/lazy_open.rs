@@ -102,6 +102,18 @@ fn touched(lazy: &Unloaded, record: &Record, out: &mut Vec<usize>) {
     }
 }
 
+/// The ranges a crash journal's record needs loaded before it is replayed: a map entry's,
+/// as a log record's (`touched`), and every range of a layer it removes (the removal frees
+/// the layer's blocks into the open transaction: a range skipped because its layer is gone
+/// would never claim them, and the completion would free blocks the durable state still
+/// names until the removal commits).
+fn touched_by_replay(lazy: &Unloaded, record: &Record, out: &mut Vec<usize>) {
+    match record {
+        Record::LayerRemove(layer) => out.extend(lazy.touching(*layer, 0, u64::MAX)),
+        _ => touched(lazy, record, out),
+    }
+}
+
 /// An `Inner` around a loaded catalogue whose allocator is not built yet.
 fn load_generation_shell(
     meta: MetaStreams,
@@ -167,6 +179,34 @@ impl Inner {
         self.with_claims(|lazy, catalog, claim| lazy.load(catalog, storage, &sums, ranges, claim))
     }
 
+    /// Before a crash journal is replayed into a lazily opened pool (`open_in_lazy_with`):
+    /// the ranges its transactions that the pool lacks touch, in every layer they touch,
+    /// load first, as the log's do at the open (`load_generation_lazy`), so every record
+    /// applies to whole chunks and the replay's claims meet the maps it changes. What their
+    /// audit finds is a fault of the open (a writable open refuses it). An error (a range or
+    /// the journal unreadable) is left to the eager open, which the caller falls back to.
+    fn load_for_replay(&mut self, storage: &dyn Storage, journal: &Journal) -> Result<()> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(());
+        };
+        let mut want = Vec::new();
+        for t in journal.read().iter().filter(|t| self.lacks(t)) {
+            let mut r = RecordReader::new(&t.records, "crash journal");
+            while let Some(record) = r.next_record()? {
+                touched_by_replay(lazy, &record, &mut want);
+            }
+        }
+        want.sort_unstable();
+        want.dedup();
+        let sums = self.pool.meta.sums().clone();
+        let mut faults = Vec::new();
+        self.with_claims_finding(&mut faults, |lazy, catalog, claim| {
+            lazy.load(catalog, storage, &sums, &want, claim)
+        })?;
+        self.load_faults.extend(faults);
+        Ok(())
+    }
+
     /// Apply ranges read without the lock (`RangeReader::read`), each audited and its blocks
     /// claimed as it is applied; one loaded meanwhile is passed (`Unloaded::apply`).
     fn apply_ranges(&mut self, storage: &dyn Storage, decoded: Vec<Decoded>) -> Result<()> {
@@ -184,8 +224,21 @@ impl Inner {
         &mut self,
         load: impl FnOnce(&mut Unloaded, &mut Catalog, &mut dyn FnMut(&Catalog, Applied)) -> Result<()>,
     ) -> Result<()> {
-        let bs = self.block_size;
         let mut faults = Vec::new();
+        let loaded = self.with_claims_finding(&mut faults, load);
+        for f in faults {
+            self.late_fault(f);
+        }
+        loaded
+    }
+
+    /// `with_claims`, the audit's faults added to `faults`.
+    fn with_claims_finding(
+        &mut self,
+        faults: &mut Vec<Fault>,
+        load: impl FnOnce(&mut Unloaded, &mut Catalog, &mut dyn FnMut(&Catalog, Applied)) -> Result<()>,
+    ) -> Result<()> {
+        let bs = self.block_size;
         let Inner {
             catalog,
             lazy,
@@ -203,11 +256,7 @@ impl Inner {
             };
             faults.extend(invariants::claim_range(l, range, bs, file_blocks, claims));
         };
-        let loaded = load(lazy, catalog, &mut claim);
-        for f in faults {
-            self.late_fault(f);
-        }
-        loaded
+        load(lazy, catalog, &mut claim)
     }
 
     /// Every range is loaded: the maps are whole, and the checkpoint's blocks all known
@@ -353,14 +402,16 @@ impl Store {
         Ok(Self::open_in_lazy_with(storage, writable, None)?.0)
     }
 
-    /// `open_in_lazy` with a crash journal to keep (writable opens only). A journal with
-    /// nothing to replay (a first start's, a graceful restart's: `Inner::attach_journal`) is
-    /// attached to the lazily opened store. One with transactions the pool lacks (the
-    /// keeper's after a crash) makes the open eager, as `open_in_with`: the replay claims the
-    /// blocks its writes went to (`Allocator::claim_fresh`), which only an allocator rebuilt
-    /// from the whole maps knows to be free, and changes maps anywhere. A later step could
-    /// load the ranges its records touch first and let the loading allocator count those
-    /// blocks (they lie below its floor) until the completion; not built.
+    /// `open_in_lazy` with a crash journal to replay and keep (writable opens only), as
+    /// `open_in_with` does, without loading the whole maps first (DESIGN §10.1 "Which opens
+    /// replay"). A journal with nothing to replay (a first start's, a graceful restart's) is
+    /// kept as it is. One with transactions the pool lacks (the keeper's after a crash) has
+    /// the ranges its records touch loaded first (`load_for_replay`), then replays into the
+    /// loading allocator: the blocks its writes went to lie below the floor (the file's
+    /// extent at open), where the killed server's allocator may have handed out free space
+    /// this one counts as used until the completion; they are claimed among the maps' claims
+    /// (`Allocator::claim_fresh`), so a map naming one too is a double reference, refused
+    /// now if its range is loaded, found when it loads otherwise.
     pub fn open_in_lazy_with(
         storage: Arc<dyn Storage>,
         writable: bool,
@@ -371,15 +422,23 @@ impl Store {
             drop(inner);
             return Self::open_in_with(storage, writable, journal);
         }
+        if let Some(j) = &journal {
+            debug_assert!(writable);
+            if inner.load_for_replay(&*storage, j).is_err() {
+                // A range the replay needs does not load: the eager open says why (or falls
+                // back to an older generation, which only a whole load can).
+                drop(inner);
+                return Self::open_in_with(storage, writable, journal);
+            }
+        }
         if writable {
             inner.refuse_load_faults()?;
         }
+        let mut replayed = Replayed::default();
         if let Some(j) = journal {
-            debug_assert!(writable);
-            if let Err(j) = inner.attach_journal(j) {
-                drop(inner);
-                return Self::open_in_with(storage, writable, Some(j));
-            }
+            // Before `recover`, as at an eager open (though it punches nothing below the
+            // floor while the maps load).
+            replayed = inner.replay(&*storage, j)?;
         }
         let s = Self::around(storage, inner, writable, LoadGate::loading());
         if writable {
@@ -390,7 +449,7 @@ impl Store {
                 .unwrap_or_else(|p| p.into_inner())
                 .recover(&*s.storage)?;
         }
-        Ok((s, Replayed::default()))
+        Ok((s, replayed))
     }
 
     /// Whether the maps are whole (a lazily opened pool's background load is done).
@@ -890,8 +949,9 @@ mod tests {
     /// The default `serve` (with its keeper) opens lazily: a new journal has nothing to
     /// replay, so it is kept by the lazily opened store. Writes acknowledged after the load
     /// completed, one flushed and two not, outlive a kill through it: the next open finds
-    /// transactions to replay and opens eagerly; without the journal the unflushed writes
-    /// are lost (so the test can fail).
+    /// transactions to replay, replays them and opens lazily too (it opened eagerly before
+    /// the replay could run into a loading allocator); without the journal the unflushed
+    /// writes are lost (so the test can fail).
     #[test]
     fn a_lazy_open_keeps_the_crash_journal_and_a_kill_replays_it() {
         let mem = pool();
@@ -915,17 +975,17 @@ mod tests {
         );
         let (n, r) = Store::open_in_lazy_with(image.clone(), true, Some(j)).unwrap();
         assert_eq!(r.transactions, 1);
-        assert!(
-            n.maps_loaded(),
-            "a crash's journal is replayed by an eager open"
-        );
+        assert!(!n.maps_loaded(), "a crash's journal made the open eager");
         let expect = |n: &Store| {
-            n.verify_consistency().unwrap();
             assert_eq!(read_at(n, app, 10), block(1));
             assert_eq!(read_at(n, app, 4999 * 3), block(2));
             assert_eq!(read_at(n, app, 11), block(3));
             assert_eq!(read_at(n, app, 150_000), block(88_888));
         };
+        expect(&n);
+        let n = Arc::new(n);
+        n.complete_in_background().unwrap().join().unwrap();
+        n.verify_consistency().unwrap();
         expect(&n);
         n.flush().unwrap();
         drop(n);
@@ -969,7 +1029,8 @@ mod tests {
     /// The kill comes before the load completed, after writes acknowledged while the maps
     /// loaded (one flushed, two not, one a rewrite of a committed block of a range the open
     /// had not loaded): the journal holds the open transaction, so the next server replays
-    /// it (eagerly) and finds every write; `check` calls the pool clean once it commits.
+    /// it (lazily, before its own maps load) and finds every write; `check` calls the pool
+    /// clean once it commits.
     #[test]
     fn writes_acknowledged_while_the_maps_load_outlive_a_kill_through_the_journal() {
         let mem = pool();
@@ -987,8 +1048,7 @@ mod tests {
         let (image, j) = kill(&mem, &s);
         let (n, r) = Store::open_in_lazy_with(image.clone(), true, Some(j)).unwrap();
         assert_eq!(r.transactions, 1);
-        assert!(n.maps_loaded(), "replayed by an eager open");
-        n.verify_consistency().unwrap();
+        assert!(!n.maps_loaded(), "replayed by an eager open");
         let expect = |n: &Store| {
             assert!(read_at(n, app, 4999 * 5) == block(1));
             assert!(read_at(n, app, 4999 * 6) == block(2));
@@ -996,10 +1056,225 @@ mod tests {
         };
         expect(&n);
         n.flush().unwrap();
+        let n = Arc::new(n);
+        n.complete_in_background().unwrap().join().unwrap();
+        n.verify_consistency().unwrap();
+        expect(&n);
         drop(n);
         let r = crate::check::check(image.clone(), false, &mut |_, _| {}).unwrap();
         assert!(r.faults.is_empty(), "{:?}", r.faults);
         expect(&Store::open_in(image, false).unwrap());
+    }
+
+    /// A server killed: the pool file as it stands (a `SimStorage`: its unsynced writes are
+    /// still in the page cache, not durable) and a copy of the crash journal the keeper holds.
+    fn killed(sim: &SimStorage, s: &Store) -> (Arc<SimStorage>, Journal) {
+        let j = Journal::adopt(s.journal_fd().unwrap()).unwrap();
+        (Arc::new(sim.killed()), j.picture())
+    }
+
+    fn mapped_at(s: &Store, id: LayerId, vb: u64) -> Option<PBlock> {
+        let g = s.read_now();
+        let m = g.catalog.get(id).and_then(|l| l.map.get(VBlock(vb)));
+        m.and_then(|m| m.pblock())
+    }
+
+    /// A crash restart (a journal holding transactions the pool lacks) opens lazily: the
+    /// next server serves before its maps are loaded, reads answer what the dead server
+    /// acknowledged, the completion's used set is an eager open's after the same replay, a
+    /// power loss before or after the replay's commit loses nothing flushed and leaves a
+    /// pool `check` calls clean. The dead server was killed while its own maps loaded
+    /// (its writes above its floor), or after (its writes in the free space below its
+    /// extent: the blocks of the layer the log removed), with a layer with ranges removed
+    /// in the journal (its ranges load before the replay frees their blocks). Before this
+    /// was built such an open was eager (`maps_loaded()` right after it).
+    #[test]
+    fn a_crash_restart_opens_lazily_and_replays_as_an_eager_open() {
+        for load_first in [false, true] {
+            crash_restart_case(load_first);
+        }
+    }
+
+    fn crash_restart_case(load_first: bool) {
+        let mem = pool();
+        let sim = Arc::new(SimStorage::from_image(mem.snapshot()));
+        let (s, _) =
+            Store::open_in_lazy_with(sim.clone(), true, Some(Journal::create().unwrap())).unwrap();
+        let s = Arc::new(s);
+        if load_first {
+            s.complete_in_background().unwrap().join().unwrap();
+        }
+        let extent = sim.len().unwrap() / BS;
+        let app = s.layer_head("app").unwrap().id;
+        let zero = vec![0u8; BS as usize];
+        s.write_layer(app, 4999 * 5 * BS, &block(1)).unwrap();
+        s.flush().unwrap();
+        // Unflushed: a committed block redirected (its old one a pending free), a fresh one
+        // rewritten in place, one trimmed (freed at once) and its block maybe reused, a
+        // whiteout over base's run.
+        s.write_layer(app, 4999 * 6 * BS, &block(2)).unwrap();
+        s.write_layer(app, 10 * BS, &block(3)).unwrap();
+        s.write_layer(app, 10 * BS, &block(4)).unwrap();
+        s.write_layer(app, 12 * BS, &block(5)).unwrap();
+        let trimmed = mapped_at(&s, app, 12).unwrap();
+        s.zero_layer(app, 12 * BS, BS, true).unwrap();
+        s.write_layer(app, 13 * BS, &block(6)).unwrap();
+        // The replay takes that block, frees it and takes it again (`replay_freed`).
+        assert_eq!(mapped_at(&s, app, 13), Some(trimmed));
+        s.zero_layer(app, 250_000 * BS, BS, false).unwrap();
+        if load_first {
+            s.remove_layer("img").unwrap();
+            let p = mapped_at(&s, app, 10).unwrap();
+            assert!(p.0 < extent, "{p}: not in the free space below {extent}");
+        }
+        assert_eq!(s.maps_loaded(), load_first);
+        let (image, j) = killed(&sim, &s);
+        drop(s);
+        let acknowledged = |n: &Store| {
+            assert!(read_at(n, app, 4999 * 5) == block(1));
+            assert!(read_at(n, app, 4999 * 6) == block(2));
+            assert!(read_at(n, app, 10) == block(4));
+            assert!(read_at(n, app, 13) == block(6));
+            assert!(read_at(n, app, 250_000) == zero);
+            assert_eq!(n.layer_head("img").is_err(), load_first);
+        };
+        let vbs = [
+            4999 * 5,
+            4999 * 6,
+            10,
+            12,
+            13,
+            250_000,
+            250_001,
+            0,
+            37,
+            4999 * 3,
+            150_000,
+        ];
+        // The same bytes replayed by an eager open (the behaviour before), and lazily.
+        let (eager, re) = Store::open_in_with(
+            Arc::new(MemStorage::from_bytes(image.current_image())),
+            true,
+            Some(j.picture()),
+        )
+        .unwrap();
+        acknowledged(&eager);
+        let (n, r) = Store::open_in_lazy_with(image.clone(), true, Some(j.picture())).unwrap();
+        assert!(r.transactions > 0 && r.blocks > 0, "{r:?}");
+        assert_eq!(r, re);
+        assert!(!n.maps_loaded(), "a crash restart opened eagerly");
+        assert_eq!(first_difference(&n, &eager, &["app", "base"], &vbs), None);
+        acknowledged(&n);
+        // The completion's allocator is the eager open's after the same replay.
+        let other = Arc::new(
+            Store::open_in_lazy_with(Arc::new(image.killed()), true, Some(j.picture()))
+                .unwrap()
+                .0,
+        );
+        other.complete_in_background().unwrap().join().unwrap();
+        assert!(
+            other.read().load_faults.is_empty(),
+            "{:?}",
+            other.read().load_faults
+        );
+        other.verify_consistency().unwrap();
+        assert_eq!(used(&other), used(&eager));
+        assert_eq!(other.used_blocks(), eager.used_blocks());
+        // A power loss (two kinds) with `seed`: `check` is clean, and the pool reopened
+        // holds what `holds` asks.
+        let power_loss = |seed: u64, holds: &dyn Fn(&Store)| {
+            for how in [Crash::LoseUnsynced, Crash::Subset { seed, sector: 512 }] {
+                let crashed = Arc::new(image.crash(how));
+                let c = crate::check::check(copy(&crashed), false, &mut |_, _| {}).unwrap();
+                assert!(c.faults.is_empty(), "{how:?}: {:?}", c.faults);
+                let after = Store::open_in(crashed, true).unwrap();
+                after.verify_consistency().unwrap();
+                holds(&after);
+            }
+        };
+        // Right after the replay: what was flushed is there.
+        power_loss(5, &|after| {
+            assert!(read_at(after, app, 4999 * 5) == block(1))
+        });
+        // The replay commits with the next flush, while the maps load; a power loss after it
+        // loses nothing acknowledged.
+        n.flush().unwrap();
+        assert!(!n.maps_loaded());
+        power_loss(9, &|after| {
+            acknowledged(after);
+            let d = first_difference(after, &eager, &["app", "base"], &vbs);
+            assert_eq!(d, None);
+        });
+        let n = Arc::new(n);
+        n.complete_in_background().unwrap().join().unwrap();
+        assert!(
+            n.read().load_faults.is_empty(),
+            "{:?}",
+            n.read().load_faults
+        );
+        n.verify_consistency().unwrap();
+        n.write_layer(app, 14 * BS, &block(7)).unwrap();
+        n.flush().unwrap();
+        n.verify_consistency().unwrap();
+        drop(n);
+        let c = crate::check::check(
+            copy(&image.crash(Crash::LoseUnsynced)),
+            false,
+            &mut |_, _| {},
+        );
+        assert!(c.unwrap().faults.is_empty());
+        let again = Store::open_in(image, false).unwrap();
+        acknowledged(&again);
+        assert!(read_at(&again, app, 14) == block(7));
+    }
+
+    /// A crash journal naming a block the pool's maps hold is a double reference, as at an
+    /// eager open: refused at the open if the map holding it is loaded by then (the log's
+    /// ranges, the journal's own), a fault found late (changes refused, `check` reports
+    /// it) when the range holding it loads after the open. A block of a stream is refused.
+    #[test]
+    fn a_crash_journal_naming_a_block_the_pool_holds_is_a_fault_when_opened_lazily() {
+        use crate::format::record::{MapEntry, MapTarget, RecordWriter};
+        let mem = pool();
+        let eager = Store::open_in(copy(&mem), false).unwrap();
+        let base = eager.layer_head("base").unwrap().id;
+        let app = eager.layer_head("app").unwrap().id;
+        let journal = |vb: u64, p: PBlock| {
+            let mut w = RecordWriter::new();
+            let target = MapTarget::Data { pblock: p, crc: 1 };
+            w.map(
+                app,
+                MapEntry {
+                    vblock: VBlock(vb),
+                    target,
+                },
+            );
+            let mut j = Journal::create().unwrap();
+            j.records(7, &w.buf);
+            Some(j)
+        };
+        // In a range loaded after the open: base's block 0.
+        let held = mapped_at(&eager, base, 0).unwrap();
+        let (n, r) = Store::open_in_lazy_with(copy(&mem), true, journal(4999 * 20, held)).unwrap();
+        assert_eq!(r.transactions, 1);
+        assert!(!n.maps_loaded() && n.read_now().load_faults.is_empty());
+        n.load_for(base, 0, BS).unwrap();
+        let faults = n.read_now().load_faults.clone();
+        assert!(
+            faults
+                .iter()
+                .any(|f| matches!(f.what, What::UsedTwice { .. }) && f.at.pblock == Some(held)),
+            "{faults:?}"
+        );
+        assert!(n.write_layer(app, 0, &block(1)).is_err());
+        // In a range loaded by the open (the log's): app's block 4999 * 3.
+        let logged = mapped_at(&eager, app, 4999 * 3).unwrap();
+        let e = Store::open_in_lazy_with(copy(&mem), true, journal(4999 * 20, logged));
+        assert!(e.err().unwrap().to_string().contains("uses it already"));
+        // A block of the log.
+        let log = eager.read().pool.meta.log_blocks[0];
+        let e = Store::open_in_lazy_with(copy(&mem), true, journal(4999 * 20, log));
+        assert!(e.err().unwrap().to_string().contains("uses it already"));
     }
 
     /// A panic in the background loader stops the load instead of leaving the gate shut: the

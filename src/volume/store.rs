@@ -287,8 +287,9 @@ impl Store {
 
     /// `open_in_with`; `deferred`: the allocator is left in its loading mode (nothing below
     /// the file's extent at open is handed out or freed) until `complete_load`, and the
-    /// audit's faults are found then (`loading.rs`). A journal is replayed only by an eager
-    /// open: which blocks below the extent are free is not known before the completion.
+    /// audit's faults are found then (`loading.rs`). A deferred open takes no journal: it
+    /// claims nothing as it loads, so a replay could not claim the blocks below the extent
+    /// its writes went to (a lazy open does, `open_in_lazy_with`).
     pub(crate) fn open_in_mode(
         storage: Arc<dyn Storage>,
         writable: bool,
@@ -297,7 +298,7 @@ impl Store {
     ) -> Result<(Store, Replayed)> {
         if deferred && journal.is_some() {
             return Err(Error::Internal(
-                "a crash journal is replayed by an eager open only".into(),
+                "a crash journal is replayed by an eager or a lazy open, not a deferred one".into(),
             ));
         }
         let mut inner = load(&*storage, deferred)?;
