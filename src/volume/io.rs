@@ -672,6 +672,7 @@ impl Inner {
 
 impl Store {
     pub fn read_layer(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _visit = self.block_paths.enter();
         self.make_local(id, offset, buf.len() as u64)?;
         self.load_for(id, offset, buf.len() as u64)?;
         self.read_now().read(&*self.storage, id, offset, buf)
@@ -680,6 +681,7 @@ impl Store {
     /// `read_layer` for a bulk reader (an export) that reads each block once: whole blocks may
     /// bypass the pool file's page cache (`Storage::read_bulk_at`).
     pub fn read_layer_bulk(&self, id: LayerId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _visit = self.block_paths.enter();
         self.make_local(id, offset, buf.len() as u64)?;
         self.load_for(id, offset, buf.len() as u64)?;
         self.read_now()
@@ -708,6 +710,7 @@ impl Store {
                 buf.len()
             )));
         }
+        let _visit = self.block_paths.enter();
         for &(off, len) in ranges {
             self.make_local(id, off, len)?;
             self.load_for(id, off, len)?;
@@ -742,6 +745,7 @@ impl Store {
     }
 
     fn write_layer_once(&self, id: LayerId, offset: u64, data: &[u8], bulk: bool) -> Result<()> {
+        let _visit = self.block_paths.enter();
         self.edges_local(id, offset, data.len() as u64)?;
         // A lazily opened pool: the ranges this write reads or changes, in every layer of the
         // chain, are loaded first, and it goes on without waiting for the rest (`write_now`).
@@ -765,8 +769,11 @@ impl Store {
     }
 
     pub fn zero_layer(&self, id: LayerId, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let visit = self.block_paths.enter();
         self.edges_local(id, offset, len)?;
         self.load_for(id, offset, len)?;
+        // Not over `with_room`: a capped pool's zero waiting for the load must not hold it up.
+        drop(visit);
         self.with_room(|| {
             self.write_now()?
                 .zero(&*self.storage, id, offset, len, may_unmap)
@@ -790,12 +797,14 @@ impl Store {
     /// Drop what layer `id` holds in `offset..offset + len` that equals its parent's
     /// (`Inner::drop_unchanged`); the number of blocks dropped.
     pub fn drop_unchanged(&self, id: LayerId, offset: u64, len: u64) -> Result<u64> {
+        let _visit = self.block_paths.enter();
         self.load_for(id, offset, len)?;
         self.write_now()?
             .drop_unchanged(&*self.storage, id, offset, len)
     }
 
     pub fn extents_layer(&self, id: LayerId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _visit = self.block_paths.enter();
         self.load_for(id, offset, len)?;
         self.read_now().extents(id, offset, len)
     }

@@ -286,8 +286,25 @@ fn load_all(weak: &std::sync::Weak<Store>) {
     // A range at a time: its pages read and its records decoded without the lock (block
     // paths go on meanwhile: reading from a cold disk under the write lock made a read wait
     // for that disk read, p99 14.9x an eager open's during the load, docs/BENCHMARKS.md
-    // "Quiet-machine re-run at 8722aa8"), then the write lock held only to apply, audit and
-    // claim it.
+    // "Quiet-machine re-run at 8722aa8"), then one hold of the write lock applies, audits
+    // and claims it and picks the next; then the lock is left to the block paths that came
+    // meanwhile, for at most as long as the hold took (`BlockPaths::make_way`: without it a
+    // read at queue depth 1 met a hold at almost every request, median 3.14x 8722aa8's at
+    // 100M, docs/BENCHMARKS.md "Reads during the load: the loader makes way").
+    let first = {
+        let Some(s) = weak.upgrade() else {
+            return;
+        };
+        let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
+        #[cfg(test)]
+        in_hold(&s);
+        g.lazy
+            .as_mut()
+            .and_then(|l| Some((l.next_to_load()?, l.reader())))
+    };
+    let Some((mut i, reader)) = first else {
+        return complete(weak, t);
+    };
     loop {
         let Some(s) = weak.upgrade() else {
             return;
@@ -296,25 +313,33 @@ fn load_all(weak: &std::sync::Weak<Store>) {
         if s.loader_panics.load(std::sync::atomic::Ordering::SeqCst) {
             panic!("test hook: the loader panics");
         }
-        let next = {
-            let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-            g.lazy
-                .as_mut()
-                .and_then(|l| Some((l.next_to_load()?, l.reader())))
-        };
-        let Some((i, reader)) = next else {
-            break;
-        };
         let decoded = reader.read(&*s.storage, i);
-        let applied = {
+        let before = s.block_paths.arrived();
+        let (applied, held) = {
             let mut g = s.inner.write().unwrap_or_else(|p| p.into_inner());
-            g.apply_ranges(&*s.storage, vec![decoded])
+            let held = Instant::now();
+            #[cfg(test)]
+            in_hold(&s);
+            let applied = g
+                .apply_ranges(&*s.storage, vec![decoded])
+                .map(|()| g.lazy.as_mut().and_then(|l| l.next_to_load()));
+            (applied, held.elapsed())
         };
-        if let Err(e) = applied {
-            s.stop_load(e);
-            return;
+        match applied {
+            Err(e) => {
+                s.stop_load(e);
+                return;
+            }
+            Ok(None) => break,
+            Ok(Some(next)) => i = next,
         }
+        s.block_paths.make_way(before, held);
     }
+    complete(weak, t)
+}
+
+/// The background load's last step, every range loaded (`load_all`): the completion.
+fn complete(weak: &std::sync::Weak<Store>, t: Instant) {
     let Some(s) = weak.upgrade() else {
         return;
     };
@@ -338,6 +363,14 @@ fn load_all(weak: &std::sync::Weak<Store>) {
             held.as_micros()
         ),
     );
+}
+
+/// Test hook: the loader holds the write lock (`Store::loader_in_hold`).
+#[cfg(test)]
+fn in_hold(s: &Store) {
+    if let Some(hook) = s.loader_in_hold.lock().unwrap().as_mut() {
+        hook();
+    }
 }
 
 /// Stops the load if the loader thread ends while it is still under way: a panic in it left
@@ -1325,6 +1358,87 @@ mod tests {
         lazy.verify_consistency().unwrap();
         lazy.checkpoint().unwrap();
         lazy.verify_consistency().unwrap();
+    }
+
+    /// The background load takes the store's write lock once a range (and once to start):
+    /// each hold is a moment a block path arriving then waits for, and a read arriving
+    /// while the loader waited for the lock queued behind it too (std's lock lets a waiting
+    /// writer go first). It took it twice a range (once to pick the range, once to apply it).
+    #[test]
+    fn the_loader_takes_the_write_lock_once_a_range() {
+        let mem = pool();
+        let lazy = Arc::new(Store::open_in_lazy(mem, true).unwrap());
+        let left = lazy.read_now().lazy.as_ref().unwrap().left();
+        let holds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = holds.clone();
+        *lazy.loader_in_hold.lock().unwrap() = Some(Box::new(move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        lazy.complete_in_background().unwrap().join().unwrap();
+        assert!(lazy.maps_loaded());
+        let holds = holds.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(holds <= left + 1, "{holds} holds for {left} ranges");
+    }
+
+    /// A reader at queue depth 1 (one read, then the next) that arrives while the loader
+    /// holds the write lock is served, both reads, before the loader's next hold: the loader
+    /// leaves the lock to the block paths that came during its hold. It came back for the
+    /// lock after only the next range's decode, so such a reader met a hold at almost every
+    /// read (docs/BENCHMARKS.md "Reads during the load: the loader makes way").
+    #[test]
+    fn a_reader_that_came_during_a_hold_goes_before_the_loaders_next_hold() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let mem = pool();
+        let lazy = Arc::new(Store::open_in_lazy(mem, true).unwrap());
+        let app = lazy.layer_head("app").unwrap().id;
+        // The blocks it reads are loaded (their ranges in every layer of the chain), so the
+        // reads take only the read lock.
+        lazy.load_for(app, 0, 2 * BS).unwrap();
+        assert!(lazy.read_now().lazy.as_ref().unwrap().left() >= 2);
+        #[derive(Debug, PartialEq)]
+        enum Event {
+            Hold,
+            Read,
+        }
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let holds = Arc::new(AtomicUsize::new(0));
+        let reader = Arc::new(std::sync::Mutex::new(None));
+        let hook = {
+            let (events, holds, reader) = (events.clone(), holds.clone(), reader.clone());
+            let store = Arc::downgrade(&lazy);
+            move || {
+                events.lock().unwrap().push(Event::Hold);
+                // The second hold (the first range's apply): a reader comes.
+                if holds.fetch_add(1, SeqCst) != 1 {
+                    return;
+                }
+                let s = store.upgrade().unwrap();
+                let arrived = s.block_paths.arrived();
+                let events = events.clone();
+                let s2 = s.clone();
+                *reader.lock().unwrap() = Some(std::thread::spawn(move || {
+                    for vb in 0..2 {
+                        read_at(&s2, app, vb);
+                        events.lock().unwrap().push(Event::Read);
+                    }
+                }));
+                // Until it is there (waiting for the lock this hold holds).
+                while s.block_paths.arrived() == arrived {
+                    std::thread::yield_now();
+                }
+            }
+        };
+        *lazy.loader_in_hold.lock().unwrap() = Some(Box::new(hook));
+        lazy.complete_in_background().unwrap().join().unwrap();
+        reader.lock().unwrap().take().unwrap().join().unwrap();
+        assert!(lazy.maps_loaded());
+        let events = events.lock().unwrap();
+        let second = events.iter().position(|e| *e == Event::Hold).unwrap() + 1;
+        assert_eq!(
+            &events[second..second + 4],
+            &[Event::Hold, Event::Read, Event::Read, Event::Hold],
+            "{events:?}"
+        );
     }
 
     fn used(s: &Store) -> Vec<crate::format::PBlock> {

@@ -14,6 +14,7 @@ pub mod layers;
 pub mod lazy_open;
 pub mod loading;
 pub mod migrate;
+pub(crate) mod pacing;
 pub mod remote;
 pub mod store;
 

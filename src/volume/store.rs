@@ -38,9 +38,15 @@ pub struct Store {
     released: AtomicBool,
     /// Whether every map is loaded and the allocator rebuilt from them (`loading.rs`).
     pub(crate) loaded: LoadGate,
+    /// The block paths under way, which the background load of a lazy open leaves the lock
+    /// to (`pacing.rs`).
+    pub(crate) block_paths: super::pacing::BlockPaths,
     /// Test hook: the background loader of the maps panics (`lazy_open.rs`).
     #[cfg(test)]
     pub(crate) loader_panics: AtomicBool,
+    /// Test hook: run by the background loader each time it holds the write lock.
+    #[cfg(test)]
+    pub(crate) loader_in_hold: std::sync::Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
 pub(crate) struct Inner {
@@ -349,8 +355,11 @@ impl Store {
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
             loaded,
+            block_paths: Default::default(),
             #[cfg(test)]
             loader_panics: AtomicBool::new(false),
+            #[cfg(test)]
+            loader_in_hold: std::sync::Mutex::new(None),
         }
     }
 
