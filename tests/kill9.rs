@@ -217,7 +217,8 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
 /// next server replays the crash journal (into a lazy open: the load is held as above), and
 /// every write *acknowledged* before the kill, flushed or not, must be there, as every
 /// acknowledged management command; the next server is then stopped gracefully and the
-/// pool held against the model as above.
+/// pool held against the model as above. The driver flushes rarely here, so that most
+/// kills find acknowledged writes that only the journal holds.
 #[test]
 fn sigkill_of_a_kept_server_loses_nothing_acknowledged() {
     sigkill_rounds(Keeper::With, 8);
@@ -257,7 +258,8 @@ fn sigkill_rounds(keeper: Keeper, rounds: u64) {
     let serve_log = dir.path().join("serve.log");
     let args: &[&str] = match keeper {
         Keeper::Without => &[],
-        Keeper::With => &["--keeper"],
+        // No background commit: only flushes and management commands commit.
+        Keeper::With => &["--keeper", "--commit-interval", "0"],
     };
     for round in 0..rounds {
         // Every other round the pool opens from a checkpoint with maps, lazily: the load is
@@ -283,6 +285,10 @@ fn sigkill_rounds(keeper: Keeper, rounds: u64) {
             .arg(&log)
             .arg(round.to_string())
             .arg(BLOCKS.to_string())
+            .args(match keeper {
+                Keeper::Without => &[][..],
+                Keeper::With => &["0.01", "0.01"],
+            })
             .spawn()
             .unwrap();
         // The kill must find the driver connected: on a loaded machine it may take longer
@@ -394,12 +400,12 @@ fn sigkill_rounds(keeper: Keeper, rounds: u64) {
         sums_rounds >= rounds as usize / 4,
         "only {sums_rounds} rounds ended on a checkpoint with checksum pages"
     );
-    if keeper == Keeper::With {
-        assert!(
-            replays >= rounds as usize / 2,
-            "only {replays} of {rounds} kills left a journal to replay"
-        );
-    }
+    // Each kill finds an acknowledged write not yet flushed unless a flush or a command's
+    // commit came after the last write (1 write in 100 flushes or writes with FUA).
+    assert!(
+        keeper == Keeper::Without || replays > 0,
+        "none of {rounds} kills left a journal to replay"
+    );
 }
 
 /// Waits until the keeper has started the next server after a kill (the pool's `status`
