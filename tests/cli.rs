@@ -508,6 +508,10 @@ fn a_plain_serve_with_its_keeper_loads_the_maps_in_the_background() {
         keeper.is_some_and(|k| k != pid),
         "a plain serve has a keeper"
     );
+    let st: serde_json::Value = serde_json::from_str(&p.ok(&["status", "--json"])).unwrap();
+    assert_eq!(st["maps"]["loaded"], true, "{st}");
+    assert_eq!(st["maps"]["ranges_left"], 0, "{st}");
+    assert!(p.ok(&["status"]).contains("maps:         loaded"));
     p.ok(&["create", "x", "--parent", "base"]);
     // SAFETY: killing the server this test started, by the pid it reported.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -571,8 +575,23 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
             .unwrap_or_default()
             .contains("maps loaded")
     };
+    // `status` says the maps are loading, and how far the load is.
+    let maps = || {
+        let st: serde_json::Value = serde_json::from_str(&p.ok(&["status", "--json"])).unwrap();
+        st["maps"].clone()
+    };
+    let m = maps();
+    assert_eq!(m["loaded"], false, "{m}");
+    assert!(m["ranges"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["ranges_left"], m["ranges"], "nothing read yet: {m}");
+    assert!(p.ok(&["status"]).contains("loading in the background"));
     // "work" is a child of "base", whose block 1 is bytes of 8 (tests/fixtures/README.md).
     io(&["read -P 8 4096 4k"]);
+    let m = maps();
+    assert!(
+        m["ranges_left"].as_u64() < m["ranges"].as_u64(),
+        "the read loaded the ranges it touched: {m}"
+    );
     io(&["write -P 0x5a 8192 8k", "flush", "read -P 0x5a 8192 8k"]);
     // A container's layer is made and committed, and the layers listed, before the load too.
     p.ok(&["create", "c", "--parent", "base"]);
@@ -580,6 +599,14 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     let listed = p.layers();
     let c = listed.iter().find(|l| l["name"] == "c").expect("c listed");
     assert_eq!(c["writable"], false, "{c}");
+    // An image is imported and a layer of the checkpoint removed before the load too (the
+    // removal loads the removed layer's own ranges, not the rest).
+    let image = p.file("img.raw");
+    let mut content = vec![0x3c; 16384];
+    content.resize(64 * 4096, 0);
+    std::fs::write(&image, &content).unwrap();
+    p.ok(&["import", "img", image.to_str().unwrap(), "--parent", "base"]);
+    p.ok(&["rm", "app"]);
     // A write acknowledged and never flushed: qemu-io flushes as it closes the device (and
     // by default writes through, with FUA), so a write-back session stays open (its
     // commands come on its input) until the kill.
@@ -639,6 +666,11 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
         Some(serde_json::Value::Bool(false)),
         "the committed layer outlives the kill"
     );
+    let names: Vec<serde_json::Value> = p.layers().iter().map(|l| l["name"].clone()).collect();
+    assert!(
+        names.contains(&"img".into()) && !names.contains(&"app".into()),
+        "{names:?}"
+    );
     assert!(support::stop_serving(&p.path));
     server.wait().unwrap();
     assert!(
@@ -651,6 +683,11 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     let bytes = std::fs::read(&out).unwrap();
     assert!(bytes[8192..16384].iter().all(|&b| b == 0x5a));
     assert!(bytes[65536..69632].iter().all(|&b| b == 0x6b));
+    p.ok(&["export", "img", out.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&out).unwrap() == content,
+        "the image imported before the load"
+    );
 }
 
 /// A pool a previous binary made (format versions 2 to 6, tests/fixtures/README.md) is refused
