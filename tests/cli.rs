@@ -580,6 +580,14 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     let listed = p.layers();
     let c = listed.iter().find(|l| l["name"] == "c").expect("c listed");
     assert_eq!(c["writable"], false, "{c}");
+    // An image is imported and a layer of the checkpoint removed before the load too (the
+    // removal loads the removed layer's own ranges, not the rest).
+    let image = p.file("img.raw");
+    let mut content = vec![0x3c; 16384];
+    content.resize(64 * 4096, 0);
+    std::fs::write(&image, &content).unwrap();
+    p.ok(&["import", "img", image.to_str().unwrap(), "--parent", "base"]);
+    p.ok(&["rm", "app"]);
     // A write acknowledged and never flushed: qemu-io flushes as it closes the device (and
     // by default writes through, with FUA), so a write-back session stays open (its
     // commands come on its input) until the kill.
@@ -639,6 +647,11 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
         Some(serde_json::Value::Bool(false)),
         "the committed layer outlives the kill"
     );
+    let names: Vec<serde_json::Value> = p.layers().iter().map(|l| l["name"].clone()).collect();
+    assert!(
+        names.contains(&"img".into()) && !names.contains(&"app".into()),
+        "{names:?}"
+    );
     assert!(support::stop_serving(&p.path));
     server.wait().unwrap();
     assert!(
@@ -651,6 +664,11 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
     let bytes = std::fs::read(&out).unwrap();
     assert!(bytes[8192..16384].iter().all(|&b| b == 0x5a));
     assert!(bytes[65536..69632].iter().all(|&b| b == 0x6b));
+    p.ok(&["export", "img", out.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&out).unwrap() == content,
+        "the image imported before the load"
+    );
 }
 
 /// A pool a previous binary made (format versions 2 to 6, tests/fixtures/README.md) is refused

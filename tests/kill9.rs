@@ -20,7 +20,6 @@ use support::{tl, Server};
 
 const BLOCKS: u64 = 4096; // a 16 MiB disk keeps each verification read short
 const SECTOR: usize = 4096;
-const ROUNDS: u64 = 24;
 
 fn python_with_libnbd() -> Option<&'static str> {
     ["/usr/bin/python3", "python3"].into_iter().find(|py| {
@@ -57,9 +56,12 @@ fn candidates(before: &[u8], writes: &[Write], flushed: u64) -> Vec<Vec<u8>> {
     c
 }
 
-fn parse_log(text: &str, round: u64) -> (Vec<Write>, u64) {
+/// The writes begun, the flush point (every write with a smaller seq was flushed) and the
+/// acknowledgement point (every write with a smaller seq was acknowledged: the driver sends
+/// one at a time).
+fn parse_log(text: &str, round: u64) -> (Vec<Write>, u64, u64) {
     let mut writes = Vec::new();
-    let mut flushed = 0;
+    let (mut flushed, mut acked) = (0, 0);
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
@@ -75,11 +77,12 @@ fn parse_log(text: &str, round: u64) -> (Vec<Write>, u64) {
                 });
             }
             ["F", seq] => flushed = seq.parse().unwrap(),
-            ["A", _] | ["C"] | [] => {}
+            ["A", seq] => acked = seq.parse::<u64>().unwrap() + 1,
+            ["C"] | [] => {}
             _ => panic!("bad driver log line {line:?}"),
         }
     }
-    (writes, flushed)
+    (writes, flushed, acked)
 }
 
 /// What management commands the pool must reflect after a kill.
@@ -207,6 +210,27 @@ fn write_image(dir: &Path) -> (PathBuf, Vec<u8>) {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_flushed() {
+    sigkill_rounds(Keeper::Without, 24);
+}
+
+/// The same with the keeper (a default `serve`): the SIGKILL hits the server, the keeper's
+/// next server replays the crash journal (into a lazy open: the load is held as above), and
+/// every write *acknowledged* before the kill, flushed or not, must be there, as every
+/// acknowledged management command; the next server is then stopped gracefully and the
+/// pool held against the model as above. The driver flushes rarely here, so that most
+/// kills find acknowledged writes that only the journal holds.
+#[test]
+fn sigkill_of_a_kept_server_loses_nothing_acknowledged() {
+    sigkill_rounds(Keeper::With, 8);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Keeper {
+    Without,
+    With,
+}
+
+fn sigkill_rounds(keeper: Keeper, rounds: u64) {
     let Some(py) = python_with_libnbd() else {
         eprintln!("SKIP sigkill test: python3-libnbd not installed (CI installs it)");
         return;
@@ -230,18 +254,25 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
     let (image_path, image) = write_image(dir.path());
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let (mut total_writes, mut total_flushes, mut total_managed) = (0usize, 0u64, 0usize);
-    let mut sums_rounds = 0;
-    for round in 0..ROUNDS {
+    let (mut sums_rounds, mut replays) = (0, 0);
+    let serve_log = dir.path().join("serve.log");
+    let args: &[&str] = match keeper {
+        Keeper::Without => &[],
+        // No background commit: only flushes and management commands commit.
+        Keeper::With => &["--keeper", "--commit-interval", "0"],
+    };
+    for round in 0..rounds {
         // Every other round the pool opens from a checkpoint with maps, lazily: the load is
         // held open (a debug build's test hook) for about as long as the round runs, so the
         // writes, flushes and the kill come both before and after its completion.
         let server = Server::start_env(
             &pool,
             &sock,
-            &[],
-            Stdio::null(),
+            args,
+            std::fs::File::create(&serve_log).unwrap(),
             &[("THINLAYER_TEST_HOLD_LOAD_MS", Path::new("350"))],
         );
+        let _kill = support::KillServing(&pool);
         let stop = Arc::new(AtomicBool::new(false));
         let manager = {
             let (pool, image, stop) = (pool.clone(), image_path.clone(), stop.clone());
@@ -254,6 +285,10 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
             .arg(&log)
             .arg(round.to_string())
             .arg(BLOCKS.to_string())
+            .args(match keeper {
+                Keeper::Without => &[][..],
+                Keeper::With => &["0.01", "0.01"],
+            })
             .spawn()
             .unwrap();
         // The kill must find the driver connected: on a loaded machine it may take longer
@@ -270,14 +305,37 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         std::thread::sleep(Duration::from_millis(150 + rng % 500));
         // Commands already started run into the kill; none starts after it.
         stop.store(true, Ordering::SeqCst);
-        server.signal(libc::SIGKILL);
-        drop(server);
+        if keeper == Keeper::With {
+            let (pid, kept) = support::serving(&pool).expect("status names the server");
+            assert!(kept.is_some_and(|k| k != pid), "round {round}: no keeper");
+            // SAFETY: killing the server this test started, by the pid it reported.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            support::wait_gone(pid);
+        } else {
+            server.signal(libc::SIGKILL);
+        }
         let managed = manager.join().unwrap();
         total_managed += managed.acked;
         let st = client.wait().unwrap();
         assert!(st.success(), "driver failed in round {round}");
+        if keeper == Keeper::With {
+            // The keeper's next server replayed the journal: stop it as a host would.
+            wait_for_next_server(&pool, round);
+            assert!(
+                support::stop_serving(&pool),
+                "round {round}: nothing served"
+            );
+            let text = std::fs::read_to_string(&serve_log).unwrap_or_default();
+            replays += text.contains("of the crash journal") as usize;
+        }
+        drop(server);
 
-        let (writes, flushed) = parse_log(&std::fs::read_to_string(&log).unwrap(), round);
+        let (writes, flushed, acked) = parse_log(&std::fs::read_to_string(&log).unwrap(), round);
+        // With the keeper, what was acknowledged outlives the kill through its journal.
+        let flushed = match keeper {
+            Keeper::Without => flushed,
+            Keeper::With => flushed.max(acked),
+        };
         assert!(
             !writes.is_empty(),
             "round {round}: the driver wrote nothing"
@@ -335,11 +393,30 @@ fn sigkill_at_random_moments_loses_nothing_flushed() {
         assert!(check.contains("clean"), "round {round}: {check}");
     }
     eprintln!(
-        "kill -9: {ROUNDS} rounds, {total_writes} writes, flush points total {total_flushes}, {total_managed} management commands acknowledged, {sums_rounds} rounds on checksum pages"
+        "kill -9: {rounds} rounds, {total_writes} writes, durable points total {total_flushes} (flushes, or with the keeper acknowledgements), {total_managed} management commands acknowledged, {sums_rounds} rounds on checksum pages, {replays} crash journals replayed"
     );
     assert!(total_managed > 0, "no management command ever completed");
     assert!(
-        sums_rounds >= ROUNDS as usize / 4,
+        sums_rounds >= rounds as usize / 4,
         "only {sums_rounds} rounds ended on a checkpoint with checksum pages"
     );
+    // Each kill finds an acknowledged write not yet flushed unless a flush or a command's
+    // commit came after the last write (1 write in 100 flushes or writes with FUA).
+    assert!(
+        keeper == Keeper::Without || replays > 0,
+        "none of {rounds} kills left a journal to replay"
+    );
+}
+
+/// Waits until the keeper has started the next server after a kill (the pool's `status`
+/// answers with a server): 60 s at most.
+fn wait_for_next_server(pool: &Path, round: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while support::serving(pool).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "round {round}: the keeper started no server in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -10,6 +10,10 @@ import sys
 import nbd
 
 uri, log_path, seed, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# How often a FLUSH, and a write with FUA, come (a kill then finds less acknowledged and
+# unflushed): the rounds with the keeper flush rarely, so most kills leave a journal to replay.
+flushes = float(sys.argv[5]) if len(sys.argv) > 5 else 0.08
+fuas = float(sys.argv[6]) if len(sys.argv) > 6 else 0.1
 rng = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(uri)
@@ -18,7 +22,7 @@ log.write("C\n")
 seq = 0
 try:
     while True:
-        if rng.random() < 0.08:
+        if rng.random() < flushes:
             h.flush()
             log.write(f"F {seq}\n")
             continue
@@ -26,7 +30,7 @@ try:
         off = rng.randrange(0, blocks - n) * 4096
         tag = f"r{seed}w{seq}".encode().ljust(16, b".")
         log.write(f"B {seq} {off} {n}\n")
-        if rng.random() < 0.1:
+        if rng.random() < fuas:
             h.pwrite(tag * (256 * n), off, nbd.CMD_FLAG_FUA)
             log.write(f"A {seq}\nF {seq + 1}\n")
         else:

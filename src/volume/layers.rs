@@ -278,15 +278,11 @@ impl Store {
     ) -> Result<LayerInfo> {
         name::validate(layer_name)?;
         validate_attrs(layer_name, attrs)?;
-        // A writable layer is made in the catalog alone, so a container can start while a
-        // lazily opened pool's maps load (its reads and writes load what they touch). A layer
-        // an import or a lazy pull fills waits for the whole maps: it is made incomplete or
-        // remote, and the load's completion removes half-imported layers (a crash's).
-        let mut g = if mode == Mode::Writable {
-            self.write_now()?
-        } else {
-            self.write()?
-        };
+        // A layer is made in the catalog alone, so a container can start, an image be
+        // imported or a lazy pull begin while a lazily opened pool's maps load (their reads
+        // and writes load what they touch). The load's completion removes the layers a crash
+        // left half-imported, not an import begun here (`Store::discard_incomplete`).
+        let mut g = self.write_now()?;
         if g.catalog.by_name(layer_name).is_ok() {
             return Err(Error::AlreadyExists(format!(
                 "a layer named {layer_name:?} already exists"
@@ -393,13 +389,8 @@ impl Store {
         if let Some(n) = new_name {
             name::validate(n)?;
         }
-        // A writable layer's commit changes the catalog only (no wait for a lazy load); an
-        // import's end waits, as its start did.
-        let mut g = if import_done {
-            self.write()?
-        } else {
-            self.write_now()?
-        };
+        // A commit changes the catalog only: no wait for a lazy open's load.
+        let mut g = self.write_now()?;
         if let Some(n) = new_name.filter(|&n| n != layer_name) {
             if g.catalog.by_name(n).is_ok() {
                 return Err(Error::AlreadyExists(format!(
@@ -431,9 +422,22 @@ impl Store {
         Ok(())
     }
 
-    /// Remove a layer without children and free its blocks.
+    /// Remove a layer without children and free its blocks. While a lazily opened pool's
+    /// maps load, the layer's own ranges load first (the removal frees every block its map
+    /// holds, and the completion un-claims them, §5.3); the rest of the load is not waited
+    /// for.
     pub fn remove_layer(&self, layer_name: &str) -> Result<()> {
-        let mut g = self.write()?;
+        let mut g = loop {
+            let id = self.read_now().catalog.by_name(layer_name)?.id;
+            self.load_layer(id)?;
+            let g = self.write_now()?;
+            // Between the two locks the name may have gone to another layer, whose ranges
+            // may not be loaded: load those.
+            let now = g.catalog.by_name(layer_name)?;
+            if now.id == id || g.lazy.as_ref().is_none_or(|l| !l.has_unloaded(now.id)) {
+                break g;
+            }
+        };
         let inner = &mut *g;
         let l = inner.catalog.by_name(layer_name)?;
         if !l.children.is_empty() {
@@ -501,16 +505,28 @@ impl Store {
             .collect()
     }
 
-    /// The remote layers (`pull --lazy`), as `layers` gives them. A pool without any answers
-    /// at once, without waiting for a lazily opened pool's maps (the serve's start asks);
-    /// one with remote layers waits for them, as `layers` does.
+    /// The remote layers (`pull --lazy`), as `layers` gives them, without waiting for a
+    /// lazily opened pool's maps (the serve's start asks, to resume their fills).
     pub fn remote_layers(&self) -> Vec<LayerInfo> {
-        if !self.read_now().catalog.has_remote() {
+        let remote: Vec<LayerId> = {
+            let g = self.read_now();
+            g.catalog
+                .layers()
+                .filter(|l| l.remote)
+                .map(|l| l.id)
+                .collect()
+        };
+        if remote.is_empty() {
             return Vec::new();
         }
-        // A remote layer's fill resumes from its whole map (which chunks are fetched):
-        // this one waits for a lazily opened pool's maps.
-        self.read()
+        // A fill resumes from a remote layer's whole map (which chunks are fetched): their
+        // ranges load first, the other layers' are not waited for. A range that fails to
+        // load is not this listing's to report: the fill's own calls load what they touch
+        // and fail naming it.
+        for id in remote {
+            let _ = self.load_layer(id);
+        }
+        self.read_now()
             .infos()
             .into_iter()
             .filter(|l| l.remote)
@@ -651,6 +667,46 @@ mod tests {
         assert_eq!(s.layer("taken").unwrap().attrs["k"], "v");
     }
 
+    /// A pool whose committed layer "base" (1 GiB) holds `n` scattered single blocks (many
+    /// ranges in a checkpoint's index): block `i * 37 % 200000` holds bytes of `i % 250 + 1`.
+    fn scattered_base(n: u64) -> (Arc<MemStorage>, Store) {
+        let mem = Arc::new(MemStorage::new());
+        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
+        let base = s.create_layer("base", None, Some(1 << 30)).unwrap().id;
+        for i in 0..n {
+            s.write_layer(
+                base,
+                (i * 37 % 200_000) * 4096,
+                &[(i % 250) as u8 + 1; 4096],
+            )
+            .unwrap();
+        }
+        s.commit_layer("base").unwrap();
+        (mem, s)
+    }
+
+    /// Open `mem` lazily and run `f` on it in another thread while nothing loads the maps
+    /// in the background: a call that waits for the load would wait for ever, so the 120 s
+    /// guard fails it. Returns the store, its maps still loading, and what `f` returned.
+    fn before_the_load<T: Send + 'static>(
+        mem: &Arc<MemStorage>,
+        f: impl FnOnce(&Store) -> T + Send + 'static,
+    ) -> (Arc<Store>, T) {
+        let s = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
+        assert!(!s.is_loaded());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = {
+            let s = s.clone();
+            std::thread::spawn(move || tx.send(f(&s)).unwrap())
+        };
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a layer change or listing waited for the maps' load");
+        t.join().unwrap();
+        assert!(!s.is_loaded(), "the load completed early");
+        (s, got)
+    }
+
     /// While a lazily opened pool's maps load, a container's layer is made, written,
     /// committed, renamed and listed without waiting for the load (nothing here loads the
     /// maps in the background, so a wait would never end: the 120 s guard fails it), with the
@@ -658,15 +714,7 @@ mod tests {
     #[test]
     fn layers_are_made_committed_and_listed_while_the_maps_load() {
         const BS: u64 = 4096;
-        let mem = Arc::new(MemStorage::new());
-        let s = Store::create_in(mem.clone(), &CreateOptions::default()).unwrap();
-        let base = s.create_layer("base", None, Some(1 << 30)).unwrap().id;
-        // Scattered singles: many ranges in the checkpoint's index.
-        for i in 0..6000u64 {
-            s.write_layer(base, (i * 37 % 200_000) * BS, &[(i % 250) as u8 + 1; 4096])
-                .unwrap();
-        }
-        s.commit_layer("base").unwrap();
+        let (mem, s) = scattered_base(6000);
         s.set_checkpoint_threshold(0);
         s.flush().unwrap();
         drop(s);
@@ -675,33 +723,22 @@ mod tests {
             .layer("base")
             .unwrap();
 
-        let s = Arc::new(Store::open_in_lazy(mem.clone(), true).unwrap());
-        assert!(!s.is_loaded());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                let made = s.create_layer("c", Some("base"), None).unwrap();
-                s.write_layer(made.id, 37 * BS, &[9; 4096]).unwrap();
-                s.flush().unwrap();
-                s.commit_layer_with("c", Some("c2"), &[("k", Some("v"))])
-                    .unwrap();
-                s.set_attrs("c2", &[("k2", Some("w"))]).unwrap();
-                s.rename_layer("c2", "c3").unwrap();
-                s.flush().unwrap();
-                let listed = (
-                    s.layers(),
-                    s.history("c3").unwrap(),
-                    s.layer("base").unwrap(),
-                );
-                tx.send((made, listed)).unwrap();
-            })
-        };
-        let (made, (all, history, base_now)) = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("a layer change or listing waited for the maps' load");
-        t.join().unwrap();
-        assert!(!s.is_loaded(), "the load completed early");
+        let (s, (made, (all, history, base_now))) = before_the_load(&mem, |s| {
+            let made = s.create_layer("c", Some("base"), None).unwrap();
+            s.write_layer(made.id, 37 * BS, &[9; 4096]).unwrap();
+            s.flush().unwrap();
+            s.commit_layer_with("c", Some("c2"), &[("k", Some("v"))])
+                .unwrap();
+            s.set_attrs("c2", &[("k2", Some("w"))]).unwrap();
+            s.rename_layer("c2", "c3").unwrap();
+            s.flush().unwrap();
+            let listed = (
+                s.layers(),
+                s.history("c3").unwrap(),
+                s.layer("base").unwrap(),
+            );
+            (made, listed)
+        });
         assert_eq!(made.virtual_size, eager_base.virtual_size);
         assert_eq!(base_now.size, eager_base.size);
         assert_eq!(base_now.virtual_size, eager_base.virtual_size);
@@ -729,6 +766,98 @@ mod tests {
         s.read_layer(l.id, 37 * BS, &mut got).unwrap();
         assert!(got.iter().all(|&b| b == 9), "the layer's own block");
         s.read_layer(l.id, 74 * BS, &mut got).unwrap();
+        assert!(
+            got.iter().all(|&b| b == 3),
+            "base's block 74 (i = 2) through the chain"
+        );
+    }
+
+    /// While a lazily opened pool's maps load, a committed layer is removed (its own ranges
+    /// load first: it frees every block it maps), an image is imported and a lazy pull's
+    /// remote layer made and filled, all without waiting for the load (nothing
+    /// here loads the maps in the background: the 120 s guard fails a wait). The load's
+    /// completion then removes the layer a crash left half-imported before the open, but
+    /// not one whose import began in this process; the allocator it rebuilds holds what an
+    /// eager open that made the same changes holds, and `check` is clean.
+    #[test]
+    fn layers_are_removed_and_imported_while_the_maps_load() {
+        const BS: u64 = 4096;
+        let (mem, s) = scattered_base(3000);
+        let gone = s.create_layer("gone", Some("base"), None).unwrap().id;
+        for i in 0..3000u64 {
+            s.write_layer(gone, (i * 53 % 200_000) * BS, &[7; 4096])
+                .unwrap();
+        }
+        s.commit_layer("gone").unwrap();
+        let half = s.begin_import("half", None, 64 * BS).unwrap().id;
+        s.write_layer(half, 0, &[5; 4096]).unwrap();
+        s.set_checkpoint_threshold(0);
+        s.flush().unwrap();
+        drop(s);
+
+        // The same changes, each store its own copy of the pool.
+        let changes = |s: &Store| {
+            s.remove_layer("gone").unwrap();
+            let img = s.begin_import("img", Some("base"), 1 << 30).unwrap().id;
+            s.write_layer_bulk(img, 37 * BS, &[8; 2 * 4096]).unwrap();
+            s.finish_import_with("img", &[("k", Some("v"))]).unwrap();
+            let pending = s.begin_import("pending", None, 64 * BS).unwrap().id;
+            s.write_layer_bulk(pending, 0, &[6; 4096]).unwrap();
+            let r = s
+                .create_remote_layer("r", Some("img"), 1 << 30, &[], &[(BS, BS)])
+                .unwrap()
+                .id;
+            s.fill_remote(r, 0, &[4; 4096]).unwrap();
+            let lacks = s.remote_lacks(r, 0, 2 * BS).unwrap();
+            s.flush().unwrap();
+            (img, lacks)
+        };
+        let eager = Store::open_in(Arc::new(MemStorage::from_bytes(mem.snapshot())), true).unwrap();
+        let (_, eager_lacks) = changes(&eager);
+
+        let (s, ((img, lacks), listed)) = before_the_load(&mem, move |s| {
+            let done = changes(s);
+            (done, s.layers())
+        });
+        assert_eq!(lacks, eager_lacks);
+        // What `ls` shows but the creation times (each store made its layers itself).
+        let shown = |ls: Vec<crate::volume::LayerInfo>| {
+            let mut ls: Vec<_> = ls
+                .into_iter()
+                .map(|l| crate::volume::LayerInfo {
+                    created: String::new(),
+                    ..l
+                })
+                .collect();
+            ls.sort_by(|a, b| a.name.cmp(&b.name));
+            ls
+        };
+        let listed = shown(listed);
+        let names: Vec<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["base", "half", "img", "pending", "r"]);
+        // The eager open removed the crash's half import at once; the lazy one, at the end.
+        let listed: Vec<_> = listed.into_iter().filter(|l| l.name != "half").collect();
+        assert_eq!(listed, shown(eager.layers()));
+
+        s.complete_in_background().unwrap().join().unwrap();
+        assert!(s.is_loaded());
+        assert_eq!(s.discarded(), ["half"], "only the crash's half import goes");
+        assert_eq!(eager.discarded(), ["half"]);
+        assert_eq!(shown(s.layers()), shown(eager.layers()));
+        assert_eq!(s.used_blocks(), eager.used_blocks());
+        s.verify_consistency().unwrap();
+        s.finish_import("pending").unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let report = crate::check::check(mem.clone(), true, &mut |_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.faults);
+        let s = Store::open_in(mem, false).unwrap();
+        assert!(s.layer("gone").is_err() && s.layer("half").is_err());
+        assert!(!s.layer("pending").unwrap().importing);
+        let mut got = vec![0; 4096];
+        s.read_layer(img, 38 * BS, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 8), "the import's block");
+        s.read_layer(img, 74 * BS, &mut got).unwrap();
         assert!(
             got.iter().all(|&b| b == 3),
             "base's block 74 (i = 2) through the chain"

@@ -461,28 +461,44 @@ impl Store {
     /// holding blocks of `offset..offset + len` are loaded (under the write lock, briefly).
     /// An error names the damaged page of a range that cannot be loaded.
     pub(crate) fn load_for(&self, id: LayerId, offset: u64, len: u64) -> Result<()> {
+        self.load_where(|g| g.ranges_for(id, offset, len))
+    }
+
+    /// Before a change to the whole of layer `id`'s own map (its removal frees every block
+    /// it maps): every range of it that is not loaded, the other layers' left as they are.
+    pub(crate) fn load_layer(&self, id: LayerId) -> Result<()> {
+        self.load_where(|g| {
+            g.lazy
+                .as_ref()
+                .map_or_else(Vec::new, |lazy| lazy.touching(id, 0, u64::MAX))
+        })
+    }
+
+    /// Load the ranges `want` names (asked again under the write lock at the end: what is
+    /// left then is a range that failed before, and loading it names its fault).
+    fn load_where(&self, want: impl Fn(&Inner) -> Vec<usize>) -> Result<()> {
         if self.is_loaded() {
             return Ok(());
         }
         // The ranges' pages are read and decoded under no lock (the loader's applies and
         // other reads go on), then applied under the write lock, briefly.
-        let (want, reader) = {
+        let (want_now, reader) = {
             let g = self.read_now();
-            let want = g.ranges_for(id, offset, len);
+            let want = want(&g);
             let Some(lazy) = g.lazy.as_ref().filter(|_| !want.is_empty()) else {
                 return Ok(());
             };
             let want: Vec<usize> = want.into_iter().filter(|&i| !lazy.is_settled(i)).collect();
             (want, lazy.reader())
         };
-        let decoded = want
+        let decoded = want_now
             .iter()
             .map(|&i| reader.read(&*self.storage, i))
             .collect();
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         g.apply_ranges(&*self.storage, decoded)?;
         // What is left: a range that failed before (named by its recorded fault).
-        let left = g.ranges_for(id, offset, len);
+        let left = want(&g);
         g.load_ranges(&*self.storage, &left)
     }
 

@@ -82,7 +82,7 @@ impl Inner {
 impl Store {
     /// Attach the source of remote layer `id`'s missing blocks (replacing any before).
     pub fn attach_remote(&self, id: LayerId, source: Arc<dyn RemoteSource>) -> Result<()> {
-        let mut g = self.write()?;
+        let mut g = self.write_now()?;
         g.remote_layer(id)?;
         g.remotes.insert(id, source);
         Ok(())
@@ -116,7 +116,8 @@ impl Store {
             super::layers::Mode::Remote,
             attrs,
         )?;
-        let mut g = self.write()?;
+        // A new layer: no range of its map is on disk, so a lazy open's load is not waited for.
+        let mut g = self.write_now()?;
         let inner = &mut *g;
         for &(o, n) in zeros {
             for vb in o / bs..(o + n).div_ceil(bs) {
@@ -139,7 +140,10 @@ impl Store {
     }
 
     fn fill_remote_once(&self, id: LayerId, offset: u64, data: &[u8]) -> Result<()> {
-        let mut g = self.write()?;
+        // The blocks it holds already are kept: while a lazy open's maps load, the ranges
+        // naming them load first, as a write's do.
+        self.load_for(id, offset, data.len() as u64)?;
+        let mut g = self.write_now()?;
         let bs = g.block_size as u64;
         let l = g.remote_layer(id)?;
         let end = offset.checked_add(data.len() as u64);
@@ -156,7 +160,9 @@ impl Store {
     /// The remote layer `id` holds all its blob now: it becomes an ordinary read-only layer
     /// (a layer commit record clears mode 3) and its source is let go.
     pub fn finish_remote(&self, id: LayerId) -> Result<()> {
-        let mut g = self.write()?;
+        // Whether any block is still missing is asked of its whole map.
+        self.load_layer(id)?;
+        let mut g = self.write_now()?;
         let l = g.remote_layer(id)?;
         let disk_blocks = l.disk_size.div_ceil(g.block_size as u64);
         if let Some((_, vb)) = g.first_gap(id, 0, disk_blocks).filter(|(o, _)| *o == id) {
@@ -173,7 +179,8 @@ impl Store {
     /// Whether remote layer `id` lacks any block of `offset..offset+len` in its own map: what
     /// a background fill skips when it is false.
     pub fn remote_lacks(&self, id: LayerId, offset: u64, len: u64) -> Result<bool> {
-        let g = self.read();
+        self.load_for(id, offset, len)?;
+        let g = self.read_now();
         let bs = g.block_size as u64;
         let l = g.remote_layer(id)?;
         let end = offset.saturating_add(len).min(l.disk_size);
@@ -213,7 +220,7 @@ impl Store {
                 }
             };
             source.fetch(self, l, gap, VBlock(stop))?;
-            let g = self.read();
+            let g = self.read_now();
             if g.first_gap(top, gap.0, 1) == Some((l, gap)) {
                 return Err(Error::Internal(format!(
                     "{}: the source said the block at byte {} was fetched, but it is not stored",

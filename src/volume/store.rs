@@ -33,6 +33,10 @@ pub struct Store {
     writable: bool,
     /// Half-imported layers removed at open (see `discard_incomplete`).
     discarded: std::sync::Mutex<Vec<String>>,
+    /// The first layer ID this process hands out: a layer below it that is still being
+    /// imported was left so by a crash (or a dead server whose journal was replayed), one at
+    /// or above it is an import under way here (begun while a lazily opened pool's maps load).
+    opened_at: crate::format::LayerId,
     lock: std::sync::Mutex<Option<PoolLock>>,
     /// Handed to another process (`release`): no change may be made until `take_back`.
     released: AtomicBool,
@@ -337,6 +341,7 @@ impl Store {
         writable: bool,
         loaded: LoadGate,
     ) -> Store {
+        let opened_at = inner.catalog.next_id();
         Store {
             storage,
             path: None,
@@ -346,6 +351,7 @@ impl Store {
             durable: AtomicU64::new(0),
             writable,
             discarded: Default::default(),
+            opened_at,
             lock: std::sync::Mutex::new(None),
             released: AtomicBool::new(false),
             loaded,
@@ -400,13 +406,14 @@ impl Store {
     }
 
     /// Remove layers a crash left half-imported (committed by the open transaction's
-    /// commits, never finished), in one commit. Their names are kept for `discarded`.
+    /// commits, never finished), in one commit. Their names are kept for `discarded`. An
+    /// import this process began (while a lazy open's maps loaded) is not one of them.
     pub(crate) fn discard_incomplete(&self) -> Result<()> {
         let names: Vec<String> = self
             .read()
             .catalog
             .layers()
-            .filter(|l| l.incomplete)
+            .filter(|l| l.incomplete && l.id < self.opened_at)
             .map(|l| l.name.clone())
             .collect();
         if names.is_empty() {
