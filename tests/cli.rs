@@ -508,6 +508,10 @@ fn a_plain_serve_with_its_keeper_loads_the_maps_in_the_background() {
         keeper.is_some_and(|k| k != pid),
         "a plain serve has a keeper"
     );
+    let st: serde_json::Value = serde_json::from_str(&p.ok(&["status", "--json"])).unwrap();
+    assert_eq!(st["maps"]["loaded"], true, "{st}");
+    assert_eq!(st["maps"]["ranges_left"], 0, "{st}");
+    assert!(p.ok(&["status"]).contains("maps:         loaded"));
     p.ok(&["create", "x", "--parent", "base"]);
     // SAFETY: killing the server this test started, by the pid it reported.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -571,8 +575,23 @@ fn a_plain_serve_reads_and_writes_before_its_maps_are_loaded_and_survives_a_kill
             .unwrap_or_default()
             .contains("maps loaded")
     };
+    // `status` says the maps are loading, and how far the load is.
+    let maps = || {
+        let st: serde_json::Value = serde_json::from_str(&p.ok(&["status", "--json"])).unwrap();
+        st["maps"].clone()
+    };
+    let m = maps();
+    assert_eq!(m["loaded"], false, "{m}");
+    assert!(m["ranges"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["ranges_left"], m["ranges"], "nothing read yet: {m}");
+    assert!(p.ok(&["status"]).contains("loading in the background"));
     // "work" is a child of "base", whose block 1 is bytes of 8 (tests/fixtures/README.md).
     io(&["read -P 8 4096 4k"]);
+    let m = maps();
+    assert!(
+        m["ranges_left"].as_u64() < m["ranges"].as_u64(),
+        "the read loaded the ranges it touched: {m}"
+    );
     io(&["write -P 0x5a 8192 8k", "flush", "read -P 0x5a 8192 8k"]);
     // A container's layer is made and committed, and the layers listed, before the load too.
     p.ok(&["create", "c", "--parent", "base"]);

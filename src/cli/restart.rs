@@ -114,6 +114,20 @@ fn print_status(s: &Status) {
         100.0 * c.hits as f64 / looked as f64,
         c.hits + c.misses
     );
+    let m = &s.maps;
+    if m.stopped {
+        println!(
+            "maps:         load stopped on a damaged range, changes refused ({} of {} ranges not loaded; see the server's log, `thinlayer check`)",
+            m.ranges_left, m.ranges
+        );
+    } else if !m.loaded && m.ranges > 0 {
+        println!(
+            "maps:         loading in the background, {} of {} ranges left (reads and writes load what they touch first)",
+            m.ranges_left, m.ranges
+        );
+    } else if m.loaded {
+        println!("maps:         loaded");
+    }
     if !s.fills.is_empty() {
         println!(
             "fetching:     {} remote layer(s) (pull --lazy)",

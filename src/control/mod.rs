@@ -20,7 +20,8 @@ pub mod wire;
 pub use client::Client;
 pub use hello::{Hello, VERSION};
 pub use proto::{
-    ConnectionInfo, FillStatus, MapCacheStatus, Pulled, Reply, Request, Status, WireError, KINDS,
+    ConnectionInfo, FillStatus, MapCacheStatus, MapsStatus, Pulled, Reply, Request, Status,
+    WireError, KINDS,
 };
 pub use server::serve_control;
 pub use socket::{default_path, ControlSocket, Peer};

@@ -321,6 +321,25 @@ pub struct Status {
     /// that found their page / read it, since the last checkpoint.
     #[serde(default)]
     pub map_cache: MapCacheStatus,
+    /// The maps' background load after a lazy open (DESIGN §12 item 3).
+    #[serde(default)]
+    pub maps: MapsStatus,
+}
+
+/// Where a lazily opened pool's maps stand, as `status` shows them: a large pool's load runs
+/// for seconds after the server answers (reads and writes load the ranges they touch first).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapsStatus {
+    /// Every map is loaded and the allocator rebuilt from them (an eager open, or the load
+    /// done). False from a server too old to say.
+    pub loaded: bool,
+    /// Ranges of the checkpoint's map index, and how many are not loaded yet.
+    pub ranges: u64,
+    pub ranges_left: u64,
+    /// The load stopped on a damaged range (named in the server's log and by `check`):
+    /// changes are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 /// The checksum page cache as `status` shows it.
@@ -731,6 +750,12 @@ mod tests {
                 budget: 64 << 20,
                 hits: 900,
                 misses: 100,
+            },
+            maps: MapsStatus {
+                loaded: false,
+                ranges: 48213,
+                ranges_left: 30977,
+                stopped: true,
             },
         };
         let all = vec![

@@ -208,6 +208,15 @@ fn status(store: &Store, x: &LiveExports) -> Status {
                 misses: c.misses,
             }
         },
+        maps: {
+            let (ranges, ranges_left, stopped) = store.load_progress();
+            crate::control::MapsStatus {
+                loaded: store.is_loaded(),
+                ranges,
+                ranges_left,
+                stopped,
+            }
+        },
         ..Default::default()
     }
 }

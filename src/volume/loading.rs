@@ -85,6 +85,17 @@ impl Store {
         self.loaded.state() == State::Loading
     }
 
+    /// A lazily opened pool's load as `status` shows it: the map index's ranges, those not
+    /// loaded yet, and whether the load stopped on a fault. All zero once the maps are whole.
+    pub fn load_progress(&self) -> (u64, u64, bool) {
+        let (ranges, left) = self
+            .read_now()
+            .lazy
+            .as_ref()
+            .map_or((0, 0), |l| (l.index().len() as u64, l.left() as u64));
+        (ranges, left, self.loaded.state() == State::Stopped)
+    }
+
     /// How many callers wait for the load's end (tests wait for a waiter to be there).
     #[doc(hidden)]
     pub fn load_waiters(&self) -> usize {
