@@ -230,7 +230,14 @@ enum Keeper {
     With,
 }
 
+/// The two tests run one after the other: each opens its pool in this process (the pool lock
+/// is a flock) and spawns processes, and a child forked by one test's thread holds a copy of
+/// the other's lock descriptor until it execs, so a `check` right after the other's `drop`
+/// could find the pool "in use by another process" (seen once, at load 5-6).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sigkill_rounds(keeper: Keeper, rounds: u64) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let Some(py) = python_with_libnbd() else {
         eprintln!("SKIP sigkill test: python3-libnbd not installed (CI installs it)");
         return;

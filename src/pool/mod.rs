@@ -8,6 +8,7 @@ pub mod lock;
 pub mod meta;
 pub mod records;
 pub mod sim;
+pub mod sparse_bits;
 pub mod storage;
 pub mod sums;
 

@@ -25,7 +25,7 @@ use crate::pool::meta::{self, MetaStreams};
 use crate::pool::{Allocator, Pool, Storage};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Load generation `sb` without its maps: the checkpoint's records before them, its index,
 /// then the log, after the ranges its map entries touch. A checkpoint without an index (no
@@ -281,7 +281,7 @@ fn load_all(weak: &std::sync::Weak<Store>) {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        std::thread::sleep(Duration::from_millis(ms));
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     // A range at a time: its pages read and its records decoded without the lock (block
     // paths go on meanwhile: reading from a cold disk under the write lock made a read wait
