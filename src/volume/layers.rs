@@ -432,11 +432,12 @@ impl Store {
             self.load_layer(id)?;
             let g = self.write_now()?;
             // Between the two locks the name may have gone to another layer, whose ranges
-            // may not be loaded: load those.
-            let now = g.catalog.by_name(layer_name)?;
-            if now.id == id || g.lazy.as_ref().is_none_or(|l| !l.has_unloaded(now.id)) {
+            // may not be loaded: then load those.
+            let now = g.catalog.by_name(layer_name)?.id;
+            if g.lazy.as_ref().is_none_or(|l| !l.has_unloaded(now)) {
                 break g;
             }
+            debug_assert_ne!(now, id, "load_layer left {layer_name:?} unloaded");
         };
         let inner = &mut *g;
         let l = inner.catalog.by_name(layer_name)?;
